@@ -1,0 +1,50 @@
+# villagemesh: `make demo` and `make test` work on a fresh machine (they make .venv themselves).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages the test suite needs; installed only when missing (CI runs as root).
+SYSTEM_PACKAGES := python3-venv
+
+.PHONY: demo test lint typecheck bench sysdeps clean
+
+sysdeps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages: $$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/villagemesh demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy villagemesh actors supervision protocols
+
+# pytest's exit 5 (no test collected) is a failure here, not a pass.
+test: sysdeps $(STAMP)
+	$(VENV)/bin/ruff check .
+	rm -f .coverage .coverage.*
+	set +e; HYPOTHESIS_PROFILE=ci $(VENV)/bin/coverage run -m pytest -p no:cacheprovider; rc=$$?; set -e; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi
+	$(VENV)/bin/coverage combine -q
+	$(VENV)/bin/coverage report --include='protocols/*' --fail-under=100
+	$(VENV)/bin/coverage report --include='supervision/*,actors/*,villagemesh/*' --skip-covered | tail -n 3
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .coverage .coverage.* .hypothesis

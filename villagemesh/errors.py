@@ -1,0 +1,169 @@
+"""The one exception tree of villagemesh.
+
+Every error villagemesh raises on purpose is one of these. Foreign exceptions
+(``zmq.ZMQError``, ``OSError``, ``sqlite3.Error``, ``nacl.exceptions.CryptoError``)
+are translated at the boundary that meets them, with ``raise ... from exc``, so
+a caller can catch by meaning and still see the cause::
+
+    VillageMeshError
+    ├── ConfigError (ValueError)            a value given to villagemesh is unusable
+    │   └── ChildSpecError                  a supervisor child spec is invalid
+    ├── ProtocolError                       bytes broke a wire protocol's rules (abstract)
+    │   ├── LocalProtocolError              ... and we were about to break them
+    │   └── RemoteProtocolError             ... and the peer broke them
+    ├── CodecError                          a bus message cannot be encoded or decoded
+    ├── BusError                            the in-node message bus refused a message
+    │   ├── NoSuchActor (LookupError)       nobody is registered under that name
+    │   ├── MailboxFull                     the bounded mailbox is full
+    │   ├── AskTimeout (TimeoutError)       no reply within the ask's timeout
+    │   └── ActorCrashed                    the actor crashed while handling the ask
+    ├── SupervisionError                    a supervisor could not keep its children up
+    │   └── RestartIntensityExceeded        too many restarts within the period
+    ├── TransportError                      a transport could not move bytes
+    │   ├── ConnectError                    ... it could not reach the peer
+    │   └── TransportTimeout (TimeoutError) ... the peer was too slow
+    ├── StorageError                        a persistent store (SQLite) failed
+    └── DeliveryFailed                      a message was given up on (attempts, last_error)
+
+Every class has a one-line docstring saying what happened, and every instance
+names the offending value in its message.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActorCrashed",
+    "AskTimeout",
+    "BusError",
+    "ChildSpecError",
+    "CodecError",
+    "ConfigError",
+    "ConnectError",
+    "DeliveryFailed",
+    "LocalProtocolError",
+    "MailboxFull",
+    "NoSuchActor",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "RestartIntensityExceeded",
+    "StorageError",
+    "SupervisionError",
+    "TransportError",
+    "TransportTimeout",
+    "VillageMeshError",
+]
+
+
+class VillageMeshError(Exception):
+    """Base of every error villagemesh raises on purpose."""
+
+
+class ConfigError(VillageMeshError, ValueError):
+    """A value given to villagemesh (an argument, a config file entry) is unusable."""
+
+
+class ChildSpecError(ConfigError):
+    """A supervisor child spec is invalid; raised before anything starts."""
+
+
+class ProtocolError(VillageMeshError):
+    """Bytes broke the rules of a wire protocol.
+
+    Abstract: raise :class:`LocalProtocolError` or :class:`RemoteProtocolError`,
+    which say who broke the rules (as h11 does).
+    """
+
+    def __init__(self, msg: str) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("ProtocolError is abstract; raise LocalProtocolError or RemoteProtocolError")
+        super().__init__(msg)
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to send something the protocol forbids (our bug or our caller's)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids: garbage, oversize, bad MAC, replay."""
+
+
+class CodecError(VillageMeshError):
+    """A bus message cannot be encoded or decoded (unknown type, wrong field types)."""
+
+
+class BusError(VillageMeshError):
+    """The in-node message bus refused or lost track of a message."""
+
+
+class NoSuchActor(BusError, LookupError):
+    """No actor is registered under the name a message was addressed to."""
+
+
+class MailboxFull(BusError):
+    """The receiver's bounded mailbox stayed full for the whole send timeout."""
+
+
+class AskTimeout(BusError, TimeoutError):
+    """A request got no reply within its timeout."""
+
+
+class ActorCrashed(BusError):
+    """The actor crashed while handling a request; it is being restarted.
+
+    ``exc_type`` and ``detail`` describe the exception that crashed it.
+    """
+
+    def __init__(self, actor: str, exc_type: str, detail: str) -> None:
+        super().__init__(f"actor {actor!r} crashed handling the request: {exc_type}: {detail}")
+        self.actor = actor
+        self.exc_type = exc_type
+        self.detail = detail
+
+
+class SupervisionError(VillageMeshError):
+    """A supervisor could not keep its children running."""
+
+
+class RestartIntensityExceeded(SupervisionError):
+    """More restarts than the intensity allows happened within the period."""
+
+    def __init__(self, supervisor: str, child: str, intensity: int, period: float) -> None:
+        super().__init__(
+            f"supervisor {supervisor!r}: child {child!r} needed more than {intensity} "
+            f"restart(s) within {period} s"
+        )
+        self.supervisor = supervisor
+        self.child = child
+        self.intensity = intensity
+        self.period = period
+
+
+class TransportError(VillageMeshError):
+    """A transport could not move bytes to or from a peer."""
+
+
+class ConnectError(TransportError):
+    """A transport could not reach the peer at all (safe to retry elsewhere)."""
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """A peer did not answer within the transport's timeout."""
+
+
+class StorageError(VillageMeshError):
+    """A persistent store (the registry's or the outbox's SQLite file) failed."""
+
+
+class DeliveryFailed(VillageMeshError):
+    """A message was given up on: its TTL expired or every attempt failed.
+
+    ``attempts`` is how many sends were tried, ``last_error`` what the last one said.
+    """
+
+    def __init__(self, message_id: str, attempts: int, last_error: str) -> None:
+        super().__init__(
+            f"message {message_id} not delivered after {attempts} attempt(s): {last_error}"
+        )
+        self.message_id = message_id
+        self.attempts = attempts
+        self.last_error = last_error
