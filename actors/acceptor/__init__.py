@@ -1,0 +1,1 @@
+"""Protocol-sniffing acceptor actor: one TCP port, every protocol."""

@@ -1,0 +1,1 @@
+"""LAN discovery actor: signed UDP multicast beacons."""

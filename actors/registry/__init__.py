@@ -1,0 +1,1 @@
+"""Peer registry actor: peers, capabilities, evolution priority; persisted in SQLite."""

@@ -1,0 +1,1 @@
+"""Delivery retrier actor: persistent outbox, priorities, acks, retries, failover."""

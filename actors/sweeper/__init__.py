@@ -1,0 +1,1 @@
+"""Discovery sweeper actor: every transport's discovery, concurrently."""

@@ -1,0 +1,1 @@
+"""WebSocket transport actor (aiohttp), served through the acceptor's port."""
