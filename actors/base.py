@@ -1,0 +1,480 @@
+"""The actor base classes: every exit reported, the bus as the inbox, time as a message.
+
+pykka gives threads, inboxes and futures, and nothing for supervision: an
+exception in ``on_start`` stops an actor without ``on_failure``, a
+``BaseException`` in a handler stops *every* actor in the process, and a crash
+logs only through a logger nobody configured. The two classes here close those
+gaps so a supervisor can rely on one fact: **every instance that ends, on any
+path, reports exactly one** :class:`ExitReport` **to its watcher.**
+
+:class:`Supervised` (a ``pykka.ThreadingActor``)
+    * ``on_start`` raising anything, ``BaseException`` included → a CRASH report;
+    * a handler raising ``Exception`` → CRASH; raising ``BaseException``
+      (``SystemExit``, ``KeyboardInterrupt``) → CRASH of this actor alone,
+      never pykka's ``stop_all``;
+    * a thread the actor owns (:meth:`Supervised.spawn_thread`) dying or ending
+      while the actor runs → CRASH of the actor;
+    * ``stop()`` → NORMAL; ``on_stop`` runs on crashes too (after ``on_start``
+      succeeded), so cleanup lives in one place.
+
+:class:`Actor` (a :class:`Supervised` on the bus)
+    Its pykka inbox reads both pykka's own control queue (stop, timers, proxies)
+    and the actor's bus mailbox socket (see :mod:`.bus`). Subclasses implement
+    :meth:`Actor.handle`; for an ask, its return value is the reply (``None``
+    becomes :class:`~villagemesh.actors.bus.Ok`). A handler that raises on an ask
+    first sends the asker a FAULT, so the asker gets ``ActorCrashed`` at once
+    instead of waiting for its timeout.
+
+Time is a message: :meth:`Actor.schedule` delivers a message to the instance
+after a delay; handlers never sleep. Timers die with their instance.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import os
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import pykka
+import zmq
+
+from villagemesh.actors import bus as busmod
+from villagemesh.actors import codec
+from villagemesh.errors import CodecError, VillageMeshError
+
+__all__ = [
+    "Actor",
+    "ActorContext",
+    "ExitKind",
+    "ExitReport",
+    "OwnedThreadDied",
+    "Scheduler",
+    "Supervised",
+    "TimerHandle",
+]
+
+
+class ExitKind(enum.Enum):
+    """How an actor instance ended."""
+
+    NORMAL = "normal"
+    CRASH = "crash"
+
+
+@dataclass(frozen=True, slots=True)
+class ExitReport:
+    """What a watcher learns when an instance ends."""
+
+    instance: str
+    kind: ExitKind
+    exc_type: str | None = None
+    exc_message: str | None = None
+    traceback: str | None = None
+
+    @property
+    def crashed(self) -> bool:
+        """True for every exit but a requested stop."""
+        return self.kind is ExitKind.CRASH
+
+
+ExitWatcher = Callable[["Supervised", ExitReport], None]
+
+
+class OwnedThreadDied(VillageMeshError):
+    """A background thread owned by an actor raised or ended while the actor ran."""
+
+
+class BaseExceptionInHandler(VillageMeshError):
+    """A handler raised a BaseException (SystemExit, KeyboardInterrupt, ...): this actor crashes alone."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ThreadDeath:
+    """Control message: an owned thread died (sent through pykka's queue, never the bus)."""
+
+    name: str
+    detail: str
+
+
+class _TimerFired:
+    """Control message: a scheduled message is due (``handle`` is set right after scheduling)."""
+
+    __slots__ = ("handle", "message")
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+        self.handle: Any = None
+
+
+class Supervised(pykka.ThreadingActor):
+    """A pykka actor that reports every exit of this instance to a watcher."""
+
+    use_daemon_thread = True
+    """Daemon threads: a node that is never stopped must not keep the interpreter alive."""
+
+    def __init__(self, *, watcher: ExitWatcher | None = None) -> None:
+        super().__init__()
+        self.instance = uuid.uuid4().hex[:12]
+        self._watcher = watcher
+        self._report: ExitReport | None = None
+        self._started = False
+        self._stop_cleanup_done = False
+        self.stopping = threading.Event()
+        """Set when the instance is ending: owned threads watch it to finish."""
+        self._owned: list[threading.Thread] = []
+
+    # -- the lifecycle, on every path ------------------------------------------------------
+
+    def _actor_loop(self) -> None:
+        try:
+            super()._actor_loop()
+        except BaseException:  # noqa: BLE001 - recorded and reported below: this is the boundary
+            self._record_crash(*sys.exc_info())
+        finally:
+            self._finish()
+
+    def _actor_loop_setup(self) -> None:
+        try:
+            self._setup()
+            self.on_start()
+            self._started = True
+        except BaseException:  # noqa: BLE001 - an on_start crash is reported, unlike plain pykka
+            self._record_crash(*sys.exc_info())
+            self._handle_failure(*sys.exc_info())
+
+    def _handle_receive(self, message: Any) -> Any:
+        if type(message) is _ThreadDeath:
+            raise OwnedThreadDied(f"owned thread {message.name!r} died: {message.detail}")
+        try:
+            return super()._handle_receive(message)
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise BaseExceptionInHandler(f"{type(exc).__name__}: {exc}") from exc
+
+    def _handle_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Replaces pykka's: record instead of logging to an unconfigured logger.
+        self._record_crash(exception_type, exception_value, tb)
+        pykka.ActorRegistry.unregister(self.actor_ref)
+        self.actor_stopped.set()
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Runs ``on_stop`` after a crash too, so cleanup has one home."""
+        self._run_on_stop_once()
+
+    def _stop(self) -> None:
+        # pykka calls on_stop here; route it through the once-guard.
+        pykka.ActorRegistry.unregister(self.actor_ref)
+        self.actor_stopped.set()
+        try:
+            self._run_on_stop_once()
+        except Exception:  # noqa: BLE001 - reported as a crash of this instance
+            self._handle_failure(*sys.exc_info())
+
+    def _run_on_stop_once(self) -> None:
+        if self._started and not self._stop_cleanup_done:
+            self._stop_cleanup_done = True
+            self.on_stop()
+
+    def _record_crash(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._report is not None:
+            return
+        self._report = ExitReport(
+            instance=self.instance,
+            kind=ExitKind.CRASH,
+            exc_type=exception_type.__name__ if exception_type is not None else "Unknown",
+            exc_message=str(exception_value),
+            traceback="".join(traceback.format_exception(exception_type, exception_value, tb)),
+        )
+
+    def _setup(self) -> None:
+        """Base-class set-up, in the actor's thread, before ``on_start``."""
+
+    def _teardown(self) -> None:
+        """Base-class tear-down, in the actor's thread, after ``on_stop``."""
+
+    def _finish(self) -> None:
+        self.stopping.set()
+        try:
+            self._teardown()
+        except Exception:  # noqa: BLE001 - a failing tear-down is still a crash to report
+            self._record_crash(*sys.exc_info())
+        for thread in self._owned:
+            if thread is not threading.current_thread():
+                thread.join(timeout=2.0)
+        report = self._report or ExitReport(instance=self.instance, kind=ExitKind.NORMAL)
+        if self._watcher is not None:
+            self._watcher(self, report)
+
+    # -- owned background threads ------------------------------------------------------------
+
+    def spawn_thread(self, target: Callable[[], None], *, name: str) -> threading.Thread:
+        """Run ``target`` in a thread this instance owns.
+
+        If it raises, or returns while the actor is still running, the actor
+        crashes (and its supervisor restarts it). ``target`` should return soon
+        after :attr:`stopping` is set; the instance waits up to 2 s for it.
+        """
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - turned into a crash of the owning actor
+                self._owned_thread_died(name, f"{type(exc).__name__}: {exc}")
+                return
+            if not self.stopping.is_set():
+                self._owned_thread_died(name, "it returned while the actor was running")
+
+        thread = threading.Thread(target=run, name=f"{type(self).__name__}:{name}", daemon=True)
+        self._owned.append(thread)
+        thread.start()
+        return thread
+
+    def _owned_thread_died(self, name: str, detail: str) -> None:
+        try:
+            self.actor_ref.tell(_ThreadDeath(name, detail))
+        except pykka.ActorDeadError:
+            # The actor ended first; its exit is being reported on its own path.
+            return
+
+
+@codec.message("bus.Ok")
+@dataclass(frozen=True, slots=True)
+class Ok:
+    """The reply to an ask whose handler returned None."""
+
+
+@dataclass(frozen=True)
+class ActorContext:
+    """Everything an actor instance is given by its supervisor.
+
+    ``name`` is the bus name (its mailbox must be open); ``log`` the node's
+    :class:`~villagemesh.supervision.log.EventLog` (or anything with ``emit``);
+    ``scheduler`` the node's timer thread; ``watcher`` is called once when the
+    instance ends; ``config`` carries the child's own settings.
+    """
+
+    bus: busmod.Bus
+    name: str
+    log: Any
+    scheduler: Scheduler
+    watcher: ExitWatcher | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class _BusInbox:
+    """pykka's inbox, reading pykka's control queue first and then the bus mailbox.
+
+    ``empty()`` speaks only of the control queue: when an instance stops, pykka
+    drains the control queue, and the bus mailbox keeps its messages for the
+    next instance.
+    """
+
+    def __init__(self, mailbox: busmod.Mailbox) -> None:
+        import queue
+
+        self._control: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._socket = mailbox.socket
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._wake, zmq.POLLIN)
+
+    def put(self, envelope: Any) -> None:
+        self._control.put(envelope)
+        os.eventfd_write(self._wake, 1)
+
+    def empty(self) -> bool:
+        return self._control.empty()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        recv = self._socket.recv
+        while True:
+            if not self._control.empty():
+                return self._control.get_nowait()
+            try:
+                return busmod.Delivery(recv(zmq.NOBLOCK))
+            except zmq.Again:
+                pass
+            self._poller.poll()
+            try:
+                os.eventfd_read(self._wake)
+            except BlockingIOError:
+                pass  # woken by the socket, not the eventfd: nothing to reset
+
+    def close(self) -> None:
+        os.close(self._wake)
+
+
+class Actor(Supervised):
+    """A supervised actor with a mailbox on the node's bus.
+
+    Subclasses implement :meth:`handle` and may override ``on_start`` /
+    ``on_stop`` (both run in the actor's own thread; make sockets in the first,
+    close them in the second).
+    """
+
+    def __init__(self, ctx: ActorContext) -> None:
+        self.ctx = ctx
+        self.name = ctx.name
+        self._mailbox = ctx.bus.mailbox(ctx.name)
+        self._timers: set[TimerHandle] = set()
+        self.sender: busmod.Sender
+        super().__init__(watcher=ctx.watcher)
+
+    def _create_actor_inbox(self) -> Any:  # pykka calls this from __init__
+        self._inbox = _BusInbox(self._mailbox)
+        return self._inbox
+
+    def _setup(self) -> None:
+        self.sender = busmod.Sender(self.ctx.bus, owner=self.name)
+
+    def _teardown(self) -> None:
+        for timer in list(self._timers):
+            timer.cancel()
+        self._timers.clear()
+        sender = getattr(self, "sender", None)
+        if sender is not None:
+            sender.close()
+        self._inbox.close()
+
+    # -- the handler ---------------------------------------------------------------------------
+
+    def handle(self, msg: Any) -> Any:
+        """Handle one bus or timer message; for an ask, return the reply (or None)."""
+        raise NotImplementedError(f"{type(self).__name__} does not handle {type(msg).__name__}")
+
+    def _handle_receive(self, message: Any) -> Any:
+        kind = type(message)
+        if kind is busmod.Delivery:
+            return self._on_delivery(message)
+        if kind is _TimerFired:
+            self._timers.discard(message.handle)
+            return self.handle(message.message)
+        return super()._handle_receive(message)
+
+    def _on_delivery(self, delivery: busmod.Delivery) -> None:
+        try:
+            kind, correlation, reply_to, msg = delivery.decode()
+        except CodecError as exc:
+            self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
+            return
+        if kind is busmod.Kind.TELL:
+            self.handle(msg)
+        elif kind is busmod.Kind.ASK and reply_to is not None:
+            try:
+                answer = self.handle(msg)
+            except BaseException as exc:
+                self.sender.reply(
+                    reply_to, correlation, busmod.Fault(self.name, type(exc).__name__, str(exc)), fault=True
+                )
+                raise
+            self.sender.reply(reply_to, correlation, Ok() if answer is None else answer)
+        else:
+            self.ctx.log.emit(
+                "message_rejected", level="warning", actor=self.name, reason=f"unexpected {kind.name} frame"
+            )
+
+    # -- what handlers use -----------------------------------------------------------------------
+
+    def tell(self, to: str, msg: object, *, timeout: float | None = None) -> None:
+        """Send ``msg`` to the actor named ``to`` (MailboxFull after ``timeout``)."""
+        self.sender.tell(to, msg, timeout=timeout)
+
+    def ask(self, to: str, msg: object, *, timeout: float) -> Any:
+        """Request/reply with another actor. Blocks this actor: prefer tell + a reply message."""
+        return self.sender.ask(to, msg, timeout=timeout)
+
+    def schedule(self, delay: float, msg: object) -> TimerHandle:
+        """Deliver ``msg`` to this instance's :meth:`handle` after ``delay`` seconds."""
+        fired = _TimerFired(msg)
+        handle = fired.handle = self.ctx.scheduler.call_later(delay, self._fire, fired)
+        self._timers.add(handle)
+        return handle
+
+    def _fire(self, fired: _TimerFired) -> None:
+        try:
+            self.actor_ref.tell(fired)
+        except pykka.ActorDeadError:
+            # The instance ended between the timer's deadline and now: its timers die with it.
+            return
+
+
+class TimerHandle:
+    """A scheduled call; :meth:`cancel` it to stop it firing."""
+
+    __slots__ = ("args", "cancelled", "deadline", "fn")
+
+    def __init__(self, deadline: float, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self.deadline = deadline
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """The call will not happen (if it has not already)."""
+        self.cancelled = True
+
+
+class Scheduler:
+    """One timer thread per node: runs short calls (pykka ``tell``\\s) at their deadlines."""
+
+    def __init__(self, name: str = "scheduler") -> None:
+        self._heap: list[tuple[float, int, TimerHandle]] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> TimerHandle:
+        """Call ``fn(*args)`` in the timer thread after ``delay`` seconds."""
+        handle = TimerHandle(time.monotonic() + max(0.0, delay), fn, args)
+        with self._cond:
+            heapq.heappush(self._heap, (handle.deadline, next(self._seq), handle))
+            self._cond.notify()
+        return handle
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(wait)
+                if self._stopped:
+                    return
+                _, _, handle = heapq.heappop(self._heap)
+            if not handle.cancelled:
+                handle.fn(*handle.args)
+
+    def close(self) -> None:
+        """Stop the thread; pending calls are dropped."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=2.0)
