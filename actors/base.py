@@ -131,7 +131,18 @@ class Supervised(pykka.ThreadingActor):
         self._stop_cleanup_done = False
         self.stopping = threading.Event()
         """Set when the instance is ending: owned threads watch it to finish."""
+        self.finished = threading.Event()
+        """Set last of all, after the watcher has been told: the instance is gone."""
         self._owned: list[threading.Thread] = []
+
+    @classmethod
+    def launch(cls, *args: Any, **kwargs: Any) -> Any:
+        """Like pykka's ``start``, but returns the instance (its ``instance`` id, ``finished``
+        event) rather than only the ref; ``instance.actor_ref`` is the ref."""
+        obj = cls(*args, **kwargs)
+        pykka.ActorRegistry.register(obj.actor_ref)
+        obj._start_actor_loop()
+        return obj
 
     # -- the lifecycle, on every path ------------------------------------------------------
 
@@ -228,8 +239,11 @@ class Supervised(pykka.ThreadingActor):
             if thread is not threading.current_thread():
                 thread.join(timeout=2.0)
         report = self._report or ExitReport(instance=self.instance, kind=ExitKind.NORMAL)
-        if self._watcher is not None:
-            self._watcher(self, report)
+        try:
+            if self._watcher is not None:
+                self._watcher(self, report)
+        finally:
+            self.finished.set()
 
     # -- owned background threads ------------------------------------------------------------
 

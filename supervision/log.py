@@ -42,14 +42,10 @@ __all__ = ["SUPERVISION_EVENTS", "EventLog"]
 
 SUPERVISION_EVENTS: dict[str, frozenset[str]] = {
     "child_started": frozenset({"supervisor", "child_id", "instance", "isolation", "restart_count", "pid"}),
-    "child_crashed": frozenset(
-        {"supervisor", "child_id", "instance", "exc_type", "exc_message", "traceback"}
-    ),
+    "child_crashed": frozenset({"supervisor", "child_id", "instance", "exc_type", "exc_message", "traceback"}),
     "child_restarted": frozenset({"supervisor", "child_id", "instance", "restart_count", "backoff_s"}),
     "child_stopped": frozenset({"supervisor", "child_id", "instance", "reason"}),
-    "restart_intensity_exceeded": frozenset(
-        {"supervisor", "child_id", "intensity", "period_s", "restarts"}
-    ),
+    "restart_intensity_exceeded": frozenset({"supervisor", "child_id", "intensity", "period_s", "restarts"}),
     "supervisor_escalated": frozenset({"supervisor", "parent", "reason"}),
 }
 """The reserved events and exactly the keys each carries (besides the common ones)."""
@@ -135,9 +131,7 @@ class EventLog:
             extra = sorted(set(fields) - required)
             raise ConfigError(f"supervision event {event!r}: missing keys {missing}, unexpected keys {extra}")
         if event == "child_stopped" and fields["reason"] not in STOP_REASONS:
-            raise ConfigError(
-                f"child_stopped reason must be one of {sorted(STOP_REASONS)}, got {fields['reason']!r}"
-            )
+            raise ConfigError(f"child_stopped reason must be one of {sorted(STOP_REASONS)}, got {fields['reason']!r}")
         record: dict[str, Any] = {"event": event, "level": level, "node": self.node, **fields}
         record = self._stamp(None, level, record)
         if self._json is not None:
