@@ -167,11 +167,15 @@ class Supervised(pykka.ThreadingActor):
         if type(message) is _ThreadDeath:
             raise OwnedThreadDied(f"owned thread {message.name!r} died: {message.detail}")
         try:
-            return super()._handle_receive(message)
+            return self._dispatch(message)
         except Exception:
             raise
         except BaseException as exc:
             raise BaseExceptionInHandler(f"{type(exc).__name__}: {exc}") from exc
+
+    def _dispatch(self, message: Any) -> Any:
+        """Route one inbox item; subclasses add their own kinds and defer to this."""
+        return super()._handle_receive(message)
 
     def _handle_failure(
         self,
@@ -383,14 +387,14 @@ class Actor(Supervised):
         """Handle one bus or timer message; for an ask, return the reply (or None)."""
         raise NotImplementedError(f"{type(self).__name__} does not handle {type(msg).__name__}")
 
-    def _handle_receive(self, message: Any) -> Any:
+    def _dispatch(self, message: Any) -> Any:
         kind = type(message)
         if kind is busmod.Delivery:
             return self._on_delivery(message)
         if kind is _TimerFired:
             self._timers.discard(message.handle)
             return self.handle(message.message)
-        return super()._handle_receive(message)
+        return super()._dispatch(message)
 
     def _on_delivery(self, delivery: busmod.Delivery) -> None:
         try:
