@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Node", "NetworkMode", "create_network", "__version__"]
+__all__ = ["NetworkMode", "Node", "__version__", "create_network"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

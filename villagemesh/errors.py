@@ -129,8 +129,7 @@ class RestartIntensityExceeded(SupervisionError):
 
     def __init__(self, supervisor: str, child: str, intensity: int, period: float) -> None:
         super().__init__(
-            f"supervisor {supervisor!r}: child {child!r} needed more than {intensity} "
-            f"restart(s) within {period} s"
+            f"supervisor {supervisor!r}: child {child!r} needed more than {intensity} restart(s) within {period} s"
         )
         self.supervisor = supervisor
         self.child = child
@@ -161,9 +160,7 @@ class DeliveryFailed(VillageMeshError):
     """
 
     def __init__(self, message_id: str, attempts: int, last_error: str) -> None:
-        super().__init__(
-            f"message {message_id} not delivered after {attempts} attempt(s): {last_error}"
-        )
+        super().__init__(f"message {message_id} not delivered after {attempts} attempt(s): {last_error}")
         self.message_id = message_id
         self.attempts = attempts
         self.last_error = last_error
