@@ -322,10 +322,15 @@ class _BusInbox:
         self._poller = zmq.Poller()
         self._poller.register(self._socket, zmq.POLLIN)
         self._poller.register(self._wake, zmq.POLLIN)
+        self._lock = threading.Lock()
+        self._closed = False
 
     def put(self, envelope: Any) -> None:
-        self._control.put(envelope)
-        os.eventfd_write(self._wake, 1)
+        with self._lock:
+            if self._closed:
+                raise pykka.ActorDeadError("the actor instance has ended; its inbox is closed")
+            self._control.put(envelope)
+            os.eventfd_write(self._wake, 1)
 
     def empty(self) -> bool:
         return self._control.empty()
@@ -346,7 +351,9 @@ class _BusInbox:
                 pass  # woken by the socket, not the eventfd: nothing to reset
 
     def close(self) -> None:
-        os.close(self._wake)
+        with self._lock:
+            self._closed = True
+            os.close(self._wake)
 
 
 class Actor(Supervised):

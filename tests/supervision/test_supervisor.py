@@ -211,7 +211,7 @@ def test_messages_to_a_restarting_actor_are_delivered_to_the_new_instance_under_
         if i % 20 == 19:
             client.tell("p", Crash("exception"))
     ask(runtime, "p", Ping(0))
-    assert len(recorder.matching("child_restarted", child_id="p")) == 100
+    recorder.wait_for("child_restarted", count=100, child_id="p")
     assert RECEIVED[f"{runtime.bus.node}/p"] == list(range(2000))
 
 
