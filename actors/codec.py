@@ -74,7 +74,10 @@ def message(tag: str) -> Callable[[type[T]], type[T]]:
         existing = _BY_TAG.get(tag)
         if existing is not None and existing.cls.__qualname__ != cls.__qualname__:
             raise ConfigError(f"message tag {tag!r} is already used by {existing.cls.__qualname__}")
-        hints = get_type_hints(cls)
+        try:
+            hints = get_type_hints(cls)
+        except (NameError, TypeError) as exc:
+            raise ConfigError(f"{cls.__qualname__}: its field annotations cannot be resolved: {exc}") from exc
         names = tuple(f.name for f in dataclasses.fields(cls))
         checks = tuple(_check_for(hints[name], f"{cls.__qualname__}.{name}") for name in names)
         getter = attrgetter(*names) if len(names) > 1 else _single_getter(names)
