@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -223,7 +224,7 @@ def test_supervision_log_is_json_lines_with_the_contract_keys(runtime, recorder)
     runtime.bus.client().tell("p", Crash("exception"))
     recorder.wait_for("supervisor_escalated")
     sup.finished.wait(WAIT)
-    lines = [json.loads(line) for line in open(runtime.log.path, encoding="utf-8")]
+    lines = [json.loads(line) for line in Path(runtime.log.path).read_text(encoding="utf-8").splitlines()]
     assert [e["event"] for e in lines] == [
         "child_started",
         "child_crashed",
