@@ -1,0 +1,599 @@
+"""Discovery v1: who is out there, where, and what can it do. Signed, length-prefixed JSON.
+
+Wire format (compatible with the system villagemesh replaces)::
+
+    +---------------------------+----------------------------------------+
+    | length: 4 bytes, BE       | UTF-8 JSON object, ``length`` bytes    |
+    +---------------------------+----------------------------------------+
+
+Every villagemesh message is a JSON object with ``"protocol_version": "1.0"``
+and a ``"type"``:
+
+===================== ========= ==================================================
+type                  signed    fields besides type and protocol_version
+===================== ========= ==================================================
+``DISCOVERY_REQUEST`` no        node_id, addresses, capabilities, timestamp
+``DISCOVERY_RESPONSE`` yes      the same + public_key, signature (hex)
+``ANNOUNCE``          yes       the same + public_key, signature (hex)
+``PEER_DISCOVERY``    no        legacy: sender_id, sender_port, timestamp, capabilities
+===================== ========= ==================================================
+
+Signatures. A response or announce carries the sender's Ed25519 public key and
+a signature over ``SIGNATURE_DOMAIN + canonical_json(every other field)``
+(sorted keys, no whitespace, UTF-8, no NaN). Its ``node_id`` must equal
+:func:`node_id_from_public_key` of that key, so a node id cannot be claimed by
+anyone but the key's holder: a registry that trusts only verified announces
+cannot be fed spoofed peers. Decoding *always* verifies; an event that comes
+out of :class:`DiscoveryConnection` or :func:`decode_discovery` as an
+:class:`Announce` or :class:`DiscoveryResponse` is authentic. Freshness (how
+old a ``timestamp`` may be) needs a clock and is the registry's call.
+
+Requests are unsigned: they only ask "who is there?" and the answer is signed.
+
+Legacy. The replaced system's unsigned ``PEER_DISCOVERY`` (seed-system.md)
+decodes to :class:`LegacyPeerDiscovery` only when the connection is built with
+``allow_unsigned_legacy=True``; otherwise it is a :class:`RemoteProtocolError`.
+It is a distinct type so no code can mistake it for a verified peer.
+
+Strictness. Unknown or duplicate keys, wrong types (``true`` is not a number),
+NaN/Infinity and non-UTF-8 are :class:`RemoteProtocolError`; so every accepted
+message has one meaning, and the signed bytes are recomputed from it.
+
+Limits: ``MAX_DISCOVERY_FRAME`` (64 KiB) bounds a frame, checked on the length
+prefix; ``MAX_ADDRESSES`` and ``MAX_TRANSPORTS`` (16) and ``MAX_FIELD_CHARS``
+(255) bound the lists and strings inside so one peer cannot bloat a registry.
+
+The connection is symmetric and stateless: either side may send any event at
+any time (a client sends a request and reads a response; a node may announce
+unprompted). UDP users take :func:`encode_discovery` / :func:`decode_discovery`
+(one JSON body per datagram, no length prefix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeAlias
+
+from nacl.exceptions import CryptoError
+from nacl.signing import SigningKey, VerifyKey
+
+from villagemesh.errors import LocalProtocolError, RemoteProtocolError
+
+from .framing import NEED_DATA, FramedConnection, NeedData
+from .sniff import DISCOVERY_MAX_LENGTH
+
+__all__ = [
+    "MAX_ADDRESSES",
+    "MAX_DISCOVERY_FRAME",
+    "MAX_FIELD_CHARS",
+    "MAX_TRANSPORTS",
+    "NEED_DATA",
+    "PERFORMANCE_TIERS",
+    "PROTOCOL_VERSION",
+    "SIGNATURE_DOMAIN",
+    "THERMAL_STATES",
+    "Announce",
+    "Capabilities",
+    "DiscoveryConnection",
+    "DiscoveryEvent",
+    "DiscoveryRequest",
+    "DiscoveryResponse",
+    "LegacyPeerDiscovery",
+    "decode_discovery",
+    "encode_discovery",
+    "node_id_from_public_key",
+    "sign_announce",
+    "sign_response",
+    "verify",
+]
+
+PROTOCOL_VERSION = "1.0"
+"""The ``protocol_version`` every discovery message carries (the replaced system's value)."""
+
+MAX_DISCOVERY_FRAME = DISCOVERY_MAX_LENGTH
+"""64 KiB per frame: a full announce is under 4 KiB; the sniffer uses the same bound."""
+
+MAX_ADDRESSES = 16
+"""Addresses per peer: one per transport and interface is far below this."""
+
+MAX_TRANSPORTS = 16
+"""Transport names per peer: villagemesh knows four."""
+
+MAX_FIELD_CHARS = 255
+"""Longest node id, address, or capability string: ids are 32 hex chars, addresses short URLs."""
+
+SIGNATURE_DOMAIN = b"villagemesh-discovery-v1:"
+"""Prefixed to the signed bytes so a discovery signature is never valid in another protocol."""
+
+PERFORMANCE_TIERS = ("low", "medium", "high", "premium")
+"""The replaced system's performance tiers."""
+
+THERMAL_STATES = ("normal", "warm", "hot", "throttling")
+"""The replaced system's thermal states."""
+
+NODE_ID_BYTES = 16
+"""A node id is the first 16 bytes of SHA-256(public key), hex: forging one needs a 2**128 preimage."""
+
+_MAX_CORES = 2**16  # sanity bounds: far beyond any device, small enough for any JSON parser
+_MAX_RAM_MB = 2**40
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+
+_LEN4 = struct.Struct(">I")
+
+
+def node_id_from_public_key(public_key: bytes) -> str:
+    """The node id bound to an Ed25519 public key: hex of the first 16 bytes of its SHA-256."""
+    if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+        raise LocalProtocolError(f"public key must be {PUBLIC_KEY_BYTES} bytes, got {public_key!r}")
+    return hashlib.sha256(public_key).digest()[:NODE_ID_BYTES].hex()
+
+
+# ---------------------------------------------------------------------------- values
+
+
+_MAX_JSON_INT = 2**53  # integers beyond this do not survive a round trip through most JSON parsers
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_JSON_INT
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value or len(value) > MAX_FIELD_CHARS:
+        raise LocalProtocolError(f"{name} must be a non-empty str of at most {MAX_FIELD_CHARS} chars, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"{name} {value!r} is not encodable as UTF-8") from exc
+
+
+def _check_fraction(name: str, value: object) -> None:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:  # type: ignore[operator]
+        raise LocalProtocolError(f"{name} must be a number within 0..1, got {value!r}")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise LocalProtocolError(f"{name} must be an int within {low}..{high}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a peer says it can do; the replaced system's field names.
+
+    ``trust_score``, ``latency_ms`` and ``bandwidth_kbps`` of the replaced
+    system are *not* here: they are the observer's measurements and judgement
+    of a peer (the registry keeps them), not something a peer may claim.
+
+    Raises:
+        LocalProtocolError: a field is out of range (the message names it).
+    """
+
+    cpu_cores: int
+    ram_mb: int
+    battery_percent: float | None
+    """None means mains power."""
+    network_type: str
+    """e.g. wifi, ethernet, cellular, bluetooth."""
+    device_type: str
+    """e.g. phone, tablet, laptop, desktop."""
+    performance_tier: str
+    """One of :data:`PERFORMANCE_TIERS`."""
+    evolution_capacity: float
+    """0..1."""
+    available_for_evolution: bool
+    can_evolve: bool = True
+    current_evolution_load: float = 0.0
+    """0..1."""
+    thermal_state: str = "normal"
+    """One of :data:`THERMAL_STATES`."""
+    transports: tuple[str, ...] = ()
+    """Transport names the peer listens on, e.g. ("libp2p", "websocket")."""
+
+    def __post_init__(self) -> None:
+        _check_int("cpu_cores", self.cpu_cores, 1, _MAX_CORES)
+        _check_int("ram_mb", self.ram_mb, 0, _MAX_RAM_MB)
+        if self.battery_percent is not None and (
+            not _is_number(self.battery_percent) or not 0 <= self.battery_percent <= 100
+        ):
+            raise LocalProtocolError(f"battery_percent must be None or within 0..100, got {self.battery_percent!r}")
+        _check_text("network_type", self.network_type)
+        _check_text("device_type", self.device_type)
+        if self.performance_tier not in PERFORMANCE_TIERS:
+            raise LocalProtocolError(
+                f"performance_tier must be one of {PERFORMANCE_TIERS}, got {self.performance_tier!r}"
+            )
+        _check_fraction("evolution_capacity", self.evolution_capacity)
+        for name in ("available_for_evolution", "can_evolve"):
+            if not isinstance(getattr(self, name), bool):
+                raise LocalProtocolError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_fraction("current_evolution_load", self.current_evolution_load)
+        if self.thermal_state not in THERMAL_STATES:
+            raise LocalProtocolError(f"thermal_state must be one of {THERMAL_STATES}, got {self.thermal_state!r}")
+        if not isinstance(self.transports, tuple) or len(self.transports) > MAX_TRANSPORTS:
+            raise LocalProtocolError(f"transports must be a tuple of at most {MAX_TRANSPORTS}, got {self.transports!r}")
+        for name in self.transports:
+            _check_text("transport name", name)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object form (transports as a list)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["transports"] = list(self.transports)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: object, *, legacy: bool = False) -> Capabilities:
+        """Parse the JSON object form; ``legacy`` tolerates the replaced system's extra keys.
+
+        Raises:
+            RemoteProtocolError: unknown keys, missing keys or invalid values.
+        """
+        known = {f.name for f in fields(cls)}
+        if not isinstance(obj, dict):
+            raise RemoteProtocolError(f"capabilities must be a JSON object, got {obj!r}")
+        if not legacy and set(obj) - known:
+            raise RemoteProtocolError(f"capabilities has unknown keys {sorted(set(obj) - known)}")
+        args = {k: v for k, v in obj.items() if k in known}
+        if "transports" in args:
+            args["transports"] = tuple(args["transports"]) if isinstance(args["transports"], list) else None
+        try:
+            return cls(**args)
+        except TypeError as exc:
+            raise RemoteProtocolError(f"capabilities missing keys: {exc}") from exc
+        except LocalProtocolError as exc:
+            raise RemoteProtocolError(f"peer sent invalid capabilities: {exc}") from exc
+
+
+def _check_addresses(addresses: object) -> None:
+    if not isinstance(addresses, tuple) or len(addresses) > MAX_ADDRESSES:
+        raise LocalProtocolError(f"addresses must be a tuple of at most {MAX_ADDRESSES}, got {addresses!r}")
+    for address in addresses:
+        _check_text("address", address)
+        scheme, sep, rest = address.partition("://")
+        host, colon, port = rest.rpartition(":")
+        valid = (
+            sep
+            and scheme.isascii()
+            and scheme[:1].isalpha()
+            and all(c.isalnum() or c in "+-." for c in scheme)
+            and colon
+            and host
+            and not any(c.isspace() or c == "/" for c in host)
+            and port.isascii()
+            and port.isdigit()
+            and int(port) <= 65535
+        )
+        if not valid:
+            raise LocalProtocolError(f"address must look like 'transport://host:port', got {address!r}")
+
+
+@dataclass(frozen=True)
+class _Peer:
+    TYPE: ClassVar[str]
+
+    node_id: str
+    addresses: tuple[str, ...]
+    capabilities: Capabilities
+    timestamp: float
+    """The sender's clock, seconds."""
+
+    def __post_init__(self) -> None:
+        _check_text("node_id", self.node_id)
+        _check_addresses(self.addresses)
+        if not isinstance(self.capabilities, Capabilities):
+            raise LocalProtocolError(f"capabilities must be Capabilities, got {self.capabilities!r}")
+        if not _is_number(self.timestamp):
+            raise LocalProtocolError(f"timestamp must be a finite number, got {self.timestamp!r}")
+
+
+@dataclass(frozen=True)
+class DiscoveryRequest(_Peer):
+    """"Who is there?": the asker's own node id, addresses and capabilities (unsigned)."""
+
+    TYPE: ClassVar[str] = "DISCOVERY_REQUEST"
+
+
+@dataclass(frozen=True)
+class _SignedPeer(_Peer):
+    public_key: bytes = field(kw_only=True)
+    """The sender's Ed25519 public key (32 bytes)."""
+    signature: bytes = field(kw_only=True)
+    """Ed25519 signature (64 bytes) over SIGNATURE_DOMAIN + the canonical JSON of every other field."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, size in (("public_key", PUBLIC_KEY_BYTES), ("signature", SIGNATURE_BYTES)):
+            value = getattr(self, name)
+            if not isinstance(value, bytes) or len(value) != size:
+                raise LocalProtocolError(f"{name} must be {size} bytes, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DiscoveryResponse(_SignedPeer):
+    """The answer to a request: the responder's own details, signed. Build it with :func:`sign_response`."""
+
+    TYPE: ClassVar[str] = "DISCOVERY_RESPONSE"
+
+
+@dataclass(frozen=True)
+class Announce(_SignedPeer):
+    """An unprompted "I am here", signed. Build it with :func:`sign_announce`."""
+
+    TYPE: ClassVar[str] = "ANNOUNCE"
+
+
+@dataclass(frozen=True)
+class LegacyPeerDiscovery:
+    """The replaced system's unsigned ``PEER_DISCOVERY`` message (accepted only when configured).
+
+    Its host is the connection's remote address; only the port travels.
+    """
+
+    TYPE: ClassVar[str] = "PEER_DISCOVERY"
+
+    sender_id: str
+    sender_port: int
+    timestamp: float
+    capabilities: Capabilities
+
+    def __post_init__(self) -> None:
+        _check_text("sender_id", self.sender_id)
+        _check_int("sender_port", self.sender_port, 1, 65535)
+        if not _is_number(self.timestamp):
+            raise LocalProtocolError(f"timestamp must be a finite number, got {self.timestamp!r}")
+        if not isinstance(self.capabilities, Capabilities):
+            raise LocalProtocolError(f"capabilities must be Capabilities, got {self.capabilities!r}")
+
+
+DiscoveryEvent: TypeAlias = DiscoveryRequest | DiscoveryResponse | Announce | LegacyPeerDiscovery
+"""Everything :class:`DiscoveryConnection` sends or receives."""
+
+# ---------------------------------------------------------------------------- signing
+
+
+def _canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _unsigned_json(type_: str, node_id: str, addresses: tuple[str, ...], caps: Capabilities, ts: float) -> dict:
+    return {
+        "type": type_,
+        "protocol_version": PROTOCOL_VERSION,
+        "node_id": node_id,
+        "addresses": list(addresses),
+        "capabilities": caps.to_json(),
+        "timestamp": ts,
+    }
+
+
+def _signed_bytes(event: _SignedPeer) -> bytes:
+    obj = _unsigned_json(event.TYPE, event.node_id, event.addresses, event.capabilities, event.timestamp)
+    obj["public_key"] = event.public_key.hex()
+    return SIGNATURE_DOMAIN + _canonical(obj)
+
+
+def _sign(
+    cls: type[_SignedPeer],
+    signing_key: SigningKey,
+    addresses: tuple[str, ...],
+    capabilities: Capabilities,
+    timestamp: float,
+) -> Any:
+    if not isinstance(signing_key, SigningKey):
+        raise LocalProtocolError(f"signing_key must be a nacl.signing.SigningKey, got {signing_key!r}")
+    public_key = bytes(signing_key.verify_key)
+    draft = cls(
+        node_id=node_id_from_public_key(public_key),
+        addresses=addresses,
+        capabilities=capabilities,
+        timestamp=timestamp,
+        public_key=public_key,
+        signature=bytes(SIGNATURE_BYTES),
+    )
+    signature = signing_key.sign(_signed_bytes(draft)).signature
+    return cls(
+        node_id=draft.node_id,
+        addresses=addresses,
+        capabilities=capabilities,
+        timestamp=timestamp,
+        public_key=public_key,
+        signature=signature,
+    )
+
+
+def sign_announce(
+    signing_key: SigningKey, *, addresses: tuple[str, ...], capabilities: Capabilities, timestamp: float
+) -> Announce:
+    """A signed :class:`Announce` whose node id is derived from ``signing_key``."""
+    announce: Announce = _sign(Announce, signing_key, addresses, capabilities, timestamp)
+    return announce
+
+
+def sign_response(
+    signing_key: SigningKey, *, addresses: tuple[str, ...], capabilities: Capabilities, timestamp: float
+) -> DiscoveryResponse:
+    """A signed :class:`DiscoveryResponse` whose node id is derived from ``signing_key``."""
+    response: DiscoveryResponse = _sign(DiscoveryResponse, signing_key, addresses, capabilities, timestamp)
+    return response
+
+
+def verify(event: Announce | DiscoveryResponse) -> None:
+    """Check that ``event`` was signed by its public key and that its node id is that key's.
+
+    Raises:
+        RemoteProtocolError: bad or missing signature, or a node id not bound to the key.
+    """
+    if not isinstance(event, _SignedPeer):
+        raise RemoteProtocolError(f"{type(event).__name__} carries no signature to verify")
+    expected = node_id_from_public_key(event.public_key)
+    if event.node_id != expected:
+        raise RemoteProtocolError(f"node_id {event.node_id!r} does not belong to its public key (expected {expected})")
+    try:
+        VerifyKey(event.public_key).verify(_signed_bytes(event), event.signature)
+    except (CryptoError, ValueError) as exc:
+        raise RemoteProtocolError(f"bad signature on {event.TYPE} from {event.node_id}") from exc
+
+
+# ---------------------------------------------------------------------------- codec
+
+
+def encode_discovery(event: DiscoveryEvent) -> bytes:
+    """The UTF-8 JSON body of ``event`` (no length prefix).
+
+    Raises:
+        LocalProtocolError: a signed event whose signature does not verify, or
+            an encoding larger than ``MAX_DISCOVERY_FRAME``.
+    """
+    if isinstance(event, LegacyPeerDiscovery):
+        obj: dict[str, Any] = {
+            "type": event.TYPE,
+            "sender_id": event.sender_id,
+            "sender_port": event.sender_port,
+            "timestamp": event.timestamp,
+            "capabilities": event.capabilities.to_json(),
+            "protocol_version": PROTOCOL_VERSION,
+        }
+    elif isinstance(event, _Peer):
+        obj = _unsigned_json(event.TYPE, event.node_id, event.addresses, event.capabilities, event.timestamp)
+        if isinstance(event, _SignedPeer):
+            try:
+                verify(event)
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(f"refusing to send an unverifiable {event.TYPE}: {exc}") from exc
+            obj["public_key"] = event.public_key.hex()
+            obj["signature"] = event.signature.hex()
+    else:
+        raise LocalProtocolError(f"not a discovery event: {event!r}")
+    body = _canonical(obj)
+    if len(body) > MAX_DISCOVERY_FRAME:
+        raise LocalProtocolError(f"discovery message of {len(body)} bytes exceeds MAX_DISCOVERY_FRAME")
+    return body
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        raise RemoteProtocolError(f"duplicate JSON keys {sorted({k for k in keys if keys.count(k) > 1})}")
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise RemoteProtocolError(f"JSON constant {name} is not allowed")
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError(f"discovery body is not UTF-8: {body[:40]!r}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"discovery body is not JSON: {body[:40]!r}") from exc
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"discovery body must be a JSON object, got {body[:40]!r}")
+    return obj
+
+
+_PEER_KEYS = {"type", "protocol_version", "node_id", "addresses", "capabilities", "timestamp"}
+_SIGNED_KEYS = _PEER_KEYS | {"public_key", "signature"}
+_LEGACY_KEYS = {"type", "protocol_version", "sender_id", "sender_port", "timestamp", "capabilities"}
+_TYPES: dict[str, tuple[type, set[str]]] = {
+    DiscoveryRequest.TYPE: (DiscoveryRequest, _PEER_KEYS),
+    DiscoveryResponse.TYPE: (DiscoveryResponse, _SIGNED_KEYS),
+    Announce.TYPE: (Announce, _SIGNED_KEYS),
+    LegacyPeerDiscovery.TYPE: (LegacyPeerDiscovery, _LEGACY_KEYS),
+}
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _hex(obj: dict[str, Any], key: str) -> bytes:
+    value = obj[key]
+    if not isinstance(value, str) or len(value) % 2 or not _HEX_DIGITS.issuperset(value):
+        raise RemoteProtocolError(f"{key} must be lower-case hex, got {value!r}")
+    return bytes.fromhex(value)
+
+
+def decode_discovery(body: bytes, *, allow_unsigned_legacy: bool = False) -> DiscoveryEvent:
+    """Parse and, for signed types, verify one JSON body.
+
+    Raises:
+        RemoteProtocolError: not a valid discovery message, a bad signature, or
+            a legacy message when ``allow_unsigned_legacy`` is False.
+    """
+    if len(body) > MAX_DISCOVERY_FRAME:
+        raise RemoteProtocolError(f"discovery message of {len(body)} bytes exceeds MAX_DISCOVERY_FRAME")
+    obj = _parse_json(bytes(body))
+    type_ = obj.get("type")
+    if not isinstance(type_, str) or type_ not in _TYPES:
+        raise RemoteProtocolError(f"unknown discovery message type {type_!r}")
+    if obj.get("protocol_version") != PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"unsupported discovery protocol_version {obj.get('protocol_version')!r}")
+    cls, keys = _TYPES[type_]
+    legacy = cls is LegacyPeerDiscovery
+    if legacy and not allow_unsigned_legacy:
+        raise RemoteProtocolError("unsigned legacy PEER_DISCOVERY refused (allow_unsigned_legacy is off)")
+    if set(obj) != keys and not (legacy and set(obj) >= keys):
+        raise RemoteProtocolError(
+            f"{type_} has keys {sorted(obj)}; expected {sorted(keys)}"
+        )
+    args = {k: v for k, v in obj.items() if k in keys - {"type", "protocol_version"}}
+    args["capabilities"] = Capabilities.from_json(obj["capabilities"], legacy=legacy)
+    if "addresses" in args:
+        args["addresses"] = tuple(args["addresses"]) if isinstance(args["addresses"], list) else None
+    if "signature" in args:
+        args["public_key"] = _hex(obj, "public_key")
+        args["signature"] = _hex(obj, "signature")
+    try:
+        event = cls(**args)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"peer sent an invalid {type_}: {exc}") from exc
+    if isinstance(event, DiscoveryResponse | Announce):
+        verify(event)
+    result: DiscoveryEvent = event
+    return result
+
+
+class DiscoveryConnection(FramedConnection[DiscoveryEvent]):
+    """Sans-I/O discovery over a stream: 4-byte big-endian length + JSON body.
+
+    ``receive_data(bytes)`` then ``next_event()`` gives verified events or
+    :data:`NEED_DATA`; ``send(event)`` gives the bytes to write. A length
+    prefix over ``MAX_DISCOVERY_FRAME`` fails as soon as it arrives.
+
+    Args:
+        allow_unsigned_legacy: accept (and allow sending) the replaced
+            system's unsigned ``PEER_DISCOVERY`` messages.
+    """
+
+    def __init__(self, *, allow_unsigned_legacy: bool = False) -> None:
+        self.allow_unsigned_legacy = allow_unsigned_legacy
+        super().__init__(_LEN4, MAX_DISCOVERY_FRAME, "discovery", self._decode_body)
+
+    def _decode_body(self, body: bytes) -> DiscoveryEvent:
+        return decode_discovery(body, allow_unsigned_legacy=self.allow_unsigned_legacy)
+
+    def next_event(self) -> DiscoveryEvent | NeedData:
+        """The next verified event, or :data:`NEED_DATA`; raises only :class:`RemoteProtocolError`."""
+        return super().next_event()
+
+    def send(self, event: DiscoveryEvent) -> bytes:
+        """The framed bytes for ``event``.
+
+        Raises:
+            LocalProtocolError: an unverifiable signed event, an oversized
+                one, or a legacy message while ``allow_unsigned_legacy`` is off.
+        """
+        if isinstance(event, LegacyPeerDiscovery) and not self.allow_unsigned_legacy:
+            raise LocalProtocolError("sending unsigned legacy PEER_DISCOVERY needs allow_unsigned_legacy=True")
+        body = encode_discovery(event)
+        return _LEN4.pack(len(body)) + body

@@ -1,0 +1,201 @@
+"""Hypothesis strategies for every villagemesh wire message, exported for users.
+
+Anyone writing a transport, an actor or a test against villagemesh's protocols
+can draw valid values from here instead of hand-building them::
+
+    from hypothesis import given
+    from villagemesh.protocols import strategies as vst
+
+    @given(vst.messages(), vst.chunkings(b"..."))
+    def test_my_transport(message, chunks): ...
+
+Every strategy draws only *valid* values (the constructors' validation never
+fails on them), and each is deterministic given hypothesis's choices: signing
+keys are drawn as 32-byte seeds, so shrinking and replay work.
+
+hypothesis is a runtime dependency of villagemesh precisely so that this module
+can be imported by users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import strategies as st
+from nacl.signing import SigningKey
+
+from .discovery import (
+    MAX_FIELD_CHARS,
+    MAX_TRANSPORTS,
+    PERFORMANCE_TIERS,
+    THERMAL_STATES,
+    Announce,
+    Capabilities,
+    DiscoveryEvent,
+    DiscoveryRequest,
+    DiscoveryResponse,
+    LegacyPeerDiscovery,
+    node_id_from_public_key,
+    sign_announce,
+    sign_response,
+)
+from .envelope import ID_BYTES, MAX_NAME_BYTES, MAX_PAYLOAD_BYTES, Message, Priority
+
+__all__ = [
+    "addresses",
+    "announces",
+    "capabilities",
+    "chunkings",
+    "discovery_events",
+    "discovery_requests",
+    "discovery_responses",
+    "legacy_peer_discoveries",
+    "messages",
+    "node_ids",
+    "signing_keys",
+]
+
+_SECONDS = st.floats(min_value=0.0, max_value=4e9, allow_nan=False, allow_infinity=False)
+
+
+def _names(max_bytes: int) -> st.SearchStrategy[str]:
+    """Non-empty text of at most ``max_bytes`` UTF-8 bytes (no lone surrogates)."""
+    text = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=max_bytes // 4)
+    return text | st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ_", min_size=1, max_size=max_bytes)
+
+
+def messages(*, max_payload: int = 2048) -> st.SearchStrategy[Message]:
+    """Valid :class:`~villagemesh.protocols.envelope.Message` values.
+
+    Args:
+        max_payload: the largest payload drawn (at most ``MAX_PAYLOAD_BYTES``;
+            keep it small for fast tests).
+    """
+    if not 0 <= max_payload <= MAX_PAYLOAD_BYTES:
+        raise ValueError(f"max_payload must be within 0..{MAX_PAYLOAD_BYTES}, got {max_payload!r}")
+    ids = st.binary(min_size=ID_BYTES, max_size=ID_BYTES)
+    return st.builds(
+        Message,
+        id=ids,
+        kind=_names(MAX_NAME_BYTES),
+        sender=_names(MAX_NAME_BYTES),
+        recipient=st.none() | _names(MAX_NAME_BYTES),
+        priority=st.sampled_from(Priority),
+        created_at=st.floats(allow_nan=False, allow_infinity=False),
+        ttl=st.floats(min_value=0.0, exclude_min=True, allow_infinity=False),
+        correlation_id=st.none() | ids,
+        payload=st.binary(max_size=max_payload),
+    )
+
+
+@st.composite
+def chunkings(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    """``data`` split into consecutive chunks at arbitrary points (empty chunks included)."""
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def signing_keys() -> st.SearchStrategy[SigningKey]:
+    """Ed25519 signing keys, drawn as 32-byte seeds (so hypothesis can shrink and replay them)."""
+    return st.binary(min_size=32, max_size=32).map(SigningKey)
+
+
+_ASCII_WORD = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=16)
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=MAX_FIELD_CHARS // 8)
+
+
+def node_ids() -> st.SearchStrategy[str]:
+    """Node ids as villagemesh derives them (32 hex chars)."""
+    return st.binary(min_size=32, max_size=32).map(node_id_from_public_key)
+
+
+def addresses() -> st.SearchStrategy[str]:
+    """``transport://host:port`` strings, including bracketed IPv6 hosts."""
+    hosts = _ASCII_WORD | st.ip_addresses(v=4).map(str) | st.ip_addresses(v=6).map(lambda ip: f"[{ip}]")
+    return st.builds(
+        "{}://{}:{}".format,
+        st.sampled_from(["tcp", "libp2p", "websocket", "ws", "bitchat", "betanet", "udp"]),
+        hosts,
+        st.integers(0, 65535),
+    )
+
+
+def capabilities() -> st.SearchStrategy[Capabilities]:
+    """Valid :class:`~villagemesh.protocols.discovery.Capabilities`."""
+    fraction = st.floats(0.0, 1.0) | st.sampled_from([0, 1])
+    return st.builds(
+        Capabilities,
+        cpu_cores=st.integers(1, 256),
+        ram_mb=st.integers(0, 2**20),
+        battery_percent=st.none() | st.integers(0, 100) | st.floats(0.0, 100.0),
+        network_type=st.sampled_from(["wifi", "ethernet", "cellular", "bluetooth"]) | _TEXT,
+        device_type=st.sampled_from(["phone", "tablet", "laptop", "desktop"]) | _TEXT,
+        performance_tier=st.sampled_from(PERFORMANCE_TIERS),
+        evolution_capacity=fraction,
+        available_for_evolution=st.booleans(),
+        can_evolve=st.booleans(),
+        current_evolution_load=fraction,
+        thermal_state=st.sampled_from(THERMAL_STATES),
+        transports=st.lists(_ASCII_WORD | _TEXT, max_size=MAX_TRANSPORTS).map(tuple),
+    )
+
+
+_TIMESTAMPS = st.floats(allow_nan=False, allow_infinity=False) | st.integers(0, 2**53)
+_ADDRESS_LISTS = st.lists(addresses(), max_size=4).map(tuple)
+
+
+def discovery_requests() -> st.SearchStrategy[DiscoveryRequest]:
+    """Valid unsigned :class:`~villagemesh.protocols.discovery.DiscoveryRequest` values."""
+    return st.builds(
+        DiscoveryRequest,
+        node_id=node_ids() | _TEXT,
+        addresses=_ADDRESS_LISTS,
+        capabilities=capabilities(),
+        timestamp=_TIMESTAMPS,
+    )
+
+
+def _signed(sign: Callable[..., Any], signing_key: SigningKey | None) -> st.SearchStrategy[Any]:
+    keys = st.just(signing_key) if signing_key is not None else signing_keys()
+    return st.builds(
+        lambda key, addrs, caps, ts: sign(key, addresses=addrs, capabilities=caps, timestamp=ts),
+        keys,
+        _ADDRESS_LISTS,
+        capabilities(),
+        _TIMESTAMPS,
+    )
+
+
+def announces(*, signing_key: SigningKey | None = None) -> st.SearchStrategy[Announce]:
+    """Validly signed :class:`~villagemesh.protocols.discovery.Announce` values.
+
+    Args:
+        signing_key: sign with this key (one node's announces); by default a key is drawn too.
+    """
+    return _signed(sign_announce, signing_key)
+
+
+def discovery_responses(*, signing_key: SigningKey | None = None) -> st.SearchStrategy[DiscoveryResponse]:
+    """Validly signed :class:`~villagemesh.protocols.discovery.DiscoveryResponse` values (see :func:`announces`)."""
+    return _signed(sign_response, signing_key)
+
+
+def legacy_peer_discoveries() -> st.SearchStrategy[LegacyPeerDiscovery]:
+    """The replaced system's unsigned ``PEER_DISCOVERY`` messages (its eight capability fields)."""
+    return st.builds(
+        LegacyPeerDiscovery,
+        sender_id=_TEXT,
+        sender_port=st.integers(1, 65535),
+        timestamp=_TIMESTAMPS,
+        capabilities=capabilities().map(lambda c: dataclasses.replace(c, transports=())),
+    )
+
+
+def discovery_events(*, legacy: bool = False) -> st.SearchStrategy[DiscoveryEvent]:
+    """Any discovery event; ``legacy`` adds unsigned ``PEER_DISCOVERY`` messages."""
+    events: st.SearchStrategy[DiscoveryEvent] = st.one_of(discovery_requests(), discovery_responses(), announces())
+    return events | legacy_peer_discoveries() if legacy else events
