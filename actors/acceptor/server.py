@@ -1,20 +1,25 @@
 """The sniffing acceptor: one TCP port, every protocol, not one byte lost.
 
-Each accepted connection gets a :class:`_SniffingProtocol`, an asyncio
-``BufferedProtocol`` whose buffer is exactly ``MAX_SNIFF_BYTES`` long: the
-transport reads *into* it, so before a verdict the acceptor holds at most that
-many bytes and the rest waits in the kernel. On every arrival it asks
-:func:`~villagemesh.protocols.sniff.sniff` about the whole buffer and looks the
-verdict up in :data:`~.state.ROUTES`::
+Each accepted connection gets a :class:`_SniffingProtocol` (an asyncio
+``Protocol``: callbacks, not streams, so no byte can sit unseen in a reader).
+A whole first request arrives in one read and is handed on whole; what an
+*undecided* connection keeps between reads is its prefix, shorter than
+``MAX_SNIFF_BYTES`` (the sniffer decides by then, or the prefix is refused). On
+every arrival the acceptor asks :func:`~villagemesh.protocols.sniff.sniff`
+about the whole prefix and looks the verdict up in :data:`~.state.ROUTES`::
 
     accept ─▶ limiter.try_open(src) ──no──▶ reject "per-source cap ..." / "total cap ..."
                    │yes
                    ▼
-             UNDECIDED ──bytes──▶ sniff(buffer) ──NEED_MORE──▶ (wait; timer runs)
+             UNDECIDED ──bytes──▶ sniff(prefix) ──NEED_MORE──▶ (wait for the deadline)
                    │                   │
-          timer / EOF                  ├─ UNKNOWN, full buffer, route without handler ─▶ reject
+       deadline / EOF                  ├─ UNKNOWN, prefix too long, route without handler ─▶ reject
                    ▼                   ▼
-                reject            hand-off (in-loop or cross-thread)
+                reject            hand-off (in-loop or cross-thread), every byte read so far
+
+One sweep timer per acceptor (every ``sniff_timeout_s / 4``) drops undecided
+connections past their deadline: a slow or silent client is gone within
+1.25 × ``sniff_timeout_s``, and an accept costs no timer of its own.
 
 Two hand-off modes (a route has one handler, registered with one of them):
 
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -62,12 +68,15 @@ from villagemesh.actors.acceptor.state import (
     ConnectionLimiter,
     Reject,
     Route,
-    route_for,
+    routing_plan,
 )
 from villagemesh.errors import ConfigError, ConnectError
 from villagemesh.protocols.sniff import MAX_SNIFF_BYTES, Sniffed, sniff
 
 __all__ = ["AcceptorServer", "HandOff", "HandedOff", "ProtocolFactory", "feed"]
+
+SWEEP_FRACTION = 4
+"""The timeout sweep runs every ``sniff_timeout_s / 4``: a silent client goes within 1.25 × the timeout."""
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 """Makes the protocol an in-loop route hands a connection to."""
@@ -118,6 +127,23 @@ def peer_label(peername: Any) -> tuple[str, str]:
     return "unknown", str(peername)
 
 
+@dataclass(frozen=True, slots=True)
+class _Handler:
+    """A registered route: in-loop factory or hand-off callback, and its statistics key."""
+
+    route: Route
+    in_loop: bool
+    target: Callable[..., Any]
+    key: str
+
+
+def debug_enabled(log: Any) -> bool:
+    """Whether ``log`` would emit debug events (True when it cannot tell)."""
+    bound = log.bind() if hasattr(log, "bind") else log
+    check = getattr(bound, "is_enabled_for", None)
+    return bool(check(logging.DEBUG)) if callable(check) else True
+
+
 class _Phase(enum.Enum):
     UNDECIDED = "undecided"
     IN_LOOP = "in_loop"
@@ -145,27 +171,38 @@ class AcceptorServer:
         self.sniffer = sniffer
         self.max_sniff_bytes = max_sniff_bytes
         self.log = log if log is not None else structlog.get_logger("villagemesh.acceptor")
-        self._in_loop: dict[Route, ProtocolFactory] = {}
-        self._hand_off: dict[Route, HandOff] = {}
+        self._handlers: dict[Route, _Handler] = {}
+        self._plan: dict[Sniffed, _Handler | Reject | None] = {}
+        self._replan()
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._loop_time: Callable[[], float] = lambda: 0.0  # the loop's clock, set by start()
+        self._undecided: set[_SniffingProtocol] = set()
         self.counts: Counter[str] = Counter()
+        self.debug = True
+        """Emit the per-connection debug events; decided by :meth:`start` from the logger's level."""
 
     # -- configuration -------------------------------------------------------------------------
 
     def route_in_loop(self, route: Route, factory: ProtocolFactory) -> None:
         """Serve ``route`` on this loop with protocols made by ``factory``."""
-        self._check_free(route)
-        self._in_loop[route] = factory
+        self._register(_Handler(route, True, factory, f"routed.{route.value}"))
 
     def route_hand_off(self, route: Route, callback: HandOff) -> None:
         """Hand ``route``'s connections to ``callback`` as :class:`HandedOff` (cross-thread)."""
-        self._check_free(route)
-        self._hand_off[route] = callback
+        self._register(_Handler(route, False, callback, f"routed.{route.value}"))
 
-    def _check_free(self, route: Route) -> None:
-        if route in self._in_loop or route in self._hand_off:
-            raise ConfigError(f"route {route.value!r} already has a handler")
+    def _register(self, handler: _Handler) -> None:
+        if handler.route in self._handlers:
+            raise ConfigError(f"route {handler.route.value!r} already has a handler")
+        self._handlers[handler.route] = handler
+        self._replan()
+
+    def _replan(self) -> None:
+        """Verdict → handler, rejection or wait, in one lookup per arrival."""
+        plan = routing_plan(frozenset(self._handlers))
+        self._plan = {v: self._handlers[d] if isinstance(d, Route) else d for v, d in plan.items()}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -178,8 +215,24 @@ class AcceptorServer:
             )
         except OSError as exc:
             raise ConnectError(f"acceptor cannot listen on {host}:{port}: {exc}") from exc
+        self._loop_time = self._loop.time
+        self.debug = debug_enabled(self.log)
+        self._sweep()
         bound = self._server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
+
+    def _sweep(self) -> None:
+        """Drop every undecided connection past its deadline, then run again later.
+
+        One timer for all connections instead of one each: cheaper per accept,
+        and the slowloris bound stays within 1.25 × ``sniff_timeout_s``.
+        """
+        assert self._loop is not None
+        now = self._loop.time()
+        for proto in [p for p in self._undecided if p.deadline <= now]:
+            proto.timed_out()
+        interval = self.limits.sniff_timeout_s / SWEEP_FRACTION
+        self._sweeper = self._loop.call_later(interval, self._sweep)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -190,7 +243,14 @@ class AcceptorServer:
         return str(bound[0]), int(bound[1])
 
     async def close(self) -> None:
-        """Stop listening. Routed connections belong to their handlers and stay open."""
+        """Stop listening and drop undecided connections; routed ones belong to their handlers."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for proto in list(self._undecided):
+            proto._release()
+            if proto.transport is not None:
+                proto.transport.abort()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -216,62 +276,66 @@ class AcceptorServer:
         transport.abort()
 
 
-class _SniffingProtocol(asyncio.BufferedProtocol):
-    """Per connection: buffer up to MAX_SNIFF_BYTES, sniff on every arrival, route once."""
+class _SniffingProtocol(asyncio.Protocol):
+    """Per connection: hold at most MAX_SNIFF_BYTES undecided, sniff on every arrival, route once."""
 
-    __slots__ = ("buf", "n", "peer", "phase", "server", "src", "timer", "transport")
+    __slots__ = ("deadline", "peername", "pending", "phase", "server", "src", "transport")
 
     def __init__(self, server: AcceptorServer) -> None:
         self.server = server
-        self.buf = bytearray(server.max_sniff_bytes)
-        self.n = 0
+        self.pending = b""
         self.phase = _Phase.GONE
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
         self.transport: asyncio.Transport | None = None
         self.src = "unknown"
-        self.peer = "unknown"
+        self.peername: Any = None
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the client, formatted only when something logs it."""
+        return peer_label(self.peername)[1]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         server = self.server
-        self.src, self.peer = peer_label(transport.get_extra_info("peername"))
-        refusal = server.limiter.refusal(self.src)
-        if refusal is not None:
-            server._reject(transport, self.peer, refusal, "cap", None, 0)
+        self.peername = peername = transport.get_extra_info("peername")
+        self.src = src = str(peername[0]) if type(peername) is tuple else "unknown"
+        if not server.limiter.try_open(src):
+            server._reject(transport, self.peer, server.limiter.refusal(src) or "cap", "cap", None, 0)
             return
-        server.limiter.try_open(self.src)
         self.phase = _Phase.UNDECIDED
+        server._undecided.add(self)
+        self.deadline = server._loop_time() + server.limits.sniff_timeout_s
         server.counts["accepted"] += 1
-        server.log.debug("connection_accepted", peer=self.peer)
-        self.timer = asyncio.get_running_loop().call_later(server.limits.sniff_timeout_s, self._timed_out)
+        if server.debug:
+            server.log.debug("connection_accepted", peer=self.peer)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return memoryview(self.buf)[self.n :]
-
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
         if self.phase is not _Phase.UNDECIDED:
             return
-        self.n += nbytes
         server = self.server
-        peeked = bytes(self.buf[: self.n])
+        peeked = self.pending + data if self.pending else data
         verdict = server.sniffer(peeked)
-        decision = route_for(verdict, buffered=self.n, max_sniff_bytes=server.max_sniff_bytes)
+        decision = server._plan[verdict]
         if decision is None:
-            return
-        if isinstance(decision, Reject):
-            self._give_up(decision.reason, "protocol", verdict)
-            return
-        if decision in server._in_loop:
-            self._hand_in_loop(decision, verdict, peeked)
-        elif decision in server._hand_off:
-            self._hand_cross_thread(decision, verdict, peeked)
+            if len(peeked) < server.max_sniff_bytes:
+                self.pending = peeked
+                return
+            decision = Reject(f"no verdict within {server.max_sniff_bytes} bytes")
+        if type(decision) is _Handler:
+            if decision.in_loop:
+                self._hand_in_loop(decision, verdict, peeked)
+            else:
+                self._hand_cross_thread(decision, verdict, peeked)
         else:
-            self._give_up(f"no handler for route {decision.value}", "unrouted", verdict)
+            assert isinstance(decision, Reject)
+            kind = "unrouted" if decision.reason.startswith("no handler") else "protocol"
+            self._give_up(decision.reason, kind, verdict, len(peeked))
 
     def eof_received(self) -> bool:
         if self.phase is _Phase.UNDECIDED:
-            self._give_up("closed before a verdict", "eof", self.server.sniffer(bytes(self.buf[: self.n])))
+            self._give_up("closed before a verdict", "eof", self.server.sniffer(self.pending), len(self.pending))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -281,50 +345,49 @@ class _SniffingProtocol(asyncio.BufferedProtocol):
     # -- outcomes ----------------------------------------------------------------------------------
 
     def _release(self) -> None:
-        """Stop counting this connection and cancel its timer (exactly once)."""
+        """Stop counting this connection (exactly once)."""
         self.phase = _Phase.GONE
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.server._undecided.discard(self)
         self.server.limiter.close(self.src)
 
-    def _timed_out(self) -> None:
-        self.timer = None
+    def timed_out(self) -> None:
+        """Called by the server's sweep once the deadline has passed."""
         if self.phase is _Phase.UNDECIDED:
-            verdict = self.server.sniffer(bytes(self.buf[: self.n]))
-            self._give_up(f"no verdict within {self.server.limits.sniff_timeout_s} s", "timeout", verdict)
+            verdict = self.server.sniffer(self.pending)
+            reason = f"no verdict within {self.server.limits.sniff_timeout_s} s"
+            self._give_up(reason, "timeout", verdict, len(self.pending))
 
-    def _give_up(self, reason: str, kind: str, verdict: Sniffed) -> None:
+    def _give_up(self, reason: str, kind: str, verdict: Sniffed, peeked: int) -> None:
         assert self.transport is not None
         self._release()
-        self.server._reject(self.transport, self.peer, reason, kind, verdict, self.n)
+        self.server._reject(self.transport, self.peer, reason, kind, verdict, peeked)
 
-    def _routed(self, route: Route, verdict: Sniffed, mode: str) -> None:
+    def _routed(self, handler: _Handler, verdict: Sniffed, peeked: int, mode: str) -> None:
         server = self.server
-        server.counts[f"routed.{route.value}"] += 1
+        server.counts[handler.key] += 1
+        if not server.debug:
+            return
         server.log.debug(
             "connection_routed",
             peer=self.peer,
-            route=route.value,
+            route=handler.route.value,
             protocol=verdict.value,
-            peeked_bytes=self.n,
+            peeked_bytes=peeked,
             mode=mode,
         )
 
-    def _hand_in_loop(self, route: Route, verdict: Sniffed, peeked: bytes) -> None:
+    def _hand_in_loop(self, handler: _Handler, verdict: Sniffed, peeked: bytes) -> None:
         assert self.transport is not None
         transport = self.transport
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.phase = _Phase.IN_LOOP
-        inner = self.server._in_loop[route]()
+        self.server._undecided.discard(self)
+        inner = handler.target()
         counted: asyncio.BaseProtocol
         if isinstance(inner, asyncio.BufferedProtocol):
             counted = _CountedBuffered(inner, self._release_in_loop)
         else:
             counted = _Counted(inner, self._release_in_loop)
-        self._routed(route, verdict, "in_loop")
+        self._routed(handler, verdict, len(peeked), "in_loop")
         transport.set_protocol(counted)
         counted.connection_made(transport)
         if not transport.is_closing():
@@ -335,20 +398,20 @@ class _SniffingProtocol(asyncio.BufferedProtocol):
             self.phase = _Phase.GONE
             self.server.limiter.close(self.src)
 
-    def _hand_cross_thread(self, route: Route, verdict: Sniffed, peeked: bytes) -> None:
+    def _hand_cross_thread(self, handler: _Handler, verdict: Sniffed, peeked: bytes) -> None:
         assert self.transport is not None
         transport = self.transport
         transport.pause_reading()
         try:
             sock = transport.get_extra_info("socket").dup()
         except OSError as exc:
-            self._give_up(f"cannot duplicate the socket: {exc}", "dup", verdict)
+            self._give_up(f"cannot duplicate the socket: {exc}", "dup", verdict, len(peeked))
             return
         self._release()
         transport.abort()  # closes our descriptor only; the duplicate keeps the connection
-        self._routed(route, verdict, "hand_off")
+        self._routed(handler, verdict, len(peeked), "hand_off")
         try:
-            self.server._hand_off[route](HandedOff(sock, peeked, self.peer, route))
+            handler.target(HandedOff(sock, peeked, self.peer, handler.route))
         except Exception as exc:  # noqa: BLE001 - a failing receiver loses this connection, not the acceptor
             sock.close()
             self.server.counts["rejected.hand_off"] += 1
@@ -357,7 +420,7 @@ class _SniffingProtocol(asyncio.BufferedProtocol):
                 peer=self.peer,
                 reason=f"hand-off failed: {type(exc).__name__}: {exc}",
                 protocol=verdict.value,
-                peeked_bytes=self.n,
+                peeked_bytes=len(peeked),
             )
 
 

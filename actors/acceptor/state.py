@@ -46,6 +46,7 @@ __all__ = [
     "Reject",
     "Route",
     "route_for",
+    "routing_plan",
 ]
 
 SNIFF_TIMEOUT_S = 5.0
@@ -85,6 +86,17 @@ ROUTES: dict[Sniffed, Route | Reject | None] = {
     Sniffed.NEED_MORE: None,
 }
 """Verdict → route, rejection, or ``None`` (wait for more bytes)."""
+
+
+def routing_plan(handled: set[Route] | frozenset[Route]) -> dict[Sniffed, Route | Reject | None]:
+    """:data:`ROUTES` with every route that has no handler in ``handled`` turned into a rejection."""
+    plan: dict[Sniffed, Route | Reject | None] = {}
+    for verdict, decision in ROUTES.items():
+        if isinstance(decision, Route) and decision not in handled:
+            plan[verdict] = Reject(f"no handler for route {decision.value}")
+        else:
+            plan[verdict] = decision
+    return plan
 
 
 def route_for(verdict: Sniffed, *, buffered: int, max_sniff_bytes: int) -> Route | Reject | None:
@@ -152,9 +164,10 @@ class ConnectionLimiter:
 
     def try_open(self, src: str) -> bool:
         """Count a new connection from ``src``; False (and nothing counted) when a cap is hit."""
-        if self.refusal(src) is not None:
+        n = self._open.get(src, 0)
+        if self._total >= self.max_total or n >= self.max_per_source:
             return False
-        self._open[src] += 1
+        self._open[src] = n + 1
         self._total += 1
         return True
 
