@@ -1,0 +1,194 @@
+"""Discovery JSON over TCP: the responder behind the acceptor's DISCOVERY route, and the probe.
+
+The acceptor's port answers "who are you?" in the replaced system's framing
+(4-byte big-endian length + UTF-8 JSON, :mod:`villagemesh.protocols.discovery`)::
+
+    prober                                   acceptor ─▶ DiscoveryResponder (in-loop hand-off)
+      │ DISCOVERY_REQUEST (unsigned) ─────────▶│
+      │◀──────── DISCOVERY_RESPONSE (signed) ──│   node id bound to our key, fresh timestamp
+      │ legacy PEER_DISCOVERY (unsigned) ─────▶│
+      │◀─────── PEER_DISCOVERY (unsigned) ─────│   sender_id + sender_port + capabilities: what the
+                                                   legacy client reads (it cannot check a signature)
+
+This is also the WebSocket transport's probe: a peer advertised as
+``ws://host:port`` is probed with :func:`probe` on the same host and port (the
+acceptor sniffs the discovery frame), so there is one discovery exchange, not
+one per transport.
+
+Rules: the responder answers each request in order on the same connection
+and never volunteers anything; anything else (an announce, a response) is
+ignored and counted; a protocol error closes the connection with a
+``discovery_rejected`` event (keys ``peer``, ``reason``); a connection with no
+complete request for ``IDLE_TIMEOUT_S`` is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nacl.signing import SigningKey
+
+from villagemesh.actors.acceptor.server import peer_label
+from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout
+from villagemesh.protocols.discovery import (
+    NEED_DATA,
+    Capabilities,
+    DiscoveryConnection,
+    DiscoveryRequest,
+    DiscoveryResponse,
+    LegacyPeerDiscovery,
+    node_id_from_public_key,
+    sign_response,
+)
+
+__all__ = ["IDLE_TIMEOUT_S", "DiscoveryResponder", "Identity", "probe"]
+
+IDLE_TIMEOUT_S = 10.0
+"""A discovery exchange is one round trip; 10 s without a complete request means a stuck client."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What this node says about itself: key, addresses, capabilities, and the legacy port."""
+
+    signing_key: SigningKey
+    addresses: tuple[str, ...]
+    capabilities: Capabilities
+    port: int
+    """The acceptor's port, sent as ``sender_port`` to legacy clients."""
+    clock: Callable[[], float] = field(default=time.time, compare=False)
+
+    @property
+    def node_id(self) -> str:
+        """Our node id, derived from the key."""
+        return node_id_from_public_key(bytes(self.signing_key.verify_key))
+
+    def response(self) -> DiscoveryResponse:
+        """A freshly signed response."""
+        return sign_response(
+            self.signing_key, addresses=self.addresses, capabilities=self.capabilities, timestamp=self.clock()
+        )
+
+    def legacy_response(self) -> LegacyPeerDiscovery:
+        """The unsigned answer a legacy client understands."""
+        return LegacyPeerDiscovery(
+            sender_id=self.node_id, sender_port=self.port, timestamp=self.clock(), capabilities=self.capabilities
+        )
+
+
+class DiscoveryResponder(asyncio.Protocol):
+    """Answers discovery requests on one connection (register its factory on the acceptor's DISCOVERY route)."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        counts: Counter[str] | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        log: Any = None,
+    ) -> None:
+        self.identity = identity
+        self.conn = DiscoveryConnection(allow_unsigned_legacy=True)
+        self.counts = counts if counts is not None else Counter()
+        self.idle_timeout_s = idle_timeout_s
+        self.log = log if log is not None else structlog.get_logger("villagemesh.discovery")
+        self.transport: asyncio.Transport | None = None
+        self.peer = "unknown"
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = peer_label(transport.get_extra_info("peername"))[1]
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(self.idle_timeout_s, self._idle_out)
+
+    def _idle_out(self) -> None:
+        self._reject(f"no complete request within {self.idle_timeout_s} s")
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.conn.receive_data(data)
+        while not self.transport.is_closing():
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                self._reject(str(exc))
+                return
+            if event is NEED_DATA:
+                return
+            self._arm()
+            if isinstance(event, DiscoveryRequest):
+                self.counts["answered"] += 1
+                self.transport.write(self.conn.send(self.identity.response()))
+            elif isinstance(event, LegacyPeerDiscovery):
+                self.counts["answered_legacy"] += 1
+                self.transport.write(self.conn.send(self.identity.legacy_response()))
+            else:
+                self.counts["ignored"] += 1
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _reject(self, reason: str) -> None:
+        self.counts["rejected"] += 1
+        self.log.warning("discovery_rejected", peer=self.peer, reason=reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def probe(host: str, port: int, timeout: float, *, request: DiscoveryRequest) -> tuple[DiscoveryResponse, float]:
+    """Ask ``host:port`` who it is: its verified :class:`DiscoveryResponse` and the round trip in ms.
+
+    Raises:
+        ConnectError: the address cannot be reached.
+        TransportTimeout: no response within ``timeout`` seconds (connect included).
+        RemoteProtocolError: the peer answered with garbage, a bad signature, or not a response.
+    """
+    where = f"{host}:{port}"
+    conn = DiscoveryConnection()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except TimeoutError as exc:
+        raise TransportTimeout(f"discovery probe of {where}: no connection within {timeout} s") from exc
+    except OSError as exc:
+        raise ConnectError(f"discovery probe of {where}: {exc}") from exc
+    try:
+        started = time.perf_counter()
+        writer.write(conn.send(request))
+        while True:
+            event = conn.next_event()
+            if event is not NEED_DATA:
+                break
+            try:
+                data = await asyncio.wait_for(reader.read(64 * 1024), max(0.0, deadline - loop.time()))
+            except TimeoutError as exc:
+                raise TransportTimeout(f"discovery probe of {where}: no response within {timeout} s") from exc
+            except OSError as exc:
+                raise ConnectError(f"discovery probe of {where}: {exc}") from exc
+            if not data:
+                raise ConnectError(f"discovery probe of {where}: connection closed before a response")
+            conn.receive_data(data)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        if not isinstance(event, DiscoveryResponse):
+            raise RemoteProtocolError(f"discovery probe of {where}: expected a response, got {type(event).__name__}")
+        return event, latency_ms
+    finally:
+        writer.close()

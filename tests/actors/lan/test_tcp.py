@@ -1,0 +1,189 @@
+"""Discovery JSON over TCP through the acceptor: signed answers, legacy clients, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+from collections import Counter
+from collections.abc import Awaitable
+from typing import Any
+
+import pytest
+import structlog
+from nacl.signing import SigningKey
+
+from villagemesh.actors.acceptor.server import AcceptorServer
+from villagemesh.actors.acceptor.state import Route
+from villagemesh.actors.lan.tcp import DiscoveryResponder, Identity, probe
+from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout
+from villagemesh.protocols.discovery import Capabilities, DiscoveryRequest
+
+CAPS = Capabilities(
+    cpu_cores=4,
+    ram_mb=8192,
+    battery_percent=None,
+    network_type="wifi",
+    device_type="laptop",
+    performance_tier="high",
+    evolution_capacity=0.7,
+    available_for_evolution=True,
+    transports=("websocket",),
+)
+ASKER = DiscoveryRequest(node_id="asker", addresses=("ws://127.0.0.1:1",), capabilities=CAPS, timestamp=1.0)
+
+
+def run(coro: Awaitable[Any], timeout: float = 15.0) -> Any:
+    """Run one test body on a fresh loop, bounded."""
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+async def node(counts: Counter[str] | None = None) -> tuple[AcceptorServer, Identity]:
+    """An acceptor on loopback with the discovery responder on its DISCOVERY route."""
+    server = AcceptorServer()
+    key = SigningKey.generate()
+    _, port = await server.start()
+    identity = Identity(key, (f"ws://127.0.0.1:{port}",), CAPS, port, clock=lambda: 1234.5)
+    server.route_in_loop(Route.DISCOVERY, lambda: DiscoveryResponder(identity, counts=counts))
+    return server, identity
+
+
+def test_probe_returns_the_signed_response_and_a_latency() -> None:
+    """A probe of the acceptor's port gets the node's verified response, bound to its key."""
+
+    async def body() -> None:
+        server, identity = await node()
+        response, latency_ms = await probe("127.0.0.1", identity.port, 5.0, request=ASKER)
+        assert response.node_id == identity.node_id
+        assert response.addresses == identity.addresses
+        assert response.capabilities == CAPS
+        assert latency_ms > 0
+        await server.close()
+
+    run(body())
+
+
+def test_legacy_client_gets_an_answer_it_can_read() -> None:
+    """The replaced system's unsigned PEER_DISCOVERY gets sender_id and capabilities back."""
+
+    async def body() -> dict[str, Any]:
+        server, identity = await node()
+        request = {
+            "type": "PEER_DISCOVERY",
+            "sender_id": "legacy-node",
+            "sender_port": 4001,
+            "timestamp": 1700000000.0,
+            "capabilities": {
+                "cpu_cores": 2,
+                "ram_mb": 2048,
+                "battery_percent": 55,
+                "network_type": "wifi",
+                "device_type": "phone",
+                "performance_tier": "medium",
+                "evolution_capacity": 0.4,
+                "available_for_evolution": False,
+                "trust_score": 0.5,
+            },
+            "protocol_version": "1.0",
+        }
+        body = json.dumps(request).encode()
+
+        def legacy_client() -> dict[str, Any]:
+            with socket.create_connection(("127.0.0.1", identity.port), timeout=5) as sock:
+                sock.sendall(struct.pack(">I", len(body)) + body)
+                (length,) = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))
+                return json.loads(sock.recv(length, socket.MSG_WAITALL))
+
+        answer = await asyncio.to_thread(legacy_client)
+        assert answer["sender_id"] == identity.node_id
+        await server.close()
+        return answer
+
+    answer = run(body())
+    assert answer["capabilities"]["cpu_cores"] == 4
+    assert answer["capabilities"]["performance_tier"] == "high"
+    assert answer["sender_port"] > 0
+
+
+def test_bad_discovery_frame_is_closed_and_logged_and_the_node_keeps_serving() -> None:
+    """A sniffed-as-discovery frame that is not valid JSON closes that connection only."""
+
+    async def body() -> list[dict[str, Any]]:
+        counts: Counter[str] = Counter()
+        server, identity = await node(counts)
+        with structlog.testing.capture_logs() as logs:
+            reader, writer = await asyncio.open_connection("127.0.0.1", identity.port)
+            writer.write(b"\x00\x00\x00\x05{nope")
+            assert await reader.read() == b""
+            writer.close()
+        response, _ = await probe("127.0.0.1", identity.port, 5.0, request=ASKER)
+        assert response.node_id == identity.node_id
+        assert counts["rejected"] == 1
+        await server.close()
+        return logs
+
+    (event,) = [e for e in run(body()) if e["event"] == "discovery_rejected"]
+    assert "not JSON" in event["reason"]
+    assert event["peer"].startswith("127.0.0.1:")
+
+
+def test_idle_discovery_connection_is_closed() -> None:
+    """A discovery connection that never completes a request is closed after the idle timeout."""
+
+    async def body() -> None:
+        server = AcceptorServer()
+        _, port = await server.start()
+        identity = Identity(SigningKey.generate(), (), CAPS, port)
+        server.route_in_loop(Route.DISCOVERY, lambda: DiscoveryResponder(identity, idle_timeout_s=0.1))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x00\x00\x00\x40{")  # a frame that never finishes
+        with structlog.testing.capture_logs():
+            assert await reader.read() == b""
+        writer.close()
+        await server.close()
+
+    run(body())
+
+
+def test_probe_of_a_closed_port_is_a_connect_error_naming_it() -> None:
+    """Nobody listening: ConnectError with the address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectError, match=f"127.0.0.1:{port}"):
+        run(probe("127.0.0.1", port, 2.0, request=ASKER))
+
+
+def test_probe_of_a_silent_peer_times_out_naming_it() -> None:
+    """A peer that accepts and never answers: TransportTimeout with the address."""
+
+    async def body() -> None:
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        with pytest.raises(TransportTimeout, match=f"127.0.0.1:{port}"):
+            await probe("127.0.0.1", port, 0.2, request=ASKER)
+        silent.close()
+
+    run(body())
+
+
+def test_probe_refuses_an_answer_that_is_not_a_response() -> None:
+    """A peer that answers a request with a request is a RemoteProtocolError."""
+
+    async def body() -> None:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.read(64 * 1024))
+            await writer.drain()
+
+        fake = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = fake.sockets[0].getsockname()[1]
+        with pytest.raises(RemoteProtocolError, match="expected a response"):
+            await probe("127.0.0.1", port, 2.0, request=ASKER)
+        fake.close()
+
+    run(body())
