@@ -1,0 +1,627 @@
+"""The delivery retrier's pure core: which message goes out next, on which transport, and when.
+
+:class:`RetrierState` is a state machine driven by events and answering with
+decisions; it never reads a clock (every event carries ``now``), never sleeps
+and does no I/O. The actor persists what the decisions say in the outbox
+(:mod:`.store`), performs the sends, and schedules a ``Tick`` at each
+``NextWakeup``::
+
+    events in                                   decisions out
+    ─────────                                   ─────────────
+    Enqueue(id, recipient, priority, ...)  ──►  Send(id, recipient, transport, attempt, deadline)
+    Routes(recipient, transports)          ──►  Backoff(id, attempts, next_attempt_at, last_error, failed)
+    AttemptResult(id, attempt, error)      ──►  Delivered(id, attempts, transport)
+    AckReceived(id)                        ──►  Failed(id, attempts, last_error, reason)
+    Tick(now)                              ──►  NextWakeup(at)
+
+A message's life (``failed`` is the set of transports that failed this round)::
+
+                 Enqueue
+                    │            next_attempt_at ≤ now
+                    ▼            ─────────────────────►
+                 WAITING ─────────────────────────────── READY ◄──── Routes(recipient, ≠ ∅)
+                    ▲                                      │  picked         ▲
+                    │ Backoff: attempts < budget           │  (fair queue)   │
+                    │                                      ├── no route ──► PARKED
+                    │                                      ▼
+                    └──── error / no ack by deadline ── IN_FLIGHT ──── AckReceived ──► Delivered
+                                                                    └── budget spent ──► Failed
+                 any state, now ≥ expires_at ──► Failed(TTL_EXPIRED)
+
+Rules (each a test or a hypothesis invariant):
+
+1. *Nothing is lost.* Every enqueued id is exactly one of: delivered,
+   failed, or pending. Each id gets at most one ``Delivered`` or one
+   ``Failed``, never both.
+2. *One send at a time.* A ``Send`` for an id is decided only when the id is
+   not in flight; an id leaves IN_FLIGHT by its ack, an error result, or its
+   deadline (``ack_timeout`` after the send) passing, which counts as a failed
+   attempt. Results for an older attempt are ignored.
+3. *Budget.* ``attempts ≤ policy.max_attempts`` always. After a failed
+   attempt with budget left, the retry waits ``policy.delay(attempts, rand)``
+   where ``rand`` is derived from the message id and attempt number (a hash),
+   so retries of different messages spread out and a replay gives the same
+   schedule. The budget spent → ``Failed(ATTEMPTS_EXHAUSTED)``.
+4. *TTL.* At ``expires_at`` a message is failed whatever its state
+   (``Failed(TTL_EXPIRED)``); an in-flight copy may still arrive: ``Failed``
+   means "not confirmed", as urllib3 distinguishes "not sent" from "not known".
+5. *Failover.* Each attempt uses :func:`.modes.next_transport`: the first
+   transport, in the network mode's order, that the recipient has and that has
+   not failed this round; when all have failed the round restarts. A recipient
+   without any transport is PARKED: it spends no attempts and waits for a
+   ``Routes`` event (or its TTL).
+6. *Priorities without starvation.* At most ``max_in_flight`` messages are in
+   flight; free slots go to READY messages by stride scheduling over the
+   priority classes (:class:`FairQueue`): class weights CRITICAL 16, HIGH 8,
+   NORMAL 4, LOW 2, BULK 1. CRITICAL wins every tie and takes 16 of 31 picks
+   while all classes are busy; a queued message of class ``c`` reaches the
+   head of its class within :func:`max_picks_before` picks, however fast
+   other classes fill: LOW within 19, BULK within 35. FIFO within a class.
+
+Persistence is the actor's: it writes ``Send`` (attempts, deadline as the next
+attempt time, so a crash mid-flight retries at the deadline) and ``Backoff``
+to the outbox before acting, deletes on ``Delivered``/``Failed``, and after a
+restart replays every outbox row as an ``Enqueue`` with its stored counters.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from villagemesh.errors import ConfigError
+from villagemesh.protocols.envelope import Priority
+
+from .modes import NetworkMode, next_transport
+from .policy import RetryPolicy
+
+__all__ = [
+    "STRIDES",
+    "WEIGHTS",
+    "AckReceived",
+    "AttemptResult",
+    "Backoff",
+    "Decision",
+    "Delivered",
+    "Enqueue",
+    "Event",
+    "FailReason",
+    "Failed",
+    "FairQueue",
+    "NextWakeup",
+    "PendingView",
+    "Phase",
+    "RetrierState",
+    "Routes",
+    "Send",
+    "Tick",
+    "jitter_rand",
+    "max_picks_before",
+]
+
+DEFAULT_ACK_TIMEOUT = 30.0
+"""Seconds to wait for an end-to-end ack before an attempt counts as failed: one
+heartbeat period of the replaced system, far above any loopback or LAN round trip."""
+
+DEFAULT_MAX_IN_FLIGHT = 256
+"""Messages awaiting an ack at once: enough to keep a link busy, few enough that a
+late CRITICAL message never queues behind thousands of BULK sends."""
+
+WEIGHTS: dict[Priority, int] = {
+    Priority.CRITICAL: 16,
+    Priority.HIGH: 8,
+    Priority.NORMAL: 4,
+    Priority.LOW: 2,
+    Priority.BULK: 1,
+}
+"""Share of the picks each class gets while every class is busy (16 + 8 + 4 + 2 + 1 = 31)."""
+
+STRIDES: dict[Priority, int] = {p: max(WEIGHTS.values()) // w for p, w in WEIGHTS.items()}
+"""Integer strides (16 / weight): a pick advances its class's pass by its stride."""
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """A message to deliver (new, or restored from the outbox with its counters)."""
+
+    message_id: bytes
+    recipient: str
+    priority: Priority
+    expires_at: float
+    now: float
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    """None: as soon as possible."""
+    last_error: str | None = None
+    failed: tuple[str, ...] = ()
+    """Transports that failed in the current round."""
+
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    """The transports ``recipient`` is reachable on now (from the registry)."""
+
+    recipient: str
+    transports: tuple[str, ...]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """A transport's answer to a ``Send``: ``error`` None means it took the bytes."""
+
+    message_id: bytes
+    attempt: int
+    transport: str
+    error: str | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class AckReceived:
+    """The recipient acknowledged ``message_id`` end to end."""
+
+    message_id: bytes
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time has passed (the timer for a ``NextWakeup`` fired)."""
+
+    now: float
+
+
+Event = Enqueue | Routes | AttemptResult | AckReceived | Tick
+
+
+# --- decisions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``message_id`` on ``transport``; this is attempt number ``attempt`` (1-based)."""
+
+    message_id: bytes
+    recipient: str
+    transport: str
+    attempt: int
+    deadline: float
+    """No ack by then: the attempt failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """An attempt failed; the message is retried at ``next_attempt_at`` (persist this)."""
+
+    message_id: bytes
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    failed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The recipient acknowledged the message: forget it."""
+
+    message_id: bytes
+    attempts: int
+    transport: str | None
+
+
+class FailReason(enum.Enum):
+    """Why a message was given up on."""
+
+    TTL_EXPIRED = "ttl_expired"
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The message was given up on (the actor raises ``DeliveryFailed`` from this)."""
+
+    message_id: bytes
+    attempts: int
+    last_error: str
+    reason: FailReason
+
+
+@dataclass(frozen=True, slots=True)
+class NextWakeup:
+    """Deliver a ``Tick`` at ``at`` (replaces any earlier wake-up request)."""
+
+    at: float
+
+
+Decision = Send | Backoff | Delivered | Failed | NextWakeup
+
+
+# --- the fair queue -----------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class FairQueue(Generic[T]):
+    """Per-priority FIFO queues picked by stride scheduling; items may go stale.
+
+    Each class has a *pass*; a pick takes the non-empty class with the lowest
+    (pass, priority) and advances its pass by its stride. A class that becomes
+    non-empty starts at ``vtime + stride`` (``vtime`` = the pass of the last
+    pick), so idle time earns no credit and a newcomer cannot starve the busy.
+    Invariant: every non-empty class has ``vtime ≤ pass ≤ vtime + stride``, which
+    bounds the picks of other classes before a class's head is taken
+    (:func:`max_picks_before`).
+
+    ``live(item)`` says whether a queued item still wants out; stale items are
+    dropped when they reach the head (lazy deletion) and never count as picks.
+    """
+
+    def __init__(self, live: Callable[[T], bool]) -> None:
+        self._live = live
+        self._queues: dict[Priority, deque[T]] = {p: deque() for p in Priority}
+        self._pass: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self._vtime = 0
+
+    def push(self, priority: Priority, item: T) -> None:
+        """Queue ``item`` at the tail of its class."""
+        queue = self._queues[priority]
+        self._purge(queue)
+        if not queue:
+            self._pass[priority] = max(self._pass[priority], self._vtime + STRIDES[priority])
+        queue.append(item)
+
+    def pop(self) -> tuple[Priority, T] | None:
+        """The next live item by the stride rule, or None when none is queued."""
+        best: Priority | None = None
+        for priority in Priority:  # most urgent first, so ties go to it
+            queue = self._queues[priority]
+            self._purge(queue)
+            if queue and (best is None or self._pass[priority] < self._pass[best]):
+                best = priority
+        if best is None:
+            return None
+        self._vtime = self._pass[best]
+        self._pass[best] += STRIDES[best]
+        item = self._queues[best].popleft()
+        return best, item
+
+    def __bool__(self) -> bool:
+        for queue in self._queues.values():
+            self._purge(queue)
+            if queue:
+                return True
+        return False
+
+    def _purge(self, queue: deque[T]) -> None:
+        live = self._live
+        while queue and not live(queue[0]):
+            queue.popleft()
+
+
+def max_picks_before(priority: Priority) -> int:
+    """Upper bound on picks, the class's own included, until the head of ``priority`` is taken.
+
+    While the class waits with pass ``p_c ≤ vtime + s_c``, another class ``d``
+    (pass ≥ vtime, +``s_d`` per pick) is picked at most ``⌊s_c / s_d⌋ + 1`` times.
+    """
+    own = STRIDES[priority]
+    return 1 + sum(own // STRIDES[other] + 1 for other in Priority if other is not priority)
+
+
+# --- the state machine --------------------------------------------------------------------
+
+
+class Phase(enum.Enum):
+    """Where a pending message is in its life."""
+
+    WAITING = "waiting"  # for next_attempt_at
+    READY = "ready"  # due, in the fair queue for a free slot
+    IN_FLIGHT = "in_flight"  # sent, waiting for its ack until the deadline
+    PARKED = "parked"  # due, but the recipient has no transport
+
+
+@dataclass(slots=True)
+class _Entry:
+    message_id: bytes
+    recipient: str
+    priority: Priority
+    expires_at: float
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    failed: tuple[str, ...]
+    phase: Phase = Phase.WAITING
+    version: int = 0
+    transport: str | None = None
+    deadline: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingView:
+    """A read-only snapshot of one pending message (for statistics and tests)."""
+
+    message_id: bytes
+    recipient: str
+    priority: Priority
+    phase: Phase
+    attempts: int
+    next_attempt_at: float
+    expires_at: float
+    transport: str | None
+    failed: tuple[str, ...]
+
+
+def jitter_rand(message_id: bytes, attempt: int) -> float:
+    """A number in [0, 1) fixed by (message id, attempt): the jitter's randomness, replayable."""
+    digest = hashlib.blake2b(message_id + attempt.to_bytes(4, "big"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+@dataclass
+class _Counters:
+    sent: int = 0
+    delivered: int = 0
+    failed: int = 0
+    retried: int = 0
+
+
+@dataclass
+class RetrierState:
+    """The outbox's decision logic. Feed events to :meth:`step`; act on the decisions it returns."""
+
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    mode: NetworkMode = NetworkMode.HYBRID
+    ack_timeout: float = DEFAULT_ACK_TIMEOUT
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.ack_timeout, int | float) and self.ack_timeout > 0):
+            raise ConfigError(f"ack_timeout must be seconds > 0, got {self.ack_timeout!r}")
+        if isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be an int ≥ 1, got {self.max_in_flight!r}")
+        self.mode = NetworkMode.parse(self.mode)
+        self._entries: dict[bytes, _Entry] = {}
+        self._routes: dict[str, tuple[str, ...]] = {}
+        self._parked: dict[str, set[bytes]] = {}
+        self._ready: FairQueue[tuple[bytes, int]] = FairQueue(self._is_ready)
+        self._timers: list[tuple[float, bytes, int]] = []  # (at, id, version): WAITING due / IN_FLIGHT deadline
+        self._expiry: list[tuple[float, bytes]] = []
+        self._in_flight = 0
+        self._wakeup_sent: float | None = None
+        self.counters = _Counters()
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, message_id: object) -> bool:
+        return message_id in self._entries
+
+    @property
+    def in_flight(self) -> int:
+        """Messages sent and not yet acked, failed or timed out."""
+        return self._in_flight
+
+    def view(self, message_id: bytes) -> PendingView | None:
+        """A snapshot of a pending message, or None when it is not pending."""
+        e = self._entries.get(message_id)
+        if e is None:
+            return None
+        return PendingView(
+            e.message_id,
+            e.recipient,
+            e.priority,
+            e.phase,
+            e.attempts,
+            e.next_attempt_at,
+            e.expires_at,
+            e.transport,
+            e.failed,
+        )
+
+    def pending(self) -> Iterator[PendingView]:
+        """Every pending message (in no particular order)."""
+        for message_id in list(self._entries):
+            view = self.view(message_id)
+            if view is not None:
+                yield view
+
+    # -- the one entry point ------------------------------------------------------------------
+
+    def step(self, event: Event) -> list[Decision]:
+        """Apply one event; return what to do now, in order."""
+        out: list[Decision] = []
+        match event:
+            case Enqueue():
+                self._enqueue(event, out)
+            case Routes():
+                self._set_routes(event)
+            case AttemptResult():
+                self._attempt_result(event, out)
+            case AckReceived():
+                self._ack(event, out)
+            case Tick():
+                pass
+            case _:
+                raise ConfigError(f"RetrierState cannot handle {event!r}")
+        self._pump(event.now, out)
+        return out
+
+    # -- event handlers -------------------------------------------------------------------------
+
+    def _enqueue(self, ev: Enqueue, out: list[Decision]) -> None:
+        if ev.message_id in self._entries:
+            return  # idempotent: a restore racing a resubmission, or a caller retrying
+        if not isinstance(ev.priority, Priority):
+            raise ConfigError(f"priority must be a Priority, got {ev.priority!r}")
+        if isinstance(ev.attempts, bool) or not 0 <= ev.attempts <= self.policy.max_attempts:
+            raise ConfigError(
+                f"message {ev.message_id.hex()}: attempts {ev.attempts!r} outside [0, {self.policy.max_attempts}]"
+            )
+        due = ev.now if ev.next_attempt_at is None else ev.next_attempt_at
+        entry = _Entry(
+            ev.message_id, ev.recipient, ev.priority, ev.expires_at, ev.attempts, due, ev.last_error, tuple(ev.failed)
+        )
+        self._entries[ev.message_id] = entry
+        heapq.heappush(self._expiry, (entry.expires_at, entry.message_id))
+        self._wait(entry)
+
+    def _set_routes(self, ev: Routes) -> None:
+        self._routes[ev.recipient] = tuple(ev.transports)
+        if not ev.transports:
+            return
+        for message_id in self._parked.pop(ev.recipient, set()):
+            entry = self._entries.get(message_id)
+            if entry is not None and entry.phase is Phase.PARKED:
+                self._make_ready(entry)
+
+    def _attempt_result(self, ev: AttemptResult, out: list[Decision]) -> None:
+        entry = self._entries.get(ev.message_id)
+        if entry is None or entry.phase is not Phase.IN_FLIGHT or entry.attempts != ev.attempt:
+            return  # late answer for an attempt already settled
+        if ev.error is None:
+            return  # the transport took it; the ack (or the deadline) settles it
+        self._attempt_failed(entry, f"{ev.transport}: {ev.error}", ev.now, out)
+
+    def _ack(self, ev: AckReceived, out: list[Decision]) -> None:
+        entry = self._entries.get(ev.message_id)
+        if entry is None or entry.attempts == 0:
+            return  # a duplicate ack, one for a message given up on, or for one never sent
+        self._remove(entry)
+        self.counters.delivered += 1
+        out.append(Delivered(entry.message_id, entry.attempts, entry.transport))
+
+    # -- transitions ----------------------------------------------------------------------------
+
+    def _wait(self, entry: _Entry) -> None:
+        entry.phase = Phase.WAITING
+        entry.version += 1
+        heapq.heappush(self._timers, (entry.next_attempt_at, entry.message_id, entry.version))
+
+    def _make_ready(self, entry: _Entry) -> None:
+        entry.phase = Phase.READY
+        entry.version += 1
+        self._ready.push(entry.priority, (entry.message_id, entry.version))
+
+    def _attempt_failed(self, entry: _Entry, error: str, now: float, out: list[Decision]) -> None:
+        self._in_flight -= 1
+        entry.phase = Phase.WAITING  # out of flight; _wait or _give_up settles it below
+        entry.last_error = error
+        if entry.transport is not None and entry.transport not in entry.failed:
+            entry.failed = (*entry.failed, entry.transport)
+        if entry.attempts >= self.policy.max_attempts:
+            self._give_up(entry, FailReason.ATTEMPTS_EXHAUSTED, out)
+            return
+        entry.next_attempt_at = now + self.policy.delay(entry.attempts, jitter_rand(entry.message_id, entry.attempts))
+        self.counters.retried += 1
+        out.append(Backoff(entry.message_id, entry.attempts, entry.next_attempt_at, error, entry.failed))
+        self._wait(entry)
+
+    def _give_up(self, entry: _Entry, reason: FailReason, out: list[Decision]) -> None:
+        self._remove(entry)
+        self.counters.failed += 1
+        if reason is FailReason.TTL_EXPIRED:
+            detail = f"ttl expired at {entry.expires_at}"
+            last = f"{detail}; last error: {entry.last_error}" if entry.last_error else detail
+        else:
+            last = entry.last_error or "no attempt left"
+        out.append(Failed(entry.message_id, entry.attempts, last, reason))
+
+    def _remove(self, entry: _Entry) -> None:
+        if entry.phase is Phase.IN_FLIGHT:
+            self._in_flight -= 1
+        elif entry.phase is Phase.PARKED:
+            self._parked[entry.recipient].discard(entry.message_id)
+        del self._entries[entry.message_id]
+        entry.version += 1  # every queued reference goes stale
+
+    # -- time and slots -------------------------------------------------------------------------
+
+    def _is_ready(self, item: tuple[bytes, int]) -> bool:
+        entry = self._entries.get(item[0])
+        return entry is not None and entry.version == item[1] and entry.phase is Phase.READY
+
+    def _pump(self, now: float, out: list[Decision]) -> None:
+        self._expire(now, out)
+        self._fire_timers(now, out)
+        self._fill_slots(now, out)
+        self._request_wakeup(now, out)
+
+    def _expire(self, now: float, out: list[Decision]) -> None:
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, message_id = heapq.heappop(expiry)
+            entry = self._entries.get(message_id)
+            if entry is not None:
+                self._give_up(entry, FailReason.TTL_EXPIRED, out)
+
+    def _fire_timers(self, now: float, out: list[Decision]) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, message_id, version = heapq.heappop(timers)
+            entry = self._entries.get(message_id)
+            if entry is None or entry.version != version:
+                continue
+            if entry.phase is Phase.WAITING:
+                self._make_ready(entry)
+            elif entry.phase is Phase.IN_FLIGHT:
+                self._attempt_failed(entry, f"{entry.transport}: no ack within {self.ack_timeout} s", now, out)
+
+    def _fill_slots(self, now: float, out: list[Decision]) -> None:
+        while self._in_flight < self.max_in_flight:
+            picked = self._ready.pop()
+            if picked is None:
+                return
+            entry = self._entries[picked[1][0]]
+            if entry.attempts >= self.policy.max_attempts:
+                # Only a restored message can be here: its last attempt was cut off by a crash.
+                self._give_up(entry, FailReason.ATTEMPTS_EXHAUSTED, out)
+                continue
+            transport = next_transport(self.mode, self._routes.get(entry.recipient, ()), entry.failed)
+            if transport is None:
+                entry.phase = Phase.PARKED
+                entry.version += 1
+                self._parked.setdefault(entry.recipient, set()).add(entry.message_id)
+                continue
+            if transport in entry.failed:
+                entry.failed = ()  # every transport failed this round: a new round starts
+            entry.attempts += 1
+            entry.phase = Phase.IN_FLIGHT
+            entry.version += 1
+            entry.transport = transport
+            entry.deadline = now + self.ack_timeout
+            self._in_flight += 1
+            self.counters.sent += 1
+            heapq.heappush(self._timers, (entry.deadline, entry.message_id, entry.version))
+            out.append(Send(entry.message_id, entry.recipient, transport, entry.attempts, entry.deadline))
+
+    def _request_wakeup(self, now: float, out: list[Decision]) -> None:
+        if self._wakeup_sent is not None and self._wakeup_sent <= now:
+            self._wakeup_sent = None  # that timer has fired (or is moot)
+        at = self._next_deadline()
+        if at is not None and at != self._wakeup_sent:
+            self._wakeup_sent = at
+            out.append(NextWakeup(at))
+
+    def _next_deadline(self) -> float | None:
+        timers, expiry, entries = self._timers, self._expiry, self._entries
+        while timers:
+            _, message_id, version = timers[0]
+            entry = entries.get(message_id)
+            if entry is not None and entry.version == version:
+                break
+            heapq.heappop(timers)
+        while expiry and expiry[0][1] not in entries:
+            heapq.heappop(expiry)
+        candidates = [heap[0][0] for heap in (timers, expiry) if heap]
+        return min(candidates) if candidates else None

@@ -1,0 +1,434 @@
+"""RetrierState: the outbox's pure decision logic, driven by events, checked by a model."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from villagemesh.actors.retrier.modes import NetworkMode
+from villagemesh.actors.retrier.policy import RetryPolicy
+from villagemesh.actors.retrier.state import (
+    AckReceived,
+    AttemptResult,
+    Backoff,
+    Decision,
+    Delivered,
+    Enqueue,
+    Failed,
+    FailReason,
+    FairQueue,
+    NextWakeup,
+    Phase,
+    RetrierState,
+    Routes,
+    Send,
+    Tick,
+    jitter_rand,
+    max_picks_before,
+)
+from villagemesh.errors import ConfigError
+from villagemesh.protocols.envelope import Priority
+
+ALL = ("libp2p", "bitchat", "betanet", "websocket")
+
+
+def mid(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def of(kind: type, decisions: list[Decision]) -> list:
+    return [d for d in decisions if isinstance(d, kind)]
+
+
+def fresh(**kwargs: object) -> RetrierState:
+    state = RetrierState(**kwargs)  # type: ignore[arg-type]
+    state.step(Routes("bob", ALL, now=0.0))
+    return state
+
+
+# --- scenarios --------------------------------------------------------------------------------
+
+
+def test_enqueued_message_is_sent_at_once_on_the_modes_first_transport() -> None:
+    """hybrid: libp2p first; the decision names the attempt and its ack deadline."""
+    state = fresh(ack_timeout=10.0)
+    out = state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=5.0))
+    assert of(Send, out) == [Send(mid(1), "bob", "libp2p", 1, 15.0)]
+    assert of(NextWakeup, out) == [NextWakeup(15.0)]
+
+
+def test_ack_delivers_and_forgets_the_message() -> None:
+    """An end-to-end ack → Delivered once; a second ack is ignored."""
+    state = fresh()
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    assert state.step(AckReceived(mid(1), now=1.0)) == [Delivered(mid(1), 1, "libp2p")]
+    assert state.step(AckReceived(mid(1), now=2.0)) == []
+    assert len(state) == 0 and state.in_flight == 0
+
+
+def test_transport_error_backs_off_then_fails_over_to_the_next_transport() -> None:
+    """libp2p refuses → Backoff by the policy's delay → the retry goes on bitchat."""
+    policy = RetryPolicy(jitter=0.5)
+    state = fresh(policy=policy)
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    out = state.step(AttemptResult(mid(1), 1, "libp2p", "connection refused", now=0.5))
+    expected_at = 0.5 + policy.delay(1, jitter_rand(mid(1), 1))
+    assert out == [
+        Backoff(mid(1), 1, expected_at, "libp2p: connection refused", ("libp2p",)),
+        NextWakeup(expected_at),
+    ]
+    assert of(Send, state.step(Tick(expected_at - 0.01))) == []
+    sends = of(Send, state.step(Tick(expected_at)))
+    assert [(s.transport, s.attempt) for s in sends] == [("bitchat", 2)]
+
+
+def test_missing_ack_counts_as_a_failed_attempt() -> None:
+    """No ack by the deadline: the attempt failed with 'no ack', and is retried later."""
+    state = fresh(ack_timeout=10.0)
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    assert state.step(AttemptResult(mid(1), 1, "libp2p", None, now=0.1)) == []
+    out = state.step(Tick(10.0))
+    (backoff,) = of(Backoff, out)
+    assert "no ack within 10.0 s" in backoff.last_error
+    assert state.view(mid(1)).phase is Phase.WAITING  # type: ignore[union-attr]
+
+
+def test_spent_budget_fails_with_the_last_error() -> None:
+    """Five failures (the fifth back on libp2p after a full round) → Failed(ATTEMPTS_EXHAUSTED)."""
+    state = fresh(policy=RetryPolicy(max_attempts=5))
+    out = state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=10_000.0, now=0.0))
+    now = 0.0
+    for _ in range(5):
+        (send,) = of(Send, out)
+        out = state.step(AttemptResult(mid(1), send.attempt, send.transport, "boom", now=now))
+        if send.attempt < 5:
+            now = of(Backoff, out)[0].next_attempt_at
+            out = state.step(Tick(now))
+    assert of(Failed, out) == [Failed(mid(1), 5, "libp2p: boom", FailReason.ATTEMPTS_EXHAUSTED)]
+
+
+def test_ttl_expiry_fails_even_a_message_in_flight() -> None:
+    """At expires_at the message is Failed(TTL_EXPIRED), naming the last error."""
+    state = fresh(ack_timeout=100.0)
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=50.0, now=0.0))
+    (failed,) = of(Failed, state.step(Tick(50.0)))
+    assert (failed.reason, failed.attempts) == (FailReason.TTL_EXPIRED, 1)
+    assert "ttl expired at 50.0" in failed.last_error
+    assert state.in_flight == 0 and len(state) == 0
+    assert state.step(AckReceived(mid(1), now=51.0)) == []
+
+
+def test_already_expired_message_fails_without_a_send() -> None:
+    """Enqueued after its TTL: no attempt, Failed at once."""
+    state = fresh()
+    out = state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=5.0, now=6.0))
+    assert [type(d) for d in out] == [Failed]
+
+
+def test_recipient_without_transport_is_parked_until_routes_arrive() -> None:
+    """No route spends no attempt; a Routes event sends it on the mesh mode's favourite."""
+    state = RetrierState(mode=NetworkMode.MESH)
+    out = state.step(Enqueue(mid(1), "carol", Priority.HIGH, expires_at=100.0, now=0.0))
+    assert of(Send, out) == []
+    assert state.view(mid(1)).phase is Phase.PARKED  # type: ignore[union-attr]
+    out = state.step(Routes("carol", ("websocket", "libp2p", "bitchat"), now=1.0))
+    assert [(s.transport, s.attempt) for s in of(Send, out)] == [("bitchat", 1)]
+
+
+def test_restored_message_keeps_its_counters_and_waits_for_its_next_attempt() -> None:
+    """An outbox row replayed after a crash continues where it was: attempt 3 on the next transport."""
+    state = fresh()
+    out = state.step(
+        Enqueue(
+            mid(1),
+            "bob",
+            Priority.LOW,
+            expires_at=1000.0,
+            now=0.0,
+            attempts=2,
+            next_attempt_at=30.0,
+            last_error="x",
+            failed=("libp2p", "bitchat"),
+        )
+    )
+    assert of(Send, out) == [] and of(NextWakeup, out) == [NextWakeup(30.0)]
+    (send,) = of(Send, state.step(Tick(30.0)))
+    assert (send.transport, send.attempt) == ("betanet", 3)
+
+
+def test_restored_message_with_no_attempt_left_fails_when_due() -> None:
+    """A crash cut off its last attempt: it fails with the stored error, no sixth send."""
+    state = fresh()
+    out = state.step(Enqueue(mid(1), "bob", Priority.LOW, expires_at=1000.0, now=0.0, attempts=5, last_error="x"))
+    assert of(Failed, out) == [Failed(mid(1), 5, "x", FailReason.ATTEMPTS_EXHAUSTED)]
+
+
+def test_window_limits_messages_in_flight_and_acks_free_slots() -> None:
+    """max_in_flight=2: two sends; an ack lets the third go."""
+    state = fresh(max_in_flight=2)
+    sends = []
+    for n in range(3):
+        sends += of(Send, state.step(Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=100.0, now=0.0)))
+    assert [s.message_id for s in sends] == [mid(0), mid(1)]
+    assert [s.message_id for s in of(Send, state.step(AckReceived(mid(0), now=1.0)))] == [mid(2)]
+
+
+def test_critical_goes_first_when_slots_are_scarce() -> None:
+    """With one slot, queued CRITICAL beats earlier-queued BULK and NORMAL."""
+    state = fresh(max_in_flight=1)
+    state.step(Enqueue(mid(0), "bob", Priority.NORMAL, expires_at=100.0, now=0.0))
+    for n, prio in ((1, Priority.BULK), (2, Priority.NORMAL), (3, Priority.CRITICAL)):
+        state.step(Enqueue(mid(n), "bob", prio, expires_at=100.0, now=0.0))
+    (send,) = of(Send, state.step(AckReceived(mid(0), now=1.0)))
+    assert send.message_id == mid(3)
+
+
+def test_stale_attempt_results_are_ignored() -> None:
+    """An error for attempt 1 arriving after attempt 2 was sent changes nothing."""
+    state = fresh(ack_timeout=1.0)
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    out = state.step(Tick(1.0))
+    state.step(Tick(of(Backoff, out)[0].next_attempt_at))
+    assert state.view(mid(1)).attempts == 2  # type: ignore[union-attr]
+    assert state.step(AttemptResult(mid(1), 1, "libp2p", "late", now=2.5)) == []
+
+
+def test_duplicate_enqueue_is_idempotent() -> None:
+    """Enqueueing a pending id again does nothing."""
+    state = fresh()
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    assert state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0)) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"), [({"ack_timeout": 0}, "ack_timeout"), ({"max_in_flight": 0}, "max_in_flight")]
+)
+def test_invalid_settings_are_refused(kwargs: dict[str, object], name: str) -> None:
+    """ConfigError names the setting."""
+    with pytest.raises(ConfigError, match=name):
+        RetrierState(**kwargs)  # type: ignore[arg-type]
+
+
+def test_enqueue_with_impossible_attempts_is_refused() -> None:
+    """A corrupt outbox row cannot smuggle in attempts above the budget."""
+    with pytest.raises(ConfigError, match="attempts"):
+        fresh().step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=9.0, now=0.0, attempts=9))
+
+
+# --- the fair queue ---------------------------------------------------------------------------
+
+
+def test_bounds_are_as_documented() -> None:
+    """CRITICAL within 5 picks, HIGH 7, NORMAL 11, LOW 19, BULK 35."""
+    assert [max_picks_before(p) for p in Priority] == [5, 7, 11, 19, 35]
+
+
+def test_fair_queue_shares_picks_by_weight_when_all_are_busy() -> None:
+    """Over 31·k picks with every class backlogged, class c gets weight_c·k of them."""
+    queue: FairQueue[int] = FairQueue(lambda _: True)
+    for prio in Priority:
+        for n in range(200):
+            queue.push(prio, n)
+    counts = dict.fromkeys(Priority, 0)
+    for _ in range(31 * 5):
+        picked = queue.pop()
+        assert picked is not None
+        counts[picked[0]] += 1
+    assert [counts[p] for p in Priority] == [80, 40, 20, 10, 5]
+
+
+@settings(max_examples=200)
+@given(
+    prio=st.sampled_from(Priority),
+    ahead=st.integers(0, 3),
+    script=st.lists(st.lists(st.sampled_from(Priority), max_size=8), min_size=1, max_size=200),
+)
+def test_queued_item_is_picked_within_its_bound_while_others_keep_arriving(
+    prio: Priority, ahead: int, script: list[list[Priority]]
+) -> None:
+    """An item with k items ahead in its class is out within (k + 1) · max_picks_before(class) picks."""
+    queue: FairQueue[object] = FairQueue(lambda _: True)
+    for p in Priority:  # some history, so passes are not all zero
+        queue.push(p, "old")
+    while queue:
+        queue.pop()
+    for _ in range(ahead):
+        queue.push(prio, "ahead")
+    target = object()
+    queue.push(prio, target)
+    limit = (ahead + 1) * max_picks_before(prio)
+    for picks, arrivals in enumerate(itertools.chain(script, itertools.repeat([])), start=1):
+        for p in arrivals:  # any number of new arrivals between picks, of any class
+            queue.push(p, "new")
+        picked = queue.pop()
+        assert picked is not None
+        if picked[1] is target:
+            break
+        assert picks < limit
+    assert picks <= limit
+
+
+def test_stale_items_are_skipped_and_do_not_count() -> None:
+    """Dead items never come out and an all-dead queue is empty."""
+    dead = {1, 2}
+    queue: FairQueue[int] = FairQueue(lambda n: n not in dead)
+    for n in (1, 2, 3):
+        queue.push(Priority.LOW, n)
+    assert queue.pop() == (Priority.LOW, 3)
+    queue.push(Priority.HIGH, 1)
+    assert not queue and queue.pop() is None
+
+
+# --- the model-checked state machine ----------------------------------------------------------
+
+
+class RetrierMachine(RuleBasedStateMachine):
+    """Random events against a RetrierState; a model checks every decision it makes."""
+
+    ids = Bundle("ids")
+
+    @initialize(
+        max_attempts=st.integers(1, 4),
+        window=st.integers(1, 4),
+        mode=st.sampled_from(NetworkMode),
+    )
+    def setup(self, max_attempts: int, window: int, mode: NetworkMode) -> None:
+        self.policy = RetryPolicy(max_attempts=max_attempts, backoff_base=1.0, backoff_max=8.0, jitter=0.5)
+        self.state = RetrierState(policy=self.policy, mode=mode, ack_timeout=5.0, max_in_flight=window)
+        self.now = 0.0
+        self.counter = itertools.count()
+        self.enqueued: set[bytes] = set()
+        self.delivered: set[bytes] = set()
+        self.failed: set[bytes] = set()
+        self.outstanding: dict[bytes, Send] = {}
+        self.sends: dict[bytes, int] = {}
+        self.wakeup: float | None = None
+        self.routes: dict[str, tuple[str, ...]] = {}
+
+    def apply(self, event: object) -> list[Decision]:
+        out = self.state.step(event)  # type: ignore[arg-type]
+        for d in out:
+            if isinstance(d, Send):
+                assert d.message_id not in self.outstanding, "two sends of one id outstanding"
+                assert d.message_id in self.enqueued and d.message_id not in self.delivered | self.failed
+                assert d.attempt <= self.policy.max_attempts
+                assert d.attempt == self.sends.get(d.message_id, 0) + 1
+                assert d.transport in self.routes.get(d.recipient, ())
+                self.outstanding[d.message_id] = d
+                self.sends[d.message_id] = d.attempt
+            elif isinstance(d, Backoff):
+                assert d.message_id in self.outstanding
+                del self.outstanding[d.message_id]
+                assert d.next_attempt_at > self.now
+            elif isinstance(d, Delivered):
+                assert d.message_id not in self.delivered | self.failed
+                self.delivered.add(d.message_id)
+                self.outstanding.pop(d.message_id, None)
+            elif isinstance(d, Failed):
+                assert d.message_id not in self.delivered | self.failed
+                assert d.attempts <= self.policy.max_attempts
+                self.failed.add(d.message_id)
+                self.outstanding.pop(d.message_id, None)
+            elif isinstance(d, NextWakeup):
+                self.wakeup = d.at
+        return out
+
+    @rule(
+        target=ids,
+        recipient=st.sampled_from(["bob", "carol"]),
+        prio=st.sampled_from(Priority),
+        ttl=st.floats(0.5, 100.0),
+    )
+    def enqueue(self, recipient: str, prio: Priority, ttl: float) -> bytes:
+        message_id = mid(next(self.counter))
+        self.enqueued.add(message_id)
+        self.apply(Enqueue(message_id, recipient, prio, expires_at=self.now + ttl, now=self.now))
+        return message_id
+
+    @rule(recipient=st.sampled_from(["bob", "carol"]), transports=st.lists(st.sampled_from(ALL), unique=True))
+    def routes_change(self, recipient: str, transports: list[str]) -> None:
+        self.routes[recipient] = tuple(transports)
+        self.apply(Routes(recipient, tuple(transports), now=self.now))
+
+    @precondition(lambda self: self.outstanding)
+    @rule(data=st.data(), error=st.one_of(st.none(), st.sampled_from(["refused", "reset"])))
+    def transport_answers(self, data: st.DataObject, error: str | None) -> None:
+        send = data.draw(st.sampled_from(sorted(self.outstanding.values(), key=lambda s: s.message_id)))
+        self.apply(AttemptResult(send.message_id, send.attempt, send.transport, error, now=self.now))
+
+    @rule(message_id=ids)
+    def ack(self, message_id: bytes) -> None:
+        # Acks may come for anything: duplicates, late ones, ones for never-sent ids are ignored.
+        sent = message_id in self.sends
+        out = self.apply(AckReceived(message_id, now=self.now))
+        if not sent:
+            assert not [d for d in out if isinstance(d, Delivered)], "an ack for a message never sent delivered it"
+
+    @rule(dt=st.floats(0.0, 20.0))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+        self.apply(Tick(self.now))
+
+    @precondition(lambda self: self.wakeup is not None)
+    @rule()
+    def timer_fires(self) -> None:
+        assert self.wakeup is not None
+        self.now = max(self.now, self.wakeup)
+        self.wakeup = None
+        self.apply(Tick(self.now))
+
+    @invariant()
+    def nothing_is_lost(self) -> None:
+        if not hasattr(self, "state"):
+            return
+        pending = {v.message_id for v in self.state.pending()}
+        assert self.delivered.isdisjoint(self.failed)
+        assert pending.isdisjoint(self.delivered | self.failed)
+        assert pending | self.delivered | self.failed == self.enqueued
+
+    @invariant()
+    def attempts_within_budget_and_window_respected(self) -> None:
+        if not hasattr(self, "state"):
+            return
+        assert all(v.attempts <= self.policy.max_attempts for v in self.state.pending())
+        in_flight = [v for v in self.state.pending() if v.phase is Phase.IN_FLIGHT]
+        assert len(in_flight) == self.state.in_flight == len(self.outstanding) <= self.state.max_in_flight
+
+    @invariant()
+    def something_pending_means_a_wakeup_or_an_outside_event(self) -> None:
+        if not hasattr(self, "state"):
+            return
+        for view in self.state.pending():
+            if view.phase in (Phase.WAITING, Phase.IN_FLIGHT):
+                assert self.wakeup is not None and self.wakeup <= max(view.expires_at, self.now)
+            if view.phase is Phase.READY:
+                assert self.state.in_flight == self.state.max_in_flight
+
+    @invariant()
+    def parked_only_without_a_route(self) -> None:
+        if not hasattr(self, "state"):
+            return
+        for view in self.state.pending():
+            if view.phase is Phase.PARKED:
+                assert not self.routes.get(view.recipient)
+
+
+TestRetrierMachine = RetrierMachine.TestCase
+TestRetrierMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+@given(st.binary(min_size=16, max_size=16), st.integers(0, 10**6))
+def test_jitter_rand_is_in_the_unit_interval(message_id: bytes, attempt: int) -> None:
+    """The hash-derived random number is a valid rand for RetryPolicy.delay."""
+    assert 0.0 <= jitter_rand(message_id, attempt) < 1.0
