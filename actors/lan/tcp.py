@@ -27,59 +27,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from nacl.signing import SigningKey
 
 from villagemesh.actors.acceptor.server import peer_label
+from villagemesh.actors.lan.identity import Identity
 from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout
 from villagemesh.protocols.discovery import (
     NEED_DATA,
-    Capabilities,
     DiscoveryConnection,
     DiscoveryRequest,
     DiscoveryResponse,
     LegacyPeerDiscovery,
-    node_id_from_public_key,
-    sign_response,
 )
 
-__all__ = ["IDLE_TIMEOUT_S", "DiscoveryResponder", "Identity", "probe"]
+__all__ = ["IDLE_TIMEOUT_S", "DiscoveryResponder", "probe"]
 
 IDLE_TIMEOUT_S = 10.0
 """A discovery exchange is one round trip; 10 s without a complete request means a stuck client."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What this node says about itself: key, addresses, capabilities, and the legacy port."""
-
-    signing_key: SigningKey
-    addresses: tuple[str, ...]
-    capabilities: Capabilities
-    port: int
-    """The acceptor's port, sent as ``sender_port`` to legacy clients."""
-    clock: Callable[[], float] = field(default=time.time, compare=False)
-
-    @property
-    def node_id(self) -> str:
-        """Our node id, derived from the key."""
-        return node_id_from_public_key(bytes(self.signing_key.verify_key))
-
-    def response(self) -> DiscoveryResponse:
-        """A freshly signed response."""
-        return sign_response(
-            self.signing_key, addresses=self.addresses, capabilities=self.capabilities, timestamp=self.clock()
-        )
-
-    def legacy_response(self) -> LegacyPeerDiscovery:
-        """The unsigned answer a legacy client understands."""
-        return LegacyPeerDiscovery(
-            sender_id=self.node_id, sender_port=self.port, timestamp=self.clock(), capabilities=self.capabilities
-        )
 
 
 class DiscoveryResponder(asyncio.Protocol):

@@ -16,7 +16,8 @@ from nacl.signing import SigningKey
 
 from villagemesh.actors.acceptor.server import AcceptorServer
 from villagemesh.actors.acceptor.state import Route
-from villagemesh.actors.lan.tcp import DiscoveryResponder, Identity, probe
+from villagemesh.actors.lan.identity import Identity
+from villagemesh.actors.lan.tcp import DiscoveryResponder, probe
 from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout
 from villagemesh.protocols.discovery import Capabilities, DiscoveryRequest
 

@@ -1,0 +1,223 @@
+"""LAN beacons on loopback: multicast and broadcast discovery, spoofing, garbage and floods."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from nacl.signing import SigningKey
+
+from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
+from villagemesh.actors.lan.identity import Identity
+from villagemesh.protocols.discovery import Announce, Capabilities, encode_discovery
+
+CAPS = Capabilities(
+    cpu_cores=2,
+    ram_mb=4096,
+    battery_percent=80,
+    network_type="wifi",
+    device_type="phone",
+    performance_tier="medium",
+    evolution_capacity=0.5,
+    available_for_evolution=True,
+)
+
+
+def run(coro: Awaitable[Any], timeout: float = 15.0) -> Any:
+    """Run one test body on a fresh loop, bounded."""
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+def free_udp_port() -> int:
+    """A UDP port nobody on this host uses now (tests never share the default port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def identity(port: int = 1) -> Identity:
+    """A fresh node identity."""
+    return Identity(SigningKey.generate(), (f"ws://127.0.0.1:{port}",), CAPS, port)
+
+
+class Heard:
+    """An on_peer callback that records announces and wakes waiters."""
+
+    def __init__(self) -> None:
+        self.announces: list[tuple[Announce, tuple[str, int]]] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, announce: Announce, source: tuple[str, int]) -> None:
+        self.announces.append((announce, source))
+        self.event.set()
+
+    async def wait(self) -> Announce:
+        await self.event.wait()
+        return self.announces[0][0]
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for a condition the endpoint reaches on its own (polling its counters, bounded)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def loopback(port: int, **overrides: Any) -> BeaconConfig:
+    return BeaconConfig(interface="127.0.0.1", port=port, broadcast_address="127.255.255.255", **overrides)
+
+
+async def discover_each_other(config: BeaconConfig) -> tuple[BeaconEndpoint, BeaconEndpoint, Announce, Announce]:
+    a_id, b_id = identity(1001), identity(1002)
+    heard_a, heard_b = Heard(), Heard()
+    a = BeaconEndpoint(a_id, heard_a, config)
+    b = BeaconEndpoint(b_id, heard_b, config)
+    await a.start()
+    await b.start()
+    got_b, got_a = await heard_a.wait(), await heard_b.wait()
+    await a.close()
+    await b.close()
+    assert got_b.node_id == b_id.node_id and got_a.node_id == a_id.node_id
+    return a, b, got_a, got_b
+
+
+def test_two_nodes_discover_each_other_over_multicast_on_loopback() -> None:
+    """Two endpoints joined to the group on 127.0.0.1 each hear the other's verified announce."""
+
+    async def body() -> tuple[BeaconEndpoint, BeaconEndpoint, Announce, Announce]:
+        with structlog.testing.capture_logs() as logs:
+            result = await discover_each_other(loopback(free_udp_port()))
+        assert not [e for e in logs if e["event"] == "multicast_unavailable"]
+        assert {e["node_id"] for e in logs if e["event"] == "peer_discovered"} >= {
+            result[2].node_id,
+            result[3].node_id,
+        }
+        return result
+
+    a, b, got_a, _ = run(body())
+    assert a.mode == b.mode == "multicast"
+    assert a.counts["own"] >= 1  # IP_MULTICAST_LOOP: our own beacon came back and was skipped
+    assert got_a.addresses == ("ws://127.0.0.1:1001",)
+
+
+def test_broadcast_fallback_discovers_too() -> None:
+    """With multicast off, beacons go to the broadcast address and peers still find each other."""
+
+    async def body() -> tuple[BeaconEndpoint, BeaconEndpoint, Announce, Announce]:
+        return await discover_each_other(loopback(free_udp_port(), force_broadcast=True))
+
+    with structlog.testing.capture_logs() as logs:
+        a, b, _, _ = run(body())
+    assert a.mode == b.mode == "broadcast"
+    assert a.destination == ("127.255.255.255", a.config.port)
+    assert [e["event"] for e in logs].count("multicast_unavailable") == 2
+
+
+def test_failing_multicast_join_falls_back_to_broadcast_and_logs_the_error() -> None:
+    """Joining on an interface address this host does not have fails: logged, broadcast used."""
+
+    async def body() -> BeaconEndpoint:
+        config = dataclasses.replace(loopback(free_udp_port()), interface="192.0.2.77")
+        endpoint = BeaconEndpoint(identity(), Heard(), config)
+        await endpoint.start()
+        await endpoint.close()
+        return endpoint
+
+    with structlog.testing.capture_logs() as logs:
+        endpoint = run(body())
+    (event,) = [e for e in logs if e["event"] == "multicast_unavailable"]
+    assert event["interface"] == "192.0.2.77" and event["error"].startswith("OSError")
+    assert endpoint.mode == "broadcast"
+
+
+async def _single_endpoint(**overrides: Any) -> tuple[BeaconEndpoint, Heard, int]:
+    port = free_udp_port()
+    heard = Heard()
+    endpoint = BeaconEndpoint(identity(), heard, loopback(port, **overrides), clock=lambda: 100.0)
+    await endpoint.start()
+    return endpoint, heard, port
+
+
+def _sender(source: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((source, 0))
+    return s
+
+
+def test_spoofed_and_garbage_beacons_are_dropped_counted_and_logged() -> None:
+    """A tampered announce, a node id under someone else's key, and garbage never reach on_peer."""
+    victim = identity().announce()
+    tampered = json.loads(encode_discovery(victim))
+    tampered["addresses"] = ["ws://10.6.6.6:80"]
+    impostor = json.loads(encode_discovery(identity().announce()))
+    impostor["node_id"] = victim.node_id
+
+    async def body() -> tuple[Heard, list[dict[str, Any]]]:
+        with structlog.testing.capture_logs() as logs:
+            endpoint, heard, port = await _single_endpoint()
+            with _sender() as s:
+                for datagram in (json.dumps(tampered).encode(), json.dumps(impostor).encode(), b"\xff\x00junk"):
+                    s.sendto(datagram, ("127.0.0.1", port))
+            await until(lambda: endpoint.counts["rejected"] == 3)
+            await endpoint.close()
+        return heard, logs
+
+    heard, logs = run(body())
+    assert heard.announces == []
+    reasons = [e["reason"] for e in logs if e["event"] == "beacon_rejected"]
+    assert len(reasons) == 3
+    assert "bad signature" in reasons[0]
+    assert "does not belong" in reasons[1]
+    assert all(e["source"].startswith("127.0.0.1:") for e in logs if e["event"] == "beacon_rejected")
+
+
+def test_a_flood_from_one_source_is_rate_limited_and_others_still_heard() -> None:
+    """50 valid announces from one address: only the burst is accepted; another source still gets in."""
+    flood = encode_discovery(identity().announce())
+    honest = encode_discovery(identity().announce())
+
+    async def body() -> tuple[BeaconEndpoint, Heard]:
+        endpoint, heard, port = await _single_endpoint(burst=4, rate_per_s=1.0)
+        with structlog.testing.capture_logs(), _sender("127.0.0.2") as flooder, _sender("127.0.0.3") as other:
+            for _ in range(50):
+                flooder.sendto(flood, ("127.0.0.1", port))
+            await until(lambda: endpoint.counts["accepted"] + endpoint.counts["rate_limited"] >= 50)
+            other.sendto(honest, ("127.0.0.1", port))
+            await until(lambda: endpoint.counts["accepted"] == 5)
+        await endpoint.close()
+        return endpoint, heard
+
+    endpoint, heard = run(body())
+    assert endpoint.counts["rate_limited"] == 46
+    assert [src[0] for _, src in heard.announces].count("127.0.0.2") == 4
+    assert [src[0] for _, src in heard.announces].count("127.0.0.3") == 1
+
+
+def test_a_failing_on_peer_callback_does_not_stop_the_endpoint() -> None:
+    """on_peer raising is counted and logged; the next beacon is still handled."""
+
+    def broken(announce: Announce, source: tuple[str, int]) -> None:
+        raise RuntimeError("registry is down")
+
+    async def body() -> BeaconEndpoint:
+        port = free_udp_port()
+        endpoint = BeaconEndpoint(identity(), broken, loopback(port))
+        await endpoint.start()
+        with structlog.testing.capture_logs(), _sender() as s:
+            for _ in range(2):
+                s.sendto(encode_discovery(identity().announce()), ("127.0.0.1", port))
+            await until(lambda: endpoint.counts["callback_failed"] == 2)
+        await endpoint.close()
+        return endpoint
+
+    assert run(body()).counts["accepted"] == 2
