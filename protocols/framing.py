@@ -59,7 +59,8 @@ class LengthPrefixedReader:
 
     def __init__(self, header: struct.Struct, max_length: int, what: str) -> None:
         self._header = header
-        self._max_length = max_length
+        self.max_length = max_length
+        """The largest body accepted; a protocol may tighten it between frames."""
         self._what = what
         self._buffer = bytearray()
         self._start = 0
@@ -92,9 +93,9 @@ class LengthPrefixedReader:
         if self.pending < size:
             return None
         (length,) = self._header.unpack_from(self._buffer, self._start)
-        if length > self._max_length:
+        if length > self.max_length:
             raise RemoteProtocolError(
-                f"{self._what} frame length {length} exceeds the limit of {self._max_length} bytes"
+                f"{self._what} frame length {length} exceeds the limit of {self.max_length} bytes"
             )
         if self.pending < size + length:
             return None

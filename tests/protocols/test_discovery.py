@@ -245,14 +245,15 @@ def test_oversized_frame_is_rejected_before_allocation() -> None:
         decode_discovery(b" " * (MAX_DISCOVERY_FRAME + 1))
 
 
-def test_oversized_event_is_not_sent() -> None:
-    """An event whose JSON would exceed the frame limit is refused locally."""
-    request = DiscoveryRequest(node_id="n" * 255, addresses=(), capabilities=CAPS, timestamp=0)
-    huge = dataclasses.replace(request, node_id="é" * 255)
-    assert len(encode_discovery(huge)) < MAX_DISCOVERY_FRAME
-    many = dataclasses.replace(CAPS, transports=tuple("t" * 255 for _ in range(16)))
-    big = dataclasses.replace(request, capabilities=many, addresses=tuple(f"tcp://{'h' * 240}:1" for _ in range(16)))
-    assert len(encode_discovery(big)) < MAX_DISCOVERY_FRAME
+def test_the_largest_possible_event_still_fits_in_a_frame() -> None:
+    """Every field at its limit, with characters JSON escapes to six bytes, stays under MAX_DISCOVERY_FRAME."""
+    worst = "\x00" * 255
+    caps = dataclasses.replace(CAPS, network_type=worst, device_type=worst, transports=(worst,) * 16)
+    address = "a://" + "\x00" * 249 + ":1"
+    request = DiscoveryRequest(node_id=worst, addresses=(address,) * 16, capabilities=caps, timestamp=-(2**53))
+    body = encode_discovery(request)
+    assert len(address) == 255 and 50_000 < len(body) < MAX_DISCOVERY_FRAME
+    assert decode_discovery(body) == request
 
 
 def test_sniffer_and_discovery_share_the_frame_bound() -> None:
@@ -412,3 +413,14 @@ def test_encoding_something_else_is_a_local_error() -> None:
     """Only discovery events can be encoded."""
     with pytest.raises(LocalProtocolError, match="not a discovery event"):
         encode_discovery("hello")  # type: ignore[arg-type]
+
+
+def test_message_strategy_refuses_an_impossible_payload_size() -> None:
+    """strategies.messages() validates its argument instead of drawing invalid messages."""
+    with pytest.raises(ValueError, match="max_payload"):
+        vst.messages(max_payload=-1)
+
+
+def test_need_data_has_a_readable_repr() -> None:
+    """NEED_DATA prints as its name."""
+    assert repr(NEED_DATA) == "NEED_DATA"
