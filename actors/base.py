@@ -35,6 +35,7 @@ import enum
 import heapq
 import itertools
 import os
+import queue
 import sys
 import threading
 import time
@@ -305,25 +306,35 @@ class ActorContext:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+_recv = zmq.backend.Socket.recv
+"""pyzmq's compiled recv, without the Python-level wrapper."""
+
+
 class _BusInbox:
     """pykka's inbox, reading pykka's control queue first and then the bus mailbox.
 
     ``empty()`` speaks only of the control queue: when an instance stops, pykka
     drains the control queue, and the bus mailbox keeps its messages for the
-    next instance.
+    next instance. Frames a previous instance handed back (``mailbox.redeliver``)
+    come before the socket's. An actor can stop reading its mailbox for a while
+    (``paused``: flow control) and can :meth:`watch` more sockets or file
+    descriptors, which then produce inbox items of their own.
     """
 
     def __init__(self, mailbox: busmod.Mailbox) -> None:
-        import queue
-
         self._control: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._socket = mailbox.socket
+        self._redeliver = mailbox.redeliver
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poller = zmq.Poller()
-        self._poller.register(self._socket, zmq.POLLIN)
-        self._poller.register(self._wake, zmq.POLLIN)
+        self._poll_all = zmq.Poller()
+        self._poll_all.register(self._socket, zmq.POLLIN)
+        self._poll_all.register(self._wake, zmq.POLLIN)
+        self._poll_paused = zmq.Poller()
+        self._poll_paused.register(self._wake, zmq.POLLIN)
+        self._watched: dict[Any, Callable[[], Any]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.paused = False
 
     def put(self, envelope: Any) -> None:
         with self._lock:
@@ -335,20 +346,38 @@ class _BusInbox:
     def empty(self) -> bool:
         return self._control.empty()
 
+    def watch(self, pollable: Any, item: Callable[[], Any]) -> None:
+        """When ``pollable`` (a zmq socket or an fd) is readable, ``get`` returns ``item()``."""
+        self._watched[pollable] = item
+        self._poll_all.register(pollable, zmq.POLLIN)
+        self._poll_paused.register(pollable, zmq.POLLIN)
+
+    def unwatch(self, pollable: Any) -> None:
+        """Stop watching ``pollable``."""
+        if self._watched.pop(pollable, None) is not None:
+            self._poll_all.unregister(pollable)
+            self._poll_paused.unregister(pollable)
+
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        recv = self._socket.recv
+        sock = self._socket
         while True:
             if not self._control.empty():
                 return self._control.get_nowait()
-            try:
-                return busmod.Delivery(recv(zmq.NOBLOCK))
-            except zmq.Again:
-                pass
-            self._poller.poll()
-            try:
-                os.eventfd_read(self._wake)
-            except BlockingIOError:
-                pass  # woken by the socket, not the eventfd: nothing to reset
+            if not self.paused:
+                if self._redeliver:
+                    return busmod.Delivery(self._redeliver.popleft())
+                try:
+                    return busmod.Delivery(_recv(sock, zmq.NOBLOCK))
+                except zmq.Again:
+                    pass
+            ready = (self._poll_paused if self.paused else self._poll_all).poll()
+            for pollable, _ in ready:
+                if pollable == self._wake:
+                    os.eventfd_read(self._wake)
+                    continue
+                item = self._watched.get(pollable)
+                if item is not None:
+                    return item()
 
     def close(self) -> None:
         with self._lock:
@@ -369,6 +398,8 @@ class Actor(Supervised):
         self.name = ctx.name
         self._mailbox = ctx.bus.mailbox(ctx.name)
         self._timers: set[TimerHandle] = set()
+        self._acknowledge = ctx.bus.uplink is not None
+        """In a process child, every handled frame is acknowledged to the node's host."""
         self.sender: busmod.Sender
         super().__init__(watcher=ctx.watcher)
 
@@ -377,7 +408,21 @@ class Actor(Supervised):
         return self._inbox
 
     def _setup(self) -> None:
-        self.sender = busmod.Sender(self.ctx.bus, owner=self.name)
+        self.sender = busmod.Sender(self.ctx.bus, owner=self.name, coalesce=True)
+
+    def _handle_receive(self, message: Any) -> Any:
+        # One handler turn: the tells it made leave together when it ends (one frame
+        # per destination), before the next inbox item is read.
+        try:
+            result = super()._handle_receive(message)
+        except BaseException as exc:
+            try:
+                self.sender.flush()
+            except VillageMeshError as flush_error:
+                exc.add_note(f"tells held by this turn could not be sent: {flush_error}")
+            raise
+        self.sender.flush()
+        return result
 
     def _teardown(self) -> None:
         for timer in list(self._timers):
@@ -404,13 +449,17 @@ class Actor(Supervised):
         return super()._dispatch(message)
 
     def _on_delivery(self, delivery: busmod.Delivery) -> None:
+        self._on_frame(delivery.frame)
+
+    def _on_frame(self, frame: bytes) -> None:
         try:
-            kind, correlation, reply_to, msg = delivery.decode()
+            kind, correlation, reply_to, msg = busmod.decode_frame(frame, trusted=True)
         except CodecError as exc:
-            self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
+            self._reject(str(exc))
             return
         if kind is busmod.Kind.TELL:
             self.handle(msg)
+            self._acknowledged()
         elif kind is busmod.Kind.ASK and reply_to is not None:
             try:
                 answer = self.handle(msg)
@@ -420,10 +469,31 @@ class Actor(Supervised):
                 )
                 raise
             self.sender.reply(reply_to, correlation, Ok() if answer is None else answer)
+            self._acknowledged()
+        elif kind is busmod.Kind.BATCH:
+            self._on_batch(msg)
         else:
-            self.ctx.log.emit(
-                "message_rejected", level="warning", actor=self.name, reason=f"unexpected {kind.name} frame"
-            )
+            self._reject(f"unexpected {kind.name} frame")
+
+    def _on_batch(self, batch: tuple[Any, ...]) -> None:
+        handle, build = self.handle, codec.from_values
+        for index, values in enumerate(batch):
+            try:
+                handle(build(values, trusted=True))
+            except BaseException:
+                # The rest of the batch was never handled: it goes back to the mailbox,
+                # ahead of everything else, for the next instance.
+                rest = [busmod.tell_frame(v) for v in batch[index + 1 :]]
+                self._mailbox.redeliver.extendleft(reversed(rest))
+                raise
+
+    def _reject(self, reason: str) -> None:
+        self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=reason)
+        self._acknowledged()
+
+    def _acknowledged(self) -> None:
+        if self._acknowledge:
+            self.sender.uplink(b"ack")
 
     # -- what handlers use -----------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ Bounds
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import threading
@@ -55,7 +56,18 @@ from villagemesh.errors import (
     NoSuchActor,
 )
 
-__all__ = ["Bus", "Delivery", "Fault", "Kind", "Mailbox", "Sender"]
+__all__ = [
+    "BATCH_MAX",
+    "Bus",
+    "Delivery",
+    "Fault",
+    "Kind",
+    "Mailbox",
+    "Sender",
+    "decode_frame",
+    "encode_batch",
+    "encode_frame",
+]
 
 DEFAULT_CAPACITY = 10_000
 """Messages a mailbox queues per sender before senders wait: enough to ride out a
@@ -68,6 +80,14 @@ LINGER_MS = 5_000
 """How long a closed sender socket keeps trying to hand queued messages over, so
 that an actor that sends and then stops does not lose what it sent."""
 
+BATCH_MAX = 256
+"""Tells held for one destination before they go without waiting for the turn's end."""
+
+_NOBLOCK = zmq.NOBLOCK
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+"""pyzmq's compiled send: the Python-level wrapper costs as much again per message."""
+
 REPLY_SOCKET_CACHE = 1_024
 """Reply addresses a sender keeps sockets open for (least recently used are closed)."""
 
@@ -79,6 +99,7 @@ class Kind(enum.IntEnum):
     ASK = 1
     REPLY = 2
     FAULT = 3
+    BATCH = 4
 
 
 @codec.message("bus.Fault")
@@ -101,9 +122,12 @@ class Delivery:
         self.message = self
         self.reply_to = None
 
-    def decode(self) -> tuple[Kind, int, str | None, Any]:
-        """``(kind, correlation, reply_to, message)``; CodecError on a bad frame."""
-        return decode_frame(self.frame)
+    def decode(self, *, trusted: bool = False) -> tuple[Kind, int, str | None, Any]:
+        """``(kind, correlation, reply_to, message)``; CodecError on a bad frame.
+
+        For a BATCH frame, ``message`` is the tuple of the TELL frames it carries.
+        """
+        return decode_frame(self.frame, trusted=trusted)
 
 
 def encode_frame(kind: Kind, correlation: int, reply_to: str | None, msg: object) -> bytes:
@@ -111,15 +135,35 @@ def encode_frame(kind: Kind, correlation: int, reply_to: str | None, msg: object
     return codec.pack((kind, correlation, reply_to, *codec.to_values(msg)))
 
 
-def decode_frame(frame: bytes) -> tuple[Kind, int, str | None, Any]:
-    """Inverse of :func:`encode_frame`."""
+def encode_batch(messages: list[list[Any]]) -> bytes:
+    """One frame carrying several messages (their ``[tag, field...]`` arrays) for one mailbox, in order."""
+    return codec.pack((Kind.BATCH, len(messages), None, *messages))
+
+
+def tell_frame(values: Any) -> bytes:
+    """The TELL frame of one message given as its ``[tag, field...]`` array (splitting a batch)."""
+    return codec.pack((Kind.TELL, 0, None, *values))
+
+
+def decode_frame(frame: bytes, *, trusted: bool = False) -> tuple[Kind, int, str | None, Any]:
+    """Inverse of :func:`encode_frame` (and of :func:`encode_batch`: the "message" is
+    then the tuple of the ``[tag, field...]`` arrays it carries, each checked unless
+    ``trusted``, none built yet)."""
     values = codec.unpack(frame)
-    if not isinstance(values, tuple) or len(values) < 4:
+    if type(values) is not tuple or len(values) < 4:
         raise CodecError(f"a bus frame is an array of at least 4 items, got {values!r:.80}")
     kind, correlation, reply_to = values[0], values[1], values[2]
     if kind not in _KINDS or type(correlation) is not int or not (reply_to is None or type(reply_to) is str):
         raise CodecError(f"bad bus frame header {values[:3]!r}")
-    return _KINDS[kind], correlation, reply_to, codec.from_values(values[3:])
+    if kind == Kind.BATCH:
+        inner = values[3:]
+        if correlation != len(inner):
+            raise CodecError(f"bad batch frame: {correlation} messages announced, {len(inner)} carried")
+        if not trusted:
+            for one in inner:
+                codec.from_values(one)
+        return Kind.BATCH, correlation, None, inner
+    return _KINDS[kind], correlation, reply_to, codec.from_values(values[3:], trusted=trusted)
 
 
 _KINDS = {k.value: k for k in Kind}
@@ -135,6 +179,9 @@ class Mailbox:
         self.socket.setsockopt(zmq.RCVHWM, bus.capacity)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(self.address)
+        self.redeliver: collections.deque[bytes] = collections.deque()
+        """Frames a dead instance accepted but did not finish (a process child's
+        unacknowledged ones): the next instance reads these first."""
 
     def close(self) -> None:
         """Close the socket; whatever is still queued is dropped (the node is going away)."""
@@ -151,6 +198,7 @@ class Bus:
         context: zmq.Context[Any] | None = None,
         capacity: int = DEFAULT_CAPACITY,
         send_timeout: float = DEFAULT_SEND_TIMEOUT,
+        uplink: str | None = None,
     ) -> None:
         if not node or "/" in node:
             raise ConfigError(f"node name must be non-empty and contain no '/', got {node!r}")
@@ -162,6 +210,9 @@ class Bus:
         self.context: zmq.Context[Any] = context if context is not None else zmq.Context()
         self.capacity = capacity
         self.send_timeout = send_timeout
+        self.uplink = uplink
+        """In a process child: the local address (``_uplink``) through which frames for
+        names this bus does not have, replies and acknowledgements go to the node."""
         self._mailboxes: dict[str, Mailbox] = {}
         self._lock = threading.Lock()
         self._clients = threading.local()
@@ -247,13 +298,18 @@ class Sender:
     actor can ask another actor without reading its own mailbox meanwhile.
     """
 
-    def __init__(self, bus: Bus, *, owner: str) -> None:
+    def __init__(self, bus: Bus, *, owner: str, coalesce: bool = False) -> None:
         self._bus = bus
         self.owner = owner
+        self.coalesce = coalesce
+        """Hold tells to each destination until :meth:`flush` (an actor flushes at the end
+        of every handler turn), sending each destination one BATCH frame."""
+        self._pending: dict[str, list[list[Any]]] = {}
         self._sockets: dict[str, zmq.Socket[bytes]] = {}
         self._reply_sockets: OrderedDict[str, zmq.Socket[bytes]] = OrderedDict()
         self._reply_name: str | None = None
         self._reply_socket: zmq.Socket[bytes] | None = None
+        self._uplink_socket: zmq.Socket[bytes] | None = None
         self._correlation = itertools.count(1)
         self.closed = False
         self.late_replies = 0
@@ -262,20 +318,65 @@ class Sender:
     # -- sending ---------------------------------------------------------------------
 
     def tell(self, to: str, msg: object, *, timeout: float | None = None) -> None:
-        """Send ``msg`` to the actor named ``to``; MailboxFull if it stays full."""
-        self.send_frame(to, encode_frame(Kind.TELL, 0, None, msg), timeout=timeout)
+        """Send ``msg`` to the actor named ``to``; MailboxFull if it stays full.
+
+        When coalescing (inside an actor), the frame waits for the end of the
+        handler turn or for :data:`BATCH_MAX` frames, unless ``timeout`` is given.
+        """
+        if not self.coalesce or timeout is not None:
+            self.send_frame(to, encode_frame(Kind.TELL, 0, None, msg), timeout=timeout)
+            return
+        pending = self._pending.get(to)
+        if pending is None:
+            if not self._bus.has(to) and self._bus.uplink is None:
+                raise NoSuchActor(f"no actor named {to!r} on node {self._bus.node!r}")
+            pending = self._pending[to] = []
+        pending.append(codec.to_values(msg))
+        if len(pending) >= BATCH_MAX:
+            self._flush_to(to)
+
+    def flush(self) -> None:
+        """Send every held tell now (one frame per destination)."""
+        while self._pending:
+            self._flush_to(next(iter(self._pending)))
+
+    def _flush_to(self, to: str) -> None:
+        held = self._pending.pop(to, None)
+        if held:
+            self._send_now(to, tell_frame(held[0]) if len(held) == 1 else encode_batch(held), None)
 
     def send_frame(self, to: str, frame: bytes, *, timeout: float | None = None) -> None:
-        """Send one ready-made frame to the mailbox of ``to``."""
+        """Send one ready-made frame to the mailbox of ``to`` (after any held for it)."""
+        if to in self._pending:
+            self._flush_to(to)
+        self._send_now(to, frame, timeout)
+
+    def _send_now(self, to: str, frame: bytes, timeout: float | None) -> None:
         sock = self._sockets.get(to)
         if sock is None:
             if not self._bus.has(to):
+                if self._bus.uplink is not None:
+                    self.uplink(b"out", to.encode(), frame)
+                    return
                 raise NoSuchActor(f"no actor named {to!r} on node {self._bus.node!r}")
             sock = self._sockets[to] = self._connect(self._bus.address(to))
         self._push(sock, frame, to, timeout)
 
     def reply(self, reply_to: str, correlation: int, msg: object, *, fault: bool = False) -> None:
-        """Answer an ask: ``reply_to`` is the private address the asker gave."""
+        """Answer an ask: ``reply_to`` is the private address the asker gave.
+
+        Everything held is sent first, so whoever the asker tells next cannot
+        overtake what the handler sent before answering.
+        """
+        self.flush()
+        frame = encode_frame(Kind.FAULT if fault else Kind.REPLY, correlation, None, msg)
+        if self._bus.uplink is not None:
+            self.uplink(b"reply", reply_to.encode(), frame)
+            return
+        self.reply_frame(reply_to, frame)
+
+    def reply_frame(self, reply_to: str, frame: bytes) -> None:
+        """Send a ready-made REPLY or FAULT frame to an asker's private address."""
         sock = self._reply_sockets.get(reply_to)
         if sock is None:
             sock = self._reply_sockets[reply_to] = self._connect(self._bus.address(reply_to))
@@ -284,8 +385,18 @@ class Sender:
                 oldest.close()
         else:
             self._reply_sockets.move_to_end(reply_to)
-        frame = encode_frame(Kind.FAULT if fault else Kind.REPLY, correlation, None, msg)
         self._push(sock, frame, reply_to, self._bus.send_timeout)
+
+    def uplink(self, *parts: bytes) -> None:
+        """Send a multipart frame to the node this process child belongs to (after every held tell)."""
+        if parts[0] != b"out":
+            self.flush()
+        if self._bus.uplink is None:
+            raise BusError(f"bus of node {self._bus.node!r} has no uplink")
+        sock = self._uplink_socket
+        if sock is None:
+            sock = self._uplink_socket = self._connect(self._bus.address(self._bus.uplink))
+        sock.send_multipart(parts)
 
     def ask(self, to: str, msg: object, *, timeout: float) -> Any:
         """Send ``msg`` as a request and wait up to ``timeout`` seconds for the reply.
@@ -303,9 +414,9 @@ class Sender:
         poll_from = _monotonic_ms()
         while True:
             left = deadline_ms - (_monotonic_ms() - poll_from)
-            if left <= 0 or not reply_sock.poll(left, zmq.POLLIN):
+            if left <= 0 or not self._reply_poller.poll(left):
                 raise AskTimeout(f"no reply from {to!r} to {type(msg).__name__} within {timeout} s")
-            kind, corr, _, answer = decode_frame(reply_sock.recv())
+            kind, corr, _, answer = decode_frame(_recv(reply_sock, 0), trusted=True)
             if corr != correlation:
                 self.late_replies += 1
                 continue
@@ -324,13 +435,13 @@ class Sender:
 
     def _push(self, sock: zmq.Socket[bytes], frame: bytes, to: str, timeout: float | None) -> None:
         try:
-            sock.send(frame, zmq.NOBLOCK)
+            _send(sock, frame, _NOBLOCK)
             return
         except zmq.Again:
             pass
         wait = self._bus.send_timeout if timeout is None else timeout
         if sock.poll(int(wait * 1000), zmq.POLLOUT):
-            sock.send(frame, zmq.NOBLOCK)
+            _send(sock, frame, _NOBLOCK)
             return
         raise MailboxFull(f"mailbox of {to!r} stayed full for {wait} s (capacity {self._bus.capacity})")
 
@@ -341,6 +452,8 @@ class Sender:
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(self._bus.address(self._reply_name))
             self._reply_socket = sock
+            self._reply_poller = zmq.Poller()  # kept: Socket.poll would build one per call
+            self._reply_poller.register(sock, zmq.POLLIN)
         return self._reply_socket
 
     def close(self, *, linger: int | None = None) -> None:
@@ -348,10 +461,13 @@ class Sender:
         if self.closed:
             return
         self.closed = True
+        self._pending.clear()
         for sock in [*self._sockets.values(), *self._reply_sockets.values()]:
             sock.close(linger=linger)
         if self._reply_socket is not None:
             self._reply_socket.close(linger=0)
+        if self._uplink_socket is not None:
+            self._uplink_socket.close(linger=linger)
         self._sockets.clear()
         self._reply_sockets.clear()
 

@@ -53,6 +53,10 @@ class _Spec:
     fields: tuple[str, ...]
     getter: Callable[[Any], Any]
     checks: tuple[_Check, ...]
+    converts: tuple[_Check | None, ...]
+    """For trusted frames: only the fields whose wire form is not their value (enums,
+    nested messages) are converted; ``plain`` when there are none."""
+    plain: bool
 
 
 _BY_TAG: dict[str, _Spec] = {}
@@ -81,7 +85,10 @@ def message(tag: str) -> Callable[[type[T]], type[T]]:
         names = tuple(f.name for f in dataclasses.fields(cls))
         checks = tuple(_check_for(hints[name], f"{cls.__qualname__}.{name}") for name in names)
         getter = attrgetter(*names) if len(names) > 1 else _single_getter(names)
-        spec = _Spec(tag, cls, names, getter, checks)
+        converts = tuple(
+            check if _needs_conversion(hints[name]) else None for name, check in zip(names, checks, strict=True)
+        )
+        spec = _Spec(tag, cls, names, getter, checks, converts, all(c is None for c in converts))
         _BY_TAG[tag] = spec
         _BY_CLASS[cls] = spec
         return cls
@@ -164,18 +171,34 @@ def decode(data: bytes) -> Any:
     return from_values(unpack(data))
 
 
-def from_values(values: Any) -> Any:
-    """Build a message from its ``[tag, field...]`` array, checking every field."""
-    if not isinstance(values, tuple) or not values:
+def from_values(values: Any, *, trusted: bool = False) -> Any:
+    """Build a message from its ``[tag, field...]`` array.
+
+    Untrusted input (the default) has every field's type checked. ``trusted=True``
+    is for frames made by this codec in this node (the bus checks frames where
+    they enter the node): only the arity is checked and only enums and nested
+    messages are converted, which makes in-node decoding several times cheaper.
+    """
+    if type(values) is not tuple or not values:
         raise CodecError(f"a bus message is a non-empty array, got {type(values).__name__}")
     tag = values[0]
-    spec = _BY_TAG.get(tag) if isinstance(tag, str) else None
+    spec = _BY_TAG.get(tag) if type(tag) is str else None
     if spec is None:
         raise CodecError(f"unknown message tag {tag!r}")
     if len(values) - 1 != len(spec.fields):
         raise CodecError(f"{tag}: expected {len(spec.fields)} field(s), got {len(values) - 1}")
-    args = [check(v) for check, v in zip(spec.checks, values[1:], strict=True)]
-    return spec.cls(*args)
+    if trusted:
+        if spec.plain:
+            return spec.cls(*values[1:])
+        return spec.cls(*[v if c is None else c(v) for c, v in zip(spec.converts, values[1:], strict=True)])
+    return spec.cls(*[check(v) for check, v in zip(spec.checks, values[1:], strict=True)])
+
+
+def _needs_conversion(tp: Any) -> bool:
+    """Whether a field's decoded msgpack value differs from the value it was built from."""
+    if isinstance(tp, type):
+        return issubclass(tp, enum.Enum) or dataclasses.is_dataclass(tp)
+    return any(_needs_conversion(arg) for arg in get_args(tp) if arg is not Ellipsis)
 
 
 # --- per-field checks, built once at registration ----------------------------------------

@@ -43,6 +43,18 @@ class Seq:
     n: int
 
 
+@codec.message("test.Report")
+@dataclass(frozen=True, slots=True)
+class Report:
+    pass
+
+
+@codec.message("test.Received")
+@dataclass(frozen=True, slots=True)
+class Received:
+    numbers: tuple[int, ...]
+
+
 @codec.message("test.Stop")
 @dataclass(frozen=True, slots=True)
 class StopSelf:
@@ -73,6 +85,9 @@ class Probe(Actor):
             with LOCK:
                 RECEIVED[f"{self.ctx.bus.node}/{self.name}"].append(msg.n)
             return None
+        if isinstance(msg, Report):
+            with LOCK:
+                return Received(tuple(RECEIVED[f"{self.ctx.bus.node}/{self.name}"]))
         if isinstance(msg, StopSelf):
             self.stop()
             return None

@@ -1,0 +1,280 @@
+"""Bus throughput and request/reply latency beside raw pyzmq and plain pykka, measured in the same run.
+
+    python benchmarks/bus_throughput.py [--messages N] [--asks N] [--rounds R]
+
+* raw pyzmq: a PUSH socket in one thread, a PULL socket in another (inproc), the
+  same codec encoding and decoding the same typed message on both ends;
+* pykka: ``ActorRef.tell`` of the same message object to a ThreadingActor
+  (no encoding at all: pykka passes references);
+* pykka actor to actor: a producer ThreadingActor tells the consumer;
+* bus actor to actor: a producer villagemesh Actor tells the consumer Actor
+  through its mailbox socket; the message is encoded, sent, decoded and
+  dispatched to ``handle``. Tells made in one handler turn leave together at
+  its end (one BATCH frame per destination, at most 256 messages);
+* bus client to actor: a plain thread's ``tell`` (one frame per message, no
+  coalescing), shown for reference.
+
+Ask latency: villagemesh ``Sender.ask`` beside pykka ``ActorRef.ask`` (``.get``)
+with the same message, one at a time. Each figure is the median of ``--rounds``.
+Targets (issue 11): bus >= 0.5 x raw pyzmq, >= 1.0 x pykka tell, ask p99 <= 1.0 x pykka's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pykka  # noqa: E402
+import zmq  # noqa: E402
+from _common import emit, percentile  # noqa: E402
+
+from villagemesh.actors import codec  # noqa: E402
+from villagemesh.actors.base import Actor, Scheduler  # noqa: E402
+from villagemesh.actors.bus import Bus  # noqa: E402
+from villagemesh.supervision.log import EventLog  # noqa: E402
+from villagemesh.supervision.spec import ChildSpec, SupervisorSpec  # noqa: E402
+from villagemesh.supervision.supervisor import Environment, Supervisor  # noqa: E402
+
+
+@codec.message("bench.Sample")
+@dataclass(frozen=True, slots=True)
+class Sample:
+    seq: int
+    peer: str
+    payload: bytes
+
+
+def sample(i: int) -> Sample:
+    return Sample(i, "peer-42", b"x" * 32)
+
+
+def raw_pyzmq(n: int) -> float:
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind("inproc://raw")
+    done = threading.Event()
+
+    def consume() -> None:
+        for _ in range(n):
+            codec.decode(pull.recv())
+        done.set()
+
+    t = threading.Thread(target=consume)
+    t.start()
+    push = ctx.socket(zmq.PUSH)
+    push.connect("inproc://raw")
+    msg = sample(1)
+    start = time.perf_counter()
+    for _ in range(n):
+        push.send(codec.encode(msg))
+    done.wait()
+    elapsed = time.perf_counter() - start
+    t.join()
+    push.close()
+    pull.close()
+    ctx.term()
+    return n / elapsed
+
+
+class PykkaCounter(pykka.ThreadingActor):
+    def __init__(self, n: int, done: threading.Event) -> None:
+        super().__init__()
+        self.n, self.done, self.count = n, done, 0
+
+    def on_receive(self, message: object) -> object:
+        if isinstance(message, Sample):
+            self.count += 1
+            if self.count == self.n:
+                self.done.set()
+            return None
+        return message
+
+
+def pykka_tell(n: int) -> float:
+    done = threading.Event()
+    ref = PykkaCounter.start(n, done)
+    msg = sample(1)
+    start = time.perf_counter()
+    for _ in range(n):
+        ref.tell(msg)
+    done.wait()
+    elapsed = time.perf_counter() - start
+    ref.stop()
+    return n / elapsed
+
+
+class PykkaProducer(pykka.ThreadingActor):
+    def __init__(self, consumer: pykka.ActorRef[Any]) -> None:
+        super().__init__()
+        self.consumer = consumer
+
+    def on_receive(self, message: object) -> object:
+        if isinstance(message, int):
+            msg = sample(1)
+            tell = self.consumer.tell
+            for _ in range(message):
+                tell(msg)
+        return None
+
+
+def pykka_actor_to_actor(n: int) -> float:
+    done = threading.Event()
+    consumer = PykkaCounter.start(n, done)
+    producer = PykkaProducer.start(consumer)
+    start = time.perf_counter()
+    producer.tell(n)
+    done.wait()
+    elapsed = time.perf_counter() - start
+    producer.stop()
+    consumer.stop()
+    return n / elapsed
+
+
+def pykka_ask(n: int) -> list[float]:
+    ref = PykkaCounter.start(10**12, threading.Event())
+    msg = sample(1)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        ref.ask("ping", timeout=5)
+        samples.append((time.perf_counter() - t0) * 1e6)
+    ref.stop()
+    return samples
+
+
+COUNT = {"n": 0}
+DONE = threading.Event()
+
+
+class BusCounter(Actor):
+    def handle(self, msg: object) -> object:
+        if isinstance(msg, Sample):
+            COUNT["n"] += 1
+            if COUNT["n"] == self.ctx.config["n"]:
+                DONE.set()
+            return None
+        return msg
+
+
+@codec.message("bench.Produce")
+@dataclass(frozen=True, slots=True)
+class Produce:
+    n: int
+
+
+class BusProducer(Actor):
+    def handle(self, msg: object) -> object:
+        if isinstance(msg, Produce):
+            one = sample(1)
+            tell = self.tell
+            for _ in range(msg.n):
+                tell("counter", one)
+        return None
+
+
+class BusNode:
+    def __init__(self, n: int) -> None:
+        self.bus = Bus(f"bench{time.monotonic_ns()}")
+        self.env = Environment(bus=self.bus, log=EventLog(self.bus.node, human=False), scheduler=Scheduler())
+        children = [ChildSpec("counter", BusCounter, config={"n": n}), ChildSpec("producer", BusProducer)]
+        spec = SupervisorSpec("root", children)
+        self.sup = Supervisor.launch(spec, self.env)
+        self.client = self.bus.client()
+        self.client.ask("counter", sample(0), timeout=5)
+
+    def close(self) -> None:
+        self.sup.actor_ref.stop(timeout=5)
+        self.bus.close()
+        self.env.scheduler.close()
+
+
+def bus_tell(n: int) -> float:
+    COUNT["n"] = 0
+    DONE.clear()
+    node = BusNode(n)
+    msg = sample(1)
+    start = time.perf_counter()
+    tell = node.client.tell
+    for _ in range(n):
+        tell("counter", msg)
+    DONE.wait()
+    elapsed = time.perf_counter() - start
+    node.close()
+    return n / elapsed
+
+
+def bus_actor_to_actor(n: int) -> float:
+    COUNT["n"] = 0
+    DONE.clear()
+    node = BusNode(n)
+    start = time.perf_counter()
+    node.client.tell("producer", Produce(n))
+    DONE.wait()
+    elapsed = time.perf_counter() - start
+    node.close()
+    return n / elapsed
+
+
+def bus_ask(n: int) -> list[float]:
+    node = BusNode(10**12)
+    msg = sample(1)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        node.client.ask("counter", msg, timeout=5)
+        samples.append((time.perf_counter() - t0) * 1e6)
+    node.close()
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--asks", type=int, default=5_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    raw, pk, bus, client = [], [], [], []
+    for _ in range(args.rounds):  # interleaved so that machine noise hits all of them alike
+        raw.append(raw_pyzmq(args.messages))
+        pk.append(pykka_actor_to_actor(args.messages))
+        bus.append(bus_actor_to_actor(args.messages))
+        client.append(bus_tell(args.messages))
+    bus_lat = bus_ask(args.asks)
+    pk_lat = pykka_ask(args.asks)
+    raw_m, pk_m, bus_m, cl_m = (statistics.median(x) for x in (raw, pk, bus, client))
+    print(f"typed messages/s  raw pyzmq {raw_m:>9,.0f}  pykka actor->actor {pk_m:>9,.0f}  bus actor->actor {bus_m:>9,.0f}")
+    print(f"                  bus client->actor (no coalescing) {cl_m:>9,.0f}")
+    print(f"bus / raw pyzmq {bus_m / raw_m:.2f} (target >= 0.5)   bus / pykka {bus_m / pk_m:.2f} (target >= 1.0)")
+    b50, b99 = percentile(bus_lat, 50), percentile(bus_lat, 99)
+    p50, p99 = percentile(pk_lat, 50), percentile(pk_lat, 99)
+    print(f"ask p50/p99 µs  bus {b50:.0f}/{b99:.0f}  pykka {p50:.0f}/{p99:.0f}  p99 ratio {b99 / p99:.2f} (target <= 1.0)")
+    emit(
+        "bus_throughput",
+        messages=args.messages,
+        rounds=args.rounds,
+        bus_msgs_per_s=round(bus_m),
+        bus_client_msgs_per_s=round(cl_m),
+        raw_pyzmq_msgs_per_s=round(raw_m),
+        pykka_tell_msgs_per_s=round(pk_m),
+        ratio=round(bus_m / raw_m, 3),
+        ratio_pykka=round(bus_m / pk_m, 3),
+        client_ratio_pykka=round(cl_m / pk_m, 3),
+        bus_ask_p50_us=round(b50, 1),
+        bus_ask_p99_us=round(b99, 1),
+        pykka_ask_p50_us=round(p50, 1),
+        pykka_ask_p99_us=round(p99, 1),
+        ask_p99_ratio_pykka=round(b99 / p99, 3),
+        targets={"ratio": 0.5, "ratio_pykka": 1.0, "ask_p99_ratio_pykka": 1.0},
+    )
+
+
+if __name__ == "__main__":
+    main()

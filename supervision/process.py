@@ -1,0 +1,421 @@
+"""Process isolation: the same actor class in a child process, reached over ``ipc://``.
+
+A native crash (a segfault in a BLE stack, an ``os._exit`` in a library) must
+not take the node down, so a child spec with ``isolation="process"`` runs its
+actor in a process of its own::
+
+    node process                                     child process (forked by the fork server)
+    ┌──────────────────────────────────────┐         ┌──────────────────────────────────────┐
+    │ mailbox inproc://node/name  (PULL)   │         │ relay (main thread)                   │
+    │   │                                  │  ipc:// │   DEALER ◄──────────────► feeds the   │
+    │ ProcessHost actor ── ROUTER ─────────┼─────────┼─► local mailbox ──► the actor (thread) │
+    │   relays "out"/"reply"/"log" frames  │ ◄───────┼── _uplink (PULL) ◄── tells, replies,   │
+    │   watches the child's pidfd          │         │                      acks, log events │
+    └──────────────────────────────────────┘         └──────────────────────────────────────┘
+
+The frames are the bus's own (the same codec, no pickle). The host is an
+ordinary thread actor that owns the child's mailbox; the supervisor sees it
+as the child, so restart policy, intensity and the log work unchanged.
+
+Children are forked by a single-threaded fork server (see :mod:`.forkserver`),
+never by the node (a multi-threaded process with a zmq Context cannot fork
+safely), so a restart costs a ``fork()`` of a warm interpreter, not a fresh one.
+
+Death is noticed at once: the host polls a pidfd of its child in the same
+``poll`` as its sockets; no timer is involved.
+
+What is not lost: the host keeps every frame it forwarded until the child
+acknowledges it (a window of :data:`WINDOW` frames; beyond that the host stops
+reading the mailbox, so the mailbox bound applies). When the child dies, the
+oldest unacknowledged frame is taken to be the one that killed it: it is
+dropped (an asker gets a FAULT at once, ``ActorCrashed``) and the rest go back
+to the mailbox, ahead of newer frames, for the next instance. A child that
+stops on request hands back what it did not handle the same way.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import select
+import signal
+import sys
+import tempfile
+import threading
+import traceback
+from typing import Any
+
+import zmq
+
+from villagemesh.actors import codec
+from villagemesh.actors.base import Actor, ActorContext, ExitKind, ExitReport, Scheduler
+from villagemesh.actors.bus import Bus, Delivery, Fault, Kind, decode_frame, encode_frame, tell_frame
+from villagemesh.errors import CodecError, ConfigError, SupervisionError
+
+__all__ = ["ChildProcessDied", "ProcessHost", "ProcessLauncher", "child_main"]
+
+WINDOW = 64
+"""Frames in flight to a child before the host waits for acknowledgements: deep
+enough to keep a child busy, small enough that a crash hands back little."""
+
+HELLO_TIMEOUT = 10.0
+"""Seconds a new child has to connect and say hello before the host gives up."""
+
+CHILD_TARGET = "villagemesh.supervision.process:child_main"
+
+
+class ChildProcessDied(SupervisionError):
+    """A process-isolated child's process ended (killed, crashed, or exited)."""
+
+
+class ProcessLauncher:
+    """One per node: the fork server and the folder for the children's ipc sockets."""
+
+    def __init__(self, *, preload: tuple[str, ...] = ()) -> None:
+        from villagemesh.supervision.forkserver import ForkServer
+
+        self._dir = tempfile.mkdtemp(prefix="villagemesh-ipc-")
+        self.server = ForkServer.start(preload=("villagemesh.supervision.process", *preload))
+        self._lock = threading.Lock()
+
+    def ipc_address(self, node: str, name: str, instance: str) -> str:
+        """A fresh ``ipc://`` address for one child instance."""
+        return f"ipc://{self._dir}/{node}-{name}-{instance}.sock"
+
+    def fork(self, arg: bytes) -> int:
+        """Fork a child running :func:`child_main` with ``arg``; its pid."""
+        with self._lock:
+            return int(self.server.fork(CHILD_TARGET, arg))
+
+    def exit_status(self, pid: int, timeout: float) -> int | None:
+        """The child's exit status as the fork server saw it (``-N`` for signal N), if known in time."""
+        result = self.server.wait_exit(pid, timeout)
+        if result is None:
+            return None
+        return int(getattr(result, "returncode", result))
+
+    def close(self) -> None:
+        """Kill every child and stop the fork server."""
+        self.server.close()
+        for entry in os.scandir(self._dir):
+            os.unlink(entry.path)
+        os.rmdir(self._dir)
+
+
+class _FromChild:
+    """Inbox item: the ROUTER socket is readable."""
+
+
+class _ChildExited:
+    """Inbox item: the child's pidfd is readable (the process ended)."""
+
+
+_FROM_CHILD = _FromChild()
+_CHILD_EXITED = _ChildExited()
+
+
+class _HelloTimeout:
+    """Timer message: the child did not say hello in time."""
+
+
+class ProcessHost(Actor):
+    """Stands in the node for a process-isolated child; the supervisor supervises it."""
+
+    def __init__(self, ctx: ActorContext, *, spec: Any, launcher: ProcessLauncher) -> None:
+        super().__init__(ctx)
+        self.spec = spec
+        self.launcher = launcher
+        self.address = launcher.ipc_address(ctx.bus.node, ctx.name, self.instance)
+        arg = codec.pack(
+            {
+                "target": spec.target,
+                "node": ctx.bus.node,
+                "name": ctx.name,
+                "address": self.address,
+                "config": dict(ctx.config),
+            }
+        )
+        self.pid = launcher.fork(arg)
+        self._unacked: collections.deque[bytes] = collections.deque()
+        self._identity: bytes | None = None
+        self._child_report: ExitReport | None = None
+        self._router: zmq.Socket[bytes] | None = None
+        self._pidfd: int | None = None
+        self._stopping_child = False
+
+    def on_start(self) -> None:
+        self._router = self.ctx.bus.context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(self.address)
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            raise ChildProcessDied(f"child {self.name!r} (pid {self.pid}) died before it could be watched") from None
+        self._inbox.paused = True  # nothing goes to the child before its hello
+        self._inbox.watch(self._router, lambda: _FROM_CHILD)
+        self._inbox.watch(self._pidfd, lambda: _CHILD_EXITED)
+        self._hello_timer = self.schedule(HELLO_TIMEOUT, _HelloTimeout())
+
+    def _dispatch(self, message: Any) -> Any:
+        if message is _FROM_CHILD:
+            return self._read_child()
+        if message is _CHILD_EXITED:
+            return self._child_exited()
+        if type(message) is Delivery:
+            return self._forward(message.frame)
+        return super()._dispatch(message)
+
+    def handle(self, msg: Any) -> Any:
+        if isinstance(msg, _HelloTimeout):
+            raise ChildProcessDied(f"child {self.name!r} (pid {self.pid}) did not say hello within {HELLO_TIMEOUT} s")
+        return super().handle(msg)
+
+    # -- towards the child -----------------------------------------------------------------
+
+    def _forward(self, frame: bytes) -> None:
+        assert self._router is not None and self._identity is not None
+        kind, _, _, inner = decode_frame(frame, trusted=True)
+        # A batch is split so that every message is acknowledged on its own.
+        for one in [tell_frame(v) for v in inner] if kind is Kind.BATCH else (frame,):
+            self._router.send_multipart([self._identity, b"msg", one])
+            self._unacked.append(one)
+        if len(self._unacked) >= WINDOW:
+            self._inbox.paused = True
+
+    # -- from the child ---------------------------------------------------------------------
+
+    def _read_child(self) -> None:
+        assert self._router is not None
+        while True:
+            try:
+                parts = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_child_frame(parts)
+
+    def _on_child_frame(self, parts: list[bytes]) -> None:
+        identity, kind, rest = parts[0], parts[1], parts[2:]
+        if kind == b"ack":
+            if self._unacked:
+                self._unacked.popleft()
+            if len(self._unacked) < WINDOW and self._identity is not None and not self._stopping_child:
+                self._inbox.paused = False
+        elif kind == b"out":
+            self._relay(rest[0].decode(), rest[1], reply=False)
+        elif kind == b"reply":
+            self._relay(rest[0].decode(), rest[1], reply=True)
+        elif kind == b"log":
+            record = codec.unpack(rest[0])
+            event = record.pop("event")
+            level = record.pop("level", "info")
+            self.ctx.log.emit(event, level=level, child_pid=self.pid, **record)
+        elif kind == b"hello":
+            if int(rest[0]) != self.pid:
+                raise ChildProcessDied(f"child {self.name!r}: hello from pid {rest[0]!r}, expected {self.pid}")
+            self._identity = identity
+            self._hello_timer.cancel()
+            self._inbox.paused = False
+        elif kind == b"exit":
+            kind_, exc_type, exc_message, tb = codec.unpack(rest[0])
+            self._child_report = ExitReport(self.instance, ExitKind(kind_), exc_type, exc_message, tb)
+        else:
+            self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=f"child sent {kind!r}")
+
+    def _relay(self, to: str, frame: bytes, *, reply: bool) -> None:
+        # Frames enter the node here: they are checked field by field (the node's own
+        # actors decode trusted frames cheaply).
+        try:
+            decode_frame(frame)
+        except CodecError as exc:
+            self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=f"from child: {exc}")
+            return
+        try:
+            if reply:
+                self.sender.reply_frame(to, frame)
+            else:
+                self.sender.send_frame(to, frame)
+        except Exception as exc:  # noqa: BLE001 - the child cannot see a node-side error: it is logged
+            self.ctx.log.emit(
+                "message_undeliverable", level="warning", actor=self.name, to=to, reason=f"{type(exc).__name__}: {exc}"
+            )
+
+    # -- the child's end ----------------------------------------------------------------------
+
+    def _child_exited(self) -> None:
+        self._read_child()  # an exit report sent just before the end may still be queued
+        status = self.launcher.exit_status(self.pid, timeout=1.0)
+        report = self._child_report
+        crashed = report is None or report.crashed
+        # The oldest unacknowledged frame was being handled when the child died: it is
+        # not handed back (it would kill the next instance too). A child that crashed in
+        # Python already sent its asker a FAULT; a killed one could not, so we do.
+        self._hand_back(drop_oldest=crashed, fault_oldest=report is None)
+        if report is not None and report.crashed:
+            self._report = ExitReport(
+                self.instance, ExitKind.CRASH, report.exc_type, report.exc_message, report.traceback
+            )
+            raise ChildProcessDied(
+                f"child {self.name!r} (pid {self.pid}) crashed: {report.exc_type}: {report.exc_message}"
+            )
+        raise ChildProcessDied(f"child {self.name!r} (pid {self.pid}) {_describe(status)}")
+
+    def _hand_back(self, *, drop_oldest: bool, fault_oldest: bool) -> None:
+        """Unacknowledged frames go back to the mailbox, ahead of newer ones, for the next instance."""
+        if drop_oldest and self._unacked:
+            oldest = self._unacked.popleft()
+            self._drop(oldest, fault=fault_oldest)
+        mailbox = self.ctx.bus.mailbox(self.name)
+        mailbox.redeliver.extendleft(reversed(self._unacked))
+        self._unacked.clear()
+
+    def _drop(self, frame: bytes, *, fault: bool) -> None:
+        try:
+            kind, correlation, reply_to, msg = decode_frame(frame)
+        except CodecError:
+            return  # an undecodable frame has nobody to tell
+        self.ctx.log.emit(
+            "message_dropped",
+            level="warning",
+            actor=self.name,
+            reason="the child died handling it",
+            tag=codec.tag_of(type(msg)),
+        )
+        if fault and kind is Kind.ASK and reply_to is not None:
+            answer = Fault(self.name, "ChildProcessDied", f"child process {self.pid} died handling the request")
+            self.sender.reply_frame(reply_to, encode_frame(Kind.FAULT, correlation, None, answer))
+
+    def on_stop(self) -> None:
+        self._stopping_child = True
+        self._inbox.paused = True
+        if self._pidfd is not None and self._identity is not None and self._router is not None:
+            self._router.send_multipart([self._identity, b"stop"])
+            ready, _, _ = select.select([self._pidfd], [], [], self.spec.shutdown)
+            if ready:
+                self._read_child()
+        self._kill_child()
+        if self._unacked:
+            self._hand_back(drop_oldest=False, fault_oldest=False)
+
+    def _teardown(self) -> None:
+        self._kill_child()
+        if self._router is not None:
+            self._inbox.unwatch(self._router)
+            self._router.close(linger=0)
+            self._router = None
+        if self._pidfd is not None:
+            self._inbox.unwatch(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        super()._teardown()
+
+    def _kill_child(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # already gone
+
+
+def _describe(status: int | None) -> str:
+    if status is None:
+        return "ended (exit status unknown)"
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+# -- the child side ---------------------------------------------------------------------------
+
+
+class _UplinkLog:
+    """A child's event log: every event goes to the node's log through the host."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    def emit(self, event: str, *, level: str = "info", **fields: Any) -> None:
+        self._bus.client().uplink(b"log", codec.pack({"event": event, "level": level, **fields}))
+
+
+def _load(target: str) -> type:
+    module_name, _, qualname = target.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type) or not issubclass(obj, Actor):
+        raise ConfigError(f"{target} is not an Actor class")
+    return obj
+
+
+def child_main(arg: bytes) -> None:
+    """Entry point of a forked child: run one actor and relay its frames to the host."""
+    cfg = codec.unpack(arg)
+    name, node = cfg["name"], cfg["node"]
+    zctx: zmq.Context[Any] = zmq.Context()
+    dealer = zctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 2_000)
+    dealer.connect(cfg["address"])
+    bus = Bus(node, context=zctx, uplink="_uplink")
+    uplink = zctx.socket(zmq.PULL)
+    uplink.bind(bus.address("_uplink"))
+    bus.open_mailbox(name)
+    feed = zctx.socket(zmq.PUSH)
+    feed.connect(bus.address(name))
+    scheduler = Scheduler()
+    wake_r, wake_w = os.pipe()
+    report: list[ExitReport] = []
+
+    def watcher(actor: Any, rep: ExitReport) -> None:
+        report.append(rep)
+        os.write(wake_w, b"x")
+
+    ctx = ActorContext(
+        bus=bus, name=name, log=_UplinkLog(bus), scheduler=scheduler, watcher=watcher, config=dict(cfg["config"])
+    )
+    try:
+        actor = _load(cfg["target"]).launch(ctx)
+    except Exception as exc:  # noqa: BLE001 - reported to the host as this child's crash, then exit 1
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        dealer.send_multipart([b"hello", str(os.getpid()).encode()])
+        dealer.send_multipart([b"exit", codec.pack(("crash", type(exc).__name__, str(exc), tb))])
+        dealer.close()
+        bus.close()
+        _exit(1)
+    dealer.send_multipart([b"hello", str(os.getpid()).encode()])
+    poller = zmq.Poller()
+    poller.register(dealer, zmq.POLLIN)
+    poller.register(uplink, zmq.POLLIN)
+    poller.register(wake_r, zmq.POLLIN)
+    while not report:
+        for sock, _ in poller.poll():
+            if sock is dealer:
+                parts = dealer.recv_multipart()
+                if parts[0] == b"msg":
+                    feed.send(parts[1])
+                elif parts[0] == b"stop":
+                    actor.actor_ref.stop(block=False)
+            elif sock is uplink:
+                dealer.send_multipart(uplink.recv_multipart())
+    while True:  # everything the actor sent before it ended goes out before the exit report
+        try:
+            dealer.send_multipart(uplink.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            break
+    rep = report[0]
+    dealer.send_multipart([b"exit", codec.pack((rep.kind.value, rep.exc_type, rep.exc_message, rep.traceback))])
+    dealer.close()  # lingers until the exit report is out
+    feed.close(linger=0)
+    uplink.close(linger=0)
+    scheduler.close()
+    bus.close()
+    _exit(1 if rep.crashed else 0)
+
+
+def _exit(status: int) -> None:
+    """Leave the child at once: its sockets are closed, and the fork server reaps it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

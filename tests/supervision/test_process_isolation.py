@@ -1,0 +1,118 @@
+"""Process-isolated children: the same actor class in a forked process, restarted on any death."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.conftest import WAIT
+from tests.supervision._actors import Crash, Ping, Pong, Probe, Report, Seq
+from villagemesh.errors import ActorCrashed
+from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+from villagemesh.supervision.supervisor import Supervisor
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def process_runtime(runtime):
+    from villagemesh.supervision.process import ProcessLauncher
+
+    launcher = ProcessLauncher(preload=("tests.supervision._actors",))
+    runtime.process_launcher = lambda: launcher
+    yield runtime
+    import pykka
+
+    pykka.ActorRegistry.stop_all(block=True, timeout=5)
+    launcher.close()
+
+
+def start(env, *children, **kwargs):
+    kwargs.setdefault("intensity", 100)
+    kwargs.setdefault("period", 60)
+    return Supervisor.launch(SupervisorSpec("root", list(children), **kwargs), env)
+
+
+def ask(env, name, msg, timeout=WAIT):
+    return env.bus.client().ask(name, msg, timeout=timeout)
+
+
+def test_a_process_child_answers_from_another_process(process_runtime, recorder):
+    """The actor runs in its own process and answers asks through the node's bus."""
+    start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    pong = ask(process_runtime, "p", Ping(1))
+    assert isinstance(pong, Pong) and pong.n == 2
+    assert pong.pid != os.getpid()
+    started = recorder.wait_for("child_started", child_id="p")[0]
+    assert started["isolation"] == "process" and started["pid"] == pong.pid
+
+
+@pytest.mark.parametrize(
+    ("how", "exc_type"),
+    [("kill9", "ChildProcessDied"), ("segfault", "ChildProcessDied"), ("exit", "ChildProcessDied"),
+     ("exception", "RuntimeError")],
+)
+def test_any_death_of_the_child_process_leaves_the_node_serving_and_the_child_back(
+    process_runtime, recorder, how, exc_type
+):
+    """kill -9, a segfault, os._exit and a Python exception each end in a new child process."""
+    start(process_runtime, ChildSpec("p", Probe, isolation="process"), ChildSpec("t", Probe))
+    first = ask(process_runtime, "p", Ping(1)).pid
+    if how == "kill9":
+        os.kill(first, signal.SIGKILL)
+    else:
+        process_runtime.bus.client().tell("p", Crash(how))
+    crashed = recorder.wait_for("child_crashed", child_id="p")[0]
+    assert crashed["exc_type"] == exc_type
+    if how == "kill9":
+        assert "SIGKILL" in crashed["exc_message"]
+    if how == "segfault":
+        assert "SIGSEGV" in crashed["exc_message"]
+    recorder.wait_for("child_restarted", child_id="p")
+    second = ask(process_runtime, "p", Ping(1)).pid
+    assert second != first
+    assert isinstance(ask(process_runtime, "t", Ping(1)), Pong)  # the node kept serving
+
+
+def test_an_ask_whose_handler_kills_the_process_gets_actor_crashed_at_once(process_runtime, recorder):
+    """The host answers for a child that died mid-request: the asker does not wait for its timeout."""
+    start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    with pytest.raises(ActorCrashed, match="ChildProcessDied|died"):
+        ask(process_runtime, "p", Crash("segfault"), timeout=WAIT)
+
+
+def test_messages_queued_behind_a_killed_child_reach_the_next_one_in_order(process_runtime, recorder):
+    """Frames the dead child had not acknowledged go to the new child, in order; none is lost."""
+    start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    first = ask(process_runtime, "p", Ping(0)).pid
+    client = process_runtime.bus.client()
+    client.tell("p", Crash("exit"))
+    for i in range(300):
+        client.tell("p", Seq(i))
+    recorder.wait_for("child_restarted", child_id="p")
+    assert ask(process_runtime, "p", Ping(0)).pid != first
+    assert ask(process_runtime, "p", Report()).numbers == tuple(range(300))
+
+
+def test_process_child_log_events_reach_the_node_log(process_runtime, recorder):
+    """Events a process child emits arrive in the node's log, tagged with its pid."""
+    from villagemesh.actors.bus import Kind, encode_frame
+
+    start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    pid = ask(process_runtime, "p", Ping(0)).pid
+    process_runtime.bus.client().send_frame("p", encode_frame(Kind.REPLY, 1, None, Ping(1)))
+    rejected = recorder.wait_for("message_rejected", actor="p")[0]
+    assert rejected["child_pid"] == pid
+
+
+def test_stopping_the_supervisor_stops_the_child_process(process_runtime, recorder):
+    """A graceful stop reaches the child; its process is gone afterwards."""
+    sup = start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    pid = ask(process_runtime, "p", Ping(0)).pid
+    sup.actor_ref.stop(timeout=WAIT)
+    stopped = recorder.wait_for("child_stopped", child_id="p")[0]
+    assert stopped["reason"] == "shutdown"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
