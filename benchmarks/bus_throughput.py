@@ -32,16 +32,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pykka  # noqa: E402
-import zmq  # noqa: E402
-from _common import emit, percentile  # noqa: E402
+import pykka
+import zmq
+from _common import emit, percentile
 
-from villagemesh.actors import codec  # noqa: E402
-from villagemesh.actors.base import Actor, Scheduler  # noqa: E402
-from villagemesh.actors.bus import Bus  # noqa: E402
-from villagemesh.supervision.log import EventLog  # noqa: E402
-from villagemesh.supervision.spec import ChildSpec, SupervisorSpec  # noqa: E402
-from villagemesh.supervision.supervisor import Environment, Supervisor  # noqa: E402
+from villagemesh.actors import codec
+from villagemesh.actors.base import Actor, Scheduler
+from villagemesh.actors.bus import Bus
+from villagemesh.supervision.log import EventLog
+from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+from villagemesh.supervision.supervisor import Environment, Supervisor
 
 
 @codec.message("bench.Sample")
@@ -140,7 +140,7 @@ def pykka_actor_to_actor(n: int) -> float:
 
 def pykka_ask(n: int) -> list[float]:
     ref = PykkaCounter.start(10**12, threading.Event())
-    msg = sample(1)
+    sample(1)
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -250,12 +250,16 @@ def main() -> None:
     bus_lat = bus_ask(args.asks)
     pk_lat = pykka_ask(args.asks)
     raw_m, pk_m, bus_m, cl_m = (statistics.median(x) for x in (raw, pk, bus, client))
-    print(f"typed messages/s  raw pyzmq {raw_m:>9,.0f}  pykka actor->actor {pk_m:>9,.0f}  bus actor->actor {bus_m:>9,.0f}")
+    print(
+        f"typed messages/s  raw pyzmq {raw_m:>9,.0f}  pykka actor->actor {pk_m:>9,.0f}  bus actor->actor {bus_m:>9,.0f}"
+    )
     print(f"                  bus client->actor (no coalescing) {cl_m:>9,.0f}")
     print(f"bus / raw pyzmq {bus_m / raw_m:.2f} (target >= 0.5)   bus / pykka {bus_m / pk_m:.2f} (target >= 1.0)")
     b50, b99 = percentile(bus_lat, 50), percentile(bus_lat, 99)
     p50, p99 = percentile(pk_lat, 50), percentile(pk_lat, 99)
-    print(f"ask p50/p99 µs  bus {b50:.0f}/{b99:.0f}  pykka {p50:.0f}/{p99:.0f}  p99 ratio {b99 / p99:.2f} (target <= 1.0)")
+    print(
+        f"ask p50/p99 µs  bus {b50:.0f}/{b99:.0f}  pykka {p50:.0f}/{p99:.0f}  p99 ratio {b99 / p99:.2f} (target <= 1.0)"
+    )
     emit(
         "bus_throughput",
         messages=args.messages,

@@ -36,9 +36,9 @@ from its selector, and ``close()`` on one of two descriptors of a socket sends
 nothing (no FIN, no RST: that happens only when the last descriptor goes, and
 only ``shutdown()`` would act earlier; the acceptor never calls it). The
 callback receives a :class:`HandedOff` with the duplicate socket, the peeked
-bytes and the peer; the adopting loop calls
-``loop.connect_accepted_socket(factory, handed.sock)`` and feeds
-``handed.peeked`` to its protocol first. Bytes the client sent after the peek
+bytes and the peer; the adopting loop runs :func:`adopt` (``connect_accepted_socket``
+with a protocol that feeds ``handed.peeked`` inside ``connection_made``, before
+the transport can read). Bytes the client sent after the peek
 are still in the kernel's buffer and arrive on the new loop in order. The
 callback runs on the acceptor's loop and must only pass the value on
 (``call_soon_threadsafe``, a queue); if it raises, the socket is closed and the
@@ -73,7 +73,7 @@ from villagemesh.actors.acceptor.state import (
 from villagemesh.errors import ConfigError, ConnectError
 from villagemesh.protocols.sniff import MAX_SNIFF_BYTES, Sniffed, sniff
 
-__all__ = ["AcceptorServer", "HandOff", "HandedOff", "ProtocolFactory", "feed"]
+__all__ = ["AcceptorServer", "HandOff", "HandedOff", "ProtocolFactory", "adopt", "feed"]
 
 SWEEP_FRACTION = 4
 """The timeout sweep runs every ``sniff_timeout_s / 4``: a silent client goes within 1.25 × the timeout."""
@@ -117,6 +117,44 @@ def feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
         protocol.data_received(data)
     else:
         raise ConfigError(f"{type(protocol).__name__} cannot receive stream data")
+
+
+async def adopt(handed: HandedOff, factory: ProtocolFactory) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+    """On the adopting loop: take over a handed-off socket; the peeked bytes arrive first.
+
+    The protocol from ``factory`` gets ``connection_made`` and then ``handed.peeked``
+    in the same callback, before the transport can read anything newer, so the
+    byte order is the client's whatever the loop's scheduling.
+    Returns the transport and the protocol ``factory`` made.
+    """
+    inner = factory()
+    loop = asyncio.get_running_loop()
+    try:
+        transport, _ = await loop.connect_accepted_socket(lambda: _PeekedFirst(inner, handed.peeked), handed.sock)
+    except OSError as exc:
+        handed.sock.close()
+        raise ConnectError(f"cannot adopt the connection from {handed.peer}: {exc}") from exc
+    assert isinstance(transport, asyncio.Transport)
+    return transport, inner
+
+
+class _PeekedFirst(asyncio.Protocol):
+    """Stands in only for ``connection_made``: installs the real protocol and feeds it the peek."""
+
+    def __init__(self, inner: asyncio.BaseProtocol, peeked: bytes) -> None:
+        self.inner = inner
+        self.peeked = peeked
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.set_protocol(self.inner)
+        self.inner.connection_made(transport)
+        if not transport.is_closing():
+            feed(self.inner, self.peeked)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Only reached if the transport failed before connection_made: the real protocol never started.
+        return
 
 
 def peer_label(peername: Any) -> tuple[str, str]:

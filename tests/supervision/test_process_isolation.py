@@ -51,8 +51,12 @@ def test_a_process_child_answers_from_another_process(process_runtime, recorder)
 
 @pytest.mark.parametrize(
     ("how", "exc_type"),
-    [("kill9", "ChildProcessDied"), ("segfault", "ChildProcessDied"), ("exit", "ChildProcessDied"),
-     ("exception", "RuntimeError")],
+    [
+        ("kill9", "ChildProcessDied"),
+        ("segfault", "ChildProcessDied"),
+        ("exit", "ChildProcessDied"),
+        ("exception", "RuntimeError"),
+    ],
 )
 def test_any_death_of_the_child_process_leaves_the_node_serving_and_the_child_back(
     process_runtime, recorder, how, exc_type
@@ -79,7 +83,7 @@ def test_any_death_of_the_child_process_leaves_the_node_serving_and_the_child_ba
 def test_an_ask_whose_handler_kills_the_process_gets_actor_crashed_at_once(process_runtime, recorder):
     """The host answers for a child that died mid-request: the asker does not wait for its timeout."""
     start(process_runtime, ChildSpec("p", Probe, isolation="process"))
-    with pytest.raises(ActorCrashed, match="ChildProcessDied|died"):
+    with pytest.raises(ActorCrashed, match=r"ChildProcessDied|died"):
         ask(process_runtime, "p", Crash("segfault"), timeout=WAIT)
 
 

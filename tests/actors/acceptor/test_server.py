@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from villagemesh.actors.acceptor.loopthread import LoopThread
-from villagemesh.actors.acceptor.server import AcceptorServer, HandedOff, feed
+from villagemesh.actors.acceptor.server import AcceptorServer, HandedOff, adopt
 from villagemesh.actors.acceptor.state import AcceptorLimits, Route
 from villagemesh.protocols.sniff import MULTISTREAM_HEADER, SECURE_MAGIC
 
@@ -371,13 +371,12 @@ def test_cross_thread_hand_off_loses_and_reorders_nothing(
         def deliver(result: bytes) -> None:
             main.call_soon_threadsafe(received.set_result, result)
 
-        async def adopt(handed: HandedOff) -> None:
-            _, proto = await other_loop.loop.connect_accepted_socket(lambda: Sink(deliver), handed.sock)
-            feed(proto, handed.peeked)
+        async def take(handed: HandedOff) -> None:
+            await adopt(handed, lambda: Sink(deliver))
 
         server = AcceptorServer()
         for route in (Route.HTTP, Route.LIBP2P, Route.DISCOVERY):
-            server.route_hand_off(route, lambda h: asyncio.run_coroutine_threadsafe(adopt(h), other_loop.loop))
+            server.route_hand_off(route, lambda h: asyncio.run_coroutine_threadsafe(take(h), other_loop.loop))
         _, port = await server.start()
         reader, writer = await connect(port)
         for chunk in _chunks(data, cuts):
