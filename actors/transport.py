@@ -1,0 +1,113 @@
+"""The transport contract: the messages every transport actor speaks.
+
+A transport actor (WebSocket today; libp2p, BitChat and BetaNet next) moves
+encoded envelopes (:func:`villagemesh.protocols.envelope.encode_message`) to
+and from peers, and finds peers. It never decides *whether* or *where* to send:
+the delivery retrier does that and tells it::
+
+    retrier ──Transmit──► transport ──TransmitResult──► retrier
+    transport ──Received──────────────────────────────► retrier   (every inbound envelope)
+    sweeper ──Discover (ask)──► transport ──Discovered (reply)──► sweeper ──PeerSeen──► registry
+    acceptor ──Adopt──► transport                                   (a connection sniffed as its protocol)
+
+Its bus name is its transport name (``websocket``, ``libp2p``, ``bitchat``,
+``betanet``), so the retrier finds it by the names in the network mode's
+order. Addresses are URLs whose scheme names the transport
+(``ws://127.0.0.1:7000``, ``/ip4/…`` multiaddrs for libp2p, …).
+
+``TransmitResult.retryable`` follows urllib3's distinction: False when the
+peer may have received the bytes (the retrier then waits for the end-to-end
+ack rather than resending at once), True when it surely did not (connection
+refused): safe to try the next transport right away.
+
+:mod:`tests.actors.transport_contract` runs the same checks on every
+transport that claims this contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from villagemesh.actors import codec
+
+__all__ = ["TRANSPORT_NAMES", "Adopt", "Discover", "Discovered", "Received", "Sighting", "Transmit", "TransmitResult"]
+
+TRANSPORT_NAMES = ("libp2p", "bitchat", "betanet", "websocket")
+"""Every transport a network mode can name; each is also its actor's bus name."""
+
+
+@codec.message("transport.Transmit")
+@dataclass(frozen=True, slots=True)
+class Transmit:
+    """Send one encoded envelope to ``address`` of ``peer_id``; answer with TransmitResult."""
+
+    message_id: bytes
+    peer_id: str
+    address: str
+    envelope: bytes
+    reply_to: str
+    """Bus name of the actor that wants the TransmitResult (the retrier)."""
+
+
+@codec.message("transport.TransmitResult")
+@dataclass(frozen=True, slots=True)
+class TransmitResult:
+    """What became of one Transmit."""
+
+    message_id: bytes
+    transport: str
+    peer_id: str
+    ok: bool
+    retryable: bool
+    error: str | None
+
+
+@codec.message("transport.Received")
+@dataclass(frozen=True, slots=True)
+class Received:
+    """An envelope arrived from a peer (not yet decoded: the retrier decodes and dedups)."""
+
+    transport: str
+    envelope: bytes
+    remote: str
+    """Where it came from, as the transport sees it (an address or a connection label)."""
+
+
+@codec.message("transport.Sighting")
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """One peer found by a transport's discovery: a verified signed announce."""
+
+    transport: str
+    announce: str
+    """The announce/response JSON exactly as received (its signature was verified)."""
+    latency_ms: float | None
+
+
+@codec.message("transport.Discover")
+@dataclass(frozen=True, slots=True)
+class Discover:
+    """Ask: run one round of this transport's discovery within ``timeout`` seconds."""
+
+    timeout: float
+
+
+@codec.message("transport.Discovered")
+@dataclass(frozen=True, slots=True)
+class Discovered:
+    """Reply to Discover: what one round found."""
+
+    transport: str
+    sightings: tuple[Sighting, ...]
+    errors: tuple[str, ...]
+
+
+@codec.message("transport.Adopt")
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """A connection the acceptor sniffed as this transport's: take over ``fd`` (a
+    duplicate the receiver now owns) and feed it ``peeked`` first."""
+
+    fd: int
+    peeked: bytes
+    peer: str
