@@ -34,6 +34,7 @@ from .discovery import (
     THERMAL_STATES,
     Announce,
     Capabilities,
+    DiscoveryConnection,
     DiscoveryEvent,
     DiscoveryRequest,
     DiscoveryResponse,
@@ -43,6 +44,8 @@ from .discovery import (
     sign_response,
 )
 from .envelope import ID_BYTES, MAX_NAME_BYTES, MAX_PAYLOAD_BYTES, Message, Priority
+from .noise import SecureChannel
+from .sniff import HTTP_METHODS, MULTISTREAM_HEADER, Sniffed
 
 __all__ = [
     "addresses",
@@ -55,6 +58,7 @@ __all__ = [
     "legacy_peer_discoveries",
     "messages",
     "node_ids",
+    "openings",
     "signing_keys",
 ]
 
@@ -63,7 +67,7 @@ _SECONDS = st.floats(min_value=0.0, max_value=4e9, allow_nan=False, allow_infini
 
 def _names(max_bytes: int) -> st.SearchStrategy[str]:
     """Non-empty text of at most ``max_bytes`` UTF-8 bytes (no lone surrogates)."""
-    text = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=max_bytes // 4)
+    text = st.text(st.characters(codec="utf-8"), min_size=1, max_size=max_bytes // 4)
     return text | st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ_", min_size=1, max_size=max_bytes)
 
 
@@ -105,7 +109,7 @@ def signing_keys() -> st.SearchStrategy[SigningKey]:
 
 
 _ASCII_WORD = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=16)
-_TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=MAX_FIELD_CHARS // 8)
+_TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=MAX_FIELD_CHARS // 8)
 
 
 def node_ids() -> st.SearchStrategy[str]:
@@ -199,3 +203,44 @@ def discovery_events(*, legacy: bool = False) -> st.SearchStrategy[DiscoveryEven
     """Any discovery event; ``legacy`` adds unsigned ``PEER_DISCOVERY`` messages."""
     events: st.SearchStrategy[DiscoveryEvent] = st.one_of(discovery_requests(), discovery_responses(), announces())
     return events | legacy_peer_discoveries() if legacy else events
+
+
+def _multistream_line(protocol: str) -> bytes:
+    line = protocol.encode() + b"\n"
+    return bytes([len(line)]) + line  # a one-byte uvarint: every protocol id here is < 128 bytes
+
+
+def openings() -> st.SearchStrategy[tuple[Sniffed, bytes]]:
+    """The real first bytes of each protocol the acceptor routes, paired with the verdict ``sniff`` must give.
+
+    Discovery frames (signed, unsigned and legacy), a secure channel initiator's
+    first output, a multistream-select header and proposal, an HTTP request
+    line and a TLS handshake record header.
+    """
+    keys = st.binary(min_size=32, max_size=32)
+    discovery = discovery_events(legacy=True).map(
+        lambda event: (Sniffed.DISCOVERY_JSON, DiscoveryConnection(allow_unsigned_legacy=True).send(event))
+    )
+    secure = st.builds(
+        lambda static, identity, ephemeral: (
+            Sniffed.SECURE,
+            SecureChannel.initiator(static, identity, ephemeral=ephemeral).data_to_send(),
+        ),
+        keys,
+        signing_keys(),
+        keys,
+    )
+    multistream = st.sampled_from(["/noise", "/yamux/1.0.0", "/ipfs/id/1.0.0", "/ipfs/ping/1.0.0"]).map(
+        lambda protocol: (Sniffed.LIBP2P_MULTISTREAM, MULTISTREAM_HEADER + _multistream_line(protocol))
+    )
+    http = st.builds(
+        lambda method, path: (Sniffed.HTTP, method + b" /" + path.encode() + b" HTTP/1.1\r\nHost: node\r\n\r\n"),
+        st.sampled_from(HTTP_METHODS),
+        st.text("abcdefghijklmnopqrstuvwxyz0123456789/-_.", max_size=30),
+    )
+    tls = st.builds(
+        lambda minor, body: (Sniffed.TLS, bytes([0x16, 0x03, minor]) + len(body).to_bytes(2, "big") + body),
+        st.integers(0, 4),
+        st.binary(min_size=1, max_size=64),
+    )
+    return st.one_of(discovery, secure, multistream, http, tls)

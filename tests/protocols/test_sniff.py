@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.sniff import (
     DISCOVERY_MAX_LENGTH,
     HTTP_METHODS,
@@ -35,6 +36,7 @@ _near_signatures = st.one_of(
 )
 prefixes = st.one_of(
     st.binary(max_size=3 * MAX_SNIFF_BYTES),
+    vst.openings().map(lambda opening: opening[1]),
     st.builds(lambda a, b: a + b, _near_signatures, st.binary(max_size=MAX_SNIFF_BYTES)),
     st.builds(lambda a, n: a[:n], _near_signatures, st.integers(0, MAX_SNIFF_BYTES)),
 )
@@ -95,6 +97,14 @@ def test_sniff_accepts_bytearray_and_memoryview() -> None:
     """An acceptor's receive buffer can be passed as it is."""
     data = EXAMPLES[Sniffed.HTTP]
     assert sniff(bytearray(data)) is sniff(memoryview(data)) is Sniffed.HTTP
+
+
+@given(vst.openings())
+def test_real_openings_get_their_verdict_and_wait_until_then(opening: tuple[Sniffed, bytes]) -> None:
+    """Each protocol's real first bytes are recognised, and every shorter prefix waits or agrees."""
+    verdict, data = opening
+    assert sniff(data) is verdict
+    assert all(sniff(data[:n]) in (Sniffed.NEED_MORE, verdict) for n in range(MAX_SNIFF_BYTES))
 
 
 @given(data=prefixes, more=st.binary(max_size=2 * MAX_SNIFF_BYTES))
