@@ -1,0 +1,357 @@
+"""The retrier's SQLite files: the sender's :class:`Outbox` and the receiver's :class:`Inbox`.
+
+Both tables live in schema version 1, so a node may keep them in one file or two.
+See :mod:`villagemesh.actors.registry.db` for how files are opened (WAL,
+``synchronous``, schema version, one connection per thread, StorageError)::
+
+    outbox(message_id BLOB PRIMARY KEY,    16 bytes, the envelope id
+           recipient TEXT, priority INTEGER, payload BLOB (the encoded envelope),
+           created_at REAL, expires_at REAL,
+           attempts INTEGER, next_attempt_at REAL, last_error TEXT,
+           failed TEXT)                     JSON list: transports failed this round
+    inbox (message_id BLOB PRIMARY KEY, expires_at REAL,
+           payload BLOB,                    NULL once handled
+           handled INTEGER)                 0 or 1
+
+Exactly once, across crashes of either node
+===========================================
+
+The application sees a message once when its handler has run and the inbox
+says so. Commit points (each one SQLite transaction, durable when the call
+returns; with ``synchronous=NORMAL`` against process death, with ``FULL``
+against power loss too), in order, and what a crash just before each means::
+
+    sender                                 receiver
+    S1 Outbox.put            (commit)
+    S2 Outbox.apply(Send)    (commit)
+    S3 transport send  ───── envelope ───► R1 Inbox.accept         (commit)
+                                           R2 send ack (again for a duplicate)
+    S4 ack arrives    ◄──────── ack ────── R3 dispatch to the handler
+    S5 Outbox.apply(Delivered) (commit)    R4 Inbox.mark_handled   (commit)
+
+* crash before S1: ``send`` never returned; the caller did not hand it over.
+* S1–S2: the row is there with attempts 0; after restart it is sent.
+* S2–S3: attempts counted but nothing sent (one attempt of the budget spent);
+  it is retried at the stored deadline.
+* S3–S5 (sender dies, receiver may have it): the row is still there, so it is
+  sent again after the restart; the receiver's R1 answers *duplicate* and
+  re-acks, and the handler never sees it again. The ack deletes the row.
+* receiver dies before R1: no ack went out; the sender retries; R1 accepts
+  the retry as the first copy.
+* R1–R2 / R2–R3: the message is accepted (payload stored) but not handled.
+  After restart :meth:`Inbox.unhandled` lists it and the node dispatches it
+  from the stored payload; a re-sent copy meanwhile is a duplicate (re-acked,
+  not dispatched). Because the receiver acks only after R1, an acked message
+  is always durable at the receiver.
+* R3–R4: the handler ran, the mark did not commit: after restart the message
+  is dispatched again. This is the one window in which a handler can see a
+  message twice; it is as narrow as one SQLite commit. A handler that must not
+  repeat its effect even then keeps its effect in the same transaction as the
+  mark, or is idempotent by message id.
+* after R4: duplicates are re-acked and dropped until the row expires.
+
+Dedup memory is bounded: :meth:`Inbox.expire` forgets handled messages
+:data:`CLOCK_SKEW_GRACE` after their ``expires_at`` (the sender never sends a
+message after its TTL, and the grace covers a receiver whose clock runs ahead
+of the sender's). Unhandled rows are never expired: they were acked, so they
+are the receiver's to deliver.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from villagemesh.actors.registry.db import open_database, transaction, translate
+from villagemesh.errors import ConfigError, StorageError
+from villagemesh.protocols.envelope import ID_BYTES, Priority
+
+from .state import Backoff, Decision, Delivered, Enqueue, Failed, Send
+
+__all__ = ["CLOCK_SKEW_GRACE", "SCHEMA_VERSION", "Inbox", "Outbox", "OutboxRow"]
+
+SCHEMA_VERSION = 1
+
+CLOCK_SKEW_GRACE = 3600.0
+"""Seconds a handled message's dedup record outlives its TTL: covers a receiver clock up to an hour ahead."""
+
+_SCHEMA = """
+CREATE TABLE outbox (
+    message_id      BLOB PRIMARY KEY CHECK (length(message_id) = 16),
+    recipient       TEXT NOT NULL,
+    priority        INTEGER NOT NULL,
+    payload         BLOB NOT NULL,
+    created_at      REAL NOT NULL,
+    expires_at      REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT,
+    failed          TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE inbox (
+    message_id BLOB PRIMARY KEY CHECK (length(message_id) = 16),
+    expires_at REAL NOT NULL,
+    payload    BLOB,
+    handled    INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX inbox_handled_expiry ON inbox (expires_at) WHERE handled = 1
+"""
+
+
+def _check_id(message_id: object) -> bytes:
+    if not isinstance(message_id, bytes) or len(message_id) != ID_BYTES:
+        raise ConfigError(f"message id must be {ID_BYTES} bytes, got {message_id!r}")
+    return message_id
+
+
+class _Store:
+    """An open SQLite file with the retrier's schema."""
+
+    _what = "store"
+
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = open_database(
+            self.path, schema=_SCHEMA, version=SCHEMA_VERSION, synchronous=synchronous
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError(f"{self.path}: the {self._what} is closed")
+        return self._conn
+
+    def close(self) -> None:
+        """Close the file (idempotent). Everything written is already committed."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with translate(self.path, f"closing the {self._what}"):
+                conn.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One unacknowledged message as the outbox keeps it (without its payload)."""
+
+    message_id: bytes
+    recipient: str
+    priority: Priority
+    created_at: float
+    expires_at: float
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    failed: tuple[str, ...]
+
+    def to_enqueue(self, now: float) -> Enqueue:
+        """The event that restores this message into a fresh :class:`.state.RetrierState`."""
+        return Enqueue(
+            self.message_id,
+            self.recipient,
+            self.priority,
+            expires_at=self.expires_at,
+            now=now,
+            attempts=self.attempts,
+            next_attempt_at=self.next_attempt_at,
+            last_error=self.last_error,
+            failed=self.failed,
+        )
+
+
+_ROW_COLUMNS = "message_id, recipient, priority, created_at, expires_at, attempts, next_attempt_at, last_error, failed"
+
+
+class Outbox(_Store):
+    """The sender's persistent outbox: every message not yet acked, failed or expired.
+
+    Open it in the thread that will use it (the retrier actor's ``on_start``).
+    """
+
+    _what = "outbox"
+
+    def put(
+        self,
+        message_id: bytes,
+        recipient: str,
+        priority: Priority,
+        payload: bytes,
+        *,
+        created_at: float,
+        expires_at: float,
+    ) -> bool:
+        """Store a new message, due at once; committed on return. False if the id is already there."""
+        return self.put_many([(message_id, recipient, priority, payload, created_at, expires_at)]) == 1
+
+    def put_many(self, messages: Iterable[tuple[bytes, str, Priority, bytes, float, float]]) -> int:
+        """Store several ``(id, recipient, priority, payload, created_at, expires_at)`` in one transaction.
+
+        Returns how many were new (ids already present are left untouched).
+        """
+        rows = []
+        for message_id, recipient, priority, payload, created_at, expires_at in messages:
+            _check_id(message_id)
+            if not isinstance(priority, Priority):
+                raise ConfigError(f"priority of {message_id.hex()} must be a Priority, got {priority!r}")
+            rows.append((message_id, recipient, int(priority), payload, created_at, expires_at, created_at))
+        with translate(self.path, f"storing {len(rows)} message(s)"), transaction(self._db) as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox"
+                " (message_id, recipient, priority, payload, created_at, expires_at, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            return db.total_changes - before
+
+    def apply(self, decisions: Iterable[Decision]) -> None:
+        """Persist what :class:`.state.RetrierState` decided, in one transaction, before acting on it.
+
+        ``Send`` stores the attempt count and its deadline as the next attempt
+        time; ``Backoff`` the count, time, error and failed transports;
+        ``Delivered`` and ``Failed`` delete the row. ``NextWakeup`` is not stored.
+        """
+        updates: list[tuple[Any, ...]] = []
+        backoffs: list[tuple[Any, ...]] = []
+        deletes: list[tuple[bytes]] = []
+        for d in decisions:
+            if isinstance(d, Send):
+                updates.append((d.attempt, d.deadline, d.message_id))
+            elif isinstance(d, Backoff):
+                backoffs.append((d.attempts, d.next_attempt_at, d.last_error, json.dumps(d.failed), d.message_id))
+            elif isinstance(d, Delivered | Failed):
+                deletes.append((d.message_id,))
+        if not (updates or backoffs or deletes):
+            return
+        with translate(self.path, "recording delivery decisions"), transaction(self._db) as db:
+            db.executemany("UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE message_id = ?", updates)
+            db.executemany(
+                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, failed = ? WHERE message_id = ?",
+                backoffs,
+            )
+            db.executemany("DELETE FROM outbox WHERE message_id = ?", deletes)
+
+    def delete(self, message_id: bytes) -> bool:
+        """Forget a message (acked or given up on); True if it was there."""
+        with translate(self.path, f"deleting message {message_id.hex()}"):
+            return self._db.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,)).rowcount > 0
+
+    def payload(self, message_id: bytes) -> bytes | None:
+        """The stored payload (the encoded envelope), or None if the message is gone."""
+        with translate(self.path, f"reading message {message_id.hex()}"):
+            row = self._db.execute("SELECT payload FROM outbox WHERE message_id = ?", (message_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def get(self, message_id: bytes) -> OutboxRow | None:
+        """One message's row, or None."""
+        with translate(self.path, f"reading message {message_id.hex()}"):
+            row = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM outbox WHERE message_id = ?", (message_id,)).fetchone()
+        return None if row is None else self._row(row)
+
+    def pending(self) -> list[OutboxRow]:
+        """Every stored message, oldest first: what a restarted retrier replays."""
+        with translate(self.path, "reading the outbox"):
+            rows = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM outbox ORDER BY created_at, message_id").fetchall()
+        return [self._row(r) for r in rows]
+
+    def __len__(self) -> int:
+        with translate(self.path, "counting the outbox"):
+            return int(self._db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def _row(self, row: tuple[Any, ...]) -> OutboxRow:
+        message_id, recipient, priority, created_at, expires_at, attempts, next_at, last_error, failed = row
+        try:
+            transports = json.loads(failed)
+            if not isinstance(transports, list) or not all(isinstance(t, str) for t in transports):
+                raise ValueError(f"failed is not a list of transport names: {failed!r}")
+            return OutboxRow(
+                bytes(message_id),
+                recipient,
+                Priority(priority),
+                created_at,
+                expires_at,
+                attempts,
+                next_at,
+                last_error,
+                tuple(transports),
+            )
+        except ValueError as exc:
+            raise StorageError(f"{self.path}: message {bytes(message_id).hex()} has an unreadable row: {exc}") from exc
+
+
+class Inbox(_Store):
+    """The receiver's dedup record: each message id is accepted once, then dispatched until handled.
+
+    Open it in the thread that will use it. The protocol (see the module docstring):
+    ``accept`` → ack → dispatch → ``mark_handled``; after a restart, dispatch
+    every id of :meth:`unhandled` from :meth:`payload`.
+    """
+
+    _what = "inbox"
+
+    def accept(self, message_id: bytes, expires_at: float, payload: bytes) -> bool:
+        """Record a received message; True only the first time its id is seen.
+
+        Atomic (``INSERT OR IGNORE``) and committed before it returns, so the
+        ack that follows a True is sent for a message that survives a crash.
+        The payload is kept until :meth:`mark_handled`, for re-dispatch.
+        """
+        _check_id(message_id)
+        with translate(self.path, f"accepting message {message_id.hex()}"):
+            cursor = self._db.execute(
+                "INSERT OR IGNORE INTO inbox (message_id, expires_at, payload) VALUES (?, ?, ?)",
+                (message_id, expires_at, payload),
+            )
+            return cursor.rowcount == 1
+
+    def mark_handled(self, message_id: bytes) -> bool:
+        """The application has handled the message; committed on return. False if unknown or already marked."""
+        with translate(self.path, f"marking message {message_id.hex()} handled"):
+            cursor = self._db.execute(
+                "UPDATE inbox SET handled = 1, payload = NULL WHERE message_id = ? AND handled = 0", (message_id,)
+            )
+            return cursor.rowcount == 1
+
+    def is_handled(self, message_id: bytes) -> bool:
+        """True once :meth:`mark_handled` committed for this id."""
+        with translate(self.path, f"reading message {message_id.hex()}"):
+            row = self._db.execute("SELECT handled FROM inbox WHERE message_id = ?", (message_id,)).fetchone()
+        return row is not None and bool(row[0])
+
+    def unhandled(self) -> list[bytes]:
+        """Ids accepted but not yet handled, in arrival order: re-dispatch them after a restart."""
+        with translate(self.path, "reading unhandled messages"):
+            rows = self._db.execute("SELECT message_id FROM inbox WHERE handled = 0 ORDER BY rowid").fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def payload(self, message_id: bytes) -> bytes | None:
+        """The stored payload of an unhandled message, or None."""
+        with translate(self.path, f"reading message {message_id.hex()}"):
+            row = self._db.execute(
+                "SELECT payload FROM inbox WHERE message_id = ? AND handled = 0", (message_id,)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def expire(self, now: float) -> int:
+        """Forget handled messages whose TTL ended more than :data:`CLOCK_SKEW_GRACE` ago; how many."""
+        with translate(self.path, "expiring handled messages"):
+            cursor = self._db.execute(
+                "DELETE FROM inbox WHERE handled = 1 AND expires_at < ?", (now - CLOCK_SKEW_GRACE,)
+            )
+            return cursor.rowcount
+
+    def __len__(self) -> int:
+        with translate(self.path, "counting the inbox"):
+            return int(self._db.execute("SELECT count(*) FROM inbox").fetchone()[0])
