@@ -7,7 +7,7 @@ the delivery retrier does that and tells it::
 
     retrier ──Transmit──► transport ──TransmitResult──► retrier
     transport ──Received──────────────────────────────► retrier   (every inbound envelope)
-    sweeper ──Discover (ask)──► transport ──Discovered (reply)──► sweeper ──PeerSeen──► registry
+    sweeper ──Discover──► transport ──Discovered──► sweeper ──Sighted──► registry
     acceptor ──Adopt──► transport                                   (a connection sniffed as its protocol)
 
 Its bus name is its transport name (``websocket``, ``libp2p``, ``bitchat``,
@@ -87,16 +87,23 @@ class Sighting:
 @codec.message("transport.Discover")
 @dataclass(frozen=True, slots=True)
 class Discover:
-    """Ask: run one round of this transport's discovery within ``timeout`` seconds."""
+    """Run one round of this transport's discovery and tell ``reply_to`` a Discovered.
 
+    The round must not block the transport's actor (run it on the transport's own
+    I/O loop); the sweeper stops waiting after ``timeout`` seconds either way.
+    """
+
+    round: int
     timeout: float
+    reply_to: str
 
 
 @codec.message("transport.Discovered")
 @dataclass(frozen=True, slots=True)
 class Discovered:
-    """Reply to Discover: what one round found."""
+    """What one round of a transport's discovery found."""
 
+    round: int
     transport: str
     sightings: tuple[Sighting, ...]
     errors: tuple[str, ...]
