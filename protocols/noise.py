@@ -75,6 +75,7 @@ import hmac
 import os
 import struct
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from nacl.bindings import (
     crypto_aead_chacha20poly1305_ietf_decrypt,
@@ -102,6 +103,7 @@ __all__ = [
     "REKEY_INTERVAL",
     "VERSION",
     "ChannelInput",
+    "ChannelOptions",
     "ChannelState",
     "CipherState",
     "Data",
@@ -449,6 +451,19 @@ def _verify_identity(payload: bytes, remote_static: bytes, expected: bytes | Non
     return identity
 
 
+class ChannelOptions(TypedDict, total=False):
+    """Optional keyword arguments of :meth:`SecureChannel.initiator` and :meth:`SecureChannel.responder`."""
+
+    expected_identity: bytes | None
+    """Refuse any peer whose identity is not this Ed25519 public key."""
+    ephemeral: bytes | None
+    """A fixed X25519 ephemeral private key, for tests only (random by default)."""
+    rekey_interval: int | None
+    """Messages per direction between rekeys (default ``REKEY_INTERVAL``; None: never). Both ends must agree."""
+    nonce_limit: int
+    """Messages per direction before the hard stop (default ``NONCE_LIMIT``; lower it only in tests)."""
+
+
 class SecureChannel:
     """One end of a villagemesh secure channel; sans-I/O. Build it with :meth:`initiator` or :meth:`responder`.
 
@@ -499,21 +514,23 @@ class SecureChannel:
             self._state = ChannelState.AWAIT_HEADER
 
     @classmethod
-    def initiator(cls, static: bytes, identity: SigningKey, **options: object) -> SecureChannel:
+    def initiator(cls, static: bytes, identity: SigningKey, **options: Unpack[ChannelOptions]) -> SecureChannel:
         """The dialing side; its :meth:`data_to_send` starts with ``HEADER``.
 
         Args:
             static: our X25519 private key (32 bytes).
             identity: our Ed25519 identity key.
-            options: ``expected_identity`` (refuse any other peer identity),
-                ``ephemeral`` (tests only), ``rekey_interval``, ``nonce_limit``.
+            options: see :class:`ChannelOptions`.
+
+        Raises:
+            ConfigError: a key of the wrong size or type, or a limit out of range.
         """
-        return cls(initiator=True, static=static, identity=identity, **options)  # type: ignore[arg-type]
+        return cls(initiator=True, static=static, identity=identity, **options)
 
     @classmethod
-    def responder(cls, static: bytes, identity: SigningKey, **options: object) -> SecureChannel:
-        """The accepting side (the acceptor hands it every byte, header included); options as :meth:`initiator`."""
-        return cls(initiator=False, static=static, identity=identity, **options)  # type: ignore[arg-type]
+    def responder(cls, static: bytes, identity: SigningKey, **options: Unpack[ChannelOptions]) -> SecureChannel:
+        """The accepting side; the acceptor hands it every byte, header included. Arguments as :meth:`initiator`."""
+        return cls(initiator=False, static=static, identity=identity, **options)
 
     @property
     def state(self) -> ChannelState:

@@ -70,6 +70,25 @@ def handshake(**options: object) -> tuple[SecureChannel, SecureChannel]:
     return initiator, responder
 
 
+def initiator_stream(messages: list[bytes]) -> tuple[bytes, SecureChannel]:
+    """Everything an initiator sends in a session carrying ``messages``, and a fresh responder to feed it to.
+
+    The initiator talks to a probe responder with the same fixed keys, so the
+    fresh responder derives the same session and can read the whole stream.
+    """
+    initiator, responder = channels()
+    probe = SecureChannel.responder(R_STATIC, R_ID, ephemeral=R_EPH)
+    first = initiator.data_to_send()
+    events(probe, first)
+    events(initiator, probe.data_to_send())
+    return first + initiator.data_to_send() + b"".join(initiator.send(m) for m in messages), responder
+
+
+def initiator_done() -> HandshakeComplete:
+    """The event a responder gets when the handshake with the fixed initiator completes."""
+    return HandshakeComplete(bytes(I_ID.verify_key), XXHandshake(True, I_STATIC).s_pub)
+
+
 def deframe(data: bytes) -> list[bytes]:
     out = []
     while data:
@@ -199,7 +218,7 @@ def test_handshake_authenticates_both_identities() -> None:
     [done_i] = events(initiator, responder.data_to_send())
     [done_r] = events(responder, initiator.data_to_send())
     assert done_i == HandshakeComplete(bytes(R_ID.verify_key), XXHandshake(False, R_STATIC).s_pub)
-    assert done_r == HandshakeComplete(bytes(I_ID.verify_key), XXHandshake(True, I_STATIC).s_pub)
+    assert done_r == initiator_done()
     assert initiator.remote_identity == bytes(R_ID.verify_key)
     assert initiator.state is responder.state is ChannelState.TRANSPORT
     assert initiator.handshake_hash == responder.handshake_hash
@@ -209,17 +228,11 @@ def test_handshake_authenticates_both_identities() -> None:
 @given(st.lists(st.binary(max_size=3000), max_size=4), st.data())
 def test_any_chunking_of_the_stream_gives_the_same_events(messages: list[bytes], data: st.DataObject) -> None:
     """Handshake and data arrive as the same events however the initiator's bytes are split."""
-    initiator, responder = channels()
-    probe = SecureChannel.responder(R_STATIC, R_ID, ephemeral=R_EPH)
-    first = initiator.data_to_send()
-    events(probe, first)
-    events(initiator, probe.data_to_send())
-    stream = first + initiator.data_to_send() + b"".join(initiator.send(m) for m in messages)
+    stream, responder = initiator_stream(messages)
     received: list[object] = []
     for chunk in data.draw(vst.chunkings(stream)):
         received.extend(events(responder, chunk))
-    assert received[0] == HandshakeComplete(bytes(I_ID.verify_key), XXHandshake(True, I_STATIC).s_pub)
-    assert received[1:] == [Data(m) for m in messages if m]
+    assert received == [initiator_done(), *(Data(m) for m in messages if m)]
 
 
 @settings(deadline=None)
@@ -255,15 +268,10 @@ def test_random_bytes_after_the_handshake_raise_only_remote_protocol_errors(raw:
 @given(st.lists(st.binary(min_size=1, max_size=100), min_size=1, max_size=3), st.data())
 def test_tampered_streams_never_yield_altered_data(messages: list[bytes], data: st.DataObject) -> None:
     """Flipping any byte of a whole session gives a prefix of the true events, then an error or NEED_DATA."""
-    initiator, responder = channels()
-    probe = SecureChannel.responder(R_STATIC, R_ID, ephemeral=R_EPH)
-    first = initiator.data_to_send()
-    events(probe, first)
-    events(initiator, probe.data_to_send())
-    stream = bytearray(first + initiator.data_to_send() + b"".join(initiator.send(m) for m in messages))
+    raw, responder = initiator_stream(messages)
+    stream = bytearray(raw)
     stream[data.draw(st.integers(0, len(stream) - 1))] ^= data.draw(st.integers(1, 255))
-    expected = [HandshakeComplete(bytes(I_ID.verify_key), XXHandshake(True, I_STATIC).s_pub)]
-    expected += [Data(m) for m in messages]
+    expected = [initiator_done(), *(Data(m) for m in messages)]
     received: list[object] = []
     responder.receive_data(bytes(stream))
     try:
