@@ -10,7 +10,7 @@ and does no I/O. The actor persists what the decisions say in the outbox
     ─────────                                   ─────────────
     Enqueue(id, recipient, priority, ...)  ──►  Send(id, recipient, transport, attempt, deadline)
     Routes(recipient, transports)          ──►  Backoff(id, attempts, next_attempt_at, last_error, failed)
-    AttemptResult(id, attempt, error)      ──►  Delivered(id, attempts, transport)
+    AttemptResult(id, attempt, error, ...) ──►  Delivered(id, attempts, transport)
     AckReceived(id)                        ──►  Failed(id, attempts, last_error, reason)
     Tick(now)                              ──►  NextWakeup(at)
 
@@ -41,7 +41,11 @@ Rules (each a test or a hypothesis invariant):
    attempt with budget left, the retry waits ``policy.delay(attempts, rand)``
    where ``rand`` is derived from the message id and attempt number (a hash),
    so retries of different messages spread out and a replay gives the same
-   schedule. The budget spent → ``Failed(ATTEMPTS_EXHAUSTED)``.
+   schedule. Exception: a *retryable* transport error (the peer surely did
+   not get the bytes) while a transport of the current round is still
+   untried fails over to it at once. A non-retryable error (the peer may
+   have the bytes) does not end the attempt: the ack or the deadline does.
+   The budget spent → ``Failed(ATTEMPTS_EXHAUSTED)``.
 4. *TTL.* At ``expires_at`` a message is failed whatever its state
    (``Failed(TTL_EXPIRED)``); an in-flight copy may still arrive: ``Failed``
    means "not confirmed", as urllib3 distinguishes "not sent" from "not known".
@@ -77,7 +81,7 @@ from typing import Generic, TypeVar
 from villagemesh.errors import ConfigError
 from villagemesh.protocols.envelope import Priority
 
-from .modes import NetworkMode, next_transport
+from .modes import NetworkMode, next_transport, transport_order
 from .policy import RetryPolicy
 
 __all__ = [
@@ -156,13 +160,20 @@ class Routes:
 
 @dataclass(frozen=True, slots=True)
 class AttemptResult:
-    """A transport's answer to a ``Send``: ``error`` None means it took the bytes."""
+    """A transport's answer to a ``Send``: ``error`` None means it took the bytes.
+
+    ``retryable`` (urllib3's distinction, the transport contract's flag): True
+    when the peer surely did not get the bytes (connection refused), so the
+    next transport may be tried at once; False when it may have, so the
+    retrier keeps waiting for the ack until the deadline.
+    """
 
     message_id: bytes
     attempt: int
     transport: str
     error: str | None
     now: float
+    retryable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,7 +502,10 @@ class RetrierState:
             return  # late answer for an attempt already settled
         if ev.error is None:
             return  # the transport took it; the ack (or the deadline) settles it
-        self._attempt_failed(entry, f"{ev.transport}: {ev.error}", ev.now, out)
+        if not ev.retryable:
+            entry.last_error = f"{ev.transport}: {ev.error}"
+            return  # the peer may have it: resending now could only duplicate; the deadline decides
+        self._attempt_failed(entry, f"{ev.transport}: {ev.error}", ev.now, out, failover=True)
 
     def _ack(self, ev: AckReceived, out: list[Decision]) -> None:
         entry = self._entries.get(ev.message_id)
@@ -513,7 +527,9 @@ class RetrierState:
         entry.version += 1
         self._ready.push(entry.priority, (entry.message_id, entry.version))
 
-    def _attempt_failed(self, entry: _Entry, error: str, now: float, out: list[Decision]) -> None:
+    def _attempt_failed(
+        self, entry: _Entry, error: str, now: float, out: list[Decision], *, failover: bool = False
+    ) -> None:
         self._in_flight -= 1
         entry.phase = Phase.WAITING  # out of flight; _wait or _give_up settles it below
         entry.last_error = error
@@ -522,7 +538,12 @@ class RetrierState:
         if entry.attempts >= self.policy.max_attempts:
             self._give_up(entry, FailReason.ATTEMPTS_EXHAUSTED, out)
             return
-        entry.next_attempt_at = now + self.policy.delay(entry.attempts, jitter_rand(entry.message_id, entry.attempts))
+        untried = set(transport_order(self.mode, self._routes.get(entry.recipient, ()))) - set(entry.failed)
+        if failover and untried:
+            entry.next_attempt_at = now  # surely not received: the next transport, at once
+        else:
+            rand = jitter_rand(entry.message_id, entry.attempts)
+            entry.next_attempt_at = now + self.policy.delay(entry.attempts, rand)
         self.counters.retried += 1
         out.append(Backoff(entry.message_id, entry.attempts, entry.next_attempt_at, error, entry.failed))
         self._wait(entry)

@@ -77,20 +77,39 @@ def test_ack_delivers_and_forgets_the_message() -> None:
     assert len(state) == 0 and state.in_flight == 0
 
 
-def test_transport_error_backs_off_then_fails_over_to_the_next_transport() -> None:
-    """libp2p refuses → Backoff by the policy's delay → the retry goes on bitchat."""
-    policy = RetryPolicy(jitter=0.5)
-    state = fresh(policy=policy)
+def test_refused_connection_fails_over_to_the_next_transport_at_once() -> None:
+    """libp2p refuses (retryable): the same step sends attempt 2 on bitchat, hybrid's second."""
+    state = fresh()
     state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
     out = state.step(AttemptResult(mid(1), 1, "libp2p", "connection refused", now=0.5))
-    expected_at = 0.5 + policy.delay(1, jitter_rand(mid(1), 1))
-    assert out == [
-        Backoff(mid(1), 1, expected_at, "libp2p: connection refused", ("libp2p",)),
-        NextWakeup(expected_at),
-    ]
+    assert of(Backoff, out) == [Backoff(mid(1), 1, 0.5, "libp2p: connection refused", ("libp2p",))]
+    assert [(s.transport, s.attempt) for s in of(Send, out)] == [("bitchat", 2)]
+
+
+def test_after_a_whole_round_failed_the_retry_backs_off() -> None:
+    """Every transport refused: the next attempt waits the policy's delay, then restarts on libp2p."""
+    policy = RetryPolicy(jitter=0.5, max_attempts=10)
+    state = RetrierState(policy=policy)
+    state.step(Routes("bob", ("libp2p", "websocket"), now=0.0))
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    state.step(AttemptResult(mid(1), 1, "libp2p", "refused", now=0.0))
+    out = state.step(AttemptResult(mid(1), 2, "websocket", "refused", now=0.0))
+    expected_at = policy.delay(2, jitter_rand(mid(1), 2))
+    assert of(Backoff, out) == [Backoff(mid(1), 2, expected_at, "websocket: refused", ("libp2p", "websocket"))]
+    assert of(Send, out) == [] and of(NextWakeup, out) == [NextWakeup(expected_at)]
     assert of(Send, state.step(Tick(expected_at - 0.01))) == []
     sends = of(Send, state.step(Tick(expected_at)))
-    assert [(s.transport, s.attempt) for s in sends] == [("bitchat", 2)]
+    assert [(s.transport, s.attempt) for s in sends] == [("libp2p", 3)]
+    assert state.view(mid(1)).failed == ()  # type: ignore[union-attr]
+
+
+def test_error_after_the_peer_may_have_the_bytes_waits_for_the_ack() -> None:
+    """Not retryable (reset mid-write): no resend; an ack still delivers; the deadline would fail it."""
+    state = fresh(ack_timeout=10.0)
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    assert state.step(AttemptResult(mid(1), 1, "libp2p", "reset", now=1.0, retryable=False)) == []
+    assert state.view(mid(1)).phase is Phase.IN_FLIGHT  # type: ignore[union-attr]
+    assert state.step(AckReceived(mid(1), now=2.0)) == [Delivered(mid(1), 1, "libp2p")]
 
 
 def test_missing_ack_counts_as_a_failed_attempt() -> None:
@@ -105,16 +124,20 @@ def test_missing_ack_counts_as_a_failed_attempt() -> None:
 
 
 def test_spent_budget_fails_with_the_last_error() -> None:
-    """Five failures (the fifth back on libp2p after a full round) → Failed(ATTEMPTS_EXHAUSTED)."""
+    """Five refusals (the fifth back on libp2p after a full round) → Failed(ATTEMPTS_EXHAUSTED)."""
     state = fresh(policy=RetryPolicy(max_attempts=5))
     out = state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=10_000.0, now=0.0))
     now = 0.0
+    transports = []
     for _ in range(5):
-        (send,) = of(Send, out)
-        out = state.step(AttemptResult(mid(1), send.attempt, send.transport, "boom", now=now))
-        if send.attempt < 5:
+        sends = of(Send, out)
+        if not sends:
             now = of(Backoff, out)[0].next_attempt_at
-            out = state.step(Tick(now))
+            sends = of(Send, state.step(Tick(now)))
+        (send,) = sends
+        transports.append(send.transport)
+        out = state.step(AttemptResult(mid(1), send.attempt, send.transport, "boom", now=now))
+    assert transports == ["libp2p", "bitchat", "betanet", "websocket", "libp2p"]
     assert of(Failed, out) == [Failed(mid(1), 5, "libp2p: boom", FailReason.ATTEMPTS_EXHAUSTED)]
 
 
@@ -330,7 +353,7 @@ class RetrierMachine(RuleBasedStateMachine):
             elif isinstance(d, Backoff):
                 assert d.message_id in self.outstanding
                 del self.outstanding[d.message_id]
-                assert d.next_attempt_at > self.now
+                assert d.next_attempt_at >= self.now
             elif isinstance(d, Delivered):
                 assert d.message_id not in self.delivered | self.failed
                 self.delivered.add(d.message_id)
@@ -362,10 +385,10 @@ class RetrierMachine(RuleBasedStateMachine):
         self.apply(Routes(recipient, tuple(transports), now=self.now))
 
     @precondition(lambda self: self.outstanding)
-    @rule(data=st.data(), error=st.one_of(st.none(), st.sampled_from(["refused", "reset"])))
-    def transport_answers(self, data: st.DataObject, error: str | None) -> None:
+    @rule(data=st.data(), error=st.one_of(st.none(), st.sampled_from(["refused", "reset"])), retryable=st.booleans())
+    def transport_answers(self, data: st.DataObject, error: str | None, retryable: bool) -> None:
         send = data.draw(st.sampled_from(sorted(self.outstanding.values(), key=lambda s: s.message_id)))
-        self.apply(AttemptResult(send.message_id, send.attempt, send.transport, error, now=self.now))
+        self.apply(AttemptResult(send.message_id, send.attempt, send.transport, error, self.now, retryable))
 
     @rule(message_id=ids)
     def ack(self, message_id: bytes) -> None:
