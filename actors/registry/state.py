@@ -74,7 +74,9 @@ __all__ = [
     "MAX_TRUST",
     "MIN_EVOLUTION_TRUST",
     "MIN_TRUST",
+    "SCHEME_TRANSPORTS",
     "Addresses",
+    "Observation",
     "PeerRecord",
     "Selection",
     "adjust_trust",
@@ -85,8 +87,11 @@ __all__ = [
     "is_suitable_for_evolution",
     "latency_bonus",
     "merge",
+    "observe",
+    "record_from_discovery",
     "record_outcome",
     "suitable_peers",
+    "transport_of",
 ]
 
 DEFAULT_TRUST = 0.5
@@ -137,14 +142,37 @@ def _normalise_addresses(value: Addresses | Mapping[str, Iterable[str]]) -> Addr
     return tuple(sorted((t, tuple(a[:MAX_ADDRESSES_PER_TRANSPORT])) for t, a in out.items() if a))
 
 
+SCHEME_TRANSPORTS: Mapping[str, str] = {
+    "ws": "websocket",
+    "wss": "websocket",
+    "websocket": "websocket",
+    "libp2p": "libp2p",
+    "bitchat": "bitchat",
+    "betanet": "betanet",
+}
+"""URL schemes of the transports' addresses; any other scheme names itself (``tcp`` stays ``tcp``)."""
+
+
+def transport_of(address: str) -> str:
+    """The transport an address belongs to: its URL scheme (``ws`` → websocket), libp2p for a multiaddr.
+
+    Raises:
+        ConfigError: ``address`` is neither ``scheme://…`` nor a ``/…`` multiaddr.
+    """
+    if isinstance(address, str) and address.startswith("/") and len(address) > 1:
+        return "libp2p"
+    scheme, sep, rest = address.partition("://") if isinstance(address, str) else ("", "", "")
+    if not sep or not scheme or not rest:
+        raise ConfigError(f"address must look like 'transport://host:port' or a /multiaddr, got {address!r}")
+    scheme = scheme.lower()
+    return SCHEME_TRANSPORTS.get(scheme, scheme)
+
+
 def group_addresses(urls: Iterable[str]) -> Addresses:
-    """Group ``"transport://host:port"`` addresses (discovery's form) by their transport."""
+    """Group addresses (discovery's URLs, libp2p multiaddrs) by their transport (:func:`transport_of`)."""
     grouped: dict[str, list[str]] = {}
     for url in urls:
-        scheme, sep, _ = url.partition("://") if isinstance(url, str) else ("", "", "")
-        if not sep or not scheme:
-            raise ConfigError(f"address must look like 'transport://host:port', got {url!r}")
-        grouped.setdefault(scheme, []).append(url)
+        grouped.setdefault(transport_of(url), []).append(url)
     return _normalise_addresses(grouped)
 
 
@@ -242,6 +270,57 @@ def merge(old: PeerRecord, new: PeerRecord) -> PeerRecord:
         trust=old.trust,
         latency_ms=newer.latency_ms if newer.latency_ms is not None else older.latency_ms,
         source=newer.source if newer.source is not None else older.source,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What a sighting did to the registry: the record to keep, and what changed."""
+
+    record: PeerRecord
+    new: bool
+    """The peer was unknown."""
+    changed: bool
+    """The record differs from the stored one (so it must be written)."""
+    routes_changed: bool
+    """Its addresses differ (so the retrier must hear of it)."""
+
+
+def observe(old: PeerRecord | None, sighting: PeerRecord) -> Observation:
+    """Fold one sighting into what is known (:func:`merge`), saying what changed.
+
+    Raises:
+        RemoteProtocolError: the sighting's public key differs from the pinned one.
+    """
+    if old is None:
+        return Observation(sighting, True, True, bool(sighting.addresses))
+    merged = merge(old, sighting)
+    return Observation(merged, False, merged != old, merged.addresses != old.addresses)
+
+
+def record_from_discovery(
+    node_id: str,
+    addresses: Iterable[str],
+    capabilities: Capabilities,
+    public_key: bytes | None,
+    *,
+    now: float,
+    latency_ms: float | None,
+    source: str | None,
+) -> PeerRecord:
+    """A sighting's record from a verified discovery event's fields, seen at ``now`` (this node's clock).
+
+    The event's own timestamp is the sender's clock: it is checked for
+    freshness by the caller, never stored as ``last_seen``.
+    """
+    return PeerRecord(
+        peer_id=node_id,
+        addresses=group_addresses(addresses),
+        capabilities=capabilities,
+        public_key=public_key,
+        last_seen=now,
+        latency_ms=latency_ms,
+        source=source,
     )
 
 

@@ -18,8 +18,11 @@ from villagemesh.actors.registry.state import (
     is_suitable_for_evolution,
     latency_bonus,
     merge,
+    observe,
+    record_from_discovery,
     record_outcome,
     suitable_peers,
+    transport_of,
 )
 from villagemesh.errors import ConfigError, RemoteProtocolError
 from villagemesh.protocols.discovery import Capabilities
@@ -93,6 +96,42 @@ def test_invalid_records_are_refused_naming_the_field(field: str, value: object,
     base[field] = value
     with pytest.raises(ConfigError, match=named):
         PeerRecord(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("address", "transport"),
+    [
+        ("ws://127.0.0.1:7000", "websocket"),
+        ("WSS://h:443", "websocket"),
+        ("/ip4/127.0.0.1/tcp/4001", "libp2p"),
+        ("libp2p://h:1", "libp2p"),
+        ("bitchat://aa:bb", "bitchat"),
+        ("tcp://10.0.0.2:9000", "tcp"),
+    ],
+)
+def test_addresses_map_to_their_transport(address: str, transport: str) -> None:
+    """URL schemes name transports (ws → websocket); multiaddrs are libp2p; other schemes name themselves."""
+    assert transport_of(address) == transport
+
+
+def test_observation_says_what_changed() -> None:
+    """New peer; an identical re-sighting changes nothing; a new address changes the routes."""
+    first = observe(None, peer(addresses={"libp2p": ["a:1"]}))
+    assert (first.new, first.changed, first.routes_changed) == (True, True, True)
+    again = observe(first.record, first.record)
+    assert (again.new, again.changed, again.routes_changed) == (False, False, False)
+    later = observe(first.record, peer(last_seen=200.0, addresses={"lan": ["x:1"]}))
+    assert (later.changed, later.routes_changed) == (True, True)
+    touched = observe(later.record, peer(last_seen=300.0, addresses={"lan": ["x:1"]}))
+    assert (touched.changed, touched.routes_changed) == (True, False)
+
+
+def test_discovery_sighting_uses_this_nodes_clock() -> None:
+    """last_seen is the observer's now; addresses are grouped by transport."""
+    rec = record_from_discovery(
+        "n1", ["ws://h:1", "/ip4/1.2.3.4/tcp/1"], caps(), b"k" * 32, now=42.0, latency_ms=3.0, source="lan"
+    )
+    assert rec.last_seen == 42.0 and rec.transports == ("libp2p", "websocket") and rec.trust == 0.5
 
 
 # --- merge --------------------------------------------------------------------------------------
