@@ -1,0 +1,1 @@
+"""The node's application gateway: inbound messages to subscribers, delivery handles resolved."""

@@ -1,0 +1,1 @@
+"""Authenticated sessions over the Noise secure channel."""
