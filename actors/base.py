@@ -403,7 +403,7 @@ class Actor(Supervised):
         self.sender: busmod.Sender
         super().__init__(watcher=ctx.watcher)
 
-    def _create_actor_inbox(self) -> Any:  # pykka calls this from __init__
+    def _create_actor_inbox(self) -> Any:  # type: ignore[override]  # pykka calls it from __init__, bound
         self._inbox = _BusInbox(self._mailbox)
         return self._inbox
 

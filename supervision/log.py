@@ -133,7 +133,7 @@ class EventLog:
         if event == "child_stopped" and fields["reason"] not in STOP_REASONS:
             raise ConfigError(f"child_stopped reason must be one of {sorted(STOP_REASONS)}, got {fields['reason']!r}")
         record: dict[str, Any] = {"event": event, "level": level, "node": self.node, **fields}
-        record = self._stamp(None, level, record)
+        record = dict(self._stamp(None, level, record))
         if self._json is not None:
             self._json.msg(**record)
         if self._human is not None:

@@ -340,7 +340,7 @@ class _UplinkLog:
         self._bus.client().uplink(b"log", codec.pack({"event": event, "level": level, **fields}))
 
 
-def _load(target: str) -> type:
+def _load(target: str) -> type[Actor]:
     module_name, _, qualname = target.partition(":")
     obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
