@@ -1,0 +1,184 @@
+"""Subscribers and delivery handles: the thread-safe tables the node and its gateway share.
+
+The application registers handlers from any thread (``Node.subscribe``) and
+holds :class:`DeliveryHandle`\\s; the gateway actor calls handlers and
+resolves handles from its own thread. Both tables are small and locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from villagemesh.errors import ConfigError, DeliveryFailed
+
+__all__ = ["DeliveryHandle", "DeliveryState", "DeliveryStatus", "HandleTable", "Subscribers"]
+
+Handler = Callable[[Any], Any]
+
+ANY_KIND = "*"
+"""Subscribe to this kind to receive every message."""
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    handler: Handler
+    loop: asyncio.AbstractEventLoop | None
+    """For a coroutine handler: the loop it was subscribed from, where it runs."""
+
+
+class Subscribers:
+    """kind -> handlers. Handlers are called in the gateway's thread; coroutine handlers
+    run on the event loop that was running when they subscribed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_kind: dict[str, list[_Subscription]] = {}
+
+    def add(self, kind: str, handler: Handler) -> Callable[[], None]:
+        """Subscribe ``handler`` to ``kind`` (``"*"`` for all); returns the unsubscribe function."""
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"message kind must be a non-empty string, got {kind!r}")
+        if not callable(handler):
+            raise ConfigError(f"handler for {kind!r} must be callable, got {handler!r}")
+        loop = None
+        if inspect.iscoroutinefunction(handler):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise ConfigError(
+                    f"coroutine handler {handler!r} must be subscribed from a running event loop"
+                ) from None
+        sub = _Subscription(handler, loop)
+        with self._lock:
+            self._by_kind.setdefault(kind, []).append(sub)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                subs = self._by_kind.get(kind, [])
+                if sub in subs:
+                    subs.remove(sub)
+
+        return unsubscribe
+
+    def for_kind(self, kind: str) -> list[_Subscription]:
+        """Handlers for ``kind`` then for every kind, in subscription order."""
+        with self._lock:
+            return [*self._by_kind.get(kind, ()), *self._by_kind.get(ANY_KIND, ())]
+
+
+class DeliveryState(enum.Enum):
+    """Where an outbound message is."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class DeliveryStatus:
+    """The end of an outbound message: delivered, or failed after ``attempts`` with ``last_error``."""
+
+    message_id: str
+    state: DeliveryState
+    attempts: int
+    last_error: str | None
+
+    @property
+    def delivered(self) -> bool:
+        """True once the recipient acknowledged the message."""
+        return self.state is DeliveryState.DELIVERED
+
+
+class DeliveryHandle:
+    """What ``Node.send`` returns: wait for (or await) the message's end."""
+
+    def __init__(self, message_id: bytes) -> None:
+        self.message_id = message_id
+        self._done = threading.Event()
+        self._status = DeliveryStatus(message_id.hex(), DeliveryState.PENDING, 0, None)
+        self._callbacks: list[Callable[[DeliveryStatus], None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def status(self) -> DeliveryStatus:
+        """The status now (PENDING until the end)."""
+        return self._status
+
+    def done(self) -> bool:
+        """Whether the message reached its end."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float) -> DeliveryStatus:
+        """Block up to ``timeout`` seconds for the end; the status then (maybe still PENDING)."""
+        self._done.wait(timeout)
+        return self._status
+
+    def result(self, timeout: float) -> DeliveryStatus:
+        """Like :meth:`wait`, but raises DeliveryFailed for a failed message and TimeoutError if pending."""
+        status = self.wait(timeout)
+        if status.state is DeliveryState.PENDING:
+            raise TimeoutError(f"message {status.message_id} still pending after {timeout} s")
+        if status.state is DeliveryState.FAILED:
+            raise DeliveryFailed(status.message_id, status.attempts, status.last_error or "unknown")
+        return status
+
+    def add_done_callback(self, fn: Callable[[DeliveryStatus], None]) -> None:
+        """Call ``fn(status)`` at the end (at once if already ended), in the gateway's thread."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self._status)
+
+    def __await__(self) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[DeliveryStatus] = loop.create_future()
+
+        def resolve(status: DeliveryStatus) -> None:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(status))
+
+        self.add_done_callback(resolve)
+        return future.__await__()
+
+    def _resolve(self, status: DeliveryStatus) -> None:
+        with self._lock:
+            self._status = status
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(status)
+
+
+class HandleTable:
+    """message id -> handle, until the message's end."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: dict[bytes, DeliveryHandle] = {}
+
+    def new(self, message_id: bytes) -> DeliveryHandle:
+        """A handle for a message about to be sent."""
+        handle = DeliveryHandle(message_id)
+        with self._lock:
+            self._handles[message_id] = handle
+        return handle
+
+    def resolve(self, message_id: bytes, delivered: bool, attempts: int, last_error: str | None) -> bool:
+        """End the handle of ``message_id``; False if nobody holds one (e.g. sent before a restart)."""
+        with self._lock:
+            handle = self._handles.pop(message_id, None)
+        if handle is None:
+            return False
+        state = DeliveryState.DELIVERED if delivered else DeliveryState.FAILED
+        handle._resolve(DeliveryStatus(message_id.hex(), state, attempts, last_error))
+        return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._handles)
