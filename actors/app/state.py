@@ -140,8 +140,12 @@ class DeliveryHandle:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[DeliveryStatus] = loop.create_future()
 
+        def settle(status: DeliveryStatus) -> None:
+            if not future.done():
+                future.set_result(status)
+
         def resolve(status: DeliveryStatus) -> None:
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(status))
+            loop.call_soon_threadsafe(settle, status)
 
         self.add_done_callback(resolve)
         return future.__await__()
