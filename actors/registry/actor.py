@@ -1,0 +1,264 @@
+"""The peer registry actor: a thin shell around :mod:`.state` (decisions) and :mod:`.store` (the file).
+
+::
+
+    sweeper ──Sighted──┐
+    lan ──PeerAnnounced┼─► decode + verify + freshness ─► observe() ─► PeerStore.upsert ─► routes_to: PeerRoutes
+    anyone ──PeerSeen──┘                                   (pure)        (committed)
+    timer ──_Expire──► PeerStore.expire ─► routes_to: PeerRoutes(peer, ()) , log peer_expired
+    asks: GetPeer, ListPeers, FindSuitablePeers, ListRoutes ─► answered from the in-memory copy
+
+The file is the truth: ``on_start`` loads every record from it (so a restarted
+registry, or a restarted node, loses nothing) and every change is committed
+before anyone is told about it. The in-memory dict is a cache of the file.
+
+Signed discovery events are decoded and verified again here
+(:func:`~villagemesh.protocols.discovery.decode_discovery`): the registry does
+not trust the forwarding actor. An announce whose timestamp is more than
+``announce_skew`` seconds away from this node's clock is refused (a replayed
+old announce must not bring back a peer's old addresses).
+
+Config (``ctx.config``, msgpack-able values): ``path`` (the SQLite file,
+required), ``max_age`` (seconds without a sighting before a peer expires,
+default 300: ten missed 30-second heartbeats), ``expire_every`` (seconds
+between expiry sweeps, default 30), ``announce_skew`` (default 600),
+``routes_to`` (bus name told ``PeerRoutes`` on changes, e.g. ``retrier``;
+none by default).
+
+Log events: ``peer_discovered`` (peer_id, source, transports), ``peer_updated``
+(peer_id, source, transports) when its addresses changed, ``peer_expired``
+(peer_id, last_seen), ``peer_forgotten`` (peer_id), ``sighting_rejected``
+(source, reason).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from villagemesh.actors.base import Actor, ActorContext
+from villagemesh.actors.bus import Sender
+from villagemesh.actors.lan.messages import PeerAnnounced
+from villagemesh.actors.sweeper.messages import Sighted
+from villagemesh.errors import BusError, CodecError, ConfigError, ProtocolError
+from villagemesh.protocols.discovery import Announce, DiscoveryResponse, decode_discovery
+
+from .messages import (
+    EvolutionOutcome,
+    FindSuitablePeers,
+    ForgetPeer,
+    GetPeer,
+    ListPeers,
+    ListRoutes,
+    PeerInfo,
+    PeerList,
+    PeerReply,
+    PeerRoutes,
+    PeerSeen,
+    RoutesList,
+    SuitablePeersReply,
+    capabilities_from_text,
+)
+from .state import PeerRecord, group_addresses, observe, record_from_discovery, record_outcome, suitable_peers
+from .store import PeerStore
+
+__all__ = ["RegistryActor", "find_suitable_peers", "get_peer", "list_peers", "record_evolution_outcome"]
+
+DEFAULT_MAX_AGE = 300.0
+DEFAULT_EXPIRE_EVERY = 30.0
+DEFAULT_ANNOUNCE_SKEW = 600.0
+
+
+class _Expire:
+    """Timer: sweep stale peers."""
+
+
+def _positive(config: dict[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"registry config {key!r} must be seconds > 0, got {value!r}")
+    return float(value)
+
+
+class RegistryActor(Actor):
+    """Keeps every known peer, persisted; answers who is out there and who is fit to evolve with."""
+
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx)
+        cfg = dict(ctx.config)
+        path = cfg.get("path")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"the registry needs config['path'] (its SQLite file), got {path!r}")
+        self.path = path
+        self.max_age = _positive(cfg, "max_age", DEFAULT_MAX_AGE)
+        self.expire_every = _positive(cfg, "expire_every", DEFAULT_EXPIRE_EVERY)
+        self.announce_skew = _positive(cfg, "announce_skew", DEFAULT_ANNOUNCE_SKEW)
+        routes_to = cfg.get("routes_to")
+        self.routes_to: str | None = str(routes_to) if routes_to else None
+        self.peers: dict[str, PeerRecord] = {}
+
+    # -- lifecycle (in the actor's thread) -----------------------------------------------------
+
+    def on_start(self) -> None:
+        self.store = PeerStore(self.path)
+        self.peers = {rec.peer_id: rec for rec in self.store.all()}
+        self.schedule(self.expire_every, _Expire())
+
+    def on_stop(self) -> None:
+        self.store.close()
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def handle(self, msg: Any) -> Any:
+        """Dispatch one message (the protocol is in :mod:`.messages`)."""
+        now = time.time()
+        if isinstance(msg, Sighted):
+            for sighting in msg.sightings:
+                self._signed(sighting.announce.encode(), sighting.transport, sighting.latency_ms, now)
+        elif isinstance(msg, PeerAnnounced):
+            self._signed(msg.announce, "lan", None, now)
+        elif isinstance(msg, PeerSeen):
+            self._seen(msg, now)
+        elif isinstance(msg, EvolutionOutcome):
+            self._outcome(msg)
+        elif isinstance(msg, ForgetPeer):
+            self._forget(msg.peer_id)
+        elif isinstance(msg, _Expire):
+            self._expire(now)
+            self.schedule(self.expire_every, _Expire())
+        elif isinstance(msg, GetPeer):
+            rec = self.peers.get(msg.peer_id)
+            return PeerReply(None if rec is None else PeerInfo.of(rec))
+        elif isinstance(msg, ListPeers):
+            return PeerList(tuple(PeerInfo.of(self.peers[k]) for k in sorted(self.peers)))
+        elif isinstance(msg, FindSuitablePeers):
+            max_age = self.max_age if msg.max_age is None else msg.max_age
+            chosen = suitable_peers(self.peers.values(), msg.min_count, now=now, max_age=max_age)
+            return SuitablePeersReply(tuple(PeerInfo.of(p) for p in chosen.peers), msg.min_count, chosen.enough)
+        elif isinstance(msg, ListRoutes):
+            return RoutesList(tuple(PeerRoutes.of(self.peers[k]) for k in sorted(self.peers)))
+        else:
+            raise TypeError(f"registry got an unexpected {type(msg).__name__}")
+        return None
+
+    def _signed(self, body: bytes, source: str, latency_ms: float | None, now: float) -> None:
+        try:
+            event = decode_discovery(body)
+        except ProtocolError as exc:
+            self._reject(source, str(exc))
+            return
+        if not isinstance(event, Announce | DiscoveryResponse):
+            self._reject(source, f"{type(event).__name__} is not a signed announce")
+            return
+        if abs(now - event.timestamp) > self.announce_skew:
+            self._reject(source, f"announce of {event.node_id} is {now - event.timestamp:.0f} s off this node's clock")
+            return
+        rec = record_from_discovery(
+            event.node_id,
+            event.addresses,
+            event.capabilities,
+            event.public_key,
+            now=now,
+            latency_ms=latency_ms,
+            source=source,
+        )
+        self._observe(rec)
+
+    def _seen(self, msg: PeerSeen, now: float) -> None:
+        try:
+            rec = PeerRecord(
+                peer_id=msg.peer_id,
+                addresses=group_addresses(msg.addresses),
+                capabilities=capabilities_from_text(msg.capabilities),
+                public_key=msg.public_key,
+                last_seen=now if msg.last_seen is None else msg.last_seen,
+                latency_ms=msg.latency_ms,
+                source=msg.source,
+            )
+        except (ConfigError, CodecError) as exc:
+            self._reject(msg.source or "unknown", str(exc))
+            return
+        self._observe(rec)
+
+    def _observe(self, rec: PeerRecord) -> None:
+        source = rec.source or "unknown"
+        try:
+            seen = observe(self.peers.get(rec.peer_id), rec)
+        except ProtocolError as exc:  # a different key for a pinned peer
+            self._reject(source, str(exc))
+            return
+        if not seen.changed:
+            return
+        self.store.upsert(seen.record)
+        self.peers[rec.peer_id] = seen.record
+        if seen.new or seen.routes_changed:
+            event = "peer_discovered" if seen.new else "peer_updated"
+            self.ctx.log.emit(event, peer_id=rec.peer_id, source=source, transports=list(seen.record.transports))
+        if seen.routes_changed:
+            self._tell_routes(PeerRoutes.of(seen.record))
+
+    def _outcome(self, msg: EvolutionOutcome) -> None:
+        rec = self.peers.get(msg.peer_id)
+        if rec is None:
+            return  # forgotten meanwhile: nothing to adjust
+        rec = record_outcome(rec, msg.succeeded)
+        self.store.upsert(rec)
+        self.peers[rec.peer_id] = rec
+
+    def _forget(self, peer_id: str) -> None:
+        if self.store.remove(peer_id):
+            self.peers.pop(peer_id, None)
+            self.ctx.log.emit("peer_forgotten", peer_id=peer_id)
+            self._tell_routes(PeerRoutes(peer_id, ()))
+
+    def _expire(self, now: float) -> None:
+        for peer_id in self.store.expire(now, self.max_age):
+            rec = self.peers.pop(peer_id, None)
+            self.ctx.log.emit("peer_expired", peer_id=peer_id, last_seen=None if rec is None else rec.last_seen)
+            self._tell_routes(PeerRoutes(peer_id, ()))
+
+    def _reject(self, source: str, reason: str) -> None:
+        self.ctx.log.emit("sighting_rejected", level="warning", source=source, reason=reason)
+
+    def _tell_routes(self, routes: PeerRoutes) -> None:
+        if self.routes_to is None:
+            return
+        try:
+            self.tell(self.routes_to, routes)
+        except BusError as exc:
+            # The retrier is down or full; it asks ListRoutes when it starts, so nothing is lost for long.
+            self.ctx.log.emit("routes_undeliverable", level="warning", to=self.routes_to, reason=str(exc))
+
+
+# --- client API: callers never build the messages ---------------------------------------------------
+
+
+def get_peer(client: Sender, peer_id: str, *, name: str = "registry", timeout: float = 5.0) -> PeerRecord | None:
+    """What the registry knows of ``peer_id`` (None when unknown)."""
+    reply = client.ask(name, GetPeer(peer_id), timeout=timeout)
+    if not isinstance(reply, PeerReply):
+        raise BusError(f"registry {name!r} answered GetPeer with {reply!r}")
+    return None if reply.peer is None else reply.peer.record()
+
+
+def list_peers(client: Sender, *, name: str = "registry", timeout: float = 5.0) -> list[PeerRecord]:
+    """Every peer the registry knows, by id."""
+    reply = client.ask(name, ListPeers(), timeout=timeout)
+    if not isinstance(reply, PeerList):
+        raise BusError(f"registry {name!r} answered ListPeers with {reply!r}")
+    return [p.record() for p in reply.peers]
+
+
+def find_suitable_peers(
+    client: Sender, min_count: int, *, max_age: float | None = None, name: str = "registry", timeout: float = 5.0
+) -> tuple[list[PeerRecord], bool]:
+    """Every peer suitable for evolution, best first (no cap), and whether there are ``min_count``."""
+    reply = client.ask(name, FindSuitablePeers(min_count, max_age), timeout=timeout)
+    if not isinstance(reply, SuitablePeersReply):
+        raise BusError(f"registry {name!r} answered FindSuitablePeers with {reply!r}")
+    return [p.record() for p in reply.peers], reply.enough
+
+
+def record_evolution_outcome(client: Sender, peer_id: str, succeeded: bool, *, name: str = "registry") -> None:
+    """Tell the registry how an evolution with ``peer_id`` went (its trust moves)."""
+    client.tell(name, EvolutionOutcome(peer_id, succeeded))

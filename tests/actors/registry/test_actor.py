@@ -1,0 +1,166 @@
+"""The registry actor on a real bus and a real SQLite file: sightings in, routes out, survives restarts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nacl.signing import SigningKey
+
+from tests.conftest import WAIT
+from villagemesh.actors.base import Actor
+from villagemesh.actors.lan.messages import PeerAnnounced
+from villagemesh.actors.registry.actor import (
+    RegistryActor,
+    find_suitable_peers,
+    get_peer,
+    list_peers,
+    record_evolution_outcome,
+)
+from villagemesh.actors.registry.messages import ForgetPeer, PeerRoutes, PeerSeen, capabilities_to_text
+from villagemesh.actors.registry.store import PeerStore
+from villagemesh.actors.sweeper.messages import Sighted, SweepNow
+from villagemesh.actors.transport import Sighting
+from villagemesh.protocols.discovery import Capabilities, encode_discovery, sign_announce
+from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+from villagemesh.supervision.supervisor import Supervisor
+
+CAPS = Capabilities(
+    cpu_cores=8,
+    ram_mb=16384,
+    battery_percent=None,
+    network_type="ethernet",
+    device_type="desktop",
+    performance_tier="premium",
+    evolution_capacity=0.9,
+    available_for_evolution=True,
+)
+
+
+class RoutesSink(Actor):
+    """Stands in for the retrier: records every PeerRoutes."""
+
+    got: list[PeerRoutes] = []
+    cond = threading.Condition()
+
+    def handle(self, msg: Any) -> Any:
+        with RoutesSink.cond:
+            RoutesSink.got.append(msg)
+            RoutesSink.cond.notify_all()
+        return None
+
+    @classmethod
+    def wait_for(cls, predicate: Any) -> None:
+        with cls.cond:
+            assert cls.cond.wait_for(lambda: any(predicate(r) for r in cls.got), WAIT), cls.got
+
+
+def announce(seed: int, *, caps: Capabilities = CAPS, timestamp: float | None = None, port: int = 7000) -> Any:
+    return sign_announce(
+        SigningKey(bytes([seed]) * 32),
+        addresses=(f"ws://127.0.0.1:{port}", "tcp://127.0.0.1:9000"),
+        capabilities=caps,
+        timestamp=time.time() if timestamp is None else timestamp,
+    )
+
+
+def start(runtime: Any, tmp_path: Path, **config: Any) -> None:
+    RoutesSink.got = []
+    cfg = {"path": str(tmp_path / "peers.db"), "routes_to": "retrier", **config}
+    children = [ChildSpec("retrier", RoutesSink), ChildSpec("registry", RegistryActor, config=cfg)]
+    Supervisor.launch(SupervisorSpec("root", children, intensity=10), runtime)
+
+
+def test_signed_lan_announce_becomes_a_peer_and_its_routes_reach_the_retrier(runtime, recorder, tmp_path):
+    """A verified beacon → peer_discovered, the record, and PeerRoutes grouped by transport."""
+    start(runtime, tmp_path)
+    a = announce(1)
+    runtime.bus.client().tell("registry", PeerAnnounced(a.node_id, a.addresses, "127.0.0.1:5000", encode_discovery(a)))
+    event = recorder.wait_for("peer_discovered", peer_id=a.node_id)[0]
+    assert event["source"] == "lan" and event["transports"] == ["tcp", "websocket"]
+    rec = get_peer(runtime.bus.client(), a.node_id, timeout=WAIT)
+    assert rec is not None and rec.public_key == a.public_key and rec.capabilities == CAPS
+    RoutesSink.wait_for(lambda r: r.peer_id == a.node_id and ("websocket", ("ws://127.0.0.1:7000",)) in r.addresses)
+
+
+def test_sweeper_sightings_carry_their_transport_and_latency(runtime, recorder, tmp_path):
+    """Sighted from the sweeper: source is the transport, latency is kept."""
+    start(runtime, tmp_path)
+    a = announce(2)
+    runtime.bus.client().tell("registry", Sighted((Sighting("websocket", encode_discovery(a).decode(), 4.5),)))
+    recorder.wait_for("peer_discovered", peer_id=a.node_id)
+    rec = get_peer(runtime.bus.client(), a.node_id, timeout=WAIT)
+    assert rec is not None and (rec.source, rec.latency_ms) == ("websocket", 4.5)
+
+
+def test_forged_and_stale_announces_are_rejected(runtime, recorder, tmp_path):
+    """A tampered body fails verification; a replayed hour-old announce is refused; neither becomes a peer."""
+    start(runtime, tmp_path)
+    body = json.loads(encode_discovery(announce(3)))
+    body["addresses"] = ["ws://203.0.113.9:666"]
+    stale = announce(4, timestamp=time.time() - 3600)
+    client = runtime.bus.client()
+    client.tell("registry", Sighted((Sighting("websocket", json.dumps(body), None),)))
+    client.tell("registry", PeerAnnounced(stale.node_id, stale.addresses, "x", encode_discovery(stale)))
+    rejected = recorder.wait_for("sighting_rejected", count=2)
+    assert "signature" in rejected[0]["reason"] and "off this node's clock" in rejected[1]["reason"]
+    assert list_peers(client, timeout=WAIT) == []
+
+
+def test_a_restarted_registry_loses_nothing(runtime, recorder, tmp_path):
+    """Crash the registry (an unexpected message): the new instance reloads every peer from the file."""
+    start(runtime, tmp_path)
+    client = runtime.bus.client()
+    for seed in (5, 6):
+        a = announce(seed)
+        client.tell("registry", PeerAnnounced(a.node_id, a.addresses, "x", encode_discovery(a)))
+    recorder.wait_for("peer_discovered", count=2)
+    before = list_peers(client, timeout=WAIT)
+    client.tell("registry", SweepNow())  # not the registry's: its handler raises, the supervisor restarts it
+    recorder.wait_for("child_restarted", child_id="registry")
+    assert list_peers(client, timeout=WAIT) == before and len(before) == 2
+
+
+def test_suitable_peers_are_ranked_uncapped_and_trust_moves(runtime, recorder, tmp_path):
+    """Seven suitable peers all come back best first; an evolution outcome changes trust and the file."""
+    start(runtime, tmp_path)
+    client = runtime.bus.client()
+    for n in range(8):
+        caps = Capabilities(**{**CAPS.to_json(), "transports": (), "evolution_capacity": n / 10, "can_evolve": n > 0})
+        client.tell(
+            "registry",
+            PeerSeen(f"peer{n}", (f"ws://127.0.0.1:{7000 + n}",), capabilities_to_text(caps), None, None, "test"),
+        )
+    recorder.wait_for("peer_discovered", count=8)
+    peers, enough = find_suitable_peers(client, 3, timeout=WAIT)
+    assert enough and [p.peer_id for p in peers] == [f"peer{n}" for n in range(7, 0, -1)]
+    record_evolution_outcome(client, "peer7", False)
+    assert get_peer(client, "peer7", timeout=WAIT).trust == pytest.approx(0.48)  # type: ignore[union-attr]
+    peers, enough = find_suitable_peers(client, 10, timeout=WAIT)
+    assert not enough and len(peers) == 7
+    with PeerStore(tmp_path / "peers.db") as store:  # a second reader sees the committed trust
+        assert store.get("peer7").trust == pytest.approx(0.48)  # type: ignore[union-attr]
+
+
+def test_stale_peers_expire_and_the_retrier_learns_they_are_gone(runtime, recorder, tmp_path):
+    """Not seen for max_age: peer_expired, removed from the file, PeerRoutes with no address."""
+    start(runtime, tmp_path, max_age=0.2, expire_every=0.05)
+    runtime.bus.client().tell("registry", PeerSeen("old", ("ws://127.0.0.1:1",), None, None, None, "test"))
+    recorder.wait_for("peer_expired", peer_id="old")
+    RoutesSink.wait_for(lambda r: r.peer_id == "old" and r.addresses == ())
+    assert get_peer(runtime.bus.client(), "old", timeout=WAIT) is None
+
+
+def test_forgetting_a_peer_removes_it(runtime, recorder, tmp_path):
+    """ForgetPeer drops it from memory and file."""
+    start(runtime, tmp_path)
+    client = runtime.bus.client()
+    client.tell("registry", PeerSeen("p", ("ws://127.0.0.1:1",), None, None, None, "test"))
+    recorder.wait_for("peer_discovered", peer_id="p")
+    client.tell("registry", ForgetPeer("p"))
+    recorder.wait_for("peer_forgotten", peer_id="p")
+    assert list_peers(client, timeout=WAIT) == []
