@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from villagemesh.errors import TransportTimeout
 
-__all__ = ["LoopThread", "Spawn"]
+__all__ = ["EventLogLogger", "LoopThread", "Spawn"]
 
 T = TypeVar("T")
 
@@ -82,3 +83,40 @@ class LoopThread:
             self._thread.join(_STOP_JOIN_S)
         if not self.loop.is_running():
             self.loop.close()
+
+
+class EventLogLogger:
+    """A structlog-shaped front (``info(event, **keys)``...) for the node's :class:`EventLog`.
+
+    The I/O layers log through structlog's interface; inside a node their
+    events belong in the node's event log, so an actor passes one of these.
+    Debug events are dropped (per-connection chatter has no place in the node
+    log); ``is_enabled_for`` says so, which lets the acceptor skip building them.
+    """
+
+    def __init__(self, log: Any, **bound: Any) -> None:
+        self._log = log
+        self._bound = bound
+
+    def bind(self, **more: Any) -> EventLogLogger:
+        """A logger adding ``more`` keys to every event."""
+        return EventLogLogger(self._log, **self._bound, **more)
+
+    def is_enabled_for(self, level: int) -> bool:
+        """Only INFO and above reach the event log."""
+        return level >= logging.INFO
+
+    def debug(self, event: str, **keys: Any) -> None:
+        """Dropped."""
+
+    def info(self, event: str, **keys: Any) -> None:
+        """An info event."""
+        self._log.emit(event, level="info", **self._bound, **keys)
+
+    def warning(self, event: str, **keys: Any) -> None:
+        """A warning event."""
+        self._log.emit(event, level="warning", **self._bound, **keys)
+
+    def error(self, event: str, **keys: Any) -> None:
+        """An error event."""
+        self._log.emit(event, level="error", **self._bound, **keys)

@@ -1,0 +1,58 @@
+"""The acceptor actor on a real bus: status, hand-off of a descriptor, unreachable route owners."""
+
+from __future__ import annotations
+
+import queue
+import socket
+from typing import Any
+
+import pykka
+
+from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
+from villagemesh.actors.acceptor.messages import ConnectionHandedOff
+from villagemesh.actors.base import Actor, ActorContext
+
+WAIT = 10.0
+
+
+class Sink(Actor):
+    """Puts every bus message into ``config["queue"]``."""
+
+    def handle(self, msg: Any) -> Any:
+        self.ctx.config["queue"].put(msg)
+
+
+def start(env: Any, cls: type[Actor], name: str, **config: Any) -> pykka.ActorRef[Any]:
+    """Open ``name``'s mailbox and start ``cls`` on it."""
+    env.bus.open_mailbox(name)
+    return cls.start(ActorContext(bus=env.bus, name=name, log=env.log, scheduler=env.scheduler, config=config))
+
+
+def test_a_routed_connection_reaches_its_owner_as_a_live_descriptor(runtime: Any) -> None:
+    """The owner gets ConnectionHandedOff with the peeked bytes; the fd is the live connection."""
+    inbox: queue.Queue[Any] = queue.Queue()
+    start(runtime, Sink, "owner", queue=inbox)
+    start(runtime, AcceptorActor, "acceptor", routes={"secure": "owner"})
+    client = runtime.bus.client()
+    port = acceptor_status(client).port
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
+        conn.sendall(b"VMSC\x01hello")
+        handed = inbox.get(timeout=WAIT)
+        assert isinstance(handed, ConnectionHandedOff)
+        assert handed.route == "secure" and handed.peeked == b"VMSC\x01hello"
+        with socket.socket(fileno=handed.fd) as adopted:
+            adopted.sendall(b"welcome")
+            assert conn.recv(7, socket.MSG_WAITALL) == b"welcome"
+    status = acceptor_status(client)
+    assert status.counts["routed.secure"] == 1 and status.open == 0
+
+
+def test_unreachable_route_owner_closes_the_connection_and_says_why(runtime: Any, recorder: Any) -> None:
+    """A route whose owner has no mailbox: the client is closed and connection_rejected is logged."""
+    start(runtime, AcceptorActor, "acceptor", routes={"http": "nobody"})
+    port = acceptor_status(runtime.bus.client()).port
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert conn.recv(10) == b""
+    (event,) = recorder.wait_for("connection_rejected")
+    assert "nobody" in event["reason"] and event["protocol"] == "http"
