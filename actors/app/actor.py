@@ -1,9 +1,10 @@
 """The application gateway actor: the one place application code runs inside the node.
 
-It receives deduplicated inbound messages from the retrier, decodes them, calls
-every subscriber of their kind, then tells the retrier ``Handled`` (so a
-restart does not dispatch them again). It resolves delivery handles when the
-retrier reports a message's end.
+It speaks the retrier's application protocol
+(:mod:`villagemesh.actors.retrier.messages`): for each ``Incoming`` (a new,
+deduplicated message) it decodes the envelope, calls every subscriber of its
+kind, then tells the retrier ``Handled`` so a restart does not dispatch it
+again; ``MessageDelivered`` and ``MessageFailed`` resolve delivery handles.
 
 A subscriber that raises is the application's fault, not the gateway's: the
 exception is logged (``handler_failed``, with the traceback) and the other
@@ -17,9 +18,9 @@ import asyncio
 import traceback
 from typing import Any
 
-from villagemesh.actors.app.messages import DeliveryUpdate, Handled, Inbound
 from villagemesh.actors.app.state import HandleTable, Subscribers
 from villagemesh.actors.base import Actor, ActorContext
+from villagemesh.actors.retrier.messages import Handled, Incoming, MessageDelivered, MessageFailed
 from villagemesh.errors import ProtocolError
 from villagemesh.protocols.envelope import decode_message
 
@@ -36,15 +37,17 @@ class AppActor(Actor):
         self.retrier: str = ctx.config.get("retrier", "retrier")
 
     def handle(self, msg: Any) -> Any:
-        if isinstance(msg, Inbound):
+        if isinstance(msg, Incoming):
             self._dispatch_inbound(msg)
-        elif isinstance(msg, DeliveryUpdate):
-            self.handles.resolve(msg.message_id, msg.delivered, msg.attempts, msg.last_error)
+        elif isinstance(msg, MessageDelivered):
+            self.handles.resolve(msg.message_id, True, msg.attempts, None)
+        elif isinstance(msg, MessageFailed):
+            self.handles.resolve(msg.message_id, False, msg.attempts, f"{msg.reason}: {msg.last_error}")
         else:
             raise TypeError(f"app gateway got an unexpected {type(msg).__name__}")
         return None
 
-    def _dispatch_inbound(self, msg: Inbound) -> None:
+    def _dispatch_inbound(self, msg: Incoming) -> None:
         try:
             message = decode_message(msg.envelope)
         except ProtocolError as exc:

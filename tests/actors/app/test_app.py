@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import WAIT
 from villagemesh.actors.app.actor import AppActor
-from villagemesh.actors.app.messages import DeliveryUpdate, Handled, Inbound
 from villagemesh.actors.app.state import DeliveryState, HandleTable, Subscribers
 from villagemesh.actors.base import Actor
+from villagemesh.actors.retrier.messages import Handled, Incoming, MessageDelivered, MessageFailed
 from villagemesh.errors import ConfigError, DeliveryFailed
 from villagemesh.protocols.envelope import Message, Priority, encode_message
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
@@ -55,7 +55,7 @@ def test_inbound_messages_reach_their_kind_and_wildcard_subscribers_then_are_mar
     subs.add("HEARTBEAT", lambda m: seen.append(("hb", m.payload)))
     start(runtime, subs, HandleTable())
     mid, env = envelope()
-    runtime.bus.client().tell("app", Inbound(mid, env))
+    runtime.bus.client().tell("app", Incoming(mid, env))
     assert HANDLED_EVENT.wait(WAIT)
     assert seen == [("data", b"hi"), ("any", b"hi")] and HANDLED == [mid]
 
@@ -73,7 +73,7 @@ def test_a_failing_handler_is_logged_and_the_others_still_run(runtime, recorder)
     subs.add("DATA", lambda m: seen.append(m.payload))
     start(runtime, subs, HandleTable())
     mid, env = envelope()
-    runtime.bus.client().tell("app", Inbound(mid, env))
+    runtime.bus.client().tell("app", Incoming(mid, env))
     failed = recorder.wait_for("handler_failed")[0]
     assert failed["exc_type"] == "ValueError" and "application bug" in failed["traceback"]
     assert HANDLED_EVENT.wait(WAIT) and seen == [b"hi"]
@@ -85,7 +85,7 @@ def test_a_garbage_envelope_is_rejected_and_still_marked_handled(runtime, record
     HANDLED.clear()
     HANDLED_EVENT.clear()
     start(runtime, Subscribers(), HandleTable())
-    runtime.bus.client().tell("app", Inbound(b"x" * 16, b"\x07garbage"))
+    runtime.bus.client().tell("app", Incoming(b"x" * 16, b"\x07garbage"))
     recorder.wait_for("message_rejected", actor="app")
     assert HANDLED_EVENT.wait(WAIT) and HANDLED == [b"x" * 16]
 
@@ -103,7 +103,7 @@ def test_coroutine_handlers_run_on_the_loop_they_subscribed_from(runtime):
 
         subs.add("DATA", handler)
         mid, env = envelope()
-        await asyncio.to_thread(runtime.bus.client().tell, "app", Inbound(mid, env))
+        await asyncio.to_thread(runtime.bus.client().tell, "app", Incoming(mid, env))
         return await asyncio.wait_for(got.get(), WAIT), threading.get_ident()
 
     handler_thread, loop_thread = asyncio.run(main())
@@ -118,8 +118,8 @@ def test_delivery_updates_resolve_handles_for_waiters_callbacks_and_awaiters(run
     called = []
     ok.add_done_callback(called.append)
     client = runtime.bus.client()
-    client.tell("app", DeliveryUpdate(b"1" * 16, True, 1, None))
-    client.tell("app", DeliveryUpdate(b"2" * 16, False, 5, "connection refused"))
+    client.tell("app", MessageDelivered(b"1" * 16, 1, "websocket"))
+    client.tell("app", MessageFailed(b"2" * 16, 5, "connection refused", "attempts_exhausted"))
     assert ok.wait(WAIT).state is DeliveryState.DELIVERED and ok.result(WAIT).delivered
     with pytest.raises(DeliveryFailed) as info:
         bad.result(WAIT)
@@ -131,7 +131,7 @@ def test_delivery_updates_resolve_handles_for_waiters_callbacks_and_awaiters(run
 
     async def awaited():
         h = handles.new(b"3" * 16)
-        await asyncio.to_thread(client.tell, "app", DeliveryUpdate(b"3" * 16, True, 2, None))
+        await asyncio.to_thread(client.tell, "app", MessageDelivered(b"3" * 16, 2, "websocket"))
         return await asyncio.wait_for(h, WAIT)
 
     assert asyncio.run(awaited()).attempts == 2
