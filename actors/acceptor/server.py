@@ -54,12 +54,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -106,7 +107,7 @@ def feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
     if isinstance(protocol, asyncio.BufferedProtocol):
         view = memoryview(data)
         while view:
-            buf = protocol.get_buffer(len(view))
+            buf = memoryview(protocol.get_buffer(len(view))).cast("B")
             n = min(len(buf), len(view))
             if n == 0:
                 raise ConfigError(f"{type(protocol).__name__}.get_buffer returned an empty buffer")
@@ -210,12 +211,14 @@ class AcceptorServer:
         self.max_sniff_bytes = max_sniff_bytes
         self.log = log if log is not None else structlog.get_logger("villagemesh.acceptor")
         self._handlers: dict[Route, _Handler] = {}
-        self._plan: dict[Sniffed, _Handler | Reject | None] = {}
+        self._plan: dict[str, _Handler | Reject | None] = {}
+        """Keyed by the verdict's ``_name_``: a str hashes in C, an Enum member through Python."""
         self._replan()
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self._loop_time: Callable[[], float] = lambda: 0.0  # the loop's clock, set by start()
+        self._tick = 0
+        """Sweeps so far: a connection remembers the tick it arrived in, not a clock reading."""
         self._undecided: set[_SniffingProtocol] = set()
         self.counts: Counter[str] = Counter()
         self.debug = True
@@ -240,7 +243,7 @@ class AcceptorServer:
     def _replan(self) -> None:
         """Verdict → handler, rejection or wait, in one lookup per arrival."""
         plan = routing_plan(frozenset(self._handlers))
-        self._plan = {v: self._handlers[d] if isinstance(d, Route) else d for v, d in plan.items()}
+        self._plan = {v._name_: self._handlers[d] if isinstance(d, Route) else d for v, d in plan.items()}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -249,25 +252,27 @@ class AcceptorServer:
         self._loop = asyncio.get_running_loop()
         try:
             self._server = await self._loop.create_server(
-                lambda: _SniffingProtocol(self), host, port, backlog=backlog, reuse_address=True
+                functools.partial(_SniffingProtocol, self), host, port, backlog=backlog, reuse_address=True
             )
         except OSError as exc:
             raise ConnectError(f"acceptor cannot listen on {host}:{port}: {exc}") from exc
-        self._loop_time = self._loop.time
         self.debug = debug_enabled(self.log)
         self._sweep()
         bound = self._server.sockets[0].getsockname()
         return str(bound[0]), int(bound[1])
 
     def _sweep(self) -> None:
-        """Drop every undecided connection past its deadline, then run again later.
+        """Drop every undecided connection older than SWEEP_FRACTION full sweep intervals.
 
-        One timer for all connections instead of one each: cheaper per accept,
-        and the slowloris bound stays within 1.25 × ``sniff_timeout_s``.
+        One timer for all connections instead of one each, and no clock read per
+        accept: a connection that arrived during tick ``k`` is dropped at the sweep
+        that makes the tick ``k + SWEEP_FRACTION + 1``, so it was given more than
+        ``sniff_timeout_s`` and at most 1.25 × ``sniff_timeout_s``.
         """
         assert self._loop is not None
-        now = self._loop.time()
-        for proto in [p for p in self._undecided if p.deadline <= now]:
+        self._tick += 1
+        oldest = self._tick - SWEEP_FRACTION - 1
+        for proto in [p for p in self._undecided if p.born <= oldest]:
             proto.timed_out()
         interval = self.limits.sniff_timeout_s / SWEEP_FRACTION
         self._sweeper = self._loop.call_later(interval, self._sweep)
@@ -301,7 +306,7 @@ class AcceptorServer:
     # -- called by the per-connection protocol ------------------------------------------------------
 
     def _reject(
-        self, transport: asyncio.BaseTransport, peer: str, reason: str, kind: str, verdict: Sniffed | None, peeked: int
+        self, transport: asyncio.Transport, peer: str, reason: str, kind: str, verdict: Sniffed | None, peeked: int
     ) -> None:
         self.counts[f"rejected.{kind}"] += 1
         self.log.warning(
@@ -317,13 +322,16 @@ class AcceptorServer:
 class _SniffingProtocol(asyncio.Protocol):
     """Per connection: hold at most MAX_SNIFF_BYTES undecided, sniff on every arrival, route once."""
 
-    __slots__ = ("deadline", "peername", "pending", "phase", "server", "src", "transport")
+    # Slots and no per-connection helper objects: every object an accept allocates
+    # adds garbage-collector work, which the benchmark shows as much as the sniffing.
+    __slots__ = ("born", "inner", "peername", "pending", "phase", "server", "src", "transport")
 
     def __init__(self, server: AcceptorServer) -> None:
         self.server = server
+        self.inner: asyncio.BaseProtocol | None = None
         self.pending = b""
         self.phase = _Phase.GONE
-        self.deadline = 0.0
+        self.born = 0
         self.transport: asyncio.Transport | None = None
         self.src = "unknown"
         self.peername: Any = None
@@ -334,28 +342,31 @@ class _SniffingProtocol(asyncio.Protocol):
         return peer_label(self.peername)[1]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # create_server makes stream transports
         server = self.server
         self.peername = peername = transport.get_extra_info("peername")
-        self.src = src = str(peername[0]) if type(peername) is tuple else "unknown"
+        self.src = src = peername[0] if type(peername) is tuple else "unknown"
         if not server.limiter.try_open(src):
             server._reject(transport, self.peer, server.limiter.refusal(src) or "cap", "cap", None, 0)
             return
         self.phase = _Phase.UNDECIDED
         server._undecided.add(self)
-        self.deadline = server._loop_time() + server.limits.sniff_timeout_s
+        self.born = server._tick
         server.counts["accepted"] += 1
         if server.debug:
             server.log.debug("connection_accepted", peer=self.peer)
 
     def data_received(self, data: bytes) -> None:
+        inner = self.inner
+        if inner is not None:  # routed in-loop to a plain Protocol: pass straight through
+            inner.data_received(data)  # type: ignore[attr-defined]
+            return
         if self.phase is not _Phase.UNDECIDED:
             return
         server = self.server
         peeked = self.pending + data if self.pending else data
         verdict = server.sniffer(peeked)
-        decision = server._plan[verdict]
+        decision = server._plan[verdict._name_]
         if decision is None:
             if len(peeked) < server.max_sniff_bytes:
                 self.pending = peeked
@@ -371,14 +382,31 @@ class _SniffingProtocol(asyncio.Protocol):
             kind = "unrouted" if decision.reason.startswith("no handler") else "protocol"
             self._give_up(decision.reason, kind, verdict, len(peeked))
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            return self.inner.eof_received()  # type: ignore[attr-defined]
         if self.phase is _Phase.UNDECIDED:
             self._give_up("closed before a verdict", "eof", self.server.sniffer(self.pending), len(self.pending))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.phase is _Phase.UNDECIDED:
+        if self.inner is not None:
+            try:
+                self.inner.connection_lost(exc)
+            finally:
+                self.inner = None
+                self.phase = _Phase.GONE
+                self.server.limiter.close(self.src)
+        elif self.phase is _Phase.UNDECIDED:
             self._release()
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
 
     # -- outcomes ----------------------------------------------------------------------------------
 
@@ -389,7 +417,7 @@ class _SniffingProtocol(asyncio.Protocol):
         self.server.limiter.close(self.src)
 
     def timed_out(self) -> None:
-        """Called by the server's sweep once the deadline has passed."""
+        """Called by the server's sweep once the connection has had its sniff timeout."""
         if self.phase is _Phase.UNDECIDED:
             verdict = self.server.sniffer(self.pending)
             reason = f"no verdict within {self.server.limits.sniff_timeout_s} s"
@@ -420,16 +448,23 @@ class _SniffingProtocol(asyncio.Protocol):
         self.phase = _Phase.IN_LOOP
         self.server._undecided.discard(self)
         inner = handler.target()
-        counted: asyncio.BaseProtocol
-        if isinstance(inner, asyncio.BufferedProtocol):
-            counted = _CountedBuffered(inner, self._release_in_loop)
-        else:
-            counted = _Counted(inner, self._release_in_loop)
         self._routed(handler, verdict, len(peeked), "in_loop")
-        transport.set_protocol(counted)
-        counted.connection_made(transport)
+        if isinstance(inner, asyncio.BufferedProtocol):
+            # The transport picks its read path by protocol type: switch to a buffered forwarder.
+            counted = _CountedBuffered(inner, self._release_in_loop)
+            transport.set_protocol(counted)
+            counted.connection_made(transport)
+            if not transport.is_closing():
+                feed(counted, peeked)
+            return
+        if not isinstance(inner, asyncio.Protocol):
+            raise ConfigError(f"route {handler.route.value!r} made {inner!r}, not a stream protocol")
+        # A plain Protocol: stay the transport's protocol and pass reads straight through
+        # (no protocol switch, no extra object), forward the rare callbacks, release on close.
+        self.inner = inner
+        inner.connection_made(transport)
         if not transport.is_closing():
-            feed(counted, peeked)
+            inner.data_received(peeked)
 
     def _release_in_loop(self) -> None:
         if self.phase is _Phase.IN_LOOP:
@@ -462,36 +497,8 @@ class _SniffingProtocol(asyncio.Protocol):
             )
 
 
-class _Counted(asyncio.Protocol):
-    """Forwards everything to a routed protocol and releases the cap slot when it closes."""
-
-    def __init__(self, inner: asyncio.BaseProtocol, on_lost: Callable[[], None]) -> None:
-        self.inner = inner
-        self.on_lost = on_lost
-        # Bind once: these run per read, so skip an indirection.
-        self.data_received = inner.data_received  # type: ignore[attr-defined,method-assign]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.inner.connection_made(transport)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()  # type: ignore[attr-defined,no-any-return]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        try:
-            self.inner.connection_lost(exc)
-        finally:
-            self.on_lost()
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
 class _CountedBuffered(asyncio.BufferedProtocol):
-    """:class:`_Counted` for a ``BufferedProtocol``."""
+    """Forwards everything to a routed ``BufferedProtocol`` and releases the cap slot when it closes."""
 
     def __init__(self, inner: asyncio.BufferedProtocol, on_lost: Callable[[], None]) -> None:
         self.inner = inner

@@ -417,3 +417,43 @@ def test_failing_hand_off_receiver_loses_the_connection_not_the_acceptor() -> No
 
     (event,) = rejections(run(body()))
     assert event["reason"] == "hand-off failed: RuntimeError: receiver is gone"
+
+
+class SmallBuffers(asyncio.BufferedProtocol):
+    """A buffered in-loop handler with a 7-byte buffer: the peek must be fed across several buffers."""
+
+    def __init__(self, done: Callable[[bytes], None]) -> None:
+        self.done = done
+        self.buf = bytearray(7)
+        self.data = bytearray()
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data += self.buf[:nbytes]
+
+    def eof_received(self) -> bool:
+        self.done(bytes(self.data))
+        return False
+
+
+def test_buffered_protocol_handler_gets_every_byte() -> None:
+    """An in-loop BufferedProtocol handler receives the peek through its own small buffers, then the rest."""
+    data = FIRST_BYTES[Route.HTTP] + bytes(range(256)) * 4
+
+    async def body() -> tuple[bytes, dict[str, int]]:
+        received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        server = AcceptorServer(AcceptorLimits(max_per_source=1, max_total=4))
+        server.route_in_loop(Route.HTTP, lambda: SmallBuffers(received.set_result))
+        _, port = await server.start()
+        await _send_chunked(port, [data[:30], data[30:]])
+        result = await received
+        await until(lambda: server.limiter.total == 0)
+        stats = server.statistics()
+        await server.close()
+        return result, stats
+
+    result, stats = run(body())
+    assert result == data
+    assert stats["routed.http"] == 1
