@@ -3,12 +3,13 @@
 Thin by design (the logic lives in :mod:`.state` and :mod:`.server`)::
 
     acceptor loop thread                       acceptor actor thread               owner actor
-    AcceptorServer ──HandedOff──▶ actor_ref.tell ──▶ handle: detach fd ──bus──▶ ConnectionHandedOff
+    AcceptorServer ──HandedOff──▶ post ──▶ on_loop_message: detach fd ──bus──▶ ConnectionHandedOff
 
 The hand-off crosses into the actor's thread first because bus sockets may
 only be used by the thread that made them. If the owner cannot be told (no
 such actor, mailbox full), the descriptor is closed and the connection logged
-as rejected.
+as rejected. Descriptors are process-local: route owners must run in this
+process (thread isolation), not as process children.
 
 Config (``ctx.config``): ``host`` (default 127.0.0.1), ``port`` (0 = any),
 ``limits`` (:class:`~.state.AcceptorLimits`), ``routes``: route name →
@@ -18,33 +19,19 @@ owning actor name, e.g. ``{"http": "websocket", "discovery": "lan"}``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
-import pykka
-
-from villagemesh.actors.acceptor.loopthread import EventLogLogger, LoopThread
+from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
 from villagemesh.actors.acceptor.messages import AcceptorStatus, ConnectionHandedOff, GetAcceptorStatus
 from villagemesh.actors.acceptor.server import AcceptorServer, HandedOff
 from villagemesh.actors.acceptor.state import AcceptorLimits, Route
-from villagemesh.actors.base import Actor
 from villagemesh.actors.bus import Sender
 from villagemesh.errors import BusError, ConfigError
 
 __all__ = ["AcceptorActor", "acceptor_status"]
 
-START_TIMEOUT_S = 5.0
-"""Binding a port and starting a loop takes milliseconds; 5 s means something is wrong."""
 
-
-@dataclass(frozen=True, slots=True)
-class _Handed:
-    """Loop thread → actor thread (pykka's queue, never the bus)."""
-
-    handed: HandedOff
-
-
-class AcceptorActor(Actor):
+class AcceptorActor(LoopActor):
     """One TCP port for every protocol; hands each sniffed connection to its route's owner."""
 
     def on_start(self) -> None:
@@ -53,49 +40,37 @@ class AcceptorActor(Actor):
         limits = config.get("limits") or AcceptorLimits()
         if not isinstance(limits, AcceptorLimits):
             raise ConfigError(f"acceptor limits must be AcceptorLimits, got {limits!r}")
-        self.io_log = EventLogLogger(self.ctx.log, actor=self.name)
+        self.start_io()
         self.server = AcceptorServer(limits, log=self.io_log)
         for route in self.routes:
-            self.server.route_hand_off(route, self._from_loop)
-        self.io_loop = LoopThread(f"{self.name}-loop")
-        self.io_loop.start(lambda target, name: self.spawn_thread(target, name=name))
-        self.address = self.io_loop.call(
-            self.server.start(str(config.get("host", "127.0.0.1")), int(config.get("port", 0))), START_TIMEOUT_S
-        )
+            self.server.route_hand_off(route, self._handed_off)
+        host, port = str(config.get("host", "127.0.0.1")), int(config.get("port", 0))
+        self.address = self.io_loop.call(self.server.start(host, port), LOOP_CALL_TIMEOUT_S)
         self.io_log.info("acceptor_listening", host=self.address[0], port=self.address[1])
 
     def on_stop(self) -> None:
-        if not self.io_loop.loop.is_closed():
-            self.io_loop.call(self.server.close(), START_TIMEOUT_S)
-        self.io_loop.stop()
+        self.stop_io(self.server.close())
 
-    def _from_loop(self, handed: HandedOff) -> None:
-        # Runs on the loop thread: only hand the value to the actor thread.
+    def _handed_off(self, handed: HandedOff) -> None:
+        # On the loop thread: only pass the value on. If the actor is gone, the
+        # HandedOff is dropped and its duplicate socket closes when collected.
+        self.post(handed)
+
+    def on_loop_message(self, message: Any) -> None:
+        """A :class:`HandedOff` from the loop: tell its route's owner, descriptor and all."""
+        assert isinstance(message, HandedOff)
+        owner = self.routes[message.route]
+        fd = message.sock.detach()
         try:
-            self.actor_ref.tell(_Handed(handed))
-        except pykka.ActorDeadError:
-            handed.sock.close()
-
-    def on_receive(self, message: Any) -> Any:
-        """Internal messages from the loop thread."""
-        if isinstance(message, _Handed):
-            self._forward(message.handed)
-            return None
-        return super().on_receive(message)
-
-    def _forward(self, handed: HandedOff) -> None:
-        owner = self.routes[handed.route]
-        fd = handed.sock.detach()
-        try:
-            self.tell(owner, ConnectionHandedOff(handed.route.value, fd, handed.peeked, handed.peer))
+            self.tell(owner, ConnectionHandedOff(message.route.value, fd, message.peeked, message.peer))
         except BusError as exc:
             os.close(fd)
             self.io_log.warning(
                 "connection_rejected",
-                peer=handed.peer,
+                peer=message.peer,
                 reason=f"route owner {owner!r} unreachable: {exc}",
-                protocol=handed.route.value,
-                peeked_bytes=len(handed.peeked),
+                protocol=message.route.value,
+                peeked_bytes=len(message.peeked),
             )
 
     async def _statistics(self) -> dict[str, int]:
@@ -104,7 +79,7 @@ class AcceptorActor(Actor):
     def handle(self, msg: Any) -> Any:
         """Bus messages: :class:`GetAcceptorStatus`."""
         if isinstance(msg, GetAcceptorStatus):
-            stats = self.io_loop.call(self._statistics(), START_TIMEOUT_S)  # counters live on the loop thread
+            stats = self.io_loop.call(self._statistics(), LOOP_CALL_TIMEOUT_S)  # counters live on the loop
             counts = {k: v for k, v in stats.items() if k != "open"}
             return AcceptorStatus(self.address[0], self.address[1], stats["open"], counts)
         return super().handle(msg)

@@ -2,9 +2,9 @@
 
 Thin by design (the logic lives in :mod:`.state`, :mod:`.beacon`, :mod:`.tcp`)::
 
-    UDP beacon (loop) ──on_peer──▶ actor_ref.tell ──▶ handle ──bus──▶ peers_to: PeerAnnounced
-    acceptor ──ConnectionHandedOff(fd, route=discovery)──▶ loop: DiscoveryResponder answers
-    anyone ──ProbePeer──▶ loop: probe() ──done──▶ actor_ref.tell ──▶ reply_to: PeerProbed | ProbeFailed
+    UDP beacon (loop) ──on_peer──▶ post ──▶ on_loop_message ──bus──▶ peers_to: PeerAnnounced
+    acceptor ──ConnectionHandedOff(fd, route=discovery)──▶ adopt_handed_off ──▶ DiscoveryResponder
+    anyone ──ProbePeer──▶ run_on_loop(probe) ──then──▶ reply_to: PeerProbed | ProbeFailed
 
 Config (``ctx.config``): ``identity`` (:class:`~.identity.Identity`, required),
 ``beacon`` (:class:`~.beacon.BeaconConfig`), ``peers_to`` (actor name for
@@ -14,19 +14,11 @@ verified announces; without it they are counted only).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import socket
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
-import pykka
-
-from villagemesh.actors.acceptor.loopthread import EventLogLogger, LoopThread
+from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
 from villagemesh.actors.acceptor.messages import ConnectionHandedOff
-from villagemesh.actors.acceptor.server import HandedOff, adopt
-from villagemesh.actors.acceptor.state import Route
-from villagemesh.actors.base import Actor
 from villagemesh.actors.bus import Sender
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
@@ -37,24 +29,8 @@ from villagemesh.protocols.discovery import Announce, DiscoveryRequest, Discover
 
 __all__ = ["LanActor", "lan_status", "probe_peer"]
 
-LOOP_CALL_TIMEOUT_S = 5.0
-"""Starting, stopping or reading counters on the loop takes milliseconds."""
 
-
-@dataclass(frozen=True, slots=True)
-class _Heard:
-    announce: Announce
-    source: tuple[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class _Probed:
-    request: ProbePeer
-    result: tuple[DiscoveryResponse, float] | None
-    error: BaseException | None
-
-
-class LanActor(Actor):
+class LanActor(LoopActor):
     """Finds peers on the local network and answers those who ask."""
 
     def on_start(self) -> None:
@@ -64,49 +40,33 @@ class LanActor(Actor):
             raise ConfigError(f"the LAN actor needs config['identity'] (an Identity), got {identity!r}")
         self.identity = identity
         self.peers_to: str | None = config.get("peers_to")
-        self.io_log = EventLogLogger(self.ctx.log, actor=self.name)
         self.responder_counts: Counter[str] = Counter()
+        self.start_io()
         self.beacon = BeaconEndpoint(identity, self._heard, config.get("beacon") or BeaconConfig(), log=self.io_log)
-        self.io_loop = LoopThread(f"{self.name}-loop")
-        self.io_loop.start(lambda target, name: self.spawn_thread(target, name=name))
         self.io_loop.call(self.beacon.start(), LOOP_CALL_TIMEOUT_S)
 
     def on_stop(self) -> None:
-        if not self.io_loop.loop.is_closed():
-            self.io_loop.call(self.beacon.close(), LOOP_CALL_TIMEOUT_S)
-        self.io_loop.stop()
-
-    # -- loop thread → actor thread -------------------------------------------------------------
+        self.stop_io(self.beacon.close())
 
     def _heard(self, announce: Announce, source: tuple[str, int]) -> None:
-        self._to_actor(_Heard(announce, source))
+        # On the loop thread: only pass the value on.
+        self.post((announce, source))
 
-    def _to_actor(self, msg: object) -> None:
-        try:
-            self.actor_ref.tell(msg)
-        except pykka.ActorDeadError:
-            return  # the instance is ending; its successor starts clean
-
-    def on_receive(self, message: Any) -> Any:
-        """Internal messages from the loop thread."""
-        if isinstance(message, _Heard):
-            if self.peers_to is not None:
-                a, (host, port) = message.announce, message.source
-                self._tell(self.peers_to, PeerAnnounced(a.node_id, a.addresses, f"{host}:{port}", encode_discovery(a)))
-            return None
-        if isinstance(message, _Probed):
-            self._probed(message)
-            return None
-        return super().on_receive(message)
+    def on_loop_message(self, message: Any) -> None:
+        """A verified announce heard by the beacon: tell ``peers_to``."""
+        announce, (host, port) = message
+        if self.peers_to is not None:
+            heard = PeerAnnounced(announce.node_id, announce.addresses, f"{host}:{port}", encode_discovery(announce))
+            self._tell(self.peers_to, heard)
 
     # -- bus messages -------------------------------------------------------------------------------
 
     def handle(self, msg: Any) -> Any:
         """:class:`ConnectionHandedOff` (discovery), :class:`ProbePeer`, :class:`GetLanStatus`."""
         if isinstance(msg, ConnectionHandedOff):
-            handed = HandedOff(socket.socket(fileno=msg.fd), msg.peeked, msg.peer, Route(msg.route))
-            factory = lambda: DiscoveryResponder(self.identity, counts=self.responder_counts, log=self.io_log)  # noqa: E731
-            asyncio.run_coroutine_threadsafe(adopt(handed, factory), self.io_loop.loop)
+            self.adopt_handed_off(
+                msg, lambda: DiscoveryResponder(self.identity, counts=self.responder_counts, log=self.io_log)
+            )
             return None
         if isinstance(msg, ProbePeer):
             self._start_probe(msg)
@@ -122,38 +82,27 @@ class LanActor(Actor):
             capabilities=self.identity.capabilities,
             timestamp=self.identity.clock(),
         )
-        future = asyncio.run_coroutine_threadsafe(
-            probe(request.host, request.port, request.timeout, request=asking), self.io_loop.loop
-        )
 
-        def done(f: concurrent.futures.Future[tuple[DiscoveryResponse, float]]) -> None:
-            if f.cancelled():
-                self._to_actor(_Probed(request, None, asyncio.CancelledError("probe cancelled")))
-            elif f.exception() is not None:
-                self._to_actor(_Probed(request, None, f.exception()))
+        def then(result: tuple[DiscoveryResponse, float] | None, error: BaseException | None) -> None:
+            outcome: object
+            if result is not None:
+                response, latency_ms = result
+                outcome = PeerProbed(
+                    request.host,
+                    request.port,
+                    response.node_id,
+                    response.addresses,
+                    latency_ms,
+                    encode_discovery(response),
+                )
+            elif isinstance(error, VillageMeshError | asyncio.CancelledError):
+                outcome = ProbeFailed(request.host, request.port, type(error).__name__, str(error))
             else:
-                self._to_actor(_Probed(request, f.result(), None))
+                assert error is not None
+                raise error  # not a network failure: a bug, let the supervisor see it
+            self._tell(request.reply_to, outcome)
 
-        future.add_done_callback(done)
-
-    def _probed(self, done: _Probed) -> None:
-        request = done.request
-        if done.result is not None:
-            response, latency_ms = done.result
-            outcome: object = PeerProbed(
-                request.host,
-                request.port,
-                response.node_id,
-                response.addresses,
-                latency_ms,
-                encode_discovery(response),
-            )
-        elif isinstance(done.error, VillageMeshError | asyncio.CancelledError):
-            outcome = ProbeFailed(request.host, request.port, type(done.error).__name__, str(done.error))
-        else:
-            assert done.error is not None
-            raise done.error  # not a network failure: a bug, let the supervisor see it
-        self._tell(request.reply_to, outcome)
+        self.run_on_loop(probe(request.host, request.port, request.timeout, request=asking), then)
 
     def _tell(self, to: str, msg: object) -> None:
         try:

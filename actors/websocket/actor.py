@@ -2,14 +2,12 @@
 
 Thin by design (the logic lives in :mod:`.transport`)::
 
-    acceptor ──ConnectionHandedOff(fd)──▶ handle ──▶ loop: server.adopt ──▶ aiohttp
-    aiohttp frame ──on_message (loop)──▶ actor_ref.tell ──▶ handle ──bus──▶ deliver_to: EnvelopeReceived
-    anyone ──SendEnvelope──▶ handle ──▶ loop: client.send ──done (loop)──▶ actor_ref.tell ──▶ reply_to
+    acceptor ──ConnectionHandedOff(fd)──▶ handle ──▶ adopt_handed_off ──▶ aiohttp (on the loop)
+    aiohttp frame ──on_message (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: EnvelopeReceived
+    anyone ──SendEnvelope──▶ handle ──▶ run_on_loop(client.send) ──then──▶ reply_to: EnvelopeSent | SendFailed
 
 Nothing blocks the actor on the network: a send is started on the loop and
-its outcome comes back to the actor as a message. Bus sockets are used only
-in the actor's thread, so the loop thread reaches the actor through pykka's
-own queue.
+its outcome comes back to the actor thread (see :mod:`~villagemesh.actors.acceptor.loopactor`).
 
 Config (``ctx.config``): ``deliver_to`` (actor name for incoming envelopes;
 without it they are counted and dropped), ``node_id`` (shown by ``/health``),
@@ -19,18 +17,10 @@ without it they are counted and dropped), ``node_id`` (shown by ``/health``),
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import socket
-from dataclasses import dataclass
 from typing import Any
 
-import pykka
-
-from villagemesh.actors.acceptor.loopthread import EventLogLogger, LoopThread
+from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
 from villagemesh.actors.acceptor.messages import ConnectionHandedOff
-from villagemesh.actors.acceptor.server import HandedOff
-from villagemesh.actors.acceptor.state import Route
-from villagemesh.actors.base import Actor
 from villagemesh.actors.bus import Sender
 from villagemesh.actors.websocket.messages import (
     EnvelopeReceived,
@@ -46,83 +36,49 @@ from villagemesh.protocols.envelope import Message, decode_message, encode_messa
 
 __all__ = ["WebSocketActor", "send_envelope", "websocket_status"]
 
-LOOP_CALL_TIMEOUT_S = 5.0
-"""Starting, stopping or reading counters on the loop takes milliseconds."""
 
-
-@dataclass(frozen=True, slots=True)
-class _Incoming:
-    message: Message
-    peer: str
-
-
-@dataclass(frozen=True, slots=True)
-class _SendDone:
-    request: SendEnvelope
-    message_id: bytes
-    error: BaseException | None
-
-
-class WebSocketActor(Actor):
+class WebSocketActor(LoopActor):
     """Serves WebSockets handed off by the acceptor; sends envelopes to peers' WebSockets."""
 
     def on_start(self) -> None:
         config = self.ctx.config
         self.deliver_to: str | None = config.get("deliver_to")
-        self.io_log = EventLogLogger(self.ctx.log, actor=self.name)
-        self.server = WebSocketServer(self._from_loop, node_id=str(config.get("node_id", "")), log=self.io_log)
+        self.dropped = 0
+        self.start_io()
+        self.server = WebSocketServer(self._received, node_id=str(config.get("node_id", "")), log=self.io_log)
         self.client = WebSocketClient(
-            self._from_loop,
+            self._received,
             connect_timeout=float(config.get("connect_timeout", 5.0)),
             send_timeout=float(config.get("send_timeout", 5.0)),
             log=self.io_log,
         )
-        self.dropped = 0
-        self.io_loop = LoopThread(f"{self.name}-loop")
-        self.io_loop.start(lambda target, name: self.spawn_thread(target, name=name))
         self.io_loop.call(self.server.start(), LOOP_CALL_TIMEOUT_S)
 
     def on_stop(self) -> None:
-        if not self.io_loop.loop.is_closed():
-            self.io_loop.call(self._shutdown(), LOOP_CALL_TIMEOUT_S)
-        self.io_loop.stop()
+        self.stop_io(self._shutdown())
 
     async def _shutdown(self) -> None:
         await self.client.close()
         await self.server.close()
 
-    # -- loop thread → actor thread -------------------------------------------------------------
+    def _received(self, message: Message, peer: str) -> None:
+        # On the loop thread: only pass the value on.
+        self.post((message, peer))
 
-    def _from_loop(self, message: Message, peer: str) -> None:
-        self._to_actor(_Incoming(message, peer))
-
-    def _to_actor(self, msg: object) -> None:
-        try:
-            self.actor_ref.tell(msg)
-        except pykka.ActorDeadError:
-            return  # the instance is ending; its successor starts clean
-
-    def on_receive(self, message: Any) -> Any:
-        """Internal messages from the loop thread."""
-        if isinstance(message, _Incoming):
-            if self.deliver_to is None:
-                self.dropped += 1
-                return None
-            self.tell(self.deliver_to, EnvelopeReceived(encode_message(message.message), message.peer))
-            return None
-        if isinstance(message, _SendDone):
-            self._send_outcome(message)
-            return None
-        return super().on_receive(message)
+    def on_loop_message(self, message: Any) -> None:
+        """An envelope that arrived on a WebSocket: tell ``deliver_to``."""
+        envelope, peer = message
+        if self.deliver_to is None:
+            self.dropped += 1
+            return
+        self.tell(self.deliver_to, EnvelopeReceived(encode_message(envelope), peer))
 
     # -- bus messages -------------------------------------------------------------------------------
 
     def handle(self, msg: Any) -> Any:
         """:class:`ConnectionHandedOff`, :class:`SendEnvelope`, :class:`GetWebSocketStatus`."""
         if isinstance(msg, ConnectionHandedOff):
-            handed = HandedOff(socket.socket(fileno=msg.fd), msg.peeked, msg.peer, Route(msg.route))
-            future = asyncio.run_coroutine_threadsafe(self.server.adopt(handed), self.io_loop.loop)
-            future.add_done_callback(lambda f: self._adopted(f, handed.peer))
+            self.adopt_handed_off(msg, self.server.protocol_factory)
             return None
         if isinstance(msg, SendEnvelope):
             self._start_send(msg)
@@ -131,36 +87,22 @@ class WebSocketActor(Actor):
             return self.io_loop.call(self._statistics(), LOOP_CALL_TIMEOUT_S)
         return super().handle(msg)
 
-    def _adopted(self, future: concurrent.futures.Future[None], peer: str) -> None:
-        exc = future.exception() if not future.cancelled() else asyncio.CancelledError("adoption cancelled")
-        if exc is not None:
-            self.io_log.warning(
-                "connection_rejected", peer=peer, reason=f"adoption failed: {exc}", protocol="http", peeked_bytes=0
-            )
-
     def _start_send(self, request: SendEnvelope) -> None:
         try:
             message = decode_message(request.envelope)
         except RemoteProtocolError as exc:
             self._reply(request, SendFailed(request.url, b"", "RemoteProtocolError", str(exc)))
             return
-        future = asyncio.run_coroutine_threadsafe(self.client.send(request.url, message), self.io_loop.loop)
 
-        def done(f: concurrent.futures.Future[None]) -> None:
-            error = f.exception() if not f.cancelled() else asyncio.CancelledError("send cancelled")
-            self._to_actor(_SendDone(request, message.id, error))
+        def then(_: None, error: BaseException | None) -> None:
+            if error is None:
+                self._reply(request, EnvelopeSent(request.url, message.id))
+            elif isinstance(error, VillageMeshError | asyncio.CancelledError):
+                self._reply(request, SendFailed(request.url, message.id, type(error).__name__, str(error)))
+            else:
+                raise error  # not a transport failure: a bug, let the supervisor see it
 
-        future.add_done_callback(done)
-
-    def _send_outcome(self, done: _SendDone) -> None:
-        request = done.request
-        if done.error is None:
-            self._reply(request, EnvelopeSent(request.url, done.message_id))
-        elif isinstance(done.error, VillageMeshError | asyncio.CancelledError):
-            error = done.error
-            self._reply(request, SendFailed(request.url, done.message_id, type(error).__name__, str(error)))
-        else:
-            raise done.error  # not a transport failure: a bug, let the supervisor see it
+        self.run_on_loop(self.client.send(request.url, message), then)
 
     def _reply(self, request: SendEnvelope, outcome: object) -> None:
         if request.reply_to is None:

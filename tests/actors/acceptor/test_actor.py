@@ -6,26 +6,9 @@ import queue
 import socket
 from typing import Any
 
-import pykka
-
+from tests.actors.acceptor.support import WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
 from villagemesh.actors.acceptor.messages import ConnectionHandedOff
-from villagemesh.actors.base import Actor, ActorContext
-
-WAIT = 10.0
-
-
-class Sink(Actor):
-    """Puts every bus message into ``config["queue"]``."""
-
-    def handle(self, msg: Any) -> Any:
-        self.ctx.config["queue"].put(msg)
-
-
-def start(env: Any, cls: type[Actor], name: str, **config: Any) -> pykka.ActorRef[Any]:
-    """Open ``name``'s mailbox and start ``cls`` on it."""
-    env.bus.open_mailbox(name)
-    return cls.start(ActorContext(bus=env.bus, name=name, log=env.log, scheduler=env.scheduler, config=config))
 
 
 def test_a_routed_connection_reaches_its_owner_as_a_live_descriptor(runtime: Any) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import resource
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,6 +14,7 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.actors.acceptor.support import run, until
 from villagemesh.actors.acceptor.loopthread import LoopThread
 from villagemesh.actors.acceptor.server import AcceptorServer, HandedOff, adopt
 from villagemesh.actors.acceptor.state import AcceptorLimits, Route
@@ -48,15 +49,6 @@ class Collector(asyncio.Protocol):
         return False
 
 
-def run(coro: Awaitable[Any], timeout: float = 15.0) -> Any:
-    """Run one test body on a fresh loop, bounded."""
-
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
 async def start_acceptor(
     limits: AcceptorLimits | None = None, routes: tuple[Route, ...] = tuple(Route)
 ) -> tuple[AcceptorServer, int, asyncio.Queue[tuple[Route, bytes]]]:
@@ -72,14 +64,6 @@ async def start_acceptor(
 async def connect(port: int, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A client connection from a chosen loopback source address."""
     return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition the server reaches on its own (polling its state, bounded)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def closed_by_server(reader: asyncio.StreamReader) -> bool:

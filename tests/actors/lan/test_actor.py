@@ -7,11 +7,10 @@ import queue
 import socket
 from typing import Any
 
-import pykka
 from nacl.signing import SigningKey
 
+from tests.actors.acceptor.support import WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
-from villagemesh.actors.base import Actor, ActorContext
 from villagemesh.actors.lan.actor import LanActor, lan_status, probe_peer
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
@@ -19,7 +18,6 @@ from villagemesh.actors.lan.messages import PeerAnnounced, PeerProbed, ProbeFail
 from villagemesh.actors.lan.tcp import probe
 from villagemesh.protocols.discovery import Capabilities, DiscoveryRequest, decode_discovery
 
-WAIT = 10.0
 CAPS = Capabilities(
     cpu_cores=8,
     ram_mb=16384,
@@ -30,19 +28,6 @@ CAPS = Capabilities(
     evolution_capacity=0.9,
     available_for_evolution=True,
 )
-
-
-class Sink(Actor):
-    """Puts every bus message into ``config["queue"]``."""
-
-    def handle(self, msg: Any) -> Any:
-        self.ctx.config["queue"].put(msg)
-
-
-def start(env: Any, cls: type[Actor], name: str, **config: Any) -> pykka.ActorRef[Any]:
-    """Open ``name``'s mailbox and start ``cls`` on it."""
-    env.bus.open_mailbox(name)
-    return cls.start(ActorContext(bus=env.bus, name=name, log=env.log, scheduler=env.scheduler, config=config))
 
 
 def free_udp_port() -> int:

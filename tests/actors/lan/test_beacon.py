@@ -6,12 +6,12 @@ import asyncio
 import dataclasses
 import json
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from nacl.signing import SigningKey
 
+from tests.actors.acceptor.support import run, until
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.protocols.discovery import Announce, Capabilities, encode_discovery
@@ -26,15 +26,6 @@ CAPS = Capabilities(
     evolution_capacity=0.5,
     available_for_evolution=True,
 )
-
-
-def run(coro: Awaitable[Any], timeout: float = 15.0) -> Any:
-    """Run one test body on a fresh loop, bounded."""
-
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
 
 
 def free_udp_port() -> int:
@@ -63,14 +54,6 @@ class Heard:
     async def wait(self) -> Announce:
         await self.event.wait()
         return self.announces[0][0]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition the endpoint reaches on its own (polling its counters, bounded)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def loopback(port: int, **overrides: Any) -> BeaconConfig:

@@ -7,13 +7,13 @@ import json
 import socket
 import struct
 from collections import Counter
-from collections.abc import Awaitable
 from typing import Any
 
 import pytest
 import structlog
 from nacl.signing import SigningKey
 
+from tests.actors.acceptor.support import run
 from villagemesh.actors.acceptor.server import AcceptorServer
 from villagemesh.actors.acceptor.state import Route
 from villagemesh.actors.lan.identity import Identity
@@ -33,15 +33,6 @@ CAPS = Capabilities(
     transports=("websocket",),
 )
 ASKER = DiscoveryRequest(node_id="asker", addresses=("ws://127.0.0.1:1",), capabilities=CAPS, timestamp=1.0)
-
-
-def run(coro: Awaitable[Any], timeout: float = 15.0) -> Any:
-    """Run one test body on a fresh loop, bounded."""
-
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
 
 
 async def node(counts: Counter[str] | None = None) -> tuple[AcceptorServer, Identity]:

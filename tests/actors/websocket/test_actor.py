@@ -7,29 +7,12 @@ import os
 import queue
 from typing import Any
 
-import pykka
-
+from tests.actors.acceptor.support import WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
-from villagemesh.actors.base import Actor, ActorContext
 from villagemesh.actors.websocket.actor import WebSocketActor, send_envelope, websocket_status
 from villagemesh.actors.websocket.messages import EnvelopeReceived, EnvelopeSent, SendFailed
 from villagemesh.actors.websocket.transport import WebSocketClient
 from villagemesh.protocols.envelope import Message, Priority, decode_message
-
-WAIT = 10.0
-
-
-class Sink(Actor):
-    """Puts every bus message into ``config["queue"]``."""
-
-    def handle(self, msg: Any) -> Any:
-        self.ctx.config["queue"].put(msg)
-
-
-def start(env: Any, cls: type[Actor], name: str, **config: Any) -> pykka.ActorRef[Any]:
-    """Open ``name``'s mailbox and start ``cls`` on it."""
-    env.bus.open_mailbox(name)
-    return cls.start(ActorContext(bus=env.bus, name=name, log=env.log, scheduler=env.scheduler, config=config))
 
 
 def message(payload: bytes) -> Message:

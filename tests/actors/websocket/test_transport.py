@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 import structlog
 
+from tests.actors.acceptor.support import run
 from villagemesh.actors.acceptor.loopthread import LoopThread
 from villagemesh.actors.acceptor.server import AcceptorServer
 from villagemesh.actors.acceptor.state import Route
@@ -34,15 +35,6 @@ def message(payload: bytes = b"hello", kind: str = "DATA") -> Message:
         correlation_id=None,
         payload=payload,
     )
-
-
-def run(coro: Awaitable[Any], timeout: float = 20.0) -> Any:
-    """Run one test body on a fresh loop, bounded."""
-
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
 
 
 class Inbox:

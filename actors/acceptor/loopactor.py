@@ -1,0 +1,112 @@
+"""The shell every I/O actor shares: one asyncio loop thread it owns, and a safe way back.
+
+Bus sockets may only be used from the actor's own thread, and asyncio objects
+only from the loop's. :class:`LoopActor` is the bridge, for the acceptor, the
+WebSocket and the LAN actors alike::
+
+    actor thread ──run_on_loop(coro, then)──▶ loop thread runs coro
+                 ◀── pykka queue: _LoopResult ─┘  then(result, error) runs in the actor thread
+    loop callback ──post(msg)──▶ pykka queue ──▶ on_loop_message(msg) in the actor thread
+
+The loop thread is started with :meth:`~villagemesh.actors.base.Supervised.spawn_thread`,
+so its death crashes the actor and the supervisor restarts it. Values posted
+after the instance ended are dropped: its successor starts clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from villagemesh.actors.acceptor.loopthread import EventLogLogger, LoopThread
+from villagemesh.actors.acceptor.messages import ConnectionHandedOff
+from villagemesh.actors.acceptor.server import HandedOff, ProtocolFactory, adopt
+from villagemesh.actors.acceptor.state import Route
+from villagemesh.actors.base import Actor
+
+__all__ = ["LOOP_CALL_TIMEOUT_S", "LoopActor"]
+
+LOOP_CALL_TIMEOUT_S = 5.0
+"""Starting, stopping or reading counters on the loop takes milliseconds; 5 s means it is stuck."""
+
+
+@dataclass(frozen=True, slots=True)
+class _LoopResult:
+    then: Callable[[Any, BaseException | None], None]
+    result: Any
+    error: BaseException | None
+
+
+class LoopActor(Actor):
+    """An actor owning one event loop thread; subclasses call :meth:`start_io` in ``on_start``."""
+
+    io_loop: LoopThread
+    io_log: EventLogLogger
+
+    def start_io(self) -> None:
+        """Start the loop thread (owned: its death crashes this actor) and the log front."""
+        self.io_log = EventLogLogger(self.ctx.log, actor=self.name)
+        self.io_loop = LoopThread(f"{self.name}-loop")
+        self.io_loop.start(lambda target, name: self.spawn_thread(target, name=name))
+
+    def stop_io(self, shutdown: Coroutine[Any, Any, None]) -> None:
+        """Run ``shutdown`` on the loop, then stop the loop thread (call from ``on_stop``)."""
+        if self.io_loop.loop.is_closed():
+            shutdown.close()
+            return
+        try:
+            self.io_loop.call(shutdown, LOOP_CALL_TIMEOUT_S)
+        finally:
+            self.io_loop.stop()
+
+    def post(self, msg: object) -> None:
+        """From the loop thread: hand ``msg`` to :meth:`on_loop_message` in the actor thread."""
+        try:
+            self.actor_ref.tell(msg)
+        except pykka.ActorDeadError:
+            return  # the instance is ending; its successor starts clean
+
+    def run_on_loop(self, coro: Coroutine[Any, Any, Any], then: Callable[[Any, BaseException | None], None]) -> None:
+        """Start ``coro`` on the loop; ``then(result, error)`` runs later in the actor thread."""
+
+        def done(future: concurrent.futures.Future[Any]) -> None:
+            if future.cancelled():
+                self.post(_LoopResult(then, None, asyncio.CancelledError("cancelled on the loop")))
+            else:
+                error = future.exception()
+                self.post(_LoopResult(then, None if error is not None else future.result(), error))
+
+        asyncio.run_coroutine_threadsafe(coro, self.io_loop.loop).add_done_callback(done)
+
+    def adopt_handed_off(self, msg: ConnectionHandedOff, factory: ProtocolFactory) -> None:
+        """Serve a connection the acceptor handed over, on this actor's loop (peeked bytes first)."""
+        handed = HandedOff(socket.socket(fileno=msg.fd), msg.peeked, msg.peer, Route(msg.route))
+
+        def adopted(_: Any, error: BaseException | None) -> None:
+            if error is not None:
+                self.io_log.warning(
+                    "connection_rejected",
+                    peer=msg.peer,
+                    reason=f"adoption failed: {error}",
+                    protocol=msg.route,
+                    peeked_bytes=len(msg.peeked),
+                )
+
+        self.run_on_loop(adopt(handed, factory), adopted)
+
+    def on_receive(self, message: Any) -> Any:
+        """Results of :meth:`run_on_loop`, then :meth:`on_loop_message` for posted values."""
+        if type(message) is _LoopResult:
+            message.then(message.result, message.error)
+            return None
+        return self.on_loop_message(message)
+
+    def on_loop_message(self, message: Any) -> None:
+        """A value :meth:`post`-ed from the loop thread; subclasses handle theirs."""
+        raise NotImplementedError(f"{type(self).__name__} got an unexpected {type(message).__name__} from its loop")

@@ -1,0 +1,44 @@
+"""Helpers shared by the acceptor, WebSocket and LAN tests: bounded asyncio runs and bus actors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pykka
+
+from villagemesh.actors.base import Actor, ActorContext
+
+WAIT = 10.0
+"""Upper bound for a wait in these tests: reached only when something hangs."""
+
+
+def run(coro: Awaitable[Any], timeout: float = 15.0) -> Any:
+    """Run one test body on a fresh event loop, bounded."""
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for a state the code under test reaches on its own (its counters), bounded."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+class Sink(Actor):
+    """Puts every bus message it gets into ``config["queue"]``."""
+
+    def handle(self, msg: Any) -> Any:
+        self.ctx.config["queue"].put(msg)
+
+
+def start(env: Any, cls: type[Actor], name: str, **config: Any) -> pykka.ActorRef[Any]:
+    """Open ``name``'s mailbox on the test node's bus and start ``cls`` on it."""
+    env.bus.open_mailbox(name)
+    return cls.start(ActorContext(bus=env.bus, name=name, log=env.log, scheduler=env.scheduler, config=config))
