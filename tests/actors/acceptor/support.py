@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pykka
 
 from villagemesh.actors.base import Actor, ActorContext
+from villagemesh.protocols.discovery import Capabilities
 
 WAIT = 10.0
 """Upper bound for a wait in these tests: reached only when something hangs."""
@@ -42,3 +44,24 @@ def start(env: Any, cls: type[Actor], name: str, **config: Any) -> pykka.ActorRe
     """Open ``name``'s mailbox on the test node's bus and start ``cls`` on it."""
     env.bus.open_mailbox(name)
     return cls.start(ActorContext(bus=env.bus, name=name, log=env.log, scheduler=env.scheduler, config=config))
+
+
+CAPS = Capabilities(
+    cpu_cores=4,
+    ram_mb=8192,
+    battery_percent=None,
+    network_type="wifi",
+    device_type="laptop",
+    performance_tier="high",
+    evolution_capacity=0.7,
+    available_for_evolution=True,
+    transports=("websocket",),
+)
+"""A laptop's capabilities, for identities in discovery tests."""
+
+
+def free_udp_port() -> int:
+    """A UDP port nobody on this host uses now (tests never share the default beacon port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -4,36 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import socket
 from typing import Any
 
 from nacl.signing import SigningKey
 
-from tests.actors.acceptor.support import WAIT, Sink, start
+from tests.actors.acceptor.support import CAPS, WAIT, Sink, free_udp_port, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
 from villagemesh.actors.lan.actor import LanActor, lan_status, probe_peer
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.messages import PeerAnnounced, PeerProbed, ProbeFailed
 from villagemesh.actors.lan.tcp import probe
-from villagemesh.protocols.discovery import Capabilities, DiscoveryRequest, decode_discovery
-
-CAPS = Capabilities(
-    cpu_cores=8,
-    ram_mb=16384,
-    battery_percent=None,
-    network_type="ethernet",
-    device_type="desktop",
-    performance_tier="premium",
-    evolution_capacity=0.9,
-    available_for_evolution=True,
-)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from villagemesh.protocols.discovery import DiscoveryRequest, decode_discovery
 
 
 def test_lan_actor_hears_beacons_answers_discovery_and_probes(runtime: Any) -> None:

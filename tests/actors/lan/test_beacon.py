@@ -11,28 +11,10 @@ from typing import Any
 import structlog
 from nacl.signing import SigningKey
 
-from tests.actors.acceptor.support import run, until
+from tests.actors.acceptor.support import CAPS, free_udp_port, run, until
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
-from villagemesh.protocols.discovery import Announce, Capabilities, encode_discovery
-
-CAPS = Capabilities(
-    cpu_cores=2,
-    ram_mb=4096,
-    battery_percent=80,
-    network_type="wifi",
-    device_type="phone",
-    performance_tier="medium",
-    evolution_capacity=0.5,
-    available_for_evolution=True,
-)
-
-
-def free_udp_port() -> int:
-    """A UDP port nobody on this host uses now (tests never share the default port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from villagemesh.protocols.discovery import Announce, encode_discovery
 
 
 def identity(port: int = 1) -> Identity:

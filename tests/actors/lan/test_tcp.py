@@ -13,25 +13,14 @@ import pytest
 import structlog
 from nacl.signing import SigningKey
 
-from tests.actors.acceptor.support import run
+from tests.actors.acceptor.support import CAPS, run
 from villagemesh.actors.acceptor.server import AcceptorServer
 from villagemesh.actors.acceptor.state import Route
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.tcp import DiscoveryResponder, probe
 from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout
-from villagemesh.protocols.discovery import Capabilities, DiscoveryRequest
+from villagemesh.protocols.discovery import DiscoveryRequest
 
-CAPS = Capabilities(
-    cpu_cores=4,
-    ram_mb=8192,
-    battery_percent=None,
-    network_type="wifi",
-    device_type="laptop",
-    performance_tier="high",
-    evolution_capacity=0.7,
-    available_for_evolution=True,
-    transports=("websocket",),
-)
 ASKER = DiscoveryRequest(node_id="asker", addresses=("ws://127.0.0.1:1",), capabilities=CAPS, timestamp=1.0)
 
 
