@@ -145,13 +145,15 @@ class RegistryActor(Actor):
         try:
             event = decode_discovery(body)
         except ProtocolError as exc:
-            self._reject(source, str(exc))
+            self._rejected(source, str(exc))
             return
         if not isinstance(event, Announce | DiscoveryResponse):
-            self._reject(source, f"{type(event).__name__} is not a signed announce")
+            self._rejected(source, f"{type(event).__name__} is not a signed announce")
             return
         if abs(now - event.timestamp) > self.announce_skew:
-            self._reject(source, f"announce of {event.node_id} is {now - event.timestamp:.0f} s off this node's clock")
+            self._rejected(
+                source, f"announce of {event.node_id} is {now - event.timestamp:.0f} s off this node's clock"
+            )
             return
         rec = record_from_discovery(
             event.node_id,
@@ -176,7 +178,7 @@ class RegistryActor(Actor):
                 source=msg.source,
             )
         except (ConfigError, CodecError) as exc:
-            self._reject(msg.source or "unknown", str(exc))
+            self._rejected(msg.source or "unknown", str(exc))
             return
         self._observe(rec)
 
@@ -185,7 +187,7 @@ class RegistryActor(Actor):
         try:
             seen = observe(self.peers.get(rec.peer_id), rec)
         except ProtocolError as exc:  # a different key for a pinned peer
-            self._reject(source, str(exc))
+            self._rejected(source, str(exc))
             return
         if not seen.changed:
             return
@@ -217,7 +219,7 @@ class RegistryActor(Actor):
             self.ctx.log.emit("peer_expired", peer_id=peer_id, last_seen=None if rec is None else rec.last_seen)
             self._tell_routes(PeerRoutes(peer_id, ()))
 
-    def _reject(self, source: str, reason: str) -> None:
+    def _rejected(self, source: str, reason: str) -> None:
         self.ctx.log.emit("sighting_rejected", level="warning", source=source, reason=reason)
 
     def _tell_routes(self, routes: PeerRoutes) -> None:

@@ -1,0 +1,403 @@
+"""The delivery retrier actor: a thin shell around :mod:`.state` (decisions) and :mod:`.store` (the files).
+
+Sending::
+
+    app ──Deliver(envelope)──► Outbox.put (commit) ──► RetrierState.step(Enqueue) ─┐
+    transport ──TransmitResult──► step(AttemptResult) ─────────────────────────────┤
+    transport ──Received(ACK)───► step(AckReceived) ────────────────────────────────┤
+    registry ──PeerRoutes───────► step(Routes) ─────────────────────────────────────┤
+    timer ──_Wake───────────────► step(Tick) ───────────────────────────────────────┤
+                                                                                    ▼
+        decisions ─► Outbox.apply (one commit) ─► Send: Transmit to the transport actor
+                                                  Delivered / Failed: report_to, log
+                                                  NextWakeup: one timer
+
+Receiving (the order is the exactly-once argument of :mod:`.store`)::
+
+    transport ──Received(envelope)──► decode ─► Inbox.accept (commit) ─► ack ─► deliver_to: Incoming
+    app ──Handled(id)──► Inbox.mark_handled (commit)
+
+Every decision is committed to the outbox *before* it is acted on, so a kill
+at any instant leaves the file describing at least what was done; on start the
+actor replays the outbox into a fresh state and re-dispatches every accepted
+but unhandled inbox entry. The clock is read here (wall time, since TTLs come
+from envelopes made on other nodes) and passed to the pure state as ``now``.
+
+A ``Transmit`` that cannot even be handed to its transport actor (not running,
+mailbox full) is a retryable failure of that attempt: the next transport is
+tried at once.
+
+Config (``ctx.config``): ``path`` (SQLite file for outbox and inbox, required),
+``node_id`` (this node, required), ``mode`` (network mode, default hybrid),
+``deliver_to`` / ``report_to`` (bus names, optional), ``registry`` (bus name
+asked for routes at start, default ``registry``), ``max_attempts``,
+``backoff_base``, ``backoff_max``, ``jitter`` (see :class:`.policy.RetryPolicy`),
+``ack_timeout``, ``max_in_flight`` (see :class:`.state.RetrierState`),
+``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.registry.db`).
+
+Log events: ``message_delivered`` (message_id, attempts, transport),
+``delivery_failed`` (message_id, attempts, last_error, reason),
+``envelope_rejected`` (transport, reason), ``ack_unroutable`` (message_id,
+peer_id), ``dispatch_failed`` (message_id, reason), ``retrier_restored``
+(pending, unhandled).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any
+
+from villagemesh.actors.base import Actor, ActorContext, TimerHandle
+from villagemesh.actors.bus import Sender
+from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
+from villagemesh.actors.transport import TRANSPORT_NAMES, Received, Transmit, TransmitResult
+from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
+from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, decode_message, encode_message
+
+from .messages import (
+    ACK_KIND,
+    ACK_TTL,
+    Deliver,
+    DeliverReply,
+    GetRetrierStatus,
+    Handled,
+    Incoming,
+    MessageDelivered,
+    MessageFailed,
+    RetrierStatus,
+)
+from .modes import NetworkMode, next_transport
+from .policy import RetryPolicy
+from .state import (
+    AckReceived,
+    AttemptResult,
+    Decision,
+    Delivered,
+    Enqueue,
+    Event,
+    Failed,
+    NextWakeup,
+    Phase,
+    RetrierState,
+    Routes,
+    Send,
+    Tick,
+)
+from .store import Inbox, Outbox
+
+__all__ = ["RetrierActor", "mark_handled", "retrier_status", "send_envelope"]
+
+ROUTES_ASK_TIMEOUT = 2.0
+"""How long the retrier waits at start for the registry's routes (it learns changes by tell anyway)."""
+
+REDISPATCH_EVERY = 1.0
+"""Seconds between retries of an Incoming the application's mailbox refused."""
+
+
+class _Wake:
+    """Timer: the state asked for a Tick."""
+
+
+class _Redispatch:
+    """Timer: try again to hand refused Incomings to the application."""
+
+
+class RetrierActor(Actor):
+    """Delivers envelopes reliably and exactly once, across transports, crashes and restarts."""
+
+    def __init__(self, ctx: ActorContext) -> None:
+        super().__init__(ctx)
+        cfg = dict(ctx.config)
+        for key in ("path", "node_id"):
+            if not isinstance(cfg.get(key), str) or not cfg[key]:
+                raise ConfigError(f"the retrier needs config[{key!r}] (a non-empty str), got {cfg.get(key)!r}")
+        self.path: str = cfg["path"]
+        self.node_id: str = cfg["node_id"]
+        self.mode = NetworkMode.parse(cfg.get("mode", "hybrid"))
+        self.deliver_to: str | None = cfg.get("deliver_to") or None
+        self.report_to: str | None = cfg.get("report_to") or None
+        self.registry: str | None = cfg.get("registry", "registry") or None
+        self.synchronous = str(cfg.get("synchronous", "NORMAL"))
+        policy_keys = ("max_attempts", "backoff_base", "backoff_max", "jitter")
+        self.policy = RetryPolicy(**{k: cfg[k] for k in policy_keys if k in cfg})
+        state_keys = ("ack_timeout", "max_in_flight")
+        self.state_settings = {k: cfg[k] for k in state_keys if k in cfg}
+        RetrierState(self.policy, self.mode, **self.state_settings)  # validate now, in the supervisor's thread
+
+    # -- lifecycle (in the actor's thread) -----------------------------------------------------------
+
+    def on_start(self) -> None:
+        self.state = RetrierState(self.policy, self.mode, **self.state_settings)
+        self.outbox = Outbox(self.path, synchronous=self.synchronous)
+        self.inbox = Inbox(self.path, synchronous=self.synchronous)
+        self.routes: dict[str, dict[str, tuple[str, ...]]] = {}
+        self.wake: TimerHandle | None = None
+        self.wake_at: float | None = None
+        self.undispatched: set[bytes] = set()
+        self.received = 0
+        self.duplicates = 0
+        self._load_routes()
+        now = time.time()
+        pending = self.outbox.pending()
+        self._step([row.to_enqueue(now) for row in pending])
+        unhandled = self.inbox.unhandled()
+        for message_id in unhandled:
+            self._hand_to_app(message_id)
+        self.ctx.log.emit("retrier_restored", pending=len(pending), unhandled=len(unhandled))
+        self.sender.flush()  # tells are coalesced per handler turn, and on_start is not one
+
+    def on_stop(self) -> None:
+        self.outbox.close()
+        self.inbox.close()
+
+    def _load_routes(self) -> None:
+        if self.registry is None:
+            return
+        try:
+            reply = self.ask(self.registry, ListRoutes(), timeout=ROUTES_ASK_TIMEOUT)
+        except BusError as exc:
+            self.ctx.log.emit("routes_unavailable", level="warning", registry=self.registry, reason=str(exc))
+            return
+        if isinstance(reply, RoutesList):
+            for routes in reply.routes:
+                self._set_routes(routes)
+
+    # -- messages ----------------------------------------------------------------------------------------
+
+    def handle(self, msg: Any) -> Any:
+        """Dispatch one message (the protocol is in :mod:`.messages`)."""
+        if isinstance(msg, Deliver):
+            return self._deliver(msg.envelope)
+        if isinstance(msg, TransmitResult):
+            error = None if msg.ok else (msg.error or "failed")
+            attempt = self._attempt_of(msg.message_id, msg.transport)
+            self._step([AttemptResult(msg.message_id, attempt, msg.transport, error, time.time(), msg.retryable)])
+        elif isinstance(msg, Received):
+            self._received(msg)
+        elif isinstance(msg, Handled):
+            self.inbox.mark_handled(msg.message_id)
+            self.undispatched.discard(msg.message_id)
+        elif isinstance(msg, PeerRoutes):
+            self._set_routes(msg)
+        elif isinstance(msg, _Wake):
+            self.wake = self.wake_at = None
+            self._step([Tick(time.time())])
+        elif isinstance(msg, _Redispatch):
+            for message_id in list(self.undispatched):
+                self._hand_to_app(message_id)
+        elif isinstance(msg, GetRetrierStatus):
+            c = self.state.counters
+            return RetrierStatus(
+                len(self.state),
+                self.state.in_flight,
+                c.sent,
+                c.delivered,
+                c.failed,
+                c.retried,
+                self.received,
+                self.duplicates,
+                len(self.inbox.unhandled()),
+            )
+        else:
+            raise TypeError(f"retrier got an unexpected {type(msg).__name__}")
+        return None
+
+    def _attempt_of(self, message_id: bytes, transport: str) -> int:
+        """The attempt a TransmitResult answers: the one in flight on that transport (0: none, ignored)."""
+        view = self.state.view(message_id)
+        if view is None or view.phase is not Phase.IN_FLIGHT or view.transport != transport:
+            return 0  # an ack's result, or a late one for an attempt already settled
+        return view.attempts
+
+    # -- sending -----------------------------------------------------------------------------------------
+
+    def _deliver(self, envelope: bytes) -> DeliverReply:
+        try:
+            message = decode_message(envelope)
+        except ProtocolError as exc:
+            return DeliverReply(None, False, f"not a valid envelope: {exc}")
+        if message.recipient is None:
+            return DeliverReply(message.id, False, "a broadcast has no single recipient to acknowledge it")
+        new = self.outbox.put(
+            message.id,
+            message.recipient,
+            message.priority,
+            envelope,
+            created_at=message.created_at,
+            expires_at=message.expires_at,
+        )
+        if new:
+            now = time.time()
+            self._step([Enqueue(message.id, message.recipient, message.priority, message.expires_at, now)])
+        return DeliverReply(message.id, new, None)
+
+    def _step(self, events: list[Event]) -> None:
+        """Step the state through ``events`` and carry out its decisions (persisted first)."""
+        queue: deque[Event] = deque(events)
+        while queue:
+            decisions = self.state.step(queue.popleft())
+            self.outbox.apply(decisions)
+            for d in decisions:
+                failure = self._carry_out(d)
+                if failure is not None:
+                    queue.append(failure)
+
+    def _carry_out(self, d: Decision) -> Event | None:
+        if isinstance(d, Send):
+            return self._transmit(d)
+        if isinstance(d, Delivered):
+            self.ctx.log.emit(
+                "message_delivered", message_id=d.message_id.hex(), attempts=d.attempts, transport=d.transport
+            )
+            self._notify(MessageDelivered(d.message_id, d.attempts, d.transport))
+        elif isinstance(d, Failed):
+            self.ctx.log.emit(
+                "delivery_failed",
+                level="warning",
+                message_id=d.message_id.hex(),
+                attempts=d.attempts,
+                last_error=d.last_error,
+                reason=d.reason.value,
+            )
+            self._notify(MessageFailed(d.message_id, d.attempts, d.last_error, d.reason.value))
+        elif isinstance(d, NextWakeup):
+            self._wake_at(d.at)
+        return None
+
+    def _transmit(self, send: Send) -> Event | None:
+        envelope = self.outbox.payload(send.message_id)
+        addresses = self.routes.get(send.recipient, {}).get(send.transport, ())
+        if envelope is None or not addresses:
+            reason = "the envelope is gone from the outbox" if envelope is None else "no address on this transport"
+            return AttemptResult(send.message_id, send.attempt, send.transport, reason, time.time())
+        try:
+            self.tell(send.transport, Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name))
+        except BusError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            return AttemptResult(send.message_id, send.attempt, send.transport, error, time.time())
+        return None
+
+    def _wake_at(self, at: float) -> None:
+        if self.wake is not None:
+            self.wake.cancel()
+        self.wake_at = at
+        self.wake = self.schedule(max(0.0, at - time.time()), _Wake())
+
+    def _notify(self, msg: object) -> None:
+        if self.report_to is None:
+            return
+        try:
+            self.tell(self.report_to, msg)
+        except BusError as exc:
+            self.ctx.log.emit("report_undeliverable", level="warning", to=self.report_to, reason=str(exc))
+
+    def _set_routes(self, routes: PeerRoutes) -> None:
+        usable = {t: a for t, a in routes.addresses if t in TRANSPORT_NAMES and a}
+        if usable:
+            self.routes[routes.peer_id] = usable
+        else:
+            self.routes.pop(routes.peer_id, None)
+        self._step([Routes(routes.peer_id, tuple(usable), time.time())])
+
+    # -- receiving -----------------------------------------------------------------------------------------
+
+    def _received(self, msg: Received) -> None:
+        try:
+            message = decode_message(msg.envelope)
+        except ProtocolError as exc:
+            self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=str(exc))
+            return
+        if message.recipient != self.node_id:
+            reason = f"addressed to {message.recipient!r}, not this node (no relaying)"
+            self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=reason)
+            return
+        now = time.time()
+        if message.kind == ACK_KIND and message.correlation_id is not None:
+            self._step([AckReceived(message.correlation_id, now)])
+            return
+        if message.is_expired(now):
+            reason = f"message {message.id.hex()} expired at {message.expires_at}"
+            self.ctx.log.emit("envelope_rejected", level="info", transport=msg.transport, reason=reason)
+            return
+        self.received += 1
+        new = self.inbox.accept(message.id, message.expires_at, msg.envelope)  # R1: committed
+        self._ack(message, msg.transport, now)  # R2: for a duplicate too (its first ack may be lost)
+        if new:
+            self._hand_to_app(message.id)  # R3
+        else:
+            self.duplicates += 1
+
+    def _ack(self, message: Message, arrived_on: str, now: float) -> None:
+        ack = Message(
+            id=os.urandom(ID_BYTES),
+            kind=ACK_KIND,
+            sender=self.node_id,
+            recipient=message.sender,
+            priority=Priority.CRITICAL,
+            created_at=now,
+            ttl=ACK_TTL,
+            correlation_id=message.id,
+            payload=b"",
+        )
+        routes = self.routes.get(message.sender, {})
+        transport = arrived_on if arrived_on in routes else next_transport(self.mode, routes, ())
+        if transport is None:
+            self.ctx.log.emit("ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender)
+            return  # the sender retries; by then the registry may know a route back
+        transmit = Transmit(ack.id, message.sender, routes[transport][0], encode_message(ack), self.name)
+        try:
+            self.tell(transport, transmit)
+        except BusError as exc:
+            self.ctx.log.emit(
+                "ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender, reason=str(exc)
+            )
+
+    def _hand_to_app(self, message_id: bytes) -> None:
+        if self.deliver_to is None:
+            self.inbox.mark_handled(message_id)  # nobody to hand it to: counted as handled
+            return
+        envelope = self.inbox.payload(message_id)
+        if envelope is None:
+            self.undispatched.discard(message_id)
+            return  # handled meanwhile
+        try:
+            self.tell(self.deliver_to, Incoming(message_id, envelope))
+        except BusError as exc:
+            self.ctx.log.emit("dispatch_failed", level="warning", message_id=message_id.hex(), reason=str(exc))
+            if not self.undispatched:
+                self.schedule(REDISPATCH_EVERY, _Redispatch())
+            self.undispatched.add(message_id)
+            return
+        self.undispatched.discard(message_id)
+
+
+# --- client API: callers never build the messages ---------------------------------------------------------
+
+
+def send_envelope(client: Sender, envelope: bytes, *, name: str = "retrier", timeout: float = 5.0) -> bytes:
+    """Hand an encoded envelope to the retrier; returns its message id once it is stored (durable).
+
+    Raises:
+        LocalProtocolError: the retrier refused it (invalid envelope, broadcast).
+    """
+    reply = client.ask(name, Deliver(envelope), timeout=timeout)
+    if not isinstance(reply, DeliverReply):
+        raise BusError(f"retrier {name!r} answered Deliver with {reply!r}")
+    if reply.error is not None or reply.message_id is None:
+        raise LocalProtocolError(f"retrier refused the envelope: {reply.error}")
+    return reply.message_id
+
+
+def mark_handled(client: Sender, message_id: bytes, *, name: str = "retrier") -> None:
+    """Tell the retrier the application has handled ``message_id`` (it will not be dispatched again)."""
+    client.tell(name, Handled(message_id))
+
+
+def retrier_status(client: Sender, *, name: str = "retrier", timeout: float = 5.0) -> RetrierStatus:
+    """The retrier's counters and queue sizes."""
+    reply = client.ask(name, GetRetrierStatus(), timeout=timeout)
+    if not isinstance(reply, RetrierStatus):
+        raise BusError(f"retrier {name!r} answered GetRetrierStatus with {reply!r}")
+    return reply

@@ -1,0 +1,132 @@
+"""The delivery retrier's whole protocol on the bus.
+
+From the application::
+
+    Deliver(envelope)          tell or ask [DeliverReply]: send one encoded envelope reliably
+    Handled(message_id)        tell: the application finished handling an Incoming
+    GetRetrierStatus()         ask [RetrierStatus]
+
+To the application (the configured ``deliver_to`` / ``report_to``)::
+
+    Incoming(message_id, envelope)               each new message for this node (until Handled)
+    MessageDelivered(message_id, attempts, transport)
+    MessageFailed(message_id, attempts, last_error, reason)     .exception() is DeliveryFailed
+
+With transports it speaks the transport contract (:mod:`villagemesh.actors.transport`:
+``Transmit`` out, ``TransmitResult`` and ``Received`` in) and with the registry
+``PeerRoutes`` / ``ListRoutes`` (:mod:`villagemesh.actors.registry.messages`).
+
+End-to-end acks are envelopes too: kind :data:`ACK_KIND`, ``correlation_id`` =
+the acknowledged message's id, empty payload, priority CRITICAL. They are sent
+best-effort (not through the outbox): a lost ack makes the sender retry, and
+the retry is acked again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from villagemesh.actors import codec
+from villagemesh.errors import DeliveryFailed
+
+__all__ = [
+    "ACK_KIND",
+    "ACK_TTL",
+    "Deliver",
+    "DeliverReply",
+    "GetRetrierStatus",
+    "Handled",
+    "Incoming",
+    "MessageDelivered",
+    "MessageFailed",
+    "RetrierStatus",
+]
+
+ACK_KIND = "ACK"
+"""The envelope kind of an end-to-end acknowledgement."""
+
+ACK_TTL = 300.0
+"""Seconds an ack envelope lives: long enough for any transport's queue, short enough to drop stale acks."""
+
+
+@codec.message("retrier.Deliver")
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Send ``envelope`` (an encoded :class:`~villagemesh.protocols.envelope.Message` with a
+    recipient) reliably. As an ask, the reply comes once it is stored (durable)."""
+
+    envelope: bytes
+
+
+@codec.message("retrier.DeliverReply")
+@dataclass(frozen=True, slots=True)
+class DeliverReply:
+    """The envelope was stored (``new`` False: that id was already pending), or ``error`` says why not."""
+
+    message_id: bytes | None
+    new: bool
+    error: str | None
+
+
+@codec.message("retrier.Handled")
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """The application has handled the Incoming with ``message_id``: it is never dispatched again."""
+
+    message_id: bytes
+
+
+@codec.message("retrier.Incoming")
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A message for this node, received and stored; answer with Handled when done."""
+
+    message_id: bytes
+    envelope: bytes
+
+
+@codec.message("retrier.MessageDelivered")
+@dataclass(frozen=True, slots=True)
+class MessageDelivered:
+    """The recipient acknowledged the message."""
+
+    message_id: bytes
+    attempts: int
+    transport: str | None
+
+
+@codec.message("retrier.MessageFailed")
+@dataclass(frozen=True, slots=True)
+class MessageFailed:
+    """The message was given up on (``reason``: ttl_expired or attempts_exhausted)."""
+
+    message_id: bytes
+    attempts: int
+    last_error: str
+    reason: str
+
+    def exception(self) -> DeliveryFailed:
+        """The error to raise for it."""
+        return DeliveryFailed(self.message_id.hex(), self.attempts, self.last_error)
+
+
+@codec.message("retrier.GetStatus")
+@dataclass(frozen=True, slots=True)
+class GetRetrierStatus:
+    """Ask: counters and queue sizes."""
+
+
+@codec.message("retrier.Status")
+@dataclass(frozen=True, slots=True)
+class RetrierStatus:
+    """How the retrier is doing."""
+
+    pending: int
+    in_flight: int
+    sent: int
+    delivered: int
+    failed: int
+    retried: int
+    received: int
+    duplicates: int
+    unhandled: int

@@ -1,0 +1,250 @@
+"""The retrier actor between two in-process nodes: failover, dedup, acks, crashes of either side, TTL."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+
+from tests.conftest import WAIT, Recorder
+from villagemesh.actors.base import Actor, Scheduler
+from villagemesh.actors.bus import Bus, Sender
+from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
+from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope
+from villagemesh.actors.retrier.messages import Handled, Incoming, MessageDelivered, MessageFailed
+from villagemesh.actors.sweeper.messages import SweepNow
+from villagemesh.actors.transport import Received, Transmit, TransmitResult
+from villagemesh.errors import DeliveryFailed, LocalProtocolError
+from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
+from villagemesh.supervision.log import EventLog
+from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+from villagemesh.supervision.supervisor import Environment, Supervisor
+
+
+class Wire:
+    """What the fake transports do; tests flip these."""
+
+    buses: dict[str, Bus] = {}
+    refusing: set[str] = set()
+    duplicate = False
+    drop_acks = threading.Event()
+
+
+class FakeTransport(Actor):
+    """A transport carrying envelopes to another in-process node's retrier (its bus is in Wire.buses)."""
+
+    def on_start(self) -> None:
+        self.node = self.ctx.config["node"]
+        self.senders: dict[str, Sender] = {}
+
+    def on_stop(self) -> None:
+        for sender in self.senders.values():
+            sender.close()
+
+    def handle(self, msg: Any) -> Any:
+        if not isinstance(msg, Transmit):
+            return None
+        if self.name in Wire.refusing:
+            self.tell(msg.reply_to, TransmitResult(msg.message_id, self.name, msg.peer_id, False, True, "refused"))
+            return None
+        self.tell(msg.reply_to, TransmitResult(msg.message_id, self.name, msg.peer_id, True, False, None))
+        if Wire.drop_acks.is_set() and decode_message(msg.envelope).kind == "ACK":
+            return None
+        sender = self.senders.get(msg.peer_id)
+        if sender is None:
+            sender = self.senders[msg.peer_id] = Sender(Wire.buses[msg.peer_id], owner=f"{self.name}@{self.node}")
+        for _ in range(2 if Wire.duplicate else 1):
+            sender.tell("retrier", Received(self.name, msg.envelope, self.node))
+        return None
+
+
+class FakeRegistry(Actor):
+    """Answers the retrier's ListRoutes at start: the other node on libp2p and websocket."""
+
+    def handle(self, msg: Any) -> Any:
+        if isinstance(msg, ListRoutes):
+            other = "B" if self.ctx.config["node"] == "A" else "A"
+            addresses = (("libp2p", (f"libp2p://{other}:1",)), ("websocket", (f"ws://{other}:2",)))
+            return RoutesList((PeerRoutes(other, addresses),))
+        return None
+
+
+class App(Actor):
+    """The application on a node: handles Incoming (telling Handled), collects delivery reports."""
+
+    handled: Counter[tuple[str, bytes]] = Counter()
+    reports: list[tuple[str, object]] = []
+    ignore_first: set[str] = set()
+    cond = threading.Condition()
+
+    def handle(self, msg: Any) -> Any:
+        node = self.ctx.config["node"]
+        with App.cond:
+            if isinstance(msg, Incoming):
+                if node in App.ignore_first:
+                    App.ignore_first.discard(node)  # "crashes" before handling: no Handled
+                    App.reports.append((node, "ignored"))
+                else:
+                    App.handled[(node, msg.message_id)] += 1
+                    self.tell("retrier", Handled(msg.message_id))
+            else:
+                App.reports.append((node, msg))
+            App.cond.notify_all()
+        return None
+
+    @classmethod
+    def wait(cls, predicate: Any) -> None:
+        with cls.cond:
+            assert cls.cond.wait_for(predicate, WAIT), (len(cls.handled), cls.reports[-5:])
+
+
+def delivered(node: str) -> list[MessageDelivered]:
+    return [r for n, r in App.reports if n == node and isinstance(r, MessageDelivered)]
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, recorder: Recorder) -> Iterator[dict[str, Environment]]:
+    """Two nodes, A and B, each with an app, libp2p and websocket fakes, and a retrier on its own file."""
+    Wire.buses, Wire.refusing, Wire.duplicate = {}, set(), False
+    Wire.drop_acks.clear()
+    App.handled, App.reports, App.ignore_first = Counter(), [], set()
+    envs: dict[str, Environment] = {}
+    for node in ("A", "B"):
+        bus = Bus(f"retrier-test-{node}-{os.getpid()}-{time.monotonic_ns()}")
+        log = EventLog(bus.node, tmp_path / f"{node}.log.jsonl", human=False, sinks=[recorder])
+        envs[node] = Environment(bus=bus, log=log, scheduler=Scheduler())
+        Wire.buses[node] = bus
+    for node, env in envs.items():
+        retrier = {
+            "path": str(tmp_path / f"{node}.db"),
+            "node_id": node,
+            "deliver_to": "app",
+            "report_to": "app",
+            "registry": "registry",
+            "ack_timeout": 1.0,
+            "backoff_base": 0.05,
+            "backoff_max": 0.2,
+        }
+        children = [
+            ChildSpec("registry", FakeRegistry, config={"node": node}),
+            ChildSpec("app", App, config={"node": node}),
+            ChildSpec("libp2p", FakeTransport, config={"node": node}),
+            ChildSpec("websocket", FakeTransport, config={"node": node}),
+            ChildSpec("retrier", RetrierActor, config=retrier),
+        ]
+        Supervisor.launch(SupervisorSpec(f"root-{node}", children, intensity=10), env)
+    yield envs
+    pykka.ActorRegistry.stop_all(block=True, timeout=5)
+    for env in envs.values():
+        env.bus.close()
+        env.scheduler.close()
+        env.log.close()
+
+
+def envelope(sender: str, recipient: str | None, n: int, *, ttl: float = 60.0) -> bytes:
+    return encode_message(
+        Message(
+            id=os.urandom(16),
+            kind="DATA",
+            sender=sender,
+            recipient=recipient,
+            priority=Priority(n % 5),
+            created_at=time.time(),
+            ttl=ttl,
+            correlation_id=None,
+            payload=b"hello %d" % n,
+        )
+    )
+
+
+def send_many(env: Environment, count: int, recipient: str = "B") -> list[bytes]:
+    client = env.bus.client()
+    return [send_envelope(client, envelope("A", recipient, n), timeout=WAIT) for n in range(count)]
+
+
+def test_messages_fail_over_to_the_next_transport_and_arrive_once(nodes):
+    """libp2p refuses on A: each of 50 messages goes on websocket (attempt 2), is handled once, reported once."""
+    Wire.refusing = {"libp2p"}
+    ids = send_many(nodes["A"], 50)
+    App.wait(lambda: len(delivered("A")) == 50 and sum(1 for node, _ in App.handled if node == "B") == 50)
+    assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
+    assert {(r.attempts, r.transport) for r in delivered("A")} == {(2, "websocket")}
+    assert {mid: c for (node, mid), c in App.handled.items() if node == "B"} == dict.fromkeys(ids, 1)
+
+
+def test_duplicated_envelopes_are_handled_once_and_counted(nodes):
+    """A wire that delivers every envelope twice: the app sees each once; B counts 30 duplicates."""
+    Wire.duplicate = True
+    ids = send_many(nodes["A"], 30)
+    App.wait(lambda: len(delivered("A")) == 30 and sum(1 for node, _ in App.handled if node == "B") == 30)
+    assert [App.handled[("B", mid)] for mid in ids] == [1] * 30
+    status = retrier_status(nodes["B"].bus.client(), timeout=WAIT)
+    assert (status.received, status.duplicates) == (60, 30)
+
+
+def test_sender_crash_with_messages_in_flight_delivers_each_exactly_once(nodes, recorder):
+    """Acks lost, then A's retrier crashes with 200 in flight: its successor replays the outbox; B dedups."""
+    Wire.drop_acks.set()
+    ids = send_many(nodes["A"], 200)
+    App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 200)
+    nodes["A"].bus.client().tell("retrier", SweepNow())  # not the retrier's: it crashes and is restarted
+    recorder.wait_for("child_restarted", child_id="retrier", node=nodes["A"].bus.node)
+    restored = recorder.wait_for("retrier_restored", node=nodes["A"].bus.node, count=2)[-1]
+    assert restored["pending"] == 200
+    Wire.drop_acks.clear()
+    App.wait(lambda: len(delivered("A")) == 200)
+    assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
+    assert [App.handled[("B", mid)] for mid in ids] == [1] * 200
+    assert retrier_status(nodes["A"].bus.client(), timeout=WAIT).pending == 0
+
+
+def test_receiver_crash_before_handling_redispatches_from_its_inbox(nodes, recorder):
+    """B accepts and acks, its app dies before handling; B's restarted retrier dispatches it again: handled once."""
+    App.ignore_first = {"B"}
+    (message_id,) = send_many(nodes["A"], 1)
+    App.wait(lambda: len(delivered("A")) == 1 and ("B", "ignored") in App.reports)
+    assert App.handled[("B", message_id)] == 0
+    nodes["B"].bus.client().tell("retrier", SweepNow())
+    restored = recorder.wait_for("retrier_restored", node=nodes["B"].bus.node, count=2)[-1]
+    assert restored["unhandled"] == 1
+    App.wait(lambda: App.handled[("B", message_id)] == 1)
+
+
+def test_expired_message_is_reported_as_delivery_failed(nodes):
+    """No route to C and a 0.2 s TTL: MessageFailed(ttl_expired, 0 attempts), whose exception is DeliveryFailed."""
+    client = nodes["A"].bus.client()
+    message_id = send_envelope(client, envelope("A", "C", 0, ttl=0.2), timeout=WAIT)
+    App.wait(lambda: any(isinstance(r, MessageFailed) for _, r in App.reports))
+    (failed,) = [r for _, r in App.reports if isinstance(r, MessageFailed)]
+    assert (failed.message_id, failed.attempts, failed.reason) == (message_id, 0, "ttl_expired")
+    exc = failed.exception()
+    assert isinstance(exc, DeliveryFailed) and exc.attempts == 0 and "ttl expired" in exc.last_error
+
+
+def test_invalid_and_broadcast_envelopes_are_refused(nodes):
+    """Garbage and broadcasts are LocalProtocolErrors for the caller; the retrier keeps running."""
+    client = nodes["A"].bus.client()
+    with pytest.raises(LocalProtocolError, match="not a valid envelope"):
+        send_envelope(client, b"\x01garbage", timeout=WAIT)
+    with pytest.raises(LocalProtocolError, match="broadcast"):
+        send_envelope(client, envelope("A", None, 0), timeout=WAIT)
+    assert retrier_status(client, timeout=WAIT).pending == 0
+
+
+def test_resubmitting_a_pending_envelope_does_not_send_it_twice(nodes):
+    """The same envelope handed over twice is stored once and delivered once."""
+    Wire.drop_acks.set()
+    client = nodes["A"].bus.client()
+    body = envelope("A", "B", 1)
+    first = send_envelope(client, body, timeout=WAIT)
+    assert send_envelope(client, body, timeout=WAIT) == first
+    Wire.drop_acks.clear()
+    App.wait(lambda: len(delivered("A")) >= 1 and App.handled[("B", first)] >= 1)
+    assert App.handled[("B", first)] == 1 and len(delivered("A")) == 1
