@@ -136,7 +136,10 @@ class RegistryActor(Actor):
             chosen = suitable_peers(self.peers.values(), msg.min_count, now=now, max_age=max_age)
             return SuitablePeersReply(tuple(PeerInfo.of(p) for p in chosen.peers), msg.min_count, chosen.enough)
         elif isinstance(msg, ListRoutes):
-            return RoutesList(tuple(PeerRoutes.of(self.peers[k]) for k in sorted(self.peers)))
+            routes = RoutesList(tuple(PeerRoutes.of(self.peers[k]) for k in sorted(self.peers)))
+            if msg.reply_to is None:
+                return routes
+            self._send(msg.reply_to, routes)
         else:
             raise TypeError(f"registry got an unexpected {type(msg).__name__}")
         return None
@@ -223,13 +226,15 @@ class RegistryActor(Actor):
         self.ctx.log.emit("sighting_rejected", level="warning", source=source, reason=reason)
 
     def _tell_routes(self, routes: PeerRoutes) -> None:
-        if self.routes_to is None:
-            return
+        if self.routes_to is not None:
+            self._send(self.routes_to, routes)
+
+    def _send(self, to: str, msg: object) -> None:
         try:
-            self.tell(self.routes_to, routes)
+            self.tell(to, msg)
         except BusError as exc:
             # The retrier is down or full; it asks ListRoutes when it starts, so nothing is lost for long.
-            self.ctx.log.emit("routes_undeliverable", level="warning", to=self.routes_to, reason=str(exc))
+            self.ctx.log.emit("routes_undeliverable", level="warning", to=to, reason=str(exc))
 
 
 # --- client API: callers never build the messages ---------------------------------------------------

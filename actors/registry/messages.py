@@ -13,7 +13,7 @@ Asked of the registry (reply in brackets)::
     GetPeer(peer_id)                   [PeerReply]
     ListPeers()                        [PeerList]
     FindSuitablePeers(min_count, ...)  [SuitablePeersReply]
-    ListRoutes()                       [RoutesList]
+    ListRoutes(reply_to=None)          [RoutesList] (or told to reply_to)
 
 Told by the registry to its ``routes_to`` (the retrier) when a peer's addresses
 change or it expires: ``PeerRoutes`` (empty addresses = unreachable).
@@ -206,7 +206,13 @@ class SuitablePeersReply:
 @codec.message("registry.ListRoutes")
 @dataclass(frozen=True, slots=True)
 class ListRoutes:
-    """Ask: every peer's addresses per transport. Reply: RoutesList."""
+    """Ask: every peer's addresses per transport. Reply: RoutesList.
+
+    As a tell with ``reply_to``, the RoutesList is told to ``reply_to`` (so an
+    actor starting up need not block on an ask).
+    """
+
+    reply_to: str | None = None
 
 
 @codec.message("registry.PeerRoutes")

@@ -162,11 +162,11 @@ def _to_row(rec: PeerRecord) -> tuple[Any, ...]:
 def _from_row(row: tuple[Any, ...]) -> PeerRecord:
     peer_id, addresses, caps, public_key, last_seen, trust, latency_ms, source = row
     grouped = json.loads(addresses)
-    if not isinstance(grouped, dict):
-        raise ValueError(f"addresses is not a JSON object: {addresses!r}")
+    if not isinstance(grouped, dict) or not all(isinstance(a, list) for a in grouped.values()):
+        raise ValueError(f"addresses is not a JSON object of lists: {addresses!r}")
     return PeerRecord(
         peer_id=peer_id,
-        addresses=grouped,
+        addresses=tuple((transport, tuple(a)) for transport, a in grouped.items()),
         capabilities=None if caps is None else Capabilities.from_json(json.loads(caps)),
         public_key=public_key,
         last_seen=last_seen,

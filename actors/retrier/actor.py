@@ -30,7 +30,8 @@ tried at once.
 Config (``ctx.config``): ``path`` (SQLite file for outbox and inbox, required),
 ``node_id`` (this node, required), ``mode`` (network mode, default hybrid),
 ``deliver_to`` / ``report_to`` (bus names, optional), ``registry`` (bus name
-asked for routes at start, default ``registry``), ``max_attempts``,
+told ``ListRoutes(reply_to=<retrier>)`` at start, default ``registry``; until
+its answer arrives, restored messages wait parked, spending no attempt), ``max_attempts``,
 ``backoff_base``, ``backoff_max``, ``jitter`` (see :class:`.policy.RetryPolicy`),
 ``ack_timeout``, ``max_in_flight`` (see :class:`.state.RetrierState`),
 ``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.registry.db`).
@@ -88,9 +89,6 @@ from .state import (
 from .store import Inbox, Outbox
 
 __all__ = ["RetrierActor", "mark_handled", "retrier_status", "send_envelope"]
-
-ROUTES_ASK_TIMEOUT = 2.0
-"""How long the retrier waits at start for the registry's routes (it learns changes by tell anyway)."""
 
 REDISPATCH_EVERY = 1.0
 """Seconds between retries of an Incoming the application's mailbox refused."""
@@ -153,16 +151,14 @@ class RetrierActor(Actor):
         self.inbox.close()
 
     def _load_routes(self) -> None:
+        """Ask the registry for every route without blocking: its RoutesList arrives as a message."""
         if self.registry is None:
             return
         try:
-            reply = self.ask(self.registry, ListRoutes(), timeout=ROUTES_ASK_TIMEOUT)
+            self.tell(self.registry, ListRoutes(reply_to=self.name))
         except BusError as exc:
+            # Restored messages stay parked (no attempt spent) until routes arrive by PeerRoutes.
             self.ctx.log.emit("routes_unavailable", level="warning", registry=self.registry, reason=str(exc))
-            return
-        if isinstance(reply, RoutesList):
-            for routes in reply.routes:
-                self._set_routes(routes)
 
     # -- messages ----------------------------------------------------------------------------------------
 
@@ -181,6 +177,9 @@ class RetrierActor(Actor):
             self.undispatched.discard(msg.message_id)
         elif isinstance(msg, PeerRoutes):
             self._set_routes(msg)
+        elif isinstance(msg, RoutesList):
+            for routes in msg.routes:
+                self._set_routes(routes)
         elif isinstance(msg, _Wake):
             self.wake = self.wake_at = None
             self._step([Tick(time.time())])

@@ -21,7 +21,14 @@ from villagemesh.actors.registry.actor import (
     list_peers,
     record_evolution_outcome,
 )
-from villagemesh.actors.registry.messages import ForgetPeer, PeerRoutes, PeerSeen, capabilities_to_text
+from villagemesh.actors.registry.messages import (
+    ForgetPeer,
+    ListRoutes,
+    PeerRoutes,
+    PeerSeen,
+    RoutesList,
+    capabilities_to_text,
+)
 from villagemesh.actors.registry.store import PeerStore
 from villagemesh.actors.sweeper.messages import Sighted, SweepNow
 from villagemesh.actors.transport import Sighting
@@ -164,3 +171,14 @@ def test_forgetting_a_peer_removes_it(runtime, recorder, tmp_path):
     client.tell("registry", ForgetPeer("p"))
     recorder.wait_for("peer_forgotten", peer_id="p")
     assert list_peers(client, timeout=WAIT) == []
+
+
+def test_routes_are_told_on_request_without_an_ask(runtime, recorder, tmp_path):
+    """ListRoutes(reply_to) as a tell: the RoutesList goes to reply_to (how a starting retrier asks)."""
+    start(runtime, tmp_path)
+    client = runtime.bus.client()
+    client.tell("registry", PeerSeen("p", ("ws://127.0.0.1:1", "/ip4/127.0.0.1/tcp/2"), None, None, None, "test"))
+    recorder.wait_for("peer_discovered", peer_id="p")
+    client.tell("registry", ListRoutes(reply_to="retrier"))
+    expected = PeerRoutes("p", (("libp2p", ("/ip4/127.0.0.1/tcp/2",)), ("websocket", ("ws://127.0.0.1:1",))))
+    RoutesSink.wait_for(lambda r: isinstance(r, RoutesList) and r.routes == (expected,))

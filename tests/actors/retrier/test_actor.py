@@ -69,10 +69,10 @@ class FakeRegistry(Actor):
     """Answers the retrier's ListRoutes at start: the other node on libp2p and websocket."""
 
     def handle(self, msg: Any) -> Any:
-        if isinstance(msg, ListRoutes):
+        if isinstance(msg, ListRoutes) and msg.reply_to is not None:
             other = "B" if self.ctx.config["node"] == "A" else "A"
             addresses = (("libp2p", (f"libp2p://{other}:1",)), ("websocket", (f"ws://{other}:2",)))
-            return RoutesList((PeerRoutes(other, addresses),))
+            self.tell(msg.reply_to, RoutesList((PeerRoutes(other, addresses),)))
         return None
 
 
