@@ -18,18 +18,21 @@ Rules:
   on both sides: a silent or slow peer holds a descriptor for that long at most.
 - **Fatal means closed.** A session error (:class:`RemoteProtocolError`), the
   deadline (:class:`TransportTimeout`), a socket error (:class:`ConnectError`)
-  or an ``on_envelope`` callback that raises aborts the connection and logs
-  ``session_failed``; each error names the peer's address.
+  or an ``on_open``/``on_envelope`` callback that raises aborts the connection
+  and logs ``session_failed``; each error names the peer's address.
 - **Callbacks** run on the loop and must only hand data on (a queue, a
   ``call_soon_threadsafe``, a bus send). ``on_envelope(message, raw, peer_id)``
   gets only envelopes whose sender is ``peer_id``; ``on_open(connection)`` once
-  authenticated; ``on_close(connection, error_or_None)`` exactly once after
-  ``on_open``. A connection that never authenticated calls neither.
+  authenticated (the dialler gets the connection from :func:`dial` instead);
+  ``on_close(connection, error_or_None)`` exactly once when an authenticated
+  connection ends (one that raises is logged as ``session_callback_failed``).
+  A connection that never authenticated calls neither.
 - :class:`SecureConnection` is used from the loop's thread only (like the
   asyncio transport it wraps).
 
 Log events (structlog, fixed keys): ``session_failed`` (peer, peer_id, role,
-reason), ``session_closed`` (peer, peer_id, role; debug), plus the session's own.
+reason), ``session_closed`` (peer, peer_id, role; debug), ``session_callback_failed``
+(peer, peer_id, role, reason), plus the session's own.
 """
 
 from __future__ import annotations
@@ -140,7 +143,7 @@ class SecureProtocol(asyncio.Protocol):
         session: a fresh :class:`Session` (initiator for dialling, responder for accepting).
         on_envelope: see :data:`EnvelopeHandler`.
         on_open: called once the peer is authenticated.
-        on_close: called once after ``on_open`` when the connection ends.
+        on_close: called once when an authenticated connection ends.
         handshake_timeout: seconds from ``connection_made`` to authentication.
         log: a structlog-shaped logger (default ``villagemesh.secure``).
     """
@@ -220,7 +223,16 @@ class SecureProtocol(asyncio.Protocol):
             return
         self.log.debug("session_closed", peer=self.peer, peer_id=self.session.peer_id, role=self.session.role)
         if self.on_close is not None:
-            self.on_close(self.connection, self._error)
+            try:
+                self.on_close(self.connection, self._error)
+            except Exception as exc:  # noqa: BLE001 - the connection is gone already; the loop must go on
+                self.log.error(
+                    "session_callback_failed",
+                    peer=self.peer,
+                    peer_id=self.session.peer_id,
+                    role=self.session.role,
+                    reason=f"on_close raised {exc!r}",
+                )
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
@@ -284,7 +296,10 @@ class SecureProtocol(asyncio.Protocol):
         self.connection = SecureConnection(self, event.peer_id, event.identity)
         self._settle_waiter(result=self.connection)
         if self.on_open is not None:
-            self.on_open(self.connection)
+            try:
+                self.on_open(self.connection)
+            except Exception as exc:  # noqa: BLE001 - a failing consumer loses this connection, not the loop
+                self._fail(ConnectError(f"secure session with {self.peer}: on_open raised {exc!r}"), exc)
 
     def _deliver(self, event: EnvelopeReceived) -> None:
         peer_id = self.session.peer_id

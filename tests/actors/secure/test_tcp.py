@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from villagemesh.actors.acceptor.server import AcceptorServer
+from villagemesh.actors.acceptor.server import AcceptorServer, HandedOff, adopt
 from villagemesh.actors.acceptor.state import AcceptorLimits, Route
 from villagemesh.actors.secure.keys import NodeKeys
 from villagemesh.actors.secure.session import Session
@@ -51,6 +51,13 @@ def into(inbox: Inbox) -> Callable[[Message, bytes, str], None]:
     return lambda message, raw, peer_id: inbox.put_nowait((message, raw, peer_id))
 
 
+async def dial_as(keys: NodeKeys, port: int, **options: Any) -> SecureConnection:
+    """Dial 127.0.0.1:``port`` as ``keys``; ``options`` override expected_peer (None), on_envelope, timeout..."""
+    options.setdefault("expected_peer", None)
+    options.setdefault("on_envelope", into(Inbox()))
+    return await dial("127.0.0.1", port, static_key=keys.static_key, signing_key=keys.signing_key, **options)
+
+
 class Node:
     """An acceptor on loopback serving the SECURE route, recording what its sessions see."""
 
@@ -78,15 +85,7 @@ class Node:
         return self
 
     async def dial(self, keys: NodeKeys, inbox: Inbox, *, expected_peer: str | None = None) -> SecureConnection:
-        return await dial(
-            "127.0.0.1",
-            self.port,
-            static_key=keys.static_key,
-            signing_key=keys.signing_key,
-            expected_peer=expected_peer or self.keys.node_id,
-            on_envelope=into(inbox),
-            timeout=5.0,
-        )
+        return await dial_as(keys, self.port, expected_peer=expected_peer or self.keys.node_id, on_envelope=into(inbox))
 
 
 def test_envelopes_flow_both_ways_through_the_acceptor() -> None:
@@ -117,6 +116,35 @@ def test_envelopes_flow_both_ways_through_the_acceptor() -> None:
         assert closed is served and error is None
         assert node.server.statistics()["routed.secure"] == 1
         await node.server.close()
+
+    run(body())
+
+
+def test_a_handed_off_connection_is_adopted_with_its_peeked_header() -> None:
+    """Served via route_hand_off + adopt (as an actor owning another loop would), the session still authenticates."""
+
+    async def body() -> None:
+        keys, inbox = NodeKeys.generate(), Inbox()
+        factory = responder_factory(static_key=keys.static_key, signing_key=keys.signing_key, on_envelope=into(inbox))
+        server = AcceptorServer()
+        adoptions: set[asyncio.Task[Any]] = set()
+
+        def hand_off(handed: HandedOff) -> None:
+            task = asyncio.get_running_loop().create_task(adopt(handed, factory))
+            adoptions.add(task)
+
+        server.route_hand_off(Route.SECURE, hand_off)
+        _, port = await server.start()
+        me = NodeKeys.generate()
+        conn = await dial_as(me, port, expected_peer=keys.node_id)
+        conn.send_envelope(message(me.node_id, b"via hand-off"))
+        got, _, peer_id = await inbox.get()
+        assert (got.payload, peer_id) == (b"via hand-off", me.node_id)
+        [task] = adoptions
+        transport, _ = task.result()
+        conn.close()
+        transport.close()
+        await server.close()
 
     run(body())
 
@@ -180,15 +208,7 @@ def test_dial_times_out_on_a_peer_that_never_answers() -> None:
         port = silent.sockets[0].getsockname()[1]
         me = NodeKeys.generate()
         with pytest.raises(TransportTimeout, match=rf"127\.0\.0\.1:{port}.*handshake not complete"):
-            await dial(
-                "127.0.0.1",
-                port,
-                static_key=me.static_key,
-                signing_key=me.signing_key,
-                expected_peer=None,
-                on_envelope=into(Inbox()),
-                timeout=0.2,
-            )
+            await dial_as(me, port, timeout=0.2)
         silent.close()
         await silent.wait_closed()
 
@@ -206,14 +226,7 @@ def test_dial_to_a_closed_port_is_a_connect_error_naming_the_address() -> None:
         await probe.wait_closed()
         me = NodeKeys.generate()
         with pytest.raises(ConnectError, match=rf"127\.0\.0\.1:{port}"):
-            await dial(
-                "127.0.0.1",
-                port,
-                static_key=me.static_key,
-                signing_key=me.signing_key,
-                expected_peer=None,
-                on_envelope=into(Inbox()),
-            )
+            await dial_as(me, port)
 
     run(body())
 
@@ -230,14 +243,7 @@ def test_peer_closing_during_the_handshake_is_a_connect_error() -> None:
         port = server.sockets[0].getsockname()[1]
         me = NodeKeys.generate()
         with pytest.raises(ConnectError, match=rf"127\.0\.0\.1:{port}"):
-            await dial(
-                "127.0.0.1",
-                port,
-                static_key=me.static_key,
-                signing_key=me.signing_key,
-                expected_peer=None,
-                on_envelope=into(Inbox()),
-            )
+            await dial_as(me, port)
         server.close()
         await server.wait_closed()
 
@@ -255,11 +261,9 @@ def test_failing_envelope_callback_closes_that_connection_only() -> None:
         me = NodeKeys.generate()
         ended: asyncio.Queue[VillageMeshError | None] = asyncio.Queue()
         with structlog.testing.capture_logs() as logs:
-            conn = await dial(
-                "127.0.0.1",
+            conn = await dial_as(
+                me,
                 node.port,
-                static_key=me.static_key,
-                signing_key=me.signing_key,
                 expected_peer=node.keys.node_id,
                 on_envelope=explode,
                 on_close=lambda _conn, error: ended.put_nowait(error),
@@ -279,6 +283,39 @@ def test_failing_envelope_callback_closes_that_connection_only() -> None:
     logs = run(body())
     [failed] = [e for e in logs if e["event"] == "session_failed"]
     assert "consumer bug" in failed["reason"] and failed["role"] == "initiator"
+
+
+def test_failing_open_and_close_callbacks_are_logged_and_cost_only_that_connection() -> None:
+    """on_open raising closes the connection (session_failed); on_close raising is logged, not propagated."""
+
+    def bug(*_args: object) -> None:
+        raise ValueError("callback bug")
+
+    async def body() -> list[dict[str, Any]]:
+        keys, closing = NodeKeys.generate(), asyncio.Event()
+
+        def close_bug(*_args: object) -> None:
+            closing.set()
+            raise ValueError("callback bug")
+
+        factory = responder_factory(
+            static_key=keys.static_key, signing_key=keys.signing_key, on_envelope=bug, on_open=bug, on_close=close_bug
+        )
+        server = AcceptorServer()
+        server.route_in_loop(Route.SECURE, factory)
+        _, port = await server.start()
+        with structlog.testing.capture_logs() as logs:
+            conn = await dial_as(NodeKeys.generate(), port)
+            await conn.wait_closed()
+            await closing.wait()
+            await server.close()
+        return logs
+
+    logs = run(body())
+    [failed] = [e for e in logs if e["event"] == "session_failed"]
+    assert "on_open raised ValueError('callback bug')" in failed["reason"]
+    [close_failed] = [e for e in logs if e["event"] == "session_callback_failed"]
+    assert "on_close raised" in close_failed["reason"] and close_failed["role"] == "responder"
 
 
 def test_sending_on_a_closed_connection_is_a_connect_error() -> None:
@@ -338,14 +375,6 @@ def test_bad_configuration_is_refused_before_any_connection() -> None:
 
     async def body() -> None:
         with pytest.raises(ConfigError, match="timeout"):
-            await dial(
-                "127.0.0.1",
-                1,
-                static_key=keys.static_key,
-                signing_key=keys.signing_key,
-                expected_peer=None,
-                on_envelope=into(Inbox()),
-                timeout=0,
-            )
+            await dial_as(keys, 1, timeout=0)
 
     run(body())
