@@ -159,6 +159,23 @@ def test_oversized_envelope_length_is_fatal_before_the_body_arrives() -> None:
         responder.receive_data(channel.send(frame_message(message(M_ID))))
 
 
+@settings(deadline=None, max_examples=50)
+@given(st.binary(max_size=2000), st.booleans())
+def test_arbitrary_bytes_yield_only_rejections_or_a_remote_protocol_error(raw: bytes, inside: bool) -> None:
+    """Garbage on the wire, or garbage an authenticated peer encrypts, never delivers anything else."""
+    if inside:
+        channel, responder = attacker()
+        wire = channel.send(raw)
+    else:
+        responder, wire = Session.responder(R_STATIC, R_KEY), raw
+    try:
+        events = responder.receive_data(wire)
+    except RemoteProtocolError:
+        return
+    for event in events:
+        assert isinstance(event, Rejected) or (isinstance(event, EnvelopeReceived) and event.message.sender == M_ID)
+
+
 def test_wrong_expected_peer_is_fatal_naming_both_ids() -> None:
     """A dialler that reaches a node other than the one it dialled stops with both ids in the error."""
     initiator, responder = pair(expected_peer=M_ID)
