@@ -181,8 +181,11 @@ class RetrierActor(Actor):
             for routes in msg.routes:
                 self._set_routes(routes)
         elif isinstance(msg, _Wake):
+            # Never tick before the asked-for instant (the timer runs on the monotonic clock,
+            # TTLs on the wall clock): what was due then is due now.
+            now = max(time.time(), self.wake_at or 0.0)
             self.wake = self.wake_at = None
-            self._step([Tick(time.time())])
+            self._step([Tick(now)])
         elif isinstance(msg, _Redispatch):
             for message_id in list(self.undispatched):
                 self._hand_to_app(message_id)

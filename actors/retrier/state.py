@@ -462,7 +462,7 @@ class RetrierState:
             case AckReceived():
                 self._ack(event, out)
             case Tick():
-                pass
+                self._wakeup_sent = None  # the timer fired: whatever is next must be asked for again
             case _:
                 raise ConfigError(f"RetrierState cannot handle {event!r}")
         self._pump(event.now, out)

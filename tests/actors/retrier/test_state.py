@@ -455,3 +455,12 @@ TestRetrierMachine.settings = settings(max_examples=150, stateful_step_count=60,
 def test_jitter_rand_is_in_the_unit_interval(message_id: bytes, attempt: int) -> None:
     """The hash-derived random number is a valid rand for RetryPolicy.delay."""
     assert 0.0 <= jitter_rand(message_id, attempt) < 1.0
+
+
+def test_a_tick_always_re_requests_the_next_wakeup() -> None:
+    """A timer that fires a hair early (clock skew) gets its wake-up asked for again, so nothing stalls."""
+    state = fresh(ack_timeout=10.0)
+    assert of(NextWakeup, state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))) == [
+        NextWakeup(10.0)
+    ]
+    assert of(NextWakeup, state.step(Tick(9.999))) == [NextWakeup(10.0)]
