@@ -58,9 +58,13 @@ Rules (each a test or a hypothesis invariant):
    flight; free slots go to READY messages by stride scheduling over the
    priority classes (:class:`FairQueue`): class weights CRITICAL 16, HIGH 8,
    NORMAL 4, LOW 2, BULK 1. CRITICAL wins every tie and takes 16 of 31 picks
-   while all classes are busy; a queued message of class ``c`` reaches the
-   head of its class within :func:`max_picks_before` picks, however fast
-   other classes fill: LOW within 19, BULK within 35. FIFO within a class.
+   while all classes are busy. The head of class ``c`` is picked within
+   :func:`max_picks_before` ``(c)`` picks however fast other classes fill
+   (CRITICAL 5, HIGH 7, NORMAL 11, LOW 19, BULK 35), so a message with ``k``
+   ahead of it in its class goes within ``(k + 1)`` times that. FIFO within a class.
+7. *Acks.* An ack settles a pending message in any phase (a late ack after a
+   timeout still counts); acks for unknown ids, or for a message never sent
+   (attempts 0), are ignored.
 
 Persistence is the actor's: it writes ``Send`` (attempts, deadline as the next
 attempt time, so a crash mid-flight retries at the deadline) and ``Backoff``
