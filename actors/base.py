@@ -56,8 +56,10 @@ from villagemesh.errors import CodecError, VillageMeshError
 __all__ = [
     "Actor",
     "ActorContext",
+    "CrashInjected",
     "ExitKind",
     "ExitReport",
+    "InjectedCrash",
     "OwnedThreadDied",
     "Scheduler",
     "Supervised",
@@ -282,6 +284,18 @@ class Supervised(pykka.ThreadingActor):
             return
 
 
+@codec.message("bus.InjectedCrash")
+@dataclass(frozen=True, slots=True)
+class InjectedCrash:
+    """Fault injection: any actor that receives this crashes (tests, demos, chaos drills)."""
+
+    reason: str
+
+
+class CrashInjected(VillageMeshError):
+    """Raised by an actor that received :class:`InjectedCrash`."""
+
+
 @codec.message("bus.Ok")
 @dataclass(frozen=True, slots=True)
 class Ok:
@@ -458,11 +472,11 @@ class Actor(Supervised):
             self._reject(str(exc))
             return
         if kind is busmod.Kind.TELL:
-            self.handle(msg)
+            self._handle_one(msg)
             self._acknowledged()
         elif kind is busmod.Kind.ASK and reply_to is not None:
             try:
-                answer = self.handle(msg)
+                answer = self._handle_one(msg)
             except BaseException as exc:
                 self.sender.reply(
                     reply_to, correlation, busmod.Fault(self.name, type(exc).__name__, str(exc)), fault=True
@@ -476,7 +490,7 @@ class Actor(Supervised):
             self._reject(f"unexpected {kind.name} frame")
 
     def _on_batch(self, batch: tuple[Any, ...]) -> None:
-        handle, build = self.handle, codec.from_values
+        handle, build = self._handle_one, codec.from_values
         for index, values in enumerate(batch):
             try:
                 handle(build(values, trusted=True))
@@ -486,6 +500,11 @@ class Actor(Supervised):
                 rest = [busmod.tell_frame(v) for v in batch[index + 1 :]]
                 self._mailbox.redeliver.extendleft(reversed(rest))
                 raise
+
+    def _handle_one(self, msg: Any) -> Any:
+        if type(msg) is InjectedCrash:
+            raise CrashInjected(msg.reason)
+        return self.handle(msg)
 
     def _reject(self, reason: str) -> None:
         self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=reason)

@@ -1,0 +1,508 @@
+"""The node: a supervised tree of actors on one bus, and the API to embed it.
+
+::
+
+    root (one_for_one)
+    ├── registry      peers, capabilities, trust          (SQLite: data_dir/peers.sqlite3)
+    ├── retrier       outbox, acks, retries, failover      (SQLite: data_dir/messages.sqlite3)
+    ├── app           subscribers and delivery handles
+    ├── transports    (one_for_one)
+    │   └── websocket aiohttp server and client
+    ├── lan           beacons, discovery responder, bootstrap probes
+    ├── acceptor      one TCP port, sniffed and handed off
+    └── sweeper       discovery rounds
+
+:func:`create_network` makes a :class:`Node`; ``start()`` builds the runtime
+(one zmq Context, the timer thread, the event log) and launches the root
+supervisor; ``stop()`` stops the tree in reverse order. Everything a restart
+must keep lives in ``data_dir``: the key file (so the node id is stable), the
+peers, the outbox and the inbox.
+
+The API is thread-safe (each calling thread gets its own bus sender) and has
+asyncio variants; handles can be awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pykka
+
+from villagemesh.actors.app.actor import AppActor
+from villagemesh.actors.app.state import DeliveryHandle, HandleTable, Subscribers
+from villagemesh.actors.base import ExitReport, Scheduler
+from villagemesh.actors.bus import Bus
+from villagemesh.actors.retrier.modes import NetworkMode
+from villagemesh.errors import ConfigError, SupervisionError, VillageMeshError
+from villagemesh.protocols.discovery import Capabilities
+from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
+from villagemesh.supervision.log import EventLog
+from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+from villagemesh.supervision.supervisor import Environment, Supervisor, which_children
+
+__all__ = ["NetworkMode", "Node", "NodeConfig", "PeerInfo", "create_network", "local_capabilities"]
+
+ASK_TIMEOUT = 5.0
+"""Seconds the node API waits for one of its own actors to answer."""
+
+DEFAULT_TTL = 24 * 3600.0
+"""A message's lifetime unless the sender says otherwise (the replaced system's 24 h)."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node is made of; validated when made (``ConfigError`` names the value)."""
+
+    data_dir: Path
+    mode: NetworkMode = NetworkMode.HYBRID
+    name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    bootstrap: tuple[str, ...] = ()
+    lan: bool = False
+    discovery_interval: float = 2.0
+    discovery_timeout: float = 1.5
+    peer_max_age: float = 300.0
+    ack_timeout: float = 10.0
+    max_attempts: int = 8
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    capabilities: Capabilities | None = None
+    human_log: bool | None = False
+    log_path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "mode", NetworkMode.parse(self.mode))
+        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be an int in 0..65535, got {self.port!r}")
+        bootstrap = tuple(self.bootstrap)
+        for entry in bootstrap:
+            _split_host_port(entry)
+        object.__setattr__(self, "bootstrap", bootstrap)
+        for name in ("discovery_interval", "discovery_timeout", "peer_max_age", "ack_timeout", "backoff_base"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.name is not None and (not self.name or "/" in self.name):
+            raise ConfigError(f"node name must be non-empty without '/', got {self.name!r}")
+
+
+def _split_host_port(entry: str) -> tuple[str, int]:
+    host, sep, port = str(entry).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"bootstrap entries are 'host:port', got {entry!r}")
+    return host, int(port)
+
+
+def local_capabilities(transports: Sequence[str] = ("websocket",)) -> Capabilities:
+    """This machine's capabilities, measured (cores, memory) and classified by the seed system's rules."""
+    cores = os.cpu_count() or 1
+    try:
+        ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError):
+        ram_mb = 0
+    gb = ram_mb / 1024
+    if gb >= 16 and cores >= 8:
+        tier = "premium"
+    elif gb >= 8 and cores >= 4:
+        tier = "high"
+    elif gb >= 4 and cores >= 2:
+        tier = "medium"
+    else:
+        tier = "low"
+    try:
+        load = min(1.0, os.getloadavg()[0] / cores)
+    except OSError:
+        load = 0.0
+    capacity = max(0.1, min(1.0, 1.0 - 0.5 * load))
+    return Capabilities(
+        cpu_cores=cores,
+        ram_mb=int(ram_mb),
+        battery_percent=None,
+        network_type="ethernet",
+        device_type="desktop",
+        performance_tier=tier,
+        evolution_capacity=round(capacity, 3),
+        available_for_evolution=load < 0.95,
+        transports=tuple(transports),
+    )
+
+
+def _free_port(host: str) -> int:
+    """A port free right now on ``host``: fixed for the node's life so that a restarted
+    acceptor listens where the node's announced addresses say it does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A known peer, as the node API returns it."""
+
+    peer_id: str
+    addresses: tuple[tuple[str, tuple[str, ...]], ...]
+    capabilities: Capabilities | None
+    last_seen: float
+    trust: float
+    latency_ms: float | None
+
+
+class Node:
+    """One villagemesh node. Make it with :func:`create_network`; start it, use it, stop it."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        from villagemesh.actors.secure.keys import NodeKeys
+
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = NodeKeys.load_or_create(config.data_dir / "node.key")
+        self.node_id: str = self.keys.node_id
+        self.name = config.name or f"node-{self.node_id[:8]}"
+        self.port = config.port or _free_port(config.host)
+        self.subscribers = Subscribers()
+        self.handles = HandleTable()
+        self._lock = threading.Lock()
+        self._started = False
+        self._failed: ExitReport | None = None
+        self._env: Environment | None = None
+        self._root: Supervisor | None = None
+        self._launcher: Any = None
+
+    # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """The WebSocket address peers reach this node at."""
+        return f"ws://{self.config.host}:{self.port}"
+
+    @property
+    def acceptor_address(self) -> str:
+        """``host:port`` of the acceptor (what other nodes put in ``bootstrap``)."""
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        """The node's JSON-lines event log."""
+        return self.config.log_path or self.config.data_dir / "events.jsonl"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Node:
+        """Start every actor; returns once the acceptor listens. Idempotent."""
+        with self._lock:
+            if self._started:
+                return self
+            bus = Bus(self.name)
+            log = EventLog(self.name, self.log_path, human=self.config.human_log)
+            env = Environment(bus=bus, log=log, scheduler=Scheduler(f"{self.name}-timers"))
+            env.process_launcher = self._process_launcher
+            self._env = env
+            log.emit("node_starting", node_id=self.node_id, mode=self.config.mode.value, port=self.port)
+            self._root = Supervisor.launch(self._tree(), env, watcher=self._root_ended)
+            self._started = True
+        try:
+            self._wait_until_listening()
+        except VillageMeshError:
+            self.stop()
+            raise
+        log.emit("node_started", node_id=self.node_id, address=self.address)
+        return self
+
+    def stop(self) -> None:
+        """Stop every actor (reverse start order), then the bus, timers and log. Idempotent."""
+        with self._lock:
+            if not self._started:
+                return
+            self._started = False
+            root, env = self._root, self._env
+        assert root is not None and env is not None
+        try:
+            root.actor_ref.stop(block=True, timeout=30)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            pass  # already ended (escalated), or stuck: the bus is closed below either way
+        root.finished.wait(30)
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
+        env.log.emit("node_stopped", node_id=self.node_id)
+        env.scheduler.close()
+        env.bus.close()
+        env.log.close()
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Node:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def _root_ended(self, actor: Any, report: ExitReport) -> None:
+        if report.crashed and self._env is not None:
+            self._failed = report
+            self._env.log.emit(
+                "node_failed", level="error", node_id=self.node_id, exc_type=report.exc_type, reason=report.exc_message
+            )
+
+    def _process_launcher(self) -> Any:
+        if self._launcher is None:
+            from villagemesh.supervision.process import ProcessLauncher
+
+            self._launcher = ProcessLauncher()
+        return self._launcher
+
+    def _tree(self) -> SupervisorSpec:
+        from villagemesh.actors.acceptor.actor import AcceptorActor
+        from villagemesh.actors.lan.actor import LanActor
+        from villagemesh.actors.lan.identity import Identity
+        from villagemesh.actors.registry.actor import RegistryActor
+        from villagemesh.actors.retrier.actor import RetrierActor
+        from villagemesh.actors.sweeper.actor import SweeperActor
+        from villagemesh.actors.websocket.actor import WebSocketActor
+
+        cfg, data = self.config, self.config.data_dir
+        capabilities = cfg.capabilities or local_capabilities(("websocket",))
+        identity = Identity(
+            signing_key=self.keys.signing_key, addresses=(self.address,), capabilities=capabilities, port=self.port
+        )
+        retry = {
+            "max_attempts": cfg.max_attempts,
+            "backoff_base": cfg.backoff_base,
+            "backoff_max": max(cfg.backoff_max, cfg.backoff_base),
+            "ack_timeout": cfg.ack_timeout,
+        }
+        transports = SupervisorSpec(
+            "transports",
+            [ChildSpec("websocket", WebSocketActor, config={"deliver_to": "retrier", "node_id": self.node_id})],
+            intensity=10,
+            period=10,
+        )
+        children: list[ChildSpec | SupervisorSpec] = [
+            ChildSpec(
+                "registry",
+                RegistryActor,
+                config={"path": str(data / "peers.sqlite3"), "routes_to": "retrier", "max_age": cfg.peer_max_age},
+            ),
+            ChildSpec(
+                "retrier",
+                RetrierActor,
+                config={
+                    "path": str(data / "messages.sqlite3"),
+                    "node_id": self.node_id,
+                    "mode": cfg.mode.value,
+                    "deliver_to": "app",
+                    "report_to": "app",
+                    "registry": "registry",
+                    **retry,
+                },
+            ),
+            ChildSpec("app", AppActor, config={"subscribers": self.subscribers, "handles": self.handles}),
+            transports,
+            ChildSpec(
+                "lan",
+                LanActor,
+                config={"identity": identity, "peers_to": "registry", "bootstrap": cfg.bootstrap, "beacons": cfg.lan},
+            ),
+            ChildSpec(
+                "acceptor",
+                AcceptorActor,
+                config={
+                    "host": cfg.host,
+                    "port": self.port,
+                    "routes": {"http": "websocket", "discovery": "lan"},
+                },
+            ),
+            ChildSpec(
+                "sweeper",
+                SweeperActor,
+                config={
+                    "transports": ["lan"],
+                    "interval": cfg.discovery_interval,
+                    "timeout": cfg.discovery_timeout,
+                    "registry": "registry",
+                },
+            ),
+        ]
+        return SupervisorSpec("root", children, strategy="one_for_one", intensity=20, period=10)
+
+    def _wait_until_listening(self, timeout: float = 10.0) -> None:
+        """Ask the acceptor where it listens: the ask waits in its mailbox until it has started."""
+        from villagemesh.actors.acceptor.messages import GetAcceptorStatus
+
+        assert self._env is not None
+        status = self._env.bus.client().ask("acceptor", GetAcceptorStatus(), timeout=timeout)
+        if self._failed is not None:
+            raise SupervisionError(f"node {self.name} failed while starting: {self._failed.exc_message}")
+        if status.port != self.port:
+            raise SupervisionError(f"node {self.name}: acceptor listens on {status.port}, expected {self.port}")
+
+    # -- the API -------------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        if not self._started or self._env is None:
+            raise SupervisionError(f"node {self.name} is not running (call start())")
+        return self._env.bus.client()
+
+    def send(
+        self,
+        peer_id: str,
+        payload: bytes,
+        *,
+        kind: str = "DATA",
+        priority: Priority | str | int = Priority.NORMAL,
+        ttl: float = DEFAULT_TTL,
+        correlation_id: bytes | None = None,
+    ) -> DeliveryHandle:
+        """Send ``payload`` to ``peer_id`` reliably; the handle ends delivered or failed.
+
+        The message is stored durably before this returns: a crash of the node
+        afterwards does not lose it (it is resent after the restart).
+        """
+        from villagemesh.actors.retrier.messages import Deliver, DeliverReply
+
+        message = Message(
+            id=os.urandom(ID_BYTES),
+            kind=kind,
+            sender=self.node_id,
+            recipient=peer_id,
+            priority=_priority(priority),
+            created_at=time.time(),
+            ttl=float(ttl),
+            correlation_id=correlation_id,
+            payload=bytes(payload),
+        )
+        handle = self.handles.new(message.id)
+        reply = self._client().ask("retrier", Deliver(encode_message(message)), timeout=ASK_TIMEOUT)
+        if not isinstance(reply, DeliverReply) or reply.error is not None:
+            self.handles.resolve(message.id, False, 0, getattr(reply, "error", repr(reply)))
+            raise ConfigError(f"message to {peer_id!r} refused: {getattr(reply, 'error', reply)}")
+        return handle
+
+    def broadcast(self, kind: str, payload: bytes, **kwargs: Any) -> list[DeliveryHandle]:
+        """Send to every known peer (one reliable message each)."""
+        return [self.send(p.peer_id, payload, kind=kind, **kwargs) for p in self.peers()]
+
+    def subscribe(self, kind: str, handler: Callable[[Message], Any]) -> Callable[[], None]:
+        """Call ``handler(message)`` for each message of ``kind`` ("*" for all); returns the unsubscribe."""
+        return self.subscribers.add(kind, handler)
+
+    def peers(self) -> list[PeerInfo]:
+        """Every known peer."""
+        from villagemesh.actors.registry.messages import ListPeers
+
+        reply = self._client().ask("registry", ListPeers(), timeout=ASK_TIMEOUT)
+        return [_peer_info(p) for p in reply.peers]
+
+    def get_suitable_evolution_peers(self, min_count: int = 1) -> list[PeerInfo]:
+        """Every peer suitable for evolution, best first (no cap; may be fewer than ``min_count``)."""
+        from villagemesh.actors.registry.messages import FindSuitablePeers
+
+        reply = self._client().ask("registry", FindSuitablePeers(min_count), timeout=ASK_TIMEOUT)
+        return [_peer_info(p) for p in reply.peers]
+
+    def wait_for_peers(self, count: int, timeout: float) -> bool:
+        """True once at least ``count`` peers are known (polls the registry; for scripts and tests)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.peers()) >= count:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            threading.Event().wait(0.05)
+
+    def discover_now(self) -> None:
+        """Start a discovery round now."""
+        from villagemesh.actors.sweeper.messages import SweepNow
+
+        self._client().tell("sweeper", SweepNow())
+
+    def crash(self, actor_name: str) -> None:
+        """Fault injection: make the actor named ``actor_name`` crash (its supervisor restarts it)."""
+        from villagemesh.actors.base import InjectedCrash
+
+        self._client().tell(actor_name, InjectedCrash(f"injected by Node.crash({actor_name!r})"))
+
+    def network_status(self) -> dict[str, Any]:
+        """The node at a glance: id, mode, peers, the retrier's counters, the actor tree."""
+        from villagemesh.actors.retrier.messages import GetRetrierStatus
+
+        assert self._root is not None
+        retrier = self._client().ask("retrier", GetRetrierStatus(), timeout=ASK_TIMEOUT)
+        return {
+            "node_id": self.node_id,
+            "name": self.name,
+            "mode": self.config.mode.value,
+            "address": self.address,
+            "transport_priority": list(_transport_order(self.config.mode)),
+            "peers": len(self.peers()),
+            "retrier": {k: getattr(retrier, k) for k in retrier.__dataclass_fields__},
+            "actors": which_children(self._root.actor_ref, timeout=ASK_TIMEOUT),
+        }
+
+    # -- asyncio ----------------------------------------------------------------------------------
+
+    async def asend(self, peer_id: str, payload: bytes, **kwargs: Any) -> DeliveryHandle:
+        """:meth:`send` without blocking the event loop."""
+        return await asyncio.to_thread(self.send, peer_id, payload, **kwargs)
+
+    async def apeers(self) -> list[PeerInfo]:
+        """:meth:`peers` without blocking the event loop."""
+        return await asyncio.to_thread(self.peers)
+
+
+def _transport_order(mode: NetworkMode) -> tuple[str, ...]:
+    from villagemesh.actors.retrier.modes import TRANSPORT_ORDER
+
+    return tuple(str(t) for t in TRANSPORT_ORDER[mode])
+
+
+def _priority(value: Priority | str | int) -> Priority:
+    if isinstance(value, Priority):
+        return value
+    if isinstance(value, str):
+        try:
+            return Priority[value.upper()]
+        except KeyError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return Priority(value)
+        except ValueError:
+            pass
+    names = ", ".join(p.name.lower() for p in Priority)
+    raise ConfigError(f"priority must be one of {names}, got {value!r}")
+
+
+def _peer_info(info: Any) -> PeerInfo:
+    rec = info.record()
+    return PeerInfo(rec.peer_id, rec.addresses, rec.capabilities, rec.last_seen, rec.trust, rec.latency_ms)
+
+
+def create_network(mode: NetworkMode | str = NetworkMode.HYBRID, **settings: Any) -> Node:
+    """A node in ``mode`` (hybrid, mesh, anonymous, direct); ``settings`` are :class:`NodeConfig` fields.
+
+    ``data_dir`` is required: the node's identity, peers and messages live there.
+    """
+    if "data_dir" not in settings:
+        raise ConfigError("create_network needs data_dir= (where the node keeps its key, peers and messages)")
+    known = set(NodeConfig.__dataclass_fields__)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown node settings {unknown}; known: {sorted(known)}")
+    return Node(NodeConfig(mode=NetworkMode.parse(mode), **settings))
+
