@@ -40,7 +40,8 @@ Log events: ``message_delivered`` (message_id, attempts, transport),
 ``delivery_failed`` (message_id, attempts, last_error, reason),
 ``envelope_rejected`` (transport, reason), ``ack_unroutable`` (message_id,
 peer_id), ``dispatch_failed`` (message_id, reason), ``retrier_restored``
-(pending, unhandled).
+(pending, unhandled), ``routes_loaded`` (peers, routable) when the registry's
+answer to the start-up ``ListRoutes`` arrives.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class RetrierActor(Actor):
         elif isinstance(msg, RoutesList):
             for routes in msg.routes:
                 self._set_routes(routes)
+            self.ctx.log.emit("routes_loaded", peers=len(msg.routes), routable=len(self.routes))
         elif isinstance(msg, _Wake):
             # Never tick before the asked-for instant (the timer runs on the monotonic clock,
             # TTLs on the wall clock): what was due then is due now.

