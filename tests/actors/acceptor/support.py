@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pykka
@@ -65,3 +66,29 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def fake_peer(answer: Callable[[bytes], bytes] | None = None) -> AsyncIterator[int]:
+    """A loopback TCP peer (yields its port): silent, or answering its first read with ``answer(data)``.
+
+    Every connection it accepted is closed on exit, so no transport outlives the test.
+    """
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        if answer is None:
+            await reader.read()
+        else:
+            writer.write(answer(await reader.read(64 * 1024)))
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()

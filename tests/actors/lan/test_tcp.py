@@ -13,7 +13,7 @@ import pytest
 import structlog
 from nacl.signing import SigningKey
 
-from tests.actors.acceptor.support import CAPS, run
+from tests.actors.acceptor.support import CAPS, fake_peer, run
 from villagemesh.actors.acceptor.server import AcceptorServer
 from villagemesh.actors.acceptor.state import Route
 from villagemesh.actors.lan.identity import Identity
@@ -144,11 +144,9 @@ def test_probe_of_a_silent_peer_times_out_naming_it() -> None:
     """A peer that accepts and never answers: TransportTimeout with the address."""
 
     async def body() -> None:
-        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        port = silent.sockets[0].getsockname()[1]
-        with pytest.raises(TransportTimeout, match=f"127.0.0.1:{port}"):
-            await probe("127.0.0.1", port, 0.2, request=ASKER)
-        silent.close()
+        async with fake_peer() as port:
+            with pytest.raises(TransportTimeout, match=f"127.0.0.1:{port}"):
+                await probe("127.0.0.1", port, 0.2, request=ASKER)
 
     run(body())
 
@@ -157,14 +155,8 @@ def test_probe_refuses_an_answer_that_is_not_a_response() -> None:
     """A peer that answers a request with a request is a RemoteProtocolError."""
 
     async def body() -> None:
-        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writer.write(await reader.read(64 * 1024))
-            await writer.drain()
-
-        fake = await asyncio.start_server(echo, "127.0.0.1", 0)
-        port = fake.sockets[0].getsockname()[1]
-        with pytest.raises(RemoteProtocolError, match="expected a response"):
-            await probe("127.0.0.1", port, 2.0, request=ASKER)
-        fake.close()
+        async with fake_peer(answer=lambda request: request) as port:  # an echo: a request back
+            with pytest.raises(RemoteProtocolError, match="expected a response"):
+                await probe("127.0.0.1", port, 2.0, request=ASKER)
 
     run(body())

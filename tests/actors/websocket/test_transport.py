@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import structlog
 
-from tests.actors.acceptor.support import run
+from tests.actors.acceptor.support import fake_peer, run
 from villagemesh.actors.acceptor.loopthread import LoopThread
 from villagemesh.actors.acceptor.server import AcceptorServer
 from villagemesh.actors.acceptor.state import Route
@@ -249,14 +249,13 @@ def test_send_to_a_silent_peer_times_out_naming_it() -> None:
     """A peer that accepts TCP and never answers the handshake: TransportTimeout with the URL."""
 
     async def body() -> None:
-        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        url = f"ws://127.0.0.1:{silent.sockets[0].getsockname()[1]}"
-        client = WebSocketClient(Inbox(), connect_timeout=0.2)
-        try:
-            with pytest.raises(TransportTimeout, match=url):
-                await client.send(url, message())
-        finally:
-            await client.close()
-            silent.close()
+        async with fake_peer() as port:
+            url = f"ws://127.0.0.1:{port}"
+            client = WebSocketClient(Inbox(), connect_timeout=0.2)
+            try:
+                with pytest.raises(TransportTimeout, match=url):
+                    await client.send(url, message())
+            finally:
+                await client.close()
 
     run(body())
