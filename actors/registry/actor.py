@@ -259,7 +259,13 @@ def list_peers(client: Sender, *, name: str = "registry", timeout: float = 5.0) 
 def find_suitable_peers(
     client: Sender, min_count: int, *, max_age: float | None = None, name: str = "registry", timeout: float = 5.0
 ) -> tuple[list[PeerRecord], bool]:
-    """Every peer suitable for evolution, best first (no cap), and whether there are ``min_count``."""
+    """Every peer suitable for evolution, best first (no cap), and whether there are ``min_count``.
+
+    Raises:
+        ConfigError: ``min_count`` < 0 or ``max_age`` < 0 (checked here, so a bad
+            argument never reaches, and crashes, the registry).
+    """
+    suitable_peers((), min_count, now=0.0, max_age=0.0 if max_age is None else max_age)  # validates only
     reply = client.ask(name, FindSuitablePeers(min_count, max_age), timeout=timeout)
     if not isinstance(reply, SuitablePeersReply):
         raise BusError(f"registry {name!r} answered FindSuitablePeers with {reply!r}")

@@ -32,6 +32,7 @@ from villagemesh.actors.registry.messages import (
 from villagemesh.actors.registry.store import PeerStore
 from villagemesh.actors.sweeper.messages import Sighted, SweepNow
 from villagemesh.actors.transport import Sighting
+from villagemesh.errors import ConfigError
 from villagemesh.protocols.discovery import Capabilities, encode_discovery, sign_announce
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor
@@ -182,3 +183,11 @@ def test_routes_are_told_on_request_without_an_ask(runtime, recorder, tmp_path):
     client.tell("registry", ListRoutes(reply_to="retrier"))
     expected = PeerRoutes("p", (("libp2p", ("/ip4/127.0.0.1/tcp/2",)), ("websocket", ("ws://127.0.0.1:1",))))
     RoutesSink.wait_for(lambda r: isinstance(r, RoutesList) and r.routes == (expected,))
+
+
+def test_bad_selection_arguments_are_refused_before_reaching_the_registry(runtime, recorder, tmp_path):
+    """min_count −1 is a ConfigError in the caller; the registry keeps running."""
+    start(runtime, tmp_path)
+    with pytest.raises(ConfigError, match="min_count"):
+        find_suitable_peers(runtime.bus.client(), -1, timeout=WAIT)
+    assert list_peers(runtime.bus.client(), timeout=WAIT) == []
