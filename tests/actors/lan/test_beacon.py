@@ -8,7 +8,10 @@ import json
 import socket
 from typing import Any
 
+import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from tests.actors.acceptor.support import CAPS, free_udp_port, run, until
@@ -186,3 +189,16 @@ def test_a_failing_on_peer_callback_does_not_stop_the_endpoint() -> None:
         return endpoint
 
     assert run(body()).counts["accepted"] == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=2048), port=st.integers(1, 65535))
+def test_any_datagram_is_handled_without_raising(data: bytes, port: int) -> None:
+    """Arbitrary bytes from anywhere: dropped and counted, never an exception out of the handler."""
+    endpoint = BeaconEndpoint(IDENTITY, lambda a, s: pytest.fail("garbage reached on_peer"), clock=lambda: 0.0)
+    with structlog.testing.capture_logs():
+        endpoint.datagram(data, ("127.0.0.9", port))
+    assert endpoint.counts["rejected"] + endpoint.counts["rate_limited"] == 1
+
+
+IDENTITY = identity()
