@@ -18,15 +18,21 @@ about the whole prefix and looks the verdict up in :data:`~.state.ROUTES`::
                 reject            hand-off (in-loop or cross-thread), every byte read so far
 
 One sweep timer per acceptor (every ``sniff_timeout_s / 4``) drops undecided
-connections past their deadline: a slow or silent client is gone within
-1.25 × ``sniff_timeout_s``, and an accept costs no timer of its own.
+connections that have had their time: a slow or silent client gets more than
+``sniff_timeout_s`` and at most 1.25 × that, and an accept costs no timer and
+no clock read of its own.
 
 Two hand-off modes (a route has one handler, registered with one of them):
 
 **in-loop** (:meth:`AcceptorServer.route_in_loop`): for protocols served on the
-acceptor's own loop (aiohttp's ``RequestHandler`` is one). The transport is
-switched to the handler's protocol, which gets ``connection_made(transport)``
-and then every peeked byte, in order, before anything newer. Its connection
+acceptor's own loop (aiohttp's ``RequestHandler`` is one). The handler's
+protocol gets ``connection_made(transport)`` and then every peeked byte, in
+order, before anything newer. A plain ``Protocol`` is not switched in: the
+sniffing protocol stays the transport's and passes each later read straight
+through (one call; a protocol switch and a helper object per accept cost more,
+the benchmark shows), forwarding EOF, flow control and ``connection_lost``. A
+``BufferedProtocol`` is switched in behind a small forwarder, since the
+transport picks its read path by protocol type. Either way the connection
 keeps counting against the source's cap until it closes.
 
 **cross-thread** (:meth:`AcceptorServer.route_hand_off`): for protocols owned by
