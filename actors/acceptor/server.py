@@ -396,15 +396,16 @@ class _SniffingProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.inner is not None:
-            try:
-                self.inner.connection_lost(exc)
-            finally:
-                self.inner = None
-                self.phase = _Phase.GONE
-                self.server.limiter.close(self.src)
-        elif self.phase is _Phase.UNDECIDED:
-            self._release()
+        inner, self.inner = self.inner, None
+        try:
+            if inner is not None:
+                inner.connection_lost(exc)
+        finally:
+            if self.phase is _Phase.UNDECIDED:
+                self._release()
+            else:
+                # IN_LOOP (also when the handler's factory or connection_made raised): free the slot once.
+                self._release_in_loop()
 
     def pause_writing(self) -> None:
         if self.inner is not None:

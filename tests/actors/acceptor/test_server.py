@@ -441,3 +441,27 @@ def test_buffered_protocol_handler_gets_every_byte() -> None:
     result, stats = run(body())
     assert result == data
     assert stats["routed.http"] == 1
+
+
+def test_a_handler_that_fails_to_start_loses_its_connection_not_its_cap_slot() -> None:
+    """A route factory that raises: that client is closed and the source's slot is freed."""
+
+    def broken() -> asyncio.Protocol:
+        raise RuntimeError("handler bug")
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
+        server = AcceptorServer(AcceptorLimits(max_per_source=1, max_total=4))
+        server.route_in_loop(Route.HTTP, broken)
+        _, port = await server.start()
+        reader, writer = await connect(port)
+        writer.write(FIRST_BYTES[Route.HTTP])
+        assert await closed_by_server(reader)
+        writer.close()
+        await until(lambda: server.limiter.total == 0)
+        assert "handler bug" in str(errors[0].get("exception"))
+        await server.close()
+
+    run(body())
