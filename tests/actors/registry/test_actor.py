@@ -12,7 +12,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from tests.conftest import WAIT
-from villagemesh.actors.base import Actor
+from villagemesh.actors.base import Actor, InjectedCrash
 from villagemesh.actors.lan.messages import PeerAnnounced
 from villagemesh.actors.registry.actor import (
     RegistryActor,
@@ -30,7 +30,7 @@ from villagemesh.actors.registry.messages import (
     capabilities_to_text,
 )
 from villagemesh.actors.registry.store import PeerStore
-from villagemesh.actors.sweeper.messages import Sighted, SweepNow
+from villagemesh.actors.sweeper.messages import Sighted
 from villagemesh.actors.transport import Sighting
 from villagemesh.errors import ConfigError
 from villagemesh.protocols.discovery import Capabilities, encode_discovery, sign_announce
@@ -120,7 +120,7 @@ def test_forged_and_stale_announces_are_rejected(runtime, recorder, tmp_path):
 
 
 def test_a_restarted_registry_loses_nothing(runtime, recorder, tmp_path):
-    """Crash the registry (an unexpected message): the new instance reloads every peer from the file."""
+    """Crash the registry: the new instance reloads every peer from the file."""
     start(runtime, tmp_path)
     client = runtime.bus.client()
     for seed in (5, 6):
@@ -128,7 +128,7 @@ def test_a_restarted_registry_loses_nothing(runtime, recorder, tmp_path):
         client.tell("registry", PeerAnnounced(a.node_id, a.addresses, "x", encode_discovery(a)))
     recorder.wait_for("peer_discovered", count=2)
     before = list_peers(client, timeout=WAIT)
-    client.tell("registry", SweepNow())  # not the registry's: its handler raises, the supervisor restarts it
+    client.tell("registry", InjectedCrash("test"))  # the supervisor restarts it
     recorder.wait_for("child_restarted", child_id="registry")
     assert list_peers(client, timeout=WAIT) == before and len(before) == 2
 

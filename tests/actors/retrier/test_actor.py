@@ -14,12 +14,11 @@ import pykka
 import pytest
 
 from tests.conftest import WAIT, Recorder
-from villagemesh.actors.base import Actor, Scheduler
+from villagemesh.actors.base import Actor, InjectedCrash, Scheduler
 from villagemesh.actors.bus import Bus, Sender
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope
 from villagemesh.actors.retrier.messages import Handled, Incoming, MessageDelivered, MessageFailed
-from villagemesh.actors.sweeper.messages import SweepNow
 from villagemesh.actors.transport import Received, Transmit, TransmitResult
 from villagemesh.errors import DeliveryFailed, LocalProtocolError
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
@@ -197,7 +196,7 @@ def test_sender_crash_with_messages_in_flight_delivers_each_exactly_once(nodes, 
     Wire.drop_acks.set()
     ids = send_many(nodes["A"], 200)
     App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 200)
-    nodes["A"].bus.client().tell("retrier", SweepNow())  # not the retrier's: it crashes and is restarted
+    nodes["A"].bus.client().tell("retrier", InjectedCrash("test"))  # it crashes and is restarted
     recorder.wait_for("child_restarted", child_id="retrier", node=nodes["A"].bus.node)
     restored = recorder.wait_for("retrier_restored", node=nodes["A"].bus.node, count=2)[-1]
     assert restored["pending"] == 200
@@ -214,7 +213,7 @@ def test_receiver_crash_before_handling_redispatches_from_its_inbox(nodes, recor
     (message_id,) = send_many(nodes["A"], 1)
     App.wait(lambda: len(delivered("A")) == 1 and ("B", "ignored") in App.reports)
     assert App.handled[("B", message_id)] == 0
-    nodes["B"].bus.client().tell("retrier", SweepNow())
+    nodes["B"].bus.client().tell("retrier", InjectedCrash("test"))
     restored = recorder.wait_for("retrier_restored", node=nodes["B"].bus.node, count=2)[-1]
     assert restored["unhandled"] == 1
     App.wait(lambda: App.handled[("B", message_id)] == 1)
