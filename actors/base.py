@@ -324,6 +324,16 @@ _recv = zmq.backend.Socket.recv
 """pyzmq's compiled recv, without the Python-level wrapper."""
 
 
+class _Envelope:
+    """The shape pykka's loop reads an inbox item through (``message``, ``reply_to``)."""
+
+    __slots__ = ("message", "reply_to")
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+        self.reply_to = None
+
+
 class _BusInbox:
     """pykka's inbox, reading pykka's control queue first and then the bus mailbox.
 
@@ -391,7 +401,7 @@ class _BusInbox:
                     continue
                 item = self._watched.get(pollable)
                 if item is not None:
-                    return item()
+                    return _Envelope(item())
 
     def close(self) -> None:
         with self._lock:
