@@ -48,8 +48,11 @@ class AcceptorActor(LoopActor):
         self.address = self.io_loop.call(self.server.start(host, port), LOOP_CALL_TIMEOUT_S)
         self.io_log.info("acceptor_listening", host=self.address[0], port=self.address[1])
 
-    def on_stop(self) -> None:
-        self.stop_io(self.server.close())
+    async def io_shutdown(self) -> None:
+        """Stop listening (routed connections belong to their handlers)."""
+        server = getattr(self, "server", None)
+        if server is not None:
+            await server.close()
 
     def _handed_off(self, handed: HandedOff) -> None:
         # On the loop thread: only pass the value on. If the actor is gone, the

@@ -44,7 +44,11 @@ class _LoopResult:
 
 
 class LoopActor(Actor):
-    """An actor owning one event loop thread; subclasses call :meth:`start_io` in ``on_start``."""
+    """An actor owning one event loop thread.
+
+    Subclasses call :meth:`start_io` early in ``on_start`` and put their
+    closing in :meth:`io_shutdown`; it runs on every exit, a failed start included.
+    """
 
     io_loop: LoopThread
     io_log: EventLogLogger
@@ -55,15 +59,30 @@ class LoopActor(Actor):
         self.io_loop = LoopThread(f"{self.name}-loop")
         self.io_loop.start(lambda target, name: self.spawn_thread(target, name=name))
 
-    def stop_io(self, shutdown: Coroutine[Any, Any, None]) -> None:
-        """Run ``shutdown`` on the loop, then stop the loop thread (call from ``on_stop``)."""
-        if self.io_loop.loop.is_closed():
-            shutdown.close()
+    async def io_shutdown(self) -> None:
+        """Close this actor's I/O objects, on the loop. Subclasses: tolerate a half-done ``on_start``."""
+
+    def on_stop(self) -> None:
+        """Close the I/O and stop the loop thread."""
+        self._stop_io_once()
+
+    def _teardown(self) -> None:
+        # Every exit path passes here, including an on_start that failed after
+        # start_io (pykka then skips on_stop): the loop thread and its sockets go too.
+        try:
+            self._stop_io_once()
+        finally:
+            super()._teardown()
+
+    def _stop_io_once(self) -> None:
+        io_loop = getattr(self, "io_loop", None)
+        if io_loop is None or io_loop.loop.is_closed():
             return
         try:
-            self.io_loop.call(shutdown, LOOP_CALL_TIMEOUT_S)
+            if io_loop.loop.is_running():
+                io_loop.call(self.io_shutdown(), LOOP_CALL_TIMEOUT_S)
         finally:
-            self.io_loop.stop()
+            io_loop.stop()
 
     def post(self, msg: object) -> None:
         """From the loop thread: hand ``msg`` to :meth:`on_loop_message` in the actor thread."""

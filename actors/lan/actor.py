@@ -45,8 +45,11 @@ class LanActor(LoopActor):
         self.beacon = BeaconEndpoint(identity, self._heard, config.get("beacon") or BeaconConfig(), log=self.io_log)
         self.io_loop.call(self.beacon.start(), LOOP_CALL_TIMEOUT_S)
 
-    def on_stop(self) -> None:
-        self.stop_io(self.beacon.close())
+    async def io_shutdown(self) -> None:
+        """Stop beaconing and close the UDP socket."""
+        beacon = getattr(self, "beacon", None)
+        if beacon is not None:
+            await beacon.close()
 
     def _heard(self, announce: Announce, source: tuple[str, int]) -> None:
         # On the loop thread: only pass the value on.

@@ -54,12 +54,11 @@ class WebSocketActor(LoopActor):
         )
         self.io_loop.call(self.server.start(), LOOP_CALL_TIMEOUT_S)
 
-    def on_stop(self) -> None:
-        self.stop_io(self._shutdown())
-
-    async def _shutdown(self) -> None:
-        await self.client.close()
-        await self.server.close()
+    async def io_shutdown(self) -> None:
+        """Close outbound WebSockets, then the server's connections."""
+        for part in (getattr(self, "client", None), getattr(self, "server", None)):
+            if part is not None:
+                await part.close()
 
     def _received(self, message: Message, peer: str) -> None:
         # On the loop thread: only pass the value on.

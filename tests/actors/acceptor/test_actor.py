@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import queue
 import socket
+import threading
 from typing import Any
 
 from tests.actors.acceptor.support import WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
 from villagemesh.actors.acceptor.messages import ConnectionHandedOff
+from villagemesh.actors.base import ActorContext
 
 
 def test_a_routed_connection_reaches_its_owner_as_a_live_descriptor(runtime: Any) -> None:
@@ -39,3 +41,24 @@ def test_unreachable_route_owner_closes_the_connection_and_says_why(runtime: Any
         assert conn.recv(10) == b""
     (event,) = recorder.wait_for("connection_rejected")
     assert "nobody" in event["reason"] and event["protocol"] == "http"
+
+
+def test_a_failed_start_leaves_no_loop_thread_behind(runtime: Any) -> None:
+    """The port is taken: on_start crashes, and the loop thread it had started is stopped too."""
+    reports: queue.Queue[Any] = queue.Queue()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        runtime.bus.open_mailbox("acceptor")
+        ctx = ActorContext(
+            bus=runtime.bus,
+            name="acceptor",
+            log=runtime.log,
+            scheduler=runtime.scheduler,
+            watcher=lambda actor, report: reports.put(report),
+            config={"port": taken.getsockname()[1]},
+        )
+        AcceptorActor.start(ctx)
+        report = reports.get(timeout=WAIT)
+    assert report.crashed and report.exc_type == "ConnectError"
+    assert not [t for t in threading.enumerate() if t.name.endswith("acceptor-loop") and t.is_alive()]
