@@ -324,6 +324,13 @@ _recv = zmq.backend.Socket.recv
 """pyzmq's compiled recv, without the Python-level wrapper."""
 
 
+def _poll_key(pollable: Any) -> Any:
+    """What zmq.Poller reports a pollable as: the zmq socket itself, else its file descriptor."""
+    if isinstance(pollable, zmq.Socket | int):
+        return pollable
+    return pollable.fileno()
+
+
 class _Envelope:
     """The shape pykka's loop reads an inbox item through (``message``, ``reply_to``)."""
 
@@ -371,16 +378,19 @@ class _BusInbox:
         return self._control.empty()
 
     def watch(self, pollable: Any, item: Callable[[], Any]) -> None:
-        """When ``pollable`` (a zmq socket or an fd) is readable, ``get`` returns ``item()``."""
-        self._watched[pollable] = item
-        self._poll_all.register(pollable, zmq.POLLIN)
-        self._poll_paused.register(pollable, zmq.POLLIN)
+        """When ``pollable`` (a zmq socket, an fd, or an object with ``fileno()``) is readable,
+        ``get`` returns ``item()``."""
+        key = _poll_key(pollable)
+        self._watched[key] = item
+        self._poll_all.register(key, zmq.POLLIN)
+        self._poll_paused.register(key, zmq.POLLIN)
 
     def unwatch(self, pollable: Any) -> None:
         """Stop watching ``pollable``."""
-        if self._watched.pop(pollable, None) is not None:
-            self._poll_all.unregister(pollable)
-            self._poll_paused.unregister(pollable)
+        key = _poll_key(pollable)
+        if self._watched.pop(key, None) is not None:
+            self._poll_all.unregister(key)
+            self._poll_paused.unregister(key)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         sock = self._socket
@@ -476,6 +486,11 @@ class Actor(Supervised):
         self._on_frame(delivery.frame)
 
     def _on_frame(self, frame: bytes) -> None:
+        if self._acknowledge:
+            # A process child marks every frame it begins on a kernel-buffered socket
+            # (the byte survives the child's death, unlike zmq's queues): if it dies
+            # before the ack, its host knows which frame was in progress.
+            self.ctx.bus.control.sendall(b"B")
         try:
             kind, correlation, reply_to, msg = busmod.decode_frame(frame, trusted=True)
         except CodecError as exc:

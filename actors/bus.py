@@ -211,6 +211,8 @@ class Bus:
         self.capacity = capacity
         self.send_timeout = send_timeout
         self.uplink = uplink
+        self.control: Any = None
+        """In a process child: the Unix socket on which the actor marks each frame it begins."""
         """In a process child: the local address (``_uplink``) through which frames for
         names this bus does not have, replies and acknowledgements go to the node."""
         self._mailboxes: dict[str, Mailbox] = {}

@@ -16,6 +16,14 @@ and a msgpack array (no pickle). Replies and exit notices share it and are
 told apart by their first element. On the node side one reader thread turns
 them into answered requests and an exit table with a condition variable.
 
+Warm spares: for targets named in ``warm``, the server keeps one child
+already forked and prepared (the target's ``prepare`` attribute, if any, has
+run: a zmq Context made, threads started, memory touched), waiting on a pipe
+for its assignment. A fork request for such a target hands the argument to
+the spare at once and forks the next spare afterwards, so a restart does not
+wait for a fork or for a fresh child's set-up. The target is then called as
+``target(arg, prepared)``.
+
 Lifetime: the server exits, killing its children, when the node asks it to or
 when the channel reaches EOF (the node died, even by ``kill -9``). Children
 get ``PR_SET_PDEATHSIG = SIGKILL`` so they do not outlive the server.
@@ -115,11 +123,15 @@ class ForkServer:
         self._reader.start()
 
     @classmethod
-    def start(cls, preload: Sequence[str] = (), *, python: str = sys.executable) -> ForkServer:
-        """Start a fork server that imports ``preload`` once; returns when it is ready."""
+    def start(
+        cls, preload: Sequence[str] = (), *, warm: Sequence[str] = (), python: str = sys.executable
+    ) -> ForkServer:
+        """Start a fork server that imports ``preload`` once and keeps a warm spare for each
+        target in ``warm``; returns when it is ready."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = [*preload, *(f"--warm={t}" for t in warm)]
         proc = subprocess.Popen(
-            [python, "-m", "villagemesh.supervision.forkserver", str(theirs.fileno()), *preload],
+            [python, "-m", "villagemesh.supervision.forkserver", str(theirs.fileno()), *args],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
         )
@@ -257,14 +269,17 @@ def _resolve(target: str, cache: dict[str, Callable[[bytes], Any]]) -> Callable[
     return fn
 
 
-def _run_child(sock: socket.socket, fn: Callable[[bytes], Any], arg: bytes) -> None:
+def _child_setup(sock: socket.socket) -> None:
     sock.close()
     _die_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+
+
+def _finish_child(call: Callable[[], Any]) -> None:
     status = 0
     try:
-        fn(arg)
+        call()
     except BaseException:  # noqa: BLE001 - the child's last words go to stderr, and its exit status says it
         traceback.print_exc()
         status = 1
@@ -274,15 +289,66 @@ def _run_child(sock: socket.socket, fn: Callable[[bytes], Any], arg: bytes) -> N
         os._exit(status)
 
 
-def serve(fd: int, preload: Sequence[str]) -> None:
-    """The server's loop: fork on request, report every child's exit at once."""
+def _run_child(sock: socket.socket, fn: Callable[..., Any], arg: bytes) -> None:
+    _child_setup(sock)
+    _finish_child(lambda: fn(arg))
+
+
+def _run_spare(sock: socket.socket, fn: Callable[..., Any], assignment: int) -> None:
+    """A warm spare: prepare, then wait for the argument on ``assignment`` (a pipe)."""
+    _child_setup(sock)
+
+    def run() -> None:
+        prepare = getattr(fn, "prepare", None)
+        prepared = prepare() if prepare is not None else None
+        with os.fdopen(assignment, "rb") as pipe:
+            header = pipe.read(_LEN.size)
+            if len(header) < _LEN.size:
+                return  # the server closed the pipe without an assignment: it is shutting down
+            arg = pipe.read(_LEN.unpack(header)[0])
+        fn(arg, prepared) if prepare is not None else fn(arg)
+
+    _finish_child(run)
+
+
+@dataclass
+class _Spare:
+    pid: int
+    pidfd: int
+    assignment: int
+
+
+def _fork_spare(sock: socket.socket, fn: Callable[..., Any], children: dict[int, int]) -> _Spare:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(write_end)
+        _run_spare(sock, fn, read_end)
+    os.close(read_end)
+    pidfd = os.pidfd_open(pid)
+    children[pidfd] = pid
+    return _Spare(pid, pidfd, write_end)
+
+
+def serve(fd: int, args: Sequence[str]) -> None:
+    """The server's loop: fork on request (from a warm spare when there is one), report every exit at once."""
+    import gc
+
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when we stop
-    cache: dict[str, Callable[[bytes], Any]] = {}
+    preload = [a for a in args if not a.startswith("--warm=")]
+    warm = [a.removeprefix("--warm=") for a in args if a.startswith("--warm=")]
+    cache: dict[str, Callable[..., Any]] = {}
     for module in preload:
         importlib.import_module(module)
-    _send_frame(sock, ["ready", os.getpid()])
     children: dict[int, int] = {}  # pidfd -> pid
+    spares: dict[str, _Spare] = {}
+    for target in warm:
+        fn = _resolve(target, cache)
+        gc.freeze()  # what the server holds now is never collected: children do not copy it on write
+        spares[target] = _fork_spare(sock, fn, children)
+    gc.freeze()
+    _send_frame(sock, ["ready", os.getpid()])
     try:
         while True:
             readable, _, _ = select.select([sock, *children], [], [])
@@ -297,17 +363,30 @@ def serve(fd: int, preload: Sequence[str]) -> None:
                     except Exception as exc:  # noqa: BLE001 - reported to the node as this request's error
                         _send_frame(sock, ["error", request, f"{type(exc).__name__}: {exc}"])
                         continue
+                    spare = spares.pop(target, None)
+                    if spare is not None:
+                        os.write(spare.assignment, _LEN.pack(len(arg)) + arg)
+                        os.close(spare.assignment)
+                        _send_frame(sock, ["forked", request, spare.pid])
+                        spares[target] = _fork_spare(sock, fn, children)  # the next restart's spare
+                        continue
                     pid = os.fork()
                     if pid == 0:
                         _run_child(sock, fn, arg)
                     children[os.pidfd_open(pid)] = pid
                     _send_frame(sock, ["forked", request, pid])
-                else:
+                elif fd_ready in children:
                     pid = children.pop(fd_ready)
                     os.close(fd_ready)
                     _, status = os.waitpid(pid, 0)
                     _send_frame(sock, ["exited", pid, os.waitstatus_to_exitcode(status)])
+                    for target, spare in list(spares.items()):
+                        if spare.pid == pid:  # a spare died before its assignment: make another
+                            os.close(spare.assignment)
+                            spares[target] = _fork_spare(sock, cache[target], children)
     finally:
+        for spare in spares.values():
+            os.close(spare.assignment)
         for pidfd, pid in children.items():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -26,24 +26,31 @@ Death is noticed at once: the host polls a pidfd of its child in the same
 
 What is not lost: the host keeps every frame it forwarded until the child
 acknowledges it (a window of :data:`WINDOW` frames; beyond that the host stops
-reading the mailbox, so the mailbox bound applies). When the child dies, the
-oldest unacknowledged frame is taken to be the one that killed it: it is
-dropped (an asker gets a FAULT at once, ``ActorCrashed``) and the rest go back
-to the mailbox, ahead of newer frames, for the next instance. A child that
-stops on request hands back what it did not handle the same way.
+reading the mailbox, so the mailbox bound applies). The child says ``begin``
+before it handles a frame and ``ack`` after. When the child dies, a frame it
+had begun and not acknowledged is taken to be the one that killed it: it is
+dropped (an asker gets a FAULT at once, ``ActorCrashed``); every other
+unacknowledged frame goes back to the mailbox, ahead of newer frames, for the
+next instance. (If a child dies in the instant between beginning a frame and
+its ``begin`` reaching the host, that frame is handed back too: at-least-once
+for the frame in progress in that window.) A child that stops on request hands
+back what it did not handle the same way.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import os
 import select
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -76,12 +83,16 @@ class ProcessLauncher:
         from villagemesh.supervision.forkserver import ForkServer
 
         self._dir = tempfile.mkdtemp(prefix="villagemesh-ipc-")
-        self.server = ForkServer.start(preload=("villagemesh.supervision.process", *preload))
+        self.server = ForkServer.start(preload=("villagemesh.supervision.process", *preload), warm=(CHILD_TARGET,))
         self._lock = threading.Lock()
 
     def ipc_address(self, node: str, name: str, instance: str) -> str:
         """A fresh ``ipc://`` address for one child instance."""
         return f"ipc://{self._dir}/{node}-{name}-{instance}.sock"
+
+    def control_path(self, node: str, name: str, instance: str) -> str:
+        """The Unix socket path on which one child instance marks the frames it begins."""
+        return f"{self._dir}/{node}-{name}-{instance}.ctl"
 
     def fork(self, arg: bytes) -> int:
         """Fork a child running :func:`child_main` with ``arg``; its pid."""
@@ -111,8 +122,13 @@ class _ChildExited:
     """Inbox item: the child's pidfd is readable (the process ended)."""
 
 
+class _Control:
+    """Inbox item: the control listener or connection is readable."""
+
+
 _FROM_CHILD = _FromChild()
 _CHILD_EXITED = _ChildExited()
+_CONTROL = _Control()
 
 
 class _HelloTimeout:
@@ -127,27 +143,47 @@ class ProcessHost(Actor):
         self.spec = spec
         self.launcher = launcher
         self.address = launcher.ipc_address(ctx.bus.node, ctx.name, self.instance)
+        control_path = launcher.control_path(ctx.bus.node, ctx.name, self.instance)
+        # Listening before the fork, so the child's connect cannot fail; the socket is
+        # only accepted on and read in the actor's own thread.
+        self._control_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._control_listener.bind(control_path)
+        self._control_listener.listen(1)
+        self._control: socket.socket | None = None
+        # Bound before the fork too, so the child's first connect succeeds (a refused ipc
+        # connect waits out zmq's reconnect interval). Like a mailbox, this socket is made
+        # here and used only by the actor's thread from on_start on: the thread start is
+        # the memory barrier libzmq asks for when a socket changes threads.
+        self._router = ctx.bus.context.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(self.address)
         arg = codec.pack(
             {
                 "target": spec.target,
                 "node": ctx.bus.node,
                 "name": ctx.name,
                 "address": self.address,
+                "control": control_path,
                 "config": dict(ctx.config),
             }
         )
-        self.pid = launcher.fork(arg)
+        try:
+            self.pid = launcher.fork(arg)
+        except BaseException:
+            self._router.close(linger=0)
+            self._control_listener.close()
+            raise
         self._unacked: collections.deque[bytes] = collections.deque()
+        self._begun = 0
+        """Frames the child marked as begun (its control socket), since it started."""
+        self._acked = 0
+        """Frames the child acknowledged (after their outputs, on the ipc socket)."""
         self._identity: bytes | None = None
         self._child_report: ExitReport | None = None
-        self._router: zmq.Socket[bytes] | None = None
         self._pidfd: int | None = None
         self._stopping_child = False
 
     def on_start(self) -> None:
-        self._router = self.ctx.bus.context.socket(zmq.ROUTER)
-        self._router.setsockopt(zmq.LINGER, 0)
-        self._router.bind(self.address)
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
@@ -155,6 +191,7 @@ class ProcessHost(Actor):
         self._inbox.paused = True  # nothing goes to the child before its hello
         self._inbox.watch(self._router, lambda: _FROM_CHILD)
         self._inbox.watch(self._pidfd, lambda: _CHILD_EXITED)
+        self._inbox.watch(self._control_listener, lambda: _CONTROL)
         self._hello_timer = self.schedule(HELLO_TIMEOUT, _HelloTimeout())
 
     def _dispatch(self, message: Any) -> Any:
@@ -162,6 +199,8 @@ class ProcessHost(Actor):
             return self._read_child()
         if message is _CHILD_EXITED:
             return self._child_exited()
+        if message is _CONTROL:
+            return self._read_control()
         if type(message) is Delivery:
             return self._forward(message.frame)
         return super()._dispatch(message)
@@ -174,7 +213,7 @@ class ProcessHost(Actor):
     # -- towards the child -----------------------------------------------------------------
 
     def _forward(self, frame: bytes) -> None:
-        assert self._router is not None and self._identity is not None
+        assert self._identity is not None
         kind, _, _, inner = decode_frame(frame, trusted=True)
         # A batch is split so that every message is acknowledged on its own.
         for one in [tell_frame(v) for v in inner] if kind is Kind.BATCH else (frame,):
@@ -186,7 +225,6 @@ class ProcessHost(Actor):
     # -- from the child ---------------------------------------------------------------------
 
     def _read_child(self) -> None:
-        assert self._router is not None
         while True:
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK)
@@ -197,6 +235,7 @@ class ProcessHost(Actor):
     def _on_child_frame(self, parts: list[bytes]) -> None:
         identity, kind, rest = parts[0], parts[1], parts[2:]
         if kind == b"ack":
+            self._acked += 1
             if self._unacked:
                 self._unacked.popleft()
             if len(self._unacked) < WINDOW and self._identity is not None and not self._stopping_child:
@@ -222,6 +261,22 @@ class ProcessHost(Actor):
         else:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=f"child sent {kind!r}")
 
+    def _read_control(self) -> None:
+        if self._control is None:
+            self._control, _ = self._control_listener.accept()
+            self._control.setblocking(False)
+            self._inbox.unwatch(self._control_listener)
+            self._inbox.watch(self._control, lambda: _CONTROL)
+        while True:
+            try:
+                data = self._control.recv(65536)
+            except BlockingIOError:
+                return
+            if not data:  # the child's end is closed: its pidfd tells the rest
+                self._inbox.unwatch(self._control)
+                return
+            self._begun += data.count(b"B")
+
     def _relay(self, to: str, frame: bytes, *, reply: bool) -> None:
         # Frames enter the node here: they are checked field by field (the node's own
         # actors decode trusted frames cheaply).
@@ -243,14 +298,17 @@ class ProcessHost(Actor):
     # -- the child's end ----------------------------------------------------------------------
 
     def _child_exited(self) -> None:
-        self._read_child()  # an exit report sent just before the end may still be queued
+        self._read_child()  # acks and an exit report sent just before the end may still be queued
+        if self._control is not None:
+            self._read_control()  # begin marks are in the kernel's buffer even after the death
         status = self.launcher.exit_status(self.pid, timeout=1.0)
         report = self._child_report
-        crashed = report is None or report.crashed
-        # The oldest unacknowledged frame was being handled when the child died: it is
-        # not handed back (it would kill the next instance too). A child that crashed in
-        # Python already sent its asker a FAULT; a killed one could not, so we do.
-        self._hand_back(drop_oldest=crashed, fault_oldest=report is None)
+        # The last frame the child began and did not acknowledge is not handed back (it
+        # may be what killed it, and would kill the next child too). A child that crashed
+        # in Python already sent its asker a FAULT; a killed one could not, so we do.
+        # Every other unacknowledged frame goes back to the mailbox, in order.
+        in_progress = self._begun - 1 - self._acked
+        self._hand_back(poison=in_progress if 0 <= in_progress < len(self._unacked) else None, fault=report is None)
         if report is not None and report.crashed:
             self._report = ExitReport(
                 self.instance, ExitKind.CRASH, report.exc_type, report.exc_message, report.traceback
@@ -260,11 +318,12 @@ class ProcessHost(Actor):
             )
         raise ChildProcessDied(f"child {self.name!r} (pid {self.pid}) {_describe(status)}")
 
-    def _hand_back(self, *, drop_oldest: bool, fault_oldest: bool) -> None:
-        """Unacknowledged frames go back to the mailbox, ahead of newer ones, for the next instance."""
-        if drop_oldest and self._unacked:
-            oldest = self._unacked.popleft()
-            self._drop(oldest, fault=fault_oldest)
+    def _hand_back(self, *, poison: int | None, fault: bool) -> None:
+        """Unacknowledged frames go back to the mailbox, ahead of newer ones, except the poison."""
+        if poison is not None:
+            frame = self._unacked[poison]
+            del self._unacked[poison]
+            self._drop(frame, fault=fault)
         mailbox = self.ctx.bus.mailbox(self.name)
         mailbox.redeliver.extendleft(reversed(self._unacked))
         self._unacked.clear()
@@ -288,25 +347,30 @@ class ProcessHost(Actor):
     def on_stop(self) -> None:
         self._stopping_child = True
         self._inbox.paused = True
-        if self._pidfd is not None and self._identity is not None and self._router is not None:
+        if self._pidfd is not None and self._identity is not None:
             self._router.send_multipart([self._identity, b"stop"])
             ready, _, _ = select.select([self._pidfd], [], [], self.spec.shutdown)
             if ready:
                 self._read_child()
         self._kill_child()
         if self._unacked:
-            self._hand_back(drop_oldest=False, fault_oldest=False)
+            self._hand_back(poison=None, fault=False)
 
     def _teardown(self) -> None:
         self._kill_child()
-        if self._router is not None:
+        if not self._router.closed:
             self._inbox.unwatch(self._router)
             self._router.close(linger=0)
-            self._router = None
         if self._pidfd is not None:
             self._inbox.unwatch(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
+        for sock in (self._control, self._control_listener):
+            if sock is not None:
+                self._inbox.unwatch(sock)
+                sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._control_listener.getsockname() or "")
         super()._teardown()
 
     def _kill_child(self) -> None:
@@ -350,21 +414,43 @@ def _load(target: str) -> type[Actor]:
     return obj
 
 
-def child_main(arg: bytes) -> None:
+@dataclass(frozen=True)
+class _Prepared:
+    """What a warm spare makes before it knows which actor it will run."""
+
+    zctx: zmq.Context[Any]
+    scheduler: Scheduler
+
+
+def _prepare_child() -> _Prepared:
+    zctx: zmq.Context[Any] = zmq.Context()
+    probe = zctx.socket(zmq.PAIR)  # starts zmq's I/O thread and touches its code paths now, not at restart
+    probe.close(linger=0)
+    return _Prepared(zctx, Scheduler())
+
+
+def child_main(arg: bytes, prepared: _Prepared | None = None) -> None:
     """Entry point of a forked child: run one actor and relay its frames to the host."""
+    if prepared is None:
+        prepared = _prepare_child()
     cfg = codec.unpack(arg)
     name, node = cfg["name"], cfg["node"]
-    zctx: zmq.Context[Any] = zmq.Context()
+    zctx = prepared.zctx
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 2_000)
+    dealer.setsockopt(zmq.RECONNECT_IVL, 2)  # the host binds at once: retry fast, not after 100 ms
+    dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 20)
     dealer.connect(cfg["address"])
     bus = Bus(node, context=zctx, uplink="_uplink")
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.connect(cfg["control"])
+    bus.control = control
     uplink = zctx.socket(zmq.PULL)
     uplink.bind(bus.address("_uplink"))
     bus.open_mailbox(name)
     feed = zctx.socket(zmq.PUSH)
     feed.connect(bus.address(name))
-    scheduler = Scheduler()
+    scheduler = prepared.scheduler
     wake_r, wake_w = os.pipe()
     report: list[ExitReport] = []
 
@@ -412,6 +498,9 @@ def child_main(arg: bytes) -> None:
     scheduler.close()
     bus.close()
     _exit(1 if rep.crashed else 0)
+
+
+child_main.prepare = _prepare_child  # type: ignore[attr-defined]  # the fork server's warm-spare hook
 
 
 def _exit(status: int) -> None:

@@ -124,3 +124,18 @@ def test_when_the_node_dies_the_server_and_its_children_die_too(tmp_path):
                 gone.add(pid)
         time.sleep(0.01)
     assert gone == {server_pid, child_pid}
+
+
+def test_warm_targets_are_served_by_a_prepared_spare_and_a_new_spare_follows(tmp_path):
+    """A warm target runs in a child that was forked and prepared before the request; each fork gets one."""
+    target = f"{T}:report_prepared"
+    with ForkServer.start(preload=(T,), warm=(target,)) as srv:
+        pids = []
+        for i in range(3):
+            out = tmp_path / f"out{i}"
+            pid = srv.fork(target, str(out).encode())
+            assert srv.wait_exit(pid, WAIT).returncode == 0
+            child, prepared_in = map(int, out.read_text().split())
+            assert child == pid == prepared_in  # prepare ran in this very process, before its assignment
+            pids.append(pid)
+        assert len(set(pids)) == 3
