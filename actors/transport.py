@@ -8,7 +8,7 @@ the delivery retrier does that and tells it::
     retrier ──Transmit──► transport ──TransmitResult──► retrier
     transport ──Received──────────────────────────────► retrier   (every inbound envelope)
     sweeper ──Discover──► transport ──Discovered──► sweeper ──Sighted──► registry
-    acceptor ──Adopt──► transport                                   (a connection sniffed as its protocol)
+    acceptor ──ConnectionHandedOff──► transport   (a connection sniffed as its protocol; see actors.acceptor)
 
 Its bus name is its transport name (``websocket``, ``libp2p``, ``bitchat``,
 ``betanet``), so the retrier finds it by the names in the network mode's
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from villagemesh.actors import codec
 
-__all__ = ["TRANSPORT_NAMES", "Adopt", "Discover", "Discovered", "Received", "Sighting", "Transmit", "TransmitResult"]
+__all__ = ["TRANSPORT_NAMES", "Discover", "Discovered", "Received", "Sighting", "Transmit", "TransmitResult"]
 
 TRANSPORT_NAMES = ("libp2p", "bitchat", "betanet", "websocket")
 """Every transport a network mode can name; each is also its actor's bus name."""
@@ -107,14 +107,3 @@ class Discovered:
     transport: str
     sightings: tuple[Sighting, ...]
     errors: tuple[str, ...]
-
-
-@codec.message("transport.Adopt")
-@dataclass(frozen=True, slots=True)
-class Adopt:
-    """A connection the acceptor sniffed as this transport's: take over ``fd`` (a
-    duplicate the receiver now owns) and feed it ``peeked`` first."""
-
-    fd: int
-    peeked: bytes
-    peer: str

@@ -3,8 +3,16 @@
 Thin by design (the logic lives in :mod:`.transport`)::
 
     acceptor ──ConnectionHandedOff(fd)──▶ handle ──▶ adopt_handed_off ──▶ aiohttp (on the loop)
-    aiohttp frame ──on_message (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: EnvelopeReceived
+    aiohttp frame ──on_message (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
+    retrier ──Transmit──▶ handle ──▶ run_on_loop(client.send) ──then──▶ reply_to: TransmitResult
     anyone ──SendEnvelope──▶ handle ──▶ run_on_loop(client.send) ──then──▶ reply_to: EnvelopeSent | SendFailed
+
+It speaks the transport contract (:mod:`villagemesh.actors.transport`): the
+retrier's ``Transmit`` is answered with a ``TransmitResult`` (a refused or
+failed connection is *retryable*: the peer surely did not get the bytes; a
+timeout is not, since it may have), and every inbound envelope goes to
+``deliver_to`` as ``Received``. ``SendEnvelope`` is the direct, unreliable
+client API.
 
 Nothing blocks the actor on the network: a send is started on the loop and
 its outcome comes back to the actor thread (see :mod:`~villagemesh.actors.acceptor.loopactor`).
@@ -22,8 +30,8 @@ from typing import Any
 from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
 from villagemesh.actors.acceptor.messages import ConnectionHandedOff
 from villagemesh.actors.bus import Sender
+from villagemesh.actors.transport import Discover, Discovered, Received, Transmit, TransmitResult
 from villagemesh.actors.websocket.messages import (
-    EnvelopeReceived,
     EnvelopeSent,
     GetWebSocketStatus,
     SendEnvelope,
@@ -31,10 +39,13 @@ from villagemesh.actors.websocket.messages import (
     WebSocketStatus,
 )
 from villagemesh.actors.websocket.transport import WebSocketClient, WebSocketServer
-from villagemesh.errors import BusError, RemoteProtocolError, VillageMeshError
+from villagemesh.errors import BusError, ConnectError, RemoteProtocolError, VillageMeshError
 from villagemesh.protocols.envelope import Message, decode_message, encode_message
 
-__all__ = ["WebSocketActor", "send_envelope", "websocket_status"]
+__all__ = ["TRANSPORT", "WebSocketActor", "send_envelope", "websocket_status"]
+
+TRANSPORT = "websocket"
+"""This transport's name (and its actor's bus name in a node)."""
 
 
 class WebSocketActor(LoopActor):
@@ -70,7 +81,7 @@ class WebSocketActor(LoopActor):
         if self.deliver_to is None:
             self.dropped += 1
             return
-        self.tell(self.deliver_to, EnvelopeReceived(encode_message(envelope), peer))
+        self.tell(self.deliver_to, Received(TRANSPORT, encode_message(envelope), peer))
 
     # -- bus messages -------------------------------------------------------------------------------
 
@@ -79,8 +90,15 @@ class WebSocketActor(LoopActor):
         if isinstance(msg, ConnectionHandedOff):
             self.adopt_handed_off(msg, self.server.protocol_factory)
             return None
+        if isinstance(msg, Transmit):
+            self._start_transmit(msg)
+            return None
         if isinstance(msg, SendEnvelope):
             self._start_send(msg)
+            return None
+        if isinstance(msg, Discover):
+            # Peers reachable over WebSocket are found by the LAN actor (beacons and probes).
+            self.tell(msg.reply_to, Discovered(msg.round, TRANSPORT, (), ()))
             return None
         if isinstance(msg, GetWebSocketStatus):
             return self.io_loop.call(self._statistics(), LOOP_CALL_TIMEOUT_S)
@@ -102,6 +120,35 @@ class WebSocketActor(LoopActor):
                 raise error  # not a transport failure: a bug, let the supervisor see it
 
         self.run_on_loop(self.client.send(request.url, message), then)
+
+    def _start_transmit(self, request: Transmit) -> None:
+        def result(ok: bool, retryable: bool, error: str | None) -> TransmitResult:
+            return TransmitResult(request.message_id, TRANSPORT, request.peer_id, ok, retryable, error)
+
+        try:
+            message = decode_message(request.envelope)
+        except RemoteProtocolError as exc:
+            self._tell_outcome(request.reply_to, result(False, False, f"bad envelope: {exc}"))
+            return
+
+        def then(_: None, error: BaseException | None) -> None:
+            if error is None:
+                outcome = result(True, False, None)
+            elif isinstance(error, ConnectError):
+                outcome = result(False, True, f"ConnectError: {error}")
+            elif isinstance(error, VillageMeshError | asyncio.CancelledError):
+                outcome = result(False, False, f"{type(error).__name__}: {error}")
+            else:
+                raise error  # not a transport failure: a bug, let the supervisor see it
+            self._tell_outcome(request.reply_to, outcome)
+
+        self.run_on_loop(self.client.send(request.address, message), then)
+
+    def _tell_outcome(self, to: str, outcome: object) -> None:
+        try:
+            self.tell(to, outcome)
+        except BusError as exc:
+            self.io_log.warning("send_outcome_undeliverable", to=to, reason=str(exc))
 
     def _reply(self, request: SendEnvelope, outcome: object) -> None:
         if request.reply_to is None:

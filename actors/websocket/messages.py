@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from villagemesh.actors import codec
 
 __all__ = [
-    "EnvelopeReceived",
     "EnvelopeSent",
     "GetWebSocketStatus",
     "SendEnvelope",
@@ -48,15 +47,6 @@ class SendFailed:
     message_id: bytes
     error: str
     reason: str
-
-
-@codec.message("websocket.EnvelopeReceived")
-@dataclass(frozen=True, slots=True)
-class EnvelopeReceived:
-    """A decoded-and-valid envelope arrived from ``peer`` (told to the configured ``deliver_to``)."""
-
-    envelope: bytes
-    peer: str
 
 
 @codec.message("websocket.GetStatus")
