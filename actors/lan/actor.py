@@ -6,9 +6,17 @@ Thin by design (the logic lives in :mod:`.state`, :mod:`.beacon`, :mod:`.tcp`)::
     acceptor ──ConnectionHandedOff(fd, route=discovery)──▶ adopt_handed_off ──▶ DiscoveryResponder
     anyone ──ProbePeer──▶ run_on_loop(probe) ──then──▶ reply_to: PeerProbed | ProbeFailed
 
+It is also a discovery source for the sweeper (the transport contract's
+``Discover``): each round probes every ``bootstrap`` address concurrently on
+the loop, each probe bounded by the round's timeout, and answers one
+``Discovered`` with a ``Sighting`` per verified response and an error string
+per address that failed. A failing address never holds up the others.
+
 Config (``ctx.config``): ``identity`` (:class:`~.identity.Identity`, required),
-``beacon`` (:class:`~.beacon.BeaconConfig`), ``peers_to`` (actor name for
-verified announces; without it they are counted only).
+``beacon`` (:class:`~.beacon.BeaconConfig`), ``beacons`` (False: no UDP
+beacons at all, default True), ``bootstrap`` (``host:port`` acceptor addresses
+to probe each round), ``peers_to`` (actor name for verified announces;
+without it they are counted only).
 """
 
 from __future__ import annotations
@@ -24,10 +32,21 @@ from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.messages import GetLanStatus, LanStatus, PeerAnnounced, PeerProbed, ProbeFailed, ProbePeer
 from villagemesh.actors.lan.tcp import DiscoveryResponder, probe
+from villagemesh.actors.transport import Discover, Discovered, Sighting
 from villagemesh.errors import BusError, ConfigError, VillageMeshError
 from villagemesh.protocols.discovery import Announce, DiscoveryRequest, DiscoveryResponse, encode_discovery
 
-__all__ = ["LanActor", "lan_status", "probe_peer"]
+__all__ = ["TRANSPORT", "LanActor", "lan_status", "probe_peer"]
+
+TRANSPORT = "lan"
+"""The name this discovery source reports its sightings under."""
+
+
+def _host_port(entry: str) -> tuple[str, int]:
+    host, sep, port = str(entry).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"bootstrap entries are 'host:port', got {entry!r}")
+    return host, int(port)
 
 
 class LanActor(LoopActor):
@@ -41,9 +60,12 @@ class LanActor(LoopActor):
         self.identity = identity
         self.peers_to: str | None = config.get("peers_to")
         self.responder_counts: Counter[str] = Counter()
+        self.bootstrap = tuple(_host_port(entry) for entry in config.get("bootstrap", ()))
+        self.beacon: BeaconEndpoint | None = None
         self.start_io()
-        self.beacon = BeaconEndpoint(identity, self._heard, config.get("beacon") or BeaconConfig(), log=self.io_log)
-        self.io_loop.call(self.beacon.start(), LOOP_CALL_TIMEOUT_S)
+        if config.get("beacons", True):
+            self.beacon = BeaconEndpoint(identity, self._heard, config.get("beacon") or BeaconConfig(), log=self.io_log)
+            self.io_loop.call(self.beacon.start(), LOOP_CALL_TIMEOUT_S)
 
     async def io_shutdown(self) -> None:
         """Stop beaconing and close the UDP socket."""
@@ -74,17 +96,47 @@ class LanActor(LoopActor):
         if isinstance(msg, ProbePeer):
             self._start_probe(msg)
             return None
+        if isinstance(msg, Discover):
+            self._start_round(msg)
+            return None
         if isinstance(msg, GetLanStatus):
             return self.io_loop.call(self._statistics(), LOOP_CALL_TIMEOUT_S)
         return super().handle(msg)
 
-    def _start_probe(self, request: ProbePeer) -> None:
-        asking = DiscoveryRequest(
+    def _start_round(self, request: Discover) -> None:
+        asking = self._request()
+        # Each probe gets most of the round's time, so its answer (or error) beats the deadline.
+        per_probe = max(0.05, request.timeout * 0.8)
+
+        async def one(host: str, port: int) -> Sighting | str:
+            try:
+                response, latency_ms = await probe(host, port, per_probe, request=asking)
+            except VillageMeshError as exc:
+                return f"{host}:{port}: {type(exc).__name__}: {exc}"
+            return Sighting(TRANSPORT, encode_discovery(response).decode(), latency_ms)
+
+        async def everyone() -> list[Sighting | str]:
+            return list(await asyncio.gather(*(one(h, p) for h, p in self.bootstrap)))
+
+        def then(results: list[Sighting | str] | None, error: BaseException | None) -> None:
+            if error is not None:
+                raise error  # probes report their own failures: anything else is a bug
+            found = tuple(r for r in results or () if isinstance(r, Sighting))
+            errors = tuple(r for r in results or () if isinstance(r, str))
+            self._tell(request.reply_to, Discovered(request.round, TRANSPORT, found, errors))
+
+        self.run_on_loop(everyone(), then)
+
+    def _request(self) -> DiscoveryRequest:
+        return DiscoveryRequest(
             node_id=self.identity.node_id,
             addresses=self.identity.addresses,
             capabilities=self.identity.capabilities,
             timestamp=self.identity.clock(),
         )
+
+    def _start_probe(self, request: ProbePeer) -> None:
+        asking = self._request()
 
         def then(result: tuple[DiscoveryResponse, float] | None, error: BaseException | None) -> None:
             outcome: object
@@ -114,6 +166,8 @@ class LanActor(LoopActor):
             self.io_log.warning("lan_outcome_undeliverable", to=to, reason=str(exc))
 
     async def _statistics(self) -> LanStatus:
+        if self.beacon is None:
+            return LanStatus("off", {}, dict(self.responder_counts))
         return LanStatus(self.beacon.mode, dict(self.beacon.counts), dict(self.responder_counts))
 
 
