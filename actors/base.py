@@ -162,6 +162,7 @@ class Supervised(pykka.ThreadingActor):
             self._setup()
             self.on_start()
             self._started = True
+            self._after_start()
         except BaseException:  # noqa: BLE001 - an on_start crash is reported, unlike plain pykka
             self._record_crash(*sys.exc_info())
             self._handle_failure(*sys.exc_info())
@@ -232,6 +233,9 @@ class Supervised(pykka.ThreadingActor):
 
     def _setup(self) -> None:
         """Base-class set-up, in the actor's thread, before ``on_start``."""
+
+    def _after_start(self) -> None:
+        """Base-class work right after ``on_start`` succeeded, in the actor's thread."""
 
     def _teardown(self) -> None:
         """Base-class tear-down, in the actor's thread, after ``on_stop``."""
@@ -443,6 +447,9 @@ class Actor(Supervised):
 
     def _setup(self) -> None:
         self.sender = busmod.Sender(self.ctx.bus, owner=self.name, coalesce=True)
+
+    def _after_start(self) -> None:
+        self.sender.flush()  # tells made in on_start leave now, as a handler turn's would
 
     def _handle_receive(self, message: Any) -> Any:
         # One handler turn: the tells it made leave together when it ends (one frame

@@ -99,6 +99,10 @@ class _Wake:
     """Timer: the state asked for a Tick."""
 
 
+HANDOFF_TIMEOUT = 0.1
+"""Seconds the retrier waits for room in a transport's mailbox before that attempt fails."""
+
+
 class _Redispatch:
     """Timer: try again to hand refused Incomings to the application."""
 
@@ -145,7 +149,6 @@ class RetrierActor(Actor):
         for message_id in unhandled:
             self._hand_to_app(message_id)
         self.ctx.log.emit("retrier_restored", pending=len(pending), unhandled=len(unhandled))
-        self.sender.flush()  # tells are coalesced per handler turn, and on_start is not one
 
     def on_stop(self) -> None:
         self.outbox.close()
@@ -277,7 +280,13 @@ class RetrierActor(Actor):
             reason = "the envelope is gone from the outbox" if envelope is None else "no address on this transport"
             return AttemptResult(send.message_id, send.attempt, send.transport, reason, time.time())
         try:
-            self.tell(send.transport, Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name))
+            # An explicit timeout sends at once (not coalesced to the turn's end), so a
+            # transport that is down or full fails this attempt here, retryably.
+            self.tell(
+                send.transport,
+                Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name),
+                timeout=HANDOFF_TIMEOUT,
+            )
         except BusError as exc:
             error = f"{type(exc).__name__}: {exc}"
             return AttemptResult(send.message_id, send.attempt, send.transport, error, time.time())
@@ -352,7 +361,7 @@ class RetrierActor(Actor):
             return  # the sender retries; by then the registry may know a route back
         transmit = Transmit(ack.id, message.sender, routes[transport][0], encode_message(ack), self.name)
         try:
-            self.tell(transport, transmit)
+            self.tell(transport, transmit, timeout=HANDOFF_TIMEOUT)
         except BusError as exc:
             self.ctx.log.emit(
                 "ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender, reason=str(exc)
