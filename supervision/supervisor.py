@@ -45,6 +45,9 @@ from villagemesh.supervision.spec import ChildSpec, Isolation, Restart, Supervis
 
 __all__ = ["Environment", "Supervisor", "which_children"]
 
+NESTED_ASK_TIMEOUT = 1.0
+"""Seconds a supervisor waits for a nested supervisor's children when asked for its tree."""
+
 
 @dataclass
 class Environment:
@@ -125,9 +128,11 @@ class Supervisor(Supervised):
     # -- introspection (through a pykka proxy, with a timeout: see which_children) ---------
 
     def which_children(self) -> list[dict[str, Any]]:
-        """One dict per child in start order: id, kind, instance, alive, restarts, isolation, pid."""
-        return [
-            {
+        """One dict per child in start order: id, kind, instance, alive, restart_count, isolation,
+        pid; a supervisor child also has ``children``, its own list (asked with a timeout)."""
+        rows = []
+        for c in self._children.values():
+            row: dict[str, Any] = {
                 "id": c.spec.id,
                 "kind": "supervisor" if isinstance(c.spec, SupervisorSpec) else "worker",
                 "instance": c.instance,
@@ -136,8 +141,18 @@ class Supervisor(Supervised):
                 "isolation": c.spec.isolation.value,
                 "pid": c.pid,
             }
-            for c in self._children.values()
-        ]
+            if isinstance(c.spec, SupervisorSpec):
+                row["children"] = self._nested(c)
+            rows.append(row)
+        return rows
+
+    def _nested(self, child: _Child) -> list[dict[str, Any]]:
+        if child.ref is None:
+            return []
+        try:
+            return which_children(child.ref, timeout=NESTED_ASK_TIMEOUT)
+        except (pykka.ActorDeadError, pykka.Timeout):
+            return []  # it is restarting or busy: shown without its children this time
 
     def child_ref(self, child_id: str) -> pykka.ActorRef[Any] | None:
         """The running instance's ref of ``child_id`` (None while it is down)."""
