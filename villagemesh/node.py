@@ -25,6 +25,7 @@ asyncio variants; handles can be awaited.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
 import threading
@@ -178,6 +179,7 @@ class Node:
         self._env: Environment | None = None
         self._root: Supervisor | None = None
         self._launcher: Any = None
+        self._lock_file: Any = None
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -203,6 +205,7 @@ class Node:
         with self._lock:
             if self._started:
                 return self
+            self._lock_data_dir()
             bus = Bus(self.name)
             log = EventLog(self.name, self.log_path, human=self.config.human_log)
             env = Environment(bus=bus, log=log, scheduler=Scheduler(f"{self.name}-timers"))
@@ -239,6 +242,30 @@ class Node:
         env.scheduler.close()
         env.bus.close()
         env.log.close()
+        self._unlock_data_dir()
+
+    def _lock_data_dir(self) -> None:
+        """One node per data dir: two would share an outbox and deliver twice."""
+        path = self.config.data_dir / "node.lock"
+        handle = open(path, "a+")  # noqa: SIM115 - held open while the node runs, closed in _unlock_data_dir
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"data dir {self.config.data_dir} is in use by a running node (pid {holder})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file = handle
+
+    def _unlock_data_dir(self) -> None:
+        handle, self._lock_file = self._lock_file, None
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
 
     def __enter__(self) -> Node:
         return self.start()
@@ -412,6 +439,8 @@ class Node:
         """Every peer suitable for evolution, best first (no cap; may be fewer than ``min_count``)."""
         from villagemesh.actors.registry.messages import FindSuitablePeers
 
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+            raise ConfigError(f"min_count must be an int >= 0, got {min_count!r}")
         reply = self._client().ask("registry", FindSuitablePeers(min_count), timeout=ASK_TIMEOUT)
         return [_peer_info(p) for p in reply.peers]
 

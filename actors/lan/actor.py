@@ -6,6 +6,11 @@ Thin by design (the logic lives in :mod:`.state`, :mod:`.beacon`, :mod:`.tcp`)::
     acceptor ──ConnectionHandedOff(fd, route=discovery)──▶ adopt_handed_off ──▶ DiscoveryResponder
     anyone ──ProbePeer──▶ run_on_loop(probe) ──then──▶ reply_to: PeerProbed | ProbeFailed
 
+Discovery is symmetric: a peer whose request the responder answered is
+probed back (at most every :data:`PROBE_BACK_EVERY_S`), and its signed
+response goes to ``peers_to`` as a ``Sighted``; so a node that found us can
+be answered (acks need a route back) without being in our bootstrap list.
+
 It is also a discovery source for the sweeper (the transport contract's
 ``Discover``): each round probes every ``bootstrap`` address concurrently on
 the loop, each probe bounded by the round's timeout, and answers one
@@ -22,6 +27,7 @@ without it they are counted only).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -32,6 +38,7 @@ from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.messages import GetLanStatus, LanStatus, PeerAnnounced, PeerProbed, ProbeFailed, ProbePeer
 from villagemesh.actors.lan.tcp import DiscoveryResponder, probe
+from villagemesh.actors.sweeper.messages import Sighted
 from villagemesh.actors.transport import Discover, Discovered, Sighting
 from villagemesh.errors import BusError, ConfigError, VillageMeshError
 from villagemesh.protocols.discovery import Announce, DiscoveryRequest, DiscoveryResponse, encode_discovery
@@ -40,6 +47,25 @@ __all__ = ["TRANSPORT", "LanActor", "lan_status", "probe_peer"]
 
 TRANSPORT = "lan"
 """The name this discovery source reports its sightings under."""
+
+
+PROBE_BACK_EVERY_S = 30.0
+"""A peer that probes us is probed back at most this often (a probe storm costs one probe each)."""
+
+PROBE_BACK_TIMEOUT_S = 3.0
+"""Seconds a probe back may take."""
+
+PROBE_BACK_MEMORY = 4096
+"""Peers remembered as recently probed back (oldest forgotten first): bounded memory."""
+
+
+def _tcp_target(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``ws://`` or ``tcp://`` address (the acceptor's port), else None."""
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme not in ("ws", "tcp"):
+        return None
+    host, colon, port = rest.split("/", 1)[0].rpartition(":")
+    return (host, int(port)) if colon and host and port.isdigit() else None
 
 
 def _host_port(entry: str) -> tuple[str, int]:
@@ -61,6 +87,7 @@ class LanActor(LoopActor):
         self.peers_to: str | None = config.get("peers_to")
         self.responder_counts: Counter[str] = Counter()
         self.bootstrap = tuple(_host_port(entry) for entry in config.get("bootstrap", ()))
+        self.probed_back: dict[str, float] = {}
         self.beacon: BeaconEndpoint | None = None
         self.start_io()
         if config.get("beacons", True):
@@ -77,12 +104,52 @@ class LanActor(LoopActor):
         # On the loop thread: only pass the value on.
         self.post((announce, source))
 
+    def _requested(self, request: DiscoveryRequest) -> None:
+        # On the loop thread: a peer asked who we are; the actor decides whether to ask back.
+        self.post(request)
+
     def on_loop_message(self, message: Any) -> None:
-        """A verified announce heard by the beacon: tell ``peers_to``."""
+        """A verified announce heard by the beacon, or a discovery request we answered."""
+        if isinstance(message, DiscoveryRequest):
+            self._probe_back(message)
+            return
         announce, (host, port) = message
         if self.peers_to is not None:
             heard = PeerAnnounced(announce.node_id, announce.addresses, f"{host}:{port}", encode_discovery(announce))
             self._tell(self.peers_to, heard)
+
+    def _probe_back(self, request: DiscoveryRequest) -> None:
+        """Discovery is symmetric: whoever probes us is probed back, so that we can reach it too
+        (an end-to-end ack needs a route back). Its request is unsigned, so we learn nothing
+        from it but where to ask; the peer's signed response is what reaches the registry."""
+        now = time.monotonic()
+        if request.node_id == self.identity.node_id or self.peers_to is None:
+            return
+        if now - self.probed_back.get(request.node_id, -PROBE_BACK_EVERY_S) < PROBE_BACK_EVERY_S:
+            return
+        target = next((_tcp_target(a) for a in request.addresses if _tcp_target(a) is not None), None)
+        if target is None:
+            return
+        if len(self.probed_back) >= PROBE_BACK_MEMORY:
+            self.probed_back.pop(next(iter(self.probed_back)))
+        self.probed_back[request.node_id] = now
+        host, port = target
+
+        def then(result: tuple[DiscoveryResponse, float] | None, error: BaseException | None) -> None:
+            if result is not None:
+                response, latency_ms = result
+                sighting = Sighting(TRANSPORT, encode_discovery(response).decode(), latency_ms)
+                assert self.peers_to is not None
+                self._tell(self.peers_to, Sighted((sighting,)))
+            elif isinstance(error, VillageMeshError | asyncio.CancelledError):
+                self.io_log.info(
+                    "probe_back_failed", peer_id=request.node_id, address=f"{host}:{port}", reason=str(error)
+                )
+            else:
+                assert error is not None
+                raise error
+
+        self.run_on_loop(probe(host, port, PROBE_BACK_TIMEOUT_S, request=self._request()), then)
 
     # -- bus messages -------------------------------------------------------------------------------
 
@@ -90,7 +157,10 @@ class LanActor(LoopActor):
         """:class:`ConnectionHandedOff` (discovery), :class:`ProbePeer`, :class:`GetLanStatus`."""
         if isinstance(msg, ConnectionHandedOff):
             self.adopt_handed_off(
-                msg, lambda: DiscoveryResponder(self.identity, counts=self.responder_counts, log=self.io_log)
+                msg,
+                lambda: DiscoveryResponder(
+                    self.identity, counts=self.responder_counts, log=self.io_log, on_request=self._requested
+                ),
             )
             return None
         if isinstance(msg, ProbePeer):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -58,8 +59,11 @@ class DiscoveryResponder(asyncio.Protocol):
         counts: Counter[str] | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         log: Any = None,
+        on_request: Callable[[DiscoveryRequest], None] | None = None,
     ) -> None:
         self.identity = identity
+        self.on_request = on_request
+        """Told every (unsigned) request answered, so its sender can be probed back and verified."""
         self.conn = DiscoveryConnection(allow_unsigned_legacy=True)
         self.counts = counts if counts is not None else Counter()
         self.idle_timeout_s = idle_timeout_s
@@ -97,6 +101,8 @@ class DiscoveryResponder(asyncio.Protocol):
             if isinstance(event, DiscoveryRequest):
                 self.counts["answered"] += 1
                 self.transport.write(self.conn.send(self.identity.response()))
+                if self.on_request is not None:
+                    self.on_request(event)
             elif isinstance(event, LegacyPeerDiscovery):
                 self.counts["answered_legacy"] += 1
                 self.transport.write(self.conn.send(self.identity.legacy_response()))

@@ -1,0 +1,190 @@
+"""The Node API an orchestrator embeds: configuration, lifecycle, send/subscribe, asyncio, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import WAIT
+from villagemesh import NetworkMode, create_network
+from villagemesh.errors import ConfigError, DeliveryFailed
+from villagemesh.node import NodeConfig, _priority, local_capabilities
+from villagemesh.protocols.envelope import Priority
+
+pytestmark = pytest.mark.slow
+
+
+def make(tmp_path: Path, name: str, **settings):
+    return create_network("hybrid", name=name, data_dir=tmp_path / name, lan=False, **settings)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    a = make(tmp_path, "a", discovery_interval=0.3, ack_timeout=2.0).start()
+    b = make(tmp_path, "b", discovery_interval=0.3, ack_timeout=2.0, bootstrap=(a.acceptor_address,)).start()
+    try:
+        assert b.wait_for_peers(1, WAIT)
+        yield a, b
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_create_network_validates_its_settings_naming_the_value(tmp_path):
+    """Unknown modes, settings, ports and bootstrap entries are refused up front."""
+    with pytest.raises(ConfigError, match="'ring'"):
+        create_network("ring", data_dir=tmp_path)
+    with pytest.raises(ConfigError, match="data_dir"):
+        create_network("mesh")
+    with pytest.raises(ConfigError, match="colour"):
+        create_network("mesh", data_dir=tmp_path, colour="red")
+    with pytest.raises(ConfigError, match="70000"):
+        NodeConfig(data_dir=tmp_path, port=70000)
+    with pytest.raises(ConfigError, match="'nohost'"):
+        NodeConfig(data_dir=tmp_path, bootstrap=("nohost",))
+    with pytest.raises(ConfigError, match="discovery_interval"):
+        NodeConfig(data_dir=tmp_path, discovery_interval=0)
+    assert NodeConfig(data_dir=tmp_path, mode="MESH").mode is NetworkMode.MESH
+
+
+def test_priorities_are_accepted_as_enum_name_or_number():
+    """'high', Priority.HIGH and 1 mean the same; anything else names the allowed values."""
+    assert _priority("high") is _priority(Priority.HIGH) is _priority(1) is Priority.HIGH
+    with pytest.raises(ConfigError, match="critical, high"):
+        _priority("urgent")
+    with pytest.raises(ConfigError):
+        _priority(True)
+
+
+def test_local_capabilities_follow_the_seed_tiers():
+    """The machine's capabilities are measured and classified; transports are listed."""
+    caps = local_capabilities(("websocket",))
+    assert caps.cpu_cores == os.cpu_count() and caps.ram_mb > 0
+    assert caps.performance_tier in ("low", "medium", "high", "premium") and caps.transports == ("websocket",)
+
+
+def test_two_nodes_discover_each_other_and_deliver_exactly_once_with_handles(pair):
+    """b finds a through bootstrap; a's subscriber gets the message once; the handle ends delivered."""
+    a, b = pair
+    got = []
+    unsubscribe = a.subscribe("DATA", got.append)
+    status = b.send(a.node_id, b"hello", priority="high").result(WAIT)
+    assert status.delivered and status.attempts >= 1
+    deadline = threading.Event()
+    for _ in range(100):
+        if got:
+            break
+        deadline.wait(0.05)
+    assert [m.payload for m in got] == [b"hello"] and got[0].sender == b.node_id
+    assert got[0].priority is Priority.HIGH
+    unsubscribe()
+    peers = {p.peer_id: p for p in b.peers()}
+    assert a.node_id in peers and peers[a.node_id].capabilities is not None
+    status_b = b.network_status()
+    assert status_b["transport_priority"] == ["libp2p", "bitchat", "betanet", "websocket"]
+    assert {c["id"] for c in status_b["actors"]} >= {"registry", "retrier", "acceptor", "transports", "sweeper"}
+
+
+def test_a_message_to_an_unknown_peer_fails_with_its_attempts_after_its_ttl(pair):
+    """Nobody has that id: the retrier parks it, and at the TTL the handle fails with DeliveryFailed."""
+    _, b = pair
+    handle = b.send("f" * 32, b"lost", ttl=0.5)
+    with pytest.raises(DeliveryFailed) as info:
+        handle.result(WAIT)
+    assert "ttl" in info.value.last_error.lower()
+
+
+def test_node_id_peers_and_pending_messages_survive_a_restart(tmp_path):
+    """A node restarted on its data dir has the same id and still knows its peers."""
+    a = make(tmp_path, "a").start()
+    b = make(tmp_path, "b", bootstrap=(a.acceptor_address,), discovery_interval=0.3).start()
+    assert b.wait_for_peers(1, WAIT)
+    b_id = b.node_id
+    b.stop()
+    b2 = make(tmp_path, "b").start()
+    try:
+        assert b2.node_id == b_id
+        assert [p.peer_id for p in b2.peers()] == [a.node_id]
+    finally:
+        b2.stop()
+        a.stop()
+
+
+def test_one_data_dir_serves_one_running_node(tmp_path):
+    """A second node on a running node's data dir is refused: they would share one outbox."""
+    a = make(tmp_path, "a").start()
+    try:
+        with pytest.raises(ConfigError, match="in use"):
+            make(tmp_path, "a").start()
+    finally:
+        a.stop()
+    make(tmp_path, "a").start().stop()  # free again once stopped
+
+
+def test_the_api_works_from_asyncio(tmp_path):
+    """async with, asend, apeers, awaiting a handle and an async subscriber, all on one loop."""
+
+    async def main() -> bytes:
+        async with make(tmp_path, "a", discovery_interval=0.3) as a:
+            async with make(tmp_path, "b", discovery_interval=0.3, bootstrap=(a.acceptor_address,)) as b:
+                got: asyncio.Queue[bytes] = asyncio.Queue()
+
+                async def on_data(message):
+                    await got.put(message.payload)
+
+                a.subscribe("DATA", on_data)
+                for _ in range(200):
+                    if await b.apeers():
+                        break
+                    await asyncio.sleep(0.05)
+                handle = await b.asend(a.node_id, b"async hello")
+                status = await asyncio.wait_for(handle, WAIT)
+                assert status.delivered
+                return await asyncio.wait_for(got.get(), WAIT)
+
+    assert asyncio.run(main()) == b"async hello"
+
+
+def test_crashing_the_websocket_transport_restarts_it_alone(pair):
+    """Fault injection through the API: only the transport restarts; the node keeps delivering."""
+    a, b = pair
+    b.crash("websocket")
+    assert b.send(a.node_id, b"after the crash").result(WAIT).delivered
+    events = [json.loads(line) for line in b.log_path.read_text().splitlines()]
+    crashed = [e["child_id"] for e in events if e["event"] == "child_crashed"]
+    assert crashed == ["websocket"]
+
+
+def test_the_cli_runs_a_node_lists_its_peers_and_sends_through_it(tmp_path):
+    """`villagemesh node` prints LISTEN; `villagemesh send` reaches it; `villagemesh peers` lists the sender."""
+    cli = [sys.executable, "-m", "villagemesh.cli"]
+    node = subprocess.Popen(
+        [*cli, "node", "--data-dir", str(tmp_path / "server"), "--quiet"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = node.stdout.readline().split()
+        assert line[0] == "LISTEN"
+        node_id, address = line[1], line[2]
+        sent = subprocess.run(
+            [*cli, "send", "--to", node_id, "--via", address, "--data-dir", str(tmp_path / "client"), "hi there"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert "delivered" in sent.stdout
+        listed = subprocess.run(
+            [*cli, "peers", "--data-dir", str(tmp_path / "client")], capture_output=True, text=True, timeout=60
+        )
+        assert node_id in listed.stdout
+    finally:
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(WAIT) == 0
