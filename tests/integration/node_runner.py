@@ -1,0 +1,87 @@
+"""One villagemesh node in its own process, for the tests that ``kill -9`` a node.
+
+::
+
+    python tests/integration/node_runner.py --data-dir D --name N --port P
+        [--bootstrap host:port ...] [--send-to NODE_ID --count N --prefix TEXT]
+        [--record FILE [--work SECONDS]]
+
+Prints, one line each, flushed:
+
+* ``LISTEN <node_id> <host:port>`` once the node is started;
+* ``SENT <n>`` after ``--count`` messages to ``--send-to`` were accepted by ``Node.send``
+  (stored durably in the outbox: a kill afterwards must not lose them);
+* ``IDLE`` each time the retrier goes from busy to idle: nothing pending, nothing unhandled
+  (so a restarted sender says when every restored message was acknowledged).
+
+``--record FILE``: every handled payload is appended to FILE as one line by a
+subscriber registered *before* ``start()`` (so messages re-dispatched at start-up
+from the inbox reach it too), with an unbuffered ``os.write`` so a ``kill -9``
+loses no line that was written. ``--work``: seconds of simulated application
+work per message before the line is written (so a kill lands mid-stream).
+Runs until SIGTERM/SIGINT, then stops the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _nodes import make_node
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--bootstrap", nargs="*", default=[])
+    parser.add_argument("--send-to")
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--prefix", default="m")
+    parser.add_argument("--record", type=Path)
+    parser.add_argument("--work", type=float, default=0.0)
+    args = parser.parse_args()
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    node = make_node(args.data_dir, args.name, bootstrap=args.bootstrap, port=args.port)
+    if args.record is not None:
+        fd = os.open(args.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+        def record(message: Any) -> None:
+            if args.work:
+                time.sleep(args.work)  # the application's work on the message
+            os.write(fd, message.payload + b"\n")
+
+        node.subscribe("*", record)
+    node.start()
+    print(f"LISTEN {node.node_id} {node.acceptor_address}", flush=True)
+    try:
+        if args.send_to and args.count:
+            for i in range(args.count):
+                node.send(args.send_to, f"{args.prefix}{i}".encode())
+            print(f"SENT {args.count}", flush=True)
+        busy = True
+        while not stop.wait(0.1):
+            retrier = node.network_status()["retrier"]
+            idle = retrier["pending"] == 0 and retrier["unhandled"] == 0
+            if idle and busy:
+                print("IDLE", flush=True)
+            busy = not idle
+    finally:
+        node.stop()
+
+
+if __name__ == "__main__":
+    main()

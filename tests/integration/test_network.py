@@ -1,0 +1,415 @@
+"""Whole nodes on loopback: discovery, exactly-once delivery across crashes, restarts and kill -9, bad input.
+
+Each test builds real nodes (``create_network``: real sockets on 127.0.0.1, real
+SQLite files in ``tmp_path``, real keys) and looks at them only from the
+outside: the public API, the payloads the application's subscriber sees, and
+the event log each node writes to ``data_dir/events.jsonl``.
+
+Exactly once is counted *by payload*: every message carries a distinct
+payload, so a duplicate dispatch shows as a payload seen twice, and a loss as
+one never seen. After everything arrived, the test waits for the sender's
+outbox to drain (every message acknowledged), after which no retransmission can
+happen, and only then checks for duplicates.
+
+The ``kill -9`` tests run a node in a child process (:mod:`.node_runner`) so
+it can be killed for real, then start it again on the same ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration._nodes import (
+    PATIENCE,
+    EventFile,
+    Inbox,
+    free_port,
+    make_node,
+    running,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+RUNNER = Path(__file__).resolve().parent / "node_runner.py"
+REPO = Path(__file__).resolve().parents[2]
+OTHER_ACTORS = ("registry", "retrier", "app", "transports", "lan", "acceptor", "sweeper")
+
+
+def knows(node: Any, peer_ids: set[str]) -> bool:
+    """Whether ``node`` knows every one of ``peer_ids``."""
+    return peer_ids <= {p.peer_id for p in node.peers()}
+
+
+def retrier_idle(node: Any) -> bool:
+    """Nothing pending (every sent message acknowledged or failed) and nothing unhandled."""
+    status = node.network_status()["retrier"]
+    return status["pending"] == 0 and status["unhandled"] == 0
+
+
+class Child:
+    """A :mod:`.node_runner` process; its stdout lines are collected by a thread and can be waited for."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(RUNNER), *args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.strip())
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("EOF")
+            self._cond.notify_all()
+
+    def wait_line(self, prefix: str, timeout: float = PATIENCE) -> str:
+        """The first line starting with ``prefix``; AssertionError (with the lines so far) after ``timeout``."""
+
+        def found() -> str | None:
+            return next((line for line in self.lines if line.startswith(prefix)), None)
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None or "EOF" in self.lines, timeout):
+                raise AssertionError(f"no {prefix!r} line from the node process in {timeout} s: {self.lines}")
+            line = found()
+        if line is None:
+            raise AssertionError(f"node process ended (rc {self.proc.wait()}) before {prefix!r}: {self.lines}")
+        return line
+
+    def kill(self) -> None:
+        """SIGKILL, and reap."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(PATIENCE)
+        self._reader.join(PATIENCE)
+
+    def terminate(self) -> int:
+        """SIGTERM (the orderly stop) and the exit code; SIGKILL if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(PATIENCE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(PATIENCE)
+        self._reader.join(PATIENCE)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    """Node processes started by a test, stopped after it however it ends."""
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.terminate()
+
+
+# -- many nodes --------------------------------------------------------------------------------------
+
+
+def test_ten_nodes_form_a_full_view_and_every_pair_exchanges_exactly_once(tmp_path: Path) -> None:
+    """10 nodes with static seed lists know each other; 90 pairwise messages arrive once each."""
+    ports = [free_port() for _ in range(10)]
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    nodes = [
+        make_node(tmp_path / f"n{i}", f"n{i}", port=ports[i], bootstrap=[a for j, a in enumerate(addresses) if j != i])
+        for i in range(10)
+    ]
+    inboxes = [Inbox() for _ in nodes]
+    for node, inbox in zip(nodes, inboxes, strict=True):
+        node.subscribe("*", inbox)
+    ids = {node.node_id for node in nodes}
+    with running(nodes):
+        for node in nodes:
+            assert node.wait_for_peers(9, PATIENCE), f"{node.name} knows only {len(node.peers())} peers"
+            assert wait_until(lambda n=node: knows(n, ids - {n.node_id})), f"{node.name} lacks some of the ten"
+
+        pairs = [(src, dst) for src in nodes for dst in nodes if src is not dst]
+        handles = [src.send(dst.node_id, f"{src.name}->{dst.name}".encode()) for src, dst in pairs]
+        for dst, inbox in zip(nodes, inboxes, strict=True):
+            assert inbox.wait_for_distinct(9), f"{dst.name} got only {sorted(inbox.distinct())}"
+        statuses = [h.result(PATIENCE) for h in handles]
+        assert all(s.delivered for s in statuses)
+        assert wait_until(lambda: all(retrier_idle(n) for n in nodes))
+
+        for dst, inbox in zip(nodes, inboxes, strict=True):
+            expected = {f"{src.name}->{dst.name}".encode() for src in nodes if src is not dst}
+            assert inbox.distinct() == expected
+            assert inbox.duplicates() == {}
+            for payload, sender in inbox.senders.items():
+                assert sender == next(n.node_id for n in nodes if payload.startswith(f"{n.name}-".encode()))
+
+
+def test_nodes_find_each_other_by_lan_beacons_alone(tmp_path: Path) -> None:
+    """Three nodes with lan=True and no seed list discover each other by multicast (or broadcast) beacons."""
+    nodes = [make_node(tmp_path / f"l{i}", f"l{i}", lan=True) for i in range(3)]
+    ids = {node.node_id for node in nodes}
+    with running(nodes):
+        for node in nodes:
+            if not wait_until(lambda n=node: knows(n, ids - {n.node_id}), timeout=20):
+                events = EventFile(node.log_path)
+                unavailable = events.matching("multicast_unavailable") + events.matching("beacon_send_failed")
+                pytest.fail(f"{node.name} did not hear the others' beacons; beacon problems: {unavailable}")
+
+
+def test_a_node_that_only_the_sender_knew_of_still_acknowledges_its_message(tmp_path: Path) -> None:
+    """A new node seeded with an old one's address (the old one has no seed for it) sends to it: delivered."""
+    old = make_node(tmp_path / "old", "old")
+    inbox = Inbox()
+    old.subscribe("*", inbox)
+    with running([old]):
+        new = make_node(tmp_path / "new", "new", bootstrap=[old.acceptor_address])
+        with running([new]):
+            assert wait_until(lambda: knows(new, {old.node_id}))
+            handle = new.send(old.node_id, b"hello")
+            assert inbox.wait_for_distinct(1), "the message never reached the old node"
+            status = handle.wait(PATIENCE)
+            unroutable = EventFile(old.log_path).matching("ack_unroutable")
+            assert status.delivered, f"{status}; the old node logged {len(unroutable)} x ack_unroutable"
+
+
+# -- crashes and restarts ----------------------------------------------------------------------------
+
+
+def test_websocket_crash_on_either_side_mid_stream_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """The websocket actor crashed on the sender, then on the receiver, mid-stream: 200 messages arrive once."""
+    port_a, port_b = free_port(), free_port()
+    a = make_node(tmp_path / "a", "a", port=port_a, bootstrap=[f"127.0.0.1:{port_b}"])
+    b = make_node(tmp_path / "b", "b", port=port_b, bootstrap=[f"127.0.0.1:{port_a}"])
+    inbox = Inbox()
+    a.subscribe("*", inbox)
+    with running([a, b]):
+        assert wait_until(lambda: knows(a, {b.node_id}) and knows(b, {a.node_id}))
+        handles = [b.send(a.node_id, f"m{i}".encode()) for i in range(70)]
+        b.crash("websocket")
+        handles += [b.send(a.node_id, f"m{i}".encode()) for i in range(70, 140)]
+        a.crash("websocket")
+        handles += [b.send(a.node_id, f"m{i}".encode()) for i in range(140, 200)]
+
+        assert inbox.wait_for_distinct(200), f"only {len(inbox.distinct())} of 200 arrived"
+        assert all(h.result(PATIENCE).delivered for h in handles)
+        assert wait_until(lambda: retrier_idle(b) and retrier_idle(a))
+        assert inbox.distinct() == {f"m{i}".encode() for i in range(200)}
+        assert inbox.duplicates() == {}
+
+    for node in (a, b):
+        log = EventFile(node.log_path)
+        crashed = log.matching("child_crashed", child_id="websocket")
+        assert crashed and crashed[0]["exc_type"] == "CrashInjected", crashed
+        assert log.matching("child_restarted", child_id="websocket")
+        others = [e for e in log.matching("child_restarted") if e["child_id"] in OTHER_ACTORS]
+        assert others == [], f"{node.name}: actors other than websocket restarted: {others}"
+
+
+def test_restarted_receiver_gets_pending_messages_once_and_keeps_its_id_and_peers(tmp_path: Path) -> None:
+    """Receiver stopped, 50 messages sent meanwhile, receiver started on its data_dir: each arrives once."""
+    port_a, port_b = free_port(), free_port()
+
+    def receiver() -> Any:
+        return make_node(tmp_path / "a", "a", port=port_a, bootstrap=[f"127.0.0.1:{port_b}"])
+
+    a, b = receiver(), make_node(tmp_path / "b", "b", port=port_b, bootstrap=[f"127.0.0.1:{port_a}"])
+    first = Inbox()
+    a.subscribe("*", first)
+    with running([b]):
+        with running([a]):
+            assert wait_until(lambda: knows(a, {b.node_id}) and knows(b, {a.node_id}))
+            assert b.send(a.node_id, b"before").result(PATIENCE).delivered
+        handles = [b.send(a.node_id, f"m{i}".encode()) for i in range(50)]
+
+        again, second = receiver(), Inbox()
+        assert again.node_id == a.node_id
+        again.subscribe("*", second)
+        with running([again]):
+            assert b.node_id in {p.peer_id for p in again.peers()}, "the restarted node forgot its peer"
+            assert second.wait_for_distinct(50), f"only {len(second.distinct())} of 50 arrived after the restart"
+            assert all(h.result(PATIENCE).delivered for h in handles)
+            assert wait_until(lambda: retrier_idle(b) and retrier_idle(again))
+            assert second.distinct() == {f"m{i}".encode() for i in range(50)}
+            assert second.duplicates() == {}
+    assert first.distinct() == {b"before"} and first.duplicates() == {}
+
+
+def test_kill_9_of_sender_with_1000_in_flight_delivers_each_exactly_once_after_restart(
+    tmp_path: Path, children: list[Child]
+) -> None:
+    """A sender process is SIGKILLed right after 1,000 sends; started again, it delivers each exactly once."""
+    port_r, port_s = free_port(), free_port()
+    receiver = make_node(tmp_path / "r", "r", port=port_r, bootstrap=[f"127.0.0.1:{port_s}"])
+    inbox = Inbox()
+    receiver.subscribe("*", inbox)
+    args = ["--data-dir", str(tmp_path / "s"), "--name", "s", "--port", str(port_s)]
+    args += ["--bootstrap", f"127.0.0.1:{port_r}"]
+    with running([receiver]):
+        children.append(Child(*args, "--send-to", receiver.node_id, "--count", "1000"))
+        sender_id = children[-1].wait_line("LISTEN").split()[1]
+        children[-1].wait_line("SENT 1000")
+        children[-1].kill()
+        at_kill = len(inbox.distinct())
+        assert at_kill < 1000, "everything arrived before the kill: nothing was in flight"
+
+        children.append(Child(*args))
+        assert children[-1].wait_line("LISTEN").split()[1] == sender_id
+        assert inbox.wait_for_distinct(1000), f"only {len(inbox.distinct())} of 1000 (had {at_kill} at the kill)"
+        children[-1].wait_line("IDLE")  # every message acknowledged: no retransmission can follow
+        assert inbox.distinct() == {f"m{i}".encode() for i in range(1000)}
+        assert inbox.duplicates() == {}
+        assert set(inbox.senders.values()) == {sender_id}
+
+
+def test_kill_9_of_receiver_mid_stream_loses_nothing_and_repeats_only_what_was_handled_at_the_kill(
+    tmp_path: Path, children: list[Child]
+) -> None:
+    """A receiver process SIGKILLed mid-stream and restarted: its handler saw all 1,000; a repeat is only of
+    a message handled just before the kill (handler done, ``Handled`` not yet committed)."""
+    port_r, port_s = free_port(), free_port()
+    record = tmp_path / "handled.txt"
+    sender = make_node(tmp_path / "s", "s", port=port_s, bootstrap=[f"127.0.0.1:{port_r}"])
+    args = ["--data-dir", str(tmp_path / "r"), "--name", "r", "--port", str(port_r)]
+    args += ["--bootstrap", f"127.0.0.1:{port_s}", "--record", str(record), "--work", "0.002"]
+
+    def handled() -> list[bytes]:
+        return record.read_bytes().splitlines() if record.exists() else []
+
+    with running([sender]):
+        children.append(Child(*args))
+        receiver_id = children[-1].wait_line("LISTEN").split()[1]
+        assert wait_until(lambda: knows(sender, {receiver_id}))
+        handles = [sender.send(receiver_id, f"m{i}".encode()) for i in range(1000)]
+        assert wait_until(lambda: len(handled()) >= 100, every=0.005), "the receiver handled fewer than 100"
+        children[-1].kill()
+        before = handled()
+        assert len(before) < 1000, "everything was handled before the kill: nothing was mid-stream"
+
+        children.append(Child(*args))
+        assert children[-1].wait_line("LISTEN").split()[1] == receiver_id
+        statuses = [h.result(PATIENCE) for h in handles]
+        assert all(s.delivered for s in statuses)
+        assert wait_until(lambda: len(set(handled())) >= 1000), f"handled {len(set(handled()))} ({len(before)})"
+        children[-1].wait_line("IDLE")
+        counts = Counter(handled())
+        assert set(counts) == {f"m{i}".encode() for i in range(1000)}
+        repeated = {p: n for p, n in counts.items() if n > 1}
+        assert all(n == 2 for n in repeated.values()), repeated
+        assert set(repeated) <= set(before[-16:]), f"repeats {repeated} of messages not handled at the kill"
+
+
+# -- bad input at the acceptor -----------------------------------------------------------------------
+
+
+def _raise_nofile(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"needs {needed} file descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def _one_shot(port: int, data: bytes) -> tuple[str, bytes]:
+    """Connect, send ``data``, read until the node closes; (our "host:port" label, what came back)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+        label = f"127.0.0.1:{sock.getsockname()[1]}"
+        sock.sendall(data)
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass  # an abort is a close too: the node refused us
+        return label, got
+
+
+async def _flood(port: int, count: int, sources: list[str]) -> list[str]:
+    """Open ``count`` connections at once (from ``sources`` in turn), hold them all, close them; their labels."""
+
+    async def one(i: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", port, local_addr=(sources[i % len(sources)], 0))
+
+    pairs = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(count))), PATIENCE)
+    labels = ["{}:{}".format(*w.get_extra_info("sockname")[:2]) for _, w in pairs]
+    for _, writer in pairs:
+        writer.close()
+    return labels
+
+
+def test_acceptor_survives_garbage_huge_prefixes_slowloris_and_a_thousand_connections(tmp_path: Path) -> None:
+    """After garbage, 2**31 and 16 MiB length prefixes, slow clients and 1,000 connections, the node serves."""
+    _raise_nofile(8192)
+    peer_port = free_port()  # the peer comes after the attack; the node knows where (acks need a way back)
+    node = make_node(tmp_path / "a", "a", bootstrap=[f"127.0.0.1:{peer_port}"])
+    inbox = Inbox()
+    node.subscribe("*", inbox)
+    log = EventFile(node.log_path)
+    with running([node]):
+        port = node.port
+        # slow clients first (they take the longest): one byte at the acceptor, a partial frame at the responder
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        slow[0].sendall(b"\x00")
+        slow[1].sendall(b"\x00\x00\x01\x00{")
+        slow_labels = [f"127.0.0.1:{s.getsockname()[1]}" for s in slow]
+
+        rejected: dict[str, bytes] = {}
+        for data in (
+            os.urandom(4096),
+            b"\xff" * 64,
+            struct.pack(">I", 2**31) + b"{",
+            b"\x00\xff\xff\xff{",  # looks like discovery, but 16 MiB: over the frame limit
+            b"GET / HTTP/1.1\r\n\r\n" + os.urandom(1024),
+        ):
+            label, answer = _one_shot(port, data)
+            rejected[label] = answer
+        for label in list(rejected)[:4]:
+            log.wait_for("connection_rejected", peer=label)
+
+        labels = asyncio.run(_flood(port, 1000, ["127.0.0.1"]))
+        assert len(labels) == 1000
+        spread = asyncio.run(_flood(port, 1000, [f"127.0.0.{i}" for i in range(2, 22)]))
+        assert len(spread) == 1000
+        capped = [e for e in log.matching("connection_rejected") if "per-source cap" in e.get("reason", "")]
+        assert capped, "1,000 connections from one address were never capped"
+
+        # a new peer discovers the node and delivers to it while the node is still recovering
+        peer = make_node(tmp_path / "p", "p", port=peer_port, bootstrap=[node.acceptor_address])
+        with running([peer]):
+            assert wait_until(lambda: knows(peer, {node.node_id})), "the node no longer answers discovery"
+            assert wait_until(lambda: knows(node, {peer.node_id})), "the node no longer probes its seeds"
+            assert peer.send(node.node_id, b"still here").result(PATIENCE).delivered
+            assert inbox.wait_for_distinct(1)
+
+        for sock in slow:
+            sock.settimeout(PATIENCE)
+            try:
+                assert sock.recv(1) == b"", "a slow client got data instead of a close"
+            except ConnectionResetError:
+                pass  # aborted: closed all the same
+            sock.close()
+        log.wait_for("connection_rejected", peer=slow_labels[0])
+        log.wait_for("discovery_rejected", peer=slow_labels[1])
+        assert node.network_status()["actors"], "the node stopped answering its own API"
+    crashed = log.matching("child_crashed")
+    assert crashed == [], f"bad input crashed actors: {[(e['child_id'], e['exc_message']) for e in crashed]}"
