@@ -3,42 +3,68 @@
 A node process has threads (pykka, zmq's I/O threads) and a zmq Context, and
 neither survives ``fork()``; a fresh interpreter per restart costs tens of
 milliseconds of start-up and imports. So the node starts this server once, as
-a *fresh interpreter* (``python -m villagemesh.supervision.forkserver``), which
-imports what children need and then only ever forks::
+a *fresh interpreter* (``python -m villagemesh.supervision._forkserver_main``),
+which imports ``zmq``, ``msgpack`` and the preloads once, creates no zmq
+Context and no thread, and then only ever forks::
 
-    node process                         fork server (single thread, no zmq Context)
-    ForkServer ──"fork" target arg──►    import target once; fork() ──► child: target(arg)
-               ◄──"forked" pid───────    pidfd_open(child)
-               ◄──"exited" pid code──    pidfd readable → waitpid → report at once
+    node process (threads, zmq Context)      fork server (one thread, no Context)
+    ForkServer ── fork(req, target, arg) ──►  import target once; fork() ──► child: target(arg)
+               ◄── forked(req, pid) ───────   pidfd_open(child), polled with the channel
+               ◄── exited(pid, code) ──────   pidfd readable → waitpid → notice at once
+               ── kill(req, pid, sig) ─────►  pidfd_send_signal (no pid-reuse race)
+               ◄── killed(req, delivered) ─
 
-The channel is a Unix socketpair; every frame is a 4-byte big-endian length
-and a msgpack array (no pickle). Replies and exit notices share it and are
-told apart by their first element. On the node side one reader thread turns
-them into answered requests and an exit table with a condition variable.
+The channel is a Unix socketpair inherited by the server (``pass_fds``). Every
+frame is a 4-byte big-endian length and a msgpack array whose first element is
+its tag (no pickle). Replies carry the request id they answer; exit notices
+carry a pid and are never an answer to anything: the two cannot be confused,
+and the server writes ``forked`` for a pid before that pid's ``exited``.
 
-Warm spares: for targets named in ``warm``, the server keeps one child
-already forked and prepared (the target's ``prepare`` attribute, if any, has
-run: a zmq Context made, threads started, memory touched), waiting on a pipe
-for its assignment. A fork request for such a target hands the argument to
-the spare at once and forks the next spare afterwards, so a restart does not
-wait for a fork or for a fresh child's set-up. The target is then called as
-``target(arg, prepared)``.
+Node side: no reader thread. Whoever needs a frame (``fork`` waiting for its
+reply, ``wait_exit``, ``read_exits``) becomes the one reader for a while
+(leader/followers under one condition variable); the others wait on the
+condition and are woken by what the reader files. ``fileno()`` is an epoll fd
+that is readable when the channel has bytes *or* filed exits are unread, so an
+owner can ``select``/``zmq.Poller`` on it and then call ``read_exits()``
+without missing an exit that another thread's read took off the socket.
 
-Lifetime: the server exits, killing its children, when the node asks it to or
-when the channel reaches EOF (the node died, even by ``kill -9``). Children
-get ``PR_SET_PDEATHSIG = SIGKILL`` so they do not outlive the server.
+Exit codes: ``0``.. the child's status (``target`` returned: 0; raised: 1, with
+the traceback on stderr; ``sys.exit(n)``: n), ``-N`` when signal N killed it.
 
-A module imported into the server must not start threads at import time
-(the server must stay single-threaded for ``fork()`` to be safe); the ones
-villagemesh preloads do not.
+Warm spares: for targets named in ``warm`` the server keeps one child already
+forked and prepared (the target's ``prepare`` attribute, if any, has run: a zmq
+Context made, threads started), waiting on a pipe for its argument. A fork of
+such a target hands the argument to the spare at once and then forks the next
+spare, so a restart waits neither for a fork nor for the child's set-up; the
+target is then called as ``target(arg, prepared)`` (a cold fork calls
+``target(arg)``). A spare that dies before its assignment is not replaced until
+the next request for its target (which is then forked cold): a crashing
+``prepare`` cannot become a fork loop. Spares are invisible to the node: their
+exits are reported only once they were handed out.
+
+Lifetime: ``close()`` asks the server to kill its children (their exits are
+reported) and exit. When the node dies, even by ``kill -9``, the server reads
+EOF on the channel, kills its children and exits. Children also get
+``PR_SET_PDEATHSIG = SIGKILL`` as a second line (safe there: the server has one
+thread, and the signal fires when the *thread* that forked them ends, which is
+also why the server itself does not use it: the node's starting thread may end
+first). The server runs in its own process group, so a Ctrl-C at the node's
+terminal reaches only the node, which decides when children stop.
+
+Limits: a module imported into the server (a preload, or a target's module on
+first use: it is imported in the server so that later forks are free) must not
+start threads at import time; the server counts its threads after each import
+and, if there are more than one, refuses every fork from then on (a fork of a
+multi-threaded process can inherit a held lock). Linux only (pidfds, epoll,
+eventfd, ``/proc``), as villagemesh is.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import ctypes
-import importlib
 import os
+import re
 import select
 import signal
 import socket
@@ -46,29 +72,96 @@ import struct
 import subprocess
 import sys
 import threading
-import traceback
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
-from villagemesh.errors import ConfigError, SupervisionError
+from villagemesh.errors import ChildSpecError, ConfigError, SupervisionError
 
-__all__ = ["ChildExit", "ForkServer"]
+__all__ = ["MAX_FRAME", "ChildExit", "ForkServer", "FrameReader", "encode_frame"]
 
-_LEN = struct.Struct(">I")
+# -- the channel's frames (shared with _forkserver_main) ----------------------------------------
+
+HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024
-"""A fork request carries a target name and a child's config: far below this."""
+"""A frame carries a target name and a child's argument (its config): far below this."""
+
+# Tags: node → server
+HELLO = "hello"  # [HELLO, preload: list[str], warm: list[str], sys_path: list[str]]
+FORK = "fork"  # [FORK, req, target, arg]
+KILL = "kill"  # [KILL, req, pid, sig]
+QUIT = "quit"  # [QUIT]
+# Tags: server → node
+READY = "ready"  # [READY, server_pid]
+FAILED = "failed"  # [FAILED, message]: start-up failed, the server exits
+FORKED = "forked"  # [FORKED, req, pid]
+KILLED = "killed"  # [KILLED, req, delivered: bool]
+REFUSED = "refused"  # [REFUSED, req, kind ("target" | "system"), message]
+EXITED = "exited"  # [EXITED, pid, returncode]
+
+_REPLIES = {FORKED: 3, KILLED: 3, REFUSED: 4}
+_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 START_TIMEOUT = 30.0
-"""Seconds the server may take to start and import its preloads."""
+"""Seconds the server may take to start and import its preloads (a cold disk is slow)."""
 
 REQUEST_TIMEOUT = 10.0
-"""Seconds a fork request may take (a fork is milliseconds; this is for a stuck server)."""
+"""Seconds a request may take (a fork is milliseconds; this only catches a stuck server)."""
+
+EXIT_MEMORY = 4096
+"""Exits remembered for ``wait_exit``; the oldest go first (a node restarts far fewer children at once)."""
+
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
+def encode_frame(frame: list[Any]) -> bytes:
+    """One frame: length prefix and msgpack array."""
+    body = msgpack.packb(frame, use_bin_type=True)
+    if len(body) > MAX_FRAME:
+        raise ConfigError(f"fork server frame of {len(body)} bytes exceeds {MAX_FRAME} ({frame[0]!r})")
+    return HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Incremental decoder of the channel's frames: bytes in any chunking, frames out.
+
+    An oversized length is rejected before its body is buffered; anything that is
+    not a msgpack array starting with a string tag is a :class:`SupervisionError`.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[list[Any]]:
+        """Add ``data``; return every frame now complete, in order."""
+        self._buf += data
+        frames: list[list[Any]] = []
+        while len(self._buf) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buf)
+            if length > MAX_FRAME:
+                raise SupervisionError(f"fork server channel: frame of {length} bytes exceeds {MAX_FRAME}")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            body = bytes(self._buf[HEADER.size : end])
+            del self._buf[:end]
+            try:
+                frame = msgpack.unpackb(body, raw=False)
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                raise SupervisionError(f"fork server channel: undecodable frame {body[:32]!r}: {exc}") from exc
+            if not (isinstance(frame, list) and frame and isinstance(frame[0], str)):
+                raise SupervisionError(f"fork server channel: frame {frame!r:.80} is not a tagged array")
+            frames.append(frame)
+        return frames
+
+
+# -- the node's side ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
 class ChildExit:
     """A child's end: ``returncode`` is its exit status, or ``-N`` when signal N killed it."""
 
@@ -76,168 +169,170 @@ class ChildExit:
     returncode: int
 
 
-def _send_frame(sock: socket.socket, obj: Any) -> None:
-    data = msgpack.packb(obj, use_bin_type=True)
-    sock.sendall(_LEN.pack(len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    chunks, got = [], 0
-    while got < n:
-        chunk = sock.recv(n - got)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def _recv_frame(sock: socket.socket) -> Any:
-    header = _recv_exact(sock, _LEN.size)
-    if header is None:
-        return None
-    (length,) = _LEN.unpack(header)
-    if length > MAX_FRAME:
-        raise SupervisionError(f"fork server frame of {length} bytes exceeds {MAX_FRAME}")
-    body = _recv_exact(sock, length)
-    if body is None:
-        return None
-    return msgpack.unpackb(body, raw=False)
+def _check_target(target: str) -> None:
+    if not (isinstance(target, str) and _TARGET.fullmatch(target)):
+        raise ChildSpecError(f"fork target must be 'package.module:function', got {target!r}")
 
 
 class ForkServer:
-    """The node side: start the server, ask it to fork, learn of exits at once."""
+    """The node's handle on its fork server: ask it to fork, learn of exits at once.
+
+    Thread-safe: any thread may call any method. Build it with :meth:`start`.
+    """
 
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self._proc = proc
         self._sock = sock
+        self._frames = FrameReader()
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._replies: dict[int, Any] = {}
-        self._exits: dict[int, ChildExit] = {}
+        self._reading = False
         self._next_id = 0
+        self._waiting: set[int] = set()
+        self._replies: dict[int, list[Any]] = {}
+        self._exits: collections.OrderedDict[int, ChildExit] = collections.OrderedDict()
+        self._unread: list[ChildExit] = []
+        self._server_pid: int | None = None
+        self._start_failure: str | None = None
+        self._gone: str | None = None
         self._closed = False
-        self._reader_error: str | None = None
-        self._listeners: list[Callable[[ChildExit], None]] = []
-        self._reader = threading.Thread(target=self._read, name="forkserver-reader", daemon=True)
-        self._reader.start()
+        self._fds_closed = False
+        self._event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
+        self._epoll.register(self._event, select.EPOLLIN)
 
     @classmethod
     def start(
         cls, preload: Sequence[str] = (), *, warm: Sequence[str] = (), python: str = sys.executable
     ) -> ForkServer:
-        """Start a fork server that imports ``preload`` once and keeps a warm spare for each
-        target in ``warm``; returns when it is ready."""
+        """Start a server that imports ``preload`` once and keeps a spare for each ``warm`` target.
+
+        Returns when the server is ready. The server resolves modules with this
+        process's ``sys.path`` when ``python`` is this interpreter. Raises
+        :class:`ConfigError` for an unusable ``python`` or preload,
+        :class:`ChildSpecError` for a malformed warm target, and
+        :class:`SupervisionError` if the server dies or does not answer.
+        """
+        for target in warm:
+            _check_target(target)
+        for module in preload:
+            if not (isinstance(module, str) and re.fullmatch(r"[A-Za-z_][\w.]*", module)):
+                raise ConfigError(f"fork server preload must be a module name, got {module!r}")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = [*preload, *(f"--warm={t}" for t in warm)]
-        proc = subprocess.Popen(
-            [python, "-m", "villagemesh.supervision.forkserver", str(theirs.fileno()), *args],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        ours.settimeout(START_TIMEOUT)
         try:
-            hello = _recv_frame(ours)
-        except (TimeoutError, OSError) as exc:
-            proc.kill()
-            raise SupervisionError(f"fork server (pid {proc.pid}) did not start: {exc}") from exc
-        if not (isinstance(hello, list) and hello[:1] == ["ready"]):
-            proc.kill()
-            proc.wait()
-            raise SupervisionError(f"fork server (pid {proc.pid}) failed to start: {hello!r}, exit {proc.returncode}")
-        ours.settimeout(None)
-        return cls(proc, ours)
+            proc = subprocess.Popen(
+                [python, "-m", "villagemesh.supervision._forkserver_main", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                process_group=0,  # terminal signals reach the node only; the node decides
+            )
+        except OSError as exc:
+            ours.close()
+            raise ConfigError(f"cannot start a fork server with python {python!r}: {exc}") from exc
+        finally:
+            theirs.close()
+        server = cls(proc, ours)
+        try:
+            path = list(sys.path) if os.path.realpath(python) == os.path.realpath(sys.executable) else []
+            server._send([HELLO, list(preload), list(warm), path])
+            server._await(lambda: True if server._server_pid or server._start_failure else None, START_TIMEOUT)
+        except SupervisionError:
+            server.close()
+            raise
+        if server._server_pid is None:
+            server.close()
+            if server._start_failure is not None:
+                raise ConfigError(f"fork server (pid {proc.pid}) could not start: {server._start_failure}")
+            raise SupervisionError(f"fork server (pid {proc.pid}) was not ready within {START_TIMEOUT} s")
+        return server
 
     @property
     def pid(self) -> int:
         """The server's own pid."""
         return self._proc.pid
 
+    def fileno(self) -> int:
+        """An fd readable while exit notices may be waiting: poll it, then call :meth:`read_exits`."""
+        return self._epoll.fileno()
+
     def fork(self, target: str, arg: bytes) -> int:
-        """Fork a child that calls ``target(arg)`` (``"package.module:function"``); its pid."""
-        if ":" not in target:
-            raise ConfigError(f"fork target must be 'module:function', got {target!r}")
+        """Fork a child that calls ``target(arg)`` (``"package.module:function"``); its pid.
+
+        Raises :class:`ChildSpecError` naming the target if it is malformed, cannot
+        be imported or is not callable (the server lives on), and
+        :class:`SupervisionError` if the server is gone or refuses (e.g. out of processes).
+        """
+        _check_target(target)
+        if not isinstance(arg, bytes):
+            raise ConfigError(f"fork argument for {target} must be bytes, got {type(arg).__name__}")
+        reply = self._request([FORK, target, arg], f"a fork of {target}")
+        if reply[0] == REFUSED:
+            if reply[2] == "target":
+                raise ChildSpecError(f"fork server cannot run {target!r}: {reply[3]}")
+            raise SupervisionError(f"fork server (pid {self.pid}) could not fork {target!r}: {reply[3]}")
+        return int(reply[2])
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> bool:
+        """Signal child ``pid`` through the server's pidfd (never a reused pid); False if it already ended.
+
+        ``os.kill(pid, sig)`` from the node works too, with the usual pid-reuse caveat.
+        """
+        reply = self._request([KILL, int(pid), int(sig)], f"a kill of child {pid}")
+        return bool(reply[2])
+
+    def read_exits(self) -> list[ChildExit]:
+        """Exits reported since the last call, without blocking (after :meth:`fileno` polled readable).
+
+        Raises :class:`SupervisionError` once the server is gone and every exit was read.
+        """
         with self._cond:
-            self._check_alive()
-            self._next_id += 1
-            request = self._next_id
-        with self._send_lock:
-            try:
-                _send_frame(self._sock, ["fork", request, target, arg])
-            except OSError as exc:
-                raise SupervisionError(f"fork server (pid {self.pid}) is gone: {exc}") from exc
-        with self._cond:
-            if not self._cond.wait_for(
-                lambda: request in self._replies or self._reader_error is not None, REQUEST_TIMEOUT
-            ):
-                raise SupervisionError(f"fork server (pid {self.pid}) did not answer a fork of {target}")
-            self._check_alive(request)
-            kind, value = self._replies.pop(request)
-        if kind == "error":
-            raise ConfigError(f"fork server cannot run {target}: {value}")
-        return int(value)
+            if not self._reading and self._gone is None and not self._fds_closed:
+                self._read_locked(0.0)
+            exits, self._unread = self._unread, []
+            if not self._fds_closed:
+                with contextlib.suppress(BlockingIOError):  # zero already: no exit was signalled
+                    os.eventfd_read(self._event)
+            if not exits and self._gone is not None:
+                raise SupervisionError(self._gone_message())
+            return exits
 
     def wait_exit(self, pid: int, timeout: float) -> ChildExit | None:
-        """The exit of child ``pid`` once the server reported it (None if not within ``timeout``)."""
-        with self._cond:
-            self._cond.wait_for(lambda: pid in self._exits or self._reader_error is not None, timeout)
-            return self._exits.get(pid)
+        """The exit of child ``pid`` once reported; None if not within ``timeout`` seconds.
 
-    def add_exit_listener(self, fn: Callable[[ChildExit], None]) -> None:
-        """Call ``fn(exit)`` in the reader thread for every child exit (keep it short)."""
-        self._listeners.append(fn)
+        Raises :class:`SupervisionError` if the server is gone and never reported it.
+        """
+        return self._await(lambda: self._exits.get(pid), timeout)
 
-    def _check_alive(self, request: int | None = None) -> None:
-        if self._closed:
-            raise SupervisionError("fork server is closed")
-        if self._reader_error is not None and (request is None or request not in self._replies):
-            raise SupervisionError(
-                f"fork server (pid {self.pid}) is gone ({self._reader_error}); exit {self._proc.poll()}"
-            )
-
-    def _read(self) -> None:
-        while True:
-            try:
-                frame = _recv_frame(self._sock)
-            except (OSError, ValueError, SupervisionError) as exc:
-                frame, error = None, f"{type(exc).__name__}: {exc}"
-            else:
-                error = "channel closed"
-            if frame is None:
-                with self._cond:
-                    self._reader_error = error
-                    self._cond.notify_all()
-                return
-            if frame[0] == "exited":
-                ended = ChildExit(int(frame[1]), int(frame[2]))
-                with self._cond:
-                    self._exits[ended.pid] = ended
-                    if len(self._exits) > 10_000:  # bounded: old exits nobody asked for go first
-                        self._exits.pop(next(iter(self._exits)))
-                    self._cond.notify_all()
-                for fn in list(self._listeners):
-                    fn(ended)
-            else:
-                with self._cond:
-                    self._replies[int(frame[1])] = (frame[0], frame[2])
-                    self._cond.notify_all()
-
-    def close(self) -> None:
-        """Stop the server; it kills every child it forked."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the server; it kills (and reports) every child it forked. Idempotent."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-        with self._send_lock, contextlib.suppress(OSError):
-            _send_frame(self._sock, ["quit"])
         try:
-            self._proc.wait(5)
+            self._send([QUIT])
+        except SupervisionError:
+            self._proc.kill()  # the channel is broken: nothing else can reach the server
+        try:
+            self._proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
+            self._proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
             self._proc.wait()
-        self._sock.close()
-        self._reader.join(2)
+        with self._cond:
+            # The server has exited, so the channel ends in EOF: file the last exits.
+            deadline = time.monotonic() + timeout
+            while self._gone is None and (remaining := deadline - time.monotonic()) > 0:
+                if self._reading:
+                    self._cond.wait(remaining)
+                else:
+                    self._read_locked(remaining)
+            self._gone = self._gone or "closed"
+            self._cond.wait_for(lambda: not self._reading, timeout)
+            self._fds_closed = True
+            self._epoll.close()
+            os.close(self._event)
+            self._sock.close()
 
     def __enter__(self) -> ForkServer:
         return self
@@ -245,155 +340,121 @@ class ForkServer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- the channel ---------------------------------------------------------------------------
 
-# -- the server process ---------------------------------------------------------------------------
+    def _send(self, frame: list[Any]) -> None:
+        data = encode_frame(frame)
+        with self._send_lock:
+            try:
+                self._sock.sendall(data)
+            except OSError as exc:
+                raise SupervisionError(f"{self._gone_message()}: {exc}") from exc
 
-_PR_SET_PDEATHSIG = 1
+    def _request(self, body: list[Any], what: str) -> list[Any]:
+        with self._cond:
+            if self._closed:
+                raise SupervisionError(f"fork server (pid {self.pid}) is closed; cannot do {what}")
+            if self._gone is not None:
+                raise SupervisionError(self._gone_message())
+            self._next_id += 1
+            request = self._next_id
+            self._waiting.add(request)
+        try:
+            self._send([body[0], request, *body[1:]])
+            reply = self._await(lambda: self._replies.pop(request, None), REQUEST_TIMEOUT)
+        finally:
+            with self._cond:
+                self._waiting.discard(request)
+        if reply is None:
+            raise SupervisionError(f"fork server (pid {self.pid}) did not answer {what} within {REQUEST_TIMEOUT} s")
+        return reply
 
+    def _await(self, ready: Callable[[], _T | None], timeout: float) -> _T | None:
+        """Wait until ``ready()`` is not None, reading the channel when no other thread does."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                value = ready()
+                if value is not None:
+                    return value
+                if self._gone is not None:
+                    raise SupervisionError(self._gone_message())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if self._reading or self._fds_closed:
+                    self._cond.wait(remaining)
+                else:
+                    self._read_locked(remaining)
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    def _read_locked(self, timeout: float) -> None:
+        """Be the reader for up to ``timeout`` s; called holding the condition, not reading."""
+        self._reading = True
+        self._cond.release()
+        frames: list[list[Any]] = []
+        error: str | None = None
+        try:
+            frames, error = self._receive(timeout)
+        finally:
+            self._cond.acquire()
+            self._reading = False
+            self._cond.notify_all()
+        for frame in frames:
+            self._file(frame)
+        if error is not None and self._gone is None:
+            self._gone = error
+        self._cond.notify_all()
 
+    def _receive(self, timeout: float) -> tuple[list[list[Any]], str | None]:
+        """Frames that arrive within ``timeout`` (all that are there once any are); error if the channel ended."""
+        try:
+            ready, _, _ = select.select([self._sock], [], [], timeout)
+            if not ready:
+                return [], None
+            frames: list[list[Any]] = []
+            while True:
+                try:
+                    data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return frames, None
+                if not data:
+                    return frames, "the channel reached EOF"
+                frames += self._frames.feed(data)
+        except (OSError, SupervisionError) as exc:
+            return [], f"{type(exc).__name__}: {exc}"
 
-def _resolve(target: str, cache: dict[str, Callable[[bytes], Any]]) -> Callable[[bytes], Any]:
-    fn = cache.get(target)
-    if fn is None:
-        module_name, _, qualname = target.partition(":")
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        if not callable(obj):
-            raise TypeError(f"{target} is not callable")
-        fn = cache[target] = obj
-    return fn
+    def _file(self, frame: list[Any]) -> None:
+        """Put one server frame where its reader looks for it (condition held)."""
+        tag = frame[0]
+        if tag == EXITED and len(frame) == 3:
+            ended = ChildExit(int(frame[1]), int(frame[2]))
+            self._exits[ended.pid] = ended
+            while len(self._exits) > EXIT_MEMORY:
+                self._exits.popitem(last=False)
+            if not self._unread:
+                os.eventfd_write(self._event, 1)
+            self._unread.append(ended)
+        elif _REPLIES.get(tag) == len(frame):
+            request = int(frame[1])
+            if request in self._waiting:
+                if tag == FORKED:
+                    self._exits.pop(int(frame[2]), None)  # a reused pid: its old exit is not this child's
+                self._replies[request] = frame
+            elif tag == FORKED:
+                # Its asker gave up waiting: nobody knows this child, so it must not live.
+                self._kill_orphan(int(frame[2]))
+        elif tag == READY and len(frame) == 2:
+            self._server_pid = int(frame[1])
+        elif tag == FAILED and len(frame) == 2:
+            self._start_failure = str(frame[1])
+        else:
+            self._gone = f"it sent an unknown frame {frame!r:.80}"
 
+    def _kill_orphan(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # it ended already; its exit notice follows
 
-def _child_setup(sock: socket.socket) -> None:
-    sock.close()
-    _die_with_parent()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def _finish_child(call: Callable[[], Any]) -> None:
-    status = 0
-    try:
-        call()
-    except BaseException:  # noqa: BLE001 - the child's last words go to stderr, and its exit status says it
-        traceback.print_exc()
-        status = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-
-
-def _run_child(sock: socket.socket, fn: Callable[..., Any], arg: bytes) -> None:
-    _child_setup(sock)
-    _finish_child(lambda: fn(arg))
-
-
-def _run_spare(sock: socket.socket, fn: Callable[..., Any], assignment: int) -> None:
-    """A warm spare: prepare, then wait for the argument on ``assignment`` (a pipe)."""
-    _child_setup(sock)
-
-    def run() -> None:
-        prepare = getattr(fn, "prepare", None)
-        prepared = prepare() if prepare is not None else None
-        with os.fdopen(assignment, "rb") as pipe:
-            header = pipe.read(_LEN.size)
-            if len(header) < _LEN.size:
-                return  # the server closed the pipe without an assignment: it is shutting down
-            arg = pipe.read(_LEN.unpack(header)[0])
-        fn(arg, prepared) if prepare is not None else fn(arg)
-
-    _finish_child(run)
-
-
-@dataclass
-class _Spare:
-    pid: int
-    pidfd: int
-    assignment: int
-
-
-def _fork_spare(sock: socket.socket, fn: Callable[..., Any], children: dict[int, int]) -> _Spare:
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(write_end)
-        _run_spare(sock, fn, read_end)
-    os.close(read_end)
-    pidfd = os.pidfd_open(pid)
-    children[pidfd] = pid
-    return _Spare(pid, pidfd, write_end)
-
-
-def serve(fd: int, args: Sequence[str]) -> None:
-    """The server's loop: fork on request (from a warm spare when there is one), report every exit at once."""
-    import gc
-
-    sock = socket.socket(fileno=fd)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when we stop
-    preload = [a for a in args if not a.startswith("--warm=")]
-    warm = [a.removeprefix("--warm=") for a in args if a.startswith("--warm=")]
-    cache: dict[str, Callable[..., Any]] = {}
-    for module in preload:
-        importlib.import_module(module)
-    children: dict[int, int] = {}  # pidfd -> pid
-    spares: dict[str, _Spare] = {}
-    for target in warm:
-        fn = _resolve(target, cache)
-        gc.freeze()  # what the server holds now is never collected: children do not copy it on write
-        spares[target] = _fork_spare(sock, fn, children)
-    gc.freeze()
-    _send_frame(sock, ["ready", os.getpid()])
-    try:
-        while True:
-            readable, _, _ = select.select([sock, *children], [], [])
-            for fd_ready in readable:
-                if fd_ready is sock:
-                    frame = _recv_frame(sock)
-                    if frame is None or frame[0] == "quit":
-                        return
-                    _, request, target, arg = frame
-                    try:
-                        fn = _resolve(target, cache)
-                    except Exception as exc:  # noqa: BLE001 - reported to the node as this request's error
-                        _send_frame(sock, ["error", request, f"{type(exc).__name__}: {exc}"])
-                        continue
-                    spare = spares.pop(target, None)
-                    if spare is not None:
-                        os.write(spare.assignment, _LEN.pack(len(arg)) + arg)
-                        os.close(spare.assignment)
-                        _send_frame(sock, ["forked", request, spare.pid])
-                        spares[target] = _fork_spare(sock, fn, children)  # the next restart's spare
-                        continue
-                    pid = os.fork()
-                    if pid == 0:
-                        _run_child(sock, fn, arg)
-                    children[os.pidfd_open(pid)] = pid
-                    _send_frame(sock, ["forked", request, pid])
-                elif fd_ready in children:
-                    pid = children.pop(fd_ready)
-                    os.close(fd_ready)
-                    _, status = os.waitpid(pid, 0)
-                    _send_frame(sock, ["exited", pid, os.waitstatus_to_exitcode(status)])
-                    for target, spare in list(spares.items()):
-                        if spare.pid == pid:  # a spare died before its assignment: make another
-                            os.close(spare.assignment)
-                            spares[target] = _fork_spare(sock, cache[target], children)
-    finally:
-        for spare in spares.values():
-            os.close(spare.assignment)
-        for pidfd, pid in children.items():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            os.close(pidfd)
-
-
-if __name__ == "__main__":
-    serve(int(sys.argv[1]), sys.argv[2:])
+    def _gone_message(self) -> str:
+        return f"fork server (pid {self.pid}, exit status {self._proc.poll()}) is gone: {self._gone or 'closed'}"

@@ -1,18 +1,46 @@
-"""Functions the fork-server tests run in forked children (importable by the server)."""
+"""Functions the fork-server tests run in forked children (importable by the server).
+
+Children report to the test over an abstract Unix socket named in their argument,
+so a test waits on an ``accept``, never on a sleep.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import sys
 import threading
 
+import zmq
 
-def write_pid(arg: bytes) -> None:
-    """Write our pid and the thread count to the path in ``arg``, then wait to be killed."""
-    with open(arg.decode(), "w") as out:
-        out.write(f"{os.getpid()} {threading.active_count()}\n")
-    threading.Event().wait(60)
+
+def _report(address: bytes, text: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(b"\0" + address)
+    sock.sendall(f"{text}\n".encode())
+    return sock
+
+
+def report(arg: bytes) -> None:
+    """Report ``pid ppid threads`` to the test, then live until the test hangs up."""
+    sock = _report(arg, f"{os.getpid()} {os.getppid()} {threading.active_count()}")
+    sock.recv(1)  # EOF: the test is done with us
+    sock.close()
+
+
+def zmq_hello(arg: bytes) -> None:
+    """Connect a DEALER to the caller's ROUTER at ``arg``, say hello, answer every ping with our pid."""
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 1_000)
+    dealer.connect(arg.decode())
+    pid = str(os.getpid()).encode()
+    dealer.send_multipart([b"hello", pid])
+    while dealer.recv() == b"ping":
+        dealer.send_multipart([b"pong", pid])
+    dealer.close()
+    ctx.term()
 
 
 def raise_error(arg: bytes) -> None:
@@ -21,14 +49,19 @@ def raise_error(arg: bytes) -> None:
 
 
 def segfault(arg: bytes) -> None:
-    """Die of SIGSEGV."""
+    """Die of SIGSEGV, as a native crash in a BLE stack would."""
     ctypes.string_at(0)
 
 
 def exit_with(arg: bytes) -> None:
-    """Exit with the status in ``arg``."""
+    """Exit at once with the status in ``arg``."""
     sys.stdout.flush()
     os._exit(int(arg))
+
+
+def sys_exit(arg: bytes) -> None:
+    """Leave through ``sys.exit`` with the status in ``arg``."""
+    sys.exit(int(arg))
 
 
 not_callable = 42
@@ -40,9 +73,8 @@ def _prepare_report() -> dict[str, int]:
 
 
 def report_prepared(arg: bytes, prepared: dict[str, int] | None = None) -> None:
-    """Write whether (and where) prepare ran, then exit."""
-    with open(arg.decode(), "w") as out:
-        out.write(f"{os.getpid()} {prepared['prepared_in'] if prepared else 0}\n")
+    """Report ``pid prepared_in`` (0 when cold) to the test, then exit."""
+    _report(arg, f"{os.getpid()} {prepared['prepared_in'] if prepared else 0}").close()
 
 
 report_prepared.prepare = _prepare_report  # type: ignore[attr-defined]
