@@ -453,9 +453,18 @@ class Actor(Supervised):
 
     def _handle_receive(self, message: Any) -> Any:
         # One handler turn: the tells it made leave together when it ends (one frame
-        # per destination), before the next inbox item is read.
+        # per destination), before the next inbox item is read. Bus frames, the common
+        # case, go straight to _on_frame; everything else takes the general route.
         try:
-            result = super()._handle_receive(message)
+            if type(message) is busmod.Delivery:
+                try:
+                    result = self._on_frame(message.frame)
+                except Exception:
+                    raise
+                except BaseException as exc:
+                    raise BaseExceptionInHandler(f"{type(exc).__name__}: {exc}") from exc
+            else:
+                result = super()._handle_receive(message)
         except BaseException as exc:
             try:
                 self.sender.flush()
@@ -482,15 +491,10 @@ class Actor(Supervised):
 
     def _dispatch(self, message: Any) -> Any:
         kind = type(message)
-        if kind is busmod.Delivery:
-            return self._on_delivery(message)
         if kind is _TimerFired:
             self._timers.discard(message.handle)
             return self.handle(message.message)
         return super()._dispatch(message)
-
-    def _on_delivery(self, delivery: busmod.Delivery) -> None:
-        self._on_frame(delivery.frame)
 
     def _on_frame(self, frame: bytes) -> None:
         if self._acknowledge:

@@ -412,15 +412,23 @@ class Sender:
         reply_sock = self._ensure_reply_socket()
         correlation = next(self._correlation)
         self.send_frame(to, encode_frame(Kind.ASK, correlation, self._reply_name, msg), timeout=timeout)
-        deadline_ms = int(timeout * 1000)
-        poll_from = _monotonic_ms()
+        deadline = _monotonic_ms() + int(timeout * 1000)
+        left = int(timeout * 1000)
         while True:
-            left = deadline_ms - (_monotonic_ms() - poll_from)
-            if left <= 0 or not self._reply_poller.poll(left):
-                raise AskTimeout(f"no reply from {to!r} to {type(msg).__name__} within {timeout} s")
-            kind, corr, _, answer = decode_frame(_recv(reply_sock, 0), trusted=True)
+            # A blocking recv bounded by RCVTIMEO: one call, no separate poll.
+            if left != self._reply_timeout:
+                reply_sock.setsockopt(zmq.RCVTIMEO, left)
+                self._reply_timeout = left
+            try:
+                frame = _recv(reply_sock, 0)
+            except zmq.Again:
+                raise AskTimeout(f"no reply from {to!r} to {type(msg).__name__} within {timeout} s") from None
+            kind, corr, _, answer = decode_frame(frame, trusted=True)
             if corr != correlation:
                 self.late_replies += 1
+                left = deadline - _monotonic_ms()
+                if left <= 0:
+                    raise AskTimeout(f"no reply from {to!r} to {type(msg).__name__} within {timeout} s")
                 continue
             if kind is Kind.FAULT:
                 raise ActorCrashed(answer.actor, answer.exc_type, answer.detail)
@@ -454,8 +462,7 @@ class Sender:
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(self._bus.address(self._reply_name))
             self._reply_socket = sock
-            self._reply_poller = zmq.Poller()  # kept: Socket.poll would build one per call
-            self._reply_poller.register(sock, zmq.POLLIN)
+            self._reply_timeout = -1
         return self._reply_socket
 
     def close(self, *, linger: int | None = None) -> None:

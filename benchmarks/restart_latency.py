@@ -27,14 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import emit, percentile  # noqa: E402
+from _common import emit, percentile
 
-from tests.supervision._actors import Crash, Ping, Probe  # noqa: E402
-from villagemesh.actors.base import Scheduler  # noqa: E402
-from villagemesh.actors.bus import Bus  # noqa: E402
-from villagemesh.supervision.log import EventLog  # noqa: E402
-from villagemesh.supervision.spec import ChildSpec, SupervisorSpec  # noqa: E402
-from villagemesh.supervision.supervisor import Environment, Supervisor  # noqa: E402
+from tests.supervision._actors import Crash, Ping, Probe
+from villagemesh.actors.base import Scheduler
+from villagemesh.actors.bus import Bus
+from villagemesh.supervision.log import EventLog
+from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+from villagemesh.supervision.supervisor import Environment, Supervisor
 
 
 def make_node(isolation: str) -> tuple[Environment, object, object]:

@@ -57,7 +57,7 @@ import zmq
 
 from villagemesh.actors import codec
 from villagemesh.actors.base import Actor, ActorContext, ExitKind, ExitReport, Scheduler
-from villagemesh.actors.bus import Bus, Delivery, Fault, Kind, decode_frame, encode_frame, tell_frame
+from villagemesh.actors.bus import Bus, Fault, Kind, decode_frame, encode_frame, tell_frame
 from villagemesh.errors import CodecError, ConfigError, SupervisionError
 
 __all__ = ["ChildProcessDied", "ProcessHost", "ProcessLauncher", "child_main"]
@@ -201,9 +201,10 @@ class ProcessHost(Actor):
             return self._child_exited()
         if message is _CONTROL:
             return self._read_control()
-        if type(message) is Delivery:
-            return self._forward(message.frame)
         return super()._dispatch(message)
+
+    def _on_frame(self, frame: bytes) -> None:
+        self._forward(frame)  # the host does not decode its child's messages: it relays them
 
     def handle(self, msg: Any) -> Any:
         if isinstance(msg, _HelloTimeout):
