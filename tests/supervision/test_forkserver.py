@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import WAIT
 from villagemesh.errors import ChildSpecError, ConfigError, SupervisionError
+from villagemesh.supervision import forkserver
 from villagemesh.supervision.forkserver import HEADER, MAX_FRAME, ChildExit, ForkServer, FrameReader, encode_frame
 
 T = "tests.supervision._fork_targets"
@@ -336,3 +337,55 @@ def test_a_spare_that_dies_unassigned_is_never_reported_and_the_next_fork_still_
         assert reports.next()[0] == pid != spares[0]
         assert srv.wait_exit(pid, WAIT).returncode == 0
         assert srv.read_exits() == [ChildExit(pid, 0)]
+
+
+def test_a_frame_whose_body_is_not_msgpack_is_rejected():
+    """A well-formed length with an undecodable body is a SupervisionError."""
+    with pytest.raises(SupervisionError, match="undecodable"):
+        FrameReader().feed(HEADER.pack(1) + b"\xc1")
+
+
+def test_unusable_start_arguments_are_config_errors_naming_them(tmp_path):
+    """A bad preload name, warm target or interpreter is refused before or at start, naming it."""
+    with pytest.raises(ConfigError, match="'not a module'"):
+        ForkServer.start(preload=("not a module",))
+    with pytest.raises(ChildSpecError, match="'no_colon'"):
+        ForkServer.start(warm=("no_colon",))
+    with pytest.raises(ConfigError, match="no-such-python"):
+        ForkServer.start(python=str(tmp_path / "no-such-python"))
+    with pytest.raises(SupervisionError, match="is gone"):
+        ForkServer.start(python="/bin/false")  # starts, but is no fork server
+
+
+def test_an_argument_beyond_the_frame_limit_is_refused_before_sending(server):
+    """A fork argument larger than MAX_FRAME is a ConfigError; the channel is untouched."""
+    with pytest.raises(ConfigError, match="exceeds"):
+        server.fork(f"{T}:exit_with", b"0" * (MAX_FRAME + 1))
+    assert server.wait_exit(server.fork(f"{T}:exit_with", b"0"), WAIT).returncode == 0
+
+
+def test_a_fork_whose_asker_gave_up_is_killed_when_its_reply_comes_late(server, reports, monkeypatch):
+    """A stuck server times a fork out; the child its late reply names is killed (nobody knows it)."""
+    monkeypatch.setattr(forkserver, "REQUEST_TIMEOUT", 0.2)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(SupervisionError, match="did not answer a fork"):
+            server.fork(f"{T}:report", reports.name)  # it would live until the test hangs up
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    exits: list[ChildExit] = []
+    while not exits:
+        assert select.select([server], [], [], WAIT)[0]
+        exits = server.read_exits()
+    assert [e.returncode for e in exits] == [-signal.SIGKILL]
+
+
+def test_read_exits_raises_once_the_server_is_gone_and_its_exits_were_read(server):
+    """A dead server leaves fileno() readable (EOF): read_exits says so instead of returning [] forever."""
+    pid = server.fork(f"{T}:exit_with", b"4")
+    assert server.wait_exit(pid, WAIT).returncode == 4
+    os.kill(server.pid, signal.SIGKILL)
+    assert ended(server.pid)
+    assert server.read_exits() == [ChildExit(pid, 4)]
+    with pytest.raises(SupervisionError, match="is gone"):
+        server.read_exits()
