@@ -101,10 +101,13 @@ class ProcessLauncher:
 
     def exit_status(self, pid: int, timeout: float) -> int | None:
         """The child's exit status as the fork server saw it (``-N`` for signal N), if known in time."""
-        result = self.server.wait_exit(pid, timeout)
+        try:
+            result = self.server.wait_exit(pid, timeout)
+        except SupervisionError:
+            return None  # the fork server itself is gone (the node is stopping): status unknown
         if result is None:
             return None
-        return int(getattr(result, "returncode", result))
+        return int(result.returncode)
 
     def close(self) -> None:
         """Kill every child and stop the fork server."""
