@@ -69,6 +69,8 @@ class NodeConfig:
     port: int = 0
     bootstrap: tuple[str, ...] = ()
     lan: bool = False
+    lan_group: str = "239.255.42.99"
+    lan_port: int = 42424
     discovery_interval: float = 2.0
     discovery_timeout: float = 1.5
     peer_max_age: float = 300.0
@@ -296,6 +298,7 @@ class Node:
     def _tree(self) -> SupervisorSpec:
         from villagemesh.actors.acceptor.actor import AcceptorActor
         from villagemesh.actors.lan.actor import LanActor
+        from villagemesh.actors.lan.beacon import BeaconConfig
         from villagemesh.actors.lan.identity import Identity
         from villagemesh.actors.registry.actor import RegistryActor
         from villagemesh.actors.retrier.actor import RetrierActor
@@ -343,7 +346,13 @@ class Node:
             ChildSpec(
                 "lan",
                 LanActor,
-                config={"identity": identity, "peers_to": "registry", "bootstrap": cfg.bootstrap, "beacons": cfg.lan},
+                config={
+                    "identity": identity,
+                    "peers_to": "registry",
+                    "bootstrap": cfg.bootstrap,
+                    "beacons": cfg.lan,
+                    "beacon": BeaconConfig(group=cfg.lan_group, port=cfg.lan_port),
+                },
             ),
             ChildSpec(
                 "acceptor",
