@@ -52,8 +52,8 @@ from villagemesh import create_network
 TARGET_N, TARGET_S = 50, 3.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -106,6 +106,7 @@ def seeds(topology: str, ports: list[int], i: int) -> tuple[str, ...]:
 def run(n: int, topology: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Start ``n`` nodes, measure convergence, stop them; the figures."""
     ports = [_free_port() for _ in range(n)]
+    beacon_port = _free_port(socket.SOCK_DGRAM)  # this run's own beacon port: no other run's nodes are heard
     nodes = [
         create_network(
             "hybrid",
@@ -115,6 +116,7 @@ def run(n: int, topology: str, args: argparse.Namespace, root: Path) -> dict[str
             port=ports[i],
             bootstrap=seeds(topology, ports, i),
             lan=topology == "lan",
+            lan_port=beacon_port,
             discovery_interval=args.interval,
             discovery_timeout=args.timeout,
         )

@@ -63,9 +63,9 @@ def running(nodes: Iterable[Any]) -> Iterator[list[Any]]:
             node.stop()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now (for a node that must come back on the same port after a restart)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port free right now (TCP: for a node that must come back on the same port after a restart)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
