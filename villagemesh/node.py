@@ -318,7 +318,13 @@ class Node:
         }
         transports = SupervisorSpec(
             "transports",
-            [ChildSpec("websocket", WebSocketActor, config={"deliver_to": "retrier", "node_id": self.node_id})],
+            [
+                ChildSpec(
+                    "websocket",
+                    WebSocketActor,
+                    config={"deliver_to": "retrier", "node_id": self.node_id, "keys": self.keys},
+                )
+            ],
             intensity=10,
             period=10,
         )

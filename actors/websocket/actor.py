@@ -1,25 +1,30 @@
 """The WebSocket actor: owns the aiohttp server and client on its own loop thread.
 
-Thin by design (the logic lives in :mod:`.transport`)::
+Thin by design (the logic lives in :mod:`.transport` and :mod:`.link`)::
 
     acceptor ──ConnectionHandedOff(fd)──▶ handle ──▶ adopt_handed_off ──▶ aiohttp (on the loop)
-    aiohttp frame ──on_message (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
-    retrier ──Transmit──▶ handle ──▶ run_on_loop(client.send) ──then──▶ reply_to: TransmitResult
+    secure session ──envelope from peer_id (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
+    retrier ──Transmit──▶ handle ──▶ run_on_loop(client.send, expected_peer=peer_id) ──then──▶ reply_to: TransmitResult
     anyone ──SendEnvelope──▶ handle ──▶ run_on_loop(client.send) ──then──▶ reply_to: EnvelopeSent | SendFailed
 
 It speaks the transport contract (:mod:`villagemesh.actors.transport`): the
 retrier's ``Transmit`` is answered with a ``TransmitResult`` (a refused or
-failed connection is *retryable*: the peer surely did not get the bytes; a
-timeout is not, since it may have), and every inbound envelope goes to
-``deliver_to`` as ``Received``. ``SendEnvelope`` is the direct, unreliable
-client API.
+failed connection is *retryable*: the peer surely did not get the bytes; so is
+a peer that authenticates as another node id than ``Transmit.peer_id``, with
+both ids in the error; a timeout is not, since it may have), and every inbound
+envelope goes to ``deliver_to`` as ``Received(remote=<the peer's node id>)``,
+only when its sender is the peer the secure session authenticated.
+``SendEnvelope`` is the direct, unreliable client API (any peer may answer at the URL).
 
 Nothing blocks the actor on the network: a send is started on the loop and
 its outcome comes back to the actor thread (see :mod:`~villagemesh.actors.acceptor.loopactor`).
 
-Config (``ctx.config``): ``deliver_to`` (actor name for incoming envelopes;
-without it they are counted and dropped), ``node_id`` (shown by ``/health``),
-``connect_timeout`` / ``send_timeout`` (seconds, default 5).
+Config (``ctx.config``): ``keys`` (the node's :class:`~villagemesh.actors.secure.keys.NodeKeys`;
+without it fresh keys are generated and ``ws_keys_generated`` (node_id, reason) is logged:
+the transport never runs unauthenticated), ``deliver_to`` (actor name for incoming
+envelopes; without it they are counted and dropped), ``node_id`` (optional; must
+be the keys' node id), ``connect_timeout`` / ``send_timeout`` / ``handshake_timeout``
+(seconds, default 5).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import Any
 from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
 from villagemesh.actors.acceptor.messages import ConnectionHandedOff
 from villagemesh.actors.bus import Sender
+from villagemesh.actors.secure.keys import NodeKeys
+from villagemesh.actors.secure.tcp import HANDSHAKE_TIMEOUT_S
 from villagemesh.actors.transport import Discover, Discovered, Received, Transmit, TransmitResult
 from villagemesh.actors.websocket.messages import (
     EnvelopeSent,
@@ -39,7 +46,7 @@ from villagemesh.actors.websocket.messages import (
     WebSocketStatus,
 )
 from villagemesh.actors.websocket.transport import WebSocketClient, WebSocketServer
-from villagemesh.errors import BusError, ConnectError, RemoteProtocolError, VillageMeshError
+from villagemesh.errors import BusError, ConfigError, ConnectError, RemoteProtocolError, VillageMeshError
 from villagemesh.protocols.envelope import Message, decode_message, encode_message
 
 __all__ = ["TRANSPORT", "WebSocketActor", "send_envelope", "websocket_status"]
@@ -56,14 +63,37 @@ class WebSocketActor(LoopActor):
         self.deliver_to: str | None = config.get("deliver_to")
         self.dropped = 0
         self.start_io()
-        self.server = WebSocketServer(self._received, node_id=str(config.get("node_id", "")), log=self.io_log)
+        keys = self._keys(config)
+        handshake_timeout = float(config.get("handshake_timeout", HANDSHAKE_TIMEOUT_S))
+        self.server = WebSocketServer(self._received, keys, handshake_timeout=handshake_timeout, log=self.io_log)
         self.client = WebSocketClient(
             self._received,
+            keys,
             connect_timeout=float(config.get("connect_timeout", 5.0)),
             send_timeout=float(config.get("send_timeout", 5.0)),
+            handshake_timeout=handshake_timeout,
             log=self.io_log,
         )
         self.io_loop.call(self.server.start(), LOOP_CALL_TIMEOUT_S)
+
+    def _keys(self, config: dict[str, Any]) -> NodeKeys:
+        keys = config.get("keys")
+        node_id = config.get("node_id")
+        if keys is None:
+            if node_id is not None:
+                raise ConfigError(f"websocket config names node_id {node_id!r} but gives no keys to prove it")
+            keys = NodeKeys.generate()
+            self.io_log.warning(
+                "ws_keys_generated",
+                node_id=keys.node_id,
+                reason="no keys in the config: this transport authenticates as a fresh, ephemeral node id",
+            )
+            return keys
+        if not isinstance(keys, NodeKeys):
+            raise ConfigError(f"websocket config keys must be NodeKeys, got {type(keys).__name__}")
+        if node_id is not None and node_id != keys.node_id:
+            raise ConfigError(f"websocket config node_id {node_id!r} is not the keys' node id {keys.node_id}")
+        return keys
 
     async def io_shutdown(self) -> None:
         """Close outbound WebSockets, then the server's connections."""
@@ -71,17 +101,17 @@ class WebSocketActor(LoopActor):
             if part is not None:
                 await part.close()
 
-    def _received(self, message: Message, peer: str) -> None:
+    def _received(self, message: Message, raw: bytes, peer_id: str) -> None:
         # On the loop thread: only pass the value on.
-        self.post((message, peer))
+        self.post((raw, peer_id))
 
     def on_loop_message(self, message: Any) -> None:
-        """An envelope that arrived on a WebSocket: tell ``deliver_to``."""
-        envelope, peer = message
+        """An envelope from an authenticated peer (sender checked): tell ``deliver_to``."""
+        raw, peer_id = message
         if self.deliver_to is None:
             self.dropped += 1
             return
-        self.tell(self.deliver_to, Received(TRANSPORT, encode_message(envelope), peer))
+        self.tell(self.deliver_to, Received(TRANSPORT, raw, peer_id))
 
     # -- bus messages -------------------------------------------------------------------------------
 
@@ -119,14 +149,14 @@ class WebSocketActor(LoopActor):
             else:
                 raise error  # not a transport failure: a bug, let the supervisor see it
 
-        self.run_on_loop(self.client.send(request.url, message), then)
+        self.run_on_loop(self.client.send(request.url, request.envelope), then)
 
     def _start_transmit(self, request: Transmit) -> None:
         def result(ok: bool, retryable: bool, error: str | None) -> TransmitResult:
             return TransmitResult(request.message_id, TRANSPORT, request.peer_id, ok, retryable, error)
 
         try:
-            message = decode_message(request.envelope)
+            decode_message(request.envelope)  # refused before dialling; the session checks the sender
         except RemoteProtocolError as exc:
             self._tell_outcome(request.reply_to, result(False, False, f"bad envelope: {exc}"))
             return
@@ -142,7 +172,7 @@ class WebSocketActor(LoopActor):
                 raise error  # not a transport failure: a bug, let the supervisor see it
             self._tell_outcome(request.reply_to, outcome)
 
-        self.run_on_loop(self.client.send(request.address, message), then)
+        self.run_on_loop(self.client.send(request.address, request.envelope, expected_peer=request.peer_id), then)
 
     def _tell_outcome(self, to: str, outcome: object) -> None:
         try:

@@ -1,11 +1,22 @@
-"""The WebSocket transport: envelope messages as binary WebSocket frames, through the acceptor's port.
+"""The WebSocket transport: envelopes in a Noise secure session carried by binary WebSocket frames.
+
+Served through the acceptor's port.
+
+Every WebSocket carries one authenticated session
+(:class:`~villagemesh.actors.secure.session.Session`, driven by
+:class:`~.link.SecureLink`): the server is the responder and learns the peer's
+node id from the handshake; the client is the initiator and may insist on the
+node id it dials. An envelope reaches ``on_message(message, raw, peer_id)`` only
+if its ``sender`` is that authenticated peer: a spoofed sender is refused
+(counted, logged), never delivered.
 
 Server side (:class:`WebSocketServer`): an aiohttp ``web.Application`` with
 
-- ``GET /villagemesh/ws``: the WebSocket; each binary frame is one
-  :func:`~villagemesh.protocols.envelope.encode_message` encoding, delivered to
-  ``on_message(message, peer_address)``;
-- ``GET /health``: JSON ``{"status": "ok", "node_id", "connections", "received", "rejected"}``.
+- ``GET /villagemesh/ws``: the WebSocket; its binary frames carry the session's
+  byte stream (see :mod:`.link` for the rules: handshake deadline, what closes a
+  connection, what is only refused);
+- ``GET /health``: plain HTTP, JSON ``{"status": "ok", "node_id", "connections",
+  "authenticated", "received", "rejected", "envelopes_rejected"}``.
 
 aiohttp is *not* given a listening socket. Its low-level ``web.Server`` is an
 asyncio protocol factory (each call makes a ``RequestHandler``), so the
@@ -16,27 +27,33 @@ request line the acceptor peeked first::
 
     client ──TCP──▶ acceptor ──sniff: HTTP──▶ aiohttp RequestHandler (peeked bytes first)
                                                  ├─ GET /health            → JSON
-                                                 └─ GET /villagemesh/ws    → frames → decode → on_message
+                                                 └─ GET /villagemesh/ws    → SecureLink(Session.responder)
+                                                        Noise XX ──▶ peer id ──▶ envelopes (sender checked)
+                                                        ──▶ on_message(message, raw, peer_id)
 
-Bad input: a frame that does not decode (or a text frame) closes *that*
-connection with code 1007/1003 and the reason, counted in ``rejected`` and
-logged as ``ws_message_rejected`` (keys ``peer``, ``reason``); frames over
-``MAX_MESSAGE_BYTES`` are refused by aiohttp (``max_msg_size``) with 1009. An
-``on_message`` that raises is logged (``ws_callback_failed``) and the
-connection goes on: the consumer's bug is not the peer's fault.
+The server can also send on an authenticated inbound WebSocket
+(:meth:`WebSocketServer.send`, by peer id).
 
 Client side (:class:`WebSocketClient`): at most one outbound WebSocket per peer
-URL, opened on first use and reused; a send on a connection found closed
-reconnects once. ``send(url, message)`` raises :class:`ConnectError` (cannot
-reach or keep the peer) or :class:`TransportTimeout`, naming the URL. Frames a
-peer sends back on an outbound connection go to the same ``on_message``.
-Connections are one-way by design: a node receives on its inbound
-connections and sends on its outbound ones, so no address bookkeeping is
-needed for an inbound peer's ephemeral port.
+URL, opened on first use, handshaken, and reused while it stays open; the link
+is bound to the node id it authenticated, so a send that expects another node
+id at that URL fails (:class:`ConnectError` naming both ids: the address now
+belongs to someone else, and the intended peer surely did not get the bytes).
+A send on a connection found closed reconnects once, with a new handshake.
+``send(url, envelope, expected_peer=…)`` raises :class:`ConnectError` (cannot
+reach, or cannot authenticate, the peer), :class:`TransportTimeout` (the
+WebSocket upgrade, the secure handshake or the write took too long) or
+:class:`LocalProtocolError` (the envelope is not ours to send), naming the URL.
+Envelopes a peer sends back on an outbound connection go to the same
+``on_message``. The actor sends on outbound connections and receives on both,
+so no address bookkeeping is needed for an inbound peer's ephemeral port.
 
 Discovery over this transport: a peer advertised as ``ws://host:port`` is
 probed with :func:`villagemesh.actors.lan.tcp.probe` on the same host and
 port (the acceptor routes discovery JSON there); there is no HTTP announce route.
+
+Log events (fixed keys): ``ws_connected`` (peer), plus :mod:`.link`'s
+``session_failed`` and ``ws_callback_failed`` and the session's own.
 """
 
 from __future__ import annotations
@@ -51,10 +68,14 @@ import structlog
 from aiohttp import web
 
 from villagemesh.actors.acceptor.server import HandedOff, adopt
-from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout
-from villagemesh.protocols.envelope import MAX_MESSAGE_BYTES, Message, decode_message, encode_message
+from villagemesh.actors.secure.keys import NodeKeys
+from villagemesh.actors.secure.session import Session
+from villagemesh.actors.secure.tcp import HANDSHAKE_TIMEOUT_S, EnvelopeHandler
+from villagemesh.actors.websocket.link import CLOSE_TIMEOUT_S, MAX_MSG_SIZE, SecureLink
+from villagemesh.errors import ConfigError, ConnectError, TransportTimeout, VillageMeshError
 
 __all__ = [
+    "HANDSHAKE_TIMEOUT_S",
     "HEARTBEAT_S",
     "KEEPALIVE_S",
     "WS_PATH",
@@ -72,19 +93,44 @@ HEARTBEAT_S = 30.0
 KEEPALIVE_S = 75.0
 """Idle HTTP keep-alive before aiohttp closes a connection (nginx's default); WebSockets use the heartbeat."""
 
-OnMessage = Callable[[Message, str], None]
-"""Receives each decoded message and the peer's address (``host:port`` or the URL), on the loop's thread."""
+OnMessage = EnvelopeHandler
+"""``on_message(message, raw, peer_id)``: an envelope from the authenticated peer ``peer_id``, on the loop's thread."""
+
+
+def _check_timeout(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0 seconds, got {value!r}")
 
 
 class WebSocketServer:
-    """The aiohttp side: serves connections the acceptor hands over. Start and use it on one loop."""
+    """The aiohttp side: serves connections the acceptor hands over. Start and use it on one loop.
 
-    def __init__(self, on_message: OnMessage, *, node_id: str = "", log: Any = None) -> None:
+    Args:
+        on_message: receives every envelope from an authenticated peer.
+        keys: this node's keys (the responder's identity and Noise static key).
+        handshake_timeout: seconds a new WebSocket has to complete the secure handshake.
+        log: a structlog-shaped logger (default ``villagemesh.websocket``).
+
+    Raises:
+        ConfigError: a non-positive timeout.
+    """
+
+    def __init__(
+        self,
+        on_message: OnMessage,
+        keys: NodeKeys,
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        log: Any = None,
+    ) -> None:
+        _check_timeout("handshake_timeout", handshake_timeout)
         self.on_message = on_message
-        self.node_id = node_id
+        self.keys = keys
+        self.node_id = keys.node_id
+        self.handshake_timeout = handshake_timeout
         self.log = log if log is not None else structlog.get_logger("villagemesh.websocket")
         self.counts: Counter[str] = Counter()
-        self._open: set[web.WebSocketResponse] = set()
+        self._open: dict[SecureLink, None] = {}  # an ordered set: the newest link last
         self.app = web.Application()
         self.app.router.add_get(WS_PATH, self._websocket)
         self.app.router.add_get("/health", self._health)
@@ -106,10 +152,23 @@ class WebSocketServer:
         """Serve a connection handed off by an acceptor on another thread (run this on our loop)."""
         await adopt(handed, self.protocol_factory)
 
+    async def send(self, peer_id: str, raw: bytes) -> None:
+        """Send the encoded envelope ``raw`` on the newest authenticated inbound WebSocket from ``peer_id``.
+
+        Raises:
+            ConnectError: no open authenticated WebSocket from ``peer_id``, or the write failed.
+            LocalProtocolError: ``raw`` is not a valid envelope of ours.
+        """
+        for link in reversed(list(self._open)):
+            if link.peer_id == peer_id and not link.closed:
+                await link.send(raw)
+                return
+        raise ConnectError(f"no authenticated inbound WebSocket from {peer_id!r}")
+
     async def close(self) -> None:
         """Close every WebSocket (1001 going away) and aiohttp's connections."""
-        for ws in list(self._open):
-            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        for link in list(self._open):
+            await link.close(aiohttp.WSCloseCode.GOING_AWAY, "server shutdown")
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -120,88 +179,79 @@ class WebSocketServer:
                 "status": "ok",
                 "node_id": self.node_id,
                 "connections": len(self._open),
+                "authenticated": sum(1 for link in self._open if link.peer_id is not None),
                 "received": self.counts["received"],
                 "rejected": self.counts["rejected"],
+                "envelopes_rejected": self.counts["envelopes_rejected"],
             }
         )
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT_S)
+        # compress=False: encrypted bytes do not compress.
+        ws = web.WebSocketResponse(
+            max_msg_size=MAX_MSG_SIZE, heartbeat=HEARTBEAT_S, timeout=CLOSE_TIMEOUT_S, compress=False
+        )
         await ws.prepare(request)
         peername = request.transport.get_extra_info("peername") if request.transport else None
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(request.remote)
-        self._open.add(ws)
+        link = SecureLink(
+            ws,
+            Session.responder(self.keys.static_key, self.keys.signing_key, log=self.log),
+            address=peer,
+            on_message=self.on_message,
+            counts=self.counts,
+            log=self.log,
+            handshake_timeout=self.handshake_timeout,
+        )
+        self._open[link] = None
         self.counts["connections"] += 1
         try:
-            await _pump(ws, peer, self.on_message, self.counts, self.log)
+            await link.run()
         finally:
-            self._open.discard(ws)
+            self._open.pop(link, None)
         return ws
 
 
-async def _pump(
-    ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    peer: str,
-    on_message: OnMessage,
-    counts: Counter[str],
-    log: Any,
-) -> None:
-    """Read frames until the connection ends; decode each; close on the first bad one."""
-    async for frame in ws:
-        if frame.type is aiohttp.WSMsgType.BINARY:
-            try:
-                message = decode_message(frame.data)
-            except RemoteProtocolError as exc:
-                await _refuse(ws, peer, aiohttp.WSCloseCode.INVALID_TEXT, str(exc), counts, log)
-                return
-            counts["received"] += 1
-            try:
-                on_message(message, peer)
-            except Exception as exc:  # noqa: BLE001 - the consumer's bug must not cut the peer off
-                counts["callback_failed"] += 1
-                log.error("ws_callback_failed", peer=peer, error=f"{type(exc).__name__}: {exc}")
-        elif frame.type is aiohttp.WSMsgType.TEXT:
-            await _refuse(
-                ws, peer, aiohttp.WSCloseCode.UNSUPPORTED_DATA, "text frames are not spoken here", counts, log
-            )
-            return
-        elif frame.type is aiohttp.WSMsgType.ERROR:
-            counts["rejected"] += 1
-            log.warning("ws_message_rejected", peer=peer, reason=f"{type(ws.exception()).__name__}: {ws.exception()}")
-            return
-
-
-async def _refuse(
-    ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-    peer: str,
-    code: int,
-    reason: str,
-    counts: Counter[str],
-    log: Any,
-) -> None:
-    counts["rejected"] += 1
-    log.warning("ws_message_rejected", peer=peer, reason=reason)
-    await ws.close(code=code, message=reason.encode()[:120])  # a close reason must fit a control frame
-
-
 class WebSocketClient:
-    """Outbound WebSockets, one per peer URL, reused; use it on one loop."""
+    """Outbound WebSockets, one per peer URL, each a secure session bound to the peer it authenticated; one loop.
+
+    Args:
+        on_message: receives every envelope a peer sends back on an outbound connection.
+        keys: this node's keys (the initiator's identity and Noise static key).
+        connect_timeout: seconds for the TCP connect and the WebSocket upgrade.
+        send_timeout: seconds for one write.
+        handshake_timeout: seconds for the secure handshake once the WebSocket is open.
+        log: a structlog-shaped logger (default ``villagemesh.websocket``).
+
+    Raises:
+        ConfigError: a non-positive timeout.
+    """
 
     def __init__(
         self,
         on_message: OnMessage,
+        keys: NodeKeys,
         *,
         connect_timeout: float = 5.0,
         send_timeout: float = 5.0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
         log: Any = None,
     ) -> None:
+        for name, value in (
+            ("connect_timeout", connect_timeout),
+            ("send_timeout", send_timeout),
+            ("handshake_timeout", handshake_timeout),
+        ):
+            _check_timeout(name, value)
         self.on_message = on_message
+        self.keys = keys
         self.connect_timeout = connect_timeout
         self.send_timeout = send_timeout
+        self.handshake_timeout = handshake_timeout
         self.log = log if log is not None else structlog.get_logger("villagemesh.websocket")
         self.counts: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
-        self._conns: dict[str, aiohttp.ClientWebSocketResponse] = {}
+        self._links: dict[str, SecureLink] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -210,71 +260,114 @@ class WebSocketClient:
             self._session = aiohttp.ClientSession()
         return self._session
 
-    async def connect(self, url: str) -> aiohttp.ClientWebSocketResponse:
-        """The open WebSocket to ``url`` (``ws://host:port``, the path is added), opening it if needed."""
+    async def connect(self, url: str, expected_peer: str | None = None) -> SecureLink:
+        """The authenticated link to ``url`` (``ws://host:port``, the path is added), opening it if needed.
+
+        Args:
+            expected_peer: the node id that must answer at ``url`` (None: whoever does).
+
+        Raises:
+            ConfigError: ``expected_peer`` is not a node id.
+            ConnectError: the peer cannot be reached, breaks the secure handshake, or is not ``expected_peer``.
+            TransportTimeout: the WebSocket upgrade or the secure handshake took longer than its timeout.
+        """
         lock = self._locks.setdefault(url, asyncio.Lock())
         async with lock:
-            ws = self._conns.get(url)
-            if ws is not None and not ws.closed:
-                return ws
-            ws = await self._open(url)
-            self._conns[url] = ws
-            self._readers[url] = asyncio.get_running_loop().create_task(self._read(url, ws))
-            return ws
+            link = self._links.get(url)
+            if link is not None and not link.closed:
+                if expected_peer is not None and link.peer_id != expected_peer:
+                    raise ConnectError(
+                        f"WebSocket to {url}: expected peer {expected_peer}, "
+                        f"but the open connection is authenticated as {link.peer_id}"
+                    )
+                return link
+            await self._forget(url)
+            session = Session.initiator(
+                self.keys.static_key, self.keys.signing_key, expected_peer=expected_peer, log=self.log
+            )
+            link = SecureLink(
+                await self._open(url),
+                session,
+                address=url,
+                on_message=self.on_message,
+                counts=self.counts,
+                log=self.log,
+                handshake_timeout=self.handshake_timeout,
+            )
+            self._links[url] = link
+            self._readers[url] = asyncio.get_running_loop().create_task(link.run())
+            try:
+                await asyncio.shield(link.opened)  # bounded: the link fails it at its handshake deadline
+            except TransportTimeout as exc:
+                await self._forget(url)
+                raise TransportTimeout(f"WebSocket to {url}: {exc}") from exc
+            except VillageMeshError as exc:
+                await self._forget(url)
+                raise ConnectError(f"WebSocket to {url}: {exc}") from exc
+            except asyncio.CancelledError:
+                await self._forget(url)
+                raise
+            return link
 
     async def _open(self, url: str) -> aiohttp.ClientWebSocketResponse:
         target = url.rstrip("/") + WS_PATH if not url.rstrip("/").endswith(WS_PATH) else url
         try:
             ws = await asyncio.wait_for(
-                self._session_now().ws_connect(target, max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT_S),
+                self._session_now().ws_connect(
+                    target,
+                    max_msg_size=MAX_MSG_SIZE,
+                    heartbeat=HEARTBEAT_S,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT_S),
+                ),
                 self.connect_timeout,
             )
         except TimeoutError as exc:
-            raise TransportTimeout(f"WebSocket to {url}: no handshake within {self.connect_timeout} s") from exc
+            raise TransportTimeout(f"WebSocket to {url}: no upgrade within {self.connect_timeout} s") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise ConnectError(f"WebSocket to {url}: {type(exc).__name__}: {exc}") from exc
         self.counts["connects"] += 1
         self.log.info("ws_connected", peer=url)
         return ws
 
-    async def _read(self, url: str, ws: aiohttp.ClientWebSocketResponse) -> None:
-        await _pump(ws, url, self.on_message, self.counts, self.log)
+    async def send(self, url: str, envelope: bytes, *, expected_peer: str | None = None) -> None:
+        """Send the encoded ``envelope`` (its sender must be our node id) to the peer at ``url``.
 
-    async def send(self, url: str, message: Message) -> None:
-        """Send ``message`` to the peer at ``url`` on its (re)used connection.
+        Args:
+            expected_peer: the node id the envelope is meant for (None: whoever answers at ``url``).
 
         Raises:
-            ConnectError: the peer cannot be reached, or the connection broke and a reconnect failed.
-            TransportTimeout: the handshake or the write took longer than its timeout.
+            ConfigError: ``expected_peer`` is not a node id.
+            ConnectError: the peer cannot be reached or authenticated, is not
+                ``expected_peer`` (both ids named), or the connection broke and a reconnect failed.
+            TransportTimeout: the upgrade, the handshake or the write took longer than its timeout.
+            LocalProtocolError: ``envelope`` is not a valid envelope, or its sender is not our node id.
         """
-        data = encode_message(message)
         for attempt in (1, 2):
-            ws = await self.connect(url)
+            link = await self.connect(url, expected_peer)
             try:
-                await asyncio.wait_for(ws.send_bytes(data), self.send_timeout)
+                await asyncio.wait_for(link.send(envelope), self.send_timeout)
             except TimeoutError as exc:
+                await self._forget(url)  # a write cut mid-frame leaves the session's stream out of step
                 raise TransportTimeout(f"WebSocket to {url}: send took over {self.send_timeout} s") from exc
-            except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
-                # aiohttp raises ConnectionResetError / ClientConnectionResetError on a closed socket.
+            except ConnectError as exc:
                 await self._forget(url)
                 if attempt == 2:
-                    raise ConnectError(f"WebSocket to {url}: {type(exc).__name__}: {exc}") from exc
+                    raise ConnectError(f"WebSocket to {url}: {exc}") from exc
                 self.counts["reconnects"] += 1
                 continue
-            self.counts["sent"] += 1
             return
 
     async def _forget(self, url: str) -> None:
-        ws = self._conns.pop(url, None)
+        link = self._links.pop(url, None)
         reader = self._readers.pop(url, None)
-        if ws is not None:
-            await ws.close()
+        if link is not None:
+            await link.close()
         if reader is not None:
             reader.cancel()
 
     async def close(self) -> None:
         """Close every outbound connection and the HTTP session."""
-        for url in list(self._conns):
+        for url in list(self._links):
             await self._forget(url)
         if self._session is not None:
             await self._session.close()

@@ -1,4 +1,4 @@
-"""The WebSocket actor behind the acceptor actor on a real bus: envelopes in and out."""
+"""The WebSocket actor behind the acceptor actor on a real bus: authenticated envelopes in and out."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ from typing import Any
 
 from tests.actors.acceptor.support import WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
+from villagemesh.actors.secure.keys import NodeKeys
 from villagemesh.actors.transport import Received, Transmit, TransmitResult
 from villagemesh.actors.websocket.actor import WebSocketActor, send_envelope, websocket_status
 from villagemesh.actors.websocket.messages import EnvelopeSent, SendFailed
 from villagemesh.actors.websocket.transport import WebSocketClient
-from villagemesh.protocols.envelope import Message, Priority, decode_message
+from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
 
 
-def message(payload: bytes) -> Message:
+def message(sender: str, payload: bytes) -> Message:
     return Message(
         id=os.urandom(16),
         kind="DATA",
-        sender="a",
+        sender=sender,
         recipient=None,
         priority=Priority.HIGH,
         created_at=1.0,
@@ -30,45 +31,85 @@ def message(payload: bytes) -> Message:
     )
 
 
-def test_envelopes_flow_in_through_the_acceptor_and_out_through_the_actor(runtime: Any) -> None:
-    """A client's envelope reaches deliver_to; an envelope the actor sends to itself arrives and is confirmed."""
+def endpoint(runtime: Any, suffix: str, keys: NodeKeys, **config: Any) -> tuple[queue.Queue[Any], str]:
+    """A sink, a WebSocket actor with ``keys`` and an acceptor routing HTTP to it; their queue and ws:// URL."""
     inbox: queue.Queue[Any] = queue.Queue()
-    start(runtime, Sink, "sink", queue=inbox)
-    start(runtime, WebSocketActor, "websocket", deliver_to="sink", node_id="n1")
-    start(runtime, AcceptorActor, "acceptor", routes={"http": "websocket"})
-    client = runtime.bus.client()
-    port = acceptor_status(client).port
-    url = f"ws://127.0.0.1:{port}"
+    start(runtime, Sink, f"sink{suffix}", queue=inbox)
+    start(runtime, WebSocketActor, f"websocket{suffix}", deliver_to=f"sink{suffix}", keys=keys, **config)
+    start(runtime, AcceptorActor, f"acceptor{suffix}", routes={"http": f"websocket{suffix}"})
+    port = acceptor_status(runtime.bus.client(), f"acceptor{suffix}").port
+    return inbox, f"ws://127.0.0.1:{port}"
 
-    first = message(b"from outside")
+
+def test_envelopes_flow_in_through_the_acceptor_and_out_through_the_actor(runtime: Any) -> None:
+    """A client's envelope reaches deliver_to with its node id; an envelope the actor sends to itself arrives."""
+    keys, alice = NodeKeys.generate(), NodeKeys.generate()
+    inbox, url = endpoint(runtime, "", keys, node_id=keys.node_id)
+    client = runtime.bus.client()
+
+    first = message(alice.node_id, b"from outside")
 
     async def outside() -> None:
-        ws_client = WebSocketClient(lambda m, p: None)
-        await ws_client.send(url, first)
+        ws_client = WebSocketClient(lambda m, raw, peer_id: None, alice)
+        await ws_client.send(url, encode_message(first), expected_peer=keys.node_id)
         await ws_client.close()
 
     asyncio.run(outside())
     received = inbox.get(timeout=WAIT)
     assert isinstance(received, Received) and received.transport == "websocket"
-    assert decode_message(received.envelope) == first
+    assert decode_message(received.envelope) == first and received.remote == alice.node_id
 
-    second = message(b"to myself")
+    second = message(keys.node_id, b"to myself")
     send_envelope(client, second, url, reply_to="sink")
     got = [inbox.get(timeout=WAIT), inbox.get(timeout=WAIT)]
     sent = next(m for m in got if isinstance(m, EnvelopeSent))
     arrived = next(m for m in got if isinstance(m, Received))
     assert sent.message_id == second.id and decode_message(arrived.envelope) == second
+    assert arrived.remote == keys.node_id
     status = websocket_status(client)
     assert status.server["received"] == 2 and status.client["sent"] == 1
 
 
+def test_two_authenticated_endpoints_exchange_envelopes_both_ways(runtime: Any) -> None:
+    """Transmits from a to b and from b to a succeed; each Received names the sending peer's node id."""
+    a_keys, b_keys = NodeKeys.generate(), NodeKeys.generate()
+    a_inbox, a_url = endpoint(runtime, "-a", a_keys)
+    b_inbox, b_url = endpoint(runtime, "-b", b_keys)
+    client = runtime.bus.client()
+    for sender, keys, peer, url, inbox, other in (
+        ("websocket-a", a_keys, b_keys, b_url, b_inbox, a_inbox),
+        ("websocket-b", b_keys, a_keys, a_url, a_inbox, b_inbox),
+    ):
+        msg = message(keys.node_id, b"hello " + sender.encode())
+        client.tell(sender, Transmit(msg.id, peer.node_id, url, encode_message(msg), f"sink-{sender[-1]}"))
+        result = other.get(timeout=WAIT)
+        assert isinstance(result, TransmitResult) and result.ok and result.peer_id == peer.node_id
+        received = inbox.get(timeout=WAIT)
+        assert isinstance(received, Received) and received.remote == keys.node_id
+        assert decode_message(received.envelope) == msg
+
+
+def test_transmit_to_the_wrong_peer_is_a_retryable_failure_naming_both_ids(runtime: Any) -> None:
+    """The node at the address authenticates as someone else: TransmitResult(ok=False, retryable=True), both ids."""
+    a_keys, b_keys, carol = NodeKeys.generate(), NodeKeys.generate(), NodeKeys.generate()
+    a_inbox, _ = endpoint(runtime, "-a", a_keys)
+    b_inbox, b_url = endpoint(runtime, "-b", b_keys)
+    msg = message(a_keys.node_id, b"for carol")
+    runtime.bus.client().tell("websocket-a", Transmit(msg.id, carol.node_id, b_url, encode_message(msg), "sink-a"))
+    result = a_inbox.get(timeout=WAIT)
+    assert isinstance(result, TransmitResult) and not result.ok and result.retryable
+    assert carol.node_id in (result.error or "") and b_keys.node_id in (result.error or "")
+    assert b_inbox.empty()
+
+
 def test_send_to_an_unreachable_peer_reports_failure_to_reply_to(runtime: Any) -> None:
     """A send to a closed port comes back as SendFailed naming the URL; the actor keeps running."""
+    keys = NodeKeys.generate()
     inbox: queue.Queue[Any] = queue.Queue()
     start(runtime, Sink, "sink", queue=inbox)
-    start(runtime, WebSocketActor, "websocket", connect_timeout=1.0)
+    start(runtime, WebSocketActor, "websocket", keys=keys, connect_timeout=1.0)
     client = runtime.bus.client()
-    send_envelope(client, message(b"x"), "ws://127.0.0.1:9", reply_to="sink")
+    send_envelope(client, message(keys.node_id, b"x"), "ws://127.0.0.1:9", reply_to="sink")
     failed = inbox.get(timeout=WAIT)
     assert isinstance(failed, SendFailed)
     assert failed.error == "ConnectError" and "ws://127.0.0.1:9" in failed.reason
@@ -77,21 +118,28 @@ def test_send_to_an_unreachable_peer_reports_failure_to_reply_to(runtime: Any) -
 
 def test_transmit_is_answered_with_a_transmit_result_per_the_transport_contract(runtime: Any) -> None:
     """Transmit to a live peer: ok; to a closed port: a retryable failure naming the address."""
-    inbox: queue.Queue[Any] = queue.Queue()
-    start(runtime, Sink, "sink", queue=inbox)
-    start(runtime, WebSocketActor, "websocket", deliver_to="sink", connect_timeout=1.0)
-    start(runtime, AcceptorActor, "acceptor", routes={"http": "websocket"})
+    keys = NodeKeys.generate()
+    inbox, url = endpoint(runtime, "", keys, connect_timeout=1.0)
     client = runtime.bus.client()
-    url = f"ws://127.0.0.1:{acceptor_status(client).port}"
-    msg = message(b"transmitted")
-    from villagemesh.protocols.envelope import encode_message
-
-    client.tell("websocket", Transmit(msg.id, "peer-a", url, encode_message(msg), "sink"))
+    msg = message(keys.node_id, b"transmitted")
+    client.tell("websocket", Transmit(msg.id, keys.node_id, url, encode_message(msg), "sink"))
     got = [inbox.get(timeout=WAIT), inbox.get(timeout=WAIT)]
     result = next(m for m in got if isinstance(m, TransmitResult))
     assert result.ok and result.message_id == msg.id and result.transport == "websocket" and result.error is None
     assert decode_message(next(m for m in got if isinstance(m, Received)).envelope) == msg
-    client.tell("websocket", Transmit(msg.id, "peer-b", "ws://127.0.0.1:9", encode_message(msg), "sink"))
+    client.tell("websocket", Transmit(msg.id, keys.node_id, "ws://127.0.0.1:9", encode_message(msg), "sink"))
     failed = inbox.get(timeout=WAIT)
     assert isinstance(failed, TransmitResult) and not failed.ok and failed.retryable
     assert "ws://127.0.0.1:9" in (failed.error or "")
+
+
+def test_actor_without_keys_generates_them_and_says_so(runtime: Any, recorder: Any) -> None:
+    """No keys in the config: fresh keys, a ws_keys_generated event naming the node id; it still authenticates."""
+    inbox, url = endpoint(runtime, "", NodeKeys.generate())
+    start(runtime, WebSocketActor, "websocket-nokeys")
+    [event] = recorder.wait_for("ws_keys_generated", actor="websocket-nokeys")
+    node_id = event["node_id"]
+    msg = message(node_id, b"ephemeral")
+    runtime.bus.client().tell("websocket-nokeys", Transmit(msg.id, "0" * 32, url, encode_message(msg), "sink"))
+    result = inbox.get(timeout=WAIT)
+    assert isinstance(result, TransmitResult) and not result.ok and result.retryable  # authenticated, wrong id
