@@ -55,9 +55,7 @@ class Inbox:
 
 
 @asynccontextmanager
-async def node(
-    inbox: Any, keys: NodeKeys | None = None, **options: Any
-) -> AsyncIterator[tuple[WebSocketServer, str]]:
+async def node(inbox: Any, keys: NodeKeys | None = None, **options: Any) -> AsyncIterator[tuple[WebSocketServer, str]]:
     """An acceptor whose HTTP route is the WebSocket server (in-loop); yields it and its ws:// URL."""
     ws_server = WebSocketServer(inbox, keys or NodeKeys.generate(), **options)
     await ws_server.start()
@@ -344,7 +342,7 @@ def test_peer_that_never_answers_the_secure_handshake_times_out_naming_it() -> N
         alice = NodeKeys.generate()
         client = WebSocketClient(Inbox(), alice, handshake_timeout=0.2)
         try:
-            with structlog.testing.capture_logs(), pytest.raises(TransportTimeout, match="handshake.*0.2 s"):
+            with structlog.testing.capture_logs(), pytest.raises(TransportTimeout, match=r"handshake.*0\.2 s"):
                 await client.send(f"ws://127.0.0.1:{port}", encode_message(message(alice.node_id)))
             assert client._links == {}
         finally:
