@@ -1,6 +1,4 @@
-"""The WebSocket transport: envelopes in a Noise secure session carried by binary WebSocket frames.
-
-Served through the acceptor's port.
+"""The WebSocket transport: Noise-secured envelope sessions in binary WebSocket frames, on the acceptor's port.
 
 Every WebSocket carries one authenticated session
 (:class:`~villagemesh.actors.secure.session.Session`, driven by
@@ -41,9 +39,9 @@ id at that URL fails (:class:`ConnectError` naming both ids: the address now
 belongs to someone else, and the intended peer surely did not get the bytes).
 A send on a connection found closed reconnects once, with a new handshake.
 ``send(url, envelope, expected_peer=…)`` raises :class:`ConnectError` (cannot
-reach, or cannot authenticate, the peer), :class:`TransportTimeout` (the
-WebSocket upgrade, the secure handshake or the write took too long) or
-:class:`LocalProtocolError` (the envelope is not ours to send), naming the URL.
+reach, or cannot authenticate, the peer) or :class:`TransportTimeout` (the
+WebSocket upgrade, the secure handshake or the write took too long), naming the
+URL, or :class:`LocalProtocolError` (the envelope is not ours to send, naming its sender).
 Envelopes a peer sends back on an outbound connection go to the same
 ``on_message``. The actor sends on outbound connections and receives on both,
 so no address bookkeeping is needed for an inbound peer's ephemeral port.
@@ -166,9 +164,8 @@ class WebSocketServer:
         raise ConnectError(f"no authenticated inbound WebSocket from {peer_id!r}")
 
     async def close(self) -> None:
-        """Close every WebSocket (1001 going away) and aiohttp's connections."""
-        for link in list(self._open):
-            await link.close(aiohttp.WSCloseCode.GOING_AWAY, "server shutdown")
+        """Close every WebSocket (1001 going away; all at once, each waits for its peer's answer) and aiohttp's."""
+        await asyncio.gather(*(link.close(aiohttp.WSCloseCode.GOING_AWAY, "server shutdown") for link in self._open))
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -254,6 +251,7 @@ class WebSocketClient:
         self._links: dict[str, SecureLink] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._sending: set[asyncio.Task[Any]] = set()
 
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -342,6 +340,15 @@ class WebSocketClient:
             TransportTimeout: the upgrade, the handshake or the write took longer than its timeout.
             LocalProtocolError: ``envelope`` is not a valid envelope, or its sender is not our node id.
         """
+        task = asyncio.current_task()
+        assert task is not None  # a coroutine runs in a task
+        self._sending.add(task)
+        try:
+            await self._send(url, envelope, expected_peer)
+        finally:
+            self._sending.discard(task)
+
+    async def _send(self, url: str, envelope: bytes, expected_peer: str | None) -> None:
         for attempt in (1, 2):
             link = await self.connect(url, expected_peer)
             try:
@@ -366,9 +373,15 @@ class WebSocketClient:
             reader.cancel()
 
     async def close(self) -> None:
-        """Close every outbound connection and the HTTP session."""
-        for url in list(self._links):
-            await self._forget(url)
+        """Cancel sends in progress, then close every outbound connection and the HTTP session.
+
+        Sends are cancelled (their callers see CancelledError) and awaited, so none is left
+        pending on a loop that is about to stop.
+        """
+        for task in list(self._sending):
+            task.cancel()
+        await asyncio.gather(*self._sending, return_exceptions=True)
+        await asyncio.gather(*(self._forget(url) for url in list(self._links)))
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -491,3 +491,19 @@ def test_expected_peer_must_be_a_node_id_and_timeouts_positive() -> None:
         WebSocketClient(Inbox(), alice, handshake_timeout=0)
     with pytest.raises(ConfigError, match="handshake_timeout"):
         WebSocketServer(Inbox(), alice, handshake_timeout=-1)
+
+
+def test_close_cancels_sends_in_progress_so_none_outlives_the_client() -> None:
+    """Sends waiting on a silent peer are cancelled and awaited by close(); no task is left pending."""
+
+    async def body() -> None:
+        async with fake_peer() as port:
+            alice = NodeKeys.generate()
+            client = WebSocketClient(Inbox(), alice, connect_timeout=30.0)
+            url = f"ws://127.0.0.1:{port}"
+            sends = [asyncio.create_task(client.send(url, encode_message(message(alice.node_id)))) for _ in range(3)]
+            await until(lambda: len(client._sending) == 3)
+            await client.close()
+            assert all(task.cancelled() for task in sends) and not client._sending
+
+    run(body())
