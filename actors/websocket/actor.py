@@ -49,10 +49,35 @@ from villagemesh.actors.websocket.transport import WebSocketClient, WebSocketSer
 from villagemesh.errors import BusError, ConfigError, ConnectError, RemoteProtocolError, VillageMeshError
 from villagemesh.protocols.envelope import Message, decode_message, encode_message
 
-__all__ = ["TRANSPORT", "WebSocketActor", "send_envelope", "websocket_status"]
+__all__ = ["TRANSPORT", "WebSocketActor", "config_keys", "send_envelope", "websocket_status"]
 
 TRANSPORT = "websocket"
 """This transport's name (and its actor's bus name in a node)."""
+
+
+def config_keys(config: dict[str, Any], log: Any) -> NodeKeys:
+    """The actor config's ``keys``, or fresh ones (logged as ``ws_keys_generated``: never silently).
+
+    Raises:
+        ConfigError: ``keys`` is not a NodeKeys, or ``node_id`` is given and is not the keys' node id.
+    """
+    keys = config.get("keys")
+    node_id = config.get("node_id")
+    if keys is None:
+        if node_id is not None:
+            raise ConfigError(f"websocket config names node_id {node_id!r} but gives no keys to prove it")
+        keys = NodeKeys.generate()
+        log.warning(
+            "ws_keys_generated",
+            node_id=keys.node_id,
+            reason="no keys in the config: this transport authenticates as a fresh, ephemeral node id",
+        )
+        return keys
+    if not isinstance(keys, NodeKeys):
+        raise ConfigError(f"websocket config keys must be NodeKeys, got {type(keys).__name__}")
+    if node_id is not None and node_id != keys.node_id:
+        raise ConfigError(f"websocket config node_id {node_id!r} is not the keys' node id {keys.node_id}")
+    return keys
 
 
 class WebSocketActor(LoopActor):
@@ -63,7 +88,7 @@ class WebSocketActor(LoopActor):
         self.deliver_to: str | None = config.get("deliver_to")
         self.dropped = 0
         self.start_io()
-        keys = self._keys(config)
+        keys = config_keys(config, self.io_log)
         handshake_timeout = float(config.get("handshake_timeout", HANDSHAKE_TIMEOUT_S))
         self.server = WebSocketServer(self._received, keys, handshake_timeout=handshake_timeout, log=self.io_log)
         self.client = WebSocketClient(
@@ -75,25 +100,6 @@ class WebSocketActor(LoopActor):
             log=self.io_log,
         )
         self.io_loop.call(self.server.start(), LOOP_CALL_TIMEOUT_S)
-
-    def _keys(self, config: dict[str, Any]) -> NodeKeys:
-        keys = config.get("keys")
-        node_id = config.get("node_id")
-        if keys is None:
-            if node_id is not None:
-                raise ConfigError(f"websocket config names node_id {node_id!r} but gives no keys to prove it")
-            keys = NodeKeys.generate()
-            self.io_log.warning(
-                "ws_keys_generated",
-                node_id=keys.node_id,
-                reason="no keys in the config: this transport authenticates as a fresh, ephemeral node id",
-            )
-            return keys
-        if not isinstance(keys, NodeKeys):
-            raise ConfigError(f"websocket config keys must be NodeKeys, got {type(keys).__name__}")
-        if node_id is not None and node_id != keys.node_id:
-            raise ConfigError(f"websocket config node_id {node_id!r} is not the keys' node id {keys.node_id}")
-        return keys
 
     async def io_shutdown(self) -> None:
         """Close outbound WebSockets, then the server's connections."""

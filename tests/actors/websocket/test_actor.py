@@ -7,13 +7,17 @@ import os
 import queue
 from typing import Any
 
+import pytest
+import structlog
+
 from tests.actors.acceptor.support import WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
 from villagemesh.actors.secure.keys import NodeKeys
 from villagemesh.actors.transport import Received, Transmit, TransmitResult
-from villagemesh.actors.websocket.actor import WebSocketActor, send_envelope, websocket_status
+from villagemesh.actors.websocket.actor import WebSocketActor, config_keys, send_envelope, websocket_status
 from villagemesh.actors.websocket.messages import EnvelopeSent, SendFailed
 from villagemesh.actors.websocket.transport import WebSocketClient
+from villagemesh.errors import ConfigError
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
 
 
@@ -143,3 +147,17 @@ def test_actor_without_keys_generates_them_and_says_so(runtime: Any, recorder: A
     runtime.bus.client().tell("websocket-nokeys", Transmit(msg.id, "0" * 32, url, encode_message(msg), "sink"))
     result = inbox.get(timeout=WAIT)
     assert isinstance(result, TransmitResult) and not result.ok and result.retryable  # authenticated, wrong id
+
+
+def test_config_keys_must_prove_the_configured_node_id() -> None:
+    """A node_id other than the keys' (or without keys), or keys of the wrong type, are ConfigErrors naming them."""
+    keys = NodeKeys.generate()
+    with structlog.testing.capture_logs() as logs:
+        assert config_keys({"keys": keys, "node_id": keys.node_id}, structlog.get_logger()) is keys
+    assert logs == []
+    with pytest.raises(ConfigError, match=f"'{'0' * 32}'.*{keys.node_id}"):
+        config_keys({"keys": keys, "node_id": "0" * 32}, structlog.get_logger())
+    with pytest.raises(ConfigError, match="'n1' but gives no keys"):
+        config_keys({"node_id": "n1"}, structlog.get_logger())
+    with pytest.raises(ConfigError, match="got bytes"):
+        config_keys({"keys": keys.to_bytes()}, structlog.get_logger())
