@@ -59,7 +59,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import aiohttp
 import structlog
@@ -91,7 +91,7 @@ HEARTBEAT_S = 30.0
 KEEPALIVE_S = 75.0
 """Idle HTTP keep-alive before aiohttp closes a connection (nginx's default); WebSockets use the heartbeat."""
 
-OnMessage = EnvelopeHandler
+OnMessage: TypeAlias = EnvelopeHandler
 """``on_message(message, raw, peer_id)``: an envelope from the authenticated peer ``peer_id``, on the loop's thread."""
 
 

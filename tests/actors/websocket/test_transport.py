@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -198,7 +198,7 @@ def test_spoofed_sender_is_rejected_counted_and_never_delivered_and_the_connecti
     """An authenticated peer claiming another node's id: refused and logged; its honest envelope still arrives."""
     mallory, alice = NodeKeys.generate(), NodeKeys.generate()
 
-    async def body() -> tuple[WebSocketServer, list[dict[str, Any]]]:
+    async def body() -> tuple[WebSocketServer, list[MutableMapping[str, Any]]]:
         inbox = Inbox()
         async with node(inbox) as (server, url), aiohttp.ClientSession() as session:
             async with session.ws_connect(url + WS_PATH) as ws:
@@ -264,7 +264,7 @@ def test_open_connection_is_bound_to_the_peer_it_authenticated() -> None:
 def test_plain_envelope_frame_is_refused_and_that_connection_closed() -> None:
     """A raw WebSocket client sending an unencrypted envelope: closed with 1002, counted, nothing delivered."""
 
-    async def body() -> tuple[WebSocketServer, list[dict[str, Any]]]:
+    async def body() -> tuple[WebSocketServer, list[MutableMapping[str, Any]]]:
         inbox = Inbox()
         async with node(inbox) as (server, url), aiohttp.ClientSession() as session:
             with structlog.testing.capture_logs() as logs:
@@ -305,7 +305,7 @@ def test_text_frame_is_refused_with_1003() -> None:
 def test_client_that_never_handshakes_is_dropped_after_the_timeout() -> None:
     """A WebSocket opened and left silent is closed with 1008 once the handshake deadline passes."""
 
-    async def body() -> tuple[WebSocketServer, list[dict[str, Any]]]:
+    async def body() -> tuple[WebSocketServer, list[MutableMapping[str, Any]]]:
         async with node(Inbox(), handshake_timeout=0.2) as (server, url), aiohttp.ClientSession() as session:
             with structlog.testing.capture_logs() as logs:
                 async with session.ws_connect(url + WS_PATH) as silent:
