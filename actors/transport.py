@@ -30,16 +30,34 @@ from dataclasses import dataclass
 
 from villagemesh.actors import codec
 
-__all__ = ["TRANSPORT_NAMES", "Discover", "Discovered", "Received", "Sighting", "Transmit", "TransmitResult"]
+__all__ = [
+    "REPLY_ADDRESS",
+    "TRANSPORT_NAMES",
+    "Discover",
+    "Discovered",
+    "Received",
+    "Sighting",
+    "Transmit",
+    "TransmitResult",
+]
 
 TRANSPORT_NAMES = ("libp2p", "bitchat", "betanet", "websocket")
 """Every transport a network mode can name; each is also its actor's bus name."""
 
 
+REPLY_ADDRESS = ""
+"""``Transmit.address`` meaning "on a connection ``peer_id`` already has open to us" (the one
+a message came in on): how an ack goes back to a sender this node has no route to yet. A
+transport with no such connection answers a retryable ``ConnectError``."""
+
+
 @codec.message("transport.Transmit")
 @dataclass(frozen=True, slots=True)
 class Transmit:
-    """Send one encoded envelope to ``address`` of ``peer_id``; answer with TransmitResult."""
+    """Send one encoded envelope to ``address`` of ``peer_id``; answer with TransmitResult.
+
+    ``address`` is :data:`REPLY_ADDRESS` for "on the peer's own open connection to us".
+    """
 
     message_id: bytes
     peer_id: str

@@ -8,8 +8,8 @@
     ├── app           subscribers and delivery handles
     ├── transports    (one_for_one)
     │   └── websocket aiohttp server and client
-    ├── lan           beacons, discovery responder, bootstrap probes
     ├── acceptor      one TCP port, sniffed and handed off
+    ├── lan           beacons, discovery responder, bootstrap probes
     └── sweeper       discovery rounds
 
 :func:`create_network` makes a :class:`Node`; ``start()`` builds the runtime
@@ -350,6 +350,15 @@ class Node:
             ChildSpec("app", AppActor, config={"subscribers": self.subscribers, "handles": self.handles}),
             transports,
             ChildSpec(
+                "acceptor",
+                AcceptorActor,
+                config={
+                    "host": cfg.host,
+                    "port": self.port,
+                    "routes": {"http": "websocket", "discovery": "lan"},
+                },
+            ),
+            ChildSpec(
                 "lan",
                 LanActor,
                 config={
@@ -358,15 +367,6 @@ class Node:
                     "bootstrap": cfg.bootstrap,
                     "beacons": cfg.lan,
                     "beacon": BeaconConfig(group=cfg.lan_group, port=cfg.lan_port),
-                },
-            ),
-            ChildSpec(
-                "acceptor",
-                AcceptorActor,
-                config={
-                    "host": cfg.host,
-                    "port": self.port,
-                    "routes": {"http": "websocket", "discovery": "lan"},
                 },
             ),
             ChildSpec(

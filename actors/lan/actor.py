@@ -142,6 +142,8 @@ class LanActor(LoopActor):
                 assert self.peers_to is not None
                 self._tell(self.peers_to, Sighted((sighting,)))
             elif isinstance(error, VillageMeshError | asyncio.CancelledError):
+                # Forget the attempt, so the peer's next request (its next round) tries again.
+                self.probed_back.pop(request.node_id, None)
                 self.io_log.info(
                     "probe_back_failed", peer_id=request.node_id, address=f"{host}:{port}", reason=str(error)
                 )

@@ -54,7 +54,7 @@ from typing import Any
 from villagemesh.actors.base import Actor, ActorContext, TimerHandle
 from villagemesh.actors.bus import Sender
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
-from villagemesh.actors.transport import TRANSPORT_NAMES, Received, Transmit, TransmitResult
+from villagemesh.actors.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Received, Transmit, TransmitResult
 from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, decode_message, encode_message
 
@@ -98,6 +98,9 @@ REDISPATCH_EVERY = 1.0
 class _Wake:
     """Timer: the state asked for a Tick."""
 
+
+REPLY_CAPABLE = frozenset({"websocket"})
+"""Transports that can send on a connection the peer opened (``REPLY_ADDRESS``)."""
 
 HANDOFF_TIMEOUT = 0.1
 """Seconds the retrier waits for room in a transport's mailbox before that attempt fails."""
@@ -354,12 +357,23 @@ class RetrierActor(Actor):
             correlation_id=message.id,
             payload=b"",
         )
+        # An ack goes back on the connection its message came in on (the peer authenticated it,
+        # and it works before this node has a route to the sender); a transport that cannot do
+        # that gets the route instead.
         routes = self.routes.get(message.sender, {})
-        transport = arrived_on if arrived_on in routes else next_transport(self.mode, routes, ())
-        if transport is None:
-            self.ctx.log.emit("ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender)
-            return  # the sender retries; by then the registry may know a route back
-        transmit = Transmit(ack.id, message.sender, routes[transport][0], encode_message(ack), self.name)
+        transport: str | None = arrived_on
+        if arrived_on in REPLY_CAPABLE:
+            address = REPLY_ADDRESS
+        else:
+            transport = arrived_on if arrived_on in routes else next_transport(self.mode, routes, ())
+            if transport is None:
+                self.ctx.log.emit(
+                    "ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender
+                )
+                return  # the sender retries; by then the registry may know a route back
+            address = routes[transport][0]
+        assert transport is not None
+        transmit = Transmit(ack.id, message.sender, address, encode_message(ack), self.name)
         try:
             self.tell(transport, transmit, timeout=HANDOFF_TIMEOUT)
         except BusError as exc:

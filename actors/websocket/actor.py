@@ -37,7 +37,7 @@ from villagemesh.actors.acceptor.messages import ConnectionHandedOff
 from villagemesh.actors.bus import Sender
 from villagemesh.actors.secure.keys import NodeKeys
 from villagemesh.actors.secure.tcp import HANDSHAKE_TIMEOUT_S
-from villagemesh.actors.transport import Discover, Discovered, Received, Transmit, TransmitResult
+from villagemesh.actors.transport import REPLY_ADDRESS, Discover, Discovered, Received, Transmit, TransmitResult
 from villagemesh.actors.websocket.messages import (
     EnvelopeSent,
     GetWebSocketStatus,
@@ -178,7 +178,10 @@ class WebSocketActor(LoopActor):
                 raise error  # not a transport failure: a bug, let the supervisor see it
             self._tell_outcome(request.reply_to, outcome)
 
-        self.run_on_loop(self.client.send(request.address, request.envelope, expected_peer=request.peer_id), then)
+        if request.address == REPLY_ADDRESS:
+            self.run_on_loop(self.server.send(request.peer_id, request.envelope), then)
+        else:
+            self.run_on_loop(self.client.send(request.address, request.envelope, expected_peer=request.peer_id), then)
 
     def _tell_outcome(self, to: str, outcome: object) -> None:
         try:
