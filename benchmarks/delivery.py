@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import struct
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit
+from discovery import free_port
 
 from villagemesh import create_network
 
@@ -50,12 +50,6 @@ WAIT = 300.0
 """Seconds a run may take before the benchmark gives up (only a hang reaches it)."""
 
 _LEN = struct.Struct(">I")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Counting:
@@ -83,7 +77,7 @@ class Pair:
     """Two started nodes that know each other; B sends to A."""
 
     def __init__(self, root: Path) -> None:
-        port_a, port_b = _free_port(), _free_port()
+        port_a, port_b = free_port(), free_port()
         settings: dict[str, Any] = {"host": "127.0.0.1", "discovery_interval": 1.0, "discovery_timeout": 1.0}
         self.a = create_network(
             "hybrid", name="a", data_dir=root / "a", port=port_a, bootstrap=(f"127.0.0.1:{port_b}",), **settings

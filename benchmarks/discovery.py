@@ -19,6 +19,9 @@ Topologies (how a node learns its first peers):
 * ``lan``: no seeds; ``lan=True`` signed UDP multicast beacons on loopback.
 * ``full``: every node seeded with every other acceptor (the static list of
   the 10-node integration test): the reference for what probing alone costs.
+  Run up to ``--full-max-n`` (50): at 100, every round is 9,900 probes (19,800
+  with the probes back), both ends in this one process, and it runs out of file
+  descriptors (EMFILE at a limit of 20,000).
 
 Where a topology does not converge within ``--max-wait`` seconds its figure is
 ``null`` and the view sizes reached (min/mean/max peers per node) are shown.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import socket
 import sys
@@ -48,14 +52,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, percentile
 
 from villagemesh import create_network
+from villagemesh.errors import VillageMeshError
 
 TARGET_N, TARGET_S = 50, 3.0
 
 
-def _free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port free right now, *below* the kernel's ephemeral range.
+
+    A node's port is fixed before it starts (so seeds and restarts know it); a port
+    from the ephemeral range can meanwhile be taken as the local port of some
+    outbound connection (other nodes' probes), and the acceptor then cannot bind
+    it (``EADDRINUSE``, seen with 50 nodes in one process). Ports below the range
+    are never handed out for outbound connections.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default range starts here
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 20000), low)
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # taken: draw another
+            return port
+    raise OSError(f"no free port found below {low} on {host}")
 
 
 def _epoch(timestamp: str) -> float:
@@ -105,8 +128,8 @@ def seeds(topology: str, ports: list[int], i: int) -> tuple[str, ...]:
 
 def run(n: int, topology: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Start ``n`` nodes, measure convergence, stop them; the figures."""
-    ports = [_free_port() for _ in range(n)]
-    beacon_port = _free_port(socket.SOCK_DGRAM)  # this run's own beacon port: no other run's nodes are heard
+    ports = [free_port() for _ in range(n)]
+    beacon_port = free_port(socket.SOCK_DGRAM)  # this run's own beacon port: no other run's nodes are heard
     nodes = [
         create_network(
             "hybrid",
@@ -162,12 +185,21 @@ def main() -> None:
     parser.add_argument("--max-wait", type=float, default=20.0, help="seconds before a run counts as not converged")
     parser.add_argument("--interval", type=float, default=1.0, help="discovery_interval of every node")
     parser.add_argument("--timeout", type=float, default=1.0, help="discovery_timeout of every node")
+    parser.add_argument("--full-max-n", type=int, default=50, help="largest N run with full seed lists")
     args = parser.parse_args()
     results: dict[str, list[dict[str, Any]]] = {t: [] for t in args.topologies}
     with tempfile.TemporaryDirectory(prefix="vm-discovery-") as tmp:
         for topology in args.topologies:
             for n in args.sizes:
-                figures = run(n, topology, args, Path(tmp))
+                if topology == "full" and n > args.full_max_n:
+                    continue
+                try:
+                    figures = run(n, topology, args, Path(tmp))
+                except (VillageMeshError, OSError) as exc:  # a start() timed out, out of descriptors: report, go on
+                    figures = {"n": n, "converge_s": None, "error": f"{type(exc).__name__}: {exc}"}
+                    print(f"{topology:>5} N={n:<4} failed: {figures['error']}", flush=True)
+                    results[topology].append(figures)
+                    continue
                 results[topology].append(figures)
                 conv = figures["converge_s"]
                 print(

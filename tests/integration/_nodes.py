@@ -12,6 +12,7 @@ in a child process is configured exactly like one in the test process.
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 import time
@@ -64,10 +65,27 @@ def running(nodes: Iterable[Any]) -> Iterator[list[Any]]:
 
 
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port free right now (TCP: for a node that must come back on the same port after a restart)."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port free right now, *below* the kernel's ephemeral range.
+
+    A node's port is fixed before it starts (so seeds and restarts know it); a port
+    from the ephemeral range can meanwhile be taken as the local port of some
+    outbound connection (other nodes' probes), and the acceptor then cannot bind
+    it (``EADDRINUSE``, seen with 50 nodes in one process). Ports below the range
+    are never handed out for outbound connections.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default range starts here
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 20000), low)
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue  # taken: draw another
+            return port
+    raise OSError(f"no free port found below {low} on {host}")
 
 
 class Inbox:
