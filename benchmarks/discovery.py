@@ -57,6 +57,10 @@ from villagemesh.errors import VillageMeshError
 TARGET_N, TARGET_S = 50, 3.0
 
 
+_GIVEN: set[tuple[int, int]] = set()
+"""(socket kind, port) pairs :func:`free_port` returned already."""
+
+
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     """A port free right now, *below* the kernel's ephemeral range.
 
@@ -64,7 +68,8 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
     from the ephemeral range can meanwhile be taken as the local port of some
     outbound connection (other nodes' probes), and the acceptor then cannot bind
     it (``EADDRINUSE``, seen with 50 nodes in one process). Ports below the range
-    are never handed out for outbound connections.
+    are never handed out for outbound connections. A port is never handed out
+    twice by one process (two nodes drawing the same one would fight over it).
     """
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -72,11 +77,14 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
         low = 32768  # Linux's default range starts here
     for _ in range(200):
         port = random.randrange(max(1024, low - 20000), low)
+        if (kind, port) in _GIVEN:
+            continue
         with socket.socket(socket.AF_INET, kind) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
                 continue  # taken: draw another
+            _GIVEN.add((kind, port))
             return port
     raise OSError(f"no free port found below {low} on {host}")
 
