@@ -150,6 +150,13 @@ def run(n: int, topology: str, args: argparse.Namespace, root: Path) -> dict[str
             lan_port=beacon_port,
             discovery_interval=args.interval,
             discovery_timeout=args.timeout,
+            # Every node here shares one source address (127.0.0.1), so the per-source
+            # limits that protect a node from one flooding host would also throttle
+            # its honest neighbours: a lab on one host raises them (as documented).
+            lan_rate_per_s=1000.0,
+            lan_burst=1000.0,
+            max_connections_per_source=4096,
+            max_connections=8192,
         )
         for i in range(n)
     ]

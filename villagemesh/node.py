@@ -72,6 +72,15 @@ class NodeConfig:
     lan: bool = False
     lan_group: str = "239.255.42.99"
     lan_port: int = 42424
+    lan_rate_per_s: float = 2.0
+    """Beacons accepted per second from one source address (a lab with many nodes on
+    one host raises it: they all share one address)."""
+    lan_burst: float = 8.0
+    max_connections_per_source: int = 64
+    """Open connections the acceptor allows one source address (many local nodes: raise it)."""
+    max_connections: int = 1024
+    start_timeout: float = 30.0
+    """Seconds ``start()`` waits for the acceptor to listen."""
     discovery_interval: float = 2.0
     discovery_timeout: float = 1.5
     peer_max_age: float = 300.0
@@ -93,10 +102,24 @@ class NodeConfig:
         for entry in bootstrap:
             _split_host_port(entry)
         object.__setattr__(self, "bootstrap", bootstrap)
-        for name in ("discovery_interval", "discovery_timeout", "peer_max_age", "ack_timeout", "backoff_base"):
+        positive = (
+            "discovery_interval",
+            "discovery_timeout",
+            "peer_max_age",
+            "ack_timeout",
+            "backoff_base",
+            "lan_rate_per_s",
+            "lan_burst",
+            "start_timeout",
+        )
+        for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name in ("max_connections_per_source", "max_connections"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if self.name is not None and (not self.name or "/" in self.name):
             raise ConfigError(f"node name must be non-empty without '/', got {self.name!r}")
 
@@ -243,7 +266,7 @@ class Node:
             self._root = Supervisor.launch(self._tree(), env, watcher=self._root_ended)
             self._started = True
         try:
-            self._wait_until_listening()
+            self._wait_until_listening(self.config.start_timeout)
         except VillageMeshError:
             self.stop()
             raise
@@ -323,6 +346,7 @@ class Node:
 
     def _tree(self) -> SupervisorSpec:
         from villagemesh.actors.acceptor.actor import AcceptorActor
+        from villagemesh.actors.acceptor.state import AcceptorLimits
         from villagemesh.actors.lan.actor import LanActor
         from villagemesh.actors.lan.beacon import BeaconConfig
         from villagemesh.actors.lan.identity import Identity
@@ -382,6 +406,10 @@ class Node:
                     "host": cfg.host,
                     "port": self.port,
                     "routes": {"http": "websocket", "discovery": "lan"},
+                    "limits": AcceptorLimits(
+                        max_per_source=cfg.max_connections_per_source,
+                        max_total=max(cfg.max_connections, cfg.max_connections_per_source),
+                    ),
                 },
             ),
             ChildSpec(
@@ -392,7 +420,9 @@ class Node:
                     "peers_to": "registry",
                     "bootstrap": cfg.bootstrap,
                     "beacons": cfg.lan,
-                    "beacon": BeaconConfig(group=cfg.lan_group, port=cfg.lan_port),
+                    "beacon": BeaconConfig(
+                        group=cfg.lan_group, port=cfg.lan_port, rate_per_s=cfg.lan_rate_per_s, burst=cfg.lan_burst
+                    ),
                 },
             ),
             ChildSpec(
@@ -575,4 +605,3 @@ def create_network(mode: NetworkMode | str = NetworkMode.HYBRID, **settings: Any
     if unknown:
         raise ConfigError(f"unknown node settings {unknown}; known: {sorted(known)}")
     return Node(NodeConfig(mode=NetworkMode.parse(mode), **settings))
-

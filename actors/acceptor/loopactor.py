@@ -43,6 +43,16 @@ class _LoopResult:
     error: BaseException | None
 
 
+async def _cancel_remaining() -> None:
+    """Cancel every task still on the loop (probes, sends in progress) and wait for them,
+    so none is destroyed pending when the loop closes."""
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class LoopActor(Actor):
     """An actor owning one event loop thread.
 
@@ -82,7 +92,11 @@ class LoopActor(Actor):
             if io_loop.loop.is_running():
                 io_loop.call(self.io_shutdown(), LOOP_CALL_TIMEOUT_S)
         finally:
-            io_loop.stop()
+            try:
+                if io_loop.loop.is_running():
+                    io_loop.call(_cancel_remaining(), LOOP_CALL_TIMEOUT_S)
+            finally:
+                io_loop.stop()
 
     def post(self, msg: object) -> None:
         """From the loop thread: hand ``msg`` to :meth:`on_loop_message` in the actor thread."""

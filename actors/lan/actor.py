@@ -55,6 +55,10 @@ PROBE_BACK_EVERY_S = 30.0
 PROBE_BACK_TIMEOUT_S = 3.0
 """Seconds a probe back may take."""
 
+ANSWER_DELAY_S = 0.05
+"""After hearing a new node's beacon, wait this long (gathering other newcomers) and beacon once."""
+
+
 PROBE_BACK_MEMORY = 4096
 """Peers remembered as recently probed back (oldest forgotten first): bounded memory."""
 
@@ -88,6 +92,9 @@ class LanActor(LoopActor):
         self.responder_counts: Counter[str] = Counter()
         self.bootstrap = tuple(_host_port(entry) for entry in config.get("bootstrap", ()))
         self.probed_back: dict[str, float] = {}
+        self.heard: dict[str, None] = {}
+        """Node ids whose beacons we have heard (oldest forgotten first)."""
+        self.answer_pending = False
         self.beacon: BeaconEndpoint | None = None
         self.start_io()
         if config.get("beacons", True):
@@ -101,8 +108,22 @@ class LanActor(LoopActor):
             await beacon.close()
 
     def _heard(self, announce: Announce, source: tuple[str, int]) -> None:
-        # On the loop thread: only pass the value on.
+        # On the loop thread. A node never heard before has not heard us either, most
+        # likely (it just started): answer with our own beacon soon, once for all the
+        # newcomers of that moment (mDNS-style), instead of at our next scheduled one.
+        if announce.node_id not in self.heard and announce.node_id != self.identity.node_id:
+            if len(self.heard) >= PROBE_BACK_MEMORY:
+                self.heard.pop(next(iter(self.heard)))
+            self.heard[announce.node_id] = None
+            if not self.answer_pending and self.beacon is not None:
+                self.answer_pending = True
+                asyncio.get_running_loop().call_later(ANSWER_DELAY_S, self._answer)
         self.post((announce, source))
+
+    def _answer(self) -> None:
+        self.answer_pending = False
+        if self.beacon is not None:
+            self.beacon.send_now()
 
     def _requested(self, request: DiscoveryRequest) -> None:
         # On the loop thread: a peer asked who we are; the actor decides whether to ask back.

@@ -39,6 +39,7 @@ addresses; once per node id per endpoint, later beacons are quiet),
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import socket
 import struct
@@ -65,6 +66,23 @@ DEFAULT_PORT = 42424
 
 OnPeer = Callable[[Announce, tuple[str, int]], None]
 """Receives each verified announce of another node and its source address (on the loop's thread)."""
+
+
+REHEAR_S = 1.0
+"""A peer's beacons are verified at most once per this many seconds by each receiver."""
+
+MAX_REMEMBERED = 4096
+"""Peers whose last verification time is remembered (oldest forgotten first)."""
+
+
+def _claimed_node_id(data: bytes) -> str | None:
+    """The ``node_id`` a datagram claims (unverified), or None if it does not parse as one."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    value = obj.get("node_id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +143,7 @@ class BeaconEndpoint:
         self.mode = "multicast"
         self.destination = (self.config.group, self.config.port)
         self._seen: set[str] = set()
+        self._verified_at: dict[str, float] = {}
         self._transport: asyncio.DatagramTransport | None = None
         self._sender: asyncio.Task[None] | None = None
 
@@ -206,8 +225,19 @@ class BeaconEndpoint:
     def datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         """One datagram from ``addr``: rate limit, verify, hand on."""
         source = addr[0]
-        if not self.limiter.allow(source, self.clock()):
+        now = self.clock()
+        if not self.limiter.allow(source, now):
             self.counts["rate_limited"] += 1
+            return
+        # Signature checks are the cost of a beacon. Our own (multicast loops back) and a
+        # peer verified within REHEAR_S tell nothing new: skip them on the id they claim,
+        # which is safe, since an id is only remembered after its signature verified.
+        claimed = _claimed_node_id(data)
+        if claimed == self.node_id:
+            self.counts["own"] += 1
+            return
+        if claimed is not None and now - self._verified_at.get(claimed, -REHEAR_S) < REHEAR_S:
+            self.counts["recent"] += 1
             return
         try:
             event = decode_discovery(data)
@@ -221,6 +251,9 @@ class BeaconEndpoint:
             self.counts["own"] += 1
             return
         self.counts["accepted"] += 1
+        if len(self._verified_at) >= MAX_REMEMBERED and event.node_id not in self._verified_at:
+            self._verified_at.pop(next(iter(self._verified_at)))
+        self._verified_at[event.node_id] = now
         if event.node_id not in self._seen:
             self._seen.add(event.node_id)
             self.log.info(

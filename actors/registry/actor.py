@@ -34,6 +34,7 @@ Log events: ``peer_discovered`` (peer_id, source, transports), ``peer_updated``
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from villagemesh.actors.base import Actor, ActorContext
@@ -80,6 +81,16 @@ def _positive(config: dict[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
+LAST_SEEN_WRITE_S = 10.0
+"""A peer's freshness alone is written to the file at most this often (every sighting
+would be a commit: thousands a second in a lab of many nodes on one host)."""
+
+
+def _only_fresher(old: PeerRecord, new: PeerRecord) -> bool:
+    """Whether ``new`` differs from ``old`` only in last_seen, latency and source."""
+    return replace(new, last_seen=old.last_seen, latency_ms=old.latency_ms, source=old.source) == old
+
+
 class RegistryActor(Actor):
     """Keeps every known peer, persisted; answers who is out there and who is fit to evolve with."""
 
@@ -102,6 +113,7 @@ class RegistryActor(Actor):
     def on_start(self) -> None:
         self.store = PeerStore(self.path)
         self.peers = {rec.peer_id: rec for rec in self.store.all()}
+        self._persisted_seen: dict[str, float] = {peer_id: rec.last_seen for peer_id, rec in self.peers.items()}
         self.schedule(self.expire_every, _Expire())
 
     def on_stop(self) -> None:
@@ -194,7 +206,16 @@ class RegistryActor(Actor):
             return
         if not seen.changed:
             return
+        old = self.peers.get(rec.peer_id)
+        if old is not None and not (seen.new or seen.routes_changed) and _only_fresher(old, seen.record):
+            persisted = self._persisted_seen.get(rec.peer_id, old.last_seen)
+            if seen.record.last_seen - persisted < LAST_SEEN_WRITE_S:
+                # Only freshness moved: keep it in memory; the file gets it at most every
+                # LAST_SEEN_WRITE_S (a crash loses that much freshness, nothing else).
+                self.peers[rec.peer_id] = seen.record
+                return
         self.store.upsert(seen.record)
+        self._persisted_seen[rec.peer_id] = seen.record.last_seen
         self.peers[rec.peer_id] = seen.record
         if seen.new or seen.routes_changed:
             event = "peer_discovered" if seen.new else "peer_updated"

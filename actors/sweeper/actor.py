@@ -37,6 +37,8 @@ class SweeperActor(Actor):
         self.first_delay = float(cfg.get("first_delay", 0.0))
         self.last: Outcome | None = None
         self.rounds = 0
+        self.late = 0
+        """Answers that came after their round closed (their sightings were still used)."""
 
     def on_start(self) -> None:
         self._next = self.schedule(self.first_delay, SweepNow())
@@ -72,10 +74,13 @@ class SweeperActor(Actor):
             self._close(round_)
 
     def _discovered(self, msg: Discovered) -> None:
-        if not self.state.answered(msg.round, msg.transport, len(msg.sightings), msg.errors):
-            return
+        # Sightings are facts whenever they arrive: a late answer still reaches the
+        # registry; only the round's bookkeeping ignores it.
         if msg.sightings:
             self.tell(self.registry, Sighted(msg.sightings))
+        if not self.state.answered(msg.round, msg.transport, len(msg.sightings), msg.errors):
+            self.late += 1
+            return
         if self.state.complete:
             self._close(msg.round)
 
