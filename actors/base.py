@@ -326,6 +326,7 @@ class ActorContext:
 
 _recv = zmq.backend.Socket.recv
 """pyzmq's compiled recv, without the Python-level wrapper."""
+_zmq_poll = zmq.backend.zmq_poll
 
 
 def _poll_key(pollable: Any) -> Any:
@@ -361,11 +362,10 @@ class _BusInbox:
         self._socket = mailbox.socket
         self._redeliver = mailbox.redeliver
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poll_all = zmq.Poller()
-        self._poll_all.register(self._socket, zmq.POLLIN)
-        self._poll_all.register(self._wake, zmq.POLLIN)
-        self._poll_paused = zmq.Poller()
-        self._poll_paused.register(self._wake, zmq.POLLIN)
+        # Item lists for pyzmq's compiled zmq_poll (the Poller wrapper costs microseconds
+        # on every wake-up, which an ask pays twice).
+        self._items_all: list[tuple[Any, int]] = [(self._socket, zmq.POLLIN), (self._wake, zmq.POLLIN)]
+        self._items_paused: list[tuple[Any, int]] = [(self._wake, zmq.POLLIN)]
         self._watched: dict[Any, Callable[[], Any]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -386,15 +386,15 @@ class _BusInbox:
         ``get`` returns ``item()``."""
         key = _poll_key(pollable)
         self._watched[key] = item
-        self._poll_all.register(key, zmq.POLLIN)
-        self._poll_paused.register(key, zmq.POLLIN)
+        self._items_all.append((key, zmq.POLLIN))
+        self._items_paused.append((key, zmq.POLLIN))
 
     def unwatch(self, pollable: Any) -> None:
         """Stop watching ``pollable``."""
         key = _poll_key(pollable)
         if self._watched.pop(key, None) is not None:
-            self._poll_all.unregister(key)
-            self._poll_paused.unregister(key)
+            self._items_all.remove((key, zmq.POLLIN))
+            self._items_paused.remove((key, zmq.POLLIN))
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         sock = self._socket
@@ -408,8 +408,10 @@ class _BusInbox:
                     return busmod.Delivery(_recv(sock, zmq.NOBLOCK))
                 except zmq.Again:
                     pass
-            ready = (self._poll_paused if self.paused else self._poll_all).poll()
-            for pollable, _ in ready:
+            ready = _zmq_poll(self._items_paused if self.paused else self._items_all, -1)
+            for pollable, events in ready:
+                if not events:
+                    continue
                 if pollable == self._wake:
                     os.eventfd_read(self._wake)
                     continue
