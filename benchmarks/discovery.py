@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import resource
 import socket
 import sys
@@ -53,40 +52,12 @@ from _common import emit, percentile
 
 from villagemesh import create_network
 from villagemesh.errors import VillageMeshError
+from villagemesh.node import free_port
 
 TARGET_N, TARGET_S = 50, 3.0
 
 
-_GIVEN: set[tuple[int, int]] = set()
-"""(socket kind, port) pairs :func:`free_port` returned already."""
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port free right now, *below* the kernel's ephemeral range.
-
-    A node's port is fixed before it starts (so seeds and restarts know it); a port
-    from the ephemeral range can meanwhile be taken as the local port of some
-    outbound connection (other nodes' probes), and the acceptor then cannot bind
-    it (``EADDRINUSE``, seen with 50 nodes in one process). Ports below the range
-    are never handed out for outbound connections. A port is never handed out
-    twice by one process (two nodes drawing the same one would fight over it).
-    """
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default range starts here
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 20000), low)
-        if (kind, port) in _GIVEN:
-            continue
-        with socket.socket(socket.AF_INET, kind) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue  # taken: draw another
-            _GIVEN.add((kind, port))
-            return port
-    raise OSError(f"no free port found below {low} on {host}")
+# free_port (below the ephemeral range, never the same twice) is the node's own.
 
 
 def _epoch(timestamp: str) -> float:

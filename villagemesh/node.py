@@ -50,7 +50,7 @@ from villagemesh.supervision.log import EventLog
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Environment, Supervisor, which_children
 
-__all__ = ["NetworkMode", "Node", "NodeConfig", "PeerInfo", "create_network", "local_capabilities"]
+__all__ = ["NetworkMode", "Node", "NodeConfig", "PeerInfo", "create_network", "free_port", "local_capabilities"]
 
 ASK_TIMEOUT = 5.0
 """Seconds the node API waits for one of its own actors to answer."""
@@ -165,17 +165,18 @@ def local_capabilities(transports: Sequence[str] = ("websocket",)) -> Capabiliti
     )
 
 
-_PORTS_GIVEN: set[int] = set()
+_PORTS_GIVEN: set[tuple[int, int]] = set()
 _PORTS_LOCK = threading.Lock()
 
 
-def _free_port(host: str) -> int:
-    """A port free right now on ``host``, fixed for the node's life so that a restarted
-    acceptor listens where the node's announced addresses say it does.
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port free right now on ``host`` (TCP, or UDP with ``kind=SOCK_DGRAM``).
 
-    It is drawn *below* the kernel's ephemeral range: a port from that range could be
-    taken, before the acceptor binds it, as the local port of some outbound connection
-    (seen with 50 nodes in one process). One process never hands out a port twice.
+    A node's port is fixed before it starts (so seeds and a restarted acceptor
+    agree on it). It is drawn *below* the kernel's ephemeral range: a port from that
+    range could be taken, before the acceptor binds it, as the local port of some
+    outbound connection (seen with 50 nodes in one process). One process never hands
+    out the same port twice (two nodes drawing it would fight over it).
     """
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
@@ -186,14 +187,14 @@ def _free_port(host: str) -> int:
     for _ in range(200):
         port = rng.randrange(max(1024, low - 20000), low)
         with _PORTS_LOCK:
-            if port in _PORTS_GIVEN:
+            if (kind, port) in _PORTS_GIVEN:
                 continue
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            with socket.socket(socket.AF_INET, kind) as sock:
                 try:
                     sock.bind((host, port))
                 except OSError:
                     continue  # taken: draw another
-            _PORTS_GIVEN.add(port)
+            _PORTS_GIVEN.add((kind, port))
             return port
     raise ConfigError(f"no free port found on {host} below {low}; give the node a port")
 
@@ -221,7 +222,7 @@ class Node:
         self.keys = NodeKeys.load_or_create(config.data_dir / "node.key")
         self.node_id: str = self.keys.node_id
         self.name = config.name or f"node-{self.node_id[:8]}"
-        self.port = config.port or _free_port(config.host)
+        self.port = config.port or free_port(host=config.host)
         self.subscribers = Subscribers()
         self.handles = HandleTable()
         self._lock = threading.Lock()

@@ -12,8 +12,6 @@ in a child process is configured exactly like one in the test process.
 from __future__ import annotations
 
 import json
-import random
-import socket
 import threading
 import time
 from collections import Counter
@@ -21,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from villagemesh.node import free_port as free_port  # the node's own, re-exported for the tests
 
 FAST: dict[str, Any] = {
     "discovery_interval": 0.3,
@@ -64,36 +64,6 @@ def running(nodes: Iterable[Any]) -> Iterator[list[Any]]:
             node.stop()
 
 
-_GIVEN: set[tuple[int, int]] = set()
-"""(socket kind, port) pairs :func:`free_port` returned already."""
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port free right now, *below* the kernel's ephemeral range.
-
-    A node's port is fixed before it starts (so seeds and restarts know it); a port
-    from the ephemeral range can meanwhile be taken as the local port of some
-    outbound connection (other nodes' probes), and the acceptor then cannot bind
-    it (``EADDRINUSE``, seen with 50 nodes in one process). Ports below the range
-    are never handed out for outbound connections. A port is never handed out
-    twice by one process (two nodes drawing the same one would fight over it).
-    """
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default range starts here
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 20000), low)
-        if (kind, port) in _GIVEN:
-            continue
-        with socket.socket(socket.AF_INET, kind) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue  # taken: draw another
-            _GIVEN.add((kind, port))
-            return port
-    raise OSError(f"no free port found below {low} on {host}")
 
 
 class Inbox:
