@@ -306,6 +306,10 @@ class Ok:
     """The reply to an ask whose handler returned None."""
 
 
+_OK = Ok()
+"""The one Ok reply (messages are immutable, so one instance serves every reply)."""
+
+
 @dataclass(frozen=True)
 class ActorContext:
     """Everything an actor instance is given by its supervisor.
@@ -459,8 +463,9 @@ class Actor(Supervised):
         # case, go straight to _on_frame; everything else takes the general route.
         try:
             if type(message) is busmod.Delivery:
+                result = None
                 try:
-                    result = self._on_frame(message.frame)
+                    self._on_frame(message.frame)
                 except Exception:
                     raise
                 except BaseException as exc:
@@ -473,7 +478,8 @@ class Actor(Supervised):
             except VillageMeshError as flush_error:
                 exc.add_note(f"tells held by this turn could not be sent: {flush_error}")
             raise
-        self.sender.flush()
+        if self.sender._pending:
+            self.sender.flush()
         return result
 
     def _teardown(self) -> None:
@@ -510,18 +516,24 @@ class Actor(Supervised):
             self._reject(str(exc))
             return
         if kind is busmod.Kind.TELL:
-            self._handle_one(msg)
-            self._acknowledged()
+            if type(msg) is InjectedCrash:
+                raise CrashInjected(msg.reason)
+            self.handle(msg)
+            if self._acknowledge:
+                self.sender.uplink(b"ack")
         elif kind is busmod.Kind.ASK and reply_to is not None:
             try:
-                answer = self._handle_one(msg)
+                if type(msg) is InjectedCrash:
+                    raise CrashInjected(msg.reason)
+                answer = self.handle(msg)
             except BaseException as exc:
                 self.sender.reply(
                     reply_to, correlation, busmod.Fault(self.name, type(exc).__name__, str(exc)), fault=True
                 )
                 raise
-            self.sender.reply(reply_to, correlation, Ok() if answer is None else answer)
-            self._acknowledged()
+            self.sender.reply(reply_to, correlation, _OK if answer is None else answer)
+            if self._acknowledge:
+                self.sender.uplink(b"ack")
         elif kind is busmod.Kind.BATCH:
             self._on_batch(msg)
         else:

@@ -312,6 +312,7 @@ class Sender:
         self._reply_name: str | None = None
         self._reply_socket: zmq.Socket[bytes] | None = None
         self._uplink_socket: zmq.Socket[bytes] | None = None
+        self._reply_timeout = -1
         self._correlation = itertools.count(1)
         self.closed = False
         self.late_replies = 0
@@ -370,7 +371,8 @@ class Sender:
         Everything held is sent first, so whoever the asker tells next cannot
         overtake what the handler sent before answering.
         """
-        self.flush()
+        if self._pending:
+            self.flush()
         frame = encode_frame(Kind.FAULT if fault else Kind.REPLY, correlation, None, msg)
         if self._bus.uplink is not None:
             self.uplink(b"reply", reply_to.encode(), frame)
@@ -409,11 +411,11 @@ class Sender:
         """
         if not timeout > 0:
             raise ConfigError(f"ask timeout must be a positive number of seconds, got {timeout!r}")
-        reply_sock = self._ensure_reply_socket()
+        reply_sock = self._reply_socket or self._ensure_reply_socket()
         correlation = next(self._correlation)
         self.send_frame(to, encode_frame(Kind.ASK, correlation, self._reply_name, msg), timeout=timeout)
-        deadline = _monotonic_ms() + int(timeout * 1000)
         left = int(timeout * 1000)
+        deadline = 0  # read from the clock only if a late reply costs us time
         while True:
             # A blocking recv bounded by RCVTIMEO: one call, no separate poll.
             if left != self._reply_timeout:
@@ -426,6 +428,8 @@ class Sender:
             kind, corr, _, answer = decode_frame(frame, trusted=True)
             if corr != correlation:
                 self.late_replies += 1
+                if not deadline:
+                    deadline = _monotonic_ms() + left
                 left = deadline - _monotonic_ms()
                 if left <= 0:
                     raise AskTimeout(f"no reply from {to!r} to {type(msg).__name__} within {timeout} s")
@@ -462,7 +466,6 @@ class Sender:
             sock.setsockopt(zmq.LINGER, 0)
             sock.bind(self._bus.address(self._reply_name))
             self._reply_socket = sock
-            self._reply_timeout = -1
         return self._reply_socket
 
     def close(self, *, linger: int | None = None) -> None:
