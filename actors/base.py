@@ -203,6 +203,7 @@ class Supervised(pykka.ThreadingActor):
 
     def _stop(self) -> None:
         # pykka calls on_stop here; route it through the once-guard.
+        self._before_stop()
         pykka.ActorRegistry.unregister(self.actor_ref)
         self.actor_stopped.set()
         try:
@@ -236,6 +237,9 @@ class Supervised(pykka.ThreadingActor):
 
     def _after_start(self) -> None:
         """Base-class work right after ``on_start`` succeeded, in the actor's thread."""
+
+    def _before_stop(self) -> None:
+        """Base-class work when a stop was requested, before ``on_stop`` (the actor's thread)."""
 
     def _teardown(self) -> None:
         """Base-class tear-down, in the actor's thread, after ``on_stop``."""
@@ -305,6 +309,9 @@ class CrashInjected(VillageMeshError):
 class Ok:
     """The reply to an ask whose handler returned None."""
 
+
+DRAIN_LIMIT = 10_000
+"""Frames a stopping actor handles from its mailbox before it ends (a flood cannot keep it up)."""
 
 _OK = Ok()
 """The one Ok reply (messages are immutable, so one instance serves every reply)."""
@@ -456,6 +463,25 @@ class Actor(Supervised):
 
     def _after_start(self) -> None:
         self.sender.flush()  # tells made in on_start leave now, as a handler turn's would
+
+    def _before_stop(self) -> None:
+        """A requested stop waits its turn, as in OTP: what is already in the mailbox is handled
+        first (at most :data:`DRAIN_LIMIT` frames), so that a node shutting down does not drop
+        the tells its actors made to each other on their way out (e.g. the application's
+        ``Handled`` to the retrier, which would otherwise be dispatched again after a restart).
+        A crash does not drain: the next instance reads the mailbox."""
+        if self._inbox.paused:
+            return
+        redeliver, sock = self._mailbox.redeliver, self._mailbox.socket
+        for _ in range(DRAIN_LIMIT):
+            if redeliver:
+                frame = redeliver.popleft()
+            else:
+                try:
+                    frame = _recv(sock, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            self._handle_receive(busmod.Delivery(frame))
 
     def _handle_receive(self, message: Any) -> Any:
         # One handler turn: the tells it made leave together when it ends (one frame

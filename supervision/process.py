@@ -209,6 +209,9 @@ class ProcessHost(Actor):
     def _on_frame(self, frame: bytes) -> None:
         self._forward(frame)  # the host does not decode its child's messages: it relays them
 
+    def _before_stop(self) -> None:
+        """No drain: frames still in the mailbox wait there for the next child."""
+
     def handle(self, msg: Any) -> Any:
         if isinstance(msg, _HelloTimeout):
             raise ChildProcessDied(f"child {self.name!r} (pid {self.pid}) did not say hello within {HELLO_TIMEOUT} s")
