@@ -142,13 +142,10 @@ def _default(obj: object) -> Any:
     raise CodecError(f"cannot encode a value of type {type(obj).__qualname__}: {obj!r:.80}")
 
 
-_packer_default = _default
-
-
 def pack(obj: Any) -> bytes:
     """msgpack with this codec's rules for nested messages and enums."""
     try:
-        return msgpack.packb(obj, default=_packer_default, use_bin_type=True)
+        return msgpack.packb(obj, default=_default, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise CodecError(f"cannot encode {obj!r:.120}: {exc}") from exc
 

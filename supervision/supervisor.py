@@ -112,7 +112,7 @@ class Supervisor(Supervised):
             if isinstance(child.spec, ChildSpec):
                 self.env.bus.open_mailbox(child.spec.bus_name)
         for child in list(self._children.values()):
-            self._start(child, restarted=False)
+            self._start(child)
 
     def on_stop(self) -> None:
         self._stop_all("shutdown")
@@ -161,7 +161,7 @@ class Supervisor(Supervised):
 
     # -- starting ----------------------------------------------------------------------------
 
-    def _start(self, child: _Child, *, restarted: bool) -> None:
+    def _start(self, child: _Child) -> None:
         spec = child.spec
         done = threading.Event()
         child.done = done
@@ -204,20 +204,6 @@ class Supervisor(Supervised):
     def _launch(self, spec: ChildSpec | SupervisorSpec, watcher: Any) -> Supervised:
         if isinstance(spec, SupervisorSpec):
             return Supervisor.launch(spec, self.env, parent=self.spec.id, watcher=watcher)
-        if spec.isolation is Isolation.PROCESS:
-            from villagemesh.supervision.process import ProcessHost
-
-            ctx = ActorContext(
-                bus=self.env.bus,
-                name=spec.bus_name,
-                log=self.env.log,
-                scheduler=self.env.scheduler,
-                watcher=watcher,
-                config=dict(spec.config),
-            )
-            if self.env.process_launcher is None:
-                raise SupervisionError(f"child {spec.id!r} wants process isolation but the node has no launcher")
-            return ProcessHost.launch(ctx, spec=spec, launcher=self.env.process_launcher())
         ctx = ActorContext(
             bus=self.env.bus,
             name=spec.bus_name,
@@ -226,6 +212,12 @@ class Supervisor(Supervised):
             watcher=watcher,
             config=dict(spec.config),
         )
+        if spec.isolation is Isolation.PROCESS:
+            from villagemesh.supervision.process import ProcessHost
+
+            if self.env.process_launcher is None:
+                raise SupervisionError(f"child {spec.id!r} wants process isolation but the node has no launcher")
+            return ProcessHost.launch(ctx, spec=spec, launcher=self.env.process_launcher())
         actor: Supervised = spec.factory.launch(ctx)
         return actor
 
@@ -284,7 +276,7 @@ class Supervisor(Supervised):
             if child is None or child.instance is not None:
                 continue
             child.restart_count += 1
-            self._start(child, restarted=True)
+            self._start(child)
             if child.instance is not None and child.ref is not None:
                 self.env.log.emit(
                     "child_restarted",

@@ -42,6 +42,7 @@ from villagemesh.actors.app.actor import AppActor
 from villagemesh.actors.app.state import DeliveryHandle, HandleTable, Subscribers
 from villagemesh.actors.base import ExitReport, Scheduler
 from villagemesh.actors.bus import Bus
+from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
 from villagemesh.errors import ConfigError, SupervisionError, VillageMeshError
 from villagemesh.protocols.discovery import Capabilities
@@ -100,7 +101,7 @@ class NodeConfig:
             raise ConfigError(f"port must be an int in 0..65535, got {self.port!r}")
         bootstrap = tuple(self.bootstrap)
         for entry in bootstrap:
-            _split_host_port(entry)
+            parse_host_port(entry)
         object.__setattr__(self, "bootstrap", bootstrap)
         positive = (
             "discovery_interval",
@@ -122,13 +123,6 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if self.name is not None and (not self.name or "/" in self.name):
             raise ConfigError(f"node name must be non-empty without '/', got {self.name!r}")
-
-
-def _split_host_port(entry: str) -> tuple[str, int]:
-    host, sep, port = str(entry).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"bootstrap entries are 'host:port', got {entry!r}")
-    return host, int(port)
 
 
 def local_capabilities(transports: Sequence[str] = ("websocket",)) -> Capabilities:

@@ -43,7 +43,7 @@ from villagemesh.actors.transport import Discover, Discovered, Sighting
 from villagemesh.errors import BusError, ConfigError, VillageMeshError
 from villagemesh.protocols.discovery import Announce, DiscoveryRequest, DiscoveryResponse, encode_discovery
 
-__all__ = ["TRANSPORT", "LanActor", "lan_status", "probe_peer"]
+__all__ = ["TRANSPORT", "LanActor", "lan_status", "parse_host_port", "probe_peer"]
 
 TRANSPORT = "lan"
 """The name this discovery source reports its sightings under."""
@@ -72,9 +72,10 @@ def _tcp_target(address: str) -> tuple[str, int] | None:
     return (host, int(port)) if colon and host and port.isdigit() else None
 
 
-def _host_port(entry: str) -> tuple[str, int]:
+def parse_host_port(entry: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``host:port`` bootstrap entry; ConfigError naming it otherwise."""
     host, sep, port = str(entry).rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"bootstrap entries are 'host:port', got {entry!r}")
     return host, int(port)
 
@@ -90,7 +91,7 @@ class LanActor(LoopActor):
         self.identity = identity
         self.peers_to: str | None = config.get("peers_to")
         self.responder_counts: Counter[str] = Counter()
-        self.bootstrap = tuple(_host_port(entry) for entry in config.get("bootstrap", ()))
+        self.bootstrap = tuple(parse_host_port(entry) for entry in config.get("bootstrap", ()))
         self.probed_back: dict[str, float] = {}
         self.heard: dict[str, None] = {}
         """Node ids whose beacons we have heard (oldest forgotten first)."""
