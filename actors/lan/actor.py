@@ -108,7 +108,7 @@ class LanActor(LoopActor):
         if beacon is not None:
             await beacon.close()
 
-    def _heard(self, announce: Announce, source: tuple[str, int]) -> None:
+    def _heard(self, announce: Announce, body: bytes, source: tuple[str, int]) -> None:
         # On the loop thread. A node never heard before has not heard us either, most
         # likely (it just started): answer with our own beacon soon, once for all the
         # newcomers of that moment (mDNS-style), instead of at our next scheduled one.
@@ -119,7 +119,7 @@ class LanActor(LoopActor):
             if not self.answer_pending and self.beacon is not None:
                 self.answer_pending = True
                 asyncio.get_running_loop().call_later(ANSWER_DELAY_S, self._answer)
-        self.post((announce, source))
+        self.post((announce, body, source))
 
     def _answer(self) -> None:
         self.answer_pending = False
@@ -135,9 +135,9 @@ class LanActor(LoopActor):
         if isinstance(message, DiscoveryRequest):
             self._probe_back(message)
             return
-        announce, (host, port) = message
+        announce, body, (host, port) = message
         if self.peers_to is not None:
-            heard = PeerAnnounced(announce.node_id, announce.addresses, f"{host}:{port}", encode_discovery(announce))
+            heard = PeerAnnounced(announce.node_id, announce.addresses, f"{host}:{port}", body)
             self._tell(self.peers_to, heard)
 
     def _probe_back(self, request: DiscoveryRequest) -> None:

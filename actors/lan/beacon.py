@@ -6,7 +6,7 @@ port; multicast and broadcast datagrams reach every socket bound to it)::
 
     every schedule.delay(n):  identity.announce() ──encode──▶ group:port   (multicast, TTL 1, loop on)
                                                          or ▶ broadcast:port (fallback)
-    datagram from src ──▶ rate limit(src) ──▶ decode + verify ──▶ not ours? ──▶ on_peer(announce, src)
+    datagram from src ──▶ rate limit(src) ──▶ decode + verify ──▶ not ours? ──▶ on_peer(announce, body, src)
                               │ over                │ garbage / bad signature / not an ANNOUNCE
                               ▼                     ▼
                           dropped, counted      dropped, counted, ``beacon_rejected`` logged
@@ -64,25 +64,36 @@ DEFAULT_GROUP = "239.255.42.99"
 DEFAULT_PORT = 42424
 """The beacon port every villagemesh node listens on."""
 
-OnPeer = Callable[[Announce, tuple[str, int]], None]
-"""Receives each verified announce of another node and its source address (on the loop's thread)."""
+OnPeer = Callable[[Announce, bytes, tuple[str, int]], None]
+"""Receives each verified announce of another node, the datagram it came in (its signed JSON
+body, to pass on without encoding it again) and its source address (on the loop's thread)."""
 
 
 REHEAR_S = 1.0
 """A peer's beacons are verified at most once per this many seconds by each receiver."""
 
+REFRESH_S = 30.0
+"""A beacon that claims exactly what a peer's last verified one said (addresses, capabilities) is
+verified again only after this long: it would only refresh the peer's last-seen time, which
+matters on the scale of the registry's max_age (300 s). A claim that differs is verified at once
+(after REHEAR_S)."""
+
 MAX_REMEMBERED = 4096
 """Peers whose last verification time is remembered (oldest forgotten first)."""
 
 
-def _claimed_node_id(data: bytes) -> str | None:
-    """The ``node_id`` a datagram claims (unverified), or None if it does not parse as one."""
+def _claim(data: bytes) -> tuple[str | None, str]:
+    """The ``node_id`` a datagram claims and what it says of it, unverified: ``(None, "")``
+    if it does not parse as one. The second part is the canonical JSON of the claimed
+    addresses and capabilities, to tell an unchanged beacon from a changed one."""
     try:
         obj = json.loads(data)
-    except ValueError:
-        return None
+    except (ValueError, RecursionError):
+        return None, ""
     value = obj.get("node_id") if isinstance(obj, dict) else None
-    return value if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None, ""
+    return value, json.dumps([obj.get("addresses"), obj.get("capabilities")], sort_keys=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +154,8 @@ class BeaconEndpoint:
         self.mode = "multicast"
         self.destination = (self.config.group, self.config.port)
         self._seen: set[str] = set()
-        self._verified_at: dict[str, float] = {}
+        self._verified_at: dict[str, tuple[float, str]] = {}
+        """node id -> when its beacon was last verified and what it said (see :func:`_claim`)."""
         self._transport: asyncio.DatagramTransport | None = None
         self._sender: asyncio.Task[None] | None = None
 
@@ -229,14 +241,16 @@ class BeaconEndpoint:
         if not self.limiter.allow(source, now):
             self.counts["rate_limited"] += 1
             return
-        # Signature checks are the cost of a beacon. Our own (multicast loops back) and a
-        # peer verified within REHEAR_S tell nothing new: skip them on the id they claim,
-        # which is safe, since an id is only remembered after its signature verified.
-        claimed = _claimed_node_id(data)
+        # Signature checks are the cost of a beacon. Our own (multicast loops back), a peer
+        # verified under REHEAR_S ago, and a peer repeating exactly what it said when last
+        # verified (under REFRESH_S ago) tell nothing new: skip them on what they claim, which
+        # is safe, since a claim is only remembered after its signature verified.
+        claimed, said = _claim(data)
         if claimed == self.node_id:
             self.counts["own"] += 1
             return
-        if claimed is not None and now - self._verified_at.get(claimed, -REHEAR_S) < REHEAR_S:
+        last = self._verified_at.get(claimed) if claimed is not None else None
+        if last is not None and (now - last[0] < REHEAR_S or (said == last[1] and now - last[0] < REFRESH_S)):
             self.counts["recent"] += 1
             return
         try:
@@ -253,14 +267,14 @@ class BeaconEndpoint:
         self.counts["accepted"] += 1
         if len(self._verified_at) >= MAX_REMEMBERED and event.node_id not in self._verified_at:
             self._verified_at.pop(next(iter(self._verified_at)))
-        self._verified_at[event.node_id] = now
+        self._verified_at[event.node_id] = (now, said if claimed == event.node_id else "")
         if event.node_id not in self._seen:
             self._seen.add(event.node_id)
             self.log.info(
                 "peer_discovered", source=f"{addr[0]}:{addr[1]}", node_id=event.node_id, addresses=list(event.addresses)
             )
         try:
-            self.on_peer(event, addr)
+            self.on_peer(event, data, addr)
         except Exception as exc:  # noqa: BLE001 - a broken consumer must not stop the endpoint hearing others
             self.counts["callback_failed"] += 1
             self.log.error("peer_callback_failed", source=f"{addr[0]}:{addr[1]}", error=f"{type(exc).__name__}: {exc}")

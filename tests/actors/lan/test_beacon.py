@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from tests.actors.acceptor.support import CAPS, free_udp_port, run, until
-from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
+from villagemesh.actors.lan.beacon import REFRESH_S, BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
-from villagemesh.protocols.discovery import Announce, encode_discovery
+from villagemesh.protocols.discovery import Announce, decode_discovery, encode_discovery
 
 
 def identity(port: int = 1) -> Identity:
@@ -32,7 +32,8 @@ class Heard:
         self.announces: list[tuple[Announce, tuple[str, int]]] = []
         self.event = asyncio.Event()
 
-    def __call__(self, announce: Announce, source: tuple[str, int]) -> None:
+    def __call__(self, announce: Announce, body: bytes, source: tuple[str, int]) -> None:
+        assert decode_discovery(body) == announce  # the datagram itself, to pass on as it came
         self.announces.append((announce, source))
         self.event.set()
 
@@ -178,7 +179,7 @@ def test_a_flood_from_one_source_is_rate_limited_and_others_still_heard() -> Non
 def test_a_failing_on_peer_callback_does_not_stop_the_endpoint() -> None:
     """on_peer raising is counted and logged; the next beacon is still handled."""
 
-    def broken(announce: Announce, source: tuple[str, int]) -> None:
+    def broken(announce: Announce, body: bytes, source: tuple[str, int]) -> None:
         raise RuntimeError("registry is down")
 
     async def body() -> BeaconEndpoint:
@@ -199,10 +200,35 @@ def test_a_failing_on_peer_callback_does_not_stop_the_endpoint() -> None:
 @given(data=st.binary(max_size=2048), port=st.integers(1, 65535))
 def test_any_datagram_is_handled_without_raising(data: bytes, port: int) -> None:
     """Arbitrary bytes from anywhere: dropped and counted, never an exception out of the handler."""
-    endpoint = BeaconEndpoint(IDENTITY, lambda a, s: pytest.fail("garbage reached on_peer"), clock=lambda: 0.0)
+    endpoint = BeaconEndpoint(IDENTITY, lambda a, b, s: pytest.fail("garbage reached on_peer"), clock=lambda: 0.0)
     with structlog.testing.capture_logs():
         endpoint.datagram(data, ("127.0.0.9", port))
     assert endpoint.counts["rejected"] + endpoint.counts["rate_limited"] == 1
 
 
 IDENTITY = identity()
+
+
+def test_an_unchanged_beacon_is_verified_again_only_after_refresh_s() -> None:
+    """A peer repeating what it said is skipped (no signature check) until REFRESH_S; a beacon
+    that says something new is verified once REHEAR_S has passed."""
+    now = [0.0]
+    heard = Heard()
+    endpoint = BeaconEndpoint(IDENTITY, heard, BeaconConfig(burst=100.0, rate_per_s=100.0), clock=lambda: now[0])
+    key = SigningKey.generate()
+    same = Identity(key, ("ws://127.0.0.1:4001",), CAPS, 4001)
+    moved = Identity(key, ("ws://127.0.0.1:4002",), CAPS, 4002)
+    source = ("127.0.0.5", 42424)
+    for at, who in (
+        (0.0, same),
+        (2.0, same),
+        (REFRESH_S - 1, same),
+        (REFRESH_S + 1, same),
+        (REFRESH_S + 1.5, moved),
+        (REFRESH_S + 2.5, moved),
+    ):
+        now[0] = at
+        endpoint.datagram(encode_discovery(who.announce()), source)
+    addresses = [announce.addresses for announce, _ in heard.announces]
+    assert addresses == [same.addresses, same.addresses, moved.addresses]
+    assert endpoint.counts["recent"] == 3
