@@ -16,6 +16,8 @@ type                  signed    fields besides type and protocol_version
 ``DISCOVERY_RESPONSE`` yes      the same + public_key, signature (hex)
 ``ANNOUNCE``          yes       the same + public_key, signature (hex)
 ``PEER_DISCOVERY``    no        legacy: sender_id, sender_port, timestamp, capabilities
+``PEER_LIST_REQUEST`` no        limit (1..``MAX_PEER_LIST``)
+``PEER_LIST``         per entry peers: signed announces/responses of *other* nodes
 ===================== ========= ==================================================
 
 Signatures. A response or announce carries the sender's Ed25519 public key and
@@ -30,6 +32,19 @@ old a ``timestamp`` may be) needs a clock and is the registry's call.
 
 Requests are unsigned: they only ask "who is there?" and the answer is signed.
 
+Peer exchange. ``PEER_LIST_REQUEST`` asks "whom do you know?"; the answer,
+``PEER_LIST``, passes on up to ``limit`` signed announces or responses the
+answering node received from others, each exactly as its signer made it (so a
+node seeded with three addresses learns the rest of the network from them).
+The list is *not* a signed statement of the relaying node, and its entries are
+*not* verified on decoding: each is a :class:`RelayedPeer` holding the claimed
+``node_id`` and ``timestamp`` (to skip at no cost what the receiver already
+knows) and the entry's canonical body, which :func:`decode_discovery` turns
+into a verified :class:`Announce` or :class:`DiscoveryResponse`. A
+:class:`RelayedPeer` is a distinct type, so no code can mistake one for a
+verified peer. A relay can replay an old announce but not alter one; how old
+one may be is the registry's call, as for any announce.
+
 Legacy. The replaced system's unsigned ``PEER_DISCOVERY`` (seed-system.md)
 decodes to :class:`LegacyPeerDiscovery` only when the connection is built with
 ``allow_unsigned_legacy=True``; otherwise it is a :class:`RemoteProtocolError`.
@@ -41,7 +56,9 @@ message has one meaning, and the signed bytes are recomputed from it.
 
 Limits: ``MAX_DISCOVERY_FRAME`` (64 KiB) bounds a frame, checked on the length
 prefix; ``MAX_ADDRESSES`` and ``MAX_TRANSPORTS`` (16) and ``MAX_FIELD_CHARS``
-(255) bound the lists and strings inside so one peer cannot bloat a registry.
+(255) bound the lists and strings inside so one peer cannot bloat a registry;
+``MAX_PEER_LIST`` (64) bounds a peer list, and the frame bound its bytes
+(:func:`peer_list` takes as many entries as fit).
 
 The connection is symmetric and stateless: either side may send any event at
 any time (a client sends a request and reads a response; a node may announce
@@ -55,6 +72,7 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeAlias
 
@@ -70,6 +88,7 @@ __all__ = [
     "MAX_ADDRESSES",
     "MAX_DISCOVERY_FRAME",
     "MAX_FIELD_CHARS",
+    "MAX_PEER_LIST",
     "MAX_TRANSPORTS",
     "NEED_DATA",
     "PERFORMANCE_TIERS",
@@ -83,9 +102,14 @@ __all__ = [
     "DiscoveryRequest",
     "DiscoveryResponse",
     "LegacyPeerDiscovery",
+    "PeerList",
+    "PeerListRequest",
+    "RelayedPeer",
     "decode_discovery",
     "encode_discovery",
     "node_id_from_public_key",
+    "peer_list",
+    "relay",
     "sign_announce",
     "sign_response",
     "verify",
@@ -108,6 +132,9 @@ MAX_FIELD_CHARS = 255
 
 SIGNATURE_DOMAIN = b"villagemesh-discovery-v1:"
 """Prefixed to the signed bytes so a discovery signature is never valid in another protocol."""
+
+MAX_PEER_LIST = 64
+"""Relayed announces per PEER_LIST: a LAN's worth of peers in one exchange; bigger networks take more rounds."""
 
 PERFORMANCE_TIERS = ("low", "medium", "high", "premium")
 """The replaced system's performance tiers."""
@@ -296,7 +323,7 @@ class _Peer:
 
 @dataclass(frozen=True)
 class DiscoveryRequest(_Peer):
-    """"Who is there?": the asker's own node id, addresses and capabilities (unsigned)."""
+    """ "Who is there?": the asker's own node id, addresses and capabilities (unsigned)."""
 
     TYPE: ClassVar[str] = "DISCOVERY_REQUEST"
 
@@ -353,7 +380,62 @@ class LegacyPeerDiscovery:
             raise LocalProtocolError(f"capabilities must be Capabilities, got {self.capabilities!r}")
 
 
-DiscoveryEvent: TypeAlias = DiscoveryRequest | DiscoveryResponse | Announce | LegacyPeerDiscovery
+@dataclass(frozen=True)
+class PeerListRequest:
+    """ "Whom do you know?": asks for a :class:`PeerList` of at most ``limit`` peers (unsigned)."""
+
+    TYPE: ClassVar[str] = "PEER_LIST_REQUEST"
+
+    limit: int
+
+    def __post_init__(self) -> None:
+        _check_int("limit", self.limit, 1, MAX_PEER_LIST)
+
+
+_RELAYABLE = ("ANNOUNCE", "DISCOVERY_RESPONSE")
+
+
+@dataclass(frozen=True)
+class RelayedPeer:
+    """Another node's signed announce or response as a relay passed it on: **not verified**.
+
+    ``node_id`` and ``timestamp`` are what the entry claims (compare them with
+    what you know before paying for a signature check); ``body`` is its
+    canonical JSON, which :func:`decode_discovery` verifies. Build one with
+    :func:`relay`.
+    """
+
+    node_id: str
+    timestamp: float
+    body: bytes
+
+    def __post_init__(self) -> None:
+        _check_text("node_id", self.node_id)
+        if not _is_number(self.timestamp):
+            raise LocalProtocolError(f"timestamp must be a finite number, got {self.timestamp!r}")
+        if not isinstance(self.body, bytes) or not self.body:
+            raise LocalProtocolError(f"body must be non-empty bytes, got {self.body!r}")
+
+
+@dataclass(frozen=True)
+class PeerList:
+    """The answer to a :class:`PeerListRequest`: other nodes' signed announces, unverified until decoded."""
+
+    TYPE: ClassVar[str] = "PEER_LIST"
+
+    peers: tuple[RelayedPeer, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.peers, tuple) or len(self.peers) > MAX_PEER_LIST:
+            raise LocalProtocolError(f"peers must be a tuple of at most {MAX_PEER_LIST}, got {self.peers!r}")
+        for peer in self.peers:
+            if not isinstance(peer, RelayedPeer):
+                raise LocalProtocolError(f"peers must hold RelayedPeer values, got {peer!r}")
+
+
+DiscoveryEvent: TypeAlias = (
+    DiscoveryRequest | DiscoveryResponse | Announce | LegacyPeerDiscovery | PeerListRequest | PeerList
+)
 """Everything :class:`DiscoveryConnection` sends or receives."""
 
 # ---------------------------------------------------------------------------- signing
@@ -461,6 +543,11 @@ def encode_discovery(event: DiscoveryEvent) -> bytes:
             "capabilities": event.capabilities.to_json(),
             "protocol_version": PROTOCOL_VERSION,
         }
+    elif isinstance(event, PeerListRequest):
+        obj = {"type": event.TYPE, "protocol_version": PROTOCOL_VERSION, "limit": event.limit}
+    elif isinstance(event, PeerList):
+        peers = [_relayed_json(peer) for peer in event.peers]
+        obj = {"type": event.TYPE, "protocol_version": PROTOCOL_VERSION, "peers": peers}
     elif isinstance(event, _Peer):
         obj = _unsigned_json(event.TYPE, event.node_id, event.addresses, event.capabilities, event.timestamp)
         if isinstance(event, _SignedPeer):
@@ -473,11 +560,62 @@ def encode_discovery(event: DiscoveryEvent) -> bytes:
     else:
         raise LocalProtocolError(f"not a discovery event: {event!r}")
     body = _canonical(obj)
-    # Unreachable with today's field limits (the worst case is about 54 KiB; a test builds it),
-    # kept so that raising a limit can never put an unreceivable frame on the wire.
-    if len(body) > MAX_DISCOVERY_FRAME:  # pragma: no cover
+    # A single announce is at most about 54 KiB (a test builds the largest); a peer list built
+    # by hand can exceed the frame (peer_list() never does).
+    if len(body) > MAX_DISCOVERY_FRAME:
         raise LocalProtocolError(f"discovery message of {len(body)} bytes exceeds MAX_DISCOVERY_FRAME")
     return body
+
+
+def _relayed_json(peer: RelayedPeer) -> dict[str, Any]:
+    try:
+        obj = _parse_json(peer.body)
+        entry = _relayed_entry(obj)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"cannot relay {peer.body[:40]!r}: {exc}") from exc
+    if (entry.node_id, entry.timestamp) != (peer.node_id, peer.timestamp):
+        raise LocalProtocolError(f"relayed peer claims {peer.node_id!r} at {peer.timestamp!r}; its body says otherwise")
+    return obj
+
+
+def _relayed_entry(obj: Any) -> RelayedPeer:
+    """The RelayedPeer of one parsed entry (claims checked for shape only); RemoteProtocolError if unfit."""
+    if not isinstance(obj, dict) or obj.get("type") not in _RELAYABLE:
+        kind = obj.get("type") if isinstance(obj, dict) else type(obj).__name__
+        raise RemoteProtocolError(f"a peer list entry must be a signed ANNOUNCE or DISCOVERY_RESPONSE, got {kind!r}")
+    try:
+        return RelayedPeer(obj.get("node_id"), obj.get("timestamp"), _canonical(obj))  # type: ignore[arg-type]
+    except (LocalProtocolError, ValueError) as exc:
+        raise RemoteProtocolError(f"invalid peer list entry: {exc}") from exc
+
+
+def relay(body: bytes) -> RelayedPeer:
+    """A :class:`RelayedPeer` of a signed announce or response body (as received or encoded).
+
+    Only the shape is checked here, not the signature: relay what you verified.
+
+    Raises:
+        RemoteProtocolError: not a JSON ANNOUNCE or DISCOVERY_RESPONSE with a node id and timestamp.
+    """
+    return _relayed_entry(_parse_json(bytes(body)))
+
+
+_LIST_OVERHEAD = 128  # the PEER_LIST envelope around its entries, generously
+
+
+def peer_list(peers: Iterable[RelayedPeer], limit: int = MAX_PEER_LIST) -> PeerList:
+    """A :class:`PeerList` of the first of ``peers`` that fit: at most ``limit`` (and
+    ``MAX_PEER_LIST``) entries and ``MAX_DISCOVERY_FRAME`` bytes encoded."""
+    chosen: list[RelayedPeer] = []
+    size = _LIST_OVERHEAD
+    for peer in peers:
+        if len(chosen) >= min(limit, MAX_PEER_LIST):
+            break
+        if size + len(peer.body) + 1 > MAX_DISCOVERY_FRAME:
+            continue  # a big entry may not fit where a smaller one still does
+        chosen.append(peer)
+        size += len(peer.body) + 1
+    return PeerList(tuple(chosen))
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -507,6 +645,10 @@ def _parse_json(body: bytes) -> dict[str, Any]:
 _PEER_KEYS = {"type", "protocol_version", "node_id", "addresses", "capabilities", "timestamp"}
 _SIGNED_KEYS = _PEER_KEYS | {"public_key", "signature"}
 _LEGACY_KEYS = {"type", "protocol_version", "sender_id", "sender_port", "timestamp", "capabilities"}
+_EXCHANGE_KEYS = {
+    PeerListRequest.TYPE: {"type", "protocol_version", "limit"},
+    PeerList.TYPE: {"type", "protocol_version", "peers"},
+}
 _TYPES: dict[str, tuple[type, set[str]]] = {
     DiscoveryRequest.TYPE: (DiscoveryRequest, _PEER_KEYS),
     DiscoveryResponse.TYPE: (DiscoveryResponse, _SIGNED_KEYS),
@@ -536,18 +678,18 @@ def decode_discovery(body: bytes, *, allow_unsigned_legacy: bool = False) -> Dis
         raise RemoteProtocolError(f"discovery message of {len(body)} bytes exceeds MAX_DISCOVERY_FRAME")
     obj = _parse_json(bytes(body))
     type_ = obj.get("type")
-    if not isinstance(type_, str) or type_ not in _TYPES:
+    if not isinstance(type_, str) or (type_ not in _TYPES and type_ not in _EXCHANGE_KEYS):
         raise RemoteProtocolError(f"unknown discovery message type {type_!r}")
     if obj.get("protocol_version") != PROTOCOL_VERSION:
         raise RemoteProtocolError(f"unsupported discovery protocol_version {obj.get('protocol_version')!r}")
+    if type_ in _EXCHANGE_KEYS:
+        return _decode_exchange(type_, obj)
     cls, keys = _TYPES[type_]
     legacy = cls is LegacyPeerDiscovery
     if legacy and not allow_unsigned_legacy:
         raise RemoteProtocolError("unsigned legacy PEER_DISCOVERY refused (allow_unsigned_legacy is off)")
     if set(obj) != keys and not (legacy and set(obj) >= keys):
-        raise RemoteProtocolError(
-            f"{type_} has keys {sorted(obj)}; expected {sorted(keys)}"
-        )
+        raise RemoteProtocolError(f"{type_} has keys {sorted(obj)}; expected {sorted(keys)}")
     args = {k: v for k, v in obj.items() if k in keys - {"type", "protocol_version"}}
     args["capabilities"] = Capabilities.from_json(obj["capabilities"], legacy=legacy)
     if "addresses" in args:
@@ -563,6 +705,20 @@ def decode_discovery(body: bytes, *, allow_unsigned_legacy: bool = False) -> Dis
         verify(event)
     result: DiscoveryEvent = event
     return result
+
+
+def _decode_exchange(type_: str, obj: dict[str, Any]) -> PeerListRequest | PeerList:
+    if set(obj) != _EXCHANGE_KEYS[type_]:
+        raise RemoteProtocolError(f"{type_} has keys {sorted(obj)}; expected {sorted(_EXCHANGE_KEYS[type_])}")
+    if type_ == PeerListRequest.TYPE:
+        try:
+            return PeerListRequest(obj["limit"])
+        except LocalProtocolError as exc:
+            raise RemoteProtocolError(f"peer sent an invalid {type_}: {exc}") from exc
+    peers = obj["peers"]
+    if not isinstance(peers, list) or len(peers) > MAX_PEER_LIST:
+        raise RemoteProtocolError(f"PEER_LIST peers must be a list of at most {MAX_PEER_LIST}, got {str(peers)[:40]}")
+    return PeerList(tuple(_relayed_entry(entry) for entry in peers))
 
 
 class DiscoveryConnection(FramedConnection[DiscoveryEvent]):

@@ -29,6 +29,7 @@ from nacl.signing import SigningKey
 
 from .discovery import (
     MAX_FIELD_CHARS,
+    MAX_PEER_LIST,
     MAX_TRANSPORTS,
     PERFORMANCE_TIERS,
     THERMAL_STATES,
@@ -39,7 +40,13 @@ from .discovery import (
     DiscoveryRequest,
     DiscoveryResponse,
     LegacyPeerDiscovery,
+    PeerList,
+    PeerListRequest,
+    RelayedPeer,
+    encode_discovery,
     node_id_from_public_key,
+    peer_list,
+    relay,
     sign_announce,
     sign_response,
 )
@@ -59,6 +66,9 @@ __all__ = [
     "messages",
     "node_ids",
     "openings",
+    "peer_list_requests",
+    "peer_lists",
+    "relayed_peers",
     "signing_keys",
 ]
 
@@ -199,9 +209,26 @@ def legacy_peer_discoveries() -> st.SearchStrategy[LegacyPeerDiscovery]:
     )
 
 
+def relayed_peers() -> st.SearchStrategy[RelayedPeer]:
+    """Signed announces and responses as a relay passes them on (:func:`~villagemesh.protocols.discovery.relay`)."""
+    return (announces() | discovery_responses()).map(lambda event: relay(encode_discovery(event)))
+
+
+def peer_list_requests() -> st.SearchStrategy[PeerListRequest]:
+    """Valid :class:`~villagemesh.protocols.discovery.PeerListRequest` values."""
+    return st.builds(PeerListRequest, limit=st.integers(1, MAX_PEER_LIST))
+
+
+def peer_lists(*, max_size: int = 4) -> st.SearchStrategy[PeerList]:
+    """Valid :class:`~villagemesh.protocols.discovery.PeerList` values (each fits one frame)."""
+    return st.lists(relayed_peers(), max_size=max_size).map(peer_list)
+
+
 def discovery_events(*, legacy: bool = False) -> st.SearchStrategy[DiscoveryEvent]:
-    """Any discovery event; ``legacy`` adds unsigned ``PEER_DISCOVERY`` messages."""
-    events: st.SearchStrategy[DiscoveryEvent] = st.one_of(discovery_requests(), discovery_responses(), announces())
+    """Any discovery event (peer exchange included); ``legacy`` adds unsigned ``PEER_DISCOVERY`` messages."""
+    events: st.SearchStrategy[DiscoveryEvent] = st.one_of(
+        discovery_requests(), discovery_responses(), announces(), peer_list_requests(), peer_lists(max_size=2)
+    )
     return events | legacy_peer_discoveries() if legacy else events
 
 

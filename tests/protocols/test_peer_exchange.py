@@ -1,0 +1,197 @@
+"""Peer exchange: PEER_LIST_REQUEST / PEER_LIST, relayed announces verified only when decoded."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nacl.signing import SigningKey
+
+from tests.protocols.test_discovery import ADDRS, CAPS, KEY, OTHER_KEY, announce, receive_all
+from villagemesh.errors import LocalProtocolError, RemoteProtocolError
+from villagemesh.protocols import strategies as vst
+from villagemesh.protocols.discovery import (
+    MAX_DISCOVERY_FRAME,
+    MAX_PEER_LIST,
+    PROTOCOL_VERSION,
+    Announce,
+    DiscoveryConnection,
+    DiscoveryResponse,
+    PeerList,
+    PeerListRequest,
+    RelayedPeer,
+    decode_discovery,
+    encode_discovery,
+    peer_list,
+    relay,
+    sign_announce,
+    sign_response,
+)
+
+
+def body_of(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def relayed(key: SigningKey = KEY, **changes: Any) -> RelayedPeer:
+    return relay(encode_discovery(announce() if key is KEY else sign_announce(key, **_fields(changes))))
+
+
+def _fields(changes: dict[str, Any]) -> dict[str, Any]:
+    return {"addresses": ADDRS, "capabilities": CAPS, "timestamp": 1700000000.0, **changes}
+
+
+@given(vst.peer_lists())
+def test_every_relayed_entry_decodes_to_the_event_its_signer_made(listing: PeerList) -> None:
+    """Each entry's body is the signer's event, byte for byte canonical: decoding verifies it."""
+    assert decode_discovery(encode_discovery(listing)) == listing
+    for entry in listing.peers:
+        event = decode_discovery(entry.body)
+        assert isinstance(event, Announce | DiscoveryResponse)
+        assert (event.node_id, event.timestamp) == (entry.node_id, entry.timestamp)
+        assert encode_discovery(event) == entry.body
+
+
+@given(vst.peer_list_requests(), vst.peer_lists(), st.data())
+def test_request_and_list_survive_any_chunking_on_one_connection(
+    request: PeerListRequest, listing: PeerList, data: st.DataObject
+) -> None:
+    """The exchange as it runs after a DISCOVERY_REQUEST: the same events however the bytes are split."""
+    stream = DiscoveryConnection().send(request) + DiscoveryConnection().send(listing)
+    receiver = DiscoveryConnection()
+    got = []
+    for chunk in data.draw(vst.chunkings(stream)):
+        got.extend(receive_all(receiver, chunk))
+    assert got == [request, listing]
+
+
+def test_a_tampered_entry_still_decodes_as_a_list_but_never_as_a_peer() -> None:
+    """The relay is not trusted: an altered entry passes the list's shape check and fails verification."""
+    forged = json.loads(encode_discovery(announce()))
+    forged["addresses"] = ["ws://10.6.6.6:666"]
+    listing = decode_discovery(body_of({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [forged]}))
+    assert isinstance(listing, PeerList) and listing.peers[0].node_id == announce().node_id
+    with pytest.raises(RemoteProtocolError, match="bad signature"):
+        decode_discovery(listing.peers[0].body)
+
+
+@pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        ({"type": "PEER_LIST_REQUEST", "protocol_version": "1.0", "limit": 0}, "limit must be an int within 1..64"),
+        ({"type": "PEER_LIST_REQUEST", "protocol_version": "1.0", "limit": True}, "limit must be an int"),
+        ({"type": "PEER_LIST_REQUEST", "protocol_version": "1.0"}, "expected"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": {}}, "must be a list of at most 64"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [None] * 65}, "must be a list of at most 64"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [3]}, "got 'int'"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [{"type": "DISCOVERY_REQUEST"}]}, "DISCOVERY_REQ"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [{"type": "ANNOUNCE"}]}, "node_id must be"),
+        (
+            {"type": "PEER_LIST", "protocol_version": "1.0", "peers": [{"type": "ANNOUNCE", "node_id": "a"}]},
+            "timestamp must be a finite number",
+        ),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [], "extra": 1}, "expected"),
+    ],
+)
+def test_malformed_exchange_messages_are_remote_errors_naming_the_fault(obj: dict[str, Any], reason: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=reason):
+        decode_discovery(body_of(obj))
+
+
+def test_relay_refuses_what_is_not_a_signed_announce() -> None:
+    with pytest.raises(RemoteProtocolError, match="not JSON"):
+        relay(b"{")
+    request = {"type": "DISCOVERY_REQUEST", "node_id": "n"}
+    with pytest.raises(RemoteProtocolError, match="must be a signed ANNOUNCE or DISCOVERY_RESPONSE"):
+        relay(body_of(request))
+
+
+def test_relay_keeps_responses_and_announces_alike() -> None:
+    response = sign_response(OTHER_KEY, addresses=ADDRS, capabilities=CAPS, timestamp=5)
+    entry = relay(encode_discovery(response))
+    assert (entry.node_id, entry.timestamp) == (response.node_id, 5)
+    assert decode_discovery(entry.body) == response
+
+
+def test_sending_a_list_whose_claims_lie_is_a_local_error() -> None:
+    """A RelayedPeer built by hand must say what its body says; a body that is not an announce is refused."""
+    honest = relayed()
+    with pytest.raises(LocalProtocolError, match="its body says otherwise"):
+        encode_discovery(PeerList((dataclasses.replace(honest, timestamp=1.0),)))
+    with pytest.raises(LocalProtocolError, match="cannot relay"):
+        encode_discovery(PeerList((RelayedPeer("n", 1.0, b"{}"),)))
+
+
+def test_peer_list_takes_what_fits_in_order() -> None:
+    """At most ``limit`` entries, and a big entry is skipped where a smaller later one still fits."""
+    worst = "\x00" * 255
+    caps = dataclasses.replace(CAPS, network_type=worst, device_type=worst, transports=(worst,) * 16)
+    big = [
+        relay(
+            encode_discovery(
+                sign_announce(
+                    SigningKey.generate(),
+                    addresses=("a://" + "\x00" * 249 + ":1",) * 16,
+                    capabilities=caps,
+                    timestamp=1,
+                )
+            )
+        )
+        for _ in range(2)
+    ]
+    small = [relayed(SigningKey.generate()) for _ in range(3)]
+    assert len(big[0].body) > MAX_DISCOVERY_FRAME // 2
+    listing = peer_list([big[0], big[1], *small])
+    assert listing.peers == (big[0], *small)
+    assert len(encode_discovery(listing)) <= MAX_DISCOVERY_FRAME
+    assert peer_list(small, limit=2).peers == tuple(small[:2])
+    many = [relayed(SigningKey.generate()) for _ in range(MAX_PEER_LIST + 1)]
+    assert len(peer_list(many, limit=1000).peers) == MAX_PEER_LIST
+
+
+def test_a_hand_built_list_over_the_frame_is_a_local_error() -> None:
+    worst = "\x00" * 255
+    caps = dataclasses.replace(CAPS, network_type=worst, device_type=worst, transports=(worst,) * 16)
+    address = "a://" + "\x00" * 249 + ":1"
+    big = [
+        relay(
+            encode_discovery(
+                sign_announce(SigningKey.generate(), addresses=(address,) * 16, capabilities=caps, timestamp=1)
+            )
+        )
+        for _ in range(2)
+    ]
+    with pytest.raises(LocalProtocolError, match="exceeds MAX_DISCOVERY_FRAME"):
+        encode_discovery(PeerList(tuple(big)))
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (lambda: PeerListRequest(MAX_PEER_LIST + 1), "limit must be"),
+        (lambda: PeerList([]), "must be a tuple"),  # type: ignore[arg-type]
+        (lambda: PeerList((announce(),)), "RelayedPeer values"),  # type: ignore[arg-type]
+        (lambda: PeerList((relayed(),) * (MAX_PEER_LIST + 1)), "at most 64"),
+        (lambda: RelayedPeer("", 1.0, b"{}"), "node_id must be"),
+        (lambda: RelayedPeer("n", float("nan"), b"{}"), "timestamp must be"),
+        (lambda: RelayedPeer("n", 1.0, b""), "body must be non-empty bytes"),
+    ],
+)
+def test_invalid_exchange_values_raise_local_protocol_error(build: Any, reason: str) -> None:
+    with pytest.raises(LocalProtocolError, match=reason):
+        build()
+
+
+def test_wire_form_of_the_exchange() -> None:
+    """What another implementation needs: plain JSON objects, entries as their signers made them."""
+    assert json.loads(encode_discovery(PeerListRequest(8))) == {
+        "type": "PEER_LIST_REQUEST",
+        "protocol_version": PROTOCOL_VERSION,
+        "limit": 8,
+    }
+    wire = json.loads(encode_discovery(PeerList((relayed(),))))
+    assert wire["type"] == "PEER_LIST" and wire["peers"] == [json.loads(encode_discovery(announce()))]
