@@ -438,6 +438,9 @@ class Node:
         from villagemesh.actors.acceptor.messages import GetAcceptorStatus
 
         assert self._env is not None
+        # The root supervisor opens its children's mailboxes in its own on_start, which may not
+        # have run yet on a busy machine: open it here (idempotent), so the ask waits in it.
+        self._env.bus.open_mailbox("acceptor")
         status = self._env.bus.client().ask("acceptor", GetAcceptorStatus(), timeout=timeout)
         if self._failed is not None:
             raise SupervisionError(f"node {self.name} failed while starting: {self._failed.exc_message}")
