@@ -5,6 +5,20 @@ Thin by design (the logic lives in :mod:`.state`, :mod:`.beacon`, :mod:`.tcp`)::
     UDP beacon (loop) ──on_peer──▶ post ──▶ on_loop_message ──bus──▶ peers_to: PeerAnnounced
     acceptor ──ConnectionHandedOff(fd, route=discovery)──▶ adopt_handed_off ──▶ DiscoveryResponder
     anyone ──ProbePeer──▶ run_on_loop(probe) ──then──▶ reply_to: PeerProbed | ProbeFailed
+    sweeper ──Discover──▶ probe bootstrap + pull a few known peers ──then──▶ reply_to: Discovered
+    learned new peers ──▶ pull some of them at once ──then──▶ peers_to: Sighted
+
+Peer exchange. Every verified announce or response this node hears (beacon,
+probe, exchange) goes into a :class:`~.state.PeerBook`; the responder passes
+the newest of them on to whoever asks (``PEER_LIST_REQUEST``). A round's
+probes ask for that list, and so does a *pull*: a probe of a peer from the book.
+Each round pulls :data:`ROUND_PULLS` random known peers (gossip: views heal
+and stay fresh), and an exchange that taught us new peers pulls up to
+:data:`PULL_FANOUT` of them at once, so news spreads in round trips, not rounds.
+No peer is pulled more than once per :data:`PULL_EVERY_S` outside the rounds,
+so the burst that follows a start is bounded by the number of peers. Relayed
+entries are verified here before they reach the book or the registry, and an
+entry not newer than the book's costs no signature check.
 
 Discovery is symmetric: a peer whose request the responder answered is
 probed back (at most every :data:`PROBE_BACK_EVERY_S`), and its signed
@@ -20,13 +34,19 @@ per address that failed. A failing address never holds up the others.
 Config (``ctx.config``): ``identity`` (:class:`~.identity.Identity`, required),
 ``beacon`` (:class:`~.beacon.BeaconConfig`), ``beacons`` (False: no UDP
 beacons at all, default True), ``bootstrap`` (``host:port`` acceptor addresses
-to probe each round), ``peers_to`` (actor name for verified announces;
+to probe each round), ``exchange`` (False: neither ask for nor pull peer
+lists, default True), ``peers_to`` (actor name for verified announces;
 without it they are counted only).
+
+Log events (besides the beacon's and responder's): ``exchange_rejected``
+(source, node_id, reason) for a relayed entry that failed verification,
+``pull_failed`` (peer_id, address, reason).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from typing import Any
@@ -37,11 +57,20 @@ from villagemesh.actors.bus import Sender
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.messages import GetLanStatus, LanStatus, PeerAnnounced, PeerProbed, ProbeFailed, ProbePeer
-from villagemesh.actors.lan.tcp import DiscoveryResponder, probe
+from villagemesh.actors.lan.state import PeerBook, pick
+from villagemesh.actors.lan.tcp import DiscoveryResponder, Probed, SignedResponses, probe
 from villagemesh.actors.sweeper.messages import Sighted
 from villagemesh.actors.transport import Discover, Discovered, Sighting
-from villagemesh.errors import BusError, ConfigError, VillageMeshError
-from villagemesh.protocols.discovery import Announce, DiscoveryRequest, DiscoveryResponse, encode_discovery
+from villagemesh.errors import BusError, ConfigError, ProtocolError, RemoteProtocolError, VillageMeshError
+from villagemesh.protocols.discovery import (
+    MAX_PEER_LIST,
+    Announce,
+    DiscoveryRequest,
+    DiscoveryResponse,
+    RelayedPeer,
+    decode_discovery,
+    encode_discovery,
+)
 
 __all__ = ["TRANSPORT", "LanActor", "lan_status", "parse_host_port", "probe_peer"]
 
@@ -58,6 +87,18 @@ PROBE_BACK_TIMEOUT_S = 3.0
 ANSWER_DELAY_S = 0.05
 """After hearing a new node's beacon, wait this long (gathering other newcomers) and beacon once."""
 
+
+PULL_FANOUT = 2
+"""Peers pulled at once when an exchange taught us new ones."""
+
+ROUND_PULLS = 2
+"""Random known peers pulled each discovery round, besides the bootstrap addresses."""
+
+PULL_EVERY_S = 10.0
+"""Outside the rounds, a peer is pulled at most this often."""
+
+PULL_TIMEOUT_S = 3.0
+"""Seconds a pull (probe + peer list) may take."""
 
 PROBE_BACK_MEMORY = 4096
 """Peers remembered as recently probed back (oldest forgotten first): bounded memory."""
@@ -96,6 +137,14 @@ class LanActor(LoopActor):
         self.heard: dict[str, None] = {}
         """Node ids whose beacons we have heard (oldest forgotten first)."""
         self.answer_pending = False
+        self.exchange = bool(config.get("exchange", True))
+        self.book = PeerBook(identity.node_id)
+        self.listing: tuple[RelayedPeer, ...] = ()
+        """What the responder passes on (read on the loop thread; replaced whole, never mutated)."""
+        self.pulled: dict[str, float] = {}
+        """Node id -> when we last pulled it (oldest forgotten first)."""
+        self.responses = SignedResponses(identity)
+        self.exchange_counts: Counter[str] = Counter()
         self.beacon: BeaconEndpoint | None = None
         self.start_io()
         if config.get("beacons", True):
@@ -136,6 +185,8 @@ class LanActor(LoopActor):
             self._probe_back(message)
             return
         announce, body, (host, port) = message
+        self._remember(RelayedPeer(announce.node_id, announce.timestamp, body), announce.addresses)
+        self._publish()
         if self.peers_to is not None:
             heard = PeerAnnounced(announce.node_id, announce.addresses, f"{host}:{port}", body)
             self._tell(self.peers_to, heard)
@@ -157,10 +208,10 @@ class LanActor(LoopActor):
         self.probed_back[request.node_id] = now
         host, port = target
 
-        def then(result: tuple[DiscoveryResponse, float] | None, error: BaseException | None) -> None:
+        def then(result: Probed | None, error: BaseException | None) -> None:
             if result is not None:
-                response, latency_ms = result
-                sighting = Sighting(TRANSPORT, encode_discovery(response).decode(), latency_ms)
+                sighting = self._sighted(result.response, result.latency_ms)
+                self._publish()
                 assert self.peers_to is not None
                 self._tell(self.peers_to, Sighted((sighting,)))
             elif isinstance(error, VillageMeshError | asyncio.CancelledError):
@@ -183,7 +234,12 @@ class LanActor(LoopActor):
             self.adopt_handed_off(
                 msg,
                 lambda: DiscoveryResponder(
-                    self.identity, counts=self.responder_counts, log=self.io_log, on_request=self._requested
+                    self.identity,
+                    counts=self.responder_counts,
+                    log=self.io_log,
+                    on_request=self._requested,
+                    responses=self.responses,
+                    peers_for=self._peers_for,
                 ),
             )
             return None
@@ -194,32 +250,124 @@ class LanActor(LoopActor):
             self._start_round(msg)
             return None
         if isinstance(msg, GetLanStatus):
-            return self.io_loop.call(self._statistics(), LOOP_CALL_TIMEOUT_S)
+            status: LanStatus = self.io_loop.call(self._statistics(), LOOP_CALL_TIMEOUT_S)
+            return LanStatus(status.mode, status.beacon, status.responder, dict(self.exchange_counts))
         return super().handle(msg)
 
     def _start_round(self, request: Discover) -> None:
         asking = self._request()
+        want = MAX_PEER_LIST if self.exchange else 0
         # Each probe gets most of the round's time, so its answer (or error) beats the deadline.
         per_probe = max(0.05, request.timeout * 0.8)
+        targets = list(self.bootstrap)
+        if self.exchange:
+            known = self.book.targets()
+            for node_id in pick(sorted(known), ROUND_PULLS, random.randrange):
+                if known[node_id] not in targets:
+                    targets.append(known[node_id])
+                    self._note_pulled(node_id)
 
-        async def one(host: str, port: int) -> Sighting | str:
+        async def one(host: str, port: int) -> Probed | str:
             try:
-                response, latency_ms = await probe(host, port, per_probe, request=asking)
+                return await probe(host, port, per_probe, request=asking, want_peers=want)
             except VillageMeshError as exc:
                 return f"{host}:{port}: {type(exc).__name__}: {exc}"
-            return Sighting(TRANSPORT, encode_discovery(response).decode(), latency_ms)
 
-        async def everyone() -> list[Sighting | str]:
-            return list(await asyncio.gather(*(one(h, p) for h, p in self.bootstrap)))
+        async def everyone() -> list[Probed | str]:
+            return list(await asyncio.gather(*(one(h, p) for h, p in targets)))
 
-        def then(results: list[Sighting | str] | None, error: BaseException | None) -> None:
+        def then(results: list[Probed | str] | None, error: BaseException | None) -> None:
             if error is not None:
                 raise error  # probes report their own failures: anything else is a bug
-            found = tuple(r for r in results or () if isinstance(r, Sighting))
+            found: list[Sighting] = []
+            new: list[str] = []
+            for result in results or ():
+                if isinstance(result, Probed):
+                    found.append(self._sighted(result.response, result.latency_ms))
+                    found.extend(self._learn(result, new))
+            self._publish()
             errors = tuple(r for r in results or () if isinstance(r, str))
-            self._tell(request.reply_to, Discovered(request.round, TRANSPORT, found, errors))
+            self._tell(request.reply_to, Discovered(request.round, TRANSPORT, tuple(found), errors))
+            self._pull_some(new)
 
         self.run_on_loop(everyone(), then)
+
+    # -- peer exchange ------------------------------------------------------------------------------
+
+    def _peers_for(self, asker: str, limit: int) -> list[RelayedPeer]:
+        # On the loop thread: reads the published tuple, never the book.
+        return [peer for peer in self.listing if peer.node_id != asker][:limit]
+
+    def _remember(self, peer: RelayedPeer, addresses: tuple[str, ...]) -> bool:
+        target = next((t for t in map(_tcp_target, addresses) if t is not None), None)
+        return self.book.add(peer, target)
+
+    def _publish(self) -> None:
+        """Refresh what the responder passes on (one spare: the asker is left out of its own list)."""
+        self.listing = self.book.relayable(self.identity.clock(), MAX_PEER_LIST + 1)
+
+    def _sighted(self, response: DiscoveryResponse, latency_ms: float | None) -> Sighting:
+        body = encode_discovery(response)
+        self._remember(RelayedPeer(response.node_id, response.timestamp, body), response.addresses)
+        return Sighting(TRANSPORT, body.decode(), latency_ms)
+
+    def _learn(self, probed: Probed, new: list[str]) -> list[Sighting]:
+        """Verify what a peer passed on that is news to the book; its sightings (new node ids go to ``new``)."""
+        source = probed.response.node_id
+        found: list[Sighting] = []
+        for peer in probed.peers:
+            if self.book.knows(peer.node_id, peer.timestamp):
+                self.exchange_counts["known"] += 1
+                continue
+            try:
+                event = decode_discovery(peer.body)
+                if not isinstance(event, Announce | DiscoveryResponse) or event.node_id != peer.node_id:
+                    raise RemoteProtocolError(f"entry claiming {peer.node_id} decodes to {type(event).__name__}")
+            except ProtocolError as exc:
+                self.exchange_counts["rejected"] += 1
+                self.io_log.warning("exchange_rejected", source=source, node_id=peer.node_id, reason=str(exc))
+                continue
+            self.exchange_counts["learned"] += 1
+            if self._remember(peer, event.addresses):
+                new.append(peer.node_id)
+            found.append(Sighting(TRANSPORT, peer.body.decode(), None))
+        return found
+
+    def _note_pulled(self, node_id: str) -> None:
+        if len(self.pulled) >= PROBE_BACK_MEMORY:
+            self.pulled.pop(next(iter(self.pulled)))
+        self.pulled.pop(node_id, None)
+        self.pulled[node_id] = time.monotonic()
+
+    def _pull_some(self, new: list[str]) -> None:
+        """Pull up to PULL_FANOUT of the peers just learned (none pulled under PULL_EVERY_S ago)."""
+        if not new or not self.exchange:
+            return
+        now = time.monotonic()
+        fresh = [n for n in new if now - self.pulled.get(n, -PULL_EVERY_S) >= PULL_EVERY_S]
+        targets = self.book.targets(pick(fresh, PULL_FANOUT, random.randrange))
+        for node_id, (host, port) in targets.items():
+            self._note_pulled(node_id)
+            self._pull(node_id, host, port)
+
+    def _pull(self, node_id: str, host: str, port: int) -> None:
+        def then(result: Probed | None, error: BaseException | None) -> None:
+            if result is not None:
+                new: list[str] = []
+                found = [self._sighted(result.response, result.latency_ms), *self._learn(result, new)]
+                self._publish()
+                if self.peers_to is not None:
+                    self._tell(self.peers_to, Sighted(tuple(found)))
+                self._pull_some(new)
+            elif isinstance(error, VillageMeshError | asyncio.CancelledError):
+                self.exchange_counts["pull_failed"] += 1
+                self.io_log.info("pull_failed", peer_id=node_id, address=f"{host}:{port}", reason=str(error))
+            else:
+                assert error is not None
+                raise error
+
+        asking = self._request()
+        self.run_on_loop(probe(host, port, PULL_TIMEOUT_S, request=asking, want_peers=MAX_PEER_LIST), then)
 
     def _request(self) -> DiscoveryRequest:
         return DiscoveryRequest(
@@ -232,17 +380,18 @@ class LanActor(LoopActor):
     def _start_probe(self, request: ProbePeer) -> None:
         asking = self._request()
 
-        def then(result: tuple[DiscoveryResponse, float] | None, error: BaseException | None) -> None:
+        def then(result: Probed | None, error: BaseException | None) -> None:
             outcome: object
             if result is not None:
-                response, latency_ms = result
+                sighting = self._sighted(result.response, result.latency_ms)
+                self._publish()
                 outcome = PeerProbed(
                     request.host,
                     request.port,
-                    response.node_id,
-                    response.addresses,
-                    latency_ms,
-                    encode_discovery(response),
+                    result.response.node_id,
+                    result.response.addresses,
+                    result.latency_ms,
+                    sighting.announce.encode(),
                 )
             elif isinstance(error, VillageMeshError | asyncio.CancelledError):
                 outcome = ProbeFailed(request.host, request.port, type(error).__name__, str(error))
@@ -261,8 +410,8 @@ class LanActor(LoopActor):
 
     async def _statistics(self) -> LanStatus:
         if self.beacon is None:
-            return LanStatus("off", {}, dict(self.responder_counts))
-        return LanStatus(self.beacon.mode, dict(self.beacon.counts), dict(self.responder_counts))
+            return LanStatus("off", {}, dict(self.responder_counts), {})
+        return LanStatus(self.beacon.mode, dict(self.beacon.counts), dict(self.responder_counts), {})
 
 
 def probe_peer(client: Sender, host: str, port: int, *, reply_to: str, name: str = "lan", timeout: float = 5.0) -> None:

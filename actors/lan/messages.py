@@ -69,8 +69,10 @@ class GetLanStatus:
 @codec.message("lan.Status")
 @dataclass(frozen=True, slots=True)
 class LanStatus:
-    """Beacon mode (multicast | broadcast) and counters of the beacon and the discovery responder."""
+    """Beacon mode (multicast | broadcast) and counters of the beacon, the discovery responder and
+    peer exchange (``known``: entries skipped unverified, ``learned``, ``rejected``, ``pull_failed``)."""
 
     mode: str
     beacon: dict[str, int]
     responder: dict[str, int]
+    exchange: dict[str, int]

@@ -18,23 +18,37 @@ lock-step::
 
     beacon #   0     1     2     3     4 ...
     delay      0.25  0.5   1     2     4 → capped at interval_s (5 s), each × (1 ± jitter)
+
+Peer book (:class:`PeerBook`): the newest verified announce or response of
+each peer this node heard of, by whatever way (beacon, probe, peer exchange),
+kept to pass on (peer exchange) and to pick whom to ask next. It remembers
+what it verified, so a relayed entry that is not newer than what the book holds
+costs no signature check. Bounded (``capacity``; the least recently updated
+peer is forgotten first); entries older than ``max_age`` are not passed on.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from villagemesh.errors import ConfigError
+from villagemesh.protocols.discovery import RelayedPeer
 
 __all__ = [
     "BEACON_INTERVAL_S",
+    "BOOK_CAPACITY",
     "BURST",
     "MAX_SOURCES",
     "RATE_PER_S",
+    "RELAY_MAX_AGE_S",
     "BeaconSchedule",
+    "BookEntry",
+    "PeerBook",
     "SourceRateLimiter",
     "TokenBucket",
+    "pick",
 ]
 
 RATE_PER_S = 2.0
@@ -45,6 +59,13 @@ BURST = 8.0
 
 MAX_SOURCES = 4096
 """Buckets kept at once: a LAN has far fewer hosts; bounds memory under address spraying."""
+
+BOOK_CAPACITY = 4096
+"""Peers a book holds: far more than a LAN; bounds memory under a flood of fresh keys."""
+
+RELAY_MAX_AGE_S = 300.0
+"""An announce older than this (by its own timestamp) is not passed on: the registry's default
+max_age, so a departed peer stops being relayed when it would expire anyway."""
 
 BEACON_INTERVAL_S = 5.0
 """Steady beacon period: a departed peer's entry ages out within a few periods."""
@@ -113,3 +134,71 @@ class BeaconSchedule:
         """Seconds to wait after beacon number ``sent`` (0-based); ``draw`` is uniform in [0, 1)."""
         base = min(self.interval_s, self.first_s * 2.0 ** min(sent, 64))
         return base * (1.0 + self.jitter * (2.0 * draw - 1.0))
+
+
+@dataclass(frozen=True, slots=True)
+class BookEntry:
+    """A peer's newest verified announce or response: its signed body and where to probe it."""
+
+    peer: RelayedPeer
+    target: tuple[str, int] | None
+    """The acceptor ``(host, port)`` it advertises, if any (``ws://`` or ``tcp://``)."""
+
+
+class PeerBook:
+    """Newest verified announce per peer, in order of update (see the module docstring)."""
+
+    def __init__(self, own_id: str, capacity: int = BOOK_CAPACITY) -> None:
+        if capacity < 1:
+            raise ConfigError(f"a peer book needs capacity >= 1, got {capacity!r}")
+        self.own_id = own_id
+        self.capacity = capacity
+        self._entries: OrderedDict[str, BookEntry] = OrderedDict()
+
+    def knows(self, node_id: str, timestamp: float) -> bool:
+        """Whether an announce of ``node_id`` at ``timestamp`` tells nothing new (ours, or not newer)."""
+        entry = self._entries.get(node_id)
+        return node_id == self.own_id or (entry is not None and entry.peer.timestamp >= timestamp)
+
+    def add(self, peer: RelayedPeer, target: tuple[str, int] | None) -> bool:
+        """Keep ``peer`` (already verified) if newer than what we hold; True if the peer is new to the book."""
+        old = self._entries.get(peer.node_id)
+        if peer.node_id == self.own_id or (old is not None and old.peer.timestamp >= peer.timestamp):
+            return False
+        self._entries.pop(peer.node_id, None)
+        self._entries[peer.node_id] = BookEntry(peer, target)
+        if len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return old is None
+
+    def relayable(self, now: float, limit: int, max_age: float = RELAY_MAX_AGE_S) -> tuple[RelayedPeer, ...]:
+        """Up to ``limit`` peers to pass on, most recently updated first, none older than ``max_age``."""
+        chosen: list[RelayedPeer] = []
+        for entry in reversed(self._entries.values()):
+            if len(chosen) >= limit:
+                break
+            if now - entry.peer.timestamp <= max_age:
+                chosen.append(entry.peer)
+        return tuple(chosen)
+
+    def targets(self, node_ids: list[str] | None = None) -> dict[str, tuple[str, int]]:
+        """Probe targets by node id: of ``node_ids`` (those in the book), or of every peer."""
+        wanted = self._entries.keys() if node_ids is None else node_ids
+        out: dict[str, tuple[str, int]] = {}
+        for node_id in wanted:
+            entry = self._entries.get(node_id)
+            if entry is not None and entry.target is not None:
+                out[node_id] = entry.target
+        return out
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def pick(candidates: list[str], k: int, draw: Callable[[int], int]) -> list[str]:
+    """Up to ``k`` of ``candidates`` without repeats; ``draw(n)`` returns a uniform index in ``[0, n)``."""
+    pool = list(candidates)
+    chosen: list[str] = []
+    while pool and len(chosen) < k:
+        chosen.append(pool.pop(draw(len(pool))))
+    return chosen

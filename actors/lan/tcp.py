@@ -6,6 +6,8 @@ The acceptor's port answers "who are you?" in the replaced system's framing
     prober                                   acceptor ─▶ DiscoveryResponder (in-loop hand-off)
       │ DISCOVERY_REQUEST (unsigned) ─────────▶│
       │◀──────── DISCOVERY_RESPONSE (signed) ──│   node id bound to our key, fresh timestamp
+      │ PEER_LIST_REQUEST(limit) ─────────────▶│   (optional, usually in the same write)
+      │◀──────── PEER_LIST ────────────────────│   other nodes' signed announces, as we verified them
       │ legacy PEER_DISCOVERY (unsigned) ─────▶│
       │◀─────── PEER_DISCOVERY (unsigned) ─────│   sender_id + sender_port + capabilities: what the
                                                    legacy client reads (it cannot check a signature)
@@ -16,7 +18,7 @@ acceptor sniffs the discovery frame), so there is one discovery exchange, not
 one per transport.
 
 Rules: the responder answers each request in order on the same connection
-and never volunteers anything; anything else (an announce, a response) is
+and never volunteers anything; a peer list never holds the asker itself; anything else (an announce, a response) is
 ignored and counted; a protocol error closes the connection with a
 ``discovery_rejected`` event (keys ``peer``, ``reason``); a connection with no
 complete request for ``IDLE_TIMEOUT_S`` is closed.
@@ -27,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -41,9 +44,42 @@ from villagemesh.protocols.discovery import (
     DiscoveryRequest,
     DiscoveryResponse,
     LegacyPeerDiscovery,
+    PeerList,
+    PeerListRequest,
+    RelayedPeer,
+    peer_list,
 )
 
-__all__ = ["IDLE_TIMEOUT_S", "DiscoveryResponder", "probe"]
+__all__ = ["IDLE_TIMEOUT_S", "RESPONSE_REUSE_S", "DiscoveryResponder", "Probed", "SignedResponses", "probe"]
+
+RESPONSE_REUSE_S = 1.0
+"""A signed response is reused for this long (its timestamp says when it was signed): signing and
+checking one costs more than the rest of an answer, and a prober judges freshness in minutes."""
+
+PeersFor = Callable[[str, int], Sequence[RelayedPeer]]
+"""``(asker's node id, limit)`` -> peers to pass on (never the asker)."""
+
+
+class SignedResponses:
+    """Our framed, signed DISCOVERY_RESPONSE, signed again once ``reuse_s`` has passed."""
+
+    def __init__(
+        self, identity: Identity, reuse_s: float = RESPONSE_REUSE_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.identity = identity
+        self.reuse_s = reuse_s
+        self.clock = clock
+        self._framed = b""
+        self._signed_at = -float("inf")
+
+    def framed(self) -> bytes:
+        """The bytes to write: a response signed under ``reuse_s`` ago."""
+        now = self.clock()
+        if now - self._signed_at >= self.reuse_s:
+            self._framed = DiscoveryConnection().send(self.identity.response())
+            self._signed_at = now
+        return self._framed
+
 
 IDLE_TIMEOUT_S = 10.0
 """A discovery exchange is one round trip; 10 s without a complete request means a stuck client."""
@@ -60,8 +96,15 @@ class DiscoveryResponder(asyncio.Protocol):
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         log: Any = None,
         on_request: Callable[[DiscoveryRequest], None] | None = None,
+        responses: SignedResponses | None = None,
+        peers_for: PeersFor | None = None,
     ) -> None:
         self.identity = identity
+        self.responses = responses if responses is not None else SignedResponses(identity, reuse_s=0.0)
+        self.peers_for = peers_for
+        """Peers to pass on when asked (PEER_LIST_REQUEST); none without it."""
+        self.asker = ""
+        """The node id of this connection's last DISCOVERY_REQUEST (kept out of its peer list)."""
         self.on_request = on_request
         """Told every (unsigned) request answered, so its sender can be probed back and verified."""
         self.conn = DiscoveryConnection(allow_unsigned_legacy=True)
@@ -100,9 +143,14 @@ class DiscoveryResponder(asyncio.Protocol):
             self._arm()
             if isinstance(event, DiscoveryRequest):
                 self.counts["answered"] += 1
-                self.transport.write(self.conn.send(self.identity.response()))
+                self.asker = event.node_id
+                self.transport.write(self.responses.framed())
                 if self.on_request is not None:
                     self.on_request(event)
+            elif isinstance(event, PeerListRequest):
+                self.counts["lists"] += 1
+                peers = self.peers_for(self.asker, event.limit) if self.peers_for is not None else ()
+                self.transport.write(self.conn.send(peer_list(peers, event.limit)))
             elif isinstance(event, LegacyPeerDiscovery):
                 self.counts["answered_legacy"] += 1
                 self.transport.write(self.conn.send(self.identity.legacy_response()))
@@ -124,13 +172,25 @@ class DiscoveryResponder(asyncio.Protocol):
             self.transport.abort()
 
 
-async def probe(host: str, port: int, timeout: float, *, request: DiscoveryRequest) -> tuple[DiscoveryResponse, float]:
-    """Ask ``host:port`` who it is: its verified :class:`DiscoveryResponse` and the round trip in ms.
+@dataclass(frozen=True, slots=True)
+class Probed:
+    """What a probe learned: the peer's verified response, the round trip, and the peers it passed on."""
+
+    response: DiscoveryResponse
+    latency_ms: float
+    peers: tuple[RelayedPeer, ...] = ()
+    """Other nodes' announces, **not verified** (each is checked when decoded); empty unless asked for."""
+
+
+async def probe(host: str, port: int, timeout: float, *, request: DiscoveryRequest, want_peers: int = 0) -> Probed:
+    """Ask ``host:port`` who it is and, if ``want_peers`` > 0, whom it knows (peer exchange).
+
+    Both requests go in one write; the answers come back in order.
 
     Raises:
         ConnectError: the address cannot be reached.
-        TransportTimeout: no response within ``timeout`` seconds (connect included).
-        RemoteProtocolError: the peer answered with garbage, a bad signature, or not a response.
+        TransportTimeout: no (complete) answer within ``timeout`` seconds (connect included).
+        RemoteProtocolError: the peer answered with garbage, a bad signature, or out of turn.
     """
     where = f"{host}:{port}"
     conn = DiscoveryConnection()
@@ -144,23 +204,33 @@ async def probe(host: str, port: int, timeout: float, *, request: DiscoveryReque
         raise ConnectError(f"discovery probe of {where}: {exc}") from exc
     try:
         started = time.perf_counter()
-        writer.write(conn.send(request))
-        while True:
-            event = conn.next_event()
-            if event is not NEED_DATA:
-                break
-            try:
-                data = await asyncio.wait_for(reader.read(64 * 1024), max(0.0, deadline - loop.time()))
-            except TimeoutError as exc:
-                raise TransportTimeout(f"discovery probe of {where}: no response within {timeout} s") from exc
-            except OSError as exc:
-                raise ConnectError(f"discovery probe of {where}: {exc}") from exc
-            if not data:
-                raise ConnectError(f"discovery probe of {where}: connection closed before a response")
-            conn.receive_data(data)
+        asks = conn.send(request) + (conn.send(PeerListRequest(want_peers)) if want_peers > 0 else b"")
+        writer.write(asks)
+
+        async def next_event() -> object:
+            while True:
+                event = conn.next_event()
+                if event is not NEED_DATA:
+                    return event
+                try:
+                    data = await asyncio.wait_for(reader.read(64 * 1024), max(0.0, deadline - loop.time()))
+                except TimeoutError as exc:
+                    raise TransportTimeout(f"discovery probe of {where}: no answer within {timeout} s") from exc
+                except OSError as exc:
+                    raise ConnectError(f"discovery probe of {where}: {exc}") from exc
+                if not data:
+                    raise ConnectError(f"discovery probe of {where}: connection closed before an answer")
+                conn.receive_data(data)
+
+        response = await next_event()
         latency_ms = (time.perf_counter() - started) * 1000.0
-        if not isinstance(event, DiscoveryResponse):
-            raise RemoteProtocolError(f"discovery probe of {where}: expected a response, got {type(event).__name__}")
-        return event, latency_ms
+        if not isinstance(response, DiscoveryResponse):
+            raise RemoteProtocolError(f"discovery probe of {where}: expected a response, got {type(response).__name__}")
+        if want_peers <= 0:
+            return Probed(response, latency_ms)
+        listing = await next_event()
+        if not isinstance(listing, PeerList):
+            raise RemoteProtocolError(f"discovery probe of {where}: expected a peer list, got {type(listing).__name__}")
+        return Probed(response, latency_ms, listing.peers[:want_peers])
     finally:
         writer.close()

@@ -36,7 +36,7 @@ def test_lan_actor_hears_beacons_answers_discovery_and_probes(runtime: Any) -> N
         endpoint = BeaconEndpoint(neighbour, lambda a, s: None, beacon)
         await endpoint.start()
         asking = DiscoveryRequest(node_id=neighbour.node_id, addresses=(), capabilities=CAPS, timestamp=0.0)
-        response, _ = await probe("127.0.0.1", port, 5.0, request=asking)
+        response = (await probe("127.0.0.1", port, 5.0, request=asking)).response
         await endpoint.close()
         return response.node_id
 

@@ -39,7 +39,8 @@ def test_probe_returns_the_signed_response_and_a_latency() -> None:
 
     async def body() -> None:
         server, identity = await node()
-        response, latency_ms = await probe("127.0.0.1", identity.port, 5.0, request=ASKER)
+        probed = await probe("127.0.0.1", identity.port, 5.0, request=ASKER)
+        response, latency_ms = probed.response, probed.latency_ms
         assert response.node_id == identity.node_id
         assert response.addresses == identity.addresses
         assert response.capabilities == CAPS
@@ -102,7 +103,7 @@ def test_bad_discovery_frame_is_closed_and_logged_and_the_node_keeps_serving() -
             writer.write(b"\x00\x00\x00\x05{nope")
             assert await reader.read() == b""
             writer.close()
-        response, _ = await probe("127.0.0.1", identity.port, 5.0, request=ASKER)
+        response = (await probe("127.0.0.1", identity.port, 5.0, request=ASKER)).response
         assert response.node_id == identity.node_id
         assert counts["rejected"] == 1
         await server.close()
