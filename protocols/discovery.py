@@ -17,7 +17,7 @@ type                  signed    fields besides type and protocol_version
 ``ANNOUNCE``          yes       the same + public_key, signature (hex)
 ``PEER_DISCOVERY``    no        legacy: sender_id, sender_port, timestamp, capabilities
 ``PEER_LIST_REQUEST`` no        limit (1..``MAX_PEER_LIST``)
-``PEER_LIST``         per entry peers: signed announces/responses of *other* nodes
+``PEER_LIST``         per entry peers: ``[node_id, timestamp, "<signed JSON>"]`` of *other* nodes
 ===================== ========= ==================================================
 
 Signatures. A response or announce carries the sender's Ed25519 public key and
@@ -34,13 +34,16 @@ Requests are unsigned: they only ask "who is there?" and the answer is signed.
 
 Peer exchange. ``PEER_LIST_REQUEST`` asks "whom do you know?"; the answer,
 ``PEER_LIST``, passes on up to ``limit`` signed announces or responses the
-answering node received from others, each exactly as its signer made it (so a
-node seeded with three addresses learns the rest of the network from them).
+answering node received from others (so a node seeded with three addresses
+learns the rest of the network from them). Each entry is a JSON array
+``[node_id, timestamp, body]``: the node id and timestamp the entry claims, so
+a receiver skips at no cost what it already knows, and the signed message
+itself as a JSON *string*, carried opaquely (relaying never re-encodes what
+someone else signed, and a list of strings costs one parse, not one per entry).
 The list is *not* a signed statement of the relaying node, and its entries are
-*not* verified on decoding: each is a :class:`RelayedPeer` holding the claimed
-``node_id`` and ``timestamp`` (to skip at no cost what the receiver already
-knows) and the entry's canonical body, which :func:`decode_discovery` turns
-into a verified :class:`Announce` or :class:`DiscoveryResponse`. A
+*not* verified on decoding: each is a :class:`RelayedPeer`, whose ``body``
+:func:`decode_discovery` turns into a verified :class:`Announce` or
+:class:`DiscoveryResponse` (compare its node id and timestamp with the claims). A
 :class:`RelayedPeer` is a distinct type, so no code can mistake one for a
 verified peer. A relay can replay an old announce but not alter one; how old
 one may be is the registry's call, as for any announce.
@@ -400,9 +403,9 @@ class RelayedPeer:
     """Another node's signed announce or response as a relay passed it on: **not verified**.
 
     ``node_id`` and ``timestamp`` are what the entry claims (compare them with
-    what you know before paying for a signature check); ``body`` is its
-    canonical JSON, which :func:`decode_discovery` verifies. Build one with
-    :func:`relay`.
+    what you know before paying for a signature check); ``body`` is the signed
+    message's JSON (UTF-8), which :func:`decode_discovery` verifies. Build one
+    with :func:`relay`, or from a verified event and its body.
     """
 
     node_id: str
@@ -413,8 +416,8 @@ class RelayedPeer:
         _check_text("node_id", self.node_id)
         if not _is_number(self.timestamp):
             raise LocalProtocolError(f"timestamp must be a finite number, got {self.timestamp!r}")
-        if not isinstance(self.body, bytes) or not self.body:
-            raise LocalProtocolError(f"body must be non-empty bytes, got {self.body!r}")
+        if not isinstance(self.body, bytes) or not self.body or len(self.body) > MAX_DISCOVERY_FRAME:
+            raise LocalProtocolError(f"body must be non-empty bytes within MAX_DISCOVERY_FRAME, got {self.body[:40]!r}")
 
 
 @dataclass(frozen=True)
@@ -441,7 +444,7 @@ DiscoveryEvent: TypeAlias = (
 # ---------------------------------------------------------------------------- signing
 
 
-def _canonical(obj: dict[str, Any]) -> bytes:
+def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
@@ -546,7 +549,7 @@ def encode_discovery(event: DiscoveryEvent) -> bytes:
     elif isinstance(event, PeerListRequest):
         obj = {"type": event.TYPE, "protocol_version": PROTOCOL_VERSION, "limit": event.limit}
     elif isinstance(event, PeerList):
-        peers = [_relayed_json(peer) for peer in event.peers]
+        peers = [[peer.node_id, peer.timestamp, _text(peer.body)] for peer in event.peers]
         obj = {"type": event.TYPE, "protocol_version": PROTOCOL_VERSION, "peers": peers}
     elif isinstance(event, _Peer):
         obj = _unsigned_json(event.TYPE, event.node_id, event.addresses, event.capabilities, event.timestamp)
@@ -567,26 +570,11 @@ def encode_discovery(event: DiscoveryEvent) -> bytes:
     return body
 
 
-def _relayed_json(peer: RelayedPeer) -> dict[str, Any]:
+def _text(body: bytes) -> str:
     try:
-        obj = _parse_json(peer.body)
-        entry = _relayed_entry(obj)
-    except RemoteProtocolError as exc:
-        raise LocalProtocolError(f"cannot relay {peer.body[:40]!r}: {exc}") from exc
-    if (entry.node_id, entry.timestamp) != (peer.node_id, peer.timestamp):
-        raise LocalProtocolError(f"relayed peer claims {peer.node_id!r} at {peer.timestamp!r}; its body says otherwise")
-    return obj
-
-
-def _relayed_entry(obj: Any) -> RelayedPeer:
-    """The RelayedPeer of one parsed entry (claims checked for shape only); RemoteProtocolError if unfit."""
-    if not isinstance(obj, dict) or obj.get("type") not in _RELAYABLE:
-        kind = obj.get("type") if isinstance(obj, dict) else type(obj).__name__
-        raise RemoteProtocolError(f"a peer list entry must be a signed ANNOUNCE or DISCOVERY_RESPONSE, got {kind!r}")
-    try:
-        return RelayedPeer(obj.get("node_id"), obj.get("timestamp"), _canonical(obj))  # type: ignore[arg-type]
-    except (LocalProtocolError, ValueError) as exc:
-        raise RemoteProtocolError(f"invalid peer list entry: {exc}") from exc
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LocalProtocolError(f"a relayed body must be UTF-8 JSON, got {body[:40]!r}") from exc
 
 
 def relay(body: bytes) -> RelayedPeer:
@@ -597,7 +585,17 @@ def relay(body: bytes) -> RelayedPeer:
     Raises:
         RemoteProtocolError: not a JSON ANNOUNCE or DISCOVERY_RESPONSE with a node id and timestamp.
     """
-    return _relayed_entry(_parse_json(bytes(body)))
+    obj = _parse_json(bytes(body))
+    if obj.get("type") not in _RELAYABLE:
+        raise RemoteProtocolError(f"only a signed ANNOUNCE or DISCOVERY_RESPONSE is relayed, got {obj.get('type')!r}")
+    return _relayed(obj.get("node_id"), obj.get("timestamp"), bytes(body))
+
+
+def _relayed(node_id: Any, timestamp: Any, body: bytes) -> RelayedPeer:
+    try:
+        return RelayedPeer(node_id, timestamp, body)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"invalid peer list entry: {exc}") from exc
 
 
 _LIST_OVERHEAD = 128  # the PEER_LIST envelope around its entries, generously
@@ -605,16 +603,18 @@ _LIST_OVERHEAD = 128  # the PEER_LIST envelope around its entries, generously
 
 def peer_list(peers: Iterable[RelayedPeer], limit: int = MAX_PEER_LIST) -> PeerList:
     """A :class:`PeerList` of the first of ``peers`` that fit: at most ``limit`` (and
-    ``MAX_PEER_LIST``) entries and ``MAX_DISCOVERY_FRAME`` bytes encoded."""
+    ``MAX_PEER_LIST``) entries and ``MAX_DISCOVERY_FRAME`` bytes encoded. An entry too big
+    to fit at all (a body near the frame bound, escaped once more as a string) is skipped."""
     chosen: list[RelayedPeer] = []
     size = _LIST_OVERHEAD
     for peer in peers:
         if len(chosen) >= min(limit, MAX_PEER_LIST):
             break
-        if size + len(peer.body) + 1 > MAX_DISCOVERY_FRAME:
+        entry = len(_canonical([peer.node_id, peer.timestamp, _text(peer.body)])) + 1
+        if size + entry > MAX_DISCOVERY_FRAME:
             continue  # a big entry may not fit where a smaller one still does
         chosen.append(peer)
-        size += len(peer.body) + 1
+        size += entry
     return PeerList(tuple(chosen))
 
 
@@ -718,7 +718,16 @@ def _decode_exchange(type_: str, obj: dict[str, Any]) -> PeerListRequest | PeerL
     peers = obj["peers"]
     if not isinstance(peers, list) or len(peers) > MAX_PEER_LIST:
         raise RemoteProtocolError(f"PEER_LIST peers must be a list of at most {MAX_PEER_LIST}, got {str(peers)[:40]}")
-    return PeerList(tuple(_relayed_entry(entry) for entry in peers))
+    entries = []
+    for entry in peers:
+        if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[2], str):
+            raise RemoteProtocolError(f"a peer list entry is [node_id, timestamp, body text], got {str(entry)[:60]}")
+        try:
+            body = entry[2].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RemoteProtocolError(f"a peer list entry body is not UTF-8 text: {entry[2][:40]!r}") from exc
+        entries.append(_relayed(entry[0], entry[1], body))
+    return PeerList(tuple(entries))
 
 
 class DiscoveryConnection(FramedConnection[DiscoveryEvent]):
@@ -735,10 +744,15 @@ class DiscoveryConnection(FramedConnection[DiscoveryEvent]):
 
     def __init__(self, *, allow_unsigned_legacy: bool = False) -> None:
         self.allow_unsigned_legacy = allow_unsigned_legacy
+        self.last_body = b""
+        """The JSON body of the event :meth:`next_event` returned last: pass a verified event on
+        as it came (:func:`encode_discovery` would check its signature again)."""
         super().__init__(_LEN4, MAX_DISCOVERY_FRAME, "discovery", self._decode_body)
 
     def _decode_body(self, body: bytes) -> DiscoveryEvent:
-        return decode_discovery(body, allow_unsigned_legacy=self.allow_unsigned_legacy)
+        event = decode_discovery(body, allow_unsigned_legacy=self.allow_unsigned_legacy)
+        self.last_body = bytes(body)
+        return event
 
     def next_event(self) -> DiscoveryEvent | NeedData:
         """The next verified event, or :data:`NEED_DATA`; raises only :class:`RemoteProtocolError`."""

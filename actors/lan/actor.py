@@ -65,11 +65,12 @@ from villagemesh.errors import BusError, ConfigError, ProtocolError, RemoteProto
 from villagemesh.protocols.discovery import (
     MAX_PEER_LIST,
     Announce,
+    DiscoveryConnection,
     DiscoveryRequest,
     DiscoveryResponse,
     RelayedPeer,
     decode_discovery,
-    encode_discovery,
+    peer_list,
 )
 
 __all__ = ["TRANSPORT", "LanActor", "lan_status", "parse_host_port", "probe_peer"]
@@ -100,8 +101,22 @@ PULL_EVERY_S = 10.0
 PULL_TIMEOUT_S = 3.0
 """Seconds a pull (probe + peer list) may take."""
 
+GOSSIP_MIN_S = 0.05
+"""While this node is learning new peers, it pulls a random known peer this often..."""
+
+GOSSIP_MAX_S = 1.6
+"""...doubling the delay after each gossip tick that taught nothing, and stopping beyond this
+(until the next new peer): a burst of pulls while the network is converging, a handful after."""
+
+_PULLED_LATELY_S = 0.5
+"""Seconds a pull (probe + peer list) may take."""
+
 PROBE_BACK_MEMORY = 4096
 """Peers remembered as recently probed back (oldest forgotten first): bounded memory."""
+
+
+class _Gossip:
+    """Timer: a gossip tick."""
 
 
 def _tcp_target(address: str) -> tuple[str, int] | None:
@@ -141,9 +156,15 @@ class LanActor(LoopActor):
         self.book = PeerBook(identity.node_id)
         self.listing: tuple[RelayedPeer, ...] = ()
         """What the responder passes on (read on the loop thread; replaced whole, never mutated)."""
+        self._list_cache: tuple[tuple[RelayedPeer, ...] | None, int, bytes] = (None, 0, b"")
+        """(listing, limit, framed PEER_LIST): encoded once per listing, on the loop thread."""
         self.pulled: dict[str, float] = {}
         """Node id -> when we last pulled it (oldest forgotten first)."""
         self.responses = SignedResponses(identity)
+        self.learned = False
+        """A new peer reached the book since the last gossip tick."""
+        self.gossip_delay: float | None = None
+        """Seconds until the next gossip tick; None when gossip is idle."""
         self.exchange_counts: Counter[str] = Counter()
         self.beacon: BeaconEndpoint | None = None
         self.start_io()
@@ -210,7 +231,7 @@ class LanActor(LoopActor):
 
         def then(result: Probed | None, error: BaseException | None) -> None:
             if result is not None:
-                sighting = self._sighted(result.response, result.latency_ms)
+                sighting = self._sighted(result)
                 self._publish()
                 assert self.peers_to is not None
                 self._tell(self.peers_to, Sighted((sighting,)))
@@ -239,7 +260,7 @@ class LanActor(LoopActor):
                     log=self.io_log,
                     on_request=self._requested,
                     responses=self.responses,
-                    peers_for=self._peers_for,
+                    peer_lists=self._framed_list,
                 ),
             )
             return None
@@ -248,6 +269,9 @@ class LanActor(LoopActor):
             return None
         if isinstance(msg, Discover):
             self._start_round(msg)
+            return None
+        if isinstance(msg, _Gossip):
+            self._gossip()
             return None
         if isinstance(msg, GetLanStatus):
             status: LanStatus = self.io_loop.call(self._statistics(), LOOP_CALL_TIMEOUT_S)
@@ -283,7 +307,7 @@ class LanActor(LoopActor):
             new: list[str] = []
             for result in results or ():
                 if isinstance(result, Probed):
-                    found.append(self._sighted(result.response, result.latency_ms))
+                    found.append(self._sighted(result))
                     found.extend(self._learn(result, new))
             self._publish()
             errors = tuple(r for r in results or () if isinstance(r, str))
@@ -294,22 +318,50 @@ class LanActor(LoopActor):
 
     # -- peer exchange ------------------------------------------------------------------------------
 
-    def _peers_for(self, asker: str, limit: int) -> list[RelayedPeer]:
-        # On the loop thread: reads the published tuple, never the book.
-        return [peer for peer in self.listing if peer.node_id != asker][:limit]
+    def _framed_list(self, limit: int) -> bytes:
+        """The framed PEER_LIST of the published listing (on the loop thread: never the book)."""
+        listing, (cached, cached_limit, framed) = self.listing, self._list_cache
+        if cached is not listing or cached_limit != limit:
+            framed = DiscoveryConnection().send(peer_list(listing, limit))
+            self._list_cache = (listing, limit, framed)
+        return framed
 
     def _remember(self, peer: RelayedPeer, addresses: tuple[str, ...]) -> bool:
+        """Into the book; True (and gossip woken) if the peer is new to it."""
         target = next((t for t in map(_tcp_target, addresses) if t is not None), None)
-        return self.book.add(peer, target)
+        if not self.book.add(peer, target):
+            return False
+        self.learned = True
+        if self.gossip_delay is None and self.exchange:
+            self.gossip_delay = GOSSIP_MIN_S
+            self.schedule(GOSSIP_MIN_S, _Gossip())
+        return True
+
+    def _gossip(self) -> None:
+        """A gossip tick: pull one random known peer, then tick again sooner or later (or rest)."""
+        assert self.gossip_delay is not None
+        delay = GOSSIP_MIN_S if self.learned else self.gossip_delay * 2
+        self.learned = False
+        if delay > GOSSIP_MAX_S:
+            self.gossip_delay = None
+            return
+        now = time.monotonic()
+        known = self.book.targets()
+        idle = sorted(n for n in known if now - self.pulled.get(n, -_PULLED_LATELY_S) >= _PULLED_LATELY_S)
+        for node_id in pick(idle, 1, random.randrange):
+            self._note_pulled(node_id)
+            self._pull(node_id, *known[node_id])
+        self.gossip_delay = delay
+        self.schedule(delay, _Gossip())
 
     def _publish(self) -> None:
-        """Refresh what the responder passes on (one spare: the asker is left out of its own list)."""
-        self.listing = self.book.relayable(self.identity.clock(), MAX_PEER_LIST + 1)
+        """Refresh what the responder passes on (an asker finds itself in it and skips it)."""
+        self.listing = self.book.relayable(self.identity.clock(), MAX_PEER_LIST)
 
-    def _sighted(self, response: DiscoveryResponse, latency_ms: float | None) -> Sighting:
-        body = encode_discovery(response)
-        self._remember(RelayedPeer(response.node_id, response.timestamp, body), response.addresses)
-        return Sighting(TRANSPORT, body.decode(), latency_ms)
+    def _sighted(self, probed: Probed) -> Sighting:
+        response = probed.response
+        self._remember(RelayedPeer(response.node_id, response.timestamp, probed.body), response.addresses)
+        return Sighting(TRANSPORT, probed.body.decode(), probed.latency_ms)
 
     def _learn(self, probed: Probed, new: list[str]) -> list[Sighting]:
         """Verify what a peer passed on that is news to the book; its sightings (new node ids go to ``new``)."""
@@ -321,8 +373,12 @@ class LanActor(LoopActor):
                 continue
             try:
                 event = decode_discovery(peer.body)
-                if not isinstance(event, Announce | DiscoveryResponse) or event.node_id != peer.node_id:
-                    raise RemoteProtocolError(f"entry claiming {peer.node_id} decodes to {type(event).__name__}")
+                if not isinstance(event, Announce | DiscoveryResponse):
+                    raise RemoteProtocolError(f"entry claiming {peer.node_id} is a {type(event).__name__}")
+                if (event.node_id, event.timestamp) != (peer.node_id, peer.timestamp):
+                    raise RemoteProtocolError(
+                        f"entry claims {peer.node_id} at {peer.timestamp}, is {event.node_id} at {event.timestamp}"
+                    )
             except ProtocolError as exc:
                 self.exchange_counts["rejected"] += 1
                 self.io_log.warning("exchange_rejected", source=source, node_id=peer.node_id, reason=str(exc))
@@ -354,7 +410,7 @@ class LanActor(LoopActor):
         def then(result: Probed | None, error: BaseException | None) -> None:
             if result is not None:
                 new: list[str] = []
-                found = [self._sighted(result.response, result.latency_ms), *self._learn(result, new)]
+                found = [self._sighted(result), *self._learn(result, new)]
                 self._publish()
                 if self.peers_to is not None:
                     self._tell(self.peers_to, Sighted(tuple(found)))
@@ -383,7 +439,7 @@ class LanActor(LoopActor):
         def then(result: Probed | None, error: BaseException | None) -> None:
             outcome: object
             if result is not None:
-                sighting = self._sighted(result.response, result.latency_ms)
+                sighting = self._sighted(result)
                 self._publish()
                 outcome = PeerProbed(
                     request.host,

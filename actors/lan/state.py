@@ -22,8 +22,8 @@ lock-step::
 Peer book (:class:`PeerBook`): the newest verified announce or response of
 each peer this node heard of, by whatever way (beacon, probe, peer exchange),
 kept to pass on (peer exchange) and to pick whom to ask next. It remembers
-what it verified, so a relayed entry that is not newer than what the book holds
-costs no signature check. Bounded (``capacity``; the least recently updated
+what it verified, so a relayed entry that is not clearly newer than what the
+book holds (``RELAY_REFRESH_S``) costs no signature check. Bounded (``capacity``; the least recently updated
 peer is forgotten first); entries older than ``max_age`` are not passed on.
 """
 
@@ -43,6 +43,7 @@ __all__ = [
     "MAX_SOURCES",
     "RATE_PER_S",
     "RELAY_MAX_AGE_S",
+    "RELAY_REFRESH_S",
     "BeaconSchedule",
     "BookEntry",
     "PeerBook",
@@ -62,6 +63,11 @@ MAX_SOURCES = 4096
 
 BOOK_CAPACITY = 4096
 """Peers a book holds: far more than a LAN; bounds memory under a flood of fresh keys."""
+
+RELAY_REFRESH_S = 30.0
+"""A relayed announce is news only if at least this much newer than the book's: peers re-sign
+their answers every second, and verifying each newer copy of an unchanged announce would cost a
+signature check per entry per exchange. Peers heard directly (beacon, probe) refresh at once."""
 
 RELAY_MAX_AGE_S = 300.0
 """An announce older than this (by its own timestamp) is not passed on: the registry's default
@@ -155,10 +161,11 @@ class PeerBook:
         self.capacity = capacity
         self._entries: OrderedDict[str, BookEntry] = OrderedDict()
 
-    def knows(self, node_id: str, timestamp: float) -> bool:
-        """Whether an announce of ``node_id`` at ``timestamp`` tells nothing new (ours, or not newer)."""
+    def knows(self, node_id: str, timestamp: float, refresh: float = RELAY_REFRESH_S) -> bool:
+        """Whether a relayed announce of ``node_id`` at ``timestamp`` tells nothing new: ours, or
+        not ``refresh`` seconds newer than the book's."""
         entry = self._entries.get(node_id)
-        return node_id == self.own_id or (entry is not None and entry.peer.timestamp >= timestamp)
+        return node_id == self.own_id or (entry is not None and timestamp - entry.peer.timestamp < refresh)
 
     def add(self, peer: RelayedPeer, target: tuple[str, int] | None) -> bool:
         """Keep ``peer`` (already verified) if newer than what we hold; True if the peer is new to the book."""

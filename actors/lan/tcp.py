@@ -18,7 +18,7 @@ acceptor sniffs the discovery frame), so there is one discovery exchange, not
 one per transport.
 
 Rules: the responder answers each request in order on the same connection
-and never volunteers anything; a peer list never holds the asker itself; anything else (an announce, a response) is
+and never volunteers anything; anything else (an announce, a response) is
 ignored and counted; a protocol error closes the connection with a
 ``discovery_rejected`` event (keys ``peer``, ``reason``); a connection with no
 complete request for ``IDLE_TIMEOUT_S`` is closed.
@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,6 @@ from villagemesh.protocols.discovery import (
     PeerList,
     PeerListRequest,
     RelayedPeer,
-    peer_list,
 )
 
 __all__ = ["IDLE_TIMEOUT_S", "RESPONSE_REUSE_S", "DiscoveryResponder", "Probed", "SignedResponses", "probe"]
@@ -56,8 +55,8 @@ RESPONSE_REUSE_S = 1.0
 """A signed response is reused for this long (its timestamp says when it was signed): signing and
 checking one costs more than the rest of an answer, and a prober judges freshness in minutes."""
 
-PeersFor = Callable[[str, int], Sequence[RelayedPeer]]
-"""``(asker's node id, limit)`` -> peers to pass on (never the asker)."""
+PeerLists = Callable[[int], bytes]
+"""``limit`` -> the framed PEER_LIST to send (the owner caches it: it changes when its book does)."""
 
 
 class SignedResponses:
@@ -97,14 +96,12 @@ class DiscoveryResponder(asyncio.Protocol):
         log: Any = None,
         on_request: Callable[[DiscoveryRequest], None] | None = None,
         responses: SignedResponses | None = None,
-        peers_for: PeersFor | None = None,
+        peer_lists: PeerLists | None = None,
     ) -> None:
         self.identity = identity
         self.responses = responses if responses is not None else SignedResponses(identity, reuse_s=0.0)
-        self.peers_for = peers_for
-        """Peers to pass on when asked (PEER_LIST_REQUEST); none without it."""
-        self.asker = ""
-        """The node id of this connection's last DISCOVERY_REQUEST (kept out of its peer list)."""
+        self.peer_lists = peer_lists
+        """What to answer a PEER_LIST_REQUEST with; an empty list without it."""
         self.on_request = on_request
         """Told every (unsigned) request answered, so its sender can be probed back and verified."""
         self.conn = DiscoveryConnection(allow_unsigned_legacy=True)
@@ -143,14 +140,15 @@ class DiscoveryResponder(asyncio.Protocol):
             self._arm()
             if isinstance(event, DiscoveryRequest):
                 self.counts["answered"] += 1
-                self.asker = event.node_id
                 self.transport.write(self.responses.framed())
                 if self.on_request is not None:
                     self.on_request(event)
             elif isinstance(event, PeerListRequest):
                 self.counts["lists"] += 1
-                peers = self.peers_for(self.asker, event.limit) if self.peers_for is not None else ()
-                self.transport.write(self.conn.send(peer_list(peers, event.limit)))
+                if self.peer_lists is not None:
+                    self.transport.write(self.peer_lists(event.limit))
+                else:
+                    self.transport.write(self.conn.send(PeerList(())))
             elif isinstance(event, LegacyPeerDiscovery):
                 self.counts["answered_legacy"] += 1
                 self.transport.write(self.conn.send(self.identity.legacy_response()))
@@ -177,6 +175,8 @@ class Probed:
     """What a probe learned: the peer's verified response, the round trip, and the peers it passed on."""
 
     response: DiscoveryResponse
+    body: bytes
+    """The response's JSON body as it came (verified: pass it on as it is)."""
     latency_ms: float
     peers: tuple[RelayedPeer, ...] = ()
     """Other nodes' announces, **not verified** (each is checked when decoded); empty unless asked for."""
@@ -223,14 +223,15 @@ async def probe(host: str, port: int, timeout: float, *, request: DiscoveryReque
                 conn.receive_data(data)
 
         response = await next_event()
+        body = conn.last_body
         latency_ms = (time.perf_counter() - started) * 1000.0
         if not isinstance(response, DiscoveryResponse):
             raise RemoteProtocolError(f"discovery probe of {where}: expected a response, got {type(response).__name__}")
         if want_peers <= 0:
-            return Probed(response, latency_ms)
+            return Probed(response, body, latency_ms)
         listing = await next_event()
         if not isinstance(listing, PeerList):
             raise RemoteProtocolError(f"discovery probe of {where}: expected a peer list, got {type(listing).__name__}")
-        return Probed(response, latency_ms, listing.peers[:want_peers])
+        return Probed(response, body, latency_ms, listing.peers[:want_peers])
     finally:
         writer.close()

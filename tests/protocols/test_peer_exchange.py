@@ -73,7 +73,8 @@ def test_a_tampered_entry_still_decodes_as_a_list_but_never_as_a_peer() -> None:
     """The relay is not trusted: an altered entry passes the list's shape check and fails verification."""
     forged = json.loads(encode_discovery(announce()))
     forged["addresses"] = ["ws://10.6.6.6:666"]
-    listing = decode_discovery(body_of({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [forged]}))
+    entry = [forged["node_id"], forged["timestamp"], json.dumps(forged)]
+    listing = decode_discovery(body_of({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [entry]}))
     assert isinstance(listing, PeerList) and listing.peers[0].node_id == announce().node_id
     with pytest.raises(RemoteProtocolError, match="bad signature"):
         decode_discovery(listing.peers[0].body)
@@ -87,13 +88,13 @@ def test_a_tampered_entry_still_decodes_as_a_list_but_never_as_a_peer() -> None:
         ({"type": "PEER_LIST_REQUEST", "protocol_version": "1.0"}, "expected"),
         ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": {}}, "must be a list of at most 64"),
         ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [None] * 65}, "must be a list of at most 64"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [3]}, "got 'int'"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [{"type": "DISCOVERY_REQUEST"}]}, "DISCOVERY_REQ"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [{"type": "ANNOUNCE"}]}, "node_id must be"),
-        (
-            {"type": "PEER_LIST", "protocol_version": "1.0", "peers": [{"type": "ANNOUNCE", "node_id": "a"}]},
-            "timestamp must be a finite number",
-        ),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [3]}, r"is \[node_id, timestamp, body text\]"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", 1, {}]]}, "body text"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", 1]]}, "body text"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["", 1, "{}"]]}, "node_id must be"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", "1", "{}"]]}, "timestamp must be a finite"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", 1, ""]]}, "body must be non-empty"),
+        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", 1, "\ud800"]]}, "not UTF-8 text"),
         ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [], "extra": 1}, "expected"),
     ],
 )
@@ -106,8 +107,10 @@ def test_relay_refuses_what_is_not_a_signed_announce() -> None:
     with pytest.raises(RemoteProtocolError, match="not JSON"):
         relay(b"{")
     request = {"type": "DISCOVERY_REQUEST", "node_id": "n"}
-    with pytest.raises(RemoteProtocolError, match="must be a signed ANNOUNCE or DISCOVERY_RESPONSE"):
+    with pytest.raises(RemoteProtocolError, match="only a signed ANNOUNCE or DISCOVERY_RESPONSE is relayed"):
         relay(body_of(request))
+    with pytest.raises(RemoteProtocolError, match="invalid peer list entry: node_id must be"):
+        relay(body_of({"type": "ANNOUNCE", "timestamp": 1}))
 
 
 def test_relay_keeps_responses_and_announces_alike() -> None:
@@ -117,13 +120,18 @@ def test_relay_keeps_responses_and_announces_alike() -> None:
     assert decode_discovery(entry.body) == response
 
 
-def test_sending_a_list_whose_claims_lie_is_a_local_error() -> None:
-    """A RelayedPeer built by hand must say what its body says; a body that is not an announce is refused."""
+def test_a_body_that_is_not_utf8_cannot_be_sent() -> None:
+    with pytest.raises(LocalProtocolError, match="must be UTF-8 JSON"):
+        encode_discovery(PeerList((RelayedPeer("n", 1.0, b"\xff"),)))
+
+
+def test_the_claims_travel_as_given_and_verification_tells_the_truth() -> None:
+    """A relay may lie in the claims (to have an entry skipped or re-checked); the body decides."""
     honest = relayed()
-    with pytest.raises(LocalProtocolError, match="its body says otherwise"):
-        encode_discovery(PeerList((dataclasses.replace(honest, timestamp=1.0),)))
-    with pytest.raises(LocalProtocolError, match="cannot relay"):
-        encode_discovery(PeerList((RelayedPeer("n", 1.0, b"{}"),)))
+    lying = dataclasses.replace(honest, timestamp=honest.timestamp + 1000)
+    (received,) = decode_discovery(encode_discovery(PeerList((lying,)))).peers  # type: ignore[union-attr]
+    assert received.timestamp == honest.timestamp + 1000
+    assert decode_discovery(received.body).timestamp == honest.timestamp  # type: ignore[union-attr]
 
 
 def test_peer_list_takes_what_fits_in_order() -> None:
@@ -179,6 +187,7 @@ def test_a_hand_built_list_over_the_frame_is_a_local_error() -> None:
         (lambda: RelayedPeer("", 1.0, b"{}"), "node_id must be"),
         (lambda: RelayedPeer("n", float("nan"), b"{}"), "timestamp must be"),
         (lambda: RelayedPeer("n", 1.0, b""), "body must be non-empty bytes"),
+        (lambda: RelayedPeer("n", 1.0, b" " * (MAX_DISCOVERY_FRAME + 1)), "within MAX_DISCOVERY_FRAME"),
     ],
 )
 def test_invalid_exchange_values_raise_local_protocol_error(build: Any, reason: str) -> None:
@@ -194,4 +203,16 @@ def test_wire_form_of_the_exchange() -> None:
         "limit": 8,
     }
     wire = json.loads(encode_discovery(PeerList((relayed(),))))
-    assert wire["type"] == "PEER_LIST" and wire["peers"] == [json.loads(encode_discovery(announce()))]
+    event = announce()
+    assert wire["type"] == "PEER_LIST"
+    assert wire["peers"] == [[event.node_id, event.timestamp, encode_discovery(event).decode()]]
+
+
+@given(st.lists(vst.discovery_events(), min_size=1, max_size=3))
+def test_the_connection_keeps_the_body_of_the_last_event(events: list[Any]) -> None:
+    """``last_body`` is what came on the wire for the event just returned: it decodes to that event."""
+    sender, receiver = DiscoveryConnection(), DiscoveryConnection()
+    receiver.receive_data(b"".join(sender.send(e) for e in events))
+    for event in events:
+        assert receiver.next_event() == event
+        assert receiver.last_body == encode_discovery(event)
