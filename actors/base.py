@@ -313,6 +313,11 @@ class Ok:
 DRAIN_LIMIT = 10_000
 """Frames a stopping actor handles from its mailbox before it ends (a flood cannot keep it up)."""
 
+QUICK_REPLY_S = 5e-6
+"""A reply sent within this time went without this thread being preempted (encoding and
+one zmq send take 1-3 µs); the asker running meanwhile on the same CPU takes longer. A
+wrong guess costs a microsecond or three either way (see ``_BusInbox.idle``)."""
+
 _OK = Ok()
 """The one Ok reply (messages are immutable, so one instance serves every reply)."""
 
@@ -337,6 +342,9 @@ class ActorContext:
 
 _recv = zmq.backend.Socket.recv
 """pyzmq's compiled recv, without the Python-level wrapper."""
+_NOBLOCK = zmq.NOBLOCK
+_TELL, _ASK, _BATCH = busmod.Kind.TELL, busmod.Kind.ASK, busmod.Kind.BATCH
+_perf_counter = time.perf_counter
 _zmq_poll = zmq.backend.zmq_poll
 
 
@@ -360,12 +368,14 @@ class _Envelope:
 class _BusInbox:
     """pykka's inbox, reading pykka's control queue first and then the bus mailbox.
 
-    ``empty()`` speaks only of the control queue: when an instance stops, pykka
-    drains the control queue, and the bus mailbox keeps its messages for the
-    next instance. Frames a previous instance handed back (``mailbox.redeliver``)
-    come before the socket's. An actor can stop reading its mailbox for a while
-    (``paused``: flow control) and can :meth:`watch` more sockets or file
-    descriptors, which then produce inbox items of their own.
+    :meth:`get` returns a control item (an envelope), a mailbox frame (``bytes``,
+    which the actor loop handles without an envelope), or a watched pollable's
+    item (in an envelope). ``empty()`` speaks only of the control queue: when an
+    instance stops, pykka drains the control queue, and the bus mailbox keeps
+    its messages for the next instance. Frames a previous instance handed back
+    (``mailbox.redeliver``) come before the socket's. An actor can stop reading
+    its mailbox for a while (``paused``: flow control) and can :meth:`watch` more
+    sockets or file descriptors, which then produce inbox items of their own.
     """
 
     def __init__(self, mailbox: busmod.Mailbox) -> None:
@@ -381,6 +391,10 @@ class _BusInbox:
         self._lock = threading.Lock()
         self._closed = False
         self.paused = False
+        self.idle = False
+        """A hint that the mailbox is probably empty: :meth:`get` then waits on it at once
+        instead of trying a read first. A read that finds nothing costs ~3 µs (pyzmq builds
+        a ZMQError and libzmq makes a system call), waiting on a frame already there ~1 µs."""
 
     def put(self, envelope: Any) -> None:
         with self._lock:
@@ -414,15 +428,17 @@ class _BusInbox:
                 return self._control.get_nowait()
             if not self.paused:
                 if self._redeliver:
-                    return busmod.Delivery(self._redeliver.popleft())
-                try:
-                    return busmod.Delivery(_recv(sock, zmq.NOBLOCK))
-                except zmq.Again:
-                    pass
+                    return self._redeliver.popleft()
+                if not self.idle:
+                    try:
+                        return _recv(sock, _NOBLOCK)
+                    except zmq.Again:
+                        pass
             ready = _zmq_poll(self._items_paused if self.paused else self._items_all, -1)
-            for pollable, events in ready:
-                if not events:
-                    continue
+            self.idle = False
+            for pollable, _ in ready:
+                if pollable is sock:
+                    continue  # read at the top of the loop, after the control queue
                 if pollable == self._wake:
                     os.eventfd_read(self._wake)
                     continue
@@ -481,32 +497,73 @@ class Actor(Supervised):
                     frame = _recv(sock, zmq.NOBLOCK)
                 except zmq.Again:
                     break
-            self._handle_receive(busmod.Delivery(frame))
+            self._frame_turn(frame)
+
+    def _actor_loop_running(self) -> None:
+        # pykka's loop, except that a mailbox frame (bytes from the inbox) goes straight to
+        # _frame_turn: no envelope, no future, no generic dispatch. This is the ask path.
+        # Failures end the instance as in pykka (_handle_failure, then on_failure), but a
+        # BaseException too is this actor's crash alone, never pykka's stop_all.
+        get, stopped = self._inbox.get, self.actor_stopped.is_set
+        while not stopped():
+            item = get()
+            try:
+                if type(item) is bytes:
+                    self._frame_turn(item)
+                else:
+                    self._envelope_turn(item)
+            except BaseException:  # noqa: BLE001 - reported as this instance's crash
+                self._handle_failure(*sys.exc_info())
+                try:
+                    self.on_failure(*sys.exc_info())
+                except Exception:  # noqa: BLE001 - a failing on_stop is recorded, not raised
+                    self._handle_failure(*sys.exc_info())
+
+    def _envelope_turn(self, envelope: Any) -> None:
+        """A control item (stop, timer, proxy call, watched pollable): a pykka asker gets
+        the handler's exception on its future, as in pykka; otherwise it propagates."""
+        try:
+            response = self._handle_receive(envelope.message)
+        except Exception:
+            if envelope.reply_to is None:
+                raise
+            envelope.reply_to.set_exception()
+            return
+        if envelope.reply_to is not None:
+            envelope.reply_to.set(response)
+
+    def _frame_turn(self, frame: bytes) -> None:
+        """One handler turn for a mailbox frame; the tells it made leave together when it ends
+        (one frame per destination), before the next inbox item is read."""
+        try:
+            self._on_frame(frame)
+        except Exception as exc:
+            self._flush_after(exc)
+            raise
+        except BaseException as exc:
+            error = BaseExceptionInHandler(f"{type(exc).__name__}: {exc}")
+            self._flush_after(error)
+            raise error from exc
+        if self.sender._pending:
+            self.sender.flush()
 
     def _handle_receive(self, message: Any) -> Any:
-        # One handler turn: the tells it made leave together when it ends (one frame
-        # per destination), before the next inbox item is read. Bus frames, the common
-        # case, go straight to _on_frame; everything else takes the general route.
+        # A control item's handler turn: its tells leave together when it ends.
         try:
-            if type(message) is busmod.Delivery:
-                result = None
-                try:
-                    self._on_frame(message.frame)
-                except Exception:
-                    raise
-                except BaseException as exc:
-                    raise BaseExceptionInHandler(f"{type(exc).__name__}: {exc}") from exc
-            else:
-                result = super()._handle_receive(message)
+            result = super()._handle_receive(message)
         except BaseException as exc:
-            try:
-                self.sender.flush()
-            except VillageMeshError as flush_error:
-                exc.add_note(f"tells held by this turn could not be sent: {flush_error}")
+            self._flush_after(exc)
             raise
         if self.sender._pending:
             self.sender.flush()
         return result
+
+    def _flush_after(self, exc: BaseException) -> None:
+        """Send what a failed turn held (its tells were made before it failed)."""
+        try:
+            self.sender.flush()
+        except VillageMeshError as flush_error:
+            exc.add_note(f"tells held by this turn could not be sent: {flush_error}")
 
     def _teardown(self) -> None:
         for timer in list(self._timers):
@@ -541,13 +598,13 @@ class Actor(Supervised):
         except CodecError as exc:
             self._reject(str(exc))
             return
-        if kind is busmod.Kind.TELL:
+        if kind is _TELL:
             if type(msg) is InjectedCrash:
                 raise CrashInjected(msg.reason)
             self.handle(msg)
             if self._acknowledge:
                 self.sender.uplink(b"ack")
-        elif kind is busmod.Kind.ASK and reply_to is not None:
+        elif kind is _ASK and reply_to is not None:
             try:
                 if type(msg) is InjectedCrash:
                     raise CrashInjected(msg.reason)
@@ -557,10 +614,16 @@ class Actor(Supervised):
                     reply_to, correlation, busmod.Fault(self.name, type(exc).__name__, str(exc)), fault=True
                 )
                 raise
+            sent = _perf_counter()
             self.sender.reply(reply_to, correlation, _OK if answer is None else answer)
+            # A reply sent quickly means the asker has not run since: it waits (on another
+            # CPU, or on this one after us), so the mailbox is most likely empty and the
+            # inbox should wait at once. A slow one means this thread was preempted while
+            # the asker ran, which has probably asked again: the inbox reads first.
+            self._inbox.idle = _perf_counter() - sent < QUICK_REPLY_S
             if self._acknowledge:
                 self.sender.uplink(b"ack")
-        elif kind is busmod.Kind.BATCH:
+        elif kind is _BATCH:
             self._on_batch(msg)
         else:
             self._reject(f"unexpected {kind.name} frame")

@@ -59,7 +59,6 @@ from villagemesh.errors import (
 __all__ = [
     "BATCH_MAX",
     "Bus",
-    "Delivery",
     "Fault",
     "Kind",
     "Mailbox",
@@ -112,27 +111,9 @@ class Fault:
     detail: str
 
 
-class Delivery:
-    """A frame read from a mailbox, as the actor loop sees it (pykka's envelope shape)."""
-
-    __slots__ = ("frame", "message", "reply_to")
-
-    def __init__(self, frame: bytes) -> None:
-        self.frame = frame
-        self.message = self
-        self.reply_to = None
-
-    def decode(self, *, trusted: bool = False) -> tuple[Kind, int, str | None, Any]:
-        """``(kind, correlation, reply_to, message)``; CodecError on a bad frame.
-
-        For a BATCH frame, ``message`` is the tuple of the TELL frames it carries.
-        """
-        return decode_frame(self.frame, trusted=trusted)
-
-
 def encode_frame(kind: Kind, correlation: int, reply_to: str | None, msg: object) -> bytes:
     """The one frame that carries ``msg``."""
-    return codec.pack((kind, correlation, reply_to, *codec.to_values(msg)))
+    return codec.pack(codec.to_values(msg, kind.value, correlation, reply_to))
 
 
 def encode_batch(messages: list[list[Any]]) -> bytes:
@@ -153,9 +134,10 @@ def decode_frame(frame: bytes, *, trusted: bool = False) -> tuple[Kind, int, str
     if type(values) is not tuple or len(values) < 4:
         raise CodecError(f"a bus frame is an array of at least 4 items, got {values!r:.80}")
     kind, correlation, reply_to = values[0], values[1], values[2]
-    if kind not in _KINDS or type(correlation) is not int or not (reply_to is None or type(reply_to) is str):
+    kind = _KINDS.get(kind) if type(kind) is int else None
+    if kind is None or type(correlation) is not int or not (reply_to is None or type(reply_to) is str):
         raise CodecError(f"bad bus frame header {values[:3]!r}")
-    if kind == Kind.BATCH:
+    if kind is Kind.BATCH:
         inner = values[3:]
         if correlation != len(inner):
             raise CodecError(f"bad batch frame: {correlation} messages announced, {len(inner)} carried")
@@ -163,10 +145,12 @@ def decode_frame(frame: bytes, *, trusted: bool = False) -> tuple[Kind, int, str
             for one in inner:
                 codec.from_values(one)
         return Kind.BATCH, correlation, None, inner
-    return _KINDS[kind], correlation, reply_to, codec.from_values(values[3:], trusted=trusted)
+    return kind, correlation, reply_to, codec.from_values(values[3:], trusted=trusted)
 
 
 _KINDS = {k.value: k for k in Kind}
+_TELL, _ASK, _REPLY, _FAULT, _BATCH = (k.value for k in (Kind.TELL, Kind.ASK, Kind.REPLY, Kind.FAULT, Kind.BATCH))
+"""Plain ints for headers (msgpack packs an IntEnum member on a slower path)."""
 
 
 class Mailbox:
@@ -306,7 +290,7 @@ class Sender:
         self.coalesce = coalesce
         """Hold tells to each destination until :meth:`flush` (an actor flushes at the end
         of every handler turn), sending each destination one BATCH frame."""
-        self._pending: dict[str, list[list[Any]]] = {}
+        self._pending: dict[str, list[tuple[Any, ...]]] = {}
         self._sockets: dict[str, zmq.Socket[bytes]] = {}
         self._reply_sockets: OrderedDict[str, zmq.Socket[bytes]] = OrderedDict()
         self._reply_name: str | None = None
@@ -314,6 +298,7 @@ class Sender:
         self._uplink_socket: zmq.Socket[bytes] | None = None
         self._reply_timeout = -1
         self._correlation = itertools.count(1)
+        self._pack = codec.packer()
         self.closed = False
         self.late_replies = 0
         """Replies that arrived after their ask had timed out (dropped, counted here)."""
@@ -327,7 +312,7 @@ class Sender:
         handler turn or for :data:`BATCH_MAX` frames, unless ``timeout`` is given.
         """
         if not self.coalesce or timeout is not None:
-            self.send_frame(to, encode_frame(Kind.TELL, 0, None, msg), timeout=timeout)
+            self.send_frame(to, self._encode(_TELL, 0, None, msg), timeout=timeout)
             return
         pending = self._pending.get(to)
         if pending is None:
@@ -346,7 +331,8 @@ class Sender:
     def _flush_to(self, to: str) -> None:
         held = self._pending.pop(to, None)
         if held:
-            self._send_now(to, tell_frame(held[0]) if len(held) == 1 else encode_batch(held), None)
+            values = (_TELL, 0, None, *held[0]) if len(held) == 1 else (_BATCH, len(held), None, *held)
+            self._send_now(to, self._encode_values(values), None)
 
     def send_frame(self, to: str, frame: bytes, *, timeout: float | None = None) -> None:
         """Send one ready-made frame to the mailbox of ``to`` (after any held for it)."""
@@ -373,7 +359,7 @@ class Sender:
         """
         if self._pending:
             self.flush()
-        frame = encode_frame(Kind.FAULT if fault else Kind.REPLY, correlation, None, msg)
+        frame = self._encode(_FAULT if fault else _REPLY, correlation, None, msg)
         if self._bus.uplink is not None:
             self.uplink(b"reply", reply_to.encode(), frame)
             return
@@ -413,7 +399,12 @@ class Sender:
             raise ConfigError(f"ask timeout must be a positive number of seconds, got {timeout!r}")
         reply_sock = self._reply_socket or self._ensure_reply_socket()
         correlation = next(self._correlation)
-        self.send_frame(to, encode_frame(Kind.ASK, correlation, self._reply_name, msg), timeout=timeout)
+        frame = self._encode(_ASK, correlation, self._reply_name, msg)
+        sock = self._sockets.get(to)
+        if sock is None or to in self._pending:
+            self.send_frame(to, frame, timeout=timeout)
+        else:
+            self._push(sock, frame, to, timeout)
         left = int(timeout * 1000)
         deadline = 0  # read from the clock only if a late reply costs us time
         while True:
@@ -434,11 +425,20 @@ class Sender:
                 if left <= 0:
                     raise AskTimeout(f"no reply from {to!r} to {type(msg).__name__} within {timeout} s")
                 continue
-            if kind is Kind.FAULT:
+            if kind == _FAULT:
                 raise ActorCrashed(answer.actor, answer.exc_type, answer.detail)
             return answer
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _encode(self, kind: int, correlation: int, reply_to: str | None, msg: object) -> bytes:
+        return self._encode_values(codec.to_values(msg, kind, correlation, reply_to))
+
+    def _encode_values(self, values: tuple[Any, ...]) -> bytes:
+        try:
+            return self._pack(values)
+        except codec.PACK_ERRORS as exc:
+            raise codec.pack_error(values, exc) from exc
 
     def _connect(self, address: str) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._bus.context.socket(zmq.PUSH)

@@ -57,6 +57,9 @@ class _Spec:
     """For trusted frames: only the fields whose wire form is not their value (enums,
     nested messages) are converted; ``plain`` when there are none."""
     plain: bool
+    only: Any
+    """For a class without fields, its one instance (trusted decoding returns it: messages
+    are immutable values); otherwise None."""
 
 
 _BY_TAG: dict[str, _Spec] = {}
@@ -88,7 +91,8 @@ def message(tag: str) -> Callable[[type[T]], type[T]]:
         converts = tuple(
             check if _needs_conversion(hints[name]) else None for name, check in zip(names, checks, strict=True)
         )
-        spec = _Spec(tag, cls, names, getter, checks, converts, all(c is None for c in converts))
+        only = cls() if not names else None
+        spec = _Spec(tag, cls, names, getter, checks, converts, all(c is None for c in converts), only)
         _BY_TAG[tag] = spec
         _BY_CLASS[cls] = spec
         return cls
@@ -124,14 +128,14 @@ def registered_tags() -> frozenset[str]:
 # --- encoding ---------------------------------------------------------------------------
 
 
-def to_values(msg: object) -> list[Any]:
-    """``[tag, field...]`` for ``msg``: the array that goes on the wire."""
+def to_values(msg: object, *head: Any) -> tuple[Any, ...]:
+    """``(tag, field...)`` for ``msg``: the array that goes on the wire, after ``head``
+    (a frame's header, built in the same step) when given."""
     try:
         spec = _BY_CLASS[type(msg)]
     except KeyError:
         raise CodecError(f"cannot encode {type(msg).__qualname__}: not a registered bus message") from None
-    values = spec.getter(msg)
-    return [spec.tag, *values]
+    return (*head, spec.tag, *spec.getter(msg))
 
 
 def _default(obj: object) -> Any:
@@ -142,12 +146,30 @@ def _default(obj: object) -> Any:
     raise CodecError(f"cannot encode a value of type {type(obj).__qualname__}: {obj!r:.80}")
 
 
+PACK_ERRORS = (TypeError, ValueError, OverflowError)
+"""What msgpack raises for a value it cannot encode (a CodecError from a nested value comes through as is)."""
+
+
 def pack(obj: Any) -> bytes:
     """msgpack with this codec's rules for nested messages and enums."""
     try:
         return msgpack.packb(obj, default=_default, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise CodecError(f"cannot encode {obj!r:.120}: {exc}") from exc
+    except PACK_ERRORS as exc:
+        raise pack_error(obj, exc) from exc
+
+
+def packer() -> Callable[[Any], bytes]:
+    """:func:`pack` without its per-call set-up: one reused buffer, so **for one thread only**.
+
+    Callers catch :data:`PACK_ERRORS` and raise :func:`pack_error` (a bound
+    method cannot translate its own exceptions without a wrapper's cost).
+    """
+    return msgpack.Packer(default=_default, use_bin_type=True).pack
+
+
+def pack_error(obj: Any, exc: Exception) -> CodecError:
+    """The CodecError for ``obj`` that a :func:`packer` refused with ``exc``."""
+    return CodecError(f"cannot encode {obj!r:.120}: {exc}")
 
 
 def unpack(data: bytes) -> Any:
@@ -186,7 +208,7 @@ def from_values(values: Any, *, trusted: bool = False) -> Any:
         raise CodecError(f"{tag}: expected {len(spec.fields)} field(s), got {len(values) - 1}")
     if trusted:
         if spec.plain:
-            return spec.cls(*values[1:])
+            return spec.cls(*values[1:]) if spec.only is None else spec.only
         return spec.cls(*[v if c is None else c(v) for c, v in zip(spec.converts, values[1:], strict=True)])
     return spec.cls(*[check(v) for check, v in zip(spec.checks, values[1:], strict=True)])
 

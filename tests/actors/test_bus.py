@@ -10,9 +10,9 @@ import pytest
 import zmq
 
 from tests.conftest import WAIT
-from tests.supervision._actors import RECEIVED, Ping, Pong, Probe, Seq
+from tests.supervision._actors import RECEIVED, Crash, Ping, Pong, Probe, Seq
 from villagemesh.actors import codec
-from villagemesh.actors.base import Actor, ActorContext
+from villagemesh.actors.base import Actor, ActorContext, _BusInbox
 from villagemesh.actors.bus import Bus, Kind, decode_frame, encode_frame
 from villagemesh.errors import AskTimeout, BusError, CodecError, ConfigError, MailboxFull, NoSuchActor
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
@@ -24,6 +24,12 @@ from villagemesh.supervision.supervisor import Supervisor
 class Later:
     delay: float
     payload: int
+
+
+@codec.message("bus_test.Note")
+@dataclass(frozen=True, slots=True)
+class Note:
+    text: str
 
 
 @codec.message("bus_test.Slow")
@@ -209,3 +215,48 @@ def test_actor_context_requires_an_open_mailbox(runtime):
     ctx = ActorContext(bus=runtime.bus, name="nobox", log=runtime.log, scheduler=runtime.scheduler)
     with pytest.raises(NoSuchActor, match="'nobox'"):
         Probe(ctx)
+
+
+def test_a_message_msgpack_cannot_carry_is_refused_and_the_sender_keeps_working(runtime):
+    """A lone surrogate cannot be encoded: tell and ask raise CodecError, and the next message goes out intact."""
+    start(runtime, ChildSpec("p", Probe))
+    client = runtime.bus.client()
+    with pytest.raises(CodecError, match="surrogates"):
+        client.tell("p", Note("\ud800"))
+    with pytest.raises(CodecError, match="surrogates"):
+        client.ask("p", Note("\ud800"), timeout=WAIT)
+    assert client.ask("p", Ping(1), timeout=WAIT).n == 2
+
+
+def test_an_inbox_that_waits_at_once_still_returns_what_arrives(runtime):
+    """With the idle hint (set after a quick reply) the inbox waits without reading first; a frame
+    or a control item that arrives is returned, and a frame already there is read without waiting."""
+    box = runtime.bus.open_mailbox("raw")
+    inbox = _BusInbox(box)
+    client = runtime.bus.client()
+    try:
+        inbox.idle = True
+        client.send_frame("raw", b"one")
+        assert inbox.get() == b"one"
+        assert not inbox.idle
+        inbox.idle = True
+        putter = threading.Thread(target=inbox.put, args=("control item",))
+        putter.start()
+        assert inbox.get() == "control item"
+        putter.join(WAIT)
+        client.send_frame("raw", b"two")
+        client.send_frame("raw", b"three")
+        assert [inbox.get(), inbox.get()] == [b"two", b"three"]
+    finally:
+        inbox.close()
+
+
+def test_a_pykka_ask_that_raises_gets_the_error_and_the_actor_serves_on(runtime):
+    """Control items keep pykka's contract: a proxy call's exception goes to its caller, not a crash."""
+    runtime.bus.open_mailbox("solo")
+    probe = Probe.launch(ActorContext(bus=runtime.bus, name="solo", log=runtime.log, scheduler=runtime.scheduler))
+    with pytest.raises(RuntimeError, match="asked to crash"):
+        probe.actor_ref.proxy().handle(Crash("exception")).get(timeout=WAIT)
+    assert runtime.bus.client().ask("solo", Ping(1), timeout=WAIT).n == 2
+    probe.actor_ref.stop(timeout=WAIT)
+    assert probe.finished.wait(WAIT)

@@ -77,6 +77,27 @@ def test_a_message_without_fields_round_trips():
     assert codec.decode(codec.encode(Empty())) == Empty()
 
 
+def test_trusted_decoding_shares_the_one_instance_of_a_field_less_message():
+    """A message without fields is a value: trusted decoding returns its one instance, checked decoding a new one."""
+    values = ("codec_test.Empty",)
+    assert codec.from_values(values, trusted=True) is codec.from_values(values, trusted=True)
+    assert codec.from_values(values) == Empty()
+
+
+def test_a_reused_packer_encodes_as_pack_does_and_recovers_from_a_refusal():
+    """packer() gives pack's bytes; a value it refuses (a lone surrogate) leaves it ready for the next."""
+    pack = codec.packer()
+    msg = Inner(1, ("a",))
+    assert codec.to_values(msg, 9, None) == (9, None, "codec_test.Inner", 1, ("a",))
+    assert pack(codec.to_values(msg)) == codec.encode(msg)
+    with pytest.raises(codec.PACK_ERRORS) as info:
+        pack(codec.to_values(Inner(2, ("\ud800",))))
+    assert "surrogates" in str(codec.pack_error(Inner, info.value))
+    with pytest.raises(CodecError, match="surrogates"):
+        codec.encode(Inner(2, ("\ud800",)))
+    assert pack(codec.to_values(msg)) == codec.encode(msg)
+
+
 @given(st.binary(max_size=200))
 def test_random_bytes_decode_or_raise_codec_error_only(data):
     """Arbitrary bytes never raise anything but CodecError."""
