@@ -16,8 +16,9 @@ type                  signed    fields besides type and protocol_version
 ``DISCOVERY_RESPONSE`` yes      the same + public_key, signature (hex)
 ``ANNOUNCE``          yes       the same + public_key, signature (hex)
 ``PEER_DISCOVERY``    no        legacy: sender_id, sender_port, timestamp, capabilities
-``PEER_LIST_REQUEST`` no        limit (1..``MAX_PEER_LIST``)
-``PEER_LIST``         per entry peers: ``[node_id, timestamp, "<signed JSON>"]`` of *other* nodes
+``PEER_LIST_REQUEST`` no        limit (1..``MAX_PEER_LIST``), book, since (a cursor)
+``PEER_LIST``         per entry peers: ``[node_id, timestamp, "<signed JSON>"]`` of *other*
+                                nodes; book, version (the cursor to ask from next)
 ===================== ========= ==================================================
 
 Signatures. A response or announce carries the sender's Ed25519 public key and
@@ -40,6 +41,14 @@ learns the rest of the network from them). Each entry is a JSON array
 a receiver skips at no cost what it already knows, and the signed message
 itself as a JSON *string*, carried opaquely (relaying never re-encodes what
 someone else signed, and a list of strings costs one parse, not one per entry).
+Lists are deltas. A node's peer *book* has an id (random per book, so a
+restarted node is a new book) and a version that grows with every change; a
+list says which book and version it brings the asker to, and the next request
+names them (``book``, ``since``) to get only what changed after (an unknown
+book, or ``since`` 0, gets everything). A list holds the oldest changes first,
+so a delta cut at ``limit`` continues where it stopped. Without deltas every
+exchange would carry every known peer again, nearly all of it already known.
+
 The list is *not* a signed statement of the relaying node, and its entries are
 *not* verified on decoding: each is a :class:`RelayedPeer`, whose ``body``
 :func:`decode_discovery` turns into a verified :class:`Announce` or
@@ -88,6 +97,7 @@ from .framing import NEED_DATA, FramedConnection, NeedData
 from .sniff import DISCOVERY_MAX_LENGTH
 
 __all__ = [
+    "LIST_OVERHEAD",
     "MAX_ADDRESSES",
     "MAX_DISCOVERY_FRAME",
     "MAX_FIELD_CHARS",
@@ -110,6 +120,7 @@ __all__ = [
     "RelayedPeer",
     "decode_discovery",
     "encode_discovery",
+    "entry_size",
     "node_id_from_public_key",
     "peer_list",
     "relay",
@@ -385,14 +396,28 @@ class LegacyPeerDiscovery:
 
 @dataclass(frozen=True)
 class PeerListRequest:
-    """ "Whom do you know?": asks for a :class:`PeerList` of at most ``limit`` peers (unsigned)."""
+    """ "Whom do you know?": asks for a :class:`PeerList` of at most ``limit`` peers (unsigned),
+    changed in book ``book`` after version ``since`` (``""`` and 0: everything)."""
 
     TYPE: ClassVar[str] = "PEER_LIST_REQUEST"
 
     limit: int
+    book: str = ""
+    since: int = 0
 
     def __post_init__(self) -> None:
         _check_int("limit", self.limit, 1, MAX_PEER_LIST)
+        _check_cursor(self.book, self.since)
+
+
+MAX_BOOK_ID_CHARS = 32
+"""A book id is a short random token (hex)."""
+
+
+def _check_cursor(book: object, version: object) -> None:
+    if not isinstance(book, str) or len(book) > MAX_BOOK_ID_CHARS:
+        raise LocalProtocolError(f"book must be a str of at most {MAX_BOOK_ID_CHARS} chars, got {book!r}")
+    _check_int("version", version, 0, _MAX_JSON_INT)
 
 
 _RELAYABLE = ("ANNOUNCE", "DISCOVERY_RESPONSE")
@@ -422,13 +447,17 @@ class RelayedPeer:
 
 @dataclass(frozen=True)
 class PeerList:
-    """The answer to a :class:`PeerListRequest`: other nodes' signed announces, unverified until decoded."""
+    """The answer to a :class:`PeerListRequest`: other nodes' signed announces, unverified until
+    decoded, and the cursor (``book``, ``version``) to ask from next time."""
 
     TYPE: ClassVar[str] = "PEER_LIST"
 
     peers: tuple[RelayedPeer, ...]
+    book: str = ""
+    version: int = 0
 
     def __post_init__(self) -> None:
+        _check_cursor(self.book, self.version)
         if not isinstance(self.peers, tuple) or len(self.peers) > MAX_PEER_LIST:
             raise LocalProtocolError(f"peers must be a tuple of at most {MAX_PEER_LIST}, got {self.peers!r}")
         for peer in self.peers:
@@ -547,10 +576,22 @@ def encode_discovery(event: DiscoveryEvent) -> bytes:
             "protocol_version": PROTOCOL_VERSION,
         }
     elif isinstance(event, PeerListRequest):
-        obj = {"type": event.TYPE, "protocol_version": PROTOCOL_VERSION, "limit": event.limit}
+        obj = {
+            "type": event.TYPE,
+            "protocol_version": PROTOCOL_VERSION,
+            "limit": event.limit,
+            "book": event.book,
+            "since": event.since,
+        }
     elif isinstance(event, PeerList):
         peers = [[peer.node_id, peer.timestamp, _text(peer.body)] for peer in event.peers]
-        obj = {"type": event.TYPE, "protocol_version": PROTOCOL_VERSION, "peers": peers}
+        obj = {
+            "type": event.TYPE,
+            "protocol_version": PROTOCOL_VERSION,
+            "peers": peers,
+            "book": event.book,
+            "version": event.version,
+        }
     elif isinstance(event, _Peer):
         obj = _unsigned_json(event.TYPE, event.node_id, event.addresses, event.capabilities, event.timestamp)
         if isinstance(event, _SignedPeer):
@@ -598,24 +639,30 @@ def _relayed(node_id: Any, timestamp: Any, body: bytes) -> RelayedPeer:
         raise RemoteProtocolError(f"invalid peer list entry: {exc}") from exc
 
 
-_LIST_OVERHEAD = 128  # the PEER_LIST envelope around its entries, generously
+LIST_OVERHEAD = 192
+"""Bytes of a PEER_LIST around its entries (type, version, book, cursor), generously."""
 
 
-def peer_list(peers: Iterable[RelayedPeer], limit: int = MAX_PEER_LIST) -> PeerList:
-    """A :class:`PeerList` of the first of ``peers`` that fit: at most ``limit`` (and
-    ``MAX_PEER_LIST``) entries and ``MAX_DISCOVERY_FRAME`` bytes encoded. An entry too big
-    to fit at all (a body near the frame bound, escaped once more as a string) is skipped."""
+def entry_size(peer: RelayedPeer) -> int:
+    """Bytes ``peer`` takes in an encoded PEER_LIST (its comma included)."""
+    return len(_canonical([peer.node_id, peer.timestamp, _text(peer.body)])) + 1
+
+
+def peer_list(peers: Iterable[RelayedPeer], limit: int = MAX_PEER_LIST, book: str = "", version: int = 0) -> PeerList:
+    """A :class:`PeerList` (cursor ``book``, ``version``) of the first of ``peers`` that fit:
+    at most ``limit`` (and ``MAX_PEER_LIST``) entries and ``MAX_DISCOVERY_FRAME`` bytes encoded.
+    An entry that does not fit is skipped (a smaller later one may still fit)."""
     chosen: list[RelayedPeer] = []
-    size = _LIST_OVERHEAD
+    size = LIST_OVERHEAD
     for peer in peers:
         if len(chosen) >= min(limit, MAX_PEER_LIST):
             break
-        entry = len(_canonical([peer.node_id, peer.timestamp, _text(peer.body)])) + 1
+        entry = entry_size(peer)
         if size + entry > MAX_DISCOVERY_FRAME:
-            continue  # a big entry may not fit where a smaller one still does
+            continue
         chosen.append(peer)
         size += entry
-    return PeerList(tuple(chosen))
+    return PeerList(tuple(chosen), book, version)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -646,8 +693,8 @@ _PEER_KEYS = {"type", "protocol_version", "node_id", "addresses", "capabilities"
 _SIGNED_KEYS = _PEER_KEYS | {"public_key", "signature"}
 _LEGACY_KEYS = {"type", "protocol_version", "sender_id", "sender_port", "timestamp", "capabilities"}
 _EXCHANGE_KEYS = {
-    PeerListRequest.TYPE: {"type", "protocol_version", "limit"},
-    PeerList.TYPE: {"type", "protocol_version", "peers"},
+    PeerListRequest.TYPE: {"type", "protocol_version", "limit", "book", "since"},
+    PeerList.TYPE: {"type", "protocol_version", "peers", "book", "version"},
 }
 _TYPES: dict[str, tuple[type, set[str]]] = {
     DiscoveryRequest.TYPE: (DiscoveryRequest, _PEER_KEYS),
@@ -712,7 +759,7 @@ def _decode_exchange(type_: str, obj: dict[str, Any]) -> PeerListRequest | PeerL
         raise RemoteProtocolError(f"{type_} has keys {sorted(obj)}; expected {sorted(_EXCHANGE_KEYS[type_])}")
     if type_ == PeerListRequest.TYPE:
         try:
-            return PeerListRequest(obj["limit"])
+            return PeerListRequest(obj["limit"], obj["book"], obj["since"])
         except LocalProtocolError as exc:
             raise RemoteProtocolError(f"peer sent an invalid {type_}: {exc}") from exc
     peers = obj["peers"]
@@ -727,7 +774,10 @@ def _decode_exchange(type_: str, obj: dict[str, Any]) -> PeerListRequest | PeerL
         except UnicodeEncodeError as exc:
             raise RemoteProtocolError(f"a peer list entry body is not UTF-8 text: {entry[2][:40]!r}") from exc
         entries.append(_relayed(entry[0], entry[1], body))
-    return PeerList(tuple(entries))
+    try:
+        return PeerList(tuple(entries), obj["book"], obj["version"])
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"peer sent an invalid {type_}: {exc}") from exc
 
 
 class DiscoveryConnection(FramedConnection[DiscoveryEvent]):

@@ -209,6 +209,10 @@ def legacy_peer_discoveries() -> st.SearchStrategy[LegacyPeerDiscovery]:
     )
 
 
+_BOOKS = st.just("") | st.text("0123456789abcdef", min_size=1, max_size=16)
+_VERSIONS = st.integers(0, 2**53)
+
+
 def relayed_peers() -> st.SearchStrategy[RelayedPeer]:
     """Signed announces and responses as a relay passes them on (:func:`~villagemesh.protocols.discovery.relay`)."""
     return (announces() | discovery_responses()).map(lambda event: relay(encode_discovery(event)))
@@ -216,12 +220,17 @@ def relayed_peers() -> st.SearchStrategy[RelayedPeer]:
 
 def peer_list_requests() -> st.SearchStrategy[PeerListRequest]:
     """Valid :class:`~villagemesh.protocols.discovery.PeerListRequest` values."""
-    return st.builds(PeerListRequest, limit=st.integers(1, MAX_PEER_LIST))
+    return st.builds(PeerListRequest, limit=st.integers(1, MAX_PEER_LIST), book=_BOOKS, since=_VERSIONS)
 
 
 def peer_lists(*, max_size: int = 4) -> st.SearchStrategy[PeerList]:
     """Valid :class:`~villagemesh.protocols.discovery.PeerList` values (each fits one frame)."""
-    return st.lists(relayed_peers(), max_size=max_size).map(peer_list)
+    return st.builds(
+        lambda peers, book, version: peer_list(peers, book=book, version=version),
+        st.lists(relayed_peers(), max_size=max_size),
+        _BOOKS,
+        _VERSIONS,
+    )
 
 
 def discovery_events(*, legacy: bool = False) -> st.SearchStrategy[DiscoveryEvent]:

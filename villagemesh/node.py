@@ -84,6 +84,8 @@ class NodeConfig:
     """Seconds ``start()`` waits for the acceptor to listen."""
     discovery_interval: float = 2.0
     discovery_timeout: float = 1.5
+    discovery_fast_start: float = 0.25
+    """The first gap between discovery rounds, doubling up to ``discovery_interval`` (0: no fast start)."""
     peer_max_age: float = 300.0
     ack_timeout: float = 10.0
     max_attempts: int = 8
@@ -103,6 +105,8 @@ class NodeConfig:
         for entry in bootstrap:
             parse_host_port(entry)
         object.__setattr__(self, "bootstrap", bootstrap)
+        if not isinstance(self.discovery_fast_start, int | float) or not 0 <= self.discovery_fast_start:
+            raise ConfigError(f"discovery_fast_start must be a number >= 0, got {self.discovery_fast_start!r}")
         positive = (
             "discovery_interval",
             "discovery_timeout",
@@ -426,6 +430,7 @@ class Node:
                 config={
                     "transports": ["lan"],
                     "interval": cfg.discovery_interval,
+                    "fast_start": cfg.discovery_fast_start,
                     "timeout": cfg.discovery_timeout,
                     "registry": "registry",
                 },

@@ -5,20 +5,26 @@ Thin by design (the logic lives in :mod:`.state`, :mod:`.beacon`, :mod:`.tcp`)::
     UDP beacon (loop) ──on_peer──▶ post ──▶ on_loop_message ──bus──▶ peers_to: PeerAnnounced
     acceptor ──ConnectionHandedOff(fd, route=discovery)──▶ adopt_handed_off ──▶ DiscoveryResponder
     anyone ──ProbePeer──▶ run_on_loop(probe) ──then──▶ reply_to: PeerProbed | ProbeFailed
-    sweeper ──Discover──▶ probe bootstrap + pull a few known peers ──then──▶ reply_to: Discovered
-    learned new peers ──▶ pull some of them at once ──then──▶ peers_to: Sighted
+    sweeper ──Discover──▶ exchange with bootstrap + a few known peers ──then──▶ reply_to: Discovered
+    gossip tick (timer, while learning) ──▶ exchange with a random known peer ──then──▶ peers_to: Sighted
+    a prober that introduced itself / pushed a list ──▶ book ──▶ peers_to: Sighted
 
-Peer exchange. Every verified announce or response this node hears (beacon,
-probe, exchange) goes into a :class:`~.state.PeerBook`; the responder passes
-the newest of them on to whoever asks (``PEER_LIST_REQUEST``). A round's
-probes ask for that list, and so does a *pull*: a probe of a peer from the book.
-Each round pulls :data:`ROUND_PULLS` random known peers (gossip: views heal
-and stay fresh), and an exchange that taught us new peers pulls up to
-:data:`PULL_FANOUT` of them at once, so news spreads in round trips, not rounds.
-No peer is pulled more than once per :data:`PULL_EVERY_S` outside the rounds,
-so the burst that follows a start is bounded by the number of peers. Relayed
-entries are verified here before they reach the book or the registry, and an
-entry not newer than the book's costs no signature check.
+Peer exchange (push-pull). Every verified announce or response this node hears
+(beacon, probe, exchange) goes into a :class:`~.state.PeerBook`. An exchange
+with a peer is one connection: we write our signed announce (it learns us, no
+probe back needed), the changes of our book it has not had from us (a pushed
+PEER_LIST), and our requests; it answers with its response and the changes of
+its book after our cursor. So both sides end up with the union, and the lists
+are deltas (nearly empty between peers that exchanged before). Each sweep
+round exchanges with every bootstrap address and :data:`ROUND_PULLS` random
+known peers; besides, while the book is growing, a gossip tick every
+:data:`GOSSIP_MIN_S` exchanges with one random known peer, backing off to
+:data:`GOSSIP_MAX_S` and resting once nothing new comes: news spreads in a
+few ticks, not rounds, and an idle network costs only its rounds. Relayed
+entries are verified here before they reach the book or the registry, an
+entry not clearly newer than the book's costs no signature check, and the
+registry hears of a peer when it is new, changed, or every
+:data:`REGISTRY_REFRESH_S`.
 
 Discovery is symmetric: a peer whose request the responder answered is
 probed back (at most every :data:`PROBE_BACK_EVERY_S`), and its signed
@@ -47,8 +53,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
@@ -57,20 +65,24 @@ from villagemesh.actors.bus import Sender
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.messages import GetLanStatus, LanStatus, PeerAnnounced, PeerProbed, ProbeFailed, ProbePeer
-from villagemesh.actors.lan.state import PeerBook, pick
-from villagemesh.actors.lan.tcp import DiscoveryResponder, Probed, SignedResponses, probe
+from villagemesh.actors.lan.state import FRESHER, NEW, STALE, Listing, PeerBook, pick
+from villagemesh.actors.lan.tcp import DiscoveryResponder, Probed, SignedFrames, probe
 from villagemesh.actors.sweeper.messages import Sighted
 from villagemesh.actors.transport import Discover, Discovered, Sighting
 from villagemesh.errors import BusError, ConfigError, ProtocolError, RemoteProtocolError, VillageMeshError
 from villagemesh.protocols.discovery import (
+    LIST_OVERHEAD,
+    MAX_DISCOVERY_FRAME,
     MAX_PEER_LIST,
     Announce,
     DiscoveryConnection,
     DiscoveryRequest,
     DiscoveryResponse,
+    PeerList,
+    PeerListRequest,
     RelayedPeer,
     decode_discovery,
-    peer_list,
+    entry_size,
 )
 
 __all__ = ["TRANSPORT", "LanActor", "lan_status", "parse_host_port", "probe_peer"]
@@ -89,26 +101,29 @@ ANSWER_DELAY_S = 0.05
 """After hearing a new node's beacon, wait this long (gathering other newcomers) and beacon once."""
 
 
-PULL_FANOUT = 2
-"""Peers pulled at once when an exchange taught us new ones."""
-
 ROUND_PULLS = 2
 """Random known peers pulled each discovery round, besides the bootstrap addresses."""
-
-PULL_EVERY_S = 10.0
-"""Outside the rounds, a peer is pulled at most this often."""
 
 PULL_TIMEOUT_S = 3.0
 """Seconds a pull (probe + peer list) may take."""
 
-GOSSIP_MIN_S = 0.05
-"""While this node is learning new peers, it pulls a random known peer this often..."""
+GOSSIP_MIN_S = 0.2
+"""While this node is learning new peers, it exchanges with a random known peer this often...
+(measured: 0.05 s spent more on exchanges than it saved in rounds; see docs/benchmarks.md)"""
 
 GOSSIP_MAX_S = 1.6
 """...doubling the delay after each gossip tick that taught nothing, and stopping beyond this
 (until the next new peer): a burst of pulls while the network is converging, a handful after."""
 
 _PULLED_LATELY_S = 0.5
+"""A gossip tick skips peers exchanged with this recently."""
+
+REGISTRY_REFRESH_S = 30.0
+"""A peer the registry already knows, unchanged, is passed on again (its last-seen time) at most
+this often: the registry's max_age (300 s) is ten of these."""
+
+PUBLISH_EVERY_S = 10.0
+"""The responder's list is rebuilt at least this often (entries age out), besides on every change."""
 """Seconds a pull (probe + peer list) may take."""
 
 PROBE_BACK_MEMORY = 4096
@@ -117,6 +132,31 @@ PROBE_BACK_MEMORY = 4096
 
 class _Gossip:
     """Timer: a gossip tick."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Beacon:
+    """Posted by the beacon endpoint: a verified announce, its datagram, its source."""
+
+    announce: Announce
+    body: bytes
+    source: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Introduced:
+    """Posted by a responder: a prober's verified announce and its body."""
+
+    announce: Announce
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Pushed:
+    """Posted by a responder: the list a prober that introduced itself pushed."""
+
+    listing: PeerList
+    sender: str
 
 
 def _tcp_target(address: str) -> tuple[str, int] | None:
@@ -153,14 +193,21 @@ class LanActor(LoopActor):
         """Node ids whose beacons we have heard (oldest forgotten first)."""
         self.answer_pending = False
         self.exchange = bool(config.get("exchange", True))
-        self.book = PeerBook(identity.node_id)
-        self.listing: tuple[RelayedPeer, ...] = ()
+        self.book = PeerBook(identity.node_id, book_id=secrets.token_hex(8))
+        self.listing: Listing = self.book.listing(identity.clock())
         """What the responder passes on (read on the loop thread; replaced whole, never mutated)."""
-        self._list_cache: tuple[tuple[RelayedPeer, ...] | None, int, bytes] = (None, 0, b"")
-        """(listing, limit, framed PEER_LIST): encoded once per listing, on the loop thread."""
+        self.cursors: dict[tuple[str, int], tuple[str, int]] = {}
+        """Acceptor address -> (book, version) its last list brought us to (oldest forgotten first)."""
+        self.pushed: dict[tuple[str, int], int] = {}
+        """Acceptor address -> our book version it has had from us (oldest forgotten first)."""
+        self.told: dict[str, float] = {}
+        """Node id -> when the registry was last told of it (oldest forgotten first)."""
+        self._published: tuple[int, float] = (-1, 0.0)
+        """(book version, when) of the published listing."""
         self.pulled: dict[str, float] = {}
         """Node id -> when we last pulled it (oldest forgotten first)."""
-        self.responses = SignedResponses(identity)
+        self.responses = SignedFrames(identity.response)
+        self.announces = SignedFrames(identity.announce)
         self.learned = False
         """A new peer reached the book since the last gossip tick."""
         self.gossip_delay: float | None = None
@@ -189,7 +236,7 @@ class LanActor(LoopActor):
             if not self.answer_pending and self.beacon is not None:
                 self.answer_pending = True
                 asyncio.get_running_loop().call_later(ANSWER_DELAY_S, self._answer)
-        self.post((announce, body, source))
+        self.post(_Beacon(announce, body, source))
 
     def _answer(self) -> None:
         self.answer_pending = False
@@ -197,20 +244,41 @@ class LanActor(LoopActor):
             self.beacon.send_now()
 
     def _requested(self, request: DiscoveryRequest) -> None:
-        # On the loop thread: a peer asked who we are; the actor decides whether to ask back.
+        # On the loop thread: a peer asked who we are without introducing itself; the actor
+        # decides whether to ask back.
         self.post(request)
 
+    def _introduced(self, announce: Announce, body: bytes) -> None:
+        self.post(_Introduced(announce, body))  # on the loop thread
+
+    def _pushed(self, listing: PeerList, sender: str) -> None:
+        self.post(_Pushed(listing, sender))  # on the loop thread
+
     def on_loop_message(self, message: Any) -> None:
-        """A verified announce heard by the beacon, or a discovery request we answered."""
+        """What the beacon heard, or what came to the responder: a request, an introduction, a pushed list."""
         if isinstance(message, DiscoveryRequest):
             self._probe_back(message)
-            return
-        announce, body, (host, port) = message
-        self._remember(RelayedPeer(announce.node_id, announce.timestamp, body), announce.addresses)
-        self._publish()
-        if self.peers_to is not None:
-            heard = PeerAnnounced(announce.node_id, announce.addresses, f"{host}:{port}", body)
-            self._tell(self.peers_to, heard)
+        elif isinstance(message, _Beacon):
+            announce, body, (host, port) = message.announce, message.body, message.source
+            tell = self._remember(RelayedPeer(announce.node_id, announce.timestamp, body), announce)
+            self._publish()
+            if tell and self.peers_to is not None:
+                heard = PeerAnnounced(announce.node_id, announce.addresses, f"{host}:{port}", body)
+                self._tell(self.peers_to, heard)
+        elif isinstance(message, _Introduced):
+            announce = message.announce
+            if self._remember(RelayedPeer(announce.node_id, announce.timestamp, message.body), announce):
+                self._sighted_to_registry([Sighting(TRANSPORT, message.body.decode(), None)])
+            self._publish()
+        else:
+            assert isinstance(message, _Pushed)
+            found = self._learn(message.listing.peers, message.sender)
+            self._publish()
+            self._sighted_to_registry(found)
+
+    def _sighted_to_registry(self, found: list[Sighting]) -> None:
+        if found and self.peers_to is not None:
+            self._tell(self.peers_to, Sighted(tuple(found)))
 
     def _probe_back(self, request: DiscoveryRequest) -> None:
         """Discovery is symmetric: whoever probes us is probed back, so that we can reach it too
@@ -231,10 +299,8 @@ class LanActor(LoopActor):
 
         def then(result: Probed | None, error: BaseException | None) -> None:
             if result is not None:
-                sighting = self._sighted(result)
+                self._sighted_to_registry(self._sighted(result))
                 self._publish()
-                assert self.peers_to is not None
-                self._tell(self.peers_to, Sighted((sighting,)))
             elif isinstance(error, VillageMeshError | asyncio.CancelledError):
                 # Forget the attempt, so the peer's next request (its next round) tries again.
                 self.probed_back.pop(request.node_id, None)
@@ -259,8 +325,10 @@ class LanActor(LoopActor):
                     counts=self.responder_counts,
                     log=self.io_log,
                     on_request=self._requested,
+                    on_announce=self._introduced,
+                    on_peer_list=self._pushed,
                     responses=self.responses,
-                    peer_lists=self._framed_list,
+                    peer_lists=self._answer_list,
                 ),
             )
             return None
@@ -280,7 +348,6 @@ class LanActor(LoopActor):
 
     def _start_round(self, request: Discover) -> None:
         asking = self._request()
-        want = MAX_PEER_LIST if self.exchange else 0
         # Each probe gets most of the round's time, so its answer (or error) beats the deadline.
         per_probe = max(0.05, request.timeout * 0.8)
         targets = list(self.bootstrap)
@@ -291,50 +358,82 @@ class LanActor(LoopActor):
                     targets.append(known[node_id])
                     self._note_pulled(node_id)
 
-        async def one(host: str, port: int) -> Probed | str:
-            try:
-                return await probe(host, port, per_probe, request=asking, want_peers=want)
-            except VillageMeshError as exc:
-                return f"{host}:{port}: {type(exc).__name__}: {exc}"
+        self.exchange_counts["round_probes"] += len(targets)
+        plans = {target: self._exchange(target) if self.exchange else (b"", None, 0) for target in targets}
 
-        async def everyone() -> list[Probed | str]:
+        async def one(host: str, port: int) -> tuple[tuple[str, int], Probed | str]:
+            introduce, want, _ = plans[host, port]
+            try:
+                probed = await probe(host, port, per_probe, request=asking, want=want, introduce=introduce)
+            except VillageMeshError as exc:
+                return (host, port), f"{host}:{port}: {type(exc).__name__}: {exc}"
+            return (host, port), probed
+
+        async def everyone() -> list[tuple[tuple[str, int], Probed | str]]:
             return list(await asyncio.gather(*(one(h, p) for h, p in targets)))
 
-        def then(results: list[Probed | str] | None, error: BaseException | None) -> None:
+        def then(results: list[tuple[tuple[str, int], Probed | str]] | None, error: BaseException | None) -> None:
             if error is not None:
                 raise error  # probes report their own failures: anything else is a bug
             found: list[Sighting] = []
-            new: list[str] = []
-            for result in results or ():
+            for target, result in results or ():
                 if isinstance(result, Probed):
-                    found.append(self._sighted(result))
-                    found.extend(self._learn(result, new))
+                    if self.exchange:
+                        self._exchanged(target, result, plans[target][2])
+                    found.extend(self._sighted(result))
+                    found.extend(self._learn(result.peers, result.response.node_id))
             self._publish()
-            errors = tuple(r for r in results or () if isinstance(r, str))
+            errors = tuple(r for _, r in results or () if isinstance(r, str))
             self._tell(request.reply_to, Discovered(request.round, TRANSPORT, tuple(found), errors))
-            self._pull_some(new)
 
         self.run_on_loop(everyone(), then)
 
     # -- peer exchange ------------------------------------------------------------------------------
 
-    def _framed_list(self, limit: int) -> bytes:
-        """The framed PEER_LIST of the published listing (on the loop thread: never the book)."""
-        listing, (cached, cached_limit, framed) = self.listing, self._list_cache
-        if cached is not listing or cached_limit != limit:
-            framed = DiscoveryConnection().send(peer_list(listing, limit))
-            self._list_cache = (listing, limit, framed)
-        return framed
+    def _answer_list(self, want: PeerListRequest) -> bytes:
+        """The framed PEER_LIST of the changes after the asker's cursor (loop thread: the listing, never the book)."""
+        listing = self.listing
+        peers, cursor = listing.delta(
+            want.book, want.since, want.limit, entry_size, MAX_DISCOVERY_FRAME - LIST_OVERHEAD
+        )
+        return DiscoveryConnection().send(PeerList(tuple(peers), listing.book, cursor))
 
-    def _remember(self, peer: RelayedPeer, addresses: tuple[str, ...]) -> bool:
-        """Into the book; True (and gossip woken) if the peer is new to it."""
-        target = next((t for t in map(_tcp_target, addresses) if t is not None), None)
-        if not self.book.add(peer, target):
+    def _exchange(self, target: tuple[str, int]) -> tuple[bytes, PeerListRequest, int]:
+        """For an exchange with ``target``: what we write first (our announce, then the changes it
+        has not had from us), what we ask for (the changes after our cursor of it), and our
+        version it will have had once the exchange succeeds."""
+        listing = self.listing
+        peers, cursor = listing.delta(
+            listing.book, self.pushed.get(target, 0), MAX_PEER_LIST, entry_size, MAX_DISCOVERY_FRAME - LIST_OVERHEAD
+        )
+        push = DiscoveryConnection().send(PeerList(tuple(peers), listing.book, cursor))
+        book, since = self.cursors.get(target, ("", 0))
+        return self.announces.framed() + push, PeerListRequest(MAX_PEER_LIST, book, since), cursor
+
+    def _exchanged(self, target: tuple[str, int], probed: Probed, pushed: int) -> None:
+        """Remember both cursors after a successful exchange with ``target``."""
+        for table in (self.cursors, self.pushed):
+            if len(table) >= PROBE_BACK_MEMORY and target not in table:
+                table.pop(next(iter(table)))
+        self.cursors[target] = probed.cursor
+        self.pushed[target] = pushed
+
+    def _remember(self, peer: RelayedPeer, event: Announce | DiscoveryResponse) -> bool:
+        """Into the book (a new peer wakes gossip); whether the registry should hear of it: a new
+        peer, one that changed, or one the registry has not heard of for REGISTRY_REFRESH_S."""
+        target = next((t for t in map(_tcp_target, event.addresses) if t is not None), None)
+        found = self.book.add(peer, target, (event.addresses, event.capabilities))
+        if found == NEW:
+            self.learned = True
+            if self.gossip_delay is None and self.exchange:
+                self.gossip_delay = GOSSIP_MIN_S
+                self.schedule(GOSSIP_MIN_S, _Gossip())
+        now = time.monotonic()
+        if found == STALE or (found == FRESHER and now - self.told.get(peer.node_id, -1e9) < REGISTRY_REFRESH_S):
             return False
-        self.learned = True
-        if self.gossip_delay is None and self.exchange:
-            self.gossip_delay = GOSSIP_MIN_S
-            self.schedule(GOSSIP_MIN_S, _Gossip())
+        if len(self.told) >= PROBE_BACK_MEMORY and peer.node_id not in self.told:
+            self.told.pop(next(iter(self.told)))
+        self.told[peer.node_id] = now
         return True
 
     def _gossip(self) -> None:
@@ -350,24 +449,31 @@ class LanActor(LoopActor):
         idle = sorted(n for n in known if now - self.pulled.get(n, -_PULLED_LATELY_S) >= _PULLED_LATELY_S)
         for node_id in pick(idle, 1, random.randrange):
             self._note_pulled(node_id)
+            self.exchange_counts["gossip_pulls"] += 1
             self._pull(node_id, *known[node_id])
         self.gossip_delay = delay
         self.schedule(delay, _Gossip())
 
     def _publish(self) -> None:
-        """Refresh what the responder passes on (an asker finds itself in it and skips it)."""
-        self.listing = self.book.relayable(self.identity.clock(), MAX_PEER_LIST)
+        """Refresh what the responder passes on (an asker finds itself in it and skips it), if the
+        book changed or PUBLISH_EVERY_S passed (entries age out of it)."""
+        now = time.monotonic()
+        version, at = self._published
+        if version != self.book.version or now - at >= PUBLISH_EVERY_S:
+            self.listing = self.book.listing(self.identity.clock())
+            self._published = (self.book.version, now)
 
-    def _sighted(self, probed: Probed) -> Sighting:
+    def _sighted(self, probed: Probed) -> list[Sighting]:
+        """The probed peer's response into the book; a sighting of it if the registry should hear."""
         response = probed.response
-        self._remember(RelayedPeer(response.node_id, response.timestamp, probed.body), response.addresses)
-        return Sighting(TRANSPORT, probed.body.decode(), probed.latency_ms)
+        if not self._remember(RelayedPeer(response.node_id, response.timestamp, probed.body), response):
+            return []
+        return [Sighting(TRANSPORT, probed.body.decode(), probed.latency_ms)]
 
-    def _learn(self, probed: Probed, new: list[str]) -> list[Sighting]:
-        """Verify what a peer passed on that is news to the book; its sightings (new node ids go to ``new``)."""
-        source = probed.response.node_id
+    def _learn(self, peers: tuple[RelayedPeer, ...], source: str) -> list[Sighting]:
+        """Verify what ``source`` passed on that is news to the book; the sightings the registry should hear of."""
         found: list[Sighting] = []
-        for peer in probed.peers:
+        for peer in peers:
             if self.book.knows(peer.node_id, peer.timestamp):
                 self.exchange_counts["known"] += 1
                 continue
@@ -384,9 +490,8 @@ class LanActor(LoopActor):
                 self.io_log.warning("exchange_rejected", source=source, node_id=peer.node_id, reason=str(exc))
                 continue
             self.exchange_counts["learned"] += 1
-            if self._remember(peer, event.addresses):
-                new.append(peer.node_id)
-            found.append(Sighting(TRANSPORT, peer.body.decode(), None))
+            if self._remember(peer, event):
+                found.append(Sighting(TRANSPORT, peer.body.decode(), None))
         return found
 
     def _note_pulled(self, node_id: str) -> None:
@@ -395,26 +500,13 @@ class LanActor(LoopActor):
         self.pulled.pop(node_id, None)
         self.pulled[node_id] = time.monotonic()
 
-    def _pull_some(self, new: list[str]) -> None:
-        """Pull up to PULL_FANOUT of the peers just learned (none pulled under PULL_EVERY_S ago)."""
-        if not new or not self.exchange:
-            return
-        now = time.monotonic()
-        fresh = [n for n in new if now - self.pulled.get(n, -PULL_EVERY_S) >= PULL_EVERY_S]
-        targets = self.book.targets(pick(fresh, PULL_FANOUT, random.randrange))
-        for node_id, (host, port) in targets.items():
-            self._note_pulled(node_id)
-            self._pull(node_id, host, port)
-
     def _pull(self, node_id: str, host: str, port: int) -> None:
         def then(result: Probed | None, error: BaseException | None) -> None:
             if result is not None:
-                new: list[str] = []
-                found = [self._sighted(result), *self._learn(result, new)]
+                self._exchanged((host, port), result, pushed)
+                found = [*self._sighted(result), *self._learn(result.peers, node_id)]
                 self._publish()
-                if self.peers_to is not None:
-                    self._tell(self.peers_to, Sighted(tuple(found)))
-                self._pull_some(new)
+                self._sighted_to_registry(found)
             elif isinstance(error, VillageMeshError | asyncio.CancelledError):
                 self.exchange_counts["pull_failed"] += 1
                 self.io_log.info("pull_failed", peer_id=node_id, address=f"{host}:{port}", reason=str(error))
@@ -422,8 +514,10 @@ class LanActor(LoopActor):
                 assert error is not None
                 raise error
 
-        asking = self._request()
-        self.run_on_loop(probe(host, port, PULL_TIMEOUT_S, request=asking, want_peers=MAX_PEER_LIST), then)
+        introduce, want, pushed = self._exchange((host, port))
+        self.run_on_loop(
+            probe(host, port, PULL_TIMEOUT_S, request=self._request(), want=want, introduce=introduce), then
+        )
 
     def _request(self) -> DiscoveryRequest:
         return DiscoveryRequest(
@@ -439,7 +533,7 @@ class LanActor(LoopActor):
         def then(result: Probed | None, error: BaseException | None) -> None:
             outcome: object
             if result is not None:
-                sighting = self._sighted(result)
+                self._sighted(result)  # into the book: the asker tells whom it wants
                 self._publish()
                 outcome = PeerProbed(
                     request.host,
@@ -447,7 +541,7 @@ class LanActor(LoopActor):
                     result.response.node_id,
                     result.response.addresses,
                     result.latency_ms,
-                    sighting.announce.encode(),
+                    result.body,
                 )
             elif isinstance(error, VillageMeshError | asyncio.CancelledError):
                 outcome = ProbeFailed(request.host, request.port, type(error).__name__, str(error))

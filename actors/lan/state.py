@@ -23,7 +23,10 @@ Peer book (:class:`PeerBook`): the newest verified announce or response of
 each peer this node heard of, by whatever way (beacon, probe, peer exchange),
 kept to pass on (peer exchange) and to pick whom to ask next. It remembers
 what it verified, so a relayed entry that is not clearly newer than what the
-book holds (``RELAY_REFRESH_S``) costs no signature check. Bounded (``capacity``; the least recently updated
+book holds (``RELAY_REFRESH_S``) costs no signature check. Its version counts
+the changes worth passing on (a new peer, a changed one, a copy
+``RELAY_REFRESH_S`` newer than the last passed on), and a :class:`Listing`
+hands out the changes after a cursor, so exchanges carry deltas. Bounded (``capacity``; the least recently updated
 peer is forgotten first); entries older than ``max_age`` are not passed on.
 """
 
@@ -40,12 +43,17 @@ __all__ = [
     "BEACON_INTERVAL_S",
     "BOOK_CAPACITY",
     "BURST",
+    "CHANGED",
+    "FRESHER",
     "MAX_SOURCES",
+    "NEW",
     "RATE_PER_S",
     "RELAY_MAX_AGE_S",
     "RELAY_REFRESH_S",
+    "STALE",
     "BeaconSchedule",
     "BookEntry",
+    "Listing",
     "PeerBook",
     "SourceRateLimiter",
     "TokenBucket",
@@ -149,17 +157,67 @@ class BookEntry:
     peer: RelayedPeer
     target: tuple[str, int] | None
     """The acceptor ``(host, port)`` it advertises, if any (``ws://`` or ``tcp://``)."""
+    said: object = None
+    """What it says of itself (addresses, capabilities): a change is news, a fresher copy is not."""
+    changed: int = 0
+    """The book version at which this entry last changed in a way worth passing on."""
+    changed_ts: float = 0.0
+    """The entry's timestamp then: a copy RELAY_REFRESH_S newer is passed on again."""
+
+
+NEW, CHANGED, FRESHER, STALE = "new", "changed", "fresher", "stale"
+"""What :meth:`PeerBook.add` found: a peer new to the book, one that now says something else, a
+newer copy of what it said, or nothing newer than the book's (dropped)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A snapshot of a book to pass on from another thread: entries by ascending ``changed``."""
+
+    book: str
+    version: int
+    entries: tuple[BookEntry, ...]
+
+    def delta(
+        self, book: str, since: int, limit: int, size_of: Callable[[RelayedPeer], int], budget: int
+    ) -> tuple[list[RelayedPeer], int]:
+        """The oldest entries changed after ``since`` (after 0 if ``book`` is not this book's id)
+        that fit ``limit`` entries and ``budget`` bytes (``size_of`` each), and the cursor to
+        continue from. An entry bigger than the whole budget is passed over, never sent."""
+        if book != self.book:
+            since = 0
+        newer: list[BookEntry] = []
+        for entry in reversed(self.entries):
+            if entry.changed <= since:
+                break
+            newer.append(entry)
+        newer.reverse()
+        chosen: list[RelayedPeer] = []
+        used, cursor = 0, since
+        for entry in newer:
+            size = size_of(entry.peer)
+            if size <= budget:
+                if len(chosen) >= limit or used + size > budget:
+                    return chosen, cursor
+                chosen.append(entry.peer)
+                used += size
+            cursor = entry.changed
+        return chosen, self.version
 
 
 class PeerBook:
-    """Newest verified announce per peer, in order of update (see the module docstring)."""
+    """Newest verified announce per peer, in the order they last changed (see the module docstring)."""
 
-    def __init__(self, own_id: str, capacity: int = BOOK_CAPACITY) -> None:
+    def __init__(self, own_id: str, capacity: int = BOOK_CAPACITY, *, book_id: str = "") -> None:
         if capacity < 1:
             raise ConfigError(f"a peer book needs capacity >= 1, got {capacity!r}")
         self.own_id = own_id
         self.capacity = capacity
+        self.book_id = book_id
+        """Names this book in cursors (random per book: a restarted node's cursors start over)."""
         self._entries: OrderedDict[str, BookEntry] = OrderedDict()
+        self.version = 0
+        """Grows with every change worth passing on (a cursor is a version of this book)."""
 
     def knows(self, node_id: str, timestamp: float, refresh: float = RELAY_REFRESH_S) -> bool:
         """Whether a relayed announce of ``node_id`` at ``timestamp`` tells nothing new: ours, or
@@ -167,26 +225,31 @@ class PeerBook:
         entry = self._entries.get(node_id)
         return node_id == self.own_id or (entry is not None and timestamp - entry.peer.timestamp < refresh)
 
-    def add(self, peer: RelayedPeer, target: tuple[str, int] | None) -> bool:
-        """Keep ``peer`` (already verified) if newer than what we hold; True if the peer is new to the book."""
+    def add(self, peer: RelayedPeer, target: tuple[str, int] | None, said: object = None) -> str:
+        """Keep ``peer`` (already verified) if newer than what we hold: :data:`NEW`,
+        :data:`CHANGED` (``said`` differs), :data:`FRESHER`, or :data:`STALE` (not kept).
+
+        A change, or a copy RELAY_REFRESH_S newer than the last one passed on, moves the
+        entry to the end with a new version; a fresher copy short of that replaces it in place.
+        """
         old = self._entries.get(peer.node_id)
         if peer.node_id == self.own_id or (old is not None and old.peer.timestamp >= peer.timestamp):
-            return False
+            return STALE
+        found = NEW if old is None else FRESHER if old.said == said else CHANGED
+        if old is not None and found == FRESHER and peer.timestamp - old.changed_ts < RELAY_REFRESH_S:
+            self._entries[peer.node_id] = BookEntry(peer, target, said, old.changed, old.changed_ts)
+            return found
+        self.version += 1
         self._entries.pop(peer.node_id, None)
-        self._entries[peer.node_id] = BookEntry(peer, target)
+        self._entries[peer.node_id] = BookEntry(peer, target, said, self.version, peer.timestamp)
         if len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
-        return old is None
+        return found
 
-    def relayable(self, now: float, limit: int, max_age: float = RELAY_MAX_AGE_S) -> tuple[RelayedPeer, ...]:
-        """Up to ``limit`` peers to pass on, most recently updated first, none older than ``max_age``."""
-        chosen: list[RelayedPeer] = []
-        for entry in reversed(self._entries.values()):
-            if len(chosen) >= limit:
-                break
-            if now - entry.peer.timestamp <= max_age:
-                chosen.append(entry.peer)
-        return tuple(chosen)
+    def listing(self, now: float, max_age: float = RELAY_MAX_AGE_S) -> Listing:
+        """What to pass on: every entry not older than ``max_age`` (by its own timestamp)."""
+        fresh = tuple(e for e in self._entries.values() if now - e.peer.timestamp <= max_age)
+        return Listing(self.book_id, self.version, fresh)
 
     def targets(self, node_ids: list[str] | None = None) -> dict[str, tuple[str, int]]:
         """Probe targets by node id: of ``node_ids`` (those in the book), or of every peer."""

@@ -4,6 +4,8 @@ The acceptor's port answers "who are you?" in the replaced system's framing
 (4-byte big-endian length + UTF-8 JSON, :mod:`villagemesh.protocols.discovery`)::
 
     prober                                   acceptor ─▶ DiscoveryResponder (in-loop hand-off)
+      │ ANNOUNCE (signed, optional) ──────────▶│   the prober introduces itself: no probe back needed
+      │ PEER_LIST (optional, after an ANNOUNCE)▶│   push: whom the prober knows (push-pull exchange)
       │ DISCOVERY_REQUEST (unsigned) ─────────▶│
       │◀──────── DISCOVERY_RESPONSE (signed) ──│   node id bound to our key, fresh timestamp
       │ PEER_LIST_REQUEST(limit) ─────────────▶│   (optional, usually in the same write)
@@ -18,7 +20,12 @@ acceptor sniffs the discovery frame), so there is one discovery exchange, not
 one per transport.
 
 Rules: the responder answers each request in order on the same connection
-and never volunteers anything; anything else (an announce, a response) is
+and never volunteers anything; a verified ANNOUNCE is passed to ``on_announce``
+and marks the connection as that node's; a pushed PEER_LIST is passed to
+``on_peer_list`` only on a connection so marked (else ignored and counted:
+an anonymous client cannot make us verify its list); a request whose sender
+did not announce itself on the connection goes to ``on_request`` (to be probed
+back); anything else (an announce, a response) is
 ignored and counted; a protocol error closes the connection with a
 ``discovery_rejected`` event (keys ``peer``, ``reason``); a connection with no
 complete request for ``IDLE_TIMEOUT_S`` is closed.
@@ -40,6 +47,7 @@ from villagemesh.actors.lan.identity import Identity
 from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout
 from villagemesh.protocols.discovery import (
     NEED_DATA,
+    Announce,
     DiscoveryConnection,
     DiscoveryRequest,
     DiscoveryResponse,
@@ -49,33 +57,37 @@ from villagemesh.protocols.discovery import (
     RelayedPeer,
 )
 
-__all__ = ["IDLE_TIMEOUT_S", "RESPONSE_REUSE_S", "DiscoveryResponder", "Probed", "SignedResponses", "probe"]
+__all__ = ["IDLE_TIMEOUT_S", "SIGNED_REUSE_S", "DiscoveryResponder", "Probed", "SignedFrames", "probe"]
 
-RESPONSE_REUSE_S = 1.0
-"""A signed response is reused for this long (its timestamp says when it was signed): signing and
-checking one costs more than the rest of an answer, and a prober judges freshness in minutes."""
+SIGNED_REUSE_S = 1.0
+"""A signed response or announce is reused for this long (its timestamp says when it was signed):
+signing and checking one costs more than the rest of an exchange, and freshness is judged in minutes."""
 
-PeerLists = Callable[[int], bytes]
-"""``limit`` -> the framed PEER_LIST to send (the owner caches it: it changes when its book does)."""
+PeerLists = Callable[[PeerListRequest], bytes]
+"""A request -> the framed PEER_LIST answering it (the changes after its cursor)."""
 
 
-class SignedResponses:
-    """Our framed, signed DISCOVERY_RESPONSE, signed again once ``reuse_s`` has passed."""
+class SignedFrames:
+    """One of our signed messages (``make()``: a response or an announce), framed, signed again
+    once ``reuse_s`` has passed."""
 
     def __init__(
-        self, identity: Identity, reuse_s: float = RESPONSE_REUSE_S, clock: Callable[[], float] = time.monotonic
+        self,
+        make: Callable[[], DiscoveryResponse | Announce],
+        reuse_s: float = SIGNED_REUSE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.identity = identity
+        self.make = make
         self.reuse_s = reuse_s
         self.clock = clock
         self._framed = b""
         self._signed_at = -float("inf")
 
     def framed(self) -> bytes:
-        """The bytes to write: a response signed under ``reuse_s`` ago."""
+        """The bytes to write: the message signed under ``reuse_s`` ago."""
         now = self.clock()
         if now - self._signed_at >= self.reuse_s:
-            self._framed = DiscoveryConnection().send(self.identity.response())
+            self._framed = DiscoveryConnection().send(self.make())
             self._signed_at = now
         return self._framed
 
@@ -95,15 +107,23 @@ class DiscoveryResponder(asyncio.Protocol):
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         log: Any = None,
         on_request: Callable[[DiscoveryRequest], None] | None = None,
-        responses: SignedResponses | None = None,
+        on_announce: Callable[[Announce, bytes], None] | None = None,
+        on_peer_list: Callable[[PeerList, str], None] | None = None,
+        responses: SignedFrames | None = None,
         peer_lists: PeerLists | None = None,
     ) -> None:
         self.identity = identity
-        self.responses = responses if responses is not None else SignedResponses(identity, reuse_s=0.0)
+        self.responses = responses if responses is not None else SignedFrames(identity.response, reuse_s=0.0)
         self.peer_lists = peer_lists
         """What to answer a PEER_LIST_REQUEST with; an empty list without it."""
         self.on_request = on_request
-        """Told every (unsigned) request answered, so its sender can be probed back and verified."""
+        """Told every request whose sender did not announce itself here, so it can be probed back."""
+        self.on_announce = on_announce
+        """Told every verified announce (and its body) that came on this connection."""
+        self.on_peer_list = on_peer_list
+        """Told every list pushed on a connection whose sender announced itself (and that node id)."""
+        self.announced = ""
+        """The node id of the last verified announce on this connection."""
         self.conn = DiscoveryConnection(allow_unsigned_legacy=True)
         self.counts = counts if counts is not None else Counter()
         self.idle_timeout_s = idle_timeout_s
@@ -141,12 +161,21 @@ class DiscoveryResponder(asyncio.Protocol):
             if isinstance(event, DiscoveryRequest):
                 self.counts["answered"] += 1
                 self.transport.write(self.responses.framed())
-                if self.on_request is not None:
+                if self.on_request is not None and event.node_id != self.announced:
                     self.on_request(event)
+            elif isinstance(event, Announce):
+                self.counts["announced"] += 1
+                self.announced = event.node_id
+                if self.on_announce is not None:
+                    self.on_announce(event, self.conn.last_body)
+            elif isinstance(event, PeerList) and self.announced:
+                self.counts["pushed"] += 1
+                if self.on_peer_list is not None:
+                    self.on_peer_list(event, self.announced)
             elif isinstance(event, PeerListRequest):
                 self.counts["lists"] += 1
                 if self.peer_lists is not None:
-                    self.transport.write(self.peer_lists(event.limit))
+                    self.transport.write(self.peer_lists(event))
                 else:
                     self.transport.write(self.conn.send(PeerList(())))
             elif isinstance(event, LegacyPeerDiscovery):
@@ -180,12 +209,24 @@ class Probed:
     latency_ms: float
     peers: tuple[RelayedPeer, ...] = ()
     """Other nodes' announces, **not verified** (each is checked when decoded); empty unless asked for."""
+    cursor: tuple[str, int] = ("", 0)
+    """The peer's (book, version) after this list: what to ask from next time."""
 
 
-async def probe(host: str, port: int, timeout: float, *, request: DiscoveryRequest, want_peers: int = 0) -> Probed:
-    """Ask ``host:port`` who it is and, if ``want_peers`` > 0, whom it knows (peer exchange).
+async def probe(
+    host: str,
+    port: int,
+    timeout: float,
+    *,
+    request: DiscoveryRequest,
+    want: PeerListRequest | None = None,
+    introduce: bytes = b"",
+) -> Probed:
+    """Ask ``host:port`` who it is and, with ``want``, whom it knows (peer exchange).
 
-    Both requests go in one write; the answers come back in order.
+    ``introduce`` is written first: framed discovery messages of ours (our signed
+    announce, then the peer list we push). Everything goes in one write; the
+    answers come back in order.
 
     Raises:
         ConnectError: the address cannot be reached.
@@ -204,7 +245,7 @@ async def probe(host: str, port: int, timeout: float, *, request: DiscoveryReque
         raise ConnectError(f"discovery probe of {where}: {exc}") from exc
     try:
         started = time.perf_counter()
-        asks = conn.send(request) + (conn.send(PeerListRequest(want_peers)) if want_peers > 0 else b"")
+        asks = introduce + conn.send(request) + (conn.send(want) if want is not None else b"")
         writer.write(asks)
 
         async def next_event() -> object:
@@ -227,11 +268,11 @@ async def probe(host: str, port: int, timeout: float, *, request: DiscoveryReque
         latency_ms = (time.perf_counter() - started) * 1000.0
         if not isinstance(response, DiscoveryResponse):
             raise RemoteProtocolError(f"discovery probe of {where}: expected a response, got {type(response).__name__}")
-        if want_peers <= 0:
+        if want is None:
             return Probed(response, body, latency_ms)
         listing = await next_event()
         if not isinstance(listing, PeerList):
             raise RemoteProtocolError(f"discovery probe of {where}: expected a peer list, got {type(listing).__name__}")
-        return Probed(response, body, latency_ms, listing.peers[:want_peers])
+        return Probed(response, body, latency_ms, listing.peers[: want.limit], (listing.book, listing.version))
     finally:
         writer.close()

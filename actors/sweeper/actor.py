@@ -3,7 +3,9 @@
 Config (``ChildSpec.config``): ``transports`` (bus names, in the network mode's
 order), ``interval`` (seconds between rounds, default 5), ``timeout``
 (seconds a round waits, default 3), ``registry`` (bus name, default
-``registry``), ``first_delay`` (seconds before the first round, default 0).
+``registry``), ``first_delay`` (seconds before the first round, default 0),
+``fast_start`` (the first gap between rounds, doubling up to ``interval``;
+default 0: every gap is ``interval``; see :func:`~.state.round_gap`).
 
 A round tells every transport ``Discover`` and schedules its own deadline;
 answers (``Discovered``) are passed on to the registry as they come; at the
@@ -17,7 +19,7 @@ from typing import Any
 
 from villagemesh.actors.base import Actor, ActorContext
 from villagemesh.actors.sweeper.messages import RoundDeadline, Sighted, SweepNow, SweepStatus, SweepStatusReply
-from villagemesh.actors.sweeper.state import Outcome, SweepState
+from villagemesh.actors.sweeper.state import Outcome, SweepState, round_gap
 from villagemesh.actors.transport import Discover, Discovered
 from villagemesh.errors import BusError
 
@@ -35,6 +37,7 @@ class SweeperActor(Actor):
         self.timeout = float(cfg.get("timeout", 3.0))
         self.registry = str(cfg.get("registry", "registry"))
         self.first_delay = float(cfg.get("first_delay", 0.0))
+        self.fast_start = float(cfg.get("fast_start", 0.0))
         self.last: Outcome | None = None
         self.rounds = 0
         self.late = 0
@@ -99,4 +102,4 @@ class SweeperActor(Actor):
             timed_out=list(outcome.timed_out),
             sightings=outcome.sightings,
         )
-        self._next = self.schedule(self.interval, SweepNow())
+        self._next = self.schedule(round_gap(self.rounds, self.interval, self.fast_start), SweepNow())

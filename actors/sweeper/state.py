@@ -4,7 +4,10 @@ Each sweep is a *round*: every enabled transport is asked to discover at once,
 and the round closes at its deadline whatever happened. A transport that fails,
 hangs or is missing only marks itself in that round's outcome; the others'
 results are used as they arrive. Rounds never overlap: the next one starts
-``interval`` seconds after the previous one closed.
+``interval`` seconds after the previous one closed; with a fast start
+(:func:`round_gap`) the first gaps are shorter, doubling up to ``interval``
+(a node that just started, or whose seeds were not up yet, finds its peers in
+well under a second, then settles to the steady pace).
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["Outcome", "SweepState"]
+__all__ = ["Outcome", "SweepState", "round_gap"]
+
+
+def round_gap(rounds_done: int, interval: float, fast_start: float) -> float:
+    """Seconds between the close of round ``rounds_done`` (1-based) and the next round's start:
+    ``fast_start`` doubling per round, capped at ``interval`` (just ``interval`` when
+    ``fast_start`` is 0)."""
+    if fast_start <= 0:
+        return interval
+    return min(interval, fast_start * 2.0 ** min(max(rounds_done - 1, 0), 64))
 
 
 @dataclass(frozen=True)

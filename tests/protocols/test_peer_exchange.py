@@ -33,6 +33,10 @@ from villagemesh.protocols.discovery import (
 )
 
 
+LIST = {"type": "PEER_LIST", "protocol_version": "1.0", "book": "", "version": 0}
+REQUEST = {"type": "PEER_LIST_REQUEST", "protocol_version": "1.0", "book": "", "since": 0}
+
+
 def body_of(obj: Any) -> bytes:
     return json.dumps(obj).encode()
 
@@ -74,7 +78,7 @@ def test_a_tampered_entry_still_decodes_as_a_list_but_never_as_a_peer() -> None:
     forged = json.loads(encode_discovery(announce()))
     forged["addresses"] = ["ws://10.6.6.6:666"]
     entry = [forged["node_id"], forged["timestamp"], json.dumps(forged)]
-    listing = decode_discovery(body_of({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [entry]}))
+    listing = decode_discovery(body_of({**LIST, "peers": [entry]}))
     assert isinstance(listing, PeerList) and listing.peers[0].node_id == announce().node_id
     with pytest.raises(RemoteProtocolError, match="bad signature"):
         decode_discovery(listing.peers[0].body)
@@ -83,19 +87,23 @@ def test_a_tampered_entry_still_decodes_as_a_list_but_never_as_a_peer() -> None:
 @pytest.mark.parametrize(
     ("obj", "reason"),
     [
-        ({"type": "PEER_LIST_REQUEST", "protocol_version": "1.0", "limit": 0}, "limit must be an int within 1..64"),
-        ({"type": "PEER_LIST_REQUEST", "protocol_version": "1.0", "limit": True}, "limit must be an int"),
-        ({"type": "PEER_LIST_REQUEST", "protocol_version": "1.0"}, "expected"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": {}}, "must be a list of at most 64"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [None] * 65}, "must be a list of at most 64"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [3]}, r"is \[node_id, timestamp, body text\]"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", 1, {}]]}, "body text"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", 1]]}, "body text"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["", 1, "{}"]]}, "node_id must be"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", "1", "{}"]]}, "timestamp must be a finite"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", 1, ""]]}, "body must be non-empty"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [["a", 1, "\ud800"]]}, "not UTF-8 text"),
-        ({"type": "PEER_LIST", "protocol_version": "1.0", "peers": [], "extra": 1}, "expected"),
+        ({**REQUEST, "limit": 0}, "limit must be an int within 1..64"),
+        ({**REQUEST, "limit": True}, "limit must be an int"),
+        ({"type": "PEER_LIST_REQUEST", "protocol_version": "1.0", "limit": 1}, "expected"),
+        ({**REQUEST, "limit": 1, "since": -1}, "version must be an int"),
+        ({**REQUEST, "limit": 1, "book": 7}, "book must be a str"),
+        ({**LIST, "peers": [], "book": "x" * 33}, "book must be a str of at most 32"),
+        ({**LIST, "peers": [], "version": 1.5}, "version must be an int"),
+        ({**LIST, "peers": {}}, "must be a list of at most 64"),
+        ({**LIST, "peers": [None] * 65}, "must be a list of at most 64"),
+        ({**LIST, "peers": [3]}, r"is \[node_id, timestamp, body text\]"),
+        ({**LIST, "peers": [["a", 1, {}]]}, "body text"),
+        ({**LIST, "peers": [["a", 1]]}, "body text"),
+        ({**LIST, "peers": [["", 1, "{}"]]}, "node_id must be"),
+        ({**LIST, "peers": [["a", "1", "{}"]]}, "timestamp must be a finite"),
+        ({**LIST, "peers": [["a", 1, ""]]}, "body must be non-empty"),
+        ({**LIST, "peers": [["a", 1, "\ud800"]]}, "not UTF-8 text"),
+        ({**LIST, "peers": [], "extra": 1}, "expected"),
     ],
 )
 def test_malformed_exchange_messages_are_remote_errors_naming_the_fault(obj: dict[str, Any], reason: str) -> None:
@@ -197,12 +205,15 @@ def test_invalid_exchange_values_raise_local_protocol_error(build: Any, reason: 
 
 def test_wire_form_of_the_exchange() -> None:
     """What another implementation needs: plain JSON objects, entries as their signers made them."""
-    assert json.loads(encode_discovery(PeerListRequest(8))) == {
+    assert json.loads(encode_discovery(PeerListRequest(8, "ab12", 7))) == {
         "type": "PEER_LIST_REQUEST",
         "protocol_version": PROTOCOL_VERSION,
         "limit": 8,
+        "book": "ab12",
+        "since": 7,
     }
-    wire = json.loads(encode_discovery(PeerList((relayed(),))))
+    wire = json.loads(encode_discovery(PeerList((relayed(),), "ab12", 9)))
+    assert (wire["book"], wire["version"]) == ("ab12", 9)
     event = announce()
     assert wire["type"] == "PEER_LIST"
     assert wire["peers"] == [[event.node_id, event.timestamp, encode_discovery(event).decode()]]

@@ -12,7 +12,7 @@ from tests.conftest import WAIT
 from villagemesh.actors.base import Actor
 from villagemesh.actors.sweeper.actor import SweeperActor
 from villagemesh.actors.sweeper.messages import Sighted, SweepNow, SweepStatus
-from villagemesh.actors.sweeper.state import SweepState
+from villagemesh.actors.sweeper.state import SweepState, round_gap
 from villagemesh.actors.transport import Discover, Discovered, Sighting
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor
@@ -122,3 +122,31 @@ def test_every_transport_ends_each_round_answered_failed_or_timed_out(transports
         assert outcome is not None and state.close(r) is None
         assert set(outcome.answered) | set(outcome.timed_out) | set(outcome.failed) == set(transports)
         assert not set(outcome.answered) & set(outcome.timed_out)
+
+
+@given(st.integers(1, 200), st.floats(0.01, 100), st.just(0.0) | st.floats(0.001, 10))
+def test_round_gaps_start_fast_and_settle_at_the_interval(rounds_done, interval, fast_start):
+    """Gaps never exceed the interval, never shrink from one round to the next, and reach the interval."""
+    gap = round_gap(rounds_done, interval, fast_start)
+    assert 0 < gap <= interval
+    assert round_gap(rounds_done + 1, interval, fast_start) >= gap
+    assert round_gap(rounds_done + 80, interval, fast_start) == interval
+    if fast_start == 0:
+        assert gap == interval
+    if rounds_done == 1 and 0 < fast_start <= interval:
+        assert gap == fast_start
+
+
+def test_a_fast_start_runs_the_first_rounds_sooner(runtime, recorder):
+    """With fast_start, rounds come at 0, fast_start, 2 x fast_start, ... before the interval (60 s)."""
+    children = [
+        ChildSpec("registry", Registry),
+        ChildSpec("websocket", Answering),
+        ChildSpec(
+            "sweeper",
+            SweeperActor,
+            config={"transports": ["websocket"], "timeout": 2, "interval": 60, "fast_start": 0.02},
+        ),
+    ]
+    Supervisor.launch(SupervisorSpec("root", children, intensity=10), runtime)
+    recorder.wait_for("discovery_round", count=4)
