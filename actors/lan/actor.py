@@ -32,10 +32,11 @@ response goes to ``peers_to`` as a ``Sighted``; so a node that found us can
 be answered (acks need a route back) without being in our bootstrap list.
 
 It is also a discovery source for the sweeper (the transport contract's
-``Discover``): each round probes every ``bootstrap`` address concurrently on
-the loop, each probe bounded by the round's timeout, and answers one
-``Discovered`` with a ``Sighting`` per verified response and an error string
-per address that failed. A failing address never holds up the others.
+``Discover``): each round probes every ``bootstrap`` address not exchanged with
+in the last :data:`BOOTSTRAP_REFRESH_S` concurrently on the loop, each probe
+bounded by the round's timeout, and answers one ``Discovered`` with a
+``Sighting`` per verified response and an error string per address that failed.
+A failing address never holds up the others.
 
 Config (``ctx.config``): ``identity`` (:class:`~.identity.Identity`, required),
 ``beacon`` (:class:`~.beacon.BeaconConfig`), ``beacons`` (False: no UDP
@@ -122,6 +123,11 @@ REGISTRY_REFRESH_S = 30.0
 """A peer the registry already knows, unchanged, is passed on again (its last-seen time) at most
 this often: the registry's max_age (300 s) is ten of these."""
 
+BOOTSTRAP_REFRESH_S = 30.0
+"""A round skips a bootstrap address it exchanged with this recently (by round or gossip): with
+every peer as a seed, each round would otherwise exchange with all of them. Every address is
+still exchanged with at least this often, and one never reached is tried every round."""
+
 PUBLISH_EVERY_S = 10.0
 """The responder's list is rebuilt at least this often (entries age out), besides on every change."""
 """Seconds a pull (probe + peer list) may take."""
@@ -192,6 +198,7 @@ class LanActor(LoopActor):
         self.heard: dict[str, None] = {}
         """Node ids whose beacons we have heard (oldest forgotten first)."""
         self.answer_pending = False
+        self.answering: asyncio.TimerHandle | None = None
         self.exchange = bool(config.get("exchange", True))
         self.book = PeerBook(identity.node_id, book_id=secrets.token_hex(8))
         self.listing: Listing = self.book.listing(identity.clock())
@@ -199,6 +206,8 @@ class LanActor(LoopActor):
         self.cursors: dict[tuple[str, int], tuple[str, int]] = {}
         """Acceptor address -> (book, version) its last list brought us to (oldest forgotten first)."""
         self.pushed: dict[tuple[str, int], int] = {}
+        self.exchanged_at: dict[tuple[str, int], float] = {}
+        """Acceptor address -> when an exchange with it last succeeded (oldest forgotten first)."""
         """Acceptor address -> our book version it has had from us (oldest forgotten first)."""
         self.told: dict[str, float] = {}
         """Node id -> when the registry was last told of it (oldest forgotten first)."""
@@ -220,7 +229,10 @@ class LanActor(LoopActor):
             self.io_loop.call(self.beacon.start(), LOOP_CALL_TIMEOUT_S)
 
     async def io_shutdown(self) -> None:
-        """Stop beaconing and close the UDP socket."""
+        """Stop beaconing (an answer still due included) and close the UDP socket."""
+        answering = getattr(self, "answering", None)
+        if answering is not None:
+            answering.cancel()
         beacon = getattr(self, "beacon", None)
         if beacon is not None:
             await beacon.close()
@@ -235,7 +247,7 @@ class LanActor(LoopActor):
             self.heard[announce.node_id] = None
             if not self.answer_pending and self.beacon is not None:
                 self.answer_pending = True
-                asyncio.get_running_loop().call_later(ANSWER_DELAY_S, self._answer)
+                self.answering = asyncio.get_running_loop().call_later(ANSWER_DELAY_S, self._answer)
         self.post(_Beacon(announce, body, source))
 
     def _answer(self) -> None:
@@ -350,7 +362,10 @@ class LanActor(LoopActor):
         asking = self._request()
         # Each probe gets most of the round's time, so its answer (or error) beats the deadline.
         per_probe = max(0.05, request.timeout * 0.8)
-        targets = list(self.bootstrap)
+        now = time.monotonic()
+        targets = [
+            t for t in self.bootstrap if now - self.exchanged_at.get(t, -BOOTSTRAP_REFRESH_S) >= BOOTSTRAP_REFRESH_S
+        ]
         if self.exchange:
             known = self.book.targets()
             for node_id in pick(sorted(known), ROUND_PULLS, random.randrange):
@@ -412,11 +427,12 @@ class LanActor(LoopActor):
 
     def _exchanged(self, target: tuple[str, int], probed: Probed, pushed: int) -> None:
         """Remember both cursors after a successful exchange with ``target``."""
-        for table in (self.cursors, self.pushed):
+        for table in (self.cursors, self.pushed, self.exchanged_at):
             if len(table) >= PROBE_BACK_MEMORY and target not in table:
                 table.pop(next(iter(table)))
         self.cursors[target] = probed.cursor
         self.pushed[target] = pushed
+        self.exchanged_at[target] = time.monotonic()
 
     def _remember(self, peer: RelayedPeer, event: Announce | DiscoveryResponse) -> bool:
         """Into the book (a new peer wakes gossip); whether the registry should hear of it: a new

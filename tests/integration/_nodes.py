@@ -64,8 +64,6 @@ def running(nodes: Iterable[Any]) -> Iterator[list[Any]]:
             node.stop()
 
 
-
-
 class Inbox:
     """A subscriber that counts payloads; tests wait until enough distinct ones arrived."""
 

@@ -18,6 +18,7 @@ it can be killed for real, then start it again on the same ``data_dir``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import signal
@@ -42,6 +43,7 @@ from tests.integration._nodes import (
     running,
     wait_until,
 )
+from villagemesh.protocols.discovery import NEED_DATA
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +178,77 @@ def test_nodes_find_each_other_by_lan_beacons_alone(tmp_path: Path) -> None:
                 events = EventFile(node.log_path)
                 unavailable = events.matching("multicast_unavailable") + events.matching("beacon_send_failed")
                 pytest.fail(f"{node.name} did not hear the others' beacons; beacon problems: {unavailable}")
+
+
+def test_nodes_seeded_in_a_chain_learn_everyone_by_peer_exchange_and_deliver_end_to_end(tmp_path: Path) -> None:
+    """Eight nodes, each seeded with the next one only: peer exchange gives every node the full view,
+    and the two ends (who never had each other's address) exchange a message."""
+    ports = [free_port() for _ in range(8)]
+    nodes = [
+        make_node(
+            tmp_path / f"c{i}",
+            f"c{i}",
+            port=ports[i],
+            bootstrap=[f"127.0.0.1:{ports[i + 1]}"] if i < 7 else [],
+        )
+        for i in range(8)
+    ]
+    ids = {node.node_id for node in nodes}
+    inbox = Inbox()
+    nodes[7].subscribe("*", inbox)
+    with running(nodes):
+        for node in nodes:
+            assert wait_until(lambda n=node: knows(n, ids - {n.node_id})), f"{node.name} knows {len(node.peers())}"
+        handle = nodes[0].send(nodes[7].node_id, b"end to end")
+        assert inbox.wait_for_distinct(1) and handle.wait(PATIENCE).delivered
+
+
+def test_a_forged_entry_in_a_pushed_peer_list_never_reaches_the_registry(tmp_path: Path) -> None:
+    """A client introduces itself (valid announce) and pushes a list with one honest and one tampered
+    entry: the honest peer and the client are learned, the forgery is rejected and logged."""
+    from nacl.signing import SigningKey
+
+    from villagemesh.actors.lan.identity import Identity
+    from villagemesh.protocols.discovery import (
+        Capabilities,
+        DiscoveryConnection,
+        DiscoveryRequest,
+        PeerList,
+        PeerListRequest,
+        RelayedPeer,
+        encode_discovery,
+        relay,
+    )
+
+    caps = Capabilities(2, 2048, None, "wifi", "laptop", "medium", 0.5, True, transports=("websocket",))
+    client, honest, victim = (
+        Identity(SigningKey.generate(), (f"ws://127.0.0.1:{free_port()}",), caps, 1) for _ in range(3)
+    )
+    genuine = json.loads(encode_discovery(victim.announce()))
+    genuine["addresses"] = ["ws://10.6.6.6:666"]  # the attacker's address under the victim's signature
+    forged = RelayedPeer(victim.node_id, genuine["timestamp"], json.dumps(genuine).encode())
+    node = make_node(tmp_path / "n", "n")
+    with running([node]):
+        conn = DiscoveryConnection()
+        asking = DiscoveryRequest(node_id=client.node_id, addresses=client.addresses, capabilities=caps, timestamp=1.0)
+        wire = (
+            conn.send(client.announce())
+            + conn.send(PeerList((relay(encode_discovery(honest.announce())), forged)))
+            + conn.send(asking)
+            + conn.send(PeerListRequest(8))
+        )
+        with socket.create_connection(("127.0.0.1", node.port), timeout=PATIENCE) as sock:
+            sock.sendall(wire)
+            replies: list[Any] = []
+            while len(replies) < 2:
+                conn.receive_data(sock.recv(65536))
+                while (event := conn.next_event()) is not NEED_DATA:
+                    replies.append(event)
+        assert [type(r).__name__ for r in replies] == ["DiscoveryResponse", "PeerList"]
+        assert wait_until(lambda: knows(node, {client.node_id, honest.node_id}))
+        rejected = EventFile(node.log_path).wait_for("exchange_rejected")
+        assert rejected[0]["node_id"] == victim.node_id and "bad signature" in rejected[0]["reason"]
+        assert victim.node_id not in {p.peer_id for p in node.peers()}
 
 
 def test_a_node_that_only_the_sender_knew_of_still_acknowledges_its_message(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def test_lan_actor_hears_beacons_answers_discovery_and_probes(runtime: Any) -> N
     neighbour = Identity(SigningKey.generate(), ("ws://127.0.0.1:1",), CAPS, 1)
 
     async def outside() -> str:
-        endpoint = BeaconEndpoint(neighbour, lambda a, s: None, beacon)
+        endpoint = BeaconEndpoint(neighbour, lambda a, b, s: None, beacon)
         await endpoint.start()
         asking = DiscoveryRequest(node_id=neighbour.node_id, addresses=(), capabilities=CAPS, timestamp=0.0)
         response = (await probe("127.0.0.1", port, 5.0, request=asking)).response

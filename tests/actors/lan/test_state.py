@@ -1,4 +1,4 @@
-"""LAN discovery's pure core: token buckets per source and the beacon schedule."""
+"""LAN discovery's pure core: token buckets per source, the beacon schedule, the peer book and its deltas."""
 
 from __future__ import annotations
 
@@ -6,8 +6,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from villagemesh.actors.lan.state import BeaconSchedule, SourceRateLimiter, TokenBucket
+from villagemesh.actors.lan.state import (
+    CHANGED,
+    FRESHER,
+    NEW,
+    RELAY_MAX_AGE_S,
+    RELAY_REFRESH_S,
+    STALE,
+    BeaconSchedule,
+    Listing,
+    PeerBook,
+    SourceRateLimiter,
+    TokenBucket,
+    pick,
+)
 from villagemesh.errors import ConfigError
+from villagemesh.protocols.discovery import RelayedPeer
 
 TIMES = st.lists(st.floats(0, 1000, allow_nan=False), min_size=1, max_size=60).map(sorted)
 
@@ -64,3 +78,94 @@ def test_unusable_schedules_are_refused(kwargs: dict[str, float]) -> None:
     """BeaconSchedule validates eagerly."""
     with pytest.raises(ConfigError):
         BeaconSchedule(**kwargs)
+
+
+# -- the peer book --------------------------------------------------------------------------------
+
+
+def _peer(node: int, ts: float) -> RelayedPeer:
+    return RelayedPeer(f"node-{node}", ts, f'{{"n":{node},"t":{ts}}}'.encode())
+
+
+def test_a_book_tells_new_changed_fresher_and_stale_apart() -> None:
+    book = PeerBook("me", book_id="b1")
+    assert book.add(_peer(1, 10.0), ("h", 1), "says-a") == NEW
+    assert book.add(_peer(1, 10.0), ("h", 1), "says-a") == STALE  # not newer
+    assert book.add(_peer(1, 12.0), ("h", 1), "says-a") == FRESHER
+    assert book.version == 1  # under RELAY_REFRESH_S newer: replaced in place, nothing to pass on
+    assert book.add(_peer(1, 10.0 + RELAY_REFRESH_S), ("h", 1), "says-a") == FRESHER
+    assert book.version == 2
+    assert book.add(_peer(1, 50.0), ("h", 2), "says-b") == CHANGED
+    assert book.add(RelayedPeer("me", 99.0, b"{}"), None) == STALE  # ourselves
+    assert book.version == 3 and len(book) == 1 and book.targets() == {"node-1": ("h", 2)}
+    assert book.knows("node-1", 50.0 + RELAY_REFRESH_S - 1) and not book.knows("node-1", 50.0 + RELAY_REFRESH_S)
+    assert book.knows("me", 0.0) and not book.knows("node-2", 0.0)
+
+
+def test_a_full_book_forgets_the_peer_changed_longest_ago() -> None:
+    book = PeerBook("me", capacity=2)
+    for node in range(3):
+        book.add(_peer(node, 1.0), None)
+    assert sorted(book.targets()) == [] and len(book) == 2
+    assert book.listing(1.0).entries[0].peer.node_id == "node-1"
+
+
+def test_the_listing_leaves_out_what_is_too_old_to_pass_on() -> None:
+    book = PeerBook("me")
+    book.add(_peer(1, 0.0), None)
+    book.add(_peer(2, 200.0), None)
+    assert [e.peer.node_id for e in book.listing(now=RELAY_MAX_AGE_S + 100.0).entries] == ["node-2"]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 9), st.floats(0, 1000), st.sampled_from("ab")), max_size=60),
+    st.lists(st.integers(1, 8), min_size=1, max_size=30),
+)
+def test_following_deltas_from_any_cursor_brings_every_change(
+    adds: list[tuple[int, float, str]], limits: list[int]
+) -> None:
+    """Whatever the adds and the limits asked, following the cursor gives each peer's entry as listed."""
+    book = PeerBook("me", book_id="b")
+    received: dict[str, RelayedPeer] = {}
+    cursor = ("", 0)
+    for i, (node, ts, said) in enumerate(adds):
+        book.add(_peer(node, ts), None, said)
+        if i % 7 == 0:  # catch up now and then while the book changes
+            cursor = _follow(book.listing(0.0), cursor, limits, received)
+    listing = book.listing(0.0)
+    cursor = _follow(listing, cursor, limits, received)
+    assert cursor == ("b", book.version)
+    assert listing.delta("b", book.version, 8, lambda p: 1, 100) == ([], book.version)
+    for entry in listing.entries:
+        assert received[entry.peer.node_id].timestamp >= entry.changed_ts
+
+
+def _follow(
+    listing: Listing, cursor: tuple[str, int], limits: list[int], received: dict[str, RelayedPeer]
+) -> tuple[str, int]:
+    for step in range(len(listing.entries) + 1):
+        peers, version = listing.delta(*cursor, limits[step % len(limits)], lambda p: 1, 100)
+        for peer in peers:
+            received[peer.node_id] = peer
+        cursor = (listing.book, version)
+        if version == listing.version:
+            return cursor
+    raise AssertionError("the cursor did not reach the listing's version")
+
+
+def test_a_delta_stops_at_its_byte_budget_and_passes_over_what_never_fits() -> None:
+    book = PeerBook("me", book_id="b")
+    for node in range(4):
+        book.add(_peer(node, 1.0), None)
+    sizes = {"node-0": 40, "node-1": 500, "node-2": 40, "node-3": 40}
+    listing = book.listing(1.0)
+    peers, cursor = listing.delta("b", 0, 10, lambda p: sizes[p.node_id], 100)
+    assert [p.node_id for p in peers] == ["node-0", "node-2"] and cursor == 3  # node-3 did not fit: next time
+    peers, cursor = listing.delta("b", cursor, 10, lambda p: sizes[p.node_id], 100)
+    assert [p.node_id for p in peers] == ["node-3"] and cursor == 4
+    assert listing.delta("another book", 4, 1, lambda p: 1, 100) == ([book.listing(1.0).entries[0].peer], 1)
+
+
+def test_pick_draws_without_repeats() -> None:
+    assert pick(["a", "b", "c"], 2, lambda n: 0) == ["a", "b"]
+    assert sorted(pick(["a", "b"], 5, lambda n: n - 1)) == ["a", "b"]

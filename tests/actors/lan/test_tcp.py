@@ -17,9 +17,17 @@ from tests.actors.acceptor.support import CAPS, fake_peer, run
 from villagemesh.actors.acceptor.server import AcceptorServer
 from villagemesh.actors.acceptor.state import Route
 from villagemesh.actors.lan.identity import Identity
-from villagemesh.actors.lan.tcp import DiscoveryResponder, probe
+from villagemesh.actors.lan.tcp import DiscoveryResponder, SignedFrames, probe
 from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout
-from villagemesh.protocols.discovery import DiscoveryRequest
+from villagemesh.protocols.discovery import (
+    DiscoveryConnection,
+    DiscoveryRequest,
+    PeerList,
+    PeerListRequest,
+    decode_discovery,
+    encode_discovery,
+    relay,
+)
 
 ASKER = DiscoveryRequest(node_id="asker", addresses=("ws://127.0.0.1:1",), capabilities=CAPS, timestamp=1.0)
 
@@ -161,3 +169,102 @@ def test_probe_refuses_an_answer_that_is_not_a_response() -> None:
                 await probe("127.0.0.1", port, 2.0, request=ASKER)
 
     run(body())
+
+
+def test_an_exchange_introduces_the_prober_pushes_its_list_and_pulls_the_responders() -> None:
+    """ANNOUNCE + PEER_LIST + requests in one write: the announce and the pushed list reach the hooks,
+    the request is not passed on for a probe back (the prober introduced itself), the list comes back
+    with its cursor."""
+    me = Identity(SigningKey.generate(), ("ws://127.0.0.1:1",), CAPS, 1)
+    other = relay(encode_discovery(Identity(SigningKey.generate(), ("ws://127.0.0.1:2",), CAPS, 2).announce()))
+    third = relay(encode_discovery(Identity(SigningKey.generate(), ("ws://127.0.0.1:3",), CAPS, 3).announce()))
+    heard: list[Any] = []
+
+    async def body() -> Any:
+        server = AcceptorServer()
+        _, port = await server.start()
+        identity = Identity(SigningKey.generate(), (f"ws://127.0.0.1:{port}",), CAPS, port)
+
+        def lists(want: PeerListRequest) -> bytes:
+            heard.append(("want", want))
+            return DiscoveryConnection().send(PeerList((third,), "b00c", 7))
+
+        server.route_in_loop(
+            Route.DISCOVERY,
+            lambda: DiscoveryResponder(
+                identity,
+                on_request=lambda r: heard.append(("request", r.node_id)),
+                on_announce=lambda a, body: heard.append(("announce", a.node_id, decode_discovery(body) == a)),
+                on_peer_list=lambda listing, sender: heard.append(("pushed", listing.peers, sender)),
+                peer_lists=lists,
+            ),
+        )
+        conn = DiscoveryConnection()
+        introduce = conn.send(me.announce()) + conn.send(PeerList((other,)))
+        asking = DiscoveryRequest(node_id=me.node_id, addresses=me.addresses, capabilities=CAPS, timestamp=1.0)
+        probed = await probe(
+            "127.0.0.1", port, 5.0, request=asking, want=PeerListRequest(8, "cafe", 3), introduce=introduce
+        )
+        await server.close()
+        return probed
+
+    probed = run(body())
+    assert probed.peers == (third,) and probed.cursor == ("b00c", 7)
+    assert decode_discovery(probed.body) == probed.response
+    assert heard == [
+        ("announce", me.node_id, True),
+        ("pushed", (other,), me.node_id),
+        ("want", PeerListRequest(8, "cafe", 3)),
+    ]
+
+
+def test_a_list_pushed_by_someone_who_did_not_introduce_itself_is_ignored() -> None:
+    """No verified announce on the connection: the pushed list is counted, not passed on, and the
+    request goes to on_request (to be probed back)."""
+    counts: Counter[str] = Counter()
+    heard: list[Any] = []
+    pushed = relay(encode_discovery(Identity(SigningKey.generate(), ("ws://127.0.0.1:2",), CAPS, 2).announce()))
+
+    async def body() -> None:
+        server = AcceptorServer()
+        _, port = await server.start()
+        identity = Identity(SigningKey.generate(), (f"ws://127.0.0.1:{port}",), CAPS, port)
+        server.route_in_loop(
+            Route.DISCOVERY,
+            lambda: DiscoveryResponder(
+                identity,
+                counts=counts,
+                on_request=lambda r: heard.append(("request", r.node_id)),
+                on_peer_list=lambda listing, sender: heard.append(("pushed", sender)),
+            ),
+        )
+        probed = await probe(
+            "127.0.0.1",
+            port,
+            5.0,
+            request=ASKER,
+            want=PeerListRequest(4),
+            introduce=DiscoveryConnection().send(PeerList((pushed,))),
+        )
+        assert probed.peers == () and probed.cursor == ("", 0)  # no lists configured: an empty one
+        await server.close()
+
+    run(body())
+    assert heard == [("request", "asker")]
+    assert counts["ignored"] == 1 and counts["lists"] == 1
+
+
+def test_signed_frames_are_reused_until_they_are_due_again() -> None:
+    """One signature per reuse_s: the same bytes within it, a fresh signature after."""
+    now = [0.0]
+    identity = Identity(SigningKey.generate(), ("ws://127.0.0.1:1",), CAPS, 1, clock=lambda: now[0] + 1000)
+    frames = SignedFrames(identity.response, reuse_s=1.0, clock=lambda: now[0])
+    first = frames.framed()
+    now[0] = 0.9
+    assert frames.framed() is first
+    now[0] = 1.0
+    second = frames.framed()
+    assert second != first
+    conn = DiscoveryConnection()
+    conn.receive_data(second)
+    assert conn.next_event().timestamp == 1001.0  # type: ignore[union-attr]
