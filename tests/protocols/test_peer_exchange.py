@@ -32,7 +32,6 @@ from villagemesh.protocols.discovery import (
     sign_response,
 )
 
-
 LIST = {"type": "PEER_LIST", "protocol_version": "1.0", "book": "", "version": 0}
 REQUEST = {"type": "PEER_LIST_REQUEST", "protocol_version": "1.0", "book": "", "since": 0}
 
