@@ -125,10 +125,12 @@ class RegistryActor(Actor):
         """Dispatch one message (the protocol is in :mod:`.messages`)."""
         now = time.time()
         if isinstance(msg, Sighted):
-            for sighting in msg.sightings:
-                self._signed(sighting.announce.encode(), sighting.transport, sighting.latency_ms, now)
+            records = [self._signed(s.announce.encode(), s.transport, s.latency_ms, now) for s in msg.sightings]
+            self._observe_all([rec for rec in records if rec is not None])
         elif isinstance(msg, PeerAnnounced):
-            self._signed(msg.announce, "lan", None, now)
+            rec = self._signed(msg.announce, "lan", None, now)
+            if rec is not None:
+                self._observe_all([rec])
         elif isinstance(msg, PeerSeen):
             self._seen(msg, now)
         elif isinstance(msg, EvolutionOutcome):
@@ -156,21 +158,22 @@ class RegistryActor(Actor):
             raise TypeError(f"registry got an unexpected {type(msg).__name__}")
         return None
 
-    def _signed(self, body: bytes, source: str, latency_ms: float | None, now: float) -> None:
+    def _signed(self, body: bytes, source: str, latency_ms: float | None, now: float) -> PeerRecord | None:
+        """The record a signed announce gives, or None (rejected and logged)."""
         try:
             event = decode_discovery(body)
         except ProtocolError as exc:
             self._rejected(source, str(exc))
-            return
+            return None
         if not isinstance(event, Announce | DiscoveryResponse):
             self._rejected(source, f"{type(event).__name__} is not a signed announce")
-            return
+            return None
         if abs(now - event.timestamp) > self.announce_skew:
             self._rejected(
                 source, f"announce of {event.node_id} is {now - event.timestamp:.0f} s off this node's clock"
             )
-            return
-        rec = record_from_discovery(
+            return None
+        return record_from_discovery(
             event.node_id,
             event.addresses,
             event.capabilities,
@@ -179,7 +182,6 @@ class RegistryActor(Actor):
             latency_ms=latency_ms,
             source=source,
         )
-        self._observe(rec)
 
     def _seen(self, msg: PeerSeen, now: float) -> None:
         try:
@@ -195,33 +197,42 @@ class RegistryActor(Actor):
         except (ConfigError, CodecError) as exc:
             self._rejected(msg.source or "unknown", str(exc))
             return
-        self._observe(rec)
+        self._observe_all([rec])
 
-    def _observe(self, rec: PeerRecord) -> None:
-        source = rec.source or "unknown"
-        try:
-            seen = observe(self.peers.get(rec.peer_id), rec)
-        except ProtocolError as exc:  # a different key for a pinned peer
-            self._rejected(source, str(exc))
+    def _observe_all(self, records: list[PeerRecord]) -> None:
+        """Fold sightings into the registry: the changed records are written in one transaction,
+        and only once it committed is anyone told (log events, routes)."""
+        written: dict[str, tuple[PeerRecord, bool, bool]] = {}
+        for rec in records:
+            source = rec.source or "unknown"
+            try:
+                seen = observe(self.peers.get(rec.peer_id), rec)
+            except ProtocolError as exc:  # a different key for a pinned peer
+                self._rejected(source, str(exc))
+                continue
+            if not seen.changed:
+                continue
+            old = self.peers.get(rec.peer_id)
+            self.peers[rec.peer_id] = seen.record
+            if old is not None and not (seen.new or seen.routes_changed) and _only_fresher(old, seen.record):
+                persisted = self._persisted_seen.get(rec.peer_id, old.last_seen)
+                if seen.record.last_seen - persisted < LAST_SEEN_WRITE_S and rec.peer_id not in written:
+                    # Only freshness moved: keep it in memory; the file gets it at most every
+                    # LAST_SEEN_WRITE_S (a crash loses that much freshness, nothing else).
+                    continue
+            new, routes = written.get(rec.peer_id, (rec, False, False))[1:]
+            written[rec.peer_id] = (seen.record, new or seen.new, routes or seen.routes_changed)
+        if not written:
             return
-        if not seen.changed:
-            return
-        old = self.peers.get(rec.peer_id)
-        if old is not None and not (seen.new or seen.routes_changed) and _only_fresher(old, seen.record):
-            persisted = self._persisted_seen.get(rec.peer_id, old.last_seen)
-            if seen.record.last_seen - persisted < LAST_SEEN_WRITE_S:
-                # Only freshness moved: keep it in memory; the file gets it at most every
-                # LAST_SEEN_WRITE_S (a crash loses that much freshness, nothing else).
-                self.peers[rec.peer_id] = seen.record
-                return
-        self.store.upsert(seen.record)
-        self._persisted_seen[rec.peer_id] = seen.record.last_seen
-        self.peers[rec.peer_id] = seen.record
-        if seen.new or seen.routes_changed:
-            event = "peer_discovered" if seen.new else "peer_updated"
-            self.ctx.log.emit(event, peer_id=rec.peer_id, source=source, transports=list(seen.record.transports))
-        if seen.routes_changed:
-            self._tell_routes(PeerRoutes.of(seen.record))
+        self.store.upsert_many([record for record, _, _ in written.values()])
+        for peer_id, (record, new, routes_changed) in written.items():
+            self._persisted_seen[peer_id] = record.last_seen
+            if new or routes_changed:
+                event = "peer_discovered" if new else "peer_updated"
+                source = record.source or "unknown"
+                self.ctx.log.emit(event, peer_id=peer_id, source=source, transports=list(record.transports))
+            if routes_changed:
+                self._tell_routes(PeerRoutes.of(record))
 
     def _outcome(self, msg: EvolutionOutcome) -> None:
         rec = self.peers.get(msg.peer_id)

@@ -105,6 +105,33 @@ def test_sweeper_sightings_carry_their_transport_and_latency(runtime, recorder, 
     assert rec is not None and (rec.source, rec.latency_ms) == ("websocket", 4.5)
 
 
+def test_a_batch_of_sightings_is_folded_in_order_and_survives_a_restart(runtime, recorder, tmp_path):
+    """One Sighted with two peers, one of them twice (a new port) and a forgery between: each peer is
+    discovered once, the later sighting leads, the forgery is rejected, all of it is on file."""
+    start(runtime, tmp_path)
+    a, b = announce(7), announce(8)
+    moved = announce(7, port=7001, timestamp=a.timestamp + 1)
+    forged = json.loads(encode_discovery(announce(9)))
+    forged["addresses"] = ["ws://203.0.113.9:666"]
+    batch = [
+        encode_discovery(a).decode(),
+        json.dumps(forged),
+        encode_discovery(b).decode(),
+        encode_discovery(moved).decode(),
+    ]
+    client = runtime.bus.client()
+    client.tell("registry", Sighted(tuple(Sighting("lan", body, None) for body in batch)))
+    discovered = recorder.wait_for("peer_discovered", count=2)
+    assert {e["peer_id"] for e in discovered} == {a.node_id, b.node_id}
+    assert "signature" in recorder.wait_for("sighting_rejected")[0]["reason"]
+    client.tell("registry", InjectedCrash("test"))
+    recorder.wait_for("child_restarted", child_id="registry")
+    rec = get_peer(client, a.node_id, timeout=WAIT)
+    assert rec is not None and dict(rec.addresses)["websocket"][0] == "ws://127.0.0.1:7001"  # the newest first
+    assert len(list_peers(client, timeout=WAIT)) == 2
+    assert recorder.matching("peer_updated") == []  # folded before it was written: one discovery, no update
+
+
 def test_forged_and_stale_announces_are_rejected(runtime, recorder, tmp_path):
     """A tampered body fails verification; a replayed hour-old announce is refused; neither becomes a peer."""
     start(runtime, tmp_path)
