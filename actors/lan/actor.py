@@ -32,8 +32,9 @@ response goes to ``peers_to`` as a ``Sighted``; so a node that found us can
 be answered (acks need a route back) without being in our bootstrap list.
 
 It is also a discovery source for the sweeper (the transport contract's
-``Discover``): each round probes every ``bootstrap`` address not exchanged with
-in the last :data:`BOOTSTRAP_REFRESH_S` concurrently on the loop, each probe
+``Discover``): each round probes the ``bootstrap`` addresses not exchanged with
+in the last :data:`BOOTSTRAP_REFRESH_S` (at most :data:`ROUND_BOOTSTRAP_MAX`,
+the least recently tried first) concurrently on the loop, each probe
 bounded by the round's timeout, and answers one ``Discovered`` with a
 ``Sighting`` per verified response and an error string per address that failed.
 A failing address never holds up the others.
@@ -123,6 +124,10 @@ REGISTRY_REFRESH_S = 30.0
 """A peer the registry already knows, unchanged, is passed on again (its last-seen time) at most
 this often: the registry's max_age (300 s) is ten of these."""
 
+ROUND_BOOTSTRAP_MAX = 8
+"""Bootstrap addresses a round tries at most (the least recently tried first): a long seed list
+is worked through over a few rounds, while exchanges spread what the first seeds knew."""
+
 BOOTSTRAP_REFRESH_S = 30.0
 """A round skips a bootstrap address it exchanged with this recently (by round or gossip): with
 every peer as a seed, each round would otherwise exchange with all of them. Every address is
@@ -206,6 +211,8 @@ class LanActor(LoopActor):
         self.cursors: dict[tuple[str, int], tuple[str, int]] = {}
         """Acceptor address -> (book, version) its last list brought us to (oldest forgotten first)."""
         self.pushed: dict[tuple[str, int], int] = {}
+        self.bootstrap_tried: dict[tuple[str, int], float] = {}
+        """Bootstrap address -> when a round last tried it."""
         self.exchanged_at: dict[tuple[str, int], float] = {}
         """Acceptor address -> when an exchange with it last succeeded (oldest forgotten first)."""
         """Acceptor address -> our book version it has had from us (oldest forgotten first)."""
@@ -363,9 +370,11 @@ class LanActor(LoopActor):
         # Each probe gets most of the round's time, so its answer (or error) beats the deadline.
         per_probe = max(0.05, request.timeout * 0.8)
         now = time.monotonic()
-        targets = [
-            t for t in self.bootstrap if now - self.exchanged_at.get(t, -BOOTSTRAP_REFRESH_S) >= BOOTSTRAP_REFRESH_S
-        ]
+        due = [t for t in self.bootstrap if now - self.exchanged_at.get(t, -BOOTSTRAP_REFRESH_S) >= BOOTSTRAP_REFRESH_S]
+        due.sort(key=lambda t: self.bootstrap_tried.get(t, -1.0))  # never tried first, then longest ago
+        targets = due[:ROUND_BOOTSTRAP_MAX]
+        for target in targets:
+            self.bootstrap_tried[target] = now
         if self.exchange:
             known = self.book.targets()
             for node_id in pick(sorted(known), ROUND_PULLS, random.randrange):

@@ -10,7 +10,7 @@ from nacl.signing import SigningKey
 
 from tests.actors.acceptor.support import CAPS, WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
-from villagemesh.actors.lan.actor import LanActor
+from villagemesh.actors.lan.actor import ROUND_BOOTSTRAP_MAX, LanActor
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.transport import Discover, Discovered
 from villagemesh.protocols.discovery import decode_discovery
@@ -45,3 +45,24 @@ def test_a_round_reports_the_live_peer_and_an_error_per_dead_or_silent_address(r
     assert found.sightings[0].latency_ms is not None and found.sightings[0].latency_ms >= 0
     assert len(found.errors) == 2
     assert any(str(closed_port) in e and "ConnectError" in e for e in found.errors)
+
+
+def test_a_long_seed_list_is_worked_through_over_rounds_least_recently_tried_first(runtime: Any) -> None:
+    """Ten unreachable seeds: a round tries ROUND_BOOTSTRAP_MAX of them, the next starts with the rest."""
+    closed = []
+    for _ in range(10):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        closed.append(s.getsockname()[1])
+        s.close()
+    inbox: queue.Queue[Any] = queue.Queue()
+    start(runtime, Sink, "sweeper", queue=inbox)
+    bootstrap = tuple(f"127.0.0.1:{port}" for port in closed)
+    start(runtime, LanActor, "lan", identity=identity(1), beacons=False, bootstrap=bootstrap)
+    tried = []
+    for round_ in (1, 2):
+        runtime.bus.client().tell("lan", Discover(round_, 0.5, "sweeper"))
+        found = inbox.get(timeout=WAIT)
+        tried.append({port for port in closed if any(f":{port}:" in e for e in found.errors)})
+    assert len(tried[0]) == ROUND_BOOTSTRAP_MAX == len(tried[1])
+    assert set(closed) - tried[0] <= tried[1]  # the ones left out first come first next time
