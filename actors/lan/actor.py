@@ -102,6 +102,10 @@ PROBE_BACK_TIMEOUT_S = 3.0
 ANSWER_DELAY_S = 0.05
 """After hearing a new node's beacon, wait this long (gathering other newcomers) and beacon once."""
 
+ANSWERERS = 3.0
+"""How many of the nodes that hear a newcomer's beacon answer it, on average (peer exchange
+tells the newcomer about the others)."""
+
 
 ROUND_PULLS = 2
 """Random known peers pulled each discovery round, besides the bootstrap addresses."""
@@ -248,11 +252,15 @@ class LanActor(LoopActor):
         # On the loop thread. A node never heard before has not heard us either, most
         # likely (it just started): answer with our own beacon soon, once for all the
         # newcomers of that moment (mDNS-style), instead of at our next scheduled one.
+        # With peer exchange, a newcomer that hears a few of us learns the rest from them,
+        # so only about ANSWERERS of the nodes that heard it answer (each with a chance of
+        # ANSWERERS / peers it knows): a newcomer costs O(N) beacons heard, not O(N^2).
         if announce.node_id not in self.heard and announce.node_id != self.identity.node_id:
             if len(self.heard) >= PROBE_BACK_MEMORY:
                 self.heard.pop(next(iter(self.heard)))
             self.heard[announce.node_id] = None
-            if not self.answer_pending and self.beacon is not None:
+            chance = min(1.0, ANSWERERS / len(self.heard)) if self.exchange else 1.0
+            if not self.answer_pending and self.beacon is not None and random.random() < chance:
                 self.answer_pending = True
                 self.answering = asyncio.get_running_loop().call_later(ANSWER_DELAY_S, self._answer)
         self.post(_Beacon(announce, body, source))
