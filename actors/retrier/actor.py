@@ -15,7 +15,13 @@ Sending::
 Receiving (the order is the exactly-once argument of :mod:`.store`)::
 
     transport ──Received(envelope)──► decode ─► Inbox.accept (commit) ─► ack ─► deliver_to: Incoming
-    app ──Handled(id)──► Inbox.mark_handled (commit)
+    the node's app gateway: Inbox.begin_dispatch (commit) ─► handlers ─► Inbox.mark_handled (commit)
+    any other deliver_to ──Handled(id)──► Inbox.mark_handled (commit)
+
+The node's gateway commits its marks itself, on its own connection to the same
+file (:mod:`villagemesh.actors.app.actor`): a ``Handled`` told to the retrier
+would leave a window, between the handler's return and the retrier's commit,
+in which a ``kill -9`` makes already handled messages run again, unflagged.
 
 Every decision is committed to the outbox *before* it is acted on, so a kill
 at any instant leaves the file describing at least what was done; on start the

@@ -1,6 +1,6 @@
 """The retrier's SQLite files: the sender's :class:`Outbox` and the receiver's :class:`Inbox`.
 
-Both tables live in schema version 1, so a node may keep them in one file or two.
+Both tables live in schema version 2, so a node may keep them in one file or two.
 See :mod:`villagemesh.actors.registry.db` for how files are opened (WAL,
 ``synchronous``, schema version, one connection per thread, StorageError)::
 
@@ -11,23 +11,32 @@ See :mod:`villagemesh.actors.registry.db` for how files are opened (WAL,
            failed TEXT)                     JSON list: transports failed this round
     inbox (message_id BLOB PRIMARY KEY, expires_at REAL,
            payload BLOB,                    NULL once handled
-           handled INTEGER)                 0 or 1
+           handled INTEGER,                 0 or 1
+           dispatches INTEGER)              dispatches begun (0 until the first)
+
+Version 1 (before ``dispatches``) was never released; such a file is refused.
 
 Exactly once, across crashes of either node
 ===========================================
 
-The application sees a message once when its handler has run and the inbox
-says so. Commit points (each one SQLite transaction, durable when the call
-returns; with ``synchronous=NORMAL`` against process death, with ``FULL``
-against power loss too), in order, and what a crash just before each means::
+A message is *handled* when every handler subscribed to it has returned and
+the mark saying so is committed. Commit points (each one SQLite transaction,
+durable when the call returns; with ``synchronous=NORMAL`` against process
+death, with ``FULL`` against power loss too), in order, and what a crash just
+before each means::
 
     sender                                 receiver
     S1 Outbox.put            (commit)
     S2 Outbox.apply(Send)    (commit)
-    S3 transport send  ───── envelope ───► R1 Inbox.accept         (commit)
+    S3 transport send  ───── envelope ───► R1 Inbox.accept          (commit)
                                            R2 send ack (again for a duplicate)
-    S4 ack arrives    ◄──────── ack ────── R3 dispatch to the handler
-    S5 Outbox.apply(Delivered) (commit)    R4 Inbox.mark_handled   (commit)
+    S4 ack arrives    ◄──────── ack ────── R3 Inbox.begin_dispatch  (commit)
+    S5 Outbox.apply(Delivered) (commit)    R4 the handlers run and return
+                                           R5 Inbox.mark_handled    (commit)
+
+R3 and R5 are committed by the application gateway itself, in its own thread,
+on its own connection: R3 just before it calls the handlers, R5 straight after
+the last one returns, before it does anything else.
 
 * crash before S1: ``send`` never returned; the caller did not hand it over.
 * S1–S2: the row is there with attempts 0; after restart it is sent.
@@ -38,17 +47,26 @@ against power loss too), in order, and what a crash just before each means::
   re-acks, and the handler never sees it again. The ack deletes the row.
 * receiver dies before R1: no ack went out; the sender retries; R1 accepts
   the retry as the first copy.
-* R1–R2 / R2–R3: the message is accepted (payload stored) but not handled.
+* R1–R3: the message is accepted (payload stored), no handler has seen it.
   After restart :meth:`Inbox.unhandled` lists it and the node dispatches it
-  from the stored payload; a re-sent copy meanwhile is a duplicate (re-acked,
-  not dispatched). Because the receiver acks only after R1, an acked message
-  is always durable at the receiver.
-* R3–R4: the handler ran, the mark did not commit: after restart the message
-  is dispatched again. This is the one window in which a handler can see a
-  message twice; it is as narrow as one SQLite commit. A handler that must not
-  repeat its effect even then keeps its effect in the same transaction as the
-  mark, or is idempotent by message id.
-* after R4: duplicates are re-acked and dropped until the row expires.
+  from the stored payload, as a first dispatch; a re-sent copy meanwhile is a
+  duplicate (re-acked, not dispatched). Because the receiver acks only after
+  R1, an acked message is always durable at the receiver.
+* R3–R5: the handlers may have run, wholly or in part (the process died while
+  one ran, or in the instant between the last one's return and the commit).
+  After restart the message is dispatched again, and R3 counts a second
+  dispatch, so the handlers get it with ``redelivered`` set. This is the one
+  way a handler can see a message twice, and it is never silent: a dispatch
+  without ``redelivered`` is always the first. A handler whose effect must
+  happen once checks, when ``redelivered`` is set, whether its effect is
+  already there (by message id), or keeps the effect idempotent.
+* after R5: the message is never dispatched again; duplicates are re-acked
+  and dropped until the row expires.
+
+So dispatch is exactly once for handlers that return before the process
+dies, and at least once, flagged, for the message whose handlers were running
+when it died. Marking before dispatch would make that message at most once
+instead, i.e. lose it if the handler was cut off; the inbox never does that.
 
 Dedup memory is bounded: :meth:`Inbox.expire` forgets handled messages
 :data:`CLOCK_SKEW_GRACE` after their ``expires_at`` (the sender never sends a
@@ -74,7 +92,7 @@ from .state import Backoff, Decision, Delivered, Enqueue, Failed, Send
 
 __all__ = ["CLOCK_SKEW_GRACE", "SCHEMA_VERSION", "Inbox", "Outbox", "OutboxRow"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 CLOCK_SKEW_GRACE = 3600.0
 """Seconds a handled message's dedup record outlives its TTL: covers a receiver clock up to an hour ahead."""
@@ -96,7 +114,8 @@ CREATE TABLE inbox (
     message_id BLOB PRIMARY KEY CHECK (length(message_id) = 16),
     expires_at REAL NOT NULL,
     payload    BLOB,
-    handled    INTEGER NOT NULL DEFAULT 0
+    handled    INTEGER NOT NULL DEFAULT 0,
+    dispatches INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX inbox_handled_expiry ON inbox (expires_at) WHERE handled = 1
 """
@@ -294,9 +313,10 @@ class Outbox(_Store):
 class Inbox(_Store):
     """The receiver's dedup record: each message id is accepted once, then dispatched until handled.
 
-    Open it in the thread that will use it. The protocol (see the module docstring):
-    ``accept`` → ack → dispatch → ``mark_handled``; after a restart, dispatch
-    every id of :meth:`unhandled` from :meth:`payload`.
+    Open it in the thread that will use it; the retrier and the application
+    gateway each open their own. The protocol (see the module docstring):
+    ``accept`` → ack → ``begin_dispatch`` → the handlers → ``mark_handled``;
+    after a restart, dispatch every id of :meth:`unhandled` from :meth:`payload`.
     """
 
     _what = "inbox"
@@ -315,6 +335,22 @@ class Inbox(_Store):
                 (message_id, expires_at, payload),
             )
             return cursor.rowcount == 1
+
+    def begin_dispatch(self, message_id: bytes) -> int | None:
+        """Count one more dispatch of an unhandled message; committed on return, before any handler runs.
+
+        Returns the count (1 for a first dispatch; more means the handlers may
+        have seen it before the process died), or None when the message is
+        already handled or unknown: it must not be dispatched.
+        """
+        with translate(self.path, f"dispatching message {message_id.hex()}"):
+            # fetchall: the UPDATE ... RETURNING commits when its statement is done.
+            rows = self._db.execute(
+                "UPDATE inbox SET dispatches = dispatches + 1 WHERE message_id = ? AND handled = 0"
+                " RETURNING dispatches",
+                (message_id,),
+            ).fetchall()
+        return int(rows[0][0]) if rows else None
 
     def mark_handled(self, message_id: bytes) -> bool:
         """The application has handled the message; committed on return. False if unknown or already marked."""
