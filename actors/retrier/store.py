@@ -34,6 +34,11 @@ before each means::
     S5 Outbox.apply(Delivered) (commit)    R4 the handlers run and return
                                            R5 Inbox.mark_handled    (commit)
 
+For a new message the retrier lets the state decide its first ``Send`` before
+storing it, and :meth:`Outbox.put` stores the row with that attempt already
+counted: S1 and S2 are one commit (the windows below stay true, S1–S2 is
+empty). Later attempts commit their own S2.
+
 R3 and R5 are committed by the application gateway itself, in its own thread,
 on its own connection: R3 just before it calls the handlers, R5 straight after
 the last one returns, before it does anything else.
@@ -119,6 +124,26 @@ CREATE TABLE inbox (
 );
 CREATE INDEX inbox_handled_expiry ON inbox (expires_at) WHERE handled = 1
 """
+
+
+_INSERT = (
+    "INSERT OR IGNORE INTO outbox"
+    " (message_id, recipient, priority, payload, created_at, expires_at, attempts, next_attempt_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SEND = "UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE message_id = ?"
+_BACKOFF = "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, failed = ? WHERE message_id = ?"
+_DELETE = "DELETE FROM outbox WHERE message_id = ?"
+
+
+def _new_row(
+    message_id: bytes, recipient: str, priority: Priority, payload: bytes, created_at: float, expires_at: float
+) -> tuple[Any, ...]:
+    """An outbox row for :data:`_INSERT`: no attempt yet, due at ``created_at``."""
+    _check_id(message_id)
+    if not isinstance(priority, Priority):
+        raise ConfigError(f"priority of {message_id.hex()} must be a Priority, got {priority!r}")
+    return (message_id, recipient, int(priority), payload, created_at, expires_at, 0, created_at)
 
 
 def _check_id(message_id: object) -> bytes:
@@ -210,29 +235,33 @@ class Outbox(_Store):
         *,
         created_at: float,
         expires_at: float,
+        send: Send | None = None,
     ) -> bool:
-        """Store a new message, due at once; committed on return. False if the id is already there."""
-        return self.put_many([(message_id, recipient, priority, payload, created_at, expires_at)]) == 1
+        """Store a new message; committed on return. False if the id is already there.
+
+        The row is due at once; or, given ``send`` (the state's decision to send
+        this message, taken before it was stored), it is stored with that
+        attempt counted and its deadline as the next attempt time, as
+        :meth:`apply` would store the ``Send``: S1 and S2 in one commit. One
+        statement, so one SQLite call and its own transaction.
+        """
+        row = _new_row(message_id, recipient, priority, payload, created_at, expires_at)
+        if send is not None:
+            if send.message_id != message_id:
+                raise ConfigError(f"a Send for {send.message_id.hex()} stored with message {message_id.hex()}")
+            row = (*row[:6], send.attempt, send.deadline)
+        with translate(self.path, f"storing message {message_id.hex()}"):
+            return self._db.execute(_INSERT, row).rowcount == 1
 
     def put_many(self, messages: Iterable[tuple[bytes, str, Priority, bytes, float, float]]) -> int:
         """Store several ``(id, recipient, priority, payload, created_at, expires_at)`` in one transaction.
 
         Returns how many were new (ids already present are left untouched).
         """
-        rows = []
-        for message_id, recipient, priority, payload, created_at, expires_at in messages:
-            _check_id(message_id)
-            if not isinstance(priority, Priority):
-                raise ConfigError(f"priority of {message_id.hex()} must be a Priority, got {priority!r}")
-            rows.append((message_id, recipient, int(priority), payload, created_at, expires_at, created_at))
+        rows = [_new_row(*message) for message in messages]
         with translate(self.path, f"storing {len(rows)} message(s)"), transaction(self._db) as db:
             before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO outbox"
-                " (message_id, recipient, priority, payload, created_at, expires_at, next_attempt_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            db.executemany(_INSERT, rows)
             return db.total_changes - before
 
     def apply(self, decisions: Iterable[Decision]) -> None:
@@ -241,10 +270,12 @@ class Outbox(_Store):
         ``Send`` stores the attempt count and its deadline as the next attempt
         time; ``Backoff`` the count, time, error and failed transports;
         ``Delivered`` and ``Failed`` delete the row. ``NextWakeup`` is not stored.
+        A single row change (the common case: one ack's delete) is one statement,
+        atomic by itself, without ``BEGIN``/``COMMIT`` around it.
         """
         updates: list[tuple[Any, ...]] = []
         backoffs: list[tuple[Any, ...]] = []
-        deletes: list[tuple[bytes]] = []
+        deletes: list[tuple[Any, ...]] = []
         for d in decisions:
             if isinstance(d, Send):
                 updates.append((d.attempt, d.deadline, d.message_id))
@@ -252,20 +283,21 @@ class Outbox(_Store):
                 backoffs.append((d.attempts, d.next_attempt_at, d.last_error, json.dumps(d.failed), d.message_id))
             elif isinstance(d, Delivered | Failed):
                 deletes.append((d.message_id,))
-        if not (updates or backoffs or deletes):
+        changes = [(sql, rows) for sql, rows in ((_SEND, updates), (_BACKOFF, backoffs), (_DELETE, deletes)) if rows]
+        if not changes:
             return
-        with translate(self.path, "recording delivery decisions"), transaction(self._db) as db:
-            db.executemany("UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE message_id = ?", updates)
-            db.executemany(
-                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, failed = ? WHERE message_id = ?",
-                backoffs,
-            )
-            db.executemany("DELETE FROM outbox WHERE message_id = ?", deletes)
+        with translate(self.path, "recording delivery decisions"):
+            if len(changes) == 1 and len(changes[0][1]) == 1:
+                self._db.execute(changes[0][0], changes[0][1][0])
+                return
+            with transaction(self._db) as db:
+                for sql, rows in changes:
+                    db.executemany(sql, rows)
 
     def delete(self, message_id: bytes) -> bool:
         """Forget a message (acked or given up on); True if it was there."""
         with translate(self.path, f"deleting message {message_id.hex()}"):
-            return self._db.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,)).rowcount > 0
+            return self._db.execute(_DELETE, (message_id,)).rowcount > 0
 
     def payload(self, message_id: bytes) -> bytes | None:
         """The stored payload (the encoded envelope), or None if the message is gone."""

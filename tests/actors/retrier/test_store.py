@@ -86,6 +86,26 @@ def test_decisions_are_persisted_in_one_transaction(tmp_path: Path) -> None:
         assert outbox.get(mid(2)) is None and outbox.payload(mid(2)) is None
 
 
+def test_a_message_is_stored_with_its_first_send_in_one_commit(tmp_path: Path) -> None:
+    """put(send=...) stores the attempt and its deadline with the row; a Send for another id is refused."""
+    path = tmp_path / "out.db"
+    with Outbox(path) as outbox:
+        send = Send(mid(1), "bob", "libp2p", 1, 30.0)
+        assert outbox.put(mid(1), "bob", Priority.HIGH, b"e", created_at=0.0, expires_at=100.0, send=send)
+        assert not outbox.put(mid(1), "bob", Priority.HIGH, b"e", created_at=0.0, expires_at=100.0, send=send)
+        with pytest.raises(ConfigError, match=mid(1).hex()):
+            outbox.put(mid(2), "bob", Priority.HIGH, b"e", created_at=0.0, expires_at=100.0, send=send)
+        assert (
+            outbox.put_many(
+                [(mid(3), "bob", Priority.LOW, b"f", 0.0, 100.0), (mid(1), "x", Priority.LOW, b"", 0.0, 1.0)]
+            )
+            == 1
+        )
+        outbox.apply([Delivered(mid(3), 1, "libp2p")])  # one row: one statement, no BEGIN/COMMIT
+    with Outbox(path) as outbox:  # as after a kill: the row says attempt 1 was sent, retry at its deadline
+        assert outbox.pending() == [OutboxRow(mid(1), "bob", Priority.HIGH, 0.0, 100.0, 1, 30.0, None, ())]
+
+
 def test_restored_rows_continue_in_a_fresh_state(tmp_path: Path) -> None:
     """After a crash, replaying pending() gives each message its stored attempt count."""
     path = tmp_path / "out.db"
