@@ -17,7 +17,9 @@ dispatch several handled messages again)::
 for it, e.g. from a restarted retrier) and counts dispatches, so the one
 message whose handlers were running when the process died is dispatched again
 after the restart as an :class:`~.state.InboundMessage` with ``redelivered``
-set; every other dispatch is a first one.
+set; every other dispatch is a first one. A new gateway instance (after a
+crash, or at the node's start) first re-dispatches those begun and never
+finished; the retrier's ``Incoming`` for them then finds them handled.
 
 A plain handler is called in this thread; the mark is committed when the last
 one returns. A coroutine handler runs on the event loop it subscribed from,
@@ -85,6 +87,13 @@ class AppActor(Actor):
         self.inbox = Inbox(self.inbox_path, synchronous=self.synchronous)
         self.running: dict[bytes, int] = {}
         """Messages with coroutine handlers still running: how many."""
+        # A previous instance (or process) died while these ran: dispatch them again now, flagged.
+        # (The retrier re-sends every unhandled message when it starts; those Incomings find
+        # these handled.)
+        for message_id in self.inbox.unfinished():
+            envelope = self.inbox.payload(message_id)
+            if envelope is not None:
+                self._dispatch_inbound(Incoming(message_id, envelope))
 
     def on_stop(self) -> None:
         self.inbox.close()

@@ -404,6 +404,14 @@ class Inbox(_Store):
             rows = self._db.execute("SELECT message_id FROM inbox WHERE handled = 0 ORDER BY rowid").fetchall()
         return [bytes(r[0]) for r in rows]
 
+    def unfinished(self) -> list[bytes]:
+        """Ids whose dispatch began but was never marked handled, in arrival order: their handlers were cut off."""
+        with translate(self.path, "reading unfinished dispatches"):
+            rows = self._db.execute(
+                "SELECT message_id FROM inbox WHERE handled = 0 AND dispatches > 0 ORDER BY rowid"
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
     def payload(self, message_id: bytes) -> bytes | None:
         """The stored payload of an unhandled message, or None."""
         with translate(self.path, f"reading message {message_id.hex()}"):

@@ -109,6 +109,29 @@ def test_a_message_whose_dispatch_began_before_a_death_comes_back_flagged_redeli
     ]
 
 
+class Dies(BaseException):
+    """Not an application error the gateway logs and survives: it ends the gateway instance."""
+
+
+def test_a_gateway_that_dies_while_a_handler_runs_dispatches_that_message_again_flagged(runtime, recorder, tmp_path):
+    """The instance dies mid-handler; its successor re-dispatches the unfinished message at start, redelivered."""
+    subs, seen = Subscribers(), []
+
+    def handler(message):
+        seen.append((message.payload, message.redelivered))
+        if not message.redelivered:
+            raise Dies("the process would have died here")
+
+    subs.add("DATA", handler)
+    app = Gateway(runtime, tmp_path / "in.db", subs)
+    mid, env = envelope()
+    app.incoming(mid, env)
+    recorder.wait_for("child_restarted", child_id="app")
+    assert app.wait_handled(mid)
+    assert seen == [(b"hi", False), (b"hi", True)]
+    assert app.inbox.unfinished() == []
+
+
 def test_a_failing_handler_is_logged_and_the_others_still_run(runtime, recorder, tmp_path):
     """An application exception is logged with its traceback; the gateway does not crash; the message is handled."""
     subs, seen = Subscribers(), []

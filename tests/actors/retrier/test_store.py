@@ -194,9 +194,10 @@ def test_begin_dispatch_counts_dispatches_of_unhandled_messages_only(tmp_path: P
         inbox.accept(mid(1), 100.0, b"p")
         assert inbox.begin_dispatch(mid(1)) == 1
     with Inbox(path) as inbox, Inbox(path) as gateway:  # the retrier's connection and the gateway's
+        assert gateway.unfinished() == [mid(1)]
         assert gateway.begin_dispatch(mid(1)) == 2
         assert gateway.mark_handled(mid(1)) is True
-        assert inbox.is_handled(mid(1)) and inbox.unhandled() == []
+        assert inbox.is_handled(mid(1)) and inbox.unhandled() == [] and gateway.unfinished() == []
         assert gateway.begin_dispatch(mid(1)) is None
         assert gateway.begin_dispatch(mid(2)) is None
 
