@@ -182,8 +182,10 @@ class RetrierActor(Actor):
         if isinstance(msg, Deliver):
             return self._deliver(msg.envelope)
         if isinstance(msg, TransmitResult):
-            error = None if msg.ok else (msg.error or "failed")
+            if msg.ok:
+                return None  # the transport took the bytes: the state waits for the ack or the deadline anyway
             attempt = self._attempt_of(msg.message_id, msg.transport)
+            error = msg.error or "failed"
             self._step([AttemptResult(msg.message_id, attempt, msg.transport, error, time.time(), msg.retryable)])
         elif isinstance(msg, Received):
             self._received(msg)
