@@ -183,7 +183,7 @@ class RetrierActor(Actor):
             return self._deliver(msg.envelope)
         if isinstance(msg, TransmitResult):
             if msg.ok:
-                return None  # the transport took the bytes: the state waits for the ack or the deadline anyway
+                return None  # not asked for (report_success=False); the state would wait for the ack anyway
             attempt = self._attempt_of(msg.message_id, msg.transport)
             error = msg.error or "failed"
             self._step([AttemptResult(msg.message_id, attempt, msg.transport, error, time.time(), msg.retryable)])
@@ -318,7 +318,7 @@ class RetrierActor(Actor):
             # transport that is down or full fails this attempt here, retryably.
             self.tell(
                 send.transport,
-                Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name),
+                Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name, report_success=False),
                 timeout=HANDOFF_TIMEOUT,
             )
         except BusError as exc:
@@ -408,7 +408,7 @@ class RetrierActor(Actor):
                 return  # the sender retries; by then the registry may know a route back
             address = routes[transport][0]
         assert transport is not None
-        transmit = Transmit(ack.id, message.sender, address, encode_message(ack), self.name)
+        transmit = Transmit(ack.id, message.sender, address, encode_message(ack), self.name, report_success=False)
         try:
             self.tell(transport, transmit, timeout=HANDOFF_TIMEOUT)
         except BusError as exc:
