@@ -44,6 +44,7 @@ from villagemesh.actors.base import ExitReport, Scheduler
 from villagemesh.actors.bus import Bus
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
+from villagemesh.actors.retrier.store import prepare as prepare_messages
 from villagemesh.errors import ConfigError, SupervisionError, VillageMeshError
 from villagemesh.protocols.discovery import Capabilities
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
@@ -255,6 +256,11 @@ class Node:
             if self._started:
                 return self
             self._lock_data_dir()
+            try:
+                prepare_messages(self.config.data_dir / MESSAGES_FILE)  # before two actors open it at once
+            except VillageMeshError:
+                self._unlock_data_dir()
+                raise
             bus = Bus(self.name)
             log = EventLog(self.name, self.log_path, human=self.config.human_log)
             env = Environment(bus=bus, log=log, scheduler=Scheduler(f"{self.name}-timers"))

@@ -95,7 +95,7 @@ from villagemesh.protocols.envelope import ID_BYTES, Priority
 
 from .state import Backoff, Decision, Delivered, Enqueue, Failed, Send
 
-__all__ = ["CLOCK_SKEW_GRACE", "SCHEMA_VERSION", "Inbox", "Outbox", "OutboxRow"]
+__all__ = ["CLOCK_SKEW_GRACE", "SCHEMA_VERSION", "Inbox", "Outbox", "OutboxRow", "prepare"]
 
 SCHEMA_VERSION = 2
 
@@ -150,6 +150,17 @@ def _check_id(message_id: object) -> bytes:
     if not isinstance(message_id, bytes) or len(message_id) != ID_BYTES:
         raise ConfigError(f"message id must be {ID_BYTES} bytes, got {message_id!r}")
     return message_id
+
+
+def prepare(path: str | Path, *, synchronous: str = "NORMAL") -> None:
+    """Create the file with its schema (or check the one there) and close it.
+
+    Call it before starting the actors that open the file: SQLite can refuse one
+    of two connections that *create* a file at the same instant (switching a new
+    file to WAL takes an exclusive lock), and the retrier and the app gateway each
+    open their own.
+    """
+    _Store(path, synchronous=synchronous).close()
 
 
 class _Store:

@@ -38,10 +38,10 @@ class Gateway:
             "handles": HandleTable() if handles is None else handles,
             "inbox": str(path),
         }
+        self.inbox = Inbox(path)  # the retrier's connection, in the test's thread; the file exists first, as in a node
         runtime.bus.open_mailbox("app")  # as the supervisor does; tells made before the actor runs wait there
         Supervisor.launch(SupervisorSpec("root", [ChildSpec("app", AppActor, config=config)]), runtime)
         self.client = runtime.bus.client()
-        self.inbox = Inbox(path)  # the retrier's connection, in the test's thread
 
     def incoming(self, mid: bytes, env: bytes, *, accept: bool = True) -> None:
         if accept:

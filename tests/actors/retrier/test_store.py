@@ -30,7 +30,7 @@ from villagemesh.actors.retrier.state import (
     Send,
     Tick,
 )
-from villagemesh.actors.retrier.store import CLOCK_SKEW_GRACE, Inbox, Outbox, OutboxRow
+from villagemesh.actors.retrier.store import CLOCK_SKEW_GRACE, Inbox, Outbox, OutboxRow, prepare
 from villagemesh.errors import ConfigError, StorageError
 from villagemesh.protocols.envelope import Priority
 
@@ -214,6 +214,27 @@ def test_expire_forgets_only_handled_messages_past_ttl_and_grace(tmp_path: Path)
         assert inbox.expire(101.0 + CLOCK_SKEW_GRACE) == 1
         assert inbox.unhandled() == [mid(2)] and len(inbox) == 2
         assert inbox.accept(mid(1), 100.0, b"") is True  # forgotten: the sender gave up long ago
+
+
+def test_a_prepared_file_is_opened_by_several_threads_at_once_without_a_lock_error(tmp_path: Path) -> None:
+    """prepare() first (as Node.start does); then the retrier's two stores and the gateway's open it together."""
+    errors: list[str] = []
+
+    def open_close(cls: type[Inbox] | type[Outbox], path: Path) -> None:
+        try:
+            cls(path).close()
+        except StorageError as exc:
+            errors.append(str(exc))
+
+    for n in range(100):
+        path = tmp_path / f"{n}.db"
+        prepare(path)
+        threads = [threading.Thread(target=open_close, args=(cls, path)) for cls in (Outbox, Inbox, Inbox)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
 
 
 def test_outbox_and_inbox_can_share_one_file(tmp_path: Path) -> None:
