@@ -65,6 +65,10 @@ class Transmit:
     envelope: bytes
     reply_to: str
     """Bus name of the actor that wants the TransmitResult (the retrier)."""
+    report_success: bool = True
+    """False: answer only a failure. The retrier asks for that: a success tells it
+    nothing it acts on (the end-to-end ack settles the attempt), and not reporting
+    it saves two thread hops per envelope (loop to actor, actor to retrier)."""
 
 
 @codec.message("transport.TransmitResult")

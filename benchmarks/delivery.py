@@ -24,6 +24,11 @@ network path, is the limit; ``--senders K`` calls it from K threads at once.
 ``ratio`` = villagemesh / raw TCP per size (higher is better; 1.0 would be free
 reliability). Each figure is the median of ``--rounds``, the two measured
 alternately so machine noise hits both alike.
+
+``cpu_us_per_msg`` is the process's CPU time (every thread, both nodes; for the
+baseline, client and echo) per message. Both nodes share one interpreter, so
+their Python work is serialised by one GIL: CPU per message is what bounds the
+rate, and it moves less with other load on the machine than the rate does.
 """
 
 from __future__ import annotations
@@ -94,8 +99,9 @@ class Pair:
         self.inbox.expect(1)
         self.b.send(self.a.node_id, b"warm-up").result(30)
 
-    def run(self, n: int, size: int, senders: int) -> tuple[float, float]:
-        """(messages/s end to end, ``send`` calls/s) for ``n`` messages of ``size`` bytes from ``senders`` threads."""
+    def run(self, n: int, size: int, senders: int) -> tuple[float, float, float]:
+        """(messages/s end to end, ``send`` calls/s, CPU µs per message) for ``n`` messages of ``size`` bytes
+        from ``senders`` threads."""
         body = b"x" * max(0, size - 8)
         self.inbox.expect(n)
         handles: list[Any] = []
@@ -105,6 +111,7 @@ class Pair:
             handles.extend(mine)
 
         threads = [threading.Thread(target=send, args=(k,)) for k in range(senders)]
+        cpu = time.process_time()
         start = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -118,7 +125,7 @@ class Pair:
                 raise RuntimeError(f"message not delivered: {status}")
         if not self.inbox.done.wait(max(0.0, deadline - time.monotonic())):
             raise RuntimeError(f"receiver saw {self.inbox.count} of {n}")
-        return n / (time.perf_counter() - start), n / accepted
+        return n / (time.perf_counter() - start), n / accepted, (time.process_time() - cpu) / n * 1e6
 
     def close(self) -> None:
         self.b.stop()
@@ -184,9 +191,11 @@ async def _echo_client(port: int, n: int, size: int) -> float:
     return n / elapsed
 
 
-def raw_tcp(server: EchoServer, n: int, size: int) -> float:
-    """Messages/s through the echo: ``n`` pipelined frames of ``size`` bytes and their echoes."""
-    return asyncio.run(_echo_client(server.port, n, size))
+def raw_tcp(server: EchoServer, n: int, size: int) -> tuple[float, float]:
+    """(messages/s, CPU µs per message) through the echo: ``n`` pipelined frames of ``size`` bytes and their echoes."""
+    cpu = time.process_time()
+    rate = asyncio.run(_echo_client(server.port, n, size))
+    return rate, (time.process_time() - cpu) / n * 1e6
 
 
 def main() -> None:
@@ -199,16 +208,21 @@ def main() -> None:
     vm: dict[int, list[float]] = {s: [] for s in args.sizes}
     calls: dict[int, list[float]] = {s: [] for s in args.sizes}
     raw: dict[int, list[float]] = {s: [] for s in args.sizes}
+    vm_cpu: dict[int, list[float]] = {s: [] for s in args.sizes}
+    raw_cpu: dict[int, list[float]] = {s: [] for s in args.sizes}
     echo = EchoServer()
     with tempfile.TemporaryDirectory(prefix="vm-delivery-") as root:
         pair = Pair(Path(root))
         try:
             for _ in range(args.rounds):
                 for size in args.sizes:
-                    raw[size].append(raw_tcp(echo, args.messages, size))
-                    end_to_end, accepted = pair.run(args.messages, size, args.senders)
+                    rate, cpu = raw_tcp(echo, args.messages, size)
+                    raw[size].append(rate)
+                    raw_cpu[size].append(cpu)
+                    end_to_end, accepted, cpu = pair.run(args.messages, size, args.senders)
                     vm[size].append(end_to_end)
                     calls[size].append(accepted)
+                    vm_cpu[size].append(cpu)
         finally:
             pair.close()
             echo.close()
@@ -216,9 +230,17 @@ def main() -> None:
     base = {s: round(statistics.median(v)) for s, v in raw.items()}
     accept = {s: round(statistics.median(v)) for s, v in calls.items()}
     ratio = {s: round(msgs[s] / base[s], 4) for s in args.sizes}
-    print(f"{'payload':>8}  {'villagemesh msgs/s':>18}  {'Node.send calls/s':>17}  {'raw TCP echo msgs/s':>19}  ratio")
+    cpu_vm = {s: round(statistics.median(v)) for s, v in vm_cpu.items()}
+    cpu_raw = {s: round(statistics.median(v), 1) for s, v in raw_cpu.items()}
+    print(
+        f"{'payload':>8}  {'villagemesh msgs/s':>18}  {'Node.send calls/s':>17}  {'raw TCP echo msgs/s':>19}  ratio"
+        f"  {'CPU µs/msg':>10}  {'raw CPU µs/msg':>14}"
+    )
     for s in args.sizes:
-        print(f"{s:>7}B  {msgs[s]:>18,}  {accept[s]:>17,}  {base[s]:>19,}  {ratio[s]:.4f}")
+        print(
+            f"{s:>7}B  {msgs[s]:>18,}  {accept[s]:>17,}  {base[s]:>19,}  {ratio[s]:.4f}"
+            f"  {cpu_vm[s]:>10,}  {cpu_raw[s]:>14}"
+        )
     emit(
         "delivery",
         messages=args.messages,
@@ -229,6 +251,8 @@ def main() -> None:
         raw_tcp_msgs_per_s={str(s): base[s] for s in args.sizes},
         ratio={str(s): ratio[s] for s in args.sizes},
         send_calls_per_s={str(s): accept[s] for s in args.sizes},
+        cpu_us_per_msg={str(s): cpu_vm[s] for s in args.sizes},
+        raw_tcp_cpu_us_per_msg={str(s): cpu_raw[s] for s in args.sizes},
     )
 
 

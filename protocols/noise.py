@@ -211,6 +211,8 @@ class CipherState:
         n = self.n
         if n >= self.nonce_limit:
             raise RemoteProtocolError(f"peer sent past the nonce limit ({n} messages)")
+        if len(ciphertext) < TAG_BYTES:  # PyNaCl would raise a bare ValueError
+            raise RemoteProtocolError(f"frame {n} of {len(ciphertext)} bytes is shorter than its {TAG_BYTES}-byte tag")
         try:
             nonce = _NONCE_PAD + n.to_bytes(8, "little")
             out = crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, ad, nonce, self.key)

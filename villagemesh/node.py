@@ -39,11 +39,12 @@ from typing import Any
 import pykka
 
 from villagemesh.actors.app.actor import AppActor
-from villagemesh.actors.app.state import DeliveryHandle, HandleTable, Subscribers
+from villagemesh.actors.app.state import DeliveryHandle, HandleTable, InboundMessage, Subscribers
 from villagemesh.actors.base import ExitReport, Scheduler
 from villagemesh.actors.bus import Bus
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
+from villagemesh.actors.retrier.store import prepare as prepare_messages
 from villagemesh.errors import ConfigError, SupervisionError, VillageMeshError
 from villagemesh.protocols.discovery import Capabilities
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
@@ -55,6 +56,9 @@ __all__ = ["NetworkMode", "Node", "NodeConfig", "PeerInfo", "create_network", "f
 
 ASK_TIMEOUT = 5.0
 """Seconds the node API waits for one of its own actors to answer."""
+
+MESSAGES_FILE = "messages.sqlite3"
+"""The retrier's outbox and inbox in ``data_dir``; the app gateway commits its dispatch marks there too."""
 
 DEFAULT_TTL = 24 * 3600.0
 """A message's lifetime unless the sender says otherwise (the replaced system's 24 h)."""
@@ -256,6 +260,11 @@ class Node:
             if self._started:
                 return self
             self._lock_data_dir()
+            try:
+                prepare_messages(self.config.data_dir / MESSAGES_FILE)  # before two actors open it at once
+            except VillageMeshError:
+                self._unlock_data_dir()
+                raise
             bus = Bus(self.name)
             log = EventLog(self.name, self.log_path, human=self.config.human_log)
             env = Environment(bus=bus, log=log, scheduler=Scheduler(f"{self.name}-timers"))
@@ -387,7 +396,7 @@ class Node:
                 "retrier",
                 RetrierActor,
                 config={
-                    "path": str(data / "messages.sqlite3"),
+                    "path": str(data / MESSAGES_FILE),
                     "node_id": self.node_id,
                     "mode": cfg.mode.value,
                     "deliver_to": "app",
@@ -396,7 +405,11 @@ class Node:
                     **retry,
                 },
             ),
-            ChildSpec("app", AppActor, config={"subscribers": self.subscribers, "handles": self.handles}),
+            ChildSpec(
+                "app",
+                AppActor,
+                config={"subscribers": self.subscribers, "handles": self.handles, "inbox": str(data / MESSAGES_FILE)},
+            ),
             transports,
             ChildSpec(
                 "acceptor",
@@ -498,8 +511,14 @@ class Node:
         """Send to every known peer (one reliable message each)."""
         return [self.send(p.peer_id, payload, kind=kind, **kwargs) for p in self.peers()]
 
-    def subscribe(self, kind: str, handler: Callable[[Message], Any]) -> Callable[[], None]:
-        """Call ``handler(message)`` for each message of ``kind`` ("*" for all); returns the unsubscribe."""
+    def subscribe(self, kind: str, handler: Callable[[InboundMessage], Any]) -> Callable[[], None]:
+        """Call ``handler(message)`` for each message of ``kind`` ("*" for all); returns the unsubscribe.
+
+        Each message is dispatched once; only if the node dies while handlers run
+        is it dispatched again after the restart, with ``message.redelivered`` True
+        (see :class:`~villagemesh.actors.app.state.InboundMessage`). Subscribe
+        before ``start()`` to receive the messages a restart re-dispatches.
+        """
         return self.subscribers.add(kind, handler)
 
     def peers(self) -> list[PeerInfo]:

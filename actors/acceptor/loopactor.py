@@ -105,14 +105,26 @@ class LoopActor(Actor):
         except pykka.ActorDeadError:
             return  # the instance is ending; its successor starts clean
 
-    def run_on_loop(self, coro: Coroutine[Any, Any, Any], then: Callable[[Any, BaseException | None], None]) -> None:
-        """Start ``coro`` on the loop; ``then(result, error)`` runs later in the actor thread."""
+    def run_on_loop(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        then: Callable[[Any, BaseException | None], None],
+        *,
+        post_success: bool = True,
+    ) -> None:
+        """Start ``coro`` on the loop; ``then(result, error)`` runs later in the actor thread.
+
+        ``post_success=False``: ``then`` runs only for an error (or a cancellation); a
+        result is dropped on the loop thread, without a hop to the actor.
+        """
 
         def done(future: concurrent.futures.Future[Any]) -> None:
             if future.cancelled():
                 self.post(_LoopResult(then, None, asyncio.CancelledError("cancelled on the loop")))
             else:
                 error = future.exception()
+                if error is None and not post_success:
+                    return
                 self.post(_LoopResult(then, None if error is not None else future.result(), error))
 
         asyncio.run_coroutine_threadsafe(coro, self.io_loop.loop).add_done_callback(done)

@@ -1,8 +1,9 @@
 """Subscribers and delivery handles: the thread-safe tables the node and its gateway share.
 
 The application registers handlers from any thread (``Node.subscribe``) and
-holds :class:`DeliveryHandle`\\s; the gateway actor calls handlers and
-resolves handles from its own thread. Both tables are small and locked.
+holds :class:`DeliveryHandle`\\s; the gateway actor calls handlers with
+:class:`InboundMessage`\\s and resolves handles from its own thread. Both
+tables are small and locked.
 """
 
 from __future__ import annotations
@@ -12,17 +13,38 @@ import enum
 import inspect
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from villagemesh.errors import ConfigError, DeliveryFailed
+from villagemesh.protocols.envelope import Message
 
-__all__ = ["DeliveryHandle", "DeliveryState", "DeliveryStatus", "HandleTable", "Subscribers"]
+__all__ = ["DeliveryHandle", "DeliveryState", "DeliveryStatus", "HandleTable", "InboundMessage", "Subscribers"]
 
 Handler = Callable[[Any], Any]
 
 ANY_KIND = "*"
 """Subscribe to this kind to receive every message."""
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage(Message):
+    """A received message as a handler gets it: the envelope's fields, and ``redelivered``.
+
+    ``redelivered`` is False on a message's first dispatch, which is the only
+    one unless the node died while its handlers ran (or in the instant after
+    they returned, before the gateway committed that): then the message is
+    dispatched again after the restart with ``redelivered`` True. A handler
+    whose effect must happen once checks, for a redelivered message, whether
+    that effect is already there (by ``id``).
+    """
+
+    redelivered: bool = False
+
+    @classmethod
+    def of(cls, message: Message, *, redelivered: bool) -> InboundMessage:
+        """``message`` with the flag."""
+        return cls(**{f.name: getattr(message, f.name) for f in fields(Message)}, redelivered=redelivered)
 
 
 @dataclass(frozen=True)

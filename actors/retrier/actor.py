@@ -2,12 +2,12 @@
 
 Sending::
 
-    app ──Deliver(envelope)──► Outbox.put (commit) ──► RetrierState.step(Enqueue) ─┐
-    transport ──TransmitResult──► step(AttemptResult) ─────────────────────────────┤
-    transport ──Received(ACK)───► step(AckReceived) ────────────────────────────────┤
-    registry ──PeerRoutes───────► step(Routes) ─────────────────────────────────────┤
-    timer ──_Wake───────────────► step(Tick) ───────────────────────────────────────┤
-                                                                                    ▼
+    app ──Deliver(envelope)──► step(Enqueue) ─► Outbox.put (commit: the row and its first Send)─┐
+    transport ──TransmitResult──► step(AttemptResult) ──────────────────────────────────────────┤
+    transport ──Received(ACK)───► step(AckReceived) ────────────────────────────────────────────┤
+    registry ──PeerRoutes───────► step(Routes) ─────────────────────────────────────────────────┤
+    timer ──_Wake───────────────► step(Tick) ───────────────────────────────────────────────────┤
+                                                                                                ▼
         decisions ─► Outbox.apply (one commit) ─► Send: Transmit to the transport actor
                                                   Delivered / Failed: report_to, log
                                                   NextWakeup: one timer
@@ -15,10 +15,18 @@ Sending::
 Receiving (the order is the exactly-once argument of :mod:`.store`)::
 
     transport ──Received(envelope)──► decode ─► Inbox.accept (commit) ─► ack ─► deliver_to: Incoming
-    app ──Handled(id)──► Inbox.mark_handled (commit)
+    the node's app gateway: Inbox.begin_dispatch (commit) ─► handlers ─► Inbox.mark_handled (commit)
+    any other deliver_to ──Handled(id)──► Inbox.mark_handled (commit)
+
+The node's gateway commits its marks itself, on its own connection to the same
+file (:mod:`villagemesh.actors.app.actor`): a ``Handled`` told to the retrier
+would leave a window, between the handler's return and the retrier's commit,
+in which a ``kill -9`` makes already handled messages run again, unflagged.
 
 Every decision is committed to the outbox *before* it is acted on, so a kill
-at any instant leaves the file describing at least what was done; on start the
+at any instant leaves the file describing at least what was done (a new
+message's row is stored with its first attempt already counted: one commit,
+one SQLite statement, per ``Deliver``); on start the
 actor replays the outbox into a fresh state and re-dispatches every accepted
 but unhandled inbox entry. The clock is read here (wall time, since TTLs come
 from envelopes made on other nodes) and passed to the pure state as ``now``.
@@ -55,7 +63,7 @@ from villagemesh.actors.base import Actor, ActorContext, TimerHandle
 from villagemesh.actors.bus import Sender
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.actors.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Received, Transmit, TransmitResult
-from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
+from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError, StorageError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, decode_message, encode_message
 
 from .messages import (
@@ -174,8 +182,10 @@ class RetrierActor(Actor):
         if isinstance(msg, Deliver):
             return self._deliver(msg.envelope)
         if isinstance(msg, TransmitResult):
-            error = None if msg.ok else (msg.error or "failed")
+            if msg.ok:
+                return None  # not asked for (report_success=False); the state would wait for the ack anyway
             attempt = self._attempt_of(msg.message_id, msg.transport)
+            error = msg.error or "failed"
             self._step([AttemptResult(msg.message_id, attempt, msg.transport, error, time.time(), msg.retryable)])
         elif isinstance(msg, Received):
             self._received(msg)
@@ -230,33 +240,53 @@ class RetrierActor(Actor):
             return DeliverReply(None, False, f"not a valid envelope: {exc}")
         if message.recipient is None:
             return DeliverReply(message.id, False, "a broadcast has no single recipient to acknowledge it")
-        new = self.outbox.put(
+        if message.id in self.state:
+            return DeliverReply(message.id, False, None)  # already pending: stored, and in the state
+        # The state decides first (pure, in memory), so that the row is stored with its first
+        # attempt already counted: one commit (S1 and S2 of the store's argument) before the reply.
+        decisions = self.state.step(
+            Enqueue(message.id, message.recipient, message.priority, message.expires_at, time.time())
+        )
+        send = next((d for d in decisions if isinstance(d, Send) and d.message_id == message.id), None)
+        stored = self.outbox.put(
             message.id,
             message.recipient,
             message.priority,
             envelope,
             created_at=message.created_at,
             expires_at=message.expires_at,
+            send=send,
         )
-        if new:
-            now = time.time()
-            self._step([Enqueue(message.id, message.recipient, message.priority, message.expires_at, now)])
-        return DeliverReply(message.id, new, None)
+        if not stored:
+            raise StorageError(f"{self.path}: message {message.id.hex()} is in the outbox but was not pending")
+        failures: deque[Event] = deque()
+        self._act(decisions, failures, stored=send, envelope=envelope)
+        self._step(list(failures))
+        return DeliverReply(message.id, True, None)
 
     def _step(self, events: list[Event]) -> None:
         """Step the state through ``events`` and carry out its decisions (persisted first)."""
         queue: deque[Event] = deque(events)
         while queue:
-            decisions = self.state.step(queue.popleft())
-            self.outbox.apply(decisions)
-            for d in decisions:
-                failure = self._carry_out(d)
-                if failure is not None:
-                    queue.append(failure)
+            self._act(self.state.step(queue.popleft()), queue)
 
-    def _carry_out(self, d: Decision) -> Event | None:
+    def _act(
+        self, decisions: list[Decision], queue: deque[Event], *, stored: Send | None = None, envelope: bytes = b""
+    ) -> None:
+        """Persist ``decisions`` (but ``stored``, already in the outbox), then carry them out.
+
+        ``envelope`` is ``stored``'s, in hand, so its Send needs no read of the outbox.
+        An attempt that fails at once comes back as an event on ``queue``.
+        """
+        self.outbox.apply([d for d in decisions if d is not stored] if stored is not None else decisions)
+        for d in decisions:
+            failure = self._carry_out(d, envelope if d is stored else None)
+            if failure is not None:
+                queue.append(failure)
+
+    def _carry_out(self, d: Decision, envelope: bytes | None) -> Event | None:
         if isinstance(d, Send):
-            return self._transmit(d)
+            return self._transmit(d, envelope)
         if isinstance(d, Delivered):
             self.ctx.log.emit(
                 "message_delivered", message_id=d.message_id.hex(), attempts=d.attempts, transport=d.transport
@@ -276,8 +306,9 @@ class RetrierActor(Actor):
             self._wake_at(d.at)
         return None
 
-    def _transmit(self, send: Send) -> Event | None:
-        envelope = self.outbox.payload(send.message_id)
+    def _transmit(self, send: Send, envelope: bytes | None) -> Event | None:
+        if envelope is None:
+            envelope = self.outbox.payload(send.message_id)
         addresses = self.routes.get(send.recipient, {}).get(send.transport, ())
         if envelope is None or not addresses:
             reason = "the envelope is gone from the outbox" if envelope is None else "no address on this transport"
@@ -287,7 +318,7 @@ class RetrierActor(Actor):
             # transport that is down or full fails this attempt here, retryably.
             self.tell(
                 send.transport,
-                Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name),
+                Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name, report_success=False),
                 timeout=HANDOFF_TIMEOUT,
             )
         except BusError as exc:
@@ -297,6 +328,10 @@ class RetrierActor(Actor):
 
     def _wake_at(self, at: float) -> None:
         if self.wake is not None:
+            if self.wake_at is not None and self.wake_at <= at:
+                # The timer set fires first: its Tick makes the state ask again for what is next
+                # then. (Every ack moves the earliest deadline later: no timer churn per message.)
+                return
             self.wake.cancel()
         self.wake_at = at
         self.wake = self.schedule(max(0.0, at - time.time()), _Wake())
@@ -341,7 +376,7 @@ class RetrierActor(Actor):
         new = self.inbox.accept(message.id, message.expires_at, msg.envelope)  # R1: committed
         self._ack(message, msg.transport, now)  # R2: for a duplicate too (its first ack may be lost)
         if new:
-            self._hand_to_app(message.id)  # R3
+            self._hand_to_app(message.id, msg.envelope)
         else:
             self.duplicates += 1
 
@@ -373,7 +408,7 @@ class RetrierActor(Actor):
                 return  # the sender retries; by then the registry may know a route back
             address = routes[transport][0]
         assert transport is not None
-        transmit = Transmit(ack.id, message.sender, address, encode_message(ack), self.name)
+        transmit = Transmit(ack.id, message.sender, address, encode_message(ack), self.name, report_success=False)
         try:
             self.tell(transport, transmit, timeout=HANDOFF_TIMEOUT)
         except BusError as exc:
@@ -381,11 +416,13 @@ class RetrierActor(Actor):
                 "ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender, reason=str(exc)
             )
 
-    def _hand_to_app(self, message_id: bytes) -> None:
+    def _hand_to_app(self, message_id: bytes, envelope: bytes | None = None) -> None:
+        """Tell ``deliver_to`` the message (``envelope`` if in hand, else the stored one)."""
         if self.deliver_to is None:
             self.inbox.mark_handled(message_id)  # nobody to hand it to: counted as handled
             return
-        envelope = self.inbox.payload(message_id)
+        if envelope is None:
+            envelope = self.inbox.payload(message_id)
         if envelope is None:
             self.undispatched.discard(message_id)
             return  # handled meanwhile

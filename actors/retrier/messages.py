@@ -4,6 +4,7 @@ From the application::
 
     Deliver(envelope)          tell or ask [DeliverReply]: send one encoded envelope reliably
     Handled(message_id)        tell: the application finished handling an Incoming
+                               (the node's app gateway commits that in the inbox itself instead)
     GetRetrierStatus()         ask [RetrierStatus]
 
 To the application (the configured ``deliver_to`` / ``report_to``)::

@@ -1,6 +1,6 @@
 """The retrier's SQLite files: the sender's :class:`Outbox` and the receiver's :class:`Inbox`.
 
-Both tables live in schema version 1, so a node may keep them in one file or two.
+Both tables live in schema version 2, so a node may keep them in one file or two.
 See :mod:`villagemesh.actors.registry.db` for how files are opened (WAL,
 ``synchronous``, schema version, one connection per thread, StorageError)::
 
@@ -11,23 +11,37 @@ See :mod:`villagemesh.actors.registry.db` for how files are opened (WAL,
            failed TEXT)                     JSON list: transports failed this round
     inbox (message_id BLOB PRIMARY KEY, expires_at REAL,
            payload BLOB,                    NULL once handled
-           handled INTEGER)                 0 or 1
+           handled INTEGER,                 0 or 1
+           dispatches INTEGER)              dispatches begun (0 until the first)
+
+Version 1 (before ``dispatches``) was never released; such a file is refused.
 
 Exactly once, across crashes of either node
 ===========================================
 
-The application sees a message once when its handler has run and the inbox
-says so. Commit points (each one SQLite transaction, durable when the call
-returns; with ``synchronous=NORMAL`` against process death, with ``FULL``
-against power loss too), in order, and what a crash just before each means::
+A message is *handled* when every handler subscribed to it has returned and
+the mark saying so is committed. Commit points (each one SQLite transaction,
+durable when the call returns; with ``synchronous=NORMAL`` against process
+death, with ``FULL`` against power loss too), in order, and what a crash just
+before each means::
 
     sender                                 receiver
     S1 Outbox.put            (commit)
     S2 Outbox.apply(Send)    (commit)
-    S3 transport send  ───── envelope ───► R1 Inbox.accept         (commit)
+    S3 transport send  ───── envelope ───► R1 Inbox.accept          (commit)
                                            R2 send ack (again for a duplicate)
-    S4 ack arrives    ◄──────── ack ────── R3 dispatch to the handler
-    S5 Outbox.apply(Delivered) (commit)    R4 Inbox.mark_handled   (commit)
+    S4 ack arrives    ◄──────── ack ────── R3 Inbox.begin_dispatch  (commit)
+    S5 Outbox.apply(Delivered) (commit)    R4 the handlers run and return
+                                           R5 Inbox.mark_handled    (commit)
+
+For a new message the retrier lets the state decide its first ``Send`` before
+storing it, and :meth:`Outbox.put` stores the row with that attempt already
+counted: S1 and S2 are one commit (the windows below stay true, S1–S2 is
+empty). Later attempts commit their own S2.
+
+R3 and R5 are committed by the application gateway itself, in its own thread,
+on its own connection: R3 just before it calls the handlers, R5 straight after
+the last one returns, before it does anything else.
 
 * crash before S1: ``send`` never returned; the caller did not hand it over.
 * S1–S2: the row is there with attempts 0; after restart it is sent.
@@ -38,17 +52,26 @@ against power loss too), in order, and what a crash just before each means::
   re-acks, and the handler never sees it again. The ack deletes the row.
 * receiver dies before R1: no ack went out; the sender retries; R1 accepts
   the retry as the first copy.
-* R1–R2 / R2–R3: the message is accepted (payload stored) but not handled.
+* R1–R3: the message is accepted (payload stored), no handler has seen it.
   After restart :meth:`Inbox.unhandled` lists it and the node dispatches it
-  from the stored payload; a re-sent copy meanwhile is a duplicate (re-acked,
-  not dispatched). Because the receiver acks only after R1, an acked message
-  is always durable at the receiver.
-* R3–R4: the handler ran, the mark did not commit: after restart the message
-  is dispatched again. This is the one window in which a handler can see a
-  message twice; it is as narrow as one SQLite commit. A handler that must not
-  repeat its effect even then keeps its effect in the same transaction as the
-  mark, or is idempotent by message id.
-* after R4: duplicates are re-acked and dropped until the row expires.
+  from the stored payload, as a first dispatch; a re-sent copy meanwhile is a
+  duplicate (re-acked, not dispatched). Because the receiver acks only after
+  R1, an acked message is always durable at the receiver.
+* R3–R5: the handlers may have run, wholly or in part (the process died while
+  one ran, or in the instant between the last one's return and the commit).
+  After restart the message is dispatched again, and R3 counts a second
+  dispatch, so the handlers get it with ``redelivered`` set. This is the one
+  way a handler can see a message twice, and it is never silent: a dispatch
+  without ``redelivered`` is always the first. A handler whose effect must
+  happen once checks, when ``redelivered`` is set, whether its effect is
+  already there (by message id), or keeps the effect idempotent.
+* after R5: the message is never dispatched again; duplicates are re-acked
+  and dropped until the row expires.
+
+So dispatch is exactly once for handlers that return before the process
+dies, and at least once, flagged, for the message whose handlers were running
+when it died. Marking before dispatch would make that message at most once
+instead, i.e. lose it if the handler was cut off; the inbox never does that.
 
 Dedup memory is bounded: :meth:`Inbox.expire` forgets handled messages
 :data:`CLOCK_SKEW_GRACE` after their ``expires_at`` (the sender never sends a
@@ -72,9 +95,9 @@ from villagemesh.protocols.envelope import ID_BYTES, Priority
 
 from .state import Backoff, Decision, Delivered, Enqueue, Failed, Send
 
-__all__ = ["CLOCK_SKEW_GRACE", "SCHEMA_VERSION", "Inbox", "Outbox", "OutboxRow"]
+__all__ = ["CLOCK_SKEW_GRACE", "SCHEMA_VERSION", "Inbox", "Outbox", "OutboxRow", "prepare"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 CLOCK_SKEW_GRACE = 3600.0
 """Seconds a handled message's dedup record outlives its TTL: covers a receiver clock up to an hour ahead."""
@@ -96,16 +119,48 @@ CREATE TABLE inbox (
     message_id BLOB PRIMARY KEY CHECK (length(message_id) = 16),
     expires_at REAL NOT NULL,
     payload    BLOB,
-    handled    INTEGER NOT NULL DEFAULT 0
+    handled    INTEGER NOT NULL DEFAULT 0,
+    dispatches INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX inbox_handled_expiry ON inbox (expires_at) WHERE handled = 1
 """
+
+
+_INSERT = (
+    "INSERT OR IGNORE INTO outbox"
+    " (message_id, recipient, priority, payload, created_at, expires_at, attempts, next_attempt_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SEND = "UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE message_id = ?"
+_BACKOFF = "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, failed = ? WHERE message_id = ?"
+_DELETE = "DELETE FROM outbox WHERE message_id = ?"
+
+
+def _new_row(
+    message_id: bytes, recipient: str, priority: Priority, payload: bytes, created_at: float, expires_at: float
+) -> tuple[Any, ...]:
+    """An outbox row for :data:`_INSERT`: no attempt yet, due at ``created_at``."""
+    _check_id(message_id)
+    if not isinstance(priority, Priority):
+        raise ConfigError(f"priority of {message_id.hex()} must be a Priority, got {priority!r}")
+    return (message_id, recipient, int(priority), payload, created_at, expires_at, 0, created_at)
 
 
 def _check_id(message_id: object) -> bytes:
     if not isinstance(message_id, bytes) or len(message_id) != ID_BYTES:
         raise ConfigError(f"message id must be {ID_BYTES} bytes, got {message_id!r}")
     return message_id
+
+
+def prepare(path: str | Path, *, synchronous: str = "NORMAL") -> None:
+    """Create the file with its schema (or check the one there) and close it.
+
+    Call it before starting the actors that open the file: SQLite can refuse one
+    of two connections that *create* a file at the same instant (switching a new
+    file to WAL takes an exclusive lock), and the retrier and the app gateway each
+    open their own.
+    """
+    _Store(path, synchronous=synchronous).close()
 
 
 class _Store:
@@ -191,29 +246,33 @@ class Outbox(_Store):
         *,
         created_at: float,
         expires_at: float,
+        send: Send | None = None,
     ) -> bool:
-        """Store a new message, due at once; committed on return. False if the id is already there."""
-        return self.put_many([(message_id, recipient, priority, payload, created_at, expires_at)]) == 1
+        """Store a new message; committed on return. False if the id is already there.
+
+        The row is due at once; or, given ``send`` (the state's decision to send
+        this message, taken before it was stored), it is stored with that
+        attempt counted and its deadline as the next attempt time, as
+        :meth:`apply` would store the ``Send``: S1 and S2 in one commit. One
+        statement, so one SQLite call and its own transaction.
+        """
+        row = _new_row(message_id, recipient, priority, payload, created_at, expires_at)
+        if send is not None:
+            if send.message_id != message_id:
+                raise ConfigError(f"a Send for {send.message_id.hex()} stored with message {message_id.hex()}")
+            row = (*row[:6], send.attempt, send.deadline)
+        with translate(self.path, f"storing message {message_id.hex()}"):
+            return self._db.execute(_INSERT, row).rowcount == 1
 
     def put_many(self, messages: Iterable[tuple[bytes, str, Priority, bytes, float, float]]) -> int:
         """Store several ``(id, recipient, priority, payload, created_at, expires_at)`` in one transaction.
 
         Returns how many were new (ids already present are left untouched).
         """
-        rows = []
-        for message_id, recipient, priority, payload, created_at, expires_at in messages:
-            _check_id(message_id)
-            if not isinstance(priority, Priority):
-                raise ConfigError(f"priority of {message_id.hex()} must be a Priority, got {priority!r}")
-            rows.append((message_id, recipient, int(priority), payload, created_at, expires_at, created_at))
+        rows = [_new_row(*message) for message in messages]
         with translate(self.path, f"storing {len(rows)} message(s)"), transaction(self._db) as db:
             before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO outbox"
-                " (message_id, recipient, priority, payload, created_at, expires_at, next_attempt_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            db.executemany(_INSERT, rows)
             return db.total_changes - before
 
     def apply(self, decisions: Iterable[Decision]) -> None:
@@ -222,10 +281,12 @@ class Outbox(_Store):
         ``Send`` stores the attempt count and its deadline as the next attempt
         time; ``Backoff`` the count, time, error and failed transports;
         ``Delivered`` and ``Failed`` delete the row. ``NextWakeup`` is not stored.
+        A single row change (the common case: one ack's delete) is one statement,
+        atomic by itself, without ``BEGIN``/``COMMIT`` around it.
         """
         updates: list[tuple[Any, ...]] = []
         backoffs: list[tuple[Any, ...]] = []
-        deletes: list[tuple[bytes]] = []
+        deletes: list[tuple[Any, ...]] = []
         for d in decisions:
             if isinstance(d, Send):
                 updates.append((d.attempt, d.deadline, d.message_id))
@@ -233,20 +294,21 @@ class Outbox(_Store):
                 backoffs.append((d.attempts, d.next_attempt_at, d.last_error, json.dumps(d.failed), d.message_id))
             elif isinstance(d, Delivered | Failed):
                 deletes.append((d.message_id,))
-        if not (updates or backoffs or deletes):
+        changes = [(sql, rows) for sql, rows in ((_SEND, updates), (_BACKOFF, backoffs), (_DELETE, deletes)) if rows]
+        if not changes:
             return
-        with translate(self.path, "recording delivery decisions"), transaction(self._db) as db:
-            db.executemany("UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE message_id = ?", updates)
-            db.executemany(
-                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, failed = ? WHERE message_id = ?",
-                backoffs,
-            )
-            db.executemany("DELETE FROM outbox WHERE message_id = ?", deletes)
+        with translate(self.path, "recording delivery decisions"):
+            if len(changes) == 1 and len(changes[0][1]) == 1:
+                self._db.execute(changes[0][0], changes[0][1][0])
+                return
+            with transaction(self._db) as db:
+                for sql, rows in changes:
+                    db.executemany(sql, rows)
 
     def delete(self, message_id: bytes) -> bool:
         """Forget a message (acked or given up on); True if it was there."""
         with translate(self.path, f"deleting message {message_id.hex()}"):
-            return self._db.execute("DELETE FROM outbox WHERE message_id = ?", (message_id,)).rowcount > 0
+            return self._db.execute(_DELETE, (message_id,)).rowcount > 0
 
     def payload(self, message_id: bytes) -> bytes | None:
         """The stored payload (the encoded envelope), or None if the message is gone."""
@@ -294,9 +356,10 @@ class Outbox(_Store):
 class Inbox(_Store):
     """The receiver's dedup record: each message id is accepted once, then dispatched until handled.
 
-    Open it in the thread that will use it. The protocol (see the module docstring):
-    ``accept`` → ack → dispatch → ``mark_handled``; after a restart, dispatch
-    every id of :meth:`unhandled` from :meth:`payload`.
+    Open it in the thread that will use it; the retrier and the application
+    gateway each open their own. The protocol (see the module docstring):
+    ``accept`` → ack → ``begin_dispatch`` → the handlers → ``mark_handled``;
+    after a restart, dispatch every id of :meth:`unhandled` from :meth:`payload`.
     """
 
     _what = "inbox"
@@ -316,6 +379,22 @@ class Inbox(_Store):
             )
             return cursor.rowcount == 1
 
+    def begin_dispatch(self, message_id: bytes) -> int | None:
+        """Count one more dispatch of an unhandled message; committed on return, before any handler runs.
+
+        Returns the count (1 for a first dispatch; more means the handlers may
+        have seen it before the process died), or None when the message is
+        already handled or unknown: it must not be dispatched.
+        """
+        with translate(self.path, f"dispatching message {message_id.hex()}"):
+            # fetchall: the UPDATE ... RETURNING commits when its statement is done.
+            rows = self._db.execute(
+                "UPDATE inbox SET dispatches = dispatches + 1 WHERE message_id = ? AND handled = 0"
+                " RETURNING dispatches",
+                (message_id,),
+            ).fetchall()
+        return int(rows[0][0]) if rows else None
+
     def mark_handled(self, message_id: bytes) -> bool:
         """The application has handled the message; committed on return. False if unknown or already marked."""
         with translate(self.path, f"marking message {message_id.hex()} handled"):
@@ -334,6 +413,14 @@ class Inbox(_Store):
         """Ids accepted but not yet handled, in arrival order: re-dispatch them after a restart."""
         with translate(self.path, "reading unhandled messages"):
             rows = self._db.execute("SELECT message_id FROM inbox WHERE handled = 0 ORDER BY rowid").fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def unfinished(self) -> list[bytes]:
+        """Ids whose dispatch began but was never marked handled, in arrival order: their handlers were cut off."""
+        with translate(self.path, "reading unfinished dispatches"):
+            rows = self._db.execute(
+                "SELECT message_id FROM inbox WHERE handled = 0 AND dispatches > 0 ORDER BY rowid"
+            ).fetchall()
         return [bytes(r[0]) for r in rows]
 
     def payload(self, message_id: bytes) -> bytes | None:

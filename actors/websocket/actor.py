@@ -5,6 +5,7 @@ Thin by design (the logic lives in :mod:`.transport` and :mod:`.link`)::
     acceptor ──ConnectionHandedOff(fd)──▶ handle ──▶ adopt_handed_off ──▶ aiohttp (on the loop)
     secure session ──envelope from peer_id (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
     retrier ──Transmit──▶ handle ──▶ run_on_loop(client.send, expected_peer=peer_id) ──then──▶ reply_to: TransmitResult
+                                                                        (a success only if report_success)
     anyone ──SendEnvelope──▶ handle ──▶ run_on_loop(client.send) ──then──▶ reply_to: EnvelopeSent | SendFailed
 
 It speaks the transport contract (:mod:`villagemesh.actors.transport`): the
@@ -178,10 +179,12 @@ class WebSocketActor(LoopActor):
                 raise error  # not a transport failure: a bug, let the supervisor see it
             self._tell_outcome(request.reply_to, outcome)
 
+        report = request.report_success
         if request.address == REPLY_ADDRESS:
-            self.run_on_loop(self.server.send(request.peer_id, request.envelope), then)
+            self.run_on_loop(self.server.send(request.peer_id, request.envelope), then, post_success=report)
         else:
-            self.run_on_loop(self.client.send(request.address, request.envelope, expected_peer=request.peer_id), then)
+            sending = self.client.send(request.address, request.envelope, expected_peer=request.peer_id)
+            self.run_on_loop(sending, then, post_success=report)
 
     def _tell_outcome(self, to: str, outcome: object) -> None:
         try:

@@ -17,8 +17,12 @@ Prints, one line each, flushed:
 ``--record FILE``: every handled payload is appended to FILE as one line by a
 subscriber registered *before* ``start()`` (so messages re-dispatched at start-up
 from the inbox reach it too), with an unbuffered ``os.write`` so a ``kill -9``
-loses no line that was written. ``--work``: seconds of simulated application
-work per message before the line is written (so a kill lands mid-stream).
+loses no line that was written. The subscriber is the documented exactly-once
+application: for a message dispatched with ``redelivered`` set (the node died
+while it was being handled) it first looks whether its line is already there,
+and appends the payload to ``FILE.redelivered`` too, so a test sees every
+redelivery. ``--work``: seconds of simulated application work per message
+before the line is written (so a kill lands mid-stream).
 Runs until SIGTERM/SIGINT, then stops the node.
 """
 
@@ -57,11 +61,17 @@ def main() -> None:
 
     node = make_node(args.data_dir, args.name, bootstrap=args.bootstrap, port=args.port)
     if args.record is not None:
-        fd = os.open(args.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        record_path: Path = args.record
+        fd = os.open(record_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        redelivered_fd = os.open(f"{record_path}.redelivered", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
         def record(message: Any) -> None:
             if args.work:
                 time.sleep(args.work)  # the application's work on the message
+            if message.redelivered:
+                os.write(redelivered_fd, message.payload + b"\n")
+                if message.payload in record_path.read_bytes().splitlines():
+                    return  # done before the node died, but not yet marked handled then
             os.write(fd, message.payload + b"\n")
 
         node.subscribe("*", record)

@@ -264,6 +264,14 @@ def test_random_bytes_after_the_handshake_raise_only_remote_protocol_errors(raw:
         assert responder.state is ChannelState.FAILED
 
 
+def test_a_transport_frame_shorter_than_its_tag_is_a_remote_protocol_error() -> None:
+    """A length prefix cut below 16 (a tampered stream found it): a typed error, not the crypto library's ValueError."""
+    _, responder = handshake()
+    with pytest.raises(RemoteProtocolError, match="shorter than its 16-byte tag"):
+        events(responder, b"\x00\x05hello")
+    assert responder.state is ChannelState.FAILED
+
+
 @settings(deadline=None)
 @given(st.lists(st.binary(min_size=1, max_size=100), min_size=1, max_size=3), st.data())
 def test_tampered_streams_never_yield_altered_data(messages: list[bytes], data: st.DataObject) -> None:

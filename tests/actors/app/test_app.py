@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,25 +14,13 @@ import pytest
 from tests.conftest import WAIT
 from villagemesh.actors.app.actor import AppActor
 from villagemesh.actors.app.state import DeliveryState, HandleTable, Subscribers
-from villagemesh.actors.base import Actor
-from villagemesh.actors.retrier.messages import Handled, Incoming, MessageDelivered, MessageFailed
+from villagemesh.actors.base import ActorContext
+from villagemesh.actors.retrier.messages import Incoming, MessageDelivered, MessageFailed
+from villagemesh.actors.retrier.store import Inbox
 from villagemesh.errors import ConfigError, DeliveryFailed
 from villagemesh.protocols.envelope import Message, Priority, encode_message
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor
-
-HANDLED: list[bytes] = []
-HANDLED_EVENT = threading.Event()
-
-
-class FakeRetrier(Actor):
-    """Records Handled acknowledgements."""
-
-    def handle(self, msg: Any) -> Any:
-        if isinstance(msg, Handled):
-            HANDLED.append(msg.message_id)
-            HANDLED_EVENT.set()
-        return None
 
 
 def envelope(kind: str = "DATA", payload: bytes = b"hi") -> tuple[bytes, bytes]:
@@ -39,31 +29,111 @@ def envelope(kind: str = "DATA", payload: bytes = b"hi") -> tuple[bytes, bytes]:
     return mid, encode_message(msg)
 
 
-def start(runtime, subscribers, handles):
-    config = {"subscribers": subscribers, "handles": handles}
-    children = [ChildSpec("retrier", FakeRetrier), ChildSpec("app", AppActor, config=config)]
-    return Supervisor.launch(SupervisorSpec("root", children), runtime)
+class Gateway:
+    """An app gateway on a real inbox file, fed Incoming as the retrier would (accepted first)."""
+
+    def __init__(self, runtime: Any, path: Path, subscribers: Subscribers, handles: HandleTable | None = None) -> None:
+        config = {
+            "subscribers": subscribers,
+            "handles": HandleTable() if handles is None else handles,
+            "inbox": str(path),
+        }
+        self.inbox = Inbox(path)  # the retrier's connection, in the test's thread; the file exists first, as in a node
+        runtime.bus.open_mailbox("app")  # as the supervisor does; tells made before the actor runs wait there
+        Supervisor.launch(SupervisorSpec("root", [ChildSpec("app", AppActor, config=config)]), runtime)
+        self.client = runtime.bus.client()
+
+    def incoming(self, mid: bytes, env: bytes, *, accept: bool = True) -> None:
+        if accept:
+            self.inbox.accept(mid, 2000.0, env)
+        self.client.tell("app", Incoming(mid, env))
+
+    def wait_handled(self, mid: bytes) -> bool:
+        """True once the gateway's mark for ``mid`` is committed (polls the file: it has no notification)."""
+        deadline = time.monotonic() + WAIT
+        while not self.inbox.is_handled(mid):
+            if time.monotonic() >= deadline:
+                return False
+            threading.Event().wait(0.005)
+        return True
+
+    async def await_handled(self, mid: bytes) -> bool:
+        """:meth:`wait_handled` from inside the loop the handlers run on (which must keep running)."""
+        deadline = time.monotonic() + WAIT
+        while not self.inbox.is_handled(mid):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
 
 
-def test_inbound_messages_reach_their_kind_and_wildcard_subscribers_then_are_marked_handled(runtime):
-    """DATA goes to DATA and '*' handlers, not to HEARTBEAT handlers; then Handled goes to the retrier."""
-    HANDLED.clear()
-    HANDLED_EVENT.clear()
+def test_inbound_messages_reach_their_kind_and_wildcard_subscribers_then_are_marked_handled(runtime, tmp_path):
+    """DATA goes to DATA and '*' handlers, not to HEARTBEAT handlers, as a first dispatch; then it is marked."""
     subs, seen = Subscribers(), []
-    subs.add("DATA", lambda m: seen.append(("data", m.payload)))
-    subs.add("*", lambda m: seen.append(("any", m.payload)))
-    subs.add("HEARTBEAT", lambda m: seen.append(("hb", m.payload)))
-    start(runtime, subs, HandleTable())
+    subs.add("DATA", lambda m: seen.append(("data", m.payload, m.redelivered)))
+    subs.add("*", lambda m: seen.append(("any", m.payload, m.redelivered)))
+    subs.add("HEARTBEAT", lambda m: seen.append(("hb", m.payload, m.redelivered)))
+    app = Gateway(runtime, tmp_path / "in.db", subs)
     mid, env = envelope()
-    runtime.bus.client().tell("app", Incoming(mid, env))
-    assert HANDLED_EVENT.wait(WAIT)
-    assert seen == [("data", b"hi"), ("any", b"hi")] and HANDLED == [mid]
+    app.incoming(mid, env)
+    assert app.wait_handled(mid)
+    assert seen == [("data", b"hi", False), ("any", b"hi", False)]
+    assert app.inbox.unhandled() == []
 
 
-def test_a_failing_handler_is_logged_and_the_others_still_run(runtime, recorder):
-    """An application exception is logged with its traceback; the gateway does not crash."""
-    HANDLED.clear()
-    HANDLED_EVENT.clear()
+def test_a_handled_message_is_never_dispatched_again(runtime, recorder, tmp_path):
+    """A second Incoming for a handled id (a restarted retrier re-sends what it saw unhandled) reaches no handler."""
+    subs, seen = Subscribers(), []
+    subs.add("DATA", lambda m: seen.append(m.payload))
+    app = Gateway(runtime, tmp_path / "in.db", subs)
+    mid, env = envelope()
+    app.incoming(mid, env)
+    app.incoming(mid, env, accept=False)
+    recorder.wait_for("message_already_handled", message_id=mid.hex())
+    assert seen == [b"hi"]
+
+
+def test_a_message_whose_dispatch_began_before_a_death_comes_back_flagged_redelivered(runtime, recorder, tmp_path):
+    """Dispatch began (committed) and the process died before the mark: the next dispatch says redelivered."""
+    subs, seen = Subscribers(), []
+    subs.add("DATA", lambda m: seen.append((m.payload, m.redelivered)))
+    app = Gateway(runtime, tmp_path / "in.db", subs)
+    mid, env = envelope()
+    app.inbox.accept(mid, 2000.0, env)
+    assert app.inbox.begin_dispatch(mid) == 1  # the gateway that died had got this far
+    app.incoming(mid, env, accept=False)
+    assert app.wait_handled(mid)
+    assert seen == [(b"hi", True)]
+    assert recorder.matching("message_redelivered") == [
+        {**recorder.matching("message_redelivered")[0], "message_id": mid.hex(), "dispatches": 2}
+    ]
+
+
+class Dies(BaseException):
+    """Not an application error the gateway logs and survives: it ends the gateway instance."""
+
+
+def test_a_gateway_that_dies_while_a_handler_runs_dispatches_that_message_again_flagged(runtime, recorder, tmp_path):
+    """The instance dies mid-handler; its successor re-dispatches the unfinished message at start, redelivered."""
+    subs, seen = Subscribers(), []
+
+    def handler(message):
+        seen.append((message.payload, message.redelivered))
+        if not message.redelivered:
+            raise Dies("the process would have died here")
+
+    subs.add("DATA", handler)
+    app = Gateway(runtime, tmp_path / "in.db", subs)
+    mid, env = envelope()
+    app.incoming(mid, env)
+    recorder.wait_for("child_restarted", child_id="app")
+    assert app.wait_handled(mid)
+    assert seen == [(b"hi", False), (b"hi", True)]
+    assert app.inbox.unfinished() == []
+
+
+def test_a_failing_handler_is_logged_and_the_others_still_run(runtime, recorder, tmp_path):
+    """An application exception is logged with its traceback; the gateway does not crash; the message is handled."""
     subs, seen = Subscribers(), []
 
     def bad(message):
@@ -71,49 +141,90 @@ def test_a_failing_handler_is_logged_and_the_others_still_run(runtime, recorder)
 
     subs.add("DATA", bad)
     subs.add("DATA", lambda m: seen.append(m.payload))
-    start(runtime, subs, HandleTable())
+    app = Gateway(runtime, tmp_path / "in.db", subs)
     mid, env = envelope()
-    runtime.bus.client().tell("app", Incoming(mid, env))
+    app.incoming(mid, env)
     failed = recorder.wait_for("handler_failed")[0]
     assert failed["exc_type"] == "ValueError" and "application bug" in failed["traceback"]
-    assert HANDLED_EVENT.wait(WAIT) and seen == [b"hi"]
+    assert app.wait_handled(mid) and seen == [b"hi"]
     assert recorder.matching("child_crashed") == []
 
 
-def test_a_garbage_envelope_is_rejected_and_still_marked_handled(runtime, recorder):
-    """Bytes that are not an envelope are logged and never dispatched; the retrier need not retry them."""
-    HANDLED.clear()
-    HANDLED_EVENT.clear()
-    start(runtime, Subscribers(), HandleTable())
-    runtime.bus.client().tell("app", Incoming(b"x" * 16, b"\x07garbage"))
+def test_a_garbage_envelope_is_rejected_and_still_marked_handled(runtime, recorder, tmp_path):
+    """Bytes that are not an envelope are logged and never dispatched; they are not dispatched again either."""
+    app = Gateway(runtime, tmp_path / "in.db", Subscribers())
+    app.incoming(b"x" * 16, b"\x07garbage")
     recorder.wait_for("message_rejected", actor="app")
-    assert HANDLED_EVENT.wait(WAIT) and HANDLED == [b"x" * 16]
+    assert app.wait_handled(b"x" * 16)
 
 
-def test_coroutine_handlers_run_on_the_loop_they_subscribed_from(runtime):
-    """An async handler subscribed inside asyncio runs on that loop, not in the gateway's thread."""
+def test_coroutine_handlers_run_on_their_loop_and_the_mark_waits_for_them(runtime, tmp_path):
+    """An async handler subscribed inside asyncio runs on that loop; the message is handled when it returns."""
     subs = Subscribers()
-    start(runtime, subs, HandleTable())
+    app = Gateway(runtime, tmp_path / "in.db", subs)
 
     async def main() -> tuple[int, int]:
-        got: asyncio.Queue[int] = asyncio.Queue()
+        started: asyncio.Queue[int] = asyncio.Queue()
+        release = asyncio.Event()
 
         async def handler(message):
-            await got.put(threading.get_ident())
+            await started.put(threading.get_ident())
+            await release.wait()
 
         subs.add("DATA", handler)
         mid, env = envelope()
-        await asyncio.to_thread(runtime.bus.client().tell, "app", Incoming(mid, env))
-        return await asyncio.wait_for(got.get(), WAIT), threading.get_ident()
+        app.incoming(mid, env)
+        handler_thread = await asyncio.wait_for(started.get(), WAIT)
+        app.incoming(mid, env, accept=False)  # while it runs: not dispatched again
+        assert not app.inbox.is_handled(mid)  # the handler has not returned
+        release.set()
+        assert await app.await_handled(mid)
+        assert started.empty()
+        return handler_thread, threading.get_ident()
 
     handler_thread, loop_thread = asyncio.run(main())
     assert handler_thread == loop_thread
 
 
-def test_delivery_updates_resolve_handles_for_waiters_callbacks_and_awaiters(runtime):
+def test_a_failing_coroutine_handler_is_logged_and_the_message_still_handled(runtime, recorder, tmp_path):
+    """An async handler's exception is logged like a plain one's."""
+    subs = Subscribers()
+    app = Gateway(runtime, tmp_path / "in.db", subs)
+
+    async def main() -> bytes:
+        async def handler(message):
+            raise KeyError("async application bug")
+
+        subs.add("DATA", handler)
+        mid, env = envelope()
+        app.incoming(mid, env)
+        assert await app.await_handled(mid)
+        return mid
+
+    asyncio.run(main())
+    failed = recorder.wait_for("handler_failed")[0]
+    assert failed["exc_type"] == "KeyError" and "async application bug" in failed["traceback"]
+
+
+def test_the_gateway_needs_its_inbox_file(runtime):
+    """No inbox path: refused when the actor is made, naming the value."""
+    runtime.bus.open_mailbox("app")
+    with pytest.raises(ConfigError, match="inbox"):
+        AppActor(
+            ActorContext(
+                runtime.bus,
+                "app",
+                runtime.log,
+                runtime.scheduler,
+                config={"subscribers": Subscribers(), "handles": HandleTable()},
+            )
+        )
+
+
+def test_delivery_updates_resolve_handles_for_waiters_callbacks_and_awaiters(runtime, tmp_path):
     """A handle ends delivered or failed; wait, result, callbacks and await all see it."""
     handles = HandleTable()
-    start(runtime, Subscribers(), handles)
+    Gateway(runtime, tmp_path / "in.db", Subscribers(), handles)
     ok, bad = handles.new(b"1" * 16), handles.new(b"2" * 16)
     called = []
     ok.add_done_callback(called.append)

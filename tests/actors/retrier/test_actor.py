@@ -19,8 +19,9 @@ from villagemesh.actors.bus import Bus, Sender
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope
 from villagemesh.actors.retrier.messages import Handled, Incoming, MessageDelivered, MessageFailed
+from villagemesh.actors.retrier.store import Outbox
 from villagemesh.actors.transport import Received, Transmit, TransmitResult
-from villagemesh.errors import DeliveryFailed, LocalProtocolError
+from villagemesh.errors import ActorCrashed, DeliveryFailed, LocalProtocolError
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
 from villagemesh.supervision.log import EventLog
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
@@ -250,3 +251,28 @@ def test_resubmitting_a_pending_envelope_does_not_send_it_twice(nodes):
     Wire.drop_acks.clear()
     App.wait(lambda: len(delivered("A")) >= 1 and App.handled[("B", first)] >= 1)
     assert App.handled[("B", first)] == 1 and len(delivered("A")) == 1
+
+
+def test_a_stored_message_already_counts_its_first_attempt(nodes, tmp_path):
+    """When Deliver's reply comes, the outbox row is there with attempt 1 and its ack deadline (one commit)."""
+    Wire.drop_acks.set()
+    message_id = send_envelope(nodes["A"].bus.client(), envelope("A", "B", 1), timeout=WAIT)
+    with Outbox(tmp_path / "A.db") as outbox:  # another connection, as a restarted node would read it
+        row = outbox.get(message_id)
+    assert row is not None and row.attempts == 1 and row.next_attempt_at > row.created_at
+
+
+def test_an_outbox_row_the_state_does_not_know_crashes_the_retrier_which_restores_it(nodes, recorder, tmp_path):
+    """The file and the state disagree (someone else wrote the outbox): StorageError, restart, the row restored."""
+    Wire.drop_acks.set()
+    body = envelope("A", "B", 1)
+    message = decode_message(body)
+    with Outbox(tmp_path / "A.db") as outbox:
+        outbox.put(
+            message.id, "B", message.priority, body, created_at=message.created_at, expires_at=message.expires_at
+        )
+    with pytest.raises(ActorCrashed, match="in the outbox but was not pending"):
+        send_envelope(nodes["A"].bus.client(), body, timeout=WAIT)
+    restored = recorder.wait_for("retrier_restored", node=nodes["A"].bus.node, count=2)[-1]
+    assert restored["pending"] == 1
+    assert send_envelope(nodes["A"].bus.client(), body, timeout=WAIT) == message.id  # pending now: stored once

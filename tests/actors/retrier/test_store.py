@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from villagemesh.actors.retrier.state import (
     Send,
     Tick,
 )
-from villagemesh.actors.retrier.store import CLOCK_SKEW_GRACE, Inbox, Outbox, OutboxRow
+from villagemesh.actors.retrier.store import CLOCK_SKEW_GRACE, Inbox, Outbox, OutboxRow, prepare
 from villagemesh.errors import ConfigError, StorageError
 from villagemesh.protocols.envelope import Priority
 
@@ -83,6 +84,26 @@ def test_decisions_are_persisted_in_one_transaction(tmp_path: Path) -> None:
         assert [r.message_id for r in outbox.pending()] == [mid(2)]
         assert outbox.delete(mid(2)) and not outbox.delete(mid(2))
         assert outbox.get(mid(2)) is None and outbox.payload(mid(2)) is None
+
+
+def test_a_message_is_stored_with_its_first_send_in_one_commit(tmp_path: Path) -> None:
+    """put(send=...) stores the attempt and its deadline with the row; a Send for another id is refused."""
+    path = tmp_path / "out.db"
+    with Outbox(path) as outbox:
+        send = Send(mid(1), "bob", "libp2p", 1, 30.0)
+        assert outbox.put(mid(1), "bob", Priority.HIGH, b"e", created_at=0.0, expires_at=100.0, send=send)
+        assert not outbox.put(mid(1), "bob", Priority.HIGH, b"e", created_at=0.0, expires_at=100.0, send=send)
+        with pytest.raises(ConfigError, match=mid(1).hex()):
+            outbox.put(mid(2), "bob", Priority.HIGH, b"e", created_at=0.0, expires_at=100.0, send=send)
+        assert (
+            outbox.put_many(
+                [(mid(3), "bob", Priority.LOW, b"f", 0.0, 100.0), (mid(1), "x", Priority.LOW, b"", 0.0, 1.0)]
+            )
+            == 1
+        )
+        outbox.apply([Delivered(mid(3), 1, "libp2p")])  # one row: one statement, no BEGIN/COMMIT
+    with Outbox(path) as outbox:  # as after a kill: the row says attempt 1 was sent, retry at its deadline
+        assert outbox.pending() == [OutboxRow(mid(1), "bob", Priority.HIGH, 0.0, 100.0, 1, 30.0, None, ())]
 
 
 def test_restored_rows_continue_in_a_fresh_state(tmp_path: Path) -> None:
@@ -166,6 +187,21 @@ def test_accepted_but_unhandled_messages_are_redispatched_after_a_crash(tmp_path
     inbox.close()
 
 
+def test_begin_dispatch_counts_dispatches_of_unhandled_messages_only(tmp_path: Path) -> None:
+    """1 for a first dispatch, 2 for the next (the one after a death), None once handled or for an unknown id."""
+    path = tmp_path / "in.db"
+    with Inbox(path) as inbox:
+        inbox.accept(mid(1), 100.0, b"p")
+        assert inbox.begin_dispatch(mid(1)) == 1
+    with Inbox(path) as inbox, Inbox(path) as gateway:  # the retrier's connection and the gateway's
+        assert gateway.unfinished() == [mid(1)]
+        assert gateway.begin_dispatch(mid(1)) == 2
+        assert gateway.mark_handled(mid(1)) is True
+        assert inbox.is_handled(mid(1)) and inbox.unhandled() == [] and gateway.unfinished() == []
+        assert gateway.begin_dispatch(mid(1)) is None
+        assert gateway.begin_dispatch(mid(2)) is None
+
+
 def test_expire_forgets_only_handled_messages_past_ttl_and_grace(tmp_path: Path) -> None:
     """Handled + expired + grace goes; unhandled stays whatever its age."""
     with Inbox(tmp_path / "in.db") as inbox:
@@ -178,6 +214,27 @@ def test_expire_forgets_only_handled_messages_past_ttl_and_grace(tmp_path: Path)
         assert inbox.expire(101.0 + CLOCK_SKEW_GRACE) == 1
         assert inbox.unhandled() == [mid(2)] and len(inbox) == 2
         assert inbox.accept(mid(1), 100.0, b"") is True  # forgotten: the sender gave up long ago
+
+
+def test_a_prepared_file_is_opened_by_several_threads_at_once_without_a_lock_error(tmp_path: Path) -> None:
+    """prepare() first (as Node.start does); then the retrier's two stores and the gateway's open it together."""
+    errors: list[str] = []
+
+    def open_close(cls: type[Inbox] | type[Outbox], path: Path) -> None:
+        try:
+            cls(path).close()
+        except StorageError as exc:
+            errors.append(str(exc))
+
+    for n in range(100):
+        path = tmp_path / f"{n}.db"
+        prepare(path)
+        threads = [threading.Thread(target=open_close, args=(cls, path)) for cls in (Outbox, Inbox, Inbox)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
 
 
 def test_outbox_and_inbox_can_share_one_file(tmp_path: Path) -> None:
@@ -327,6 +384,44 @@ def test_kill_9_with_1000_messages_in_flight_loses_and_duplicates_nothing(tmp_pa
         assert len({(r.attempts, r.next_attempt_at) for r in rows}) == 1
         assert rows[0].attempts == 1 and rows[0].next_attempt_at > 1e6
         assert all(outbox.payload(mid(n)) == b"envelope-%d" % n for n in range(1000))
+
+
+_DISPATCHER = textwrap.dedent(
+    """
+    import os, sys
+    from villagemesh.actors.retrier.store import Inbox
+
+    inbox, record = Inbox(sys.argv[1]), os.open(sys.argv[2], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    for message_id in inbox.unhandled():  # the gateway's protocol, as after a restart
+        if inbox.begin_dispatch(message_id) is None:
+            continue
+        os.write(record, message_id.hex().encode() + b"\\n")  # the handler's effect
+        inbox.mark_handled(message_id)
+    """
+)
+
+
+@pytest.mark.slow
+def test_kill_9_while_dispatching_leaves_at_most_the_message_in_progress_to_redeliver(tmp_path: Path) -> None:
+    """A dispatcher killed at a random instant: restarted, only the one it was handling is dispatched again, counted."""
+    path, record = tmp_path / "in.db", tmp_path / "record.txt"
+    with Inbox(path) as inbox:
+        for n in range(3000):
+            inbox.accept(mid(n), 1e9, b"p")
+    proc = subprocess.Popen([sys.executable, "-c", _DISPATCHER, str(path), str(record)])
+    while not record.exists() or record.stat().st_size < 500 * 33:
+        assert proc.poll() is None, "the dispatcher ended before the kill"
+        threading.Event().wait(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    seen = [bytes.fromhex(h) for h in record.read_text().split()]
+    with Inbox(path) as inbox:
+        left = inbox.unhandled()
+        counts = [inbox.begin_dispatch(m) for m in left]  # the restarted gateway's dispatches
+    assert set(counts[1:]) <= {1}, "only the first unhandled message can have been dispatched before"
+    if counts and counts[0] == 2 and seen and seen[-1] == left[0]:
+        seen.pop()  # its handler had run before the kill: the one repeat, and it is flagged
+    assert seen + left == [mid(n) for n in range(3000)]
 
 
 @pytest.mark.slow

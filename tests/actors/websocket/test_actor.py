@@ -93,6 +93,25 @@ def test_two_authenticated_endpoints_exchange_envelopes_both_ways(runtime: Any) 
         assert decode_message(received.envelope) == msg
 
 
+def test_a_transmit_that_asks_only_for_failures_is_silent_on_success_and_reports_a_failure(runtime: Any) -> None:
+    """report_success=False (the retrier's way): no TransmitResult for a sent envelope, one for a failed send."""
+    a_keys, b_keys, carol = NodeKeys.generate(), NodeKeys.generate(), NodeKeys.generate()
+    a_inbox, _ = endpoint(runtime, "-a", a_keys)
+    b_inbox, b_url = endpoint(runtime, "-b", b_keys)
+    client = runtime.bus.client()
+    quiet, loud = message(a_keys.node_id, b"quiet"), message(a_keys.node_id, b"loud")
+    for msg, report in ((quiet, False), (loud, True)):  # one link, sends in order: a result for quiet would come first
+        transmit = Transmit(msg.id, b_keys.node_id, b_url, encode_message(msg), "sink-a", report_success=report)
+        client.tell("websocket-a", transmit)
+    result = a_inbox.get(timeout=WAIT)
+    assert isinstance(result, TransmitResult) and result.ok and result.message_id == loud.id
+    assert [decode_message(b_inbox.get(timeout=WAIT).envelope).payload for _ in range(2)] == [b"quiet", b"loud"]
+    failing = Transmit(quiet.id, carol.node_id, b_url, encode_message(quiet), "sink-a", report_success=False)
+    client.tell("websocket-a", failing)
+    result = a_inbox.get(timeout=WAIT)
+    assert isinstance(result, TransmitResult) and not result.ok and result.message_id == quiet.id
+
+
 def test_transmit_to_the_wrong_peer_is_a_retryable_failure_naming_both_ids(runtime: Any) -> None:
     """The node at the address authenticates as someone else: TransmitResult(ok=False, retryable=True), both ids."""
     a_keys, b_keys, carol = NodeKeys.generate(), NodeKeys.generate(), NodeKeys.generate()
