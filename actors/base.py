@@ -313,6 +313,9 @@ class Ok:
 DRAIN_LIMIT = 10_000
 """Frames a stopping actor handles from its mailbox before it ends (a flood cannot keep it up)."""
 
+_MAX_TIMER_WAIT_S = 3600.0
+"""The timer thread re-checks its earliest deadline at least this often."""
+
 QUICK_REPLY_S = 5e-6
 """A reply sent within this time went without this thread being preempted (encoding and
 one zmq send take 1-3 µs); the asker running meanwhile on the same CPU takes longer. A
@@ -717,7 +720,9 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
-                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    # A far deadline (an extreme TTL) is waited for in steps: Condition.wait
+                    # refuses timeouts beyond threading.TIMEOUT_MAX (OverflowError).
+                    wait = min(self._heap[0][0] - time.monotonic(), _MAX_TIMER_WAIT_S) if self._heap else None
                     self._cond.wait(wait)
                 if self._stopped:
                     return

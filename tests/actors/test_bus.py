@@ -12,7 +12,7 @@ import zmq
 from tests.conftest import WAIT
 from tests.supervision._actors import RECEIVED, Crash, Ping, Pong, Probe, Seq
 from villagemesh.actors import codec
-from villagemesh.actors.base import Actor, ActorContext, _BusInbox
+from villagemesh.actors.base import Actor, ActorContext, Scheduler, _BusInbox
 from villagemesh.actors.bus import Bus, Kind, decode_frame, encode_frame
 from villagemesh.errors import AskTimeout, BusError, CodecError, ConfigError, MailboxFull, NoSuchActor
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
@@ -108,7 +108,6 @@ def test_ask_times_out_and_a_late_reply_is_counted_not_confused(runtime):
 
 def test_a_full_mailbox_raises_mailbox_full_after_the_send_timeout(tmp_path):
     """With capacity 10, a blocked actor's mailbox refuses the sender after its timeout instead of blocking forever."""
-    from villagemesh.actors.base import Scheduler
     from villagemesh.supervision.log import EventLog
     from villagemesh.supervision.supervisor import Environment
 
@@ -260,3 +259,16 @@ def test_a_pykka_ask_that_raises_gets_the_error_and_the_actor_serves_on(runtime)
     assert runtime.bus.client().ask("solo", Ping(1), timeout=WAIT).n == 2
     probe.actor_ref.stop(timeout=WAIT)
     assert probe.finished.wait(WAIT)
+
+
+def test_a_far_timer_neither_kills_the_timer_thread_nor_delays_the_others() -> None:
+    """A deadline beyond what Condition.wait accepts (an extreme TTL) waits in steps; a near
+    timer scheduled after it still fires."""
+    scheduler = Scheduler("far")
+    fired = threading.Event()
+    far = scheduler.call_later(1e12, fired.set)
+    time.sleep(0.05)  # the thread is now waiting for the far deadline
+    scheduler.call_later(0.01, fired.set)
+    assert fired.wait(WAIT)
+    far.cancel()
+    scheduler.close()
