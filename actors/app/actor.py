@@ -28,16 +28,25 @@ and commits when the coroutine's completion comes back as a message (it
 never blocks on a loop, which might itself be waiting for this gateway to
 resolve a delivery handle).
 
+A message whose dispatch began :data:`MAX_DISPATCHES` times without ever
+finishing is *poison*: a handler that kills its process (a native crash) or
+the gateway every time would otherwise bring the node down on every start.
+It is not dispatched again: it is marked handled and logged
+(``message_poisoned``, level error, with the message id, kind and sender) for
+the operator.
+
 A subscriber that raises is the application's fault, not the gateway's: the
 exception is logged (``handler_failed``, with the traceback) and the other
 subscribers still run; the message counts as handled. Letting it crash the
 gateway would dispatch the same message again after the restart, forever.
 
 Config: ``subscribers`` (Subscribers), ``handles`` (HandleTable), ``inbox``
-(the retrier's SQLite file, required), ``synchronous`` (NORMAL or FULL).
+(the retrier's SQLite file, required), ``synchronous`` (NORMAL or FULL),
+``max_dispatches`` (default :data:`MAX_DISPATCHES`).
 Log events: ``handler_failed`` (kind, handler, exc_type, exc_message,
 traceback), ``message_rejected`` (actor, reason), ``message_redelivered``
-(message_id, dispatches), ``message_already_handled`` (message_id).
+(message_id, dispatches), ``message_already_handled`` (message_id),
+``message_poisoned`` (message_id, kind, sender, dispatches).
 """
 
 from __future__ import annotations
@@ -57,7 +66,11 @@ from villagemesh.actors.retrier.store import Inbox
 from villagemesh.errors import ConfigError, ProtocolError
 from villagemesh.protocols.envelope import decode_message
 
-__all__ = ["AppActor"]
+__all__ = ["MAX_DISPATCHES", "AppActor"]
+
+MAX_DISPATCHES = 3
+"""Dispatches of one message that may begin without finishing (the first and two redeliveries,
+each ended by a death mid-handler) before it counts as poison and is set aside."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +95,9 @@ class AppActor(Actor):
             raise ConfigError(f"the app gateway needs config['inbox'] (the inbox file, a non-empty str), got {path!r}")
         self.inbox_path: str = path
         self.synchronous = str(ctx.config.get("synchronous", "NORMAL"))
+        self.max_dispatches = ctx.config.get("max_dispatches", MAX_DISPATCHES)
+        if not isinstance(self.max_dispatches, int) or isinstance(self.max_dispatches, bool) or self.max_dispatches < 1:
+            raise ConfigError(f"max_dispatches must be an int >= 1, got {self.max_dispatches!r}")
 
     def on_start(self) -> None:
         self.inbox = Inbox(self.inbox_path, synchronous=self.synchronous)
@@ -134,6 +150,17 @@ class AppActor(Actor):
             decoded = decode_message(msg.envelope)
         except ProtocolError as exc:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
+            self.inbox.mark_handled(msg.message_id)
+            return
+        if dispatches > self.max_dispatches:
+            self.ctx.log.emit(
+                "message_poisoned",
+                level="error",
+                message_id=msg.message_id.hex(),
+                kind=decoded.kind,
+                sender=decoded.sender,
+                dispatches=dispatches - 1,
+            )
             self.inbox.mark_handled(msg.message_id)
             return
         if dispatches > 1:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import WAIT
-from villagemesh.actors.app.actor import AppActor
+from villagemesh.actors.app.actor import MAX_DISPATCHES, AppActor
 from villagemesh.actors.app.state import DeliveryState, HandleTable, Subscribers
 from villagemesh.actors.base import ActorContext
 from villagemesh.actors.retrier.messages import Incoming, MessageDelivered, MessageFailed
@@ -274,3 +274,27 @@ def test_subscribing_bad_values_is_refused():
     unsubscribe()
     unsubscribe()
     assert subs.for_kind("DATA") == []
+
+
+def test_a_message_that_never_finished_max_dispatches_times_is_set_aside_as_poison(runtime, recorder, tmp_path):
+    """Three dispatches began and none finished (each ended by a death mid-handler): the fourth is
+    not attempted; the message is marked handled and logged for the operator."""
+    subs, seen = Subscribers(), []
+    subs.add("DATA", lambda m: seen.append(m.payload))
+    inbox = Inbox(tmp_path / "in.db")
+    mid, env = envelope()
+    inbox.accept(mid, 2000.0, env)
+    for _ in range(MAX_DISPATCHES):
+        inbox.begin_dispatch(mid)
+    inbox.close()
+    app = Gateway(runtime, tmp_path / "in.db", subs)
+    poisoned = recorder.wait_for("message_poisoned")[0]
+    assert (poisoned["message_id"], poisoned["kind"], poisoned["dispatches"]) == (mid.hex(), "DATA", MAX_DISPATCHES)
+    assert poisoned["level"] == "error" and app.wait_handled(mid) and seen == []
+
+
+def test_max_dispatches_must_be_a_positive_int(runtime, tmp_path):
+    runtime.bus.open_mailbox("app")
+    config = {"subscribers": Subscribers(), "handles": HandleTable(), "inbox": str(tmp_path / "i"), "max_dispatches": 0}
+    with pytest.raises(ConfigError, match="max_dispatches must be an int >= 1, got 0"):
+        AppActor(ActorContext(runtime.bus, "app", runtime.log, runtime.scheduler, config=config))
