@@ -23,7 +23,8 @@ Rules: the responder answers each request in order on the same connection
 and never volunteers anything; a verified ANNOUNCE is passed to ``on_announce``
 and marks the connection as that node's; a pushed PEER_LIST is passed to
 ``on_peer_list`` only on a connection so marked (else ignored and counted:
-an anonymous client cannot make us verify its list); a request whose sender
+an anonymous client cannot make us verify its list), and only the first one
+on a connection (a flood of lists is ignored); a request whose sender
 did not announce itself on the connection goes to ``on_request`` (to be probed
 back); anything else (an announce, a response) is
 ignored and counted; a protocol error closes the connection with a
@@ -124,6 +125,8 @@ class DiscoveryResponder(asyncio.Protocol):
         """Told every list pushed on a connection whose sender announced itself (and that node id)."""
         self.announced = ""
         """The node id of the last verified announce on this connection."""
+        self.took_push = False
+        """One pushed list per connection is read: an exchange pushes one, a flood is ignored."""
         self.conn = DiscoveryConnection(allow_unsigned_legacy=True)
         self.counts = counts if counts is not None else Counter()
         self.idle_timeout_s = idle_timeout_s
@@ -168,7 +171,8 @@ class DiscoveryResponder(asyncio.Protocol):
                 self.announced = event.node_id
                 if self.on_announce is not None:
                     self.on_announce(event, self.conn.last_body)
-            elif isinstance(event, PeerList) and self.announced:
+            elif isinstance(event, PeerList) and self.announced and not self.took_push:
+                self.took_push = True
                 self.counts["pushed"] += 1
                 if self.on_peer_list is not None:
                     self.on_peer_list(event, self.announced)

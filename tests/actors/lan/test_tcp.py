@@ -172,9 +172,9 @@ def test_probe_refuses_an_answer_that_is_not_a_response() -> None:
 
 
 def test_an_exchange_introduces_the_prober_pushes_its_list_and_pulls_the_responders() -> None:
-    """ANNOUNCE + PEER_LIST + requests in one write: the announce and the pushed list reach the hooks,
-    the request is not passed on for a probe back (the prober introduced itself), the list comes back
-    with its cursor."""
+    """ANNOUNCE + PEER_LIST + requests in one write: the announce and the pushed list reach the hooks
+    (a second pushed list on the connection does not), the request is not passed on for a probe back
+    (the prober introduced itself), the list comes back with its cursor."""
     me = Identity(SigningKey.generate(), ("ws://127.0.0.1:1",), CAPS, 1)
     other = relay(encode_discovery(Identity(SigningKey.generate(), ("ws://127.0.0.1:2",), CAPS, 2).announce()))
     third = relay(encode_discovery(Identity(SigningKey.generate(), ("ws://127.0.0.1:3",), CAPS, 3).announce()))
@@ -200,7 +200,7 @@ def test_an_exchange_introduces_the_prober_pushes_its_list_and_pulls_the_respond
             ),
         )
         conn = DiscoveryConnection()
-        introduce = conn.send(me.announce()) + conn.send(PeerList((other,)))
+        introduce = conn.send(me.announce()) + conn.send(PeerList((other,))) + conn.send(PeerList((third,)))
         asking = DiscoveryRequest(node_id=me.node_id, addresses=me.addresses, capabilities=CAPS, timestamp=1.0)
         probed = await probe(
             "127.0.0.1", port, 5.0, request=asking, want=PeerListRequest(8, "cafe", 3), introduce=introduce
