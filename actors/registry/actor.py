@@ -23,12 +23,19 @@ required), ``max_age`` (seconds without a sighting before a peer expires,
 default 300: ten missed 30-second heartbeats), ``expire_every`` (seconds
 between expiry sweeps, default 30), ``announce_skew`` (default 600),
 ``routes_to`` (bus name told ``PeerRoutes`` on changes, e.g. ``retrier``;
-none by default).
+none by default), ``max_peers`` (default :data:`DEFAULT_MAX_PEERS`).
+
+Capacity. Anyone can make keys and sign announces for them (a Sybil flood
+through peer exchange costs the flooder one signature per fake peer), so the
+registry holds at most ``max_peers``: a new peer beyond that evicts the one
+seen longest ago (``peer_evicted``), never the newcomer and never a peer of
+the same batch; a flood thus displaces only the stalest entries, the ones
+expiry would take next.
 
 Log events: ``peer_discovered`` (peer_id, source, transports), ``peer_updated``
 (peer_id, source, transports) when its addresses changed, ``peer_expired``
-(peer_id, last_seen), ``peer_forgotten`` (peer_id), ``sighting_rejected``
-(source, reason).
+(peer_id, last_seen), ``peer_forgotten`` (peer_id), ``peer_evicted`` (peer_id,
+last_seen), ``sighting_rejected`` (source, reason).
 """
 
 from __future__ import annotations
@@ -68,6 +75,8 @@ __all__ = ["RegistryActor", "find_suitable_peers", "get_peer", "list_peers", "re
 DEFAULT_MAX_AGE = 300.0
 DEFAULT_EXPIRE_EVERY = 30.0
 DEFAULT_ANNOUNCE_SKEW = 600.0
+DEFAULT_MAX_PEERS = 10_000
+"""Peers a registry holds (ranking is O(n) per query): far more than a village network."""
 
 
 class _Expire:
@@ -104,6 +113,9 @@ class RegistryActor(Actor):
         self.max_age = _positive(cfg, "max_age", DEFAULT_MAX_AGE)
         self.expire_every = _positive(cfg, "expire_every", DEFAULT_EXPIRE_EVERY)
         self.announce_skew = _positive(cfg, "announce_skew", DEFAULT_ANNOUNCE_SKEW)
+        self.max_peers = cfg.get("max_peers", DEFAULT_MAX_PEERS)
+        if isinstance(self.max_peers, bool) or not isinstance(self.max_peers, int) or self.max_peers < 1:
+            raise ConfigError(f"registry config 'max_peers' must be an int >= 1, got {self.max_peers!r}")
         routes_to = cfg.get("routes_to")
         self.routes_to: str | None = str(routes_to) if routes_to else None
         self.peers: dict[str, PeerRecord] = {}
@@ -225,6 +237,7 @@ class RegistryActor(Actor):
         if not written:
             return
         self.store.upsert_many([record for record, _, _ in written.values()])
+        self._evict_beyond_capacity(set(written))
         for peer_id, (record, new, routes_changed) in written.items():
             self._persisted_seen[peer_id] = record.last_seen
             if new or routes_changed:
@@ -241,6 +254,19 @@ class RegistryActor(Actor):
         rec = record_outcome(rec, msg.succeeded)
         self.store.upsert(rec)
         self.peers[rec.peer_id] = rec
+
+    def _evict_beyond_capacity(self, keep: set[str]) -> None:
+        """Over ``max_peers``: forget the peers seen longest ago (not those in ``keep``)."""
+        excess = len(self.peers) - self.max_peers
+        if excess <= 0:
+            return
+        candidates = sorted((rec.last_seen, peer_id) for peer_id, rec in self.peers.items() if peer_id not in keep)
+        for last_seen, peer_id in candidates[:excess]:
+            self.store.remove(peer_id)
+            del self.peers[peer_id]
+            self._persisted_seen.pop(peer_id, None)
+            self.ctx.log.emit("peer_evicted", level="warning", peer_id=peer_id, last_seen=last_seen)
+            self._tell_routes(PeerRoutes(peer_id, ()))
 
     def _forget(self, peer_id: str) -> None:
         if self.store.remove(peer_id):

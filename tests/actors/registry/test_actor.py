@@ -218,3 +218,26 @@ def test_bad_selection_arguments_are_refused_before_reaching_the_registry(runtim
     with pytest.raises(ConfigError, match="min_count"):
         find_suitable_peers(runtime.bus.client(), -1, timeout=WAIT)
     assert list_peers(runtime.bus.client(), timeout=WAIT) == []
+
+
+def test_a_full_registry_evicts_the_peer_seen_longest_ago(runtime, recorder, tmp_path):
+    """max_peers 2: a third peer evicts the stalest (logged, routes withdrawn, gone from the file too)."""
+    start(runtime, tmp_path, max_peers=2)
+    client = runtime.bus.client()
+    peers = [announce(seed) for seed in (21, 22, 23)]
+    for a in peers:
+        client.tell("registry", Sighted((Sighting("lan", encode_discovery(a).decode(), None),)))
+        recorder.wait_for("peer_discovered", peer_id=a.node_id)
+    evicted = recorder.wait_for("peer_evicted")[0]
+    assert evicted["peer_id"] == peers[0].node_id
+    RoutesSink.wait_for(lambda r: r.peer_id == peers[0].node_id and r.addresses == ())
+    assert {p.peer_id for p in list_peers(client, timeout=WAIT)} == {peers[1].node_id, peers[2].node_id}
+    client.tell("registry", InjectedCrash("test"))
+    recorder.wait_for("child_restarted", child_id="registry")
+    assert len(list_peers(client, timeout=WAIT)) == 2
+
+
+def test_max_peers_must_be_a_positive_int(runtime, recorder, tmp_path):
+    start(runtime, tmp_path, max_peers=0)
+    crashed = recorder.wait_for("child_crashed", child_id="registry")[0]
+    assert "max_peers" in crashed["exc_message"]
