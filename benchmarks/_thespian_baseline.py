@@ -1,7 +1,8 @@
 """Thespian's multiprocTCPBase doing what restart_latency.py measures: kill -9 a child, time to its answer again.
 
-    from _thespian_baseline import thespian_kill_restart
-    samples_ms = thespian_kill_restart(60)
+    from _thespian_baseline import ThespianRestarts
+    with ThespianRestarts() as thespian:
+        samples_ms = [thespian.kill_once() for _ in range(60)]
 
 A ``Parent`` actor creates a ``Child`` actor (its own OS process) and, when
 Thespian tells it ``ChildActorExited``, creates a new one and asks it for its
@@ -14,9 +15,11 @@ child (Thespian would lose it), and no re-ask timer quantizes the figure: the
 same semantics as villagemesh's process isolation, where a request made right
 after the kill waits for the restarted child.
 
-Robustness: a fresh admin on a free loopback port per call (never joining
+Robustness: a fresh admin on a free loopback port per instance (never joining
 another run's system), every ask bounded by :data:`ASK_TIMEOUT`, and the
-system shut down in ``finally`` (its actor processes with it).
+system shut down by ``close()`` (its actor processes with it). The system stays
+up between calls, so a benchmark can alternate blocks of Thespian kills with
+its own while both runtimes are alive.
 """
 
 from __future__ import annotations
@@ -83,32 +86,44 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def thespian_kill_restart(n: int) -> list[float]:
-    """``n`` samples (ms) of kill -9 of a child actor's process → the recreated child answering."""
-    system = ActorSystem("multiprocTCPBase", {"Admin Port": _free_port()})
-    try:
-        parent = system.createActor(Parent)
+class ThespianRestarts:
+    """One Thespian system with a Parent keeping one Child; :meth:`kill_once` times one kill → answer."""
 
-        def new_pid(old: int) -> int:
-            answer = system.ask(parent, ("new_pid", old), ASK_TIMEOUT)
-            if not isinstance(answer, int):
-                raise TimeoutError(f"Thespian answered {answer!r} instead of a new child's pid within {ASK_TIMEOUT} s")
-            return answer
+    def __init__(self) -> None:
+        self.system = ActorSystem("multiprocTCPBase", {"Admin Port": _free_port()})
+        try:
+            self.parent = self.system.createActor(Parent)
+            self.pid = self._new_pid(0)
+        except BaseException:
+            self.system.shutdown()
+            raise
 
-        pid = new_pid(0)
-        samples = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            os.kill(pid, signal.SIGKILL)
-            pid = new_pid(pid)
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return samples
-    finally:
-        system.shutdown()
+    def _new_pid(self, old: int) -> int:
+        answer = self.system.ask(self.parent, ("new_pid", old), ASK_TIMEOUT)
+        if not isinstance(answer, int):
+            raise TimeoutError(f"Thespian answered {answer!r} instead of a new child's pid within {ASK_TIMEOUT} s")
+        return answer
+
+    def kill_once(self) -> float:
+        """``kill -9`` of the current child → the recreated child's answer, in ms."""
+        t0 = time.perf_counter()
+        os.kill(self.pid, signal.SIGKILL)
+        self.pid = self._new_pid(self.pid)
+        return (time.perf_counter() - t0) * 1e3
+
+    def close(self) -> None:
+        self.system.shutdown()
+
+    def __enter__(self) -> ThespianRestarts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 if __name__ == "__main__":
     import statistics
 
-    ms = sorted(thespian_kill_restart(50))
+    with ThespianRestarts() as thespian:
+        ms = sorted(thespian.kill_once() for _ in range(50))
     print(f"Thespian kill -9 -> answer: p50 {statistics.median(ms):.2f} ms, p99 {ms[int(0.99 * (len(ms) - 1))]:.2f} ms")
