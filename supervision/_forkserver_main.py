@@ -4,7 +4,7 @@ Started by :meth:`villagemesh.supervision.forkserver.ForkServer.start` (read its
 module docstring for the protocol and the rules). One thread, one loop::
 
     poll([channel, pidfd of every child])
-      channel readable → frames: hello (once) · fork · kill · quit; EOF → the node died
+      channel readable → frames: hello (once) · fork · refill · kill · quit; EOF → the node died
       channel writable → flush queued frames (writes never block: the node may be busy)
       pidfd readable   → waitpid → queue exited(pid, code)
 
@@ -15,6 +15,7 @@ only ever blocks on a server that is alive and reading.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import fcntl
@@ -41,10 +42,17 @@ from villagemesh.supervision.forkserver import (
     KILLED,
     QUIT,
     READY,
+    REFILL,
     REFUSED,
     FrameReader,
     encode_frame,
 )
+
+REHEARSAL_DELAY = 0.01
+"""Seconds a prepared spare waits for its argument before it rehearses. A spare is forked
+while the restart that used its predecessor is still under way: rehearsing at once would
+take CPU from that restart (and in a burst of restarts delay its own start), so it waits
+until the restart is long done, and skips the rehearsal if its argument comes first."""
 
 _PR_SET_PDEATHSIG = 1
 _F_GETPIPE_SZ = 1032
@@ -83,7 +91,8 @@ class _Server:
         self.by_pidfd: dict[int, int] = {}  # pidfd -> pid
         self.targets: dict[str, Callable[..., Any]] = {}
         self.warm: set[str] = set()
-        self.spares: dict[str, _Spare] = {}
+        self.spares: dict[str, collections.deque[_Spare]] = {}  # per warm target, oldest first
+        self.pool = 1  # spares kept per warm target
         self.unassigned: set[int] = set()  # pids of spares not yet handed out
         self.tainted: str | None = None
         self.pid = os.getpid()
@@ -130,7 +139,7 @@ class _Server:
             self.sock.setblocking(False)
 
     def _start(self, hello: list[Any]) -> bool:
-        _, preload, warm, path = hello
+        _, preload, warm, path, self.pool = hello
         sys.path[:0] = [p for p in path if p not in sys.path]
         try:
             for module in ("zmq", "msgpack", *preload):
@@ -144,7 +153,7 @@ class _Server:
             return False
         gc.freeze()  # what the server holds now is never collected: children do not copy it on write
         for target in self.warm:
-            self._fork_spare(target)
+            self._refill(target)
         self._queue([READY, self.pid])
         return True
 
@@ -163,17 +172,20 @@ class _Server:
 
     def _handle(self, frame: list[Any]) -> bool:
         tag = frame[0]
-        if tag == FORK and len(frame) == 4:
-            _, request, target, arg = frame
+        if tag == FORK and len(frame) == 5:
+            _, request, target, arg, refill = frame
             try:
-                pid = self._fork(target, arg)
+                pid, warm = self._fork(target, arg)
             except _Refused as exc:
                 self._queue([REFUSED, request, exc.kind, str(exc)])
             else:
                 self._queue([FORKED, request, pid])
-                if target in self.warm and target not in self.spares:
+                if refill or not warm:
                     self._flush()  # the node learns its pid first; the next spare's fork can wait
-                    self._fork_spare(target)
+                    self._refill(target)
+            return True
+        if tag == REFILL and len(frame) == 2:
+            self._refill(frame[1])
             return True
         if tag == KILL and len(frame) == 4:
             _, request, pid, sig = frame
@@ -215,38 +227,47 @@ class _Server:
             fn = self.targets[target] = obj
         return fn
 
-    def _fork(self, target: str, arg: bytes) -> int:
+    def _fork(self, target: str, arg: bytes) -> tuple[int, bool]:
+        """The child's pid, and whether a warm spare took the argument (else it was forked cold)."""
         if self.tainted is not None:
             raise _Refused("system", self.tainted)
         fn = self._resolve(target)
-        spare = self.spares.get(target)
-        if spare is not None and HEADER.size + len(arg) <= fcntl.fcntl(spare.assignment, _F_GETPIPE_SZ):
-            del self.spares[target]
-            assignment, spare_pid = spare.assignment, spare.pid
+        pool = self.spares.get(target, collections.deque())
+        while pool and HEADER.size + len(arg) <= fcntl.fcntl(pool[0].assignment, _F_GETPIPE_SZ):
+            spare = pool.popleft()  # the oldest: the most likely to be prepared by now
             try:
                 # The pipe is empty and the argument fits: this write cannot block.
-                os.write(assignment, HEADER.pack(len(arg)) + arg)
+                os.write(spare.assignment, HEADER.pack(len(arg)) + arg)
                 delivered = True
             except BrokenPipeError:
-                delivered = False  # it died unassigned (its reap is still queued, silent): fork cold
-            os.close(assignment)
+                delivered = False  # it died unassigned (its reap is still queued, silent): the next one
+            os.close(spare.assignment)
             if delivered:
-                self.unassigned.discard(spare_pid)
-                return spare_pid
-        return self._spawn(lambda: fn(arg))
+                self.unassigned.discard(spare.pid)
+                return spare.pid, True
+        return self._spawn(lambda: fn(arg)), False
 
-    def _fork_spare(self, target: str) -> None:
+    def _refill(self, target: str) -> None:
+        """Fork spares of ``target`` until it has :attr:`pool` of them, if it is warm."""
+        if target not in self.warm or self.tainted is not None:
+            return
+        pool = self.spares.setdefault(target, collections.deque())
+        while len(pool) < self.pool and self._fork_spare(target, pool):
+            continue
+
+    def _fork_spare(self, target: str, pool: collections.deque[_Spare]) -> bool:
         fn = self.targets[target]
         read_end, write_end = os.pipe()
         try:
             pid = self._spawn(lambda: _run_spare(fn, read_end), keep=read_end, drop=write_end)
         except _Refused:
             os.close(write_end)
-            return  # no spare this time: the next request for the target forks cold
+            return False  # no spare this time: the next request for the target forks cold
         finally:
             os.close(read_end)
-        self.spares[target] = _Spare(pid, write_end)
+        pool.append(_Spare(pid, write_end))
         self.unassigned.add(pid)
+        return True
 
     def _spawn(self, call: Callable[[], Any], keep: int = -1, drop: int = -1) -> int:
         """Fork a child that runs ``call``; it keeps fd ``keep`` and closes ``drop`` and the server's fds."""
@@ -271,7 +292,7 @@ class _Server:
         status = 1
         try:
             self.sock.close()
-            for fd in [*self.by_pidfd, *(s.assignment for s in self.spares.values()), drop]:
+            for fd in [*self.by_pidfd, *(s.assignment for pool in self.spares.values() for s in pool), drop]:
                 if fd not in (keep, -1):
                     os.close(fd)
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -310,16 +331,17 @@ class _Server:
         _, status = os.waitpid(pid, 0)
         if pid in self.unassigned:  # a spare died before it was handed out: the node never knew it
             self.unassigned.discard(pid)
-            for target, spare in list(self.spares.items()):
-                if spare.pid == pid:
+            for pool in self.spares.values():
+                for spare in [s for s in pool if s.pid == pid]:
                     os.close(spare.assignment)
-                    del self.spares[target]
+                    pool.remove(spare)
             return
         self._queue([EXITED, pid, os.waitstatus_to_exitcode(status)])
 
     def _kill_all(self) -> None:
-        for spare in self.spares.values():
-            os.close(spare.assignment)
+        for pool in self.spares.values():
+            for spare in pool:
+                os.close(spare.assignment)
         self.spares.clear()
         for pidfd in list(self.by_pidfd):
             with contextlib.suppress(ProcessLookupError):  # it ended already; reaped below all the same
@@ -351,9 +373,13 @@ class _Server:
 
 
 def _run_spare(fn: Callable[..., Any], assignment: int) -> None:
-    """A warm spare: prepare, then wait for the argument on ``assignment`` (a pipe)."""
+    """A warm spare: prepare; rehearse if no argument came within :data:`REHEARSAL_DELAY`; then
+    wait for the argument on ``assignment`` (a pipe)."""
     prepare = getattr(fn, "prepare", None)
     prepared = prepare() if prepare is not None else None
+    rehearse = getattr(fn, "rehearse", None)
+    if rehearse is not None and not select.select([assignment], [], [], REHEARSAL_DELAY)[0]:
+        rehearse(prepared)
     with os.fdopen(assignment, "rb") as pipe:
         header = pipe.read(HEADER.size)
         if len(header) < HEADER.size:

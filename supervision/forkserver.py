@@ -8,11 +8,12 @@ which imports ``zmq``, ``msgpack`` and the preloads once, creates no zmq
 Context and no thread, and then only ever forks::
 
     node process (threads, zmq Context)      fork server (one thread, no Context)
-    ForkServer ── fork(req, target, arg) ──►  import target once; fork() ──► child: target(arg)
-               ◄── forked(req, pid) ───────   pidfd_open(child), polled with the channel
-               ◄── exited(pid, code) ──────   pidfd readable → waitpid → notice at once
-               ── kill(req, pid, sig) ─────►  pidfd_send_signal (no pid-reuse race)
-               ◄── killed(req, delivered) ─
+    ForkServer ── fork(req, target, arg, refill) ─►  import target once; fork() ──► child: target(arg)
+               ◄── forked(req, pid) ───────────   pidfd_open(child), polled with the channel
+               ◄── exited(pid, code) ──────────   pidfd readable → waitpid → notice at once
+               ── refill(target) ──────────────►  fork the warm target's next spares (no reply)
+               ── kill(req, pid, sig) ─────────►  pidfd_send_signal (no pid-reuse race)
+               ◄── killed(req, delivered) ─────
 
 The channel is a Unix socketpair inherited by the server (``pass_fds``). Every
 frame is a 4-byte big-endian length and a msgpack array whose first element is
@@ -31,16 +32,26 @@ without missing an exit that another thread's read took off the socket.
 Exit codes: ``0``.. the child's status (``target`` returned: 0; raised: 1, with
 the traceback on stderr; ``sys.exit(n)``: n), ``-N`` when signal N killed it.
 
-Warm spares: for targets named in ``warm`` the server keeps one child already
-forked and prepared (the target's ``prepare`` attribute, if any, has run: a zmq
-Context made, threads started), waiting on a pipe for its argument. A fork of
-such a target hands the argument to the spare at once and then forks the next
-spare, so a restart waits neither for a fork nor for the child's set-up; the
-target is then called as ``target(arg, prepared)`` (a cold fork calls
-``target(arg)``). A spare that dies before its assignment is not replaced until
-the next request for its target (which is then forked cold): a crashing
-``prepare`` cannot become a fork loop. Spares are invisible to the node: their
-exits are reported only once they were handed out.
+Warm spares: for targets named in ``warm`` the server keeps ``spares``
+children (one by default) already forked and prepared (the target's
+``prepare`` attribute, if any, has run: a zmq Context made, threads started),
+waiting on a pipe for its argument. A fork of such a target hands the argument
+to the oldest spare at once and then forks the next spare, so a restart waits
+neither for a fork nor for the child's set-up; the target is then called as
+``target(arg, prepared)`` (a cold fork calls ``target(arg)``). The next
+spare's fork and set-up take CPU from the child just handed out (on two cores,
+noticeably): ``fork(..., refill=False)`` leaves it until the node calls
+``refill(target)``, e.g. once that child is up; a fork that found no spare
+refills at once all the same. A target may also have a ``rehearse`` attribute:
+a spare whose argument has not come a moment after ``prepare`` calls
+``rehearse(prepared)`` once, to run through its own code paths before they are
+needed (a forked child pays a copy-on-write fault for each page of the
+server's memory it first writes; see
+:func:`villagemesh.supervision.process._rehearse`). A spare that dies before
+its assignment is not replaced until the next request for its target (which is
+then forked cold): a crashing ``prepare`` cannot become a fork loop. Spares
+are invisible to the node: their exits are reported only once they were handed
+out.
 
 Lifetime: ``close()`` asks the server to kill its children (their exits are
 reported) and exit. When the node dies, even by ``kill -9``, the server reads
@@ -90,8 +101,9 @@ MAX_FRAME = 16 * 1024 * 1024
 """A frame carries a target name and a child's argument (its config): far below this."""
 
 # Tags: node → server
-HELLO = "hello"  # [HELLO, preload: list[str], warm: list[str], sys_path: list[str]]
-FORK = "fork"  # [FORK, req, target, arg]
+HELLO = "hello"  # [HELLO, preload: list[str], warm: list[str], sys_path: list[str], spares: int]
+FORK = "fork"  # [FORK, req, target, arg, refill: bool]
+REFILL = "refill"  # [REFILL, target]: fork the target's next warm spare (no reply)
 KILL = "kill"  # [KILL, req, pid, sig]
 QUIT = "quit"  # [QUIT]
 # Tags: server → node
@@ -204,18 +216,20 @@ class ForkServer:
 
     @classmethod
     def start(
-        cls, preload: Sequence[str] = (), *, warm: Sequence[str] = (), python: str = sys.executable
+        cls, preload: Sequence[str] = (), *, warm: Sequence[str] = (), spares: int = 1, python: str = sys.executable
     ) -> ForkServer:
-        """Start a server that imports ``preload`` once and keeps a spare for each ``warm`` target.
+        """Start a server that imports ``preload`` once and keeps ``spares`` spares for each ``warm`` target.
 
         Returns when the server is ready. The server resolves modules with this
         process's ``sys.path`` when ``python`` is this interpreter. Raises
-        :class:`ConfigError` for an unusable ``python`` or preload,
+        :class:`ConfigError` for an unusable ``python``, preload or ``spares``,
         :class:`ChildSpecError` for a malformed warm target, and
         :class:`SupervisionError` if the server dies or does not answer.
         """
         for target in warm:
             _check_target(target)
+        if isinstance(spares, bool) or not isinstance(spares, int) or spares < 1:
+            raise ConfigError(f"fork server spares must be an int >= 1, got {spares!r}")
         for module in preload:
             if not (isinstance(module, str) and re.fullmatch(r"[A-Za-z_][\w.]*", module)):
                 raise ConfigError(f"fork server preload must be a module name, got {module!r}")
@@ -235,7 +249,7 @@ class ForkServer:
         server = cls(proc, ours)
         try:
             path = list(sys.path) if os.path.realpath(python) == os.path.realpath(sys.executable) else []
-            server._send([HELLO, list(preload), list(warm), path])
+            server._send([HELLO, list(preload), list(warm), path, spares])
             server._await(lambda: True if server._server_pid or server._start_failure else None, START_TIMEOUT)
         except SupervisionError:
             server.close()
@@ -256,9 +270,11 @@ class ForkServer:
         """An fd readable while exit notices may be waiting: poll it, then call :meth:`read_exits`."""
         return self._epoll.fileno()
 
-    def fork(self, target: str, arg: bytes) -> int:
+    def fork(self, target: str, arg: bytes, *, refill: bool = True) -> int:
         """Fork a child that calls ``target(arg)`` (``"package.module:function"``); its pid.
 
+        For a warm target, ``refill=False`` leaves the next spare to :meth:`refill`
+        (unless this fork found no spare: then it follows at once, as by default).
         Raises :class:`ChildSpecError` naming the target if it is malformed, cannot
         be imported or is not callable (the server lives on), and
         :class:`SupervisionError` if the server is gone or refuses (e.g. out of processes).
@@ -266,12 +282,18 @@ class ForkServer:
         _check_target(target)
         if not isinstance(arg, bytes):
             raise ConfigError(f"fork argument for {target} must be bytes, got {type(arg).__name__}")
-        reply = self._request([FORK, target, arg], f"a fork of {target}")
+        reply = self._request([FORK, target, arg, bool(refill)], f"a fork of {target}")
         if reply[0] == REFUSED:
             if reply[2] == "target":
                 raise ChildSpecError(f"fork server cannot run {target!r}: {reply[3]}")
             raise SupervisionError(f"fork server (pid {self.pid}) could not fork {target!r}: {reply[3]}")
         return int(reply[2])
+
+    def refill(self, target: str) -> None:
+        """Fork spares of warm ``target`` until it has its number again (a fork made with
+        ``refill=False`` left that for later). Does not wait; SupervisionError if the server is gone."""
+        _check_target(target)
+        self._send([REFILL, target])
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> bool:
         """Signal child ``pid`` through the server's pidfd (never a reused pid); False if it already ended.

@@ -20,6 +20,15 @@ as the child, so restart policy, intensity and the log work unchanged.
 Children are forked by a single-threaded fork server (see :mod:`.forkserver`),
 never by the node (a multi-threaded process with a zmq Context cannot fork
 safely), so a restart costs a ``fork()`` of a warm interpreter, not a fresh one.
+In fact not even that: the server keeps :data:`SPARES` children forked and
+prepared (a zmq Context, the timer thread) and, when they are idle, rehearsed
+(:func:`_rehearse`: one dry run of a child's start and first request, so that
+the copy-on-write page faults of that path are paid before the restart, not
+during it). A restart hands its config to a spare; the new child says hello
+as soon as it has connected, so the host forwards while the child sets up;
+and the host asks for the next spare only after its child's first
+acknowledgement (or :data:`REFILL_AFTER` seconds), so that a fork and a
+spare's set-up do not take the CPU that child's start needs.
 
 Death is noticed at once: the host polls a pidfd of its child in the same
 ``poll`` as its sockets; no timer is involved.
@@ -56,7 +65,7 @@ from typing import Any
 import zmq
 
 from villagemesh.actors import codec
-from villagemesh.actors.base import Actor, ActorContext, ExitKind, ExitReport, Scheduler
+from villagemesh.actors.base import Actor, ActorContext, ExitKind, ExitReport, Ok, Scheduler
 from villagemesh.actors.bus import Bus, Fault, Kind, decode_frame, encode_frame, tell_frame
 from villagemesh.errors import CodecError, ConfigError, SupervisionError
 
@@ -69,6 +78,18 @@ enough to keep a child busy, small enough that a crash hands back little."""
 HELLO_TIMEOUT = 10.0
 """Seconds a new child has to connect and say hello before the host gives up."""
 
+REFILL_AFTER = 0.05
+"""Seconds after its child's hello when a host asks for the next warm spare, if the child
+has not acknowledged a frame before (its first acknowledgement asks at once)."""
+
+FINISH_TIMEOUT = 2.0
+"""Seconds a child waits for its ended actor's thread to finish reporting (it takes microseconds)."""
+
+SPARES = 2
+"""Warm spares the fork server keeps ready (about 3 MB of private memory each, once rehearsed).
+Two, because a host asks for the next one only once its child has answered (so that the
+fork does not slow that child's start): a second restart before then still finds one."""
+
 CHILD_TARGET = "villagemesh.supervision.process:child_main"
 
 
@@ -79,11 +100,13 @@ class ChildProcessDied(SupervisionError):
 class ProcessLauncher:
     """One per node: the fork server and the folder for the children's ipc sockets."""
 
-    def __init__(self, *, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, preload: tuple[str, ...] = (), spares: int = SPARES) -> None:
         from villagemesh.supervision.forkserver import ForkServer
 
-        self._dir = tempfile.mkdtemp(prefix="villagemesh-ipc-")
-        self.server = ForkServer.start(preload=("villagemesh.supervision.process", *preload), warm=(CHILD_TARGET,))
+        self._dir = tempfile.mkdtemp(prefix="villagemesh-ipc-", dir=_socket_parent())
+        self.server = ForkServer.start(
+            preload=("villagemesh.supervision.process", *preload), warm=(CHILD_TARGET,), spares=spares
+        )
         self._lock = threading.Lock()
 
     def ipc_address(self, node: str, name: str, instance: str) -> str:
@@ -95,9 +118,18 @@ class ProcessLauncher:
         return f"{self._dir}/{node}-{name}-{instance}.ctl"
 
     def fork(self, arg: bytes) -> int:
-        """Fork a child running :func:`child_main` with ``arg``; its pid."""
+        """Fork a child running :func:`child_main` with ``arg``; its pid. The next warm spare
+        waits for :meth:`refill`."""
         with self._lock:
-            return int(self.server.fork(CHILD_TARGET, arg))
+            return int(self.server.fork(CHILD_TARGET, arg, refill=False))
+
+    def refill(self) -> None:
+        """Have the fork server make the next warm spare (a host calls it once its child is up,
+        so that the spare's fork and set-up do not compete with that child's start)."""
+        try:
+            self.server.refill(CHILD_TARGET)
+        except SupervisionError:
+            return  # the fork server is gone (the node is stopping): the next fork will say so
 
     def exit_status(self, pid: int, timeout: float) -> int | None:
         """The child's exit status as the fork server saw it (``-N`` for signal N), if known in time."""
@@ -115,6 +147,17 @@ class ProcessLauncher:
         for entry in os.scandir(self._dir):
             os.unlink(entry.path)
         os.rmdir(self._dir)
+
+
+def _socket_parent() -> str | None:
+    """Where the folder of the children's sockets goes: a file system in memory when the
+    machine has one (``$XDG_RUNTIME_DIR``, else ``/dev/shm``), since every restart binds two
+    sockets there, which on a disk file system costs a journaled inode each (tens to
+    hundreds of microseconds); else the default temporary folder."""
+    for parent in (os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):
+        if parent and os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
+            return parent
+    return None
 
 
 class _FromChild:
@@ -136,6 +179,10 @@ _CONTROL = _Control()
 
 class _HelloTimeout:
     """Timer message: the child did not say hello in time."""
+
+
+class _RefillDue:
+    """Timer message: the child said hello a while ago and has not acknowledged a frame yet."""
 
 
 class ProcessHost(Actor):
@@ -185,6 +232,7 @@ class ProcessHost(Actor):
         self._child_report: ExitReport | None = None
         self._pidfd: int | None = None
         self._stopping_child = False
+        self._refill_timer: Any = None
 
     def on_start(self) -> None:
         try:
@@ -215,6 +263,8 @@ class ProcessHost(Actor):
     def handle(self, msg: Any) -> Any:
         if isinstance(msg, _HelloTimeout):
             raise ChildProcessDied(f"child {self.name!r} (pid {self.pid}) did not say hello within {HELLO_TIMEOUT} s")
+        if isinstance(msg, _RefillDue):
+            return self._refill()
         return super().handle(msg)
 
     # -- towards the child -----------------------------------------------------------------
@@ -243,6 +293,8 @@ class ProcessHost(Actor):
         identity, kind, rest = parts[0], parts[1], parts[2:]
         if kind == b"ack":
             self._acked += 1
+            if self._refill_timer is not None:
+                self._refill()
             if self._unacked:
                 self._unacked.popleft()
             if len(self._unacked) < WINDOW and self._identity is not None and not self._stopping_child:
@@ -262,11 +314,19 @@ class ProcessHost(Actor):
             self._identity = identity
             self._hello_timer.cancel()
             self._inbox.paused = False
+            self._refill_timer = self.schedule(REFILL_AFTER, _RefillDue())
         elif kind == b"exit":
             kind_, exc_type, exc_message, tb = codec.unpack(rest[0])
             self._child_report = ExitReport(self.instance, ExitKind(kind_), exc_type, exc_message, tb)
         else:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=f"child sent {kind!r}")
+
+    def _refill(self) -> None:
+        """The child has answered (or had time to start): the fork server may make the next spare.
+        Not sooner: a fork and a spare's set-up take CPU the child's start needs."""
+        self._refill_timer.cancel()
+        self._refill_timer = None
+        self.launcher.refill()
 
     def _read_control(self) -> None:
         if self._control is None:
@@ -440,24 +500,32 @@ def child_main(arg: bytes, prepared: _Prepared | None = None) -> None:
     """Entry point of a forked child: run one actor and relay its frames to the host."""
     if prepared is None:
         prepared = _prepare_child()
-    cfg = codec.unpack(arg)
-    name, node = cfg["name"], cfg["node"]
-    zctx = prepared.zctx
+    report, bus = _serve(codec.unpack(arg), prepared)
+    prepared.scheduler.close()
+    bus.close()  # and the zmq Context, which waits for the exit report to be out
+    _exit(1 if report.crashed else 0)
+
+
+def _serve(cfg: dict[str, Any], prepared: _Prepared) -> tuple[ExitReport, Bus]:
+    """Run the actor ``cfg`` names, relaying its frames, until it ends; its exit report (also sent
+    to the host) and its bus, whose mailboxes are still open."""
+    name, zctx = cfg["name"], prepared.zctx
     dealer = zctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 2_000)
     dealer.setsockopt(zmq.RECONNECT_IVL, 2)  # the host binds at once: retry fast, not after 100 ms
     dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 20)
     dealer.connect(cfg["address"])
-    bus = Bus(node, context=zctx, uplink="_uplink")
-    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Hello first: the host starts forwarding while this process sets up (frames wait in the
+    # DEALER's queue until the relay loop below reads them), not after.
+    dealer.send_multipart([b"hello", str(os.getpid()).encode()])
+    bus = Bus(cfg["node"], context=zctx, uplink="_uplink")
+    control = bus.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control.connect(cfg["control"])
-    bus.control = control
     uplink = zctx.socket(zmq.PULL)
     uplink.bind(bus.address("_uplink"))
     bus.open_mailbox(name)
     feed = zctx.socket(zmq.PUSH)
     feed.connect(bus.address(name))
-    scheduler = prepared.scheduler
     wake_r, wake_w = os.pipe()
     report: list[ExitReport] = []
 
@@ -465,23 +533,33 @@ def child_main(arg: bytes, prepared: _Prepared | None = None) -> None:
         report.append(rep)
         os.write(wake_w, b"x")
 
-    ctx = ActorContext(
-        bus=bus, name=name, log=_UplinkLog(bus), scheduler=scheduler, watcher=watcher, config=dict(cfg["config"])
-    )
+    log, config = _UplinkLog(bus), dict(cfg["config"])
+    ctx = ActorContext(bus=bus, name=name, log=log, scheduler=prepared.scheduler, watcher=watcher, config=config)
     try:
         actor = _load(cfg["target"]).launch(ctx)
     except Exception as exc:  # noqa: BLE001 - reported to the host as this child's crash, then exit 1
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        dealer.send_multipart([b"hello", str(os.getpid()).encode()])
-        dealer.send_multipart([b"exit", codec.pack(("crash", type(exc).__name__, str(exc), tb))])
-        dealer.close()
-        bus.close()
-        _exit(1)
-    dealer.send_multipart([b"hello", str(os.getpid()).encode()])
+        report.append(ExitReport("", ExitKind.CRASH, type(exc).__name__, str(exc), tb))
+    else:
+        _relay_frames(dealer, feed, uplink, wake_r, actor, report)
+        actor.finished.wait(FINISH_TIMEOUT)  # its watcher has written to the wake pipe by then
+    rep = report[0]
+    dealer.send_multipart([b"exit", codec.pack((rep.kind.value, rep.exc_type, rep.exc_message, rep.traceback))])
+    dealer.close()  # lingers until the exit report is out
+    for sock in (feed, uplink):
+        sock.close(linger=0)
+    control.close()
+    os.close(wake_r)
+    os.close(wake_w)
+    return rep, bus
+
+
+def _relay_frames(dealer: Any, feed: Any, uplink: Any, wake: int, actor: Any, report: list[ExitReport]) -> None:
+    """Frames from the host to the actor's mailbox, and from the actor to the host, until it ends."""
     poller = zmq.Poller()
     poller.register(dealer, zmq.POLLIN)
     poller.register(uplink, zmq.POLLIN)
-    poller.register(wake_r, zmq.POLLIN)
+    poller.register(wake, zmq.POLLIN)
     while not report:
         for sock, _ in poller.poll():
             if sock is dealer:
@@ -497,17 +575,62 @@ def child_main(arg: bytes, prepared: _Prepared | None = None) -> None:
             dealer.send_multipart(uplink.recv_multipart(zmq.NOBLOCK))
         except zmq.Again:
             break
-    rep = report[0]
-    dealer.send_multipart([b"exit", codec.pack((rep.kind.value, rep.exc_type, rep.exc_message, rep.traceback))])
-    dealer.close()  # lingers until the exit report is out
-    feed.close(linger=0)
-    uplink.close(linger=0)
-    scheduler.close()
-    bus.close()
-    _exit(1 if rep.crashed else 0)
 
 
-child_main.prepare = _prepare_child  # type: ignore[attr-defined]  # the fork server's warm-spare hook
+class _Rehearsal(Actor):
+    """The actor of a warm spare's dry run (:func:`_rehearse`): answers every request with Ok."""
+
+    def handle(self, msg: Any) -> None:
+        return None
+
+
+def _rehearse(prepared: _Prepared) -> None:
+    """A dry run of a child's life in a warm spare, before its assignment: the fork server's hook.
+
+    A forked child pays a copy-on-write page fault (microseconds each on a VM) for
+    every page of the fork server's memory it first writes, and CPython writes to
+    every object it touches (reference counts). Setting up, starting an actor and
+    answering a first request touch some hundreds of pages: :func:`_serve` runs
+    here once, with :class:`_Rehearsal` and a host played by a thread over
+    ``inproc://`` and an abstract Unix socket, so those pages are copied now and
+    not on the way to the real child's first answer.
+    """
+    zctx = prepared.zctx
+    address = f"inproc://_rehearsal-{os.getpid()}"
+    router = zctx.socket(zmq.ROUTER)
+    router.bind(address)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.bind(f"\0villagemesh-rehearsal-{os.getpid()}")
+    control.listen(1)
+    ask = encode_frame(Kind.ASK, 1, "_rehearsal_reply", Ok())
+
+    def host() -> None:
+        identity, _, _ = router.recv_multipart()  # hello
+        router.send_multipart([identity, b"msg", ask])
+        router.recv_multipart()  # the reply
+        router.send_multipart([identity, b"stop"])
+        while router.recv_multipart()[1] != b"exit":  # the ack, then the exit report
+            continue
+
+    thread = threading.Thread(target=host, name="rehearsal-host", daemon=True)
+    thread.start()
+    cfg = {
+        "target": f"{__name__}:_Rehearsal",
+        "node": "_rehearsal",
+        "name": "rehearsal",
+        "address": address,
+        "control": control.getsockname(),
+        "config": {},
+    }
+    _, bus = _serve(cfg, prepared)
+    thread.join()
+    bus.close_mailbox("rehearsal")
+    router.close(linger=0)
+    control.close()
+
+
+child_main.prepare = _prepare_child  # type: ignore[attr-defined]  # the fork server's warm-spare hooks
+child_main.rehearse = _rehearse  # type: ignore[attr-defined]
 
 
 def _exit(status: int) -> None:

@@ -78,3 +78,28 @@ def report_prepared(arg: bytes, prepared: dict[str, int] | None = None) -> None:
 
 
 report_prepared.prepare = _prepare_report  # type: ignore[attr-defined]
+
+
+def _prepare_gated() -> dict[str, int]:
+    """A spare's prepare; with ``VILLAGEMESH_TEST_GATE`` set, it reports its pid to the test and
+    returns only when the test says so (after the test's fork request has handed it its argument)."""
+    if os.environ.get("VILLAGEMESH_TEST_GATE"):
+        gate = _report(os.environ["VILLAGEMESH_TEST_REPORTS"].encode(), str(os.getpid()))
+        gate.recv(1)
+        gate.close()
+    return {"rehearsed": 0}
+
+
+def _rehearse_mark(prepared: dict[str, int]) -> None:
+    """A spare's rehearsal: marks ``prepared`` and reports ``pid 1`` to the test."""
+    prepared["rehearsed"] = 1
+    _report(os.environ["VILLAGEMESH_TEST_REPORTS"].encode(), f"{os.getpid()} 1").close()
+
+
+def report_rehearsal(arg: bytes, prepared: dict[str, int] | None = None) -> None:
+    """Report ``pid rehearsed`` (1 if this spare rehearsed before its assignment), then exit."""
+    _report(arg, f"{os.getpid()} {prepared['rehearsed'] if prepared else 0}").close()
+
+
+report_rehearsal.prepare = _prepare_gated  # type: ignore[attr-defined]
+report_rehearsal.rehearse = _rehearse_mark  # type: ignore[attr-defined]

@@ -339,6 +339,85 @@ def test_a_spare_that_dies_unassigned_is_never_reported_and_the_next_fork_still_
         assert srv.read_exits() == [ChildExit(pid, 0)]
 
 
+def spares_of(srv: ForkServer, *, besides: tuple[int, ...] = ()) -> list[int]:
+    """The server's live children other than ``besides``, after a round trip (so that every
+    request sent before has been handled: a refill's forks are done)."""
+    srv.kill(2**22 + 1)  # no such child: only the round trip matters
+    children = [int(p) for p in Path(f"/proc/{srv.pid}/task/{srv.pid}/children").read_text().split()]
+    return [pid for pid in children if pid not in besides and not ended_already(pid)]
+
+
+def ended_already(pid: int) -> bool:
+    """True if ``pid`` has exited (a zombie not reaped yet counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_warm_target_keeps_its_spares_and_a_fork_without_refill_waits_for_refill(reports):
+    """``spares`` spares wait ready; ``refill=False`` takes one and leaves the gap until ``refill()``."""
+    target = f"{T}:report_prepared"
+    with ForkServer.start(preload=(T,), warm=(target,), spares=2) as srv:
+        first = spares_of(srv)
+        assert len(first) == 2
+        pid = srv.fork(target, reports.name, refill=False)
+        assert pid == min(first)  # the oldest spare goes first
+        assert reports.next() == [pid, pid]
+        assert srv.wait_exit(pid, WAIT).returncode == 0
+        assert spares_of(srv) == [max(first)]  # no new spare yet
+        srv.refill(target)
+        after = spares_of(srv)
+        assert len(after) == 2 and max(first) in after
+        srv.refill(target)  # full already: nothing more
+        assert spares_of(srv) == after
+
+
+def test_a_fork_that_finds_no_spare_is_cold_and_refills_at_once(reports):
+    """With every spare gone, a fork is cold (``target(arg)``) and the next spare follows it anyway."""
+    target = f"{T}:report_prepared"
+    with ForkServer.start(preload=(T,), warm=(target,)) as srv:
+        (spare,) = spares_of(srv)
+        os.kill(spare, signal.SIGKILL)
+        assert ended(spare)
+        pid = srv.fork(target, reports.name, refill=False)
+        assert reports.next() == [pid, 0]  # cold: no prepared value
+        assert srv.wait_exit(pid, WAIT).returncode == 0
+        assert len(spares_of(srv)) == 1
+
+
+def test_a_spare_with_time_to_spare_rehearses_before_its_assignment(reports, monkeypatch):
+    """A warm target's ``rehearse`` runs in the spare once its argument is late; the child sees it."""
+    monkeypatch.setenv("VILLAGEMESH_TEST_REPORTS", reports.name.decode())
+    target = f"{T}:report_rehearsal"
+    with ForkServer.start(preload=(T,), warm=(target,)) as srv:
+        spare, rehearsed = reports.next()  # the rehearsal reports itself
+        assert rehearsed == 1
+        pid = srv.fork(target, reports.name)
+        assert pid == spare
+        assert reports.next() == [pid, 1]
+
+
+def test_a_spare_whose_argument_came_during_prepare_skips_the_rehearsal(reports, monkeypatch):
+    """The rehearsal is for idle time only: an argument already waiting after ``prepare`` goes first."""
+    monkeypatch.setenv("VILLAGEMESH_TEST_REPORTS", reports.name.decode())
+    monkeypatch.setenv("VILLAGEMESH_TEST_GATE", "1")
+    target = f"{T}:report_rehearsal"
+    with ForkServer.start(preload=(T,), warm=(target,)) as srv:
+        (spare,) = reports.next()  # its prepare waits for our go
+        pid = srv.fork(target, reports.name, refill=False)  # the argument is in its pipe now
+        reports.conns[-1].sendall(b"g")
+        assert pid == spare
+        assert reports.next() == [pid, 0]
+
+
+def test_spares_must_be_a_positive_int():
+    """A fork server keeps at least one spare per warm target; anything else is a ConfigError naming it."""
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(ConfigError, match=f"spares must be an int >= 1, got {bad!r}"):
+            ForkServer.start(spares=bad)  # type: ignore[arg-type]
+
+
 def test_a_frame_whose_body_is_not_msgpack_is_rejected():
     """A well-formed length with an undecodable body is a SupervisionError."""
     with pytest.raises(SupervisionError, match="undecodable"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
@@ -120,3 +121,61 @@ def test_stopping_the_supervisor_stops_the_child_process(process_runtime, record
     assert stopped["reason"] == "shutdown"
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+class RefillCalls:
+    """Counts a launcher's ``refill`` calls (they still reach the fork server); ``first`` is set at the first."""
+
+    def __init__(self, launcher) -> None:
+        self.count = 0
+        self.first = threading.Event()
+        self._refill = launcher.refill
+
+    def __call__(self) -> None:
+        self.count += 1
+        self.first.set()
+        self._refill()
+
+
+def test_a_new_child_asks_for_the_next_spare_once_after_its_first_answer(process_runtime, monkeypatch):
+    """The next spare is forked after the child's first acknowledgement, not during its start, and once."""
+    from villagemesh.supervision import process
+
+    monkeypatch.setattr(process, "REFILL_AFTER", 3600.0)  # only the acknowledgement can ask
+    launcher = process_runtime.process_launcher()
+    calls = RefillCalls(launcher)
+    monkeypatch.setattr(launcher, "refill", calls)
+    start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    for i in range(3):
+        ask(process_runtime, "p", Ping(i))
+    assert calls.first.wait(WAIT)
+    ask(process_runtime, "p", Ping(9))
+    assert calls.count == 1
+
+
+def test_a_new_child_that_gets_no_message_still_asks_for_the_next_spare(process_runtime, monkeypatch):
+    """Without a frame to acknowledge, the host asks REFILL_AFTER seconds after the child's hello."""
+    from villagemesh.supervision import process
+
+    monkeypatch.setattr(process, "REFILL_AFTER", 0.01)
+    launcher = process_runtime.process_launcher()
+    calls = RefillCalls(launcher)
+    monkeypatch.setattr(launcher, "refill", calls)
+    start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    assert calls.first.wait(WAIT)
+
+
+def test_a_rehearsal_takes_a_spare_through_a_first_request_and_leaves_its_context_open():
+    """The warm spare's dry run (an actor started, asked, stopped) completes and keeps the prepared Context."""
+    import zmq
+
+    from villagemesh.supervision.process import _prepare_child, _rehearse
+
+    prepared = _prepare_child()
+    try:
+        _rehearse(prepared)
+        probe = prepared.zctx.socket(zmq.PAIR)  # the Context still works
+        probe.close(linger=0)
+    finally:
+        prepared.scheduler.close()
+        prepared.zctx.destroy(linger=0)
