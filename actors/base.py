@@ -64,6 +64,7 @@ __all__ = [
     "Scheduler",
     "Supervised",
     "TimerHandle",
+    "format_traceback",
 ]
 
 
@@ -91,6 +92,41 @@ class ExitReport:
 
 
 ExitWatcher = Callable[["Supervised", ExitReport], None]
+
+
+def format_traceback(exc: BaseException, tb: TracebackType | None) -> str:
+    """``traceback.format_exception(exc)`` without Python 3.11's ``^^^`` lines under each frame.
+
+    Python locates those columns for every frame (a walk over the code's positions) and
+    draws them by parsing the frame's source line (an ``ast.parse``): two thirds of the
+    cost of a crash report, which the restart waits for. Exception groups keep Python's
+    own layout."""
+    blocks: list[list[str]] = []
+    seen: set[int] = set()
+    while True:
+        if isinstance(exc, BaseExceptionGroup):
+            return "".join(traceback.format_exception(exc))
+        seen.add(id(exc))
+        block = traceback.format_exception_only(exc)
+        if tb is not None:
+            frames = traceback.StackSummary.extract(traceback.walk_tb(tb)).format()
+            block = ["Traceback (most recent call last):\n", *frames, *block]
+        blocks.append(block)
+        if exc.__cause__ is not None:
+            exc, link = exc.__cause__, _CAUSE
+        elif exc.__context__ is not None and not exc.__suppress_context__:
+            exc, link = exc.__context__, _CONTEXT
+        else:
+            break
+        if id(exc) in seen:
+            break
+        blocks.append([link])
+        tb = exc.__traceback__
+    return "".join(line for block in reversed(blocks) for line in block)
+
+
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
 
 
 class OwnedThreadDied(VillageMeshError):
@@ -229,7 +265,7 @@ class Supervised(pykka.ThreadingActor):
             kind=ExitKind.CRASH,
             exc_type=exception_type.__name__ if exception_type is not None else "Unknown",
             exc_message=str(exception_value),
-            traceback="".join(traceback.format_exception(exception_type, exception_value, tb)),
+            traceback=format_traceback(exception_value, tb) if exception_value is not None else None,
         )
 
     def _setup(self) -> None:

@@ -58,14 +58,13 @@ import socket
 import sys
 import tempfile
 import threading
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from villagemesh.actors import codec
-from villagemesh.actors.base import Actor, ActorContext, ExitKind, ExitReport, Ok, Scheduler
+from villagemesh.actors.base import Actor, ActorContext, ExitKind, ExitReport, Ok, Scheduler, format_traceback
 from villagemesh.actors.bus import Bus, Fault, Kind, decode_frame, encode_frame, tell_frame
 from villagemesh.errors import CodecError, ConfigError, SupervisionError
 
@@ -538,7 +537,7 @@ def _serve(cfg: dict[str, Any], prepared: _Prepared) -> tuple[ExitReport, Bus]:
     try:
         actor = _load(cfg["target"]).launch(ctx)
     except Exception as exc:  # noqa: BLE001 - reported to the host as this child's crash, then exit 1
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        tb = format_traceback(exc, exc.__traceback__)
         report.append(ExitReport("", ExitKind.CRASH, type(exc).__name__, str(exc), tb))
     else:
         _relay_frames(dealer, feed, uplink, wake_r, actor, report)

@@ -37,7 +37,7 @@ from typing import Any
 
 import pykka
 
-from villagemesh.actors.base import ActorContext, ExitKind, ExitReport, Scheduler, Supervised
+from villagemesh.actors.base import ActorContext, ExitKind, ExitReport, Scheduler, Supervised, format_traceback
 from villagemesh.actors.bus import Bus
 from villagemesh.errors import RestartIntensityExceeded, SupervisionError
 from villagemesh.supervision.decisions import add_restart, backoff_delay, plan, should_restart
@@ -348,6 +348,4 @@ def which_children(ref: pykka.ActorRef[Supervisor], *, timeout: float = 1.0) -> 
 
 
 def _format(exc: BaseException) -> str:
-    import traceback
-
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return format_traceback(exc, exc.__traceback__)

@@ -43,6 +43,31 @@ def test_every_in_thread_failure_is_restarted(runtime, recorder, how):
     assert crash["traceback"].startswith("Traceback")
 
 
+def test_a_crash_report_traceback_is_pythons_without_the_column_markers():
+    """Crash tracebacks read as ``traceback.format_exception``'s, chained causes included, minus the
+    ``^^^`` lines (drawing them parses every frame's source: half the cost of a crash report)."""
+    import traceback
+
+    from villagemesh.actors.base import format_traceback
+
+    def fail() -> None:
+        try:
+            {}["key"]
+        except KeyError as exc:
+            raise ValueError("wrapped") from exc
+
+    try:
+        fail()
+    except ValueError as exc:
+        error = exc
+    python = "".join(traceback.format_exception(error))
+    ours = format_traceback(error, error.__traceback__)
+    assert "^^^" in python and "^" not in ours
+    lines = python.splitlines(keepends=True)
+    unmarked = "".join(line for line in lines if not (line.strip() and set(line.strip()) <= set("^~")))
+    assert ours == unmarked and "KeyError: 'key'" in ours and "direct cause" in ours
+
+
 def test_base_exception_in_handler_does_not_stop_other_actors(runtime, recorder):
     """pykka would stop every actor on a BaseException; here only the failing one restarts."""
     start(runtime, ChildSpec("a", Probe), ChildSpec("b", Probe))
