@@ -192,11 +192,11 @@ class ProcessHost(Actor):
         self.spec = spec
         self.launcher = launcher
         self.address = launcher.ipc_address(ctx.bus.node, ctx.name, self.instance)
-        control_path = launcher.control_path(ctx.bus.node, ctx.name, self.instance)
+        self._control_path = launcher.control_path(ctx.bus.node, ctx.name, self.instance)
         # Listening before the fork, so the child's connect cannot fail; the socket is
         # only accepted on and read in the actor's own thread.
         self._control_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._control_listener.bind(control_path)
+        self._control_listener.bind(self._control_path)
         self._control_listener.listen(1)
         self._control: socket.socket | None = None
         # Bound before the fork too, so the child's first connect succeeds (a refused ipc
@@ -212,7 +212,7 @@ class ProcessHost(Actor):
                 "node": ctx.bus.node,
                 "name": ctx.name,
                 "address": self.address,
-                "control": control_path,
+                "control": self._control_path,
                 "config": dict(ctx.config),
             }
         )
@@ -221,6 +221,8 @@ class ProcessHost(Actor):
         except BaseException:
             self._router.close(linger=0)
             self._control_listener.close()
+            os.unlink(self._control_path)
+            self._inbox.close()  # this instance never runs: nothing else would close it
             raise
         self._unacked: collections.deque[bytes] = collections.deque()
         self._begun = 0
@@ -423,21 +425,23 @@ class ProcessHost(Actor):
             self._hand_back(poison=None, fault=False)
 
     def _teardown(self) -> None:
-        self._kill_child()
-        if not self._router.closed:
-            self._inbox.unwatch(self._router)
-            self._router.close(linger=0)
-        if self._pidfd is not None:
-            self._inbox.unwatch(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-        for sock in (self._control, self._control_listener):
-            if sock is not None:
-                self._inbox.unwatch(sock)
-                sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._control_listener.getsockname() or "")
-        super()._teardown()
+        try:
+            self._kill_child()
+            if not self._router.closed:
+                self._inbox.unwatch(self._router)
+                self._router.close(linger=0)
+            if self._pidfd is not None:
+                self._inbox.unwatch(self._pidfd)
+                os.close(self._pidfd)
+                self._pidfd = None
+            for sock in (self._control, self._control_listener):
+                if sock is not None:
+                    self._inbox.unwatch(sock)
+                    sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._control_path)
+        finally:
+            super()._teardown()  # the sender's sockets and the inbox, whatever failed above
 
     def _kill_child(self) -> None:
         try:
