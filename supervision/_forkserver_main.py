@@ -96,6 +96,9 @@ class _Server:
         self.unassigned: set[int] = set()  # pids of spares not yet handed out
         self.tainted: str | None = None
         self.pid = os.getpid()
+        # Looked up once here: in a child, building it (dlopen, a CDLL object) would cost a
+        # hundred copy-on-write page faults, in every spare.
+        self.prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -295,7 +298,7 @@ class _Server:
             for fd in [*self.by_pidfd, *(s.assignment for pool in self.spares.values() for s in pool), drop]:
                 if fd not in (keep, -1):
                     os.close(fd)
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            self.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != self.pid:
                 os._exit(1)  # the server died before the line above: do not outlive it
             signal.signal(signal.SIGINT, signal.default_int_handler)
