@@ -77,6 +77,9 @@ enough to keep a child busy, small enough that a crash hands back little."""
 HELLO_TIMEOUT = 10.0
 """Seconds a new child has to connect and say hello before the host gives up."""
 
+REAP_TIMEOUT = 1.0
+"""Seconds a host waits for the fork server to report its ended child (it takes microseconds)."""
+
 REFILL_AFTER = 0.05
 """Seconds after its child's hello when a host asks for the next warm spare, if the child
 has not acknowledged a frame before (its first acknowledgement asks at once)."""
@@ -369,7 +372,7 @@ class ProcessHost(Actor):
         self._read_child()  # acks and an exit report sent just before the end may still be queued
         if self._control is not None:
             self._read_control()  # begin marks are in the kernel's buffer even after the death
-        status = self.launcher.exit_status(self.pid, timeout=1.0)
+        status = self.launcher.exit_status(self.pid, timeout=REAP_TIMEOUT)
         report = self._child_report
         # The last frame the child began and did not acknowledge is not handed back (it
         # may be what killed it, and would kill the next child too). A child that crashed
@@ -421,6 +424,8 @@ class ProcessHost(Actor):
             if ready:
                 self._read_child()
         self._kill_child()
+        # Reaped before the supervisor hears of the stop: the process is gone, not a zombie.
+        self.launcher.exit_status(self.pid, timeout=REAP_TIMEOUT)
         if self._unacked:
             self._hand_back(poison=None, fault=False)
 

@@ -195,3 +195,34 @@ def test_restarted_hosts_leave_nothing_behind(process_runtime, recorder):
         pid = new
     controls = [name for name in os.listdir(launcher._dir) if name.endswith(".ctl")]
     assert len(controls) == 1
+
+
+def test_a_failed_fork_is_a_crash_of_the_child_and_leaves_no_file(process_runtime, recorder, monkeypatch):
+    """A fork the server refuses crashes that child (the supervisor retries); its host's files are gone."""
+    from villagemesh.errors import SupervisionError
+
+    launcher = process_runtime.process_launcher()
+    real_fork = launcher.fork
+    calls = []
+
+    def refuse_once(arg: bytes) -> int:
+        calls.append(arg)
+        if len(calls) == 1:
+            raise SupervisionError("fork server refused (test)")
+        return real_fork(arg)
+
+    monkeypatch.setattr(launcher, "fork", refuse_once)
+    start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    crashed = recorder.wait_for("child_crashed", child_id="p")[0]
+    assert crashed["exc_type"] == "SupervisionError"
+    assert isinstance(ask(process_runtime, "p", Ping(0)), Pong)  # the retry worked
+    assert len([n for n in os.listdir(launcher._dir) if n.endswith(".ctl")]) == 1
+
+
+def test_asking_for_a_spare_once_the_fork_server_is_gone_is_harmless():
+    """A host whose child says hello while the node stops finds the fork server closed: nothing to do."""
+    from villagemesh.supervision.process import ProcessLauncher
+
+    launcher = ProcessLauncher()
+    launcher.close()
+    launcher.refill()
