@@ -24,6 +24,12 @@ back, as before: the next kill comes as soon as the previous answer did, for
 both runtimes. One untimed block of each comes first (first use of the code
 paths).
 
+Thread figures: ``p50_ms``/``p99_ms`` are over back-to-back crashes (the
+issue's measurement: a crash as soon as the previous answer came); the first
+crash of each thread block follows the other two runtimes' kills (their
+processes ran meanwhile, so its caches are cold) and is reported apart
+(``thread_first_*``) and together with the rest (``thread_all_p99_ms``).
+
 Figures: p50 and p99 by nearest rank over all the samples of a runtime (the
 p99 of 5 x 200 = 1,000 kills is about the 10th largest); ``process_ratio_thespian``
 is our process p99 over Thespian's. Each round also gives its own p99 ratio
@@ -170,6 +176,7 @@ def main() -> None:
     thespian = [s for r in theirs for s in r]
     t50, t99 = percentile(thread, 50), percentile(thread, 99)
     f50, f99 = percentile(thread_first, 50), percentile(thread_first, 99)
+    a99 = percentile(thread + thread_first, 99)
     p50, p99 = percentile(process, 50), percentile(process, 99)
     h50, h99 = percentile(thespian, 50), percentile(thespian, 99)
     round_ratios = [percentile(o, 99) / percentile(t, 99) for o, t in zip(ours, theirs, strict=True)]
@@ -177,6 +184,7 @@ def main() -> None:
     print(f"load average {load_before:.2f} before, {load_after:.2f} after")
     print(f"thread crash -> answering again     p50 {t50:6.2f} ms  p99 {t99:6.2f} ms  ({len(thread)} crashes)")
     print(f"  the first crash after the pause   p50 {f50:6.2f} ms  p99 {f99:6.2f} ms  ({len(thread_first)} crashes)")
+    print(f"  every thread crash together                    p99 {a99:6.2f} ms")
     print(f"process kill -9 -> answering again  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  ({len(process)} kills)")
     print(f"Thespian kill -9 -> answering again p50 {h50:6.2f} ms  p99 {h99:6.2f} ms  ({len(thespian)} kills)")
     print(f"process p99 / Thespian p99 = {p99 / h99:.2f} (target <= 1.0)")
@@ -193,6 +201,7 @@ def main() -> None:
         p99_ms=round(t99, 3),
         thread_first_p50_ms=round(f50, 3),
         thread_first_p99_ms=round(f99, 3),
+        thread_all_p99_ms=round(a99, 3),
         process_p50_ms=round(p50, 3),
         process_p99_ms=round(p99, 3),
         thespian_p50_ms=round(h50, 3),
