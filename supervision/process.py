@@ -608,7 +608,7 @@ def _rehearse(prepared: _Prepared) -> None:
     router = zctx.socket(zmq.ROUTER)
     router.bind(address)
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    control.bind(f"\0villagemesh-rehearsal-{os.getpid()}")
+    control.bind("")  # an abstract name the kernel picks: nothing on disk, nothing to squat
     control.listen(1)
     ask = encode_frame(Kind.ASK, 1, "_rehearsal_reply", Ok())
 
@@ -631,7 +631,7 @@ def _rehearse(prepared: _Prepared) -> None:
         "config": {},
     }
     _, bus = _serve(cfg, prepared)
-    thread.join()
+    thread.join(FINISH_TIMEOUT)
     bus.close_mailbox("rehearsal")
     router.close(linger=0)
     control.close()
