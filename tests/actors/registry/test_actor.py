@@ -12,7 +12,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from tests.conftest import WAIT
-from villagemesh.actors.base import Actor, InjectedCrash
+from villagemesh.actors.base import Actor, ActorContext, InjectedCrash
 from villagemesh.actors.lan.messages import PeerAnnounced
 from villagemesh.actors.registry.actor import (
     RegistryActor,
@@ -237,7 +237,9 @@ def test_a_full_registry_evicts_the_peer_seen_longest_ago(runtime, recorder, tmp
     assert len(list_peers(client, timeout=WAIT)) == 2
 
 
-def test_max_peers_must_be_a_positive_int(runtime, recorder, tmp_path):
-    start(runtime, tmp_path, max_peers=0)
-    crashed = recorder.wait_for("child_crashed", child_id="registry")[0]
-    assert "max_peers" in crashed["exc_message"]
+def test_max_peers_must_be_a_positive_int(runtime, tmp_path):
+    """Refused when the actor is made, naming the value."""
+    runtime.bus.open_mailbox("registry")
+    config = {"path": str(tmp_path / "peers.db"), "max_peers": 0}
+    with pytest.raises(ConfigError, match="'max_peers' must be an int >= 1, got 0"):
+        RegistryActor(ActorContext(runtime.bus, "registry", runtime.log, runtime.scheduler, config=config))
