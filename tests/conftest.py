@@ -81,6 +81,13 @@ def runtime(recorder: Recorder, tmp_path: Any) -> Iterator[Any]:
     yield env
     import pykka
 
+    from villagemesh.supervision.supervisor import Supervisor
+
+    # Supervisors first, in the order they registered (a top-level one before those it started):
+    # each stops its children in reverse order (OTP), so none is restarted under a stop_all that
+    # stopped it from outside. Then whatever is left.
+    for ref in pykka.ActorRegistry.get_by_class(Supervisor):
+        ref.stop(block=True, timeout=10)  # one stopped meanwhile by its parent: returns at once
     pykka.ActorRegistry.stop_all(block=True, timeout=5)
     bus.close()
     scheduler.close()
