@@ -145,6 +145,14 @@ PROBE_BACK_MEMORY = 4096
 """Peers remembered as recently probed back (oldest forgotten first): bounded memory."""
 
 
+def _put_bounded(table: dict[Any, Any], key: Any, value: Any) -> None:
+    """``table[key] = value`` as its newest entry, forgetting the oldest beyond PROBE_BACK_MEMORY."""
+    table.pop(key, None)
+    if len(table) >= PROBE_BACK_MEMORY:
+        table.pop(next(iter(table)))
+    table[key] = value
+
+
 class _Gossip:
     """Timer: a gossip tick."""
 
@@ -319,9 +327,7 @@ class LanActor(LoopActor):
         target = next((_tcp_target(a) for a in request.addresses if _tcp_target(a) is not None), None)
         if target is None:
             return
-        if len(self.probed_back) >= PROBE_BACK_MEMORY:
-            self.probed_back.pop(next(iter(self.probed_back)))
-        self.probed_back[request.node_id] = now
+        _put_bounded(self.probed_back, request.node_id, now)
         host, port = target
 
         def then(result: Probed | None, error: BaseException | None) -> None:
@@ -444,12 +450,9 @@ class LanActor(LoopActor):
 
     def _exchanged(self, target: tuple[str, int], probed: Probed, pushed: int) -> None:
         """Remember both cursors after a successful exchange with ``target``."""
-        for table in (self.cursors, self.pushed, self.exchanged_at):
-            if len(table) >= PROBE_BACK_MEMORY and target not in table:
-                table.pop(next(iter(table)))
-        self.cursors[target] = probed.cursor
-        self.pushed[target] = pushed
-        self.exchanged_at[target] = time.monotonic()
+        _put_bounded(self.cursors, target, probed.cursor)
+        _put_bounded(self.pushed, target, pushed)
+        _put_bounded(self.exchanged_at, target, time.monotonic())
 
     def _remember(self, peer: RelayedPeer, event: Announce | DiscoveryResponse) -> bool:
         """Into the book (a new peer wakes gossip); whether the registry should hear of it: a new
@@ -464,9 +467,7 @@ class LanActor(LoopActor):
         now = time.monotonic()
         if found == STALE or (found == FRESHER and now - self.told.get(peer.node_id, -1e9) < REGISTRY_REFRESH_S):
             return False
-        if len(self.told) >= PROBE_BACK_MEMORY and peer.node_id not in self.told:
-            self.told.pop(next(iter(self.told)))
-        self.told[peer.node_id] = now
+        _put_bounded(self.told, peer.node_id, now)
         return True
 
     def _gossip(self) -> None:
@@ -528,10 +529,7 @@ class LanActor(LoopActor):
         return found
 
     def _note_pulled(self, node_id: str) -> None:
-        if len(self.pulled) >= PROBE_BACK_MEMORY:
-            self.pulled.pop(next(iter(self.pulled)))
-        self.pulled.pop(node_id, None)
-        self.pulled[node_id] = time.monotonic()
+        _put_bounded(self.pulled, node_id, time.monotonic())
 
     def _pull(self, node_id: str, host: str, port: int) -> None:
         def then(result: Probed | None, error: BaseException | None) -> None:
