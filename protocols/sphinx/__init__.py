@@ -11,6 +11,7 @@ from __future__ import annotations
 from .packet import (
     HEADER_BYTES,
     MAX_DELAY_MS,
+    MAX_EPOCH,
     MAX_HOPS,
     MAX_MESSAGE,
     PACKET_BYTES,
@@ -32,6 +33,7 @@ from .packet import (
 __all__ = [
     "HEADER_BYTES",
     "MAX_DELAY_MS",
+    "MAX_EPOCH",
     "MAX_HOPS",
     "MAX_MESSAGE",
     "PACKET_BYTES",

@@ -3,21 +3,29 @@
 A packet has one fixed size at every hop, whatever the path's length or a
 node's position on it::
 
-    packet  = header ‖ payload                                  PACKET_BYTES   = 330 + 2,048
-    header  = version(1) ‖ α(32) ‖ β(MAX_HOPS × HOP_BYTES) ‖ γ(32)  HEADER_BYTES   = 330
+    packet  = header ‖ payload                                            PACKET_BYTES = 334 + 2,048
+    header  = version(1) ‖ epoch(4) ‖ α(32) ‖ β(MAX_HOPS × HOP_BYTES) ‖ γ(32)  HEADER_BYTES = 334
     hop     = command(1) ‖ node id(16) ‖ delay ms(4, big-endian) ‖ next γ(32)   HOP_BYTES = 53
     payload = LIONESS layers over  zero tag(32) ‖ length(2) ‖ message ‖ zero padding
 
 α is the sender's ephemeral X25519 point, blinded at every hop; β the routing
 information, one layer of ChaCha20 per hop; γ a MAC (keyed BLAKE2b-256) over
-``version ‖ α ‖ β``, so a flipped bit anywhere in the header, α's ignored top
-bit included, fails at the next hop.
+``version ‖ epoch ‖ α ‖ β``, so a flipped bit anywhere in the header, α's ignored
+top bit included, fails at the next hop.
+
+The *epoch* (a number the network's clock gives, e.g. hours since 1970) goes
+into every key a hop derives, and is covered by the MAC: a mix accepts a
+packet only for the epochs it names (:func:`unwrap`'s ``epochs``, the current
+one and the one before), so its replay cache need only hold the tags of those
+epochs. A replay from an older epoch is refused by its epoch, never by a tag
+the cache had to forget.
 
 Processing at a hop holding secret ``x`` (:func:`unwrap`), in this order::
 
+    epoch one this mix accepts?           else refused
     s = X25519(x, α)                      low-order α: refused
-    keys = KDF(s): mac, stream, nonce, payload (LIONESS), blinding, replay tag
-    γ == MAC(mac, version ‖ α ‖ β)        else refused (constant-time compare)
+    keys = KDF(s, epoch): mac, stream, nonce, payload (LIONESS), blinding, replay tag
+    γ == MAC(mac, version ‖ epoch ‖ α ‖ β)  else refused (constant-time compare)
     replay tag seen before?               refused; checked only after the MAC, so garbage
                                           cannot fill the cache
     B = (β ‖ 0^HOP_BYTES) XOR stream      B[:HOP_BYTES] is this hop's command, B[HOP_BYTES:] the next β
@@ -60,7 +68,7 @@ import enum
 import hashlib
 import hmac
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from villagemesh.errors import LocalProtocolError, RemoteProtocolError
@@ -83,6 +91,7 @@ __all__ = [
     "HEADER_BYTES",
     "HOP_BYTES",
     "MAX_DELAY_MS",
+    "MAX_EPOCH",
     "MAX_HOPS",
     "MAX_MESSAGE",
     "NODE_ID_BYTES",
@@ -109,7 +118,9 @@ NODE_ID_BYTES = 16
 MAX_HOPS = 5
 HOP_BYTES = 1 + NODE_ID_BYTES + 4 + KEY_BYTES
 BETA_BYTES = MAX_HOPS * HOP_BYTES
-HEADER_BYTES = 1 + KEY_BYTES + BETA_BYTES + KEY_BYTES
+EPOCH_BYTES = 4
+HEADER_BYTES = 1 + EPOCH_BYTES + KEY_BYTES + BETA_BYTES + KEY_BYTES
+MAX_EPOCH = 2**32 - 1
 PAYLOAD_BYTES = 2048
 PACKET_BYTES = HEADER_BYTES + PAYLOAD_BYTES
 TAG_BYTES = 32
@@ -144,6 +155,7 @@ class Forward:
     delay_ms: int
     packet: bytes
     tag: bytes
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +164,7 @@ class Deliver:
 
     message: bytes
     tag: bytes
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +174,7 @@ class SurbReply:
     surb_id: bytes
     payload: bytes
     tag: bytes
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +214,8 @@ class _Keys:
     tag: bytes
 
 
-def _keys(secret: bytes) -> _Keys:
+def _keys(shared: bytes, epoch: int) -> _Keys:
+    secret = kdf(shared, b"epoch" + epoch.to_bytes(EPOCH_BYTES, "big"), KEY_BYTES)
     payload = kdf(secret, b"payload-a", 64) + kdf(secret, b"payload-b", 64)
     return _Keys(
         mac=kdf(secret, b"mac", KEY_BYTES),
@@ -212,8 +227,13 @@ def _keys(secret: bytes) -> _Keys:
     )
 
 
-def _mac(keys: _Keys, alpha: bytes, beta: bytes) -> bytes:
-    return hashlib.blake2b(bytes([VERSION]) + alpha + beta, key=keys.mac, digest_size=KEY_BYTES).digest()
+def _mac(keys: _Keys, ad: bytes, alpha: bytes, beta: bytes) -> bytes:
+    return hashlib.blake2b(ad + alpha + beta, key=keys.mac, digest_size=KEY_BYTES).digest()
+
+
+def _ad(epoch: int) -> bytes:
+    """The header's associated data: version and epoch."""
+    return bytes([VERSION]) + epoch.to_bytes(EPOCH_BYTES, "big")
 
 
 def _stream(keys: _Keys, size: int) -> bytes:
@@ -235,7 +255,9 @@ def _open_body(body: bytes) -> bytes:
     return body[TAG_BYTES + 2 : TAG_BYTES + 2 + size]
 
 
-def _check_path(path: Sequence[Hop], delays_ms: Sequence[int]) -> None:
+def _check_path(path: Sequence[Hop], delays_ms: Sequence[int], epoch: int) -> None:
+    if not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
+        raise LocalProtocolError(f"sphinx: an epoch is 0 to {MAX_EPOCH}, got {epoch!r}")
     if not 1 <= len(path) <= MAX_HOPS:
         raise LocalProtocolError(f"sphinx: a path has 1 to {MAX_HOPS} hops, got {len(path)}")
     if len(delays_ms) != len(path) - 1:
@@ -249,10 +271,11 @@ def _check_path(path: Sequence[Hop], delays_ms: Sequence[int]) -> None:
 
 
 def _header(
-    path: Sequence[Hop], delays_ms: Sequence[int], final: bytes, random_bytes: Callable[[int], bytes]
+    path: Sequence[Hop], delays_ms: Sequence[int], final: bytes, epoch: int, random_bytes: Callable[[int], bytes]
 ) -> tuple[bytes, list[_Keys]]:
     """The header for ``path`` whose last block is ``final`` (HOP_BYTES), and every hop's keys."""
-    _check_path(path, delays_ms)
+    _check_path(path, delays_ms, epoch)
+    ad = _ad(epoch)
     secret = random_bytes(KEY_BYTES)
     alpha = x25519_base(secret)
     alphas: list[bytes] = []
@@ -262,7 +285,7 @@ def _header(
         shared = x25519(secret, hop.public_key)
         for blinding in blindings:
             shared = x25519(blinding, shared)
-        hop_keys = _keys(shared)
+        hop_keys = _keys(shared, epoch)
         alphas.append(alpha)
         keys.append(hop_keys)
         blindings.append(hop_keys.blinding)
@@ -274,12 +297,12 @@ def _header(
     last = keys[-1]
     plain = final + random_bytes(BETA_BYTES - HOP_BYTES - len(filler))
     beta = xor(plain, _stream(last, len(plain))) + filler
-    gamma = _mac(last, alphas[-1], beta)
+    gamma = _mac(last, ad, alphas[-1], beta)
     for i in range(len(path) - 2, -1, -1):
         block = bytes([Command.RELAY]) + path[i + 1].node_id + delays_ms[i].to_bytes(4, "big") + gamma
         beta = xor(block + beta[: BETA_BYTES - HOP_BYTES], _stream(keys[i], BETA_BYTES))
-        gamma = _mac(keys[i], alphas[i], beta)
-    return bytes([VERSION]) + alphas[0] + beta + gamma, keys
+        gamma = _mac(keys[i], ad, alphas[i], beta)
+    return ad + alphas[0] + beta + gamma, keys
 
 
 def _final_block(surb_id: bytes, random_bytes: Callable[[int], bytes]) -> bytes:
@@ -291,6 +314,7 @@ def create_packet(
     message: bytes,
     delays_ms: Sequence[int],
     *,
+    epoch: int,
     random_bytes: Callable[[int], bytes] = os.urandom,
 ) -> bytes:
     """A packet carrying ``message`` along ``path`` (the last hop is the recipient), to send to ``path[0]``.
@@ -298,8 +322,9 @@ def create_packet(
     ``delays_ms[i]`` is how long hop ``i`` holds it before forwarding (one fewer
     than the hops). ``random_bytes`` gives the ephemeral key and the padding
     (``os.urandom``; a seeded source makes packets reproducible in tests).
+    ``epoch`` is the sender's current epoch (every hop must still accept it).
     """
-    header, keys = _header(path, delays_ms, _final_block(_NO_SURB, random_bytes), random_bytes)
+    header, keys = _header(path, delays_ms, _final_block(_NO_SURB, random_bytes), epoch, random_bytes)
     payload = _body(message)
     for hop_keys in reversed(keys):
         payload = lioness_encrypt(hop_keys.payload, payload)
@@ -307,11 +332,14 @@ def create_packet(
 
 
 def create_surb(
-    path: Sequence[Hop], delays_ms: Sequence[int], *, random_bytes: Callable[[int], bytes] = os.urandom
+    path: Sequence[Hop], delays_ms: Sequence[int], *, epoch: int, random_bytes: Callable[[int], bytes] = os.urandom
 ) -> tuple[Surb, SurbKeys]:
-    """A reply block along ``path`` (whose last hop is its creator), and the keys the creator keeps."""
+    """A reply block along ``path`` (whose last hop is its creator), and the keys the creator keeps.
+
+    It is good while the hops accept ``epoch`` (the current and the next epoch, at most).
+    """
     surb_id = random_bytes(SURB_ID_BYTES)
-    header, keys = _header(path, delays_ms, _final_block(surb_id, random_bytes), random_bytes)
+    header, keys = _header(path, delays_ms, _final_block(surb_id, random_bytes), epoch, random_bytes)
     key = random_bytes(LIONESS_KEY_BYTES)
     return Surb(path[0].node_id, header, key), SurbKeys(surb_id, key, tuple(k.payload for k in keys))
 
@@ -356,25 +384,39 @@ class ReplayCache:
         self._seen.clear()
 
 
-def unwrap(packet: bytes, secret: bytes, replay: ReplayCache) -> Forward | Deliver | SurbReply:
-    """Process ``packet`` at the hop whose X25519 secret is ``secret``; the tag goes into ``replay``.
+def unwrap(
+    packet: bytes, secret: bytes, replay: ReplayCache | Mapping[int, ReplayCache]
+) -> Forward | Deliver | SurbReply:
+    """Process ``packet`` at the hop whose X25519 secret is ``secret``; the tag goes into a replay cache.
+
+    ``replay`` maps each epoch this mix accepts to that epoch's cache (a single
+    cache accepts any epoch: for tests and tools). The result's ``epoch`` says
+    which one the packet named.
 
     Raises :class:`RemoteProtocolError` for any packet to drop: wrong size or
-    version, low-order α, a header changed anywhere, a replay, an unknown
-    command, an absurd delay, a payload changed on the way.
+    version, an epoch not accepted, low-order α, a header changed anywhere, a
+    replay, an unknown command, an absurd delay, a payload changed on the way.
     """
     if not isinstance(packet, bytes | bytearray) or len(packet) != PACKET_BYTES:
         raise RemoteProtocolError(f"sphinx: a packet is {PACKET_BYTES} bytes, got {_size(packet)}")
     packet = bytes(packet)
     if packet[0] != VERSION:
         raise RemoteProtocolError(f"sphinx: unknown packet version {packet[0]}")
-    alpha = packet[1 : 1 + KEY_BYTES]
-    beta = packet[1 + KEY_BYTES : 1 + KEY_BYTES + BETA_BYTES]
-    gamma = packet[1 + KEY_BYTES + BETA_BYTES : HEADER_BYTES]
-    keys = _keys(x25519(secret, alpha))
-    if not hmac.compare_digest(gamma, _mac(keys, alpha, beta)):
+    epoch = int.from_bytes(packet[1 : 1 + EPOCH_BYTES], "big")
+    if isinstance(replay, ReplayCache):
+        cache = replay
+    elif (found := replay.get(epoch)) is not None:
+        cache = found
+    else:
+        raise RemoteProtocolError(f"sphinx: epoch {epoch} is not one this mix accepts ({sorted(replay)})")
+    at = 1 + EPOCH_BYTES
+    alpha = packet[at : at + KEY_BYTES]
+    beta = packet[at + KEY_BYTES : at + KEY_BYTES + BETA_BYTES]
+    gamma = packet[at + KEY_BYTES + BETA_BYTES : HEADER_BYTES]
+    keys = _keys(x25519(secret, alpha), epoch)
+    if not hmac.compare_digest(gamma, _mac(keys, packet[:at], alpha, beta)):
         raise RemoteProtocolError("sphinx: the header's MAC does not match (changed on the way, or not for this key)")
-    replay.add(keys.tag)
+    cache.add(keys.tag)
     routing = xor(beta + bytes(HOP_BYTES), _stream(keys, BETA_BYTES + HOP_BYTES))
     payload = lioness_decrypt(keys.payload, packet[HEADER_BYTES:])
     command = routing[0]
@@ -384,13 +426,13 @@ def unwrap(packet: bytes, secret: bytes, replay: ReplayCache) -> Forward | Deliv
         if delay > MAX_DELAY_MS:
             raise RemoteProtocolError(f"sphinx: a delay of {delay} ms is above the {MAX_DELAY_MS} ms allowed")
         next_gamma = routing[5 + NODE_ID_BYTES : HOP_BYTES]
-        header = bytes([VERSION]) + x25519(keys.blinding, alpha) + routing[HOP_BYTES:] + next_gamma
-        return Forward(next_node, delay, header + payload, keys.tag)
+        header = packet[:at] + x25519(keys.blinding, alpha) + routing[HOP_BYTES:] + next_gamma
+        return Forward(next_node, delay, header + payload, keys.tag, epoch)
     if command == Command.DELIVER:
         surb_id = routing[1 : 1 + SURB_ID_BYTES]
         if surb_id != _NO_SURB:
-            return SurbReply(surb_id, payload, keys.tag)
-        return Deliver(_open_body(payload), keys.tag)
+            return SurbReply(surb_id, payload, keys.tag, epoch)
+        return Deliver(_open_body(payload), keys.tag, epoch)
     raise RemoteProtocolError(f"sphinx: unknown routing command {command}")
 
 

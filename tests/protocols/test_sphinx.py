@@ -44,6 +44,7 @@ from villagemesh.protocols.sphinx import (
 from villagemesh.protocols.sphinx.crypto import lioness_decrypt, lioness_encrypt, x25519_base
 
 SLOW = settings(max_examples=25, deadline=None)
+E = 493_000  # an epoch (hours since 1970, in 2026)
 
 
 def route(packet_bytes: bytes, secrets: list[bytes], path: list[Hop]) -> tuple[Any, list[int]]:
@@ -81,14 +82,14 @@ def fixed_path(hops: int = 3) -> tuple[list[bytes], list[Hop]]:
 def test_a_message_crosses_one_to_five_hops_at_one_fixed_size(path: Any, message: bytes, data: Any) -> None:
     secrets, hops = path
     delays = data.draw(st.lists(st.integers(0, MAX_DELAY_MS), min_size=len(hops) - 1, max_size=len(hops) - 1))
-    result, sizes = route(create_packet(hops, message, delays), secrets, hops)
+    result, sizes = route(create_packet(hops, message, delays, epoch=E), secrets, hops)
     assert isinstance(result, Deliver) and result.message == message
     assert set(sizes) == {PACKET_BYTES}
 
 
 def test_each_hop_reads_the_delay_the_sender_chose_for_it() -> None:
     secrets, hops = fixed_path(4)
-    p = create_packet(hops, b"m", [5, 600_000, 0])
+    p = create_packet(hops, b"m", [5, 600_000, 0], epoch=E)
     seen = []
     for secret in secrets[:-1]:
         result = unwrap(p, secret, ReplayCache())
@@ -101,20 +102,20 @@ def test_each_hop_reads_the_delay_the_sender_chose_for_it() -> None:
 def test_the_format_is_pinned_by_a_golden_digest() -> None:
     """A packet from a fixed byte source always has the same bytes (a change of format changes this digest)."""
     _, hops = fixed_path(3)
-    first = create_packet(hops, b"golden", [1, 2], random_bytes=seeded(b"golden"))
-    again = create_packet(hops, b"golden", [1, 2], random_bytes=seeded(b"golden"))
+    first = create_packet(hops, b"golden", [1, 2], epoch=E, random_bytes=seeded(b"golden"))
+    again = create_packet(hops, b"golden", [1, 2], epoch=E, random_bytes=seeded(b"golden"))
     assert first == again
     assert hashlib.sha256(first).hexdigest() == GOLDEN
 
 
-GOLDEN = "15e05392e8d3a223428cd8d8ddb277d1c10927fc8c1950243febc6314ca91a92"
+GOLDEN = "cbf3715700c17ff0c79a16efaf81ec5d6b6ad113c91b9ff53f825699cee95661"
 
 
 @SLOW
 @given(vst.sphinx_paths(min_hops=2), vst.sphinx_messages())
 def test_a_surb_reply_reaches_its_creator_and_opens_once(path: Any, message: bytes) -> None:
     secrets, hops = path
-    surb, keys = create_surb(hops, [0] * (len(hops) - 1))
+    surb, keys = create_surb(hops, [0] * (len(hops) - 1), epoch=E)
     first_hop, p = surb_reply(surb, message)
     assert first_hop == hops[0].node_id and len(p) == PACKET_BYTES
     result, sizes = route(p, secrets, hops)
@@ -124,7 +125,7 @@ def test_a_surb_reply_reaches_its_creator_and_opens_once(path: Any, message: byt
 
 def test_a_second_reply_on_one_surb_is_refused_as_a_replay_at_the_first_hop() -> None:
     secrets, hops = fixed_path(2)
-    surb, _ = create_surb(hops, [0])
+    surb, _ = create_surb(hops, [0], epoch=E)
     cache = ReplayCache()
     unwrap(surb_reply(surb, b"one")[1], secrets[0], cache)
     with pytest.raises(RemoteProtocolError, match="replayed"):
@@ -133,20 +134,20 @@ def test_a_second_reply_on_one_surb_is_refused_as_a_replay_at_the_first_hop() ->
 
 def test_a_changed_surb_reply_fails_when_its_creator_opens_it() -> None:
     secrets, hops = fixed_path(2)
-    surb, keys = create_surb(hops, [0])
+    surb, keys = create_surb(hops, [0], epoch=E)
     _, p = surb_reply(surb, b"reply")
     p = p[:-1] + bytes([p[-1] ^ 1])
     result, _ = route(p, secrets, hops)
     with pytest.raises(RemoteProtocolError, match="integrity"):
         keys.open(result)
-    _, other_keys = create_surb(hops, [0])
+    _, other_keys = create_surb(hops, [0], epoch=E)
     with pytest.raises(LocalProtocolError, match="opened with"):
         other_keys.open(result)
 
 
 def test_a_replayed_packet_is_refused_and_a_cleared_cache_forgets() -> None:
     secrets, hops = fixed_path(2)
-    p = create_packet(hops, b"once", [0])
+    p = create_packet(hops, b"once", [0], epoch=E)
     cache = ReplayCache()
     unwrap(p, secrets[0], cache)
     with pytest.raises(RemoteProtocolError, match="replayed"):
@@ -156,12 +157,27 @@ def test_a_replayed_packet_is_refused_and_a_cleared_cache_forgets() -> None:
     assert len(cache) == 0 and isinstance(unwrap(p, secrets[0], cache), Forward)
 
 
+def test_a_mix_accepts_only_the_epochs_it_names_each_with_its_own_cache() -> None:
+    """The epoch is in the MAC'd header: a packet of an epoch the mix no longer accepts is refused whatever its tag."""
+    secrets, hops = fixed_path(1)
+    caches = {E - 1: ReplayCache(), E: ReplayCache()}
+    old, now = create_packet(hops, b"old", [], epoch=E - 1), create_packet(hops, b"now", [], epoch=E)
+    assert unwrap(old, secrets[0], caches).epoch == E - 1 and unwrap(now, secrets[0], caches).epoch == E
+    assert (len(caches[E - 1]), len(caches[E])) == (1, 1)
+    with pytest.raises(RemoteProtocolError, match=f"epoch {E - 2} is not one this mix accepts"):
+        unwrap(create_packet(hops, b"older", [], epoch=E - 2), secrets[0], caches)
+    forged = bytearray(old)
+    forged[1:5] = E.to_bytes(4, "big")  # an old packet relabelled with the current epoch
+    with pytest.raises(RemoteProtocolError, match="MAC"):
+        unwrap(bytes(forged), secrets[0], caches)
+
+
 def test_a_full_replay_cache_refuses_rather_than_forgets() -> None:
     secrets, hops = fixed_path(1)
     cache = ReplayCache(capacity=1)
-    unwrap(create_packet(hops, b"a", []), secrets[0], cache)
+    unwrap(create_packet(hops, b"a", [], epoch=E), secrets[0], cache)
     with pytest.raises(LocalProtocolError, match="full"):
-        unwrap(create_packet(hops, b"b", []), secrets[0], cache)
+        unwrap(create_packet(hops, b"b", [], epoch=E), secrets[0], cache)
     with pytest.raises(LocalProtocolError, match="capacity 0"):
         ReplayCache(capacity=0)
 
@@ -169,7 +185,7 @@ def test_a_full_replay_cache_refuses_rather_than_forgets() -> None:
 def test_alpha_with_its_ignored_top_bit_flipped_is_refused() -> None:
     """X25519 ignores bit 255, so the shared secret is the same: the MAC over α catches it."""
     secrets, hops = fixed_path(1)
-    p = bytearray(create_packet(hops, b"m", []))
+    p = bytearray(create_packet(hops, b"m", [], epoch=E))
     p[1 + 31] ^= 0x80
     with pytest.raises(RemoteProtocolError, match="MAC"):
         unwrap(bytes(p), secrets[0], ReplayCache())
@@ -179,7 +195,7 @@ def test_alpha_with_its_ignored_top_bit_flipped_is_refused() -> None:
 @given(st.integers(0, HEADER_BYTES - 1), st.integers(0, 7))
 def test_any_flipped_header_bit_is_refused_at_the_first_hop(index: int, bit: int) -> None:
     secrets, hops = fixed_path(3)
-    p = bytearray(create_packet(hops, b"m", [0, 0], random_bytes=seeded(b"tamper")))
+    p = bytearray(create_packet(hops, b"m", [0, 0], epoch=E, random_bytes=seeded(b"tamper")))
     p[index] ^= 1 << bit
     cache = ReplayCache()
     with pytest.raises(RemoteProtocolError):
@@ -191,7 +207,7 @@ def test_any_flipped_header_bit_is_refused_at_the_first_hop(index: int, bit: int
 @given(st.integers(HEADER_BYTES, PACKET_BYTES - 1), st.integers(0, 7))
 def test_a_flipped_payload_bit_garbles_only_that_packet_and_fails_at_the_recipient(index: int, bit: int) -> None:
     secrets, hops = fixed_path(3)
-    p = bytearray(create_packet(hops, b"m", [0, 0]))
+    p = bytearray(create_packet(hops, b"m", [0, 0], epoch=E))
     p[index] ^= 1 << bit
     for secret in secrets[:-1]:
         result = unwrap(bytes(p), secret, ReplayCache())
@@ -211,7 +227,7 @@ def test_a_low_order_alpha_is_refused() -> None:
 def test_a_packet_for_another_key_is_refused() -> None:
     _, hops = fixed_path(2)
     with pytest.raises(RemoteProtocolError, match="MAC"):
-        unwrap(create_packet(hops, b"m", [0]), os.urandom(32), ReplayCache())
+        unwrap(create_packet(hops, b"m", [0], epoch=E), os.urandom(32), ReplayCache())
 
 
 @pytest.mark.parametrize("value", [b"", b"\x01" * (PACKET_BYTES - 1), b"\x01" * (PACKET_BYTES + 1), "text", None])
@@ -222,7 +238,7 @@ def test_a_packet_of_another_size_or_type_is_refused_naming_it(value: Any) -> No
 
 def test_an_unknown_version_is_refused() -> None:
     secrets, hops = fixed_path(1)
-    p = create_packet(hops, b"m", [])
+    p = create_packet(hops, b"m", [], epoch=E)
     with pytest.raises(RemoteProtocolError, match="version 9"):
         unwrap(bytes([9]) + p[1:], secrets[0], ReplayCache())
 
@@ -230,11 +246,11 @@ def test_an_unknown_version_is_refused() -> None:
 def test_an_unknown_command_and_an_absurd_delay_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Headers valid in every other way, built with the checks lifted (what a hostile sender could do)."""
     secrets, hops = fixed_path(2)
-    header, _ = packet._header(hops[:1], [], bytes([7]) + bytes(packet.HOP_BYTES - 1), os.urandom)
+    header, _ = packet._header(hops[:1], [], bytes([7]) + bytes(packet.HOP_BYTES - 1), E, os.urandom)
     with pytest.raises(RemoteProtocolError, match="unknown routing command 7"):
         unwrap(header + bytes(packet.PAYLOAD_BYTES), secrets[0], ReplayCache())
     monkeypatch.setattr(packet, "MAX_DELAY_MS", 2**32 - 1)
-    p = create_packet(hops, b"m", [MAX_DELAY_MS + 1])
+    p = create_packet(hops, b"m", [MAX_DELAY_MS + 1], epoch=E)
     monkeypatch.setattr(packet, "MAX_DELAY_MS", MAX_DELAY_MS)
     with pytest.raises(RemoteProtocolError, match="above"):
         unwrap(p, secrets[0], ReplayCache())
@@ -259,13 +275,15 @@ def test_random_bytes_only_ever_raise_a_protocol_error(data: bytes) -> None:
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda h: create_packet([], b"m", []), "1 to 5 hops"),
-        (lambda h: create_packet(h * 2, b"m", [0] * 5), "1 to 5 hops"),
-        (lambda h: create_packet(h[:2], b"m", []), "need 1 delays"),
-        (lambda h: create_packet([Hop(b"x", h[0].public_key)], b"m", []), "16-byte id"),
-        (lambda h: create_packet(h[:2], b"m", [-1]), "got -1"),
-        (lambda h: create_packet(h[:2], b"m", [MAX_DELAY_MS + 1]), "600000"),
-        (lambda h: create_packet(h[:1], bytes(MAX_MESSAGE + 1), []), "at most 2014"),
+        (lambda h: create_packet([], b"m", [], epoch=E), "1 to 5 hops"),
+        (lambda h: create_packet(h * 2, b"m", [0] * 5, epoch=E), "1 to 5 hops"),
+        (lambda h: create_packet(h[:1], b"m", [], epoch=-1), "epoch is 0 to"),
+        (lambda h: create_packet(h[:1], b"m", [], epoch=2**32), "epoch is 0 to"),
+        (lambda h: create_packet(h[:2], b"m", [], epoch=E), "need 1 delays"),
+        (lambda h: create_packet([Hop(b"x", h[0].public_key)], b"m", [], epoch=E), "16-byte id"),
+        (lambda h: create_packet(h[:2], b"m", [-1], epoch=E), "got -1"),
+        (lambda h: create_packet(h[:2], b"m", [MAX_DELAY_MS + 1], epoch=E), "600000"),
+        (lambda h: create_packet(h[:1], bytes(MAX_MESSAGE + 1), [], epoch=E), "at most 2014"),
         (lambda h: surb_reply(packet.Surb(b"x", b"short", bytes(128)), b"m"), "SURB has"),
         (lambda h: lioness_encrypt(bytes(10), bytes(64)), "key must be 128"),
         (lambda h: lioness_decrypt(bytes(128), bytes(32)), "longer than 32"),
@@ -302,7 +320,7 @@ def test_the_stream_is_chacha20_from_block_one() -> None:
 @given(st.lists(vst.sphinx_messages(), min_size=1, max_size=3), st.data())
 def test_any_chunking_of_a_link_gives_the_same_packets(messages: list[bytes], data: Any) -> None:
     _, hops = fixed_path(1)
-    packets = [create_packet(hops, m, []) for m in messages]
+    packets = [create_packet(hops, m, [], epoch=E) for m in messages]
     stream = b"".join(packets)
     reader = PacketReader()
     got = []
