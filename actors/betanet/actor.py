@@ -71,7 +71,16 @@ from villagemesh.errors import (
     VillageMeshError,
 )
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
-from villagemesh.protocols.sphinx import Deliver, Forward, SurbReply, create_packet, create_surb, surb_reply, unwrap
+from villagemesh.protocols.sphinx import (
+    MAX_EPOCH,
+    Deliver,
+    Forward,
+    SurbReply,
+    create_packet,
+    create_surb,
+    surb_reply,
+    unwrap,
+)
 from villagemesh.protocols.sphinx.body import (
     LOOP_ID_BYTES,
     BodyKind,
@@ -164,8 +173,10 @@ class BetanetActor(LoopActor):
             if node_id != self.node_id:
                 self.static[node_id] = Mixnode(node_id, parsed.host, parsed.port, parsed.public_key)
         self.directory: dict[str, Mixnode] = dict(self.static)
-        self.store = ReplayStore(path, synchronous=str(cfg.get("synchronous", "NORMAL")))
         self.epoch = epoch_of(time.time(), self.epoch_seconds)
+        if self.epoch > MAX_EPOCH:
+            raise ConfigError(f"betanet: epoch_seconds {self.epoch_seconds!r} makes epoch numbers beyond {MAX_EPOCH}")
+        self.store = ReplayStore(path, synchronous=str(cfg.get("synchronous", "NORMAL")))
         self.caches = self.store.load(accepted_epochs(self.epoch), self.replay_capacity)
         self._forward_armed: float | None = None
         self.start_io()
