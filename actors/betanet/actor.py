@@ -402,15 +402,15 @@ class BetanetActor(LoopActor):
             self.counts["dropped.wrong_kind"] += 1
             return
         try:
-            sender = decode_message(parsed.envelope).sender
+            message = decode_message(parsed.envelope)
         except RemoteProtocolError:
             self.counts["dropped.invalid_envelope"] += 1
             return
-        if sender != parsed.sender:
+        if message.sender != parsed.sender:
             self.counts["dropped.sender_mismatch"] += 1
             return
         if parsed.surb is not None:
-            self.surbs.add(parsed.sender, parsed.surb)
+            self.surbs.add(parsed.sender, message.id, parsed.surb)
         self.counts["received"] += 1
         if self.deliver_to is None:
             self.counts["dropped.no_deliver_to"] += 1
@@ -442,7 +442,11 @@ class BetanetActor(LoopActor):
     def _build(self, request: Transmit) -> tuple[str, bytes]:
         """``(first hop, packet)`` for a Transmit: by a SURB of the peer's (an answer), or along a new route."""
         if request.address == REPLY_ADDRESS:
-            surb = self.surbs.take(request.peer_id)
+            try:
+                answers = decode_message(request.envelope).correlation_id
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(f"betanet: not an envelope: {exc}") from exc
+            surb = self.surbs.take(request.peer_id, answers)
             if surb is None:
                 raise ConnectError(f"betanet: no reply block from {request.peer_id} to answer on")
             first_hop, packet = surb_reply(
