@@ -44,7 +44,7 @@ gateway would dispatch the same message again after the restart, forever.
 Outcomes (honest delivery status; the wire form is in :mod:`.messages`). With
 ``outcomes_to`` set (the node sets its retrier), every dispatched message's
 end goes back to its sender as an outcome report, a reliable envelope of its
-own, after the mark is committed:
+own, stored in the same commit as the mark (so a kill after it loses no report):
 
 ============== ========================================== ===================================
 status         when                                       logged / counted here
@@ -67,8 +67,8 @@ At the sender, the gateway resolves delivery handles: with ``await_outcomes``
 (the node's setting) an ack (``MessageDelivered``) only marks the handle
 acked, and the outcome report ends it (DELIVERED, UNHANDLED,
 HANDLER_FAILED); no report within ``outcome_timeout`` seconds of the ack ends
-it UNCONFIRMED (a report is lost only if the recipient dies between its mark
-and the report's hand-off). ``MessageFailed`` ends it FAILED. Without
+it UNCONFIRMED (the report could not reach the sender in time).
+``MessageFailed`` ends it FAILED. Without
 ``await_outcomes`` the ack ends it DELIVERED (a harness without a peer gateway).
 
 The gateway also answers :class:`~.messages.BridgeQuery` for the node's asyncio
@@ -294,8 +294,7 @@ class AppActor(Actor):
                 kind=decoded.kind,
                 sender=decoded.sender,
             )
-            self.inbox.mark_handled(msg.message_id)
-            self._report_outcome(decoded, Outcome(OutcomeStatus.UNHANDLED, decoded.kind))
+            self._settle(msg.message_id, decoded, Outcome(OutcomeStatus.UNHANDLED, decoded.kind))
             return
         try:
             value = self.codec.decode(decoded.payload)
@@ -335,8 +334,7 @@ class AppActor(Actor):
         run.left += 1
 
     def _conclude(self, message_id: bytes, run: _Run) -> None:
-        """Commit the mark, then report the outcome to the sender."""
-        self.inbox.mark_handled(message_id)
+        """Commit the mark and the outcome report to the sender (one commit), then hand the report on."""
         if run.failure is not None:
             exc = run.failure
             outcome = Outcome(OutcomeStatus.HANDLER_FAILED, str(exc)[:MAX_REASON_CHARS], type(exc).__name__)
@@ -348,45 +346,43 @@ class AppActor(Actor):
             except Exception as exc:  # noqa: BLE001 - the application's codec or value: reported to the sender
                 reason = f"the reply could not be encoded: {type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
                 outcome = Outcome(OutcomeStatus.HANDLED, reason, "ReplyNotEncoded")
-        self._report_outcome(run.message, outcome)
+        self._settle(message_id, run.message, outcome)
 
-    def _report_outcome(self, message: Message, outcome: Outcome) -> None:
+    def _settle(self, message_id: bytes, message: Message, outcome: Outcome) -> None:
+        """R5: mark ``message_id`` handled; with outcomes on, its report is stored in the same commit.
+
+        The report is an outbox row the retrier is then told to adopt (``Deliver(stored=True)``);
+        if this process dies first, the restarted retrier finds the row and sends it.
+        """
         if self.outcomes_to is None or message.recipient is None:
-            return  # no one to report to: a harness without a retrier, or a broadcast
+            self.inbox.mark_handled(message_id)  # no one to report to: a harness without a retrier, or a broadcast
+            return
+        report = self._report_for(message, outcome)
+        envelope = encode_message(report)
+        self.inbox.mark_handled_reporting(
+            message_id, report.id, message.sender, report.priority, envelope, report.created_at, report.expires_at
+        )
+        try:
+            self.tell(self.outcomes_to, Deliver(envelope, stored=True))
+        except BusError as exc:  # stored: the retrier sends it when it next starts
+            self.ctx.log.emit("outcome_undeliverable", level="warning", message_id=message.id.hex(), reason=str(exc))
+
+    def _report_for(self, message: Message, outcome: Outcome) -> Message:
         assert self.node_id is not None
         now = time.time()
         try:
-            report = Message(
-                id=os.urandom(ID_BYTES),
-                kind=OUTCOME_KIND,
-                sender=self.node_id,
-                recipient=message.sender,
-                priority=message.priority,
-                created_at=now,
-                ttl=OUTCOME_TTL,
-                correlation_id=message.id,
-                payload=outcome.encode(),
-            )
+            payload = outcome.encode()
+            return Message(
+                os.urandom(ID_BYTES), OUTCOME_KIND, self.node_id, message.sender, message.priority, now,
+                OUTCOME_TTL, message.id, payload,
+            )  # fmt: skip
         except ProtocolError as exc:  # the reply is too big for one envelope
-            reason = f"the reply does not fit an envelope: {exc}"
-            failed = Outcome(OutcomeStatus.HANDLER_FAILED, reason[:MAX_REASON_CHARS], "ReplyTooLarge")
-            report = Message(
-                os.urandom(ID_BYTES),
-                OUTCOME_KIND,
-                self.node_id,
-                message.sender,
-                message.priority,
-                now,
-                OUTCOME_TTL,
-                message.id,
-                failed.encode(),
-            )
-        try:
-            self.tell(self.outcomes_to, Deliver(encode_message(report)))
-        except BusError as exc:
-            self.ctx.log.emit(
-                "outcome_undeliverable", level="warning", message_id=message.id.hex(), reason=str(exc)
-            )
+            reason = f"the reply does not fit an envelope: {exc}"[:MAX_REASON_CHARS]
+            failed = Outcome(OutcomeStatus.HANDLER_FAILED, reason, "ReplyTooLarge")
+            return Message(
+                os.urandom(ID_BYTES), OUTCOME_KIND, self.node_id, message.sender, message.priority, now,
+                OUTCOME_TTL, message.id, failed.encode(),
+            )  # fmt: skip
 
     def _outcome_received(self, report: Message) -> None:
         if report.correlation_id is None:

@@ -186,6 +186,9 @@ class RetrierActor(Actor):
     def handle(self, msg: Any) -> Any:
         """Dispatch one message (the protocol is in :mod:`.messages`)."""
         if isinstance(msg, Deliver):
+            if msg.stored:
+                self._adopt(msg.envelope)
+                return None
             reply = self._deliver(msg.envelope)
             if reply.error is not None and msg.report_refusal and reply.message_id is not None:
                 self._notify(MessageFailed(reply.message_id, 0, reply.error, "refused"))
@@ -277,6 +280,13 @@ class RetrierActor(Actor):
         self._act(decisions, failures, stored=send, envelope=envelope)
         self._step(list(failures))
         return DeliverReply(message.id, True, None)
+
+    def _adopt(self, envelope: bytes) -> None:
+        """Take a message someone else stored in the outbox into the state (a replay of one row)."""
+        message = decode_message(envelope)  # stored by this node's own gateway: a bad one is a bug
+        if message.id in self.state or message.recipient is None:
+            return
+        self._step([Enqueue(message.id, message.recipient, message.priority, message.expires_at, time.time())])
 
     def _step(self, events: list[Event]) -> None:
         """Step the state through ``events`` and carry out its decisions (persisted first)."""

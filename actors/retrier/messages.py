@@ -59,10 +59,13 @@ class Deliver:
     recipient) reliably. As an ask, the reply comes once it is stored (durable).
 
     ``report_refusal``: a refused envelope is also reported to ``report_to`` as a
-    ``MessageFailed`` (reason ``refused``): how a sender that told it learns of it."""
+    ``MessageFailed`` (reason ``refused``): how a sender that told it learns of it.
+    ``stored``: the envelope's outbox row is already committed (the app gateway stores an
+    outcome report with its inbox mark): the retrier only takes it into its state."""
 
     envelope: bytes
     report_refusal: bool = False
+    stored: bool = False
 
 
 @codec.message("retrier.DeliverReply")
