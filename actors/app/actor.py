@@ -394,13 +394,11 @@ class AppActor(Actor):
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
             return
         state = _STATES[outcome.status]
-        handle = self.handles.resolve(
-            report.correlation_id, state, None, outcome.reason, remote_type=outcome.exc_type, reply=outcome.reply
-        )
         mid = report.correlation_id.hex()
-        if handle is None:
+        if self.handles.get(report.correlation_id) is None:
             self.ctx.log.emit("outcome_unclaimed", message_id=mid, status=outcome.status.value)
             return
+        # Logged before the handle ends, so whoever waits on the handle finds the line written.
         self.ctx.log.emit(
             "message_handled",
             level="info" if state is DeliveryState.DELIVERED else "warning",
@@ -408,6 +406,9 @@ class AppActor(Actor):
             peer_id=report.sender,
             status=outcome.status.value,
             reason=outcome.reason,
+        )
+        self.handles.resolve(
+            report.correlation_id, state, None, outcome.reason, remote_type=outcome.exc_type, reply=outcome.reply
         )
 
     def _coroutine_done(self, message_id: bytes, kind: str, handler: Any) -> Any:
