@@ -32,8 +32,10 @@ its reply, if one comes, is dropped and counted (``late_replies``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -65,6 +67,11 @@ DEFAULT_EVENT_QUEUE = 1000
 
 PUSH_RETRY = 0.001
 """Seconds between two pushes into a full mailbox (doubling up to 50 ms)."""
+
+SENDS_PER_TURN = 8
+"""Sends one turn of the event loop prepares at most (about 60 µs each); the others wait
+for the next turn, so a thousand concurrent sends never hold a timer back by more than
+about a millisecond of the loop's own work (benchmarks/asyncio_ticker.py)."""
 
 
 class AsyncNode:
@@ -132,9 +139,10 @@ class AsyncNode:
             OutboxFull: no room within ``timeout``.
         """
         node = self.node
+        loop = asyncio.get_running_loop()
+        await _pacer(loop).turn()  # cancelled here: nothing was made or sent
         message = node.envelope(peer_id, payload, kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id)
         client = node._client()
-        loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             handle = node.handles.try_new(message.id, peer_id, len(message.payload))
@@ -327,6 +335,52 @@ class AsyncNode:
 
 class ConsumerGone(Exception):
     """A ``messages()`` iteration ended while this message waited for room in its queue."""
+
+
+class _Pacer:
+    """At most :data:`SENDS_PER_TURN` sends per turn of one event loop; the rest queue, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.used = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.reset_pending = False
+
+    async def turn(self) -> None:
+        """Return in this turn if it has room, else in a later one."""
+        self._reset_soon()
+        if self.used < SENDS_PER_TURN and not self.waiters:
+            self.used += 1
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.append(waiter)
+        await waiter
+
+    def _reset_soon(self) -> None:
+        if not self.reset_pending:
+            self.reset_pending = True
+            self.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.reset_pending = False
+        self.used = 0
+        while self.waiters and self.used < SENDS_PER_TURN:
+            waiter = self.waiters.popleft()
+            if not waiter.done():  # (a cancelled sender left its place)
+                waiter.set_result(None)
+                self.used += 1
+        if self.waiters or self.used:
+            self._reset_soon()
+
+
+_PACERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pacer] = weakref.WeakKeyDictionary()
+
+
+def _pacer(loop: asyncio.AbstractEventLoop) -> _Pacer:
+    pacer = _PACERS.get(loop)
+    if pacer is None:
+        pacer = _PACERS[loop] = _Pacer(loop)
+    return pacer
 
 
 async def _push(client: Any, to: str, msg: object) -> None:

@@ -190,6 +190,9 @@ class AppActor(Actor):
         """Messages with coroutine handlers still running."""
         self.unhandled = 0
         self.handler_failures = 0
+        self.acked_at: dict[bytes, float] = {}
+        """Acked sends waiting for their outcome report: when acked (monotonic), oldest first."""
+        self.sweep_pending = False
         # A previous instance (or process) died while these ran: dispatch them again now, flagged.
         # (The retrier re-sends every unhandled message when it starts; those Incomings find
         # these handled.)
@@ -208,22 +211,13 @@ class AppActor(Actor):
             if self.await_outcomes:
                 self.handles.acked(msg.message_id, msg.attempts)
                 if self.handles.get(msg.message_id) is not None:
-                    self.schedule(self.outcome_timeout, OutcomeDue(msg.message_id))
+                    self._await_outcome(msg.message_id)
             else:
                 self.handles.resolve(msg.message_id, True, msg.attempts, None)
         elif isinstance(msg, MessageFailed):
             self.handles.resolve(msg.message_id, False, msg.attempts, f"{msg.reason}: {msg.last_error}")
         elif isinstance(msg, OutcomeDue):
-            handle = self.handles.get(msg.message_id)
-            if handle is not None and handle.status.acked:
-                self.ctx.log.emit(
-                    "message_unconfirmed",
-                    level="warning",
-                    message_id=msg.message_id.hex(),
-                    timeout_s=self.outcome_timeout,
-                )
-                reason = f"acked, but no outcome report within {self.outcome_timeout} s"
-                self.handles.resolve(msg.message_id, DeliveryState.UNCONFIRMED, None, reason)
+            self._outcomes_due()
         elif isinstance(msg, BridgeQuery):
             self._bridge_query(msg)
         else:
@@ -250,15 +244,43 @@ class AppActor(Actor):
             self._conclude(message.message_id, run)
         return None
 
+    # -- waiting for outcome reports --------------------------------------------------------------
+
+    def _await_outcome(self, message_id: bytes) -> None:
+        """Remember when ``message_id`` was acked; one sweep timer (not one per message) ends the late."""
+        self.acked_at[message_id] = time.monotonic()
+        if not self.sweep_pending:
+            self.sweep_pending = True
+            self.schedule(self.outcome_timeout / 4, OutcomeDue())
+
+    def _outcomes_due(self) -> None:
+        self.sweep_pending = False
+        now = time.monotonic()
+        while self.acked_at:
+            message_id, at = next(iter(self.acked_at.items()))  # acked first = oldest
+            if at + self.outcome_timeout > now:
+                break
+            del self.acked_at[message_id]
+            handle = self.handles.get(message_id)
+            if handle is None:
+                continue  # its outcome came
+            self.ctx.log.emit(
+                "message_unconfirmed", level="warning", message_id=message_id.hex(), timeout_s=self.outcome_timeout
+            )
+            reason = f"acked, but no outcome report within {self.outcome_timeout} s"
+            self.handles.resolve(message_id, DeliveryState.UNCONFIRMED, None, reason)
+        # Forget the ended (their outcome came) so the table holds only the waiting.
+        for message_id in [m for m in self.acked_at if self.handles.get(m) is None]:
+            del self.acked_at[message_id]
+        if self.acked_at:
+            self.sweep_pending = True
+            self.schedule(self.outcome_timeout / 4, OutcomeDue())
+
     # -- receiving ---------------------------------------------------------------------------
 
     def _dispatch_inbound(self, msg: Incoming) -> None:
         if msg.message_id in self.running:
             return  # a second Incoming while its coroutine handlers still run: they will mark it
-        dispatches = self.inbox.begin_dispatch(msg.message_id)
-        if dispatches is None:
-            self.ctx.log.emit("message_already_handled", message_id=msg.message_id.hex())
-            return
         try:
             decoded = decode_message(msg.envelope)
         except ProtocolError as exc:
@@ -266,8 +288,13 @@ class AppActor(Actor):
             self.inbox.mark_handled(msg.message_id)
             return
         if decoded.kind == OUTCOME_KIND:
-            self.inbox.mark_handled(msg.message_id)
-            self._outcome_received(decoded)
+            # No handler runs: one commit (the mark), no dispatch count. False: a second Incoming.
+            if self.inbox.mark_handled(msg.message_id):
+                self._outcome_received(decoded)
+            return
+        dispatches = self.inbox.begin_dispatch(msg.message_id)
+        if dispatches is None:
+            self.ctx.log.emit("message_already_handled", message_id=msg.message_id.hex())
             return
         run = _Run(decoded)
         if dispatches > self.max_dispatches:

@@ -27,7 +27,7 @@ Two messages of its own never cross the bus: :class:`CoroutineDone` is put
 straight into the gateway instance's pykka inbox from the event loop a coroutine
 handler ran on (it holds a ``Future``, which no codec could carry), so the mark
 "handled" is committed in the gateway's thread; :class:`OutcomeDue` is its own
-timer (an outcome report should have come by now).
+timer (sweep the sends whose outcome report is overdue).
 """
 
 from __future__ import annotations
@@ -112,6 +112,4 @@ class CoroutineDone:
 
 @dataclass(frozen=True, slots=True)
 class OutcomeDue:
-    """Timer: the outcome report of ``message_id`` should have come by now."""
-
-    message_id: bytes
+    """Timer: end the acked sends whose outcome report is overdue."""

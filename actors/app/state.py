@@ -14,6 +14,7 @@ import inspect
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, fields, replace
 from typing import Any, NewType
@@ -191,7 +192,7 @@ class DeliveryHandle:
         self.message_id = message_id_of(message_id)
         self.peer_id = peer_id
         self.size = size
-        self._done = threading.Event()
+        self._ended = False
         self._status = DeliveryStatus(self.message_id, DeliveryState.PENDING, 0, None, peer_id=peer_id)
         self._callbacks: list[Callable[[DeliveryStatus], None]] = []
         self._lock = threading.Lock()
@@ -206,11 +207,16 @@ class DeliveryHandle:
 
     def done(self) -> bool:
         """Whether the message reached its end."""
-        return self._done.is_set()
+        return self._ended
 
     def wait(self, timeout: float) -> DeliveryStatus:
         """Block up to ``timeout`` seconds for the end; the status then (maybe still PENDING)."""
-        self._done.wait(timeout)
+        with self._lock:
+            if self._ended:
+                return self._status
+            ended = threading.Event()  # made only for a waiter: most handles are awaited or polled
+            self._callbacks.append(lambda _status: ended.set())
+        ended.wait(timeout)
         return self._status
 
     def result(self, timeout: float) -> DeliveryStatus:
@@ -234,7 +240,7 @@ class DeliveryHandle:
     def add_done_callback(self, fn: Callable[[DeliveryStatus], None]) -> None:
         """Call ``fn(status)`` at the end (at once if already ended), in the resolving thread."""
         with self._lock:
-            if not self._done.is_set():
+            if not self._ended:
                 self._callbacks.append(fn)
                 return
         fn(self._status)
@@ -249,25 +255,64 @@ class DeliveryHandle:
                 future.set_result(status)
 
         def resolve(status: DeliveryStatus) -> None:
-            loop.call_soon_threadsafe(settle, status)
+            _post(loop, settle, status)
 
         self.add_done_callback(resolve)
         return future.__await__()
 
     def _acked(self, attempts: int) -> None:
         with self._lock:
-            if not self._done.is_set():
+            if not self._ended:
                 self._status = replace(self._status, attempts=attempts, acked=True)
 
     def _resolve(self, status: DeliveryStatus) -> None:
         with self._lock:
-            if self._done.is_set():
+            if self._ended:
                 return
             self._status = status
-            self._done.set()
+            self._ended = True
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             fn(status)
+
+
+class _LoopPost:
+    """Calls posted to one event loop from other threads, run together: a burst of resolved
+    handles wakes the loop once (one ``call_soon_threadsafe``), not once per handle."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.calls: list[tuple[Callable[[Any], None], Any]] = []
+
+    def post(self, fn: Callable[[Any], None], arg: Any) -> None:
+        with self.lock:
+            self.calls.append((fn, arg))
+            if len(self.calls) > 1:
+                return  # a drain is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self.drain)
+        except RuntimeError:
+            return  # the loop has closed: nobody awaits any more
+
+    def drain(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for fn, arg in calls:
+            fn(arg)
+
+
+_POSTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPost] = weakref.WeakKeyDictionary()
+_POSTS_LOCK = threading.Lock()
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
+    """Run ``fn(arg)`` on ``loop`` soon (from any thread)."""
+    with _POSTS_LOCK:
+        post = _POSTS.get(loop)
+        if post is None:
+            post = _POSTS[loop] = _LoopPost(loop)
+    post.post(fn, arg)
 
 
 @dataclass(frozen=True)
