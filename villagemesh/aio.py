@@ -36,7 +36,7 @@ import collections
 import contextlib
 import functools
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from villagemesh.actors.app.messages import BridgeQuery
@@ -217,7 +217,7 @@ class AsyncNode:
         """:meth:`Node.subscribe <villagemesh.node.Node.subscribe>` (an ``async def`` runs on this loop)."""
         return self.node.subscribe(kind, handler)
 
-    async def messages(self, kind: str = "*", *, maxsize: int = DEFAULT_MESSAGE_QUEUE) -> AsyncIterator[InboundMessage]:
+    async def messages(self, kind: str = "*", *, maxsize: int = DEFAULT_MESSAGE_QUEUE) -> AsyncGenerator[InboundMessage, None]:
         """Every message of ``kind`` from now on, through a queue of ``maxsize``.
 
         While the queue is full, the handler feeding it waits, so the message's
@@ -251,7 +251,7 @@ class AsyncNode:
             for task in waiting:
                 task.cancel()
 
-    async def events(self, *, maxsize: int = DEFAULT_EVENT_QUEUE) -> AsyncIterator[NodeEvent]:
+    async def events(self, *, maxsize: int = DEFAULT_EVENT_QUEUE) -> AsyncGenerator[NodeEvent, None]:
         """The node's public events (:class:`~villagemesh.node.NodeEvent`) from now on.
 
         Events are news, not messages: when ``maxsize`` are unread the oldest is
