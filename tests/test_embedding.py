@@ -51,6 +51,11 @@ def events_of(node: Node, name: str) -> list[dict[str, Any]]:
 # -- honest statuses ------------------------------------------------------------------------------
 
 
+def test_peers_carry_the_nodes_name_from_its_announce(pair) -> None:
+    a, b = pair
+    assert [p.name for p in b.peers()] == ["a"] and [p.name for p in a.peers()] == ["b"]
+
+
 def test_delivered_means_a_handler_took_it_and_returned(pair) -> None:
     a, b = pair
     seen: list[bytes] = []

@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -281,6 +281,8 @@ class PeerInfo:
     last_seen: float
     trust: float
     latency_ms: float | None
+    name: str | None = None
+    """The peer's node name, from its signed announce (None: it sent none)."""
 
 
 class Node:
@@ -453,6 +455,8 @@ class Node:
 
         cfg, data = self.config, self.config.data_dir
         capabilities = cfg.capabilities or local_capabilities(("websocket",))
+        if capabilities.node_name is None:
+            capabilities = replace(capabilities, node_name=self.name)  # peers see it in the signed announce
         identity = Identity(
             signing_key=self.keys.signing_key, addresses=(self.address,), capabilities=capabilities, port=self.port
         )
@@ -953,7 +957,8 @@ def _priority(value: Priority | str | int) -> Priority:
 
 def _peer_info(info: Any) -> PeerInfo:
     rec = info.record()
-    return PeerInfo(rec.peer_id, rec.addresses, rec.capabilities, rec.last_seen, rec.trust, rec.latency_ms)
+    name = None if rec.capabilities is None else rec.capabilities.node_name
+    return PeerInfo(rec.peer_id, rec.addresses, rec.capabilities, rec.last_seen, rec.trust, rec.latency_ms, name)
 
 
 def create_network(mode: NetworkMode | str = NetworkMode.HYBRID, **settings: Any) -> Node:
