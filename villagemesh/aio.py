@@ -217,7 +217,9 @@ class AsyncNode:
         """:meth:`Node.subscribe <villagemesh.node.Node.subscribe>` (an ``async def`` runs on this loop)."""
         return self.node.subscribe(kind, handler)
 
-    async def messages(self, kind: str = "*", *, maxsize: int = DEFAULT_MESSAGE_QUEUE) -> AsyncGenerator[InboundMessage, None]:
+    async def messages(
+        self, kind: str = "*", *, maxsize: int = DEFAULT_MESSAGE_QUEUE
+    ) -> AsyncGenerator[InboundMessage, None]:
         """Every message of ``kind`` from now on, through a queue of ``maxsize``.
 
         While the queue is full, the handler feeding it waits, so the message's

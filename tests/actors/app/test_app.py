@@ -261,7 +261,7 @@ def test_an_acked_send_whose_outcome_never_comes_ends_unconfirmed(runtime, recor
     client.tell("app", MessageDelivered(b"5" * 16, 1, "websocket"))
     client.tell("app", MessageDelivered(b"6" * 16, 1, "websocket"))
     handles.resolve(b"6" * 16, DeliveryState.DELIVERED, None, None)  # as its outcome report would
-    with pytest.raises(Unconfirmed, match="no outcome report within 0.2 s"):
+    with pytest.raises(Unconfirmed, match=r"no outcome report within 0\.2 s"):
         waiting.result(WAIT)
     assert waiting.status.acked and answered.status.delivered
     assert recorder.wait_for("message_unconfirmed", message_id=(b"5" * 16).hex())
