@@ -32,6 +32,7 @@ __all__ = ["delivery_statuses", "inbound_messages", "message_ids", "node_events"
 
 _IDS = st.binary(min_size=ID_BYTES, max_size=ID_BYTES)
 _FAILED_HANDLER = DeliveryState.HANDLER_FAILED
+_REASONS = st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=80)
 _KINDS = st.sampled_from(["DATA", "REQUEST", "TASK"])
 _ACKED = (DeliveryState.DELIVERED, DeliveryState.UNHANDLED, DeliveryState.HANDLER_FAILED, DeliveryState.UNCONFIRMED)
 
@@ -91,7 +92,7 @@ def delivery_statuses(*, states: tuple[DeliveryState, ...] = tuple(DeliveryState
             message_id=draw(message_ids()),
             state=state,
             attempts=draw(st.integers(0 if state is DeliveryState.FAILED else 1, 8)),
-            last_error=draw(st.text(min_size=1, max_size=80)) if failed else None,
+            last_error=draw(_REASONS) if failed else None,
             acked=state in _ACKED,
             remote_type=draw(st.sampled_from(["ValueError", "KeyError"])) if state is _FAILED_HANDLER else None,
             reply=draw(st.none() | st.binary(max_size=64)) if state is DeliveryState.DELIVERED else None,
