@@ -303,7 +303,8 @@ class AsyncNode:
         """:meth:`Node.network_status <villagemesh.node.Node.network_status>`."""
         retrier = await self._query("retrier_status")
         actors = await self._query("actors")
-        return self.node._status(len(await self.peers()), retrier, actors)
+        mix = await self._query("betanet_status") if self.node.runs_betanet else None
+        return self.node._status(len(await self.peers()), retrier, actors, mix)
 
     async def wait_for_peers(self, count: int, timeout: float) -> bool:
         """True once at least ``count`` peers are known; woken by ``peer_discovered`` events, not polling."""

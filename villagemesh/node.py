@@ -149,6 +149,12 @@ class NodeConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     capabilities: Capabilities | None = None
+    betanet: bool | None = None
+    """Run the BetaNet mixnode relay (and announce its address): None means on in the anonymous mode only."""
+    betanet_delay_ms: float = 0.0
+    """Mean per-hop delay this node chooses for its anonymous packets (exponential; 0: none)."""
+    betanet_cover_rate: float = 0.0
+    """Loop and drop cover packets per second, each (Poisson; 0: none)."""
     human_log: bool | None = False
     log_path: Path | None = None
     codec: str | PayloadCodec = "bytes"
@@ -196,6 +202,12 @@ class NodeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if self.betanet is not None and not isinstance(self.betanet, bool):
+            raise ConfigError(f"betanet must be True, False or None, got {self.betanet!r}")
+        for name in ("betanet_delay_ms", "betanet_cover_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if self.name is not None and (not self.name or "/" in self.name):
             raise ConfigError(f"node name must be non-empty without '/', got {self.name!r}")
         object.__setattr__(self, "codec", payload_codec(self.codec))
@@ -315,6 +327,19 @@ class Node:
         self._lock_file: Any = None
 
     # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def runs_betanet(self) -> bool:
+        """Whether this node is a BetaNet mixnode (:attr:`NodeConfig.betanet`)."""
+        return self.config.betanet if self.config.betanet is not None else self.config.mode is NetworkMode.ANONYMOUS
+
+    @property
+    def betanet_address(self) -> str:
+        """``betanet://host:port/<mix key>``: where mixes reach this node, and its mix key."""
+        from villagemesh.actors.betanet.state import format_address, mix_secret
+        from villagemesh.protocols.sphinx.crypto import x25519_base
+
+        return format_address(self.config.host, self.port, x25519_base(mix_secret(self.keys.static_key)))
 
     @property
     def address(self) -> str:
@@ -454,11 +479,13 @@ class Node:
         from villagemesh.actors.websocket.actor import WebSocketActor
 
         cfg, data = self.config, self.config.data_dir
-        capabilities = cfg.capabilities or local_capabilities(("websocket",))
+        betanet = self.runs_betanet
+        capabilities = cfg.capabilities or local_capabilities(("websocket", "betanet") if betanet else ("websocket",))
         if capabilities.node_name is None:
             capabilities = replace(capabilities, node_name=self.name)  # peers see it in the signed announce
+        addresses = (self.address, self.betanet_address) if betanet else (self.address,)
         identity = Identity(
-            signing_key=self.keys.signing_key, addresses=(self.address,), capabilities=capabilities, port=self.port
+            signing_key=self.keys.signing_key, addresses=addresses, capabilities=capabilities, port=self.port
         )
         retry = {
             "max_attempts": cfg.max_attempts,
@@ -473,7 +500,8 @@ class Node:
                     "websocket",
                     WebSocketActor,
                     config={"deliver_to": "retrier", "node_id": self.node_id, "keys": self.keys},
-                )
+                ),
+                *([self._betanet_spec()] if betanet else []),
             ],
             intensity=10,
             period=10,
@@ -521,7 +549,7 @@ class Node:
                 config={
                     "host": cfg.host,
                     "port": self.port,
-                    "routes": {"http": "websocket", "discovery": "lan"},
+                    "routes": {"http": "websocket", "discovery": "lan", **({"secure": "betanet"} if betanet else {})},
                     "limits": AcceptorLimits(
                         max_per_source=cfg.max_connections_per_source,
                         max_total=max(cfg.max_connections, cfg.max_connections_per_source),
@@ -554,6 +582,27 @@ class Node:
             ),
         ]
         return SupervisorSpec("root", children, strategy="one_for_one", intensity=20, period=10)
+
+    def _betanet_spec(self) -> ChildSpec:
+        from villagemesh.actors.betanet.actor import BetanetActor
+
+        cfg = self.config
+        return ChildSpec(
+            "betanet",
+            BetanetActor,
+            config={
+                "keys": self.keys.to_bytes(),
+                "host": cfg.host,
+                "port": self.port,
+                "replay_path": str(cfg.data_dir / "betanet.sqlite3"),
+                "deliver_to": "retrier",
+                "registry": "registry",
+                "refresh_s": min(10.0, cfg.discovery_interval),
+                "mean_delay_ms": cfg.betanet_delay_ms,
+                "loop_rate": cfg.betanet_cover_rate,
+                "drop_rate": cfg.betanet_cover_rate,
+            },
+        )
 
     def _wait_until_listening(self, timeout: float = 10.0) -> None:
         """Ask the acceptor where it listens: the ask waits in its mailbox until it has started."""
@@ -768,17 +817,21 @@ class Node:
         self._client().tell(actor_name, InjectedCrash(f"injected by Node.crash({actor_name!r})"))
 
     def network_status(self) -> dict[str, Any]:
-        """The node at a glance: id, mode, peers, the retrier's counters, the outbox, the actor tree."""
+        """The node at a glance: id, mode, peers, the retrier's counters, the outbox, the actor tree
+        (and the mixnode's)."""
+        from villagemesh.actors.betanet.actor import betanet_status
         from villagemesh.actors.retrier.messages import GetRetrierStatus
 
-        retrier = self._client().ask("retrier", GetRetrierStatus(), timeout=ASK_TIMEOUT)
-        return self._status(len(self.peers()), retrier, self._actors())
+        client = self._client()
+        retrier = client.ask("retrier", GetRetrierStatus(), timeout=ASK_TIMEOUT)
+        mix = betanet_status(client, timeout=ASK_TIMEOUT) if self.runs_betanet else None
+        return self._status(len(self.peers()), retrier, self._actors(), mix)
 
     def _actors(self) -> list[dict[str, Any]]:
         assert self._root is not None
         return which_children(self._root.actor_ref, timeout=ASK_TIMEOUT)
 
-    def _status(self, peers: int, retrier: Any, actors: list[dict[str, Any]]) -> dict[str, Any]:
+    def _status(self, peers: int, retrier: Any, actors: list[dict[str, Any]], mix: Any = None) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "name": self.name,
@@ -790,6 +843,7 @@ class Node:
             "outbox": {"messages": self.handles.pending_messages, "bytes": self.handles.pending_bytes},
             "late_replies": self.handles.late,
             "actors": actors,
+            **({"betanet": _betanet_fields(mix)} if mix is not None else {}),
         }
 
     # -- events ------------------------------------------------------------------------------------
@@ -866,6 +920,16 @@ class Node:
     async def apeers(self) -> list[PeerInfo]:
         """:meth:`AsyncNode.peers <villagemesh.aio.AsyncNode.peers>`."""
         return await self.aio.peers()
+
+
+def _betanet_fields(status: Any) -> dict[str, Any]:
+    return {
+        "address": status.address,
+        "epoch": status.epoch,
+        "mixnodes": status.mixnodes,
+        "held": status.held,
+        "counts": status.counts,
+    }
 
 
 _TRANSPORTS = frozenset({"libp2p", "bitchat", "betanet", "websocket"})

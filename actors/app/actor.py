@@ -118,6 +118,7 @@ from villagemesh.actors.app.messages import (
 )
 from villagemesh.actors.app.payload import BytesCodec, PayloadCodec, payload_codec
 from villagemesh.actors.app.state import Bridge, DeliveryState, HandleTable, InboundMessage, Subscribers
+from villagemesh.actors.betanet.messages import GetBetanetStatus
 from villagemesh.actors.core.base import Actor, ActorContext
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.registry.messages import FindSuitablePeers, ListPeers
@@ -475,6 +476,7 @@ class AppActor(Actor):
             "peers": (self.registry_name, ListPeers()),
             "suitable_peers": (self.registry_name, FindSuitablePeers(msg.argument)),
             "retrier_status": (self.retrier_name, GetRetrierStatus()),
+            "betanet_status": ("betanet", GetBetanetStatus()),
         }
         if msg.query == "actors" and self.tree is not None:
             try:
