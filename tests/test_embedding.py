@@ -75,6 +75,7 @@ def test_a_kind_nobody_handles_ends_unhandled_at_the_sender_and_is_logged_and_co
     assert handle.status.state is DeliveryState.UNHANDLED
     [logged] = events_of(a, "message_unhandled")
     assert logged["kind"] == "NOBODY" and logged["sender"] == b.node_id
+    assert a.network_status()["app"]["unhandled"] == 1
     assert events_of(b, "message_handled")[-1]["status"] == "unhandled"
 
 
@@ -92,6 +93,7 @@ def test_a_failing_handler_reaches_the_sender_as_remote_error_with_type_and_mess
     assert "Traceback" not in str(info.value)
     assert handle.status.state is DeliveryState.HANDLER_FAILED
     assert events_of(a, "handler_failed")[0]["exc_type"] == "KeyError"
+    assert a.network_status()["app"]["handler_failed"] == 1
 
 
 def test_a_coroutine_a_plain_handler_returns_is_awaited_on_the_loop_it_subscribed_from(pair) -> None:

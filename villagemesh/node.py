@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -45,6 +45,7 @@ from villagemesh.actors.app.state import (
     DeliveryHandle,
     DeliveryState,
     DeliveryStatus,
+    GatewayCounters,
     HandleTable,
     InboundMessage,
     MessageId,
@@ -313,6 +314,7 @@ class Node:
         self.subscribers = Subscribers()
         self.handles = HandleTable(config.outbox)
         self.bridge = Bridge()
+        self.gateway_counters = GatewayCounters()
         self._listeners: list[Callable[[NodeEvent], None]] = []
         self._peers_changed = threading.Condition()
         self._peer_events = 0
@@ -539,6 +541,7 @@ class Node:
                     "outcome_timeout": cfg.outcome_timeout,
                     "codec": self.codec,
                     "bridge": self.bridge,
+                    "counters": self.gateway_counters,
                     "tree": self._actors,
                 },
             ),
@@ -842,6 +845,7 @@ class Node:
             "retrier": {k: getattr(retrier, k) for k in retrier.__dataclass_fields__},
             "outbox": {"messages": self.handles.pending_messages, "bytes": self.handles.pending_bytes},
             "late_replies": self.handles.late,
+            "app": asdict(self.gateway_counters),
             "actors": actors,
             **({"betanet": _betanet_fields(mix)} if mix is not None else {}),
         }

@@ -47,11 +47,11 @@ end goes back to its sender as an outcome report, a reliable envelope of its
 own, stored in the same commit as the mark (so a kill after it loses no report):
 
 ============== ========================================== ===================================
-status         when                                       logged / counted here
+status         when                                       logged / counted (GatewayCounters) here
 ============== ========================================== ===================================
 handled        every handler returned                     (``message_handled`` at the sender)
 unhandled      nobody subscribes to the kind              ``message_unhandled``, ``unhandled``
-handler_failed a handler raised, its coroutine failed, a  ``handler_failed``, ``handler_failures``
+handler_failed a handler raised, its coroutine failed, a  ``handler_failed``, ``handler_failed``
                plain handler returned a coroutine outside
                any loop, the payload did not decode, or
                the message is poison
@@ -80,7 +80,8 @@ Config: ``subscribers`` (Subscribers), ``handles`` (HandleTable), ``inbox``
 ``max_dispatches`` (default :data:`MAX_DISPATCHES`), ``node_id`` and
 ``outcomes_to`` (send outcome reports), ``await_outcomes``,
 ``outcome_timeout`` (default :data:`OUTCOME_TIMEOUT`), ``codec`` (a payload
-codec, default bytes), ``bridge`` (Bridge) with ``registry``/``retrier`` names
+codec, default bytes), ``counters`` (GatewayCounters, shared so they outlive
+a restart), ``bridge`` (Bridge) with ``registry``/``retrier`` names
 and ``tree`` (a callable answering the ``actors`` query).
 Log events: ``handler_failed`` (kind, handler, exc_type, exc_message,
 traceback), ``message_rejected`` (actor, reason), ``message_redelivered``
@@ -117,7 +118,14 @@ from villagemesh.actors.app.messages import (
     OutcomeStatus,
 )
 from villagemesh.actors.app.payload import BytesCodec, PayloadCodec, payload_codec
-from villagemesh.actors.app.state import Bridge, DeliveryState, HandleTable, InboundMessage, Subscribers
+from villagemesh.actors.app.state import (
+    Bridge,
+    DeliveryState,
+    GatewayCounters,
+    HandleTable,
+    InboundMessage,
+    Subscribers,
+)
 from villagemesh.actors.betanet.messages import GetBetanetStatus
 from villagemesh.actors.core.base import Actor, ActorContext
 from villagemesh.actors.core.ledger import Inbox
@@ -182,6 +190,7 @@ class AppActor(Actor):
         self.bridge: Bridge | None = ctx.config.get("bridge")
         self.registry_name: str = ctx.config.get("registry", "registry")
         self.retrier_name: str = ctx.config.get("retrier", "retrier")
+        self.counters: GatewayCounters = ctx.config.get("counters") or GatewayCounters()
         self.tree: Callable[[], Any] | None = ctx.config.get("tree")
         """Answers the ``actors`` query: the node's supervision tree (asked with a timeout)."""
 
@@ -189,8 +198,6 @@ class AppActor(Actor):
         self.inbox = Inbox(self.inbox_path, synchronous=self.synchronous)
         self.running: dict[bytes, _Run] = {}
         """Messages with coroutine handlers still running."""
-        self.unhandled = 0
-        self.handler_failures = 0
         self.acked_at: dict[bytes, float] = {}
         """Acked sends waiting for their outcome report: when acked (monotonic), oldest first."""
         self.sweep_pending = False
@@ -268,6 +275,7 @@ class AppActor(Actor):
             self.ctx.log.emit(
                 "message_unconfirmed", level="warning", message_id=message_id.hex(), timeout_s=self.outcome_timeout
             )
+            self.counters.unconfirmed += 1
             reason = f"acked, but no outcome report within {self.outcome_timeout} s"
             self.handles.resolve(message_id, DeliveryState.UNCONFIRMED, None, reason)
         # Forget the ended (their outcome came) so the table holds only the waiting.
@@ -314,7 +322,7 @@ class AppActor(Actor):
             self.ctx.log.emit("message_redelivered", message_id=msg.message_id.hex(), dispatches=dispatches)
         subscriptions = self.subscribers.for_kind(decoded.kind)
         if not subscriptions:
-            self.unhandled += 1
+            self.counters.unhandled += 1
             self.ctx.log.emit(
                 "message_unhandled",
                 level="warning",
@@ -331,6 +339,7 @@ class AppActor(Actor):
             self._conclude(msg.message_id, run)
             return
         message = InboundMessage.of(decoded, redelivered=dispatches > 1, value=value)
+        self.counters.dispatched += 1
         for sub in subscriptions:
             try:
                 if sub.is_coroutine:
@@ -390,6 +399,7 @@ class AppActor(Actor):
         self.inbox.mark_handled_reporting(
             message_id, report.id, message.sender, report.priority, envelope, report.created_at, report.expires_at
         )
+        self.counters.outcomes_sent += 1
         try:
             self.tell(self.outcomes_to, Deliver(envelope, stored=True))
         except BusError as exc:  # stored: the retrier sends it when it next starts
@@ -423,7 +433,9 @@ class AppActor(Actor):
             return
         state = _STATES[outcome.status]
         mid = report.correlation_id.hex()
+        self.counters.outcomes_received += 1
         if self.handles.get(report.correlation_id) is None:
+            self.counters.outcomes_unclaimed += 1
             self.ctx.log.emit("outcome_unclaimed", message_id=mid, status=outcome.status.value)
             return
         # Logged before the handle ends, so whoever waits on the handle finds the line written.
@@ -454,7 +466,7 @@ class AppActor(Actor):
         return done
 
     def _failed(self, run: _Run, handler: Any, exc: BaseException) -> None:
-        self.handler_failures += 1
+        self.counters.handler_failed += 1
         if run.failure is None:
             run.failure = exc
         self.ctx.log.emit(

@@ -26,6 +26,7 @@ __all__ = [
     "DeliveryHandle",
     "DeliveryState",
     "DeliveryStatus",
+    "GatewayCounters",
     "HandleTable",
     "InboundMessage",
     "MessageId",
@@ -496,6 +497,23 @@ class HandleTable:
 
 
 _ACKED_ENDS = frozenset({DeliveryState.DELIVERED, DeliveryState.UNHANDLED, DeliveryState.HANDLER_FAILED})
+
+
+@dataclass
+class GatewayCounters:
+    """What the app gateway counted, kept across its restarts (the node shows them in network_status)."""
+
+    dispatched: int = 0
+    """Messages handed to handlers (a redelivery counts again)."""
+    unhandled: int = 0
+    """Messages of a kind nobody subscribes to (reported to their senders)."""
+    handler_failed: int = 0
+    """Handler failures (one message may count several)."""
+    outcomes_sent: int = 0
+    outcomes_received: int = 0
+    outcomes_unclaimed: int = 0
+    """Reports for a send nobody waits for (sent before a restart, or already ended)."""
+    unconfirmed: int = 0
 
 
 class Bridge:
