@@ -165,6 +165,26 @@ def test_a_request_without_a_reply_in_time_raises_request_timeout_and_the_late_r
     assert b.network_status()["late_replies"] == 1
 
 
+def test_a_request_survives_a_crash_of_either_sides_retrier_and_gateway(pair) -> None:
+    """Built on reliable delivery: both retriers and the responder's gateway restart meanwhile."""
+    a, b = pair
+    started = threading.Event()
+
+    def answer(m: Any) -> bytes:
+        started.set()
+        return b"still here"
+
+    a.subscribe("REQUEST", answer)
+    a.crash("retrier")
+    b.crash("retrier")
+    a.crash("app")
+    assert b.request(a.node_id, b"?", timeout=WAIT) == b"still here" and started.is_set()
+    restarted = {e["child_id"] for e in events_of(a, "child_restarted")} | {
+        e["child_id"] for e in events_of(b, "child_restarted")
+    }
+    assert restarted == {"retrier", "app"}
+
+
 def test_async_request_reply_and_remote_error(pair) -> None:
     a, b = pair
 
