@@ -63,6 +63,8 @@ def test_delivered_means_a_handler_took_it_and_returned(pair) -> None:
     handle = b.send(a.node_id, b"x")
     status = handle.result(WAIT)
     assert status.state is DeliveryState.DELIVERED and status.acked and seen == [b"x"]
+    [broadcast] = b.broadcast("DATA", b"to all")
+    assert broadcast.result(WAIT).delivered and seen == [b"x", b"to all"]
     assert status.message_id == handle.message_id == handle.raw_id.hex()  # one id type: MessageId (hex str)
 
 
@@ -323,7 +325,13 @@ def test_the_event_stream_tells_peers_deliveries_failures_and_crashes(tmp_path: 
 def test_async_node_sends_queries_and_waits_for_peers_by_event(tmp_path: Path) -> None:
     async def main() -> None:
         async with AsyncNode(make(tmp_path, "a", discovery_interval=0.3)) as a:
+            events = a.events()
+            first_event = asyncio.ensure_future(anext(events))
+            await asyncio.sleep(0.01)  # listening
             async with AsyncNode(make(tmp_path, "b", discovery_interval=0.3, bootstrap=(a.acceptor_address,))) as b:
+                event = await asyncio.wait_for(first_event, WAIT)
+                assert event.kind == "peer_discovered" and event.fields["peer_id"] == b.node_id
+                await events.aclose()
                 assert await b.wait_for_peers(1, WAIT)
                 assert not await b.wait_for_peers(5, 0.2)
                 assert [p.peer_id for p in await b.peers()] == [a.node_id]
