@@ -218,6 +218,62 @@ def test_malformed_and_own_ids_are_refused_at_once_naming_them(pair) -> None:
     assert b.network_status()["outbox"] == {"messages": 0, "bytes": 0}
 
 
+def test_bad_send_values_are_refused_at_once_naming_them(tmp_path: Path) -> None:
+    class Strange:
+        def encode(self, value: object) -> str:
+            return "not bytes"
+
+        def decode(self, data: bytes) -> bytes:
+            return data
+
+    node = make(tmp_path, "n", codec=Strange()).start()
+    try:
+        peer = "1" * 32
+        for kwargs, named in (
+            ({"ttl": 0}, "ttl"),
+            ({"correlation_id": b"short"}, "correlation_id"),
+            ({"kind": ""}, "kind"),
+            ({"priority": "urgent"}, "priority"),
+        ):
+            with pytest.raises(ConfigError, match=named):
+                node.send(peer, b"x", **kwargs)
+        with pytest.raises(ConfigError, match="not bytes"):
+            node.send(peer, b"x")
+    finally:
+        node.stop()
+    big = make(tmp_path, "big").start()
+    try:
+        with pytest.raises(ConfigError, match="exceeds"):
+            big.send("1" * 32, b"x" * (1024 * 1024 + 1))
+        with pytest.raises(ConfigError, match="min_count"):
+            big.get_suitable_evolution_peers(-1)
+    finally:
+        big.stop()
+
+
+def test_an_async_request_times_out_naming_peer_and_id_and_a_cancelled_one_counts_its_late_reply(pair) -> None:
+    a, b = pair
+    release = threading.Event()
+    a.subscribe("REQUEST", lambda m: release.wait(WAIT) and b"late")
+
+    async def main() -> None:
+        with pytest.raises(RequestTimeout) as info:
+            await b.aio.request(a.node_id, b"?", timeout=0.3)
+        assert info.value.peer_id == a.node_id
+        asking = asyncio.ensure_future(b.aio.request(a.node_id, b"?", timeout=WAIT))
+        await asyncio.sleep(0.3)
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+
+    asyncio.run(main())
+    release.set()
+    deadline = time.monotonic() + WAIT
+    while b.handles.late < 2 and time.monotonic() < deadline:
+        threading.Event().wait(0.02)
+    assert b.handles.late == 2
+
+
 def test_an_unknown_well_formed_id_waits_for_discovery_only_up_to_its_bound(tmp_path: Path) -> None:
     node = make(tmp_path, "lonely", unknown_peer_timeout=0.5).start()
     try:

@@ -651,6 +651,7 @@ class Node:
             raise ConfigError(f"ttl must be seconds > 0, got {ttl!r}")
         if correlation_id is not None and (not isinstance(correlation_id, bytes) or len(correlation_id) != ID_BYTES):
             raise ConfigError(f"correlation_id must be {ID_BYTES} bytes or None, got {correlation_id!r}")
+        chosen = _priority(priority)
         data = self.codec.encode(payload)
         if not isinstance(data, bytes | bytearray | memoryview):
             raise ConfigError(f"codec {self.codec!r} encoded {payload!r:.60} to {type(data).__name__}, not bytes")
@@ -662,7 +663,7 @@ class Node:
             kind=kind,
             sender=self.node_id,
             recipient=peer_id,
-            priority=_priority(priority),
+            priority=chosen,
             created_at=time.time(),
             ttl=float(ttl),
             correlation_id=correlation_id,
