@@ -276,6 +276,8 @@ class ProcessHost(Actor):
     def _forward(self, frame: bytes) -> None:
         assert self._identity is not None
         kind, _, _, inner = decode_frame(frame, trusted=True)
+        if self._metered:
+            self.metrics.received += len(inner) if kind is Kind.BATCH else 1
         # A batch is split so that every message is acknowledged on its own.
         for one in [tell_frame(v) for v in inner] if kind is Kind.BATCH else (frame,):
             self._router.send_multipart([self._identity, b"msg", one])

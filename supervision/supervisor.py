@@ -108,6 +108,9 @@ class Supervisor(Supervised):
     # -- lifecycle ------------------------------------------------------------------------
 
     def on_start(self) -> None:
+        for child in self._children.values():
+            if isinstance(child.spec, ChildSpec):
+                self.env.bus.open_mailbox(child.spec.bus_name)
         self.env.log.emit(
             "supervisor_started",
             supervisor=self.spec.id,
@@ -116,9 +119,6 @@ class Supervisor(Supervised):
             intensity=self.spec.intensity,
             period_s=self.spec.period,
         )
-        for child in self._children.values():
-            if isinstance(child.spec, ChildSpec):
-                self.env.bus.open_mailbox(child.spec.bus_name)
         for child in list(self._children.values()):
             self._start(child)
 

@@ -131,3 +131,5 @@ class RetrierStatus:
     received: int
     duplicates: int
     unhandled: int
+    pending_by_priority: tuple[int, ...] = ()
+    """Pending messages per priority, indexed by :class:`~villagemesh.protocols.envelope.Priority` value."""
