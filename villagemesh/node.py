@@ -96,6 +96,10 @@ class NodeConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     capabilities: Capabilities | None = None
+    status_endpoint: bool = True
+    """Serve ``GET /villagemesh/status`` (read-only JSON; what it reveals: :mod:`villagemesh.dashboard.status`)."""
+    dashboard: bool = False
+    """Serve the supervision dashboard at ``/villagemesh/dashboard`` on the node's port."""
     human_log: bool | None = False
     log_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -129,6 +133,9 @@ class NodeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("status_endpoint", "dashboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.name is not None and (not self.name or "/" in self.name):
             raise ConfigError(f"node name must be non-empty without '/', got {self.name!r}")
 
@@ -362,6 +369,7 @@ class Node:
         from villagemesh.actors.retrier.actor import RetrierActor
         from villagemesh.actors.sweeper.actor import SweeperActor
         from villagemesh.actors.websocket.actor import WebSocketActor
+        from villagemesh.dashboard.server import install as http_routes
 
         cfg, data = self.config, self.config.data_dir
         capabilities = cfg.capabilities or local_capabilities(("websocket",))
@@ -380,7 +388,12 @@ class Node:
                 ChildSpec(
                     "websocket",
                     WebSocketActor,
-                    config={"deliver_to": "retrier", "node_id": self.node_id, "keys": self.keys},
+                    config={
+                        "deliver_to": "retrier",
+                        "node_id": self.node_id,
+                        "keys": self.keys,
+                        "http": http_routes(self),
+                    },
                 )
             ],
             intensity=10,

@@ -57,6 +57,7 @@ TIMELINE_EVENTS = frozenset(
         "peer_discovered",
         "delivery_failed",
         "message_rejected",
+        "message_poisoned",
     }
 )
 """The events the timeline shows (the log holds more; these are the ones a person watches for)."""
@@ -116,6 +117,7 @@ class _Node:
     last_event: float = 0.0
     status: _Sample | None = None
     previous: _Sample | None = None
+    poisoned: int = 0
 
 
 class MeshView:
@@ -192,6 +194,8 @@ class MeshView:
         sup.intensity = r.get("intensity")
         sup.period_s = r.get("period_s")
         sup.state = RUNNING
+        for child in sup.children.values():
+            child.restarts.clear()  # a new incarnation starts with an empty intensity window
 
     def _started(self, node: _Node, r: dict[str, Any], at: float) -> None:
         child = self._child(node, r)
@@ -241,6 +245,9 @@ class MeshView:
         sup.escalations += 1
         sup.last_escalation = {"at": at, "reason": r.get("reason"), "parent": r.get("parent")}
 
+    def _poisoned(self, node: _Node, r: dict[str, Any], at: float) -> None:
+        node.poisoned += 1
+
     def _exceeded(self, node: _Node, r: dict[str, Any], at: float) -> None:
         sup = self._supervisor(node, str(r.get("supervisor")))
         sup.intensity = r.get("intensity", sup.intensity)
@@ -286,6 +293,7 @@ class MeshView:
             "transports": (status or {}).get("transports", {}),
             "peers": (status or {}).get("peers", []),
             "outbox": (status or {}).get("outbox"),
+            "poisoned": node.poisoned,
         }
 
     def _tree(self, node: _Node, now: float) -> list[dict[str, Any]]:
@@ -381,6 +389,7 @@ _HANDLERS: dict[str, Any] = {
     "child_stopped": MeshView._stopped,
     "supervisor_escalated": MeshView._escalated,
     "restart_intensity_exceeded": MeshView._exceeded,
+    "message_poisoned": MeshView._poisoned,
     "node_starting": _node_state("starting"),
     "node_started": _node_state("running"),
     "node_stopped": _node_state("stopped"),
