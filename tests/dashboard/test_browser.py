@@ -74,7 +74,7 @@ def wait_for(driver, script: str, what: str):
 
 
 def child(sup: str, child_id: str) -> str:
-    return f"document.querySelector('.child[data-supervisor=\"{sup}\"][data-child=\"{child_id}\"]')"
+    return f'document.querySelector(\'.child[data-supervisor="{sup}"][data-child="{child_id}"]\')'
 
 
 def test_the_page_shows_a_transport_crash_its_restart_and_an_escalation_without_reload(tmp_path, browser):
@@ -88,7 +88,7 @@ def test_the_page_shows_a_transport_crash_its_restart_and_an_escalation_without_
         node.crash("websocket")
         wait_for(
             browser,
-            "document.querySelector('#timeline tr[data-event=\"child_crashed\"][data-child=\"websocket\"]')",
+            'document.querySelector(\'#timeline tr[data-event="child_crashed"][data-child="websocket"]\')',
             "the crash in the timeline",
         )
         wait_for(
@@ -118,8 +118,7 @@ def test_the_page_shows_a_transport_crash_its_restart_and_an_escalation_without_
         )
         wait_for(
             browser,
-            "document.querySelector('#timeline tr[data-event=\"supervisor_escalated\"]"
-            "[data-supervisor=\"transports\"]')",
+            'document.querySelector(\'#timeline tr[data-event="supervisor_escalated"][data-supervisor="transports"]\')',
             "supervisor_escalated in the timeline",
         )
         wait_for(browser, f"{child('root', 'transports')}?.dataset.state === 'running'", "transports restarted by root")

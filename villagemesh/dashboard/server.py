@@ -46,6 +46,7 @@ WebSocket actor that serves a node's dashboard restarts, the page is back within
 SUBSCRIBER_QUEUE = 64
 """Pushes a browser may fall behind by before it is dropped (it reconnects)."""
 
+
 class Dashboard:
     """The live view behind the page: a :class:`MeshView` fed by :class:`Sources`, pushed to browsers."""
 
