@@ -8,6 +8,7 @@ that fails says so in :attr:`Sources.errors` (shown on the page and in
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -68,7 +69,7 @@ class Sources:
         if self.local is not None:
             self._add(view, "local", self.local)
         for target, host, port in self.targets:
-            self._add(view, target, lambda h=host, p=port: _get_status(h, p))
+            self._add(view, target, functools.partial(_get_status, host, port))
 
     def _add(self, view: MeshView, source: str, fetch: Callable[[], dict[str, Any]]) -> None:
         try:
