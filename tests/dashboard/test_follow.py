@@ -144,3 +144,16 @@ def test_a_100_mb_log_is_read_in_bounded_memory(tmp_path: Path) -> None:
     assert seen == size // len(record)
     print(f"100 MB log: {seen} records, {size / 1e6:.0f} MB, peak traced memory {peak / 1e6:.1f} MB")
     assert peak < 32 * 1024 * 1024, f"peak {peak} bytes while reading a {size}-byte log"
+
+
+def test_a_file_rotated_away_and_not_yet_recreated_is_read_on(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text(line("a"))
+    follower = LogFollower(path)
+    assert events(follower.poll()) == ["a"]
+    os.rename(path, tmp_path / "events.jsonl.1")
+    with open(tmp_path / "events.jsonl.1", "a") as old:
+        old.write(line("late"))  # the writer has not reopened yet
+    assert events(follower.poll()) == ["late"]
+    path.write_text(line("new"))
+    assert events(follower.poll()) == ["new"]

@@ -166,10 +166,7 @@ class LogFollower:
                 self._partial += piece
                 line = bytes(self._partial)
                 self._partial.clear()
-            elif len(piece) > MAX_LINE:
-                self.oversized += 1
-                continue
-            else:
+            else:  # a piece of one chunk: never longer than MAX_LINE (CHUNK is smaller)
                 line = piece
             self._parse(line, records)
 
