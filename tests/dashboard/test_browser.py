@@ -79,7 +79,12 @@ def child(sup: str, child_id: str) -> str:
 
 def test_the_page_shows_a_transport_crash_its_restart_and_an_escalation_without_reload(tmp_path, browser):
     node = create_network("hybrid", data_dir=tmp_path / "alice", name="alice", dashboard=True)
-    with node:
+    with node, create_network(
+        "hybrid", data_dir=tmp_path / "bob", name="bob", bootstrap=(node.acceptor_address,), discovery_interval=0.3
+    ) as bob:
+        assert node.wait_for_peers(1, PAGE_WAIT), "alice never learned of bob"
+        for handle in [node.send(bob.node_id, b"hello %d" % i) for i in range(20)]:
+            assert handle.wait(PAGE_WAIT).delivered
         browser.get(f"http://{node.acceptor_address}/villagemesh/dashboard")
         wait_for(browser, f"{child('transports', 'websocket')}?.dataset.state === 'running'", "websocket running")
         wait_for(browser, "document.getElementById('conn').textContent === 'live'", "the live stream")
@@ -122,7 +127,16 @@ def test_the_page_shows_a_transport_crash_its_restart_and_an_escalation_without_
             "supervisor_escalated in the timeline",
         )
         wait_for(browser, f"{child('root', 'transports')}?.dataset.state === 'running'", "transports restarted by root")
+        for handle in [node.send(bob.node_id, b"again %d" % i) for i in range(20)]:
+            assert handle.wait(PAGE_WAIT).delivered
+        wait_for(
+            browser,
+            "window.dashboardState.nodes[0].actors.some((a) => a.name === 'retrier' && a.in_per_s !== null)",
+            "message rates (two status samples)",
+        )
         wait_for(browser, "document.querySelectorAll('#actors tr').length > 3", "the actors' figures")
+        wait_for(browser, f"document.getElementById('peers').textContent.includes('{bob.node_id[:16]}')", "bob as a peer")
+        wait_for(browser, "document.getElementById('outbox').textContent.includes('normal 0')", "the outbox")
         wait_for(browser, "document.querySelector('#chart .restart-bar')", "restarts in the chart")
         assert browser.execute_script("return window.__sameDocument") == "yes", "the page was reloaded"
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
