@@ -135,7 +135,8 @@ def test_the_page_shows_a_transport_crash_its_restart_and_an_escalation_without_
             "message rates (two status samples)",
         )
         wait_for(browser, "document.querySelectorAll('#actors tr').length > 3", "the actors' figures")
-        wait_for(browser, f"document.getElementById('peers').textContent.includes('{bob.node_id[:16]}')", "bob as a peer")
+        peers = f"document.getElementById('peers').textContent.includes('{bob.node_id[:16]}')"
+        wait_for(browser, peers, "bob as a peer")
         wait_for(browser, "document.getElementById('outbox').textContent.includes('normal 0')", "the outbox")
         wait_for(browser, "document.querySelector('#chart .restart-bar')", "restarts in the chart")
         assert browser.execute_script("return window.__sameDocument") == "yes", "the page was reloaded"
