@@ -6,15 +6,25 @@ chain and finding the rest by peer exchange; the registry gives each relay the o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration._nodes import PATIENCE, EventFile, Inbox, free_port, make_node, running, wait_until
-from tests.integration.test_network import Child, children, knows, retrier_idle  # noqa: F401 - the fixture
+from tests.integration.test_network import Child, knows, retrier_idle
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Child]]:
+    """Node processes started by a test, stopped after it however it ends."""
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.terminate()
 
 
 def five(tmp_path: Path, **settings: Any) -> list[Any]:
@@ -80,7 +90,7 @@ def test_a_relay_crashed_mid_stream_restarts_alone_and_nothing_is_lost(tmp_path:
     assert others == [], f"actors other than betanet restarted: {others}"
 
 
-def test_kill_9_of_a_mix_node_process_mid_stream_loses_nothing(tmp_path: Path, children: list[Child]) -> None:
+def test_kill_9_of_a_mix_node_process_mid_stream_loses_nothing(tmp_path: Path, processes: list[Child]) -> None:
     """One of the five is a separate process, SIGKILLed while 200 messages cross the mixes, then restarted."""
     nodes = five(tmp_path)
     mix = nodes.pop(2)  # its place is taken by a process with the same data dir and port
@@ -89,16 +99,16 @@ def test_kill_9_of_a_mix_node_process_mid_stream_loses_nothing(tmp_path: Path, c
     inbox = Inbox()
     nodes[3].subscribe("*", inbox)
     with running(nodes):
-        children.append(Child(*args))
-        mix_id = children[-1].wait_line("LISTEN").split()[1]
+        processes.append(Child(*args))
+        mix_id = processes[-1].wait_line("LISTEN").split()[1]
         everyone = {n.node_id for n in nodes} | {mix_id}
         assert wait_until(lambda: all(knows(n, everyone - {n.node_id}) for n in nodes))
         handles = [nodes[0].send(nodes[3].node_id, f"k{i}".encode()) for i in range(100)]
         assert wait_until(lambda: len(inbox.distinct()) >= 20)
-        children[-1].kill()
+        processes[-1].kill()
         handles += [nodes[0].send(nodes[3].node_id, f"k{i}".encode()) for i in range(100, 200)]
-        children.append(Child(*args))
-        assert children[-1].wait_line("LISTEN").split()[1] == mix_id
+        processes.append(Child(*args))
+        assert processes[-1].wait_line("LISTEN").split()[1] == mix_id
         assert inbox.wait_for_distinct(200, timeout=90), f"only {len(inbox.distinct())} of 200 arrived"
         assert all(h.result(PATIENCE).delivered for h in handles)
         assert inbox.duplicates() == {}
