@@ -79,9 +79,11 @@ def child(sup: str, child_id: str) -> str:
 
 def test_the_page_shows_a_transport_crash_its_restart_and_an_escalation_without_reload(tmp_path, browser):
     node = create_network("hybrid", data_dir=tmp_path / "alice", name="alice", dashboard=True)
-    with node, create_network(
+    bob = create_network(
         "hybrid", data_dir=tmp_path / "bob", name="bob", bootstrap=(node.acceptor_address,), discovery_interval=0.3
-    ) as bob:
+    )
+    bob.subscribe("DATA", lambda message: None)  # a message nobody handles is not delivered
+    with node, bob:
         assert node.wait_for_peers(1, PAGE_WAIT), "alice never learned of bob"
         for handle in [node.send(bob.node_id, b"hello %d" % i) for i in range(20)]:
             assert handle.wait(PAGE_WAIT).delivered
