@@ -128,10 +128,37 @@ def test_an_envelope_crosses_three_mixes_and_its_ack_comes_back_on_the_surb(runt
     assert next_of(erin.inbox, TransmitResult).ok
     answered = next_of(alice.inbox, Received)
     assert answered.remote == erin.node_id and decode_message(answered.envelope) == ack
-    # the SURB is spent: a second answer on it has nothing to ride on
+    # a small message brought two SURBs: one more answer rides the second, a third has nothing to ride on
     transmit(runtime, erin, alice, envelope(erin.node_id, b"again"), address=REPLY_ADDRESS)
+    assert next_of(erin.inbox, TransmitResult).ok
+    assert decode_message(next_of(alice.inbox, Received).envelope).payload == b"again"
+    transmit(runtime, erin, alice, envelope(erin.node_id, b"once more"), address=REPLY_ADDRESS)
     failed = next_of(erin.inbox, TransmitResult)
     assert not failed.ok and failed.retryable and "no reply block" in (failed.error or "")
+
+
+def test_an_application_reply_rides_the_requests_surb_and_brings_one_for_its_own_ack(
+    runtime: Any, tmp_path: Path
+) -> None:
+    """A request A → E; E's reply (correlation_id = the request) goes back on the request's SURB, not a new route,
+    with a SURB of its own; A's ack of the reply rides that one."""
+    nodes = relays(runtime, tmp_path, 5)
+    alice, erin = nodes[0], nodes[4]
+    request = envelope(alice.node_id, b"question", erin.node_id)
+    transmit(runtime, alice, erin, request)
+    assert decode_message(next_of(erin.inbox, Received).envelope) == request
+    reply = Message(os.urandom(16), "DATA", erin.node_id, alice.node_id, Priority.NORMAL, time.time(), 60.0,
+                    request.id, b"answer")
+    transmit(runtime, erin, alice, reply)  # to alice's address: the SURB is chosen because it answers `request`
+    got = next_of(alice.inbox, Received)
+    assert got.remote == erin.node_id and decode_message(got.envelope) == reply
+    counts = status_counts(runtime, erin)
+    assert counts.get("sent.replies_on_surbs") == 1 and counts.get("sent.messages", 0) == 0
+    ack = Message(os.urandom(16), "ACK", alice.node_id, erin.node_id, Priority.CRITICAL, time.time(), 60.0,
+                  reply.id, b"")
+    transmit(runtime, alice, erin, ack, address=REPLY_ADDRESS)
+    assert decode_message(next_of(erin.inbox, Received).envelope) == ack
+    assert status_counts(runtime, alice).get("sent.acks_on_surbs") == 1
 
 
 def test_with_delays_on_every_message_still_arrives(runtime: Any, tmp_path: Path) -> None:
