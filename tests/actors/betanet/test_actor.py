@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pykka
+import pytest
 
 from tests.actors.acceptor.support import WAIT, Sink, start
+from tests.actors.transport_contract import Endpoint, TransportContract
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
 from villagemesh.actors.betanet.actor import PACKET_KIND, BetanetActor, betanet_status
 from villagemesh.actors.betanet.state import epoch_of, format_address, mix_secret
 from villagemesh.actors.core.secure.keys import NodeKeys
 from villagemesh.actors.core.secure.tcp import dial
 from villagemesh.actors.core.transport import REPLY_ADDRESS, Discover, Discovered, Received, Transmit, TransmitResult
+from villagemesh.actors.registry.messages import PeerRoutes, RoutesList
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
 from villagemesh.protocols.sphinx import Hop, create_packet
 from villagemesh.protocols.sphinx.body import encode_drop
@@ -268,3 +271,46 @@ def test_at_an_epoch_boundary_old_packets_are_refused_by_their_epoch(runtime: An
     asyncio.run(_send_raw(relay, [again, fresh]))
     counts = wait_count(runtime, relay, "cover.drop_received", 2)
     assert counts.get("dropped.invalid", 0) == 1
+
+
+class TestBetanetKeepsTheTransportContract(TransportContract):
+    """The kit's contract suite on BetaNet; each endpoint is a relay, with three more mixes between them."""
+
+    NAME = "betanet"
+    UNREACHABLE = "betanet://nowhere"  # not a usable address: fails at once, retryable
+    ORDERED = False
+    SEES_PEER = False
+    WHY = (
+        "every message takes its own route through three mixes and may be held on the way, and the sender"
+        " never talks to the recipient (that is the point): it cannot see who answers at an address"
+    )
+
+    @pytest.fixture
+    def transport_factory(self, tmp_path: Path) -> Any:
+        made: list[Relay] = []
+
+        def add(runtime: Any, suffix: str, keys: NodeKeys) -> Relay:
+            inbox: queue.Queue[Any] = queue.Queue()
+            start(runtime, Sink, f"sink{suffix}", queue=inbox)
+            start(runtime, AcceptorActor, f"acceptor{suffix}", routes={"secure": f"betanet{suffix}"})
+            port = acceptor_status(runtime.bus.client(), f"acceptor{suffix}").port
+            address = format_address("127.0.0.1", port, x25519_base(mix_secret(keys.static_key)))
+            relay = Relay(f"betanet{suffix}", keys, port, address, inbox)
+            relay.ref = start(
+                runtime, BetanetActor, relay.name, keys=keys.to_bytes(), host="127.0.0.1", port=port,
+                replay_path=str(tmp_path / f"betanet{suffix}.sqlite3"), deliver_to=f"sink{suffix}",
+            )
+            made.append(relay)
+            return relay
+
+        def make(runtime: Any, suffix: str, keys: NodeKeys) -> Endpoint:
+            if not made:
+                for n in range(3):
+                    add(runtime, f"-mix{n}", NodeKeys.generate())
+            relay = add(runtime, suffix, keys)
+            routes = RoutesList(tuple(PeerRoutes(r.node_id, (("betanet", (r.address,)),)) for r in made))
+            for r in made:  # what a registry would tell them: every relay, this one included
+                runtime.bus.client().tell(r.name, routes)
+            return Endpoint(relay.name, f"sink{suffix}", relay.inbox, relay.address, keys)
+
+        return make
