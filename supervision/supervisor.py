@@ -115,7 +115,7 @@ class Supervisor(Supervised):
             "supervisor_started",
             supervisor=self.spec.id,
             parent=self.parent,
-            strategy=self.spec.strategy.value,
+            strategy=Strategy(self.spec.strategy).value,
             intensity=self.spec.intensity,
             period_s=self.spec.period,
         )
