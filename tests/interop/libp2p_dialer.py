@@ -126,3 +126,114 @@ class Dialer:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class Listener:
+    """A minimal asyncio libp2p listener of the same layers: serves ``/ipfs/ping/1.0.0`` and ``/ipfs/id/1.0.0``."""
+
+    def __init__(self) -> None:
+        self.identity = SigningKey.generate()
+        self.static = os.urandom(32)
+        self.peer_id = PeerId.from_ed25519(bytes(self.identity.verify_key))
+        self.server: asyncio.Server | None = None
+        self.address = ""
+        self.pings = 0
+        self.identified: list[PeerId] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.address = f"/ip4/127.0.0.1/tcp/{port}/p2p/{self.peer_id}"
+        return self.address
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from villagemesh.protocols.libp2p.identify import IDENTIFY_PROTOCOL, PING_PROTOCOL, Identify
+        from villagemesh.protocols.libp2p.peerid import ED25519_KEY_PROTO_PREFIX, Multiaddr
+        from villagemesh.protocols.libp2p.varint import frame
+
+        async def raw() -> bytes:
+            data = await reader.read(READ)
+            if not data:
+                raise ConnectionError("closed")
+            return data
+
+        try:
+            security = Negotiation.listener(["/noise"])
+            while security.agreed is None:
+                security.receive_data(await raw())
+                writer.write(security.data_to_send())
+            noise = NoiseSession.responder(self.static, self.identity)
+            pending = security.rest
+            while noise.remote is None:
+                noise.receive_data(pending or await raw())
+                pending = b""
+                writer.write(noise.data_to_send())
+            remote = noise.remote.peer_id
+
+            def secure(data: bytes) -> None:
+                if data:
+                    noise.send(data)
+                    writer.write(noise.data_to_send())
+
+            muxer = Negotiation.listener(["/yamux/1.0.0"])
+            while muxer.agreed is None:
+                for event in noise.receive_data(await raw()):
+                    if isinstance(event, NoiseData):
+                        muxer.receive_data(event.data)
+                secure(muxer.data_to_send())
+            mux = yamux.Session(client=False)
+            streams: dict[int, Negotiation | str] = {}
+            me = Identify(
+                ED25519_KEY_PROTO_PREFIX + bytes(self.identity.verify_key),
+                (Multiaddr.parse(self.address.rsplit("/p2p/", 1)[0]),),
+                (PING_PROTOCOL, IDENTIFY_PROTOCOL),
+                None,
+                "ipfs/0.1.0",
+                "villagemesh-interop/0.1",
+            )
+
+            def on(events: list[yamux.Event]) -> None:
+                for event in events:
+                    if isinstance(event, yamux.StreamOpened):
+                        streams[event.stream] = Negotiation.listener([PING_PROTOCOL, IDENTIFY_PROTOCOL])
+                    elif isinstance(event, yamux.Data):
+                        mux.consumed(event.stream, len(event.data))
+                        self._on_data(mux, streams, event.stream, event.data, frame(me.encode()), remote)
+                    elif isinstance(event, yamux.StreamClosed) and event.stream in mux.open_streams():
+                        mux.close(event.stream)
+                secure(mux.data_to_send())
+
+            on(mux.receive_data(muxer.rest))
+            while True:
+                for event in noise.receive_data(await raw()):
+                    if isinstance(event, NoiseData):
+                        on(mux.receive_data(event.data))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def _on_data(self, mux: yamux.Session, streams: dict[int, Negotiation | str], stream: int, data: bytes,
+                 identify: bytes, remote: PeerId) -> None:
+        from villagemesh.protocols.libp2p.identify import IDENTIFY_PROTOCOL
+
+        state = streams.get(stream)
+        if isinstance(state, Negotiation):
+            state.receive_data(data)
+            mux.send(stream, state.data_to_send())
+            if state.agreed is None:
+                return
+            streams[stream], data = state.agreed, state.rest
+            if state.agreed == IDENTIFY_PROTOCOL:
+                mux.send(stream, identify)
+                mux.close(stream)
+                self.identified.append(remote)
+                return
+        if data and streams.get(stream) != IDENTIFY_PROTOCOL:
+            mux.send(stream, data)  # ping: echo
+            self.pings += len(data) // 32

@@ -2,9 +2,9 @@
 
 py-libp2p lives in a venv of its own (it pins ~70 packages; research/libp2p.md §1.1), which
 ``make test`` creates (``.venv-libp2p``); this module is skipped, with the reason, where
-that venv is missing. What crosses the wire: TCP, multistream-select, libp2p Noise (its
-identity payload checked against the peer id in the multiaddr py-libp2p printed),
-multistream-select, yamux (py-libp2p's pings answered, its identify stream refused),
+that venv is missing. What crosses the wire, both ways (we dial it; it
+dials us): TCP, multistream-select, libp2p Noise (the identity payload checked against
+the peer id in the multiaddr dialled), multistream-select, yamux (pings answered),
 then ``/ipfs/ping/1.0.0`` and ``/ipfs/id/1.0.0`` streams.
 """
 
@@ -109,3 +109,28 @@ def test_dialling_py_libp2p_as_another_peer_id_is_refused(py_peer: Multiaddr) ->
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+def test_py_libp2p_dials_us_pings_us_and_reads_our_identify() -> None:
+    if not PYTHON.exists():
+        pytest.skip(f"py-libp2p's venv is missing ({PYTHON}); `make test` creates it")
+    from tests.interop.libp2p_dialer import Listener
+
+    async def body() -> tuple[Listener, list[str]]:
+        listener = Listener()
+        address = await listener.start()
+        proc = await asyncio.create_subprocess_exec(
+            str(PYTHON), str(PEER), "--dial", address, "--pings", "4", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        lines = out.decode().split("\n")
+        await listener.stop()
+        return listener, lines
+
+    listener, lines = run(body())  # type: ignore[misc]
+    assert [line for line in lines if line.startswith("PING")] == [f"PING {n} ok" for n in range(4)], lines
+    [identify] = [line for line in lines if line.startswith("IDENTIFY")]
+    assert identify.split()[1] == "villagemesh-interop/0.1" and PING_PROTOCOL in identify
+    assert "DONE" in lines and listener.pings == 4
+    # py-libp2p identifies a peer by itself on connect, and the script asked once more
+    assert len(listener.identified) >= 1 and len(set(listener.identified)) == 1
