@@ -20,18 +20,33 @@ peers, the outbox and the inbox.
 
 The API is thread-safe (each calling thread gets its own bus sender) and has
 asyncio variants; handles can be awaited.
+
+Sending, and what each call gives (every message is stored durably, committed
+in the outbox, before its call returns; its handle ends delivered or failed):
+
+- ``send``: one message, one ask of the retrier; the call returns once that
+  message is committed. Sends from several threads at once share commits (the
+  retrier takes every waiting ``Deliver`` as one turn, one transaction), but
+  one thread calling ``send`` in a loop waits for one commit per message.
+- ``send_many``: many messages, one ask per :data:`SEND_MANY_CHUNK`, one commit
+  each; returns once all are committed. The fast way from one thread.
+- ``asend``: awaitable; the ``asend`` calls waiting at once on one event loop go to
+  the retrier together, from one thread of the node's (as ``send_many``): one
+  awaits its own message's commit, ``asyncio.gather`` over many pipelines them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fcntl
 import os
 import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +78,13 @@ MESSAGES_FILE = "messages.sqlite3"
 DEFAULT_TTL = 24 * 3600.0
 """A message's lifetime unless the sender says otherwise (the replaced system's 24 h)."""
 
+SEND_MANY_CHUNK = 1024
+"""Envelopes one ask of the retrier carries at most (``send_many``, gathered ``asend`` calls): one commit each."""
+
+SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+"""SQLite durability of the message files: NORMAL survives a killed process (a commit is a write
+to the WAL, no fsync); FULL survives power loss too (an fsync per commit)."""
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -92,6 +114,8 @@ class NodeConfig:
     """The first gap between discovery rounds, doubling up to ``discovery_interval`` (0: no fast start)."""
     peer_max_age: float = 300.0
     ack_timeout: float = 10.0
+    synchronous: str = "NORMAL"
+    """Durability of the outbox and inbox commits: one of :data:`SYNCHRONOUS_MODES`."""
     max_attempts: int = 8
     backoff_base: float = 0.5
     backoff_max: float = 30.0
@@ -129,6 +153,8 @@ class NodeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if self.synchronous not in SYNCHRONOUS_MODES:
+            raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
         if self.name is not None and (not self.name or "/" in self.name):
             raise ConfigError(f"node name must be non-empty without '/', got {self.name!r}")
 
@@ -234,6 +260,10 @@ class Node:
         self._root: Supervisor | None = None
         self._launcher: Any = None
         self._lock_file: Any = None
+        self._sends: concurrent.futures.ThreadPoolExecutor | None = None
+        self._async_sends: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncSends] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -261,7 +291,8 @@ class Node:
                 return self
             self._lock_data_dir()
             try:
-                prepare_messages(self.config.data_dir / MESSAGES_FILE)  # before two actors open it at once
+                # before two actors open it at once
+                prepare_messages(self.config.data_dir / MESSAGES_FILE, synchronous=self.config.synchronous)
             except VillageMeshError:
                 self._unlock_data_dir()
                 raise
@@ -294,6 +325,9 @@ class Node:
         except (pykka.ActorDeadError, pykka.Timeout):
             pass  # already ended (escalated), or stuck: the bus is closed below either way
         root.finished.wait(30)
+        if self._sends is not None:
+            self._sends.shutdown(wait=True)
+            self._sends = None
         if self._launcher is not None:
             self._launcher.close()
             self._launcher = None
@@ -402,13 +436,19 @@ class Node:
                     "deliver_to": "app",
                     "report_to": "app",
                     "registry": "registry",
+                    "synchronous": cfg.synchronous,
                     **retry,
                 },
             ),
             ChildSpec(
                 "app",
                 AppActor,
-                config={"subscribers": self.subscribers, "handles": self.handles, "inbox": str(data / MESSAGES_FILE)},
+                config={
+                    "subscribers": self.subscribers,
+                    "handles": self.handles,
+                    "inbox": str(data / MESSAGES_FILE),
+                    "synchronous": cfg.synchronous,
+                },
             ),
             transports,
             ChildSpec(
@@ -489,7 +529,56 @@ class Node:
         """
         from villagemesh.actors.retrier.messages import Deliver, DeliverReply
 
-        message = Message(
+        message = self._message(peer_id, payload, kind, priority, ttl, correlation_id)
+        handle = self.handles.new(message.id)
+        reply = self._client().ask("retrier", Deliver(encode_message(message)), timeout=ASK_TIMEOUT)
+        if not isinstance(reply, DeliverReply) or reply.error is not None:
+            self.handles.resolve(message.id, False, 0, getattr(reply, "error", repr(reply)))
+            raise ConfigError(f"message to {peer_id!r} refused: {getattr(reply, 'error', reply)}")
+        return handle
+
+    def send_many(
+        self,
+        messages: Iterable[tuple[str, bytes]],
+        *,
+        kind: str = "DATA",
+        priority: Priority | str | int = Priority.NORMAL,
+        ttl: float = DEFAULT_TTL,
+    ) -> list[DeliveryHandle]:
+        """Send every ``(peer_id, payload)`` reliably, in order; one handle each.
+
+        Returns once every message is stored durably: one ask of the retrier and one
+        commit per :data:`SEND_MANY_CHUNK` messages (what ``send`` in a loop pays per
+        message). A message the retrier refuses gets a handle that has already failed,
+        naming why; the others go on.
+        """
+        built = [self._message(peer, payload, kind, priority, ttl, None) for peer, payload in messages]
+        handles = [self.handles.new(m.id) for m in built]
+        for start in range(0, len(built), SEND_MANY_CHUNK):
+            chunk = built[start : start + SEND_MANY_CHUNK]
+            errors = self._deliver_envelopes([encode_message(m) for m in chunk])
+            for message, error in zip(chunk, errors, strict=True):
+                if error is not None:
+                    self.handles.resolve(message.id, False, 0, error)
+        return handles
+
+    def _deliver_envelopes(self, envelopes: list[bytes]) -> list[str | None]:
+        """One ask of the retrier for ``envelopes`` (from the calling thread); the error refusing each, or None."""
+        from villagemesh.actors.retrier.actor import send_envelopes
+
+        timeout = ASK_TIMEOUT * max(1, len(envelopes) // 256)  # a chunk of 16 KiB envelopes takes a while
+        return list(send_envelopes(self._client(), envelopes, timeout=timeout).errors)
+
+    def _message(
+        self,
+        peer_id: str,
+        payload: bytes,
+        kind: str,
+        priority: Priority | str | int,
+        ttl: float,
+        correlation_id: bytes | None,
+    ) -> Message:
+        return Message(
             id=os.urandom(ID_BYTES),
             kind=kind,
             sender=self.node_id,
@@ -500,12 +589,6 @@ class Node:
             correlation_id=correlation_id,
             payload=bytes(payload),
         )
-        handle = self.handles.new(message.id)
-        reply = self._client().ask("retrier", Deliver(encode_message(message)), timeout=ASK_TIMEOUT)
-        if not isinstance(reply, DeliverReply) or reply.error is not None:
-            self.handles.resolve(message.id, False, 0, getattr(reply, "error", repr(reply)))
-            raise ConfigError(f"message to {peer_id!r} refused: {getattr(reply, 'error', reply)}")
-        return handle
 
     def broadcast(self, kind: str, payload: bytes, **kwargs: Any) -> list[DeliveryHandle]:
         """Send to every known peer (one reliable message each)."""
@@ -578,13 +661,88 @@ class Node:
 
     # -- asyncio ----------------------------------------------------------------------------------
 
-    async def asend(self, peer_id: str, payload: bytes, **kwargs: Any) -> DeliveryHandle:
-        """:meth:`send` without blocking the event loop."""
-        return await asyncio.to_thread(self.send, peer_id, payload, **kwargs)
+    async def asend(
+        self,
+        peer_id: str,
+        payload: bytes,
+        *,
+        kind: str = "DATA",
+        priority: Priority | str | int = Priority.NORMAL,
+        ttl: float = DEFAULT_TTL,
+        correlation_id: bytes | None = None,
+    ) -> DeliveryHandle:
+        """:meth:`send` without blocking the event loop; returns once the message is stored durably.
+
+        The ``asend`` calls waiting at once on this loop reach the retrier together, in
+        one ask from one thread (``send_many``'s path): ``asyncio.gather`` over many
+        of them pays one commit per batch, not one per message.
+        """
+        message = self._message(peer_id, payload, kind, priority, ttl, correlation_id)
+        self._client()  # refuse at once when the node is not running
+        handle = self.handles.new(message.id)
+        loop = asyncio.get_running_loop()
+        batcher = self._async_sends.get(loop)
+        if batcher is None:
+            batcher = self._async_sends[loop] = _AsyncSends(self, loop)
+        error = await batcher.add(encode_message(message))
+        if error is not None:
+            self.handles.resolve(message.id, False, 0, error)
+            raise ConfigError(f"message to {peer_id!r} refused: {error}")
+        return handle
+
+    def _sending_thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The one thread that hands gathered ``asend`` calls to the retrier."""
+        if self._sends is None:
+            self._sends = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-sends")
+        return self._sends
 
     async def apeers(self) -> list[PeerInfo]:
         """:meth:`peers` without blocking the event loop."""
         return await asyncio.to_thread(self.peers)
+
+
+class _AsyncSends:
+    """The ``asend`` calls of one event loop: those waiting at once go to the retrier as one batch.
+
+    Nagle without the delay: the first ``asend`` schedules a hand-over for the loop's
+    next turn (``call_soon``, no timer), by which time every coroutine that was ready
+    has added its envelope; while one batch is with the retrier, the next gathers.
+    """
+
+    def __init__(self, node: Node, loop: asyncio.AbstractEventLoop) -> None:
+        self.node = node
+        self.loop = loop
+        self.pending: list[tuple[bytes, asyncio.Future[str | None]]] = []
+        self.busy = False
+
+    def add(self, envelope: bytes) -> asyncio.Future[str | None]:
+        """Queue ``envelope``; the future resolves to None once it is stored, or to the error refusing it."""
+        future: asyncio.Future[str | None] = self.loop.create_future()
+        self.pending.append((envelope, future))
+        if not self.busy:
+            self.busy = True
+            self.loop.call_soon(self._hand_over)
+        return future
+
+    def _hand_over(self) -> None:
+        batch, self.pending = self.pending[:SEND_MANY_CHUNK], self.pending[SEND_MANY_CHUNK:]
+        envelopes = [envelope for envelope, _ in batch]
+        work = self.loop.run_in_executor(self.node._sending_thread(), self.node._deliver_envelopes, envelopes)
+        work.add_done_callback(lambda done: self._handed_over(batch, done))
+
+    def _handed_over(self, batch: list[tuple[bytes, asyncio.Future[str | None]]], done: asyncio.Future[Any]) -> None:
+        error = done.exception()
+        for index, (_, future) in enumerate(batch):
+            if future.done():
+                continue  # its asend was cancelled
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(done.result()[index])
+        if self.pending:
+            self._hand_over()
+        else:
+            self.busy = False
 
 
 def _transport_order(mode: NetworkMode) -> tuple[str, ...]:

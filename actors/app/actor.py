@@ -13,6 +13,19 @@ dispatch several handled messages again)::
 
     Incoming ─► Inbox.begin_dispatch (commit) ─► handlers ─► Inbox.mark_handled (commit)
 
+Every ``Incoming`` waiting in the mailbox is taken in one turn, and dispatched in
+chunks: one commit counts the dispatch of every message of a chunk, their
+handlers run one after another, one commit marks them handled. A chunk holds
+as many messages as the handlers get through in about :data:`DISPATCH_CHUNK_S`
+(measured as they run; one message until the first has been timed), so fast
+handlers pay two commits per chunk instead of two per message, and slow ones
+(a millisecond or more each) go one message per chunk, as before batching. A
+``kill -9`` mid-chunk redelivers, flagged, every message of that chunk: those
+whose handlers had run and the rest (a flag says "may have been seen before";
+a dispatch without it is still always the first). That is at most about
+``DISPATCH_CHUNK_S`` of handler work, and exactly the one message being handled
+when handlers are slow.
+
 ``begin_dispatch`` refuses a message already handled (a second ``Incoming``
 for it, e.g. from a restarted retrier) and counts dispatches, so the one
 message whose handlers were running when the process died is dispatched again
@@ -52,6 +65,7 @@ traceback), ``message_rejected`` (actor, reason), ``message_redelivered``
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -60,17 +74,23 @@ from typing import Any
 import pykka
 
 from villagemesh.actors.app.state import HandleTable, InboundMessage, Subscribers
-from villagemesh.actors.base import Actor, ActorContext
+from villagemesh.actors.base import Actor, ActorContext, Request
 from villagemesh.actors.retrier.messages import Incoming, MessageDelivered, MessageFailed
 from villagemesh.actors.retrier.store import Inbox
 from villagemesh.errors import ConfigError, ProtocolError
 from villagemesh.protocols.envelope import decode_message
 
-__all__ = ["MAX_DISPATCHES", "AppActor"]
+__all__ = ["DISPATCH_CHUNK_S", "MAX_DISPATCHES", "AppActor"]
 
 MAX_DISPATCHES = 3
 """Dispatches of one message that may begin without finishing (the first and two redeliveries,
 each ended by a death mid-handler) before it counts as poison and is set aside."""
+
+DISPATCH_CHUNK_S = 0.001
+"""Handler time one dispatch chunk may hold (one pair of commits): the most a kill mid-chunk redelivers."""
+
+_EWMA = 0.25
+"""Weight of the latest message's handler time in the running estimate that sizes chunks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +105,8 @@ class _CoroutineDone:
 
 class AppActor(Actor):
     """Config: ``subscribers`` (Subscribers), ``handles`` (HandleTable), ``inbox`` (path), ``synchronous``."""
+
+    batch_limit = 1024
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)
@@ -103,20 +125,40 @@ class AppActor(Actor):
         self.inbox = Inbox(self.inbox_path, synchronous=self.synchronous)
         self.running: dict[bytes, int] = {}
         """Messages with coroutine handlers still running: how many."""
+        self.handler_s: float | None = None
+        """Running estimate of one message's handler time (None until one has been timed)."""
         # A previous instance (or process) died while these ran: dispatch them again now, flagged.
         # (The retrier re-sends every unhandled message when it starts; those Incomings find
         # these handled.)
+        unfinished = []
         for message_id in self.inbox.unfinished():
             envelope = self.inbox.payload(message_id)
             if envelope is not None:
-                self._dispatch_inbound(Incoming(message_id, envelope))
+                unfinished.append(Incoming(message_id, envelope))
+        self._dispatch_many(unfinished)
 
     def on_stop(self) -> None:
         self.inbox.close()
 
+    def handle_batch(self, batch: list[Request]) -> None:
+        """Every message waiting: each run of Incomings dispatched in chunks, the rest one by one, in order."""
+        incoming: list[Incoming] = []
+        for request in batch:
+            if isinstance(request.msg, Incoming):
+                incoming.append(request.msg)
+                continue
+            if incoming:
+                self._dispatch_many(incoming)
+                incoming = []
+            answer = self.handle(request.msg)
+            if request.token is not None:
+                request.token.reply(answer)
+        if incoming:
+            self._dispatch_many(incoming)
+
     def handle(self, msg: Any) -> Any:
         if isinstance(msg, Incoming):
-            self._dispatch_inbound(msg)
+            self._dispatch_many([msg])
         elif isinstance(msg, MessageDelivered):
             self.handles.resolve(msg.message_id, True, msg.attempts, None)
         elif isinstance(msg, MessageFailed):
@@ -139,19 +181,44 @@ class AppActor(Actor):
             self.inbox.mark_handled(message.message_id)
         return None
 
-    def _dispatch_inbound(self, msg: Incoming) -> None:
-        if msg.message_id in self.running:
-            return  # a second Incoming while its coroutine handlers still run: they will mark it
-        dispatches = self.inbox.begin_dispatch(msg.message_id)
-        if dispatches is None:
-            self.ctx.log.emit("message_already_handled", message_id=msg.message_id.hex())
-            return
+    def _chunk(self) -> int:
+        """How many messages the next dispatch chunk takes: about DISPATCH_CHUNK_S of handler work."""
+        if self.handler_s is None:
+            return 1
+        return max(1, min(self.batch_limit, int(DISPATCH_CHUNK_S / max(self.handler_s, 1e-7))))
+
+    def _dispatch_many(self, messages: list[Incoming]) -> None:
+        """Dispatch ``messages`` in chunks: R3 for a chunk in one commit, its handlers, R5 in one commit."""
+        at = 0
+        while at < len(messages):
+            taken = messages[at : at + self._chunk()]
+            at += len(taken)
+            chunk = [m for m in taken if m.message_id not in self.running]
+            if not chunk:
+                continue  # second Incomings while their coroutine handlers still run: they will mark them
+            counts = self.inbox.begin_dispatch_many([m.message_id for m in chunk])  # R3: committed
+            handled: list[bytes] = []
+            for msg in chunk:
+                dispatches = counts.get(msg.message_id)
+                if dispatches is None:
+                    self.ctx.log.emit("message_already_handled", message_id=msg.message_id.hex())
+                    continue
+                started = time.perf_counter()
+                if self._run_handlers(msg, dispatches):
+                    handled.append(msg.message_id)
+                took = time.perf_counter() - started
+                self.handler_s = took if self.handler_s is None else self.handler_s + _EWMA * (took - self.handler_s)
+            if handled:
+                self.inbox.mark_handled_many(handled)  # R5: nothing runs between the last return and this commit
+
+    def _run_handlers(self, msg: Incoming, dispatches: int) -> bool:
+        """Call every subscriber of a message whose dispatch began; True when it is handled now, False
+        while coroutine handlers of it still run (their completions mark it)."""
         try:
             decoded = decode_message(msg.envelope)
         except ProtocolError as exc:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
-            self.inbox.mark_handled(msg.message_id)
-            return
+            return True
         if dispatches > self.max_dispatches:
             self.ctx.log.emit(
                 "message_poisoned",
@@ -161,8 +228,7 @@ class AppActor(Actor):
                 sender=decoded.sender,
                 dispatches=dispatches - 1,
             )
-            self.inbox.mark_handled(msg.message_id)
-            return
+            return True
         if dispatches > 1:
             self.ctx.log.emit("message_redelivered", message_id=msg.message_id.hex(), dispatches=dispatches)
         message = InboundMessage.of(decoded, redelivered=dispatches > 1)
@@ -179,8 +245,8 @@ class AppActor(Actor):
                 self._handler_failed(message.kind, sub.handler, exc)
         if coroutines:
             self.running[msg.message_id] = coroutines
-        else:
-            self.inbox.mark_handled(msg.message_id)  # R5: nothing runs between the last return and this commit
+            return False
+        return True
 
     def _coroutine_done(self, message_id: bytes, kind: str, handler: Any) -> Any:
         ref = self.actor_ref

@@ -59,17 +59,20 @@ import time
 from collections import deque
 from typing import Any
 
-from villagemesh.actors.base import Actor, ActorContext, TimerHandle
+from villagemesh.actors.base import Actor, ActorContext, Request, TimerHandle
 from villagemesh.actors.bus import Sender
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.actors.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Received, Transmit, TransmitResult
-from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError, StorageError
+from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, decode_message, encode_message
 
 from .messages import (
+    ACK_IDS_MAX,
     ACK_KIND,
     ACK_TTL,
     Deliver,
+    DeliverMany,
+    DeliverManyReply,
     DeliverReply,
     GetRetrierStatus,
     Handled,
@@ -77,6 +80,7 @@ from .messages import (
     MessageDelivered,
     MessageFailed,
     RetrierStatus,
+    ack_ids,
 )
 from .modes import NetworkMode, next_transport
 from .policy import RetryPolicy
@@ -97,7 +101,7 @@ from .state import (
 )
 from .store import Inbox, Outbox
 
-__all__ = ["RetrierActor", "mark_handled", "retrier_status", "send_envelope"]
+__all__ = ["RetrierActor", "mark_handled", "retrier_status", "send_envelope", "send_envelopes"]
 
 REDISPATCH_EVERY = 1.0
 """Seconds between retries of an Incoming the application's mailbox refused."""
@@ -113,6 +117,15 @@ REPLY_CAPABLE = frozenset({"websocket"})
 HANDOFF_TIMEOUT = 0.1
 """Seconds the retrier waits for room in a transport's mailbox before that attempt fails."""
 
+BATCH_LIMIT = 1024
+"""Messages one turn of the retrier takes from its mailbox at most (all that wait, up to this)."""
+
+HANDOFF_BYTES = 1 << 20
+"""Envelope bytes one frame of Transmits to a transport carries at most (a bound on one bus frame)."""
+
+_RUNS: dict[type, str] = {Deliver: "deliver", DeliverMany: "deliver", Received: "received", Handled: "handled"}
+"""Message types a batch turn handles together, consecutive ones as one run (one commit)."""
+
 
 class _Redispatch:
     """Timer: try again to hand refused Incomings to the application."""
@@ -120,6 +133,8 @@ class _Redispatch:
 
 class RetrierActor(Actor):
     """Delivers envelopes reliably and exactly once, across transports, crashes and restarts."""
+
+    batch_limit = BATCH_LIMIT
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)
@@ -152,6 +167,8 @@ class RetrierActor(Actor):
         self.undispatched: set[bytes] = set()
         self.received = 0
         self.duplicates = 0
+        self.outgoing: dict[str, list[tuple[Transmit, Send | None]]] = {}
+        """Transmits decided this turn, per transport, handed over together by :meth:`_flush_transmits`."""
         self._load_routes()
         now = time.time()
         pending = self.outbox.pending()
@@ -177,10 +194,46 @@ class RetrierActor(Actor):
 
     # -- messages ----------------------------------------------------------------------------------------
 
+    def handle_batch(self, batch: list[Request]) -> None:
+        """Every message waiting, in order; consecutive runs of Deliver, Received and Handled messages
+        each as one run: one commit for the run, then its askers are answered."""
+        run: list[Request] = []
+        kind: str | None = None
+        for request in batch:
+            this = _RUNS.get(type(request.msg))
+            if run and this != kind:
+                self._run(kind, run)
+                run = []
+            if this is None:
+                answer = self.handle(request.msg)
+                if request.token is not None:
+                    request.token.reply(answer)
+                continue
+            kind = this
+            run.append(request)
+        if run:
+            self._run(kind, run)
+
+    def _run(self, kind: str | None, run: list[Request]) -> None:
+        if kind == "deliver":
+            for request, answer in zip(run, self._deliver_many([r.msg for r in run]), strict=True):
+                if request.token is not None:
+                    request.token.reply(answer)
+            return
+        if kind == "received":
+            self._received_many([r.msg for r in run])
+        else:
+            ids = [r.msg.message_id for r in run]
+            self.inbox.mark_handled_many(ids)
+            self.undispatched.difference_update(ids)
+        for request in run:
+            if request.token is not None:
+                request.token.reply(None)
+
     def handle(self, msg: Any) -> Any:
         """Dispatch one message (the protocol is in :mod:`.messages`)."""
-        if isinstance(msg, Deliver):
-            return self._deliver(msg.envelope)
+        if isinstance(msg, Deliver | DeliverMany):
+            return self._deliver_many([msg])[0]
         if isinstance(msg, TransmitResult):
             if msg.ok:
                 return None  # not asked for (report_success=False); the state would wait for the ack anyway
@@ -188,7 +241,7 @@ class RetrierActor(Actor):
             error = msg.error or "failed"
             self._step([AttemptResult(msg.message_id, attempt, msg.transport, error, time.time(), msg.retryable)])
         elif isinstance(msg, Received):
-            self._received(msg)
+            self._received_many([msg])
         elif isinstance(msg, Handled):
             self.inbox.mark_handled(msg.message_id)
             self.undispatched.discard(msg.message_id)
@@ -233,7 +286,43 @@ class RetrierActor(Actor):
 
     # -- sending -----------------------------------------------------------------------------------------
 
-    def _deliver(self, envelope: bytes) -> DeliverReply:
+    def _deliver_many(self, requests: list[Deliver | DeliverMany]) -> list[DeliverReply | DeliverManyReply]:
+        """Admit every envelope of ``requests``, store the new ones in one commit, then send them.
+
+        The group commit: the rows (each with its first attempt counted, S1 and S2 of the
+        store's argument) and the state's other decisions of the turn are one transaction,
+        committed before any answer or any Transmit.
+        """
+        now = time.time()
+        rows: list[tuple[bytes, str, Priority, bytes, float, float, Send | None]] = []
+        decisions: list[Decision] = []
+        stored: dict[int, bytes] = {}  # id(Send) -> its envelope, for the Sends stored with their rows
+        answers: list[DeliverReply | DeliverManyReply] = []
+        for request in requests:
+            if isinstance(request, Deliver):
+                answers.append(self._admit(request.envelope, now, rows, decisions, stored))
+                continue
+            replies = [self._admit(envelope, now, rows, decisions, stored) for envelope in request.envelopes]
+            answers.append(DeliverManyReply(tuple(r.message_id for r in replies), tuple(r.error for r in replies)))
+        if rows:
+            self.outbox.put_batch(rows, [d for d in decisions if id(d) not in stored])
+        queue: deque[Event] = deque()
+        for d in decisions:
+            failure = self._carry_out(d, stored.get(id(d)))
+            if failure is not None:
+                queue.append(failure)
+        self._step(list(queue))
+        return answers
+
+    def _admit(
+        self,
+        envelope: bytes,
+        now: float,
+        rows: list[tuple[bytes, str, Priority, bytes, float, float, Send | None]],
+        decisions: list[Decision],
+        stored: dict[int, bytes],
+    ) -> DeliverReply:
+        """Decide on one envelope (pure, in memory): its row to ``rows``, the state's decisions to ``decisions``."""
         try:
             message = decode_message(envelope)
         except ProtocolError as exc:
@@ -242,47 +331,35 @@ class RetrierActor(Actor):
             return DeliverReply(message.id, False, "a broadcast has no single recipient to acknowledge it")
         if message.id in self.state:
             return DeliverReply(message.id, False, None)  # already pending: stored, and in the state
-        # The state decides first (pure, in memory), so that the row is stored with its first
-        # attempt already counted: one commit (S1 and S2 of the store's argument) before the reply.
-        decisions = self.state.step(
-            Enqueue(message.id, message.recipient, message.priority, message.expires_at, time.time())
+        # The state decides first, so that the row is stored with its first attempt already counted.
+        step = self.state.step(Enqueue(message.id, message.recipient, message.priority, message.expires_at, now))
+        send = next((d for d in step if isinstance(d, Send) and d.message_id == message.id), None)
+        if send is not None:
+            stored[id(send)] = envelope
+        rows.append(
+            (message.id, message.recipient, message.priority, envelope, message.created_at, message.expires_at, send)
         )
-        send = next((d for d in decisions if isinstance(d, Send) and d.message_id == message.id), None)
-        stored = self.outbox.put(
-            message.id,
-            message.recipient,
-            message.priority,
-            envelope,
-            created_at=message.created_at,
-            expires_at=message.expires_at,
-            send=send,
-        )
-        if not stored:
-            raise StorageError(f"{self.path}: message {message.id.hex()} is in the outbox but was not pending")
-        failures: deque[Event] = deque()
-        self._act(decisions, failures, stored=send, envelope=envelope)
-        self._step(list(failures))
+        decisions.extend(step)
         return DeliverReply(message.id, True, None)
 
     def _step(self, events: list[Event]) -> None:
-        """Step the state through ``events`` and carry out its decisions (persisted first)."""
+        """Step the state through ``events`` and carry out its decisions (persisted first, in one commit
+        per round), then hand this turn's Transmits to their transports; attempts that fail at once
+        come back as events for another round."""
         queue: deque[Event] = deque(events)
-        while queue:
-            self._act(self.state.step(queue.popleft()), queue)
-
-    def _act(
-        self, decisions: list[Decision], queue: deque[Event], *, stored: Send | None = None, envelope: bytes = b""
-    ) -> None:
-        """Persist ``decisions`` (but ``stored``, already in the outbox), then carry them out.
-
-        ``envelope`` is ``stored``'s, in hand, so its Send needs no read of the outbox.
-        An attempt that fails at once comes back as an event on ``queue``.
-        """
-        self.outbox.apply([d for d in decisions if d is not stored] if stored is not None else decisions)
-        for d in decisions:
-            failure = self._carry_out(d, envelope if d is stored else None)
-            if failure is not None:
-                queue.append(failure)
+        while True:
+            while queue:
+                decisions: list[Decision] = []
+                while queue:
+                    decisions.extend(self.state.step(queue.popleft()))
+                self.outbox.apply(decisions)
+                for d in decisions:
+                    failure = self._carry_out(d, None)
+                    if failure is not None:
+                        queue.append(failure)
+            queue.extend(self._flush_transmits())
+            if not queue:
+                return
 
     def _carry_out(self, d: Decision, envelope: bytes | None) -> Event | None:
         if isinstance(d, Send):
@@ -307,24 +384,52 @@ class RetrierActor(Actor):
         return None
 
     def _transmit(self, send: Send, envelope: bytes | None) -> Event | None:
+        """Queue the Transmit of ``send`` for this turn's hand-over (or fail the attempt at once)."""
         if envelope is None:
             envelope = self.outbox.payload(send.message_id)
         addresses = self.routes.get(send.recipient, {}).get(send.transport, ())
         if envelope is None or not addresses:
             reason = "the envelope is gone from the outbox" if envelope is None else "no address on this transport"
             return AttemptResult(send.message_id, send.attempt, send.transport, reason, time.time())
-        try:
-            # An explicit timeout sends at once (not coalesced to the turn's end), so a
-            # transport that is down or full fails this attempt here, retryably.
-            self.tell(
-                send.transport,
-                Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name, report_success=False),
-                timeout=HANDOFF_TIMEOUT,
-            )
-        except BusError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            return AttemptResult(send.message_id, send.attempt, send.transport, error, time.time())
+        transmit = Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name, report_success=False)
+        self.outgoing.setdefault(send.transport, []).append((transmit, send))
         return None
+
+    def _flush_transmits(self) -> list[Event]:
+        """Hand every queued Transmit to its transport, as few frames as the bound allows.
+
+        An explicit timeout sends at once, so a transport that is down or full fails
+        these attempts here, retryably (an ack that cannot be handed over is logged).
+        """
+        failures: list[Event] = []
+        while self.outgoing:
+            transport, items = self.outgoing.popitem()
+            start = 0
+            while start < len(items):
+                end, size = start, 0
+                while end < len(items) and (end == start or size + len(items[end][0].envelope) <= HANDOFF_BYTES):
+                    size += len(items[end][0].envelope)
+                    end += 1
+                chunk = items[start:end]
+                start = end
+                try:
+                    self.sender.tell_many(transport, [t for t, _ in chunk], timeout=HANDOFF_TIMEOUT)
+                except BusError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    for transmit, send in chunk:
+                        if send is None:
+                            self.ctx.log.emit(
+                                "ack_unroutable",
+                                level="warning",
+                                message_id=transmit.message_id.hex(),
+                                peer_id=transmit.peer_id,
+                                reason=str(exc),
+                            )
+                        else:
+                            failures.append(
+                                AttemptResult(send.message_id, send.attempt, send.transport, error, time.time())
+                            )
+        return failures
 
     def _wake_at(self, at: float) -> None:
         if self.wake is not None:
@@ -354,67 +459,77 @@ class RetrierActor(Actor):
 
     # -- receiving -----------------------------------------------------------------------------------------
 
-    def _received(self, msg: Received) -> None:
-        try:
-            message = decode_message(msg.envelope)
-        except ProtocolError as exc:
-            self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=str(exc))
-            return
-        if message.recipient != self.node_id:
-            reason = f"addressed to {message.recipient!r}, not this node (no relaying)"
-            self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=reason)
-            return
+    def _received_many(self, batch: list[Received]) -> None:
+        """Envelopes from peers: acks settle messages; new messages are accepted in one commit (R1),
+        then acked (R2: one ack envelope per sender and arrival transport), then handed to the app."""
         now = time.time()
-        if message.kind == ACK_KIND and message.correlation_id is not None:
-            self._step([AckReceived(message.correlation_id, now)])
-            return
-        if message.is_expired(now):
-            reason = f"message {message.id.hex()} expired at {message.expires_at}"
-            self.ctx.log.emit("envelope_rejected", level="info", transport=msg.transport, reason=reason)
-            return
-        self.received += 1
-        new = self.inbox.accept(message.id, message.expires_at, msg.envelope)  # R1: committed
-        self._ack(message, msg.transport, now)  # R2: for a duplicate too (its first ack may be lost)
-        if new:
-            self._hand_to_app(message.id, msg.envelope)
-        else:
-            self.duplicates += 1
+        acked: list[Event] = []
+        accepted: list[tuple[bytes, float, bytes]] = []
+        arrived: list[Message] = []
+        to_ack: dict[tuple[str, str], list[bytes]] = {}
+        for msg in batch:
+            try:
+                message = decode_message(msg.envelope)
+            except ProtocolError as exc:
+                self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=str(exc))
+                continue
+            if message.recipient != self.node_id:
+                reason = f"addressed to {message.recipient!r}, not this node (no relaying)"
+                self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=reason)
+                continue
+            if message.kind == ACK_KIND and message.correlation_id is not None:
+                acked.extend(AckReceived(i, now) for i in ack_ids(message.correlation_id, message.payload))
+                continue
+            if message.is_expired(now):
+                reason = f"message {message.id.hex()} expired at {message.expires_at}"
+                self.ctx.log.emit("envelope_rejected", level="info", transport=msg.transport, reason=reason)
+                continue
+            self.received += 1
+            accepted.append((message.id, message.expires_at, msg.envelope))
+            arrived.append(message)
+            # R2 for a duplicate too (its first ack may be lost)
+            to_ack.setdefault((message.sender, msg.transport), []).append(message.id)
+        new = self.inbox.accept_many(accepted) if accepted else set()  # R1: committed
+        for (sender, transport), ids in to_ack.items():
+            for start in range(0, len(ids), ACK_IDS_MAX):
+                self._ack(sender, transport, ids[start : start + ACK_IDS_MAX], now)
+        for message, (_, _, envelope) in zip(arrived, accepted, strict=True):
+            if message.id in new:
+                new.discard(message.id)  # an id twice in one batch is handed over once
+                self._hand_to_app(message.id, envelope)
+            else:
+                self.duplicates += 1
+        self._step(acked)  # every settled message in one commit; the acks' Transmits go with this turn's
 
-    def _ack(self, message: Message, arrived_on: str, now: float) -> None:
+    def _ack(self, peer: str, arrived_on: str, ids: list[bytes], now: float) -> None:
+        """Queue one ack envelope for the messages ``ids`` from ``peer`` (which came in on ``arrived_on``)."""
         ack = Message(
             id=os.urandom(ID_BYTES),
             kind=ACK_KIND,
             sender=self.node_id,
-            recipient=message.sender,
+            recipient=peer,
             priority=Priority.CRITICAL,
             created_at=now,
             ttl=ACK_TTL,
-            correlation_id=message.id,
-            payload=b"",
+            correlation_id=ids[0],
+            payload=b"".join(ids[1:]),
         )
-        # An ack goes back on the connection its message came in on (the peer authenticated it,
+        # An ack goes back on the connection its messages came in on (the peer authenticated it,
         # and it works before this node has a route to the sender); a transport that cannot do
         # that gets the route instead.
-        routes = self.routes.get(message.sender, {})
+        routes = self.routes.get(peer, {})
         transport: str | None = arrived_on
         if arrived_on in REPLY_CAPABLE:
             address = REPLY_ADDRESS
         else:
             transport = arrived_on if arrived_on in routes else next_transport(self.mode, routes, ())
             if transport is None:
-                self.ctx.log.emit(
-                    "ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender
-                )
+                self.ctx.log.emit("ack_unroutable", level="warning", message_id=ids[0].hex(), peer_id=peer)
                 return  # the sender retries; by then the registry may know a route back
             address = routes[transport][0]
         assert transport is not None
-        transmit = Transmit(ack.id, message.sender, address, encode_message(ack), self.name, report_success=False)
-        try:
-            self.tell(transport, transmit, timeout=HANDOFF_TIMEOUT)
-        except BusError as exc:
-            self.ctx.log.emit(
-                "ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender, reason=str(exc)
-            )
+        transmit = Transmit(ack.id, peer, address, encode_message(ack), self.name, report_success=False)
+        self.outgoing.setdefault(transport, []).append((transmit, None))
 
     def _hand_to_app(self, message_id: bytes, envelope: bytes | None = None) -> None:
         """Tell ``deliver_to`` the message (``envelope`` if in hand, else the stored one)."""
@@ -452,6 +567,19 @@ def send_envelope(client: Sender, envelope: bytes, *, name: str = "retrier", tim
     if reply.error is not None or reply.message_id is None:
         raise LocalProtocolError(f"retrier refused the envelope: {reply.error}")
     return reply.message_id
+
+
+def send_envelopes(
+    client: Sender, envelopes: list[bytes], *, name: str = "retrier", timeout: float = 5.0
+) -> DeliverManyReply:
+    """Hand several encoded envelopes to the retrier in one ask; it answers once all are stored (one commit).
+
+    The reply names, per envelope and in order, its message id and the error that refused it (None: stored).
+    """
+    reply = client.ask(name, DeliverMany(tuple(envelopes)), timeout=timeout)
+    if not isinstance(reply, DeliverManyReply) or len(reply.errors) != len(envelopes):
+        raise BusError(f"retrier {name!r} answered DeliverMany of {len(envelopes)} with {reply!r}")
+    return reply
 
 
 def mark_handled(client: Sender, message_id: bytes, *, name: str = "retrier") -> None:

@@ -134,6 +134,9 @@ _INSERT = (
 _SEND = "UPDATE outbox SET attempts = ?, next_attempt_at = ? WHERE message_id = ?"
 _BACKOFF = "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, failed = ? WHERE message_id = ?"
 _DELETE = "DELETE FROM outbox WHERE message_id = ?"
+_ACCEPT = "INSERT OR IGNORE INTO inbox (message_id, expires_at, payload) VALUES (?, ?, ?)"
+_BEGIN = "UPDATE inbox SET dispatches = dispatches + 1 WHERE message_id = ? AND handled = 0 RETURNING dispatches"
+_HANDLED = "UPDATE inbox SET handled = 1, payload = NULL WHERE message_id = ? AND handled = 0"
 
 
 def _new_row(
@@ -275,6 +278,58 @@ class Outbox(_Store):
             db.executemany(_INSERT, rows)
             return db.total_changes - before
 
+    def put_batch(
+        self,
+        messages: list[tuple[bytes, str, Priority, bytes, float, float, Send | None]],
+        decisions: Iterable[Decision] = (),
+    ) -> None:
+        """Store new messages and persist ``decisions`` in one transaction (the group commit of many ``Deliver``).
+
+        Each message is ``(id, recipient, priority, payload, created_at, expires_at, send)``,
+        stored as :meth:`put` stores it (``send``: its first attempt, counted); ``decisions``
+        are the state's other decisions of the same turn, applied after the inserts as
+        :meth:`apply` does. Committed on return.
+
+        Raises:
+            StorageError: an id was already stored (the caller's state should have known it).
+        """
+        rows = []
+        for message_id, recipient, priority, payload, created_at, expires_at, send in messages:
+            row = _new_row(message_id, recipient, priority, payload, created_at, expires_at)
+            if send is not None:
+                row = (*row[:6], send.attempt, send.deadline)
+            rows.append(row)
+        changes = self._changes(decisions)
+        with translate(self.path, f"storing {len(rows)} message(s)"), transaction(self._db) as db:
+            before = db.total_changes
+            db.executemany(_INSERT, rows)
+            stored = db.total_changes - before
+            if stored != len(rows):
+                already = len(rows) - stored
+                raise StorageError(f"{self.path}: {already} of {len(rows)} new message(s) were stored already")
+            for sql, params in changes:
+                db.executemany(sql, params)
+
+    @staticmethod
+    def _changes(decisions: Iterable[Decision]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """The statements that persist ``decisions`` (see :meth:`apply`), in decision order: a run of
+        the same statement is one ``executemany`` (a Backoff then a Send of one message stay in order)."""
+        changes: list[tuple[str, list[tuple[Any, ...]]]] = []
+        for d in decisions:
+            if isinstance(d, Send):
+                sql, row = _SEND, (d.attempt, d.deadline, d.message_id)
+            elif isinstance(d, Backoff):
+                sql, row = _BACKOFF, (d.attempts, d.next_attempt_at, d.last_error, json.dumps(d.failed), d.message_id)
+            elif isinstance(d, Delivered | Failed):
+                sql, row = _DELETE, (d.message_id,)
+            else:
+                continue
+            if changes and changes[-1][0] is sql:
+                changes[-1][1].append(row)
+            else:
+                changes.append((sql, [row]))
+        return changes
+
     def apply(self, decisions: Iterable[Decision]) -> None:
         """Persist what :class:`.state.RetrierState` decided, in one transaction, before acting on it.
 
@@ -284,17 +339,7 @@ class Outbox(_Store):
         A single row change (the common case: one ack's delete) is one statement,
         atomic by itself, without ``BEGIN``/``COMMIT`` around it.
         """
-        updates: list[tuple[Any, ...]] = []
-        backoffs: list[tuple[Any, ...]] = []
-        deletes: list[tuple[Any, ...]] = []
-        for d in decisions:
-            if isinstance(d, Send):
-                updates.append((d.attempt, d.deadline, d.message_id))
-            elif isinstance(d, Backoff):
-                backoffs.append((d.attempts, d.next_attempt_at, d.last_error, json.dumps(d.failed), d.message_id))
-            elif isinstance(d, Delivered | Failed):
-                deletes.append((d.message_id,))
-        changes = [(sql, rows) for sql, rows in ((_SEND, updates), (_BACKOFF, backoffs), (_DELETE, deletes)) if rows]
+        changes = self._changes(decisions)
         if not changes:
             return
         with translate(self.path, "recording delivery decisions"):
@@ -373,11 +418,48 @@ class Inbox(_Store):
         """
         _check_id(message_id)
         with translate(self.path, f"accepting message {message_id.hex()}"):
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO inbox (message_id, expires_at, payload) VALUES (?, ?, ?)",
-                (message_id, expires_at, payload),
-            )
-            return cursor.rowcount == 1
+            return self._db.execute(_ACCEPT, (message_id, expires_at, payload)).rowcount == 1
+
+    def accept_many(self, messages: list[tuple[bytes, float, bytes]]) -> set[bytes]:
+        """:meth:`accept` for several ``(id, expires_at, payload)`` in one transaction; the ids seen for the first time.
+
+        Committed before it returns, so every ack sent afterwards is for a stored message.
+        An id twice in ``messages`` is new once.
+        """
+        for message_id, _, _ in messages:
+            _check_id(message_id)
+        if len(messages) == 1:
+            message_id, expires_at, payload = messages[0]
+            return {message_id} if self.accept(message_id, expires_at, payload) else set()
+        new: set[bytes] = set()
+        with translate(self.path, f"accepting {len(messages)} message(s)"), transaction(self._db) as db:
+            for row in messages:
+                if db.execute(_ACCEPT, row).rowcount == 1:
+                    new.add(row[0])
+        return new
+
+    def begin_dispatch_many(self, message_ids: list[bytes]) -> dict[bytes, int]:
+        """:meth:`begin_dispatch` for several messages in one transaction: id -> dispatch count, for those
+        not yet handled (the others must not be dispatched)."""
+        if len(message_ids) == 1:
+            count = self.begin_dispatch(message_ids[0])
+            return {} if count is None else {message_ids[0]: count}
+        counts: dict[bytes, int] = {}
+        with translate(self.path, f"dispatching {len(message_ids)} message(s)"), transaction(self._db) as db:
+            for message_id in message_ids:
+                rows = db.execute(_BEGIN, (message_id,)).fetchall()
+                if rows:
+                    counts[message_id] = int(rows[0][0])
+        return counts
+
+    def mark_handled_many(self, message_ids: list[bytes]) -> int:
+        """:meth:`mark_handled` for several messages in one transaction; how many were newly marked."""
+        if len(message_ids) == 1:
+            return int(self.mark_handled(message_ids[0]))
+        with translate(self.path, f"marking {len(message_ids)} message(s) handled"), transaction(self._db) as db:
+            before = db.total_changes
+            db.executemany(_HANDLED, [(m,) for m in message_ids])
+            return db.total_changes - before
 
     def begin_dispatch(self, message_id: bytes) -> int | None:
         """Count one more dispatch of an unhandled message; committed on return, before any handler runs.
@@ -388,20 +470,13 @@ class Inbox(_Store):
         """
         with translate(self.path, f"dispatching message {message_id.hex()}"):
             # fetchall: the UPDATE ... RETURNING commits when its statement is done.
-            rows = self._db.execute(
-                "UPDATE inbox SET dispatches = dispatches + 1 WHERE message_id = ? AND handled = 0"
-                " RETURNING dispatches",
-                (message_id,),
-            ).fetchall()
+            rows = self._db.execute(_BEGIN, (message_id,)).fetchall()
         return int(rows[0][0]) if rows else None
 
     def mark_handled(self, message_id: bytes) -> bool:
         """The application has handled the message; committed on return. False if unknown or already marked."""
         with translate(self.path, f"marking message {message_id.hex()} handled"):
-            cursor = self._db.execute(
-                "UPDATE inbox SET handled = 1, payload = NULL WHERE message_id = ? AND handled = 0", (message_id,)
-            )
-            return cursor.rowcount == 1
+            return self._db.execute(_HANDLED, (message_id,)).rowcount == 1
 
     def is_handled(self, message_id: bytes) -> bool:
         """True once :meth:`mark_handled` committed for this id."""

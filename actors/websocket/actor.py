@@ -3,9 +3,9 @@
 Thin by design (the logic lives in :mod:`.transport` and :mod:`.link`)::
 
     acceptor ──ConnectionHandedOff(fd)──▶ handle ──▶ adopt_handed_off ──▶ aiohttp (on the loop)
-    secure session ──envelope from peer_id (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
-    retrier ──Transmit──▶ handle ──▶ run_on_loop(client.send, expected_peer=peer_id) ──then──▶ reply_to: TransmitResult
-                                                                        (a success only if report_success)
+    secure session ──envelopes from peer_id (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
+    retrier ──Transmits──▶ handle_batch ──▶ run_on_loop(client.send_many, expected_peer=peer_id) ──then──▶
+                                            reply_to: TransmitResult (a success only if report_success)
     anyone ──SendEnvelope──▶ handle ──▶ run_on_loop(client.send) ──then──▶ reply_to: EnvelopeSent | SendFailed
 
 It speaks the transport contract (:mod:`villagemesh.actors.transport`): the
@@ -19,6 +19,13 @@ only when its sender is the peer the secure session authenticated.
 
 Nothing blocks the actor on the network: a send is started on the loop and
 its outcome comes back to the actor thread (see :mod:`~villagemesh.actors.acceptor.loopactor`).
+
+Batches, both ways, never waiting to fill one: every Transmit waiting in the
+mailbox is taken in one turn, and those for one peer address go to the loop in
+one hop and out in one write (their envelopes share secure frames, cut at the
+Noise frame bound); every envelope the loop decoded in one pass of its
+callbacks comes back to the actor in one hop (``call_soon``, no timer) and goes
+on to ``deliver_to`` as one bus frame.
 
 Config (``ctx.config``): ``keys`` (the node's :class:`~villagemesh.actors.secure.keys.NodeKeys`;
 without it fresh keys are generated and ``ws_keys_generated`` (node_id, reason) is logged:
@@ -35,6 +42,7 @@ from typing import Any
 
 from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
 from villagemesh.actors.acceptor.messages import ConnectionHandedOff
+from villagemesh.actors.base import Request
 from villagemesh.actors.bus import Sender
 from villagemesh.actors.secure.keys import NodeKeys
 from villagemesh.actors.secure.tcp import HANDSHAKE_TIMEOUT_S
@@ -84,10 +92,14 @@ def config_keys(config: dict[str, Any], log: Any) -> NodeKeys:
 class WebSocketActor(LoopActor):
     """Serves WebSockets handed off by the acceptor; sends envelopes to peers' WebSockets."""
 
+    batch_limit = 1024
+
     def on_start(self) -> None:
         config = self.ctx.config
         self.deliver_to: str | None = config.get("deliver_to")
         self.dropped = 0
+        self._inbound: list[tuple[bytes, str]] = []
+        """Envelopes decoded on the loop and not yet posted (loop thread only)."""
         self.start_io()
         keys = config_keys(config, self.io_log)
         handshake_timeout = float(config.get("handshake_timeout", HANDSHAKE_TIMEOUT_S))
@@ -109,16 +121,22 @@ class WebSocketActor(LoopActor):
                 await part.close()
 
     def _received(self, message: Message, raw: bytes, peer_id: str) -> None:
-        # On the loop thread: only pass the value on.
-        self.post((raw, peer_id))
+        # On the loop thread: only pass the value on, with every other one this pass of the loop decodes.
+        if not self._inbound:
+            self.io_loop.loop.call_soon(self._post_inbound)
+        self._inbound.append((raw, peer_id))
+
+    def _post_inbound(self) -> None:
+        inbound, self._inbound = self._inbound, []
+        self.post(inbound)
 
     def on_loop_message(self, message: Any) -> None:
-        """An envelope from an authenticated peer (sender checked): tell ``deliver_to``."""
-        raw, peer_id = message
+        """Envelopes from authenticated peers (senders checked): tell ``deliver_to`` (one frame for all)."""
         if self.deliver_to is None:
-            self.dropped += 1
+            self.dropped += len(message)
             return
-        self.tell(self.deliver_to, Received(TRANSPORT, raw, peer_id))
+        for raw, peer_id in message:
+            self.tell(self.deliver_to, Received(TRANSPORT, raw, peer_id))
 
     # -- bus messages -------------------------------------------------------------------------------
 
@@ -128,7 +146,7 @@ class WebSocketActor(LoopActor):
             self.adopt_handed_off(msg, self.server.protocol_factory)
             return None
         if isinstance(msg, Transmit):
-            self._start_transmit(msg)
+            self._start_transmits([msg])
             return None
         if isinstance(msg, SendEnvelope):
             self._start_send(msg)
@@ -158,33 +176,50 @@ class WebSocketActor(LoopActor):
 
         self.run_on_loop(self.client.send(request.url, request.envelope), then)
 
-    def _start_transmit(self, request: Transmit) -> None:
-        def result(ok: bool, retryable: bool, error: str | None) -> TransmitResult:
+    def handle_batch(self, batch: list[Request]) -> None:
+        """Every message waiting: the Transmits to one peer address go out together, the rest one by one."""
+        groups: dict[tuple[str, str, bool], list[Transmit]] = {}
+        for request in batch:
+            msg = request.msg
+            if isinstance(msg, Transmit):
+                groups.setdefault((msg.address, msg.peer_id, msg.report_success), []).append(msg)
+                continue
+            answer = self.handle(msg)
+            if request.token is not None:
+                request.token.reply(answer)
+        for group in groups.values():
+            self._start_transmits(group)
+
+    def _start_transmits(self, requests: list[Transmit]) -> None:
+        """Send the envelopes of ``requests`` (one peer, one address) in one write on the loop."""
+
+        def result(request: Transmit, ok: bool, retryable: bool, error: str | None) -> TransmitResult:
             return TransmitResult(request.message_id, TRANSPORT, request.peer_id, ok, retryable, error)
 
-        try:
-            decode_message(request.envelope)  # refused before dialling; the session checks the sender
-        except RemoteProtocolError as exc:
-            self._tell_outcome(request.reply_to, result(False, False, f"bad envelope: {exc}"))
-            return
+        def then(refused: dict[int, str] | None, error: BaseException | None) -> None:
+            for index, request in enumerate(requests):
+                if error is None:
+                    reason = (refused or {}).get(index)
+                    error_text = None if reason is None else f"bad envelope: {reason}"
+                    outcome = result(request, reason is None, False, error_text)
+                    if outcome.ok and not request.report_success:
+                        continue
+                elif isinstance(error, ConnectError):
+                    outcome = result(request, False, True, f"ConnectError: {error}")
+                elif isinstance(error, VillageMeshError | asyncio.CancelledError):
+                    outcome = result(request, False, False, f"{type(error).__name__}: {error}")
+                else:
+                    raise error  # not a transport failure: a bug, let the supervisor see it
+                self._tell_outcome(request.reply_to, outcome)
 
-        def then(_: None, error: BaseException | None) -> None:
-            if error is None:
-                outcome = result(True, False, None)
-            elif isinstance(error, ConnectError):
-                outcome = result(False, True, f"ConnectError: {error}")
-            elif isinstance(error, VillageMeshError | asyncio.CancelledError):
-                outcome = result(False, False, f"{type(error).__name__}: {error}")
-            else:
-                raise error  # not a transport failure: a bug, let the supervisor see it
-            self._tell_outcome(request.reply_to, outcome)
-
-        report = request.report_success
-        if request.address == REPLY_ADDRESS:
-            self.run_on_loop(self.server.send(request.peer_id, request.envelope), then, post_success=report)
+        first = requests[0]
+        envelopes = [r.envelope for r in requests]
+        if first.address == REPLY_ADDRESS:
+            sending = self.server.send_many(first.peer_id, envelopes)
         else:
-            sending = self.client.send(request.address, request.envelope, expected_peer=request.peer_id)
-            self.run_on_loop(sending, then, post_success=report)
+            sending = self.client.send_many(first.address, envelopes, expected_peer=first.peer_id)
+        # A refused envelope is a result to post even when successes are not reported.
+        self.run_on_loop(sending, then, post_success=first.report_success, post_if=bool)
 
     def _tell_outcome(self, to: str, outcome: object) -> None:
         try:
