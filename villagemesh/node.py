@@ -55,11 +55,11 @@ import pykka
 
 from villagemesh.actors.app.actor import AppActor
 from villagemesh.actors.app.state import DeliveryHandle, HandleTable, InboundMessage, Subscribers
-from villagemesh.actors.base import ExitReport, Scheduler
-from villagemesh.actors.bus import Bus
+from villagemesh.actors.core.base import ExitReport, Scheduler
+from villagemesh.actors.core.bus import Bus
+from villagemesh.actors.core.ledger import prepare as prepare_messages
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
-from villagemesh.actors.retrier.store import prepare as prepare_messages
 from villagemesh.errors import ConfigError, SupervisionError, VillageMeshError
 from villagemesh.protocols.discovery import Capabilities
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
@@ -243,7 +243,7 @@ class Node:
     """One villagemesh node. Make it with :func:`create_network`; start it, use it, stop it."""
 
     def __init__(self, config: NodeConfig) -> None:
-        from villagemesh.actors.secure.keys import NodeKeys
+        from villagemesh.actors.core.secure.keys import NodeKeys
 
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -638,7 +638,7 @@ class Node:
 
     def crash(self, actor_name: str) -> None:
         """Fault injection: make the actor named ``actor_name`` crash (its supervisor restarts it)."""
-        from villagemesh.actors.base import InjectedCrash
+        from villagemesh.actors.core.base import InjectedCrash
 
         self._client().tell(actor_name, InjectedCrash(f"injected by Node.crash({actor_name!r})"))
 

@@ -1,7 +1,8 @@
 """Opening villagemesh's SQLite files the one right way, and translating their errors.
 
-Shared by the peer registry's store and the retrier's outbox and inbox
-(placed here until a shared storage module exists).
+Part of the actor kit: every actor that keeps a file uses it (the peer
+registry's store, the messages file of :mod:`.ledger`); no actor opens SQLite
+any other way.
 
 Every file is opened with:
 

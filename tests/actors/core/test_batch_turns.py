@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import zmq
 
 from tests.conftest import WAIT
-from villagemesh.actors import codec
-from villagemesh.actors.base import Actor, InjectedCrash, ReplyToken, Request
-from villagemesh.actors.bus import Kind, decode_frame, encode_frame
+from villagemesh.actors.core import codec
+from villagemesh.actors.core.base import Actor, InjectedCrash, ReplyToken, Request
+from villagemesh.actors.core.bus import Kind, decode_frame, encode_frame
 from villagemesh.errors import ActorCrashed, BusError
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor
