@@ -63,8 +63,7 @@ async def run(node: Any, peer: str, n: int, size: int) -> tuple[float, float]:
     start = time.perf_counter()
     handles = await asyncio.gather(*(node.asend(peer, i.to_bytes(8, "big") + body) for i in range(n)))
     accepted = time.perf_counter() - start
-    for handle in handles:
-        status = await asyncio.wait_for(handle, WAIT)
+    for status in await asyncio.wait_for(asyncio.gather(*handles), WAIT):
         if not status.delivered:
             raise RuntimeError(f"message not delivered: {status}")
     return accepted, time.perf_counter() - start

@@ -12,6 +12,7 @@ import asyncio
 import enum
 import inspect
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -162,14 +163,8 @@ class DeliveryHandle:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[DeliveryStatus] = loop.create_future()
 
-        def settle(status: DeliveryStatus) -> None:
-            if not future.done():
-                future.set_result(status)
-
-        def resolve(status: DeliveryStatus) -> None:
-            loop.call_soon_threadsafe(settle, status)
-
-        self.add_done_callback(resolve)
+        waker = _waker(loop)
+        self.add_done_callback(lambda status: waker.settle(future, status))
         return future.__await__()
 
     def _resolve(self, status: DeliveryStatus) -> None:
@@ -179,6 +174,49 @@ class DeliveryHandle:
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             fn(status)
+
+
+class _LoopWaker:
+    """Settles awaited handles on their loop, one wake-up for all resolved meanwhile.
+
+    The gateway resolves handles in a burst (one per acknowledged message); a
+    ``call_soon_threadsafe`` each would wake the loop once per handle.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._due: list[tuple[asyncio.Future[DeliveryStatus], DeliveryStatus]] = []
+
+    def settle(self, future: asyncio.Future[DeliveryStatus], status: DeliveryStatus) -> None:
+        """From any thread: ``future`` gets ``status`` on the loop."""
+        with self._lock:
+            self._due.append((future, status))
+            first = len(self._due) == 1
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._run)
+            except RuntimeError:
+                return  # the loop is closed: nobody awaits these any more
+
+    def _run(self) -> None:
+        with self._lock:
+            due, self._due = self._due, []
+        for future, status in due:
+            if not future.done():
+                future.set_result(status)
+
+
+_WAKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = weakref.WeakKeyDictionary()
+_WAKERS_LOCK = threading.Lock()
+
+
+def _waker(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
+    with _WAKERS_LOCK:
+        waker = _WAKERS.get(loop)
+        if waker is None:
+            waker = _WAKERS[loop] = _LoopWaker(loop)
+        return waker
 
 
 class HandleTable:

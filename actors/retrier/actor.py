@@ -44,7 +44,8 @@ its answer arrives, restored messages wait parked, spending no attempt), ``max_a
 ``ack_timeout``, ``max_in_flight`` (see :class:`.state.RetrierState`),
 ``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.core.storage`).
 
-Log events: ``message_delivered`` (message_id, attempts, transport),
+Log events: ``messages_delivered`` (count, message_ids, attempts, transports: one event per
+round of decisions, its lists in the same order),
 ``delivery_failed`` (message_id, attempts, last_error, reason),
 ``envelope_rejected`` (transport, reason), ``ack_unroutable`` (message_id,
 peer_id), ``dispatch_failed`` (message_id, reason), ``retrier_restored``
@@ -168,6 +169,8 @@ class RetrierActor(Actor):
         self.undispatched: set[bytes] = set()
         self.received = 0
         self.duplicates = 0
+        self.delivered: list[Delivered] = []
+        """Deliveries of this round not yet logged."""
         self.outgoing: dict[str, list[tuple[Transmit, Send | None]]] = {}
         """Transmits decided this turn, per transport, handed over together by :meth:`_flush_transmits`."""
         self._load_routes()
@@ -295,16 +298,31 @@ class RetrierActor(Actor):
         committed before any answer or any Transmit.
         """
         now = time.time()
-        rows: list[tuple[bytes, str, Priority, bytes, float, float, Send | None]] = []
-        decisions: list[Decision] = []
-        stored: dict[int, bytes] = {}  # id(Send) -> its envelope, for the Sends stored with their rows
+        admitted: list[tuple[Message, bytes]] = []
+        seen: set[bytes] = set()
         answers: list[DeliverReply | DeliverManyReply] = []
         for request in requests:
             if isinstance(request, Deliver):
-                answers.append(self._admit(request.envelope, now, rows, decisions, stored))
+                answers.append(self._admit(request.envelope, admitted, seen))
                 continue
-            replies = [self._admit(envelope, now, rows, decisions, stored) for envelope in request.envelopes]
+            replies = [self._admit(envelope, admitted, seen) for envelope in request.envelopes]
             answers.append(DeliverManyReply(tuple(r.message_id for r in replies), tuple(r.error for r in replies)))
+        # The state decides first (pure, in memory), so that each row is stored with its first
+        # attempt already counted.
+        decisions = self.state.step_many(
+            [Enqueue(m.id, m.recipient, m.priority, m.expires_at, now) for m, _ in admitted if m.recipient]
+        )
+        envelopes = {m.id: envelope for m, envelope in admitted}
+        first: dict[bytes, Send] = {}
+        for d in decisions:
+            if isinstance(d, Send) and d.message_id in envelopes and d.message_id not in first:
+                first[d.message_id] = d
+        stored = {id(send): envelopes[message_id] for message_id, send in first.items()}
+        rows = [
+            (m.id, m.recipient, m.priority, envelope, m.created_at, m.expires_at, first.get(m.id))
+            for m, envelope in admitted
+            if m.recipient  # always: a broadcast is refused in _admit
+        ]
         if rows:
             self.outbox.put_batch(rows, [d for d in decisions if id(d) not in stored])
         queue: deque[Event] = deque()
@@ -315,32 +333,19 @@ class RetrierActor(Actor):
         self._step(list(queue))
         return answers
 
-    def _admit(
-        self,
-        envelope: bytes,
-        now: float,
-        rows: list[tuple[bytes, str, Priority, bytes, float, float, Send | None]],
-        decisions: list[Decision],
-        stored: dict[int, bytes],
-    ) -> DeliverReply:
-        """Decide on one envelope (pure, in memory): its row to ``rows``, the state's decisions to ``decisions``."""
+    def _admit(self, envelope: bytes, admitted: list[tuple[Message, bytes]], seen: set[bytes]) -> DeliverReply:
+        """Check one envelope; a new message goes to ``admitted`` (an id already pending, or twice in
+        ``admitted``, is answered as not new)."""
         try:
             message = decode_message(envelope)
         except ProtocolError as exc:
             return DeliverReply(None, False, f"not a valid envelope: {exc}")
         if message.recipient is None:
             return DeliverReply(message.id, False, "a broadcast has no single recipient to acknowledge it")
-        if message.id in self.state:
+        if message.id in self.state or message.id in seen:
             return DeliverReply(message.id, False, None)  # already pending: stored, and in the state
-        # The state decides first, so that the row is stored with its first attempt already counted.
-        step = self.state.step(Enqueue(message.id, message.recipient, message.priority, message.expires_at, now))
-        send = next((d for d in step if isinstance(d, Send) and d.message_id == message.id), None)
-        if send is not None:
-            stored[id(send)] = envelope
-        rows.append(
-            (message.id, message.recipient, message.priority, envelope, message.created_at, message.expires_at, send)
-        )
-        decisions.extend(step)
+        seen.add(message.id)
+        admitted.append((message, envelope))
         return DeliverReply(message.id, True, None)
 
     def _step(self, events: list[Event]) -> None:
@@ -350,9 +355,8 @@ class RetrierActor(Actor):
         queue: deque[Event] = deque(events)
         while True:
             while queue:
-                decisions: list[Decision] = []
-                while queue:
-                    decisions.extend(self.state.step(queue.popleft()))
+                decisions = self.state.step_many(list(queue))
+                queue.clear()
                 self.outbox.apply(decisions)
                 for d in decisions:
                     failure = self._carry_out(d, None)
@@ -360,15 +364,14 @@ class RetrierActor(Actor):
                         queue.append(failure)
             queue.extend(self._flush_transmits())
             if not queue:
+                self._log_delivered()
                 return
 
     def _carry_out(self, d: Decision, envelope: bytes | None) -> Event | None:
         if isinstance(d, Send):
             return self._transmit(d, envelope)
         if isinstance(d, Delivered):
-            self.ctx.log.emit(
-                "message_delivered", message_id=d.message_id.hex(), attempts=d.attempts, transport=d.transport
-            )
+            self.delivered.append(d)
             self._notify(MessageDelivered(d.message_id, d.attempts, d.transport))
         elif isinstance(d, Failed):
             self.ctx.log.emit(
@@ -383,6 +386,19 @@ class RetrierActor(Actor):
         elif isinstance(d, NextWakeup):
             self._wake_at(d.at)
         return None
+
+    def _log_delivered(self) -> None:
+        """One ``messages_delivered`` event for every delivery of the round (an event per message would
+        cost more than the delivery itself at full speed)."""
+        if self.delivered:
+            done, self.delivered = self.delivered, []
+            self.ctx.log.emit(
+                "messages_delivered",
+                count=len(done),
+                message_ids=[d.message_id.hex() for d in done],
+                attempts=[d.attempts for d in done],
+                transports=sorted({d.transport for d in done if d.transport is not None}),
+            )
 
     def _transmit(self, send: Send, envelope: bytes | None) -> Event | None:
         """Queue the Transmit of ``send`` for this turn's hand-over (or fail the attempt at once)."""

@@ -116,7 +116,7 @@ DEFAULT_ACK_TIMEOUT = 30.0
 """Seconds to wait for an end-to-end ack before an attempt counts as failed: one
 heartbeat period of the replaced system, far above any loopback or LAN round trip."""
 
-DEFAULT_MAX_IN_FLIGHT = 256
+DEFAULT_MAX_IN_FLIGHT = 1024
 """Messages awaiting an ack at once: enough to keep a link busy, few enough that a
 late CRITICAL message never queues behind thousands of BULK sends."""
 
@@ -262,6 +262,9 @@ Decision = Send | Backoff | Delivered | Failed | NextWakeup
 
 # --- the fair queue -----------------------------------------------------------------------
 
+_PRIORITIES = tuple(Priority)
+"""The classes, most urgent first (iterating the Enum itself costs a generator per pick)."""
+
 T = TypeVar("T")
 
 
@@ -297,7 +300,7 @@ class FairQueue(Generic[T]):
     def pop(self) -> tuple[Priority, T] | None:
         """The next live item by the stride rule, or None when none is queued."""
         best: Priority | None = None
-        for priority in Priority:  # most urgent first, so ties go to it
+        for priority in _PRIORITIES:  # most urgent first, so ties go to it
             queue = self._queues[priority]
             self._purge(queue)
             if queue and (best is None or self._pass[priority] < self._pass[best]):
@@ -456,6 +459,21 @@ class RetrierState:
     def step(self, event: Event) -> list[Decision]:
         """Apply one event; return what to do now, in order."""
         out: list[Decision] = []
+        self._apply(event, out)
+        self._pump(event.now, out)
+        return out
+
+    def step_many(self, events: list[Event]) -> list[Decision]:
+        """Apply ``events`` in order, then look at time and slots once, at the latest ``now``: what a
+        batch of events decides, without a pass over the timers and slots per event."""
+        out: list[Decision] = []
+        for event in events:
+            self._apply(event, out)
+        if events:
+            self._pump(max(event.now for event in events), out)
+        return out
+
+    def _apply(self, event: Event, out: list[Decision]) -> None:
         match event:
             case Enqueue():
                 self._enqueue(event, out)
@@ -469,8 +487,6 @@ class RetrierState:
                 self._wakeup_sent = None  # the timer fired: whatever is next must be asked for again
             case _:
                 raise ConfigError(f"RetrierState cannot handle {event!r}")
-        self._pump(event.now, out)
-        return out
 
     # -- event handlers -------------------------------------------------------------------------
 

@@ -159,6 +159,7 @@ class Outbox(MessagesFile):
         the same statement is one ``executemany`` (a Backoff then a Send of one message stay in order)."""
         changes: list[tuple[str, list[tuple[Any, ...]]]] = []
         for d in decisions:
+            row: tuple[Any, ...]
             if isinstance(d, Send):
                 sql, row = _SEND, (d.attempt, d.deadline, d.message_id)
             elif isinstance(d, Backoff):
