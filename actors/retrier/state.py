@@ -117,8 +117,9 @@ DEFAULT_ACK_TIMEOUT = 30.0
 heartbeat period of the replaced system, far above any loopback or LAN round trip."""
 
 DEFAULT_MAX_IN_FLIGHT = 1024
-"""Messages awaiting an ack at once: enough to keep a link busy, few enough that a
-late CRITICAL message never queues behind thousands of BULK sends."""
+"""Messages awaiting an ack at once (the window): enough for batches of a few hundred to be on
+the wire, acked and refilled while the next are written (256 left the link idle between acks),
+few enough that a late CRITICAL message queues behind at most a fraction of a second of BULK."""
 
 WEIGHTS: dict[Priority, int] = {
     Priority.CRITICAL: 16,

@@ -207,6 +207,27 @@ def test_window_limits_messages_in_flight_and_acks_free_slots() -> None:
     assert [s.message_id for s in of(Send, state.step(AckReceived(mid(0), now=1.0)))] == [mid(2)]
 
 
+def test_a_batch_of_events_decides_what_the_same_events_one_by_one_decide() -> None:
+    """step_many over enqueues and acks: the same Sends and Delivered as stepping one by one, the window kept."""
+    events = [Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=100.0, now=0.0) for n in range(8)]
+    acks = [AckReceived(mid(n), now=1.0) for n in range(3)]
+    one, many = fresh(max_in_flight=4), fresh(max_in_flight=4)
+    singly = [d for e in events for d in one.step(e)] + [d for e in acks for d in one.step(e)]
+    batched = many.step_many(events) + many.step_many(acks)
+    assert sorted(s.message_id for s in of(Send, batched)) == sorted(s.message_id for s in of(Send, singly))
+    assert [d.message_id for d in of(Delivered, batched)] == [d.message_id for d in of(Delivered, singly)]
+    assert many.in_flight == one.in_flight == 4 and len(many) == len(one) == 5
+    assert many.step_many([]) == []
+
+
+def test_within_a_batch_the_free_slots_go_by_priority() -> None:
+    """Enqueued together, BULK first and CRITICAL last: the one free slot goes to CRITICAL."""
+    state = fresh(max_in_flight=1)
+    prios = (Priority.BULK, Priority.NORMAL, Priority.CRITICAL)
+    batch = state.step_many([Enqueue(mid(n), "bob", p, expires_at=100.0, now=0.0) for n, p in enumerate(prios)])
+    assert [s.message_id for s in of(Send, batch)] == [mid(2)]
+
+
 def test_critical_goes_first_when_slots_are_scarce() -> None:
     """With one slot, queued CRITICAL beats earlier-queued BULK and NORMAL."""
     state = fresh(max_in_flight=1)
