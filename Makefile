@@ -6,11 +6,19 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs; installed only when missing (CI runs as root).
 SYSTEM_PACKAGES := python3-venv
+# Debian packages only the benchmarks need (NATS JetStream, the durable-broker anchor of benchmarks/delivery.py).
+BENCH_SYSTEM_PACKAGES := nats-server
 
-.PHONY: demo test lint typecheck bench sysdeps clean
+.PHONY: demo test lint typecheck bench sysdeps benchsysdeps install-debs clean
 
 sysdeps:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@$(MAKE) --no-print-directory install-debs DEBS="$(SYSTEM_PACKAGES)"
+
+benchsysdeps:
+	@$(MAKE) --no-print-directory install-debs DEBS="$(BENCH_SYSTEM_PACKAGES)"
+
+install-debs:
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages: $$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -43,7 +51,7 @@ test: sysdeps $(STAMP)
 	$(VENV)/bin/coverage report --include='protocols/*' --fail-under=100
 	$(VENV)/bin/coverage report --include='supervision/*,actors/*,villagemesh/*' --skip-covered | tail -n 3
 
-bench: $(STAMP)
+bench: benchsysdeps $(STAMP)
 	for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
