@@ -531,7 +531,7 @@ class Node:
 
         message = self._message(peer_id, payload, kind, priority, ttl, correlation_id)
         handle = self.handles.new(message.id)
-        reply = self._client().ask("retrier", Deliver(encode_message(message)), timeout=ASK_TIMEOUT)
+        reply = self._client().ask("retrier", Deliver(_encoded(message)), timeout=ASK_TIMEOUT)
         if not isinstance(reply, DeliverReply) or reply.error is not None:
             self.handles.resolve(message.id, False, 0, getattr(reply, "error", repr(reply)))
             raise ConfigError(f"message to {peer_id!r} refused: {getattr(reply, 'error', reply)}")
@@ -556,7 +556,7 @@ class Node:
         handles = [self.handles.new(m.id) for m in built]
         for start in range(0, len(built), SEND_MANY_CHUNK):
             chunk = built[start : start + SEND_MANY_CHUNK]
-            errors = self._deliver_envelopes([encode_message(m) for m in chunk])
+            errors = self._deliver_envelopes([_encoded(m) for m in chunk])
             for message, error in zip(chunk, errors, strict=True):
                 if error is not None:
                     self.handles.resolve(message.id, False, 0, error)
@@ -684,7 +684,7 @@ class Node:
         batcher = self._async_sends.get(loop)
         if batcher is None:
             batcher = self._async_sends[loop] = _AsyncSends(self, loop)
-        error = await batcher.add(encode_message(message))
+        error = await batcher.add(_encoded(message))
         if error is not None:
             self.handles.resolve(message.id, False, 0, error)
             raise ConfigError(f"message to {peer_id!r} refused: {error}")
@@ -743,6 +743,16 @@ class _AsyncSends:
             self._hand_over()
         else:
             self.busy = False
+
+
+def _encoded(message: Message) -> bytes:
+    """``message`` encoded, and remembered as that encoding's decoding (the retrier and the secure
+    session read it back without decoding it again)."""
+    from villagemesh.actors.core.envelopes import remember
+
+    raw = encode_message(message)
+    remember(raw, message)
+    return raw
 
 
 def _transport_order(mode: NetworkMode) -> tuple[str, ...]:

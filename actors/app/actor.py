@@ -75,10 +75,10 @@ import pykka
 from villagemesh.actors.app.messages import CoroutineDone
 from villagemesh.actors.app.state import HandleTable, InboundMessage, Subscribers
 from villagemesh.actors.core.base import Actor, ActorContext, Request
+from villagemesh.actors.core.envelopes import decode
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.retrier.messages import Incoming, MessageDelivered, MessageFailed
 from villagemesh.errors import ConfigError, ProtocolError
-from villagemesh.protocols.envelope import decode_message
 
 __all__ = ["DISPATCH_CHUNK_S", "MAX_DISPATCHES", "AppActor"]
 
@@ -205,7 +205,7 @@ class AppActor(Actor):
         """Call every subscriber of a message whose dispatch began; True when it is handled now, False
         while coroutine handlers of it still run (their completions mark it)."""
         try:
-            decoded = decode_message(msg.envelope)
+            decoded = decode(msg.envelope)
         except ProtocolError as exc:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
             return True

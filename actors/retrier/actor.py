@@ -62,11 +62,12 @@ from typing import Any
 
 from villagemesh.actors.core.base import Actor, ActorContext, Request, TimerHandle
 from villagemesh.actors.core.bus import Sender
+from villagemesh.actors.core.envelopes import decode
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.core.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Received, Transmit, TransmitResult
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
-from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, decode_message, encode_message
+from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
 
 from .messages import (
     ACK_IDS_MAX,
@@ -337,7 +338,7 @@ class RetrierActor(Actor):
         """Check one envelope; a new message goes to ``admitted`` (an id already pending, or twice in
         ``admitted``, is answered as not new)."""
         try:
-            message = decode_message(envelope)
+            message = decode(envelope)
         except ProtocolError as exc:
             return DeliverReply(None, False, f"not a valid envelope: {exc}")
         if message.recipient is None:
@@ -486,7 +487,7 @@ class RetrierActor(Actor):
         to_ack: dict[tuple[str, str], list[bytes]] = {}
         for msg in batch:
             try:
-                message = decode_message(msg.envelope)
+                message = decode(msg.envelope)
             except ProtocolError as exc:
                 self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=str(exc))
                 continue

@@ -54,9 +54,10 @@ from typing import Any
 import structlog
 from nacl.signing import SigningKey
 
+from villagemesh.actors.core.envelopes import decode
 from villagemesh.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from villagemesh.protocols.discovery import node_id_from_public_key
-from villagemesh.protocols.envelope import MAX_MESSAGE_BYTES, Message, decode_message
+from villagemesh.protocols.envelope import MAX_MESSAGE_BYTES, Message
 from villagemesh.protocols.framing import LengthPrefixedReader
 from villagemesh.protocols.noise import NEED_DATA, Data, HandshakeComplete, SecureChannel
 
@@ -236,7 +237,7 @@ class Session:
 
     def _envelope(self, raw: bytes) -> EnvelopeReceived | Rejected:
         try:
-            message = decode_message(raw)
+            message = decode(raw)
         except RemoteProtocolError as exc:
             return self._reject("envelope", f"undecodable envelope of {len(raw)} bytes: {exc}")
         if message.sender != self.peer_id:
@@ -288,7 +289,7 @@ class Session:
     def _check_ours(self, raw: bytes) -> None:
         """LocalProtocolError unless ``raw`` is a valid envelope whose sender is our node id."""
         try:
-            message = decode_message(raw)
+            message = decode(raw)
         except RemoteProtocolError as exc:
             raise LocalProtocolError(f"refusing to send an invalid envelope ({len(raw)} bytes): {exc}") from exc
         if message.sender != self.node_id:
