@@ -28,7 +28,7 @@ in the outbox, before its call returns; its handle ends delivered or failed):
   message is committed. Sends from several threads at once share commits (the
   retrier takes every waiting ``Deliver`` as one turn, one transaction), but
   one thread calling ``send`` in a loop waits for one commit per message.
-- ``send_many``: many messages, one ask per :data:`SEND_MANY_CHUNK`, one commit
+- ``send_many``: many messages, one ask per :data:`SEND_MANY_CHUNK` (256), one commit
   each; returns once all are committed. The fast way from one thread.
 - ``asend``: awaitable; the ``asend`` calls waiting at once on one event loop go to
   the retrier together, from one thread of the node's (as ``send_many``): one
@@ -78,8 +78,10 @@ MESSAGES_FILE = "messages.sqlite3"
 DEFAULT_TTL = 24 * 3600.0
 """A message's lifetime unless the sender says otherwise (the replaced system's 24 h)."""
 
-SEND_MANY_CHUNK = 1024
-"""Envelopes one ask of the retrier carries at most (``send_many``, gathered ``asend`` calls): one commit each."""
+SEND_MANY_CHUNK = 256
+"""Envelopes one ask of the retrier carries at most (``send_many``, gathered ``asend`` calls): one commit
+each. Small enough that the retrier sends one chunk while the next is being stored (1,024 left the
+pipeline idle between stages), large enough that a commit is shared by hundreds."""
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 """SQLite durability of the message files: NORMAL survives a killed process (a commit is a write

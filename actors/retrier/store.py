@@ -143,6 +143,11 @@ class Outbox(MessagesFile):
                 row = (*row[:6], send.attempt, send.deadline)
             rows.append(row)
         changes = self._changes(decisions)
+        if len(rows) == 1 and not changes:  # one statement is its own transaction (a lone send's latency)
+            with translate(self.path, f"storing message {rows[0][0].hex()}"):
+                if self._db.execute(_INSERT, rows[0]).rowcount != 1:
+                    raise StorageError(f"{self.path}: 1 of 1 new message(s) were stored already")
+            return
         with translate(self.path, f"storing {len(rows)} message(s)"), transaction(self._db) as db:
             before = db.total_changes
             db.executemany(_INSERT, rows)
