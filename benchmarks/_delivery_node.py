@@ -15,6 +15,8 @@ Prints ``READY <node_id>`` once started, then answers each command with one line
 * ``stats``               → ``STATS <cpu s> <voluntary switches> <involuntary switches>`` of this process
   (every thread: ``getrusage(RUSAGE_SELF)``);
 * ``quit``                → stops the node and exits.
+
+Once started it calls ``gc.freeze()`` unless ``VM_BENCH_GC_FREEZE=0`` (see delivery.py).
 """
 
 from __future__ import annotations

@@ -33,6 +33,12 @@ Baselines, same run, same sizes, alternated with the above so machine noise hits
   ``publish_async``; the faster counts. End to end: every publish acked and every
   message consumed and acked.
 
+Every Python process here (the two node processes, this one) calls
+``gc.freeze()`` once set up, as a long-running node process should: the
+start-up heap (modules, aiohttp, the actors) then stays out of the cyclic
+collector's passes, which otherwise cost a third of the sender's time at full
+rate (``--no-gc-freeze`` shows it).
+
 Keys of the JSON line (per size): ``msgs_per_s_processes`` (and ``_full``),
 ``jetstream_msgs_per_s``, ``jetstream_ratio`` (processes / JetStream),
 ``latency_p50_ms``, ``latency_p99_ms``, ``cpu_us_per_msg`` (processes: both node
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import shutil
 import socket
@@ -70,6 +77,9 @@ from discovery import free_port
 from villagemesh import create_network
 
 NODE_SCRIPT = Path(__file__).resolve().parent / "_delivery_node.py"
+
+NO_GC_FREEZE = "--no-gc-freeze" in sys.argv
+"""Read before the node processes start (they take it from their environment)."""
 
 WAIT = 300.0
 """Seconds a run may take before the benchmark gives up (only a hang reaches it)."""
@@ -153,7 +163,8 @@ class Child:
     def __init__(self, root: Path, name: str, port: int, peer_port: int, synchronous: str) -> None:
         args = [sys.executable, str(NODE_SCRIPT), "--data-dir", str(root / name), "--name", name]
         args += ["--port", str(port), "--bootstrap", f"127.0.0.1:{peer_port}", "--synchronous", synchronous]
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        env = {**os.environ, "VM_BENCH_GC_FREEZE": "0" if NO_GC_FREEZE else "1"}
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         self.node_id = self.expect("READY").split()[1]
 
     def expect(self, word: str) -> str:
@@ -366,6 +377,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-samples", type=int, default=300)
     parser.add_argument("--no-jetstream", action="store_true", help="skip the NATS JetStream anchor")
+    parser.add_argument(
+        "--no-gc-freeze", action="store_true", help="leave the start-up heap in every collection (all processes)"
+    )
     args = parser.parse_args()
     sizes, n = args.sizes, args.messages
     figures: dict[str, dict[int, list[float]]] = {}
@@ -385,6 +399,8 @@ def main() -> None:
         procs = ProcessPair(root / "normal")
         full = ProcessPair(root / "full", synchronous="FULL")
         jetstream = None if args.no_jetstream else JetStream(root)
+        if not args.no_gc_freeze:
+            gc.freeze()  # as the node processes do: the start-up heap leaves the collector's passes
         try:
             for _ in range(args.rounds):
                 for size in sizes:
