@@ -122,6 +122,12 @@ class NodeConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     capabilities: Capabilities | None = None
+    betanet: bool | None = None
+    """Run the BetaNet mixnode relay (and announce its address): None means on in the anonymous mode only."""
+    betanet_delay_ms: float = 0.0
+    """Mean per-hop delay this node chooses for its anonymous packets (exponential; 0: none)."""
+    betanet_cover_rate: float = 0.0
+    """Loop and drop cover packets per second, each (Poisson; 0: none)."""
     human_log: bool | None = False
     log_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -157,6 +163,12 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if self.synchronous not in SYNCHRONOUS_MODES:
             raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
+        if self.betanet is not None and not isinstance(self.betanet, bool):
+            raise ConfigError(f"betanet must be True, False or None, got {self.betanet!r}")
+        for name in ("betanet_delay_ms", "betanet_cover_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if self.name is not None and (not self.name or "/" in self.name):
             raise ConfigError(f"node name must be non-empty without '/', got {self.name!r}")
 
@@ -268,6 +280,19 @@ class Node:
         )
 
     # -- addresses ---------------------------------------------------------------------------
+
+    @property
+    def runs_betanet(self) -> bool:
+        """Whether this node is a BetaNet mixnode (:attr:`NodeConfig.betanet`)."""
+        return self.config.betanet if self.config.betanet is not None else self.config.mode is NetworkMode.ANONYMOUS
+
+    @property
+    def betanet_address(self) -> str:
+        """``betanet://host:port/<mix key>``: where mixes reach this node, and its mix key."""
+        from villagemesh.actors.betanet.state import format_address, mix_secret
+        from villagemesh.protocols.sphinx.crypto import x25519_base
+
+        return format_address(self.config.host, self.port, x25519_base(mix_secret(self.keys.static_key)))
 
     @property
     def address(self) -> str:
@@ -400,9 +425,11 @@ class Node:
         from villagemesh.actors.websocket.actor import WebSocketActor
 
         cfg, data = self.config, self.config.data_dir
-        capabilities = cfg.capabilities or local_capabilities(("websocket",))
+        betanet = self.runs_betanet
+        capabilities = cfg.capabilities or local_capabilities(("websocket", "betanet") if betanet else ("websocket",))
+        addresses = (self.address, self.betanet_address) if betanet else (self.address,)
         identity = Identity(
-            signing_key=self.keys.signing_key, addresses=(self.address,), capabilities=capabilities, port=self.port
+            signing_key=self.keys.signing_key, addresses=addresses, capabilities=capabilities, port=self.port
         )
         retry = {
             "max_attempts": cfg.max_attempts,
@@ -417,7 +444,8 @@ class Node:
                     "websocket",
                     WebSocketActor,
                     config={"deliver_to": "retrier", "node_id": self.node_id, "keys": self.keys},
-                )
+                ),
+                *([self._betanet_spec()] if betanet else []),
             ],
             intensity=10,
             period=10,
@@ -459,7 +487,7 @@ class Node:
                 config={
                     "host": cfg.host,
                     "port": self.port,
-                    "routes": {"http": "websocket", "discovery": "lan"},
+                    "routes": {"http": "websocket", "discovery": "lan", **({"secure": "betanet"} if betanet else {})},
                     "limits": AcceptorLimits(
                         max_per_source=cfg.max_connections_per_source,
                         max_total=max(cfg.max_connections, cfg.max_connections_per_source),
@@ -492,6 +520,27 @@ class Node:
             ),
         ]
         return SupervisorSpec("root", children, strategy="one_for_one", intensity=20, period=10)
+
+    def _betanet_spec(self) -> ChildSpec:
+        from villagemesh.actors.betanet.actor import BetanetActor
+
+        cfg = self.config
+        return ChildSpec(
+            "betanet",
+            BetanetActor,
+            config={
+                "keys": self.keys.to_bytes(),
+                "host": cfg.host,
+                "port": self.port,
+                "replay_path": str(cfg.data_dir / "betanet.sqlite3"),
+                "deliver_to": "retrier",
+                "registry": "registry",
+                "refresh_s": min(10.0, cfg.discovery_interval),
+                "mean_delay_ms": cfg.betanet_delay_ms,
+                "loop_rate": cfg.betanet_cover_rate,
+                "drop_rate": cfg.betanet_cover_rate,
+            },
+        )
 
     def _wait_until_listening(self, timeout: float = 10.0) -> None:
         """Ask the acceptor where it listens: the ask waits in its mailbox until it has started."""
@@ -645,7 +694,7 @@ class Node:
         self._client().tell(actor_name, InjectedCrash(f"injected by Node.crash({actor_name!r})"))
 
     def network_status(self) -> dict[str, Any]:
-        """The node at a glance: id, mode, peers, the retrier's counters, the actor tree."""
+        """The node at a glance: id, mode, peers, the retrier's counters, the actor tree (and the mixnode's)."""
         from villagemesh.actors.retrier.messages import GetRetrierStatus
 
         assert self._root is not None
@@ -659,6 +708,19 @@ class Node:
             "peers": len(self.peers()),
             "retrier": {k: getattr(retrier, k) for k in retrier.__dataclass_fields__},
             "actors": which_children(self._root.actor_ref, timeout=ASK_TIMEOUT),
+            **({"betanet": self._betanet_status()} if self.runs_betanet else {}),
+        }
+
+    def _betanet_status(self) -> dict[str, Any]:
+        from villagemesh.actors.betanet.actor import betanet_status
+
+        status = betanet_status(self._client(), timeout=ASK_TIMEOUT)
+        return {
+            "address": status.address,
+            "epoch": status.epoch,
+            "mixnodes": status.mixnodes,
+            "held": status.held,
+            "counts": status.counts,
         }
 
     # -- asyncio ----------------------------------------------------------------------------------

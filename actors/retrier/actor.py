@@ -114,8 +114,14 @@ class _Wake:
     """Timer: the state asked for a Tick."""
 
 
-REPLY_CAPABLE = frozenset({"websocket"})
-"""Transports that can send on a connection the peer opened (``REPLY_ADDRESS``)."""
+REPLY_CAPABLE = frozenset({"websocket", "betanet"})
+"""Transports that can answer without a route of their own (``REPLY_ADDRESS``): on the connection the
+peer opened (websocket), on the reply block its message carried (betanet)."""
+
+BATCH_ACKS = frozenset({"websocket"})
+"""Transports on which one ack envelope acknowledges every message of a turn from one peer (it goes back
+on the connection they came in on). Elsewhere each message gets its own ack: betanet answers each on
+the reply block that message carried, which is used once."""
 
 HANDOFF_TIMEOUT = 0.1
 """Seconds the retrier waits for room in a transport's mailbox before that attempt fails."""
@@ -509,8 +515,9 @@ class RetrierActor(Actor):
             to_ack.setdefault((message.sender, msg.transport), []).append(message.id)
         new = self.inbox.accept_many(accepted) if accepted else set()  # R1: committed
         for (sender, transport), ids in to_ack.items():
-            for start in range(0, len(ids), ACK_IDS_MAX):
-                self._ack(sender, transport, ids[start : start + ACK_IDS_MAX], now)
+            per_ack = ACK_IDS_MAX if transport in BATCH_ACKS else 1
+            for start in range(0, len(ids), per_ack):
+                self._ack(sender, transport, ids[start : start + per_ack], now)
         for message, (_, _, envelope) in zip(arrived, accepted, strict=True):
             if message.id in new:
                 new.discard(message.id)  # an id twice in one batch is handed over once
