@@ -55,7 +55,10 @@ empty). Later attempts commit their own S2.
 
 R3 and R5 are committed by the application gateway itself, in its own thread,
 on its own connection: R3 just before it calls the handlers, R5 straight after
-the last one returns, before it does anything else.
+the last one returns, before it does anything else. The node's gateway commits
+R5 together with the *outcome report* to the sender (an outbox row, like any
+message the retrier sends: :meth:`Inbox.mark_handled_reporting`), so a kill
+after R5 never loses the report: the restarted retrier replays it.
 
 * crash before S1: ``send`` never returned; the caller did not hand it over.
 * S1–S2: the row is there with attempts 0; after restart it is sent.
@@ -271,6 +274,52 @@ class Inbox(MessagesFile):
         """The application has handled the message; committed on return. False if unknown or already marked."""
         with translate(self.path, f"marking message {message_id.hex()} handled"):
             return self._db.execute(_HANDLED, (message_id,)).rowcount == 1
+
+    def mark_handled_reporting(
+        self,
+        message_id: bytes,
+        report_id: bytes,
+        recipient: str,
+        priority: int,
+        envelope: bytes,
+        created_at: float,
+        expires_at: float,
+    ) -> bool:
+        """:meth:`mark_handled`, and in the same commit store ``envelope`` (the outcome report
+        ``report_id`` to ``recipient``) as a new outbox row, due at once, for the retrier to send."""
+        check_id(report_id)
+        with translate(self.path, f"marking message {message_id.hex()} handled"), transaction(self._db) as db:
+            cursor = db.execute(
+                "UPDATE inbox SET handled = 1, payload = NULL WHERE message_id = ? AND handled = 0", (message_id,)
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO outbox"
+                " (message_id, recipient, priority, payload, created_at, expires_at, attempts, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                (report_id, recipient, int(priority), envelope, created_at, expires_at, created_at),
+            )
+            return cursor.rowcount == 1
+
+    def settle_many(
+        self, message_ids: list[bytes], reports: list[tuple[bytes, str, int, bytes, float, float]]
+    ) -> set[bytes]:
+        """:meth:`mark_handled` for several messages and, in the same commit, store ``reports``
+        (``(report_id, recipient, priority, envelope, created_at, expires_at)``, outcome reports
+        for the retrier to send, as :meth:`mark_handled_reporting` does); the ids newly marked."""
+        for report in reports:
+            check_id(report[0])
+        marked: set[bytes] = set()
+        with translate(self.path, f"settling {len(message_ids)} message(s)"), transaction(self._db) as db:
+            for message_id in message_ids:
+                if db.execute(_HANDLED, (message_id,)).rowcount == 1:
+                    marked.add(message_id)
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox"
+                " (message_id, recipient, priority, payload, created_at, expires_at, attempts, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                [(i, r, int(p), e, c, x, c) for i, r, p, e, c, x in reports],
+            )
+        return marked
 
     def is_handled(self, message_id: bytes) -> bool:
         """True once :meth:`mark_handled` committed for this id."""

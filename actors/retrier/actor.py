@@ -33,7 +33,10 @@ from envelopes made on other nodes) and passed to the pure state as ``now``.
 
 A ``Transmit`` that cannot even be handed to its transport actor (not running,
 mailbox full) is a retryable failure of that attempt: the next transport is
-tried at once.
+tried at once. ``TransportDown`` (the node tells it when a transport's actor
+crashes or stops) fails that transport's attempts in flight the same way, at
+once, instead of at their ack deadline. An envelope addressed to this node
+itself is refused.
 
 Config (``ctx.config``): ``path`` (SQLite file for outbox and inbox, required),
 ``node_id`` (this node, required), ``mode`` (network mode, default hybrid),
@@ -41,7 +44,7 @@ Config (``ctx.config``): ``path`` (SQLite file for outbox and inbox, required),
 told ``ListRoutes(reply_to=<retrier>)`` at start, default ``registry``; until
 its answer arrives, restored messages wait parked, spending no attempt), ``max_attempts``,
 ``backoff_base``, ``backoff_max``, ``jitter`` (see :class:`.policy.RetryPolicy`),
-``ack_timeout``, ``max_in_flight`` (see :class:`.state.RetrierState`),
+``ack_timeout``, ``max_in_flight``, ``route_timeout`` (see :class:`.state.RetrierState`),
 ``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.core.storage`).
 
 Log events: ``messages_delivered`` (count, message_ids, attempts, transports: one event per
@@ -83,6 +86,7 @@ from .messages import (
     MessageDelivered,
     MessageFailed,
     RetrierStatus,
+    TransportDown,
     ack_ids,
 )
 from .modes import NetworkMode, next_transport
@@ -101,6 +105,7 @@ from .state import (
     Routes,
     Send,
     Tick,
+    TransportLost,
 )
 from .store import Outbox
 
@@ -160,7 +165,7 @@ class RetrierActor(Actor):
         self.synchronous = str(cfg.get("synchronous", "NORMAL"))
         policy_keys = ("max_attempts", "backoff_base", "backoff_max", "jitter")
         self.policy = RetryPolicy(**{k: cfg[k] for k in policy_keys if k in cfg})
-        state_keys = ("ack_timeout", "max_in_flight")
+        state_keys = ("ack_timeout", "max_in_flight", "route_timeout")
         self.state_settings = {k: cfg[k] for k in state_keys if k in cfg}
         RetrierState(self.policy, self.mode, **self.state_settings)  # validate now, in the supervisor's thread
 
@@ -212,6 +217,8 @@ class RetrierActor(Actor):
         kind: str | None = None
         for request in batch:
             this = _RUNS.get(type(request.msg))
+            if this == "deliver" and getattr(request.msg, "stored", False):
+                this = "adopt"  # rows someone else stored: taken into the state together
             if run and this != kind:
                 self._run(kind, run)
                 run = []
@@ -231,7 +238,9 @@ class RetrierActor(Actor):
                 if request.token is not None:
                     request.token.reply(answer)
             return
-        if kind == "received":
+        if kind == "adopt":
+            self._adopt_many([r.msg.envelope for r in run])
+        elif kind == "received":
             self._received_many([r.msg for r in run])
         else:
             ids = [r.msg.message_id for r in run]
@@ -243,8 +252,14 @@ class RetrierActor(Actor):
 
     def handle(self, msg: Any) -> Any:
         """Dispatch one message (the protocol is in :mod:`.messages`)."""
+        if isinstance(msg, Deliver) and msg.stored:
+            self._adopt(msg.envelope)
+            return None
         if isinstance(msg, Deliver | DeliverMany):
             return self._deliver_many([msg])[0]
+        if isinstance(msg, TransportDown):
+            self._step([TransportLost(msg.transport, time.time())])
+            return None
         if isinstance(msg, TransmitResult):
             if msg.ok:
                 return None  # not asked for (report_success=False); the state would wait for the ack anyway
@@ -310,7 +325,10 @@ class RetrierActor(Actor):
         answers: list[DeliverReply | DeliverManyReply] = []
         for request in requests:
             if isinstance(request, Deliver):
-                answers.append(self._admit(request.envelope, admitted, seen))
+                reply = self._admit(request.envelope, admitted, seen)
+                if reply.error is not None and request.report_refusal and reply.message_id is not None:
+                    self._notify(MessageFailed(reply.message_id, 0, reply.error, "refused"))
+                answers.append(reply)
                 continue
             replies = [self._admit(envelope, admitted, seen) for envelope in request.envelopes]
             answers.append(DeliverManyReply(tuple(r.message_id for r in replies), tuple(r.error for r in replies)))
@@ -349,11 +367,30 @@ class RetrierActor(Actor):
             return DeliverReply(None, False, f"not a valid envelope: {exc}")
         if message.recipient is None:
             return DeliverReply(message.id, False, "a broadcast has no single recipient to acknowledge it")
+        if message.recipient == self.node_id:
+            return DeliverReply(message.id, False, f"addressed to this node itself ({self.node_id})")
         if message.id in self.state or message.id in seen:
             return DeliverReply(message.id, False, None)  # already pending: stored, and in the state
         seen.add(message.id)
         admitted.append((message, envelope))
         return DeliverReply(message.id, True, None)
+
+    def _adopt_many(self, envelopes: list[bytes]) -> None:
+        """:meth:`_adopt` for several rows: one pass of the state, one commit of its decisions."""
+        now = time.time()
+        events: list[Event] = []
+        seen: set[bytes] = set()
+        for envelope in envelopes:
+            message = decode(envelope)  # stored by this node's own gateway: a bad one is a bug
+            if message.id in self.state or message.id in seen or message.recipient is None:
+                continue
+            seen.add(message.id)
+            events.append(Enqueue(message.id, message.recipient, message.priority, message.expires_at, now))
+        self._step(events)
+
+    def _adopt(self, envelope: bytes) -> None:
+        """Take a message someone else stored in the outbox into the state (a replay of one row)."""
+        self._adopt_many([envelope])
 
     def _step(self, events: list[Event]) -> None:
         """Step the state through ``events`` and carry out its decisions (persisted first, in one commit
