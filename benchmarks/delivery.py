@@ -7,9 +7,10 @@ villagemesh, three ways, each with two nodes on 127.0.0.1 that know each other:
 
 * **processes** (the real deployment): each node in its own process
   (``benchmarks/_delivery_node.py``). The sender's one thread awaits
-  ``asyncio.gather`` over ``N`` ``Node.asend`` calls (they reach the retrier
-  together, stored in group commits), then every handle; the clock stops when
-  every handle ended delivered *and* the receiver's handler has seen all ``N``.
+  ``asyncio.gather`` over ``N`` ``Node.asend`` calls (those of one loop turn
+  reach the retrier together and share a commit), then every handle; the clock
+  stops when every handle ended delivered (the recipient's outcome report came
+  back) *and* the receiver's handler has seen all ``N``.
   So a message counts once it was stored in B's outbox, carried over the
   secure WebSocket, deduplicated and committed in A's inbox, handed to the
   handler (its dispatch committed), and acknowledged back to B. Once with
@@ -46,7 +47,7 @@ processes' CPU time per message), ``ctx_switches_per_msg`` (voluntary context
 switches of both node processes per message); and, as before, ``msgs_per_s``
 (one process), ``raw_tcp_msgs_per_s``, ``ratio`` (one process / raw TCP),
 ``send_calls_per_s`` (how fast the gathered ``asend`` calls all returned, i.e.
-were committed, one process), ``cpu_us_per_msg_one_process`` and
+were handed to the retrier, one process), ``cpu_us_per_msg_one_process`` and
 ``raw_tcp_cpu_us_per_msg``. Each figure is the median of ``--rounds``.
 """
 

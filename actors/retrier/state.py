@@ -530,7 +530,12 @@ class RetrierState:
         )
         self._entries[ev.message_id] = entry
         heapq.heappush(self._expiry, (entry.expires_at, entry.message_id))
-        self._wait(entry)
+        if due <= ev.now:
+            # Due already: READY in arrival order (through the timer heap, messages enqueued at one
+            # instant by step_many would come out in message-id order, not FIFO).
+            self._make_ready(entry)
+        else:
+            self._wait(entry)
 
     def _set_routes(self, ev: Routes) -> None:
         self._routes[ev.recipient] = tuple(ev.transports)
