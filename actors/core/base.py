@@ -584,7 +584,9 @@ class Actor(Supervised):
 
     batch_limit = 0
     """Messages one batch turn may take (0: no batch turns, one message per :meth:`handle`).
-    A subclass that sets it implements :meth:`handle_batch`."""
+    A subclass that sets it implements :meth:`handle_batch`. In a process child every frame is
+    acknowledged to the host on its own, so there each turn takes one frame (still through
+    :meth:`handle`)."""
 
     def _create_actor_inbox(self) -> Any:  # type: ignore[override]  # pykka calls it from __init__, bound
         self._inbox = _BusInbox(self._mailbox)
