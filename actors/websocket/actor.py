@@ -32,7 +32,11 @@ without it fresh keys are generated and ``ws_keys_generated`` (node_id, reason) 
 the transport never runs unauthenticated), ``deliver_to`` (actor name for incoming
 envelopes; without it they are counted and dropped), ``node_id`` (optional; must
 be the keys' node id), ``connect_timeout`` / ``send_timeout`` / ``handshake_timeout``
-(seconds, default 5).
+(seconds, default 5), ``http`` (a callable given the aiohttp app before it starts, to add the
+node's read-only HTTP routes on this port: the status endpoint, the dashboard).
+
+Metrics (the bus's, :mod:`villagemesh.actors.core.metrics`): ``transmit_ok`` (reported
+successes only) and ``transmit_failed`` count the outcomes of ``Transmit``.
 """
 
 from __future__ import annotations
@@ -106,7 +110,9 @@ class WebSocketActor(LoopActor):
         self.start_io()
         keys = config_keys(config, self.io_log)
         handshake_timeout = float(config.get("handshake_timeout", HANDSHAKE_TIMEOUT_S))
-        self.server = WebSocketServer(self._received, keys, handshake_timeout=handshake_timeout, log=self.io_log)
+        self.server = WebSocketServer(
+            self._received, keys, handshake_timeout=handshake_timeout, log=self.io_log, install=config.get("http")
+        )
         self.client = WebSocketClient(
             self._received,
             keys,
@@ -202,6 +208,7 @@ class WebSocketActor(LoopActor):
                     continue
                 else:
                     outcome = transmit_outcome(request, error)  # a bug is raised for the supervisor
+                self.metrics.count("transmit_ok" if outcome.ok else "transmit_failed")
                 self._tell_outcome(request.reply_to, outcome)
 
         first = requests[0]
