@@ -505,10 +505,13 @@ class AppActor(Actor):
         ]
         ids = [m for m, _, _ in settling] + [m for m, _ in received]
         marked = self.inbox.settle_many(ids, rows)
+        to = self.outcomes_to
         for report, row in zip(reports, rows, strict=True):
+            if to is None:  # no reports were made without a retrier to send them (see `reports` above)
+                break
             self.counters.outcomes_sent += 1
             try:
-                self.tell(self.outcomes_to, Deliver(row[3], stored=True))
+                self.tell(to, Deliver(row[3], stored=True))
             except BusError as exc:  # stored: the retrier sends it when it next starts
                 reason = str(exc)
                 self.ctx.log.emit("outcome_undeliverable", level="warning", message_id=report.id.hex(), reason=reason)
