@@ -35,10 +35,14 @@ class Dialer:
         self.remote: PeerId | None = None
 
     @classmethod
-    async def connect(cls, host: str, port: int, expected: PeerId, timeout: float = 10.0) -> Dialer:
+    async def connect(cls, host: str, port: int, expected: PeerId, timeout: float = 30.0) -> Dialer:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         dialer = cls(reader, writer)
-        await asyncio.wait_for(dialer._upgrade(expected), timeout)
+        try:
+            await asyncio.wait_for(dialer._upgrade(expected), timeout)
+        except BaseException:
+            await dialer.close()
+            raise
         return dialer
 
     async def _raw(self) -> bytes:
@@ -124,8 +128,13 @@ class Dialer:
         self.mux.send(stream, data)
         self._secure(self.mux.data_to_send())
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Close and wait until closed (a transport collected after its loop ended raises there)."""
         self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass  # the peer went first: closed all the same
 
 
 class Listener:
@@ -214,9 +223,13 @@ class Listener:
                     if isinstance(event, NoiseData):
                         on(mux.receive_data(event.data))
         except (ConnectionError, OSError):
-            pass
+            pass  # the peer hung up: this connection is done
         finally:
             writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass  # already gone
 
     def _on_data(self, mux: yamux.Session, streams: dict[int, Negotiation | str], stream: int, data: bytes,
                  identify: bytes, remote: PeerId) -> None:
