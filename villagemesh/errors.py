@@ -18,11 +18,15 @@ a caller can catch by meaning and still see the cause::
     │   ├── AskTimeout (TimeoutError)       no reply within the ask's timeout
     │   └── ActorCrashed                    the actor crashed while handling the ask
     ├── SupervisionError                    a supervisor could not keep its children up
-    │   └── RestartIntensityExceeded        too many restarts within the period
+    │   ├── RestartIntensityExceeded        too many restarts within the period
+    │   ├── NodeStartFailed                 start(): the tree did not come up (child, first crash)
+    │   └── NodeFailed                      the node's tree gave up after start (cause attached)
     ├── TransportError                      a transport could not move bytes
     │   ├── ConnectError                    ... it could not reach the peer
     │   └── TransportTimeout (TimeoutError) ... the peer was too slow
-    ├── StorageError                        a persistent store (SQLite) failed
+    ├── StorageError                        a persistent store (SQLite) failed, or the data dir
+    │                                       is inconsistent (a store empty, missing, replaced, rolled back)
+    ├── IdentityError                       the node's key is missing or unreadable while its stores have history
     └── DeliveryFailed                      a message was given up on (attempts, last_error)
 
 Every class has a one-line docstring saying what happened, and every instance
@@ -40,9 +44,12 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "DeliveryFailed",
+    "IdentityError",
     "LocalProtocolError",
     "MailboxFull",
     "NoSuchActor",
+    "NodeFailed",
+    "NodeStartFailed",
     "ProtocolError",
     "RemoteProtocolError",
     "RestartIntensityExceeded",
@@ -137,6 +144,37 @@ class RestartIntensityExceeded(SupervisionError):
         self.period = period
 
 
+class NodeStartFailed(SupervisionError):
+    """``Node.start()`` gave up: a child crashed before the tree was up, or it did not come up in time.
+
+    ``child`` names the child whose crash came first (None if none crashed), ``exc_type``
+    and ``detail`` describe that crash (the root cause, not the escalation it led to).
+    """
+
+    def __init__(self, node: str, child: str | None, exc_type: str | None, detail: str) -> None:
+        where = f"child {child!r} crashed: {exc_type}: {detail}" if child is not None else detail
+        super().__init__(f"node {node!r} did not start: {where}")
+        self.node = node
+        self.child = child
+        self.exc_type = exc_type
+        self.detail = detail
+
+
+class NodeFailed(SupervisionError):
+    """The node's root supervisor gave up after start: every later call raises this at once.
+
+    ``child``, ``exc_type`` and ``detail`` describe the last crash that led to it (the cause).
+    """
+
+    def __init__(self, node: str, child: str | None, exc_type: str | None, detail: str) -> None:
+        cause = f"child {child!r} crashed: {exc_type}: {detail}" if child is not None else detail
+        super().__init__(f"node {node!r} has failed ({cause}); stop it and start it again")
+        self.node = node
+        self.child = child
+        self.exc_type = exc_type
+        self.detail = detail
+
+
 class TransportError(VillageMeshError):
     """A transport could not move bytes to or from a peer."""
 
@@ -151,6 +189,11 @@ class TransportTimeout(TransportError, TimeoutError):
 
 class StorageError(VillageMeshError):
     """A persistent store (the registry's or the outbox's SQLite file) failed."""
+
+
+class IdentityError(VillageMeshError):
+    """The node's key file is missing or unreadable while its stores have history (a new
+    identity would orphan them); start with ``new_identity=True`` to make one on purpose."""
 
 
 class DeliveryFailed(VillageMeshError):

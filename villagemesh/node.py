@@ -6,6 +6,7 @@
     ├── registry      peers, capabilities, trust          (SQLite: data_dir/peers.sqlite3)
     ├── retrier       outbox, acks, retries, failover      (SQLite: data_dir/messages.sqlite3)
     ├── app           subscribers and delivery handles
+    ├── keeper        checkpoints the stores, keeps data_dir/manifest.json
     ├── transports    (one_for_one)
     │   └── websocket aiohttp server and client
     ├── acceptor      one TCP port, sniffed and handed off
@@ -16,7 +17,17 @@
 (one zmq Context, the timer thread, the event log) and launches the root
 supervisor; ``stop()`` stops the tree in reverse order. Everything a restart
 must keep lives in ``data_dir``: the key file (so the node id is stable), the
-peers, the outbox and the inbox.
+peers, the outbox and the inbox, and the manifest that vouches for them.
+
+``start()`` tells the truth: it returns only when every actor is up and the
+acceptor listens, and otherwise raises with the root cause. Before anything
+starts, the data dir is checked (:mod:`villagemesh.actors.integrity`): a
+store that is corrupt, empty, missing, replaced or rolled back is a
+``StorageError`` unless ``accept_loss`` says to go on, and a key that is
+missing or unreadable while the stores have history an ``IdentityError``
+unless ``new_identity`` says to make one. A crash before the tree is up fails
+the start (``NodeStartFailed``, naming the first crash); if the root supervisor
+gives up later, every call raises ``NodeFailed`` at once, with the cause.
 
 The API is thread-safe (each calling thread gets its own bus sender) and has
 asyncio variants; handles can be awaited.
@@ -26,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import math
 import os
 import random
 import socket
@@ -45,20 +57,44 @@ from villagemesh.actors.bus import Bus
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
 from villagemesh.actors.retrier.store import prepare as prepare_messages
-from villagemesh.errors import ConfigError, SupervisionError, VillageMeshError
+from villagemesh.errors import (
+    ConfigError,
+    IdentityError,
+    NodeFailed,
+    NodeStartFailed,
+    StorageError,
+    SupervisionError,
+    VillageMeshError,
+)
 from villagemesh.protocols.discovery import Capabilities
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
 from villagemesh.supervision.log import EventLog
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Environment, Supervisor, which_children
 
-__all__ = ["NetworkMode", "Node", "NodeConfig", "PeerInfo", "create_network", "free_port", "local_capabilities"]
+__all__ = [
+    "NetworkMode",
+    "Node",
+    "NodeConfig",
+    "PeerInfo",
+    "check_payload",
+    "create_network",
+    "diagnose",
+    "free_port",
+    "local_capabilities",
+]
 
 ASK_TIMEOUT = 5.0
 """Seconds the node API waits for one of its own actors to answer."""
 
 MESSAGES_FILE = "messages.sqlite3"
 """The retrier's outbox and inbox in ``data_dir``; the app gateway commits its dispatch marks there too."""
+
+PEERS_FILE = "peers.sqlite3"
+"""The registry's peers in ``data_dir``."""
+
+KEY_FILE = "node.key"
+"""The node's keys in ``data_dir`` (its id is derived from them)."""
 
 DEFAULT_TTL = 24 * 3600.0
 """A message's lifetime unless the sender says otherwise (the replaced system's 24 h)."""
@@ -85,7 +121,7 @@ class NodeConfig:
     """Open connections the acceptor allows one source address (many local nodes: raise it)."""
     max_connections: int = 1024
     start_timeout: float = 30.0
-    """Seconds ``start()`` waits for the acceptor to listen."""
+    """Seconds ``start()`` waits for every actor to be up (a crash on the way fails it at once)."""
     discovery_interval: float = 2.0
     discovery_timeout: float = 1.5
     discovery_fast_start: float = 0.25
@@ -95,21 +131,54 @@ class NodeConfig:
     max_attempts: int = 8
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    checkpoint_interval: float = 1.0
+    """Seconds between the keeper's checkpoints of a store whose log grew: what a lost or cut
+    write-ahead log can cost at most (see :mod:`villagemesh.actors.integrity`)."""
+    accept_loss: bool = False
+    """Start even though the data dir's stores are inconsistent (each loss is logged)."""
+    new_identity: bool = False
+    """Make a new key when ``node.key`` is missing or unreadable although the stores have history."""
     capabilities: Capabilities | None = None
     human_log: bool | None = False
     log_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "data_dir", _path("data_dir", self.data_dir))
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ConfigError(f"data_dir {str(self.data_dir)!r} exists and is not a directory")
         object.__setattr__(self, "mode", NetworkMode.parse(self.mode))
-        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
+        if self.log_path is not None:
+            object.__setattr__(self, "log_path", _path("log_path", self.log_path))
+            if self.log_path.is_dir():
+                raise ConfigError(f"log_path {str(self.log_path)!r} is a directory")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name):
+            raise ConfigError(f"node name must be a non-empty str without '/', got {self.name!r}")
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"host must be a non-empty str, got {self.host!r}")
+        if not _is_int(self.port) or not 0 <= self.port < 65536:
             raise ConfigError(f"port must be an int in 0..65535, got {self.port!r}")
-        bootstrap = tuple(self.bootstrap)
+        if not _is_int(self.lan_port) or not 0 < self.lan_port < 65536:
+            raise ConfigError(f"lan_port must be an int in 1..65535, got {self.lan_port!r}")
+        if not isinstance(self.lan_group, str) or not self.lan_group:
+            raise ConfigError(f"lan_group must be a multicast address as a str, got {self.lan_group!r}")
+        if isinstance(self.bootstrap, str | bytes):
+            raise ConfigError(f"bootstrap must be a sequence of 'host:port' strings, got {self.bootstrap!r}")
+        try:
+            bootstrap = tuple(self.bootstrap)
+        except TypeError:
+            raise ConfigError(f"bootstrap must be a sequence of 'host:port' strings, got {self.bootstrap!r}") from None
         for entry in bootstrap:
+            if not isinstance(entry, str):
+                raise ConfigError(f"bootstrap entries must be 'host:port' strings, got {entry!r}")
             parse_host_port(entry)
         object.__setattr__(self, "bootstrap", bootstrap)
-        if not isinstance(self.discovery_fast_start, int | float) or not 0 <= self.discovery_fast_start:
+        for name in ("lan", "accept_loss", "new_identity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.human_log is not None and not isinstance(self.human_log, bool):
+            raise ConfigError(f"human_log must be True, False or None, got {self.human_log!r}")
+        if not _is_number(self.discovery_fast_start) or not 0 <= self.discovery_fast_start:
             raise ConfigError(f"discovery_fast_start must be a number >= 0, got {self.discovery_fast_start!r}")
         positive = (
             "discovery_interval",
@@ -117,20 +186,57 @@ class NodeConfig:
             "peer_max_age",
             "ack_timeout",
             "backoff_base",
+            "backoff_max",
             "lan_rate_per_s",
             "lan_burst",
             "start_timeout",
+            "checkpoint_interval",
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        for name in ("max_connections_per_source", "max_connections"):
+            if not _is_number(value) or not value > 0:
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("max_connections_per_source", "max_connections", "max_attempts"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-        if self.name is not None and (not self.name or "/" in self.name):
-            raise ConfigError(f"node name must be non-empty without '/', got {self.name!r}")
+        if self.capabilities is not None and not isinstance(self.capabilities, Capabilities):
+            raise ConfigError(f"capabilities must be a Capabilities or None, got {type(self.capabilities).__name__}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _path(name: str, value: object) -> Path:
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise ConfigError(f"{name} must be a path (str or os.PathLike), got {value!r}")
+    return Path(value)
+
+
+def check_payload(payload: object) -> bytes:
+    """``payload`` as the bytes a message carries: ``bytes``, ``bytearray`` or ``memoryview`` only.
+
+    Anything else is refused with a ConfigError naming its type: an ``int`` or a list
+    would otherwise be turned into bytes of a meaning nobody intended (``bytes(5)`` is
+    five zero bytes), and a ``str`` has no encoding chosen for it.
+    """
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, bytearray):
+        return bytes(payload)
+    if isinstance(payload, memoryview):
+        return payload.tobytes()
+    raise ConfigError(
+        f"payload must be bytes, bytearray or memoryview, got {type(payload).__name__}"
+        + (" (encode it first, e.g. text.encode())" if isinstance(payload, str) else "")
+    )
 
 
 def local_capabilities(transports: Sequence[str] = ("websocket",)) -> Capabilities:
@@ -217,11 +323,14 @@ class Node:
     """One villagemesh node. Make it with :func:`create_network`; start it, use it, stop it."""
 
     def __init__(self, config: NodeConfig) -> None:
-        from villagemesh.actors.secure.keys import NodeKeys
-
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.keys = NodeKeys.load_or_create(config.data_dir / "node.key")
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"data_dir {str(config.data_dir)!r} cannot be made: {exc.strerror}") from exc
+        self._notes: list[tuple[str, dict[str, Any]]] = []
+        """Events found before the log exists (a new identity), emitted when it starts."""
+        self.keys = self._identity()
         self.node_id: str = self.keys.node_id
         self.name = config.name or f"node-{self.node_id[:8]}"
         self.port = config.port or free_port(host=config.host)
@@ -229,11 +338,45 @@ class Node:
         self.handles = HandleTable()
         self._lock = threading.Lock()
         self._started = False
-        self._failed: ExitReport | None = None
+        self._health = _Health()
+        self._failure: NodeFailed | None = None
+        self._failure_listeners: list[Callable[[NodeFailed], None]] = []
         self._env: Environment | None = None
         self._root: Supervisor | None = None
         self._launcher: Any = None
         self._lock_file: Any = None
+        self._held: list[Any] = []
+        """The start's checkpoint connections, open until the actors have opened theirs."""
+
+    def _identity(self) -> Any:
+        """The node's keys: loaded, or made when the data dir is new (or when told to).
+
+        A key that is missing or unreadable while the stores have history is an
+        IdentityError: a new key would be a new node id, and the queued messages and
+        known peers would belong to an identity nobody has any more.
+        """
+        from villagemesh.actors.secure.keys import NodeKeys
+
+        path = self.config.data_dir / KEY_FILE
+        keys, problem, history = _read_identity(self.config.data_dir)
+        if problem is not None and not self.config.new_identity:
+            raise IdentityError(f"{problem} (start with new_identity=True / --new-identity to make a new one)")
+        if keys is not None:
+            return keys
+        reason = "new data dir"
+        if os.path.lexists(path):
+            aside = path.with_name(f"{KEY_FILE}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            os.replace(path, aside)
+            reason = f"{problem}; told to make a new identity (the old key file is now {aside.name})"
+        elif history:
+            reason = f"{problem}; told to make a new identity"
+        keys = NodeKeys.load_or_create(path)
+        self._note_identity(keys, reason)
+        return keys
+
+    def _note_identity(self, keys: Any, reason: str) -> None:
+        level = "info" if reason == "new data dir" else "warning"
+        self._notes.append(("identity_created", {"level": level, "node_id": keys.node_id, "reason": reason}))
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -255,13 +398,21 @@ class Node:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> Node:
-        """Start every actor; returns once the acceptor listens. Idempotent."""
+        """Start every actor; returns once each one is up and the acceptor listens. Idempotent.
+
+        Raises:
+            StorageError: a store of the data dir is corrupt or inconsistent with the
+                manifest (empty, missing, replaced, rolled back); nothing was started.
+            NodeStartFailed: an actor crashed before the tree was up (the first crash is
+                named: the child, its exception), or the tree was not up within
+                ``start_timeout``. Everything started is stopped again.
+        """
         with self._lock:
             if self._started:
                 return self
             self._lock_data_dir()
             try:
-                prepare_messages(self.config.data_dir / MESSAGES_FILE)  # before two actors open it at once
+                losses = self._check_data_dir()
             except VillageMeshError:
                 self._unlock_data_dir()
                 raise
@@ -270,16 +421,56 @@ class Node:
             env = Environment(bus=bus, log=log, scheduler=Scheduler(f"{self.name}-timers"))
             env.process_launcher = self._process_launcher
             self._env = env
+            self._health = _Health()
+            self._failure = None
+            log.add_sink(self._health)
+            for event, fields in [*self._notes, *losses]:
+                log.emit(event, **fields)
+            self._notes = []
             log.emit("node_starting", node_id=self.node_id, mode=self.config.mode.value, port=self.port)
             self._root = Supervisor.launch(self._tree(), env, watcher=self._root_ended)
             self._started = True
         try:
-            self._wait_until_listening(self.config.start_timeout)
+            self._wait_until_up(self.config.start_timeout)
         except VillageMeshError:
             self.stop()
             raise
+        finally:
+            held, self._held = self._held, []
+            _close_all(held)  # the actors' own connections are open now
         log.emit("node_started", node_id=self.node_id, address=self.address)
         return self
+
+    def _check_data_dir(self) -> list[tuple[str, dict[str, Any]]]:
+        """Check every store against the manifest, create what is new, checkpoint, write the manifest.
+
+        Returns the ``store_loss_accepted`` events to log (with ``accept_loss``).
+        """
+        from villagemesh.actors.integrity import Manifest, describe, inspect, set_aside
+        from villagemesh.actors.registry.store import PeerStore
+
+        data = self.config.data_dir
+        specs = store_specs()
+        manifest = Manifest.load(data)
+        findings = inspect(data, specs, manifest)
+        events: list[tuple[str, dict[str, Any]]] = []
+        if findings and not self.config.accept_loss:
+            raise StorageError(
+                f"data dir {data} is inconsistent, refusing to start:\n{describe(findings)}\n"
+                "(villagemesh doctor shows the same; start with accept_loss=True / --accept-loss to go on"
+                " without what is lost)"
+            )
+        for finding in findings:
+            moved = set_aside(data, finding)
+            fields = {"file": finding.file, "problem": finding.problem, "detail": finding.detail}
+            events.append(("store_loss_accepted", {"level": "warning", **fields, "lost": finding.lost, "moved": moved}))
+        prepare_messages(data / MESSAGES_FILE)  # before two actors open it at once
+        PeerStore(data / PEERS_FILE).close()
+        if manifest is None:
+            manifest = Manifest(self.node_id)
+        manifest.node_id = self.node_id
+        self._held = _checkpoint_stores(data, manifest)
+        return events
 
     def stop(self) -> None:
         """Stop every actor (reverse start order), then the bus, timers and log. Idempotent."""
@@ -297,6 +488,12 @@ class Node:
         if self._launcher is not None:
             self._launcher.close()
             self._launcher = None
+        try:
+            # The manifest records what the stores hold now; the connections are the last (a clean
+            # stop leaves no log behind, and the database files carry the manifest's generation).
+            _close_all(_checkpoint_stores(self.config.data_dir, None))
+        except StorageError as exc:
+            env.log.emit("checkpoint_deferred", level="warning", store="*", reason=str(exc))
         env.log.emit("node_stopped", node_id=self.node_id)
         env.scheduler.close()
         env.bus.close()
@@ -338,12 +535,39 @@ class Node:
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.stop)
 
+    # -- health --------------------------------------------------------------------------------
+
+    @property
+    def failure(self) -> NodeFailed | None:
+        """The :class:`NodeFailed` every call raises once the root supervisor gave up, else None."""
+        return self._failure
+
+    def on_failure(self, callback: Callable[[NodeFailed], None]) -> None:
+        """Call ``callback(error)`` once if the node fails (at once if it already has).
+
+        It runs in the thread that noticed (a supervisor's): it must be quick.
+        """
+        with self._lock:
+            failure = self._failure
+            if failure is None:
+                self._failure_listeners.append(callback)
+        if failure is not None:
+            callback(failure)
+
     def _root_ended(self, actor: Any, report: ExitReport) -> None:
-        if report.crashed and self._env is not None:
-            self._failed = report
-            self._env.log.emit(
-                "node_failed", level="error", node_id=self.node_id, exc_type=report.exc_type, reason=report.exc_message
-            )
+        if not report.crashed or self._env is None:
+            return
+        child, exc_type, detail = self._health.cause(report)
+        failure = NodeFailed(self.name, child, exc_type, detail)
+        with self._lock:
+            self._failure = failure
+            listeners, self._failure_listeners = self._failure_listeners, []
+        self._env.log.emit(
+            "node_failed", level="error", node_id=self.node_id, child_id=child, exc_type=exc_type, reason=detail
+        )
+        self._health.wake()
+        for callback in listeners:
+            callback(failure)
 
     def _process_launcher(self) -> Any:
         if self._launcher is None:
@@ -355,6 +579,7 @@ class Node:
     def _tree(self) -> SupervisorSpec:
         from villagemesh.actors.acceptor.actor import AcceptorActor
         from villagemesh.actors.acceptor.state import AcceptorLimits
+        from villagemesh.actors.keeper.actor import KeeperActor
         from villagemesh.actors.lan.actor import LanActor
         from villagemesh.actors.lan.beacon import BeaconConfig
         from villagemesh.actors.lan.identity import Identity
@@ -410,6 +635,11 @@ class Node:
                 AppActor,
                 config={"subscribers": self.subscribers, "handles": self.handles, "inbox": str(data / MESSAGES_FILE)},
             ),
+            ChildSpec(
+                "keeper",
+                KeeperActor,
+                config={"data_dir": str(data), "stores": store_specs(), "interval": cfg.checkpoint_interval},
+            ),
             transports,
             ChildSpec(
                 "acceptor",
@@ -451,23 +681,45 @@ class Node:
         ]
         return SupervisorSpec("root", children, strategy="one_for_one", intensity=20, period=10)
 
-    def _wait_until_listening(self, timeout: float = 10.0) -> None:
-        """Ask the acceptor where it listens: the ask waits in its mailbox until it has started."""
+    def _wait_until_up(self, timeout: float) -> None:
+        """Wait until every actor of the tree has started and the acceptor listens on our port.
+
+        As in OTP, a crash before the tree is up fails the start: the first crash is the
+        root cause (a port in use, a store that cannot be opened), and waiting for
+        restarts to give up would only hide it behind an escalation.
+        """
         from villagemesh.actors.acceptor.messages import GetAcceptorStatus
 
-        assert self._env is not None
-        # The root supervisor opens its children's mailboxes in its own on_start, which may not
-        # have run yet on a busy machine: open it here (idempotent), so the ask waits in it.
-        self._env.bus.open_mailbox("acceptor")
-        status = self._env.bus.client().ask("acceptor", GetAcceptorStatus(), timeout=timeout)
-        if self._failed is not None:
-            raise SupervisionError(f"node {self.name} failed while starting: {self._failed.exc_message}")
+        assert self._env is not None and self._root is not None
+        deadline = time.monotonic() + timeout
+        waiting: list[str] = ["root"]
+        while True:
+            crash = self._health.first_crash
+            if crash is not None:
+                raise NodeStartFailed(self.name, *crash)
+            if self._failure is not None:
+                raise NodeStartFailed(self.name, self._failure.child, self._failure.exc_type, self._failure.detail)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NodeStartFailed(self.name, None, None, f"not up within {timeout} s (waiting for {waiting})")
+            try:
+                rows = which_children(self._root.actor_ref, timeout=min(remaining, ASK_TIMEOUT))
+            except (pykka.ActorDeadError, pykka.Timeout):
+                rows = None  # the root is ending or busy: its report (or the deadline) decides
+            if rows is not None:
+                waiting = _not_ready(rows)
+                if not waiting:
+                    break
+            self._health.wait(min(0.05, max(0.0, remaining)))
+        status = self._env.bus.client().ask("acceptor", GetAcceptorStatus(), timeout=max(0.1, remaining))
         if status.port != self.port:
             raise SupervisionError(f"node {self.name}: acceptor listens on {status.port}, expected {self.port}")
 
     # -- the API -------------------------------------------------------------------------------
 
     def _client(self) -> Any:
+        if self._failure is not None:
+            raise self._failure
         if not self._started or self._env is None:
             raise SupervisionError(f"node {self.name} is not running (call start())")
         return self._env.bus.client()
@@ -489,6 +741,15 @@ class Node:
         """
         from villagemesh.actors.retrier.messages import Deliver, DeliverReply
 
+        body = check_payload(payload)
+        if not isinstance(peer_id, str) or not peer_id:
+            raise ConfigError(f"peer_id must be a non-empty str, got {peer_id!r}")
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"kind must be a non-empty str, got {kind!r}")
+        if not _is_number(ttl) or not ttl > 0:
+            raise ConfigError(f"ttl must be a positive finite number of seconds, got {ttl!r}")
+        if correlation_id is not None and not isinstance(correlation_id, bytes):
+            raise ConfigError(f"correlation_id must be bytes or None, got {type(correlation_id).__name__}")
         message = Message(
             id=os.urandom(ID_BYTES),
             kind=kind,
@@ -498,7 +759,7 @@ class Node:
             created_at=time.time(),
             ttl=float(ttl),
             correlation_id=correlation_id,
-            payload=bytes(payload),
+            payload=body,
         )
         handle = self.handles.new(message.id)
         reply = self._client().ask("retrier", Deliver(encode_message(message)), timeout=ASK_TIMEOUT)
@@ -519,6 +780,10 @@ class Node:
         (see :class:`~villagemesh.actors.app.state.InboundMessage`). Subscribe
         before ``start()`` to receive the messages a restart re-dispatches.
         """
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"kind must be a non-empty str ('*' for every kind), got {kind!r}")
+        if not callable(handler):
+            raise ConfigError(f"handler must be callable, got {type(handler).__name__}")
         return self.subscribers.add(kind, handler)
 
     def peers(self) -> list[PeerInfo]:
@@ -539,6 +804,10 @@ class Node:
 
     def wait_for_peers(self, count: int, timeout: float) -> bool:
         """True once at least ``count`` peers are known (polls the registry; for scripts and tests)."""
+        if not _is_int(count) or count < 0:
+            raise ConfigError(f"count must be an int >= 0, got {count!r}")
+        if not _is_number(timeout) or timeout < 0:
+            raise ConfigError(f"timeout must be a finite number >= 0, got {timeout!r}")
         deadline = time.monotonic() + timeout
         while True:
             if len(self.peers()) >= count:
@@ -557,6 +826,8 @@ class Node:
         """Fault injection: make the actor named ``actor_name`` crash (its supervisor restarts it)."""
         from villagemesh.actors.base import InjectedCrash
 
+        if not isinstance(actor_name, str) or not actor_name:
+            raise ConfigError(f"actor_name must be a non-empty str, got {actor_name!r}")
         self._client().tell(actor_name, InjectedCrash(f"injected by Node.crash({actor_name!r})"))
 
     def network_status(self) -> dict[str, Any]:
@@ -585,6 +856,158 @@ class Node:
     async def apeers(self) -> list[PeerInfo]:
         """:meth:`peers` without blocking the event loop."""
         return await asyncio.to_thread(self.peers)
+
+
+class _Health:
+    """A log sink that remembers crashes, so the node can name a root cause; wakes whoever waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.first_crash: tuple[str, str | None, str] | None = None
+        """``(child, exc_type, detail)`` of the first crash of a worker (not an escalation)."""
+        self.last_crash: tuple[str, str | None, str] | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        if name == "child_crashed" and event.get("exc_type") != "RestartIntensityExceeded":
+            crash = (str(event.get("child_id")), event.get("exc_type"), str(event.get("exc_message")))
+            with self._cond:
+                if self.first_crash is None:
+                    self.first_crash = crash
+                self.last_crash = crash
+                self._cond.notify_all()
+        elif name in ("child_started", "child_crashed"):
+            self.wake()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+    def cause(self, report: ExitReport) -> tuple[str | None, str | None, str]:
+        """What made the root fail: the last worker crash, else the root's own report."""
+        if self.last_crash is not None:
+            return self.last_crash
+        return None, report.exc_type, str(report.exc_message)
+
+
+def _not_ready(rows: list[dict[str, Any]], prefix: str = "") -> list[str]:
+    """The children (``a/b`` for nested ones) not started yet, from ``which_children`` rows."""
+    waiting = []
+    for row in rows:
+        if not row["ready"]:
+            waiting.append(prefix + row["id"])
+        elif row.get("kind") == "supervisor":
+            children = row.get("children") or []
+            if not children:
+                waiting.append(prefix + row["id"] + "/*")
+            waiting.extend(_not_ready(children, prefix + row["id"] + "/"))
+    return waiting
+
+
+def _checkpoint_stores(data: Path, manifest: Any) -> list[Any]:
+    """Checkpoint every store and save the manifest (``manifest`` None: the one on disk).
+
+    Returns the connections, still open: the caller closes them once the actors have
+    opened theirs. Closing the last connection of a file checkpoints it, which would
+    move the new generation out of the log into the database file, and a log deleted
+    later would go unnoticed.
+    """
+    from villagemesh.actors.integrity import Manifest, advance, open_for_checkpoints
+
+    if manifest is None:
+        manifest = Manifest.load(data)
+        if manifest is None:
+            raise StorageError(f"{data}: the manifest is gone")
+    conns = []
+    try:
+        for spec in store_specs():
+            conn = open_for_checkpoints(data / spec.file)
+            conns.append(conn)
+            if advance(data, manifest, spec, conn) is None:
+                raise StorageError(f"{data / spec.file}: its log is in use by another process; cannot checkpoint")
+    except BaseException:
+        _close_all(conns)
+        raise
+    return conns
+
+
+def _close_all(conns: list[Any]) -> None:
+    for conn in conns:
+        conn.close()
+
+
+def _read_identity(data: Path) -> tuple[Any, str | None, list[str]]:
+    """``(keys or None, the problem with the identity or None, the stores' history)`` of a data dir.
+
+    The problem: the key is missing or unreadable while the data dir has history, or
+    it is another node's than the manifest's. Nothing is changed.
+    """
+    from villagemesh.actors.integrity import MANIFEST_FILE, Manifest
+    from villagemesh.actors.secure.keys import NodeKeys
+
+    path = data / KEY_FILE
+    manifest = Manifest.load(data)
+    history = [f for f in (MESSAGES_FILE, PEERS_FILE) if (data / f).exists() and (data / f).stat().st_size > 0]
+    if manifest is not None:
+        history.insert(0, f"{MANIFEST_FILE} of node {manifest.node_id}")
+    has = f"the data dir has history ({', '.join(history)}) that a new identity would orphan"
+    if not os.path.lexists(path):
+        return None, (f"key file {path} is missing, but {has}" if history else None), history
+    try:
+        keys = NodeKeys.load(path)
+    except ConfigError as exc:
+        return None, (f"{exc}, and {has}" if history else str(exc)), history
+    if manifest is not None and manifest.node_id != keys.node_id:
+        problem = f"key file {path} is node {keys.node_id}, but the data dir belongs to node {manifest.node_id}"
+        return keys, problem, history
+    return keys, None, history
+
+
+def diagnose(data_dir: str | os.PathLike[str]) -> list[str]:
+    """What would stop a node from starting on ``data_dir``, one line each (``villagemesh doctor``).
+
+    The same checks as :meth:`Node.start` (every store against the manifest, the
+    key), read-only: nothing is created, moved or started.
+    """
+    from villagemesh.actors.integrity import Manifest, inspect
+
+    data = _path("data_dir", data_dir)
+    if not data.is_dir():
+        return [f"{data}: not a directory"]
+    try:
+        manifest = Manifest.load(data)
+    except StorageError as exc:
+        return [str(exc)]
+    problems = [str(finding) for finding in inspect(data, store_specs(), manifest)]
+    _, identity, _ = _read_identity(data)
+    if identity is not None:
+        problems.append(identity)
+    return problems
+
+
+def store_specs() -> tuple[Any, ...]:
+    """The data dir's SQLite stores, as the integrity check and the keeper see them."""
+    from villagemesh.actors.integrity import StoreSpec
+    from villagemesh.actors.registry.store import SCHEMA_VERSION as PEERS_VERSION
+    from villagemesh.actors.retrier.store import SCHEMA_VERSION as MESSAGES_VERSION
+
+    return (
+        StoreSpec(
+            MESSAGES_FILE,
+            MESSAGES_VERSION,
+            ("outbox", "inbox"),
+            (
+                ("queued outbox message(s)", "SELECT count(*) FROM outbox"),
+                ("unhandled inbox message(s)", "SELECT count(*) FROM inbox WHERE handled = 0"),
+                ("inbox dedup record(s)", "SELECT count(*) FROM inbox"),
+            ),
+        ),
+        StoreSpec(PEERS_FILE, PEERS_VERSION, ("peers",), (("known peer(s)", "SELECT count(*) FROM peers"),)),
+    )
 
 
 def _transport_order(mode: NetworkMode) -> tuple[str, ...]:
