@@ -27,7 +27,8 @@ import time
 import structlog
 
 from villagemesh.actors.acceptor.server import AcceptorServer
-from villagemesh.actors.acceptor.state import AcceptorLimits, Route
+from villagemesh.actors.acceptor.state import AcceptorLimits
+from villagemesh.actors.core.handoff import Route
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n"
 RESPONSE = b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n"

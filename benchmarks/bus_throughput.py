@@ -52,9 +52,9 @@ import pykka
 import zmq
 from _common import emit, percentile
 
-from villagemesh.actors import codec
-from villagemesh.actors.base import Actor, Scheduler
-from villagemesh.actors.bus import Bus
+from villagemesh.actors.core import codec
+from villagemesh.actors.core.base import Actor, Scheduler
+from villagemesh.actors.core.bus import Bus
 from villagemesh.supervision.log import EventLog
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Environment, Supervisor

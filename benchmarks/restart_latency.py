@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import emit, percentile
 
 from tests.supervision._actors import Crash, Ping, Probe
-from villagemesh.actors.base import Scheduler
-from villagemesh.actors.bus import Bus
+from villagemesh.actors.core.base import Scheduler
+from villagemesh.actors.core.bus import Bus
 from villagemesh.supervision.log import EventLog
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Environment, Supervisor

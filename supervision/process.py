@@ -63,9 +63,9 @@ from typing import Any
 
 import zmq
 
-from villagemesh.actors import codec
-from villagemesh.actors.base import Actor, ActorContext, ExitKind, ExitReport, Ok, Scheduler, format_traceback
-from villagemesh.actors.bus import Bus, Fault, Kind, decode_frame, encode_frame, tell_frame
+from villagemesh.actors.core import codec
+from villagemesh.actors.core.base import Actor, ActorContext, ExitKind, ExitReport, Ok, Scheduler, format_traceback
+from villagemesh.actors.core.bus import Bus, Fault, Kind, decode_frame, encode_frame, tell_frame
 from villagemesh.errors import CodecError, ConfigError, SupervisionError
 
 __all__ = ["ChildProcessDied", "ProcessHost", "ProcessLauncher", "child_main"]

@@ -89,7 +89,7 @@ def _enum(cls: type[enum.Enum], value: Any, what: str) -> Any:
 class ChildSpec:
     """How to start one actor child, and when to restart it.
 
-    ``factory`` is an :class:`~villagemesh.actors.base.Actor` subclass; it is
+    ``factory`` is an :class:`~villagemesh.actors.core.base.Actor` subclass; it is
     started as ``factory.start(ctx)`` with an :class:`ActorContext` whose
     ``name`` is ``name`` (default: ``id``) and whose ``config`` is ``config``.
     For ``isolation="process"`` the class must be importable by its module path
@@ -107,7 +107,7 @@ class ChildSpec:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        from villagemesh.actors.base import Actor
+        from villagemesh.actors.core.base import Actor
 
         if not isinstance(self.id, str) or not self.id or self.id.startswith("_") or "/" in self.id:
             raise ChildSpecError(f"child id must be a non-empty string without '/' or a leading '_', got {self.id!r}")
@@ -140,7 +140,7 @@ class ChildSpec:
         return f"{self.factory.__module__}:{self.factory.__qualname__}"
 
     def _check_process_child(self) -> None:
-        from villagemesh.actors import codec
+        from villagemesh.actors.core import codec
 
         module_name, qualname = self.factory.__module__, self.factory.__qualname__
         if "<locals>" in qualname or module_name == "__main__":

@@ -17,7 +17,7 @@ order, stops them in reverse, and when one ends it applies, in this order:
    messages sent to it wait and go to the new instance.
 
 Children learn nothing of this: a child reports its end through the watcher
-the base class calls on every exit path (see :mod:`villagemesh.actors.base`).
+the base class calls on every exit path (see :mod:`villagemesh.actors.core.base`).
 A report from an instance the supervisor already replaced or stopped on
 purpose is stale and ignored.
 
@@ -37,8 +37,8 @@ from typing import Any
 
 import pykka
 
-from villagemesh.actors.base import ActorContext, ExitKind, ExitReport, Scheduler, Supervised, format_traceback
-from villagemesh.actors.bus import Bus
+from villagemesh.actors.core.base import ActorContext, ExitKind, ExitReport, Scheduler, Supervised, format_traceback
+from villagemesh.actors.core.bus import Bus
 from villagemesh.errors import RestartIntensityExceeded, SupervisionError
 from villagemesh.supervision.decisions import add_restart, backoff_delay, plan, should_restart
 from villagemesh.supervision.spec import ChildSpec, Isolation, Restart, SupervisorSpec

@@ -69,8 +69,8 @@ def recorder() -> Recorder:
 @pytest.fixture
 def runtime(recorder: Recorder, tmp_path: Any) -> Iterator[Any]:
     """A node's runtime pieces, torn down after the test: ``env`` for supervisors."""
-    from villagemesh.actors.base import Scheduler
-    from villagemesh.actors.bus import Bus
+    from villagemesh.actors.core.base import Scheduler
+    from villagemesh.actors.core.bus import Bus
     from villagemesh.supervision.log import EventLog
     from villagemesh.supervision.supervisor import Environment
 

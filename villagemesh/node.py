@@ -21,7 +21,7 @@ peers, the outbox and the inbox, and the manifest that vouches for them.
 
 ``start()`` tells the truth: it returns only when every actor is up and the
 acceptor listens, and otherwise raises with the root cause. Before anything
-starts, the data dir is checked (:mod:`villagemesh.actors.integrity`): a
+starts, the data dir is checked (:mod:`villagemesh.actors.core.integrity`): a
 store that is corrupt, empty, missing, replaced or rolled back is a
 ``StorageError`` unless ``accept_loss`` says to go on, and a key that is
 missing or unreadable while the stores have history an ``IdentityError``
@@ -52,11 +52,11 @@ import pykka
 
 from villagemesh.actors.app.actor import AppActor
 from villagemesh.actors.app.state import DeliveryHandle, HandleTable, InboundMessage, Subscribers
-from villagemesh.actors.base import ExitReport, Scheduler
-from villagemesh.actors.bus import Bus
+from villagemesh.actors.core.base import ExitReport, Scheduler
+from villagemesh.actors.core.bus import Bus
+from villagemesh.actors.core.ledger import prepare as prepare_messages
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
-from villagemesh.actors.retrier.store import prepare as prepare_messages
 from villagemesh.errors import (
     ConfigError,
     IdentityError,
@@ -133,7 +133,7 @@ class NodeConfig:
     backoff_max: float = 30.0
     checkpoint_interval: float = 1.0
     """Seconds between the keeper's checkpoints of a store whose log grew: what a lost or cut
-    write-ahead log can cost at most (see :mod:`villagemesh.actors.integrity`)."""
+    write-ahead log can cost at most (see :mod:`villagemesh.actors.core.integrity`)."""
     accept_loss: bool = False
     """Start even though the data dir's stores are inconsistent (each loss is logged)."""
     new_identity: bool = False
@@ -355,7 +355,7 @@ class Node:
         IdentityError: a new key would be a new node id, and the queued messages and
         known peers would belong to an identity nobody has any more.
         """
-        from villagemesh.actors.secure.keys import NodeKeys
+        from villagemesh.actors.core.secure.keys import NodeKeys
 
         path = self.config.data_dir / KEY_FILE
         keys, problem, history = _read_identity(self.config.data_dir)
@@ -446,7 +446,7 @@ class Node:
 
         Returns the ``store_loss_accepted`` events to log (with ``accept_loss``).
         """
-        from villagemesh.actors.integrity import Manifest, describe, inspect, set_aside
+        from villagemesh.actors.core.integrity import Manifest, describe, inspect, set_aside
         from villagemesh.actors.registry.store import PeerStore
 
         data = self.config.data_dir
@@ -824,7 +824,7 @@ class Node:
 
     def crash(self, actor_name: str) -> None:
         """Fault injection: make the actor named ``actor_name`` crash (its supervisor restarts it)."""
-        from villagemesh.actors.base import InjectedCrash
+        from villagemesh.actors.core.base import InjectedCrash
 
         if not isinstance(actor_name, str) or not actor_name:
             raise ConfigError(f"actor_name must be a non-empty str, got {actor_name!r}")
@@ -916,7 +916,7 @@ def _checkpoint_stores(data: Path, manifest: Any) -> list[Any]:
     move the new generation out of the log into the database file, and a log deleted
     later would go unnoticed.
     """
-    from villagemesh.actors.integrity import Manifest, advance, open_for_checkpoints
+    from villagemesh.actors.core.integrity import Manifest, advance, open_for_checkpoints
 
     if manifest is None:
         manifest = Manifest.load(data)
@@ -946,8 +946,8 @@ def _read_identity(data: Path) -> tuple[Any, str | None, list[str]]:
     The problem: the key is missing or unreadable while the data dir has history, or
     it is another node's than the manifest's. Nothing is changed.
     """
-    from villagemesh.actors.integrity import MANIFEST_FILE, Manifest
-    from villagemesh.actors.secure.keys import NodeKeys
+    from villagemesh.actors.core.integrity import MANIFEST_FILE, Manifest
+    from villagemesh.actors.core.secure.keys import NodeKeys
 
     path = data / KEY_FILE
     manifest = Manifest.load(data)
@@ -973,7 +973,7 @@ def diagnose(data_dir: str | os.PathLike[str]) -> list[str]:
     The same checks as :meth:`Node.start` (every store against the manifest, the
     key), read-only: nothing is created, moved or started.
     """
-    from villagemesh.actors.integrity import Manifest, inspect
+    from villagemesh.actors.core.integrity import Manifest, inspect
 
     data = _path("data_dir", data_dir)
     if not data.is_dir():
@@ -991,9 +991,9 @@ def diagnose(data_dir: str | os.PathLike[str]) -> list[str]:
 
 def store_specs() -> tuple[Any, ...]:
     """The data dir's SQLite stores, as the integrity check and the keeper see them."""
-    from villagemesh.actors.integrity import StoreSpec
+    from villagemesh.actors.core.integrity import StoreSpec
+    from villagemesh.actors.core.ledger import SCHEMA_VERSION as MESSAGES_VERSION
     from villagemesh.actors.registry.store import SCHEMA_VERSION as PEERS_VERSION
-    from villagemesh.actors.retrier.store import SCHEMA_VERSION as MESSAGES_VERSION
 
     return (
         StoreSpec(

@@ -21,11 +21,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
-from villagemesh.actors.acceptor.messages import AcceptorStatus, ConnectionHandedOff, GetAcceptorStatus
-from villagemesh.actors.acceptor.server import AcceptorServer, HandedOff
-from villagemesh.actors.acceptor.state import AcceptorLimits, Route
-from villagemesh.actors.bus import Sender
+from villagemesh.actors.acceptor.messages import AcceptorStatus, GetAcceptorStatus
+from villagemesh.actors.acceptor.server import AcceptorServer
+from villagemesh.actors.acceptor.state import AcceptorLimits
+from villagemesh.actors.core.bus import Sender
+from villagemesh.actors.core.handoff import HandedOff, Route
+from villagemesh.actors.core.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
+from villagemesh.actors.core.transport import ConnectionHandedOff
 from villagemesh.errors import BusError, ConfigError
 
 __all__ = ["AcceptorActor", "acceptor_status"]

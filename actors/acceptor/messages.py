@@ -1,31 +1,17 @@
-"""The acceptor actor's whole protocol on the bus.
+"""The acceptor actor's whole protocol on the bus: its status.
 
-``ConnectionHandedOff`` carries a *file descriptor*: a connection the acceptor
-sniffed, for the actor that owns its route. It is valid only inside this
-process (the bus is inproc; a process-isolated child cannot take one). The
-receiver owns the descriptor from then on: it adopts it
-(``socket.socket(fileno=fd)`` + :func:`~villagemesh.actors.acceptor.server.adopt`)
-or closes it.
+The connections it hands off travel as
+:class:`villagemesh.actors.core.transport.ConnectionHandedOff` (the transport
+contract, since every route owner receives them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from villagemesh.actors import codec
+from villagemesh.actors.core import codec
 
-__all__ = ["AcceptorStatus", "ConnectionHandedOff", "GetAcceptorStatus"]
-
-
-@codec.message("acceptor.ConnectionHandedOff")
-@dataclass(frozen=True, slots=True)
-class ConnectionHandedOff:
-    """A sniffed connection for its route's owner: adopt ``fd``, feed ``peeked`` first."""
-
-    route: str
-    fd: int
-    peeked: bytes
-    peer: str
+__all__ = ["AcceptorStatus", "GetAcceptorStatus"]
 
 
 @codec.message("acceptor.GetStatus")

@@ -29,10 +29,10 @@ Limits (each with the reason it is what it is)::
 
 from __future__ import annotations
 
-import enum
 from collections import Counter
 from dataclasses import dataclass
 
+from villagemesh.actors.core.handoff import Route
 from villagemesh.errors import ConfigError
 from villagemesh.protocols.sniff import Sniffed
 
@@ -44,7 +44,6 @@ __all__ = [
     "AcceptorLimits",
     "ConnectionLimiter",
     "Reject",
-    "Route",
     "route_for",
     "routing_plan",
 ]
@@ -57,16 +56,6 @@ MAX_PER_SOURCE = 64
 
 MAX_TOTAL = 1024
 """Connections the acceptor holds at once, all sources together."""
-
-
-class Route(enum.Enum):
-    """Where a sniffed connection goes; handlers are registered per route."""
-
-    DISCOVERY = "discovery"
-    SECURE = "secure"
-    LIBP2P = "libp2p"
-    HTTP = "http"
-    TLS = "tls"
 
 
 @dataclass(frozen=True, slots=True)

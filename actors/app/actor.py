@@ -6,7 +6,7 @@ deduplicated message) it dispatches the message to every subscriber of its
 kind; ``MessageDelivered`` and ``MessageFailed`` resolve delivery handles.
 
 Dispatch is exactly once for handlers that return (the argument is in
-:mod:`villagemesh.actors.retrier.store`). The gateway commits both marks itself,
+:mod:`villagemesh.actors.core.ledger`). The gateway commits both marks itself,
 in its own thread, on its own connection to the inbox file, rather than telling
 the retrier and letting it commit later (a ``kill -9`` in between used to
 dispatch several handled messages again)::
@@ -54,15 +54,15 @@ from __future__ import annotations
 import asyncio
 import traceback
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
+from villagemesh.actors.app.messages import CoroutineDone
 from villagemesh.actors.app.state import HandleTable, InboundMessage, Subscribers
-from villagemesh.actors.base import Actor, ActorContext
+from villagemesh.actors.core.base import Actor, ActorContext
+from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.retrier.messages import Incoming, MessageDelivered, MessageFailed
-from villagemesh.actors.retrier.store import Inbox
 from villagemesh.errors import ConfigError, ProtocolError
 from villagemesh.protocols.envelope import decode_message
 
@@ -71,16 +71,6 @@ __all__ = ["MAX_DISPATCHES", "AppActor"]
 MAX_DISPATCHES = 3
 """Dispatches of one message that may begin without finishing (the first and two redeliveries,
 each ended by a death mid-handler) before it counts as poison and is set aside."""
-
-
-@dataclass(frozen=True, slots=True)
-class _CoroutineDone:
-    """A coroutine handler of ``message_id`` ended (told from its event loop's thread)."""
-
-    message_id: bytes
-    kind: str
-    handler: Any
-    future: Future[Any]
 
 
 class AppActor(Actor):
@@ -127,7 +117,7 @@ class AppActor(Actor):
 
     def on_receive(self, message: Any) -> Any:
         """Items put straight into this instance's inbox: the ends of coroutine handlers."""
-        if not isinstance(message, _CoroutineDone):
+        if not isinstance(message, CoroutineDone):
             raise TypeError(f"app gateway got an unexpected {type(message).__name__}")
         exc = message.future.exception() if not message.future.cancelled() else asyncio.CancelledError()
         if exc is not None:
@@ -188,7 +178,7 @@ class AppActor(Actor):
         def done(future: Future[Any]) -> None:
             # Runs on the handler's event loop.
             try:
-                ref.tell(_CoroutineDone(message_id, kind, handler, future))
+                ref.tell(CoroutineDone(message_id, kind, handler, future))
             except pykka.ActorDeadError:
                 # This instance has ended: the message stays unhandled and is dispatched
                 # again (redelivered) when the retrier next starts.

@@ -1,12 +1,12 @@
 """The keeper actor: bounds what a lost write-ahead log can cost, and lets the next start notice it.
 
 Every ``interval`` seconds it checkpoints each store whose log grew
-(:func:`~villagemesh.actors.integrity.advance`: the log is copied into the
+(:func:`~villagemesh.actors.core.integrity.advance`: the log is copied into the
 database and emptied, the store's generation advanced, the manifest saved).
-See :mod:`villagemesh.actors.integrity` for why, and for what stays undetectable.
+See :mod:`villagemesh.actors.core.integrity` for why, and for what stays undetectable.
 
 Config (``ChildSpec.config``): ``data_dir``, ``stores`` (a tuple of
-:class:`~villagemesh.actors.integrity.StoreSpec`), ``interval`` (seconds, default 1).
+:class:`~villagemesh.actors.core.integrity.StoreSpec`), ``interval`` (seconds, default 1).
 The node writes the manifest before it starts the tree; the keeper only advances it.
 """
 
@@ -17,8 +17,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from villagemesh.actors.base import Actor, ActorContext
-from villagemesh.actors.integrity import Manifest, StoreSpec, advance, open_for_checkpoints
+from villagemesh.actors.core.base import Actor, ActorContext
+from villagemesh.actors.core.integrity import Manifest, StoreSpec, advance, open_for_checkpoints
 from villagemesh.actors.keeper.messages import CheckpointDue, Checkpointed, CheckpointNow
 from villagemesh.actors.keeper.state import KeeperState, Signature
 from villagemesh.errors import ConfigError, StorageError

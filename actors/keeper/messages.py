@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from villagemesh.actors import codec
+from villagemesh.actors.core import codec
 
 __all__ = ["CheckpointDue", "CheckpointNow", "Checkpointed"]
 

@@ -61,16 +61,15 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
-from villagemesh.actors.acceptor.messages import ConnectionHandedOff
-from villagemesh.actors.bus import Sender
+from villagemesh.actors.core.bus import Sender
+from villagemesh.actors.core.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
+from villagemesh.actors.core.transport import ConnectionHandedOff, Discover, Discovered, Sighting
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.messages import GetLanStatus, LanStatus, PeerAnnounced, PeerProbed, ProbeFailed, ProbePeer
 from villagemesh.actors.lan.state import FRESHER, NEW, STALE, Listing, PeerBook, pick
 from villagemesh.actors.lan.tcp import DiscoveryResponder, Probed, SignedFrames, probe
 from villagemesh.actors.sweeper.messages import Sighted
-from villagemesh.actors.transport import Discover, Discovered, Sighting
 from villagemesh.errors import BusError, ConfigError, ProtocolError, RemoteProtocolError, VillageMeshError
 from villagemesh.protocols.discovery import (
     LIST_OVERHEAD,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from villagemesh.actors import codec
+from villagemesh.actors.core import codec
 
 __all__ = ["GetLanStatus", "LanStatus", "PeerAnnounced", "PeerProbed", "ProbeFailed", "ProbePeer"]
 

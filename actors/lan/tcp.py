@@ -43,7 +43,7 @@ from typing import Any
 
 import structlog
 
-from villagemesh.actors.acceptor.server import peer_label
+from villagemesh.actors.core.handoff import peer_label
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout
 from villagemesh.protocols.discovery import (

@@ -44,8 +44,8 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from villagemesh.actors.base import Actor, ActorContext
-from villagemesh.actors.bus import Sender
+from villagemesh.actors.core.base import Actor, ActorContext
+from villagemesh.actors.core.bus import Sender
 from villagemesh.actors.lan.messages import PeerAnnounced
 from villagemesh.actors.sweeper.messages import Sighted
 from villagemesh.errors import BusError, CodecError, ConfigError, ProtocolError

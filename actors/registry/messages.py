@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from villagemesh.actors import codec
+from villagemesh.actors.core import codec
 from villagemesh.errors import CodecError, ProtocolError
 from villagemesh.protocols.discovery import Capabilities
 

@@ -33,10 +33,10 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from villagemesh.actors.core.storage import open_database, transaction, translate
 from villagemesh.errors import ConfigError, ProtocolError, StorageError
 from villagemesh.protocols.discovery import Capabilities
 
-from .db import open_database, transaction, translate
 from .state import PeerRecord
 
 __all__ = ["SCHEMA_VERSION", "PeerStore"]

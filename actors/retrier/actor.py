@@ -42,7 +42,7 @@ told ``ListRoutes(reply_to=<retrier>)`` at start, default ``registry``; until
 its answer arrives, restored messages wait parked, spending no attempt), ``max_attempts``,
 ``backoff_base``, ``backoff_max``, ``jitter`` (see :class:`.policy.RetryPolicy`),
 ``ack_timeout``, ``max_in_flight`` (see :class:`.state.RetrierState`),
-``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.registry.db`).
+``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.core.storage`).
 
 Log events: ``message_delivered`` (message_id, attempts, transport),
 ``delivery_failed`` (message_id, attempts, last_error, reason),
@@ -59,10 +59,11 @@ import time
 from collections import deque
 from typing import Any
 
-from villagemesh.actors.base import Actor, ActorContext, TimerHandle
-from villagemesh.actors.bus import Sender
+from villagemesh.actors.core.base import Actor, ActorContext, TimerHandle
+from villagemesh.actors.core.bus import Sender
+from villagemesh.actors.core.ledger import Inbox
+from villagemesh.actors.core.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Received, Transmit, TransmitResult
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
-from villagemesh.actors.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Received, Transmit, TransmitResult
 from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError, StorageError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, decode_message, encode_message
 
@@ -95,7 +96,7 @@ from .state import (
     Send,
     Tick,
 )
-from .store import Inbox, Outbox
+from .store import Outbox
 
 __all__ = ["RetrierActor", "mark_handled", "retrier_status", "send_envelope"]
 

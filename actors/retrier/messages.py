@@ -13,7 +13,7 @@ To the application (the configured ``deliver_to`` / ``report_to``)::
     MessageDelivered(message_id, attempts, transport)
     MessageFailed(message_id, attempts, last_error, reason)     .exception() is DeliveryFailed
 
-With transports it speaks the transport contract (:mod:`villagemesh.actors.transport`:
+With transports it speaks the transport contract (:mod:`villagemesh.actors.core.transport`:
 ``Transmit`` out, ``TransmitResult`` and ``Received`` in) and with the registry
 ``PeerRoutes`` / ``ListRoutes`` (:mod:`villagemesh.actors.registry.messages`).
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from villagemesh.actors import codec
+from villagemesh.actors.core import codec
 from villagemesh.errors import DeliveryFailed
 
 __all__ = [

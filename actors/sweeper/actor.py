@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from villagemesh.actors.base import Actor, ActorContext
+from villagemesh.actors.core.base import Actor, ActorContext
+from villagemesh.actors.core.transport import Discover, Discovered
 from villagemesh.actors.sweeper.messages import RoundDeadline, Sighted, SweepNow, SweepStatus, SweepStatusReply
 from villagemesh.actors.sweeper.state import Outcome, SweepState, round_gap
-from villagemesh.actors.transport import Discover, Discovered
 from villagemesh.errors import BusError
 
 __all__ = ["SweeperActor"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from villagemesh.actors import codec
-from villagemesh.actors.transport import Sighting
+from villagemesh.actors.core import codec
+from villagemesh.actors.core.transport import Sighting
 
 __all__ = ["RoundDeadline", "Sighted", "SweepNow", "SweepStatus", "SweepStatusReply"]
 

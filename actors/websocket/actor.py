@@ -1,6 +1,6 @@
 """The WebSocket actor: owns the aiohttp server and client on its own loop thread.
 
-Thin by design (the logic lives in :mod:`.transport` and :mod:`.link`)::
+Thin by design (the decisions live in :mod:`.state`, the I/O in :mod:`.transport` and :mod:`.link`)::
 
     acceptor ──ConnectionHandedOff(fd)──▶ handle ──▶ adopt_handed_off ──▶ aiohttp (on the loop)
     secure session ──envelope from peer_id (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
@@ -8,7 +8,7 @@ Thin by design (the logic lives in :mod:`.transport` and :mod:`.link`)::
                                                                         (a success only if report_success)
     anyone ──SendEnvelope──▶ handle ──▶ run_on_loop(client.send) ──then──▶ reply_to: EnvelopeSent | SendFailed
 
-It speaks the transport contract (:mod:`villagemesh.actors.transport`): the
+It speaks the transport contract (:mod:`villagemesh.actors.core.transport`): the
 retrier's ``Transmit`` is answered with a ``TransmitResult`` (a refused or
 failed connection is *retryable*: the peer surely did not get the bytes; so is
 a peer that authenticates as another node id than ``Transmit.peer_id``, with
@@ -18,9 +18,9 @@ only when its sender is the peer the secure session authenticated.
 ``SendEnvelope`` is the direct, unreliable client API (any peer may answer at the URL).
 
 Nothing blocks the actor on the network: a send is started on the loop and
-its outcome comes back to the actor thread (see :mod:`~villagemesh.actors.acceptor.loopactor`).
+its outcome comes back to the actor thread (see :mod:`~villagemesh.actors.core.loopactor`).
 
-Config (``ctx.config``): ``keys`` (the node's :class:`~villagemesh.actors.secure.keys.NodeKeys`;
+Config (``ctx.config``): ``keys`` (the node's :class:`~villagemesh.actors.core.secure.keys.NodeKeys`;
 without it fresh keys are generated and ``ws_keys_generated`` (node_id, reason) is logged:
 the transport never runs unauthenticated), ``deliver_to`` (actor name for incoming
 envelopes; without it they are counted and dropped), ``node_id`` (optional; must
@@ -30,30 +30,32 @@ be the keys' node id), ``connect_timeout`` / ``send_timeout`` / ``handshake_time
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from villagemesh.actors.acceptor.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
-from villagemesh.actors.acceptor.messages import ConnectionHandedOff
-from villagemesh.actors.bus import Sender
-from villagemesh.actors.secure.keys import NodeKeys
-from villagemesh.actors.secure.tcp import HANDSHAKE_TIMEOUT_S
-from villagemesh.actors.transport import REPLY_ADDRESS, Discover, Discovered, Received, Transmit, TransmitResult
+from villagemesh.actors.core.bus import Sender
+from villagemesh.actors.core.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
+from villagemesh.actors.core.secure.keys import NodeKeys
+from villagemesh.actors.core.secure.tcp import HANDSHAKE_TIMEOUT_S
+from villagemesh.actors.core.transport import (
+    ConnectionHandedOff,
+    Discover,
+    Discovered,
+    Received,
+    Transmit,
+    TransmitResult,
+)
 from villagemesh.actors.websocket.messages import (
-    EnvelopeSent,
     GetWebSocketStatus,
     SendEnvelope,
     SendFailed,
     WebSocketStatus,
 )
+from villagemesh.actors.websocket.state import TRANSPORT, Via, send_outcome, transmit_outcome, via
 from villagemesh.actors.websocket.transport import WebSocketClient, WebSocketServer
-from villagemesh.errors import BusError, ConfigError, ConnectError, RemoteProtocolError, VillageMeshError
+from villagemesh.errors import BusError, ConfigError, RemoteProtocolError
 from villagemesh.protocols.envelope import Message, decode_message, encode_message
 
 __all__ = ["TRANSPORT", "WebSocketActor", "config_keys", "send_envelope", "websocket_status"]
-
-TRANSPORT = "websocket"
-"""This transport's name (and its actor's bus name in a node)."""
 
 
 def config_keys(config: dict[str, Any], log: Any) -> NodeKeys:
@@ -149,38 +151,23 @@ class WebSocketActor(LoopActor):
             return
 
         def then(_: None, error: BaseException | None) -> None:
-            if error is None:
-                self._reply(request, EnvelopeSent(request.url, message.id))
-            elif isinstance(error, VillageMeshError | asyncio.CancelledError):
-                self._reply(request, SendFailed(request.url, message.id, type(error).__name__, str(error)))
-            else:
-                raise error  # not a transport failure: a bug, let the supervisor see it
+            self._reply(request, send_outcome(request, message.id, error))  # a bug is raised for the supervisor
 
         self.run_on_loop(self.client.send(request.url, request.envelope), then)
 
     def _start_transmit(self, request: Transmit) -> None:
-        def result(ok: bool, retryable: bool, error: str | None) -> TransmitResult:
-            return TransmitResult(request.message_id, TRANSPORT, request.peer_id, ok, retryable, error)
-
         try:
             decode_message(request.envelope)  # refused before dialling; the session checks the sender
         except RemoteProtocolError as exc:
-            self._tell_outcome(request.reply_to, result(False, False, f"bad envelope: {exc}"))
+            bad = TransmitResult(request.message_id, TRANSPORT, request.peer_id, False, False, f"bad envelope: {exc}")
+            self._tell_outcome(request.reply_to, bad)
             return
 
         def then(_: None, error: BaseException | None) -> None:
-            if error is None:
-                outcome = result(True, False, None)
-            elif isinstance(error, ConnectError):
-                outcome = result(False, True, f"ConnectError: {error}")
-            elif isinstance(error, VillageMeshError | asyncio.CancelledError):
-                outcome = result(False, False, f"{type(error).__name__}: {error}")
-            else:
-                raise error  # not a transport failure: a bug, let the supervisor see it
-            self._tell_outcome(request.reply_to, outcome)
+            self._tell_outcome(request.reply_to, transmit_outcome(request, error))  # a bug is raised
 
         report = request.report_success
-        if request.address == REPLY_ADDRESS:
+        if via(request) is Via.SERVER:
             self.run_on_loop(self.server.send(request.peer_id, request.envelope), then, post_success=report)
         else:
             sending = self.client.send(request.address, request.envelope, expected_peer=request.peer_id)

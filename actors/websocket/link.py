@@ -1,6 +1,6 @@
 """One Noise secure session over one WebSocket: the handshake, the envelope stream, and every way it ends.
 
-:class:`SecureLink` drives a sans-I/O :class:`~villagemesh.actors.secure.session.Session`
+:class:`SecureLink` drives a sans-I/O :class:`~villagemesh.actors.core.secure.session.Session`
 on an aiohttp WebSocket, for the server (responder) and the client (initiator) alike::
 
     send(raw) ──▶ Session.send_envelope ──▶ session bytes ──▶ cut into ≤ WS_FRAME_BYTES ──▶ binary WS frames
@@ -52,8 +52,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from villagemesh.actors.secure.session import Authenticated, EnvelopeReceived, Session
-from villagemesh.actors.secure.tcp import EnvelopeHandler
+from villagemesh.actors.core.secure.session import Authenticated, EnvelopeReceived, Session
+from villagemesh.actors.core.secure.tcp import EnvelopeHandler
 from villagemesh.errors import ConnectError, LocalProtocolError, RemoteProtocolError, TransportTimeout, VillageMeshError
 
 __all__ = ["CLOSE_TIMEOUT_S", "MAX_MSG_SIZE", "WS_FRAME_BYTES", "AnyWebSocket", "SecureLink"]

@@ -1,7 +1,7 @@
 """The WebSocket transport: Noise-secured envelope sessions in binary WebSocket frames, on the acceptor's port.
 
 Every WebSocket carries one authenticated session
-(:class:`~villagemesh.actors.secure.session.Session`, driven by
+(:class:`~villagemesh.actors.core.secure.session.Session`, driven by
 :class:`~.link.SecureLink`): the server is the responder and learns the peer's
 node id from the handshake; the client is the initiator and may insist on the
 node id it dials. An envelope reaches ``on_message(message, raw, peer_id)`` only
@@ -65,10 +65,10 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from villagemesh.actors.acceptor.server import HandedOff, adopt
-from villagemesh.actors.secure.keys import NodeKeys
-from villagemesh.actors.secure.session import Session
-from villagemesh.actors.secure.tcp import HANDSHAKE_TIMEOUT_S, EnvelopeHandler
+from villagemesh.actors.core.handoff import HandedOff, adopt
+from villagemesh.actors.core.secure.keys import NodeKeys
+from villagemesh.actors.core.secure.session import Session
+from villagemesh.actors.core.secure.tcp import HANDSHAKE_TIMEOUT_S, EnvelopeHandler
 from villagemesh.actors.websocket.link import CLOSE_TIMEOUT_S, MAX_MSG_SIZE, SecureLink
 from villagemesh.errors import ConfigError, ConnectError, TransportTimeout, VillageMeshError
 

@@ -7,8 +7,8 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass
 
-from villagemesh.actors import codec
-from villagemesh.actors.base import Actor
+from villagemesh.actors.core import codec
+from villagemesh.actors.core.base import Actor
 
 COUNTERS: defaultdict[str, int] = defaultdict(int)
 RECEIVED: defaultdict[str, list[int]] = defaultdict(list)

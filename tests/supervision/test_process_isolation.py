@@ -103,7 +103,7 @@ def test_messages_queued_behind_a_killed_child_reach_the_next_one_in_order(proce
 
 def test_process_child_log_events_reach_the_node_log(process_runtime, recorder):
     """Events a process child emits arrive in the node's log, tagged with its pid."""
-    from villagemesh.actors.bus import Kind, encode_frame
+    from villagemesh.actors.core.bus import Kind, encode_frame
 
     start(process_runtime, ChildSpec("p", Probe, isolation="process"))
     pid = ask(process_runtime, "p", Ping(0)).pid

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from villagemesh.actors.base import Actor
+from villagemesh.actors.core.base import Actor
 from villagemesh.errors import ChildSpecError
 from villagemesh.supervision.spec import Backoff, ChildSpec, Isolation, Restart, Strategy, SupervisorSpec
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import WAIT
 from tests.supervision._actors import COUNTERS, RECEIVED, RELEASE, Crash, Ping, Pong, Probe, Seq, StopSelf
-from villagemesh.actors.base import Actor
+from villagemesh.actors.core.base import Actor
 from villagemesh.errors import ActorCrashed, AskTimeout
 from villagemesh.supervision.spec import Backoff, ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor, which_children
@@ -48,7 +48,7 @@ def test_a_crash_report_traceback_is_pythons_without_the_column_markers():
     ``^^^`` lines (drawing them parses every frame's source: half the cost of a crash report)."""
     import traceback
 
-    from villagemesh.actors.base import format_traceback
+    from villagemesh.actors.core.base import format_traceback
 
     def fail() -> None:
         try:

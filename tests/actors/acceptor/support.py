@@ -10,7 +10,7 @@ from typing import Any
 
 import pykka
 
-from villagemesh.actors.base import Actor, ActorContext
+from villagemesh.actors.core.base import Actor, ActorContext
 from villagemesh.protocols.discovery import Capabilities
 
 WAIT = 10.0

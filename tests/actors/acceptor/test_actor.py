@@ -9,8 +9,8 @@ from typing import Any
 
 from tests.actors.acceptor.support import WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
-from villagemesh.actors.acceptor.messages import ConnectionHandedOff
-from villagemesh.actors.base import ActorContext
+from villagemesh.actors.core.base import ActorContext
+from villagemesh.actors.core.transport import ConnectionHandedOff
 
 
 def test_a_routed_connection_reaches_its_owner_as_a_live_descriptor(runtime: Any) -> None:

@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.actors.acceptor.support import run, until
-from villagemesh.actors.acceptor.loopthread import LoopThread
-from villagemesh.actors.acceptor.server import AcceptorServer, HandedOff, adopt
-from villagemesh.actors.acceptor.state import AcceptorLimits, Route
+from villagemesh.actors.acceptor.server import AcceptorServer
+from villagemesh.actors.acceptor.state import AcceptorLimits
+from villagemesh.actors.core.handoff import HandedOff, Route, adopt
+from villagemesh.actors.core.loopthread import LoopThread
 from villagemesh.protocols.sniff import MULTISTREAM_HEADER, SECURE_MAGIC
 
 FIRST_BYTES = {

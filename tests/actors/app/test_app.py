@@ -14,9 +14,9 @@ import pytest
 from tests.conftest import WAIT
 from villagemesh.actors.app.actor import MAX_DISPATCHES, AppActor
 from villagemesh.actors.app.state import DeliveryState, HandleTable, Subscribers
-from villagemesh.actors.base import ActorContext
+from villagemesh.actors.core.base import ActorContext
+from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.retrier.messages import Incoming, MessageDelivered, MessageFailed
-from villagemesh.actors.retrier.store import Inbox
 from villagemesh.errors import ConfigError, DeliveryFailed
 from villagemesh.protocols.envelope import Message, Priority, encode_message
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec

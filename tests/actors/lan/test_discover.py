@@ -10,9 +10,9 @@ from nacl.signing import SigningKey
 
 from tests.actors.acceptor.support import CAPS, WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
+from villagemesh.actors.core.transport import Discover, Discovered
 from villagemesh.actors.lan.actor import ROUND_BOOTSTRAP_MAX, LanActor
 from villagemesh.actors.lan.identity import Identity
-from villagemesh.actors.transport import Discover, Discovered
 from villagemesh.protocols.discovery import decode_discovery
 
 

@@ -15,7 +15,7 @@ from nacl.signing import SigningKey
 
 from tests.actors.acceptor.support import CAPS, fake_peer, run
 from villagemesh.actors.acceptor.server import AcceptorServer
-from villagemesh.actors.acceptor.state import Route
+from villagemesh.actors.core.handoff import Route
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.tcp import DiscoveryResponder, SignedFrames, probe
 from villagemesh.errors import ConnectError, RemoteProtocolError, TransportTimeout

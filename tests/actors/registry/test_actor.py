@@ -12,7 +12,8 @@ import pytest
 from nacl.signing import SigningKey
 
 from tests.conftest import WAIT
-from villagemesh.actors.base import Actor, ActorContext, InjectedCrash
+from villagemesh.actors.core.base import Actor, ActorContext, InjectedCrash
+from villagemesh.actors.core.transport import Sighting
 from villagemesh.actors.lan.messages import PeerAnnounced
 from villagemesh.actors.registry.actor import (
     RegistryActor,
@@ -31,7 +32,6 @@ from villagemesh.actors.registry.messages import (
 )
 from villagemesh.actors.registry.store import PeerStore
 from villagemesh.actors.sweeper.messages import Sighted
-from villagemesh.actors.transport import Sighting
 from villagemesh.errors import ConfigError
 from villagemesh.protocols.discovery import Capabilities, encode_discovery, sign_announce
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec

@@ -14,13 +14,13 @@ import pykka
 import pytest
 
 from tests.conftest import WAIT, Recorder
-from villagemesh.actors.base import Actor, InjectedCrash, Scheduler
-from villagemesh.actors.bus import Bus, Sender
+from villagemesh.actors.core.base import Actor, InjectedCrash, Scheduler
+from villagemesh.actors.core.bus import Bus, Sender
+from villagemesh.actors.core.transport import Received, Transmit, TransmitResult
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope
 from villagemesh.actors.retrier.messages import Handled, Incoming, MessageDelivered, MessageFailed
 from villagemesh.actors.retrier.store import Outbox
-from villagemesh.actors.transport import Received, Transmit, TransmitResult
 from villagemesh.errors import ActorCrashed, DeliveryFailed, LocalProtocolError
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
 from villagemesh.supervision.log import EventLog

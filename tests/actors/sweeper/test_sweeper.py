@@ -9,11 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import WAIT
-from villagemesh.actors.base import Actor
+from villagemesh.actors.core.base import Actor
+from villagemesh.actors.core.transport import Discover, Discovered, Sighting
 from villagemesh.actors.sweeper.actor import SweeperActor
 from villagemesh.actors.sweeper.messages import Sighted, SweepNow, SweepStatus
 from villagemesh.actors.sweeper.state import SweepState, round_gap
-from villagemesh.actors.transport import Discover, Discovered, Sighting
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor
 

@@ -11,9 +11,10 @@ import pytest
 import structlog
 
 from tests.actors.acceptor.support import WAIT, Sink, start
+from tests.actors.transport_contract import Endpoint, TransportContract
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
-from villagemesh.actors.secure.keys import NodeKeys
-from villagemesh.actors.transport import Received, Transmit, TransmitResult
+from villagemesh.actors.core.secure.keys import NodeKeys
+from villagemesh.actors.core.transport import Received, Transmit, TransmitResult
 from villagemesh.actors.websocket.actor import WebSocketActor, config_keys, send_envelope, websocket_status
 from villagemesh.actors.websocket.messages import EnvelopeSent, SendFailed
 from villagemesh.actors.websocket.transport import WebSocketClient
@@ -180,3 +181,18 @@ def test_config_keys_must_prove_the_configured_node_id() -> None:
         config_keys({"node_id": "n1"}, structlog.get_logger())
     with pytest.raises(ConfigError, match="got bytes"):
         config_keys({"keys": keys.to_bytes()}, structlog.get_logger())
+
+
+class TestWebSocketKeepsTheTransportContract(TransportContract):
+    """The shared contract suite (tests/actors/transport_contract.py) on the WebSocket transport."""
+
+    NAME = "websocket"
+    UNREACHABLE = "ws://127.0.0.1:9"
+
+    @pytest.fixture
+    def transport_factory(self) -> Any:
+        def make(runtime: Any, suffix: str, keys: NodeKeys) -> Endpoint:
+            inbox, url = endpoint(runtime, suffix, keys, connect_timeout=2.0)
+            return Endpoint(f"websocket{suffix}", f"sink{suffix}", inbox, url, keys)
+
+        return make

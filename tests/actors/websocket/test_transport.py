@@ -15,10 +15,10 @@ import structlog
 from aiohttp import web
 
 from tests.actors.acceptor.support import fake_peer, run, until
-from villagemesh.actors.acceptor.loopthread import LoopThread
 from villagemesh.actors.acceptor.server import AcceptorServer
-from villagemesh.actors.acceptor.state import Route
-from villagemesh.actors.secure.keys import NodeKeys
+from villagemesh.actors.core.handoff import Route
+from villagemesh.actors.core.loopthread import LoopThread
+from villagemesh.actors.core.secure.keys import NodeKeys
 from villagemesh.actors.websocket.link import WS_FRAME_BYTES
 from villagemesh.actors.websocket.transport import WS_PATH, WebSocketClient, WebSocketServer
 from villagemesh.errors import ConfigError, ConnectError, LocalProtocolError, TransportTimeout

@@ -21,7 +21,7 @@ path, reports exactly one** :class:`ExitReport` **to its watcher.**
     Its pykka inbox reads both pykka's own control queue (stop, timers, proxies)
     and the actor's bus mailbox socket (see :mod:`.bus`). Subclasses implement
     :meth:`Actor.handle`; for an ask, its return value is the reply (``None``
-    becomes :class:`~villagemesh.actors.bus.Ok`). A handler that raises on an ask
+    becomes :class:`~villagemesh.actors.core.bus.Ok`). A handler that raises on an ask
     first sends the asker a FAULT, so the asker gets ``ActorCrashed`` at once
     instead of waiting for its timeout.
 
@@ -49,8 +49,8 @@ from typing import Any
 import pykka
 import zmq
 
-from villagemesh.actors import bus as busmod
-from villagemesh.actors import codec
+from villagemesh.actors.core import bus as busmod
+from villagemesh.actors.core import codec
 from villagemesh.errors import CodecError, VillageMeshError
 
 __all__ = [

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import structlog
 
-from villagemesh.actors.acceptor.server import AcceptorServer, HandedOff, adopt
-from villagemesh.actors.acceptor.state import AcceptorLimits, Route
-from villagemesh.actors.secure.keys import NodeKeys
-from villagemesh.actors.secure.session import Session
-from villagemesh.actors.secure.tcp import SecureConnection, SecureProtocol, dial, responder_factory
+from villagemesh.actors.acceptor.server import AcceptorServer
+from villagemesh.actors.acceptor.state import AcceptorLimits
+from villagemesh.actors.core.handoff import HandedOff, Route, adopt
+from villagemesh.actors.core.secure.keys import NodeKeys
+from villagemesh.actors.core.secure.session import Session
+from villagemesh.actors.core.secure.tcp import SecureConnection, SecureProtocol, dial, responder_factory
 from villagemesh.errors import ConfigError, ConnectError, RemoteProtocolError, TransportTimeout, VillageMeshError
 from villagemesh.protocols.envelope import MAX_PAYLOAD_BYTES, Message, Priority, encode_message
 from villagemesh.protocols.noise import HEADER

@@ -8,7 +8,7 @@ WebSocket and the LAN actors alike::
                  ◀── pykka queue: _LoopResult ─┘  then(result, error) runs in the actor thread
     loop callback ──post(msg)──▶ pykka queue ──▶ on_loop_message(msg) in the actor thread
 
-The loop thread is started with :meth:`~villagemesh.actors.base.Supervised.spawn_thread`,
+The loop thread is started with :meth:`~villagemesh.actors.core.base.Supervised.spawn_thread`,
 so its death crashes the actor and the supervisor restarts it. Values posted
 after the instance ended are dropped: its successor starts clean.
 """
@@ -24,11 +24,10 @@ from typing import Any
 
 import pykka
 
-from villagemesh.actors.acceptor.loopthread import EventLogLogger, LoopThread
-from villagemesh.actors.acceptor.messages import ConnectionHandedOff
-from villagemesh.actors.acceptor.server import HandedOff, ProtocolFactory, adopt
-from villagemesh.actors.acceptor.state import Route
-from villagemesh.actors.base import Actor
+from villagemesh.actors.core.base import Actor
+from villagemesh.actors.core.handoff import HandedOff, ProtocolFactory, Route, adopt
+from villagemesh.actors.core.loopthread import EventLogLogger, LoopThread
+from villagemesh.actors.core.transport import ConnectionHandedOff
 
 __all__ = ["LOOP_CALL_TIMEOUT_S", "LoopActor"]
 

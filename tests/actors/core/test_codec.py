@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from villagemesh.actors import codec
+from villagemesh.actors.core import codec
 from villagemesh.errors import CodecError, ConfigError
 
 

@@ -41,7 +41,7 @@ committed since the last checkpoint. A log that ends in an incomplete
 those frames were never committed, and SQLite rightly ignores them.
 
 Every connection a node opens on its stores turns SQLite's automatic
-checkpoints off (``wal_autocheckpoint=0``, see :mod:`.registry.db`): an automatic
+checkpoints off (``wal_autocheckpoint=0``, see :mod:`.storage`): an automatic
 checkpoint would copy the generation into the database file and let a later
 deleted log go unnoticed. The keeper's checkpoints replace them.
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from villagemesh.actors.secure.keys import KEY_FILE_BYTES, NodeKeys
+from villagemesh.actors.core.secure.keys import KEY_FILE_BYTES, NodeKeys
 from villagemesh.errors import ConfigError
 from villagemesh.protocols.discovery import node_id_from_public_key
 

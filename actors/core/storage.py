@@ -1,7 +1,8 @@
 """Opening villagemesh's SQLite files the one right way, and translating their errors.
 
-Shared by the peer registry's store and the retrier's outbox and inbox
-(placed here until a shared storage module exists).
+Part of the actor kit: every actor that keeps a file uses it (the peer
+registry's store, the messages file of :mod:`.ledger`); no actor opens SQLite
+any other way.
 
 Every file is opened with:
 
@@ -24,7 +25,7 @@ Every file is opened with:
     No automatic checkpoints: a node's keeper actor checkpoints its stores
     every ``checkpoint_interval`` (and advances their generation in the
     emptied log, so that a deleted log is noticed at the next start; see
-    :mod:`villagemesh.actors.integrity`). Closing the last connection still
+    :mod:`villagemesh.actors.core.integrity`). Closing the last connection still
     checkpoints, as SQLite always does.
 ``PRAGMA quick_check``
     On open: a file with a damaged page is refused (StorageError naming the

@@ -45,7 +45,7 @@ from typing import Any
 
 import zmq
 
-from villagemesh.actors import codec
+from villagemesh.actors.core import codec
 from villagemesh.errors import (
     ActorCrashed,
     AskTimeout,

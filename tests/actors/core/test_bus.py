@@ -11,9 +11,9 @@ import zmq
 
 from tests.conftest import WAIT
 from tests.supervision._actors import RECEIVED, Crash, Ping, Pong, Probe, Seq
-from villagemesh.actors import codec
-from villagemesh.actors.base import Actor, ActorContext, Scheduler, _BusInbox
-from villagemesh.actors.bus import Bus, Kind, decode_frame, encode_frame
+from villagemesh.actors.core import codec
+from villagemesh.actors.core.base import Actor, ActorContext, Scheduler, _BusInbox
+from villagemesh.actors.core.bus import Bus, Kind, decode_frame, encode_frame
 from villagemesh.errors import AskTimeout, BusError, CodecError, ConfigError, MailboxFull, NoSuchActor
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor

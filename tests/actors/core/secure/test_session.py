@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from villagemesh.actors.secure.session import Authenticated, EnvelopeReceived, Rejected, Session, SessionEvent
+from villagemesh.actors.core.secure.session import Authenticated, EnvelopeReceived, Rejected, Session, SessionEvent
 from villagemesh.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.discovery import node_id_from_public_key

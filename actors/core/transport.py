@@ -8,7 +8,7 @@ the delivery retrier does that and tells it::
     retrier ──Transmit──► transport ──TransmitResult──► retrier
     transport ──Received──────────────────────────────► retrier   (every inbound envelope)
     sweeper ──Discover──► transport ──Discovered──► sweeper ──Sighted──► registry
-    acceptor ──ConnectionHandedOff──► transport   (a connection sniffed as its protocol; see actors.acceptor)
+    acceptor ──ConnectionHandedOff──► transport   (a connection sniffed as its protocol; see actors.core.handoff)
 
 Its bus name is its transport name (``websocket``, ``libp2p``, ``bitchat``,
 ``betanet``), so the retrier finds it by the names in the network mode's
@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from villagemesh.actors import codec
+from villagemesh.actors.core import codec
 
 __all__ = [
     "REPLY_ADDRESS",
     "TRANSPORT_NAMES",
+    "ConnectionHandedOff",
     "Discover",
     "Discovered",
     "Received",
@@ -49,6 +50,23 @@ REPLY_ADDRESS = ""
 """``Transmit.address`` meaning "on a connection ``peer_id`` already has open to us" (the one
 a message came in on): how an ack goes back to a sender this node has no route to yet. A
 transport with no such connection answers a retryable ``ConnectError``."""
+
+
+@codec.message("acceptor.ConnectionHandedOff")
+@dataclass(frozen=True, slots=True)
+class ConnectionHandedOff:
+    """A sniffed connection for its route's owner: adopt ``fd``, feed ``peeked`` first.
+
+    It carries a *file descriptor*, valid only inside this process (the bus is
+    inproc; a process-isolated child cannot take one). The receiver owns the
+    descriptor from then on: it adopts it (``socket.socket(fileno=fd)`` +
+    :func:`villagemesh.actors.core.handoff.adopt`) or closes it. The wire name
+    stays ``acceptor.ConnectionHandedOff``: the acceptor sends it"""
+
+    route: str
+    fd: int
+    peeked: bytes
+    peer: str
 
 
 @codec.message("transport.Transmit")

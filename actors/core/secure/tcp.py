@@ -45,8 +45,8 @@ from typing import Any, cast
 import structlog
 from nacl.signing import SigningKey
 
-from villagemesh.actors.acceptor.server import peer_label
-from villagemesh.actors.secure.session import Authenticated, EnvelopeReceived, Session
+from villagemesh.actors.core.handoff import peer_label
+from villagemesh.actors.core.secure.session import Authenticated, EnvelopeReceived, Session
 from villagemesh.errors import (
     ConfigError,
     ConnectError,

@@ -1,1 +1,0 @@
-"""Authenticated sessions over the Noise secure channel."""
