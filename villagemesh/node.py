@@ -719,7 +719,7 @@ class Node:
 
     def _client(self) -> Any:
         if self._failure is not None:
-            raise self._failure
+            raise _again(self._failure)
         if not self._started or self._env is None:
             raise SupervisionError(f"node {self.name} is not running (call start())")
         return self._env.bus.client()
@@ -836,6 +836,13 @@ class Node:
 
         assert self._root is not None
         retrier = self._client().ask("retrier", GetRetrierStatus(), timeout=ASK_TIMEOUT)
+        try:
+            actors = which_children(self._root.actor_ref, timeout=ASK_TIMEOUT)
+        except (pykka.ActorDeadError, pykka.Timeout) as exc:
+            self._health.wait_for(lambda: self._failure is not None, ASK_TIMEOUT)  # the root's report is on its way
+            if self._failure is not None:
+                raise _again(self._failure) from exc
+            raise SupervisionError(f"node {self.name}: the root supervisor did not answer ({exc})") from exc
         return {
             "node_id": self.node_id,
             "name": self.name,
@@ -844,7 +851,7 @@ class Node:
             "transport_priority": list(_transport_order(self.config.mode)),
             "peers": len(self.peers()),
             "retrier": {k: getattr(retrier, k) for k in retrier.__dataclass_fields__},
-            "actors": which_children(self._root.actor_ref, timeout=ASK_TIMEOUT),
+            "actors": actors,
         }
 
     # -- asyncio ----------------------------------------------------------------------------------
@@ -856,6 +863,11 @@ class Node:
     async def apeers(self) -> list[PeerInfo]:
         """:meth:`peers` without blocking the event loop."""
         return await asyncio.to_thread(self.peers)
+
+
+def _again(failure: NodeFailed) -> NodeFailed:
+    """A fresh copy to raise (one instance raised from many threads would share its traceback)."""
+    return NodeFailed(failure.node, failure.child, failure.exc_type, failure.detail)
 
 
 class _Health:
@@ -886,6 +898,10 @@ class _Health:
     def wait(self, timeout: float) -> None:
         with self._cond:
             self._cond.wait(timeout)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(predicate, timeout)
 
     def cause(self, report: ExitReport) -> tuple[str | None, str | None, str]:
         """What made the root fail: the last worker crash, else the root's own report."""

@@ -305,9 +305,13 @@ class _Unusable(Exception):
 
 
 def _read_store(path: Path, spec: StoreSpec) -> _Seen:
-    """Open ``path`` without creating anything in it and read its identity and counts."""
+    """Open ``path`` read-only and read its identity and counts.
+
+    Read-only, so that closing this connection cannot checkpoint the store (the last
+    connection of a file to close checkpoints it): inspection changes nothing.
+    """
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=5.0)
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5.0)
     except sqlite3.Error as exc:
         raise _Unusable("corrupt", f"cannot be opened: {exc}") from exc
     try:
