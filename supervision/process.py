@@ -44,6 +44,11 @@ next instance. (If a child dies in the instant between beginning a frame and
 its ``begin`` reaching the host, that frame is handed back too: at-least-once
 for the frame in progress in that window.) A child that stops on request hands
 back what it did not handle the same way.
+
+A child whose actor stops itself (its process reports a normal exit and exits 0)
+ends its host normally too, exactly as a thread child's own stop does: no crash
+is reported, and a transient child is not restarted. Any other end (a signal, a
+non-zero status, no exit report) is a crash (:class:`ChildProcessDied`).
 """
 
 from __future__ import annotations
@@ -236,6 +241,8 @@ class ProcessHost(Actor):
         self._child_report: ExitReport | None = None
         self._pidfd: int | None = None
         self._stopping_child = False
+        self._child_gone = False
+        """The child process ended normally and was reaped (its actor stopped itself)."""
         self._refill_timer: Any = None
 
     def on_start(self) -> None:
@@ -387,6 +394,12 @@ class ProcessHost(Actor):
             raise ChildProcessDied(
                 f"child {self.name!r} (pid {self.pid}) crashed: {report.exc_type}: {report.exc_message}"
             )
+        if report is not None and status == 0:
+            # The child's actor stopped itself and its process exited cleanly: a normal exit of
+            # this host too, as a thread child's own stop is (a transient child stays down).
+            self._child_gone = True
+            self._stop()
+            return
         raise ChildProcessDied(f"child {self.name!r} (pid {self.pid}) {_describe(status)}")
 
     def _hand_back(self, *, poison: int | None, fault: bool) -> None:
@@ -418,6 +431,8 @@ class ProcessHost(Actor):
     def on_stop(self) -> None:
         self._stopping_child = True
         self._inbox.paused = True
+        if self._child_gone:
+            return  # it ended by itself and was reaped: nothing to stop, nothing unacknowledged
         if self._pidfd is not None and self._identity is not None:
             self._router.send_multipart([self._identity, b"stop"])
             ready, _, _ = select.select([self._pidfd], [], [], self.spec.shutdown)
