@@ -120,6 +120,11 @@ class NodeConfig:
     max_connections_per_source: int = 64
     """Open connections the acceptor allows one source address (many local nodes: raise it)."""
     max_connections: int = 1024
+    """Open connections of the node at once, all sources and all protocols together, counted
+    from their accept until they close (whichever actor serves them)."""
+    handshake_timeout: float = 10.0
+    """Seconds a connection has, once routed, for its first complete message (an HTTP request's
+    headers, a discovery frame): a client sending half a header is dropped after this."""
     start_timeout: float = 30.0
     """Seconds ``start()`` waits for every actor to be up (a crash on the way fails it at once)."""
     discovery_interval: float = 2.0
@@ -191,6 +196,7 @@ class NodeConfig:
             "lan_burst",
             "start_timeout",
             "checkpoint_interval",
+            "handshake_timeout",
         )
         for name in positive:
             value = getattr(self, name)
@@ -345,6 +351,7 @@ class Node:
         self._root: Supervisor | None = None
         self._launcher: Any = None
         self._lock_file: Any = None
+        self._connections: Any = None
         self._held: list[Any] = []
         """The start's checkpoint connections, open until the actors have opened theirs."""
 
@@ -578,7 +585,8 @@ class Node:
 
     def _tree(self) -> SupervisorSpec:
         from villagemesh.actors.acceptor.actor import AcceptorActor
-        from villagemesh.actors.acceptor.state import AcceptorLimits
+        from villagemesh.actors.acceptor.state import SNIFF_TIMEOUT_S, AcceptorLimits
+        from villagemesh.actors.core.handoff import ConnectionLimiter
         from villagemesh.actors.keeper.actor import KeeperActor
         from villagemesh.actors.lan.actor import LanActor
         from villagemesh.actors.lan.beacon import BeaconConfig
@@ -589,6 +597,13 @@ class Node:
         from villagemesh.actors.websocket.actor import WebSocketActor
 
         cfg, data = self.config, self.config.data_dir
+        limits = AcceptorLimits(
+            sniff_timeout_s=min(SNIFF_TIMEOUT_S, cfg.handshake_timeout),
+            max_per_source=min(cfg.max_connections_per_source, cfg.max_connections),
+            max_total=cfg.max_connections,
+        )
+        # One count of the node's connections, from accept to close, whichever loop holds them.
+        self._connections = ConnectionLimiter(limits.max_per_source, limits.max_total)
         capabilities = cfg.capabilities or local_capabilities(("websocket",))
         identity = Identity(
             signing_key=self.keys.signing_key, addresses=(self.address,), capabilities=capabilities, port=self.port
@@ -605,7 +620,12 @@ class Node:
                 ChildSpec(
                     "websocket",
                     WebSocketActor,
-                    config={"deliver_to": "retrier", "node_id": self.node_id, "keys": self.keys},
+                    config={
+                        "deliver_to": "retrier",
+                        "node_id": self.node_id,
+                        "keys": self.keys,
+                        "handshake_deadline_s": cfg.handshake_timeout,
+                    },
                 )
             ],
             intensity=10,
@@ -648,16 +668,15 @@ class Node:
                     "host": cfg.host,
                     "port": self.port,
                     "routes": {"http": "websocket", "discovery": "lan"},
-                    "limits": AcceptorLimits(
-                        max_per_source=cfg.max_connections_per_source,
-                        max_total=max(cfg.max_connections, cfg.max_connections_per_source),
-                    ),
+                    "limits": limits,
+                    "connections": self._connections,
                 },
             ),
             ChildSpec(
                 "lan",
                 LanActor,
                 config={
+                    "handshake_deadline_s": cfg.handshake_timeout,
                     "identity": identity,
                     "peers_to": "registry",
                     "bootstrap": cfg.bootstrap,

@@ -48,12 +48,16 @@ the transport can read). Bytes the client sent after the peek
 are still in the kernel's buffer and arrive on the new loop in order. The
 callback runs on the acceptor's loop and must only pass the value on
 (``call_soon_threadsafe``, a queue); if it raises, the socket is closed and the
-failure logged as a rejection.
+failure logged as a rejection. The connection's slot in the limiter goes with
+it (``HandedOff.release``): it keeps counting until the adopter's transport is
+lost, so the caps bound every connection of the node, not only the undecided.
 
 Log events (structlog, fixed keys):
 ``connection_accepted`` (peer), ``connection_routed`` (peer, route, protocol,
 peeked_bytes, mode), ``connection_rejected`` (peer, reason, protocol,
-peeked_bytes).
+peeked_bytes; the first few of each second, see
+:class:`~villagemesh.actors.core.handoff.RefusalLog`), ``connections_refused``
+(the second's counts, when there were more).
 """
 
 from __future__ import annotations
@@ -71,11 +75,18 @@ import structlog
 
 from villagemesh.actors.acceptor.state import (
     AcceptorLimits,
-    ConnectionLimiter,
     Reject,
     routing_plan,
 )
-from villagemesh.actors.core.handoff import HandedOff, ProtocolFactory, Route, feed, peer_label
+from villagemesh.actors.core.handoff import (
+    ConnectionLimiter,
+    HandedOff,
+    ProtocolFactory,
+    RefusalLog,
+    Route,
+    feed,
+    peer_label,
+)
 from villagemesh.errors import ConfigError, ConnectError
 from villagemesh.protocols.sniff import MAX_SNIFF_BYTES, Sniffed, sniff
 
@@ -126,12 +137,15 @@ class AcceptorServer:
         sniffer: Callable[[bytes], Sniffed] = sniff,
         max_sniff_bytes: int = MAX_SNIFF_BYTES,
         log: Any = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self.limits = limits or AcceptorLimits()
-        self.limiter = ConnectionLimiter(self.limits.max_per_source, self.limits.max_total)
+        self.limiter = limiter or ConnectionLimiter(self.limits.max_per_source, self.limits.max_total)
+        """The node's one count of connections (shared with the loops that adopt hand-offs)."""
         self.sniffer = sniffer
         self.max_sniff_bytes = max_sniff_bytes
         self.log = log if log is not None else structlog.get_logger("villagemesh.acceptor")
+        self.refusals = RefusalLog(self.log)
         self._handlers: dict[Route, _Handler] = {}
         self._plan: dict[str, _Handler | Reject | None] = {}
         """Keyed by the verdict's ``_name_``: a str hashes in C, an Enum member through Python."""
@@ -216,6 +230,7 @@ class AcceptorServer:
             proto._release()
             if proto.transport is not None:
                 proto.transport.abort()
+        self.refusals.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -231,13 +246,9 @@ class AcceptorServer:
         self, transport: asyncio.Transport, peer: str, reason: str, kind: str, verdict: Sniffed | None, peeked: int
     ) -> None:
         self.counts[f"rejected.{kind}"] += 1
-        self.log.warning(
-            "connection_rejected",
-            peer=peer,
-            reason=reason,
-            protocol=verdict.value if verdict is not None else None,
-            peeked_bytes=peeked,
-        )
+        src = peer.rsplit(":", 1)[0]
+        protocol = verdict.value if verdict is not None else None
+        self.refusals.refuse(kind, src, peer=peer, reason=reason, protocol=protocol, peeked_bytes=peeked)
         transport.abort()
 
 
@@ -403,16 +414,21 @@ class _SniffingProtocol(asyncio.Protocol):
         except OSError as exc:
             self._give_up(f"cannot duplicate the socket: {exc}", "dup", verdict, len(peeked))
             return
-        self._release()
+        # The slot goes with the connection: it counts until the adopter's transport is lost.
+        self.phase = _Phase.GONE
+        self.server._undecided.discard(self)
+        release = self.server.limiter.slot(self.src)
         transport.abort()  # closes our descriptor only; the duplicate keeps the connection
         self._routed(handler, verdict, len(peeked), "hand_off")
         try:
-            handler.target(HandedOff(sock, peeked, self.peer, handler.route))
+            handler.target(HandedOff(sock, peeked, self.peer, handler.route, release))
         except Exception as exc:  # noqa: BLE001 - a failing receiver loses this connection, not the acceptor
             sock.close()
+            release()
             self.server.counts["rejected.hand_off"] += 1
-            self.server.log.warning(
-                "connection_rejected",
+            self.server.refusals.refuse(
+                "hand_off",
+                self.src,
                 peer=self.peer,
                 reason=f"hand-off failed: {type(exc).__name__}: {exc}",
                 protocol=verdict.value,
