@@ -9,6 +9,7 @@ every arrival the acceptor asks :func:`~villagemesh.protocols.sniff.sniff`
 about the whole prefix and looks the verdict up in :data:`~.state.ROUTES`::
 
     accept ─▶ limiter.try_open(src) ──no──▶ reject "per-source cap ..." / "total cap ..."
+                   │    (total cap only: the oldest undecided connection is evicted instead)
                    │yes
                    ▼
              UNDECIDED ──bytes──▶ sniff(prefix) ──NEED_MORE──▶ (wait for the deadline)
@@ -155,7 +156,8 @@ class AcceptorServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._tick = 0
         """Sweeps so far: a connection remembers the tick it arrived in, not a clock reading."""
-        self._undecided: set[_SniffingProtocol] = set()
+        self._undecided: dict[_SniffingProtocol, None] = {}
+        """Undecided connections in arrival order (an ordered set: the oldest is evicted first)."""
         self.counts: Counter[str] = Counter()
         self.debug = True
         """Emit the per-connection debug events; decided by :meth:`start` from the logger's level."""
@@ -242,6 +244,22 @@ class AcceptorServer:
 
     # -- called by the per-connection protocol ------------------------------------------------------
 
+    def _evict_for(self, src: str) -> bool:
+        """The total cap is full: make room for a connection from ``src`` by dropping the oldest
+        undecided one, if ``src`` is within its own cap; True if it was admitted.
+
+        An undecided connection has proved nothing yet (a client speaking any of our
+        protocols sends its first bytes at once), so a flood of silent connections from
+        many sources churns through the undecided ones instead of locking everybody out
+        until their sniff timeouts; routed connections (established peers) are never evicted.
+        """
+        if self.limiter.count(src) >= self.limiter.max_per_source or not self._undecided:
+            return False
+        oldest = next(iter(self._undecided))
+        reason = f"evicted: total cap {self.limiter.max_total} reached and a newer connection came"
+        oldest._give_up(reason, "evicted", self.sniffer(oldest.pending), len(oldest.pending))
+        return self.limiter.try_open(src)
+
     def _reject(
         self, transport: asyncio.Transport, peer: str, reason: str, kind: str, verdict: Sniffed | None, peeked: int
     ) -> None:
@@ -279,11 +297,11 @@ class _SniffingProtocol(asyncio.Protocol):
         server = self.server
         self.peername = peername = transport.get_extra_info("peername")
         self.src = src = peername[0] if type(peername) is tuple else "unknown"
-        if not server.limiter.try_open(src):
+        if not server.limiter.try_open(src) and not server._evict_for(src):
             server._reject(transport, self.peer, server.limiter.refusal(src) or "cap", "cap", None, 0)
             return
         self.phase = _Phase.UNDECIDED
-        server._undecided.add(self)
+        server._undecided[self] = None
         self.born = server._tick
         server.counts["accepted"] += 1
         if server.debug:
@@ -347,7 +365,7 @@ class _SniffingProtocol(asyncio.Protocol):
     def _release(self) -> None:
         """Stop counting this connection (exactly once)."""
         self.phase = _Phase.GONE
-        self.server._undecided.discard(self)
+        self.server._undecided.pop(self, None)
         self.server.limiter.close(self.src)
 
     def timed_out(self) -> None:
@@ -380,7 +398,7 @@ class _SniffingProtocol(asyncio.Protocol):
         assert self.transport is not None
         transport = self.transport
         self.phase = _Phase.IN_LOOP
-        self.server._undecided.discard(self)
+        self.server._undecided.pop(self, None)
         inner = handler.target()
         self._routed(handler, verdict, len(peeked), "in_loop")
         if isinstance(inner, asyncio.BufferedProtocol):
@@ -416,7 +434,7 @@ class _SniffingProtocol(asyncio.Protocol):
             return
         # The slot goes with the connection: it counts until the adopter's transport is lost.
         self.phase = _Phase.GONE
-        self.server._undecided.discard(self)
+        self.server._undecided.pop(self, None)
         release = self.server.limiter.slot(self.src)
         transport.abort()  # closes our descriptor only; the duplicate keeps the connection
         self._routed(handler, verdict, len(peeked), "hand_off")
