@@ -19,8 +19,9 @@ a caller can catch by meaning and still see the cause::
     │   └── ActorCrashed                    the actor crashed while handling the ask
     ├── SupervisionError                    a supervisor could not keep its children up
     │   ├── RestartIntensityExceeded        too many restarts within the period
-    │   ├── NodeStartFailed                 start(): the tree did not come up (child, first crash)
-    │   └── NodeFailed                      the node's tree gave up after start (cause attached)
+    │   └── NodeDown                        the node is not up (child, exc_type, detail: the cause)
+    │       ├── NodeStartFailed             start(): the tree did not come up (the first crash)
+    │       └── NodeFailed                  the root gave up after start (the last crash)
     ├── TransportError                      a transport could not move bytes
     │   ├── ConnectError                    ... it could not reach the peer
     │   └── TransportTimeout (TimeoutError) ... the peer was too slow
@@ -48,6 +49,7 @@ __all__ = [
     "LocalProtocolError",
     "MailboxFull",
     "NoSuchActor",
+    "NodeDown",
     "NodeFailed",
     "NodeStartFailed",
     "ProtocolError",
@@ -144,35 +146,36 @@ class RestartIntensityExceeded(SupervisionError):
         self.period = period
 
 
-class NodeStartFailed(SupervisionError):
-    """``Node.start()`` gave up: a child crashed before the tree was up, or it did not come up in time.
+class NodeDown(SupervisionError):
+    """The node is not up (base of :class:`NodeStartFailed` and :class:`NodeFailed`).
 
-    ``child`` names the child whose crash came first (None if none crashed), ``exc_type``
-    and ``detail`` describe that crash (the root cause, not the escalation it led to).
+    ``child`` names the child whose crash is the cause (None when none crashed),
+    ``exc_type`` and ``detail`` describe that crash (or, without one, what happened).
     """
 
-    def __init__(self, node: str, child: str | None, exc_type: str | None, detail: str) -> None:
-        where = f"child {child!r} crashed: {exc_type}: {detail}" if child is not None else detail
-        super().__init__(f"node {node!r} did not start: {where}")
-        self.node = node
-        self.child = child
-        self.exc_type = exc_type
-        self.detail = detail
-
-
-class NodeFailed(SupervisionError):
-    """The node's root supervisor gave up after start: every later call raises this at once.
-
-    ``child``, ``exc_type`` and ``detail`` describe the last crash that led to it (the cause).
-    """
+    _what = "is down"
 
     def __init__(self, node: str, child: str | None, exc_type: str | None, detail: str) -> None:
         cause = f"child {child!r} crashed: {exc_type}: {detail}" if child is not None else detail
-        super().__init__(f"node {node!r} has failed ({cause}); stop it and start it again")
+        super().__init__(self._what.format(node=node, cause=cause))
         self.node = node
         self.child = child
         self.exc_type = exc_type
         self.detail = detail
+
+
+class NodeStartFailed(NodeDown):
+    """``Node.start()`` gave up: a child crashed before the tree was up (the first crash is the
+    cause, not the escalation it led to), or the tree was not up in time."""
+
+    _what = "node {node!r} did not start: {cause}"
+
+
+class NodeFailed(NodeDown):
+    """The node's root supervisor gave up after start: every later call raises this at once
+    (the cause: the last crash that led to it)."""
+
+    _what = "node {node!r} has failed ({cause}); stop it and start it again"
 
 
 class TransportError(VillageMeshError):
