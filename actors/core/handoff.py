@@ -323,7 +323,7 @@ class _Adopted(asyncio.Protocol):
         feed(self.inner, data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received()  # type: ignore[attr-defined, no-any-return]
+        return self.inner.eof_received()  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
