@@ -86,7 +86,15 @@ def test_after_a_root_escalation_every_call_raises_node_failed_at_once(tmp_path)
                 break
         assert failed.wait(WAIT)
         began = time.monotonic()
-        for call in (node.peers, node.network_status, lambda: node.send("f" * 32, b"x")):
+        calls = (
+            node.peers,
+            node.network_status,
+            lambda: node.send("f" * 32, b"x"),
+            lambda: node.subscribe("DATA", print),
+            node.discover_now,
+            node.start,  # failed, not stopped: start() does not pretend all is well
+        )
+        for call in calls:
             with pytest.raises(NodeFailed) as info:
                 call()
             assert info.value.child == "keeper" and info.value.exc_type == "CrashInjected"

@@ -416,6 +416,8 @@ class Node:
         """
         with self._lock:
             if self._started:
+                if self._failure is not None:
+                    raise _again(self._failure)  # failed, not stopped: start() must not say all is well
                 return self
             self._lock_data_dir()
             try:
@@ -799,6 +801,8 @@ class Node:
         (see :class:`~villagemesh.actors.app.state.InboundMessage`). Subscribe
         before ``start()`` to receive the messages a restart re-dispatches.
         """
+        if self._failure is not None:
+            raise _again(self._failure)
         if not isinstance(kind, str) or not kind:
             raise ConfigError(f"kind must be a non-empty str ('*' for every kind), got {kind!r}")
         if not callable(handler):

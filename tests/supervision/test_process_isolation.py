@@ -231,6 +231,7 @@ def test_asking_for_a_spare_once_the_fork_server_is_gone_is_harmless():
 def test_a_process_child_that_stops_itself_ends_normally_and_a_transient_one_stays_down(process_runtime, recorder):
     """Its own stop is a normal exit, as in a thread: no crash reported, a transient child not restarted."""
     start(process_runtime, ChildSpec("t", Probe, isolation="process", restart="transient"))
+    recorder.wait_for("child_started", child_id="t")  # its mailbox is open
     assert isinstance(ask(process_runtime, "t", Ping(1)), Pong)
     process_runtime.bus.client().tell("t", StopSelf())
     recorder.wait_for("child_stopped", child_id="t", reason="normal")
@@ -242,6 +243,7 @@ def test_a_process_child_that_stops_itself_ends_normally_and_a_transient_one_sta
 
 def test_a_permanent_process_child_that_stops_itself_is_restarted_as_a_normal_exit(process_runtime, recorder):
     start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    recorder.wait_for("child_started", child_id="p")  # its mailbox is open
     first = ask(process_runtime, "p", Ping(1)).pid
     process_runtime.bus.client().tell("p", StopSelf())
     recorder.wait_for("child_restarted", child_id="p")
