@@ -16,6 +16,8 @@ module                        what it is
                               responses, the legacy ``PEER_DISCOVERY`` behind a flag
 :mod:`.noise`                 the secure channel: Noise XX with Ed25519 identities
 :mod:`.framing`               the shared length-prefix reader and ``NEED_DATA``
+:mod:`.sphinx`                Sphinx mix packets for BetaNet: X25519, BLAKE2b KDF, ChaCha20,
+                              LIONESS payloads, SURB replies, a replay cache (a package)
 :mod:`.strategies`            hypothesis strategies for every message type (imported on its
                               own: ``from villagemesh.protocols import strategies``)
 ============================= ===============================================================

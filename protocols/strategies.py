@@ -53,6 +53,8 @@ from .discovery import (
 from .envelope import ID_BYTES, MAX_NAME_BYTES, MAX_PAYLOAD_BYTES, Message, Priority
 from .noise import SecureChannel
 from .sniff import HTTP_METHODS, MULTISTREAM_HEADER, Sniffed
+from .sphinx.crypto import x25519_base
+from .sphinx.packet import MAX_HOPS, MAX_MESSAGE, Hop
 
 __all__ = [
     "addresses",
@@ -70,6 +72,8 @@ __all__ = [
     "peer_lists",
     "relayed_peers",
     "signing_keys",
+    "sphinx_messages",
+    "sphinx_paths",
 ]
 
 _SECONDS = st.floats(min_value=0.0, max_value=4e9, allow_nan=False, allow_infinity=False)
@@ -280,3 +284,20 @@ def openings() -> st.SearchStrategy[tuple[Sniffed, bytes]]:
         st.binary(min_size=1, max_size=64),
     )
     return st.one_of(discovery, secure, multistream, http, tls)
+
+
+@st.composite
+def sphinx_paths(draw: st.DrawFn, *, min_hops: int = 1, max_hops: int = MAX_HOPS) -> tuple[list[bytes], list[Hop]]:
+    """``(secrets, path)`` for :mod:`villagemesh.protocols.sphinx`: each hop's X25519 secret and its :class:`Hop`.
+
+    Secrets are drawn as 32 bytes (shrinkable); ids are distinct.
+    """
+    size = draw(st.integers(min_hops, max_hops))
+    secrets = draw(st.lists(st.binary(min_size=32, max_size=32), min_size=size, max_size=size))
+    ids = draw(st.lists(st.binary(min_size=16, max_size=16), min_size=size, max_size=size, unique=True))
+    return secrets, [Hop(node_id, x25519_base(secret)) for node_id, secret in zip(ids, secrets, strict=True)]
+
+
+def sphinx_messages() -> st.SearchStrategy[bytes]:
+    """Messages a Sphinx packet can carry (0 to :data:`~villagemesh.protocols.sphinx.MAX_MESSAGE` bytes)."""
+    return st.binary(max_size=MAX_MESSAGE)

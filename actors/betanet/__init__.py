@@ -1,0 +1,1 @@
+"""The BetaNet transport: a Sphinx mixnode relay (see .actor)."""

@@ -1,0 +1,213 @@
+"""BetaNet relays on a real bus, behind real acceptors, over real Noise links: anonymous envelopes and their acks.
+
+Each relay is a node's ``betanet`` actor with its own acceptor routing the
+SECURE route to it; they know each other as mixnodes by config (a node learns
+them from its registry). Delays are off unless a test turns them on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pykka
+
+from tests.actors.acceptor.support import WAIT, Sink, start
+from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
+from villagemesh.actors.betanet.actor import PACKET_KIND, BetanetActor, betanet_status
+from villagemesh.actors.betanet.state import epoch_of, format_address, mix_secret
+from villagemesh.actors.core.secure.keys import NodeKeys
+from villagemesh.actors.core.secure.tcp import dial
+from villagemesh.actors.core.transport import REPLY_ADDRESS, Discover, Discovered, Received, Transmit, TransmitResult
+from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
+from villagemesh.protocols.sphinx import Hop, create_packet
+from villagemesh.protocols.sphinx.body import encode_drop
+from villagemesh.protocols.sphinx.crypto import x25519_base
+from villagemesh.protocols.sphinx.packet import PACKET_BYTES
+
+
+@dataclass
+class Relay:
+    name: str
+    keys: NodeKeys
+    port: int
+    address: str
+    inbox: queue.Queue[Any]
+    ref: pykka.ActorRef[Any] | None = None
+
+    @property
+    def node_id(self) -> str:
+        return self.keys.node_id
+
+    @property
+    def mix_public(self) -> bytes:
+        return x25519_base(mix_secret(self.keys.static_key))
+
+
+def relays(runtime: Any, tmp_path: Path, count: int, **config: Any) -> list[Relay]:
+    """``count`` relays that know each other; each delivers to its own sink."""
+    made = []
+    for n in range(count):
+        keys, inbox = NodeKeys.generate(), queue.Queue()  # type: ignore[var-annotated]
+        start(runtime, Sink, f"sink-{n}", queue=inbox)
+        start(runtime, AcceptorActor, f"acceptor-{n}", routes={"secure": f"betanet-{n}"})
+        port = acceptor_status(runtime.bus.client(), f"acceptor-{n}").port
+        address = format_address("127.0.0.1", port, x25519_base(mix_secret(keys.static_key)))
+        made.append(Relay(f"betanet-{n}", keys, port, address, inbox))
+    directory = [[r.node_id, r.address] for r in made]
+    for n, relay in enumerate(made):
+        relay.ref = start_relay(runtime, tmp_path, relay, n, directory, **config)
+    return made
+
+
+def start_relay(runtime: Any, tmp_path: Path, relay: Relay, n: int, directory: Any, **config: Any) -> Any:
+    return start(
+        runtime,
+        BetanetActor,
+        relay.name,
+        keys=relay.keys.to_bytes(),
+        host="127.0.0.1",
+        port=relay.port,
+        replay_path=str(tmp_path / f"betanet-{n}.sqlite3"),
+        deliver_to=f"sink-{n}",
+        mixnodes=directory,
+        **config,
+    )
+
+
+def envelope(sender: str, payload: bytes, recipient: str | None = None) -> Message:
+    return Message(os.urandom(16), "DATA", sender, recipient, Priority.NORMAL, time.time(), 60.0, None, payload)
+
+
+def next_of(inbox: queue.Queue[Any], kind: type) -> Any:
+    while True:
+        item = inbox.get(timeout=WAIT)
+        if isinstance(item, kind):
+            return item
+
+
+def transmit(runtime: Any, src: Relay, dst: Relay, msg: Message, address: str | None = None) -> None:
+    sink = src.name.replace("betanet", "sink")
+    request = Transmit(msg.id, dst.node_id, dst.address if address is None else address, encode_message(msg), sink)
+    runtime.bus.client().tell(src.name, request)
+
+
+def status_counts(runtime: Any, relay: Relay) -> dict[str, int]:
+    return betanet_status(runtime.bus.client(), relay.name).counts
+
+
+def wait_count(runtime: Any, relay: Relay, key: str, at_least: int = 1) -> dict[str, int]:
+    deadline = time.monotonic() + WAIT
+    while True:
+        counts = status_counts(runtime, relay)
+        if counts.get(key, 0) >= at_least:
+            return counts
+        assert time.monotonic() < deadline, f"{relay.name}: {key} never reached {at_least}: {counts}"
+        time.sleep(0.02)
+
+
+def test_an_envelope_crosses_three_mixes_and_its_ack_comes_back_on_the_surb(runtime: Any, tmp_path: Path) -> None:
+    """A → 3 mixes → E: E gets it from A's node id (never A's address); E answers on A's SURB, A gets the answer."""
+    nodes = relays(runtime, tmp_path, 5)
+    alice, erin, mixes = nodes[0], nodes[4], nodes[1:4]
+    msg = envelope(alice.node_id, b"anonymous hello", erin.node_id)
+    transmit(runtime, alice, erin, msg)
+    result = next_of(alice.inbox, TransmitResult)
+    assert result.ok and result.transport == "betanet" and result.peer_id == erin.node_id
+    received = next_of(erin.inbox, Received)
+    assert received.transport == "betanet" and received.remote == alice.node_id
+    assert decode_message(received.envelope) == msg
+    assert all(status_counts(runtime, m).get("packets.unwrapped", 0) >= 1 for m in mixes)
+    ack = envelope(erin.node_id, b"ack", alice.node_id)
+    transmit(runtime, erin, alice, ack, address=REPLY_ADDRESS)
+    assert next_of(erin.inbox, TransmitResult).ok
+    answered = next_of(alice.inbox, Received)
+    assert answered.remote == erin.node_id and decode_message(answered.envelope) == ack
+    # the SURB is spent: a second answer on it has nothing to ride on
+    transmit(runtime, erin, alice, envelope(erin.node_id, b"again"), address=REPLY_ADDRESS)
+    failed = next_of(erin.inbox, TransmitResult)
+    assert not failed.ok and failed.retryable and "no reply block" in (failed.error or "")
+
+
+def test_with_delays_on_every_message_still_arrives(runtime: Any, tmp_path: Path) -> None:
+    """Sender-chosen exponential delays (mean 30 ms a hop): held, then forwarded, all arrive."""
+    nodes = relays(runtime, tmp_path, 5, mean_delay_ms=30.0)
+    sent = [envelope(nodes[0].node_id, b"m%d" % n) for n in range(10)]
+    for msg in sent:
+        transmit(runtime, nodes[0], nodes[4], msg)
+    got = {decode_message(next_of(nodes[4].inbox, Received).envelope).payload for _ in sent}
+    assert got == {m.payload for m in sent}
+
+
+def test_too_few_mixnodes_or_a_bad_address_is_a_retryable_failure(runtime: Any, tmp_path: Path) -> None:
+    nodes = relays(runtime, tmp_path, 3)
+    transmit(runtime, nodes[0], nodes[2], envelope(nodes[0].node_id, b"x"))
+    result = next_of(nodes[0].inbox, TransmitResult)
+    assert not result.ok and result.retryable and "1 usable mixnode(s) known, a route needs 3" in (result.error or "")
+    transmit(runtime, nodes[0], nodes[2], envelope(nodes[0].node_id, b"x"), address="betanet://nowhere")
+    result = next_of(nodes[0].inbox, TransmitResult)
+    assert not result.ok and result.retryable and "not a betanet address" in (result.error or "")
+
+
+def test_an_envelope_too_large_for_a_packet_fails_over_at_once(runtime: Any, tmp_path: Path) -> None:
+    nodes = relays(runtime, tmp_path, 5)
+    transmit(runtime, nodes[0], nodes[4], envelope(nodes[0].node_id, bytes(4000)))
+    result = next_of(nodes[0].inbox, TransmitResult)
+    assert not result.ok and result.retryable and "at most 1437" in (result.error or "")
+
+
+async def _send_raw(relay: Relay, packets: list[bytes]) -> None:
+    """Be a neighbouring mix: a real Noise link to ``relay``, packets as betanet envelopes."""
+    me = NodeKeys.generate()
+    link = await dial(
+        "127.0.0.1",
+        relay.port,
+        static_key=me.static_key,
+        signing_key=me.signing_key,
+        expected_peer=relay.node_id,
+        on_envelope=lambda *_: None,
+    )
+    for p in packets:
+        msg = Message(os.urandom(16), PACKET_KIND, me.node_id, relay.node_id, Priority.NORMAL, 0.0, 60.0, None, p)
+        link.send_envelope(encode_message(msg))
+    await link.drain()
+    link.close()
+    await link.wait_closed()
+
+
+def test_garbage_and_replays_are_dropped_and_a_restart_does_not_reopen_a_replay(runtime: Any, tmp_path: Path) -> None:
+    """Garbage costs a check and is counted; a packet seen before is refused, also by the relay's next instance."""
+    nodes = relays(runtime, tmp_path, 1)
+    relay = nodes[0]
+    here = [Hop(bytes.fromhex(relay.node_id), relay.mix_public)]
+    drop = create_packet(here, encode_drop(), [], epoch=epoch_of(time.time(), 3600))
+    asyncio.run(_send_raw(relay, [os.urandom(PACKET_BYTES), b"short", drop, drop]))
+    counts = wait_count(runtime, relay, "cover.drop_received")
+    counts = wait_count(runtime, relay, "dropped.invalid", 3)
+    assert counts["cover.drop_received"] == 1 and counts["dropped.invalid"] == 3
+    assert relay.ref is not None
+    relay.ref.stop(block=True, timeout=WAIT)
+    relay.ref = start_relay(runtime, tmp_path, relay, 0, [[relay.node_id, relay.address]])
+    asyncio.run(_send_raw(relay, [drop]))
+    counts = wait_count(runtime, relay, "dropped.invalid")
+    assert counts.get("cover.drop_received", 0) == 0
+
+
+def test_loop_cover_goes_round_and_comes_back(runtime: Any, tmp_path: Path) -> None:
+    """Loop cover at 20 packets/s through three mixes back to the sender; drop cover is received by a mix."""
+    nodes = relays(runtime, tmp_path, 4, loop_rate=20.0, drop_rate=20.0)
+    counts = wait_count(runtime, nodes[0], "cover.loop_back", 3)
+    assert counts["cover.loop_sent"] >= counts["cover.loop_back"]
+    assert sum(status_counts(runtime, n).get("cover.drop_received", 0) for n in nodes) >= 1
+
+
+def test_discover_is_answered_empty_for_the_same_round(runtime: Any, tmp_path: Path) -> None:
+    nodes = relays(runtime, tmp_path, 1)
+    runtime.bus.client().tell(nodes[0].name, Discover(3, 1.0, "sink-0"))
+    found = next_of(nodes[0].inbox, Discovered)
+    assert (found.round, found.transport, found.sightings) == (3, "betanet", ())
