@@ -434,9 +434,7 @@ class BetanetActor(LoopActor):
             surb = self.surbs.take(request.peer_id)
             if surb is None:
                 raise ConnectError(f"betanet: no reply block from {request.peer_id} to answer on")
-            first_hop, packet = surb_reply(
-                surb, encode_reply(self.keys.signing_key, request.peer_id, request.envelope)
-            )
+            first_hop, packet = surb_reply(surb, encode_reply(self.keys.signing_key, request.peer_id, request.envelope))
             self.counts["sent.replies"] += 1
             return first_hop.hex(), packet
         target = parse_address(request.address)

@@ -83,4 +83,3 @@ class ReplayStore:
 
     def __repr__(self) -> str:
         return f"ReplayStore({str(self.path)!r})"
-

@@ -203,7 +203,8 @@ def handshake_done(route: Route, data: bytes) -> bool | None:
 
     The rule per route: HTTP, the request's headers (a blank line, within
     :data:`MAX_HEADER_BYTES`); discovery, one frame (4-byte length); secure,
-    one frame (2-byte length); TLS, one record; libp2p, one multistream line.
+    the channel header and the first handshake frame (2-byte length); TLS, one
+    record; libp2p, one multistream line.
     """
     if route is Route.HTTP:
         if b"\r\n\r\n" in data:
@@ -211,8 +212,8 @@ def handshake_done(route: Route, data: bytes) -> bool | None:
         return None if len(data) > MAX_HEADER_BYTES else False
     if route is Route.DISCOVERY:
         return len(data) >= 4 and len(data) >= 4 + int.from_bytes(data[:4], "big")
-    if route is Route.SECURE:
-        return len(data) >= 2 and len(data) >= 2 + int.from_bytes(data[:2], "big")
+    if route is Route.SECURE:  # the channel header (magic, version), then a frame with a 2-byte length
+        return len(data) >= 7 and len(data) >= 7 + int.from_bytes(data[5:7], "big")
     if route is Route.TLS:
         return len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big")
     return b"\n" in data  # LIBP2P: "/multistream/1.0.0\n" after its varint length
