@@ -171,6 +171,8 @@ def test_send_checks_every_argument_naming_the_value(tmp_path):
             args = {"peer_id": "f" * 32, "payload": b"x", **kwargs}
             with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
                 node.send(args.pop("peer_id"), args.pop("payload"), **args)
+        with pytest.raises(ConfigError, match="got int"):
+            node.broadcast("DATA", 5)  # even with no peer to send to
         assert node.network_status()["retrier"]["pending"] == 0  # nothing was queued by a refused send
         with pytest.raises(ConfigError, match="handler"):
             node.subscribe("DATA", "not callable")

@@ -791,6 +791,7 @@ class Node:
 
     def broadcast(self, kind: str, payload: bytes, **kwargs: Any) -> list[DeliveryHandle]:
         """Send to every known peer (one reliable message each)."""
+        check_payload(payload)  # refused even when no peer is known
         return [self.send(p.peer_id, payload, kind=kind, **kwargs) for p in self.peers()]
 
     def subscribe(self, kind: str, handler: Callable[[InboundMessage], Any]) -> Callable[[], None]:
