@@ -94,7 +94,8 @@ def test_under_a_flood_from_many_sources_a_peer_keeps_delivering_and_a_new_one_c
     tmp_path: Path,
 ) -> None:
     """Silent connections from 8 sources, each up to its cap and together far over the total cap: an
-    established peer's messages keep arriving, a new client is answered within 1 s, a new node joins."""
+    established peer's messages keep arriving, a new client is answered within 1 s, and a new node
+    joins and delivers."""
     _raise_nofile(8192)
     node = make_node(tmp_path / "a", "a", max_connections=100)
     peer = make_node(tmp_path / "p", "p", bootstrap=[node.acceptor_address])
@@ -124,9 +125,18 @@ def test_under_a_flood_from_many_sources_a_peer_keeps_delivering_and_a_new_one_c
                 writer.close()
             return attempts
 
+        newcomer = make_node(tmp_path / "n", "n", bootstrap=[node.acceptor_address])
+
+        def join() -> bool:
+            newcomer.start()
+            if not wait_until(lambda: node.node_id in {p.peer_id for p in newcomer.peers()}):
+                return False
+            return bool(newcomer.send(node.node_id, b"newcomer").result(PATIENCE).delivered)
+
         async def meanwhile() -> tuple[list[float], list[bool]]:
             task = asyncio.create_task(flood())
             await asyncio.sleep(0.2)  # the flood is on
+            joined = asyncio.create_task(asyncio.to_thread(join))
             waits, delivered = [], []
             for n in range(5):
                 began = time.monotonic()
@@ -135,11 +145,15 @@ def test_under_a_flood_from_many_sources_a_peer_keeps_delivering_and_a_new_one_c
                 writer.close()
                 handle = await asyncio.to_thread(peer.send, node.node_id, b"during %d" % n)
                 delivered.append((await asyncio.to_thread(handle.result, PATIENCE)).delivered)
+            delivered.append(await joined)
             stop.set()
             await task
             return waits, delivered
 
-        waits, delivered = asyncio.run(meanwhile())
+        try:
+            waits, delivered = asyncio.run(meanwhile())
+        finally:
+            newcomer.stop()
         assert all(w < 1.0 for w in waits), waits
-        assert delivered == [True] * 5
-        assert inbox.wait_for_distinct(6)
+        assert delivered == [True] * 6
+        assert inbox.wait_for_distinct(7)
