@@ -43,6 +43,7 @@ def test_the_total_cap_counts_handed_off_connections_until_they_close(tmp_path: 
     """200 kept-alive HTTP connections from 20 sources, 10 each: 64 are served, the rest refused at once."""
     _raise_nofile(4096)
     node = make_node(tmp_path / "a", "a", max_connections=64, max_connections_per_source=10)
+    log = EventFile(node.log_path)
     with running([node]):
 
         async def flood() -> list[bool]:
@@ -57,8 +58,13 @@ def test_the_total_cap_counts_handed_off_connections_until_they_close(tmp_path: 
                 writer.close()
             return results
 
+        began = time.monotonic()
         results = asyncio.run(flood())
         assert sum(results) == 64 and results[:64] == [True] * 64
+        # 136 refusals: a few written in full each second, the rest summed up, not a line each
+        assert wait_until(lambda: sum(e["by_kind"].get("cap", 0) for e in log.matching("connections_refused")) > 0)
+        lines = log.matching("connection_rejected")
+        assert len(lines) <= 10 * (time.monotonic() - began + 2) and len(lines) < 136
         # once they are closed, their slots are free again
         assert wait_until(lambda: asyncio.run(_answered(node.port, "127.0.3.1", HEALTH, PATIENCE))[0])
 
