@@ -127,7 +127,7 @@ def _run_node(args: argparse.Namespace) -> int:
 
 
 def _run_doctor(args: argparse.Namespace) -> int:
-    from villagemesh.node import diagnose
+    from villagemesh.datadir import diagnose
 
     problems = diagnose(args.data_dir)
     if not problems:

@@ -50,16 +50,16 @@ from typing import Any
 
 import pykka
 
+from villagemesh import datadir
 from villagemesh.actors.app.actor import AppActor
 from villagemesh.actors.app.state import DeliveryHandle, HandleTable, InboundMessage, Subscribers
 from villagemesh.actors.core.base import ExitReport, Scheduler
 from villagemesh.actors.core.bus import Bus
-from villagemesh.actors.core.ledger import prepare as prepare_messages
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
+from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
     ConfigError,
-    IdentityError,
     NodeFailed,
     NodeStartFailed,
     StorageError,
@@ -87,14 +87,6 @@ __all__ = [
 ASK_TIMEOUT = 5.0
 """Seconds the node API waits for one of its own actors to answer."""
 
-MESSAGES_FILE = "messages.sqlite3"
-"""The retrier's outbox and inbox in ``data_dir``; the app gateway commits its dispatch marks there too."""
-
-PEERS_FILE = "peers.sqlite3"
-"""The registry's peers in ``data_dir``."""
-
-KEY_FILE = "node.key"
-"""The node's keys in ``data_dir`` (its id is derived from them)."""
 
 DEFAULT_TTL = 24 * 3600.0
 """A message's lifetime unless the sender says otherwise (the replaced system's 24 h)."""
@@ -356,34 +348,11 @@ class Node:
         """The start's checkpoint connections, open until the actors have opened theirs."""
 
     def _identity(self) -> Any:
-        """The node's keys: loaded, or made when the data dir is new (or when told to).
-
-        A key that is missing or unreadable while the stores have history is an
-        IdentityError: a new key would be a new node id, and the queued messages and
-        known peers would belong to an identity nobody has any more.
-        """
-        from villagemesh.actors.core.secure.keys import NodeKeys
-
-        path = self.config.data_dir / KEY_FILE
-        keys, problem, history = _read_identity(self.config.data_dir)
-        if problem is not None and not self.config.new_identity:
-            raise IdentityError(f"{problem} (start with new_identity=True / --new-identity to make a new one)")
-        if keys is not None:
-            return keys
-        reason = "new data dir"
-        if os.path.lexists(path):
-            aside = path.with_name(f"{KEY_FILE}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-            os.replace(path, aside)
-            reason = f"{problem}; told to make a new identity (the old key file is now {aside.name})"
-        elif history:
-            reason = f"{problem}; told to make a new identity"
-        keys = NodeKeys.load_or_create(path)
-        self._note_identity(keys, reason)
+        """The node's keys (see :func:`villagemesh.datadir.identity`); a new identity is logged at start."""
+        keys, note = datadir.identity(self.config.data_dir, new_identity=self.config.new_identity)
+        if note is not None:
+            self._notes.append(note)
         return keys
-
-    def _note_identity(self, keys: Any, reason: str) -> None:
-        level = "info" if reason == "new data dir" else "warning"
-        self._notes.append(("identity_created", {"level": level, "node_id": keys.node_id, "reason": reason}))
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -446,39 +415,13 @@ class Node:
             raise
         finally:
             held, self._held = self._held, []
-            _close_all(held)  # the actors' own connections are open now
+            datadir.close_all(held)  # the actors' own connections are open now
         log.emit("node_started", node_id=self.node_id, address=self.address)
         return self
 
     def _check_data_dir(self) -> list[tuple[str, dict[str, Any]]]:
-        """Check every store against the manifest, create what is new, checkpoint, write the manifest.
-
-        Returns the ``store_loss_accepted`` events to log (with ``accept_loss``).
-        """
-        from villagemesh.actors.core.integrity import Manifest, describe, inspect, set_aside
-        from villagemesh.actors.registry.store import PeerStore
-
-        data = self.config.data_dir
-        specs = store_specs()
-        manifest = Manifest.load(data)
-        findings = inspect(data, specs, manifest)
-        events: list[tuple[str, dict[str, Any]]] = []
-        if findings and not self.config.accept_loss:
-            raise StorageError(
-                f"data dir {data} is inconsistent, refusing to start:\n{describe(findings)}\n"
-                "(villagemesh doctor shows the same; start with accept_loss=True / --accept-loss to go on"
-                " without what is lost)"
-            )
-        for finding in findings:
-            moved = set_aside(data, finding)
-            fields = {"file": finding.file, "problem": finding.problem, "detail": finding.detail}
-            events.append(("store_loss_accepted", {"level": "warning", **fields, "lost": finding.lost, "moved": moved}))
-        prepare_messages(data / MESSAGES_FILE)  # before two actors open it at once
-        PeerStore(data / PEERS_FILE).close()
-        if manifest is None:
-            manifest = Manifest(self.node_id)
-        manifest.node_id = self.node_id
-        self._held = _checkpoint_stores(data, manifest)
+        """:func:`villagemesh.datadir.prepare`: the events to log; its connections held until the tree is up."""
+        events, self._held = datadir.prepare(self.config.data_dir, self.node_id, accept_loss=self.config.accept_loss)
         return events
 
     def stop(self) -> None:
@@ -500,7 +443,7 @@ class Node:
         try:
             # The manifest records what the stores hold now; the connections are the last (a clean
             # stop leaves no log behind, and the database files carry the manifest's generation).
-            _close_all(_checkpoint_stores(self.config.data_dir, None))
+            datadir.close_all(datadir.checkpoint_stores(self.config.data_dir, None))
         except StorageError as exc:
             env.log.emit("checkpoint_deferred", level="warning", store="*", reason=str(exc))
         env.log.emit("node_stopped", node_id=self.node_id)
@@ -660,7 +603,7 @@ class Node:
             ChildSpec(
                 "keeper",
                 KeeperActor,
-                config={"data_dir": str(data), "stores": store_specs(), "interval": cfg.checkpoint_interval},
+                config={"data_dir": str(data), "stores": datadir.store_specs(), "interval": cfg.checkpoint_interval},
             ),
             transports,
             ChildSpec(
@@ -946,108 +889,6 @@ def _not_ready(rows: list[dict[str, Any]], prefix: str = "") -> list[str]:
                 waiting.append(prefix + row["id"] + "/*")
             waiting.extend(_not_ready(children, prefix + row["id"] + "/"))
     return waiting
-
-
-def _checkpoint_stores(data: Path, manifest: Any) -> list[Any]:
-    """Checkpoint every store and save the manifest (``manifest`` None: the one on disk).
-
-    Returns the connections, still open: the caller closes them once the actors have
-    opened theirs. Closing the last connection of a file checkpoints it, which would
-    move the new generation out of the log into the database file, and a log deleted
-    later would go unnoticed.
-    """
-    from villagemesh.actors.core.integrity import Manifest, advance, open_for_checkpoints
-
-    if manifest is None:
-        manifest = Manifest.load(data)
-        if manifest is None:
-            raise StorageError(f"{data}: the manifest is gone")
-    conns = []
-    try:
-        for spec in store_specs():
-            conn = open_for_checkpoints(data / spec.file)
-            conns.append(conn)
-            if advance(data, manifest, spec, conn) is None:
-                raise StorageError(f"{data / spec.file}: its log is in use by another process; cannot checkpoint")
-    except BaseException:
-        _close_all(conns)
-        raise
-    return conns
-
-
-def _close_all(conns: list[Any]) -> None:
-    for conn in conns:
-        conn.close()
-
-
-def _read_identity(data: Path) -> tuple[Any, str | None, list[str]]:
-    """``(keys or None, the problem with the identity or None, the stores' history)`` of a data dir.
-
-    The problem: the key is missing or unreadable while the data dir has history, or
-    it is another node's than the manifest's. Nothing is changed.
-    """
-    from villagemesh.actors.core.integrity import MANIFEST_FILE, Manifest
-    from villagemesh.actors.core.secure.keys import NodeKeys
-
-    path = data / KEY_FILE
-    manifest = Manifest.load(data)
-    history = [f for f in (MESSAGES_FILE, PEERS_FILE) if (data / f).exists() and (data / f).stat().st_size > 0]
-    if manifest is not None:
-        history.insert(0, f"{MANIFEST_FILE} of node {manifest.node_id}")
-    has = f"the data dir has history ({', '.join(history)}) that a new identity would orphan"
-    if not os.path.lexists(path):
-        return None, (f"key file {path} is missing, but {has}" if history else None), history
-    try:
-        keys = NodeKeys.load(path)
-    except ConfigError as exc:
-        return None, (f"{exc}, and {has}" if history else str(exc)), history
-    if manifest is not None and manifest.node_id != keys.node_id:
-        problem = f"key file {path} is node {keys.node_id}, but the data dir belongs to node {manifest.node_id}"
-        return keys, problem, history
-    return keys, None, history
-
-
-def diagnose(data_dir: str | os.PathLike[str]) -> list[str]:
-    """What would stop a node from starting on ``data_dir``, one line each (``villagemesh doctor``).
-
-    The same checks as :meth:`Node.start` (every store against the manifest, the
-    key), read-only: nothing is created, moved or started.
-    """
-    from villagemesh.actors.core.integrity import Manifest, inspect
-
-    data = _path("data_dir", data_dir)
-    if not data.is_dir():
-        return [f"{data}: not a directory"]
-    try:
-        manifest = Manifest.load(data)
-    except StorageError as exc:
-        return [str(exc)]
-    problems = [str(finding) for finding in inspect(data, store_specs(), manifest)]
-    _, identity, _ = _read_identity(data)
-    if identity is not None:
-        problems.append(identity)
-    return problems
-
-
-def store_specs() -> tuple[Any, ...]:
-    """The data dir's SQLite stores, as the integrity check and the keeper see them."""
-    from villagemesh.actors.core.integrity import StoreSpec
-    from villagemesh.actors.core.ledger import SCHEMA_VERSION as MESSAGES_VERSION
-    from villagemesh.actors.registry.store import SCHEMA_VERSION as PEERS_VERSION
-
-    return (
-        StoreSpec(
-            MESSAGES_FILE,
-            MESSAGES_VERSION,
-            ("outbox", "inbox"),
-            (
-                ("queued outbox message(s)", "SELECT count(*) FROM outbox"),
-                ("unhandled inbox message(s)", "SELECT count(*) FROM inbox WHERE handled = 0"),
-                ("inbox dedup record(s)", "SELECT count(*) FROM inbox"),
-            ),
-        ),
-        StoreSpec(PEERS_FILE, PEERS_VERSION, ("peers",), (("known peer(s)", "SELECT count(*) FROM peers"),)),
-    )
 
 
 def _transport_order(mode: NetworkMode) -> tuple[str, ...]:
