@@ -299,7 +299,8 @@ def _check_addresses(addresses: object) -> None:
     for address in addresses:
         _check_text("address", address)
         scheme, sep, rest = address.partition("://")
-        host, colon, port = rest.rpartition(":")
+        where, _, path = rest.partition("/")
+        host, colon, port = where.rpartition(":")
         valid = (
             sep
             and scheme.isascii()
@@ -311,9 +312,10 @@ def _check_addresses(addresses: object) -> None:
             and port.isascii()
             and port.isdigit()
             and int(port) <= 65535
+            and all(c.isascii() and c.isprintable() and not c.isspace() for c in path)
         )
         if not valid:
-            raise LocalProtocolError(f"address must look like 'transport://host:port', got {address!r}")
+            raise LocalProtocolError(f"address must look like 'transport://host:port[/path]', got {address!r}")
 
 
 @dataclass(frozen=True)

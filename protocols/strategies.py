@@ -132,13 +132,15 @@ def node_ids() -> st.SearchStrategy[str]:
 
 
 def addresses() -> st.SearchStrategy[str]:
-    """``transport://host:port`` strings, including bracketed IPv6 hosts."""
+    """``transport://host:port[/path]`` strings, including bracketed IPv6 hosts (a path carries e.g. a mix key)."""
     hosts = _ASCII_WORD | st.ip_addresses(v=4).map(str) | st.ip_addresses(v=6).map(lambda ip: f"[{ip}]")
+    paths = st.just("") | st.text("abcdef0123456789/-_.", max_size=64).map(lambda p: "/" + p)
     return st.builds(
-        "{}://{}:{}".format,
+        "{}://{}:{}{}".format,
         st.sampled_from(["tcp", "libp2p", "websocket", "ws", "bitchat", "betanet", "udp"]),
         hosts,
         st.integers(0, 65535),
+        paths,
     )
 
 

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from villagemesh.actors.betanet.store import SCHEMA_VERSION as BETANET_VERSION
+from villagemesh.actors.betanet.store import ReplayStore
 from villagemesh.actors.core.integrity import (
     MANIFEST_FILE,
     Manifest,
@@ -42,6 +44,7 @@ from villagemesh.actors.registry.store import PeerStore
 from villagemesh.errors import ConfigError, IdentityError, StorageError
 
 __all__ = [
+    "BETANET_FILE",
     "KEY_FILE",
     "MESSAGES_FILE",
     "PEERS_FILE",
@@ -62,6 +65,9 @@ PEERS_FILE = "peers.sqlite3"
 
 KEY_FILE = "node.key"
 """The node's keys in ``data_dir`` (its id is derived from them)."""
+
+BETANET_FILE = "betanet.sqlite3"
+"""A BetaNet mixnode's replay tags in ``data_dir``."""
 
 Event = tuple[str, dict[str, Any]]
 """An event to log once the node's log exists: its name and fields (``level`` among them)."""
@@ -96,7 +102,7 @@ def identity(data: Path, *, new_identity: bool) -> tuple[Any, Event | None]:
     return keys, ("identity_created", {"level": level, "node_id": keys.node_id, "reason": reason})
 
 
-def prepare(data: Path, node_id: str, *, accept_loss: bool) -> tuple[list[Event], list[Any]]:
+def prepare(data: Path, node_id: str, *, accept_loss: bool, betanet: bool = False) -> tuple[list[Event], list[Any]]:
     """Check every store against the manifest, create what is new, checkpoint, write the manifest.
 
     Returns the ``store_loss_accepted`` events to log (with ``accept_loss``) and the
@@ -107,7 +113,7 @@ def prepare(data: Path, node_id: str, *, accept_loss: bool) -> tuple[list[Event]
             every finding: the file, what is wrong, what starting anyway would lose.
     """
 
-    specs = store_specs()
+    specs = store_specs(betanet=betanet)
     manifest = Manifest.load(data)
     findings = inspect(data, specs, manifest)
     if findings and not accept_loss:
@@ -123,28 +129,29 @@ def prepare(data: Path, node_id: str, *, accept_loss: bool) -> tuple[list[Event]
         events.append(("store_loss_accepted", {"level": "warning", **fields, "moved": moved}))
     prepare_messages(data / MESSAGES_FILE)  # before two actors open it at once
     PeerStore(data / PEERS_FILE).close()
+    if betanet:
+        ReplayStore(data / BETANET_FILE).close()
     if manifest is None:
         manifest = Manifest(node_id)
     manifest.node_id = node_id
-    return events, checkpoint_stores(data, manifest)
+    return events, checkpoint_stores(data, manifest, specs)
 
 
-def checkpoint_stores(data: Path, manifest: Any) -> list[Any]:
-    """Checkpoint every store and save the manifest (``manifest`` None: the one on disk).
+def checkpoint_stores(data: Path, manifest: Manifest | None, specs: tuple[StoreSpec, ...]) -> list[Any]:
+    """Checkpoint every store of ``specs`` and save the manifest (``manifest`` None: the one on disk).
 
     Returns the connections, still open: the caller closes them once the actors have
     opened theirs. Closing the last connection of a file checkpoints it, which would
     move the new generation out of the log into the database file, and a log deleted
     later would go unnoticed.
     """
-
     if manifest is None:
         manifest = Manifest.load(data)
         if manifest is None:
             raise StorageError(f"{data}: the manifest is gone")
     conns = []
     try:
-        for spec in store_specs():
+        for spec in specs:
             conn = open_for_checkpoints(data / spec.file)
             conns.append(conn)
             if advance(data, manifest, spec, conn) is None:
@@ -201,15 +208,17 @@ def diagnose(data_dir: str | os.PathLike[str]) -> list[str]:
         manifest = Manifest.load(data)
     except StorageError as exc:
         return [str(exc)]
-    problems = [str(finding) for finding in inspect(data, store_specs(), manifest)]
+    betanet = (data / BETANET_FILE).exists() or (manifest is not None and BETANET_FILE in manifest.stores)
+    problems = [str(finding) for finding in inspect(data, store_specs(betanet=betanet), manifest)]
     _, problem, _ = read_identity(data)
     if problem is not None:
         problems.append(problem)
     return problems
 
 
-def store_specs() -> tuple[StoreSpec, ...]:
-    """The data dir's SQLite stores, as the integrity check and the keeper see them."""
+def store_specs(*, betanet: bool = False) -> tuple[StoreSpec, ...]:
+    """The data dir's SQLite stores, as the integrity check and the keeper see them (a BetaNet
+    mixnode's replay tags too: a lost or rolled-back tag store would let old packets be replayed)."""
 
     return (
         StoreSpec(
@@ -223,4 +232,9 @@ def store_specs() -> tuple[StoreSpec, ...]:
             ),
         ),
         StoreSpec(PEERS_FILE, PEERS_VERSION, ("peers",), (("known peer(s)", "SELECT count(*) FROM peers"),)),
+        *(
+            [StoreSpec(BETANET_FILE, BETANET_VERSION, ("tags",), (("replay tag(s)", "SELECT count(*) FROM tags"),))]
+            if betanet
+            else []
+        ),
     )

@@ -136,6 +136,12 @@ class NodeConfig:
     new_identity: bool = False
     """Make a new key when ``node.key`` is missing or unreadable although the stores have history."""
     capabilities: Capabilities | None = None
+    betanet: bool | None = None
+    """Run the BetaNet mixnode relay (and announce its address): None means on in the anonymous mode only."""
+    betanet_delay_ms: float = 0.0
+    """Mean per-hop delay this node chooses for its anonymous packets (exponential; 0: none)."""
+    betanet_cover_rate: float = 0.0
+    """Loop and drop cover packets per second, each (Poisson; 0: none)."""
     human_log: bool | None = False
     log_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -202,6 +208,13 @@ class NodeConfig:
             raise ConfigError(f"capabilities must be a Capabilities or None, got {type(self.capabilities).__name__}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
+
+        if self.betanet is not None and not isinstance(self.betanet, bool):
+            raise ConfigError(f"betanet must be True, False or None, got {self.betanet!r}")
+        for name in ("betanet_delay_ms", "betanet_cover_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -357,6 +370,19 @@ class Node:
     # -- addresses ---------------------------------------------------------------------------
 
     @property
+    def runs_betanet(self) -> bool:
+        """Whether this node is a BetaNet mixnode (:attr:`NodeConfig.betanet`)."""
+        return self.config.betanet if self.config.betanet is not None else self.config.mode is NetworkMode.ANONYMOUS
+
+    @property
+    def betanet_address(self) -> str:
+        """``betanet://host:port/<mix key>``: where mixes reach this node, and its mix key."""
+        from villagemesh.actors.betanet.state import format_address, mix_secret
+        from villagemesh.protocols.sphinx.crypto import x25519_base
+
+        return format_address(self.config.host, self.port, x25519_base(mix_secret(self.keys.static_key)))
+
+    @property
     def address(self) -> str:
         """The WebSocket address peers reach this node at."""
         return f"ws://{self.config.host}:{self.port}"
@@ -421,7 +447,9 @@ class Node:
 
     def _check_data_dir(self) -> list[tuple[str, dict[str, Any]]]:
         """:func:`villagemesh.datadir.prepare`: the events to log; its connections held until the tree is up."""
-        events, self._held = datadir.prepare(self.config.data_dir, self.node_id, accept_loss=self.config.accept_loss)
+        events, self._held = datadir.prepare(
+            self.config.data_dir, self.node_id, accept_loss=self.config.accept_loss, betanet=self.runs_betanet
+        )
         return events
 
     def stop(self) -> None:
@@ -443,7 +471,8 @@ class Node:
         try:
             # The manifest records what the stores hold now; the connections are the last (a clean
             # stop leaves no log behind, and the database files carry the manifest's generation).
-            datadir.close_all(datadir.checkpoint_stores(self.config.data_dir, None))
+            specs = datadir.store_specs(betanet=self.runs_betanet)
+            datadir.close_all(datadir.checkpoint_stores(self.config.data_dir, None, specs))
         except StorageError as exc:
             env.log.emit("checkpoint_deferred", level="warning", store="*", reason=str(exc))
         env.log.emit("node_stopped", node_id=self.node_id)
@@ -549,9 +578,11 @@ class Node:
         )
         # One count of the node's connections, from accept to close, whichever loop holds them.
         self._connections = ConnectionLimiter(limits.max_per_source, limits.max_total)
-        capabilities = cfg.capabilities or local_capabilities(("websocket",))
+        betanet = self.runs_betanet
+        capabilities = cfg.capabilities or local_capabilities(("websocket", "betanet") if betanet else ("websocket",))
+        addresses = (self.address, self.betanet_address) if betanet else (self.address,)
         identity = Identity(
-            signing_key=self.keys.signing_key, addresses=(self.address,), capabilities=capabilities, port=self.port
+            signing_key=self.keys.signing_key, addresses=addresses, capabilities=capabilities, port=self.port
         )
         retry = {
             "max_attempts": cfg.max_attempts,
@@ -571,7 +602,8 @@ class Node:
                         "keys": self.keys,
                         "handshake_deadline_s": cfg.handshake_timeout,
                     },
-                )
+                ),
+                *([self._betanet_spec()] if betanet else []),
             ],
             intensity=10,
             period=10,
@@ -603,7 +635,11 @@ class Node:
             ChildSpec(
                 "keeper",
                 KeeperActor,
-                config={"data_dir": str(data), "stores": datadir.store_specs(), "interval": cfg.checkpoint_interval},
+                config={
+                    "data_dir": str(data),
+                    "stores": datadir.store_specs(betanet=betanet),
+                    "interval": cfg.checkpoint_interval,
+                },
             ),
             transports,
             ChildSpec(
@@ -612,7 +648,7 @@ class Node:
                 config={
                     "host": cfg.host,
                     "port": self.port,
-                    "routes": {"http": "websocket", "discovery": "lan"},
+                    "routes": {"http": "websocket", "discovery": "lan", **({"secure": "betanet"} if betanet else {})},
                     "limits": limits,
                     "connections": self._connections,
                 },
@@ -644,6 +680,27 @@ class Node:
             ),
         ]
         return SupervisorSpec("root", children, strategy="one_for_one", intensity=20, period=10)
+
+    def _betanet_spec(self) -> ChildSpec:
+        from villagemesh.actors.betanet.actor import BetanetActor
+
+        cfg = self.config
+        return ChildSpec(
+            "betanet",
+            BetanetActor,
+            config={
+                "keys": self.keys.to_bytes(),
+                "host": cfg.host,
+                "port": self.port,
+                "replay_path": str(cfg.data_dir / datadir.BETANET_FILE),
+                "deliver_to": "retrier",
+                "registry": "registry",
+                "refresh_s": min(10.0, cfg.discovery_interval),
+                "mean_delay_ms": cfg.betanet_delay_ms,
+                "loop_rate": cfg.betanet_cover_rate,
+                "drop_rate": cfg.betanet_cover_rate,
+            },
+        )
 
     def _wait_until_up(self, timeout: float) -> None:
         """Wait until every actor of the tree has started and the acceptor listens on our port.
@@ -798,7 +855,7 @@ class Node:
         self._client().tell(actor_name, InjectedCrash(f"injected by Node.crash({actor_name!r})"))
 
     def network_status(self) -> dict[str, Any]:
-        """The node at a glance: id, mode, peers, the retrier's counters, the actor tree."""
+        """The node at a glance: id, mode, peers, the retrier's counters, the actor tree (and the mixnode's)."""
         from villagemesh.actors.retrier.messages import GetRetrierStatus
 
         assert self._root is not None
@@ -819,6 +876,19 @@ class Node:
             "peers": len(self.peers()),
             "retrier": {k: getattr(retrier, k) for k in retrier.__dataclass_fields__},
             "actors": actors,
+            **({"betanet": self._betanet_status()} if self.runs_betanet else {}),
+        }
+
+    def _betanet_status(self) -> dict[str, Any]:
+        from villagemesh.actors.betanet.actor import betanet_status
+
+        status = betanet_status(self._client(), timeout=ASK_TIMEOUT)
+        return {
+            "address": status.address,
+            "epoch": status.epoch,
+            "mixnodes": status.mixnodes,
+            "held": status.held,
+            "counts": status.counts,
         }
 
     # -- asyncio ----------------------------------------------------------------------------------

@@ -71,7 +71,16 @@ from villagemesh.errors import (
     VillageMeshError,
 )
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
-from villagemesh.protocols.sphinx import Deliver, Forward, SurbReply, create_packet, create_surb, surb_reply, unwrap
+from villagemesh.protocols.sphinx import (
+    MAX_EPOCH,
+    Deliver,
+    Forward,
+    SurbReply,
+    create_packet,
+    create_surb,
+    surb_reply,
+    unwrap,
+)
 from villagemesh.protocols.sphinx.body import (
     LOOP_ID_BYTES,
     BodyKind,
@@ -164,8 +173,10 @@ class BetanetActor(LoopActor):
             if node_id != self.node_id:
                 self.static[node_id] = Mixnode(node_id, parsed.host, parsed.port, parsed.public_key)
         self.directory: dict[str, Mixnode] = dict(self.static)
-        self.store = ReplayStore(path, synchronous=str(cfg.get("synchronous", "NORMAL")))
         self.epoch = epoch_of(time.time(), self.epoch_seconds)
+        if self.epoch > MAX_EPOCH:
+            raise ConfigError(f"betanet: epoch_seconds {self.epoch_seconds!r} makes epoch numbers beyond {MAX_EPOCH}")
+        self.store = ReplayStore(path, synchronous=str(cfg.get("synchronous", "NORMAL")))
         self.caches = self.store.load(accepted_epochs(self.epoch), self.replay_capacity)
         self._forward_armed: float | None = None
         self.start_io()
@@ -391,15 +402,15 @@ class BetanetActor(LoopActor):
             self.counts["dropped.wrong_kind"] += 1
             return
         try:
-            sender = decode_message(parsed.envelope).sender
+            message = decode_message(parsed.envelope)
         except RemoteProtocolError:
             self.counts["dropped.invalid_envelope"] += 1
             return
-        if sender != parsed.sender:
+        if message.sender != parsed.sender:
             self.counts["dropped.sender_mismatch"] += 1
             return
         if parsed.surb is not None:
-            self.surbs.add(parsed.sender, parsed.surb)
+            self.surbs.add(parsed.sender, message.id, parsed.surb)
         self.counts["received"] += 1
         if self.deliver_to is None:
             self.counts["dropped.no_deliver_to"] += 1
@@ -431,7 +442,11 @@ class BetanetActor(LoopActor):
     def _build(self, request: Transmit) -> tuple[str, bytes]:
         """``(first hop, packet)`` for a Transmit: by a SURB of the peer's (an answer), or along a new route."""
         if request.address == REPLY_ADDRESS:
-            surb = self.surbs.take(request.peer_id)
+            try:
+                answers = decode_message(request.envelope).correlation_id
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(f"betanet: not an envelope: {exc}") from exc
+            surb = self.surbs.take(request.peer_id, answers)
             if surb is None:
                 raise ConnectError(f"betanet: no reply block from {request.peer_id} to answer on")
             first_hop, packet = surb_reply(surb, encode_reply(self.keys.signing_key, request.peer_id, request.envelope))

@@ -108,8 +108,9 @@ class _Wake:
     """Timer: the state asked for a Tick."""
 
 
-REPLY_CAPABLE = frozenset({"websocket"})
-"""Transports that can send on a connection the peer opened (``REPLY_ADDRESS``)."""
+REPLY_CAPABLE = frozenset({"websocket", "betanet"})
+"""Transports that can answer without a route of their own (``REPLY_ADDRESS``): on the connection the
+peer opened (websocket), on the reply block its message carried (betanet)."""
 
 HANDOFF_TIMEOUT = 0.1
 """Seconds the retrier waits for room in a transport's mailbox before that attempt fails."""

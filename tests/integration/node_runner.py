@@ -53,13 +53,14 @@ def main() -> None:
     parser.add_argument("--prefix", default="m")
     parser.add_argument("--record", type=Path)
     parser.add_argument("--work", type=float, default=0.0)
+    parser.add_argument("--mode", default="hybrid")
     args = parser.parse_args()
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    node = make_node(args.data_dir, args.name, bootstrap=args.bootstrap, port=args.port)
+    node = make_node(args.data_dir, args.name, bootstrap=args.bootstrap, port=args.port, mode=args.mode)
     if args.record is not None:
         record_path: Path = args.record
         fd = os.open(record_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

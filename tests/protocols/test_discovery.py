@@ -300,6 +300,7 @@ def _request_json(**changes: Any) -> bytes:
         (_request_json(addresses=["h:1"]), "transport://host:port"),
         (_request_json(addresses=["tcp://h:99999"]), "transport://host:port"),
         (_request_json(addresses=["tcp://a b:1"]), "transport://host:port"),
+        (_request_json(addresses=["betanet://h:1/a key"]), "transport://host:port"),
         (_request_json(timestamp=True), "timestamp"),
         (_request_json(timestamp=10**20), "timestamp"),
         (_request_json(capabilities=[]), "JSON object"),

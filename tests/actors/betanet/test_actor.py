@@ -211,3 +211,33 @@ def test_discover_is_answered_empty_for_the_same_round(runtime: Any, tmp_path: P
     runtime.bus.client().tell(nodes[0].name, Discover(3, 1.0, "sink-0"))
     found = next_of(nodes[0].inbox, Discovered)
     assert (found.round, found.transport, found.sightings) == (3, "betanet", ())
+
+
+def test_a_flood_of_garbage_costs_a_check_each_and_real_traffic_still_passes(runtime: Any, tmp_path: Path) -> None:
+    """2,000 random packets at a mix: each refused and counted, and a message through it arrives after them."""
+    nodes = relays(runtime, tmp_path, 5)
+    asyncio.run(_send_raw(nodes[1], [os.urandom(PACKET_BYTES) for _ in range(2000)]))
+    wait_count(runtime, nodes[1], "dropped.invalid", 2000)
+    msg = envelope(nodes[0].node_id, b"after the flood")
+    transmit(runtime, nodes[0], nodes[4], msg)
+    assert decode_message(next_of(nodes[4].inbox, Received).envelope) == msg
+
+
+def test_at_an_epoch_boundary_old_packets_are_refused_by_their_epoch(runtime: Any, tmp_path: Path) -> None:
+    """Epochs of 1 s: a packet two epochs old is refused; the new epoch's packets pass; old tags are pruned."""
+    nodes = relays(runtime, tmp_path, 1, epoch_seconds=1.0)
+    relay = nodes[0]
+    here = [Hop(bytes.fromhex(relay.node_id), relay.mix_public)]
+    old = epoch_of(time.time(), 1.0)
+    stale = create_packet(here, encode_drop(), [], epoch=old)
+    asyncio.run(_send_raw(relay, [stale]))
+    wait_count(runtime, relay, "cover.drop_received")
+    deadline = time.monotonic() + WAIT
+    while betanet_status(runtime.bus.client(), relay.name).epoch < old + 2:
+        assert time.monotonic() < deadline, "the relay's epoch never moved"
+        time.sleep(0.05)
+    again = create_packet(here, encode_drop(), [], epoch=old)
+    fresh = create_packet(here, encode_drop(), [], epoch=epoch_of(time.time(), 1.0))
+    asyncio.run(_send_raw(relay, [again, fresh]))
+    counts = wait_count(runtime, relay, "cover.drop_received", 2)
+    assert counts.get("dropped.invalid", 0) == 1

@@ -117,15 +117,18 @@ def surb() -> Surb:
     return Surb(os.urandom(16), os.urandom(HEADER_BYTES), os.urandom(128))
 
 
-def test_surbs_are_used_once_newest_first_and_bounded() -> None:
+def test_an_answer_takes_its_messages_own_surb_else_the_newest_each_once_and_bounded() -> None:
     store = SurbStore(per_peer=2, peers=2)
     a1, a2, a3 = surb(), surb(), surb()
-    for s in (a1, a2, a3):
-        store.add("a", s)
-    assert store.count("a") == 2 and store.take("a") is a3 and store.take("a") is a2 and store.take("a") is None
-    store.add("b", surb())
-    store.add("c", surb())
-    store.add("d", surb())
+    for n, s in enumerate((a1, a2, a3)):
+        store.add("a", bytes([n]) * 16, s)
+    assert store.count("a") == 2  # a1 was the oldest: gone
+    assert store.take("a", bytes([1]) * 16) is a2 and store.take("a", bytes([0]) * 16) is a3
+    assert store.take("a") is None
+    store.add("a", b"x" * 16, a1)
+    assert store.take("a", None) is a1
+    for peer in "bcd":
+        store.add(peer, b"m" * 16, surb())
     assert store.count("b") == 0 and store.count("d") == 1
 
 
