@@ -238,6 +238,8 @@ class Capabilities:
     """One of :data:`THERMAL_STATES`."""
     transports: tuple[str, ...] = ()
     """Transport names the peer listens on, e.g. ("libp2p", "websocket")."""
+    node_name: str | None = None
+    """The node's human name (``create_network(name=...)``), so orchestrators can tell agents apart."""
 
     def __post_init__(self) -> None:
         _check_int("cpu_cores", self.cpu_cores, 1, _MAX_CORES)
@@ -263,6 +265,8 @@ class Capabilities:
             raise LocalProtocolError(f"transports must be a tuple of at most {MAX_TRANSPORTS}, got {self.transports!r}")
         for name in self.transports:
             _check_text("transport name", name)
+        if self.node_name is not None:
+            _check_text("node_name", self.node_name)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object form (transports as a list)."""

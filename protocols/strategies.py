@@ -161,6 +161,7 @@ def capabilities() -> st.SearchStrategy[Capabilities]:
         current_evolution_load=fraction,
         thermal_state=st.sampled_from(THERMAL_STATES),
         transports=st.lists(_ASCII_WORD | _TEXT, max_size=MAX_TRANSPORTS).map(tuple),
+        node_name=st.none() | _ASCII_WORD | _TEXT,
     )
 
 

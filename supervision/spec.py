@@ -22,9 +22,12 @@ import importlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from villagemesh.errors import ChildSpecError
+
+if TYPE_CHECKING:
+    from villagemesh.actors.core.base import Actor
 
 __all__ = ["Backoff", "ChildSpec", "Isolation", "Restart", "Strategy", "SupervisorSpec"]
 
@@ -98,7 +101,7 @@ class ChildSpec:
     """
 
     id: str
-    factory: type
+    factory: type[Actor]
     restart: Restart | str = Restart.PERMANENT
     shutdown: float = 5.0
     isolation: Isolation | str = Isolation.THREAD

@@ -41,7 +41,7 @@ from villagemesh.actors.core.base import ActorContext, ExitKind, ExitReport, Sch
 from villagemesh.actors.core.bus import Bus
 from villagemesh.errors import RestartIntensityExceeded, SupervisionError
 from villagemesh.supervision.decisions import add_restart, backoff_delay, plan, should_restart
-from villagemesh.supervision.spec import ChildSpec, Isolation, Restart, SupervisorSpec
+from villagemesh.supervision.spec import ChildSpec, Isolation, Restart, Strategy, SupervisorSpec
 
 __all__ = ["Environment", "Supervisor", "which_children"]
 
@@ -141,7 +141,7 @@ class Supervisor(Supervised):
                 "alive": c.instance is not None,
                 "ready": c.instance is not None and c.actor is not None and c.actor.started,
                 "restart_count": c.restart_count,
-                "isolation": c.spec.isolation.value,
+                "isolation": Isolation(c.spec.isolation).value,
                 "pid": c.pid,
             }
             if isinstance(c.spec, SupervisorSpec):
@@ -201,7 +201,7 @@ class Supervisor(Supervised):
             supervisor=self.spec.id,
             child_id=child_id,
             instance=child.instance,
-            isolation=spec.isolation.value,
+            isolation=Isolation(spec.isolation).value,
             restart_count=child.restart_count,
             pid=child.pid,
         )
@@ -254,7 +254,7 @@ class Supervisor(Supervised):
                 instance=exit_.instance,
                 reason="normal",
             )
-        if not should_restart(child.spec.restart, report.crashed):
+        if not should_restart(Restart(child.spec.restart), report.crashed):
             if child.spec.restart is Restart.TEMPORARY:
                 self._forget(child)
             return
@@ -265,7 +265,7 @@ class Supervisor(Supervised):
         if now - child.started_at > self.spec.period:
             child.consecutive = 0
         order = [cid for cid in self._children]
-        restart_plan = plan(self.spec.strategy, order, child.spec.id)
+        restart_plan = plan(Strategy(self.spec.strategy), order, child.spec.id)
         for sibling_id in restart_plan.stop:
             self._stop_child(self._children[sibling_id], "shutdown")
         delay = backoff_delay(getattr(child.spec, "backoff", None), child.consecutive, self.env.rand())

@@ -47,3 +47,22 @@ def test_the_embedding_example_runs():
     )
     assert out.returncode == 0, out.stderr
     assert "delivered after" in out.stdout and "carol got b'hello from asyncio'" in out.stdout
+    assert "alice answered: b'hello'" in out.stdout and "raised ValueError" in out.stdout
+
+
+def readme_python_example() -> str:
+    """The README's first Python code block."""
+    block = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None
+    return block.group(1)
+
+
+@pytest.mark.slow
+def test_the_readmes_first_python_example_runs(tmp_path):
+    """The README's first example runs as written: delivered, and the request answered."""
+    script = tmp_path / "readme_example.py"
+    script.write_text(readme_python_example())
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "alice got b'hello'" in out.stdout and "DeliveryState.DELIVERED" in out.stdout
+    assert out.stdout.rstrip().endswith("b'PING'")

@@ -156,6 +156,7 @@ def test_the_api_works_from_asyncio(tmp_path):
 def test_crashing_the_websocket_transport_restarts_it_alone(pair):
     """Fault injection through the API: only the transport restarts; the node keeps delivering."""
     a, b = pair
+    a.subscribe("DATA", lambda message: None)
     b.crash("websocket")
     assert b.send(a.node_id, b"after the crash").result(WAIT).delivered
     events = [json.loads(line) for line in b.log_path.read_text().splitlines()]

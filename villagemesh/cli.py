@@ -114,6 +114,8 @@ def _run_node(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # Every kind is handled (printed), so senders see "delivered", not "unhandled".
+    node.subscribe("*", lambda m: print(f"RECEIVED {m.kind} from {m.sender}: {len(m.payload)} bytes", flush=True))
     with node:
         node.on_failure(lambda _: stop.set())
         print(f"LISTEN {node.node_id} {node.acceptor_address}", flush=True)

@@ -28,7 +28,12 @@ a caller can catch by meaning and still see the cause::
     ├── StorageError                        a persistent store (SQLite) failed, or the data dir
     │                                       is inconsistent (a store empty, missing, replaced, rolled back)
     ├── IdentityError                       the node's key is missing or unreadable while its stores have history
+    ├── OutboxFull                          the send window to a peer (or in all) is full
+    ├── RequestTimeout (TimeoutError)       no reply to a request within its timeout (peer, message id)
     └── DeliveryFailed                      a message was given up on (attempts, last_error)
+        ├── Unhandled                       ... it reached the peer, which has no handler for its kind
+        ├── RemoteError                     ... the peer's handler raised (exc_type, exc_message)
+        └── Unconfirmed                     ... the peer acked it but reported no outcome in time
 
 Every class has a one-line docstring saying what happened, and every instance
 names the offending value in its message.
@@ -52,13 +57,18 @@ __all__ = [
     "NodeDown",
     "NodeFailed",
     "NodeStartFailed",
+    "OutboxFull",
     "ProtocolError",
+    "RemoteError",
     "RemoteProtocolError",
+    "RequestTimeout",
     "RestartIntensityExceeded",
     "StorageError",
     "SupervisionError",
     "TransportError",
     "TransportTimeout",
+    "Unconfirmed",
+    "Unhandled",
     "VillageMeshError",
 ]
 
@@ -210,3 +220,44 @@ class DeliveryFailed(VillageMeshError):
         self.message_id = message_id
         self.attempts = attempts
         self.last_error = last_error
+
+
+class Unhandled(DeliveryFailed):
+    """The message reached the peer, whose node has no handler for its kind (nothing ran)."""
+
+    def __init__(self, message_id: str, attempts: int, kind: str) -> None:
+        super().__init__(message_id, attempts, f"the peer has no handler for kind {kind!r}")
+        self.kind = kind
+
+
+class RemoteError(DeliveryFailed):
+    """The peer's handler raised: ``exc_type`` and ``exc_message`` are its exception's (no traceback)."""
+
+    def __init__(self, message_id: str, attempts: int, exc_type: str, exc_message: str) -> None:
+        super().__init__(message_id, attempts, f"the peer's handler raised {exc_type}: {exc_message}")
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+
+
+class Unconfirmed(DeliveryFailed):
+    """The peer acknowledged the message but no outcome report arrived within the bound."""
+
+
+class OutboxFull(VillageMeshError):
+    """The send window is full (``limit`` names which bound) and stayed full for ``timeout`` seconds."""
+
+    def __init__(self, peer_id: str, limit: str, timeout: float) -> None:
+        super().__init__(f"outbox full for {peer_id}: {limit} (waited {timeout} s for room)")
+        self.peer_id = peer_id
+        self.limit = limit
+        self.timeout = timeout
+
+
+class RequestTimeout(VillageMeshError, TimeoutError):
+    """No reply to request ``message_id`` from ``peer_id`` within ``timeout`` seconds."""
+
+    def __init__(self, peer_id: str, message_id: str, timeout: float) -> None:
+        super().__init__(f"no reply from {peer_id} to request {message_id} within {timeout} s")
+        self.peer_id = peer_id
+        self.message_id = message_id
+        self.timeout = timeout

@@ -35,49 +35,75 @@ asyncio variants; handles can be awaited.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import math
 import os
 import random
+import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pykka
 
 from villagemesh import datadir
-from villagemesh.actors.app.actor import AppActor
-from villagemesh.actors.app.state import DeliveryHandle, HandleTable, InboundMessage, Subscribers
+from villagemesh.actors.app.actor import OUTCOME_TIMEOUT, AppActor
+from villagemesh.actors.app.payload import PayloadCodec, payload_codec
+from villagemesh.actors.app.state import (
+    Bridge,
+    DeliveryHandle,
+    DeliveryState,
+    DeliveryStatus,
+    GatewayCounters,
+    HandleTable,
+    InboundMessage,
+    MessageId,
+    OutboxLimits,
+    Subscribers,
+)
 from villagemesh.actors.core.base import ExitReport, Scheduler
 from villagemesh.actors.core.bus import Bus
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
+from villagemesh.actors.retrier.state import DEFAULT_ROUTE_TIMEOUT
 from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
+    BusError,
     ConfigError,
     NodeFailed,
     NodeStartFailed,
+    RemoteError,
+    RequestTimeout,
     StorageError,
     SupervisionError,
     VillageMeshError,
 )
 from villagemesh.protocols.discovery import Capabilities
-from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
+from villagemesh.protocols.envelope import ID_BYTES, MAX_PAYLOAD_BYTES, Message, Priority, encode_message
+
+if TYPE_CHECKING:
+    from villagemesh.aio import AsyncNode
 from villagemesh.supervision.log import EventLog
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Environment, Supervisor, which_children
 
 __all__ = [
+    "DeliveryHandle",
+    "DeliveryState",
+    "DeliveryStatus",
+    "InboundMessage",
+    "MessageId",
     "NetworkMode",
     "Node",
     "NodeConfig",
+    "NodeEvent",
+    "OutboxLimits",
     "PeerInfo",
-    "check_payload",
+    "Priority",
     "create_network",
     "diagnose",
     "free_port",
@@ -90,6 +116,21 @@ ASK_TIMEOUT = 5.0
 
 DEFAULT_TTL = 24 * 3600.0
 """A message's lifetime unless the sender says otherwise (the replaced system's 24 h)."""
+
+DEFAULT_SEND_TIMEOUT = 5.0
+"""Seconds ``send`` blocks for room in a full outbox before OutboxFull."""
+
+REQUEST_KIND = "REQUEST"
+"""The kind ``request`` sends unless told otherwise."""
+
+NODE_ID = re.compile(r"[0-9a-f]{32}")
+"""A node id: 32 lower-case hex characters (16 bytes of the identity key's hash)."""
+
+PriorityLike: TypeAlias = Priority | str | int
+"""A priority: the enum, its name (any case) or its number."""
+
+Handler: TypeAlias = Callable[[InboundMessage], object] | Callable[[InboundMessage], Awaitable[object]]
+"""A subscriber: a plain function (runs on the gateway's thread) or an ``async def`` (on the subscribing loop)."""
 
 
 @dataclass(frozen=True)
@@ -142,8 +183,21 @@ class NodeConfig:
     """Mean per-hop delay this node chooses for its anonymous packets (exponential; 0: none)."""
     betanet_cover_rate: float = 0.0
     """Loop and drop cover packets per second, each (Poisson; 0: none)."""
+    betanet_isolation: str = "thread"
+    """``process`` runs the relay in a process of its own (a native crash or ``kill -9`` takes only it)."""
     human_log: bool | None = False
     log_path: Path | None = None
+    codec: str | PayloadCodec = "bytes"
+    """How payloads are encoded: "bytes" (default), "json", "msgpack", or an object with
+    ``encode(value) -> bytes`` and ``decode(bytes)`` (see :mod:`villagemesh.actors.app.payload`)."""
+    outbox: OutboxLimits = field(default_factory=OutboxLimits)
+    """Bounds on unfinished sends, per peer and in all, in messages and bytes."""
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
+    """Seconds ``send`` waits for room in a full outbox before raising OutboxFull."""
+    unknown_peer_timeout: float = DEFAULT_ROUTE_TIMEOUT
+    """Seconds a message to a peer with no known route waits for discovery before it fails."""
+    outcome_timeout: float = OUTCOME_TIMEOUT
+    """Seconds after the ack a handle waits for the recipient's outcome report (then UNCONFIRMED)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -195,6 +249,9 @@ class NodeConfig:
             "start_timeout",
             "checkpoint_interval",
             "handshake_timeout",
+            "send_timeout",
+            "unknown_peer_timeout",
+            "outcome_timeout",
         )
         for name in positive:
             value = getattr(self, name)
@@ -208,13 +265,17 @@ class NodeConfig:
             raise ConfigError(f"capabilities must be a Capabilities or None, got {type(self.capabilities).__name__}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
-
+        if self.betanet_isolation not in ("thread", "process"):
+            raise ConfigError(f"betanet_isolation must be 'thread' or 'process', got {self.betanet_isolation!r}")
         if self.betanet is not None and not isinstance(self.betanet, bool):
             raise ConfigError(f"betanet must be True, False or None, got {self.betanet!r}")
         for name in ("betanet_delay_ms", "betanet_cover_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        object.__setattr__(self, "codec", payload_codec(self.codec))
+        if not isinstance(self.outbox, OutboxLimits):
+            raise ConfigError(f"outbox must be an OutboxLimits, got {self.outbox!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -229,25 +290,6 @@ def _path(name: str, value: object) -> Path:
     if not isinstance(value, str | os.PathLike) or not os.fspath(value):
         raise ConfigError(f"{name} must be a path (str or os.PathLike), got {value!r}")
     return Path(value)
-
-
-def check_payload(payload: object) -> bytes:
-    """``payload`` as the bytes a message carries: ``bytes``, ``bytearray`` or ``memoryview`` only.
-
-    Anything else is refused with a ConfigError naming its type: an ``int`` or a list
-    would otherwise be turned into bytes of a meaning nobody intended (``bytes(5)`` is
-    five zero bytes), and a ``str`` has no encoding chosen for it.
-    """
-    if isinstance(payload, bytes):
-        return payload
-    if isinstance(payload, bytearray):
-        return bytes(payload)
-    if isinstance(payload, memoryview):
-        return payload.tobytes()
-    raise ConfigError(
-        f"payload must be bytes, bytearray or memoryview, got {type(payload).__name__}"
-        + (" (encode it first, e.g. text.encode())" if isinstance(payload, str) else "")
-    )
 
 
 def local_capabilities(transports: Sequence[str] = ("websocket",)) -> Capabilities:
@@ -328,6 +370,8 @@ class PeerInfo:
     last_seen: float
     trust: float
     latency_ms: float | None
+    name: str | None = None
+    """The peer's node name, from its signed announce (None: it sent none)."""
 
 
 class Node:
@@ -345,8 +389,16 @@ class Node:
         self.node_id: str = self.keys.node_id
         self.name = config.name or f"node-{self.node_id[:8]}"
         self.port = config.port or free_port(host=config.host)
+        self.codec: PayloadCodec = payload_codec(config.codec)
         self.subscribers = Subscribers()
-        self.handles = HandleTable()
+        self.handles = HandleTable(config.outbox)
+        self.bridge = Bridge()
+        self.gateway_counters = GatewayCounters()
+        self._listeners: list[Callable[[NodeEvent], None]] = []
+        self._peers_changed = threading.Condition()
+        self._peer_events = 0
+        """peer_discovered events so far (waiters compare it)."""
+        self._aio: AsyncNode | None = None
         self._lock = threading.Lock()
         self._started = False
         self._health = _Health()
@@ -424,6 +476,7 @@ class Node:
             log = EventLog(self.name, self.log_path, human=self.config.human_log)
             env = Environment(bus=bus, log=log, scheduler=Scheduler(f"{self.name}-timers"))
             env.process_launcher = self._process_launcher
+            log.add_sink(self._on_log_event)
             self._env = env
             self._health = _Health()
             self._failure = None
@@ -511,10 +564,20 @@ class Node:
         self.stop()
 
     async def __aenter__(self) -> Node:
-        return await asyncio.to_thread(self.start)
+        await self.aio.start()
+        return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.stop)
+        await self.aio.stop()
+
+    @property
+    def aio(self) -> AsyncNode:
+        """This node's asyncio face (:class:`villagemesh.aio.AsyncNode`): every call a coroutine."""
+        if self._aio is None:
+            from villagemesh.aio import AsyncNode
+
+            self._aio = AsyncNode(self)
+        return self._aio
 
     # -- health --------------------------------------------------------------------------------
 
@@ -580,6 +643,8 @@ class Node:
         self._connections = ConnectionLimiter(limits.max_per_source, limits.max_total)
         betanet = self.runs_betanet
         capabilities = cfg.capabilities or local_capabilities(("websocket", "betanet") if betanet else ("websocket",))
+        if capabilities.node_name is None:
+            capabilities = replace(capabilities, node_name=self.name)  # peers see it in the signed announce
         addresses = (self.address, self.betanet_address) if betanet else (self.address,)
         identity = Identity(
             signing_key=self.keys.signing_key, addresses=addresses, capabilities=capabilities, port=self.port
@@ -624,13 +689,26 @@ class Node:
                     "deliver_to": "app",
                     "report_to": "app",
                     "registry": "registry",
+                    "route_timeout": cfg.unknown_peer_timeout,
                     **retry,
                 },
             ),
             ChildSpec(
                 "app",
                 AppActor,
-                config={"subscribers": self.subscribers, "handles": self.handles, "inbox": str(data / MESSAGES_FILE)},
+                config={
+                    "subscribers": self.subscribers,
+                    "handles": self.handles,
+                    "inbox": str(data / MESSAGES_FILE),
+                    "node_id": self.node_id,
+                    "outcomes_to": "retrier",
+                    "await_outcomes": True,
+                    "outcome_timeout": cfg.outcome_timeout,
+                    "codec": self.codec,
+                    "bridge": self.bridge,
+                    "counters": self.gateway_counters,
+                    "tree": self._actors,
+                },
             ),
             ChildSpec(
                 "keeper",
@@ -688,6 +766,7 @@ class Node:
         return ChildSpec(
             "betanet",
             BetanetActor,
+            isolation=cfg.betanet_isolation,
             config={
                 "keys": self.keys.to_bytes(),
                 "host": cfg.host,
@@ -745,57 +824,145 @@ class Node:
             raise SupervisionError(f"node {self.name} is not running (call start())")
         return self._env.bus.client()
 
-    def send(
+    def envelope(
         self,
         peer_id: str,
-        payload: bytes,
+        payload: object,
         *,
         kind: str = "DATA",
-        priority: Priority | str | int = Priority.NORMAL,
+        priority: PriorityLike = Priority.NORMAL,
         ttl: float = DEFAULT_TTL,
         correlation_id: bytes | None = None,
-    ) -> DeliveryHandle:
-        """Send ``payload`` to ``peer_id`` reliably; the handle ends delivered or failed.
+    ) -> Message:
+        """The envelope :meth:`send` would send (validated; ``payload`` encoded by the node's codec).
 
-        The message is stored durably before this returns: a crash of the node
-        afterwards does not lose it (it is resent after the restart).
+        Raises:
+            ConfigError: a malformed or own peer id, a payload the codec refuses, a bad kind,
+                priority, ttl or correlation id (the message names the value).
         """
-        from villagemesh.actors.retrier.messages import Deliver, DeliverReply
-
-        body = check_payload(payload)
-        if not isinstance(peer_id, str) or not peer_id:
-            raise ConfigError(f"peer_id must be a non-empty str, got {peer_id!r}")
-        if not isinstance(kind, str) or not kind:
-            raise ConfigError(f"kind must be a non-empty str, got {kind!r}")
-        if not _is_number(ttl) or not ttl > 0:
-            raise ConfigError(f"ttl must be a positive finite number of seconds, got {ttl!r}")
-        if correlation_id is not None and not isinstance(correlation_id, bytes):
-            raise ConfigError(f"correlation_id must be bytes or None, got {type(correlation_id).__name__}")
-        message = Message(
+        check_peer_id(peer_id, self.node_id)
+        if not isinstance(kind, str) or not kind or kind.startswith("villagemesh."):
+            raise ConfigError(f"kind must be a non-empty str not starting 'villagemesh.', got {kind!r}")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
+            raise ConfigError(f"ttl must be seconds > 0, got {ttl!r}")
+        if correlation_id is not None and (not isinstance(correlation_id, bytes) or len(correlation_id) != ID_BYTES):
+            raise ConfigError(f"correlation_id must be {ID_BYTES} bytes or None, got {correlation_id!r}")
+        chosen = _priority(priority)
+        data = self.codec.encode(payload)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ConfigError(f"codec {self.codec!r} encoded {payload!r:.60} to {type(data).__name__}, not bytes")
+        data = bytes(data)
+        if len(data) > MAX_PAYLOAD_BYTES:
+            raise ConfigError(f"payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
+        return Message(
             id=os.urandom(ID_BYTES),
             kind=kind,
             sender=self.node_id,
             recipient=peer_id,
-            priority=_priority(priority),
+            priority=chosen,
             created_at=time.time(),
             ttl=float(ttl),
             correlation_id=correlation_id,
-            payload=body,
+            payload=data,
         )
-        handle = self.handles.new(message.id)
-        reply = self._client().ask("retrier", Deliver(encode_message(message)), timeout=ASK_TIMEOUT)
+
+    def send(
+        self,
+        peer_id: str,
+        payload: object,
+        *,
+        kind: str = "DATA",
+        priority: PriorityLike = Priority.NORMAL,
+        ttl: float = DEFAULT_TTL,
+        correlation_id: bytes | None = None,
+        timeout: float | None = None,
+    ) -> DeliveryHandle:
+        """Send ``payload`` to ``peer_id`` reliably; the handle ends when its recipient's handlers did.
+
+        The message is stored durably before this returns: a crash of the node
+        afterwards does not lose it (it is resent after the restart). A full
+        outbox blocks this call up to ``timeout`` seconds (default
+        ``NodeConfig.send_timeout``).
+
+        Raises:
+            ConfigError: at once, for a malformed id, this node's own id, or a bad value.
+            OutboxFull: the outbox stayed full for ``timeout`` seconds.
+        """
+        from villagemesh.actors.retrier.messages import Deliver, DeliverReply
+
+        message = self.envelope(peer_id, payload, kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id)
+        client = self._client()
+        wait = self.config.send_timeout if timeout is None else timeout
+        handle = self.handles.new(message.id, peer_id, len(message.payload), timeout=wait)
+        try:
+            reply = client.ask("retrier", Deliver(encode_message(message)), timeout=ASK_TIMEOUT)
+        except BusError as exc:
+            self.handles.resolve(message.id, False, 0, f"not handed to the retrier: {exc}")
+            raise
         if not isinstance(reply, DeliverReply) or reply.error is not None:
-            self.handles.resolve(message.id, False, 0, getattr(reply, "error", repr(reply)))
-            raise ConfigError(f"message to {peer_id!r} refused: {getattr(reply, 'error', reply)}")
+            error = getattr(reply, "error", repr(reply))
+            self.handles.resolve(message.id, False, 0, f"refused: {error}")
+            raise ConfigError(f"message to {peer_id!r} refused: {error}")
         return handle
 
-    def broadcast(self, kind: str, payload: bytes, **kwargs: Any) -> list[DeliveryHandle]:
-        """Send to every known peer (one reliable message each)."""
-        check_payload(payload)  # refused even when no peer is known
-        return [self.send(p.peer_id, payload, kind=kind, **kwargs) for p in self.peers()]
+    def request(
+        self,
+        peer_id: str,
+        payload: object,
+        *,
+        timeout: float,
+        kind: str = REQUEST_KIND,
+        priority: PriorityLike = Priority.NORMAL,
+    ) -> Any:
+        """Send ``payload`` and return the reply: the value the peer's handler returned, decoded.
 
-    def subscribe(self, kind: str, handler: Callable[[InboundMessage], Any]) -> Callable[[], None]:
+        The request is a reliable message whose TTL is ``timeout``; the reply
+        rides on its outcome report. A reply arriving after ``timeout`` is
+        dropped and counted (``network_status()["late_replies"]``).
+
+        Raises:
+            RequestTimeout: no reply within ``timeout`` seconds (names the peer and the message id).
+            RemoteError: the peer's handler raised (its exception's type and message).
+            Unhandled: the peer has no handler for ``kind``.
+            DeliveryFailed: the request never reached a handler.
+        """
+        deadline = time.monotonic() + timeout
+        handle = self.send(peer_id, payload, kind=kind, priority=priority, ttl=timeout, timeout=timeout)
+        status = handle.wait(max(0.0, deadline - time.monotonic()))
+        return self._reply_of(handle, status, timeout)
+
+    def _reply_of(self, handle: DeliveryHandle, status: DeliveryStatus, timeout: float) -> Any:
+        if status.state is DeliveryState.PENDING:
+            self.handles.abandon(handle.raw_id)
+            raise RequestTimeout(handle.peer_id, handle.message_id, timeout)
+        error = status.exception()
+        if error is not None:
+            raise error
+        if status.remote_type is not None:  # handled, but the reply could not travel
+            raise RemoteError(status.message_id, status.attempts, status.remote_type, status.last_error or "")
+        return None if status.reply is None else self.codec.decode(status.reply)
+
+    def broadcast(
+        self,
+        kind: str,
+        payload: object,
+        *,
+        priority: PriorityLike = Priority.NORMAL,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+    ) -> list[DeliveryHandle]:
+        """Send to every known peer (one reliable message each)."""
+        return [
+            self.send(p.peer_id, payload, kind=kind, priority=priority, ttl=ttl, timeout=timeout) for p in self.peers()
+        ]
+
+    def subscribe(self, kind: str, handler: Handler) -> Callable[[], None]:
         """Call ``handler(message)`` for each message of ``kind`` ("*" for all); returns the unsubscribe.
+
+        A plain handler runs on the node's app gateway thread (keep it short; it
+        delays every later message); an ``async def`` handler runs on the event
+        loop this is called from. A handler answers a request by returning a
+        value. See docs/embedding.md for statuses and what a failing handler reports.
 
         Each message is dispatched once; only if the node dies while handlers run
         is it dispatched again after the restart, with ``message.redelivered`` True
@@ -821,24 +988,28 @@ class Node:
         """Every peer suitable for evolution, best first (no cap; may be fewer than ``min_count``)."""
         from villagemesh.actors.registry.messages import FindSuitablePeers
 
-        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
-            raise ConfigError(f"min_count must be an int >= 0, got {min_count!r}")
+        check_min_count(min_count)
         reply = self._client().ask("registry", FindSuitablePeers(min_count), timeout=ASK_TIMEOUT)
         return [_peer_info(p) for p in reply.peers]
 
     def wait_for_peers(self, count: int, timeout: float) -> bool:
-        """True once at least ``count`` peers are known (polls the registry; for scripts and tests)."""
+        """True once at least ``count`` peers are known; woken by each ``peer_discovered`` event."""
         if not _is_int(count) or count < 0:
             raise ConfigError(f"count must be an int >= 0, got {count!r}")
         if not _is_number(timeout) or timeout < 0:
             raise ConfigError(f"timeout must be a finite number >= 0, got {timeout!r}")
         deadline = time.monotonic() + timeout
         while True:
+            with self._peers_changed:
+                seen = self._peer_events
             if len(self.peers()) >= count:
                 return True
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
-            threading.Event().wait(0.05)
+            with self._peers_changed:
+                if self._peer_events == seen:
+                    self._peers_changed.wait(min(left, 1.0))
 
     def discover_now(self) -> None:
         """Start a discovery round now."""
@@ -855,51 +1026,190 @@ class Node:
         self._client().tell(actor_name, InjectedCrash(f"injected by Node.crash({actor_name!r})"))
 
     def network_status(self) -> dict[str, Any]:
-        """The node at a glance: id, mode, peers, the retrier's counters, the actor tree (and the mixnode's)."""
+        """The node at a glance: id, mode, peers, the retrier's counters, the outbox, the actor tree
+        (and the mixnode's)."""
+        from villagemesh.actors.betanet.actor import betanet_status
         from villagemesh.actors.retrier.messages import GetRetrierStatus
 
+        client = self._client()
+        retrier = client.ask("retrier", GetRetrierStatus(), timeout=ASK_TIMEOUT)
+        mix = betanet_status(client, timeout=ASK_TIMEOUT) if self.runs_betanet else None
+        return self._status(len(self.peers()), retrier, self._actors(), mix)
+
+    def _actors(self) -> list[dict[str, Any]]:
         assert self._root is not None
-        retrier = self._client().ask("retrier", GetRetrierStatus(), timeout=ASK_TIMEOUT)
         try:
-            actors = which_children(self._root.actor_ref, timeout=ASK_TIMEOUT)
+            return which_children(self._root.actor_ref, timeout=ASK_TIMEOUT)
         except (pykka.ActorDeadError, pykka.Timeout) as exc:
             self._health.wait_for(lambda: self._failure is not None, ASK_TIMEOUT)  # the root's report is on its way
             if self._failure is not None:
                 raise _again(self._failure) from exc
             raise SupervisionError(f"node {self.name}: the root supervisor did not answer ({exc})") from exc
+
+    def _status(self, peers: int, retrier: Any, actors: list[dict[str, Any]], mix: Any = None) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "name": self.name,
             "mode": self.config.mode.value,
             "address": self.address,
             "transport_priority": list(_transport_order(self.config.mode)),
-            "peers": len(self.peers()),
+            "peers": peers,
             "retrier": {k: getattr(retrier, k) for k in retrier.__dataclass_fields__},
+            "outbox": {"messages": self.handles.pending_messages, "bytes": self.handles.pending_bytes},
+            "late_replies": self.handles.late,
+            "app": asdict(self.gateway_counters),
             "actors": actors,
-            **({"betanet": self._betanet_status()} if self.runs_betanet else {}),
+            **({"betanet": _betanet_fields(mix)} if mix is not None else {}),
         }
 
-    def _betanet_status(self) -> dict[str, Any]:
-        from villagemesh.actors.betanet.actor import betanet_status
+    # -- events ------------------------------------------------------------------------------------
 
-        status = betanet_status(self._client(), timeout=ASK_TIMEOUT)
-        return {
-            "address": status.address,
-            "epoch": status.epoch,
-            "mixnodes": status.mixnodes,
-            "held": status.held,
-            "counts": status.counts,
-        }
+    def on_event(self, listener: Callable[[NodeEvent], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` for each :class:`NodeEvent`; returns the unsubscribe.
 
-    # -- asyncio ----------------------------------------------------------------------------------
+        It runs in the thread that logged the event (an actor's): keep it short and
+        never block in it. ``AsyncNode.events()`` is the asyncio form.
+        """
+        self._listeners.append(listener)
 
-    async def asend(self, peer_id: str, payload: bytes, **kwargs: Any) -> DeliveryHandle:
-        """:meth:`send` without blocking the event loop."""
-        return await asyncio.to_thread(self.send, peer_id, payload, **kwargs)
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def _on_log_event(self, record: dict[str, Any]) -> None:
+        """The log's sink: public events out, and a dead transport's in-flight sends failed at once."""
+        name = record["event"]
+        if name == "child_crashed" and record.get("child_id") in _TRANSPORTS:
+            self._transport_down(record["child_id"])
+        if name == "peer_discovered" and "peer_id" in record:
+            with self._peers_changed:
+                self._peer_events += 1
+                self._peers_changed.notify_all()
+        event = NodeEvent.of(record)
+        if event is None:
+            return
+        for listener in list(self._listeners):
+            listener(event)
+
+    def _transport_down(self, transport: str) -> None:
+        from villagemesh.actors.retrier.messages import TransportDown
+
+        if not self._started or self._env is None:
+            return  # stopping: nothing to fail over to
+        try:
+            self._env.bus.client().tell("retrier", TransportDown(transport), timeout=ASK_TIMEOUT)
+        except BusError as exc:
+            self._env.log.emit("transport_down_unreported", level="warning", transport=transport, reason=str(exc))
+
+    # -- asyncio (see villagemesh.aio: these are its coroutines) -----------------------------------
+
+    async def asend(
+        self,
+        peer_id: str,
+        payload: object,
+        *,
+        kind: str = "DATA",
+        priority: PriorityLike = Priority.NORMAL,
+        ttl: float = DEFAULT_TTL,
+        correlation_id: bytes | None = None,
+        timeout: float | None = None,
+    ) -> DeliveryHandle:
+        """:meth:`AsyncNode.send <villagemesh.aio.AsyncNode.send>`."""
+        return await self.aio.send(
+            peer_id, payload, kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id, timeout=timeout
+        )
+
+    async def arequest(
+        self,
+        peer_id: str,
+        payload: object,
+        *,
+        timeout: float,
+        kind: str = REQUEST_KIND,
+        priority: PriorityLike = Priority.NORMAL,
+    ) -> Any:
+        """:meth:`AsyncNode.request <villagemesh.aio.AsyncNode.request>`."""
+        return await self.aio.request(peer_id, payload, timeout=timeout, kind=kind, priority=priority)
 
     async def apeers(self) -> list[PeerInfo]:
-        """:meth:`peers` without blocking the event loop."""
-        return await asyncio.to_thread(self.peers)
+        """:meth:`AsyncNode.peers <villagemesh.aio.AsyncNode.peers>`."""
+        return await self.aio.peers()
+
+
+def _betanet_fields(status: Any) -> dict[str, Any]:
+    return {
+        "address": status.address,
+        "epoch": status.epoch,
+        "mixnodes": status.mixnodes,
+        "held": status.held,
+        "counts": status.counts,
+    }
+
+
+_TRANSPORTS = frozenset({"libp2p", "bitchat", "betanet", "websocket"})
+"""Bus names of transport actors (their death fails their in-flight sends at once)."""
+
+_PUBLIC_EVENTS: Mapping[str, str] = {
+    "peer_discovered": "peer_discovered",
+    "peer_expired": "peer_lost",
+    "peer_evicted": "peer_lost",
+    "peer_forgotten": "peer_lost",
+    "message_handled": "delivered",
+    "delivery_failed": "failed",
+    "message_unconfirmed": "failed",
+    "child_crashed": "child_crashed",
+    "child_restarted": "child_restarted",
+}
+"""Log event -> public event kind (``message_handled`` of another status than handled is ``failed``)."""
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """One event of the node, for orchestrators: ``kind`` and the log record's fields.
+
+    Kinds: ``peer_discovered`` (peer_id, source, transports), ``peer_lost``
+    (peer_id, why: expired, evicted or forgotten), ``delivered`` (message_id,
+    peer_id), ``failed`` (message_id, and status/reason or
+    attempts/last_error), ``child_crashed`` (child_id, exc_type,
+    exc_message), ``child_restarted`` (child_id, restart_count).
+    """
+
+    kind: str
+    fields: Mapping[str, Any]
+    timestamp: str
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> NodeEvent | None:
+        """The public event of a log record, or None for a record that is not one."""
+        name = record.get("event", "")
+        kind = _PUBLIC_EVENTS.get(name)
+        if kind is None or (name == "peer_discovered" and "peer_id" not in record):
+            return None  # (a beacon's sighting, before the registry has the peer, is not one)
+        if name == "message_handled" and record.get("status") != "handled":
+            kind = "failed"
+        common = {"event", "level", "node", "timestamp", "traceback"}
+        fields = {k: v for k, v in record.items() if k not in common}
+        if kind == "peer_lost":
+            fields["why"] = name.removeprefix("peer_")
+        return cls(kind, fields, str(record.get("timestamp", "")))
+
+
+def check_peer_id(peer_id: object, own_id: str | None = None) -> str:
+    """``peer_id`` if it is a well-formed node id other than ``own_id``; else ConfigError naming it."""
+    if not isinstance(peer_id, str) or NODE_ID.fullmatch(peer_id) is None:
+        raise ConfigError(f"peer id must be 32 lower-case hex characters (a node id), got {peer_id!r}")
+    if peer_id == own_id:
+        raise ConfigError(f"peer id {peer_id!r} is this node's own id: a node does not send to itself")
+    return peer_id
+
+
+def check_min_count(min_count: object) -> int:
+    """``min_count`` if it is an int >= 0; else ConfigError naming it."""
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+        raise ConfigError(f"min_count must be an int >= 0, got {min_count!r}")
+    return min_count
 
 
 def _again(failure: NodeFailed) -> NodeFailed:
@@ -986,7 +1296,8 @@ def _priority(value: Priority | str | int) -> Priority:
 
 def _peer_info(info: Any) -> PeerInfo:
     rec = info.record()
-    return PeerInfo(rec.peer_id, rec.addresses, rec.capabilities, rec.last_seen, rec.trust, rec.latency_ms)
+    name = None if rec.capabilities is None else rec.capabilities.node_name
+    return PeerInfo(rec.peer_id, rec.addresses, rec.capabilities, rec.last_seen, rec.trust, rec.latency_ms, name)
 
 
 def create_network(mode: NetworkMode | str = NetworkMode.HYBRID, **settings: Any) -> Node:

@@ -37,44 +37,132 @@ the operator.
 
 A subscriber that raises is the application's fault, not the gateway's: the
 exception is logged (``handler_failed``, with the traceback) and the other
-subscribers still run; the message counts as handled. Letting it crash the
+subscribers still run; the message is marked handled (it is not dispatched
+again) and its sender is told ``handler_failed``. Letting it crash the
 gateway would dispatch the same message again after the restart, forever.
+
+Outcomes (honest delivery status; the wire form is in :mod:`.messages`). With
+``outcomes_to`` set (the node sets its retrier), every dispatched message's
+end goes back to its sender as an outcome report, a reliable envelope of its
+own, stored in the same commit as the mark (so a kill after it loses no report):
+
+============== ========================================== ===================================
+status         when                                       logged / counted (GatewayCounters) here
+============== ========================================== ===================================
+handled        every handler returned                     (``message_handled`` at the sender)
+unhandled      nobody subscribes to the kind              ``message_unhandled``, ``unhandled``
+handler_failed a handler raised, its coroutine failed, a  ``handler_failed``, ``handler_failed``
+               plain handler returned a coroutine outside
+               any loop, the payload did not decode, or
+               the message is poison
+============== ========================================== ===================================
+
+The first non-None value a handler returns is the reply (encoded by the
+``codec``); a request reads it from the report. A plain handler that returns
+a coroutine (``subscribe("DATA", lambda m: queue.put(m))`` with an
+``asyncio.Queue``) has it run on the loop it subscribed from, or, subscribed
+outside any loop, refused as a failed handler naming the fix.
+
+At the sender, the gateway resolves delivery handles: with ``await_outcomes``
+(the node's setting) an ack (``MessageDelivered``) only marks the handle
+acked, and the outcome report ends it (DELIVERED, UNHANDLED,
+HANDLER_FAILED); no report within ``outcome_timeout`` seconds of the ack ends
+it UNCONFIRMED (the report could not reach the sender in time).
+``MessageFailed`` ends it FAILED. Without
+``await_outcomes`` the ack ends it DELIVERED (a harness without a peer gateway).
+
+The gateway also answers :class:`~.messages.BridgeQuery` for the node's asyncio
+face: it asks the registry or retrier (with a timeout) and sets the caller's
+future on its loop (``loop.call_soon_threadsafe``).
 
 Config: ``subscribers`` (Subscribers), ``handles`` (HandleTable), ``inbox``
 (the retrier's SQLite file, required), ``synchronous`` (NORMAL or FULL),
-``max_dispatches`` (default :data:`MAX_DISPATCHES`).
+``max_dispatches`` (default :data:`MAX_DISPATCHES`), ``node_id`` and
+``outcomes_to`` (send outcome reports), ``await_outcomes``,
+``outcome_timeout`` (default :data:`OUTCOME_TIMEOUT`), ``codec`` (a payload
+codec, default bytes), ``counters`` (GatewayCounters, shared so they outlive
+a restart), ``bridge`` (Bridge) with ``registry``/``retrier`` names
+and ``tree`` (a callable answering the ``actors`` query).
 Log events: ``handler_failed`` (kind, handler, exc_type, exc_message,
 traceback), ``message_rejected`` (actor, reason), ``message_redelivered``
 (message_id, dispatches), ``message_already_handled`` (message_id),
-``message_poisoned`` (message_id, kind, sender, dispatches).
+``message_poisoned`` (message_id, kind, sender, dispatches),
+``message_unhandled`` (message_id, kind, sender), ``message_handled``
+(message_id, peer_id, status, reason) when an outcome ends a handle,
+``outcome_unclaimed`` (message_id, status) for a report nobody waits for,
+``outcome_undeliverable`` (message_id, reason), ``message_unconfirmed``
+(message_id, timeout_s).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
+import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
 
-from villagemesh.actors.app.messages import CoroutineDone
-from villagemesh.actors.app.state import HandleTable, InboundMessage, Subscribers
+from villagemesh.actors.app.messages import (
+    MAX_REASON_CHARS,
+    OUTCOME_KIND,
+    BridgeQuery,
+    CoroutineDone,
+    Outcome,
+    OutcomeDue,
+    OutcomeStatus,
+)
+from villagemesh.actors.app.payload import BytesCodec, PayloadCodec, payload_codec
+from villagemesh.actors.app.state import (
+    Bridge,
+    DeliveryState,
+    GatewayCounters,
+    HandleTable,
+    InboundMessage,
+    Subscribers,
+)
+from villagemesh.actors.betanet.messages import GetBetanetStatus
 from villagemesh.actors.core.base import Actor, ActorContext
 from villagemesh.actors.core.ledger import Inbox
-from villagemesh.actors.retrier.messages import Incoming, MessageDelivered, MessageFailed
-from villagemesh.errors import ConfigError, ProtocolError
-from villagemesh.protocols.envelope import decode_message
+from villagemesh.actors.registry.messages import FindSuitablePeers, ListPeers
+from villagemesh.actors.retrier.messages import Deliver, GetRetrierStatus, Incoming, MessageDelivered, MessageFailed
+from villagemesh.errors import BusError, ConfigError, ProtocolError, SupervisionError, VillageMeshError
+from villagemesh.protocols.envelope import ID_BYTES, Message, decode_message, encode_message
 
-__all__ = ["MAX_DISPATCHES", "AppActor"]
+__all__ = ["MAX_DISPATCHES", "OUTCOME_TIMEOUT", "OUTCOME_TTL", "AppActor"]
 
 MAX_DISPATCHES = 3
 """Dispatches of one message that may begin without finishing (the first and two redeliveries,
 each ended by a death mid-handler) before it counts as poison and is set aside."""
 
+OUTCOME_TIMEOUT = 60.0
+"""Seconds a sender waits, after the ack, for the outcome report before the handle ends UNCONFIRMED."""
+
+OUTCOME_TTL = 300.0
+"""Seconds an outcome report lives: as long as an ack (a sender long gone needs none)."""
+
+BRIDGE_ASK_TIMEOUT = 5.0
+"""Seconds the gateway waits for the registry or retrier on behalf of an asyncio caller."""
+
+
+@dataclass(slots=True)
+class _Run:
+    """One dispatched message whose handlers have not all ended."""
+
+    message: Message
+    left: int = 0
+    reply: Any = None
+    failure: BaseException | None = None
+    failed_handler: Any = field(default=None)
+
 
 class AppActor(Actor):
-    """Config: ``subscribers`` (Subscribers), ``handles`` (HandleTable), ``inbox`` (path), ``synchronous``."""
+    """Config: see the module's docstring."""
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)
@@ -88,11 +176,31 @@ class AppActor(Actor):
         self.max_dispatches = ctx.config.get("max_dispatches", MAX_DISPATCHES)
         if not isinstance(self.max_dispatches, int) or isinstance(self.max_dispatches, bool) or self.max_dispatches < 1:
             raise ConfigError(f"max_dispatches must be an int >= 1, got {self.max_dispatches!r}")
+        self.node_id: str | None = ctx.config.get("node_id")
+        self.outcomes_to: str | None = ctx.config.get("outcomes_to")
+        if self.outcomes_to is not None and not self.node_id:
+            raise ConfigError("the app gateway sends outcome reports only with config['node_id'] (this node's id)")
+        self.await_outcomes = bool(ctx.config.get("await_outcomes", False))
+        self.outcome_timeout = ctx.config.get("outcome_timeout", OUTCOME_TIMEOUT)
+        if isinstance(self.outcome_timeout, bool) or not isinstance(self.outcome_timeout, int | float):
+            raise ConfigError(f"outcome_timeout must be seconds > 0, got {self.outcome_timeout!r}")
+        if not self.outcome_timeout > 0:
+            raise ConfigError(f"outcome_timeout must be seconds > 0, got {self.outcome_timeout!r}")
+        self.codec: PayloadCodec = payload_codec(ctx.config.get("codec", BytesCodec()))
+        self.bridge: Bridge | None = ctx.config.get("bridge")
+        self.registry_name: str = ctx.config.get("registry", "registry")
+        self.retrier_name: str = ctx.config.get("retrier", "retrier")
+        self.counters: GatewayCounters = ctx.config.get("counters") or GatewayCounters()
+        self.tree: Callable[[], Any] | None = ctx.config.get("tree")
+        """Answers the ``actors`` query: the node's supervision tree (asked with a timeout)."""
 
     def on_start(self) -> None:
         self.inbox = Inbox(self.inbox_path, synchronous=self.synchronous)
-        self.running: dict[bytes, int] = {}
-        """Messages with coroutine handlers still running: how many."""
+        self.running: dict[bytes, _Run] = {}
+        """Messages with coroutine handlers still running."""
+        self.acked_at: dict[bytes, float] = {}
+        """Acked sends waiting for their outcome report: when acked (monotonic), oldest first."""
+        self.sweep_pending = False
         # A previous instance (or process) died while these ran: dispatch them again now, flagged.
         # (The retrier re-sends every unhandled message when it starts; those Incomings find
         # these handled.)
@@ -108,9 +216,18 @@ class AppActor(Actor):
         if isinstance(msg, Incoming):
             self._dispatch_inbound(msg)
         elif isinstance(msg, MessageDelivered):
-            self.handles.resolve(msg.message_id, True, msg.attempts, None)
+            if self.await_outcomes:
+                self.handles.acked(msg.message_id, msg.attempts)
+                if self.handles.get(msg.message_id) is not None:
+                    self._await_outcome(msg.message_id)
+            else:
+                self.handles.resolve(msg.message_id, True, msg.attempts, None)
         elif isinstance(msg, MessageFailed):
             self.handles.resolve(msg.message_id, False, msg.attempts, f"{msg.reason}: {msg.last_error}")
+        elif isinstance(msg, OutcomeDue):
+            self._outcomes_due()
+        elif isinstance(msg, BridgeQuery):
+            self._bridge_query(msg)
         else:
             raise TypeError(f"app gateway got an unexpected {type(msg).__name__}")
         return None
@@ -119,29 +236,76 @@ class AppActor(Actor):
         """Items put straight into this instance's inbox: the ends of coroutine handlers."""
         if not isinstance(message, CoroutineDone):
             raise TypeError(f"app gateway got an unexpected {type(message).__name__}")
-        exc = message.future.exception() if not message.future.cancelled() else asyncio.CancelledError()
-        if exc is not None:
-            self._handler_failed(message.kind, message.handler, exc)
-        left = self.running.pop(message.message_id) - 1
-        if left:
-            self.running[message.message_id] = left
-        else:
-            self.inbox.mark_handled(message.message_id)
+        run = self.running.get(message.message_id)
+        if run is None:
+            return None
+        future = message.future
+        if future.cancelled():
+            self._failed(run, message.handler, asyncio.CancelledError("the coroutine handler was cancelled"))
+        elif (exc := future.exception()) is not None:
+            self._failed(run, message.handler, exc)
+        elif run.reply is None:
+            run.reply = future.result()
+        run.left -= 1
+        if run.left == 0:
+            del self.running[message.message_id]
+            self._conclude(message.message_id, run)
         return None
+
+    # -- waiting for outcome reports --------------------------------------------------------------
+
+    def _await_outcome(self, message_id: bytes) -> None:
+        """Remember when ``message_id`` was acked; one sweep timer (not one per message) ends the late."""
+        self.acked_at[message_id] = time.monotonic()
+        if not self.sweep_pending:
+            self.sweep_pending = True
+            self.schedule(self.outcome_timeout / 4, OutcomeDue())
+
+    def _outcomes_due(self) -> None:
+        self.sweep_pending = False
+        now = time.monotonic()
+        while self.acked_at:
+            message_id, at = next(iter(self.acked_at.items()))  # acked first = oldest
+            if at + self.outcome_timeout > now:
+                break
+            del self.acked_at[message_id]
+            handle = self.handles.get(message_id)
+            if handle is None:
+                continue  # its outcome came
+            self.ctx.log.emit(
+                "message_unconfirmed", level="warning", message_id=message_id.hex(), timeout_s=self.outcome_timeout
+            )
+            self.counters.unconfirmed += 1
+            reason = f"acked, but no outcome report within {self.outcome_timeout} s"
+            self.handles.resolve(message_id, DeliveryState.UNCONFIRMED, None, reason)
+        # Forget the ended (their outcome came) so the table holds only the waiting.
+        for message_id in [m for m in self.acked_at if self.handles.get(m) is None]:
+            del self.acked_at[message_id]
+        if self.acked_at:
+            self.sweep_pending = True
+            self.schedule(self.outcome_timeout / 4, OutcomeDue())
+
+    # -- receiving ---------------------------------------------------------------------------
 
     def _dispatch_inbound(self, msg: Incoming) -> None:
         if msg.message_id in self.running:
             return  # a second Incoming while its coroutine handlers still run: they will mark it
-        dispatches = self.inbox.begin_dispatch(msg.message_id)
-        if dispatches is None:
-            self.ctx.log.emit("message_already_handled", message_id=msg.message_id.hex())
-            return
         try:
             decoded = decode_message(msg.envelope)
         except ProtocolError as exc:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
             self.inbox.mark_handled(msg.message_id)
             return
+        if decoded.kind == OUTCOME_KIND:
+            # No handler runs: one commit (the mark), no dispatch count. False: a second Incoming.
+            if self.inbox.mark_handled(msg.message_id):
+                self._outcome_received(decoded)
+            return
+        dispatches = self.inbox.begin_dispatch(msg.message_id)
+        if dispatches is None:
+            self.ctx.log.emit("message_already_handled", message_id=msg.message_id.hex())
+            return
+        run = _Run(decoded)
         if dispatches > self.max_dispatches:
             self.ctx.log.emit(
                 "message_poisoned",
@@ -151,26 +315,141 @@ class AppActor(Actor):
                 sender=decoded.sender,
                 dispatches=dispatches - 1,
             )
-            self.inbox.mark_handled(msg.message_id)
+            run.failure = _Poisoned(f"its handlers never finished in {dispatches - 1} dispatches: set aside")
+            self._conclude(msg.message_id, run)
             return
         if dispatches > 1:
             self.ctx.log.emit("message_redelivered", message_id=msg.message_id.hex(), dispatches=dispatches)
-        message = InboundMessage.of(decoded, redelivered=dispatches > 1)
-        coroutines = 0
-        for sub in self.subscribers.for_kind(message.kind):
+        subscriptions = self.subscribers.for_kind(decoded.kind)
+        if not subscriptions:
+            self.counters.unhandled += 1
+            self.ctx.log.emit(
+                "message_unhandled",
+                level="warning",
+                message_id=msg.message_id.hex(),
+                kind=decoded.kind,
+                sender=decoded.sender,
+            )
+            self._settle(msg.message_id, decoded, Outcome(OutcomeStatus.UNHANDLED, decoded.kind))
+            return
+        try:
+            value = self.codec.decode(decoded.payload)
+        except Exception as exc:  # noqa: BLE001 - the sender's bytes or the application's codec: reported
+            self._failed(run, self.codec.decode, exc)
+            self._conclude(msg.message_id, run)
+            return
+        message = InboundMessage.of(decoded, redelivered=dispatches > 1, value=value)
+        self.counters.dispatched += 1
+        for sub in subscriptions:
             try:
-                if sub.loop is not None:
-                    future = asyncio.run_coroutine_threadsafe(sub.handler(message), sub.loop)
-                    future.add_done_callback(self._coroutine_done(msg.message_id, message.kind, sub.handler))
-                    coroutines += 1
-                else:
-                    sub.handler(message)
-            except Exception as exc:  # noqa: BLE001 - the application's bug: logged, the others still run
-                self._handler_failed(message.kind, sub.handler, exc)
-        if coroutines:
-            self.running[msg.message_id] = coroutines
+                if sub.is_coroutine:
+                    self._run_on(sub.loop, sub.handler(message), msg.message_id, sub.handler, run)
+                    continue
+                result = sub.handler(message)
+                if inspect.isawaitable(result):
+                    if sub.loop is None:
+                        if inspect.iscoroutine(result):
+                            result.close()  # never awaited, and said so here rather than by a RuntimeWarning
+                        raise ConfigError(
+                            f"handler {_name_of(sub.handler)} returned {type(result).__name__} but was subscribed "
+                            "outside an event loop: make it `async def` and subscribe it from the loop that "
+                            "should run it, or subscribe it from inside that loop"
+                        )
+                    self._run_on(sub.loop, result, msg.message_id, sub.handler, run)
+                elif result is not None and run.reply is None:
+                    run.reply = result
+            except Exception as exc:  # noqa: BLE001 - the application's bug: logged, reported, the others still run
+                self._failed(run, sub.handler, exc)
+        if run.left:
+            self.running[msg.message_id] = run
         else:
-            self.inbox.mark_handled(msg.message_id)  # R5: nothing runs between the last return and this commit
+            self._conclude(msg.message_id, run)  # R5: nothing runs between the last return and the commit
+
+    def _run_on(self, loop: Any, awaitable: Any, message_id: bytes, handler: Any, run: _Run) -> None:
+        future = asyncio.run_coroutine_threadsafe(_awaited(awaitable), loop)
+        future.add_done_callback(self._coroutine_done(message_id, getattr(run.message, "kind", ""), handler))
+        run.left += 1
+
+    def _conclude(self, message_id: bytes, run: _Run) -> None:
+        """Commit the mark and the outcome report to the sender (one commit), then hand the report on."""
+        if run.failure is not None:
+            exc = run.failure
+            outcome = Outcome(OutcomeStatus.HANDLER_FAILED, str(exc)[:MAX_REASON_CHARS], type(exc).__name__)
+        elif run.reply is None:
+            outcome = Outcome(OutcomeStatus.HANDLED)
+        else:
+            try:
+                outcome = Outcome(OutcomeStatus.HANDLED, reply=self.codec.encode(run.reply))
+            except Exception as exc:  # noqa: BLE001 - the application's codec or value: reported to the sender
+                reason = f"the reply could not be encoded: {type(exc).__name__}: {exc}"[:MAX_REASON_CHARS]
+                outcome = Outcome(OutcomeStatus.HANDLED, reason, "ReplyNotEncoded")
+        self._settle(message_id, run.message, outcome)
+
+    def _settle(self, message_id: bytes, message: Message, outcome: Outcome) -> None:
+        """R5: mark ``message_id`` handled; with outcomes on, its report is stored in the same commit.
+
+        The report is an outbox row the retrier is then told to adopt (``Deliver(stored=True)``);
+        if this process dies first, the restarted retrier finds the row and sends it.
+        """
+        if self.outcomes_to is None or message.recipient is None:
+            self.inbox.mark_handled(message_id)  # no one to report to: a harness without a retrier, or a broadcast
+            return
+        report = self._report_for(message, outcome)
+        envelope = encode_message(report)
+        self.inbox.mark_handled_reporting(
+            message_id, report.id, message.sender, report.priority, envelope, report.created_at, report.expires_at
+        )
+        self.counters.outcomes_sent += 1
+        try:
+            self.tell(self.outcomes_to, Deliver(envelope, stored=True))
+        except BusError as exc:  # stored: the retrier sends it when it next starts
+            self.ctx.log.emit("outcome_undeliverable", level="warning", message_id=message.id.hex(), reason=str(exc))
+
+    def _report_for(self, message: Message, outcome: Outcome) -> Message:
+        assert self.node_id is not None
+        now = time.time()
+        try:
+            payload = outcome.encode()
+            return Message(
+                os.urandom(ID_BYTES), OUTCOME_KIND, self.node_id, message.sender, message.priority, now,
+                OUTCOME_TTL, message.id, payload,
+            )  # fmt: skip
+        except ProtocolError as exc:  # the reply is too big for one envelope
+            reason = f"the reply does not fit an envelope: {exc}"[:MAX_REASON_CHARS]
+            failed = Outcome(OutcomeStatus.HANDLER_FAILED, reason, "ReplyTooLarge")
+            return Message(
+                os.urandom(ID_BYTES), OUTCOME_KIND, self.node_id, message.sender, message.priority, now,
+                OUTCOME_TTL, message.id, failed.encode(),
+            )  # fmt: skip
+
+    def _outcome_received(self, report: Message) -> None:
+        if report.correlation_id is None:
+            self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason="outcome without an id")
+            return
+        try:
+            outcome = Outcome.decode(report.payload)
+        except ProtocolError as exc:
+            self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
+            return
+        state = _STATES[outcome.status]
+        mid = report.correlation_id.hex()
+        self.counters.outcomes_received += 1
+        if self.handles.get(report.correlation_id) is None:
+            self.counters.outcomes_unclaimed += 1
+            self.ctx.log.emit("outcome_unclaimed", message_id=mid, status=outcome.status.value)
+            return
+        # Logged before the handle ends, so whoever waits on the handle finds the line written.
+        self.ctx.log.emit(
+            "message_handled",
+            level="info" if state is DeliveryState.DELIVERED else "warning",
+            message_id=mid,
+            peer_id=report.sender,
+            status=outcome.status.value,
+            reason=outcome.reason,
+        )
+        self.handles.resolve(
+            report.correlation_id, state, None, outcome.reason, remote_type=outcome.exc_type, reply=outcome.reply
+        )
 
     def _coroutine_done(self, message_id: bytes, kind: str, handler: Any) -> Any:
         ref = self.actor_ref
@@ -186,13 +465,63 @@ class AppActor(Actor):
 
         return done
 
-    def _handler_failed(self, kind: str, handler: Any, exc: BaseException) -> None:
+    def _failed(self, run: _Run, handler: Any, exc: BaseException) -> None:
+        self.counters.handler_failed += 1
+        if run.failure is None:
+            run.failure = exc
         self.ctx.log.emit(
             "handler_failed",
             level="error",
-            kind=kind,
-            handler=getattr(handler, "__qualname__", repr(handler)),
+            kind=run.message.kind,
+            handler=_name_of(handler),
             exc_type=type(exc).__name__,
             exc_message=str(exc),
             traceback="".join(traceback.format_exception(exc)),
         )
+
+    # -- the asyncio bridge ---------------------------------------------------------------------
+
+    def _bridge_query(self, msg: BridgeQuery) -> None:
+        if self.bridge is None:
+            raise ConfigError("the app gateway got a BridgeQuery without config['bridge']")
+        queries: dict[str, tuple[str, object]] = {
+            "peers": (self.registry_name, ListPeers()),
+            "suitable_peers": (self.registry_name, FindSuitablePeers(msg.argument)),
+            "retrier_status": (self.retrier_name, GetRetrierStatus()),
+            "betanet_status": ("betanet", GetBetanetStatus()),
+        }
+        if msg.query == "actors" and self.tree is not None:
+            try:
+                self.bridge.answer(msg.token, self.tree())
+            except (VillageMeshError, pykka.Timeout, pykka.ActorDeadError) as exc:
+                self.bridge.answer(msg.token, error=SupervisionError(f"the actor tree did not answer: {exc!r}"))
+            return
+        if msg.query not in queries:
+            self.bridge.answer(msg.token, error=ConfigError(f"unknown bridge query {msg.query!r}"))
+            return
+        to, question = queries[msg.query]
+        try:
+            answer = self.ask(to, question, timeout=BRIDGE_ASK_TIMEOUT)
+        except VillageMeshError as exc:
+            self.bridge.answer(msg.token, error=exc)
+            return
+        self.bridge.answer(msg.token, answer)
+
+
+class _Poisoned(Exception):
+    """A message whose handlers never finished (reported to its sender as a failed handler)."""
+
+
+_STATES = {
+    OutcomeStatus.HANDLED: DeliveryState.DELIVERED,
+    OutcomeStatus.UNHANDLED: DeliveryState.UNHANDLED,
+    OutcomeStatus.HANDLER_FAILED: DeliveryState.HANDLER_FAILED,
+}
+
+
+def _name_of(handler: Any) -> str:
+    return str(getattr(handler, "__qualname__", repr(handler)))
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable

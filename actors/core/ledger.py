@@ -55,7 +55,10 @@ empty). Later attempts commit their own S2.
 
 R3 and R5 are committed by the application gateway itself, in its own thread,
 on its own connection: R3 just before it calls the handlers, R5 straight after
-the last one returns, before it does anything else.
+the last one returns, before it does anything else. The node's gateway commits
+R5 together with the *outcome report* to the sender (an outbox row, like any
+message the retrier sends: :meth:`Inbox.mark_handled_reporting`), so a kill
+after R5 never loses the report: the restarted retrier replays it.
 
 * crash before S1: ``send`` never returned; the caller did not hand it over.
 * S1–S2: the row is there with attempts 0; after restart it is sent.
@@ -100,7 +103,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from villagemesh.actors.core.storage import open_database, translate
+from villagemesh.actors.core.storage import open_database, transaction, translate
 from villagemesh.errors import ConfigError, StorageError
 from villagemesh.protocols.envelope import ID_BYTES
 
@@ -234,6 +237,31 @@ class Inbox(MessagesFile):
         with translate(self.path, f"marking message {message_id.hex()} handled"):
             cursor = self._db.execute(
                 "UPDATE inbox SET handled = 1, payload = NULL WHERE message_id = ? AND handled = 0", (message_id,)
+            )
+            return cursor.rowcount == 1
+
+    def mark_handled_reporting(
+        self,
+        message_id: bytes,
+        report_id: bytes,
+        recipient: str,
+        priority: int,
+        envelope: bytes,
+        created_at: float,
+        expires_at: float,
+    ) -> bool:
+        """:meth:`mark_handled`, and in the same commit store ``envelope`` (the outcome report
+        ``report_id`` to ``recipient``) as a new outbox row, due at once, for the retrier to send."""
+        check_id(report_id)
+        with translate(self.path, f"marking message {message_id.hex()} handled"), transaction(self._db) as db:
+            cursor = db.execute(
+                "UPDATE inbox SET handled = 1, payload = NULL WHERE message_id = ? AND handled = 0", (message_id,)
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO outbox"
+                " (message_id, recipient, priority, payload, created_at, expires_at, attempts, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                (report_id, recipient, int(priority), envelope, created_at, expires_at, created_at),
             )
             return cursor.rowcount == 1
 

@@ -33,7 +33,10 @@ from envelopes made on other nodes) and passed to the pure state as ``now``.
 
 A ``Transmit`` that cannot even be handed to its transport actor (not running,
 mailbox full) is a retryable failure of that attempt: the next transport is
-tried at once.
+tried at once. ``TransportDown`` (the node tells it when a transport's actor
+crashes or stops) fails that transport's attempts in flight the same way, at
+once, instead of at their ack deadline. An envelope addressed to this node
+itself is refused.
 
 Config (``ctx.config``): ``path`` (SQLite file for outbox and inbox, required),
 ``node_id`` (this node, required), ``mode`` (network mode, default hybrid),
@@ -41,7 +44,7 @@ Config (``ctx.config``): ``path`` (SQLite file for outbox and inbox, required),
 told ``ListRoutes(reply_to=<retrier>)`` at start, default ``registry``; until
 its answer arrives, restored messages wait parked, spending no attempt), ``max_attempts``,
 ``backoff_base``, ``backoff_max``, ``jitter`` (see :class:`.policy.RetryPolicy`),
-``ack_timeout``, ``max_in_flight`` (see :class:`.state.RetrierState`),
+``ack_timeout``, ``max_in_flight``, ``route_timeout`` (see :class:`.state.RetrierState`),
 ``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.core.storage`).
 
 Log events: ``message_delivered`` (message_id, attempts, transport),
@@ -78,6 +81,7 @@ from .messages import (
     MessageDelivered,
     MessageFailed,
     RetrierStatus,
+    TransportDown,
 )
 from .modes import NetworkMode, next_transport
 from .policy import RetryPolicy
@@ -95,6 +99,7 @@ from .state import (
     Routes,
     Send,
     Tick,
+    TransportLost,
 )
 from .store import Outbox
 
@@ -138,7 +143,7 @@ class RetrierActor(Actor):
         self.synchronous = str(cfg.get("synchronous", "NORMAL"))
         policy_keys = ("max_attempts", "backoff_base", "backoff_max", "jitter")
         self.policy = RetryPolicy(**{k: cfg[k] for k in policy_keys if k in cfg})
-        state_keys = ("ack_timeout", "max_in_flight")
+        state_keys = ("ack_timeout", "max_in_flight", "route_timeout")
         self.state_settings = {k: cfg[k] for k in state_keys if k in cfg}
         RetrierState(self.policy, self.mode, **self.state_settings)  # validate now, in the supervisor's thread
 
@@ -185,7 +190,16 @@ class RetrierActor(Actor):
     def handle(self, msg: Any) -> Any:
         """Dispatch one message (the protocol is in :mod:`.messages`)."""
         if isinstance(msg, Deliver):
-            return self._deliver(msg.envelope)
+            if msg.stored:
+                self._adopt(msg.envelope)
+                return None
+            reply = self._deliver(msg.envelope)
+            if reply.error is not None and msg.report_refusal and reply.message_id is not None:
+                self._notify(MessageFailed(reply.message_id, 0, reply.error, "refused"))
+            return reply
+        if isinstance(msg, TransportDown):
+            self._step([TransportLost(msg.transport, time.time())])
+            return None
         if isinstance(msg, TransmitResult):
             if msg.ok:
                 return None  # not asked for (report_success=False); the state would wait for the ack anyway
@@ -245,6 +259,8 @@ class RetrierActor(Actor):
             return DeliverReply(None, False, f"not a valid envelope: {exc}")
         if message.recipient is None:
             return DeliverReply(message.id, False, "a broadcast has no single recipient to acknowledge it")
+        if message.recipient == self.node_id:
+            return DeliverReply(message.id, False, f"addressed to this node itself ({self.node_id})")
         if message.id in self.state:
             return DeliverReply(message.id, False, None)  # already pending: stored, and in the state
         # The state decides first (pure, in memory), so that the row is stored with its first
@@ -268,6 +284,13 @@ class RetrierActor(Actor):
         self._act(decisions, failures, stored=send, envelope=envelope)
         self._step(list(failures))
         return DeliverReply(message.id, True, None)
+
+    def _adopt(self, envelope: bytes) -> None:
+        """Take a message someone else stored in the outbox into the state (a replay of one row)."""
+        message = decode_message(envelope)  # stored by this node's own gateway: a bad one is a bug
+        if message.id in self.state or message.recipient is None:
+            return
+        self._step([Enqueue(message.id, message.recipient, message.priority, message.expires_at, time.time())])
 
     def _step(self, events: list[Event]) -> None:
         """Step the state through ``events`` and carry out its decisions (persisted first)."""

@@ -6,6 +6,7 @@ From the application::
     Handled(message_id)        tell: the application finished handling an Incoming
                                (the node's app gateway commits that in the inbox itself instead)
     GetRetrierStatus()         ask [RetrierStatus]
+    TransportDown(transport)   tell: that transport's actor died; its attempts in flight fail at once
 
 To the application (the configured ``deliver_to`` / ``report_to``)::
 
@@ -41,6 +42,7 @@ __all__ = [
     "MessageDelivered",
     "MessageFailed",
     "RetrierStatus",
+    "TransportDown",
 ]
 
 ACK_KIND = "ACK"
@@ -54,9 +56,16 @@ ACK_TTL = 300.0
 @dataclass(frozen=True, slots=True)
 class Deliver:
     """Send ``envelope`` (an encoded :class:`~villagemesh.protocols.envelope.Message` with a
-    recipient) reliably. As an ask, the reply comes once it is stored (durable)."""
+    recipient) reliably. As an ask, the reply comes once it is stored (durable).
+
+    ``report_refusal``: a refused envelope is also reported to ``report_to`` as a
+    ``MessageFailed`` (reason ``refused``): how a sender that told it learns of it.
+    ``stored``: the envelope's outbox row is already committed (the app gateway stores an
+    outcome report with its inbox mark): the retrier only takes it into its state."""
 
     envelope: bytes
+    report_refusal: bool = False
+    stored: bool = False
 
 
 @codec.message("retrier.DeliverReply")
@@ -99,7 +108,7 @@ class MessageDelivered:
 @codec.message("retrier.MessageFailed")
 @dataclass(frozen=True, slots=True)
 class MessageFailed:
-    """The message was given up on (``reason``: ttl_expired or attempts_exhausted)."""
+    """The message was given up on (``reason``: ttl_expired, attempts_exhausted, no_route, or refused)."""
 
     message_id: bytes
     attempts: int
@@ -131,3 +140,11 @@ class RetrierStatus:
     received: int
     duplicates: int
     unhandled: int
+
+
+@codec.message("retrier.TransportDown")
+@dataclass(frozen=True, slots=True)
+class TransportDown:
+    """The actor of ``transport`` died (crashed or stopped): what it had in flight gets no answer."""
+
+    transport: str

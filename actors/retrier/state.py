@@ -12,7 +12,8 @@ and does no I/O. The actor persists what the decisions say in the outbox
     Routes(recipient, transports)          ──►  Backoff(id, attempts, next_attempt_at, last_error, failed)
     AttemptResult(id, attempt, error, ...) ──►  Delivered(id, attempts, transport)
     AckReceived(id)                        ──►  Failed(id, attempts, last_error, reason)
-    Tick(now)                              ──►  NextWakeup(at)
+    TransportLost(transport)                     NextWakeup(at)
+    Tick(now)
 
 A message's life (``failed`` is the set of transports that failed this round)::
 
@@ -22,7 +23,7 @@ A message's life (``failed`` is the set of transports that failed this round)::
                  WAITING ─────────────────────────────── READY ◄──── Routes(recipient, ≠ ∅)
                     ▲                                      │  picked         ▲
                     │ Backoff: attempts < budget           │  (fair queue)   │
-                    │                                      ├── no route ──► PARKED
+                    │                                      ├── no route ──► PARKED ── route_timeout ──► Failed(NO_ROUTE)
                     │                                      ▼
                     └──── error / no ack by deadline ── IN_FLIGHT ──── AckReceived ──► Delivered
                                                                     └── budget spent ──► Failed
@@ -53,7 +54,11 @@ Rules (each a test or a hypothesis invariant):
    transport, in the network mode's order, that the recipient has and that has
    not failed this round; when all have failed the round restarts. A recipient
    without any transport is PARKED: it spends no attempts and waits for a
-   ``Routes`` event (or its TTL).
+   ``Routes`` event, at most ``route_timeout`` seconds (then
+   ``Failed(NO_ROUTE)``: an unknown peer is not waited for a whole TTL), or
+   its TTL if sooner. ``TransportLost(t)`` (the transport's actor died) fails
+   every attempt in flight on ``t`` at once, as a retryable error: the
+   recipient's inbox deduplicates, so a copy the dead transport did send is harmless.
 6. *Priorities without starvation.* At most ``max_in_flight`` messages are in
    flight; free slots go to READY messages by stride scheduling over the
    priority classes (:class:`FairQueue`): class weights CRITICAL 16, HIGH 8,
@@ -108,6 +113,7 @@ __all__ = [
     "Routes",
     "Send",
     "Tick",
+    "TransportLost",
     "jitter_rand",
     "max_picks_before",
 ]
@@ -115,6 +121,10 @@ __all__ = [
 DEFAULT_ACK_TIMEOUT = 30.0
 """Seconds to wait for an end-to-end ack before an attempt counts as failed: one
 heartbeat period of the replaced system, far above any loopback or LAN round trip."""
+
+DEFAULT_ROUTE_TIMEOUT = 30.0
+"""Seconds a message waits PARKED for a route to its recipient before it fails (NO_ROUTE):
+a few discovery rounds, so a peer being found is waited for and an unknown id is not."""
 
 DEFAULT_MAX_IN_FLIGHT = 256
 """Messages awaiting an ack at once: enough to keep a link busy, few enough that a
@@ -195,7 +205,15 @@ class Tick:
     now: float
 
 
-Event = Enqueue | Routes | AttemptResult | AckReceived | Tick
+@dataclass(frozen=True, slots=True)
+class TransportLost:
+    """The actor of ``transport`` died: whatever it had in flight will get no answer from it."""
+
+    transport: str
+    now: float
+
+
+Event = Enqueue | Routes | AttemptResult | AckReceived | Tick | TransportLost
 
 
 # --- decisions ----------------------------------------------------------------------------
@@ -238,6 +256,7 @@ class FailReason(enum.Enum):
 
     TTL_EXPIRED = "ttl_expired"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    NO_ROUTE = "no_route"
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,10 +416,13 @@ class RetrierState:
     mode: NetworkMode = NetworkMode.HYBRID
     ack_timeout: float = DEFAULT_ACK_TIMEOUT
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    route_timeout: float = DEFAULT_ROUTE_TIMEOUT
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.ack_timeout, int | float) and self.ack_timeout > 0):
-            raise ConfigError(f"ack_timeout must be seconds > 0, got {self.ack_timeout!r}")
+        for name in ("ack_timeout", "route_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, int | float) and value > 0):
+                raise ConfigError(f"{name} must be seconds > 0, got {value!r}")
         if isinstance(self.max_in_flight, bool) or not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
             raise ConfigError(f"max_in_flight must be an int ≥ 1, got {self.max_in_flight!r}")
         self.mode = NetworkMode.parse(self.mode)
@@ -465,6 +487,8 @@ class RetrierState:
                 self._attempt_result(event, out)
             case AckReceived():
                 self._ack(event, out)
+            case TransportLost():
+                self._transport_lost(event, out)
             case Tick():
                 self._wakeup_sent = None  # the timer fired: whatever is next must be asked for again
             case _:
@@ -518,6 +542,11 @@ class RetrierState:
         self._remove(entry)
         self.counters.delivered += 1
         out.append(Delivered(entry.message_id, entry.attempts, entry.transport))
+
+    def _transport_lost(self, ev: TransportLost, out: list[Decision]) -> None:
+        lost = [e for e in self._entries.values() if e.phase is Phase.IN_FLIGHT and e.transport == ev.transport]
+        for entry in lost:
+            self._attempt_failed(entry, f"{ev.transport}: the transport died", ev.now, out, failover=True)
 
     # -- transitions ----------------------------------------------------------------------------
 
@@ -599,6 +628,9 @@ class RetrierState:
                 continue
             if entry.phase is Phase.WAITING:
                 self._make_ready(entry)
+            elif entry.phase is Phase.PARKED:
+                entry.last_error = f"no route to {entry.recipient} within {self.route_timeout} s"
+                self._give_up(entry, FailReason.NO_ROUTE, out)
             elif entry.phase is Phase.IN_FLIGHT:
                 self._attempt_failed(entry, f"{entry.transport}: no ack within {self.ack_timeout} s", now, out)
 
@@ -617,6 +649,7 @@ class RetrierState:
                 entry.phase = Phase.PARKED
                 entry.version += 1
                 self._parked.setdefault(entry.recipient, set()).add(entry.message_id)
+                heapq.heappush(self._timers, (now + self.route_timeout, entry.message_id, entry.version))
                 continue
             if transport in entry.failed:
                 entry.failed = ()  # every transport failed this round: a new round starts

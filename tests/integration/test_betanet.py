@@ -6,6 +6,8 @@ chain and finding the rest by peer exchange; the registry gives each relay the o
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,8 @@ def processes() -> Iterator[list[Child]]:
         child.terminate()
 
 
-def five(tmp_path: Path, **settings: Any) -> list[Any]:
+def five(tmp_path: Path, *, special: dict[str, Any] | None = None, **settings: Any) -> list[Any]:
+    """Five anonymous-mode nodes seeded in a ring; ``special`` settings go to n2 alone."""
     ports = [free_port() for _ in range(5)]
     return [
         make_node(
@@ -36,7 +39,7 @@ def five(tmp_path: Path, **settings: Any) -> list[Any]:
             mode="anonymous",
             port=ports[i],
             bootstrap=[f"127.0.0.1:{ports[(i + 1) % 5]}"],
-            **settings,
+            **{**settings, **(special or {} if i == 2 else {})},
         )
         for i in range(5)
     ]
@@ -86,6 +89,33 @@ def test_a_relay_crashed_mid_stream_restarts_alone_and_nothing_is_lost(tmp_path:
         assert inbox.duplicates() == {}
     log = EventFile(nodes[2].log_path)
     assert log.matching("child_crashed", child_id="betanet") and log.matching("child_restarted", child_id="betanet")
+    others = [e["child_id"] for e in log.matching("child_restarted") if e["child_id"] != "betanet"]
+    assert others == [], f"actors other than betanet restarted: {others}"
+
+
+def test_kill_9_of_a_process_isolated_relay_mid_stream_restarts_it_alone_and_loses_nothing(tmp_path: Path) -> None:
+    """n2's relay runs in its own process (connections reach it by SCM_RIGHTS); SIGKILLed mid-stream, it is back."""
+    nodes = five(tmp_path, special={"betanet_isolation": "process"})
+    inbox = Inbox()
+    nodes[4].subscribe("*", inbox)
+    with running(nodes):
+        assert wait_until(lambda: mixes_ready(nodes))
+        log = EventFile(nodes[2].log_path)
+        [started] = log.wait_for("child_started", child_id="betanet")
+        assert started["isolation"] == "process"
+        handles = [nodes[0].send(nodes[4].node_id, f"p{i}".encode()) for i in range(100)]
+        assert wait_until(lambda: len(inbox.distinct()) >= 10)
+        os.kill(int(started["pid"]), signal.SIGKILL)
+        handles += [nodes[0].send(nodes[4].node_id, f"p{i}".encode()) for i in range(100, 200)]
+        assert inbox.wait_for_distinct(200, timeout=90), f"only {len(inbox.distinct())} of 200 arrived"
+        assert all(h.result(PATIENCE).delivered for h in handles)
+        assert inbox.duplicates() == {}
+        restarted = log.wait_for("child_started", count=2, child_id="betanet")[-1]
+        assert restarted["pid"] != started["pid"]
+        assert wait_until(lambda: nodes[2].network_status()["betanet"]["counts"].get("packets.unwrapped", 0) > 0)
+    crashed = log.matching("child_crashed", child_id="betanet")
+    kinds = [(e["exc_type"], e["exc_message"]) for e in crashed]
+    assert any(kind == "ChildProcessDied" and "SIGKILL" in text for kind, text in kinds), kinds
     others = [e["child_id"] for e in log.matching("child_restarted") if e["child_id"] != "betanet"]
     assert others == [], f"actors other than betanet restarted: {others}"
 

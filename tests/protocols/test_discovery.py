@@ -362,6 +362,7 @@ def test_invalid_ed25519_public_key_is_a_remote_error() -> None:
         ({"current_evolution_load": -0.1}, "current_evolution_load"),
         ({"transports": ["tcp"]}, "transports"),
         ({"transports": ("t",) * 17}, "transports"),
+        ({"node_name": ""}, "node_name"),
     ],
 )
 def test_invalid_capabilities_raise_local_protocol_error(changes: dict[str, Any], named: str) -> None:

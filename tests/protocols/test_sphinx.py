@@ -312,6 +312,14 @@ def test_one_flipped_lioness_bit_changes_nearly_every_byte() -> None:
     assert sum(a != b for a, b in zip(garbled, block, strict=True)) > 0.9 * len(block)
 
 
+@given(st.binary(max_size=3000), st.binary(min_size=32, max_size=32), st.binary(min_size=12, max_size=12))
+def test_the_stream_is_the_aead_body_of_the_public_wrapper(data: bytes, key: bytes, nonce: bytes) -> None:
+    import nacl.bindings
+
+    expected = nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(data, None, nonce, key)[:-16]
+    assert crypto.stream_xor(key, nonce, data) == expected
+
+
 def test_x25519_is_rfc_7748() -> None:
     """RFC 7748 §5.2, the first test vector."""
     scalar = bytes.fromhex("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4")

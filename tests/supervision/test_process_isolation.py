@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 
 import pytest
 
 from tests.conftest import WAIT
-from tests.supervision._actors import Crash, Ping, Pong, Probe, Report, Seq, StopSelf
+from tests.supervision._actors import Adopter, Crash, Ping, Pong, Probe, Report, Seq, StopSelf
 from villagemesh.errors import ActorCrashed, AskTimeout
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor
@@ -249,3 +250,34 @@ def test_a_permanent_process_child_that_stops_itself_is_restarted_as_a_normal_ex
     recorder.wait_for("child_restarted", child_id="p")
     assert recorder.matching("child_crashed", child_id="p") == []
     assert ask(process_runtime, "p", Ping(1)).pid != first
+
+
+def test_a_process_child_adopts_a_connection_handed_off_by_the_node(process_runtime, recorder):
+    """The descriptor crosses to the child (SCM_RIGHTS): it reads the rest after the peeked bytes and answers."""
+    from villagemesh.actors.core.transport import ConnectionHandedOff
+
+    start(process_runtime, ChildSpec("adopter", Adopter, isolation="process"))
+    for n in range(3):
+        ours, theirs = socket.socketpair()
+        ours.settimeout(WAIT)
+        ours.sendall(b"llo %d\n" % n)
+        process_runtime.bus.client().tell("adopter", ConnectionHandedOff("secure", theirs.detach(), b"he", "test"))
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = ours.recv(100)
+            assert chunk, f"the child closed without answering (got {answer!r})"
+            answer += chunk
+        pid, text = answer.split(b" ", 1)
+        assert int(pid) != os.getpid() and text == b"hello %d\n" % n
+        ours.close()
+
+
+def test_a_hand_off_whose_descriptor_is_gone_is_dropped_and_logged(process_runtime, recorder):
+    """fd -1 (what a hand-off handed back after its child's death carries) is never sent on: logged, dropped."""
+    from villagemesh.actors.core.transport import ConnectionHandedOff
+
+    start(process_runtime, ChildSpec("adopter", Adopter, isolation="process"))
+    process_runtime.bus.client().tell("adopter", ConnectionHandedOff("secure", -1, b"", "peer-x"))
+    [event] = recorder.wait_for("connection_handoff_lost", peer="peer-x")
+    assert "handed back" in event["reason"]
+    assert recorder.matching("child_crashed", child_id="adopter") == []

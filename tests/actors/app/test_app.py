@@ -17,7 +17,7 @@ from villagemesh.actors.app.state import DeliveryState, HandleTable, Subscribers
 from villagemesh.actors.core.base import ActorContext
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.retrier.messages import Incoming, MessageDelivered, MessageFailed
-from villagemesh.errors import ConfigError, DeliveryFailed
+from villagemesh.errors import ConfigError, DeliveryFailed, Unconfirmed
 from villagemesh.protocols.envelope import Message, Priority, encode_message
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor
@@ -32,11 +32,14 @@ def envelope(kind: str = "DATA", payload: bytes = b"hi") -> tuple[bytes, bytes]:
 class Gateway:
     """An app gateway on a real inbox file, fed Incoming as the retrier would (accepted first)."""
 
-    def __init__(self, runtime: Any, path: Path, subscribers: Subscribers, handles: HandleTable | None = None) -> None:
+    def __init__(
+        self, runtime: Any, path: Path, subscribers: Subscribers, handles: HandleTable | None = None, **extra: Any
+    ) -> None:
         config = {
             "subscribers": subscribers,
             "handles": HandleTable() if handles is None else handles,
             "inbox": str(path),
+            **extra,
         }
         self.inbox = Inbox(path)  # the retrier's connection, in the test's thread; the file exists first, as in a node
         runtime.bus.open_mailbox("app")  # as the supervisor does; tells made before the actor runs wait there
@@ -247,6 +250,30 @@ def test_delivery_updates_resolve_handles_for_waiters_callbacks_and_awaiters(run
 
     assert asyncio.run(awaited()).attempts == 2
     assert len(handles) == 0
+
+
+def test_an_acked_send_whose_outcome_never_comes_ends_unconfirmed(runtime, recorder, tmp_path):
+    """With outcomes awaited, the ack alone is not delivery; no report within the bound: UNCONFIRMED."""
+    handles = HandleTable()
+    Gateway(runtime, tmp_path / "in.db", Subscribers(), handles, await_outcomes=True, outcome_timeout=0.2)
+    waiting, answered = handles.new(b"5" * 16, "p", 1), handles.new(b"6" * 16, "p", 1)
+    client = runtime.bus.client()
+    client.tell("app", MessageDelivered(b"5" * 16, 1, "websocket"))
+    client.tell("app", MessageDelivered(b"6" * 16, 1, "websocket"))
+    handles.resolve(b"6" * 16, DeliveryState.DELIVERED, None, None)  # as its outcome report would
+    with pytest.raises(Unconfirmed, match=r"no outcome report within 0\.2 s"):
+        waiting.result(WAIT)
+    assert waiting.status.acked and answered.status.delivered
+    assert recorder.wait_for("message_unconfirmed", message_id=(b"5" * 16).hex())
+
+
+def test_the_gateways_outcome_settings_are_checked(runtime, tmp_path):
+    """outcomes_to without node_id, and a non-positive outcome_timeout, are refused naming them."""
+    runtime.bus.open_mailbox("app")
+    for extra, named in (({"outcomes_to": "retrier"}, "node_id"), ({"outcome_timeout": 0}, "outcome_timeout")):
+        config = {"subscribers": Subscribers(), "handles": HandleTable(), "inbox": str(tmp_path / "i"), **extra}
+        with pytest.raises(ConfigError, match=named):
+            AppActor(ActorContext(runtime.bus, "app", runtime.log, runtime.scheduler, config=config))
 
 
 def test_a_pending_handle_times_out_politely():

@@ -34,6 +34,7 @@ from villagemesh.actors.retrier.state import (
     Routes,
     Send,
     Tick,
+    TransportLost,
     jitter_rand,
     max_picks_before,
 )
@@ -167,6 +168,47 @@ def test_recipient_without_transport_is_parked_until_routes_arrive() -> None:
     assert state.view(mid(1)).phase is Phase.PARKED  # type: ignore[union-attr]
     out = state.step(Routes("carol", ("websocket", "libp2p", "bitchat"), now=1.0))
     assert [(s.transport, s.attempt) for s in of(Send, out)] == [("bitchat", 1)]
+
+
+def test_a_recipient_with_no_route_fails_after_the_route_timeout_not_the_ttl() -> None:
+    """An unknown peer is waited for ``route_timeout`` seconds (a few discovery rounds), then NO_ROUTE."""
+    state = RetrierState(route_timeout=30.0)
+    out = state.step(Enqueue(mid(1), "nobody", Priority.NORMAL, expires_at=86_400.0, now=0.0))
+    assert of(NextWakeup, out) == [NextWakeup(30.0)]
+    assert of(Failed, state.step(Tick(29.0))) == []
+    [failed] = of(Failed, state.step(Tick(30.0)))
+    assert failed.reason is FailReason.NO_ROUTE and failed.attempts == 0
+    assert "no route to nobody within 30.0 s" in failed.last_error and len(state) == 0
+
+
+def test_a_route_arriving_in_time_cancels_the_route_timeout() -> None:
+    """Found before the bound: sent, and the old parking timer is stale."""
+    state = RetrierState(route_timeout=30.0)
+    state.step(Enqueue(mid(1), "carol", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    assert of(Send, state.step(Routes("carol", ("websocket",), now=10.0)))
+    assert of(Failed, state.step(Tick(30.0))) == [] and mid(1) in state
+
+
+def test_a_dead_transport_fails_its_attempts_in_flight_at_once_and_fails_over() -> None:
+    """TransportLost: no waiting for the ack deadline; the next transport is tried at once."""
+    state = fresh(ack_timeout=30.0)
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    state.step(Enqueue(mid(2), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    out = state.step(TransportLost("libp2p", now=1.0))
+    assert sorted((s.message_id, s.transport, s.attempt) for s in of(Send, out)) == [
+        (mid(1), "bitchat", 2),
+        (mid(2), "bitchat", 2),
+    ]
+    assert all("libp2p: the transport died" == b.last_error for b in of(Backoff, out))
+    assert of(Send, state.step(TransportLost("websocket", now=2.0))) == []  # nothing in flight there
+
+
+def test_a_dead_transport_on_the_last_attempt_fails_the_message() -> None:
+    """With the budget spent, the transport's death ends the message with its reason."""
+    state = fresh(ack_timeout=30.0, policy=RetryPolicy(max_attempts=1))
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    [failed] = of(Failed, state.step(TransportLost("libp2p", now=1.0)))
+    assert failed.reason is FailReason.ATTEMPTS_EXHAUSTED and failed.last_error == "libp2p: the transport died"
 
 
 def test_restored_message_keeps_its_counters_and_waits_for_its_next_attempt() -> None:
@@ -389,6 +431,14 @@ class RetrierMachine(RuleBasedStateMachine):
     def transport_answers(self, data: st.DataObject, error: str | None, retryable: bool) -> None:
         send = data.draw(st.sampled_from(sorted(self.outstanding.values(), key=lambda s: s.message_id)))
         self.apply(AttemptResult(send.message_id, send.attempt, send.transport, error, self.now, retryable))
+
+    @rule(transport=st.sampled_from(ALL))
+    def transport_dies(self, transport: str) -> None:
+        lost = {m for m, send in self.outstanding.items() if send.transport == transport}
+        self.apply(TransportLost(transport, now=self.now))
+        assert lost.isdisjoint(self.outstanding) or all(
+            self.outstanding[m].transport != transport for m in lost & set(self.outstanding)
+        ), "an attempt on a dead transport is still outstanding"
 
     @rule(message_id=ids)
     def ack(self, message_id: bytes) -> None:

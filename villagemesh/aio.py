@@ -1,0 +1,411 @@
+"""The node's asyncio face: every call a coroutine, bridged to the actors without threads.
+
+::
+
+    async with AsyncNode(create_network("hybrid", data_dir=...)) as node:
+        await node.wait_for_peers(1, timeout=10)
+        reply = await node.request(peer_id, {"task": 1}, timeout=5)
+        async for message in node.messages("DATA"):
+            ...
+
+How a coroutine reaches an actor: it tells the actor a message from the
+loop's own thread (a non-blocking ZeroMQ push; a full mailbox makes it await
+and push again: backpressure, never a blocked loop), and awaits a future that
+the answer resolves with ``loop.call_soon_threadsafe``. Sends are told to the
+retrier, whose refusals come back as the handle's end; queries (peers,
+statuses) go through the app gateway (:class:`~villagemesh.actors.app.messages.BridgeQuery`).
+No executor thread is used, except by :meth:`AsyncNode.start` and
+:meth:`AsyncNode.stop`, which start and join the node's own threads.
+
+Where handlers run: ``async def`` handlers (and coroutines a plain handler
+returns) run on the loop they were subscribed from; plain handlers run on the
+node's app gateway thread.
+
+Cancellation (asyncio's ``task.cancel()``, ``asyncio.timeout``): a cancelled
+:meth:`AsyncNode.send` either never handed its message over (it was
+waiting for room in the outbox: nothing is sent, the message is withdrawn)
+or had already returned its handle: the hand-off is the call's last step and
+no ``await`` follows it. A cancelled :meth:`AsyncNode.request` stops waiting;
+its reply, if one comes, is dropped and counted (``late_replies``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import weakref
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from villagemesh.actors.app.messages import BridgeQuery
+from villagemesh.actors.app.state import DeliveryHandle, InboundMessage
+from villagemesh.actors.retrier.messages import Deliver
+from villagemesh.errors import MailboxFull, OutboxFull, RequestTimeout
+from villagemesh.node import (
+    ASK_TIMEOUT,
+    DEFAULT_TTL,
+    REQUEST_KIND,
+    Handler,
+    Node,
+    NodeEvent,
+    PeerInfo,
+    PriorityLike,
+    _peer_info,
+    check_min_count,
+)
+from villagemesh.protocols.envelope import Priority, encode_message
+
+__all__ = ["DEFAULT_MESSAGE_QUEUE", "AsyncNode"]
+
+DEFAULT_MESSAGE_QUEUE = 100
+"""Messages :meth:`AsyncNode.messages` holds before its handler waits (and the senders with it)."""
+
+DEFAULT_EVENT_QUEUE = 1000
+"""Events :meth:`AsyncNode.events` holds; beyond it the oldest are dropped and counted."""
+
+PUSH_RETRY = 0.001
+"""Seconds between two pushes into a full mailbox (doubling up to 50 ms)."""
+
+SENDS_PER_TURN = 8
+"""Sends one turn of the event loop prepares at most (about 60 µs each); the others wait
+for the next turn, so a thousand concurrent sends never hold a timer back by more than
+about a millisecond of the loop's own work (benchmarks/asyncio_ticker.py)."""
+
+
+class AsyncNode:
+    """A :class:`~villagemesh.node.Node` seen from asyncio. Make one from a node, or with
+    ``async with create_network(...) as node`` (which yields the Node; ``node.aio`` is this)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.dropped_events = 0
+        """Events :meth:`events` dropped because its reader fell ``maxsize`` behind."""
+
+    # -- identity and lifecycle ----------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        """This node's id."""
+        return self.node.node_id
+
+    @property
+    def name(self) -> str:
+        """This node's name."""
+        return self.node.name
+
+    @property
+    def acceptor_address(self) -> str:
+        """``host:port`` other nodes bootstrap from."""
+        return self.node.acceptor_address
+
+    async def start(self) -> AsyncNode:
+        """Start the node (its threads are started and joined in an executor: the one thread use)."""
+        await asyncio.to_thread(self.node.start)
+        return self
+
+    async def stop(self) -> None:
+        """Stop the node."""
+        await asyncio.to_thread(self.node.stop)
+
+    async def __aenter__(self) -> AsyncNode:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def send(
+        self,
+        peer_id: str,
+        payload: object,
+        *,
+        kind: str = "DATA",
+        priority: PriorityLike = Priority.NORMAL,
+        ttl: float = DEFAULT_TTL,
+        correlation_id: bytes | None = None,
+        timeout: float | None = None,
+    ) -> DeliveryHandle:
+        """Send ``payload`` reliably; returns the handle once the message is handed to the retrier.
+
+        Awaits room in a full outbox (up to ``timeout`` seconds, None: as long as
+        it takes), then hands the message over without awaiting again. A refusal
+        by the retrier ends the handle FAILED; ``await handle`` gives the end.
+
+        Raises:
+            ConfigError: at once, for a malformed id, this node's own id, or a bad value.
+            OutboxFull: no room within ``timeout``.
+        """
+        node = self.node
+        loop = asyncio.get_running_loop()
+        await _pacer(loop).turn()  # cancelled here: nothing was made or sent
+        message = node.envelope(peer_id, payload, kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id)
+        client = node._client()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            handle = node.handles.try_new(message.id, peer_id, len(message.payload))
+            if isinstance(handle, DeliveryHandle):
+                break
+            room: asyncio.Future[None] = loop.create_future()
+            node.handles.on_room(functools.partial(_settle_threadsafe, loop, room))
+            handle = node.handles.try_new(message.id, peer_id, len(message.payload))  # freed meanwhile?
+            if isinstance(handle, DeliveryHandle):
+                break
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise OutboxFull(peer_id, handle, timeout or 0.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(room, left)  # cancelled here: nothing was sent
+        envelope = encode_message(message)
+        try:
+            await _push(client, "retrier", Deliver(envelope, report_refusal=True))
+        except BaseException as exc:  # cancelled (or the bus refused) before the hand-off: withdrawn
+            node.handles.resolve(message.id, False, 0, f"withdrawn before the hand-off: {type(exc).__name__}")
+            raise
+        return handle
+
+    async def request(
+        self,
+        peer_id: str,
+        payload: object,
+        *,
+        timeout: float,
+        kind: str = REQUEST_KIND,
+        priority: PriorityLike = Priority.NORMAL,
+    ) -> Any:
+        """Send ``payload`` and return the reply (what the peer's handler returned, decoded).
+
+        Raises:
+            RequestTimeout: no reply within ``timeout`` (names the peer and the message id).
+            RemoteError: the peer's handler raised (type and message).
+            Unhandled: the peer has no handler for ``kind``.
+            DeliveryFailed: the request never reached a handler.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        handle = await self.send(peer_id, payload, kind=kind, priority=priority, ttl=timeout, timeout=timeout)
+        try:
+            status = await asyncio.wait_for(_status_of(handle), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            self.node.handles.abandon(handle.raw_id)
+            raise RequestTimeout(peer_id, handle.message_id, timeout) from None
+        except asyncio.CancelledError:
+            self.node.handles.abandon(handle.raw_id)
+            raise
+        return self.node._reply_of(handle, status, timeout)
+
+    async def broadcast(
+        self,
+        kind: str,
+        payload: object,
+        *,
+        priority: PriorityLike = Priority.NORMAL,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+    ) -> list[DeliveryHandle]:
+        """Send to every known peer (one reliable message each)."""
+        return [
+            await self.send(p.peer_id, payload, kind=kind, priority=priority, ttl=ttl, timeout=timeout)
+            for p in await self.peers()
+        ]
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def subscribe(self, kind: str, handler: Handler) -> Callable[[], None]:
+        """:meth:`Node.subscribe <villagemesh.node.Node.subscribe>` (an ``async def`` runs on this loop)."""
+        return self.node.subscribe(kind, handler)
+
+    async def messages(
+        self, kind: str = "*", *, maxsize: int = DEFAULT_MESSAGE_QUEUE
+    ) -> AsyncGenerator[InboundMessage, None]:
+        """Every message of ``kind`` from now on, through a queue of ``maxsize``.
+
+        While the queue is full, the handler feeding it waits, so the message's
+        outcome (and its sender's handle, which holds room in the sender's
+        outbox) waits too: a slow consumer slows its senders down instead of
+        filling memory. When the iteration ends, messages still waiting for
+        room are reported to their senders as failed (the consumer is gone).
+        """
+        queue: asyncio.Queue[InboundMessage] = asyncio.Queue(maxsize)
+        waiting: set[asyncio.Task[Any]] = set()
+        closed = False
+
+        async def put(message: InboundMessage) -> None:
+            if closed:
+                raise ConsumerGone(f"the messages({kind!r}) consumer has stopped")
+            task = asyncio.current_task()
+            assert task is not None
+            waiting.add(task)
+            try:
+                await queue.put(message)
+            finally:
+                waiting.discard(task)
+
+        unsubscribe = self.node.subscribe(kind, put)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            closed = True
+            unsubscribe()
+            for task in waiting:
+                task.cancel()
+
+    async def events(self, *, maxsize: int = DEFAULT_EVENT_QUEUE) -> AsyncGenerator[NodeEvent, None]:
+        """The node's public events (:class:`~villagemesh.node.NodeEvent`) from now on.
+
+        Events are news, not messages: when ``maxsize`` are unread the oldest is
+        dropped (``dropped_events`` counts them).
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[NodeEvent] = asyncio.Queue(maxsize)
+
+        def put(event: NodeEvent) -> None:
+            if queue.full():
+                queue.get_nowait()
+                self.dropped_events += 1
+            queue.put_nowait(event)
+
+        def listener(event: NodeEvent) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(put, event)
+
+        unsubscribe = self.node.on_event(listener)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            unsubscribe()
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    async def _query(self, query: str, argument: int = 0) -> Any:
+        token, future = self.node.bridge.register()
+        try:
+            await _push(self.node._client(), "app", BridgeQuery(token, query, argument))
+            return await asyncio.wait_for(future, 2 * ASK_TIMEOUT)
+        finally:
+            self.node.bridge.forget(token)
+
+    async def peers(self) -> list[PeerInfo]:
+        """Every known peer."""
+        reply = await self._query("peers")
+        return [_peer_info(p) for p in reply.peers]
+
+    async def get_suitable_evolution_peers(self, min_count: int = 1) -> list[PeerInfo]:
+        """Every peer suitable for evolution, best first."""
+        reply = await self._query("suitable_peers", check_min_count(min_count))
+        return [_peer_info(p) for p in reply.peers]
+
+    async def network_status(self) -> dict[str, Any]:
+        """:meth:`Node.network_status <villagemesh.node.Node.network_status>`."""
+        retrier = await self._query("retrier_status")
+        actors = await self._query("actors")
+        mix = await self._query("betanet_status") if self.node.runs_betanet else None
+        return self.node._status(len(await self.peers()), retrier, actors, mix)
+
+    async def wait_for_peers(self, count: int, timeout: float) -> bool:
+        """True once at least ``count`` peers are known; woken by ``peer_discovered`` events, not polling."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        changed = asyncio.Event()
+
+        def listener(event: NodeEvent) -> None:
+            if event.kind == "peer_discovered":
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(changed.set)
+
+        unsubscribe = self.node.on_event(listener)
+        try:
+            while True:
+                changed.clear()
+                if len(await self.peers()) >= count:
+                    return True
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), left)
+        finally:
+            unsubscribe()
+
+    def discover_now(self) -> None:
+        """Start a discovery round now (a tell: nothing to await)."""
+        self.node.discover_now()
+
+
+class ConsumerGone(Exception):
+    """A ``messages()`` iteration ended while this message waited for room in its queue."""
+
+
+class _Pacer:
+    """At most :data:`SENDS_PER_TURN` sends per turn of one event loop; the rest queue, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.used = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.reset_pending = False
+
+    async def turn(self) -> None:
+        """Return in this turn if it has room, else in a later one."""
+        self._reset_soon()
+        if self.used < SENDS_PER_TURN and not self.waiters:
+            self.used += 1
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.append(waiter)
+        await waiter
+
+    def _reset_soon(self) -> None:
+        if not self.reset_pending:
+            self.reset_pending = True
+            self.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.reset_pending = False
+        self.used = 0
+        while self.waiters and self.used < SENDS_PER_TURN:
+            waiter = self.waiters.popleft()
+            if not waiter.done():  # (a cancelled sender left its place)
+                waiter.set_result(None)
+                self.used += 1
+        if self.waiters or self.used:
+            self._reset_soon()
+
+
+_PACERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pacer] = weakref.WeakKeyDictionary()
+
+
+def _pacer(loop: asyncio.AbstractEventLoop) -> _Pacer:
+    pacer = _PACERS.get(loop)
+    if pacer is None:
+        pacer = _PACERS[loop] = _Pacer(loop)
+    return pacer
+
+
+async def _push(client: Any, to: str, msg: object) -> None:
+    """Tell ``to`` without blocking the loop: a full mailbox is retried after a short await."""
+    delay = PUSH_RETRY
+    while True:
+        try:
+            client.tell(to, msg, timeout=0)
+            return
+        except MailboxFull:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+async def _status_of(handle: DeliveryHandle) -> Any:
+    return await handle
+
+
+def _settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    def settle() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    with contextlib.suppress(RuntimeError):  # the loop has closed
+        loop.call_soon_threadsafe(settle)
