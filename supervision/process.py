@@ -72,6 +72,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,7 @@ import zmq
 from villagemesh.actors.core import codec
 from villagemesh.actors.core.base import Actor, ActorContext, ExitKind, ExitReport, Ok, Scheduler, format_traceback
 from villagemesh.actors.core.bus import Bus, Fault, Kind, decode_frame, encode_frame, tell_frame
+from villagemesh.actors.core.handoff import claim
 from villagemesh.actors.core.transport import ConnectionHandedOff
 from villagemesh.errors import CodecError, ConfigError, SupervisionError
 
@@ -334,7 +336,12 @@ class ProcessHost(Actor):
             except OSError as exc:
                 reason = f"cannot pass the descriptor: {exc}"
             finally:
+                release = claim(handed.fd)
                 os.close(handed.fd)
+                if release is not None:
+                    # Counted against the node's caps until it leaves the node's process; from
+                    # here the child's own process (its descriptor limit) bounds it.
+                    release()
         if reason is not None:
             self.ctx.log.emit("connection_handoff_lost", level="warning", peer=handed.peer, reason=reason)
             return b""
@@ -440,6 +447,8 @@ class ProcessHost(Actor):
         if self._control is not None:
             self._read_control()  # begin marks are in the kernel's buffer even after the death
         status = self.launcher.exit_status(self.pid, timeout=REAP_TIMEOUT)
+        if self._child_report is None and status in (0, 1):
+            self._await_exit_report()
         report = self._child_report
         # The last frame the child began and did not acknowledge is not handed back (it
         # may be what killed it, and would kill the next child too). A child that crashed
@@ -461,6 +470,17 @@ class ProcessHost(Actor):
             self._stop()
             return
         raise ChildProcessDied(f"child {self.name!r} (pid {self.pid}) {_describe(status)}")
+
+    def _await_exit_report(self) -> None:
+        """The child exited 0 or 1, which it does only after sending its exit report (its DEALER
+        lingers until it is out): the report may still be on its way through ``ipc://``; wait for
+        it a bounded time, so a normal stop is not taken for a death, nor a Python crash for a kill."""
+        deadline = time.monotonic() + REAP_TIMEOUT
+        while self._child_report is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._router.poll(int(left * 1000) + 1):
+                return
+            self._read_child()
 
     def _hand_back(self, *, poison: int | None, fault: bool) -> None:
         """Unacknowledged frames go back to the mailbox, ahead of newer ones, except the poison."""
