@@ -9,7 +9,7 @@ every arrival the acceptor asks :func:`~villagemesh.protocols.sniff.sniff`
 about the whole prefix and looks the verdict up in :data:`~.state.ROUTES`::
 
     accept ─▶ limiter.try_open(src) ──no──▶ reject "per-source cap ..." / "total cap ..."
-                   │    (total cap only: the oldest undecided connection is evicted instead)
+                   │    (total cap only: the oldest silent undecided connection is evicted instead)
                    │yes
                    ▼
              UNDECIDED ──bytes──▶ sniff(prefix) ──NEED_MORE──▶ (wait for the deadline)
@@ -65,8 +65,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import functools
+import itertools
 import logging
+import sys
+import termios
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +96,9 @@ from villagemesh.errors import ConfigError, ConnectError
 from villagemesh.protocols.sniff import MAX_SNIFF_BYTES, Sniffed, sniff
 
 __all__ = ["AcceptorServer", "HandOff"]
+
+EVICTION_SCAN = 64
+"""Undecided connections looked at, oldest first, for a silent one to evict at the total cap."""
 
 SWEEP_FRACTION = 4
 """The timeout sweep runs every ``sniff_timeout_s / 4``: a silent client goes within 1.25 × the timeout."""
@@ -253,11 +260,15 @@ class AcceptorServer:
         many sources churns through the undecided ones instead of locking everybody out
         until their sniff timeouts; routed connections (established peers) are never evicted.
         """
-        if self.limiter.count(src) >= self.limiter.max_per_source or not self._undecided:
+        if self.limiter.count(src) >= self.limiter.max_per_source:
             return False
-        oldest = next(iter(self._undecided))
+        # The oldest one that is silent: a connection whose first bytes already wait in the
+        # kernel (this loop accepts a burst before it reads any of them) is about to decide.
+        victim = next((p for p in itertools.islice(self._undecided, EVICTION_SCAN) if p.silent()), None)
+        if victim is None:
+            return False
         reason = f"evicted: total cap {self.limiter.max_total} reached and a newer connection came"
-        oldest._give_up(reason, "evicted", self.sniffer(oldest.pending), len(oldest.pending))
+        victim._give_up(reason, "evicted", self.sniffer(victim.pending), len(victim.pending))
         return self.limiter.try_open(src)
 
     def _reject(
@@ -367,6 +378,18 @@ class _SniffingProtocol(asyncio.Protocol):
         self.phase = _Phase.GONE
         self.server._undecided.pop(self, None)
         self.server.limiter.close(self.src)
+
+    def silent(self) -> bool:
+        """No byte read yet and none waiting in the kernel's buffer (FIONREAD)."""
+        if self.pending:
+            return False
+        if self.transport is None:
+            return True
+        try:
+            waiting = fcntl.ioctl(self.transport.get_extra_info("socket").fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return True  # gone already: as good as silent
+        return int.from_bytes(waiting, sys.byteorder) == 0
 
     def timed_out(self) -> None:
         """Called by the server's sweep once the connection has had its sniff timeout."""
