@@ -223,22 +223,24 @@ class HeldQueue:
 
 
 class SurbStore:
-    """Reply blocks received from peers, by the message each came with; bounded per peer and in peers.
+    """Reply blocks received from peers, by the message they came with; bounded per peer and in peers.
 
     An answer to a message (the retrier's ack names it in ``correlation_id``)
     takes that message's own SURB; any other answer takes the peer's newest.
-    Each is used once. Past ``per_peer`` the oldest of a peer goes, past
+    Each is used once. Past ``per_peer`` messages the oldest's go, past
     ``peers`` the peer heard from longest ago.
     """
 
     def __init__(self, *, per_peer: int = 256, peers: int = 1024) -> None:
         self.per_peer = per_peer
         self.peers = peers
-        self._by_peer: OrderedDict[str, OrderedDict[bytes, Surb]] = OrderedDict()
+        self._by_peer: OrderedDict[str, OrderedDict[bytes, list[Surb]]] = OrderedDict()
 
-    def add(self, peer_id: str, message_id: bytes, surb: Surb) -> None:
+    def add(self, peer_id: str, message_id: bytes, surbs: tuple[Surb, ...]) -> None:
+        if not surbs:
+            return
         blocks = self._by_peer.pop(peer_id, None) or OrderedDict()
-        blocks[message_id] = surb
+        blocks[message_id] = list(surbs)
         while len(blocks) > self.per_peer:
             blocks.popitem(last=False)
         self._by_peer[peer_id] = blocks
@@ -250,15 +252,21 @@ class SurbStore:
         blocks = self._by_peer.get(peer_id)
         if not blocks:
             return None
-        surb = blocks.pop(message_id, None) if message_id is not None else None
-        if surb is None:
-            _, surb = blocks.popitem(last=True)
+        key = message_id if message_id is not None and message_id in blocks else next(reversed(blocks))
+        kept = blocks[key]
+        surb = kept.pop()
+        if not kept:
+            del blocks[key]
         if not blocks:
             del self._by_peer[peer_id]
         return surb
 
+    def has(self, peer_id: str, message_id: bytes) -> bool:
+        """Whether a SURB that came with ``message_id`` from ``peer_id`` is still here."""
+        return message_id in self._by_peer.get(peer_id, {})
+
     def count(self, peer_id: str) -> int:
-        return len(self._by_peer.get(peer_id, ()))
+        return sum(map(len, self._by_peer.get(peer_id, {}).values()))
 
 
 class PendingSurbs:

@@ -68,7 +68,7 @@ def test_anonymous_messages_cross_three_mixes_and_are_handled_exactly_once(tmp_p
         assert inbox.duplicates() == {} and set(inbox.senders.values()) == {nodes[0].node_id}
         receiver = nodes[4].network_status()["betanet"]["counts"]
         sender = nodes[0].network_status()["betanet"]["counts"]
-        assert receiver.get("received", 0) >= 60 and receiver.get("sent.replies", 0) >= 60, receiver
+        assert receiver.get("received", 0) >= 60 and receiver.get("sent.acks_on_surbs", 0) >= 60, receiver
         assert sender.get("sent.messages", 0) >= 60 and sender.get("received", 0) >= 60, sender
         relayed = sum(n.network_status()["betanet"]["counts"].get("packets.unwrapped", 0) for n in nodes[1:4])
         assert relayed >= 60 * 3, f"the three middle nodes unwrapped only {relayed} packets"
@@ -143,3 +143,15 @@ def test_kill_9_of_a_mix_node_process_mid_stream_loses_nothing(tmp_path: Path, p
         assert all(h.result(PATIENCE).delivered for h in handles)
         assert inbox.duplicates() == {}
         assert wait_until(lambda: retrier_idle(nodes[0]))
+
+
+def test_a_request_and_its_reply_travel_anonymously_the_reply_on_the_requests_surb(tmp_path: Path) -> None:
+    """n0.request(n4): the request crosses three mixes with two SURBs; the ack rides one, the reply the other."""
+    nodes = five(tmp_path, ack_timeout=5.0)
+    nodes[4].subscribe("*", lambda message: b"pong to " + message.payload)
+    with running(nodes):
+        assert wait_until(lambda: mixes_ready(nodes))
+        assert nodes[0].request(nodes[4].node_id, b"ping", timeout=30.0) == b"pong to ping"
+        counts = nodes[4].network_status()["betanet"]["counts"]
+        assert counts.get("sent.acks_on_surbs") == 1 and counts.get("sent.replies_on_surbs") == 1, counts
+        assert counts.get("sent.messages", 0) == 0, f"the responder built a route of its own: {counts}"
