@@ -113,22 +113,18 @@ def rule_for(name: str) -> tuple[str, object]:
     if _within(name, "villagemesh.supervision"):
         return (
             "supervision/ imports only villagemesh.errors, villagemesh.supervision and villagemesh.actors.core",
-            lambda t: (
-                not _within(t, "villagemesh")
-                or t == "villagemesh.errors"
-                or _within(t, "villagemesh.supervision")
-                or _within(t, "villagemesh.actors.core")
-            ),
+            lambda t: not _within(t, "villagemesh")
+            or t == "villagemesh.errors"
+            or _within(t, "villagemesh.supervision")
+            or _within(t, "villagemesh.actors.core"),
         )
     if _within(name, "villagemesh.actors.core"):
         return (
             "the kit (actors/core/) imports only itself, villagemesh.protocols and villagemesh.errors",
-            lambda t: (
-                not _within(t, "villagemesh")
-                or t == "villagemesh.errors"
-                or _within(t, "villagemesh.protocols")
-                or _within(t, "villagemesh.actors.core")
-            ),
+            lambda t: not _within(t, "villagemesh")
+            or t == "villagemesh.errors"
+            or _within(t, "villagemesh.protocols")
+            or _within(t, "villagemesh.actors.core"),
         )
     if name == "villagemesh.actors":
         return "actors/__init__.py imports no villagemesh module", lambda t: not _within(t, "villagemesh")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 
-USER_PROGRAM = """
+USER_PROGRAM = '''
 from __future__ import annotations
 
 import asyncio
@@ -60,13 +60,13 @@ node.subscribe("TASK", on_data)
 count: int = asyncio.run(orchestrate(node.aio, "0" * 32))
 network: P2PNetwork = P2PNetwork(NetworkConfig("mesh", "/tmp/y"))
 assert MessagePriority.CRITICAL is Priority.CRITICAL
-"""
+'''
 
-TYPO = """
+TYPO = '''
 from villagemesh import create_network
 
 create_network("hybrid", data_dir="/tmp/x").send("0" * 32, b"x", priorty="high")
-"""
+'''
 
 
 def mypy_strict(python: str, directory: Path, *files: str) -> subprocess.CompletedProcess[str]:

@@ -83,3 +83,4 @@ class ReplayStore:
 
     def __repr__(self) -> str:
         return f"ReplayStore({str(self.path)!r})"
+

@@ -58,6 +58,7 @@ from villagemesh.protocols.envelope import Message, decode_message, encode_messa
 __all__ = ["TRANSPORT", "WebSocketActor", "config_keys", "send_envelope", "websocket_status"]
 
 
+
 def config_keys(config: dict[str, Any], log: Any) -> NodeKeys:
     """The actor config's ``keys``, or fresh ones (logged as ``ws_keys_generated``: never silently).
 
