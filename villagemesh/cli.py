@@ -6,6 +6,8 @@
     villagemesh demo  [--nodes 5] [--messages 20] [--data-dir DIR]
     villagemesh peers --data-dir DIR
     villagemesh send  --to PEER_ID --via HOST:PORT [--data-dir DIR] TEXT
+    villagemesh dashboard [--log FILE ...] [--node HOST:PORT ...] [--port P]
+    villagemesh top       [--log FILE ...] [--node HOST:PORT ...] [--once]
 
 ``node`` prints ``LISTEN <node_id> <host:port>`` once it serves, then runs until
 SIGINT or SIGTERM (exit 0). If it cannot start, or fails later (its root
@@ -65,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         "--accept-loss", action="store_true", help="start even if a store is inconsistent (each loss is logged)"
     )
     node.add_argument("--new-identity", action="store_true", help="make a new key if node.key is missing or unreadable")
+    node.add_argument("--dashboard", action="store_true", help="also serve the dashboard at /villagemesh/dashboard")
     node.set_defaults(run=_run_node)
 
     doctor = sub.add_parser("doctor", help="check a data dir's stores and key without starting a node")
@@ -89,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=30.0)
     send.add_argument("text")
     send.set_defaults(run=_run_send)
+
+    from villagemesh.dashboard.cli import add_commands
+
+    add_commands(sub)  # dashboard, top
     return parser
 
 
@@ -110,6 +117,7 @@ def _run_node(args: argparse.Namespace) -> int:
         human_log=None if not args.quiet else False,
         accept_loss=args.accept_loss,
         new_identity=args.new_identity,
+        dashboard=args.dashboard,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -177,6 +177,10 @@ class NodeConfig:
     new_identity: bool = False
     """Make a new key when ``node.key`` is missing or unreadable although the stores have history."""
     capabilities: Capabilities | None = None
+    status_endpoint: bool = True
+    """Serve ``GET /villagemesh/status`` (read-only JSON; what it reveals: :mod:`villagemesh.dashboard.status`)."""
+    dashboard: bool = False
+    """Serve the supervision dashboard at ``/villagemesh/dashboard`` on the node's port."""
     betanet: bool | None = None
     """Run the BetaNet mixnode relay (and announce its address): None means on in the anonymous mode only."""
     betanet_delay_ms: float = 0.0
@@ -265,6 +269,9 @@ class NodeConfig:
             raise ConfigError(f"capabilities must be a Capabilities or None, got {type(self.capabilities).__name__}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
+        for name in ("status_endpoint", "dashboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.betanet_isolation not in ("thread", "process"):
             raise ConfigError(f"betanet_isolation must be 'thread' or 'process', got {self.betanet_isolation!r}")
         if self.betanet is not None and not isinstance(self.betanet, bool):
@@ -632,6 +639,7 @@ class Node:
         from villagemesh.actors.retrier.actor import RetrierActor
         from villagemesh.actors.sweeper.actor import SweeperActor
         from villagemesh.actors.websocket.actor import WebSocketActor
+        from villagemesh.dashboard.server import install as http_routes
 
         cfg, data = self.config, self.config.data_dir
         limits = AcceptorLimits(
@@ -666,6 +674,7 @@ class Node:
                         "node_id": self.node_id,
                         "keys": self.keys,
                         "handshake_deadline_s": cfg.handshake_timeout,
+                        "http": http_routes(self),
                     },
                 ),
                 *([self._betanet_spec()] if betanet else []),
