@@ -59,4 +59,3 @@ def _varint(data: bytes, at: int, what: str) -> tuple[int, int]:
     if found is NEED_DATA:
         raise RemoteProtocolError(f"protobuf: cut inside {what}")
     return found
-
