@@ -102,7 +102,9 @@ def identity(data: Path, *, new_identity: bool) -> tuple[Any, Event | None]:
     return keys, ("identity_created", {"level": level, "node_id": keys.node_id, "reason": reason})
 
 
-def prepare(data: Path, node_id: str, *, accept_loss: bool, betanet: bool = False) -> tuple[list[Event], list[Any]]:
+def prepare(
+    data: Path, node_id: str, *, accept_loss: bool, betanet: bool = False, synchronous: str = "NORMAL"
+) -> tuple[list[Event], list[Any]]:
     """Check every store against the manifest, create what is new, checkpoint, write the manifest.
 
     Returns the ``store_loss_accepted`` events to log (with ``accept_loss``) and the
@@ -127,7 +129,7 @@ def prepare(data: Path, node_id: str, *, accept_loss: bool, betanet: bool = Fals
         moved = set_aside(data, finding)
         fields = {"file": finding.file, "problem": finding.problem, "detail": finding.detail, "lost": finding.lost}
         events.append(("store_loss_accepted", {"level": "warning", **fields, "moved": moved}))
-    prepare_messages(data / MESSAGES_FILE)  # before two actors open it at once
+    prepare_messages(data / MESSAGES_FILE, synchronous=synchronous)  # before two actors open it at once
     PeerStore(data / PEERS_FILE).close()
     if betanet:
         ReplayStore(data / BETANET_FILE).close()

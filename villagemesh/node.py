@@ -31,6 +31,18 @@ gives up later, every call raises ``NodeFailed`` at once, with the cause.
 
 The API is thread-safe (each calling thread gets its own bus sender) and has
 asyncio variants; handles can be awaited.
+
+Sending, and what each call gives (the retrier takes every message waiting in
+its mailbox as one turn and stores them in one commit):
+
+- ``send``: one message, one ask of the retrier; returns once that message is
+  committed. Sends from several threads at once share commits, but one thread
+  calling ``send`` in a loop waits for one commit (and one ask) per message.
+- ``send_many``: many messages, one ask per :data:`SEND_MANY_CHUNK` (256), one
+  commit each; returns once all are committed. The fast way from one thread.
+- ``asend`` (:mod:`villagemesh.aio`): hands the message to the retrier from the
+  event loop's thread without awaiting the commit; the ``asend`` calls of one
+  loop turn reach the retrier together and share its commit.
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -117,6 +129,15 @@ ASK_TIMEOUT = 5.0
 DEFAULT_TTL = 24 * 3600.0
 """A message's lifetime unless the sender says otherwise (the replaced system's 24 h)."""
 
+SEND_MANY_CHUNK = 256
+"""Envelopes one ask of the retrier carries at most (``send_many``): one commit each. Small enough
+that the retrier sends one chunk while the next is being stored (1,024 left the pipeline idle
+between stages), large enough that a commit is shared by hundreds."""
+
+SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+"""SQLite durability of the message files: NORMAL survives a killed process (a commit is a write
+to the WAL, no fsync); FULL survives power loss too (an fsync per commit)."""
+
 DEFAULT_SEND_TIMEOUT = 5.0
 """Seconds ``send`` blocks for room in a full outbox before OutboxFull."""
 
@@ -166,6 +187,8 @@ class NodeConfig:
     """The first gap between discovery rounds, doubling up to ``discovery_interval`` (0: no fast start)."""
     peer_max_age: float = 300.0
     ack_timeout: float = 10.0
+    synchronous: str = "NORMAL"
+    """Durability of the outbox and inbox commits: one of :data:`SYNCHRONOUS_MODES`."""
     max_attempts: int = 8
     backoff_base: float = 0.5
     backoff_max: float = 30.0
@@ -280,6 +303,8 @@ class NodeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if self.synchronous not in SYNCHRONOUS_MODES:
+            raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
         object.__setattr__(self, "codec", payload_codec(self.codec))
         if not isinstance(self.outbox, OutboxLimits):
             raise ConfigError(f"outbox must be an OutboxLimits, got {self.outbox!r}")
@@ -508,7 +533,11 @@ class Node:
     def _check_data_dir(self) -> list[tuple[str, dict[str, Any]]]:
         """:func:`villagemesh.datadir.prepare`: the events to log; its connections held until the tree is up."""
         events, self._held = datadir.prepare(
-            self.config.data_dir, self.node_id, accept_loss=self.config.accept_loss, betanet=self.runs_betanet
+            self.config.data_dir,
+            self.node_id,
+            accept_loss=self.config.accept_loss,
+            betanet=self.runs_betanet,
+            synchronous=self.config.synchronous,
         )
         return events
 
@@ -699,6 +728,7 @@ class Node:
                     "report_to": "app",
                     "registry": "registry",
                     "route_timeout": cfg.unknown_peer_timeout,
+                    "synchronous": cfg.synchronous,
                     **retry,
                 },
             ),
@@ -709,6 +739,7 @@ class Node:
                     "subscribers": self.subscribers,
                     "handles": self.handles,
                     "inbox": str(data / MESSAGES_FILE),
+                    "synchronous": cfg.synchronous,
                     "node_id": self.node_id,
                     "outcomes_to": "retrier",
                     "await_outcomes": True,
@@ -904,7 +935,7 @@ class Node:
         wait = self.config.send_timeout if timeout is None else timeout
         handle = self.handles.new(message.id, peer_id, len(message.payload), timeout=wait)
         try:
-            reply = client.ask("retrier", Deliver(encode_message(message)), timeout=ASK_TIMEOUT)
+            reply = client.ask("retrier", Deliver(_encoded(message)), timeout=ASK_TIMEOUT)
         except BusError as exc:
             self.handles.resolve(message.id, False, 0, f"not handed to the retrier: {exc}")
             raise
@@ -913,6 +944,50 @@ class Node:
             self.handles.resolve(message.id, False, 0, f"refused: {error}")
             raise ConfigError(f"message to {peer_id!r} refused: {error}")
         return handle
+
+    def send_many(
+        self,
+        messages: Iterable[tuple[str, object]],
+        *,
+        kind: str = "DATA",
+        priority: PriorityLike = Priority.NORMAL,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = None,
+    ) -> list[DeliveryHandle]:
+        """Send every ``(peer_id, payload)`` reliably, in order; one handle each.
+
+        Returns once every message is stored durably: one ask of the retrier and one
+        commit per :data:`SEND_MANY_CHUNK` messages (what ``send`` in a loop pays per
+        message). Every message is validated before any is sent; a full outbox blocks as
+        for ``send``, message by message. A message the retrier refuses gets a handle
+        that has already failed, naming why; the others go on.
+
+        Raises:
+            ConfigError: at once, for a malformed id, this node's own id, or a bad value (nothing sent).
+            OutboxFull: the outbox stayed full for ``timeout`` seconds (the messages before it were sent).
+        """
+        built = [self.envelope(peer, payload, kind=kind, priority=priority, ttl=ttl) for peer, payload in messages]
+        client = self._client()
+        wait = self.config.send_timeout if timeout is None else timeout
+        handles: list[DeliveryHandle] = []
+        for start in range(0, len(built), SEND_MANY_CHUNK):
+            chunk = built[start : start + SEND_MANY_CHUNK]
+            handles.extend(self.handles.new(m.id, m.recipient or "", len(m.payload), timeout=wait) for m in chunk)
+            errors = self._deliver_envelopes(client, [_encoded(m) for m in chunk])
+            for message, error in zip(chunk, errors, strict=True):
+                if error is not None:
+                    self.handles.resolve(message.id, False, 0, f"refused: {error}")
+        return handles
+
+    def _deliver_envelopes(self, client: Any, envelopes: list[bytes]) -> list[str | None]:
+        """One ask of the retrier for ``envelopes``; the error refusing each, or None."""
+        from villagemesh.actors.retrier.actor import send_envelopes
+
+        try:
+            reply = send_envelopes(client, envelopes, timeout=ASK_TIMEOUT)
+        except BusError as exc:
+            return [f"not handed to the retrier: {exc}"] * len(envelopes)
+        return list(reply.errors)
 
     def request(
         self,
@@ -1278,6 +1353,16 @@ def _not_ready(rows: list[dict[str, Any]], prefix: str = "") -> list[str]:
                 waiting.append(prefix + row["id"] + "/*")
             waiting.extend(_not_ready(children, prefix + row["id"] + "/"))
     return waiting
+
+
+def _encoded(message: Message) -> bytes:
+    """``message`` encoded, and remembered as that encoding's decoding (the retrier and the secure
+    session read it back without decoding it again)."""
+    from villagemesh.actors.core.envelopes import remember
+
+    raw = encode_message(message)
+    remember(raw, message)
+    return raw
 
 
 def _transport_order(mode: NetworkMode) -> tuple[str, ...]:
