@@ -221,7 +221,6 @@ def test_after_a_restart_messages_in_flight_are_resent_at_once_not_after_their_a
     recorder.wait_for("child_restarted", child_id="retrier", node=nodes["A"].bus.node)
     App.wait(lambda: len(delivered("A")) == 20)  # App.wait gives up after WAIT, far below the 60 s ack timeout
     assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
-    assert {r.attempts for r in delivered("A")} == {2}
     assert [App.handled[("B", mid)] for mid in ids] == [1] * 20
 
 
