@@ -45,6 +45,10 @@ its ``begin`` reaching the host, that frame is handed back too: at-least-once
 for the frame in progress in that window.) A child that stops on request hands
 back what it did not handle the same way.
 
+A child whose actor stops itself (its process reports a normal exit and exits 0)
+ends its host normally too, exactly as a thread child's own stop does: no crash
+is reported, and a transient child is not restarted. Any other end (a signal, a
+non-zero status, no exit report) is a crash (:class:`ChildProcessDied`).
 A connection hand-off (``ConnectionHandedOff``, a socket the acceptor sniffed)
 reaches a process child too: the host sends the descriptor over the control
 socket (``SCM_RIGHTS``) and closes its own copy, then the frame, marked ``fd``;
@@ -68,6 +72,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +81,7 @@ import zmq
 from villagemesh.actors.core import codec
 from villagemesh.actors.core.base import Actor, ActorContext, ExitKind, ExitReport, Ok, Scheduler, format_traceback
 from villagemesh.actors.core.bus import Bus, Fault, Kind, decode_frame, encode_frame, tell_frame
+from villagemesh.actors.core.handoff import claim
 from villagemesh.actors.core.transport import ConnectionHandedOff
 from villagemesh.errors import CodecError, ConfigError, SupervisionError
 
@@ -255,6 +261,8 @@ class ProcessHost(Actor):
         self._child_report: ExitReport | None = None
         self._pidfd: int | None = None
         self._stopping_child = False
+        self._child_gone = False
+        """The child process ended normally and was reaped (its actor stopped itself)."""
         self._refill_timer: Any = None
 
     def on_start(self) -> None:
@@ -330,7 +338,12 @@ class ProcessHost(Actor):
             except OSError as exc:
                 reason = f"cannot pass the descriptor: {exc}"
             finally:
+                release = claim(handed.fd)
                 os.close(handed.fd)
+                if release is not None:
+                    # Counted against the node's caps until it leaves the node's process; from
+                    # here the child's own process (its descriptor limit) bounds it.
+                    release()
         if reason is not None:
             self.ctx.log.emit("connection_handoff_lost", level="warning", peer=handed.peer, reason=reason)
             return b""
@@ -436,6 +449,8 @@ class ProcessHost(Actor):
         if self._control is not None:
             self._read_control()  # begin marks are in the kernel's buffer even after the death
         status = self.launcher.exit_status(self.pid, timeout=REAP_TIMEOUT)
+        if self._child_report is None and status in (0, 1):
+            self._await_exit_report()
         report = self._child_report
         # The last frame the child began and did not acknowledge is not handed back (it
         # may be what killed it, and would kill the next child too). A child that crashed
@@ -450,7 +465,24 @@ class ProcessHost(Actor):
             raise ChildProcessDied(
                 f"child {self.name!r} (pid {self.pid}) crashed: {report.exc_type}: {report.exc_message}"
             )
+        if report is not None and status == 0:
+            # The child's actor stopped itself and its process exited cleanly: a normal exit of
+            # this host too, as a thread child's own stop is (a transient child stays down).
+            self._child_gone = True
+            self._stop()
+            return
         raise ChildProcessDied(f"child {self.name!r} (pid {self.pid}) {_describe(status)}")
+
+    def _await_exit_report(self) -> None:
+        """The child exited 0 or 1, which it does only after sending its exit report (its DEALER
+        lingers until it is out): the report may still be on its way through ``ipc://``; wait for
+        it a bounded time, so a normal stop is not taken for a death, nor a Python crash for a kill."""
+        deadline = time.monotonic() + REAP_TIMEOUT
+        while self._child_report is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._router.poll(int(left * 1000) + 1):
+                return
+            self._read_child()
 
     def _hand_back(self, *, poison: int | None, fault: bool) -> None:
         """Unacknowledged frames go back to the mailbox, ahead of newer ones, except the poison."""
@@ -481,6 +513,8 @@ class ProcessHost(Actor):
     def on_stop(self) -> None:
         self._stopping_child = True
         self._inbox.paused = True
+        if self._child_gone:
+            return  # it ended by itself and was reaped: nothing to stop, nothing unacknowledged
         if self._pidfd is not None and self._identity is not None:
             self._router.send_multipart([self._identity, b"stop"])
             ready, _, _ = select.select([self._pidfd], [], [], self.spec.shutdown)

@@ -85,6 +85,7 @@ class _Child:
     consecutive: int = 0
     started_at: float = 0.0
     pid: int | None = None
+    actor: Supervised | None = None
 
 
 class Supervisor(Supervised):
@@ -136,8 +137,9 @@ class Supervisor(Supervised):
     # -- introspection (through a pykka proxy, with a timeout: see which_children) ---------
 
     def which_children(self) -> list[dict[str, Any]]:
-        """One dict per child in start order: id, kind, instance, alive, restart_count, isolation,
-        pid; a supervisor child also has ``children``, its own list (asked with a timeout)."""
+        """One dict per child in start order: id, kind, instance, alive, ready (its ``on_start`` has
+        returned), restart_count, isolation, pid; a supervisor child also has ``children``, its own
+        list (asked with a timeout)."""
         rows = []
         for c in self._children.values():
             row: dict[str, Any] = {
@@ -145,6 +147,7 @@ class Supervisor(Supervised):
                 "kind": "supervisor" if isinstance(c.spec, SupervisorSpec) else "worker",
                 "instance": c.instance,
                 "alive": c.instance is not None,
+                "ready": c.instance is not None and c.actor is not None and c.actor.started,
                 "restart_count": c.restart_count,
                 "isolation": Isolation(c.spec.isolation).value,
                 "pid": c.pid,
@@ -174,6 +177,7 @@ class Supervisor(Supervised):
         done = threading.Event()
         child.done = done
         child.pid = None
+        child.actor = None
         child_id = spec.id
 
         def watcher(actor: Supervised, report: ExitReport) -> None:
@@ -197,6 +201,7 @@ class Supervisor(Supervised):
             return
         child.ref = actor.actor_ref
         child.instance = actor.instance
+        child.actor = actor
         child.pid = getattr(actor, "pid", None)
         child.started_at = time.monotonic()
         self.env.log.emit(

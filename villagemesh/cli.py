@@ -1,6 +1,8 @@
 """The ``villagemesh`` command: run a node, run the demo, list peers, send a message.
 
     villagemesh node  --data-dir DIR [--port P] [--bootstrap HOST:PORT ...] [--mode hybrid] [--lan]
+                      [--accept-loss] [--new-identity]
+    villagemesh doctor DATA_DIR
     villagemesh demo  [--nodes 5] [--messages 20] [--data-dir DIR]
     villagemesh peers --data-dir DIR
     villagemesh send  --to PEER_ID --via HOST:PORT [--data-dir DIR] TEXT
@@ -8,7 +10,11 @@
     villagemesh top       [--log FILE ...] [--node HOST:PORT ...] [--once]
 
 ``node`` prints ``LISTEN <node_id> <host:port>`` once it serves, then runs until
-SIGINT or SIGTERM. ``peers`` reads a node's registry file (the node may be
+SIGINT or SIGTERM (exit 0). If it cannot start, or fails later (its root
+supervisor gives up), it exits 2 with the cause on stderr. ``doctor`` checks a
+data dir as ``node`` would before it starts (the stores against the manifest,
+the key) and starts nothing: exit 0 when all is well, 1 with one line per
+problem otherwise. ``peers`` reads a node's registry file (the node may be
 running). ``send`` runs a short-lived node of its own, finds the peer through
 ``--via`` and waits for the delivery.
 """
@@ -57,8 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--lan", action="store_true", help="also send and hear signed UDP multicast beacons")
     node.add_argument("--log", type=Path, help="event log path (default DATA_DIR/events.jsonl)")
     node.add_argument("--quiet", action="store_true", help="do not print events on stderr")
+    node.add_argument(
+        "--accept-loss", action="store_true", help="start even if a store is inconsistent (each loss is logged)"
+    )
+    node.add_argument("--new-identity", action="store_true", help="make a new key if node.key is missing or unreadable")
     node.add_argument("--dashboard", action="store_true", help="also serve the dashboard at /villagemesh/dashboard")
     node.set_defaults(run=_run_node)
+
+    doctor = sub.add_parser("doctor", help="check a data dir's stores and key without starting a node")
+    doctor.add_argument("data_dir", type=Path, metavar="DATA_DIR")
+    doctor.set_defaults(run=_run_doctor)
 
     demo = sub.add_parser("demo", help="5 local nodes, a crash on purpose, delivery goes on")
     demo.add_argument("--nodes", type=int, default=5)
@@ -101,6 +115,8 @@ def _run_node(args: argparse.Namespace) -> int:
         lan=args.lan,
         log_path=args.log,
         human_log=None if not args.quiet else False,
+        accept_loss=args.accept_loss,
+        new_identity=args.new_identity,
         dashboard=args.dashboard,
     )
     stop = threading.Event()
@@ -109,9 +125,28 @@ def _run_node(args: argparse.Namespace) -> int:
     # Every kind is handled (printed), so senders see "delivered", not "unhandled".
     node.subscribe("*", lambda m: print(f"RECEIVED {m.kind} from {m.sender}: {len(m.payload)} bytes", flush=True))
     with node:
+        node.on_failure(lambda _: stop.set())
         print(f"LISTEN {node.node_id} {node.acceptor_address}", flush=True)
         stop.wait()
+    if node.failure is not None:
+        raise node.failure
     return 0
+
+
+# -- doctor ----------------------------------------------------------------------------------------
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from villagemesh.datadir import diagnose
+
+    problems = diagnose(args.data_dir)
+    if not problems:
+        print(f"{args.data_dir}: ok (the stores agree with the manifest; the key is readable)")
+        return 0
+    print(f"{args.data_dir}: {len(problems)} problem(s); a node would refuse to start:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1
 
 
 # -- peers -----------------------------------------------------------------------------------------

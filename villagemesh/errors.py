@@ -18,11 +18,16 @@ a caller can catch by meaning and still see the cause::
     │   ├── AskTimeout (TimeoutError)       no reply within the ask's timeout
     │   └── ActorCrashed                    the actor crashed while handling the ask
     ├── SupervisionError                    a supervisor could not keep its children up
-    │   └── RestartIntensityExceeded        too many restarts within the period
+    │   ├── RestartIntensityExceeded        too many restarts within the period
+    │   └── NodeDown                        the node is not up (child, exc_type, detail: the cause)
+    │       ├── NodeStartFailed             start(): the tree did not come up (the first crash)
+    │       └── NodeFailed                  the root gave up after start (the last crash)
     ├── TransportError                      a transport could not move bytes
     │   ├── ConnectError                    ... it could not reach the peer
     │   └── TransportTimeout (TimeoutError) ... the peer was too slow
-    ├── StorageError                        a persistent store (SQLite) failed
+    ├── StorageError                        a persistent store (SQLite) failed, or the data dir
+    │                                       is inconsistent (a store empty, missing, replaced, rolled back)
+    ├── IdentityError                       the node's key is missing or unreadable while its stores have history
     ├── OutboxFull                          the send window to a peer (or in all) is full
     ├── RequestTimeout (TimeoutError)       no reply to a request within its timeout (peer, message id)
     └── DeliveryFailed                      a message was given up on (attempts, last_error)
@@ -45,9 +50,13 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "DeliveryFailed",
+    "IdentityError",
     "LocalProtocolError",
     "MailboxFull",
     "NoSuchActor",
+    "NodeDown",
+    "NodeFailed",
+    "NodeStartFailed",
     "OutboxFull",
     "ProtocolError",
     "RemoteError",
@@ -147,6 +156,38 @@ class RestartIntensityExceeded(SupervisionError):
         self.period = period
 
 
+class NodeDown(SupervisionError):
+    """The node is not up (base of :class:`NodeStartFailed` and :class:`NodeFailed`).
+
+    ``child`` names the child whose crash is the cause (None when none crashed),
+    ``exc_type`` and ``detail`` describe that crash (or, without one, what happened).
+    """
+
+    _what = "is down"
+
+    def __init__(self, node: str, child: str | None, exc_type: str | None, detail: str) -> None:
+        cause = f"child {child!r} crashed: {exc_type}: {detail}" if child is not None else detail
+        super().__init__(self._what.format(node=node, cause=cause))
+        self.node = node
+        self.child = child
+        self.exc_type = exc_type
+        self.detail = detail
+
+
+class NodeStartFailed(NodeDown):
+    """``Node.start()`` gave up: a child crashed before the tree was up (the first crash is the
+    cause, not the escalation it led to), or the tree was not up in time."""
+
+    _what = "node {node!r} did not start: {cause}"
+
+
+class NodeFailed(NodeDown):
+    """The node's root supervisor gave up after start: every later call raises this at once
+    (the cause: the last crash that led to it)."""
+
+    _what = "node {node!r} has failed ({cause}); stop it and start it again"
+
+
 class TransportError(VillageMeshError):
     """A transport could not move bytes to or from a peer."""
 
@@ -161,6 +202,11 @@ class TransportTimeout(TransportError, TimeoutError):
 
 class StorageError(VillageMeshError):
     """A persistent store (the registry's or the outbox's SQLite file) failed."""
+
+
+class IdentityError(VillageMeshError):
+    """The node's key file is missing or unreadable while its stores have history (a new
+    identity would orphan them); start with ``new_identity=True`` to make one on purpose."""
 
 
 class DeliveryFailed(VillageMeshError):

@@ -6,6 +6,7 @@
     ├── registry      peers, capabilities, trust          (SQLite: data_dir/peers.sqlite3)
     ├── retrier       outbox, acks, retries, failover      (SQLite: data_dir/messages.sqlite3)
     ├── app           subscribers and delivery handles
+    ├── keeper        checkpoints the stores, keeps data_dir/manifest.json
     ├── transports    (one_for_one)
     │   └── websocket aiohttp server and client
     ├── acceptor      one TCP port, sniffed and handed off
@@ -16,7 +17,17 @@
 (one zmq Context, the timer thread, the event log) and launches the root
 supervisor; ``stop()`` stops the tree in reverse order. Everything a restart
 must keep lives in ``data_dir``: the key file (so the node id is stable), the
-peers, the outbox and the inbox.
+peers, the outbox and the inbox, and the manifest that vouches for them.
+
+``start()`` tells the truth: it returns only when every actor is up and the
+acceptor listens, and otherwise raises with the root cause. Before anything
+starts, the data dir is checked (:mod:`villagemesh.actors.core.integrity`): a
+store that is corrupt, empty, missing, replaced or rolled back is a
+``StorageError`` unless ``accept_loss`` says to go on, and a key that is
+missing or unreadable while the stores have history an ``IdentityError``
+unless ``new_identity`` says to make one. A crash before the tree is up fails
+the start (``NodeStartFailed``, naming the first crash); if the root supervisor
+gives up later, every call raises ``NodeFailed`` at once, with the cause.
 
 The API is thread-safe (each calling thread gets its own bus sender) and has
 asyncio variants; handles can be awaited.
@@ -37,6 +48,7 @@ its mailbox as one turn and stores them in one commit):
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import random
 import re
@@ -50,6 +62,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pykka
 
+from villagemesh import datadir
 from villagemesh.actors.app.actor import OUTCOME_TIMEOUT, AppActor
 from villagemesh.actors.app.payload import PayloadCodec, payload_codec
 from villagemesh.actors.app.state import (
@@ -66,15 +79,18 @@ from villagemesh.actors.app.state import (
 )
 from villagemesh.actors.core.base import ExitReport, Scheduler
 from villagemesh.actors.core.bus import Bus
-from villagemesh.actors.core.ledger import prepare as prepare_messages
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
 from villagemesh.actors.retrier.state import DEFAULT_ROUTE_TIMEOUT
+from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
     BusError,
     ConfigError,
+    NodeFailed,
+    NodeStartFailed,
     RemoteError,
     RequestTimeout,
+    StorageError,
     SupervisionError,
     VillageMeshError,
 )
@@ -101,6 +117,7 @@ __all__ = [
     "PeerInfo",
     "Priority",
     "create_network",
+    "diagnose",
     "free_port",
     "local_capabilities",
 ]
@@ -108,8 +125,6 @@ __all__ = [
 ASK_TIMEOUT = 5.0
 """Seconds the node API waits for one of its own actors to answer."""
 
-MESSAGES_FILE = "messages.sqlite3"
-"""The retrier's outbox and inbox in ``data_dir``; the app gateway commits its dispatch marks there too."""
 
 DEFAULT_TTL = 24 * 3600.0
 """A message's lifetime unless the sender says otherwise (the replaced system's 24 h)."""
@@ -159,8 +174,13 @@ class NodeConfig:
     max_connections_per_source: int = 64
     """Open connections the acceptor allows one source address (many local nodes: raise it)."""
     max_connections: int = 1024
+    """Open connections of the node at once, all sources and all protocols together, counted
+    from their accept until they close (whichever actor serves them)."""
+    handshake_timeout: float = 10.0
+    """Seconds a connection has, once routed, for its first complete message (an HTTP request's
+    headers, a discovery frame): a client sending half a header is dropped after this."""
     start_timeout: float = 30.0
-    """Seconds ``start()`` waits for the acceptor to listen."""
+    """Seconds ``start()`` waits for every actor to be up (a crash on the way fails it at once)."""
     discovery_interval: float = 2.0
     discovery_timeout: float = 1.5
     discovery_fast_start: float = 0.25
@@ -172,6 +192,13 @@ class NodeConfig:
     max_attempts: int = 8
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    checkpoint_interval: float = 1.0
+    """Seconds between the keeper's checkpoints of a store whose log grew: what a lost or cut
+    write-ahead log can cost at most (see :mod:`villagemesh.actors.core.integrity`)."""
+    accept_loss: bool = False
+    """Start even though the data dir's stores are inconsistent (each loss is logged)."""
+    new_identity: bool = False
+    """Make a new key when ``node.key`` is missing or unreadable although the stores have history."""
     capabilities: Capabilities | None = None
     status_endpoint: bool = True
     """Serve ``GET /villagemesh/status`` (read-only JSON; what it reveals: :mod:`villagemesh.dashboard.status`)."""
@@ -201,15 +228,41 @@ class NodeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "data_dir", _path("data_dir", self.data_dir))
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ConfigError(f"data_dir {str(self.data_dir)!r} exists and is not a directory")
         object.__setattr__(self, "mode", NetworkMode.parse(self.mode))
-        if not isinstance(self.port, int) or not 0 <= self.port < 65536:
+        if self.log_path is not None:
+            object.__setattr__(self, "log_path", _path("log_path", self.log_path))
+            if self.log_path.is_dir():
+                raise ConfigError(f"log_path {str(self.log_path)!r} is a directory")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name):
+            raise ConfigError(f"node name must be a non-empty str without '/', got {self.name!r}")
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"host must be a non-empty str, got {self.host!r}")
+        if not _is_int(self.port) or not 0 <= self.port < 65536:
             raise ConfigError(f"port must be an int in 0..65535, got {self.port!r}")
-        bootstrap = tuple(self.bootstrap)
+        if not _is_int(self.lan_port) or not 0 < self.lan_port < 65536:
+            raise ConfigError(f"lan_port must be an int in 1..65535, got {self.lan_port!r}")
+        if not isinstance(self.lan_group, str) or not self.lan_group:
+            raise ConfigError(f"lan_group must be a multicast address as a str, got {self.lan_group!r}")
+        if isinstance(self.bootstrap, str | bytes):
+            raise ConfigError(f"bootstrap must be a sequence of 'host:port' strings, got {self.bootstrap!r}")
+        try:
+            bootstrap = tuple(self.bootstrap)
+        except TypeError:
+            raise ConfigError(f"bootstrap must be a sequence of 'host:port' strings, got {self.bootstrap!r}") from None
         for entry in bootstrap:
+            if not isinstance(entry, str):
+                raise ConfigError(f"bootstrap entries must be 'host:port' strings, got {entry!r}")
             parse_host_port(entry)
         object.__setattr__(self, "bootstrap", bootstrap)
-        if not isinstance(self.discovery_fast_start, int | float) or not 0 <= self.discovery_fast_start:
+        for name in ("lan", "accept_loss", "new_identity"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.human_log is not None and not isinstance(self.human_log, bool):
+            raise ConfigError(f"human_log must be True, False or None, got {self.human_log!r}")
+        if not _is_number(self.discovery_fast_start) or not 0 <= self.discovery_fast_start:
             raise ConfigError(f"discovery_fast_start must be a number >= 0, got {self.discovery_fast_start!r}")
         positive = (
             "discovery_interval",
@@ -217,21 +270,28 @@ class NodeConfig:
             "peer_max_age",
             "ack_timeout",
             "backoff_base",
+            "backoff_max",
             "lan_rate_per_s",
             "lan_burst",
             "start_timeout",
+            "checkpoint_interval",
+            "handshake_timeout",
             "send_timeout",
             "unknown_peer_timeout",
             "outcome_timeout",
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        for name in ("max_connections_per_source", "max_connections"):
+            if not _is_number(value) or not value > 0:
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("max_connections_per_source", "max_connections", "max_attempts"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if self.capabilities is not None and not isinstance(self.capabilities, Capabilities):
+            raise ConfigError(f"capabilities must be a Capabilities or None, got {type(self.capabilities).__name__}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
         for name in ("status_endpoint", "dashboard"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -245,11 +305,23 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if self.synchronous not in SYNCHRONOUS_MODES:
             raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
-        if self.name is not None and (not self.name or "/" in self.name):
-            raise ConfigError(f"node name must be non-empty without '/', got {self.name!r}")
         object.__setattr__(self, "codec", payload_codec(self.codec))
         if not isinstance(self.outbox, OutboxLimits):
             raise ConfigError(f"outbox must be an OutboxLimits, got {self.outbox!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _path(name: str, value: object) -> Path:
+    if not isinstance(value, str | os.PathLike) or not os.fspath(value):
+        raise ConfigError(f"{name} must be a path (str or os.PathLike), got {value!r}")
+    return Path(value)
 
 
 def local_capabilities(transports: Sequence[str] = ("websocket",)) -> Capabilities:
@@ -338,11 +410,14 @@ class Node:
     """One villagemesh node. Make it with :func:`create_network`; start it, use it, stop it."""
 
     def __init__(self, config: NodeConfig) -> None:
-        from villagemesh.actors.core.secure.keys import NodeKeys
-
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.keys = NodeKeys.load_or_create(config.data_dir / "node.key")
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"data_dir {str(config.data_dir)!r} cannot be made: {exc.strerror}") from exc
+        self._notes: list[tuple[str, dict[str, Any]]] = []
+        """Events found before the log exists (a new identity), emitted when it starts."""
+        self.keys = self._identity()
         self.node_id: str = self.keys.node_id
         self.name = config.name or f"node-{self.node_id[:8]}"
         self.port = config.port or free_port(host=config.host)
@@ -358,11 +433,23 @@ class Node:
         self._aio: AsyncNode | None = None
         self._lock = threading.Lock()
         self._started = False
-        self._failed: ExitReport | None = None
+        self._health = _Health()
+        self._failure: NodeFailed | None = None
+        self._failure_listeners: list[Callable[[NodeFailed], None]] = []
         self._env: Environment | None = None
         self._root: Supervisor | None = None
         self._launcher: Any = None
         self._lock_file: Any = None
+        self._connections: Any = None
+        self._held: list[Any] = []
+        """The start's checkpoint connections, open until the actors have opened theirs."""
+
+    def _identity(self) -> Any:
+        """The node's keys (see :func:`villagemesh.datadir.identity`); a new identity is logged at start."""
+        keys, note = datadir.identity(self.config.data_dir, new_identity=self.config.new_identity)
+        if note is not None:
+            self._notes.append(note)
+        return keys
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -397,14 +484,23 @@ class Node:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> Node:
-        """Start every actor; returns once the acceptor listens. Idempotent."""
+        """Start every actor; returns once each one is up and the acceptor listens. Idempotent.
+
+        Raises:
+            StorageError: a store of the data dir is corrupt or inconsistent with the
+                manifest (empty, missing, replaced, rolled back); nothing was started.
+            NodeStartFailed: an actor crashed before the tree was up (the first crash is
+                named: the child, its exception), or the tree was not up within
+                ``start_timeout``. Everything started is stopped again.
+        """
         with self._lock:
             if self._started:
+                if self._failure is not None:
+                    raise _again(self._failure)  # failed, not stopped: start() must not say all is well
                 return self
             self._lock_data_dir()
             try:
-                # before two actors open it at once
-                prepare_messages(self.config.data_dir / MESSAGES_FILE, synchronous=self.config.synchronous)
+                losses = self._check_data_dir()
             except VillageMeshError:
                 self._unlock_data_dir()
                 raise
@@ -414,16 +510,36 @@ class Node:
             env.process_launcher = self._process_launcher
             log.add_sink(self._on_log_event)
             self._env = env
+            self._health = _Health()
+            self._failure = None
+            log.add_sink(self._health)
+            for event, fields in [*self._notes, *losses]:
+                log.emit(event, **fields)
+            self._notes = []
             log.emit("node_starting", node_id=self.node_id, mode=self.config.mode.value, port=self.port)
             self._root = Supervisor.launch(self._tree(), env, watcher=self._root_ended)
             self._started = True
         try:
-            self._wait_until_listening(self.config.start_timeout)
+            self._wait_until_up(self.config.start_timeout)
         except VillageMeshError:
             self.stop()
             raise
+        finally:
+            held, self._held = self._held, []
+            datadir.close_all(held)  # the actors' own connections are open now
         log.emit("node_started", node_id=self.node_id, address=self.address)
         return self
+
+    def _check_data_dir(self) -> list[tuple[str, dict[str, Any]]]:
+        """:func:`villagemesh.datadir.prepare`: the events to log; its connections held until the tree is up."""
+        events, self._held = datadir.prepare(
+            self.config.data_dir,
+            self.node_id,
+            accept_loss=self.config.accept_loss,
+            betanet=self.runs_betanet,
+            synchronous=self.config.synchronous,
+        )
+        return events
 
     def stop(self) -> None:
         """Stop every actor (reverse start order), then the bus, timers and log. Idempotent."""
@@ -441,6 +557,13 @@ class Node:
         if self._launcher is not None:
             self._launcher.close()
             self._launcher = None
+        try:
+            # The manifest records what the stores hold now; the connections are the last (a clean
+            # stop leaves no log behind, and the database files carry the manifest's generation).
+            specs = datadir.store_specs(betanet=self.runs_betanet)
+            datadir.close_all(datadir.checkpoint_stores(self.config.data_dir, None, specs))
+        except StorageError as exc:
+            env.log.emit("checkpoint_deferred", level="warning", store="*", reason=str(exc))
         env.log.emit("node_stopped", node_id=self.node_id)
         env.scheduler.close()
         env.bus.close()
@@ -492,12 +615,39 @@ class Node:
             self._aio = AsyncNode(self)
         return self._aio
 
+    # -- health --------------------------------------------------------------------------------
+
+    @property
+    def failure(self) -> NodeFailed | None:
+        """The :class:`NodeFailed` every call raises once the root supervisor gave up, else None."""
+        return self._failure
+
+    def on_failure(self, callback: Callable[[NodeFailed], None]) -> None:
+        """Call ``callback(error)`` once if the node fails (at once if it already has).
+
+        It runs in the thread that noticed (a supervisor's): it must be quick.
+        """
+        with self._lock:
+            failure = self._failure
+            if failure is None:
+                self._failure_listeners.append(callback)
+        if failure is not None:
+            callback(failure)
+
     def _root_ended(self, actor: Any, report: ExitReport) -> None:
-        if report.crashed and self._env is not None:
-            self._failed = report
-            self._env.log.emit(
-                "node_failed", level="error", node_id=self.node_id, exc_type=report.exc_type, reason=report.exc_message
-            )
+        if not report.crashed or self._env is None:
+            return
+        child, exc_type, detail = self._health.cause(report)
+        failure = NodeFailed(self.name, child, exc_type, detail)
+        with self._lock:
+            self._failure = failure
+            listeners, self._failure_listeners = self._failure_listeners, []
+        self._env.log.emit(
+            "node_failed", level="error", node_id=self.node_id, child_id=child, exc_type=exc_type, reason=detail
+        )
+        self._health.wake()
+        for callback in listeners:
+            callback(failure)
 
     def _process_launcher(self) -> Any:
         if self._launcher is None:
@@ -508,7 +658,9 @@ class Node:
 
     def _tree(self) -> SupervisorSpec:
         from villagemesh.actors.acceptor.actor import AcceptorActor
-        from villagemesh.actors.acceptor.state import AcceptorLimits
+        from villagemesh.actors.acceptor.state import SNIFF_TIMEOUT_S, AcceptorLimits
+        from villagemesh.actors.core.handoff import ConnectionLimiter
+        from villagemesh.actors.keeper.actor import KeeperActor
         from villagemesh.actors.lan.actor import LanActor
         from villagemesh.actors.lan.beacon import BeaconConfig
         from villagemesh.actors.lan.identity import Identity
@@ -519,6 +671,13 @@ class Node:
         from villagemesh.dashboard.server import install as http_routes
 
         cfg, data = self.config, self.config.data_dir
+        limits = AcceptorLimits(
+            sniff_timeout_s=min(SNIFF_TIMEOUT_S, cfg.handshake_timeout),
+            max_per_source=min(cfg.max_connections_per_source, cfg.max_connections),
+            max_total=cfg.max_connections,
+        )
+        # One count of the node's connections, from accept to close, whichever loop holds them.
+        self._connections = ConnectionLimiter(limits.max_per_source, limits.max_total)
         betanet = self.runs_betanet
         capabilities = cfg.capabilities or local_capabilities(("websocket", "betanet") if betanet else ("websocket",))
         if capabilities.node_name is None:
@@ -543,6 +702,7 @@ class Node:
                         "deliver_to": "retrier",
                         "node_id": self.node_id,
                         "keys": self.keys,
+                        "handshake_deadline_s": cfg.handshake_timeout,
                         "http": http_routes(self),
                     },
                 ),
@@ -590,6 +750,15 @@ class Node:
                     "tree": self._actors,
                 },
             ),
+            ChildSpec(
+                "keeper",
+                KeeperActor,
+                config={
+                    "data_dir": str(data),
+                    "stores": datadir.store_specs(betanet=betanet),
+                    "interval": cfg.checkpoint_interval,
+                },
+            ),
             transports,
             ChildSpec(
                 "acceptor",
@@ -598,16 +767,15 @@ class Node:
                     "host": cfg.host,
                     "port": self.port,
                     "routes": {"http": "websocket", "discovery": "lan", **({"secure": "betanet"} if betanet else {})},
-                    "limits": AcceptorLimits(
-                        max_per_source=cfg.max_connections_per_source,
-                        max_total=max(cfg.max_connections, cfg.max_connections_per_source),
-                    ),
+                    "limits": limits,
+                    "connections": self._connections,
                 },
             ),
             ChildSpec(
                 "lan",
                 LanActor,
                 config={
+                    "handshake_deadline_s": cfg.handshake_timeout,
                     "identity": identity,
                     "peers_to": "registry",
                     "bootstrap": cfg.bootstrap,
@@ -643,7 +811,7 @@ class Node:
                 "keys": self.keys.to_bytes(),
                 "host": cfg.host,
                 "port": self.port,
-                "replay_path": str(cfg.data_dir / "betanet.sqlite3"),
+                "replay_path": str(cfg.data_dir / datadir.BETANET_FILE),
                 "deliver_to": "retrier",
                 "registry": "registry",
                 "refresh_s": min(10.0, cfg.discovery_interval),
@@ -653,23 +821,45 @@ class Node:
             },
         )
 
-    def _wait_until_listening(self, timeout: float = 10.0) -> None:
-        """Ask the acceptor where it listens: the ask waits in its mailbox until it has started."""
+    def _wait_until_up(self, timeout: float) -> None:
+        """Wait until every actor of the tree has started and the acceptor listens on our port.
+
+        As in OTP, a crash before the tree is up fails the start: the first crash is the
+        root cause (a port in use, a store that cannot be opened), and waiting for
+        restarts to give up would only hide it behind an escalation.
+        """
         from villagemesh.actors.acceptor.messages import GetAcceptorStatus
 
-        assert self._env is not None
-        # The root supervisor opens its children's mailboxes in its own on_start, which may not
-        # have run yet on a busy machine: open it here (idempotent), so the ask waits in it.
-        self._env.bus.open_mailbox("acceptor")
-        status = self._env.bus.client().ask("acceptor", GetAcceptorStatus(), timeout=timeout)
-        if self._failed is not None:
-            raise SupervisionError(f"node {self.name} failed while starting: {self._failed.exc_message}")
+        assert self._env is not None and self._root is not None
+        deadline = time.monotonic() + timeout
+        waiting: list[str] = ["root"]
+        while True:
+            crash = self._health.first_crash
+            if crash is not None:
+                raise NodeStartFailed(self.name, *crash)
+            if self._failure is not None:
+                raise NodeStartFailed(self.name, self._failure.child, self._failure.exc_type, self._failure.detail)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NodeStartFailed(self.name, None, None, f"not up within {timeout} s (waiting for {waiting})")
+            try:
+                rows = which_children(self._root.actor_ref, timeout=min(remaining, ASK_TIMEOUT))
+            except (pykka.ActorDeadError, pykka.Timeout):
+                rows = None  # the root is ending or busy: its report (or the deadline) decides
+            if rows is not None:
+                waiting = _not_ready(rows)
+                if not waiting:
+                    break
+            self._health.wait(min(0.05, max(0.0, remaining)))
+        status = self._env.bus.client().ask("acceptor", GetAcceptorStatus(), timeout=max(0.1, remaining))
         if status.port != self.port:
             raise SupervisionError(f"node {self.name}: acceptor listens on {status.port}, expected {self.port}")
 
     # -- the API -------------------------------------------------------------------------------
 
     def _client(self) -> Any:
+        if self._failure is not None:
+            raise _again(self._failure)
         if not self._started or self._env is None:
             raise SupervisionError(f"node {self.name} is not running (call start())")
         return self._env.bus.client()
@@ -740,9 +930,7 @@ class Node:
         """
         from villagemesh.actors.retrier.messages import Deliver, DeliverReply
 
-        message = self.envelope(
-            peer_id, payload, kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id
-        )
+        message = self.envelope(peer_id, payload, kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id)
         client = self._client()
         wait = self.config.send_timeout if timeout is None else timeout
         handle = self.handles.new(message.id, peer_id, len(message.payload), timeout=wait)
@@ -849,8 +1037,7 @@ class Node:
     ) -> list[DeliveryHandle]:
         """Send to every known peer (one reliable message each)."""
         return [
-            self.send(p.peer_id, payload, kind=kind, priority=priority, ttl=ttl, timeout=timeout)
-            for p in self.peers()
+            self.send(p.peer_id, payload, kind=kind, priority=priority, ttl=ttl, timeout=timeout) for p in self.peers()
         ]
 
     def subscribe(self, kind: str, handler: Handler) -> Callable[[], None]:
@@ -866,6 +1053,12 @@ class Node:
         (see :class:`~villagemesh.actors.app.state.InboundMessage`). Subscribe
         before ``start()`` to receive the messages a restart re-dispatches.
         """
+        if self._failure is not None:
+            raise _again(self._failure)
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"kind must be a non-empty str ('*' for every kind), got {kind!r}")
+        if not callable(handler):
+            raise ConfigError(f"handler must be callable, got {type(handler).__name__}")
         return self.subscribers.add(kind, handler)
 
     def peers(self) -> list[PeerInfo]:
@@ -885,6 +1078,10 @@ class Node:
 
     def wait_for_peers(self, count: int, timeout: float) -> bool:
         """True once at least ``count`` peers are known; woken by each ``peer_discovered`` event."""
+        if not _is_int(count) or count < 0:
+            raise ConfigError(f"count must be an int >= 0, got {count!r}")
+        if not _is_number(timeout) or timeout < 0:
+            raise ConfigError(f"timeout must be a finite number >= 0, got {timeout!r}")
         deadline = time.monotonic() + timeout
         while True:
             with self._peers_changed:
@@ -908,6 +1105,8 @@ class Node:
         """Fault injection: make the actor named ``actor_name`` crash (its supervisor restarts it)."""
         from villagemesh.actors.core.base import InjectedCrash
 
+        if not isinstance(actor_name, str) or not actor_name:
+            raise ConfigError(f"actor_name must be a non-empty str, got {actor_name!r}")
         self._client().tell(actor_name, InjectedCrash(f"injected by Node.crash({actor_name!r})"))
 
     def network_status(self) -> dict[str, Any]:
@@ -923,7 +1122,13 @@ class Node:
 
     def _actors(self) -> list[dict[str, Any]]:
         assert self._root is not None
-        return which_children(self._root.actor_ref, timeout=ASK_TIMEOUT)
+        try:
+            return which_children(self._root.actor_ref, timeout=ASK_TIMEOUT)
+        except (pykka.ActorDeadError, pykka.Timeout) as exc:
+            self._health.wait_for(lambda: self._failure is not None, ASK_TIMEOUT)  # the root's report is on its way
+            if self._failure is not None:
+                raise _again(self._failure) from exc
+            raise SupervisionError(f"node {self.name}: the root supervisor did not answer ({exc})") from exc
 
     def _status(self, peers: int, retrier: Any, actors: list[dict[str, Any]], mix: Any = None) -> dict[str, Any]:
         return {
@@ -1089,6 +1294,65 @@ def check_min_count(min_count: object) -> int:
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
         raise ConfigError(f"min_count must be an int >= 0, got {min_count!r}")
     return min_count
+
+
+def _again(failure: NodeFailed) -> NodeFailed:
+    """A fresh copy to raise (one instance raised from many threads would share its traceback)."""
+    return NodeFailed(failure.node, failure.child, failure.exc_type, failure.detail)
+
+
+class _Health:
+    """A log sink that remembers crashes, so the node can name a root cause; wakes whoever waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.first_crash: tuple[str, str | None, str] | None = None
+        """``(child, exc_type, detail)`` of the first crash of a worker (not an escalation)."""
+        self.last_crash: tuple[str, str | None, str] | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        name = event.get("event")
+        if name == "child_crashed" and event.get("exc_type") != "RestartIntensityExceeded":
+            crash = (str(event.get("child_id")), event.get("exc_type"), str(event.get("exc_message")))
+            with self._cond:
+                if self.first_crash is None:
+                    self.first_crash = crash
+                self.last_crash = crash
+                self._cond.notify_all()
+        elif name in ("child_started", "child_crashed"):
+            self.wake()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(predicate, timeout)
+
+    def cause(self, report: ExitReport) -> tuple[str | None, str | None, str]:
+        """What made the root fail: the last worker crash, else the root's own report."""
+        if self.last_crash is not None:
+            return self.last_crash
+        return None, report.exc_type, str(report.exc_message)
+
+
+def _not_ready(rows: list[dict[str, Any]], prefix: str = "") -> list[str]:
+    """The children (``a/b`` for nested ones) not started yet, from ``which_children`` rows."""
+    waiting = []
+    for row in rows:
+        if not row["ready"]:
+            waiting.append(prefix + row["id"])
+        elif row.get("kind") == "supervisor":
+            children = row.get("children") or []
+            if not children:
+                waiting.append(prefix + row["id"] + "/*")
+            waiting.extend(_not_ready(children, prefix + row["id"] + "/"))
+    return waiting
 
 
 def _encoded(message: Message) -> bytes:

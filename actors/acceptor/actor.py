@@ -9,11 +9,15 @@ The hand-off crosses into the actor's thread first because bus sockets may
 only be used by the thread that made them. If the owner cannot be told (no
 such actor, mailbox full), the descriptor is closed and the connection logged
 as rejected. Descriptors are process-local: route owners must run in this
-process (thread isolation), not as process children.
+process (thread isolation), not as process children. The connection's slot
+in the node's limiter is held under its descriptor while the message travels
+(:func:`~villagemesh.actors.core.handoff.hold`); the owner claims it.
 
 Config (``ctx.config``): ``host`` (default 127.0.0.1), ``port`` (0 = any),
 ``limits`` (:class:`~.state.AcceptorLimits`), ``routes``: route name →
-owning actor name, e.g. ``{"http": "websocket", "discovery": "lan"}``.
+owning actor name, e.g. ``{"http": "websocket", "discovery": "lan"}``;
+``connections``: the node's :class:`~villagemesh.actors.core.handoff.ConnectionLimiter`
+(kept across restarts of the acceptor; one of its own from ``limits`` without it).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from villagemesh.actors.acceptor.messages import AcceptorStatus, GetAcceptorStat
 from villagemesh.actors.acceptor.server import AcceptorServer
 from villagemesh.actors.acceptor.state import AcceptorLimits
 from villagemesh.actors.core.bus import Sender
-from villagemesh.actors.core.handoff import HandedOff, Route
+from villagemesh.actors.core.handoff import ConnectionLimiter, HandedOff, Route, claim, hold
 from villagemesh.actors.core.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
 from villagemesh.actors.core.transport import ConnectionHandedOff
 from villagemesh.errors import BusError, ConfigError
@@ -42,8 +46,11 @@ class AcceptorActor(LoopActor):
         limits = config.get("limits") or AcceptorLimits()
         if not isinstance(limits, AcceptorLimits):
             raise ConfigError(f"acceptor limits must be AcceptorLimits, got {limits!r}")
+        limiter = config.get("connections")
+        if limiter is not None and not isinstance(limiter, ConnectionLimiter):
+            raise ConfigError(f"acceptor connections must be a ConnectionLimiter, got {limiter!r}")
         self.start_io()
-        self.server = AcceptorServer(limits, log=self.io_log)
+        self.server = AcceptorServer(limits, log=self.io_log, limiter=limiter)
         for route in self.routes:
             self.server.route_hand_off(route, self._handed_off)
         host, port = str(config.get("host", "127.0.0.1")), int(config.get("port", 0))
@@ -58,18 +65,25 @@ class AcceptorActor(LoopActor):
 
     def _handed_off(self, handed: HandedOff) -> None:
         # On the loop thread: only pass the value on. If the actor is gone, the
-        # HandedOff is dropped and its duplicate socket closes when collected.
-        self.post(handed)
+        # connection goes with it (and its slot is given back).
+        if not self.post(handed):
+            handed.sock.close()
+            if handed.release is not None:
+                handed.release()
 
     def on_loop_message(self, message: Any) -> None:
         """A :class:`HandedOff` from the loop: tell its route's owner, descriptor and all."""
         assert isinstance(message, HandedOff)
         owner = self.routes[message.route]
         fd = message.sock.detach()
+        hold(fd, message.release)
         try:
             self.tell(owner, ConnectionHandedOff(message.route.value, fd, message.peeked, message.peer))
         except BusError as exc:
+            release = claim(fd)
             os.close(fd)
+            if release is not None:
+                release()
             self.io_log.warning(
                 "connection_rejected",
                 peer=message.peer,

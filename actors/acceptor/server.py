@@ -9,6 +9,7 @@ every arrival the acceptor asks :func:`~villagemesh.protocols.sniff.sniff`
 about the whole prefix and looks the verdict up in :data:`~.state.ROUTES`::
 
     accept ─▶ limiter.try_open(src) ──no──▶ reject "per-source cap ..." / "total cap ..."
+                   │    (total cap only: the oldest silent undecided connection is evicted instead)
                    │yes
                    ▼
              UNDECIDED ──bytes──▶ sniff(prefix) ──NEED_MORE──▶ (wait for the deadline)
@@ -48,20 +49,28 @@ the transport can read). Bytes the client sent after the peek
 are still in the kernel's buffer and arrive on the new loop in order. The
 callback runs on the acceptor's loop and must only pass the value on
 (``call_soon_threadsafe``, a queue); if it raises, the socket is closed and the
-failure logged as a rejection.
+failure logged as a rejection. The connection's slot in the limiter goes with
+it (``HandedOff.release``): it keeps counting until the adopter's transport is
+lost, so the caps bound every connection of the node, not only the undecided.
 
 Log events (structlog, fixed keys):
 ``connection_accepted`` (peer), ``connection_routed`` (peer, route, protocol,
 peeked_bytes, mode), ``connection_rejected`` (peer, reason, protocol,
-peeked_bytes).
+peeked_bytes; the first few of each second, see
+:class:`~villagemesh.actors.core.handoff.RefusalLog`), ``connections_refused``
+(the second's counts, when there were more).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import functools
+import itertools
 import logging
+import sys
+import termios
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,15 +80,25 @@ import structlog
 
 from villagemesh.actors.acceptor.state import (
     AcceptorLimits,
-    ConnectionLimiter,
     Reject,
     routing_plan,
 )
-from villagemesh.actors.core.handoff import HandedOff, ProtocolFactory, Route, feed, peer_label
+from villagemesh.actors.core.handoff import (
+    ConnectionLimiter,
+    HandedOff,
+    ProtocolFactory,
+    RefusalLog,
+    Route,
+    feed,
+    peer_label,
+)
 from villagemesh.errors import ConfigError, ConnectError
 from villagemesh.protocols.sniff import MAX_SNIFF_BYTES, Sniffed, sniff
 
 __all__ = ["AcceptorServer", "HandOff"]
+
+EVICTION_SCAN = 64
+"""Undecided connections looked at, oldest first, for a silent one to evict at the total cap."""
 
 SWEEP_FRACTION = 4
 """The timeout sweep runs every ``sniff_timeout_s / 4``: a silent client goes within 1.25 × the timeout."""
@@ -126,12 +145,15 @@ class AcceptorServer:
         sniffer: Callable[[bytes], Sniffed] = sniff,
         max_sniff_bytes: int = MAX_SNIFF_BYTES,
         log: Any = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         self.limits = limits or AcceptorLimits()
-        self.limiter = ConnectionLimiter(self.limits.max_per_source, self.limits.max_total)
+        self.limiter = limiter or ConnectionLimiter(self.limits.max_per_source, self.limits.max_total)
+        """The node's one count of connections (shared with the loops that adopt hand-offs)."""
         self.sniffer = sniffer
         self.max_sniff_bytes = max_sniff_bytes
         self.log = log if log is not None else structlog.get_logger("villagemesh.acceptor")
+        self.refusals = RefusalLog(self.log)
         self._handlers: dict[Route, _Handler] = {}
         self._plan: dict[str, _Handler | Reject | None] = {}
         """Keyed by the verdict's ``_name_``: a str hashes in C, an Enum member through Python."""
@@ -141,7 +163,8 @@ class AcceptorServer:
         self._sweeper: asyncio.TimerHandle | None = None
         self._tick = 0
         """Sweeps so far: a connection remembers the tick it arrived in, not a clock reading."""
-        self._undecided: set[_SniffingProtocol] = set()
+        self._undecided: dict[_SniffingProtocol, None] = {}
+        """Undecided connections in arrival order (an ordered set: the oldest is evicted first)."""
         self.counts: Counter[str] = Counter()
         self.debug = True
         """Emit the per-connection debug events; decided by :meth:`start` from the logger's level."""
@@ -216,6 +239,7 @@ class AcceptorServer:
             proto._release()
             if proto.transport is not None:
                 proto.transport.abort()
+        self.refusals.close()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -227,17 +251,33 @@ class AcceptorServer:
 
     # -- called by the per-connection protocol ------------------------------------------------------
 
+    def _evict_for(self, src: str) -> bool:
+        """The total cap is full: make room for a connection from ``src`` by dropping the oldest
+        undecided one, if ``src`` is within its own cap; True if it was admitted.
+
+        An undecided connection has proved nothing yet (a client speaking any of our
+        protocols sends its first bytes at once), so a flood of silent connections from
+        many sources churns through the undecided ones instead of locking everybody out
+        until their sniff timeouts; routed connections (established peers) are never evicted.
+        """
+        if self.limiter.count(src) >= self.limiter.max_per_source:
+            return False
+        # The oldest one that is silent: a connection whose first bytes already wait in the
+        # kernel (this loop accepts a burst before it reads any of them) is about to decide.
+        victim = next((p for p in itertools.islice(self._undecided, EVICTION_SCAN) if p.silent()), None)
+        if victim is None:
+            return False
+        reason = f"evicted: total cap {self.limiter.max_total} reached and a newer connection came"
+        victim._give_up(reason, "evicted", self.sniffer(victim.pending), len(victim.pending))
+        return self.limiter.try_open(src)
+
     def _reject(
         self, transport: asyncio.Transport, peer: str, reason: str, kind: str, verdict: Sniffed | None, peeked: int
     ) -> None:
         self.counts[f"rejected.{kind}"] += 1
-        self.log.warning(
-            "connection_rejected",
-            peer=peer,
-            reason=reason,
-            protocol=verdict.value if verdict is not None else None,
-            peeked_bytes=peeked,
-        )
+        src = peer.rsplit(":", 1)[0]
+        protocol = verdict.value if verdict is not None else None
+        self.refusals.refuse(kind, src, peer=peer, reason=reason, protocol=protocol, peeked_bytes=peeked)
         transport.abort()
 
 
@@ -268,11 +308,11 @@ class _SniffingProtocol(asyncio.Protocol):
         server = self.server
         self.peername = peername = transport.get_extra_info("peername")
         self.src = src = peername[0] if type(peername) is tuple else "unknown"
-        if not server.limiter.try_open(src):
+        if not server.limiter.try_open(src) and not server._evict_for(src):
             server._reject(transport, self.peer, server.limiter.refusal(src) or "cap", "cap", None, 0)
             return
         self.phase = _Phase.UNDECIDED
-        server._undecided.add(self)
+        server._undecided[self] = None
         self.born = server._tick
         server.counts["accepted"] += 1
         if server.debug:
@@ -336,8 +376,20 @@ class _SniffingProtocol(asyncio.Protocol):
     def _release(self) -> None:
         """Stop counting this connection (exactly once)."""
         self.phase = _Phase.GONE
-        self.server._undecided.discard(self)
+        self.server._undecided.pop(self, None)
         self.server.limiter.close(self.src)
+
+    def silent(self) -> bool:
+        """No byte read yet and none waiting in the kernel's buffer (FIONREAD)."""
+        if self.pending:
+            return False
+        if self.transport is None:
+            return True
+        try:
+            waiting = fcntl.ioctl(self.transport.get_extra_info("socket").fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return True  # gone already: as good as silent
+        return int.from_bytes(waiting, sys.byteorder) == 0
 
     def timed_out(self) -> None:
         """Called by the server's sweep once the connection has had its sniff timeout."""
@@ -369,7 +421,7 @@ class _SniffingProtocol(asyncio.Protocol):
         assert self.transport is not None
         transport = self.transport
         self.phase = _Phase.IN_LOOP
-        self.server._undecided.discard(self)
+        self.server._undecided.pop(self, None)
         inner = handler.target()
         self._routed(handler, verdict, len(peeked), "in_loop")
         if isinstance(inner, asyncio.BufferedProtocol):
@@ -403,16 +455,21 @@ class _SniffingProtocol(asyncio.Protocol):
         except OSError as exc:
             self._give_up(f"cannot duplicate the socket: {exc}", "dup", verdict, len(peeked))
             return
-        self._release()
+        # The slot goes with the connection: it counts until the adopter's transport is lost.
+        self.phase = _Phase.GONE
+        self.server._undecided.pop(self, None)
+        release = self.server.limiter.slot(self.src)
         transport.abort()  # closes our descriptor only; the duplicate keeps the connection
         self._routed(handler, verdict, len(peeked), "hand_off")
         try:
-            handler.target(HandedOff(sock, peeked, self.peer, handler.route))
+            handler.target(HandedOff(sock, peeked, self.peer, handler.route, release))
         except Exception as exc:  # noqa: BLE001 - a failing receiver loses this connection, not the acceptor
             sock.close()
+            release()
             self.server.counts["rejected.hand_off"] += 1
-            self.server.log.warning(
-                "connection_rejected",
+            self.server.refusals.refuse(
+                "hand_off",
+                self.src,
                 peer=self.peer,
                 reason=f"hand-off failed: {type(exc).__name__}: {exc}",
                 protocol=verdict.value,

@@ -4,12 +4,13 @@ Nothing here touches a socket or a clock; :mod:`.server` calls in.
 
 Rules
 -----
-1. **A connection is undecided until the sniffer decides.** While undecided it
-   costs the acceptor a buffer of at most ``MAX_SNIFF_BYTES`` and a timer; it
-   counts against its source's cap and the total cap. Once routed, it is the
-   handler's (an in-loop handler's connection keeps counting until it closes;
-   a cross-thread hand-off stops counting at hand-off: the adopting loop owns
-   its limits).
+1. **A connection counts from its accept until it closes, whoever owns it.**
+   While undecided it costs the acceptor a buffer of at most ``MAX_SNIFF_BYTES``
+   and a timer; it counts against its source's cap and the total cap. Once
+   routed, it is the handler's, and it keeps counting: an in-loop handler's
+   connection until it closes, a cross-thread hand-off's slot travels with it
+   and the adopting loop releases it when the connection is lost
+   (:class:`~villagemesh.actors.core.handoff.ConnectionLimiter`, one per node).
 2. **Routing is a table**, :data:`ROUTES`: every :class:`Sniffed` verdict maps
    to a :class:`Route` or to a :class:`Reject` with the reason logged. A verdict
    missing from the table is a bug in this module, caught by a test that walks
@@ -29,10 +30,9 @@ Limits (each with the reason it is what it is)::
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
-from villagemesh.actors.core.handoff import Route
+from villagemesh.actors.core.handoff import ConnectionLimiter, Route
 from villagemesh.errors import ConfigError
 from villagemesh.protocols.sniff import Sniffed
 
@@ -115,58 +115,3 @@ class AcceptorLimits:
             raise ConfigError(f"max_per_source must be >= 1, got {self.max_per_source!r}")
         if self.max_total < self.max_per_source:
             raise ConfigError(f"max_total ({self.max_total!r}) must be >= max_per_source ({self.max_per_source!r})")
-
-
-class ConnectionLimiter:
-    """Counts open connections per source address and in total, against caps.
-
-    ``try_open(src)`` admits a connection (and counts it) or refuses it;
-    ``close(src)`` releases one. Invariants: ``total == sum(per-source)``,
-    no count goes above its cap, no count goes below zero, and a source with
-    no connections is forgotten (memory stays bounded by ``max_total``).
-    """
-
-    def __init__(self, max_per_source: int = MAX_PER_SOURCE, max_total: int = MAX_TOTAL) -> None:
-        if max_per_source < 1 or max_total < 1:
-            raise ConfigError(f"caps must be >= 1, got per-source {max_per_source!r}, total {max_total!r}")
-        self.max_per_source = max_per_source
-        self.max_total = max_total
-        self._open: Counter[str] = Counter()
-        self._total = 0
-
-    @property
-    def total(self) -> int:
-        """Connections counted now, all sources together."""
-        return self._total
-
-    def count(self, src: str) -> int:
-        """Connections counted now for ``src``."""
-        return self._open.get(src, 0)
-
-    def refusal(self, src: str) -> str | None:
-        """Why ``try_open(src)`` would refuse now, or ``None`` if it would admit."""
-        if self._total >= self.max_total:
-            return f"total cap {self.max_total} reached"
-        if self._open.get(src, 0) >= self.max_per_source:
-            return f"per-source cap {self.max_per_source} reached for {src}"
-        return None
-
-    def try_open(self, src: str) -> bool:
-        """Count a new connection from ``src``; False (and nothing counted) when a cap is hit."""
-        n = self._open.get(src, 0)
-        if self._total >= self.max_total or n >= self.max_per_source:
-            return False
-        self._open[src] = n + 1
-        self._total += 1
-        return True
-
-    def close(self, src: str) -> None:
-        """Release one connection of ``src``; releasing one never opened is a bug (ConfigError)."""
-        n = self._open.get(src, 0)
-        if n <= 0:
-            raise ConfigError(f"close({src!r}) without a matching try_open")
-        if n == 1:
-            del self._open[src]
-        else:
-            self._open[src] = n - 1
-        self._total -= 1

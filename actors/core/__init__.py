@@ -12,6 +12,7 @@ modules, never another actor's private modules (``tests/test_layout.py`` checks 
     loopthread  an asyncio loop in a supervised thread
     loopactor   the shell of every I/O actor: an actor that owns a loop thread
     storage     opening SQLite files the one right way, and translating their errors
+    integrity   each store checked on open, the data dir's manifest, checkpoints that bound a lost log
     ledger      the messages file: outbox and inbox tables, and the Inbox two actors share
     secure      authenticated sessions (Noise XX + Ed25519 identities) for stream transports
 """

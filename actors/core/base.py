@@ -203,6 +203,11 @@ class Supervised(pykka.ThreadingActor):
         obj._start_actor_loop()
         return obj
 
+    @property
+    def started(self) -> bool:
+        """True once ``on_start`` has returned (and until the instance ends)."""
+        return self._started and not self.finished.is_set()
+
     # -- the lifecycle, on every path ------------------------------------------------------
 
     def _actor_loop(self) -> None:

@@ -25,7 +25,15 @@ from typing import Any
 import pykka
 
 from villagemesh.actors.core.base import Actor
-from villagemesh.actors.core.handoff import HandedOff, ProtocolFactory, Route, adopt
+from villagemesh.actors.core.handoff import (
+    HANDSHAKE_DEADLINE_S,
+    HandedOff,
+    ProtocolFactory,
+    RefusalLog,
+    Route,
+    adopt,
+    claim,
+)
 from villagemesh.actors.core.loopthread import EventLogLogger, LoopThread
 from villagemesh.actors.core.transport import ConnectionHandedOff
 
@@ -61,6 +69,8 @@ class LoopActor(Actor):
 
     io_loop: LoopThread
     io_log: EventLogLogger
+    _refusals: RefusalLog | None = None
+    """Handshake deadlines missed by adopted connections (made on the loop at the first)."""
 
     def start_io(self) -> None:
         """Start the loop thread (owned: its death crashes this actor) and the log front."""
@@ -97,12 +107,15 @@ class LoopActor(Actor):
             finally:
                 io_loop.stop()
 
-    def post(self, msg: object) -> None:
-        """From the loop thread: hand ``msg`` to :meth:`on_loop_message` in the actor thread."""
+    def post(self, msg: object) -> bool:
+        """From the loop thread: hand ``msg`` to :meth:`on_loop_message` in the actor thread.
+
+        False when the instance has ended (``msg`` is dropped; its successor starts clean)."""
         try:
             self.actor_ref.tell(msg)
         except pykka.ActorDeadError:
-            return  # the instance is ending; its successor starts clean
+            return False
+        return True
 
     def run_on_loop(
         self,
@@ -131,11 +144,20 @@ class LoopActor(Actor):
         asyncio.run_coroutine_threadsafe(coro, self.io_loop.loop).add_done_callback(done)
 
     def adopt_handed_off(self, msg: ConnectionHandedOff, factory: ProtocolFactory) -> None:
-        """Serve a connection the acceptor handed over, on this actor's loop (peeked bytes first)."""
-        handed = HandedOff(socket.socket(fileno=msg.fd), msg.peeked, msg.peer, Route(msg.route))
+        """Serve a connection the acceptor handed over, on this actor's loop (peeked bytes first).
+
+        Its slot in the node's limiter (held under its descriptor) becomes this loop's: it
+        is given back when the connection is lost. Its first complete message must arrive
+        within ``handshake_deadline_s`` (config; :data:`~.handoff.HANDSHAKE_DEADLINE_S`).
+        """
+        release = claim(msg.fd)
+        handed = HandedOff(socket.socket(fileno=msg.fd), msg.peeked, msg.peer, Route(msg.route), release)
+        deadline = float(self.ctx.config.get("handshake_deadline_s", HANDSHAKE_DEADLINE_S))
 
         def adopted(_: Any, error: BaseException | None) -> None:
             if error is not None:
+                if release is not None:
+                    release()  # once only: adopt may have given it back already
                 self.io_log.warning(
                     "connection_rejected",
                     peer=msg.peer,
@@ -144,7 +166,21 @@ class LoopActor(Actor):
                     peeked_bytes=len(msg.peeked),
                 )
 
-        self.run_on_loop(adopt(handed, factory), adopted)
+        self.run_on_loop(adopt(handed, factory, deadline_s=deadline, on_late=self._late), adopted, post_success=False)
+
+    def _late(self, handed: HandedOff, reason: str) -> None:
+        """On the loop: an adopted connection missed its handshake deadline (counted, rate-limited)."""
+        if self._refusals is None:
+            self._refusals = RefusalLog(self.io_log)
+        src = handed.peer.rsplit(":", 1)[0]
+        self._refusals.refuse(
+            "handshake",
+            src,
+            peer=handed.peer,
+            reason=reason,
+            protocol=handed.route.value,
+            peeked_bytes=len(handed.peeked),
+        )
 
     def on_receive(self, message: Any) -> Any:
         """Results of :meth:`run_on_loop`, then :meth:`on_loop_message` for posted values."""

@@ -21,6 +21,15 @@ Every file is opened with:
     transaction; a file of the expected version is used as is; any other
     version (a newer villagemesh, a foreign file) is refused with
     :class:`StorageError`, never guessed at.
+``PRAGMA wal_autocheckpoint=0``
+    No automatic checkpoints: a node's keeper actor checkpoints its stores
+    every ``checkpoint_interval`` (and advances their generation in the
+    emptied log, so that a deleted log is noticed at the next start; see
+    :mod:`villagemesh.actors.core.integrity`). Closing the last connection still
+    checkpoints, as SQLite always does.
+``PRAGMA quick_check``
+    On open: a file with a damaged page is refused (StorageError naming the
+    file and what the check found) before anything reads or writes it.
 ``isolation_level=None``
     Autocommit: each statement is its own transaction unless the store opens
     one with ``BEGIN IMMEDIATE`` (:func:`transaction`), so commit points are
@@ -97,6 +106,11 @@ def open_database(path: str | Path, *, schema: str, version: int, synchronous: s
                 raise StorageError(f"{path}: cannot use write-ahead logging (journal_mode is {mode!r})")
             conn.execute(f"PRAGMA synchronous={synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        with translate(path, "checking the database"):
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise StorageError(f"{path}: the database is damaged (PRAGMA quick_check: {'; '.join(problems)})")
         with translate(path, "checking the schema version"), transaction(conn):
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found == 0:

@@ -188,7 +188,10 @@ class RetrierActor(Actor):
         self._load_routes()
         now = time.time()
         pending = self.outbox.pending()
-        self._step([row.to_enqueue(now) for row in pending])
+        # What was in flight goes again at once (with attempts to spare): its ack can no
+        # longer arrive at this instance, and the receiver deduplicates the second copy.
+        spare = self.policy.max_attempts
+        self._step([row.to_enqueue(now, resend_now=row.in_flight and row.attempts < spare) for row in pending])
         unhandled = self.inbox.unhandled()
         for message_id in unhandled:
             self._hand_to_app(message_id)

@@ -6,7 +6,6 @@ The file, its schema and its exactly-once commit points are the kit's
 This module is the outbox table's only reader and writer.
 """
 
-
 from __future__ import annotations
 
 import json
@@ -57,8 +56,22 @@ class OutboxRow:
     last_error: str | None
     failed: tuple[str, ...]
 
-    def to_enqueue(self, now: float) -> Enqueue:
-        """The event that restores this message into a fresh :class:`.state.RetrierState`."""
+    @property
+    def in_flight(self) -> bool:
+        """Sent and never failed: it was waiting for its ack (a ``Backoff`` always records an error).
+
+        A later attempt in flight (after a failed one) cannot be told from a backoff by the
+        row alone; it waits for its stored deadline.
+        """
+        return self.attempts > 0 and self.last_error is None
+
+    def to_enqueue(self, now: float, *, resend_now: bool = False) -> Enqueue:
+        """The event that restores this message into a fresh :class:`.state.RetrierState`.
+
+        ``resend_now``: due at once instead of at its stored deadline (a message that was
+        in flight when the retrier ended: the receiver deduplicates a second copy, so
+        there is no reason to wait out its ack timeout).
+        """
         return Enqueue(
             self.message_id,
             self.recipient,
@@ -66,7 +79,7 @@ class OutboxRow:
             expires_at=self.expires_at,
             now=now,
             attempts=self.attempts,
-            next_attempt_at=self.next_attempt_at,
+            next_attempt_at=now if resend_now else self.next_attempt_at,
             last_error=self.last_error,
             failed=self.failed,
         )

@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from tests.conftest import WAIT
-from tests.supervision._actors import Adopter, Crash, Ping, Pong, Probe, Report, Seq
-from villagemesh.errors import ActorCrashed
+from tests.supervision._actors import Adopter, Crash, Ping, Pong, Probe, Report, Seq, StopSelf
+from villagemesh.errors import ActorCrashed, AskTimeout
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor
 
@@ -227,6 +227,29 @@ def test_asking_for_a_spare_once_the_fork_server_is_gone_is_harmless():
     launcher = ProcessLauncher()
     launcher.close()
     launcher.refill()
+
+
+def test_a_process_child_that_stops_itself_ends_normally_and_a_transient_one_stays_down(process_runtime, recorder):
+    """Its own stop is a normal exit, as in a thread: no crash reported, a transient child not restarted."""
+    start(process_runtime, ChildSpec("t", Probe, isolation="process", restart="transient"))
+    recorder.wait_for("child_started", child_id="t")  # its mailbox is open
+    assert isinstance(ask(process_runtime, "t", Ping(1)), Pong)
+    process_runtime.bus.client().tell("t", StopSelf())
+    recorder.wait_for("child_stopped", child_id="t", reason="normal")
+    assert recorder.matching("child_crashed", child_id="t") == []
+    with pytest.raises(AskTimeout):
+        ask(process_runtime, "t", Ping(1), timeout=0.3)
+    assert recorder.matching("child_restarted", child_id="t") == []
+
+
+def test_a_permanent_process_child_that_stops_itself_is_restarted_as_a_normal_exit(process_runtime, recorder):
+    start(process_runtime, ChildSpec("p", Probe, isolation="process"))
+    recorder.wait_for("child_started", child_id="p")  # its mailbox is open
+    first = ask(process_runtime, "p", Ping(1)).pid
+    process_runtime.bus.client().tell("p", StopSelf())
+    recorder.wait_for("child_restarted", child_id="p")
+    assert recorder.matching("child_crashed", child_id="p") == []
+    assert ask(process_runtime, "p", Ping(1)).pid != first
 
 
 def test_a_process_child_adopts_a_connection_handed_off_by_the_node(process_runtime, recorder):

@@ -10,11 +10,13 @@ from typing import Any
 from tests.actors.acceptor.support import WAIT, Sink, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
 from villagemesh.actors.core.base import ActorContext
+from villagemesh.actors.core.handoff import claim
 from villagemesh.actors.core.transport import ConnectionHandedOff
 
 
 def test_a_routed_connection_reaches_its_owner_as_a_live_descriptor(runtime: Any) -> None:
-    """The owner gets ConnectionHandedOff with the peeked bytes; the fd is the live connection."""
+    """The owner gets ConnectionHandedOff with the peeked bytes; the fd is the live connection, and it
+    keeps counting against the caps until the owner gives its slot back."""
     inbox: queue.Queue[Any] = queue.Queue()
     start(runtime, Sink, "owner", queue=inbox)
     start(runtime, AcceptorActor, "acceptor", routes={"secure": "owner"})
@@ -25,9 +27,14 @@ def test_a_routed_connection_reaches_its_owner_as_a_live_descriptor(runtime: Any
         handed = inbox.get(timeout=WAIT)
         assert isinstance(handed, ConnectionHandedOff)
         assert handed.route == "secure" and handed.peeked == b"VMSC\x01hello"
+        release = claim(handed.fd)
+        assert release is not None and claim(handed.fd) is None  # the slot is the owner's now
         with socket.socket(fileno=handed.fd) as adopted:
             adopted.sendall(b"welcome")
             assert conn.recv(7, socket.MSG_WAITALL) == b"welcome"
+            assert acceptor_status(client).open == 1
+        release()
+        release()  # once only
     status = acceptor_status(client)
     assert status.counts["routed.secure"] == 1 and status.open == 0
 

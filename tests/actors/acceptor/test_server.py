@@ -466,3 +466,59 @@ def test_a_handler_that_fails_to_start_loses_its_connection_not_its_cap_slot() -
         await server.close()
 
     run(body())
+
+
+def test_at_the_total_cap_the_oldest_undecided_connection_makes_room_and_a_routed_one_never_does() -> None:
+    """Total cap 3: one routed, two silent; a fourth client evicts the older silent one, not the routed."""
+
+    async def body() -> list[dict[str, Any]]:
+        server, port, _ = await start_acceptor(AcceptorLimits(max_per_source=3, max_total=3))
+        routed_reader, routed_writer = await connect(port, source="127.0.0.2")
+        routed_writer.write(FIRST_BYTES[Route.HTTP])
+        assert await routed_reader.readline() == b"http\n"
+        old_reader, old_writer = await connect(port, source="127.0.0.3")
+        await until(lambda: server.limiter.total == 2)
+        _, young_writer = await connect(port, source="127.0.0.4")
+        await until(lambda: server.limiter.total == 3)
+        with structlog.testing.capture_logs() as logs:
+            new_reader, new_writer = await connect(port, source="127.0.0.5")
+            assert await closed_by_server(old_reader)
+            new_writer.write(FIRST_BYTES[Route.HTTP])
+            assert await new_reader.readline() == b"http\n"
+        routed_writer.write(b"still here")
+        await routed_writer.drain()
+        assert server.limiter.total == 3 and server.statistics()["rejected.evicted"] == 1
+        for writer in (routed_writer, old_writer, young_writer, new_writer):
+            writer.close()
+        await until(lambda: server.limiter.total == 0)
+        await server.close()
+        return logs
+
+    (event,) = rejections(run(body()))
+    assert event["reason"].startswith("evicted: total cap 3")
+
+
+def test_a_handed_off_connection_keeps_its_slot_until_the_adopter_closes_it() -> None:
+    """Cross-thread hand-off: counted after the hand-off, released when the adopted transport is lost."""
+
+    async def body() -> None:
+        other = LoopThread("adopter")
+        other.start()
+        adopted: asyncio.Queue[HandedOff] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        server = AcceptorServer(AcceptorLimits(max_per_source=2, max_total=2))
+        server.route_hand_off(Route.HTTP, lambda handed: loop.call_soon_threadsafe(adopted.put_nowait, handed))
+        _, port = await server.start("127.0.0.1", 0)
+        reader, writer = await connect(port)
+        writer.write(FIRST_BYTES[Route.HTTP])
+        handed = await adopted.get()
+        assert handed.release is not None and server.limiter.total == 1
+        other.call(adopt(handed, lambda: Collector(Route.HTTP, lambda r, b: None)), 5.0)
+        assert await reader.readline() == b"http\n"
+        assert server.limiter.total == 1  # the adopter holds it now
+        writer.close()
+        await until(lambda: server.limiter.total == 0)
+        await server.close()
+        other.stop()
+
+    run(body())

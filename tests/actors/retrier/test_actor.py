@@ -110,8 +110,9 @@ def delivered(node: str) -> list[MessageDelivered]:
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, recorder: Recorder) -> Iterator[dict[str, Environment]]:
-    """Two nodes, A and B, each with an app, libp2p and websocket fakes, and a retrier on its own file."""
+def nodes(tmp_path: Path, recorder: Recorder, request: Any) -> Iterator[dict[str, Environment]]:
+    """Two nodes, A and B, each with an app, libp2p and websocket fakes, and a retrier on its own file
+    (retrier settings overridden by an indirect parameter)."""
     Wire.buses, Wire.refusing, Wire.duplicate = {}, set(), False
     Wire.drop_acks.clear()
     App.handled, App.reports, App.ignore_first = Counter(), [], set()
@@ -131,6 +132,7 @@ def nodes(tmp_path: Path, recorder: Recorder) -> Iterator[dict[str, Environment]
             "ack_timeout": 1.0,
             "backoff_base": 0.05,
             "backoff_max": 0.2,
+            **getattr(request, "param", {}),
         }
         children = [
             ChildSpec("registry", FakeRegistry, config={"node": node}),
@@ -206,6 +208,20 @@ def test_sender_crash_with_messages_in_flight_delivers_each_exactly_once(nodes, 
     assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
     assert [App.handled[("B", mid)] for mid in ids] == [1] * 200
     assert retrier_status(nodes["A"].bus.client(), timeout=WAIT).pending == 0
+
+
+@pytest.mark.parametrize("nodes", [{"ack_timeout": 60.0}], indirect=True)
+def test_after_a_restart_messages_in_flight_are_resent_at_once_not_after_their_ack_timeout(nodes, recorder):
+    """Sent, their acks lost, then A's retrier restarts: each goes again at once (B dedups), not in 60 s."""
+    Wire.drop_acks.set()
+    ids = send_many(nodes["A"], 20)
+    App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 20)
+    Wire.drop_acks.clear()
+    nodes["A"].bus.client().tell("retrier", InjectedCrash("test"))
+    recorder.wait_for("child_restarted", child_id="retrier", node=nodes["A"].bus.node)
+    App.wait(lambda: len(delivered("A")) == 20)  # App.wait gives up after WAIT, far below the 60 s ack timeout
+    assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
+    assert [App.handled[("B", mid)] for mid in ids] == [1] * 20
 
 
 def test_receiver_crash_before_handling_redispatches_from_its_inbox(nodes, recorder):
