@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import WAIT
 from villagemesh import AsyncNode, DeliveryState, NodeEvent, OutboxLimits, create_network
+from villagemesh.aio import ended
 from villagemesh.errors import (
     ConfigError,
     DeliveryFailed,
@@ -403,6 +404,9 @@ def test_async_node_sends_queries_and_waits_for_peers_by_event(tmp_path: Path) -
                 [handle] = await b.broadcast("DATA", b"to all")
                 assert (await handle).delivered and await asyncio.wait_for(got.get(), WAIT) == b"to all"
                 assert (await b.send(a.node_id, b"x", kind="NOBODY")).status.state is DeliveryState.PENDING
+                many = [await b.send(a.node_id, bytes([i])) for i in range(5)]
+                assert [s.state for s in await ended(many)] == [DeliveryState.DELIVERED] * 5
+                assert await ended([]) == []
 
     asyncio.run(main())
 
