@@ -353,6 +353,11 @@ def test_the_event_stream_tells_peers_deliveries_failures_and_crashes(tmp_path: 
     a = make(tmp_path, "a", discovery_interval=0.3).start()
     seen: list[NodeEvent] = []
     a.on_event(seen.append)
+
+    def broken(event: NodeEvent) -> None:
+        raise RuntimeError("a listener's bug")
+
+    a.on_event(broken)
     b = make(tmp_path, "b", discovery_interval=0.3, bootstrap=(a.acceptor_address,)).start()
     try:
         assert a.wait_for_peers(1, WAIT) and b.wait_for_peers(1, WAIT)
@@ -371,6 +376,7 @@ def test_the_event_stream_tells_peers_deliveries_failures_and_crashes(tmp_path: 
         assert discovered.fields["peer_id"] == b.node_id
         failed = next(e for e in seen if e.kind == "failed")
         assert failed.fields["status"] == "unhandled"
+        assert events_of(a, "event_listener_failed")[0]["exc_message"] == "a listener's bug"
     finally:
         b.stop()
         a.stop()

@@ -40,7 +40,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from villagemesh.actors.app.messages import BridgeQuery
-from villagemesh.actors.app.state import DeliveryHandle, DeliveryStatus, InboundMessage, _post
+from villagemesh.actors.app.state import DeliveryHandle, DeliveryStatus, InboundMessage, call_on_loop
 from villagemesh.actors.retrier.messages import Deliver
 from villagemesh.errors import MailboxFull, OutboxFull, RequestTimeout
 from villagemesh.node import (
@@ -356,7 +356,7 @@ async def ended(handles: Sequence[DeliveryHandle]) -> list[DeliveryStatus]:
             done.set_result(None)
 
     for handle in handles:
-        handle.add_done_callback(functools.partial(_post, loop, one_ended))
+        handle.add_done_callback(functools.partial(call_on_loop, loop, one_ended))
     await done
     return [handle.status for handle in handles]
 
