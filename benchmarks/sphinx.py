@@ -12,8 +12,12 @@
   costing nothing but its X25519);
 * the same unwraps in 1 and 2 processes at once (``scaling`` = 2-process total ÷ 1).
 
-The end-to-end latency through three local mixnodes needs the BetaNet relay
-actor, which does not exist yet: it is reported as null.
+* end to end: five BetaNet relays (the actor, each behind its own acceptor, on
+  one bus, Noise links over loopback), delays off; one envelope at a time from
+  the first to the last through the three others, ``Transmit`` to ``Received``:
+  p50 / p99 ms over ``--e2e`` envelopes. For reference, the same run's cost of
+  the four unwraps and the packet and SURB building alone (``crypto_ms``).
+
 Ends with one JSON line.
 """
 
@@ -76,10 +80,76 @@ def _in_processes(count: int, n: int) -> float:
     return sum(rates)
 
 
+def _e2e(count: int) -> tuple[float, float]:
+    """p50, p99 ms of one envelope through 3 mixes, Transmit to Received (five relays on one bus)."""
+    import queue
+    import tempfile
+    from pathlib import Path
+
+    from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
+    from villagemesh.actors.betanet.actor import BetanetActor
+    from villagemesh.actors.betanet.state import format_address, mix_secret
+    from villagemesh.actors.core.base import Actor, ActorContext, Scheduler
+    from villagemesh.actors.core.bus import Bus
+    from villagemesh.actors.core.secure.keys import NodeKeys
+    from villagemesh.actors.core.transport import Received, Transmit
+    from villagemesh.protocols.envelope import Message, Priority, encode_message
+    from villagemesh.supervision.log import EventLog
+
+    class Sink(Actor):
+        def handle(self, msg: object) -> None:
+            self.ctx.config["queue"].put(msg)
+
+    work = Path(tempfile.mkdtemp(prefix="vm-sphinx-"))
+    bus, scheduler = Bus("bench-sphinx"), Scheduler()
+    log = EventLog(bus.node, work / "events.jsonl", human=False)
+
+    def start(cls: type[Actor], name: str, **config: object) -> object:
+        bus.open_mailbox(name)
+        return cls.start(ActorContext(bus=bus, name=name, log=log, scheduler=scheduler, config=config))
+
+    inboxes, keys, ports = [], [NodeKeys.generate() for _ in range(5)], []
+    for n in range(5):
+        inboxes.append(queue.Queue())
+        start(Sink, f"sink-{n}", queue=inboxes[-1])
+        start(AcceptorActor, f"acceptor-{n}", routes={"secure": f"betanet-{n}"})
+        ports.append(acceptor_status(bus.client(), f"acceptor-{n}").port)
+    addresses = [format_address("127.0.0.1", ports[n], x25519_base(mix_secret(keys[n].static_key))) for n in range(5)]
+    directory = [[keys[n].node_id, addresses[n]] for n in range(5)]
+    for n in range(5):
+        start(
+            BetanetActor, f"betanet-{n}", keys=keys[n].to_bytes(), host="127.0.0.1", port=ports[n],
+            replay_path=str(work / f"b{n}.sqlite3"), deliver_to=f"sink-{n}", mixnodes=directory,
+        )
+    client, samples = bus.client(), []
+    try:
+        for i in range(count + 10):
+            msg = Message(os.urandom(16), "DATA", keys[0].node_id, None, Priority.NORMAL, time.time(), 60.0, None, b"x")
+            start_at = time.perf_counter()
+            client.tell(
+                "betanet-0",
+                Transmit(msg.id, keys[4].node_id, addresses[4], encode_message(msg), "sink-0", report_success=False),
+            )
+            while not isinstance(inboxes[4].get(timeout=30), Received):
+                pass
+            if i >= 10:  # the first ten dial the links
+                samples.append((time.perf_counter() - start_at) * 1000)
+    finally:
+        import pykka
+
+        pykka.ActorRegistry.stop_all(block=True, timeout=10)
+        bus.close()
+        scheduler.close()
+        log.close()
+    samples.sort()
+    return samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--e2e", type=int, default=300)
     args = parser.parse_args(argv)
     secret, packets = _packets(args.packets)
     unwrap_rates, pair_rates = [], []
@@ -90,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     pairs = statistics.median(pair_rates)
     one = _in_processes(1, args.packets)
     two = _in_processes(2, args.packets)
+    e2e_p50, e2e_p99 = _e2e(args.e2e)
     load = os.getloadavg()
     print(f"unwraps/s (one core, 2 KB payload)  {unwraps:,.0f}   rounds {[round(r) for r in unwrap_rates]}")
     print(f"raw X25519 pairs/s (same run)       {pairs:,.0f}   x25519_ratio {unwraps / pairs:.2f}")
     print(f"processes: 1 -> {one:,.0f}/s, 2 -> {two:,.0f}/s (scaling {two / one:.2f})   load {load[0]:.2f}")
+    print(f"end to end through 3 mixes (delays off): p50 {e2e_p50:.2f} ms  p99 {e2e_p99:.2f} ms")
     print(
         json.dumps(
             {
@@ -107,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                 "unwraps_per_s_1_process": round(one),
                 "unwraps_per_s_2_processes": round(two),
                 "scaling": round(two / one, 3),
-                "e2e_latency_ms_3_mixnodes": None,
-                "e2e_note": "needs the BetaNet relay actor (not built yet)",
+                "e2e_p50_ms": round(e2e_p50, 3),
+                "e2e_p99_ms": round(e2e_p99, 3),
+                "e2e_envelopes": args.e2e,
                 "load_avg": round(load[0], 2),
                 "targets": {"unwraps_per_s": 7000},
                 "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},

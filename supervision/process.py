@@ -44,12 +44,22 @@ next instance. (If a child dies in the instant between beginning a frame and
 its ``begin`` reaching the host, that frame is handed back too: at-least-once
 for the frame in progress in that window.) A child that stops on request hands
 back what it did not handle the same way.
+
+A connection hand-off (``ConnectionHandedOff``, a socket the acceptor sniffed)
+reaches a process child too: the host sends the descriptor over the control
+socket (``SCM_RIGHTS``) and closes its own copy, then the frame, marked ``fd``;
+the child's relay takes the descriptor and gives the actor the frame with its
+own number for it. The frame the host keeps for a hand-back says ``fd=-1``: a
+hand-off whose child died before adopting it is dropped and logged
+(``connection_handoff_lost``), never sent again with a number that may by then
+name another file.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import importlib
 import os
 import select
@@ -66,6 +76,7 @@ import zmq
 from villagemesh.actors.core import codec
 from villagemesh.actors.core.base import Actor, ActorContext, ExitKind, ExitReport, Ok, Scheduler, format_traceback
 from villagemesh.actors.core.bus import Bus, Fault, Kind, decode_frame, encode_frame, tell_frame
+from villagemesh.actors.core.transport import ConnectionHandedOff
 from villagemesh.errors import CodecError, ConfigError, SupervisionError
 
 __all__ = ["ChildProcessDied", "ProcessHost", "ProcessLauncher", "child_main"]
@@ -94,6 +105,14 @@ fork does not slow that child's start): a second restart before then still finds
 
 CHILD_TARGET = "villagemesh.supervision.process:child_main"
 
+
+_HANDOFF_TAG = "acceptor.ConnectionHandedOff"
+"""The codec tag of :class:`ConnectionHandedOff` (a batch carries tags, not objects)."""
+
+
+def _handoff_in(values: Any) -> ConnectionHandedOff | None:
+    """The hand-off a batch entry ``[tag, field...]`` is, or None (decoded only when its tag says so)."""
+    return codec.from_values(values, trusted=True) if values[0] == _HANDOFF_TAG else None
 
 class ChildProcessDied(SupervisionError):
     """A process-isolated child's process ended (killed, crashed, or exited)."""
@@ -277,11 +296,53 @@ class ProcessHost(Actor):
         assert self._identity is not None
         kind, _, _, inner = decode_frame(frame, trusted=True)
         # A batch is split so that every message is acknowledged on its own.
-        for one in [tell_frame(v) for v in inner] if kind is Kind.BATCH else (frame,):
-            self._router.send_multipart([self._identity, b"msg", one])
+        if kind is Kind.BATCH:
+            parts = [(tell_frame(v), _handoff_in(v)) for v in inner]
+        else:
+            parts = [(frame, inner if isinstance(inner, ConnectionHandedOff) else None)]
+        for one, handed in parts:
+            part = b"msg"
+            if handed is not None:
+                one = self._pass_descriptor(handed)
+                if not one:
+                    continue
+                part = b"fd"
+            self._router.send_multipart([self._identity, part, one])
             self._unacked.append(one)
         if len(self._unacked) >= WINDOW:
             self._inbox.paused = True
+
+    def _pass_descriptor(self, handed: ConnectionHandedOff) -> bytes:
+        """Send a hand-off's descriptor to the child (SCM_RIGHTS on the control socket); the frame to follow it.
+
+        The node's copy is closed once sent: the child owns the connection, as a thread
+        child would. The frame kept for a hand-back says ``fd=-1``, so a later child is
+        never sent whatever the node's descriptor number has come to mean since. A
+        hand-off that cannot be passed (handed back after its child died, or a failed
+        send) is dropped and logged (``connection_handoff_lost``): the peer reconnects.
+        """
+        reason = "handed back after its child died" if handed.fd < 0 else None
+        if reason is None:
+            try:
+                socket.send_fds(self._control_socket(), [b"F"], [handed.fd])
+            except OSError as exc:
+                reason = f"cannot pass the descriptor: {exc}"
+            finally:
+                os.close(handed.fd)
+        if reason is not None:
+            self.ctx.log.emit("connection_handoff_lost", level="warning", peer=handed.peer, reason=reason)
+            return b""
+        return encode_frame(Kind.TELL, 0, None, dataclasses.replace(handed, fd=-1))
+
+    def _control_socket(self) -> socket.socket:
+        """The child's control connection, accepted now if it has not been yet (the child connects after hello)."""
+        if self._control is None:
+            self._control_listener.settimeout(HELLO_TIMEOUT)
+            self._control, _ = self._control_listener.accept()
+            self._control.setblocking(False)
+            self._inbox.unwatch(self._control_listener)
+            self._inbox.watch(self._control, lambda: _CONTROL)
+        return self._control
 
     # -- from the child ---------------------------------------------------------------------
 
@@ -549,7 +610,7 @@ def _serve(cfg: dict[str, Any], prepared: _Prepared) -> tuple[ExitReport, Bus]:
         tb = format_traceback(exc, exc.__traceback__)
         report.append(ExitReport("", ExitKind.CRASH, type(exc).__name__, str(exc), tb))
     else:
-        _relay_frames(dealer, feed, uplink, wake_r, actor, report)
+        _relay_frames(dealer, feed, uplink, wake_r, actor, report, control)
         actor.finished.wait(FINISH_TIMEOUT)  # its watcher has written to the wake pipe by then
     rep = report[0]
     dealer.send_multipart([b"exit", codec.pack((rep.kind.value, rep.exc_type, rep.exc_message, rep.traceback))])
@@ -562,8 +623,23 @@ def _serve(cfg: dict[str, Any], prepared: _Prepared) -> tuple[ExitReport, Bus]:
     return rep, bus
 
 
-def _relay_frames(dealer: Any, feed: Any, uplink: Any, wake: int, actor: Any, report: list[ExitReport]) -> None:
-    """Frames from the host to the actor's mailbox, and from the actor to the host, until it ends."""
+def _take_descriptor(frame: bytes, control: socket.socket) -> bytes:
+    """The hand-off ``frame`` with this process's number of the descriptor the host sent just before it."""
+    _, fds, _, _ = socket.recv_fds(control, 1, 1)
+    if len(fds) != 1:
+        raise SupervisionError(f"the host announced a connection hand-off but passed {len(fds)} descriptors")
+    _, _, _, handed = decode_frame(frame)
+    return encode_frame(Kind.TELL, 0, None, dataclasses.replace(handed, fd=fds[0]))
+
+
+def _relay_frames(
+    dealer: Any, feed: Any, uplink: Any, wake: int, actor: Any, report: list[ExitReport], control: socket.socket
+) -> None:
+    """Frames from the host to the actor's mailbox, and from the actor to the host, until it ends.
+
+    A connection hand-off (``ConnectionHandedOff``) comes as an ``fd`` frame: its descriptor
+    came just before it on the control socket, and the actor gets it under this process's number.
+    """
     poller = zmq.Poller()
     poller.register(dealer, zmq.POLLIN)
     poller.register(uplink, zmq.POLLIN)
@@ -574,6 +650,8 @@ def _relay_frames(dealer: Any, feed: Any, uplink: Any, wake: int, actor: Any, re
                 parts = dealer.recv_multipart()
                 if parts[0] == b"msg":
                     feed.send(parts[1])
+                elif parts[0] == b"fd":
+                    feed.send(_take_descriptor(parts[1], control))
                 elif parts[0] == b"stop":
                     actor.actor_ref.stop(block=False)
             elif sock is uplink:

@@ -159,6 +159,8 @@ class NodeConfig:
     """Mean per-hop delay this node chooses for its anonymous packets (exponential; 0: none)."""
     betanet_cover_rate: float = 0.0
     """Loop and drop cover packets per second, each (Poisson; 0: none)."""
+    betanet_isolation: str = "thread"
+    """``process`` runs the relay in a process of its own (a native crash or ``kill -9`` takes only it)."""
     human_log: bool | None = False
     log_path: Path | None = None
     codec: str | PayloadCodec = "bytes"
@@ -206,6 +208,8 @@ class NodeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if self.betanet_isolation not in ("thread", "process"):
+            raise ConfigError(f"betanet_isolation must be 'thread' or 'process', got {self.betanet_isolation!r}")
         if self.betanet is not None and not isinstance(self.betanet, bool):
             raise ConfigError(f"betanet must be True, False or None, got {self.betanet!r}")
         for name in ("betanet_delay_ms", "betanet_cover_rate"):
@@ -596,6 +600,7 @@ class Node:
         return ChildSpec(
             "betanet",
             BetanetActor,
+            isolation=cfg.betanet_isolation,
             config={
                 "keys": self.keys.to_bytes(),
                 "host": cfg.host,

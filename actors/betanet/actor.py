@@ -5,7 +5,8 @@ It speaks the transport contract (:mod:`villagemesh.actors.core.transport`)::
     retrier ──Transmit(peer, betanet://host:port/key, envelope)──▶ pick 3 mixes (rule 2 of .state), a SURB back
         body = signed MESSAGE (envelope, SURB) ─▶ Sphinx packet ─▶ first mix   ──TransmitResult (failures only,
                                                                                  when report_success is False)
-    retrier ──Transmit(peer, REPLY_ADDRESS, ack)──▶ a SURB the peer sent us ─▶ signed REPLY ─▶ the SURB's first hop
+    retrier ──Transmit(peer, REPLY_ADDRESS, ack)──▶ the SURB its message came with ─▶ signed REPLY ─▶ its first hop
+    retrier ──Transmit(peer, address, an envelope answering message m)──▶ m's SURB, if still here, with a SURB back
     mix link (Noise session, acceptor's SECURE route) ──packet──▶ unwrap (protocols.sphinx) ─▶ replay tag committed
         RELAY:   held for the sender's delay (a bounded queue, ForwardDue timers) ─▶ next mix's link
         DELIVER: body checked (signature for this node, envelope sender = signer) ──Received──▶ deliver_to
@@ -75,6 +76,7 @@ from villagemesh.protocols.sphinx import (
     MAX_EPOCH,
     Deliver,
     Forward,
+    Surb,
     SurbReply,
     create_packet,
     create_surb,
@@ -83,6 +85,7 @@ from villagemesh.protocols.sphinx import (
 )
 from villagemesh.protocols.sphinx.body import (
     LOOP_ID_BYTES,
+    MAX_TWO_SURB_ENVELOPE,
     BodyKind,
     Drop,
     Loop,
@@ -402,15 +405,14 @@ class BetanetActor(LoopActor):
             self.counts["dropped.wrong_kind"] += 1
             return
         try:
-            sender = decode_message(parsed.envelope).sender
+            message = decode_message(parsed.envelope)
         except RemoteProtocolError:
             self.counts["dropped.invalid_envelope"] += 1
             return
-        if sender != parsed.sender:
+        if message.sender != parsed.sender:
             self.counts["dropped.sender_mismatch"] += 1
             return
-        if parsed.surb is not None:
-            self.surbs.add(parsed.sender, parsed.surb)
+        self.surbs.add(parsed.sender, message.id, parsed.surbs)
         self.counts["received"] += 1
         if self.deliver_to is None:
             self.counts["dropped.no_deliver_to"] += 1
@@ -440,27 +442,51 @@ class BetanetActor(LoopActor):
         return TransmitResult(request.message_id, TRANSPORT, request.peer_id, ok, retryable, error)
 
     def _build(self, request: Transmit) -> tuple[str, bytes]:
-        """``(first hop, packet)`` for a Transmit: by a SURB of the peer's (an answer), or along a new route."""
+        """``(first hop, packet)`` for a Transmit: on a SURB of the peer's, or along a new route.
+
+        On a SURB go: an answer to :data:`REPLY_ADDRESS` (the retrier's ack: on the
+        SURB of the message it acknowledges, else the peer's newest, and without a
+        SURB back: acks are not acknowledged), and any envelope answering a message
+        whose SURB is still here (an application's reply: with a SURB back, so that
+        its own ack can return). Everything else takes a new route.
+        """
+        try:
+            answers = decode_message(request.envelope).correlation_id
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"betanet: not an envelope: {exc}") from exc
         if request.address == REPLY_ADDRESS:
-            surb = self.surbs.take(request.peer_id)
+            surb = self.surbs.take(request.peer_id, answers)
             if surb is None:
                 raise ConnectError(f"betanet: no reply block from {request.peer_id} to answer on")
-            first_hop, packet = surb_reply(
-                surb, encode_reply(self.keys.signing_key, request.peer_id, request.envelope)
-            )
-            self.counts["sent.replies"] += 1
+            body = encode_reply(self.keys.signing_key, request.peer_id, request.envelope)
+            self.counts["sent.acks_on_surbs"] += 1
+            first_hop, packet = surb_reply(surb, body)
+            return first_hop.hex(), packet
+        if answers is not None and self.surbs.has(request.peer_id, answers):
+            back = self._surb_back()
+            body = encode_reply(self.keys.signing_key, request.peer_id, request.envelope, back)
+            surb = self.surbs.take(request.peer_id, answers)
+            if surb is None:  # pragma: no cover - has() said it is here, and only this thread takes
+                raise ConnectError(f"betanet: the reply block of {answers.hex()} went missing")
+            self.counts["sent.replies_on_surbs"] += 1
+            first_hop, packet = surb_reply(surb, body)
             return first_hop.hex(), packet
         target = parse_address(request.address)
         recipient = Mixnode(request.peer_id, target.host, target.port, target.public_key)
         route = pick_route(self.rng, self.directory, (self.node_id, request.peer_id))
-        back = pick_route(self.rng, self.directory, (self.node_id,))
-        surb, keys = create_surb([m.hop() for m in back] + [self.me.hop()], self._delays(), epoch=self.epoch)
-        body = encode_message_body(self.keys.signing_key, request.peer_id, request.envelope, surb)
+        backs = [self._surb_back() for _ in range(2 if len(request.envelope) <= MAX_TWO_SURB_ENVELOPE else 1)]
+        body = encode_message_body(self.keys.signing_key, request.peer_id, request.envelope, *backs)
         packet = create_packet([m.hop() for m in route] + [recipient.hop()], body, self._delays(), epoch=self.epoch)
-        self.pending.add(keys)
         self.directory.setdefault(recipient.node_id, recipient)
         self.counts["sent.messages"] += 1
         return route[0].node_id, packet
+
+    def _surb_back(self) -> Surb:
+        """A new SURB through three mixes back to this node; its keys wait for the answer."""
+        back = pick_route(self.rng, self.directory, (self.node_id,))
+        surb, keys = create_surb([m.hop() for m in back] + [self.me.hop()], self._delays(), epoch=self.epoch)
+        self.pending.add(keys)
+        return surb
 
     def _delays(self) -> list[int]:
         return sender_delays(self.rng, self.mean_delay_ms, MIX_HOPS)

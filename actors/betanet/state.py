@@ -23,9 +23,10 @@ Rules:
    accepts the current epoch and the one before (a packet built just before a
    boundary, held by earlier hops, still passes); its replay caches keep those
    two epochs only.
-6. **SURBs** received with a peer's messages are kept per peer, newest first,
-   at most ``per_peer`` for at most ``peers`` peers (oldest forgotten first);
-   each is used once. The keys of this node's own SURBs wait for their reply,
+6. **SURBs** received with a peer's messages are kept per peer by the message
+   they came with, at most ``per_peer`` for at most ``peers`` peers (oldest
+   forgotten first); an answer to a message takes that message's SURB (else the
+   peer's newest), and each is used once. The keys of this node's own SURBs wait for their reply,
    at most ``capacity`` of them (oldest forgotten first: its reply is then
    refused, and the retrier resends).
 7. **Cover**: loop and drop cover are Poisson processes (exponential gaps at a
@@ -38,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -222,32 +223,50 @@ class HeldQueue:
 
 
 class SurbStore:
-    """Reply blocks received from peers: newest first per peer, bounded per peer and in peers."""
+    """Reply blocks received from peers, by the message they came with; bounded per peer and in peers.
 
-    def __init__(self, *, per_peer: int = 16, peers: int = 1024) -> None:
+    An answer to a message (the retrier's ack names it in ``correlation_id``)
+    takes that message's own SURB; any other answer takes the peer's newest.
+    Each is used once. Past ``per_peer`` messages the oldest's go, past
+    ``peers`` the peer heard from longest ago.
+    """
+
+    def __init__(self, *, per_peer: int = 256, peers: int = 1024) -> None:
         self.per_peer = per_peer
         self.peers = peers
-        self._by_peer: OrderedDict[str, deque[Surb]] = OrderedDict()
+        self._by_peer: OrderedDict[str, OrderedDict[bytes, list[Surb]]] = OrderedDict()
 
-    def add(self, peer_id: str, surb: Surb) -> None:
-        blocks = self._by_peer.pop(peer_id, None) or deque(maxlen=self.per_peer)
-        blocks.appendleft(surb)
+    def add(self, peer_id: str, message_id: bytes, surbs: tuple[Surb, ...]) -> None:
+        if not surbs:
+            return
+        blocks = self._by_peer.pop(peer_id, None) or OrderedDict()
+        blocks[message_id] = list(surbs)
+        while len(blocks) > self.per_peer:
+            blocks.popitem(last=False)
         self._by_peer[peer_id] = blocks
         while len(self._by_peer) > self.peers:
             self._by_peer.popitem(last=False)
 
-    def take(self, peer_id: str) -> Surb | None:
-        """A SURB of ``peer_id`` (used once: it is gone after this), or None."""
+    def take(self, peer_id: str, message_id: bytes | None = None) -> Surb | None:
+        """The SURB that came with ``message_id`` if kept, else the peer's newest, else None; gone after this."""
         blocks = self._by_peer.get(peer_id)
         if not blocks:
             return None
-        surb = blocks.popleft()
+        key = message_id if message_id is not None and message_id in blocks else next(reversed(blocks))
+        kept = blocks[key]
+        surb = kept.pop()
+        if not kept:
+            del blocks[key]
         if not blocks:
             del self._by_peer[peer_id]
         return surb
 
+    def has(self, peer_id: str, message_id: bytes) -> bool:
+        """Whether a SURB that came with ``message_id`` from ``peer_id`` is still here."""
+        return message_id in self._by_peer.get(peer_id, {})
+
     def count(self, peer_id: str) -> int:
-        return len(self._by_peer.get(peer_id, ()))
+        return sum(map(len, self._by_peer.get(peer_id, {}).values()))
 
 
 class PendingSurbs:

@@ -3,8 +3,9 @@
 Only the last hop ever sees this (every earlier hop sees a LIONESS-garbled
 block of one fixed size), so real traffic and cover look alike on every link::
 
-    MESSAGE = 1 ‖ sender key(32, Ed25519) ‖ signature(64) ‖ SURB length(2) ‖ SURB ‖ envelope
-    REPLY   = 2 ‖ sender key(32)          ‖ signature(64) ‖ envelope          (sent on a SURB)
+    MESSAGE = 1 ‖ sender key(32, Ed25519) ‖ signature(64) ‖ SURBs length(2) ‖ 1 or 2 SURBs ‖ envelope
+    REPLY   = 2 ‖ sender key(32)          ‖ signature(64) ‖ SURBs length(2) ‖ 0 or 1 SURB  ‖ envelope
+                                                                                   (a REPLY is sent on a SURB)
     LOOP    = 3 ‖ loop id(16)                                                  (cover, back to its sender)
     DROP    = 4 ‖ anything                                                     (cover, thrown away)
 
@@ -15,12 +16,15 @@ SURB ‖ envelope``: the recipient learns the sender's *node id* (the retrier ne
 it for acks and deduplication, and it is checked against the envelope's
 ``sender``), never its address; a body cannot be moved to another recipient or
 have its SURB swapped without failing the check. A SURB lets the recipient
-answer (the delivery retrier's ack goes back on it) without knowing where the
-sender is.
+answer (the delivery retrier's ack, or an application's reply) without knowing
+where the sender is. A message carries two SURBs when its envelope leaves room
+(:data:`MAX_TWO_SURB_ENVELOPE`), one otherwise: one for the retrier's ack, one
+for an application's reply; a reply that wants its own ack back carries one too.
 
-Limits: an envelope fits in :data:`MAX_MESSAGE_ENVELOPE` (1,437 bytes) with a
-SURB, :data:`MAX_REPLY_ENVELOPE` (1,917) in a reply. Larger envelopes are for
-another transport (the retrier fails over).
+Limits: an envelope fits in :data:`MAX_MESSAGE_ENVELOPE` (1,437 bytes) with one
+SURB, :data:`MAX_TWO_SURB_ENVELOPE` (959) with two, :data:`MAX_REPLY_ENVELOPE`
+(1,915) in a reply without one. Larger envelopes are for another transport (the
+retrier fails over).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ __all__ = [
     "LOOP_ID_BYTES",
     "MAX_MESSAGE_ENVELOPE",
     "MAX_REPLY_ENVELOPE",
+    "MAX_TWO_SURB_ENVELOPE",
     "SURB_BYTES",
     "BodyKind",
     "Drop",
@@ -62,7 +67,8 @@ SURB_BYTES = NODE_ID_BYTES + HEADER_BYTES + LIONESS_KEY_BYTES
 LOOP_ID_BYTES = 16
 _SIGNED_HEAD = 1 + PUBLIC_KEY_BYTES + SIGNATURE_BYTES
 MAX_MESSAGE_ENVELOPE = MAX_MESSAGE - _SIGNED_HEAD - 2 - SURB_BYTES
-MAX_REPLY_ENVELOPE = MAX_MESSAGE - _SIGNED_HEAD
+MAX_TWO_SURB_ENVELOPE = MAX_MESSAGE_ENVELOPE - SURB_BYTES
+MAX_REPLY_ENVELOPE = MAX_MESSAGE - _SIGNED_HEAD - 2
 
 
 class BodyKind(enum.IntEnum):
@@ -74,12 +80,12 @@ class BodyKind(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Signed:
-    """A MESSAGE (with the SURB to answer on) or a REPLY (``surb`` None), its signer verified."""
+    """A MESSAGE (with the SURBs to answer on) or a REPLY (with none or one), its signer verified."""
 
     kind: BodyKind
     sender: str
     envelope: bytes
-    surb: Surb | None
+    surbs: tuple[Surb, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,22 +125,31 @@ def _signed(kind: BodyKind, key: nacl.signing.SigningKey, recipient: str, surb: 
     return bytes([kind]) + bytes(key.verify_key) + signature
 
 
-def encode_message(key: nacl.signing.SigningKey, recipient: str, envelope: bytes, surb: Surb) -> bytes:
-    """A MESSAGE body: ``envelope`` for ``recipient``, signed by ``key``, with the SURB to answer on."""
-    if len(envelope) > MAX_MESSAGE_ENVELOPE:
+def encode_message(key: nacl.signing.SigningKey, recipient: str, envelope: bytes, *surbs: Surb) -> bytes:
+    """A MESSAGE body: ``envelope`` for ``recipient``, signed by ``key``, with one or two SURBs to answer on."""
+    if not 1 <= len(surbs) <= 2:
+        raise LocalProtocolError(f"betanet: a message carries 1 or 2 SURBs, got {len(surbs)}")
+    room = MAX_MESSAGE_ENVELOPE - (len(surbs) - 1) * SURB_BYTES
+    if len(envelope) > room:
         raise LocalProtocolError(
-            f"betanet: an envelope with a SURB holds at most {MAX_MESSAGE_ENVELOPE} bytes, got {len(envelope)}"
+            f"betanet: an envelope with {len(surbs)} SURB(s) holds at most {room} bytes, got {len(envelope)}"
         )
-    raw_surb = encode_surb(surb)
-    head = _signed(BodyKind.MESSAGE, key, recipient, raw_surb, envelope)
-    return head + len(raw_surb).to_bytes(2, "big") + raw_surb + envelope
+    return _with_surbs(BodyKind.MESSAGE, key, recipient, envelope, surbs)
 
 
-def encode_reply(key: nacl.signing.SigningKey, recipient: str, envelope: bytes) -> bytes:
-    """A REPLY body: ``envelope`` for the SURB's creator ``recipient``, signed by ``key``."""
-    if len(envelope) > MAX_REPLY_ENVELOPE:
-        raise LocalProtocolError(f"betanet: a reply holds at most {MAX_REPLY_ENVELOPE} bytes, got {len(envelope)}")
-    return _signed(BodyKind.REPLY, key, recipient, b"", envelope) + envelope
+def encode_reply(key: nacl.signing.SigningKey, recipient: str, envelope: bytes, surb: Surb | None = None) -> bytes:
+    """A REPLY body: ``envelope`` for the SURB's creator ``recipient``, signed by ``key``, with a SURB back or not."""
+    room = MAX_REPLY_ENVELOPE - (0 if surb is None else SURB_BYTES)
+    if len(envelope) > room:
+        raise LocalProtocolError(f"betanet: this reply holds at most {room} bytes, got {len(envelope)}")
+    return _with_surbs(BodyKind.REPLY, key, recipient, envelope, () if surb is None else (surb,))
+
+
+def _with_surbs(
+    kind: BodyKind, key: nacl.signing.SigningKey, recipient: str, envelope: bytes, surbs: tuple[Surb, ...]
+) -> bytes:
+    raw = b"".join(encode_surb(surb) for surb in surbs)
+    return _signed(kind, key, recipient, raw, envelope) + len(raw).to_bytes(2, "big") + raw + envelope
 
 
 def encode_loop(loop_id: bytes) -> bytes:
@@ -171,16 +186,16 @@ def decode_body(body: bytes, recipient: str) -> Signed | Loop | Drop:
     public_key = body[1 : 1 + PUBLIC_KEY_BYTES]
     signature = body[1 + PUBLIC_KEY_BYTES : _SIGNED_HEAD]
     rest = body[_SIGNED_HEAD:]
-    raw_surb = b""
-    if kind == BodyKind.MESSAGE:
-        if len(rest) < 2 + SURB_BYTES or int.from_bytes(rest[:2], "big") != SURB_BYTES:
-            raise RemoteProtocolError("betanet: a message body must carry one SURB")
-        raw_surb, rest = rest[2 : 2 + SURB_BYTES], rest[2 + SURB_BYTES :]
+    surb_size = int.from_bytes(rest[:2], "big") if len(rest) >= 2 else -1
+    allowed = (SURB_BYTES, 2 * SURB_BYTES) if kind == BodyKind.MESSAGE else (0, SURB_BYTES)
+    if surb_size not in allowed or len(rest) < 2 + surb_size:
+        raise RemoteProtocolError(f"betanet: a {BodyKind(kind).name.lower()} body carries a SURB length of {allowed}")
+    raw_surb, rest = rest[2 : 2 + surb_size], rest[2 + surb_size :]
     try:
         nacl.signing.VerifyKey(public_key).verify(
             CONTEXT + bytes([kind]) + bytes.fromhex(recipient) + raw_surb + rest, signature
         )
     except nacl.exceptions.CryptoError as exc:
         raise RemoteProtocolError(f"betanet: the body's signature does not verify for recipient {recipient}") from exc
-    surb = decode_surb(raw_surb) if raw_surb else None
-    return Signed(BodyKind(kind), node_id_from_public_key(public_key), rest, surb)
+    surbs = tuple(decode_surb(raw_surb[i : i + SURB_BYTES]) for i in range(0, len(raw_surb), SURB_BYTES))
+    return Signed(BodyKind(kind), node_id_from_public_key(public_key), rest, surbs)

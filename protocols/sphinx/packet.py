@@ -70,6 +70,7 @@ import hmac
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -102,6 +103,8 @@ __all__ = [
     "Deliver",
     "Forward",
     "Hop",
+    "HopGeometry",
+    "OpenedHeader",
     "PacketReader",
     "ReplayCache",
     "Surb",
@@ -109,6 +112,7 @@ __all__ = [
     "SurbReply",
     "create_packet",
     "create_surb",
+    "open_header",
     "surb_reply",
     "unwrap",
 ]
@@ -228,7 +232,7 @@ def _keys(shared: bytes, epoch: int) -> _Keys:
 
 
 def _mac(keys: _Keys, ad: bytes, alpha: bytes, beta: bytes) -> bytes:
-    return hashlib.blake2b(ad + alpha + beta, key=keys.mac, digest_size=KEY_BYTES).digest()
+    return hashlib.blake2b(ad + alpha + beta, key=keys.mac, digest_size=KEY_BYTES).digest()  # = OURS.mac
 
 
 def _ad(epoch: int) -> bytes:
@@ -384,6 +388,72 @@ class ReplayCache:
         self._seen.clear()
 
 
+@dataclass(frozen=True, slots=True)
+class HopGeometry:
+    """Where a Sphinx header's parts sit, and the primitives a hop derives and checks them with.
+
+    ``derive(shared secret, ad, context)`` gives the hop's keys; ``mac(keys, data)``
+    the header MAC; ``keystream(keys, n)`` n bytes of the routing stream;
+    ``blinding(keys)`` the scalar α is blinded by. :data:`OURS` is this format's;
+    a test runs another format's published packets (Katzenpost's) through
+    :func:`open_header` with that format's primitives.
+    """
+
+    ad_bytes: int
+    beta_bytes: int
+    hop_bytes: int
+    derive: Callable[[bytes, bytes, object], object]
+    mac: Callable[[object, bytes], bytes]
+    keystream: Callable[[object, int], bytes]
+    blinding: Callable[[object], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedHeader:
+    """One hop's view of a header whose MAC held: its keys, its routing block, the next β, and α."""
+
+    keys: Any
+    block: bytes
+    next_beta: bytes
+    alpha: bytes
+    geometry: HopGeometry
+
+    def next_alpha(self) -> bytes:
+        """α blinded for the next hop."""
+        return x25519(self.geometry.blinding(self.keys), self.alpha)
+
+
+def open_header(header: bytes, secret: bytes, geometry: HopGeometry, context: object = None) -> OpenedHeader:
+    """The Sphinx hop, format-agnostic: DH with α, derive the keys, check γ over ``ad ‖ α ‖ β``, decrypt β.
+
+    ``(β ‖ 0^hop) XOR keystream``: its first ``hop_bytes`` are this hop's block,
+    the rest the next β (the appended zeros become the pseudo-random tail).
+    Raises :class:`RemoteProtocolError` for a low-order α or a MAC that does not match.
+    """
+    g = geometry
+    alpha = header[g.ad_bytes : g.ad_bytes + KEY_BYTES]
+    beta_at = g.ad_bytes + KEY_BYTES
+    beta = header[beta_at : beta_at + g.beta_bytes]
+    gamma = header[beta_at + g.beta_bytes : beta_at + g.beta_bytes + KEY_BYTES]
+    keys = g.derive(x25519(secret, alpha), header[: g.ad_bytes], context)
+    if not hmac.compare_digest(gamma, g.mac(keys, header[:beta_at] + beta)):
+        raise RemoteProtocolError("sphinx: the header's MAC does not match (changed on the way, or not for this key)")
+    routing = xor(beta + bytes(g.hop_bytes), g.keystream(keys, g.beta_bytes + g.hop_bytes))
+    return OpenedHeader(keys, routing[: g.hop_bytes], routing[g.hop_bytes :], alpha, g)
+
+
+OURS = HopGeometry(
+    ad_bytes=1 + EPOCH_BYTES,
+    beta_bytes=BETA_BYTES,
+    hop_bytes=HOP_BYTES,
+    derive=lambda shared, ad, epoch: _keys(shared, cast(int, epoch)),
+    mac=lambda keys, data: hashlib.blake2b(data, key=cast(_Keys, keys).mac, digest_size=KEY_BYTES).digest(),
+    keystream=lambda keys, size: _stream(cast(_Keys, keys), size),
+    blinding=lambda keys: cast(_Keys, keys).blinding,
+)
+"""This format's geometry and primitives."""
+
+
 def unwrap(
     packet: bytes, secret: bytes, replay: ReplayCache | Mapping[int, ReplayCache]
 ) -> Forward | Deliver | SurbReply:
@@ -410,15 +480,11 @@ def unwrap(
     else:
         raise RemoteProtocolError(f"sphinx: epoch {epoch} is not one this mix accepts ({sorted(replay)})")
     at = 1 + EPOCH_BYTES
-    alpha = packet[at : at + KEY_BYTES]
-    beta = packet[at + KEY_BYTES : at + KEY_BYTES + BETA_BYTES]
-    gamma = packet[at + KEY_BYTES + BETA_BYTES : HEADER_BYTES]
-    keys = _keys(x25519(secret, alpha), epoch)
-    if not hmac.compare_digest(gamma, _mac(keys, packet[:at], alpha, beta)):
-        raise RemoteProtocolError("sphinx: the header's MAC does not match (changed on the way, or not for this key)")
+    hop = open_header(packet[:HEADER_BYTES], secret, OURS, epoch)
+    keys = hop.keys
     cache.add(keys.tag)
-    routing = xor(beta + bytes(HOP_BYTES), _stream(keys, BETA_BYTES + HOP_BYTES))
     payload = lioness_decrypt(keys.payload, packet[HEADER_BYTES:])
+    routing = hop.block
     command = routing[0]
     if command == Command.RELAY:
         next_node = routing[1 : 1 + NODE_ID_BYTES]
@@ -426,7 +492,7 @@ def unwrap(
         if delay > MAX_DELAY_MS:
             raise RemoteProtocolError(f"sphinx: a delay of {delay} ms is above the {MAX_DELAY_MS} ms allowed")
         next_gamma = routing[5 + NODE_ID_BYTES : HOP_BYTES]
-        header = packet[:at] + x25519(keys.blinding, alpha) + routing[HOP_BYTES:] + next_gamma
+        header = packet[:at] + hop.next_alpha() + hop.next_beta + next_gamma
         return Forward(next_node, delay, header + payload, keys.tag, epoch)
     if command == Command.DELIVER:
         surb_id = routing[1 : 1 + SURB_ID_BYTES]

@@ -5,8 +5,16 @@ fixture, ``transport_factory``: a callable ``(runtime, suffix, identity) -> Endp
 that starts one endpoint of the transport on the runtime's bus (its actor, and
 whatever it needs in front of it: the WebSocket transport needs an acceptor), with
 a sink actor as its ``deliver_to``, and returns where it can be reached. It also
-sets ``UNREACHABLE`` (an address of its scheme nobody listens on) and ``NAME``.
+sets ``UNREACHABLE`` (an address of its scheme that fails at once: nobody listens there,
+or it cannot be used) and ``NAME``.
 The identities are :class:`~villagemesh.actors.core.secure.keys.NodeKeys`.
+
+Two promises hold only for a transport that talks to its peer directly; one that
+cannot keep them says so, with the reason, by setting the flag False (the test is
+then skipped naming it): ``ORDERED`` (one link keeps order) and ``SEES_PEER`` (it
+learns at once that nobody listens at an address, or that another node answers).
+An anonymous transport keeps neither: each message takes its own route through
+mixes that hold it for a random time, and the sender never talks to the recipient.
 
 What every transport promises (:mod:`villagemesh.actors.core.transport`):
 
@@ -80,6 +88,14 @@ class TransportContract:
 
     NAME: ClassVar[str]
     UNREACHABLE: ClassVar[str]
+    ORDERED: ClassVar[bool] = True
+    SEES_PEER: ClassVar[bool] = True
+    WHY: ClassVar[str] = ""
+    """Why a flag is False (the skip names it)."""
+
+    def needs(self, flag: str) -> None:
+        if not getattr(self, flag):
+            pytest.skip(f"{self.NAME} does not promise {flag}: {self.WHY}")
 
     def pair(self, runtime: Any, factory: Factory) -> tuple[Endpoint, Endpoint]:
         return factory(runtime, "-a", NodeKeys.generate()), factory(runtime, "-b", NodeKeys.generate())
@@ -105,6 +121,7 @@ class TransportContract:
         assert decode_message(received.envelope) == msg
 
     def test_envelopes_on_one_link_arrive_in_order(self, runtime: Any, transport_factory: Factory) -> None:
+        self.needs("ORDERED")
         a, b = self.pair(runtime, transport_factory)
         sent = [envelope(a.keys, b"n%d" % n) for n in range(20)]
         for msg in sent:
@@ -115,6 +132,7 @@ class TransportContract:
     def test_an_address_nobody_listens_on_is_a_retryable_failure_naming_it(
         self, runtime: Any, transport_factory: Factory
     ) -> None:
+        self.needs("SEES_PEER")
         a = transport_factory(runtime, "-a", NodeKeys.generate())
         self.transmit(runtime, a, NodeKeys.generate().node_id, self.UNREACHABLE, envelope(a.keys, b"x"))
         result = next_of(a.inbox, TransmitResult)
@@ -123,6 +141,7 @@ class TransportContract:
     def test_a_peer_proving_another_identity_is_a_retryable_failure_naming_both(
         self, runtime: Any, transport_factory: Factory
     ) -> None:
+        self.needs("SEES_PEER")
         a, b = self.pair(runtime, transport_factory)
         expected = NodeKeys.generate().node_id
         self.transmit(runtime, a, expected, b.address, envelope(a.keys, b"for someone else"))

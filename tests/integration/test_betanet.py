@@ -6,6 +6,8 @@ chain and finding the rest by peer exchange; the registry gives each relay the o
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,8 @@ def processes() -> Iterator[list[Child]]:
         child.terminate()
 
 
-def five(tmp_path: Path, **settings: Any) -> list[Any]:
+def five(tmp_path: Path, *, special: dict[str, Any] | None = None, **settings: Any) -> list[Any]:
+    """Five anonymous-mode nodes seeded in a ring; ``special`` settings go to n2 alone."""
     ports = [free_port() for _ in range(5)]
     return [
         make_node(
@@ -36,7 +39,7 @@ def five(tmp_path: Path, **settings: Any) -> list[Any]:
             mode="anonymous",
             port=ports[i],
             bootstrap=[f"127.0.0.1:{ports[(i + 1) % 5]}"],
-            **settings,
+            **{**settings, **(special or {} if i == 2 else {})},
         )
         for i in range(5)
     ]
@@ -73,7 +76,7 @@ def test_anonymous_messages_cross_three_mixes_and_are_handled_exactly_once(tmp_p
         sender = nodes[0].network_status()["betanet"]["counts"]
         by_betanet = len(EventFile(nodes[0].log_path).matching("message_delivered", transport="betanet"))
         assert by_betanet >= 50, f"only {by_betanet} of 60 were acked by betanet"
-        assert receiver.get("received", 0) >= 60 and receiver.get("sent.replies", 0) >= by_betanet, receiver
+        assert receiver.get("received", 0) >= 60 and receiver.get("sent.acks_on_surbs", 0) >= by_betanet, receiver
         assert sender.get("sent.messages", 0) >= 60 and sender.get("received", 0) >= 60, sender
         relayed = sum(n.network_status()["betanet"]["counts"].get("packets.unwrapped", 0) for n in nodes[1:4])
         assert relayed >= 60 * 3, f"the three middle nodes unwrapped only {relayed} packets"
@@ -94,6 +97,33 @@ def test_a_relay_crashed_mid_stream_restarts_alone_and_nothing_is_lost(tmp_path:
         assert inbox.duplicates() == {}
     log = EventFile(nodes[2].log_path)
     assert log.matching("child_crashed", child_id="betanet") and log.matching("child_restarted", child_id="betanet")
+    others = [e["child_id"] for e in log.matching("child_restarted") if e["child_id"] != "betanet"]
+    assert others == [], f"actors other than betanet restarted: {others}"
+
+
+def test_kill_9_of_a_process_isolated_relay_mid_stream_restarts_it_alone_and_loses_nothing(tmp_path: Path) -> None:
+    """n2's relay runs in its own process (connections reach it by SCM_RIGHTS); SIGKILLed mid-stream, it is back."""
+    nodes = five(tmp_path, special={"betanet_isolation": "process"})
+    inbox = Inbox()
+    nodes[4].subscribe("*", inbox)
+    with running(nodes):
+        assert wait_until(lambda: mixes_ready(nodes))
+        log = EventFile(nodes[2].log_path)
+        [started] = log.wait_for("child_started", child_id="betanet")
+        assert started["isolation"] == "process"
+        handles = [nodes[0].send(nodes[4].node_id, f"p{i}".encode()) for i in range(100)]
+        assert wait_until(lambda: len(inbox.distinct()) >= 10)
+        os.kill(int(started["pid"]), signal.SIGKILL)
+        handles += [nodes[0].send(nodes[4].node_id, f"p{i}".encode()) for i in range(100, 200)]
+        assert inbox.wait_for_distinct(200, timeout=90), f"only {len(inbox.distinct())} of 200 arrived"
+        assert all(h.result(PATIENCE).delivered for h in handles)
+        assert inbox.duplicates() == {}
+        restarted = log.wait_for("child_started", count=2, child_id="betanet")[-1]
+        assert restarted["pid"] != started["pid"]
+        assert wait_until(lambda: nodes[2].network_status()["betanet"]["counts"].get("packets.unwrapped", 0) > 0)
+    crashed = log.matching("child_crashed", child_id="betanet")
+    kinds = [(e["exc_type"], e["exc_message"]) for e in crashed]
+    assert any(kind == "ChildProcessDied" and "SIGKILL" in text for kind, text in kinds), kinds
     others = [e["child_id"] for e in log.matching("child_restarted") if e["child_id"] != "betanet"]
     assert others == [], f"actors other than betanet restarted: {others}"
 
@@ -121,3 +151,15 @@ def test_kill_9_of_a_mix_node_process_mid_stream_loses_nothing(tmp_path: Path, p
         assert all(h.result(PATIENCE).delivered for h in handles)
         assert inbox.duplicates() == {}
         assert wait_until(lambda: retrier_idle(nodes[0]))
+
+
+def test_a_request_and_its_reply_travel_anonymously_the_reply_on_the_requests_surb(tmp_path: Path) -> None:
+    """n0.request(n4): the request crosses three mixes with two SURBs; the ack rides one, the reply the other."""
+    nodes = five(tmp_path, ack_timeout=5.0)
+    nodes[4].subscribe("*", lambda message: b"pong to " + message.payload)
+    with running(nodes):
+        assert wait_until(lambda: mixes_ready(nodes))
+        assert nodes[0].request(nodes[4].node_id, b"ping", timeout=30.0) == b"pong to ping"
+        counts = nodes[4].network_status()["betanet"]["counts"]
+        assert counts.get("sent.acks_on_surbs") == 1 and counts.get("sent.replies_on_surbs") == 1, counts
+        assert counts.get("sent.messages", 0) == 0, f"the responder built a route of its own: {counts}"

@@ -4,9 +4,11 @@ What is checked externally, and what could not be: the format is this project's
 own (the parameters of ../shared/research/mixnet.md §7: X25519, keyed BLAKE2b,
 ChaCha20 from libsodium's AEAD body, LIONESS), so no published packet vector
 matches it byte for byte. Katzenpost's X25519 Sphinx vectors derive keys with
-HKDF-SHA256, encrypt β with AES-256-CTR and payloads with AEZ: none of the three
-is what this format uses, so its packets cannot be run through this code, and
-they were not. Checked against published vectors here: the two primitives this
+HKDF-SHA256, encrypt β with AES-256-CTR and payloads with AEZ, none of which this
+format uses; but the hop itself (``open_header``: DH, MAC over AD ‖ α ‖ β, β
+decrypted over β ‖ 0^hop, α blinded) is the same, and test_sphinx_katzenpost.py
+runs their packets through it with their primitives. Checked against published
+vectors here: the two primitives this
 format shares with everyone, X25519 (RFC 7748 §5.2) and the ChaCha20 stream and
 its block counter (RFC 8439 §2.4.2). What pins the format itself is the golden
 digest below (a packet built from a fixed byte source); what checks its security
@@ -310,6 +312,14 @@ def test_one_flipped_lioness_bit_changes_nearly_every_byte() -> None:
     cipher[1000] ^= 1
     garbled = lioness_decrypt(key, bytes(cipher))
     assert sum(a != b for a, b in zip(garbled, block, strict=True)) > 0.9 * len(block)
+
+
+@given(st.binary(max_size=3000), st.binary(min_size=32, max_size=32), st.binary(min_size=12, max_size=12))
+def test_the_stream_is_the_aead_body_of_the_public_wrapper(data: bytes, key: bytes, nonce: bytes) -> None:
+    import nacl.bindings
+
+    expected = nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(data, None, nonce, key)[:-16]
+    assert crypto.stream_xor(key, nonce, data) == expected
 
 
 def test_x25519_is_rfc_7748() -> None:

@@ -16,6 +16,7 @@ from villagemesh.protocols.sphinx.body import (
     LOOP_ID_BYTES,
     MAX_MESSAGE_ENVELOPE,
     MAX_REPLY_ENVELOPE,
+    MAX_TWO_SURB_ENVELOPE,
     SURB_BYTES,
     BodyKind,
     Drop,
@@ -45,13 +46,28 @@ def test_a_message_round_trips_with_its_signer_and_surb(envelope: bytes) -> None
     s = surb()
     body = encode_message(ALICE, BOB_ID, envelope, s)
     assert len(body) <= MAX_MESSAGE
-    assert decode_body(body, BOB_ID) == Signed(BodyKind.MESSAGE, ALICE_ID, envelope, s)
+    assert decode_body(body, BOB_ID) == Signed(BodyKind.MESSAGE, ALICE_ID, envelope, (s,))
+
+
+@given(st.binary(max_size=MAX_TWO_SURB_ENVELOPE))
+def test_a_small_message_carries_two_surbs(envelope: bytes) -> None:
+    s1, s2 = surb(), surb()
+    body = encode_message(ALICE, BOB_ID, envelope, s1, s2)
+    assert len(body) <= MAX_MESSAGE
+    assert decode_body(body, BOB_ID) == Signed(BodyKind.MESSAGE, ALICE_ID, envelope, (s1, s2))
 
 
 @given(st.binary(max_size=MAX_REPLY_ENVELOPE))
 def test_a_reply_round_trips_with_its_signer(envelope: bytes) -> None:
-    expected = Signed(BodyKind.REPLY, ALICE_ID, envelope, None)
+    expected = Signed(BodyKind.REPLY, ALICE_ID, envelope, ())
     assert decode_body(encode_reply(ALICE, BOB_ID, envelope), BOB_ID) == expected
+
+
+@given(st.binary(max_size=MAX_MESSAGE_ENVELOPE))
+def test_a_reply_may_carry_a_surb_back_for_its_own_ack(envelope: bytes) -> None:
+    s = surb()
+    expected = Signed(BodyKind.REPLY, ALICE_ID, envelope, (s,))
+    assert decode_body(encode_reply(ALICE, BOB_ID, envelope, s), BOB_ID) == expected
 
 
 def test_cover_bodies_round_trip() -> None:
@@ -78,8 +94,10 @@ def test_a_body_signed_for_another_recipient_or_changed_is_refused() -> None:
         (bytes([BodyKind.LOOP]) + bytes(3), "loop body"),
         (bytes([9]) + bytes(200), "unknown body kind 9"),
         (bytes([BodyKind.REPLY]) + bytes(10), "at least"),
-        (bytes([BodyKind.MESSAGE]) + bytes(96) + (5).to_bytes(2, "big") + bytes(SURB_BYTES), "one SURB"),
-        (bytes([BodyKind.MESSAGE]) + bytes(96), "one SURB"),
+        (bytes([BodyKind.MESSAGE]) + bytes(96) + (5).to_bytes(2, "big") + bytes(SURB_BYTES), "SURB length"),
+        (bytes([BodyKind.MESSAGE]) + bytes(96), "SURB length"),
+        (bytes([BodyKind.MESSAGE]) + bytes(96) + (0).to_bytes(2, "big"), "SURB length"),
+        (bytes([BodyKind.REPLY]) + bytes(96) + (SURB_BYTES).to_bytes(2, "big") + bytes(10), "SURB length"),
     ],
 )
 def test_malformed_bodies_are_refused_naming_what_is_wrong(body: bytes, match: str) -> None:
@@ -100,7 +118,11 @@ def test_random_bodies_only_ever_raise_a_protocol_error(body: bytes) -> None:
     ("call", "match"),
     [
         (lambda: encode_message(ALICE, BOB_ID, bytes(MAX_MESSAGE_ENVELOPE + 1), surb()), "at most 1437"),
-        (lambda: encode_reply(ALICE, BOB_ID, bytes(MAX_REPLY_ENVELOPE + 1)), "at most 1917"),
+        (lambda: encode_message(ALICE, BOB_ID, bytes(MAX_TWO_SURB_ENVELOPE + 1), surb(), surb()), "at most 959"),
+        (lambda: encode_message(ALICE, BOB_ID, b"", surb(), surb(), surb()), "1 or 2 SURBs"),
+        (lambda: encode_message(ALICE, BOB_ID, b""), "1 or 2 SURBs"),
+        (lambda: encode_reply(ALICE, BOB_ID, bytes(MAX_REPLY_ENVELOPE + 1)), "at most 1915"),
+        (lambda: encode_reply(ALICE, BOB_ID, bytes(MAX_MESSAGE_ENVELOPE + 1), surb()), "at most 1437"),
         (lambda: encode_reply(ALICE, "not hex", b""), "node id \\(hex\\)"),
         (lambda: encode_reply(ALICE, "abcd", b""), "16-byte node id"),
         (lambda: encode_loop(b"short"), "loop id"),

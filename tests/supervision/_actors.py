@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -119,3 +120,21 @@ class Probe(Actor):
         if how == "exit":
             os._exit(7)
         raise ValueError(f"unknown crash kind {how!r}")
+
+
+class Adopter(Actor):
+    """Takes connections handed to it: answers ``<pid> <peeked + one line read>`` on each, then closes it."""
+
+    def handle(self, msg: object) -> object:
+        from villagemesh.actors.core.transport import ConnectionHandedOff
+
+        if not isinstance(msg, ConnectionHandedOff):
+            raise TypeError(f"unexpected {msg!r}")
+        sock = socket.socket(fileno=msg.fd)
+        sock.settimeout(10)
+        data = msg.peeked
+        while not data.endswith(b"\n"):
+            data += sock.recv(100)
+        sock.sendall(b"%d %s" % (os.getpid(), data))
+        sock.close()
+        return None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 
 import pytest
 
 from tests.conftest import WAIT
-from tests.supervision._actors import Crash, Ping, Pong, Probe, Report, Seq
+from tests.supervision._actors import Adopter, Crash, Ping, Pong, Probe, Report, Seq
 from villagemesh.errors import ActorCrashed
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Supervisor
@@ -226,3 +227,34 @@ def test_asking_for_a_spare_once_the_fork_server_is_gone_is_harmless():
     launcher = ProcessLauncher()
     launcher.close()
     launcher.refill()
+
+
+def test_a_process_child_adopts_a_connection_handed_off_by_the_node(process_runtime, recorder):
+    """The descriptor crosses to the child (SCM_RIGHTS): it reads the rest after the peeked bytes and answers."""
+    from villagemesh.actors.core.transport import ConnectionHandedOff
+
+    start(process_runtime, ChildSpec("adopter", Adopter, isolation="process"))
+    for n in range(3):
+        ours, theirs = socket.socketpair()
+        ours.settimeout(WAIT)
+        ours.sendall(b"llo %d\n" % n)
+        process_runtime.bus.client().tell("adopter", ConnectionHandedOff("secure", theirs.detach(), b"he", "test"))
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = ours.recv(100)
+            assert chunk, f"the child closed without answering (got {answer!r})"
+            answer += chunk
+        pid, text = answer.split(b" ", 1)
+        assert int(pid) != os.getpid() and text == b"hello %d\n" % n
+        ours.close()
+
+
+def test_a_hand_off_whose_descriptor_is_gone_is_dropped_and_logged(process_runtime, recorder):
+    """fd -1 (what a hand-off handed back after its child's death carries) is never sent on: logged, dropped."""
+    from villagemesh.actors.core.transport import ConnectionHandedOff
+
+    start(process_runtime, ChildSpec("adopter", Adopter, isolation="process"))
+    process_runtime.bus.client().tell("adopter", ConnectionHandedOff("secure", -1, b"", "peer-x"))
+    [event] = recorder.wait_for("connection_handoff_lost", peer="peer-x")
+    assert "handed back" in event["reason"]
+    assert recorder.matching("child_crashed", child_id="adopter") == []

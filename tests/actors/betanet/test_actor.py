@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pykka
+import pytest
 
 from tests.actors.acceptor.support import WAIT, Sink, start
+from tests.actors.transport_contract import Endpoint, TransportContract
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
 from villagemesh.actors.betanet.actor import PACKET_KIND, BetanetActor, betanet_status
 from villagemesh.actors.betanet.state import epoch_of, format_address, mix_secret
 from villagemesh.actors.core.secure.keys import NodeKeys
 from villagemesh.actors.core.secure.tcp import dial
 from villagemesh.actors.core.transport import REPLY_ADDRESS, Discover, Discovered, Received, Transmit, TransmitResult
+from villagemesh.actors.registry.messages import PeerRoutes, RoutesList
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
 from villagemesh.protocols.sphinx import Hop, create_packet
 from villagemesh.protocols.sphinx.body import encode_drop
@@ -128,10 +131,37 @@ def test_an_envelope_crosses_three_mixes_and_its_ack_comes_back_on_the_surb(runt
     assert next_of(erin.inbox, TransmitResult).ok
     answered = next_of(alice.inbox, Received)
     assert answered.remote == erin.node_id and decode_message(answered.envelope) == ack
-    # the SURB is spent: a second answer on it has nothing to ride on
+    # a small message brought two SURBs: one more answer rides the second, a third has nothing to ride on
     transmit(runtime, erin, alice, envelope(erin.node_id, b"again"), address=REPLY_ADDRESS)
+    assert next_of(erin.inbox, TransmitResult).ok
+    assert decode_message(next_of(alice.inbox, Received).envelope).payload == b"again"
+    transmit(runtime, erin, alice, envelope(erin.node_id, b"once more"), address=REPLY_ADDRESS)
     failed = next_of(erin.inbox, TransmitResult)
     assert not failed.ok and failed.retryable and "no reply block" in (failed.error or "")
+
+
+def test_an_application_reply_rides_the_requests_surb_and_brings_one_for_its_own_ack(
+    runtime: Any, tmp_path: Path
+) -> None:
+    """A request A → E; E's reply (correlation_id = the request) goes back on the request's SURB, not a new route,
+    with a SURB of its own; A's ack of the reply rides that one."""
+    nodes = relays(runtime, tmp_path, 5)
+    alice, erin = nodes[0], nodes[4]
+    request = envelope(alice.node_id, b"question", erin.node_id)
+    transmit(runtime, alice, erin, request)
+    assert decode_message(next_of(erin.inbox, Received).envelope) == request
+    reply = Message(os.urandom(16), "DATA", erin.node_id, alice.node_id, Priority.NORMAL, time.time(), 60.0,
+                    request.id, b"answer")
+    transmit(runtime, erin, alice, reply)  # to alice's address: the SURB is chosen because it answers `request`
+    got = next_of(alice.inbox, Received)
+    assert got.remote == erin.node_id and decode_message(got.envelope) == reply
+    counts = status_counts(runtime, erin)
+    assert counts.get("sent.replies_on_surbs") == 1 and counts.get("sent.messages", 0) == 0
+    ack = Message(os.urandom(16), "ACK", alice.node_id, erin.node_id, Priority.CRITICAL, time.time(), 60.0,
+                  reply.id, b"")
+    transmit(runtime, alice, erin, ack, address=REPLY_ADDRESS)
+    assert decode_message(next_of(erin.inbox, Received).envelope) == ack
+    assert status_counts(runtime, alice).get("sent.acks_on_surbs") == 1
 
 
 def test_with_delays_on_every_message_still_arrives(runtime: Any, tmp_path: Path) -> None:
@@ -241,3 +271,46 @@ def test_at_an_epoch_boundary_old_packets_are_refused_by_their_epoch(runtime: An
     asyncio.run(_send_raw(relay, [again, fresh]))
     counts = wait_count(runtime, relay, "cover.drop_received", 2)
     assert counts.get("dropped.invalid", 0) == 1
+
+
+class TestBetanetKeepsTheTransportContract(TransportContract):
+    """The kit's contract suite on BetaNet; each endpoint is a relay, with three more mixes between them."""
+
+    NAME = "betanet"
+    UNREACHABLE = "betanet://nowhere"  # not a usable address: fails at once, retryable
+    ORDERED = False
+    SEES_PEER = False
+    WHY = (
+        "every message takes its own route through three mixes and may be held on the way, and the sender"
+        " never talks to the recipient (that is the point): it cannot see who answers at an address"
+    )
+
+    @pytest.fixture
+    def transport_factory(self, tmp_path: Path) -> Any:
+        made: list[Relay] = []
+
+        def add(runtime: Any, suffix: str, keys: NodeKeys) -> Relay:
+            inbox: queue.Queue[Any] = queue.Queue()
+            start(runtime, Sink, f"sink{suffix}", queue=inbox)
+            start(runtime, AcceptorActor, f"acceptor{suffix}", routes={"secure": f"betanet{suffix}"})
+            port = acceptor_status(runtime.bus.client(), f"acceptor{suffix}").port
+            address = format_address("127.0.0.1", port, x25519_base(mix_secret(keys.static_key)))
+            relay = Relay(f"betanet{suffix}", keys, port, address, inbox)
+            relay.ref = start(
+                runtime, BetanetActor, relay.name, keys=keys.to_bytes(), host="127.0.0.1", port=port,
+                replay_path=str(tmp_path / f"betanet{suffix}.sqlite3"), deliver_to=f"sink{suffix}",
+            )
+            made.append(relay)
+            return relay
+
+        def make(runtime: Any, suffix: str, keys: NodeKeys) -> Endpoint:
+            if not made:
+                for n in range(3):
+                    add(runtime, f"-mix{n}", NodeKeys.generate())
+            relay = add(runtime, suffix, keys)
+            routes = RoutesList(tuple(PeerRoutes(r.node_id, (("betanet", (r.address,)),)) for r in made))
+            for r in made:  # what a registry would tell them: every relay, this one included
+                runtime.bus.client().tell(r.name, routes)
+            return Endpoint(relay.name, f"sink{suffix}", relay.inbox, relay.address, keys)
+
+        return make

@@ -117,15 +117,19 @@ def surb() -> Surb:
     return Surb(os.urandom(16), os.urandom(HEADER_BYTES), os.urandom(128))
 
 
-def test_surbs_are_used_once_newest_first_and_bounded() -> None:
+def test_an_answer_takes_its_messages_own_surbs_else_the_newest_each_once_and_bounded() -> None:
     store = SurbStore(per_peer=2, peers=2)
-    a1, a2, a3 = surb(), surb(), surb()
-    for s in (a1, a2, a3):
-        store.add("a", s)
-    assert store.count("a") == 2 and store.take("a") is a3 and store.take("a") is a2 and store.take("a") is None
-    store.add("b", surb())
-    store.add("c", surb())
-    store.add("d", surb())
+    a1, a2, a3, a4 = surb(), surb(), surb(), surb()
+    store.add("a", b"0" * 16, (a1,))
+    store.add("a", b"1" * 16, (a2, a3))
+    store.add("a", b"2" * 16, (a4,))
+    store.add("a", b"3" * 16, ())
+    assert store.count("a") == 3  # message 0's SURB was the oldest: gone; a message without SURBs adds none
+    assert store.take("a", b"1" * 16) is a3 and store.take("a", b"1" * 16) is a2
+    assert store.take("a", b"1" * 16) is a4  # message 1's are used up: the newest of the peer's
+    assert store.take("a") is None
+    for peer in "bcd":
+        store.add(peer, b"m" * 16, (surb(),))
     assert store.count("b") == 0 and store.count("d") == 1
 
 
