@@ -18,6 +18,8 @@ module                        what it is
 :mod:`.framing`               the shared length-prefix reader and ``NEED_DATA``
 :mod:`.sphinx`                Sphinx mix packets for BetaNet: X25519, BLAKE2b KDF, ChaCha20,
                               LIONESS payloads, SURB replies, a replay cache (a package)
+:mod:`.libp2p`                libp2p's wire basics: uvarints, multistream-select 1.0, peer ids
+                              (identity / sha256 multihash, base58btc, CIDv1), multiaddrs
 :mod:`.strategies`            hypothesis strategies for every message type (imported on its
                               own: ``from villagemesh.protocols import strategies``)
 ============================= ===============================================================

@@ -51,6 +51,7 @@ from .discovery import (
     sign_response,
 )
 from .envelope import ID_BYTES, MAX_NAME_BYTES, MAX_PAYLOAD_BYTES, Message, Priority
+from .libp2p.peerid import Multiaddr, PeerId
 from .noise import SecureChannel
 from .sniff import HTTP_METHODS, MULTISTREAM_HEADER, Sniffed
 from .sphinx.crypto import x25519_base
@@ -65,6 +66,8 @@ __all__ = [
     "discovery_requests",
     "discovery_responses",
     "legacy_peer_discoveries",
+    "libp2p_multiaddrs",
+    "libp2p_peer_ids",
     "messages",
     "node_ids",
     "openings",
@@ -304,3 +307,17 @@ def sphinx_paths(draw: st.DrawFn, *, min_hops: int = 1, max_hops: int = MAX_HOPS
 def sphinx_messages() -> st.SearchStrategy[bytes]:
     """Messages a Sphinx packet can carry (0 to :data:`~villagemesh.protocols.sphinx.MAX_MESSAGE` bytes)."""
     return st.binary(max_size=MAX_MESSAGE)
+
+
+def libp2p_peer_ids() -> st.SearchStrategy[PeerId]:
+    """libp2p peer ids: Ed25519 (inlined, ``12D3KooW…``) and sha256-hashed (``Qm…``)."""
+    keys = st.binary(min_size=32, max_size=32)
+    return keys.map(PeerId.from_ed25519) | st.binary(min_size=43, max_size=300).map(PeerId.from_public_key_proto)
+
+
+def libp2p_multiaddrs() -> st.SearchStrategy[Multiaddr]:
+    """``/ip4|ip6/…/tcp/…[/p2p/…]`` multiaddrs."""
+    host = st.ip_addresses(v=4).map(lambda ip: ("ip4", str(ip))) | st.ip_addresses(v=6).map(lambda ip: ("ip6", str(ip)))
+    port = st.integers(0, 65535).map(lambda n: ("tcp", str(n)))
+    peer = st.none() | libp2p_peer_ids().map(lambda p: ("p2p", str(p)))
+    return st.builds(lambda h, t, p: Multiaddr((h, t) if p is None else (h, t, p)), host, port, peer)

@@ -1,0 +1,323 @@
+"""yamux (``/yamux/1.0.0``): many streams over one connection, with per-stream flow control; sans-I/O.
+
+Every frame is a 12-byte header, then ``length`` bytes of data for DATA frames::
+
+    version(1) = 0 ‖ type(1) ‖ flags(2, big-endian) ‖ stream id(4) ‖ length(4)
+    type:  DATA 0 (length = data bytes), WINDOW_UPDATE 1 (length = credit),
+           PING 2 (length = opaque value; stream 0), GO_AWAY 3 (length = error code; stream 0)
+    flags: SYN 1 (opens a stream), ACK 2 (accepts one / answers a ping), FIN 4 (half-close), RST 8 (abort)
+
+The dialer (client) opens odd stream ids, the listener even ones. Each stream starts
+with :data:`INITIAL_WINDOW` bytes of credit each way; a receiver grants more with a
+WINDOW_UPDATE as its application consumes data (:meth:`Session.consumed`); a sender never
+sends past its credit (what does not fit waits in :meth:`Session.send`'s queue until
+credit comes). A ping is answered at once with the same opaque value.
+
+Stream states (per stream, a table below; anything else is a :class:`RemoteProtocolError`
+for the peer's frames, :class:`LocalProtocolError` for ours)::
+
+    OPEN       both ways open            ─ FIN in ─▶ REMOTE_CLOSED ─ FIN out ─▶ CLOSED
+                                         ─ FIN out ─▶ LOCAL_CLOSED ─ FIN in ─▶ CLOSED
+    any        ─ RST either way ─▶ RESET (gone)
+
+Limits, each with its reason: :data:`MAX_STREAMS` open at once (a peer opening
+streams without end is refused with RST), :data:`INITIAL_WINDOW` (the spec's 256 KiB),
+data beyond the credit granted is a protocol error (a peer ignoring flow control).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+
+from villagemesh.errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "HEADER_BYTES",
+    "INITIAL_WINDOW",
+    "MAX_STREAMS",
+    "Data",
+    "Flag",
+    "GoAway",
+    "Pong",
+    "Session",
+    "StreamClosed",
+    "StreamOpened",
+    "StreamReset",
+    "Type",
+    "encode_frame",
+]
+
+HEADER_BYTES = 12
+INITIAL_WINDOW = 256 * 1024
+MAX_STREAMS = 256
+_HEADER = struct.Struct(">BBHII")
+
+
+class Type(enum.IntEnum):
+    DATA = 0
+    WINDOW_UPDATE = 1
+    PING = 2
+    GO_AWAY = 3
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    SYN = 1
+    ACK = 2
+    FIN = 4
+    RST = 8
+
+
+def encode_frame(kind: Type, flags: Flag, stream: int, length: int, data: bytes = b"") -> bytes:
+    return _HEADER.pack(0, kind, flags, stream, length) + data
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    stream: int
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    stream: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """The peer half-closed ``stream`` (FIN): it sends no more."""
+
+    stream: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    stream: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    opaque: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway:
+    code: int
+
+
+Event = StreamOpened | Data | StreamClosed | StreamReset | Pong | GoAway
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    LOCAL_CLOSED = "closed by us"
+    REMOTE_CLOSED = "closed by the peer"
+
+
+class _Step(enum.Enum):
+    FIN_IN = "FIN from the peer"
+    FIN_OUT = "our FIN"
+    DATA_IN = "data from the peer"
+    DATA_OUT = "our data"
+
+
+_CLOSED = None
+"""The state after both FINs: the stream is forgotten."""
+
+_STEPS: dict[tuple[_State, _Step], _State | None] = {
+    (_State.OPEN, _Step.FIN_IN): _State.REMOTE_CLOSED,
+    (_State.OPEN, _Step.FIN_OUT): _State.LOCAL_CLOSED,
+    (_State.OPEN, _Step.DATA_IN): _State.OPEN,
+    (_State.OPEN, _Step.DATA_OUT): _State.OPEN,
+    (_State.REMOTE_CLOSED, _Step.FIN_OUT): _CLOSED,
+    (_State.REMOTE_CLOSED, _Step.DATA_OUT): _State.REMOTE_CLOSED,
+    (_State.LOCAL_CLOSED, _Step.FIN_IN): _CLOSED,
+    (_State.LOCAL_CLOSED, _Step.DATA_IN): _State.LOCAL_CLOSED,
+}
+
+
+@dataclass
+class _Stream:
+    state: _State
+    send_window: int = INITIAL_WINDOW
+    receive_window: int = INITIAL_WINDOW
+    unacknowledged: int = 0
+    """Bytes delivered to the application and not yet consumed."""
+    queued: deque[bytes] = field(default_factory=deque)
+    fin_queued: bool = False
+
+
+class Session:
+    """One side of a yamux session. ``client=True`` on the dialer's side."""
+
+    def __init__(self, *, client: bool) -> None:
+        self.client = client
+        self._next_id = 1 if client else 2
+        self._streams: dict[int, _Stream] = {}
+        self._out = bytearray()
+        self._in = bytearray()
+        self._going_away = False
+
+    # -- our side ---------------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def open_stream(self) -> int:
+        """A new stream's id (a WINDOW_UPDATE with SYN goes out)."""
+        if self._going_away:
+            raise LocalProtocolError("yamux: the session is going away: no new streams")
+        if len(self._streams) >= MAX_STREAMS:
+            raise LocalProtocolError(f"yamux: {MAX_STREAMS} streams are open already")
+        stream, self._next_id = self._next_id, self._next_id + 2
+        self._streams[stream] = _Stream(_State.OPEN)
+        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.SYN, stream, 0)
+        return stream
+
+    def send(self, stream: int, data: bytes) -> None:
+        """Queue ``data`` on ``stream``; it goes out as the peer's credit allows."""
+        state = self._stream(stream, _Step.DATA_OUT)
+        state.queued.append(bytes(data))
+        self._flush(stream, state)
+
+    def close(self, stream: int) -> None:
+        """Half-close ``stream`` (FIN, after whatever is queued on it)."""
+        state = self._stream(stream, _Step.FIN_OUT)
+        state.fin_queued = True
+        self._flush(stream, state)
+
+    def reset(self, stream: int) -> None:
+        """Abort ``stream`` (RST); it is forgotten at once."""
+        if stream not in self._streams:
+            raise LocalProtocolError(f"yamux: stream {stream} is not open")
+        del self._streams[stream]
+        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0)
+
+    def consumed(self, stream: int, size: int) -> None:
+        """The application took ``size`` bytes of ``stream``'s data: grant the peer that much credit again."""
+        state = self._streams.get(stream)
+        if state is None:
+            return  # gone meanwhile (reset, or closed both ways): no credit to give
+        if not 0 <= size <= state.unacknowledged:
+            given = state.unacknowledged
+            raise LocalProtocolError(f"yamux: {size} bytes consumed of stream {stream}, {given} were given")
+        state.unacknowledged -= size
+        state.receive_window += size
+        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.NONE, stream, size)
+
+    def ping(self, opaque: int) -> None:
+        self._out += encode_frame(Type.PING, Flag.SYN, 0, opaque & 0xFFFFFFFF)
+
+    def go_away(self, code: int = 0) -> None:
+        self._going_away = True
+        self._out += encode_frame(Type.GO_AWAY, Flag.NONE, 0, code)
+
+    def _stream(self, stream: int, step: _Step) -> _Stream:
+        state = self._streams.get(stream)
+        if state is None or state.fin_queued:
+            raise LocalProtocolError(f"yamux: stream {stream} is not open for {step.value}")
+        if (state.state, step) not in _STEPS:
+            raise LocalProtocolError(f"yamux: {step.value} on stream {stream}, which is {state.state.value}")
+        return state
+
+    def _flush(self, stream: int, state: _Stream) -> None:
+        while state.queued and state.send_window > 0:
+            chunk = state.queued.popleft()
+            now, later = chunk[: state.send_window], chunk[state.send_window :]
+            if later:
+                state.queued.appendleft(later)
+            state.send_window -= len(now)
+            self._out += encode_frame(Type.DATA, Flag.NONE, stream, len(now), now)
+        if state.fin_queued and not state.queued:
+            self._out += encode_frame(Type.WINDOW_UPDATE, Flag.FIN, stream, 0)
+            state.fin_queued = False
+            self._advance(stream, state, _Step.FIN_OUT)
+
+    def _advance(self, stream: int, state: _Stream, step: _Step) -> None:
+        after = _STEPS[(state.state, step)]
+        if after is _CLOSED:
+            del self._streams[stream]
+        else:
+            state.state = after
+
+    # -- the peer's side ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; the events of every whole frame in them, in order."""
+        self._in += data
+        events: list[Event] = []
+        while len(self._in) >= HEADER_BYTES:
+            version, kind, flags, stream, length = _HEADER.unpack_from(self._in)
+            if version != 0:
+                raise RemoteProtocolError(f"yamux: version {version} (only 0 exists)")
+            if kind > Type.GO_AWAY:
+                raise RemoteProtocolError(f"yamux: frame type {kind} is not one of DATA, WINDOW_UPDATE, PING, GO_AWAY")
+            body = length if kind == Type.DATA else 0
+            if kind == Type.DATA and stream in self._streams and length > self._streams[stream].receive_window:
+                raise RemoteProtocolError(f"yamux: {length} bytes on stream {stream} exceed the credit granted")
+            if len(self._in) < HEADER_BYTES + body:
+                break
+            payload = bytes(self._in[HEADER_BYTES : HEADER_BYTES + body])
+            del self._in[: HEADER_BYTES + body]
+            events += self._frame(Type(kind), Flag(flags), stream, length, payload)
+        return events
+
+    def _frame(self, kind: Type, flags: Flag, stream: int, length: int, payload: bytes) -> list[Event]:
+        if kind is Type.PING:
+            if flags & Flag.ACK:
+                return [Pong(length)]
+            self._out += encode_frame(Type.PING, Flag.ACK, 0, length)
+            return []
+        if kind is Type.GO_AWAY:
+            self._going_away = True
+            return [GoAway(length)]
+        if stream == 0:
+            raise RemoteProtocolError(f"yamux: a {kind.name} frame on stream 0")
+        events: list[Event] = []
+        if flags & Flag.SYN:
+            events += self._opened(stream)
+            if stream not in self._streams:
+                return events  # refused (reset); the rest of this frame is dropped with it
+        state = self._streams.get(stream)
+        if state is None:
+            if flags & Flag.RST:
+                return events  # a reset of a stream already gone: nothing to do
+            raise RemoteProtocolError(f"yamux: a {kind.name} frame for stream {stream}, which is not open")
+        if flags & Flag.RST:
+            del self._streams[stream]
+            return [*events, StreamReset(stream)]
+        if kind is Type.WINDOW_UPDATE:
+            state.send_window += length
+            self._flush(stream, state)
+        elif payload:
+            self._step_in(stream, state, _Step.DATA_IN)
+            state.receive_window -= len(payload)
+            state.unacknowledged += len(payload)
+            events.append(Data(stream, payload))
+        if flags & Flag.FIN:
+            self._step_in(stream, state, _Step.FIN_IN)
+            events.append(StreamClosed(stream))
+        return events
+
+    def _opened(self, stream: int) -> list[Event]:
+        if stream in self._streams or stream % 2 == (1 if self.client else 0):
+            raise RemoteProtocolError(f"yamux: the peer opened stream {stream}, which is not its to open")
+        if self._going_away or len(self._streams) >= MAX_STREAMS:
+            self._out += encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0)
+            return []
+        self._streams[stream] = _Stream(_State.OPEN)
+        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.ACK, stream, 0)
+        return [StreamOpened(stream)]
+
+    def _step_in(self, stream: int, state: _Stream, step: _Step) -> None:
+        if (state.state, step) not in _STEPS:
+            raise RemoteProtocolError(f"yamux: {step.value} on stream {stream}, which is {state.state.value}")
+        self._advance(stream, state, step)
+
+    def open_streams(self) -> list[int]:
+        return sorted(self._streams)

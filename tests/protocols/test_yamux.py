@@ -1,0 +1,219 @@
+"""yamux sessions, sans-I/O: streams both ways, flow control, pings, FIN/RST/GO_AWAY, bad frames.
+
+No published byte vectors exist for yamux (the research notes say so); the frame layout
+is checked against the spec's header (``>BBHII``) and the behaviour against the spec's
+rules, and a real py-libp2p peer is the cross-check once the transport exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from villagemesh.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from villagemesh.protocols import strategies as vst
+from villagemesh.protocols.libp2p.yamux import (
+    INITIAL_WINDOW,
+    MAX_STREAMS,
+    Data,
+    Flag,
+    GoAway,
+    Pong,
+    Session,
+    StreamClosed,
+    StreamOpened,
+    StreamReset,
+    Type,
+    encode_frame,
+)
+
+
+def pair() -> tuple[Session, Session]:
+    return Session(client=True), Session(client=False)
+
+
+def pump(a: Session, b: Session) -> tuple[list[Any], list[Any]]:
+    """Shuttle bytes both ways until quiet; the events each side saw."""
+    seen_a: list[Any] = []
+    seen_b: list[Any] = []
+    while True:
+        to_b, to_a = a.data_to_send(), b.data_to_send()
+        if not to_b and not to_a:
+            return seen_a, seen_b
+        seen_b += b.receive_data(to_b)
+        seen_a += a.receive_data(to_a)
+
+
+def test_the_header_is_the_specs() -> None:
+    assert encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 1, 0) == bytes.fromhex("000100010000000100000000")
+
+
+def test_a_stream_carries_data_both_ways_and_closes_from_both_ends() -> None:
+    client, server = pair()
+    sid = client.open_stream()
+    assert sid == 1 and client.open_stream() == 3
+    client.send(sid, b"hello")
+    client.close(sid)
+    _, at_server = pump(client, server)
+    assert at_server == [StreamOpened(1), StreamOpened(3), Data(1, b"hello"), StreamClosed(1)]
+    server.send(sid, b"world")
+    server.close(sid)
+    at_client, _ = pump(client, server)
+    assert at_client == [Data(1, b"world"), StreamClosed(1)]
+    assert client.open_streams() == [3] and server.open_streams() == [3]
+
+
+def test_a_sender_never_exceeds_the_credit_and_the_rest_goes_as_it_is_granted() -> None:
+    client, server = pair()
+    sid = client.open_stream()
+    client.send(sid, b"x" * (INITIAL_WINDOW + 1000))
+    _, got = pump(client, server)
+    assert sum(len(e.data) for e in got if isinstance(e, Data)) == INITIAL_WINDOW
+    server.consumed(sid, 600)
+    _, more = pump(client, server)
+    assert sum(len(e.data) for e in more if isinstance(e, Data)) == 600
+    server.consumed(sid, INITIAL_WINDOW)
+    _, rest = pump(client, server)
+    assert sum(len(e.data) for e in rest if isinstance(e, Data)) == 400
+    with pytest.raises(LocalProtocolError, match="were given"):
+        server.consumed(sid, 10**9)
+    server.consumed(99, 1)  # a stream gone: nothing to grant, no error
+
+
+def test_data_beyond_the_granted_credit_is_a_protocol_error() -> None:
+    client, server = pair()
+    sid = client.open_stream()
+    server.receive_data(client.data_to_send())
+    flood = encode_frame(Type.DATA, Flag.NONE, sid, INITIAL_WINDOW + 1)
+    with pytest.raises(RemoteProtocolError, match="exceed the credit"):
+        server.receive_data(flood)
+
+
+def test_a_ping_is_answered_with_its_opaque_value() -> None:
+    client, server = pair()
+    client.ping(0xDEADBEEF)
+    at_client, at_server = pump(client, server)
+    assert at_client == [Pong(0xDEADBEEF)] and at_server == []
+
+
+def test_a_reset_stream_is_gone_on_both_sides_and_a_late_reset_is_harmless() -> None:
+    client, server = pair()
+    sid = client.open_stream()
+    pump(client, server)
+    client.reset(sid)
+    _, at_server = pump(client, server)
+    assert at_server == [StreamReset(sid)] and server.open_streams() == [] and client.open_streams() == []
+    assert server.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.RST, sid, 0)) == []
+    with pytest.raises(LocalProtocolError, match="not open"):
+        client.reset(sid)
+
+
+def test_go_away_stops_new_streams_on_both_sides() -> None:
+    client, server = pair()
+    server.go_away(2)
+    at_client, _ = pump(client, server)
+    assert at_client == [GoAway(2)]
+    with pytest.raises(LocalProtocolError, match="going away"):
+        client.open_stream()
+    assert server.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 5, 0)) == []  # refused: RST back
+    assert server.data_to_send() == encode_frame(Type.WINDOW_UPDATE, Flag.RST, 5, 0)
+
+
+def test_a_peer_opening_too_many_streams_gets_resets() -> None:
+    client, server = pair()
+    for _ in range(MAX_STREAMS):
+        client.open_stream()
+    with pytest.raises(LocalProtocolError, match=f"{MAX_STREAMS} streams"):
+        client.open_stream()
+    pump(client, server)
+    extra = encode_frame(Type.DATA, Flag.SYN, 2 * MAX_STREAMS + 1, 3, b"abc")
+    assert server.receive_data(extra) == []
+    assert server.data_to_send() == encode_frame(Type.WINDOW_UPDATE, Flag.RST, 2 * MAX_STREAMS + 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("frame", "match"),
+    [
+        (bytes([1]) + bytes(11), "version 1"),
+        (encode_frame(Type.DATA, Flag.NONE, 0, 0)[:1] + bytes([9]) + bytes(10), "frame type 9"),
+        (encode_frame(Type.DATA, Flag.NONE, 0, 0), "on stream 0"),
+        (encode_frame(Type.DATA, Flag.NONE, 7, 1, b"x"), "not open"),
+        (encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 2, 0), "not its to open"),
+    ],
+)
+def test_a_peer_breaking_the_rules_is_a_remote_protocol_error(frame: bytes, match: str) -> None:
+    _, server = pair()
+    with pytest.raises(RemoteProtocolError, match=match):
+        server.receive_data(frame)
+
+
+def test_a_stream_opened_twice_or_data_after_its_fin_is_refused() -> None:
+    client, server = pair()
+    sid = client.open_stream()
+    client.close(sid)
+    pump(client, server)
+    with pytest.raises(RemoteProtocolError, match="data from the peer on stream 1, which is closed by the peer"):
+        server.receive_data(encode_frame(Type.DATA, Flag.NONE, sid, 1, b"x"))
+    _, again = pair()
+    again.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 1, 0))
+    with pytest.raises(RemoteProtocolError, match="not its to open"):
+        again.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 1, 0))
+
+
+def test_our_own_misuse_is_a_local_protocol_error() -> None:
+    client, server = pair()
+    with pytest.raises(LocalProtocolError, match="not open"):
+        client.send(9, b"x")
+    sid = client.open_stream()
+    client.close(sid)
+    with pytest.raises(LocalProtocolError, match="our data on stream 1, which is closed by us"):
+        client.send(sid, b"after our FIN")
+    with pytest.raises(LocalProtocolError, match="our FIN on stream 1, which is closed by us"):
+        client.close(sid)
+    pump(client, server)
+    server.send(sid, b"the peer may still send")
+    server.close(sid)
+    pump(client, server)
+    assert client.open_streams() == [] and server.open_streams() == []
+
+
+def test_a_fin_waits_behind_queued_data_until_credit_lets_it_out() -> None:
+    client, server = pair()
+    sid = client.open_stream()
+    client.send(sid, b"y" * (INITIAL_WINDOW + 10))
+    client.close(sid)
+    with pytest.raises(LocalProtocolError, match="not open"):
+        client.send(sid, b"after close() was asked")
+    _, first = pump(client, server)
+    assert StreamClosed(sid) not in first
+    server.consumed(sid, INITIAL_WINDOW)
+    _, second = pump(client, server)
+    assert second == [Data(sid, b"y" * 10), StreamClosed(sid)]
+
+
+@given(st.lists(st.binary(max_size=3000), max_size=6), st.data())
+@settings(max_examples=40)
+def test_any_chunking_gives_the_same_events(chunks_sent: list[bytes], data: Any) -> None:
+    client = Session(client=True)
+    sid = client.open_stream()
+    for chunk in chunks_sent:
+        client.send(sid, chunk)
+    client.close(sid)
+    wire = client.data_to_send()
+    whole = Session(client=False).receive_data(wire)
+    server, split = Session(client=False), []
+    for piece in data.draw(vst.chunkings(wire)):
+        split += server.receive_data(piece)
+    assert split == whole
+    assert b"".join(e.data for e in whole if isinstance(e, Data)) == b"".join(chunks_sent)
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes_only_ever_raise_a_protocol_error(data: bytes) -> None:
+    try:
+        Session(client=False).receive_data(data)
+    except ProtocolError:
+        pass
