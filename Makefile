@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs; installed only when missing (CI runs as root).
-SYSTEM_PACKAGES := python3-venv
+# chromium + chromium-driver: the dashboard's end-to-end test drives a real headless browser.
+SYSTEM_PACKAGES := python3-venv chromium chromium-driver
 
 .PHONY: demo test lint typecheck bench sysdeps clean
 

@@ -1,6 +1,7 @@
 """Bus throughput and request/reply latency beside raw pyzmq and plain pykka, measured in the same run.
 
     python benchmarks/bus_throughput.py [--messages N] [--asks N] [--rounds R]
+    python benchmarks/bus_throughput.py --metrics [--rounds R]   # runtime metrics on / off
 
 * raw pyzmq: a PUSH socket in one thread, a PULL socket in another (inproc), the
   same codec encoding and decoding the same typed message on both ends;
@@ -185,8 +186,8 @@ class BusProducer(Actor):
 
 
 class BusNode:
-    def __init__(self, n: int) -> None:
-        self.bus = Bus(f"bench{time.monotonic_ns()}")
+    def __init__(self, n: int, metrics: bool = True) -> None:
+        self.bus = Bus(f"bench{time.monotonic_ns()}", metrics=metrics)
         self.env = Environment(bus=self.bus, log=EventLog(self.bus.node, human=False), scheduler=Scheduler())
         children = [ChildSpec("counter", BusCounter, config={"n": n}), ChildSpec("producer", BusProducer)]
         spec = SupervisorSpec("root", children)
@@ -200,10 +201,10 @@ class BusNode:
         self.env.scheduler.close()
 
 
-def bus_tell(n: int) -> float:
+def bus_tell(n: int, metrics: bool = True) -> float:
     COUNT["n"] = 0
     DONE.clear()
-    node = BusNode(n)
+    node = BusNode(n, metrics)
     msg = sample(1)
     start = time.perf_counter()
     tell = node.client.tell
@@ -215,10 +216,10 @@ def bus_tell(n: int) -> float:
     return n / elapsed
 
 
-def bus_actor_to_actor(n: int) -> float:
+def bus_actor_to_actor(n: int, metrics: bool = True) -> float:
     COUNT["n"] = 0
     DONE.clear()
-    node = BusNode(n)
+    node = BusNode(n, metrics)
     start = time.perf_counter()
     node.client.tell("producer", Produce(n))
     DONE.wait()
@@ -269,6 +270,77 @@ def pinned_asks(n: int, cpu: int) -> tuple[list[float], list[float]]:
     return data["bus"], data["pykka"]
 
 
+def metered_asks(n: int, block: int = 100) -> tuple[list[float], list[float]]:
+    """Ask latency with metrics off and on: two nodes in one process, alternating blocks of asks."""
+    nodes = {False: BusNode(10**12, metrics=False), True: BusNode(10**12, metrics=True)}
+    msg = sample(1)
+    samples: dict[bool, list[float]] = {False: [], True: []}
+    for node in nodes.values():  # untimed: first use of the code paths
+        for _ in range(block):
+            node.client.ask("counter", msg, timeout=5)
+    for _ in range(max(1, n // block)):
+        for metered, node in nodes.items():
+            ask = node.client.ask
+            for _ in range(block):
+                t0 = time.perf_counter()
+                ask("counter", msg, timeout=5)
+                samples[metered].append((time.perf_counter() - t0) * 1e6)
+    for node in nodes.values():
+        node.close()
+    return samples[False], samples[True]
+
+
+def metrics_cost(args: argparse.Namespace) -> None:
+    """``--metrics``: the bus with its runtime metrics on against off, interleaved in one run.
+
+    Each round measures both variants of each figure back to back, in alternating order
+    (off first in even rounds), so the machine's noise falls on both; the ratios printed
+    are on / off per round, and their medians. Asks: ``--asks`` per variant, pinned to
+    ``--pin`` (both nodes in one process, alternating blocks of 100)."""
+    import os
+
+    figures: dict[str, list[float]] = {"actor_to_actor": [], "client_tell": []}
+    for r in range(args.rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        got: dict[tuple[str, bool], float] = {}
+        for metered in order:
+            got["actor_to_actor", metered] = bus_actor_to_actor(args.messages, metered)
+            got["client_tell", metered] = bus_tell(args.messages, metered)
+        for name in figures:
+            figures[name].append(got[name, True] / got[name, False])
+        print(
+            f"round {r + 1}: actor->actor off {got['actor_to_actor', False]:>9,.0f}"
+            f" on {got['actor_to_actor', True]:>9,.0f}"
+            f"  client off {got['client_tell', False]:>9,.0f} on {got['client_tell', True]:>9,.0f} msgs/s"
+        )
+    os.sched_setaffinity(0, {args.pin})
+    off, on = metered_asks(args.asks)
+    ask50 = percentile(on, 50) / percentile(off, 50)
+    ask99 = percentile(on, 99) / percentile(off, 99)
+    medians = {name: statistics.median(ratios) for name, ratios in figures.items()}
+    print(
+        f"metrics on / off, medians of {args.rounds} rounds: actor->actor {medians['actor_to_actor']:.3f}"
+        f"  client->actor {medians['client_tell']:.3f}   (target >= 0.95)"
+    )
+    print(
+        f"ask p50/p99 µs pinned: off {percentile(off, 50):.0f}/{percentile(off, 99):.0f}"
+        f"  on {percentile(on, 50):.0f}/{percentile(on, 99):.0f}  ratios {ask50:.3f}/{ask99:.3f}"
+    )
+    emit(
+        "bus_metrics_cost",
+        messages=args.messages,
+        rounds=args.rounds,
+        asks=args.asks,
+        actor_to_actor_ratio=round(medians["actor_to_actor"], 3),
+        actor_to_actor_ratios=[round(x, 3) for x in figures["actor_to_actor"]],
+        client_tell_ratio=round(medians["client_tell"], 3),
+        client_tell_ratios=[round(x, 3) for x in figures["client_tell"]],
+        ask_p50_ratio=round(ask50, 3),
+        ask_p99_ratio=round(ask99, 3),
+        targets={"actor_to_actor_ratio": 0.95, "client_tell_ratio": 0.95},
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200_000)
@@ -276,7 +348,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pin", type=int, default=0, help="CPU the ask measurement is pinned to")
     parser.add_argument("--asks-only", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--metrics", action="store_true", help="compare the bus with metrics on and off")
     args = parser.parse_args()
+    if args.metrics:
+        metrics_cost(args)
+        return
     if args.asks_only:
         import json
         import os

@@ -295,6 +295,8 @@ class ProcessHost(Actor):
     def _forward(self, frame: bytes) -> None:
         assert self._identity is not None
         kind, _, _, inner = decode_frame(frame, trusted=True)
+        if self._metered:
+            self.metrics.received += len(inner) if kind is Kind.BATCH else 1
         # A batch is split so that every message is acknowledged on its own.
         if kind is Kind.BATCH:
             parts = [(tell_frame(v), _handoff_in(v)) for v in inner]

@@ -111,6 +111,14 @@ class Supervisor(Supervised):
         for child in self._children.values():
             if isinstance(child.spec, ChildSpec):
                 self.env.bus.open_mailbox(child.spec.bus_name)
+        self.env.log.emit(
+            "supervisor_started",
+            supervisor=self.spec.id,
+            parent=self.parent,
+            strategy=Strategy(self.spec.strategy).value,
+            intensity=self.spec.intensity,
+            period_s=self.spec.period,
+        )
         for child in list(self._children.values()):
             self._start(child)
 
@@ -266,6 +274,9 @@ class Supervisor(Supervised):
         delay = backoff_delay(getattr(child.spec, "backoff", None), child.consecutive, self.env.rand())
         child.consecutive += 1
         if delay > 0:
+            self.env.log.emit(
+                "child_restart_scheduled", supervisor=self.spec.id, child_id=child.spec.id, backoff_s=delay
+            )
             self.env.scheduler.call_later(delay, self._tell_self, _RestartDue(restart_plan.start, delay))
         else:
             self._restart(restart_plan.start, 0.0)

@@ -4,6 +4,8 @@
     villagemesh demo  [--nodes 5] [--messages 20] [--data-dir DIR]
     villagemesh peers --data-dir DIR
     villagemesh send  --to PEER_ID --via HOST:PORT [--data-dir DIR] TEXT
+    villagemesh dashboard [--log FILE ...] [--node HOST:PORT ...] [--port P]
+    villagemesh top       [--log FILE ...] [--node HOST:PORT ...] [--once]
 
 ``node`` prints ``LISTEN <node_id> <host:port>`` once it serves, then runs until
 SIGINT or SIGTERM. ``peers`` reads a node's registry file (the node may be
@@ -55,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--lan", action="store_true", help="also send and hear signed UDP multicast beacons")
     node.add_argument("--log", type=Path, help="event log path (default DATA_DIR/events.jsonl)")
     node.add_argument("--quiet", action="store_true", help="do not print events on stderr")
+    node.add_argument("--dashboard", action="store_true", help="also serve the dashboard at /villagemesh/dashboard")
     node.set_defaults(run=_run_node)
 
     demo = sub.add_parser("demo", help="5 local nodes, a crash on purpose, delivery goes on")
@@ -75,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=30.0)
     send.add_argument("text")
     send.set_defaults(run=_run_send)
+
+    from villagemesh.dashboard.cli import add_commands
+
+    add_commands(sub)  # dashboard, top
     return parser
 
 
@@ -94,6 +101,7 @@ def _run_node(args: argparse.Namespace) -> int:
         lan=args.lan,
         log_path=args.log,
         human_log=None if not args.quiet else False,
+        dashboard=args.dashboard,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

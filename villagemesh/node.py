@@ -153,6 +153,10 @@ class NodeConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     capabilities: Capabilities | None = None
+    status_endpoint: bool = True
+    """Serve ``GET /villagemesh/status`` (read-only JSON; what it reveals: :mod:`villagemesh.dashboard.status`)."""
+    dashboard: bool = False
+    """Serve the supervision dashboard at ``/villagemesh/dashboard`` on the node's port."""
     betanet: bool | None = None
     """Run the BetaNet mixnode relay (and announce its address): None means on in the anonymous mode only."""
     betanet_delay_ms: float = 0.0
@@ -208,6 +212,9 @@ class NodeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("status_endpoint", "dashboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.betanet_isolation not in ("thread", "process"):
             raise ConfigError(f"betanet_isolation must be 'thread' or 'process', got {self.betanet_isolation!r}")
         if self.betanet is not None and not isinstance(self.betanet, bool):
@@ -486,6 +493,7 @@ class Node:
         from villagemesh.actors.retrier.actor import RetrierActor
         from villagemesh.actors.sweeper.actor import SweeperActor
         from villagemesh.actors.websocket.actor import WebSocketActor
+        from villagemesh.dashboard.server import install as http_routes
 
         cfg, data = self.config, self.config.data_dir
         betanet = self.runs_betanet
@@ -508,7 +516,12 @@ class Node:
                 ChildSpec(
                     "websocket",
                     WebSocketActor,
-                    config={"deliver_to": "retrier", "node_id": self.node_id, "keys": self.keys},
+                    config={
+                        "deliver_to": "retrier",
+                        "node_id": self.node_id,
+                        "keys": self.keys,
+                        "http": http_routes(self),
+                    },
                 ),
                 *([self._betanet_spec()] if betanet else []),
             ],

@@ -425,8 +425,10 @@ class BetanetActor(LoopActor):
         def answer(error: BaseException | None) -> None:
             if error is None:
                 if request.report_success:
+                    self.metrics.count("transmit_ok")  # the bus's metrics, as every transport counts them
                     self._tell(request.reply_to, self._result(request, True, False, None))
                 return
+            self.metrics.count("transmit_failed")
             retryable = isinstance(error, ConnectError | LocalProtocolError | ConfigError)
             self._tell(request.reply_to, self._result(request, False, retryable, f"{type(error).__name__}: {error}"))
 

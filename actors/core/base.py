@@ -505,6 +505,9 @@ class Actor(Supervised):
         self._mailbox = ctx.bus.mailbox(ctx.name)
         self._timers: set[TimerHandle] = set()
         self._acknowledge = ctx.bus.uplink is not None
+        self.metrics = ctx.bus.metrics.actor(ctx.name)
+        """This name's figures on the bus (outlive the instance); ``metrics.count(key)`` for the actor's own."""
+        self._metered = ctx.bus.metrics.enabled
         """In a process child, every handled frame is acknowledged to the node's host."""
         self.sender: busmod.Sender
         super().__init__(watcher=ctx.watcher)
@@ -637,6 +640,8 @@ class Actor(Supervised):
         except CodecError as exc:
             self._reject(str(exc))
             return
+        if self._metered:
+            self.metrics.received += len(msg) if kind is _BATCH else 1
         if kind is _TELL:
             if type(msg) is InjectedCrash:
                 raise CrashInjected(msg.reason)

@@ -46,6 +46,7 @@ from typing import Any
 import zmq
 
 from villagemesh.actors.core import codec
+from villagemesh.actors.core.metrics import Metrics
 from villagemesh.errors import (
     ActorCrashed,
     AskTimeout,
@@ -183,6 +184,7 @@ class Bus:
         capacity: int = DEFAULT_CAPACITY,
         send_timeout: float = DEFAULT_SEND_TIMEOUT,
         uplink: str | None = None,
+        metrics: bool = True,
     ) -> None:
         if not node or "/" in node:
             raise ConfigError(f"node name must be non-empty and contain no '/', got {node!r}")
@@ -195,6 +197,8 @@ class Bus:
         self.capacity = capacity
         self.send_timeout = send_timeout
         self.uplink = uplink
+        self.metrics = Metrics(enabled=metrics)
+        """Messages in and out, mailbox depths, ask latencies (see :mod:`.metrics`)."""
         self.control: Any = None
         """In a process child: the Unix socket on which the actor marks each frame it begins."""
         """In a process child: the local address (``_uplink``) through which frames for
@@ -299,6 +303,12 @@ class Sender:
         self._reply_timeout = -1
         self._correlation = itertools.count(1)
         self._pack = codec.packer()
+        self._metrics = bus.metrics
+        self._metered = bus.metrics.enabled
+        self.sent: dict[str, int] = {}
+        """Messages sent to each mailbox, when the bus counts (see :mod:`.metrics`)."""
+        if self._metered:
+            bus.metrics.add_sender(self)
         self.closed = False
         self.late_replies = 0
         """Replies that arrived after their ask had timed out (dropped, counted here)."""
@@ -331,6 +341,8 @@ class Sender:
     def _flush_to(self, to: str) -> None:
         held = self._pending.pop(to, None)
         if held:
+            if self._metered:
+                self.sent[to] = self.sent.get(to, 0) + len(held)
             values = (_TELL, 0, None, *held[0]) if len(held) == 1 else (_BATCH, len(held), None, *held)
             self._send_now(to, self._encode_values(values), None)
 
@@ -339,6 +351,8 @@ class Sender:
         if to in self._pending:
             self._flush_to(to)
         self._send_now(to, frame, timeout)
+        if self._metered:
+            self.sent[to] = self.sent.get(to, 0) + 1
 
     def _send_now(self, to: str, frame: bytes, timeout: float | None) -> None:
         sock = self._sockets.get(to)
@@ -397,6 +411,7 @@ class Sender:
         """
         if not timeout > 0:
             raise ConfigError(f"ask timeout must be a positive number of seconds, got {timeout!r}")
+        asked = _perf_counter() if self._metered else 0.0
         reply_sock = self._reply_socket or self._ensure_reply_socket()
         correlation = next(self._correlation)
         frame = self._encode(_ASK, correlation, self._reply_name, msg)
@@ -405,6 +420,8 @@ class Sender:
             self.send_frame(to, frame, timeout=timeout)
         else:
             self._push(sock, frame, to, timeout)
+            if self._metered:
+                self.sent[to] = self.sent.get(to, 0) + 1
         left = int(timeout * 1000)
         deadline = 0  # read from the clock only if a late reply costs us time
         while True:
@@ -427,6 +444,8 @@ class Sender:
                 continue
             if kind == _FAULT:
                 raise ActorCrashed(answer.actor, answer.exc_type, answer.detail)
+            if asked:
+                self._metrics.actor(to).latency.append(_perf_counter() - asked)
             return answer
 
     # -- plumbing ----------------------------------------------------------------------
@@ -474,6 +493,8 @@ class Sender:
             return
         self.closed = True
         self._pending.clear()
+        if self._metered:
+            self._metrics.retire_sender(self)
         for sock in [*self._sockets.values(), *self._reply_sockets.values()]:
             sock.close(linger=linger)
         if self._reply_socket is not None:
@@ -482,6 +503,9 @@ class Sender:
             self._uplink_socket.close(linger=linger)
         self._sockets.clear()
         self._reply_sockets.clear()
+
+
+_perf_counter = time.perf_counter
 
 
 def _monotonic_ms() -> int:

@@ -235,10 +235,17 @@ class RetrierActor(Actor):
                 self.received,
                 self.duplicates,
                 len(self.inbox.unhandled()),
+                self._pending_by_priority(),
             )
         else:
             raise TypeError(f"retrier got an unexpected {type(msg).__name__}")
         return None
+
+    def _pending_by_priority(self) -> tuple[int, ...]:
+        counts = [0] * len(Priority)
+        for view in self.state.pending():
+            counts[view.priority] += 1
+        return tuple(counts)
 
     def _attempt_of(self, message_id: bytes, transport: str) -> int:
         """The attempt a TransmitResult answers: the one in flight on that transport (0: none, ignored)."""

@@ -140,6 +140,8 @@ class RetrierStatus:
     received: int
     duplicates: int
     unhandled: int
+    pending_by_priority: tuple[int, ...] = ()
+    """Pending messages per priority, indexed by :class:`~villagemesh.protocols.envelope.Priority` value."""
 
 
 @codec.message("retrier.TransportDown")

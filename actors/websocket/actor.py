@@ -25,7 +25,11 @@ without it fresh keys are generated and ``ws_keys_generated`` (node_id, reason) 
 the transport never runs unauthenticated), ``deliver_to`` (actor name for incoming
 envelopes; without it they are counted and dropped), ``node_id`` (optional; must
 be the keys' node id), ``connect_timeout`` / ``send_timeout`` / ``handshake_timeout``
-(seconds, default 5).
+(seconds, default 5), ``http`` (a callable given the aiohttp app before it starts, to add the
+node's read-only HTTP routes on this port: the status endpoint, the dashboard).
+
+Metrics (the bus's, :mod:`villagemesh.actors.core.metrics`): ``transmit_ok`` (reported
+successes only) and ``transmit_failed`` count the outcomes of ``Transmit``.
 """
 
 from __future__ import annotations
@@ -94,7 +98,9 @@ class WebSocketActor(LoopActor):
         self.start_io()
         keys = config_keys(config, self.io_log)
         handshake_timeout = float(config.get("handshake_timeout", HANDSHAKE_TIMEOUT_S))
-        self.server = WebSocketServer(self._received, keys, handshake_timeout=handshake_timeout, log=self.io_log)
+        self.server = WebSocketServer(
+            self._received, keys, handshake_timeout=handshake_timeout, log=self.io_log, install=config.get("http")
+        )
         self.client = WebSocketClient(
             self._received,
             keys,
@@ -161,11 +167,14 @@ class WebSocketActor(LoopActor):
             decode_message(request.envelope)  # refused before dialling; the session checks the sender
         except RemoteProtocolError as exc:
             bad = TransmitResult(request.message_id, TRANSPORT, request.peer_id, False, False, f"bad envelope: {exc}")
+            self.metrics.count("transmit_failed")
             self._tell_outcome(request.reply_to, bad)
             return
 
         def then(_: None, error: BaseException | None) -> None:
-            self._tell_outcome(request.reply_to, transmit_outcome(request, error))  # a bug is raised
+            outcome = transmit_outcome(request, error)  # a bug is raised
+            self.metrics.count("transmit_ok" if outcome.ok else "transmit_failed")
+            self._tell_outcome(request.reply_to, outcome)
 
         report = request.report_success
         if via(request) is Via.SERVER:

@@ -14,7 +14,9 @@ Server side (:class:`WebSocketServer`): an aiohttp ``web.Application`` with
   byte stream (see :mod:`.link` for the rules: handshake deadline, what closes a
   connection, what is only refused);
 - ``GET /health``: plain HTTP, JSON ``{"status": "ok", "node_id", "connections",
-  "authenticated", "received", "rejected", "envelopes_rejected"}``.
+  "authenticated", "received", "rejected", "envelopes_rejected"}``;
+- whatever ``install(app)`` adds before the server starts (the node's read-only
+  ``GET /villagemesh/status`` and dashboard, :mod:`villagemesh.dashboard`).
 
 aiohttp is *not* given a listening socket. Its low-level ``web.Server`` is an
 asyncio protocol factory (each call makes a ``RequestHandler``), so the
@@ -120,6 +122,7 @@ class WebSocketServer:
         *,
         handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
         log: Any = None,
+        install: Callable[[web.Application], None] | None = None,
     ) -> None:
         _check_timeout("handshake_timeout", handshake_timeout)
         self.on_message = on_message
@@ -132,6 +135,8 @@ class WebSocketServer:
         self.app = web.Application()
         self.app.router.add_get(WS_PATH, self._websocket)
         self.app.router.add_get("/health", self._health)
+        if install is not None:
+            install(self.app)  # the node's other read-only routes: the status endpoint, the dashboard
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
