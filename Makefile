@@ -6,7 +6,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs; installed only when missing (CI runs as root).
 # chromium + chromium-driver: the dashboard's end-to-end test drives a real headless browser.
-SYSTEM_PACKAGES := python3-venv chromium chromium-driver
+# gcc + libgmp-dev: py-libp2p (the interop peer) pins fastecdsa, which builds from source.
+SYSTEM_PACKAGES := python3-venv chromium chromium-driver gcc libgmp-dev
+# py-libp2p, the real peer of the libp2p interop tests, in a venv of its own (it pins ~70 packages).
+LIBP2P_VENV := .venv-libp2p
+LIBP2P_STAMP := $(LIBP2P_VENV)/.installed
+LIBP2P_VERSION := 0.8.1
 
 .PHONY: demo test lint typecheck bench sysdeps clean
 
@@ -25,6 +30,12 @@ $(STAMP): setup.cfg pyproject.toml tools/typing_tree.py
 	$(PY) tools/typing_tree.py
 	touch $(STAMP)
 
+$(LIBP2P_STAMP):
+	$(PYTHON) -m venv $(LIBP2P_VENV)
+	$(LIBP2P_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LIBP2P_VENV)/bin/python -m pip install -q libp2p==$(LIBP2P_VERSION)
+	touch $(LIBP2P_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/villagemesh demo
 
@@ -35,7 +46,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy villagemesh actors supervision protocols
 
 # pytest's exit 5 (no test collected) is a failure here, not a pass.
-test: sysdeps $(STAMP)
+test: sysdeps $(STAMP) $(LIBP2P_STAMP)
 	$(VENV)/bin/ruff check .
 	rm -f .coverage .coverage.*
 	set +e; HYPOTHESIS_PROFILE=ci $(VENV)/bin/coverage run -m pytest -p no:cacheprovider; rc=$$?; set -e; \
@@ -49,4 +60,4 @@ bench: $(STAMP)
 	for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info .coverage .coverage.* .hypothesis
+	rm -rf $(VENV) $(LIBP2P_VENV) build *.egg-info .coverage .coverage.* .hypothesis

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from tests.actors.core.test_bus import GATE, Gated, Slow, start
 from tests.conftest import WAIT
@@ -37,8 +38,10 @@ def test_messages_waiting_in_a_mailbox_show_as_its_depth(runtime):
     for _ in range(7):
         client.tell("g", Slow(True))
     try:
-        row = runtime.bus.metrics.snapshot()["g"]
-        assert row["depth"] >= 7
+        deadline = time.monotonic() + WAIT  # the row appears once the actor's mailbox has been counted
+        while (row := runtime.bus.metrics.snapshot().get("g", {})).get("depth", 0) < 7:
+            assert time.monotonic() < deadline, f"depth never reached 7: {row}"
+            time.sleep(0.005)
     finally:
         GATE.set()
     client.ask("g", Slow(True), timeout=WAIT)
