@@ -8,15 +8,23 @@ STAMP := $(VENV)/.installed
 # chromium + chromium-driver: the dashboard's end-to-end test drives a real headless browser.
 # gcc + libgmp-dev: py-libp2p (the interop peer) pins fastecdsa, which builds from source.
 SYSTEM_PACKAGES := python3-venv chromium chromium-driver gcc libgmp-dev
+# Debian packages only the benchmarks need (NATS JetStream, the durable-broker anchor of benchmarks/delivery.py).
+BENCH_SYSTEM_PACKAGES := nats-server
 # py-libp2p, the real peer of the libp2p interop tests, in a venv of its own (it pins ~70 packages).
 LIBP2P_VENV := .venv-libp2p
 LIBP2P_STAMP := $(LIBP2P_VENV)/.installed
 LIBP2P_VERSION := 0.8.1
 
-.PHONY: demo test lint typecheck bench sysdeps clean
+.PHONY: demo test lint typecheck bench sysdeps benchsysdeps install-debs clean
 
 sysdeps:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@$(MAKE) --no-print-directory install-debs DEBS="$(SYSTEM_PACKAGES)"
+
+benchsysdeps:
+	@$(MAKE) --no-print-directory install-debs DEBS="$(BENCH_SYSTEM_PACKAGES)"
+
+install-debs:
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing system packages: $$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -56,7 +64,7 @@ test: sysdeps $(STAMP) $(LIBP2P_STAMP)
 	$(VENV)/bin/coverage report --include='protocols/*' --fail-under=100
 	$(VENV)/bin/coverage report --include='supervision/*,actors/*,villagemesh/*' --skip-covered | tail -n 3
 
-bench: $(STAMP)
+bench: benchsysdeps $(STAMP)
 	for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:

@@ -153,6 +153,74 @@ def test_the_api_works_from_asyncio(tmp_path):
     assert asyncio.run(main()) == b"async hello"
 
 
+class Collect:
+    """A subscriber that counts payloads and sets an event at a target count."""
+
+    def __init__(self, target: int) -> None:
+        self.payloads: list[bytes] = []
+        self.target = target
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, message) -> None:
+        with self.lock:
+            self.payloads.append(message.payload)
+            if len(self.payloads) >= self.target:
+                self.done.set()
+
+
+def test_send_many_stores_every_message_in_one_call_and_each_handle_ends_delivered(pair):
+    """send_many: 300 messages in one call (one commit per chunk); each is handled once; an invalid
+    message is refused before anything is stored."""
+    a, b = pair
+    inbox = Collect(300)
+    a.subscribe("DATA", inbox)
+    handles = b.send_many([(a.node_id, b"m%d" % i) for i in range(300)])
+    assert len(handles) == 300 and all(h.result(WAIT).delivered for h in handles)
+    assert inbox.done.wait(WAIT) and sorted(inbox.payloads) == sorted(b"m%d" % i for i in range(300))
+    with pytest.raises(ConfigError, match="kind"):
+        b.send_many([(a.node_id, b"x")], kind="")
+
+
+def test_gathered_asends_reach_the_retrier_together_from_one_thread(pair):
+    """200 asend calls awaited at once: all delivered, every hand-over made from the loop's one thread."""
+    a, b = pair
+    inbox = Collect(200)
+    a.subscribe("DATA", inbox)
+    callers: set[str] = set()
+    original = b._client
+
+    def spy():
+        callers.add(threading.current_thread().name)
+        return original()
+
+    b._client = spy
+
+    async def main():
+        handles = await asyncio.gather(*(b.asend(a.node_id, b"g%d" % i) for i in range(200)))
+        return await asyncio.wait_for(asyncio.gather(*handles), WAIT)
+
+    statuses = asyncio.run(main())
+    assert all(s.delivered for s in statuses) and inbox.done.wait(WAIT)
+    assert callers == {threading.current_thread().name}
+
+
+def test_full_durability_is_a_setting_and_delivers_the_same(tmp_path):
+    """synchronous=FULL (an fsync per commit) is accepted and delivers; anything else is refused by name."""
+    with pytest.raises(ConfigError, match="synchronous"):
+        make(tmp_path, "x", synchronous="OFF")
+    a = make(tmp_path, "a", discovery_interval=0.3, synchronous="FULL")
+    a.subscribe("DATA", lambda message: None)
+    a.start()
+    b = make(tmp_path, "b", discovery_interval=0.3, synchronous="FULL", bootstrap=(a.acceptor_address,)).start()
+    try:
+        assert b.wait_for_peers(1, WAIT)
+        assert all(h.result(WAIT).delivered for h in b.send_many([(a.node_id, b"durable")] * 3))
+    finally:
+        b.stop()
+        a.stop()
+
+
 def test_crashing_the_websocket_transport_restarts_it_alone(pair):
     """Fault injection through the API: only the transport restarts; the node keeps delivering."""
     a, b = pair

@@ -41,6 +41,7 @@ from typing import Any
 
 from villagemesh.actors.app.messages import BridgeQuery
 from villagemesh.actors.app.state import DeliveryHandle, DeliveryStatus, InboundMessage, call_on_loop
+from villagemesh.actors.core.envelopes import remember
 from villagemesh.actors.retrier.messages import Deliver
 from villagemesh.errors import MailboxFull, OutboxFull, RequestTimeout
 from villagemesh.node import (
@@ -159,6 +160,7 @@ class AsyncNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(room, left)  # cancelled here: nothing was sent
         envelope = encode_message(message)
+        remember(envelope, message)  # the retrier and the secure session read it back without decoding
         try:
             await _push(client, "retrier", Deliver(envelope, report_refusal=True))
         except BaseException as exc:  # cancelled (or the bus refused) before the hand-off: withdrawn

@@ -13,6 +13,20 @@ dispatch several handled messages again)::
 
     Incoming ─► Inbox.begin_dispatch (commit) ─► handlers ─► Inbox.mark_handled (commit)
 
+Every ``Incoming`` waiting in the mailbox is taken in one turn, and dispatched in
+chunks: one commit counts the dispatch of every message of a chunk, their
+handlers run one after another, one commit marks them handled (with their
+outcome reports). A chunk holds as many messages as the handlers get through in
+about :data:`DISPATCH_CHUNK_S` (measured as they run; one message until the
+first has been timed), so fast handlers pay two commits per chunk instead of
+two per message, and slow ones (a millisecond or more each) go one message per
+chunk, as before batching. A ``kill -9`` mid-chunk redelivers, flagged, every
+message of that chunk: those whose handlers had run and the rest (the flag says
+"may have been seen before"; a dispatch without it is still always the first).
+That is at most about ``DISPATCH_CHUNK_S`` of handler work, and exactly the one
+message being handled when handlers are slow. Outcome reports arriving together
+are marked in one commit too.
+
 ``begin_dispatch`` refuses a message already handled (a second ``Incoming``
 for it, e.g. from a restarted retrier) and counts dispatches, so the one
 message whose handlers were running when the process died is dispatched again
@@ -127,18 +141,25 @@ from villagemesh.actors.app.state import (
     Subscribers,
 )
 from villagemesh.actors.betanet.messages import GetBetanetStatus
-from villagemesh.actors.core.base import Actor, ActorContext
+from villagemesh.actors.core.base import Actor, ActorContext, Request
+from villagemesh.actors.core.envelopes import decode
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.registry.messages import FindSuitablePeers, ListPeers
 from villagemesh.actors.retrier.messages import Deliver, GetRetrierStatus, Incoming, MessageDelivered, MessageFailed
 from villagemesh.errors import BusError, ConfigError, ProtocolError, SupervisionError, VillageMeshError
-from villagemesh.protocols.envelope import ID_BYTES, Message, decode_message, encode_message
+from villagemesh.protocols.envelope import ID_BYTES, Message, encode_message
 
-__all__ = ["MAX_DISPATCHES", "OUTCOME_TIMEOUT", "OUTCOME_TTL", "AppActor"]
+__all__ = ["DISPATCH_CHUNK_S", "MAX_DISPATCHES", "OUTCOME_TIMEOUT", "OUTCOME_TTL", "AppActor"]
 
 MAX_DISPATCHES = 3
 """Dispatches of one message that may begin without finishing (the first and two redeliveries,
 each ended by a death mid-handler) before it counts as poison and is set aside."""
+
+DISPATCH_CHUNK_S = 0.001
+"""Handler time one dispatch chunk may hold (one pair of commits): the most a kill mid-chunk redelivers."""
+
+_EWMA = 0.25
+"""Weight of the latest message's handler time in the running estimate that sizes chunks."""
 
 OUTCOME_TIMEOUT = 60.0
 """Seconds a sender waits, after the ack, for the outcome report before the handle ends UNCONFIRMED."""
@@ -163,6 +184,8 @@ class _Run:
 
 class AppActor(Actor):
     """Config: see the module's docstring."""
+
+    batch_limit = 1024
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)
@@ -201,20 +224,44 @@ class AppActor(Actor):
         self.acked_at: dict[bytes, float] = {}
         """Acked sends waiting for their outcome report: when acked (monotonic), oldest first."""
         self.sweep_pending = False
+        self.handler_s: float | None = None
+        """Running estimate of one message's handler time (None until one has been timed)."""
+        self.settling: list[tuple[bytes, Message, Outcome]] | None = None
+        """Inside a dispatch chunk: the marks (with their outcomes) its one commit will hold."""
+        self.reports_in: list[tuple[bytes, Message]] = []
+        """Inside a dispatch chunk: outcome reports received, marked by the same commit."""
         # A previous instance (or process) died while these ran: dispatch them again now, flagged.
         # (The retrier re-sends every unhandled message when it starts; those Incomings find
         # these handled.)
+        unfinished = []
         for message_id in self.inbox.unfinished():
             envelope = self.inbox.payload(message_id)
             if envelope is not None:
-                self._dispatch_inbound(Incoming(message_id, envelope))
+                unfinished.append(Incoming(message_id, envelope))
+        self._dispatch_many(unfinished)
 
     def on_stop(self) -> None:
         self.inbox.close()
 
+    def handle_batch(self, batch: list[Request]) -> None:
+        """Every message waiting: each run of Incomings dispatched in chunks, the rest one by one, in order."""
+        incoming: list[Incoming] = []
+        for request in batch:
+            if isinstance(request.msg, Incoming):
+                incoming.append(request.msg)
+                continue
+            if incoming:
+                self._dispatch_many(incoming)
+                incoming = []
+            answer = self.handle(request.msg)
+            if request.token is not None:
+                request.token.reply(answer)
+        if incoming:
+            self._dispatch_many(incoming)
+
     def handle(self, msg: Any) -> Any:
         if isinstance(msg, Incoming):
-            self._dispatch_inbound(msg)
+            self._dispatch_many([msg])
         elif isinstance(msg, MessageDelivered):
             if self.await_outcomes:
                 self.handles.acked(msg.message_id, msg.attempts)
@@ -287,21 +334,54 @@ class AppActor(Actor):
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def _dispatch_inbound(self, msg: Incoming) -> None:
+    def _chunk(self) -> int:
+        """How many messages the next dispatch chunk takes: about DISPATCH_CHUNK_S of handler work."""
+        if self.handler_s is None:
+            return 1
+        return max(1, min(self.batch_limit, int(DISPATCH_CHUNK_S / max(self.handler_s, 1e-7))))
+
+    def _dispatch_many(self, messages: list[Incoming]) -> None:
+        """Dispatch ``messages`` in chunks: R3 for a chunk in one commit, its handlers, R5 in one commit."""
+        at = 0
+        while at < len(messages):
+            chunk = messages[at : at + self._chunk()]
+            at += len(chunk)
+            begin = []
+            for msg in chunk:
+                if msg.message_id in self.running:
+                    continue
+                try:
+                    if decode(msg.envelope).kind == OUTCOME_KIND:
+                        continue  # no handler runs: marked, never counted
+                except ProtocolError:
+                    continue  # rejected (and marked) by _dispatch_inbound
+                begin.append(msg.message_id)
+            counts = self.inbox.begin_dispatch_many(begin) if begin else {}  # R3: committed
+            self.settling = []
+            try:
+                for msg in chunk:
+                    started = time.perf_counter()
+                    self._dispatch_inbound(msg, counts)
+                    took = time.perf_counter() - started
+                    estimate = self.handler_s
+                    self.handler_s = took if estimate is None else estimate + _EWMA * (took - estimate)
+            finally:
+                self._settle_chunk()  # R5: nothing runs between the last return and this commit
+
+    def _dispatch_inbound(self, msg: Incoming, begun: dict[bytes, int]) -> None:
         if msg.message_id in self.running:
             return  # a second Incoming while its coroutine handlers still run: they will mark it
         try:
-            decoded = decode_message(msg.envelope)
+            decoded = decode(msg.envelope)
         except ProtocolError as exc:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
             self.inbox.mark_handled(msg.message_id)
             return
         if decoded.kind == OUTCOME_KIND:
-            # No handler runs: one commit (the mark), no dispatch count. False: a second Incoming.
-            if self.inbox.mark_handled(msg.message_id):
-                self._outcome_received(decoded)
+            # No handler runs: the chunk's commit marks it, no dispatch count.
+            self.reports_in.append((msg.message_id, decoded))
             return
-        dispatches = self.inbox.begin_dispatch(msg.message_id)
+        dispatches = begun.get(msg.message_id)
         if dispatches is None:
             self.ctx.log.emit("message_already_handled", message_id=msg.message_id.hex())
             return
@@ -391,6 +471,9 @@ class AppActor(Actor):
         The report is an outbox row the retrier is then told to adopt (``Deliver(stored=True)``);
         if this process dies first, the restarted retrier finds the row and sends it.
         """
+        if self.settling is not None:
+            self.settling.append((message_id, message, outcome))  # committed with its chunk
+            return
         if self.outcomes_to is None or message.recipient is None:
             self.inbox.mark_handled(message_id)  # no one to report to: a harness without a retrier, or a broadcast
             return
@@ -404,6 +487,37 @@ class AppActor(Actor):
             self.tell(self.outcomes_to, Deliver(envelope, stored=True))
         except BusError as exc:  # stored: the retrier sends it when it next starts
             self.ctx.log.emit("outcome_undeliverable", level="warning", message_id=message.id.hex(), reason=str(exc))
+
+    def _settle_chunk(self) -> None:
+        """One commit for a chunk: every mark, every outcome report to send, every report received;
+        then the reports go to the retrier (one frame) and the received ones end their handles."""
+        settling, self.settling = self.settling or [], None
+        received, self.reports_in = self.reports_in, []
+        if not settling and not received:
+            return
+        reports = [
+            self._report_for(message, outcome)
+            for _, message, outcome in settling
+            if self.outcomes_to is not None and message.recipient is not None
+        ]
+        rows = [
+            (r.id, r.recipient or "", int(r.priority), encode_message(r), r.created_at, r.expires_at) for r in reports
+        ]
+        ids = [m for m, _, _ in settling] + [m for m, _ in received]
+        marked = self.inbox.settle_many(ids, rows)
+        to = self.outcomes_to
+        for report, row in zip(reports, rows, strict=True):
+            if to is None:  # no reports were made without a retrier to send them (see `reports` above)
+                break
+            self.counters.outcomes_sent += 1
+            try:
+                self.tell(to, Deliver(row[3], stored=True))
+            except BusError as exc:  # stored: the retrier sends it when it next starts
+                reason = str(exc)
+                self.ctx.log.emit("outcome_undeliverable", level="warning", message_id=report.id.hex(), reason=reason)
+        for message_id, report in received:
+            if message_id in marked:  # not marked: a second Incoming of it
+                self._outcome_received(report)
 
     def _report_for(self, message: Message, outcome: Outcome) -> Message:
         assert self.node_id is not None

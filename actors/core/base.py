@@ -25,6 +25,19 @@ path, reports exactly one** :class:`ExitReport` **to its watcher.**
     first sends the asker a FAULT, so the asker gets ``ActorCrashed`` at once
     instead of waiting for its timeout.
 
+Batches and late replies (OTP's ``gen_server`` ``noreply`` then ``reply/2``)
+    An actor that sets :attr:`Actor.batch_limit` gets every message already
+    waiting in its mailbox (at most that many) as one turn,
+    :meth:`Actor.handle_batch`, each with its :class:`ReplyToken` when it was
+    an ask: a store commits them all in one transaction, then answers each
+    asker. When one message is waiting it goes alone, at once: a turn never
+    waits for more. A handler may also keep an ask's token and answer it later
+    (:meth:`Actor.defer_reply`). Every token still unanswered when its turn
+    raises, or when the instance ends on any path, is answered with a FAULT:
+    its asker gets ``ActorCrashed``, never a hang. A crash drops the tells of
+    the turn it happened in (as one tell's crash drops that tell); the rest of
+    the mailbox waits for the next instance.
+
 Time is a message: :meth:`Actor.schedule` delivers a message to the instance
 after a delay; handlers never sleep. Timers die with their instance.
 """
@@ -51,16 +64,19 @@ import zmq
 
 from villagemesh.actors.core import bus as busmod
 from villagemesh.actors.core import codec
-from villagemesh.errors import CodecError, VillageMeshError
+from villagemesh.errors import BusError, CodecError, VillageMeshError
 
 __all__ = [
     "Actor",
     "ActorContext",
+    "ActorStopped",
     "CrashInjected",
     "ExitKind",
     "ExitReport",
     "InjectedCrash",
     "OwnedThreadDied",
+    "ReplyToken",
+    "Request",
     "Scheduler",
     "Supervised",
     "TimerHandle",
@@ -131,6 +147,10 @@ _CONTEXT = "\nDuring handling of the above exception, another exception occurred
 
 class OwnedThreadDied(VillageMeshError):
     """A background thread owned by an actor raised or ended while the actor ran."""
+
+
+class ActorStopped(VillageMeshError):
+    """The instance ended with asks it had kept (deferred) still unanswered: their askers are faulted."""
 
 
 class BaseExceptionInHandler(VillageMeshError):
@@ -491,6 +511,54 @@ class _BusInbox:
             os.close(self._wake)
 
 
+class ReplyToken:
+    """The right to answer one ask, kept past the handler's return (``gen_server``'s ``From``).
+
+    Use it in the actor's own thread only (the bus sender is confined there).
+    Exactly one answer goes out: later calls are ignored and return False.
+    """
+
+    __slots__ = ("_actor", "correlation", "done", "reply_to")
+
+    def __init__(self, actor: Actor, reply_to: str, correlation: int) -> None:
+        self._actor = actor
+        self.reply_to = reply_to
+        self.correlation = correlation
+        self.done = False
+
+    def reply(self, answer: object = None) -> bool:
+        """Send the answer (None becomes :class:`Ok`); False if this ask was answered already."""
+        if self.done:
+            return False
+        self.done = True
+        self._actor._deferred.discard(self)
+        self._actor.sender.reply(self.reply_to, self.correlation, _OK if answer is None else answer)
+        return True
+
+    def fail(self, exc: BaseException) -> bool:
+        """Answer with a FAULT naming ``exc``: the asker gets ``ActorCrashed``. False if answered already."""
+        if self.done:
+            return False
+        self.done = True
+        self._actor._deferred.discard(self)
+        fault = busmod.Fault(self._actor.name, type(exc).__name__, str(exc))
+        self._actor.sender.reply(self.reply_to, self.correlation, fault, fault=True)
+        return True
+
+
+class Request:
+    """One message of a batch turn: ``msg``, and ``token`` when it came as an ask (None for a tell)."""
+
+    __slots__ = ("msg", "token")
+
+    def __init__(self, msg: Any, token: ReplyToken | None) -> None:
+        self.msg = msg
+        self.token = token
+
+    def __repr__(self) -> str:
+        return f"Request({self.msg!r}, {'ask' if self.token is not None else 'tell'})"
+
+
 class Actor(Supervised):
     """A supervised actor with a mailbox on the node's bus.
 
@@ -510,7 +578,18 @@ class Actor(Supervised):
         self._metered = ctx.bus.metrics.enabled
         """In a process child, every handled frame is acknowledged to the node's host."""
         self.sender: busmod.Sender
+        self._deferred: set[ReplyToken] = set()
+        """Tokens of asks not yet answered (faulted when a turn raises or the instance ends)."""
+        self._asking: tuple[str, int] | None = None
+        """The ask the current single-message turn handles: what :meth:`defer_reply` takes."""
+        self._taken: ReplyToken | None = None
         super().__init__(watcher=ctx.watcher)
+
+    batch_limit = 0
+    """Messages one batch turn may take (0: no batch turns, one message per :meth:`handle`).
+    A subclass that sets it implements :meth:`handle_batch`. In a process child every frame is
+    acknowledged to the host on its own, so there each turn takes one frame (still through
+    :meth:`handle`)."""
 
     def _create_actor_inbox(self) -> Any:  # type: ignore[override]  # pykka calls it from __init__, bound
         self._inbox = _BusInbox(self._mailbox)
@@ -578,16 +657,29 @@ class Actor(Supervised):
         """One handler turn for a mailbox frame; the tells it made leave together when it ends
         (one frame per destination), before the next inbox item is read."""
         try:
-            self._on_frame(frame)
+            if self.batch_limit and not self._acknowledge:
+                self._batch_turn(frame)
+            else:
+                self._on_frame(frame)
         except Exception as exc:
+            self._fault_deferred(exc)
             self._flush_after(exc)
             raise
         except BaseException as exc:
             error = BaseExceptionInHandler(f"{type(exc).__name__}: {exc}")
+            self._fault_deferred(error)
             self._flush_after(error)
             raise error from exc
         if self.sender._pending:
             self.sender.flush()
+
+    def _fault_deferred(self, exc: BaseException) -> None:
+        """Answer every ask still waiting with a FAULT naming ``exc`` (its asker must not hang)."""
+        for token in list(self._deferred):
+            try:
+                token.fail(exc)
+            except VillageMeshError as reply_error:
+                exc.add_note(f"an asker could not be told of the crash: {reply_error}")
 
     def _handle_receive(self, message: Any) -> Any:
         # A control item's handler turn: its tells leave together when it ends.
@@ -613,6 +705,8 @@ class Actor(Supervised):
         self._timers.clear()
         sender = getattr(self, "sender", None)
         if sender is not None:
+            if self._deferred:
+                self._fault_deferred(ActorStopped(f"actor {self.name!r} ended before answering"))
             sender.close()
         self._inbox.close()
 
@@ -621,6 +715,28 @@ class Actor(Supervised):
     def handle(self, msg: Any) -> Any:
         """Handle one bus or timer message; for an ask, return the reply (or None)."""
         raise NotImplementedError(f"{type(self).__name__} does not handle {type(msg).__name__}")
+
+    def handle_batch(self, batch: list[Request]) -> None:
+        """Handle every message of one batch turn (only called when :attr:`batch_limit` is set).
+
+        Answer each ask through its ``token`` (``token.reply(answer)``), now or in a later
+        turn; a token left unanswered is kept, and faulted if the instance ends first.
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets batch_limit but does not implement handle_batch")
+
+    def defer_reply(self) -> ReplyToken:
+        """In :meth:`handle` of an ask: answer later through the returned token, not by returning.
+
+        Raises:
+            BusError: the message being handled is not an ask.
+        """
+        if self._asking is None:
+            raise BusError(f"actor {self.name!r}: defer_reply outside the handling of an ask")
+        reply_to, correlation = self._asking
+        self._asking = None
+        token = self._taken = ReplyToken(self, reply_to, correlation)
+        self._deferred.add(token)
+        return token
 
     def _dispatch(self, message: Any) -> Any:
         kind = type(message)
@@ -649,15 +765,22 @@ class Actor(Supervised):
             if self._acknowledge:
                 self.sender.uplink(b"ack")
         elif kind is _ASK and reply_to is not None:
+            self._asking, self._taken = (reply_to, correlation), None
             try:
                 if type(msg) is InjectedCrash:
                     raise CrashInjected(msg.reason)
                 answer = self.handle(msg)
             except BaseException as exc:
-                self.sender.reply(
-                    reply_to, correlation, busmod.Fault(self.name, type(exc).__name__, str(exc)), fault=True
-                )
+                if self._taken is None:  # a deferred token is faulted with the others
+                    self.sender.reply(
+                        reply_to, correlation, busmod.Fault(self.name, type(exc).__name__, str(exc)), fault=True
+                    )
                 raise
+            finally:
+                self._asking = None
+            if self._taken is not None:  # the handler keeps the token: it answers later
+                self._taken = None
+                return
             sent = _perf_counter()
             self.sender.reply(reply_to, correlation, _OK if answer is None else answer)
             # A reply sent quickly means the asker has not run since: it waits (on another
@@ -683,6 +806,59 @@ class Actor(Supervised):
                 rest = [busmod.tell_frame(v) for v in batch[index + 1 :]]
                 self._mailbox.redeliver.extendleft(reversed(rest))
                 raise
+
+    def _batch_turn(self, first: bytes) -> None:
+        """Take ``first`` and every frame already waiting (up to :attr:`batch_limit` messages) as one turn.
+
+        Never waits for more. An :class:`InjectedCrash` ends the batch before it: the
+        messages ahead are handled, then the crash frame and the rest go back to the
+        mailbox's front, and the next turn begins with the crash.
+        """
+        limit, redeliver, sock = self.batch_limit, self._mailbox.redeliver, self._mailbox.socket
+        build = codec.from_values
+        batch: list[Request] = []
+        frame: bytes | None = first
+        while frame is not None:
+            try:
+                kind, correlation, reply_to, msg = busmod.decode_frame(frame, trusted=True)
+            except CodecError as exc:
+                self._reject(str(exc))
+                kind = None
+            if kind is _TELL:
+                if type(msg) is InjectedCrash:
+                    if not batch:
+                        raise CrashInjected(msg.reason)
+                    redeliver.appendleft(frame)
+                    break
+                batch.append(Request(msg, None))
+            elif kind is _ASK and reply_to is not None:
+                token = ReplyToken(self, reply_to, correlation)
+                self._deferred.add(token)
+                batch.append(Request(msg, token))
+                if type(msg) is InjectedCrash:
+                    if len(batch) == 1:
+                        raise CrashInjected(msg.reason)
+                    batch.pop()
+                    self._deferred.discard(token)
+                    redeliver.appendleft(frame)
+                    break
+            elif kind is _BATCH:
+                batch.extend(Request(build(values, trusted=True), None) for values in msg)
+            elif kind is not None:
+                self._reject(f"unexpected {kind.name} frame")
+            if len(batch) >= limit:
+                break
+            if redeliver:
+                frame = redeliver.popleft()
+            else:
+                try:
+                    frame = _recv(sock, _NOBLOCK)
+                except zmq.Again:
+                    frame = None
+        if batch:
+            if self._metered:
+                self.metrics.received += len(batch)
+            self.handle_batch(batch)
 
     def _handle_one(self, msg: Any) -> Any:
         if type(msg) is InjectedCrash:

@@ -333,6 +333,19 @@ class Sender:
         if len(pending) >= BATCH_MAX:
             self._flush_to(to)
 
+    def tell_many(self, to: str, msgs: list[Any], *, timeout: float | None = None) -> None:
+        """Send ``msgs`` to ``to`` now, in one frame (a BATCH when more than one), after any held for it.
+
+        MailboxFull after ``timeout`` (default: the bus's send timeout): all of them or none.
+        """
+        if not msgs:
+            return
+        if len(msgs) == 1:
+            frame = self._encode(_TELL, 0, None, msgs[0])
+        else:
+            frame = self._encode_values((_BATCH, len(msgs), None, *(codec.to_values(m) for m in msgs)))
+        self.send_frame(to, frame, timeout=timeout)
+
     def flush(self) -> None:
         """Send every held tell now (one frame per destination)."""
         while self._pending:

@@ -190,6 +190,11 @@ class MessagesFile:
         self.close()
 
 
+_ACCEPT = "INSERT OR IGNORE INTO inbox (message_id, expires_at, payload) VALUES (?, ?, ?)"
+_BEGIN = "UPDATE inbox SET dispatches = dispatches + 1 WHERE message_id = ? AND handled = 0 RETURNING dispatches"
+_HANDLED = "UPDATE inbox SET handled = 1, payload = NULL WHERE message_id = ? AND handled = 0"
+
+
 class Inbox(MessagesFile):
     """The receiver's dedup record: each message id is accepted once, then dispatched until handled.
 
@@ -210,11 +215,48 @@ class Inbox(MessagesFile):
         """
         check_id(message_id)
         with translate(self.path, f"accepting message {message_id.hex()}"):
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO inbox (message_id, expires_at, payload) VALUES (?, ?, ?)",
-                (message_id, expires_at, payload),
-            )
-            return cursor.rowcount == 1
+            return self._db.execute(_ACCEPT, (message_id, expires_at, payload)).rowcount == 1
+
+    def accept_many(self, messages: list[tuple[bytes, float, bytes]]) -> set[bytes]:
+        """:meth:`accept` for several ``(id, expires_at, payload)`` in one transaction; the ids seen for the first time.
+
+        Committed before it returns, so every ack sent afterwards is for a stored message.
+        An id twice in ``messages`` is new once.
+        """
+        for message_id, _, _ in messages:
+            check_id(message_id)
+        if len(messages) == 1:
+            message_id, expires_at, payload = messages[0]
+            return {message_id} if self.accept(message_id, expires_at, payload) else set()
+        new: set[bytes] = set()
+        with translate(self.path, f"accepting {len(messages)} message(s)"), transaction(self._db) as db:
+            for row in messages:
+                if db.execute(_ACCEPT, row).rowcount == 1:
+                    new.add(row[0])
+        return new
+
+    def begin_dispatch_many(self, message_ids: list[bytes]) -> dict[bytes, int]:
+        """:meth:`begin_dispatch` for several messages in one transaction: id -> dispatch count, for those
+        not yet handled (the others must not be dispatched)."""
+        if len(message_ids) == 1:
+            count = self.begin_dispatch(message_ids[0])
+            return {} if count is None else {message_ids[0]: count}
+        counts: dict[bytes, int] = {}
+        with translate(self.path, f"dispatching {len(message_ids)} message(s)"), transaction(self._db) as db:
+            for message_id in message_ids:
+                rows = db.execute(_BEGIN, (message_id,)).fetchall()
+                if rows:
+                    counts[message_id] = int(rows[0][0])
+        return counts
+
+    def mark_handled_many(self, message_ids: list[bytes]) -> int:
+        """:meth:`mark_handled` for several messages in one transaction; how many were newly marked."""
+        if len(message_ids) == 1:
+            return int(self.mark_handled(message_ids[0]))
+        with translate(self.path, f"marking {len(message_ids)} message(s) handled"), transaction(self._db) as db:
+            before = db.total_changes
+            db.executemany(_HANDLED, [(m,) for m in message_ids])
+            return db.total_changes - before
 
     def begin_dispatch(self, message_id: bytes) -> int | None:
         """Count one more dispatch of an unhandled message; committed on return, before any handler runs.
@@ -225,20 +267,13 @@ class Inbox(MessagesFile):
         """
         with translate(self.path, f"dispatching message {message_id.hex()}"):
             # fetchall: the UPDATE ... RETURNING commits when its statement is done.
-            rows = self._db.execute(
-                "UPDATE inbox SET dispatches = dispatches + 1 WHERE message_id = ? AND handled = 0"
-                " RETURNING dispatches",
-                (message_id,),
-            ).fetchall()
+            rows = self._db.execute(_BEGIN, (message_id,)).fetchall()
         return int(rows[0][0]) if rows else None
 
     def mark_handled(self, message_id: bytes) -> bool:
         """The application has handled the message; committed on return. False if unknown or already marked."""
         with translate(self.path, f"marking message {message_id.hex()} handled"):
-            cursor = self._db.execute(
-                "UPDATE inbox SET handled = 1, payload = NULL WHERE message_id = ? AND handled = 0", (message_id,)
-            )
-            return cursor.rowcount == 1
+            return self._db.execute(_HANDLED, (message_id,)).rowcount == 1
 
     def mark_handled_reporting(
         self,
@@ -264,6 +299,27 @@ class Inbox(MessagesFile):
                 (report_id, recipient, int(priority), envelope, created_at, expires_at, created_at),
             )
             return cursor.rowcount == 1
+
+    def settle_many(
+        self, message_ids: list[bytes], reports: list[tuple[bytes, str, int, bytes, float, float]]
+    ) -> set[bytes]:
+        """:meth:`mark_handled` for several messages and, in the same commit, store ``reports``
+        (``(report_id, recipient, priority, envelope, created_at, expires_at)``, outcome reports
+        for the retrier to send, as :meth:`mark_handled_reporting` does); the ids newly marked."""
+        for report in reports:
+            check_id(report[0])
+        marked: set[bytes] = set()
+        with translate(self.path, f"settling {len(message_ids)} message(s)"), transaction(self._db) as db:
+            for message_id in message_ids:
+                if db.execute(_HANDLED, (message_id,)).rowcount == 1:
+                    marked.add(message_id)
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox"
+                " (message_id, recipient, priority, payload, created_at, expires_at, attempts, next_attempt_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                [(i, r, int(p), e, c, x, c) for i, r, p, e, c, x in reports],
+            )
+        return marked
 
     def is_handled(self, message_id: bytes) -> bool:
         """True once :meth:`mark_handled` committed for this id."""

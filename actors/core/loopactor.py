@@ -110,11 +110,13 @@ class LoopActor(Actor):
         then: Callable[[Any, BaseException | None], None],
         *,
         post_success: bool = True,
+        post_if: Callable[[Any], bool] | None = None,
     ) -> None:
         """Start ``coro`` on the loop; ``then(result, error)`` runs later in the actor thread.
 
-        ``post_success=False``: ``then`` runs only for an error (or a cancellation); a
-        result is dropped on the loop thread, without a hop to the actor.
+        ``post_success=False``: ``then`` runs only for an error (or a cancellation), or for
+        a result ``post_if`` accepts; any other result is dropped on the loop thread,
+        without a hop to the actor.
         """
 
         def done(future: concurrent.futures.Future[Any]) -> None:
@@ -122,7 +124,7 @@ class LoopActor(Actor):
                 self.post(_LoopResult(then, None, asyncio.CancelledError("cancelled on the loop")))
             else:
                 error = future.exception()
-                if error is None and not post_success:
+                if error is None and not post_success and (post_if is None or not post_if(future.result())):
                     return
                 self.post(_LoopResult(then, None if error is not None else future.result(), error))
 

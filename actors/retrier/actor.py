@@ -47,7 +47,8 @@ its answer arrives, restored messages wait parked, spending no attempt), ``max_a
 ``ack_timeout``, ``max_in_flight``, ``route_timeout`` (see :class:`.state.RetrierState`),
 ``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.core.storage`).
 
-Log events: ``message_delivered`` (message_id, attempts, transport),
+Log events: ``messages_delivered`` (count, message_ids, attempts, transports: one event per
+round of decisions, its lists in the same order),
 ``delivery_failed`` (message_id, attempts, last_error, reason),
 ``envelope_rejected`` (transport, reason), ``ack_unroutable`` (message_id,
 peer_id), ``dispatch_failed`` (message_id, reason), ``retrier_restored``
@@ -62,18 +63,22 @@ import time
 from collections import deque
 from typing import Any
 
-from villagemesh.actors.core.base import Actor, ActorContext, TimerHandle
+from villagemesh.actors.core.base import Actor, ActorContext, Request, TimerHandle
 from villagemesh.actors.core.bus import Sender
+from villagemesh.actors.core.envelopes import decode
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.core.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Received, Transmit, TransmitResult
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
-from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError, StorageError
-from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, decode_message, encode_message
+from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
+from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
 
 from .messages import (
+    ACK_IDS_MAX,
     ACK_KIND,
     ACK_TTL,
     Deliver,
+    DeliverMany,
+    DeliverManyReply,
     DeliverReply,
     GetRetrierStatus,
     Handled,
@@ -82,6 +87,7 @@ from .messages import (
     MessageFailed,
     RetrierStatus,
     TransportDown,
+    ack_ids,
 )
 from .modes import NetworkMode, next_transport
 from .policy import RetryPolicy
@@ -103,7 +109,7 @@ from .state import (
 )
 from .store import Outbox
 
-__all__ = ["RetrierActor", "mark_handled", "retrier_status", "send_envelope"]
+__all__ = ["RetrierActor", "mark_handled", "retrier_status", "send_envelope", "send_envelopes"]
 
 REDISPATCH_EVERY = 1.0
 """Seconds between retries of an Incoming the application's mailbox refused."""
@@ -117,8 +123,22 @@ REPLY_CAPABLE = frozenset({"websocket", "betanet"})
 """Transports that can answer without a route of their own (``REPLY_ADDRESS``): on the connection the
 peer opened (websocket), on the reply block its message carried (betanet)."""
 
+BATCH_ACKS = frozenset({"websocket"})
+"""Transports on which one ack envelope acknowledges every message of a turn from one peer (it goes back
+on the connection they came in on). Elsewhere each message gets its own ack: betanet answers each on
+the reply block that message carried, which is used once."""
+
 HANDOFF_TIMEOUT = 0.1
 """Seconds the retrier waits for room in a transport's mailbox before that attempt fails."""
+
+BATCH_LIMIT = 1024
+"""Messages one turn of the retrier takes from its mailbox at most (all that wait, up to this)."""
+
+HANDOFF_BYTES = 1 << 20
+"""Envelope bytes one frame of Transmits to a transport carries at most (a bound on one bus frame)."""
+
+_RUNS: dict[type, str] = {Deliver: "deliver", DeliverMany: "deliver", Received: "received", Handled: "handled"}
+"""Message types a batch turn handles together, consecutive ones as one run (one commit)."""
 
 
 class _Redispatch:
@@ -127,6 +147,8 @@ class _Redispatch:
 
 class RetrierActor(Actor):
     """Delivers envelopes reliably and exactly once, across transports, crashes and restarts."""
+
+    batch_limit = BATCH_LIMIT
 
     def __init__(self, ctx: ActorContext) -> None:
         super().__init__(ctx)
@@ -159,6 +181,10 @@ class RetrierActor(Actor):
         self.undispatched: set[bytes] = set()
         self.received = 0
         self.duplicates = 0
+        self.delivered: list[Delivered] = []
+        """Deliveries of this round not yet logged."""
+        self.outgoing: dict[str, list[tuple[Transmit, Send | None]]] = {}
+        """Transmits decided this turn, per transport, handed over together by :meth:`_flush_transmits`."""
         self._load_routes()
         now = time.time()
         pending = self.outbox.pending()
@@ -184,16 +210,53 @@ class RetrierActor(Actor):
 
     # -- messages ----------------------------------------------------------------------------------------
 
+    def handle_batch(self, batch: list[Request]) -> None:
+        """Every message waiting, in order; consecutive runs of Deliver, Received and Handled messages
+        each as one run: one commit for the run, then its askers are answered."""
+        run: list[Request] = []
+        kind: str | None = None
+        for request in batch:
+            this = _RUNS.get(type(request.msg))
+            if this == "deliver" and getattr(request.msg, "stored", False):
+                this = "adopt"  # rows someone else stored: taken into the state together
+            if run and this != kind:
+                self._run(kind, run)
+                run = []
+            if this is None:
+                answer = self.handle(request.msg)
+                if request.token is not None:
+                    request.token.reply(answer)
+                continue
+            kind = this
+            run.append(request)
+        if run:
+            self._run(kind, run)
+
+    def _run(self, kind: str | None, run: list[Request]) -> None:
+        if kind == "deliver":
+            for request, answer in zip(run, self._deliver_many([r.msg for r in run]), strict=True):
+                if request.token is not None:
+                    request.token.reply(answer)
+            return
+        if kind == "adopt":
+            self._adopt_many([r.msg.envelope for r in run])
+        elif kind == "received":
+            self._received_many([r.msg for r in run])
+        else:
+            ids = [r.msg.message_id for r in run]
+            self.inbox.mark_handled_many(ids)
+            self.undispatched.difference_update(ids)
+        for request in run:
+            if request.token is not None:
+                request.token.reply(None)
+
     def handle(self, msg: Any) -> Any:
         """Dispatch one message (the protocol is in :mod:`.messages`)."""
-        if isinstance(msg, Deliver):
-            if msg.stored:
-                self._adopt(msg.envelope)
-                return None
-            reply = self._deliver(msg.envelope)
-            if reply.error is not None and msg.report_refusal and reply.message_id is not None:
-                self._notify(MessageFailed(reply.message_id, 0, reply.error, "refused"))
-            return reply
+        if isinstance(msg, Deliver) and msg.stored:
+            self._adopt(msg.envelope)
+            return None
+        if isinstance(msg, Deliver | DeliverMany):
+            return self._deliver_many([msg])[0]
         if isinstance(msg, TransportDown):
             self._step([TransportLost(msg.transport, time.time())])
             return None
@@ -204,7 +267,7 @@ class RetrierActor(Actor):
             error = msg.error or "failed"
             self._step([AttemptResult(msg.message_id, attempt, msg.transport, error, time.time(), msg.retryable)])
         elif isinstance(msg, Received):
-            self._received(msg)
+            self._received_many([msg])
         elif isinstance(msg, Handled):
             self.inbox.mark_handled(msg.message_id)
             self.undispatched.discard(msg.message_id)
@@ -256,73 +319,110 @@ class RetrierActor(Actor):
 
     # -- sending -----------------------------------------------------------------------------------------
 
-    def _deliver(self, envelope: bytes) -> DeliverReply:
+    def _deliver_many(self, requests: list[Deliver | DeliverMany]) -> list[DeliverReply | DeliverManyReply]:
+        """Admit every envelope of ``requests``, store the new ones in one commit, then send them.
+
+        The group commit: the rows (each with its first attempt counted, S1 and S2 of the
+        store's argument) and the state's other decisions of the turn are one transaction,
+        committed before any answer or any Transmit.
+        """
+        now = time.time()
+        admitted: list[tuple[Message, bytes]] = []
+        seen: set[bytes] = set()
+        answers: list[DeliverReply | DeliverManyReply] = []
+        for request in requests:
+            if isinstance(request, Deliver):
+                reply = self._admit(request.envelope, admitted, seen)
+                if reply.error is not None and request.report_refusal and reply.message_id is not None:
+                    self._notify(MessageFailed(reply.message_id, 0, reply.error, "refused"))
+                answers.append(reply)
+                continue
+            replies = [self._admit(envelope, admitted, seen) for envelope in request.envelopes]
+            answers.append(DeliverManyReply(tuple(r.message_id for r in replies), tuple(r.error for r in replies)))
+        # The state decides first (pure, in memory), so that each row is stored with its first
+        # attempt already counted.
+        decisions = self.state.step_many(
+            [Enqueue(m.id, m.recipient, m.priority, m.expires_at, now) for m, _ in admitted if m.recipient]
+        )
+        envelopes = {m.id: envelope for m, envelope in admitted}
+        first: dict[bytes, Send] = {}
+        for d in decisions:
+            if isinstance(d, Send) and d.message_id in envelopes and d.message_id not in first:
+                first[d.message_id] = d
+        stored = {id(send): envelopes[message_id] for message_id, send in first.items()}
+        rows = [
+            (m.id, m.recipient, m.priority, envelope, m.created_at, m.expires_at, first.get(m.id))
+            for m, envelope in admitted
+            if m.recipient  # always: a broadcast is refused in _admit
+        ]
+        if rows:
+            self.outbox.put_batch(rows, [d for d in decisions if id(d) not in stored])
+        queue: deque[Event] = deque()
+        for d in decisions:
+            failure = self._carry_out(d, stored.get(id(d)))
+            if failure is not None:
+                queue.append(failure)
+        self._step(list(queue))
+        return answers
+
+    def _admit(self, envelope: bytes, admitted: list[tuple[Message, bytes]], seen: set[bytes]) -> DeliverReply:
+        """Check one envelope; a new message goes to ``admitted`` (an id already pending, or twice in
+        ``admitted``, is answered as not new)."""
         try:
-            message = decode_message(envelope)
+            message = decode(envelope)
         except ProtocolError as exc:
             return DeliverReply(None, False, f"not a valid envelope: {exc}")
         if message.recipient is None:
             return DeliverReply(message.id, False, "a broadcast has no single recipient to acknowledge it")
         if message.recipient == self.node_id:
             return DeliverReply(message.id, False, f"addressed to this node itself ({self.node_id})")
-        if message.id in self.state:
+        if message.id in self.state or message.id in seen:
             return DeliverReply(message.id, False, None)  # already pending: stored, and in the state
-        # The state decides first (pure, in memory), so that the row is stored with its first
-        # attempt already counted: one commit (S1 and S2 of the store's argument) before the reply.
-        decisions = self.state.step(
-            Enqueue(message.id, message.recipient, message.priority, message.expires_at, time.time())
-        )
-        send = next((d for d in decisions if isinstance(d, Send) and d.message_id == message.id), None)
-        stored = self.outbox.put(
-            message.id,
-            message.recipient,
-            message.priority,
-            envelope,
-            created_at=message.created_at,
-            expires_at=message.expires_at,
-            send=send,
-        )
-        if not stored:
-            raise StorageError(f"{self.path}: message {message.id.hex()} is in the outbox but was not pending")
-        failures: deque[Event] = deque()
-        self._act(decisions, failures, stored=send, envelope=envelope)
-        self._step(list(failures))
+        seen.add(message.id)
+        admitted.append((message, envelope))
         return DeliverReply(message.id, True, None)
+
+    def _adopt_many(self, envelopes: list[bytes]) -> None:
+        """:meth:`_adopt` for several rows: one pass of the state, one commit of its decisions."""
+        now = time.time()
+        events: list[Event] = []
+        seen: set[bytes] = set()
+        for envelope in envelopes:
+            message = decode(envelope)  # stored by this node's own gateway: a bad one is a bug
+            if message.id in self.state or message.id in seen or message.recipient is None:
+                continue
+            seen.add(message.id)
+            events.append(Enqueue(message.id, message.recipient, message.priority, message.expires_at, now))
+        self._step(events)
 
     def _adopt(self, envelope: bytes) -> None:
         """Take a message someone else stored in the outbox into the state (a replay of one row)."""
-        message = decode_message(envelope)  # stored by this node's own gateway: a bad one is a bug
-        if message.id in self.state or message.recipient is None:
-            return
-        self._step([Enqueue(message.id, message.recipient, message.priority, message.expires_at, time.time())])
+        self._adopt_many([envelope])
 
     def _step(self, events: list[Event]) -> None:
-        """Step the state through ``events`` and carry out its decisions (persisted first)."""
+        """Step the state through ``events`` and carry out its decisions (persisted first, in one commit
+        per round), then hand this turn's Transmits to their transports; attempts that fail at once
+        come back as events for another round."""
         queue: deque[Event] = deque(events)
-        while queue:
-            self._act(self.state.step(queue.popleft()), queue)
-
-    def _act(
-        self, decisions: list[Decision], queue: deque[Event], *, stored: Send | None = None, envelope: bytes = b""
-    ) -> None:
-        """Persist ``decisions`` (but ``stored``, already in the outbox), then carry them out.
-
-        ``envelope`` is ``stored``'s, in hand, so its Send needs no read of the outbox.
-        An attempt that fails at once comes back as an event on ``queue``.
-        """
-        self.outbox.apply([d for d in decisions if d is not stored] if stored is not None else decisions)
-        for d in decisions:
-            failure = self._carry_out(d, envelope if d is stored else None)
-            if failure is not None:
-                queue.append(failure)
+        while True:
+            while queue:
+                decisions = self.state.step_many(list(queue))
+                queue.clear()
+                self.outbox.apply(decisions)
+                for d in decisions:
+                    failure = self._carry_out(d, None)
+                    if failure is not None:
+                        queue.append(failure)
+            queue.extend(self._flush_transmits())
+            if not queue:
+                self._log_delivered()
+                return
 
     def _carry_out(self, d: Decision, envelope: bytes | None) -> Event | None:
         if isinstance(d, Send):
             return self._transmit(d, envelope)
         if isinstance(d, Delivered):
-            self.ctx.log.emit(
-                "message_delivered", message_id=d.message_id.hex(), attempts=d.attempts, transport=d.transport
-            )
+            self.delivered.append(d)
             self._notify(MessageDelivered(d.message_id, d.attempts, d.transport))
         elif isinstance(d, Failed):
             self.ctx.log.emit(
@@ -338,25 +438,66 @@ class RetrierActor(Actor):
             self._wake_at(d.at)
         return None
 
+    def _log_delivered(self) -> None:
+        """One ``messages_delivered`` event for every delivery of the round (an event per message would
+        cost more than the delivery itself at full speed)."""
+        if self.delivered:
+            done, self.delivered = self.delivered, []
+            self.ctx.log.emit(
+                "messages_delivered",
+                count=len(done),
+                message_ids=[d.message_id.hex() for d in done],
+                attempts=[d.attempts for d in done],
+                transports=sorted({d.transport for d in done if d.transport is not None}),
+            )
+
     def _transmit(self, send: Send, envelope: bytes | None) -> Event | None:
+        """Queue the Transmit of ``send`` for this turn's hand-over (or fail the attempt at once)."""
         if envelope is None:
             envelope = self.outbox.payload(send.message_id)
         addresses = self.routes.get(send.recipient, {}).get(send.transport, ())
         if envelope is None or not addresses:
             reason = "the envelope is gone from the outbox" if envelope is None else "no address on this transport"
             return AttemptResult(send.message_id, send.attempt, send.transport, reason, time.time())
-        try:
-            # An explicit timeout sends at once (not coalesced to the turn's end), so a
-            # transport that is down or full fails this attempt here, retryably.
-            self.tell(
-                send.transport,
-                Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name, report_success=False),
-                timeout=HANDOFF_TIMEOUT,
-            )
-        except BusError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            return AttemptResult(send.message_id, send.attempt, send.transport, error, time.time())
+        transmit = Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name, report_success=False)
+        self.outgoing.setdefault(send.transport, []).append((transmit, send))
         return None
+
+    def _flush_transmits(self) -> list[Event]:
+        """Hand every queued Transmit to its transport, as few frames as the bound allows.
+
+        An explicit timeout sends at once, so a transport that is down or full fails
+        these attempts here, retryably (an ack that cannot be handed over is logged).
+        """
+        failures: list[Event] = []
+        while self.outgoing:
+            transport, items = self.outgoing.popitem()
+            start = 0
+            while start < len(items):
+                end, size = start, 0
+                while end < len(items) and (end == start or size + len(items[end][0].envelope) <= HANDOFF_BYTES):
+                    size += len(items[end][0].envelope)
+                    end += 1
+                chunk = items[start:end]
+                start = end
+                try:
+                    self.sender.tell_many(transport, [t for t, _ in chunk], timeout=HANDOFF_TIMEOUT)
+                except BusError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                    for transmit, send in chunk:
+                        if send is None:
+                            self.ctx.log.emit(
+                                "ack_unroutable",
+                                level="warning",
+                                message_id=transmit.message_id.hex(),
+                                peer_id=transmit.peer_id,
+                                reason=str(exc),
+                            )
+                        else:
+                            failures.append(
+                                AttemptResult(send.message_id, send.attempt, send.transport, error, time.time())
+                            )
+        return failures
 
     def _wake_at(self, at: float) -> None:
         if self.wake is not None:
@@ -386,67 +527,78 @@ class RetrierActor(Actor):
 
     # -- receiving -----------------------------------------------------------------------------------------
 
-    def _received(self, msg: Received) -> None:
-        try:
-            message = decode_message(msg.envelope)
-        except ProtocolError as exc:
-            self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=str(exc))
-            return
-        if message.recipient != self.node_id:
-            reason = f"addressed to {message.recipient!r}, not this node (no relaying)"
-            self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=reason)
-            return
+    def _received_many(self, batch: list[Received]) -> None:
+        """Envelopes from peers: acks settle messages; new messages are accepted in one commit (R1),
+        then acked (R2: one ack envelope per sender and arrival transport), then handed to the app."""
         now = time.time()
-        if message.kind == ACK_KIND and message.correlation_id is not None:
-            self._step([AckReceived(message.correlation_id, now)])
-            return
-        if message.is_expired(now):
-            reason = f"message {message.id.hex()} expired at {message.expires_at}"
-            self.ctx.log.emit("envelope_rejected", level="info", transport=msg.transport, reason=reason)
-            return
-        self.received += 1
-        new = self.inbox.accept(message.id, message.expires_at, msg.envelope)  # R1: committed
-        self._ack(message, msg.transport, now)  # R2: for a duplicate too (its first ack may be lost)
-        if new:
-            self._hand_to_app(message.id, msg.envelope)
-        else:
-            self.duplicates += 1
+        acked: list[Event] = []
+        accepted: list[tuple[bytes, float, bytes]] = []
+        arrived: list[Message] = []
+        to_ack: dict[tuple[str, str], list[bytes]] = {}
+        for msg in batch:
+            try:
+                message = decode(msg.envelope)
+            except ProtocolError as exc:
+                self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=str(exc))
+                continue
+            if message.recipient != self.node_id:
+                reason = f"addressed to {message.recipient!r}, not this node (no relaying)"
+                self.ctx.log.emit("envelope_rejected", level="warning", transport=msg.transport, reason=reason)
+                continue
+            if message.kind == ACK_KIND and message.correlation_id is not None:
+                acked.extend(AckReceived(i, now) for i in ack_ids(message.correlation_id, message.payload))
+                continue
+            if message.is_expired(now):
+                reason = f"message {message.id.hex()} expired at {message.expires_at}"
+                self.ctx.log.emit("envelope_rejected", level="info", transport=msg.transport, reason=reason)
+                continue
+            self.received += 1
+            accepted.append((message.id, message.expires_at, msg.envelope))
+            arrived.append(message)
+            # R2 for a duplicate too (its first ack may be lost)
+            to_ack.setdefault((message.sender, msg.transport), []).append(message.id)
+        new = self.inbox.accept_many(accepted) if accepted else set()  # R1: committed
+        for (sender, transport), ids in to_ack.items():
+            per_ack = ACK_IDS_MAX if transport in BATCH_ACKS else 1
+            for start in range(0, len(ids), per_ack):
+                self._ack(sender, transport, ids[start : start + per_ack], now)
+        for message, (_, _, envelope) in zip(arrived, accepted, strict=True):
+            if message.id in new:
+                new.discard(message.id)  # an id twice in one batch is handed over once
+                self._hand_to_app(message.id, envelope)
+            else:
+                self.duplicates += 1
+        self._step(acked)  # every settled message in one commit; the acks' Transmits go with this turn's
 
-    def _ack(self, message: Message, arrived_on: str, now: float) -> None:
+    def _ack(self, peer: str, arrived_on: str, ids: list[bytes], now: float) -> None:
+        """Queue one ack envelope for the messages ``ids`` from ``peer`` (which came in on ``arrived_on``)."""
         ack = Message(
             id=os.urandom(ID_BYTES),
             kind=ACK_KIND,
             sender=self.node_id,
-            recipient=message.sender,
+            recipient=peer,
             priority=Priority.CRITICAL,
             created_at=now,
             ttl=ACK_TTL,
-            correlation_id=message.id,
-            payload=b"",
+            correlation_id=ids[0],
+            payload=b"".join(ids[1:]),
         )
-        # An ack goes back on the connection its message came in on (the peer authenticated it,
+        # An ack goes back on the connection its messages came in on (the peer authenticated it,
         # and it works before this node has a route to the sender); a transport that cannot do
         # that gets the route instead.
-        routes = self.routes.get(message.sender, {})
+        routes = self.routes.get(peer, {})
         transport: str | None = arrived_on
         if arrived_on in REPLY_CAPABLE:
             address = REPLY_ADDRESS
         else:
             transport = arrived_on if arrived_on in routes else next_transport(self.mode, routes, ())
             if transport is None:
-                self.ctx.log.emit(
-                    "ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender
-                )
+                self.ctx.log.emit("ack_unroutable", level="warning", message_id=ids[0].hex(), peer_id=peer)
                 return  # the sender retries; by then the registry may know a route back
             address = routes[transport][0]
         assert transport is not None
-        transmit = Transmit(ack.id, message.sender, address, encode_message(ack), self.name, report_success=False)
-        try:
-            self.tell(transport, transmit, timeout=HANDOFF_TIMEOUT)
-        except BusError as exc:
-            self.ctx.log.emit(
-                "ack_unroutable", level="warning", message_id=message.id.hex(), peer_id=message.sender, reason=str(exc)
-            )
+        transmit = Transmit(ack.id, peer, address, encode_message(ack), self.name, report_success=False)
+        self.outgoing.setdefault(transport, []).append((transmit, None))
 
     def _hand_to_app(self, message_id: bytes, envelope: bytes | None = None) -> None:
         """Tell ``deliver_to`` the message (``envelope`` if in hand, else the stored one)."""
@@ -484,6 +636,19 @@ def send_envelope(client: Sender, envelope: bytes, *, name: str = "retrier", tim
     if reply.error is not None or reply.message_id is None:
         raise LocalProtocolError(f"retrier refused the envelope: {reply.error}")
     return reply.message_id
+
+
+def send_envelopes(
+    client: Sender, envelopes: list[bytes], *, name: str = "retrier", timeout: float = 5.0
+) -> DeliverManyReply:
+    """Hand several encoded envelopes to the retrier in one ask; it answers once all are stored (one commit).
+
+    The reply names, per envelope and in order, its message id and the error that refused it (None: stored).
+    """
+    reply = client.ask(name, DeliverMany(tuple(envelopes)), timeout=timeout)
+    if not isinstance(reply, DeliverManyReply) or len(reply.errors) != len(envelopes):
+        raise BusError(f"retrier {name!r} answered DeliverMany of {len(envelopes)} with {reply!r}")
+    return reply
 
 
 def mark_handled(client: Sender, message_id: bytes, *, name: str = "retrier") -> None:

@@ -3,6 +3,7 @@
 From the application::
 
     Deliver(envelope)          tell or ask [DeliverReply]: send one encoded envelope reliably
+    DeliverMany(envelopes)     ask [DeliverManyReply]: several at once, stored in one commit
     Handled(message_id)        tell: the application finished handling an Incoming
                                (the node's app gateway commits that in the inbox itself instead)
     GetRetrierStatus()         ask [RetrierStatus]
@@ -19,9 +20,11 @@ With transports it speaks the transport contract (:mod:`villagemesh.actors.core.
 ``PeerRoutes`` / ``ListRoutes`` (:mod:`villagemesh.actors.registry.messages`).
 
 End-to-end acks are envelopes too: kind :data:`ACK_KIND`, ``correlation_id`` =
-the acknowledged message's id, empty payload, priority CRITICAL. They are sent
-best-effort (not through the outbox): a lost ack makes the sender retry, and
-the retry is acked again.
+the (first) acknowledged message's id, priority CRITICAL; the payload carries the
+ids of further messages acknowledged by the same envelope (16 bytes each, at
+most :data:`ACK_IDS_MAX` in all): a receiver acks every message of one batch
+turn from one peer with one envelope. They are sent best-effort (not through
+the outbox): a lost ack makes the sender retry, and the retry is acked again.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from villagemesh.actors.core import codec
 from villagemesh.errors import DeliveryFailed
 
 __all__ = [
+    "ACK_IDS_MAX",
     "ACK_KIND",
     "ACK_TTL",
     "Deliver",
+    "DeliverMany",
+    "DeliverManyReply",
     "DeliverReply",
     "GetRetrierStatus",
     "Handled",
@@ -51,6 +57,14 @@ ACK_KIND = "ACK"
 ACK_TTL = 300.0
 """Seconds an ack envelope lives: long enough for any transport's queue, short enough to drop stale acks."""
 
+ACK_IDS_MAX = 1024
+"""Message ids one ack envelope carries at most (16 KiB of payload: well inside one secure frame's budget)."""
+
+
+def ack_ids(correlation_id: bytes, payload: bytes) -> list[bytes]:
+    """Every message id an ack envelope acknowledges: its ``correlation_id``, then each 16 bytes of its payload."""
+    return [correlation_id, *(payload[i : i + 16] for i in range(0, len(payload) - len(payload) % 16, 16))]
+
 
 @codec.message("retrier.Deliver")
 @dataclass(frozen=True, slots=True)
@@ -66,6 +80,23 @@ class Deliver:
     envelope: bytes
     report_refusal: bool = False
     stored: bool = False
+
+
+@codec.message("retrier.DeliverMany")
+@dataclass(frozen=True, slots=True)
+class DeliverMany:
+    """Ask: send every envelope of ``envelopes`` reliably; the reply comes once all are stored (one commit)."""
+
+    envelopes: tuple[bytes, ...]
+
+
+@codec.message("retrier.DeliverManyReply")
+@dataclass(frozen=True, slots=True)
+class DeliverManyReply:
+    """Per envelope, in order: its message id (None if undecodable), and the error refusing it (None: stored)."""
+
+    message_ids: tuple[bytes | None, ...]
+    errors: tuple[str | None, ...]
 
 
 @codec.message("retrier.DeliverReply")

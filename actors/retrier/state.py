@@ -126,9 +126,10 @@ DEFAULT_ROUTE_TIMEOUT = 30.0
 """Seconds a message waits PARKED for a route to its recipient before it fails (NO_ROUTE):
 a few discovery rounds, so a peer being found is waited for and an unknown id is not."""
 
-DEFAULT_MAX_IN_FLIGHT = 256
-"""Messages awaiting an ack at once: enough to keep a link busy, few enough that a
-late CRITICAL message never queues behind thousands of BULK sends."""
+DEFAULT_MAX_IN_FLIGHT = 1024
+"""Messages awaiting an ack at once (the window): enough for batches of a few hundred to be on
+the wire, acked and refilled while the next are written (256 left the link idle between acks),
+few enough that a late CRITICAL message queues behind at most a fraction of a second of BULK."""
 
 WEIGHTS: dict[Priority, int] = {
     Priority.CRITICAL: 16,
@@ -281,6 +282,9 @@ Decision = Send | Backoff | Delivered | Failed | NextWakeup
 
 # --- the fair queue -----------------------------------------------------------------------
 
+_PRIORITIES = tuple(Priority)
+"""The classes, most urgent first (iterating the Enum itself costs a generator per pick)."""
+
 T = TypeVar("T")
 
 
@@ -316,7 +320,7 @@ class FairQueue(Generic[T]):
     def pop(self) -> tuple[Priority, T] | None:
         """The next live item by the stride rule, or None when none is queued."""
         best: Priority | None = None
-        for priority in Priority:  # most urgent first, so ties go to it
+        for priority in _PRIORITIES:  # most urgent first, so ties go to it
             queue = self._queues[priority]
             self._purge(queue)
             if queue and (best is None or self._pass[priority] < self._pass[best]):
@@ -478,6 +482,21 @@ class RetrierState:
     def step(self, event: Event) -> list[Decision]:
         """Apply one event; return what to do now, in order."""
         out: list[Decision] = []
+        self._apply(event, out)
+        self._pump(event.now, out)
+        return out
+
+    def step_many(self, events: list[Event]) -> list[Decision]:
+        """Apply ``events`` in order, then look at time and slots once, at the latest ``now``: what a
+        batch of events decides, without a pass over the timers and slots per event."""
+        out: list[Decision] = []
+        for event in events:
+            self._apply(event, out)
+        if events:
+            self._pump(max(event.now for event in events), out)
+        return out
+
+    def _apply(self, event: Event, out: list[Decision]) -> None:
         match event:
             case Enqueue():
                 self._enqueue(event, out)
@@ -493,8 +512,6 @@ class RetrierState:
                 self._wakeup_sent = None  # the timer fired: whatever is next must be asked for again
             case _:
                 raise ConfigError(f"RetrierState cannot handle {event!r}")
-        self._pump(event.now, out)
-        return out
 
     # -- event handlers -------------------------------------------------------------------------
 
@@ -513,7 +530,12 @@ class RetrierState:
         )
         self._entries[ev.message_id] = entry
         heapq.heappush(self._expiry, (entry.expires_at, entry.message_id))
-        self._wait(entry)
+        if due <= ev.now:
+            # Due already: READY in arrival order (through the timer heap, messages enqueued at one
+            # instant by step_many would come out in message-id order, not FIFO).
+            self._make_ready(entry)
+        else:
+            self._wait(entry)
 
     def _set_routes(self, ev: Routes) -> None:
         self._routes[ev.recipient] = tuple(ev.transports)

@@ -121,6 +121,64 @@ class Outbox(MessagesFile):
             db.executemany(_INSERT, rows)
             return db.total_changes - before
 
+    def put_batch(
+        self,
+        messages: list[tuple[bytes, str, Priority, bytes, float, float, Send | None]],
+        decisions: Iterable[Decision] = (),
+    ) -> None:
+        """Store new messages and persist ``decisions`` in one transaction (the group commit of many ``Deliver``).
+
+        Each message is ``(id, recipient, priority, payload, created_at, expires_at, send)``,
+        stored as :meth:`put` stores it (``send``: its first attempt, counted); ``decisions``
+        are the state's other decisions of the same turn, applied after the inserts as
+        :meth:`apply` does. Committed on return.
+
+        Raises:
+            StorageError: an id was already stored (the caller's state should have known it).
+        """
+        rows = []
+        for message_id, recipient, priority, payload, created_at, expires_at, send in messages:
+            row = _new_row(message_id, recipient, priority, payload, created_at, expires_at)
+            if send is not None:
+                row = (*row[:6], send.attempt, send.deadline)
+            rows.append(row)
+        changes = self._changes(decisions)
+        if len(rows) == 1 and not changes:  # one statement is its own transaction (a lone send's latency)
+            with translate(self.path, f"storing message {rows[0][0].hex()}"):
+                if self._db.execute(_INSERT, rows[0]).rowcount != 1:
+                    raise StorageError(f"{self.path}: 1 of 1 new message(s) were stored already")
+            return
+        with translate(self.path, f"storing {len(rows)} message(s)"), transaction(self._db) as db:
+            before = db.total_changes
+            db.executemany(_INSERT, rows)
+            stored = db.total_changes - before
+            if stored != len(rows):
+                already = len(rows) - stored
+                raise StorageError(f"{self.path}: {already} of {len(rows)} new message(s) were stored already")
+            for sql, params in changes:
+                db.executemany(sql, params)
+
+    @staticmethod
+    def _changes(decisions: Iterable[Decision]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """The statements that persist ``decisions`` (see :meth:`apply`), in decision order: a run of
+        the same statement is one ``executemany`` (a Backoff then a Send of one message stay in order)."""
+        changes: list[tuple[str, list[tuple[Any, ...]]]] = []
+        for d in decisions:
+            row: tuple[Any, ...]
+            if isinstance(d, Send):
+                sql, row = _SEND, (d.attempt, d.deadline, d.message_id)
+            elif isinstance(d, Backoff):
+                sql, row = _BACKOFF, (d.attempts, d.next_attempt_at, d.last_error, json.dumps(d.failed), d.message_id)
+            elif isinstance(d, Delivered | Failed):
+                sql, row = _DELETE, (d.message_id,)
+            else:
+                continue
+            if changes and changes[-1][0] is sql:
+                changes[-1][1].append(row)
+            else:
+                changes.append((sql, [row]))
+        return changes
+
     def apply(self, decisions: Iterable[Decision]) -> None:
         """Persist what :class:`.state.RetrierState` decided, in one transaction, before acting on it.
 
@@ -130,17 +188,7 @@ class Outbox(MessagesFile):
         A single row change (the common case: one ack's delete) is one statement,
         atomic by itself, without ``BEGIN``/``COMMIT`` around it.
         """
-        updates: list[tuple[Any, ...]] = []
-        backoffs: list[tuple[Any, ...]] = []
-        deletes: list[tuple[Any, ...]] = []
-        for d in decisions:
-            if isinstance(d, Send):
-                updates.append((d.attempt, d.deadline, d.message_id))
-            elif isinstance(d, Backoff):
-                backoffs.append((d.attempts, d.next_attempt_at, d.last_error, json.dumps(d.failed), d.message_id))
-            elif isinstance(d, Delivered | Failed):
-                deletes.append((d.message_id,))
-        changes = [(sql, rows) for sql, rows in ((_SEND, updates), (_BACKOFF, backoffs), (_DELETE, deletes)) if rows]
+        changes = self._changes(decisions)
         if not changes:
             return
         with translate(self.path, "recording delivery decisions"):

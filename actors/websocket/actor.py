@@ -3,9 +3,9 @@
 Thin by design (the decisions live in :mod:`.state`, the I/O in :mod:`.transport` and :mod:`.link`)::
 
     acceptor ──ConnectionHandedOff(fd)──▶ handle ──▶ adopt_handed_off ──▶ aiohttp (on the loop)
-    secure session ──envelope from peer_id (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
-    retrier ──Transmit──▶ handle ──▶ run_on_loop(client.send, expected_peer=peer_id) ──then──▶ reply_to: TransmitResult
-                                                                        (a success only if report_success)
+    secure session ──envelopes from peer_id (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
+    retrier ──Transmits──▶ handle_batch ──▶ run_on_loop(client.send_many, expected_peer=peer_id) ──then──▶
+                                            reply_to: TransmitResult (a success only if report_success)
     anyone ──SendEnvelope──▶ handle ──▶ run_on_loop(client.send) ──then──▶ reply_to: EnvelopeSent | SendFailed
 
 It speaks the transport contract (:mod:`villagemesh.actors.core.transport`): the
@@ -19,6 +19,13 @@ only when its sender is the peer the secure session authenticated.
 
 Nothing blocks the actor on the network: a send is started on the loop and
 its outcome comes back to the actor thread (see :mod:`~villagemesh.actors.core.loopactor`).
+
+Batches, both ways, never waiting to fill one: every Transmit waiting in the
+mailbox is taken in one turn, and those for one peer address go to the loop in
+one hop and out in one write (their envelopes share secure frames, cut at the
+Noise frame bound); every envelope the loop decoded in one pass of its
+callbacks comes back to the actor in one hop (``call_soon``, no timer) and goes
+on to ``deliver_to`` as one bus frame.
 
 Config (``ctx.config``): ``keys`` (the node's :class:`~villagemesh.actors.core.secure.keys.NodeKeys`;
 without it fresh keys are generated and ``ws_keys_generated`` (node_id, reason) is logged:
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from villagemesh.actors.core.base import Request
 from villagemesh.actors.core.bus import Sender
 from villagemesh.actors.core.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
 from villagemesh.actors.core.secure.keys import NodeKeys
@@ -91,10 +99,14 @@ def config_keys(config: dict[str, Any], log: Any) -> NodeKeys:
 class WebSocketActor(LoopActor):
     """Serves WebSockets handed off by the acceptor; sends envelopes to peers' WebSockets."""
 
+    batch_limit = 1024
+
     def on_start(self) -> None:
         config = self.ctx.config
         self.deliver_to: str | None = config.get("deliver_to")
         self.dropped = 0
+        self._inbound: list[tuple[bytes, str]] = []
+        """Envelopes decoded on the loop and not yet posted (loop thread only)."""
         self.start_io()
         keys = config_keys(config, self.io_log)
         handshake_timeout = float(config.get("handshake_timeout", HANDSHAKE_TIMEOUT_S))
@@ -118,16 +130,22 @@ class WebSocketActor(LoopActor):
                 await part.close()
 
     def _received(self, message: Message, raw: bytes, peer_id: str) -> None:
-        # On the loop thread: only pass the value on.
-        self.post((raw, peer_id))
+        # On the loop thread: only pass the value on, with every other one this pass of the loop decodes.
+        if not self._inbound:
+            self.io_loop.loop.call_soon(self._post_inbound)
+        self._inbound.append((raw, peer_id))
+
+    def _post_inbound(self) -> None:
+        inbound, self._inbound = self._inbound, []
+        self.post(inbound)
 
     def on_loop_message(self, message: Any) -> None:
-        """An envelope from an authenticated peer (sender checked): tell ``deliver_to``."""
-        raw, peer_id = message
+        """Envelopes from authenticated peers (senders checked): tell ``deliver_to`` (one frame for all)."""
         if self.deliver_to is None:
-            self.dropped += 1
+            self.dropped += len(message)
             return
-        self.tell(self.deliver_to, Received(TRANSPORT, raw, peer_id))
+        for raw, peer_id in message:
+            self.tell(self.deliver_to, Received(TRANSPORT, raw, peer_id))
 
     # -- bus messages -------------------------------------------------------------------------------
 
@@ -137,7 +155,7 @@ class WebSocketActor(LoopActor):
             self.adopt_handed_off(msg, self.server.protocol_factory)
             return None
         if isinstance(msg, Transmit):
-            self._start_transmit(msg)
+            self._start_transmits([msg])
             return None
         if isinstance(msg, SendEnvelope):
             self._start_send(msg)
@@ -162,26 +180,45 @@ class WebSocketActor(LoopActor):
 
         self.run_on_loop(self.client.send(request.url, request.envelope), then)
 
-    def _start_transmit(self, request: Transmit) -> None:
-        try:
-            decode_message(request.envelope)  # refused before dialling; the session checks the sender
-        except RemoteProtocolError as exc:
-            bad = TransmitResult(request.message_id, TRANSPORT, request.peer_id, False, False, f"bad envelope: {exc}")
-            self.metrics.count("transmit_failed")
-            self._tell_outcome(request.reply_to, bad)
-            return
+    def handle_batch(self, batch: list[Request]) -> None:
+        """Every message waiting: the Transmits to one peer address go out together, the rest one by one."""
+        groups: dict[tuple[str, str, bool], list[Transmit]] = {}
+        for request in batch:
+            msg = request.msg
+            if isinstance(msg, Transmit):
+                groups.setdefault((msg.address, msg.peer_id, msg.report_success), []).append(msg)
+                continue
+            answer = self.handle(msg)
+            if request.token is not None:
+                request.token.reply(answer)
+        for group in groups.values():
+            self._start_transmits(group)
 
-        def then(_: None, error: BaseException | None) -> None:
-            outcome = transmit_outcome(request, error)  # a bug is raised
-            self.metrics.count("transmit_ok" if outcome.ok else "transmit_failed")
-            self._tell_outcome(request.reply_to, outcome)
+    def _start_transmits(self, requests: list[Transmit]) -> None:
+        """Send the envelopes of ``requests`` (one peer, one address) in one write on the loop."""
 
-        report = request.report_success
-        if via(request) is Via.SERVER:
-            self.run_on_loop(self.server.send(request.peer_id, request.envelope), then, post_success=report)
+        def then(refused: dict[int, str] | None, error: BaseException | None) -> None:
+            for index, request in enumerate(requests):
+                reason = (refused or {}).get(index) if error is None else None
+                if reason is not None:
+                    outcome = TransmitResult(
+                        request.message_id, TRANSPORT, request.peer_id, False, False, f"bad envelope: {reason}"
+                    )
+                elif error is None and not request.report_success:
+                    continue
+                else:
+                    outcome = transmit_outcome(request, error)  # a bug is raised for the supervisor
+                self.metrics.count("transmit_ok" if outcome.ok else "transmit_failed")
+                self._tell_outcome(request.reply_to, outcome)
+
+        first = requests[0]
+        envelopes = [r.envelope for r in requests]
+        if via(first) is Via.SERVER:
+            sending = self.server.send_many(first.peer_id, envelopes)
         else:
-            sending = self.client.send(request.address, request.envelope, expected_peer=request.peer_id)
-            self.run_on_loop(sending, then, post_success=report)
+            sending = self.client.send_many(first.address, envelopes, expected_peer=first.peer_id)
+        # A refused envelope is a result to post even when successes are not reported.
+        self.run_on_loop(sending, then, post_success=first.report_success, post_if=bool)
 
     def _tell_outcome(self, to: str, outcome: object) -> None:
         try:

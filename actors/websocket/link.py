@@ -4,6 +4,7 @@
 on an aiohttp WebSocket, for the server (responder) and the client (initiator) alike::
 
     send(raw) ──▶ Session.send_envelope ──▶ session bytes ──▶ cut into ≤ WS_FRAME_BYTES ──▶ binary WS frames
+    send_many(raws) ──▶ Session.send_envelopes (they share secure frames) ──▶ the same, in one write
     binary WS frames ──▶ Session.receive_data ──┬─▶ Authenticated    → opened: the peer's node id
                                                ├─▶ EnvelopeReceived → on_message(message, raw, peer_id)
                                                └─▶ Rejected         → counted (envelopes_rejected), never delivered
@@ -164,6 +165,28 @@ class SecureLink:
             if not await self._write(data):
                 raise ConnectError(f"the WebSocket to {self.address} closed while sending") from self.error
         self.counts["sent"] += 1
+
+    async def send_many(self, raws: list[bytes]) -> dict[int, str]:
+        """Send the encoded envelopes ``raws`` in one write (they share secure frames); by index, why each
+        one not ours to send was left out (the others are sent).
+
+        Raises:
+            ConnectError: the link is closed, or the write failed (the link is then closed): none is sent.
+            LocalProtocolError: the session cannot send any more.
+        """
+        if self.closed:
+            raise ConnectError(f"the WebSocket to {self.address} is closed")
+        async with self._lock:
+            try:
+                data, refused = self.session.send_envelopes(raws)
+            except LocalProtocolError as exc:
+                if self.session.failed:  # nonce exhaustion: this session is over
+                    await self._fail(exc, aiohttp.WSCloseCode.POLICY_VIOLATION)
+                raise
+            if not await self._write(data):
+                raise ConnectError(f"the WebSocket to {self.address} closed while sending") from self.error
+        self.counts["sent"] += len(raws) - len(refused)
+        return refused
 
     async def close(self, code: int = aiohttp.WSCloseCode.OK, reason: str = "") -> None:
         """Close the WebSocket (waits at most the WebSocket's close timeout for the peer's answer)."""

@@ -168,6 +168,17 @@ class WebSocketServer:
                 return
         raise ConnectError(f"no authenticated inbound WebSocket from {peer_id!r}")
 
+    async def send_many(self, peer_id: str, raws: list[bytes]) -> dict[int, str]:
+        """:meth:`send` for several envelopes in one write; by index, why each not ours to send was left out.
+
+        Raises:
+            ConnectError: no open authenticated WebSocket from ``peer_id``, or the write failed.
+        """
+        for link in reversed(list(self._open)):
+            if link.peer_id == peer_id and not link.closed:
+                return await link.send_many(raws)
+        raise ConnectError(f"no authenticated inbound WebSocket from {peer_id!r}")
+
     async def close(self) -> None:
         """Close every WebSocket (1001 going away; all at once, each waits for its peer's answer) and aiohttp's."""
         await asyncio.gather(*(link.close(aiohttp.WSCloseCode.GOING_AWAY, "server shutdown") for link in self._open))
@@ -353,10 +364,26 @@ class WebSocketClient:
         finally:
             self._sending.discard(task)
 
-    async def _send(self, url: str, envelope: bytes, expected_peer: str | None) -> None:
+    async def send_many(self, url: str, envelopes: list[bytes], *, expected_peer: str | None = None) -> dict[int, str]:
+        """:meth:`send` for several envelopes in one write (they share secure frames).
+
+        Returns, by index, why each envelope that is not ours to send was left out; the
+        others are sent. Raises as :meth:`send` does for the whole group.
+        """
+        task = asyncio.current_task()
+        assert task is not None  # a coroutine runs in a task
+        self._sending.add(task)
+        try:
+            return await self._send(url, envelopes, expected_peer)
+        finally:
+            self._sending.discard(task)
+
+    async def _send(self, url: str, envelope: bytes | list[bytes], expected_peer: str | None) -> dict[int, str]:
         for attempt in (1, 2):
             link = await self.connect(url, expected_peer)
             try:
+                if isinstance(envelope, list):
+                    return await asyncio.wait_for(link.send_many(envelope), self.send_timeout)
                 await asyncio.wait_for(link.send(envelope), self.send_timeout)
             except TimeoutError as exc:
                 await self._forget(url)  # a write cut mid-frame leaves the session's stream out of step
@@ -367,7 +394,8 @@ class WebSocketClient:
                     raise ConnectError(f"WebSocket to {url}: {exc}") from exc
                 self.counts["reconnects"] += 1
                 continue
-            return
+            return {}
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _forget(self, url: str) -> None:
         link = self._links.pop(url, None)

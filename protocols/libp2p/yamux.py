@@ -14,7 +14,9 @@ sends past its credit (what does not fit waits in :meth:`Session.send`'s queue u
 credit comes). A ping is answered at once with the same opaque value.
 
 Stream states (per stream, a table below; anything else is a :class:`RemoteProtocolError`
-for the peer's frames, :class:`LocalProtocolError` for ours)::
+for the peer's frames, :class:`LocalProtocolError` for ours; frames still in flight for
+a stream that is gone are discarded and counted, a frame for one that never existed is
+an error)::
 
     OPEN       both ways open            ─ FIN in ─▶ REMOTE_CLOSED ─ FIN out ─▶ CLOSED
                                          ─ FIN out ─▶ LOCAL_CLOSED ─ FIN in ─▶ CLOSED
@@ -160,6 +162,10 @@ class Session:
         self._out = bytearray()
         self._in = bytearray()
         self._going_away = False
+        self._peer_highest = 0
+        """The highest stream id the peer has opened (its ids must grow)."""
+        self.discarded = 0
+        """Data bytes that arrived for streams already gone, discarded."""
 
     # -- our side ---------------------------------------------------------------------------------
 
@@ -285,9 +291,12 @@ class Session:
                 return events  # refused (reset); the rest of this frame is dropped with it
         state = self._streams.get(stream)
         if state is None:
-            if flags & Flag.RST:
-                return events  # a reset of a stream already gone: nothing to do
-            raise RemoteProtocolError(f"yamux: a {kind.name} frame for stream {stream}, which is not open")
+            if flags & Flag.RST or self._existed(stream):
+                # A stream that is gone (reset, or closed both ways): what was in flight when it went
+                # is discarded, as the spec says; only a stream that never existed is an error.
+                self.discarded += len(payload)
+                return events
+            raise RemoteProtocolError(f"yamux: a {kind.name} frame for stream {stream}, which never existed")
         if flags & Flag.RST:
             del self._streams[stream]
             return [*events, StreamReset(stream)]
@@ -304,9 +313,15 @@ class Session:
             events.append(StreamClosed(stream))
         return events
 
+    def _existed(self, stream: int) -> bool:
+        """Whether ``stream`` was opened before (ids only grow: ours below our next id, the peer's to its highest)."""
+        ours = stream % 2 == (1 if self.client else 0)
+        return stream < self._next_id if ours else stream <= self._peer_highest
+
     def _opened(self, stream: int) -> list[Event]:
-        if stream in self._streams or stream % 2 == (1 if self.client else 0):
+        if stream in self._streams or stream % 2 == (1 if self.client else 0) or stream <= self._peer_highest:
             raise RemoteProtocolError(f"yamux: the peer opened stream {stream}, which is not its to open")
+        self._peer_highest = stream
         if self._going_away or len(self._streams) >= MAX_STREAMS:
             self._out += encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0)
             return []

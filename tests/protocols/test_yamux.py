@@ -111,6 +111,21 @@ def test_a_reset_stream_is_gone_on_both_sides_and_a_late_reset_is_harmless() -> 
         client.reset(sid)
 
 
+def test_frames_in_flight_for_a_stream_already_gone_are_discarded_not_fatal() -> None:
+    """We reset the peer's stream 2 while its data was on the way: that data is dropped and counted."""
+    client, server = pair()
+    server_stream = server.open_stream()
+    client.receive_data(server.data_to_send())
+    client.reset(server_stream)
+    assert client.receive_data(encode_frame(Type.DATA, Flag.NONE, server_stream, 3, b"abc")) == []
+    assert client.discarded == 3
+    ours = client.open_stream()
+    client.reset(ours)
+    assert client.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.ACK, ours, 0)) == []
+    with pytest.raises(RemoteProtocolError, match="not its to open"):
+        client.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.SYN, server_stream, 0))  # ids only grow
+
+
 def test_go_away_stops_new_streams_on_both_sides() -> None:
     client, server = pair()
     server.go_away(2)
@@ -140,7 +155,7 @@ def test_a_peer_opening_too_many_streams_gets_resets() -> None:
         (bytes([1]) + bytes(11), "version 1"),
         (encode_frame(Type.DATA, Flag.NONE, 0, 0)[:1] + bytes([9]) + bytes(10), "frame type 9"),
         (encode_frame(Type.DATA, Flag.NONE, 0, 0), "on stream 0"),
-        (encode_frame(Type.DATA, Flag.NONE, 7, 1, b"x"), "not open"),
+        (encode_frame(Type.DATA, Flag.NONE, 7, 1, b"x"), "never existed"),
         (encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 2, 0), "not its to open"),
     ],
 )

@@ -35,6 +35,7 @@ Layers, for one envelope::
 - **Sending.** Only after :class:`Authenticated`; the envelope must decode and
   its sender must be *our* node id (the peer would reject anything else, so a
   mistake fails here, naming the value, as :class:`LocalProtocolError`).
+  :meth:`Session.send_envelopes` sends several at once, sharing Noise frames.
   :meth:`Session.send_envelope` returns pending handshake bytes first, so
   writing what it returns always keeps the stream in order.
 
@@ -53,9 +54,10 @@ from typing import Any
 import structlog
 from nacl.signing import SigningKey
 
+from villagemesh.actors.core.envelopes import decode
 from villagemesh.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from villagemesh.protocols.discovery import node_id_from_public_key
-from villagemesh.protocols.envelope import MAX_MESSAGE_BYTES, Message, decode_message
+from villagemesh.protocols.envelope import MAX_MESSAGE_BYTES, Message
 from villagemesh.protocols.framing import LengthPrefixedReader
 from villagemesh.protocols.noise import NEED_DATA, Data, HandshakeComplete, SecureChannel
 
@@ -235,7 +237,7 @@ class Session:
 
     def _envelope(self, raw: bytes) -> EnvelopeReceived | Rejected:
         try:
-            message = decode_message(raw)
+            message = decode(raw)
         except RemoteProtocolError as exc:
             return self._reject("envelope", f"undecodable envelope of {len(raw)} bytes: {exc}")
         if message.sender != self.peer_id:
@@ -250,6 +252,51 @@ class Session:
         self.log.warning("envelope_rejected", peer_id=self.peer_id, kind=kind, reason=reason)
         return Rejected(reason)
 
+    def send_envelopes(self, raws: list[bytes]) -> tuple[bytes, dict[int, str]]:
+        """The bytes that send every valid envelope of ``raws`` in one go (pending handshake bytes first).
+
+        The envelopes, each behind its 4-byte length, share Noise frames (one AEAD call per
+        up to 65519 bytes, not one per envelope). Returns the bytes and, by index, why each
+        envelope that is not ours to send was left out (it is not sent; the others are).
+
+        Raises:
+            LocalProtocolError: the session is not authenticated or has failed (nothing is sent).
+        """
+        if self._error is not None:
+            raise LocalProtocolError(f"secure session already failed: {self._error}")
+        if self.peer_id is None:
+            raise LocalProtocolError("cannot send an envelope before the secure session is authenticated")
+        refused: dict[int, str] = {}
+        parts: list[bytes] = []
+        for index, raw in enumerate(raws):
+            try:
+                self._check_ours(raw)
+            except LocalProtocolError as exc:
+                refused[index] = str(exc)
+                continue
+            parts.append(_LEN4.pack(len(raw)))
+            parts.append(raw)
+        if not parts:
+            return self._channel.data_to_send(), refused
+        try:
+            frames = self._channel.send(b"".join(parts))
+        except ProtocolError as exc:  # nonce exhaustion: the channel is FAILED
+            self._error = exc
+            raise
+        self.counts["sent"] += len(parts) // 2
+        return self._channel.data_to_send() + frames, refused
+
+    def _check_ours(self, raw: bytes) -> None:
+        """LocalProtocolError unless ``raw`` is a valid envelope whose sender is our node id."""
+        try:
+            message = decode(raw)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"refusing to send an invalid envelope ({len(raw)} bytes): {exc}") from exc
+        if message.sender != self.node_id:
+            raise LocalProtocolError(
+                f"envelope {message.id.hex()} has sender {message.sender!r}, but this session speaks for {self.node_id}"
+            )
+
     def send_envelope(self, raw: bytes) -> bytes:
         """The bytes to write to send the encoded envelope ``raw`` (pending handshake bytes first).
 
@@ -262,14 +309,7 @@ class Session:
         if self.peer_id is None:
             raise LocalProtocolError("cannot send an envelope before the secure session is authenticated")
         raw = bytes(raw)
-        try:
-            message = decode_message(raw)
-        except RemoteProtocolError as exc:
-            raise LocalProtocolError(f"refusing to send an invalid envelope ({len(raw)} bytes): {exc}") from exc
-        if message.sender != self.node_id:
-            raise LocalProtocolError(
-                f"envelope {message.id.hex()} has sender {message.sender!r}, but this session speaks for {self.node_id}"
-            )
+        self._check_ours(raw)
         try:
             frames = self._channel.send(_LEN4.pack(len(raw)) + raw)
         except ProtocolError as exc:  # nonce exhaustion: the channel is FAILED

@@ -325,3 +325,54 @@ def test_max_dispatches_must_be_a_positive_int(runtime, tmp_path):
     config = {"subscribers": Subscribers(), "handles": HandleTable(), "inbox": str(tmp_path / "i"), "max_dispatches": 0}
     with pytest.raises(ConfigError, match="max_dispatches must be an int >= 1, got 0"):
         AppActor(ActorContext(runtime.bus, "app", runtime.log, runtime.scheduler, config=config))
+
+
+def _chunks_seen(runtime: Any, tmp_path: Path, work: float) -> list[int]:
+    """How many messages had their dispatch begun and not finished when DATA handlers ran (each of the
+    60 when they work, the last 20 when they do not), the 60 queued behind a held handler."""
+    path = tmp_path / "in.db"
+    gate, held = threading.Event(), threading.Event()
+    seen: list[int] = []
+    reader: list[Inbox] = []
+
+    def hold(message: Any) -> None:
+        held.set()
+        gate.wait(WAIT)
+
+    def data(message: Any) -> None:
+        if not reader:
+            reader.append(Inbox(path))  # opened in the gateway's thread, where it is used
+        if int(message.payload) >= 40 or work:  # the last 20 (by then the handlers' speed is known)
+            seen.append(len(reader[0].unfinished()))
+        if work:
+            time.sleep(work)  # the application's work on the message
+        if message.payload == b"59":
+            reader[0].close()  # in the thread that opened it
+
+    subs = Subscribers()
+    subs.add("HOLD", hold)
+    subs.add("DATA", data)
+    app = Gateway(runtime, path, subs)
+    app.incoming(*envelope("HOLD"))
+    assert held.wait(WAIT)
+    mids = []
+    for n in range(60):
+        mid, env = envelope(payload=b"%d" % n)
+        mids.append(mid)
+        app.incoming(mid, env)
+    gate.set()
+    assert all(app.wait_handled(mid) for mid in mids)
+    return seen
+
+
+def test_fast_handlers_are_dispatched_in_chunks_with_one_pair_of_commits_each(runtime, tmp_path):
+    """Sixty fast handlers queued together: once their speed is known, many dispatches begin in one commit."""
+    seen = _chunks_seen(runtime, tmp_path, 0.0)
+    assert len(seen) == 20 and max(seen) > 1
+
+
+def test_slow_handlers_are_dispatched_one_per_chunk(runtime, tmp_path):
+    """Handlers of 3 ms each (more than a chunk's budget): one dispatch begun at a time, as before batching,
+    so a kill redelivers only the message being handled."""
+    seen = _chunks_seen(runtime, tmp_path, 0.003)
+    assert seen == [1] * 60

@@ -111,3 +111,29 @@ def test_kill_9_while_dispatching_leaves_at_most_the_message_in_progress_to_rede
     if counts and counts[0] == 2 and seen and seen[-1] == left[0]:
         seen.pop()  # its handler had run before the kill: the one repeat, and it is flagged
     assert seen + left == [mid(n) for n in range(3000)]
+
+
+def test_a_batch_of_received_messages_is_accepted_in_one_commit_each_id_new_once(tmp_path: Path) -> None:
+    """accept_many: ids never seen come back as new (an id twice in the batch once); all survive a reopen."""
+    path = tmp_path / "in.db"
+    with Inbox(path) as inbox:
+        inbox.accept(mid(1), 100.0, b"old")
+        assert inbox.accept_many([(mid(1), 100.0, b"p"), (mid(2), 100.0, b"p2"), (mid(2), 100.0, b"p2")]) == {mid(2)}
+        assert inbox.accept_many([(mid(3), 100.0, b"p3")]) == {mid(3)}
+    with Inbox(path) as inbox:
+        assert inbox.unhandled() == [mid(1), mid(2), mid(3)] and inbox.payload(mid(2)) == b"p2"
+
+
+def test_a_dispatch_chunk_is_counted_and_marked_in_one_commit_each(tmp_path: Path) -> None:
+    """begin_dispatch_many counts every unhandled id of a chunk (not the handled or unknown); mark_handled_many
+    marks them; a second chunk of the same ids is refused."""
+    path = tmp_path / "in.db"
+    with Inbox(path) as inbox:
+        for n in (1, 2, 3):
+            inbox.accept(mid(n), 100.0, b"p")
+        inbox.mark_handled(mid(3))
+        assert inbox.begin_dispatch_many([mid(1), mid(2), mid(3), mid(9)]) == {mid(1): 1, mid(2): 1}
+        assert inbox.begin_dispatch_many([mid(1)]) == {mid(1): 2}
+        assert inbox.mark_handled_many([mid(1), mid(2), mid(3)]) == 2
+        assert inbox.begin_dispatch_many([mid(1), mid(2)]) == {} and inbox.begin_dispatch_many([mid(2)]) == {}
+        assert inbox.mark_handled_many([mid(1)]) == 0 and inbox.unhandled() == []

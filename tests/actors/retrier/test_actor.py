@@ -18,8 +18,8 @@ from villagemesh.actors.core.base import Actor, InjectedCrash, Scheduler
 from villagemesh.actors.core.bus import Bus, Sender
 from villagemesh.actors.core.transport import Received, Transmit, TransmitResult
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
-from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope
-from villagemesh.actors.retrier.messages import Handled, Incoming, MessageDelivered, MessageFailed
+from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope, send_envelopes
+from villagemesh.actors.retrier.messages import ACK_KIND, Handled, Incoming, MessageDelivered, MessageFailed, ack_ids
 from villagemesh.actors.retrier.store import Outbox
 from villagemesh.errors import ActorCrashed, DeliveryFailed, LocalProtocolError
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
@@ -271,8 +271,44 @@ def test_an_outbox_row_the_state_does_not_know_crashes_the_retrier_which_restore
         outbox.put(
             message.id, "B", message.priority, body, created_at=message.created_at, expires_at=message.expires_at
         )
-    with pytest.raises(ActorCrashed, match="in the outbox but was not pending"):
+    with pytest.raises(ActorCrashed, match="were stored already"):
         send_envelope(nodes["A"].bus.client(), body, timeout=WAIT)
     restored = recorder.wait_for("retrier_restored", node=nodes["A"].bus.node, count=2)[-1]
     assert restored["pending"] == 1
     assert send_envelope(nodes["A"].bus.client(), body, timeout=WAIT) == message.id  # pending now: stored once
+
+
+def test_many_envelopes_in_one_ask_are_stored_together_and_each_gets_its_answer(nodes):
+    """DeliverMany: 20 good envelopes, garbage, a broadcast and a repeat: the reply names each in order;
+    the 20 are delivered and handled once."""
+    good = [envelope("A", "B", n) for n in range(20)]
+    reply = send_envelopes(nodes["A"].bus.client(), [*good, b"\x01junk", envelope("A", None, 0), good[0]], timeout=WAIT)
+    ids = [decode_message(e).id for e in good]
+    assert list(reply.message_ids[:20]) == ids and reply.message_ids[-1] == ids[0]
+    assert reply.errors[:20] == (None,) * 20 and reply.errors[-1] is None  # a repeat: already stored
+    assert "not a valid envelope" in reply.errors[20] and "broadcast" in reply.errors[21]
+    App.wait(lambda: len(delivered("A")) == 20 and sum(1 for node, _ in App.handled if node == "B") == 20)
+    assert {mid: c for (node, mid), c in App.handled.items() if node == "B"} == dict.fromkeys(ids, 1)
+
+
+def test_one_ack_envelope_settles_every_message_it_lists(nodes):
+    """With B's acks lost, one ack envelope naming five messages (the first in correlation_id, the rest in
+    its payload) delivers all five at A."""
+    Wire.drop_acks.set()
+    ids = send_many(nodes["A"], 5)
+    App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 5)
+    ack = Message(
+        id=os.urandom(16),
+        kind=ACK_KIND,
+        sender="B",
+        recipient="A",
+        priority=Priority.CRITICAL,
+        created_at=time.time(),
+        ttl=60.0,
+        correlation_id=ids[0],
+        payload=b"".join(ids[1:]),
+    )
+    assert ack_ids(ack.correlation_id, ack.payload) == ids
+    nodes["A"].bus.client().tell("retrier", Received("websocket", encode_message(ack), "B"))
+    App.wait(lambda: len(delivered("A")) == 5)
+    assert sorted(r.message_id for r in delivered("A")) == sorted(ids)

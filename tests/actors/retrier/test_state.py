@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -247,6 +248,37 @@ def test_window_limits_messages_in_flight_and_acks_free_slots() -> None:
         sends += of(Send, state.step(Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=100.0, now=0.0)))
     assert [s.message_id for s in sends] == [mid(0), mid(1)]
     assert [s.message_id for s in of(Send, state.step(AckReceived(mid(0), now=1.0)))] == [mid(2)]
+
+
+def test_a_batch_of_events_decides_what_the_same_events_one_by_one_decide() -> None:
+    """step_many over enqueues and acks: the same Sends and Delivered as stepping one by one, the window kept."""
+    events = [Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=100.0, now=0.0) for n in range(8)]
+    acks = [AckReceived(mid(n), now=1.0) for n in range(3)]
+    one, many = fresh(max_in_flight=4), fresh(max_in_flight=4)
+    singly = [d for e in events for d in one.step(e)] + [d for e in acks for d in one.step(e)]
+    batched = many.step_many(events) + many.step_many(acks)
+    assert sorted(s.message_id for s in of(Send, batched)) == sorted(s.message_id for s in of(Send, singly))
+    assert [d.message_id for d in of(Delivered, batched)] == [d.message_id for d in of(Delivered, singly)]
+    assert many.in_flight == one.in_flight == 4 and len(many) == len(one) == 5
+    assert many.step_many([]) == []
+
+
+def test_messages_enqueued_together_go_out_in_arrival_order_within_their_class() -> None:
+    """FIFO within a class holds for a batch too: 30 enqueued at one instant leave in the order they came."""
+    state = fresh(max_in_flight=1)
+    ids = [os.urandom(16) for _ in range(30)]  # random ids: their order is not the arrival order
+    sent = of(Send, state.step_many([Enqueue(i, "bob", Priority.NORMAL, expires_at=100.0, now=0.0) for i in ids]))
+    for _ in range(29):
+        sent += of(Send, state.step(AckReceived(sent[-1].message_id, now=1.0)))
+    assert [s.message_id for s in sent] == ids
+
+
+def test_within_a_batch_the_free_slots_go_by_priority() -> None:
+    """Enqueued together, BULK first and CRITICAL last: the one free slot goes to CRITICAL."""
+    state = fresh(max_in_flight=1)
+    prios = (Priority.BULK, Priority.NORMAL, Priority.CRITICAL)
+    batch = state.step_many([Enqueue(mid(n), "bob", p, expires_at=100.0, now=0.0) for n, p in enumerate(prios)])
+    assert [s.message_id for s in of(Send, batch)] == [mid(2)]
 
 
 def test_critical_goes_first_when_slots_are_scarce() -> None:

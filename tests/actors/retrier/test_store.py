@@ -482,3 +482,43 @@ def test_any_interleaving_of_loss_reordering_and_crashes_handles_each_message_on
         sim.drain()
         assert sorted(sim.handled) == sim.ids
         assert len(sim.outbox) == 0 and sim.inbox.unhandled() == []
+
+
+def test_a_group_of_new_messages_and_the_turns_decisions_are_one_commit(tmp_path: Path) -> None:
+    """put_batch stores each row (with its first Send counted) and the other decisions together; an id
+    already stored refuses the whole batch, storing none of it."""
+    path = tmp_path / "out.db"
+    with Outbox(path) as outbox:
+        put(outbox, 9)
+        first = Send(mid(1), "bob", "libp2p", 1, 30.0)
+        outbox.put_batch(
+            [
+                (mid(1), "bob", Priority.HIGH, b"e1", 0.0, 100.0, first),
+                (mid(2), "bob", Priority.LOW, b"e2", 0.0, 100.0, None),
+            ],
+            [first, Failed(mid(9), 0, "ttl expired", FailReason.TTL_EXPIRED)],
+        )
+        with pytest.raises(StorageError, match="1 of 2 new message"):
+            outbox.put_batch(
+                [
+                    (mid(3), "bob", Priority.LOW, b"e3", 0.0, 100.0, None),
+                    (mid(2), "x", Priority.LOW, b"", 0.0, 1.0, None),
+                ]
+            )
+    with Outbox(path) as outbox:
+        rows = {row.message_id: row for row in outbox.pending()}
+        assert set(rows) == {mid(1), mid(2)}
+        assert (rows[mid(1)].attempts, rows[mid(1)].next_attempt_at) == (1, 30.0)
+        assert rows[mid(2)].attempts == 0 and outbox.payload(mid(2)) == b"e2"
+
+
+def test_decisions_are_persisted_in_their_order_a_backoff_then_a_send_of_one_message(tmp_path: Path) -> None:
+    """A failover's Backoff and the Send that follows it in the same turn: the row ends with the Send's count."""
+    path = tmp_path / "out.db"
+    with Outbox(path) as outbox:
+        put(outbox, 1)
+        outbox.apply(
+            [Backoff(mid(1), 1, 5.0, "libp2p: refused", ("libp2p",)), Send(mid(1), "bob", "websocket", 2, 40.0)]
+        )
+        row = outbox.get(mid(1))
+        assert row is not None and (row.attempts, row.next_attempt_at, row.failed) == (2, 40.0, ("libp2p",))

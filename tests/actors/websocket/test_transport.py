@@ -129,6 +129,30 @@ def test_envelopes_flow_both_ways_on_one_connection() -> None:
     run(body())
 
 
+def test_many_envelopes_go_in_one_write_both_ways_and_one_not_ours_is_refused_by_index() -> None:
+    """send_many from the client (30 at once, one not ours) and from the server: the rest arrive in order."""
+    alice, bob = NodeKeys.generate(), NodeKeys.generate()
+
+    async def body() -> None:
+        at_bob, at_alice = Inbox(), Inbox()
+        async with node(at_bob, bob) as (server, url):
+            client = WebSocketClient(at_alice, alice)
+            sent = [encode_message(message(alice.node_id, b"m%d" % i)) for i in range(30)]
+            batch = [*sent[:10], encode_message(message(bob.node_id)), *sent[10:]]
+            refused = await client.send_many(url, batch, expected_peer=bob.node_id)
+            assert list(refused) == [10] and "sender" in refused[10]
+            assert [(await at_bob.get())[1] for _ in sent] == sent
+            assert client.counts["sent"] == 30
+            back = [encode_message(message(bob.node_id, b"r%d" % i)) for i in range(5)]
+            assert await server.send_many(alice.node_id, back) == {}
+            assert [(await at_alice.get())[1] for _ in back] == back
+            with pytest.raises(ConnectError, match="'nobody'"):
+                await server.send_many("nobody", back)
+            await client.close()
+
+    run(body())
+
+
 def test_envelope_larger_than_a_websocket_frame_arrives_whole() -> None:
     """A maximal envelope spans many WebSocket frames (each within the frame limit) and arrives intact."""
     alice = NodeKeys.generate()

@@ -294,3 +294,26 @@ def test_bad_keys_are_config_errors() -> None:
     """A static key of the wrong size is refused when the session is built."""
     with pytest.raises(ConfigError, match="static"):
         Session.responder(b"short", R_KEY)
+
+
+def test_several_envelopes_share_secure_frames_and_arrive_in_order() -> None:
+    """send_envelopes: 50 small envelopes go in one Noise frame (one AEAD call), and arrive as 50 events in order."""
+    initiator, responder = connected()
+    raws = [encode_message(message(I_ID, b"m%d" % n)) for n in range(50)]
+    data, refused = initiator.send_envelopes(raws)
+    assert refused == {}
+    assert len(data) == 2 + 16 + sum(4 + len(r) for r in raws)  # one frame: length, tag, the lot
+    events = responder.receive_data(data)
+    assert [e.raw for e in events if isinstance(e, EnvelopeReceived)] == raws
+    assert initiator.counts["sent"] == 50
+
+
+def test_an_envelope_not_ours_is_left_out_of_a_batch_and_named() -> None:
+    """In a batch, an envelope with another sender or undecodable bytes is refused by index; the rest go."""
+    initiator, responder = connected()
+    good = encode_message(message(I_ID, b"ok"))
+    data, refused = initiator.send_envelopes([good, encode_message(message(R_ID)), b"\x01junk"])
+    assert set(refused) == {1, 2} and "sender" in refused[1] and "invalid" in refused[2]
+    assert [e.raw for e in responder.receive_data(data) if isinstance(e, EnvelopeReceived)] == [good]
+    with pytest.raises(LocalProtocolError, match="before the secure session is authenticated"):
+        pair()[0].send_envelopes([good])
