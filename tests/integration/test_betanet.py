@@ -56,9 +56,8 @@ def test_anonymous_messages_cross_three_mixes_and_are_handled_exactly_once(tmp_p
 
     The ack timeout is 5 s here: with the node default of this suite (1 s) a round trip of twelve Python hops on
     a loaded machine may miss it, and the retrier then (rightly) fails over to websocket. Each message's outcome
-    report crosses the mixes back as well (twice the packets), and on a loaded machine an ack now and then still
-    misses its deadline: such a message is delivered over websocket instead (and acked there); every other one
-    is acked on a SURB, and most go by betanet.
+    report rides the request's second SURB; the handle may end on it before the ack comes, so the counts are
+    read once every ack is in.
     """
     nodes = five(tmp_path, ack_timeout=5.0)
     inbox = Inbox()
@@ -74,9 +73,7 @@ def test_anonymous_messages_cross_three_mixes_and_are_handled_exactly_once(tmp_p
         assert inbox.duplicates() == {} and set(inbox.senders.values()) == {nodes[0].node_id}
         receiver = nodes[4].network_status()["betanet"]["counts"]
         sender = nodes[0].network_status()["betanet"]["counts"]
-        by_betanet = len(EventFile(nodes[0].log_path).matching("message_delivered", transport="betanet"))
-        assert by_betanet >= 50, f"only {by_betanet} of 60 were acked by betanet"
-        assert receiver.get("received", 0) >= 60 and receiver.get("sent.acks_on_surbs", 0) >= by_betanet, receiver
+        assert receiver.get("received", 0) >= 60 and receiver.get("sent.acks_on_surbs", 0) >= 60, receiver
         assert sender.get("sent.messages", 0) >= 60 and sender.get("received", 0) >= 60, sender
         relayed = sum(n.network_status()["betanet"]["counts"].get("packets.unwrapped", 0) for n in nodes[1:4])
         assert relayed >= 60 * 3, f"the three middle nodes unwrapped only {relayed} packets"
