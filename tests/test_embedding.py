@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import WAIT
 from villagemesh import AsyncNode, DeliveryState, NodeEvent, OutboxLimits, create_network
+from villagemesh.aio import ended
 from villagemesh.errors import (
     ConfigError,
     DeliveryFailed,
@@ -352,6 +353,11 @@ def test_the_event_stream_tells_peers_deliveries_failures_and_crashes(tmp_path: 
     a = make(tmp_path, "a", discovery_interval=0.3).start()
     seen: list[NodeEvent] = []
     a.on_event(seen.append)
+
+    def broken(event: NodeEvent) -> None:
+        raise RuntimeError("a listener's bug")
+
+    a.on_event(broken)
     b = make(tmp_path, "b", discovery_interval=0.3, bootstrap=(a.acceptor_address,)).start()
     try:
         assert a.wait_for_peers(1, WAIT) and b.wait_for_peers(1, WAIT)
@@ -370,6 +376,7 @@ def test_the_event_stream_tells_peers_deliveries_failures_and_crashes(tmp_path: 
         assert discovered.fields["peer_id"] == b.node_id
         failed = next(e for e in seen if e.kind == "failed")
         assert failed.fields["status"] == "unhandled"
+        assert events_of(a, "event_listener_failed")[0]["exc_message"] == "a listener's bug"
     finally:
         b.stop()
         a.stop()
@@ -403,6 +410,9 @@ def test_async_node_sends_queries_and_waits_for_peers_by_event(tmp_path: Path) -
                 [handle] = await b.broadcast("DATA", b"to all")
                 assert (await handle).delivered and await asyncio.wait_for(got.get(), WAIT) == b"to all"
                 assert (await b.send(a.node_id, b"x", kind="NOBODY")).status.state is DeliveryState.PENDING
+                many = [await b.send(a.node_id, bytes([i])) for i in range(5)]
+                assert [s.state for s in await ended(many)] == [DeliveryState.DELIVERED] * 5
+                assert await ended([]) == []
 
     asyncio.run(main())
 

@@ -36,11 +36,11 @@ import collections
 import contextlib
 import functools
 import weakref
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from villagemesh.actors.app.messages import BridgeQuery
-from villagemesh.actors.app.state import DeliveryHandle, InboundMessage
+from villagemesh.actors.app.state import DeliveryHandle, DeliveryStatus, InboundMessage, call_on_loop
 from villagemesh.actors.core.envelopes import remember
 from villagemesh.actors.retrier.messages import Deliver
 from villagemesh.errors import MailboxFull, OutboxFull, RequestTimeout
@@ -58,7 +58,7 @@ from villagemesh.node import (
 )
 from villagemesh.protocols.envelope import Priority, encode_message
 
-__all__ = ["DEFAULT_MESSAGE_QUEUE", "AsyncNode"]
+__all__ = ["DEFAULT_MESSAGE_QUEUE", "AsyncNode", "ended"]
 
 DEFAULT_MESSAGE_QUEUE = 100
 """Messages :meth:`AsyncNode.messages` holds before its handler waits (and the senders with it)."""
@@ -336,6 +336,31 @@ class AsyncNode:
     def discover_now(self) -> None:
         """Start a discovery round now (a tell: nothing to await)."""
         self.node.discover_now()
+
+
+async def ended(handles: Sequence[DeliveryHandle]) -> list[DeliveryStatus]:
+    """Every handle's final status, in order: one future for all of them.
+
+    ``asyncio.gather(*handles)`` works too, but makes one Task per handle, and
+    the first steps of a thousand tasks run in one turn of the loop; this
+    counts the ends down instead and wakes the caller once.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    left = len(handles)
+    if not left:
+        return []
+
+    def one_ended(_status: DeliveryStatus) -> None:  # on the loop (posted in bursts)
+        nonlocal left
+        left -= 1
+        if left == 0 and not done.done():
+            done.set_result(None)
+
+    for handle in handles:
+        handle.add_done_callback(functools.partial(call_on_loop, loop, one_ended))
+    await done
+    return [handle.status for handle in handles]
 
 
 class ConsumerGone(Exception):

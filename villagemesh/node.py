@@ -141,6 +141,9 @@ to the WAL, no fsync); FULL survives power loss too (an fsync per commit)."""
 DEFAULT_SEND_TIMEOUT = 5.0
 """Seconds ``send`` blocks for room in a full outbox before OutboxFull."""
 
+TRANSPORT_DOWN_TIMEOUT = 0.5
+"""Seconds the supervisor's thread waits for room in the retrier's mailbox to report a dead transport."""
+
 REQUEST_KIND = "REQUEST"
 """The kind ``request`` sends unless told otherwise."""
 
@@ -1152,7 +1155,8 @@ class Node:
         """Call ``listener(event)`` for each :class:`NodeEvent`; returns the unsubscribe.
 
         It runs in the thread that logged the event (an actor's): keep it short and
-        never block in it. ``AsyncNode.events()`` is the asyncio form.
+        never block in it. An exception it raises is logged (``event_listener_failed``)
+        and does not reach the actor. ``AsyncNode.events()`` is the asyncio form.
         """
         self._listeners.append(listener)
 
@@ -1175,7 +1179,17 @@ class Node:
         if event is None:
             return
         for listener in list(self._listeners):
-            listener(event)
+            try:
+                listener(event)
+            except Exception as exc:  # noqa: BLE001 - the application's listener must not kill the emitting actor
+                assert self._env is not None
+                self._env.log.emit(  # not a public event: no listener is called for it (no loop)
+                    "event_listener_failed",
+                    level="error",
+                    listener=getattr(listener, "__qualname__", repr(listener)),
+                    exc_type=type(exc).__name__,
+                    exc_message=str(exc),
+                )
 
     def _transport_down(self, transport: str) -> None:
         from villagemesh.actors.retrier.messages import TransportDown
@@ -1183,7 +1197,8 @@ class Node:
         if not self._started or self._env is None:
             return  # stopping: nothing to fail over to
         try:
-            self._env.bus.client().tell("retrier", TransportDown(transport), timeout=ASK_TIMEOUT)
+            # A short timeout: this runs in the supervisor's thread, which must not wait long.
+            self._env.bus.client().tell("retrier", TransportDown(transport), timeout=TRANSPORT_DOWN_TIMEOUT)
         except BusError as exc:
             self._env.log.emit("transport_down_unreported", level="warning", transport=transport, reason=str(exc))
 

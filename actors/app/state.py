@@ -32,6 +32,7 @@ __all__ = [
     "MessageId",
     "OutboxLimits",
     "Subscribers",
+    "call_on_loop",
     "message_id_of",
 ]
 
@@ -261,7 +262,7 @@ class DeliveryHandle:
                 future.set_result(status)
 
         def resolve(status: DeliveryStatus) -> None:
-            _post(loop, settle, status)
+            call_on_loop(loop, settle, status)
 
         self.add_done_callback(resolve)
         return future.__await__()
@@ -312,7 +313,7 @@ _POSTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPost] = weakre
 _POSTS_LOCK = threading.Lock()
 
 
-def _post(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
+def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
     """Run ``fn(arg)`` on ``loop`` soon (from any thread)."""
     with _POSTS_LOCK:
         post = _POSTS.get(loop)

@@ -55,7 +55,9 @@ def test_anonymous_messages_cross_three_mixes_and_are_handled_exactly_once(tmp_p
     """60 messages n0 → n4 by betanet (not websocket): each handled once, every handle delivered by an ack on a SURB.
 
     The ack timeout is 5 s here: with the node default of this suite (1 s) a round trip of twelve Python hops on
-    a loaded machine may miss it, and the retrier then (rightly) fails over to websocket.
+    a loaded machine may miss it, and the retrier then (rightly) fails over to websocket. Each message's outcome
+    report rides the request's second SURB; the handle may end on it before the ack comes, so the counts are
+    read once every ack is in.
     """
     nodes = five(tmp_path, ack_timeout=5.0)
     inbox = Inbox()
@@ -65,6 +67,9 @@ def test_anonymous_messages_cross_three_mixes_and_are_handled_exactly_once(tmp_p
         handles = [nodes[0].send(nodes[4].node_id, f"a{i}".encode()) for i in range(60)]
         assert inbox.wait_for_distinct(60), f"only {len(inbox.distinct())} of 60 arrived"
         assert all(h.result(PATIENCE).delivered for h in handles)
+        # A handle ends on the recipient's outcome report, which may overtake the ack (each
+        # waits out its own mixing delays): wait for every ack too, then count.
+        assert wait_until(lambda: retrier_idle(nodes[0]) and retrier_idle(nodes[4])), "acks still outstanding"
         assert inbox.duplicates() == {} and set(inbox.senders.values()) == {nodes[0].node_id}
         receiver = nodes[4].network_status()["betanet"]["counts"]
         sender = nodes[0].network_status()["betanet"]["counts"]
