@@ -112,7 +112,7 @@ fork does not slow that child's start): a second restart before then still finds
 CHILD_TARGET = "villagemesh.supervision.process:child_main"
 
 
-_HANDOFF_TAG = "acceptor.ConnectionHandedOff"
+_HANDOFF_TAG = codec.tag_of(ConnectionHandedOff)
 """The codec tag of :class:`ConnectionHandedOff` (a batch carries tags, not objects)."""
 
 
@@ -350,7 +350,8 @@ class ProcessHost(Actor):
         return encode_frame(Kind.TELL, 0, None, dataclasses.replace(handed, fd=-1))
 
     def _control_socket(self) -> socket.socket:
-        """The child's control connection, accepted now if it has not been yet (the child connects after hello)."""
+        """The child's control connection, accepted now if it has not been yet (the child connects after hello;
+        when the listener is readable the accept is immediate, else it waits up to HELLO_TIMEOUT)."""
         if self._control is None:
             self._control_listener.settimeout(HELLO_TIMEOUT)
             self._control, _ = self._control_listener.accept()
@@ -409,18 +410,14 @@ class ProcessHost(Actor):
         self.launcher.refill()
 
     def _read_control(self) -> None:
-        if self._control is None:
-            self._control, _ = self._control_listener.accept()
-            self._control.setblocking(False)
-            self._inbox.unwatch(self._control_listener)
-            self._inbox.watch(self._control, lambda: _CONTROL)
+        control = self._control_socket()
         while True:
             try:
-                data = self._control.recv(65536)
+                data = control.recv(65536)
             except BlockingIOError:
                 return
             if not data:  # the child's end is closed: its pidfd tells the rest
-                self._inbox.unwatch(self._control)
+                self._inbox.unwatch(control)
                 return
             self._begun += data.count(b"B")
 
