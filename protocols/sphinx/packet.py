@@ -231,8 +231,9 @@ def _keys(shared: bytes, epoch: int) -> _Keys:
     )
 
 
-def _mac(keys: _Keys, ad: bytes, alpha: bytes, beta: bytes) -> bytes:
-    return hashlib.blake2b(ad + alpha + beta, key=keys.mac, digest_size=KEY_BYTES).digest()  # = OURS.mac
+def _mac(keys: object, data: bytes) -> bytes:
+    """γ over ``data`` (``version ‖ epoch ‖ α ‖ β``): keyed BLAKE2b-256; the sender's and every hop's."""
+    return hashlib.blake2b(data, key=cast(_Keys, keys).mac, digest_size=KEY_BYTES).digest()
 
 
 def _ad(epoch: int) -> bytes:
@@ -301,11 +302,11 @@ def _header(
     last = keys[-1]
     plain = final + random_bytes(BETA_BYTES - HOP_BYTES - len(filler))
     beta = xor(plain, _stream(last, len(plain))) + filler
-    gamma = _mac(last, ad, alphas[-1], beta)
+    gamma = _mac(last, ad + alphas[-1] + beta)
     for i in range(len(path) - 2, -1, -1):
         block = bytes([Command.RELAY]) + path[i + 1].node_id + delays_ms[i].to_bytes(4, "big") + gamma
         beta = xor(block + beta[: BETA_BYTES - HOP_BYTES], _stream(keys[i], BETA_BYTES))
-        gamma = _mac(keys[i], ad, alphas[i], beta)
+        gamma = _mac(keys[i], ad + alphas[i] + beta)
     return ad + alphas[0] + beta + gamma, keys
 
 
@@ -447,7 +448,7 @@ OURS = HopGeometry(
     beta_bytes=BETA_BYTES,
     hop_bytes=HOP_BYTES,
     derive=lambda shared, ad, epoch: _keys(shared, cast(int, epoch)),
-    mac=lambda keys, data: hashlib.blake2b(data, key=cast(_Keys, keys).mac, digest_size=KEY_BYTES).digest(),
+    mac=_mac,
     keystream=lambda keys, size: _stream(cast(_Keys, keys), size),
     blinding=lambda keys: cast(_Keys, keys).blinding,
 )
