@@ -13,6 +13,7 @@ from nacl.bindings import crypto_scalarmult_base
 from nacl.signing import SigningKey
 from noise.connection import Keypair, NoiseConnection
 
+from tests.protocols.shuttle import pump
 from villagemesh.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.libp2p.noise import (
@@ -32,17 +33,6 @@ NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
 
 def party() -> tuple[bytes, SigningKey]:
     return os.urandom(32), SigningKey.generate()
-
-
-def pump(a: NoiseSession, b: NoiseSession) -> tuple[list[Any], list[Any]]:
-    seen_a: list[Any] = []
-    seen_b: list[Any] = []
-    while True:
-        to_b, to_a = a.data_to_send(), b.data_to_send()
-        if not to_b and not to_a:
-            return seen_a, seen_b
-        seen_b += b.receive_data(to_b)
-        seen_a += a.receive_data(to_a)
 
 
 def test_two_sessions_learn_each_others_peer_ids_and_exchange_data() -> None:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.protocols.shuttle import pump
 from villagemesh.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.libp2p.yamux import (
@@ -33,18 +34,6 @@ from villagemesh.protocols.libp2p.yamux import (
 
 def pair() -> tuple[Session, Session]:
     return Session(client=True), Session(client=False)
-
-
-def pump(a: Session, b: Session) -> tuple[list[Any], list[Any]]:
-    """Shuttle bytes both ways until quiet; the events each side saw."""
-    seen_a: list[Any] = []
-    seen_b: list[Any] = []
-    while True:
-        to_b, to_a = a.data_to_send(), b.data_to_send()
-        if not to_b and not to_a:
-            return seen_a, seen_b
-        seen_b += b.receive_data(to_b)
-        seen_a += a.receive_data(to_a)
 
 
 def test_the_header_is_the_specs() -> None:
