@@ -52,23 +52,18 @@ class Relay:
         return x25519_base(mix_secret(self.keys.static_key))
 
 
-def relays(runtime: Any, tmp_path: Path, count: int, **config: Any) -> list[Relay]:
-    """``count`` relays that know each other; each delivers to its own sink."""
-    made = []
-    for n in range(count):
-        keys, inbox = NodeKeys.generate(), queue.Queue()  # type: ignore[var-annotated]
-        start(runtime, Sink, f"sink-{n}", queue=inbox)
-        start(runtime, AcceptorActor, f"acceptor-{n}", routes={"secure": f"betanet-{n}"})
-        port = acceptor_status(runtime.bus.client(), f"acceptor-{n}").port
-        address = format_address("127.0.0.1", port, x25519_base(mix_secret(keys.static_key)))
-        made.append(Relay(f"betanet-{n}", keys, port, address, inbox))
-    directory = [[r.node_id, r.address] for r in made]
-    for n, relay in enumerate(made):
-        relay.ref = start_relay(runtime, tmp_path, relay, n, directory, **config)
-    return made
+def prepare(runtime: Any, suffix: str, keys: NodeKeys) -> Relay:
+    """A sink and an acceptor routing SECURE to ``betanet{suffix}``; the relay to start there."""
+    inbox: queue.Queue[Any] = queue.Queue()
+    start(runtime, Sink, f"sink{suffix}", queue=inbox)
+    start(runtime, AcceptorActor, f"acceptor{suffix}", routes={"secure": f"betanet{suffix}"})
+    port = acceptor_status(runtime.bus.client(), f"acceptor{suffix}").port
+    address = format_address("127.0.0.1", port, x25519_base(mix_secret(keys.static_key)))
+    return Relay(f"betanet{suffix}", keys, port, address, inbox)
 
 
-def start_relay(runtime: Any, tmp_path: Path, relay: Relay, n: int, directory: Any, **config: Any) -> Any:
+def start_relay(runtime: Any, tmp_path: Path, relay: Relay, directory: Any, **config: Any) -> Any:
+    """Start (or restart) ``relay``'s actor, knowing ``directory`` (``[[node id, address], ...]``) as mixnodes."""
     return start(
         runtime,
         BetanetActor,
@@ -76,11 +71,20 @@ def start_relay(runtime: Any, tmp_path: Path, relay: Relay, n: int, directory: A
         keys=relay.keys.to_bytes(),
         host="127.0.0.1",
         port=relay.port,
-        replay_path=str(tmp_path / f"betanet-{n}.sqlite3"),
-        deliver_to=f"sink-{n}",
+        replay_path=str(tmp_path / f"{relay.name}.sqlite3"),
+        deliver_to=relay.name.replace("betanet", "sink", 1),
         mixnodes=directory,
         **config,
     )
+
+
+def relays(runtime: Any, tmp_path: Path, count: int, **config: Any) -> list[Relay]:
+    """``count`` relays that know each other; each delivers to its own sink."""
+    made = [prepare(runtime, f"-{n}", NodeKeys.generate()) for n in range(count)]
+    directory = [[r.node_id, r.address] for r in made]
+    for relay in made:
+        relay.ref = start_relay(runtime, tmp_path, relay, directory, **config)
+    return made
 
 
 def envelope(sender: str, payload: bytes, recipient: str | None = None) -> Message:
@@ -222,7 +226,7 @@ def test_garbage_and_replays_are_dropped_and_a_restart_does_not_reopen_a_replay(
     assert counts["cover.drop_received"] == 1 and counts["dropped.invalid"] == 3
     assert relay.ref is not None
     relay.ref.stop(block=True, timeout=WAIT)
-    relay.ref = start_relay(runtime, tmp_path, relay, 0, [[relay.node_id, relay.address]])
+    relay.ref = start_relay(runtime, tmp_path, relay, [[relay.node_id, relay.address]])
     asyncio.run(_send_raw(relay, [drop]))
     counts = wait_count(runtime, relay, "dropped.invalid")
     assert counts.get("cover.drop_received", 0) == 0
@@ -290,16 +294,8 @@ class TestBetanetKeepsTheTransportContract(TransportContract):
         made: list[Relay] = []
 
         def add(runtime: Any, suffix: str, keys: NodeKeys) -> Relay:
-            inbox: queue.Queue[Any] = queue.Queue()
-            start(runtime, Sink, f"sink{suffix}", queue=inbox)
-            start(runtime, AcceptorActor, f"acceptor{suffix}", routes={"secure": f"betanet{suffix}"})
-            port = acceptor_status(runtime.bus.client(), f"acceptor{suffix}").port
-            address = format_address("127.0.0.1", port, x25519_base(mix_secret(keys.static_key)))
-            relay = Relay(f"betanet{suffix}", keys, port, address, inbox)
-            relay.ref = start(
-                runtime, BetanetActor, relay.name, keys=keys.to_bytes(), host="127.0.0.1", port=port,
-                replay_path=str(tmp_path / f"betanet{suffix}.sqlite3"), deliver_to=f"sink{suffix}",
-            )
+            relay = prepare(runtime, suffix, keys)
+            relay.ref = start_relay(runtime, tmp_path, relay, [])  # mixnodes come by RoutesList below
             made.append(relay)
             return relay
 
