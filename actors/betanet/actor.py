@@ -126,6 +126,10 @@ TRANSPORT = "betanet"
 PACKET_KIND = "betanet.packet"
 """The envelope kind a Sphinx packet travels in on a mix link."""
 
+_NOT_SENT = (ConnectError, LocalProtocolError, ConfigError)
+"""Failures that mean nothing left this node (no route, no SURB, too large, a bad address):
+retryable at once on another transport."""
+
 
 def _keys(value: object) -> NodeKeys:
     if isinstance(value, NodeKeys):
@@ -429,12 +433,12 @@ class BetanetActor(LoopActor):
                     self._tell(request.reply_to, self._result(request, True, False, None))
                 return
             self.metrics.count("transmit_failed")
-            retryable = isinstance(error, ConnectError | LocalProtocolError | ConfigError)
+            retryable = isinstance(error, _NOT_SENT)
             self._tell(request.reply_to, self._result(request, False, retryable, f"{type(error).__name__}: {error}"))
 
         try:
             first_hop, packet = self._build(request)
-        except (ConnectError, LocalProtocolError, ConfigError) as exc:
+        except _NOT_SENT as exc:
             answer(exc)
             return
         self._send_packet(first_hop, packet, then=answer)
