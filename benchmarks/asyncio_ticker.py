@@ -83,7 +83,7 @@ async def main(args: argparse.Namespace) -> None:
     _, a_id, a_address = out.read_text().split("\n", 1)[0].split()
     b_node = create_network(
         "hybrid", name="b", data_dir=base / "b", lan=False, discovery_interval=0.3,
-        bootstrap=(a_address,), outbox=limits,
+        bootstrap=(a_address,), outbox=limits, freeze_gc=not args.no_freeze_gc,
     )  # fmt: skip
     b = await AsyncNode(b_node).start()
     try:
@@ -150,6 +150,7 @@ async def main(args: argparse.Namespace) -> None:
         sends_per_s=round(sorted(rates)[len(rates) // 2]),
         target_met=worst_vm <= 0.020,
         switch_interval_ms=sys.getswitchinterval() * 1000,
+        freeze_gc=not args.no_freeze_gc,
         awaited_by="asyncio.gather" if not args.ended else "villagemesh.aio.ended",
         loadavg=os.getloadavg()[0],
     )
@@ -160,6 +161,9 @@ if __name__ == "__main__":
     parser.add_argument("--sends", type=int, default=1000)
     parser.add_argument("--period", type=float, default=0.01)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--no-freeze-gc", action="store_true", help="start node B with freeze_gc=False (full collections pause again)"
+    )
     parser.add_argument(
         "--gather", dest="ended", action="store_false", help="await the handles with asyncio.gather, not aio.ended"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -116,6 +117,25 @@ def test_node_id_peers_and_pending_messages_survive_a_restart(tmp_path):
     finally:
         b2.stop()
         a.stop()
+
+
+def test_a_started_node_freezes_the_collectors_start_up_objects_unless_told_not_to(tmp_path):
+    """freeze_gc (default True) moves what start-up left alive out of full collections, and says so in the log."""
+    gc.unfreeze()
+    a = make(tmp_path, "a").start()
+    try:
+        frozen = [json.loads(line) for line in a.log_path.read_text().splitlines() if '"gc_frozen"' in line]
+        assert len(frozen) == 1 and frozen[0]["objects"] > 0 and gc.get_freeze_count() > 0
+    finally:
+        a.stop()
+    gc.unfreeze()
+    b = make(tmp_path, "b", freeze_gc=False).start()
+    try:
+        assert gc.get_freeze_count() == 0 and '"gc_frozen"' not in b.log_path.read_text()
+    finally:
+        b.stop()
+    with pytest.raises(ConfigError, match=r"freeze_gc.*'yes'"):
+        NodeConfig(data_dir=tmp_path, freeze_gc="yes")
 
 
 def test_one_data_dir_serves_one_running_node(tmp_path):

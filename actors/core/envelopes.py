@@ -12,7 +12,11 @@ lookup; :func:`remember` lets whoever built the message put it there first.
 The same bytes always decode to the same value (the encoding is canonical and
 the message immutable), so a hit is exactly what decoding would have returned;
 bytes that do not decode raise as ``decode_message`` does and are not kept.
-Bounded by :data:`CACHE_BYTES` (oldest forgotten first); thread-safe.
+Bounded by :data:`CACHE_BYTES` and :data:`CACHE_ENTRIES` (oldest forgotten first);
+thread-safe. The count bound is for the collector: every kept message is an
+object a full garbage collection walks while it holds the interpreter lock,
+and tens of thousands of small ones made such a pause ~15 ms long, which an
+asyncio program embedding the node sees as a stalled loop.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from collections import OrderedDict
 
 from villagemesh.protocols.envelope import Message, decode_message
 
-__all__ = ["CACHE_BYTES", "decode", "remember"]
+__all__ = ["CACHE_BYTES", "CACHE_ENTRIES", "decode", "remember"]
 
 CACHE_BYTES = 16 << 20
 """Envelope bytes kept at most (keys and payloads, about twice this in memory): a few thousand
 in flight at 16 KiB, tens of thousands at 64 B, the span between a message's first and last reader."""
+CACHE_ENTRIES = 4096
+"""Envelopes kept at most: a few windows of messages in flight (a miss only costs a decode)."""
 
 _lock = threading.Lock()
 _cache: OrderedDict[bytes, Message] = OrderedDict()
@@ -56,6 +62,6 @@ def remember(raw: bytes, message: Message) -> None:
             return
         _cache[raw] = message
         _size += len(raw)
-        while _size > CACHE_BYTES and _cache:
+        while (_size > CACHE_BYTES or len(_cache) > CACHE_ENTRIES) and _cache:
             old, _ = _cache.popitem(last=False)
             _size -= len(old)

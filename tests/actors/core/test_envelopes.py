@@ -48,3 +48,14 @@ def test_the_cache_forgets_the_oldest_beyond_its_byte_bound(monkeypatch: pytest.
     assert envelopes.decode(items[2][1]) is items[2][0]
     again = envelopes.decode(items[0][1])
     assert again == items[0][0] and again is not items[0][0]
+
+
+def test_the_cache_forgets_the_oldest_beyond_its_count_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for two envelopes by count (bytes to spare), the first of three is forgotten."""
+    monkeypatch.setattr(envelopes, "CACHE_ENTRIES", 2)
+    items = [raw(b"y") for _ in range(3)]
+    for message, data in items:
+        envelopes.remember(data, message)
+    assert envelopes.decode(items[2][1]) is items[2][0]
+    again = envelopes.decode(items[0][1])
+    assert again == items[0][0] and again is not items[0][0]
