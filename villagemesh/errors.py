@@ -30,6 +30,9 @@ a caller can catch by meaning and still see the cause::
     ├── IdentityError                       the node's key is missing or unreadable while its stores have history
     ├── OutboxFull                          the send window to a peer (or in all) is full
     ├── RequestTimeout (TimeoutError)       no reply to a request within its timeout (peer, message id)
+    ├── TransferError                       a large transfer did not end verified (transfer id, peer)
+    │   ├── TransferRefused                 ... the receiver refused it before any byte was written (reason)
+    │   └── DigestMismatch                  ... the bytes received do not hash to the digest offered
     └── DeliveryFailed                      a message was given up on (attempts, last_error)
         ├── Unhandled                       ... it reached the peer, which has no handler for its kind
         ├── RemoteError                     ... the peer's handler raised (exc_type, exc_message)
@@ -50,6 +53,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "DeliveryFailed",
+    "DigestMismatch",
     "IdentityError",
     "LocalProtocolError",
     "MailboxFull",
@@ -65,6 +69,8 @@ __all__ = [
     "RestartIntensityExceeded",
     "StorageError",
     "SupervisionError",
+    "TransferError",
+    "TransferRefused",
     "TransportError",
     "TransportTimeout",
     "Unconfirmed",
@@ -261,3 +267,24 @@ class RequestTimeout(VillageMeshError, TimeoutError):
         self.peer_id = peer_id
         self.message_id = message_id
         self.timeout = timeout
+
+
+class TransferError(VillageMeshError):
+    """A large transfer (``transfer_id``, with ``peer_id``) did not end verified; ``reason`` says why."""
+
+    def __init__(self, transfer_id: str, peer_id: str, reason: str, detail: str = "") -> None:
+        text = f"transfer {transfer_id} with {peer_id} failed: {reason}"
+        super().__init__(f"{text} ({detail})" if detail else text)
+        self.transfer_id = transfer_id
+        self.peer_id = peer_id
+        self.reason = reason
+        self.detail = detail
+
+
+class TransferRefused(TransferError):
+    """The receiver refused the transfer before any byte was written (``reason``: too_large,
+    kind_not_allowed, no_space, invalid)."""
+
+
+class DigestMismatch(TransferError):
+    """The received bytes do not hash to the digest the sender offered: the partial file was deleted."""

@@ -1,0 +1,368 @@
+"""The wire messages of a large transfer, and their compact binary codec.
+
+Each message is the payload of one envelope (kind :data:`TRANSFER_KIND`), so it
+travels as an ordinary reliable message: stored, acknowledged, retried and
+failed over like any other. Layout (big-endian, ``struct``)::
+
+    offset size  field
+    0      1     version         WIRE_VERSION (1)
+    1      1     type            1 OFFER .. 7 FAILED
+    2      16    transfer id     random, the sender's
+    then, by type:
+    OFFER      size u64 ‖ chunk_size u32 ‖ digest 32 (BLAKE2b-256 of the whole) ‖ kind 1+K ‖ name 2+N
+    ACCEPT     resume_from u32   chunks the receiver has committed, in order from 0 (where to go on)
+    REFUSE     reason u8 ‖ detail 2+N
+    CHUNK      index u32 ‖ digest 16 (BLAKE2b-128 of data) ‖ data (the rest, 1 .. MAX_CHUNK_BYTES)
+    CHUNK_ACK  committed u32     chunks committed in order from 0 (the resume point, and the window's base)
+    COMPLETE   digest 32         the receiver verified the whole and moved it into place
+    FAILED     reason u8 ‖ detail 2+N
+
+Limits (each with its reason):
+
+- :data:`MAX_CHUNK_BYTES` = 1 MiB - 1 KiB: a chunk and its headers fit an
+  envelope's 1 MiB payload.
+- :data:`MAX_TRANSFER_BYTES` = 2**40 (1 TiB): far beyond any model or data set a
+  village node holds; with the smallest chunk the chunk count still fits u32.
+- :data:`MAX_TEXT_BYTES` = 1,024 for a name or detail: a file name, a reason.
+- the chunk count (size / chunk_size rounded up) fits 32 bits.
+
+Decoding is strict: wrong version, unknown type, short or trailing bytes,
+non-UTF-8 text or out-of-range numbers are :class:`RemoteProtocolError`; making
+an invalid message is :class:`LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from villagemesh.errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "CHUNK_DIGEST_BYTES",
+    "DIGEST_BYTES",
+    "MAX_CHUNK_BYTES",
+    "MAX_TEXT_BYTES",
+    "MAX_TRANSFER_BYTES",
+    "MIN_CHUNK_BYTES",
+    "TRANSFER_ID_BYTES",
+    "TRANSFER_KIND",
+    "WIRE_VERSION",
+    "Accept",
+    "Chunk",
+    "ChunkAck",
+    "Complete",
+    "FailReason",
+    "Failed",
+    "Offer",
+    "Refuse",
+    "RefuseReason",
+    "WireMessage",
+    "chunk_count",
+    "chunk_digest",
+    "decode",
+    "encode",
+    "whole_digest",
+]
+
+WIRE_VERSION = 1
+TRANSFER_KIND = "villagemesh.transfer"
+"""The envelope kind every transfer message travels as (reserved: applications cannot send it)."""
+TRANSFER_ID_BYTES = 16
+"""Transfer ids are 128 random bits, like message ids."""
+DIGEST_BYTES = 32
+"""BLAKE2b-256 of the whole: collision-resistant, and hashlib's fastest strong hash."""
+CHUNK_DIGEST_BYTES = 16
+"""BLAKE2b-128 of a chunk: catches a torn or corrupted chunk; the whole digest is the real check."""
+MAX_CHUNK_BYTES = 1024 * 1024 - 1024
+"""A chunk with its transfer header and the envelope's header fits the 1 MiB payload."""
+MIN_CHUNK_BYTES = 256
+"""Below this, headers outweigh data (the smallest transport, BetaNet, takes about 1 KiB)."""
+MAX_TRANSFER_BYTES = 1 << 40
+"""1 TiB: beyond any model or data set here; chunk counts stay in 32 bits at MIN_CHUNK_BYTES * 2**32."""
+MAX_TEXT_BYTES = 1024
+"""A name or a detail: one line of text."""
+
+_HEAD = struct.Struct(">BB16s")
+_OFFER = struct.Struct(">QI32s")
+_U32 = struct.Struct(">I")
+_U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
+_CHUNK = struct.Struct(">I16s")
+
+
+class RefuseReason(enum.IntEnum):
+    """Why a receiver refused an offer (before any byte was written)."""
+
+    TOO_LARGE = 1
+    KIND_NOT_ALLOWED = 2
+    NO_SPACE = 3
+    INVALID = 4
+
+
+class FailReason(enum.IntEnum):
+    """Why a transfer ended without a verified file."""
+
+    DIGEST_MISMATCH = 1
+    UNKNOWN_TRANSFER = 2
+    CANCELLED = 3
+    STORAGE = 4
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Chunks of ``chunk_size`` that hold ``size`` bytes (an empty transfer has none)."""
+    return -(-size // chunk_size)
+
+
+def chunk_digest(data: bytes | memoryview) -> bytes:
+    """The per-chunk check."""
+    return hashlib.blake2b(data, digest_size=CHUNK_DIGEST_BYTES).digest()
+
+
+def whole_digest() -> hashlib._Hash:
+    """A fresh hash of the whole (feed it every chunk in order)."""
+    return hashlib.blake2b(digest_size=DIGEST_BYTES)
+
+
+def _check_bytes(name: str, value: object, size: int) -> None:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise LocalProtocolError(f"{name} must be {size} bytes, got {value!r:.80}")
+
+
+def _check_id(transfer_id: object) -> None:
+    _check_bytes("transfer id", transfer_id, TRANSFER_ID_BYTES)
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or len(value.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES:
+        raise LocalProtocolError(f"{name} must be a str of at most {MAX_TEXT_BYTES} UTF-8 bytes, got {value!r:.80}")
+
+
+def _check_u32(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 32:
+        raise LocalProtocolError(f"{name} must be an int in 0..2**32-1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The sender offers ``size`` bytes of ``kind`` named ``name`` in ``chunk_size`` chunks, hashing to ``digest``."""
+
+    transfer_id: bytes
+    size: int
+    chunk_size: int
+    digest: bytes
+    kind: str
+    name: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.transfer_id)
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 0 <= self.size <= MAX_TRANSFER_BYTES:
+            raise LocalProtocolError(f"size must be an int in 0..{MAX_TRANSFER_BYTES}, got {self.size!r}")
+        chunk = self.chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES:
+            raise LocalProtocolError(f"chunk_size must be in {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}, got {chunk!r}")
+        _check_bytes("digest", self.digest, DIGEST_BYTES)
+        _check_text("kind", self.kind)
+        if not self.kind or len(self.kind.encode("utf-8", "surrogatepass")) > 255:
+            raise LocalProtocolError(f"kind must be 1..255 UTF-8 bytes, got {self.kind!r}")
+        _check_text("name", self.name)
+
+    @property
+    def chunks(self) -> int:
+        """How many chunks the transfer has."""
+        return chunk_count(self.size, self.chunk_size)
+
+    def chunk_length(self, index: int) -> int:
+        """The length chunk ``index`` must have (the last one may be shorter)."""
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+
+@dataclass(frozen=True)
+class Accept:
+    """The receiver takes the offer; send from chunk ``resume_from`` on (it has every chunk before)."""
+
+    transfer_id: bytes
+    resume_from: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.transfer_id)
+        _check_u32("resume_from", self.resume_from)
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """The receiver will not take the offer (nothing was written)."""
+
+    transfer_id: bytes
+    reason: RefuseReason
+    detail: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.transfer_id)
+        object.__setattr__(self, "reason", RefuseReason(self.reason))
+        _check_text("detail", self.detail)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Chunk ``index`` of the transfer, ``data`` with its ``digest`` (:func:`chunk_digest`)."""
+
+    transfer_id: bytes
+    index: int
+    digest: bytes
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_id(self.transfer_id)
+        _check_u32("index", self.index)
+        _check_bytes("chunk digest", self.digest, CHUNK_DIGEST_BYTES)
+        if not isinstance(self.data, bytes) or not 0 < len(self.data) <= MAX_CHUNK_BYTES:
+            raise LocalProtocolError(f"chunk data must be 1..{MAX_CHUNK_BYTES} bytes, got {type(self.data).__name__}")
+
+    @classmethod
+    def of(cls, transfer_id: bytes, index: int, data: bytes) -> Chunk:
+        """A chunk with its digest computed."""
+        return cls(transfer_id, index, chunk_digest(data), data)
+
+    @property
+    def intact(self) -> bool:
+        """Whether ``data`` hashes to ``digest``."""
+        return chunk_digest(self.data) == self.digest
+
+
+@dataclass(frozen=True)
+class ChunkAck:
+    """The receiver has committed every chunk before ``committed`` (durably)."""
+
+    transfer_id: bytes
+    committed: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.transfer_id)
+        _check_u32("committed", self.committed)
+
+
+@dataclass(frozen=True)
+class Complete:
+    """The receiver verified the whole (``digest``) and moved it into place."""
+
+    transfer_id: bytes
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        _check_id(self.transfer_id)
+        _check_bytes("digest", self.digest, DIGEST_BYTES)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The transfer ended without a verified file (``reason``, ``detail``): either side may say so."""
+
+    transfer_id: bytes
+    reason: FailReason
+    detail: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.transfer_id)
+        object.__setattr__(self, "reason", FailReason(self.reason))
+        _check_text("detail", self.detail)
+
+
+WireMessage = Offer | Accept | Refuse | Chunk | ChunkAck | Complete | Failed
+"""Every transfer message."""
+
+_TYPES: dict[type, int] = {Offer: 1, Accept: 2, Refuse: 3, Chunk: 4, ChunkAck: 5, Complete: 6, Failed: 7}
+
+
+def _text(value: str, width: struct.Struct) -> bytes:
+    raw = value.encode("utf-8", "surrogatepass")
+    return width.pack(len(raw)) + raw
+
+
+def encode(message: WireMessage) -> bytes:
+    """The bytes of ``message``."""
+    head = _HEAD.pack(WIRE_VERSION, _TYPES[type(message)], message.transfer_id)
+    if isinstance(message, Offer):
+        body = _OFFER.pack(message.size, message.chunk_size, message.digest)
+        return head + body + _text(message.kind, _U8) + _text(message.name, _U16)
+    if isinstance(message, Accept):
+        return head + _U32.pack(message.resume_from)
+    if isinstance(message, ChunkAck):
+        return head + _U32.pack(message.committed)
+    if isinstance(message, Chunk):
+        return b"".join((head, _CHUNK.pack(message.index, message.digest), message.data))
+    if isinstance(message, Complete):
+        return head + message.digest
+    return head + _U8.pack(int(message.reason)) + _text(message.detail, _U16)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.at = 0
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.data):
+            raise RemoteProtocolError(f"transfer message truncated: need {n} bytes at offset {self.at}")
+        out = bytes(self.data[self.at : self.at + n])
+        self.at += n
+        return out
+
+    def unpack(self, fmt: struct.Struct) -> tuple[object, ...]:
+        return fmt.unpack(self.take(fmt.size))
+
+    def text(self, width: struct.Struct) -> str:
+        (n,) = self.unpack(width)
+        assert isinstance(n, int)
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError(f"transfer message text is not UTF-8: {exc}") from None
+
+    def rest(self) -> bytes:
+        out = bytes(self.data[self.at :])
+        self.at = len(self.data)
+        return out
+
+    def end(self) -> None:
+        if self.at != len(self.data):
+            raise RemoteProtocolError(f"{len(self.data) - self.at} trailing byte(s) after a transfer message")
+
+
+def decode(data: bytes) -> WireMessage:
+    """The message ``data`` encodes; :class:`RemoteProtocolError` for anything else."""
+    reader = _Reader(data)
+    version, kind, transfer_id = reader.unpack(_HEAD)
+    if version != WIRE_VERSION:
+        raise RemoteProtocolError(f"transfer wire version {version} is not {WIRE_VERSION}")
+    try:
+        message = _decode_body(int(kind), transfer_id, reader)  # type: ignore[call-overload]
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(f"invalid transfer message: {exc}") from None
+    except ValueError as exc:  # an unknown reason number
+        raise RemoteProtocolError(f"invalid transfer message: {exc}") from None
+    reader.end()
+    return message
+
+
+def _decode_body(kind: int, transfer_id: bytes, r: _Reader) -> WireMessage:
+    if kind == 1:
+        size, chunk_size, digest = r.unpack(_OFFER)
+        return Offer(transfer_id, size, chunk_size, digest, r.text(_U8), r.text(_U16))  # type: ignore[arg-type]
+    if kind in (2, 5):
+        (number,) = r.unpack(_U32)
+        return (Accept if kind == 2 else ChunkAck)(transfer_id, number)  # type: ignore[arg-type]
+    if kind == 3:
+        (reason,) = r.unpack(_U8)
+        return Refuse(transfer_id, RefuseReason(reason), r.text(_U16))  # type: ignore[arg-type]
+    if kind == 4:
+        index, digest = r.unpack(_CHUNK)
+        return Chunk(transfer_id, index, digest, r.rest())  # type: ignore[arg-type]
+    if kind == 6:
+        return Complete(transfer_id, r.take(DIGEST_BYTES))
+    if kind == 7:
+        (reason,) = r.unpack(_U8)
+        return Failed(transfer_id, FailReason(reason), r.text(_U16))  # type: ignore[arg-type]
+    raise RemoteProtocolError(f"unknown transfer message type {kind}")
