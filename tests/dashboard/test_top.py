@@ -75,10 +75,19 @@ class Screen:
         return self.text()
 
     def close(self) -> int:
+        """Interrupt the child and read what it still draws until it exits (a full terminal would block it)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + DRAW_WAIT
         try:
-            return self.proc.wait(DRAW_WAIT)
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                ready, _, _ = select.select([self.master], [], [], 0.1)
+                if ready:
+                    try:
+                        self.raw += os.read(self.master, 65536)
+                    except OSError:  # the child's side is closed: it is exiting
+                        break
+            return self.proc.wait(max(0.0, deadline - time.monotonic()))
         finally:
             os.close(self.master)
 
