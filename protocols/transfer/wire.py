@@ -37,6 +37,7 @@ import enum
 import hashlib
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -121,7 +122,7 @@ def chunk_digest(data: bytes | memoryview) -> bytes:
     return hashlib.blake2b(data, digest_size=CHUNK_DIGEST_BYTES).digest()
 
 
-def whole_digest() -> hashlib._Hash:
+def whole_digest() -> hashlib.blake2b:
     """A fresh hash of the whole (feed it every chunk in order)."""
     return hashlib.blake2b(digest_size=DIGEST_BYTES)
 
@@ -274,6 +275,7 @@ WireMessage = Offer | Accept | Refuse | Chunk | ChunkAck | Complete | Failed
 """Every transfer message."""
 
 _TYPES: dict[type, int] = {Offer: 1, Accept: 2, Refuse: 3, Chunk: 4, ChunkAck: 5, Complete: 6, Failed: 7}
+_CLASSES: dict[int, type] = {number: cls for cls, number in _TYPES.items()}
 
 
 def _text(value: str, width: struct.Struct) -> bytes:
@@ -310,12 +312,12 @@ class _Reader:
         self.at += n
         return out
 
-    def unpack(self, fmt: struct.Struct) -> tuple[object, ...]:
+    def unpack(self, fmt: struct.Struct) -> tuple[Any, ...]:
+        """The fields of ``fmt`` (typed as ``struct`` types them: each caller's format says what they are)."""
         return fmt.unpack(self.take(fmt.size))
 
     def text(self, width: struct.Struct) -> str:
         (n,) = self.unpack(width)
-        assert isinstance(n, int)
         try:
             return self.take(n).decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -338,31 +340,30 @@ def decode(data: bytes) -> WireMessage:
     if version != WIRE_VERSION:
         raise RemoteProtocolError(f"transfer wire version {version} is not {WIRE_VERSION}")
     try:
-        message = _decode_body(int(kind), transfer_id, reader)  # type: ignore[call-overload]
-    except LocalProtocolError as exc:
-        raise RemoteProtocolError(f"invalid transfer message: {exc}") from None
-    except ValueError as exc:  # an unknown reason number
+        message = _decode_body(int(kind), transfer_id, reader)
+    except (LocalProtocolError, ValueError) as exc:  # a field out of range, an unknown reason number
         raise RemoteProtocolError(f"invalid transfer message: {exc}") from None
     reader.end()
     return message
 
 
 def _decode_body(kind: int, transfer_id: bytes, r: _Reader) -> WireMessage:
-    if kind == 1:
+    cls = _CLASSES.get(kind)
+    if cls is None:
+        raise RemoteProtocolError(f"unknown transfer message type {kind}")
+    if cls is Offer:
         size, chunk_size, digest = r.unpack(_OFFER)
-        return Offer(transfer_id, size, chunk_size, digest, r.text(_U8), r.text(_U16))  # type: ignore[arg-type]
-    if kind in (2, 5):
+        return Offer(transfer_id, size, chunk_size, digest, r.text(_U8), r.text(_U16))
+    if cls is Accept or cls is ChunkAck:
         (number,) = r.unpack(_U32)
-        return (Accept if kind == 2 else ChunkAck)(transfer_id, number)  # type: ignore[arg-type]
-    if kind == 3:
+        return cls(transfer_id, number)
+    if cls is Refuse:
         (reason,) = r.unpack(_U8)
-        return Refuse(transfer_id, RefuseReason(reason), r.text(_U16))  # type: ignore[arg-type]
-    if kind == 4:
+        return Refuse(transfer_id, RefuseReason(reason), r.text(_U16))
+    if cls is Chunk:
         index, digest = r.unpack(_CHUNK)
-        return Chunk(transfer_id, index, digest, r.rest())  # type: ignore[arg-type]
-    if kind == 6:
+        return Chunk(transfer_id, index, digest, r.rest())
+    if cls is Complete:
         return Complete(transfer_id, r.take(DIGEST_BYTES))
-    if kind == 7:
-        (reason,) = r.unpack(_U8)
-        return Failed(transfer_id, FailReason(reason), r.text(_U16))  # type: ignore[arg-type]
-    raise RemoteProtocolError(f"unknown transfer message type {kind}")
+    (reason,) = r.unpack(_U8)
+    return Failed(transfer_id, FailReason(reason), r.text(_U16))
