@@ -66,13 +66,19 @@ class Screen:
             left = deadline - time.monotonic()
             if left <= 0 or self.proc.poll() is not None:
                 pytest.fail(f"top never drew {needle!r}; it drew:\n{self.text()[-3000:]}")
-            ready, _, _ = select.select([self.master], [], [], min(left, 0.5))
-            if ready:
-                try:
-                    self.raw += os.read(self.master, 65536)
-                except OSError:
-                    break
+            if not self._read(min(left, 0.5)):
+                break
         return self.text()
+
+    def _read(self, timeout: float) -> bool:
+        """Add what the child drew within ``timeout``; False once its side is closed (it is exiting)."""
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if ready:
+            try:
+                self.raw += os.read(self.master, 65536)
+            except OSError:
+                return False
+        return True
 
     def close(self) -> int:
         """Interrupt the child and read what it still draws until it exits (a full terminal would block it)."""
@@ -80,13 +86,8 @@ class Screen:
             self.proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + DRAW_WAIT
         try:
-            while self.proc.poll() is None and time.monotonic() < deadline:
-                ready, _, _ = select.select([self.master], [], [], 0.1)
-                if ready:
-                    try:
-                        self.raw += os.read(self.master, 65536)
-                    except OSError:  # the child's side is closed: it is exiting
-                        break
+            while self.proc.poll() is None and time.monotonic() < deadline and self._read(0.1):
+                pass
             return self.proc.wait(max(0.0, deadline - time.monotonic()))
         finally:
             os.close(self.master)
