@@ -56,6 +56,7 @@ typecheck: $(STAMP)
 # pytest's exit 5 (no test collected) is a failure here, not a pass.
 test: sysdeps $(STAMP) $(LIBP2P_STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy villagemesh actors supervision protocols
 	rm -f .coverage .coverage.*
 	set +e; HYPOTHESIS_PROFILE=ci $(VENV)/bin/coverage run -m pytest -p no:cacheprovider; rc=$$?; set -e; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; \
