@@ -346,6 +346,55 @@ def test_a_full_outbox_blocks_send_up_to_its_timeout_then_raises_outbox_full(tmp
         node.stop()
 
 
+def test_waiting_senders_get_room_in_arrival_order_with_one_wake_up_per_freed_room() -> None:
+    """A thousand asyncio senders waiting on a full window: each freed slot wakes the loop once, not each waiter."""
+    from villagemesh.actors.app.state import HandleTable
+    from villagemesh.aio import _Room
+
+    class Owner:  # what _Room reads of a node
+        def __init__(self) -> None:
+            self.handles = HandleTable(OutboxLimits(per_peer_messages=2))
+
+    owner = Owner()
+    registrations = 0
+    on_room = owner.handles.on_room
+
+    def counted(fn: Any) -> None:
+        nonlocal registrations
+        registrations += 1
+        on_room(fn)
+
+    owner.handles.on_room = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        room = _Room(loop, owner)  # type: ignore[arg-type]
+        senders = [
+            asyncio.ensure_future(room.admit(i.to_bytes(4, "big"), "p", 1, None, None)) for i in range(1000)
+        ]
+        other = asyncio.ensure_future(room.admit(b"o", "q", 1, None, None))
+        late = asyncio.ensure_future(room.admit(b"late", "p", 1, loop.time() + 0.05, 0.05))
+        await asyncio.sleep(0.01)
+        assert [s.done() for s in senders[:3]] == [True, True, False] and other.done()
+        senders[5].cancel()  # gives up its place before its turn
+        with pytest.raises(OutboxFull, match="per_peer_messages=2"):
+            await late
+        order: list[int] = []
+        for i, sender in enumerate(senders):
+            if i == 5:
+                continue
+            handle = await asyncio.wait_for(sender, WAIT)
+            order.append(int.from_bytes(handle.raw_id, "big"))
+            ender = threading.Thread(target=owner.handles.resolve, args=(handle.raw_id, True, 1, None))
+            ender.start()  # ends it from another thread, as the gateway does
+            ender.join()
+        assert order == [i for i in range(1000) if i != 5]
+        assert owner.handles.pending_messages == 1  # the other peer's
+
+    asyncio.run(main())
+    assert registrations <= 1100, f"{registrations} wake-up registrations for 1,000 waiters"
+
+
 # -- events ----------------------------------------------------------------------------------------
 
 
