@@ -69,6 +69,19 @@ def test_delivered_means_a_handler_took_it_and_returned(pair) -> None:
     assert status.message_id == handle.message_id == handle.raw_id.hex()  # one id type: MessageId (hex str)
 
 
+def test_plain_successes_come_back_in_batch_reports_and_each_handle_ends_delivered(pair) -> None:
+    a, b = pair
+    got: list[bytes] = []
+    a.subscribe("BULK", lambda m: got.append(m.payload))
+    handles = b.send_many(((a.node_id, b"%d" % i) for i in range(300)), kind="BULK")
+    assert [h.result(WAIT).state for h in handles] == [DeliveryState.DELIVERED] * 300
+    assert sorted(got) == sorted(b"%d" % i for i in range(300))
+    sent, received = a.network_status()["app"]["outcomes_sent"], b.network_status()["app"]["outcomes_received"]
+    assert sent < 300, f"successes arriving together share reports ({sent} reports)"
+    assert received == 300, "a batch report ends every handle it names"
+    assert len(events_of(b, "message_handled")) >= 300
+
+
 def test_a_kind_nobody_handles_ends_unhandled_at_the_sender_and_is_logged_and_counted_at_the_receiver(pair) -> None:
     a, b = pair
     handle = b.send(a.node_id, b"lost?", kind="NOBODY")
