@@ -1186,9 +1186,10 @@ class Node:
             with self._peers_changed:
                 self._peer_events += 1
                 self._peers_changed.notify_all()
-        event = NodeEvent.of(record)
-        if event is None:
-            return
+        for event in NodeEvent.all_of(record):
+            self._tell_listeners(event)
+
+    def _tell_listeners(self, event: NodeEvent) -> None:
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -1289,6 +1290,20 @@ class NodeEvent:
     kind: str
     fields: Mapping[str, Any]
     timestamp: str
+
+    @classmethod
+    def all_of(cls, record: Mapping[str, Any]) -> list[NodeEvent]:
+        """The public events of a log record: one ``delivered`` per id of a ``messages_handled`` line
+        (a batch report's), else :meth:`of`'s one event or none."""
+        if record.get("event") == "messages_handled":
+            stamp = str(record.get("timestamp", ""))
+            peer, status = record.get("peer_id"), record.get("status")
+            return [
+                cls("delivered", {"message_id": mid, "peer_id": peer, "status": status}, stamp)
+                for mid in record.get("message_ids", ())
+            ]
+        event = cls.of(record)
+        return [] if event is None else [event]
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> NodeEvent | None:

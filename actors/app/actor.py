@@ -103,6 +103,7 @@ traceback), ``message_rejected`` (actor, reason), ``message_redelivered``
 ``message_poisoned`` (message_id, kind, sender, dispatches),
 ``message_unhandled`` (message_id, kind, sender), ``message_handled``
 (message_id, peer_id, status, reason) when an outcome ends a handle,
+``messages_handled`` (message_ids, peer_id, status) when a batch report ends many,
 ``outcome_unclaimed`` (message_id, status) for a report nobody waits for,
 ``outcome_undeliverable`` (message_id, reason), ``message_unconfirmed``
 (message_id, timeout_s).
@@ -598,17 +599,21 @@ class AppActor(Actor):
         except ProtocolError as exc:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
             return
+        claimed = []
         for message_id in batch.ids:
-            mid = message_id.hex()
             self.counters.outcomes_received += 1
             if self.handles.get(message_id) is None:
                 self.counters.outcomes_unclaimed += 1
-                self.ctx.log.emit("outcome_unclaimed", message_id=mid, status=OutcomeStatus.HANDLED.value)
-                continue
-            # Logged before the handle ends, so whoever waits on the handle finds the line written.
-            self.ctx.log.emit(
-                "message_handled", message_id=mid, peer_id=report.sender, status="handled", reason=None
-            )
+                self.ctx.log.emit("outcome_unclaimed", message_id=message_id.hex(), status="handled")
+            else:
+                claimed.append(message_id)
+        if not claimed:
+            return
+        # One line for the batch, logged before the handles end (whoever waits on one finds it written).
+        self.ctx.log.emit(
+            "messages_handled", message_ids=[m.hex() for m in claimed], peer_id=report.sender, status="handled"
+        )
+        for message_id in claimed:
             self.handles.resolve(message_id, DeliveryState.DELIVERED, None, None)
 
     def _coroutine_done(self, message_id: bytes, kind: str, handler: Any) -> Any:
