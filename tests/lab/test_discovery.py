@@ -13,7 +13,7 @@ BEACON_PORT = 42424
 
 
 def beacon_sources(lab: Cluster, i: int) -> set[str]:
-    """The addresses whose multicast beacons host ``i``'s node verified (its ``peer_discovered`` from the beacon port)."""
+    """The addresses whose multicast beacons host ``i`` verified (its ``peer_discovered`` from the beacon port)."""
     sources = {e.get("source", "") for e in lab[i].events() if e["event"] == "peer_discovered"}
     return {s.rsplit(":", 1)[0] for s in sources if s.endswith(f":{BEACON_PORT}")}
 
