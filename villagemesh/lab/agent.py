@@ -3,7 +3,7 @@
 ::
 
     ip netns exec NS python -m villagemesh.lab.agent --data-dir D --name h3 --host 10.77.0.13 \\
-        [--port P] [--record DIR] [--settings JSON]
+        [--port P] [--record DIR] [--work SECONDS] [--settings JSON]
 
 On stdout, one JSON object a line (flushed): ``{"event": "listen", "node_id", "address"}`` once the
 node is up, ``{"event": "failed", "error"}`` if its root supervisor gives up, and one reply per
@@ -40,6 +40,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,10 @@ def _lines(path: Path) -> list[str]:
 class Ledger:
     """The application's files in ``directory``: received, ordered, intent, sent."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, work: float = 0.0) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.dir = directory
+        self.work = work
         self.lock = threading.Lock()
         self.seen: set[str] = set(_lines(directory / "received"))
         self.duplicates = 0
@@ -78,8 +80,10 @@ class Ledger:
                 self._release(sender)  # what a kill left between the two files
 
     def handle(self, message: Any) -> None:
-        """The subscriber: record once, release in order."""
+        """The subscriber: record once, release in order (after ``work`` seconds of the application's work)."""
         payload = message.payload.decode()
+        if self.work:
+            time.sleep(self.work)  # the application's work on the message, before its line is written
         with self.lock:
             if message.redelivered:
                 self.redelivered += 1
@@ -135,7 +139,7 @@ class Agent:
         self.node = create_network(
             mode, data_dir=args.data_dir, name=args.name, host=args.host, port=args.port, **settings
         )
-        self.ledger = Ledger(args.record or args.data_dir.parent / f"{args.name}.app")
+        self.ledger = Ledger(args.record or args.data_dir.parent / f"{args.name}.app", args.work)
         self.out_lock = threading.Lock()
         self.sends: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.stop = threading.Event()
@@ -222,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--record", type=Path)
+    parser.add_argument("--work", type=float, default=0.0, help="seconds of application work per message")
     parser.add_argument("--settings", default="{}", help="NodeConfig fields as a JSON object")
     args = parser.parse_args(argv)
     agent = Agent(args)

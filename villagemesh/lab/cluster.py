@@ -70,6 +70,8 @@ class LabHost:
         self.node_id: str | None = None
         self.proc: subprocess.Popen[str] | None = None
         self.boots = 0
+        self.work = cluster.work
+        """Seconds of application work per message received (a slow receiver: a kill lands mid-stream)."""
         self._replies: dict[int, queue.Queue[dict[str, Any]]] = {}
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._next = 0
@@ -93,7 +95,7 @@ class LabHost:
             sys.executable, "-m", "villagemesh.lab.agent",
             "--data-dir", str(self.data_dir), "--name", self.name,
             "--host", self.cluster.net.addr(self.i), "--port", str(PORT),
-            "--record", str(self.app_dir), "--settings", json.dumps(settings),
+            "--record", str(self.app_dir), "--work", str(self.work), "--settings", json.dumps(settings),
         ]  # fmt: skip
         self._stderr = open(self.dir / "stderr.log", "a", encoding="utf-8")  # noqa: SIM115 - closed at reap
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -242,6 +244,8 @@ class Cluster:
 
     ``lan=True`` turns on the nodes' multicast beacons; ``bootstrap`` says whom each host
     probes: ``"first"`` (host 1, default: the rest is peer exchange), ``"none"`` or ``"all"``.
+    ``work``: seconds each host's application spends on a message. ``switch="tap"``: the
+    user-space switch (delay and loss, see :meth:`NetLab.set_link`), ``seed`` its random draws.
     Other keyword arguments are node settings (:class:`~villagemesh.node.NodeConfig` fields).
     """
 
@@ -254,6 +258,7 @@ class Cluster:
         bootstrap: str = "first",
         switch: str = "bridge",
         seed: int | None = None,
+        work: float = 0.0,
         **settings: Any,
     ) -> None:
         if bootstrap not in ("first", "none", "all"):
@@ -261,6 +266,7 @@ class Cluster:
         self.net = NetLab(n, switch=switch, seed=seed)
         self.base = Path(base)
         self.bootstrap = bootstrap
+        self.work = work
         self.settings = {"lan": lan, **settings}
         self.hosts = {i: LabHost(self, i) for i in self.net.hosts}
 
