@@ -10,7 +10,11 @@ default discovery settings (interval 2 s, round timeout 1.5 s, fast start 0.25 s
   at the instant the last node's registry stored its (N-1)-th distinct peer (the timestamp of
   its ``peer_discovered`` event in its ``events.jsonl``). Topologies: ``lan`` (no seeds,
   multicast beacons only) and ``seed`` (hosts 2..N know host 1's address, host 1 none: the
-  rest is peer exchange).
+  rest is peer exchange). ``lan-plug`` and ``seed-plug``: the same, but every cable is out
+  while the nodes start and all are plugged in at once: the clock starts then (the network
+  appears under nodes that are up, their fast start long over). Also ``cold_start_s``: from
+  spawning the first process (all N started at once, as after a power cut) to convergence;
+  ``start_spread_s``: from the first node serving to the last (N processes on 2 vCPUs).
 - **throughput**: once converged, every host sends ``--messages`` to the next one (a ring,
   ``send_many``); messages handled per second by all hosts together, from the first send to
   the last message handled.
@@ -48,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
 """The node's own defaults (the lab's fast settings are for tests)."""
 
 
+TOPOLOGIES = ("lan", "seed", "lan-plug", "seed-plug")
+
+
 def _when(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
@@ -77,9 +84,19 @@ def proc_figures(host: Any) -> tuple[float, float]:
 
 
 def measure(n: int, topology: str, messages: int, max_wait: float, base: Path) -> dict[str, Any]:
-    bootstrap = "none" if topology == "lan" else "first"
-    with Cluster(n, base / f"{topology}-{n}", lan=topology == "lan", bootstrap=bootstrap, **DEFAULTS) as lab:
-        t_started = time.time()  # the last node's listen line has been read when up() returns
+    kind, plugged = topology.removesuffix("-plug"), topology.endswith("-plug")
+    bootstrap = "none" if kind == "lan" else "first"
+    t_spawn = time.time()
+    lab = Cluster(n, base / f"{topology}-{n}", lan=kind == "lan", bootstrap=bootstrap, **DEFAULTS)
+    lab.up(start=not plugged)
+    try:
+        if plugged:  # every cable out while the nodes start; all plugged in at once
+            for i in lab.hosts:
+                lab.cut(i)
+            lab.start(lab.hosts)
+            for i in lab.hosts:
+                lab.restore(i)
+        t_started = time.time() if plugged else max(h.listening_at or 0.0 for h in lab)
         ids = {h.node_id for h in lab}
         deadline = time.monotonic() + max_wait
         times: dict[int, float] = {}
@@ -99,6 +116,9 @@ def measure(n: int, topology: str, messages: int, max_wait: float, base: Path) -
         elapsed = time.monotonic() - t0
         lab.check_exactly_once()
         figures = [proc_figures(h) for h in lab]
+        listening = [h.listening_at or t_started for h in lab]
+    finally:
+        lab.down()
     rss = [r for r, _ in figures]
     cpu = [c for _, c in figures]
     return {
@@ -107,6 +127,8 @@ def measure(n: int, topology: str, messages: int, max_wait: float, base: Path) -
         "convergence_s": None if convergence is None else round(convergence, 3),
         "p50_node_s": round(per_node[len(per_node) // 2], 3) if per_node else None,
         "converged_nodes": len(times),
+        "cold_start_s": None if convergence is None else round(max(times.values()) - t_spawn, 3),
+        "start_spread_s": round(t_started - min(h_at for h_at in listening), 3),
         "throughput_msgs_per_s": round(n * messages / elapsed, 1),
         "rss_mib_mean": round(sum(rss) / n, 1),
         "rss_mib_max": round(max(rss), 1),
@@ -145,8 +167,8 @@ def plot(rows: list[dict[str, Any]], baseline: dict[str, dict[str, Any]], path: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 25, 50])
-    parser.add_argument("--topologies", nargs="+", default=["lan", "seed"], choices=["lan", "seed"])
-    parser.add_argument("--messages", type=int, default=100, help="per host, to the next host")
+    parser.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=TOPOLOGIES)
+    parser.add_argument("--messages", type=int, default=200, help="per host, to the next host")
     parser.add_argument("--max-wait", type=float, default=60.0)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()

@@ -68,6 +68,8 @@ class LabHost:
         self.app_dir = self.dir / "app"
         self.address = f"{cluster.net.addr(i)}:{PORT}"
         self.node_id: str | None = None
+        self.listening_at: float | None = None
+        """Wall time (``time.time()``) at which the node's last boot said it serves."""
         self.proc: subprocess.Popen[str] | None = None
         self.boots = 0
         self.work = cluster.work
@@ -77,6 +79,7 @@ class LabHost:
         self._next = 0
         self._lock = threading.Lock()
         self._stderr: IO[str] | None = None
+        self._reader: threading.Thread | None = None
 
     @property
     def log_path(self) -> Path:
@@ -105,7 +108,8 @@ class LabHost:
         self.boots += 1
         self._replies.clear()
         self._events = queue.Queue()
-        threading.Thread(target=self._read, args=(self.proc,), name=f"lab-{self.name}", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), name=f"lab-{self.name}", daemon=True)
+        self._reader.start()
 
     def wait_listening(self, timeout: float = 60.0) -> str:
         """The node id, once the node serves."""
@@ -130,6 +134,8 @@ class LabHost:
                 msg = json.loads(line)
             except ValueError:
                 continue  # not ours (a library printing): the protocol lines are JSON
+            if msg.get("event") == "listen":
+                self.listening_at = time.time()
             box = self._replies.get(msg["id"]) if "id" in msg else None
             (box if box is not None else self._events).put(msg)
         self._events.put({"event": "exited"})
@@ -149,7 +155,7 @@ class LabHost:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its process group: anything it started dies too
         self._reap()
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -167,6 +173,8 @@ class LabHost:
     def _reap(self) -> None:
         assert self.proc is not None
         self.proc.wait(30)
+        if self._reader is not None:
+            self._reader.join(10)  # it reads to the end of the output, then ends
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()
