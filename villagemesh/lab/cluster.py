@@ -220,8 +220,26 @@ class LabHost:
     def status(self) -> dict[str, Any]:
         return dict(self.call("status")["status"])
 
-    def crash(self, actor: str) -> None:
+    def crash(self, actor: str, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
+        """``Node.crash(actor)``, then wait until the node's log has that crash; its ``child_crashed`` event."""
+        before = len(self.injected_crashes(actor))
         self.call("crash", actor=actor)
+        deadline = time.monotonic() + timeout
+        while True:
+            crashes = self.injected_crashes(actor)
+            if len(crashes) > before:
+                return crashes[before]
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: the crash of {actor} is not in its log within {timeout} s")
+            time.sleep(0.02)
+
+    def injected_crashes(self, actor: str) -> list[dict[str, Any]]:
+        """The ``child_crashed`` events of ``actor`` that ``Node.crash`` caused (``CrashInjected``), every boot."""
+        return [
+            e
+            for e in self.events()
+            if e["event"] == "child_crashed" and e.get("child_id") == actor and e.get("exc_type") == "CrashInjected"
+        ]
 
     def received(self) -> dict[str, Any]:
         return self.call("received")
