@@ -15,7 +15,7 @@ LIBP2P_VENV := .venv-libp2p
 LIBP2P_STAMP := $(LIBP2P_VENV)/.installed
 LIBP2P_VERSION := 0.8.1
 
-.PHONY: demo test lint typecheck bench sysdeps benchsysdeps install-debs clean
+.PHONY: demo test lint typecheck bench chaos sysdeps benchsysdeps install-debs clean
 
 sysdeps:
 	@$(MAKE) --no-print-directory install-debs DEBS="$(SYSTEM_PACKAGES)"
@@ -67,6 +67,12 @@ test: sysdeps $(STAMP) $(LIBP2P_STAMP)
 
 bench: benchsysdeps $(STAMP)
 	for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# A long seeded chaos run in network namespaces (root): it prints its seed; CHAOS_SEED=S replays one.
+CHAOS_SECONDS ?= 60
+CHAOS_HOSTS ?= 6
+chaos: $(STAMP)
+	$(PY) -m villagemesh.lab.chaos --duration $(CHAOS_SECONDS) --hosts $(CHAOS_HOSTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 clean:
 	rm -rf $(VENV) $(LIBP2P_VENV) build *.egg-info .coverage .coverage.* .hypothesis
