@@ -264,7 +264,9 @@ class Session:
             if kind > Type.GO_AWAY:
                 raise RemoteProtocolError(f"yamux: frame type {kind} is not one of DATA, WINDOW_UPDATE, PING, GO_AWAY")
             body = length if kind == Type.DATA else 0
-            if kind == Type.DATA and stream in self._streams and length > self._streams[stream].receive_window:
+            known = self._streams.get(stream)
+            credit = known.receive_window if known is not None else INITIAL_WINDOW
+            if body > credit:  # a stream not (or no longer) open never had more than the initial window
                 raise RemoteProtocolError(f"yamux: {length} bytes on stream {stream} exceed the credit granted")
             if len(self._in) < HEADER_BYTES + body:
                 break
@@ -336,3 +338,8 @@ class Session:
 
     def open_streams(self) -> list[int]:
         return sorted(self._streams)
+
+    def queued(self, stream: int) -> int:
+        """Bytes of ``stream`` waiting for the peer's credit (0 for a stream that is gone)."""
+        state = self._streams.get(stream)
+        return 0 if state is None else sum(len(chunk) for chunk in state.queued)

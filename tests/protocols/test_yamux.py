@@ -81,6 +81,20 @@ def test_data_beyond_the_granted_credit_is_a_protocol_error() -> None:
         server.receive_data(flood)
 
 
+def test_a_data_frame_for_no_open_stream_may_not_announce_more_than_a_window() -> None:
+    """A header claiming gigabytes for a stream not open is refused at once, not buffered towards."""
+    server = Session(client=False)
+    with pytest.raises(RemoteProtocolError, match="exceed the credit"):
+        server.receive_data(encode_frame(Type.DATA, Flag.SYN, 1, 2**32 - 1))
+
+
+def test_queued_counts_what_waits_for_credit() -> None:
+    client = Session(client=True)
+    sid = client.open_stream()
+    client.send(sid, b"z" * (INITIAL_WINDOW + 5))
+    assert client.queued(sid) == 5 and client.queued(99) == 0
+
+
 def test_a_ping_is_answered_with_its_opaque_value() -> None:
     client, server = pair()
     client.ping(0xDEADBEEF)

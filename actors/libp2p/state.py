@@ -1,0 +1,135 @@
+"""The libp2p actor's pure decisions: addresses, identities, limits, and what an outcome tells the asker.
+
+Nothing here touches a socket or the loop; :mod:`.host` and :mod:`.actor` call in.
+
+Addresses are multiaddrs ``/ip4/<host>/tcp/<port>/p2p/<peer id>`` (or ``/ip6/…``): the
+``/p2p/`` part is required, because the dialled peer id is what the Noise handshake
+checks (a peer proving another id is refused before a byte of ours is sent). A
+villagemesh node's peer id is the identity multihash of its Ed25519 node key, and its
+node id the first 16 bytes of SHA-256 of the same key, so one key maps to both::
+
+    node key (Ed25519 public) ──PeerId.from_ed25519──▶ peer id 12D3KooW…
+                              └─node_id_from_public_key─▶ node id (hex)
+
+Transmit outcomes are the kit's (:func:`villagemesh.actors.core.transport.transmit_outcome`).
+
+Limits (each with the reason it is what it is), :class:`Libp2pLimits`::
+
+    handshake_timeout_s   10.0   TCP accepted → Noise + yamux agreed; every step is one round trip,
+                                 10 s covers a slow radio link and a loaded node
+    connect_timeout_s      5.0   the TCP connect of a dial
+    send_timeout_s         5.0   a send waiting for the peer's yamux credit or the socket's buffer
+    max_pending_dials       64   dials in progress at once: each holds a socket and a timer
+    max_queued_bytes   8 MiB     bytes one envelope stream may hold waiting for credit before a
+                                 send waits (eight full envelopes)
+    max_frame         MAX_MESSAGE_BYTES   one envelope frame: the envelope codec's own cap
+
+The per-connection stream cap and window size are yamux's (``MAX_STREAMS`` 256,
+``INITIAL_WINDOW`` 256 KiB); multistream lines are bounded by ``MAX_LINE``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from villagemesh.errors import ConfigError, ConnectError, RemoteProtocolError
+from villagemesh.protocols.discovery import node_id_from_public_key
+from villagemesh.protocols.envelope import MAX_MESSAGE_BYTES
+from villagemesh.protocols.libp2p.identify import IDENTIFY_PROTOCOL, PING_PROTOCOL
+from villagemesh.protocols.libp2p.peerid import Multiaddr, PeerId
+
+__all__ = [
+    "ENVELOPE_PROTOCOL",
+    "SERVED_PROTOCOLS",
+    "TRANSPORT",
+    "Libp2pLimits",
+    "Target",
+    "listen_multiaddr",
+    "node_id_of",
+    "target_of",
+]
+
+TRANSPORT = "libp2p"
+"""This transport's name (and its actor's bus name in a node)."""
+
+ENVELOPE_PROTOCOL = "/villagemesh/envelope/1.0.0"
+"""Our stream protocol: ``uvarint(len) ‖ encode_message(...)`` frames, many per stream, one way."""
+
+SERVED_PROTOCOLS = (ENVELOPE_PROTOCOL, PING_PROTOCOL, IDENTIFY_PROTOCOL)
+"""What an inbound stream may speak (and what identify lists)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Libp2pLimits:
+    """The actor's limits as one value (tests shorten them)."""
+
+    handshake_timeout_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    send_timeout_s: float = 5.0
+    max_pending_dials: int = 64
+    max_queued_bytes: int = 8 * 1024 * 1024
+    max_frame: int = MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("handshake_timeout_s", "connect_timeout_s", "send_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"libp2p {name} must be > 0 seconds, got {value!r}")
+        for name in ("max_pending_dials", "max_queued_bytes", "max_frame"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"libp2p {name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a dial goes and whom it must meet there."""
+
+    host: str
+    port: int
+    peer_id: PeerId
+
+
+def target_of(address: str) -> Target:
+    """The host, port and peer id of ``/ip4|ip6/<host>/tcp/<port>/p2p/<id>``.
+
+    Raises:
+        ConnectError: ``address`` is no such multiaddr (naming it): nothing can be sent there.
+    """
+    try:
+        multiaddr = Multiaddr.parse(address)
+        peer = multiaddr.peer_id()
+    except RemoteProtocolError as exc:
+        raise ConnectError(f"libp2p address {address!r:.120} is not a multiaddr: {exc}") from exc
+    host = multiaddr.value("ip4") or multiaddr.value("ip6")
+    port = multiaddr.value("tcp")
+    if host is None or port is None or peer is None:
+        raise ConnectError(f"libp2p address {address!r:.120} needs /ip4 or /ip6, /tcp and /p2p parts")
+    return Target(host, int(port), peer)
+
+
+def node_id_of(peer_id: PeerId) -> str:
+    """The villagemesh node id of an Ed25519 peer id.
+
+    Raises:
+        RemoteProtocolError: the peer id inlines no Ed25519 key (a hashed id names no key by itself).
+    """
+    key = peer_id.ed25519_public_key()
+    if key is None:
+        raise RemoteProtocolError(f"libp2p peer {peer_id} has no inlined Ed25519 key: not a villagemesh node")
+    return node_id_from_public_key(key)
+
+
+def listen_multiaddr(host: str, port: int, peer_id: PeerId | None = None) -> str:
+    """``/ip4/<host>/tcp/<port>[/p2p/<id>]`` (``/ip6`` for an IPv6 host).
+
+    Raises:
+        ConfigError: ``host`` is not an IP address (a multiaddr of a name needs ``/dns``, not read here).
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"libp2p listens on IP addresses only, got host {host!r}") from exc
+    text = f"/ip{ip.version}/{ip}/tcp/{port}"
+    return text if peer_id is None else f"{text}/p2p/{peer_id}"

@@ -1,0 +1,67 @@
+"""Two villagemesh nodes in hybrid mode over the libp2p transport: delivery, failover to WebSocket and back."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests import test_node
+from tests.conftest import WAIT
+from villagemesh.actors.libp2p.actor import libp2p_status
+from villagemesh.node import Node
+
+pytestmark = pytest.mark.slow
+
+pair = test_node.pair
+"""Two hybrid nodes, b bootstrapped from a (the node tests' fixture)."""
+
+
+def events(node: Node, name: str) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, node.log_path.read_text().splitlines()) if e["event"] == name]
+
+
+def delivered_over(node: Node, count: int) -> list[str]:
+    """The transports of the sender's first ``count`` deliveries (waits for their log lines)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        done = [t for e in events(node, "messages_delivered") for t in [e["transports"]] * e["count"]]
+        if len(done) >= count or time.monotonic() > deadline:
+            return [",".join(t) for t in done]
+        threading.Event().wait(0.05)
+
+
+def test_the_announce_carries_the_libp2p_multiaddr_of_the_node_key(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    [peer] = [p for p in b.peers() if p.peer_id == a.node_id]
+    assert dict(peer.addresses)["libp2p"] == (a.libp2p_address,)
+    assert a.libp2p_address.endswith("/p2p/" + libp2p_status(a._client()).peer_id)
+
+
+def test_hybrid_nodes_deliver_over_libp2p_fail_over_to_websocket_when_it_crashes_and_come_back(
+    pair: tuple[Node, Node],
+) -> None:
+    a, b = pair
+    a.subscribe("DATA", lambda message: None)
+    assert b.send(a.node_id, b"over libp2p").result(WAIT).delivered
+    assert delivered_over(b, 1) == ["libp2p"]
+    assert b.node_id in libp2p_status(a._client()).peers  # it came in on a's port, through the acceptor
+
+    # Crashed with a stream of messages in flight: those fail over to WebSocket at once.
+    handles = b.send_many([(a.node_id, b"in flight %d" % n) for n in range(200)])
+    b.crash("libp2p")
+    assert all(h.result(WAIT).delivered for h in handles)
+    deadline = time.monotonic() + WAIT
+    while not events(b, "child_restarted") and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+    for n in range(5):  # once libp2p is back, deliveries use it again
+        assert b.send(a.node_id, b"after %d" % n).result(WAIT).delivered
+    transports = delivered_over(b, 206)
+    assert "websocket" in transports[1:201], transports
+    assert transports[-5:] == ["libp2p"] * 5, transports
+    crashed = [e["child_id"] for e in events(b, "child_crashed")]
+    restarted = [e["child_id"] for e in events(b, "child_restarted")]
+    assert crashed == ["libp2p"] and restarted == ["libp2p"]  # it restarted alone
