@@ -120,6 +120,8 @@ class Connection(asyncio.Protocol):
         self.mux = yamux.Session(client=dialer)
         self.streams: dict[int, _Stream] = {}
         self.envelope_stream: int | None = None
+        self.refused = 0
+        """Streams the peer opened beyond the limit (each reset)."""
         self.remote: PeerId | None = None
         self.node_id: str | None = None
         self.observed: Multiaddr | None = None
@@ -246,9 +248,23 @@ class Connection(asyncio.Protocol):
                 self._forget_if_gone(event.stream)
             elif isinstance(event, yamux.StreamReset):
                 self._forget_if_gone(event.stream)
+            elif isinstance(event, yamux.StreamRefused):
+                self._refused(event.stream)
             elif isinstance(event, yamux.GoAway):
                 self.host._going_away(self)
         self._credit.set()  # window updates may have let queued bytes out: senders look again
+
+    def _refused(self, stream: int) -> None:
+        """The peer opened more streams than yamux allows (it got a reset): counted, logged once per connection."""
+        self.host.counts["streams_refused"] += 1
+        self.refused += 1
+        if self.refused == 1:
+            self.host.log.warning(
+                "libp2p_streams_refused",
+                peer=self.peer,
+                peer_id=str(self.remote),
+                reason=f"stream {stream} opened beyond the {yamux.MAX_STREAMS} allowed: reset",
+            )
 
     def _forget_if_gone(self, stream: int) -> None:
         if stream not in self.mux.open_streams():

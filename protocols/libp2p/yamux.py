@@ -47,6 +47,7 @@ __all__ = [
     "Session",
     "StreamClosed",
     "StreamOpened",
+    "StreamRefused",
     "StreamReset",
     "Type",
     "encode_frame",
@@ -101,6 +102,13 @@ class StreamReset:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamRefused:
+    """The peer opened ``stream`` and we reset it at once: too many open, or the session is going away."""
+
+    stream: int
+
+
+@dataclass(frozen=True, slots=True)
 class Pong:
     opaque: int
 
@@ -110,7 +118,7 @@ class GoAway:
     code: int
 
 
-Event = StreamOpened | Data | StreamClosed | StreamReset | Pong | GoAway
+Event = StreamOpened | Data | StreamClosed | StreamReset | StreamRefused | Pong | GoAway
 
 
 class _State(enum.Enum):
@@ -326,7 +334,7 @@ class Session:
         self._peer_highest = stream
         if self._going_away or len(self._streams) >= MAX_STREAMS:
             self._out += encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0)
-            return []
+            return [StreamRefused(stream)]
         self._streams[stream] = _Stream(_State.OPEN)
         self._out += encode_frame(Type.WINDOW_UPDATE, Flag.ACK, stream, 0)
         return [StreamOpened(stream)]

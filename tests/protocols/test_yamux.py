@@ -26,6 +26,7 @@ from villagemesh.protocols.libp2p.yamux import (
     Session,
     StreamClosed,
     StreamOpened,
+    StreamRefused,
     StreamReset,
     Type,
     encode_frame,
@@ -136,7 +137,7 @@ def test_go_away_stops_new_streams_on_both_sides() -> None:
     assert at_client == [GoAway(2)]
     with pytest.raises(LocalProtocolError, match="going away"):
         client.open_stream()
-    assert server.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 5, 0)) == []  # refused: RST back
+    assert server.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 5, 0)) == [StreamRefused(5)]  # RST back
     assert server.data_to_send() == encode_frame(Type.WINDOW_UPDATE, Flag.RST, 5, 0)
 
 
@@ -148,7 +149,7 @@ def test_a_peer_opening_too_many_streams_gets_resets() -> None:
         client.open_stream()
     pump(client, server)
     extra = encode_frame(Type.DATA, Flag.SYN, 2 * MAX_STREAMS + 1, 3, b"abc")
-    assert server.receive_data(extra) == []
+    assert server.receive_data(extra) == [StreamRefused(2 * MAX_STREAMS + 1)]
     assert server.data_to_send() == encode_frame(Type.WINDOW_UPDATE, Flag.RST, 2 * MAX_STREAMS + 1, 0)
 
 
