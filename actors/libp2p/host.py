@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -72,11 +72,14 @@ from villagemesh.protocols.libp2p.noise import Data as NoiseData
 from villagemesh.protocols.libp2p.peerid import ED25519_KEY_PROTO_PREFIX, Multiaddr, PeerId
 from villagemesh.protocols.libp2p.varint import UvarintFramer, frame
 
-__all__ = ["AGENT_VERSION", "MUXER_PROTOCOL", "Connection", "Libp2pHost", "OnMessage"]
+__all__ = ["AGENT_VERSION", "MUXER_PROTOCOL", "Connection", "Handler", "Libp2pHost", "Libp2pStream", "OnMessage"]
 
 MUXER_PROTOCOL = "/yamux/1.0.0"
 AGENT_VERSION = "villagemesh/0.1"
 PROTOCOL_VERSION = "ipfs/0.1.0"
+
+Handler = Callable[["Libp2pStream"], Awaitable[None]]
+"""Serves one inbound stream of a protocol registered in :attr:`Libp2pHost.handlers`."""
 
 OnMessage = Callable[[Message, bytes, str], None]
 """``on_message(message, raw, node_id)``: an envelope from the authenticated peer ``node_id``, on the loop."""
@@ -93,14 +96,93 @@ class _Phase(enum.Enum):
 class _Stream:
     """One yamux stream: its negotiation until agreed, then its protocol's state."""
 
-    __slots__ = ("framer", "negotiation", "pending", "protocol")
+    __slots__ = ("app", "framer", "negotiation", "pending", "protocol")
 
-    def __init__(self, negotiation: Negotiation) -> None:
+    def __init__(self, negotiation: Negotiation, app: Libp2pStream | None = None) -> None:
         self.negotiation: Negotiation | None = negotiation
         self.protocol: str | None = None
         self.framer: UvarintFramer | None = None
         self.pending = bytearray()
         """Our envelope frames written before the peer agreed (outbound envelope stream)."""
+        self.app = app
+        """The stream's reader and writer when code of ours uses it (opened by us, or a handler's)."""
+
+
+class Libp2pStream:
+    """A yamux stream for code on the loop: ``read`` / ``write`` / ``close``, with yamux's flow control.
+
+    Credit goes back to the peer as :meth:`read` takes bytes, so a reader that stops
+    reading stops the peer (at one window). ``read`` returns ``b""`` once the peer
+    closed its side; a reset or a lost connection is a :class:`TransportError`.
+    """
+
+    def __init__(self, conn: Connection, stream: int, protocol: str | None) -> None:
+        self.conn = conn
+        self.id = stream
+        self.protocol = protocol
+        self.agreed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.agreed.add_done_callback(_retrieve)
+        if protocol is not None:
+            self.agreed.set_result(None)
+        self._inbox = bytearray()
+        self._eof = False
+        self._error: TransportError | None = None
+        self._event = asyncio.Event()
+
+    @property
+    def remote(self) -> PeerId | None:
+        return self.conn.remote
+
+    def _feed(self, data: bytes) -> None:
+        self._inbox += data
+        self._event.set()
+
+    def _end(self, error: TransportError | None = None) -> None:
+        self._eof = True
+        self._error = self._error or error
+        if not self.agreed.done():
+            self.agreed.set_exception(error or ConnectError(f"libp2p {self.conn.peer}: stream {self.id} closed"))
+        self._event.set()
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` (at least one, waiting for them); ``b""`` at the peer's end of stream.
+
+        Raises:
+            TransportError: the stream was reset or the connection lost.
+        """
+        while not self._inbox and not self._eof:
+            self._event.clear()
+            await self._event.wait()
+        if not self._inbox:
+            if self._error is not None:
+                raise self._error
+            return b""
+        data = bytes(self._inbox[:max_bytes])
+        del self._inbox[:max_bytes]
+        self.conn._consumed(self.id, len(data))
+        return data
+
+    async def read_exactly(self, size: int) -> bytes:
+        """Exactly ``size`` bytes. Raises TransportError if the stream ends before."""
+        out = bytearray()
+        while len(out) < size:
+            chunk = await self.read(size - len(out))
+            if not chunk:
+                raise TransportError(
+                    f"libp2p {self.conn.peer}: stream {self.id} ended after {len(out)} of {size} bytes"
+                )
+            out += chunk
+        return bytes(out)
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``; returns once the peer's credit and the socket let it out (``send_timeout_s``)."""
+        await self.agreed
+        self.conn._app_write(self.id, data)
+        await self.conn._drained(self.id)
+
+    def close(self) -> None:
+        """Half-close (FIN): we send no more."""
+        self.conn._app_close(self.id)
 
 
 class Connection(asyncio.Protocol):
@@ -173,6 +255,9 @@ class Connection(asyncio.Protocol):
             self.ready.set_exception(ConnectError(f"libp2p {self.peer}: closed while {was.value}{why}"))
         self._writable.set()  # wake senders: they find the connection closed
         self._credit.set()
+        for state in self.streams.values():
+            if state.app is not None:
+                state.app._end(TransportError(f"libp2p {self.peer}: the connection was lost"))
         self.host._closed(self)
 
     def pause_writing(self) -> None:
@@ -238,15 +323,25 @@ class Connection(asyncio.Protocol):
     def _on_mux(self, events: list[yamux.Event]) -> None:
         for event in events:
             if isinstance(event, yamux.StreamOpened):
-                self.streams[event.stream] = _Stream(Negotiation.listener(SERVED_PROTOCOLS))
+                self.streams[event.stream] = _Stream(Negotiation.listener(self.host.protocols))
             elif isinstance(event, yamux.Data):
+                state = self.streams.get(event.stream)
+                if state is not None and state.app is not None and state.negotiation is None:
+                    state.app._feed(event.data)  # credit goes back as it is read
+                    continue
                 self.mux.consumed(event.stream, len(event.data))  # handled at once: the credit goes back at once
                 self._stream_data(event.stream, event.data)
             elif isinstance(event, yamux.StreamClosed):
-                if event.stream in self.mux.open_streams() and event.stream != self.envelope_stream:
+                state = self.streams.get(event.stream)
+                if state is not None and state.app is not None:
+                    state.app._end()  # its owner closes its own side
+                elif event.stream in self.mux.open_streams() and event.stream != self.envelope_stream:
                     self.mux.close(event.stream)
                 self._forget_if_gone(event.stream)
             elif isinstance(event, yamux.StreamReset):
+                state = self.streams.get(event.stream)
+                if state is not None and state.app is not None:
+                    state.app._end(TransportError(f"libp2p {self.peer}: the peer reset stream {event.stream}"))
                 self._forget_if_gone(event.stream)
             elif isinstance(event, yamux.StreamRefused):
                 self._refused(event.stream)
@@ -283,11 +378,23 @@ class Connection(asyncio.Protocol):
             if reply:
                 self.mux.send(stream, reply)
             if any(isinstance(e, NoProtocol) for e in events):
-                raise RemoteProtocolError(f"libp2p {self.peer}: the peer does not speak {ENVELOPE_PROTOCOL}")
+                if state.app is None:
+                    raise RemoteProtocolError(f"libp2p {self.peer}: the peer does not speak {ENVELOPE_PROTOCOL}")
+                state.app._end(ConnectError(f"libp2p {self.peer}: the peer does not speak {negotiation.protocols[0]}"))
+                self.mux.reset(stream)
+                self.streams.pop(stream, None)
+                return
             if negotiation.agreed is None:
                 return
             state.negotiation, state.protocol, data = None, negotiation.agreed, negotiation.rest
             self._agreed(stream, state)
+            if state.app is not None:
+                state.app.protocol = state.protocol
+                if not state.app.agreed.done():
+                    state.app.agreed.set_result(None)
+                if data:
+                    state.app._feed(data)
+                return
         if not data:
             return
         if state.protocol == PING_PROTOCOL:
@@ -302,7 +409,11 @@ class Connection(asyncio.Protocol):
             raise RemoteProtocolError(f"libp2p {self.peer}: data on stream {stream} ({state.protocol}), which is ours")
 
     def _agreed(self, stream: int, state: _Stream) -> None:
-        if state.protocol == IDENTIFY_PROTOCOL:
+        handler = self.host.handlers.get(state.protocol or "")
+        if handler is not None and state.app is None:  # an inbound stream for a handler of ours
+            state.app = Libp2pStream(self, stream, state.protocol)
+            self.host._serve(handler, state.app)
+        elif state.protocol == IDENTIFY_PROTOCOL:
             self.mux.send(stream, frame(self.host.identify(self.observed).encode()))
             self.mux.close(stream)
             self.host.counts["identified"] += 1
@@ -370,6 +481,52 @@ class Connection(asyncio.Protocol):
         self._flush()
         self.host.counts["sent"] += len(raws)
         await self._drained(stream)
+
+    async def open_stream(self, protocol: str) -> Libp2pStream:
+        """A new stream speaking ``protocol`` (negotiated; within ``handshake_timeout_s``).
+
+        Raises:
+            ConnectError: the connection is not up, the muxer refuses a new stream, or the
+                peer does not speak ``protocol``.
+            TransportTimeout: the peer did not answer the negotiation in time.
+        """
+        if self.phase is not _Phase.MUX:
+            raise ConnectError(f"libp2p {self.peer}: the connection is {self.phase.value}")
+        try:
+            stream = self.mux.open_stream()
+        except LocalProtocolError as exc:
+            raise ConnectError(f"libp2p {self.peer}: no new stream: {exc}") from exc
+        negotiation = Negotiation.dialer([protocol])
+        app = Libp2pStream(self, stream, None)
+        self.streams[stream] = _Stream(negotiation, app)
+        self.mux.send(stream, negotiation.data_to_send())
+        self._flush()
+        limit = self.host.limits.handshake_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(app.agreed), limit)
+        except TimeoutError as exc:
+            raise TransportTimeout(f"libp2p {self.peer}: no answer to {protocol} within {limit} s") from exc
+        return app
+
+    def _consumed(self, stream: int, size: int) -> None:
+        if self.phase is _Phase.MUX:
+            self.mux.consumed(stream, size)
+            self._flush()
+
+    def _app_write(self, stream: int, data: bytes) -> None:
+        if self.phase is not _Phase.MUX or stream not in self.mux.open_streams():
+            raise TransportError(f"libp2p {self.peer}: stream {stream} is not open for writing")
+        self.mux.send(stream, data)
+        self._flush()
+
+    def _app_close(self, stream: int) -> None:
+        if self.phase is _Phase.MUX and stream in self.mux.open_streams():
+            try:
+                self.mux.close(stream)
+            except LocalProtocolError:
+                return  # closed by us already
+            self._flush()
+            self._forget_if_gone(stream)
 
     def _envelope_stream(self) -> int:
         if self.envelope_stream is not None:
@@ -473,6 +630,40 @@ class Libp2pHost:
         """Connections up (yamux agreed), by the remote's node id: the newest of each peer."""
         self._all: set[Connection] = set()
         self._dialing: dict[str, asyncio.Future[Connection]] = {}
+        self.handlers: dict[str, Handler] = {}
+        """Protocols served by code of ours (``handler(stream)`` runs as a task per inbound stream)."""
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        """What an inbound stream may speak."""
+        return SERVED_PROTOCOLS + tuple(self.handlers)
+
+    def _serve(self, handler: Handler, stream: Libp2pStream) -> None:
+        async def run() -> None:
+            try:
+                await handler(stream)
+            except RemoteProtocolError as exc:
+                stream.conn.cut_off(exc)  # the peer broke the protocol: the connection goes
+            except TransportError as exc:
+                self.log.warning(
+                    "libp2p_stream_failed",
+                    peer=stream.conn.peer,
+                    protocol=stream.protocol,
+                    reason=str(exc),
+                    error=type(exc).__name__,
+                )
+            finally:
+                stream.close()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def open_stream(self, address: str, protocol: str, node_id: str | None = None) -> Libp2pStream:
+        """A stream speaking ``protocol`` to the peer at ``address`` (its connection reused or dialled)."""
+        conn = await self.connect(address, node_id)
+        return await conn.open_stream(protocol)
 
     @property
     def address(self) -> str:
@@ -581,7 +772,9 @@ class Libp2pHost:
 
     async def close(self) -> None:
         """GoAway and close every connection; dials in progress are cancelled."""
-        for task in list(self._dialing.values()):
+        for dialing in self._dialing.values():
+            dialing.cancel()
+        for task in self._tasks:
             task.cancel()
         for conn in list(self._all):
             conn.close()

@@ -132,7 +132,7 @@ def test_py_libp2p_dials_us_pings_us_and_reads_our_identify() -> None:
 
     listener, lines = run(body())  # type: ignore[misc]
     assert [line for line in lines if line.startswith("PING")] == [f"PING {n} ok" for n in range(4)], lines
-    [identify] = [line for line in lines if line.startswith("IDENTIFY")]
+    [identify] = [line for line in lines if line.startswith("IDENTIFY ")]
     assert identify.split()[1] == "villagemesh-interop/0.1" and PING_PROTOCOL in identify
     assert "DONE" in lines and listener.pings == 4
     # py-libp2p identifies a peer by itself on connect, and the script asked once more
