@@ -213,6 +213,10 @@ class NodeConfig:
     libp2p: bool = True
     """Run the libp2p transport (a libp2p peer on the node's port; its identity is the node key) and
     announce its multiaddr ``/ip4/<host>/tcp/<port>/p2p/<peer id>``; needs ``host`` to be an IP address."""
+    libp2p_bootstrap: tuple[str, ...] = ()
+    """Multiaddrs ``/ip4/…/tcp/…/p2p/…`` of Kademlia peers (any libp2p DHT) to find other nodes through:
+    each discovery round provides the well-known key (:data:`villagemesh.actors.libp2p.kad.PROVIDER_KEY`)
+    and looks up its providers."""
     betanet: bool | None = None
     """Run the BetaNet mixnode relay (and announce its address): None means on in the anonymous mode only."""
     betanet_delay_ms: float = 0.0
@@ -272,6 +276,17 @@ class NodeConfig:
                 raise ConfigError(f"bootstrap entries must be 'host:port' strings, got {entry!r}")
             parse_host_port(entry)
         object.__setattr__(self, "bootstrap", bootstrap)
+        if isinstance(self.libp2p_bootstrap, str | bytes):
+            raise ConfigError(f"libp2p_bootstrap must be a sequence of multiaddrs, got {self.libp2p_bootstrap!r}")
+        object.__setattr__(self, "libp2p_bootstrap", tuple(self.libp2p_bootstrap))
+        for entry in self.libp2p_bootstrap:
+            from villagemesh.actors.libp2p.state import target_of
+            from villagemesh.errors import ConnectError
+
+            try:
+                target_of(entry)
+            except ConnectError as exc:
+                raise ConfigError(f"libp2p_bootstrap entry {entry!r}: {exc}") from None
         for name in ("lan", "accept_loss", "new_identity", "freeze_gc", "libp2p"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -734,7 +749,7 @@ class Node:
         transports = SupervisorSpec(
             "transports",
             [
-                *([self._libp2p_spec()] if cfg.libp2p else []),
+                *([self._libp2p_spec(identity)] if cfg.libp2p else []),
                 ChildSpec(
                     "websocket",
                     WebSocketActor,
@@ -834,7 +849,7 @@ class Node:
                 "sweeper",
                 SweeperActor,
                 config={
-                    "transports": ["lan"],
+                    "transports": ["lan", *(["libp2p"] if cfg.libp2p else [])],
                     "interval": cfg.discovery_interval,
                     "fast_start": cfg.discovery_fast_start,
                     "timeout": cfg.discovery_timeout,
@@ -844,7 +859,7 @@ class Node:
         ]
         return SupervisorSpec("root", children, strategy="one_for_one", intensity=20, period=10)
 
-    def _libp2p_spec(self) -> ChildSpec:
+    def _libp2p_spec(self, identity: Any) -> ChildSpec:
         from villagemesh.actors.libp2p.actor import Libp2pActor
         from villagemesh.actors.libp2p.state import Libp2pLimits, listen_multiaddr
 
@@ -858,6 +873,8 @@ class Node:
                 "listen": listen_multiaddr(cfg.host, self.port),
                 "handshake_deadline_s": cfg.handshake_timeout,
                 "limits": Libp2pLimits(handshake_timeout_s=cfg.handshake_timeout),
+                "identity": identity,
+                "bootstrap": cfg.libp2p_bootstrap,
             },
         )
 

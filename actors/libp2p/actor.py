@@ -27,6 +27,8 @@ Metrics: ``transmit_ok`` (reported successes only) and ``transmit_failed``.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from villagemesh.actors.core.base import Request
@@ -37,13 +39,18 @@ from villagemesh.actors.core.transport import (
     ConnectionHandedOff,
     Discover,
     Discovered,
+    Sighting,
     Transmit,
     transmit_outcome,
 )
-from villagemesh.actors.libp2p.host import Libp2pHost
+from villagemesh.actors.libp2p.host import Libp2pHost, Libp2pStream
+from villagemesh.actors.libp2p.kad import PROVIDER_KEY, Kademlia
 from villagemesh.actors.libp2p.messages import GetLibp2pStatus, Libp2pStatus
-from villagemesh.actors.libp2p.state import TRANSPORT, Libp2pLimits
-from villagemesh.errors import BusError, ConfigError
+from villagemesh.actors.libp2p.state import ANNOUNCE_PROTOCOL, TRANSPORT, Libp2pLimits, node_id_of
+from villagemesh.errors import BusError, ConfigError, RemoteProtocolError, VillageMeshError
+from villagemesh.protocols.discovery import MAX_DISCOVERY_FRAME, Announce, decode_discovery, encode_discovery
+from villagemesh.protocols.libp2p.kad import KadPeer
+from villagemesh.protocols.libp2p.varint import frame
 
 __all__ = ["TRANSPORT", "Libp2pActor", "libp2p_status"]
 
@@ -66,10 +73,20 @@ class Libp2pActor(EnvelopeTransportActor):
         self.start_inbound(config.get("deliver_to"))
         self.start_io()
 
-        async def make() -> Libp2pHost:
-            return Libp2pHost(keys, self.envelope_received, listen=config.get("listen"), limits=limits, log=self.io_log)
+        self.identity: Any = config.get("identity")
+        """What we announce (a :class:`~villagemesh.actors.lan.identity.Identity`: ``announce()`` signs afresh)."""
+        bootstrap = tuple(config.get("bootstrap", ()))
 
-        self.host: Libp2pHost = self.io_loop.call(make(), LOOP_CALL_TIMEOUT_S)
+        async def make() -> tuple[Libp2pHost, Kademlia]:
+            host = Libp2pHost(keys, self.envelope_received, listen=config.get("listen"), limits=limits, log=self.io_log)
+            kad = Kademlia(host)
+            for address in bootstrap:
+                kad.add(address)
+            if self.identity is not None:
+                host.handlers[ANNOUNCE_PROTOCOL] = self._announce
+            return host, kad
+
+        self.host, self.kad = self.io_loop.call(make(), LOOP_CALL_TIMEOUT_S)
         self.io_log.info("libp2p_listening", address=self.host.address, peer_id=str(self.host.peer_id))
 
     async def io_shutdown(self) -> None:
@@ -89,7 +106,7 @@ class Libp2pActor(EnvelopeTransportActor):
             self._start_transmits([msg])
             return None
         if isinstance(msg, Discover):
-            self.tell(msg.reply_to, Discovered(msg.round, TRANSPORT, (), ()))
+            self._start_discovery(msg)
             return None
         if isinstance(msg, GetLibp2pStatus):
             return self.io_loop.call(self._status(), LOOP_CALL_TIMEOUT_S)
@@ -126,6 +143,58 @@ class Libp2pActor(EnvelopeTransportActor):
 
         sending = self.host.send_many(first.address, first.peer_id, [r.envelope for r in requests])
         self.run_on_loop(sending, then, post_success=first.report_success)
+
+    # -- discovery: Kademlia, then each villagemesh provider's signed announce ---------------------
+
+    async def _announce(self, stream: Libp2pStream) -> None:
+        """Serve ``/villagemesh/announce/1.0.0``: our freshly signed announce, then the end of stream."""
+        await stream.write(frame(encode_discovery(self.identity.announce())))
+
+    def _start_discovery(self, msg: Discover) -> None:
+        def then(found: tuple[tuple[Sighting, ...], tuple[str, ...]] | None, error: BaseException | None) -> None:
+            if error is not None and not isinstance(error, TimeoutError | VillageMeshError | asyncio.CancelledError):
+                raise error  # a bug: for the supervisor
+            sightings, errors = found if found is not None else ((), (f"{type(error).__name__}: {error}",))
+            try:
+                self.tell(msg.reply_to, Discovered(msg.round, TRANSPORT, sightings, errors))
+            except BusError as exc:
+                self.io_log.warning("send_outcome_undeliverable", to=msg.reply_to, reason=str(exc))
+
+        self.run_on_loop(self._discover(msg.timeout), then)
+
+    async def _discover(self, timeout: float) -> tuple[tuple[Sighting, ...], tuple[str, ...]]:
+        """Provide :data:`~.kad.PROVIDER_KEY`, find its providers, and read each one's signed announce."""
+        errors: list[str] = []
+        if len(self.kad.table) == 0 and not self.kad.providers.get(PROVIDER_KEY, time.time()):
+            return (), ()  # nobody to ask (no bootstrap peer, none found yet) and no node provided to us
+        async with asyncio.timeout(timeout * 0.9):  # the answer must reach the sweeper within its round
+            if self.identity is not None:
+                await self.kad.provide(PROVIDER_KEY)
+            providers = await self.kad.find_providers(PROVIDER_KEY)
+            found = await asyncio.gather(*(self._sighting(p) for p in providers), return_exceptions=True)
+        sightings = []
+        for peer, result in zip(providers, found, strict=True):
+            if isinstance(result, Sighting):
+                sightings.append(result)
+            elif isinstance(result, VillageMeshError | TimeoutError):
+                errors.append(f"{peer.peer_id}: {type(result).__name__}: {result}")
+            elif isinstance(result, BaseException):
+                raise result
+        return tuple(sightings), tuple(errors)
+
+    async def _sighting(self, peer: KadPeer) -> Sighting:
+        """``peer``'s signed announce, checked to be the node its libp2p key names."""
+        node_id = node_id_of(peer.peer_id)  # a provider without an Ed25519 key is no villagemesh node
+        address = next(f"{a}/p2p/{peer.peer_id}" for a in peer.addrs)
+        started = time.perf_counter()
+        stream = await self.host.open_stream(address, ANNOUNCE_PROTOCOL, node_id)
+        body = await stream.read_frame(MAX_DISCOVERY_FRAME)
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        stream.close()
+        event = decode_discovery(body)  # signed types are verified as they are decoded
+        if not isinstance(event, Announce) or event.node_id != node_id:
+            raise RemoteProtocolError(f"libp2p {peer.peer_id}: its announce is not a signed announce of node {node_id}")
+        return Sighting(TRANSPORT, body.decode(), latency_ms)
 
     async def _status(self) -> Libp2pStatus:
         return Libp2pStatus(

@@ -150,12 +150,7 @@ class Libp2pStream:
         Raises:
             TransportError: the stream was reset or the connection lost.
         """
-        while not self._inbox and not self._eof:
-            self._event.clear()
-            await self._event.wait()
-        if not self._inbox:
-            if self._error is not None:
-                raise self._error
+        if not await self.more():
             return b""
         data = bytes(self._inbox[:max_bytes])
         del self._inbox[:max_bytes]
@@ -173,6 +168,34 @@ class Libp2pStream:
                 )
             out += chunk
         return bytes(out)
+
+    async def more(self) -> bool:
+        """Wait until a byte is there to read (True) or the peer ended the stream (False)."""
+        while not self._inbox and not self._eof:
+            self._event.clear()
+            await self._event.wait()
+        if not self._inbox and self._error is not None:
+            raise self._error
+        return bool(self._inbox)
+
+    async def read_frame(self, max_bytes: int) -> bytes:
+        """One ``uvarint(len) ‖ bytes`` frame of at most ``max_bytes`` (the bytes after it stay for the next read).
+
+        Raises:
+            RemoteProtocolError: the frame is larger, or the stream ends inside it.
+            TransportError: the stream was reset or the connection lost.
+        """
+        framer = UvarintFramer(max_bytes)
+        framer.receive_data(bytes(self._inbox))
+        self._inbox.clear()
+        while (raw := framer.next_frame()) is NEED_DATA:
+            chunk = await self.read()
+            if not chunk:
+                raise RemoteProtocolError(f"libp2p {self.conn.peer}: stream {self.id} ended inside a frame")
+            framer.receive_data(chunk)
+        assert isinstance(raw, bytes)
+        self._inbox[:0] = framer.rest()
+        return raw
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; returns once the peer's credit and the socket let it out (``send_timeout_s``)."""

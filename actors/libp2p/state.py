@@ -31,19 +31,26 @@ The per-connection stream cap and window size are yamux's (``MAX_STREAMS`` 256,
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from villagemesh.errors import ConfigError, ConnectError, RemoteProtocolError
 from villagemesh.protocols.discovery import node_id_from_public_key
 from villagemesh.protocols.envelope import MAX_MESSAGE_BYTES
 from villagemesh.protocols.libp2p.identify import IDENTIFY_PROTOCOL, PING_PROTOCOL
+from villagemesh.protocols.libp2p.kad import KadPeer
 from villagemesh.protocols.libp2p.peerid import Multiaddr, PeerId
 
 __all__ = [
+    "ANNOUNCE_PROTOCOL",
     "ENVELOPE_PROTOCOL",
+    "MAX_PROVIDERS_PER_KEY",
+    "MAX_PROVIDER_KEYS",
+    "PROVIDER_TTL_S",
     "SERVED_PROTOCOLS",
     "TRANSPORT",
     "Libp2pLimits",
+    "ProviderStore",
     "Target",
     "listen_multiaddr",
     "node_id_of",
@@ -56,7 +63,11 @@ TRANSPORT = "libp2p"
 ENVELOPE_PROTOCOL = "/villagemesh/envelope/1.0.0"
 """Our stream protocol: ``uvarint(len) ‖ encode_message(...)`` frames, many per stream, one way."""
 
-SERVED_PROTOCOLS = (ENVELOPE_PROTOCOL, PING_PROTOCOL, IDENTIFY_PROTOCOL)
+ANNOUNCE_PROTOCOL = "/villagemesh/announce/1.0.0"
+"""Our stream protocol for discovery: the listener writes its signed announce (``uvarint(len) ‖`` the
+discovery JSON) and closes; a node found in the DHT is asked this before it becomes a sighting."""
+
+SERVED_PROTOCOLS = (ENVELOPE_PROTOCOL, ANNOUNCE_PROTOCOL, PING_PROTOCOL, IDENTIFY_PROTOCOL)
 """What an inbound stream may speak (and what identify lists)."""
 
 
@@ -133,3 +144,43 @@ def listen_multiaddr(host: str, port: int, peer_id: PeerId | None = None) -> str
         raise ConfigError(f"libp2p listens on IP addresses only, got host {host!r}") from exc
     text = f"/ip{ip.version}/{ip}/tcp/{port}"
     return text if peer_id is None else f"{text}/p2p/{peer_id}"
+
+
+PROVIDER_TTL_S = 24 * 3600.0
+"""How long a provider record is kept (go-libp2p keeps 48 h and republishes every 22 h; our
+nodes provide every discovery round, so a day is ample)."""
+
+MAX_PROVIDER_KEYS = 1024
+"""Keys we keep provider records for: the oldest key goes when a new one would pass it."""
+
+MAX_PROVIDERS_PER_KEY = 64
+"""Providers per key (a kad answer lists at most 64 peers in all)."""
+
+
+class ProviderStore:
+    """Provider records by key, bounded and expiring; the clock is the caller's ``now``."""
+
+    def __init__(self) -> None:
+        self._records: OrderedDict[bytes, OrderedDict[bytes, tuple[KadPeer, float]]] = OrderedDict()
+
+    def add(self, key: bytes, peer: KadPeer, now: float) -> None:
+        """``peer`` provides ``key`` as of ``now`` (its record is renewed; the oldest goes past a bound)."""
+        records = self._records.pop(key, None) or OrderedDict()
+        self._records[key] = records
+        records.pop(peer.peer_id.multihash, None)
+        records[peer.peer_id.multihash] = (peer, now)
+        while len(records) > MAX_PROVIDERS_PER_KEY:
+            records.popitem(last=False)
+        while len(self._records) > MAX_PROVIDER_KEYS:
+            self._records.popitem(last=False)
+
+    def get(self, key: bytes, now: float) -> list[KadPeer]:
+        """The live providers of ``key``, newest last (expired records are dropped)."""
+        records = self._records.get(key)
+        if records is None:
+            return []
+        for multihash in [m for m, (_, at) in records.items() if now - at > PROVIDER_TTL_S]:
+            del records[multihash]
+        if not records:
+            del self._records[key]
+        return [peer for peer, _ in records.values()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -65,3 +66,20 @@ def test_hybrid_nodes_deliver_over_libp2p_fail_over_to_websocket_when_it_crashes
     crashed = [e["child_id"] for e in events(b, "child_crashed")]
     restarted = [e["child_id"] for e in events(b, "child_restarted")]
     assert crashed == ["libp2p"] and restarted == ["libp2p"]  # it restarted alone
+
+
+def test_nodes_find_each_other_through_kademlia_alone(tmp_path: Path) -> None:
+    """No LAN, no discovery bootstrap: b knows only a's multiaddr as a Kademlia peer; both end up in each
+    other's registry (b finds a as a provider of the well-known key, a finds b's provider record)."""
+    a = test_node.make(tmp_path, "a", discovery_interval=0.3).start()
+    b = test_node.make(tmp_path, "b", discovery_interval=0.3, libp2p_bootstrap=(a.libp2p_address,)).start()
+    try:
+        assert b.wait_for_peers(1, WAIT) and a.wait_for_peers(1, WAIT)
+        assert [p.peer_id for p in b.peers()] == [a.node_id] and [p.peer_id for p in a.peers()] == [b.node_id]
+        sources = {e["source"] for e in events(b, "peer_discovered")}
+        assert sources == {"libp2p"}, sources
+        a.subscribe("DATA", lambda message: None)
+        assert b.send(a.node_id, b"found through the DHT").result(WAIT).delivered
+    finally:
+        b.stop()
+        a.stop()

@@ -47,14 +47,19 @@ def py_peer() -> Iterator[Multiaddr]:
         else:
             pytest.fail(f"py-libp2p exited ({proc.wait()}) without a LISTEN line")
     finally:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()  # an unclosed pipe is reported (unraisably) in whichever test runs next
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """End a py-libp2p process by closing its stdin (killed if it lingers), and close its pipes."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    proc.stdout.close()  # an unclosed pipe is reported (unraisably) in whichever test runs next
 
 
 def run(coro: object) -> object:
