@@ -222,11 +222,13 @@ class Connection(asyncio.Protocol):
         self.security = Negotiation.dialer([NOISE_PROTOCOL]) if dialer else Negotiation.listener([NOISE_PROTOCOL])
         self.noise: NoiseSession | None = None
         self.muxer: Negotiation | None = None
-        self.mux = yamux.Session(client=dialer)
+        self.mux = yamux.Session(client=dialer, window=host.limits.window)
         self.streams: dict[int, _Stream] = {}
         self.envelope_stream: int | None = None
         self.refused = 0
         """Streams the peer opened beyond the limit (each reset)."""
+        self._ungranted: dict[int, int] = {}
+        """Bytes consumed per stream whose credit is not given back yet (less than half a window)."""
         self.remote: PeerId | None = None
         self.node_id: str | None = None
         self.observed: Multiaddr | None = None
@@ -352,7 +354,7 @@ class Connection(asyncio.Protocol):
                 if state is not None and state.app is not None and state.negotiation is None:
                     state.app._feed(event.data)  # credit goes back as it is read
                     continue
-                self.mux.consumed(event.stream, len(event.data))  # handled at once: the credit goes back at once
+                self._grant(event.stream, len(event.data))  # handled at once: its credit is due at once
                 self._stream_data(event.stream, event.data)
             elif isinstance(event, yamux.StreamClosed):
                 state = self.streams.get(event.stream)
@@ -387,6 +389,7 @@ class Connection(asyncio.Protocol):
     def _forget_if_gone(self, stream: int) -> None:
         if stream not in self.mux.open_streams():
             self.streams.pop(stream, None)
+            self._ungranted.pop(stream, None)
             if stream == self.envelope_stream:
                 self.envelope_stream = None
 
@@ -533,8 +536,18 @@ class Connection(asyncio.Protocol):
 
     def _consumed(self, stream: int, size: int) -> None:
         if self.phase is _Phase.MUX:
-            self.mux.consumed(stream, size)
+            self._grant(stream, size)
             self._flush()
+
+    def _grant(self, stream: int, size: int) -> None:
+        """Give ``size`` bytes of credit back, in one WINDOW_UPDATE per half window (not one per read:
+        a ping would cost two more frames, each encrypted and written)."""
+        due = self._ungranted.get(stream, 0) + size
+        if due >= self.host.limits.window // 2:
+            self._ungranted.pop(stream, None)
+            self.mux.consumed(stream, due)
+        else:
+            self._ungranted[stream] = due
 
     def _app_write(self, stream: int, data: bytes) -> None:
         if self.phase is not _Phase.MUX or stream not in self.mux.open_streams():

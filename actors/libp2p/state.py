@@ -23,9 +23,11 @@ Limits (each with the reason it is what it is), :class:`Libp2pLimits`::
     max_queued_bytes   8 MiB     bytes one envelope stream may hold waiting for credit before a
                                  send waits (eight full envelopes)
     max_frame         MAX_MESSAGE_BYTES   one envelope frame: the envelope codec's own cap
+    window             1 MiB     each stream's receive window (yamux's is 256 KiB: one window per round
+                                 trip bounds a stream, and py-libp2p sends no faster than we grant)
 
-The per-connection stream cap and window size are yamux's (``MAX_STREAMS`` 256,
-``INITIAL_WINDOW`` 256 KiB); multistream lines are bounded by ``MAX_LINE``.
+The per-connection stream cap is yamux's (``MAX_STREAMS`` 256), and so are the bounds of
+``window`` (``INITIAL_WINDOW`` … ``MAX_WINDOW``); multistream lines are bounded by ``MAX_LINE``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from villagemesh.protocols.envelope import MAX_MESSAGE_BYTES
 from villagemesh.protocols.libp2p.identify import IDENTIFY_PROTOCOL, PING_PROTOCOL
 from villagemesh.protocols.libp2p.kad import KadPeer
 from villagemesh.protocols.libp2p.peerid import Multiaddr, PeerId
+from villagemesh.protocols.libp2p.yamux import INITIAL_WINDOW, MAX_WINDOW
 
 __all__ = [
     "ANNOUNCE_PROTOCOL",
@@ -81,16 +84,19 @@ class Libp2pLimits:
     max_pending_dials: int = 64
     max_queued_bytes: int = 8 * 1024 * 1024
     max_frame: int = MAX_MESSAGE_BYTES
+    window: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in ("handshake_timeout_s", "connect_timeout_s", "send_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
                 raise ConfigError(f"libp2p {name} must be > 0 seconds, got {value!r}")
-        for name in ("max_pending_dials", "max_queued_bytes", "max_frame"):
+        for name in ("max_pending_dials", "max_queued_bytes", "max_frame", "window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"libp2p {name} must be an integer >= 1, got {value!r}")
+        if not INITIAL_WINDOW <= self.window <= MAX_WINDOW:
+            raise ConfigError(f"libp2p window must be {INITIAL_WINDOW} … {MAX_WINDOW} bytes, got {self.window!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,7 +186,8 @@ class NoiseSession:
         return [self.remote]
 
     def _write(self, message: bytes) -> None:
-        self._out += len(message).to_bytes(2, "big") + message
+        self._out += len(message).to_bytes(2, "big")
+        self._out += message
 
     @property
     def handshake_hash(self) -> bytes:

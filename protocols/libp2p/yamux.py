@@ -23,7 +23,9 @@ an error)::
     any        ─ RST either way ─▶ RESET (gone)
 
 Limits, each with its reason: :data:`MAX_STREAMS` open at once (a peer opening
-streams without end is refused with RST), :data:`INITIAL_WINDOW` (the spec's 256 KiB),
+streams without end is refused with RST), :data:`INITIAL_WINDOW` (the spec's 256 KiB;
+``Session(window=…)`` grants up to :data:`MAX_WINDOW` per stream, the extra credit sent
+with the stream's SYN or ACK: one window per round trip bounds a stream's throughput),
 data beyond the credit granted is a protocol error (a peer ignoring flow control).
 """
 
@@ -40,6 +42,7 @@ __all__ = [
     "HEADER_BYTES",
     "INITIAL_WINDOW",
     "MAX_STREAMS",
+    "MAX_WINDOW",
     "Data",
     "Flag",
     "GoAway",
@@ -55,6 +58,8 @@ __all__ = [
 
 HEADER_BYTES = 12
 INITIAL_WINDOW = 256 * 1024
+MAX_WINDOW = 16 * 1024 * 1024
+"""The largest receive window a session may grant per stream (py-libp2p grows to 16 MiB too)."""
 MAX_STREAMS = 256
 _HEADER = struct.Struct(">BBHII")
 
@@ -157,14 +162,19 @@ class _Stream:
     unacknowledged: int = 0
     """Bytes delivered to the application and not yet consumed."""
     queued: deque[bytes] = field(default_factory=deque)
+    queued_bytes: int = 0
     fin_queued: bool = False
 
 
 class Session:
     """One side of a yamux session. ``client=True`` on the dialer's side."""
 
-    def __init__(self, *, client: bool) -> None:
+    def __init__(self, *, client: bool, window: int = INITIAL_WINDOW) -> None:
+        if not INITIAL_WINDOW <= window <= MAX_WINDOW:
+            raise LocalProtocolError(f"yamux: a receive window is {INITIAL_WINDOW} … {MAX_WINDOW} bytes, got {window}")
         self.client = client
+        self.window = window
+        """Our receive window per stream: the spec's 256 KiB, and more granted with the SYN or ACK."""
         self._next_id = 1 if client else 2
         self._streams: dict[int, _Stream] = {}
         self._out = bytearray()
@@ -189,14 +199,15 @@ class Session:
         if len(self._streams) >= MAX_STREAMS:
             raise LocalProtocolError(f"yamux: {MAX_STREAMS} streams are open already")
         stream, self._next_id = self._next_id, self._next_id + 2
-        self._streams[stream] = _Stream(_State.OPEN)
-        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.SYN, stream, 0)
+        self._streams[stream] = _Stream(_State.OPEN, receive_window=self.window)
+        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.SYN, stream, self.window - INITIAL_WINDOW)
         return stream
 
     def send(self, stream: int, data: bytes) -> None:
         """Queue ``data`` on ``stream``; it goes out as the peer's credit allows."""
         state = self._stream(stream, _Step.DATA_OUT)
         state.queued.append(bytes(data))
+        state.queued_bytes += len(data)
         self._flush(stream, state)
 
     def close(self, stream: int) -> None:
@@ -246,6 +257,7 @@ class Session:
             if later:
                 state.queued.appendleft(later)
             state.send_window -= len(now)
+            state.queued_bytes -= len(now)
             self._out += encode_frame(Type.DATA, Flag.NONE, stream, len(now), now)
         if state.fin_queued and not state.queued:
             self._out += encode_frame(Type.WINDOW_UPDATE, Flag.FIN, stream, 0)
@@ -335,8 +347,8 @@ class Session:
         if self._going_away or len(self._streams) >= MAX_STREAMS:
             self._out += encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0)
             return [StreamRefused(stream)]
-        self._streams[stream] = _Stream(_State.OPEN)
-        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.ACK, stream, 0)
+        self._streams[stream] = _Stream(_State.OPEN, receive_window=self.window)
+        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.ACK, stream, self.window - INITIAL_WINDOW)
         return [StreamOpened(stream)]
 
     def _step_in(self, stream: int, state: _Stream, step: _Step) -> None:
@@ -350,4 +362,4 @@ class Session:
     def queued(self, stream: int) -> int:
         """Bytes of ``stream`` waiting for the peer's credit (0 for a stream that is gone)."""
         state = self._streams.get(stream)
-        return 0 if state is None else sum(len(chunk) for chunk in state.queued)
+        return 0 if state is None else state.queued_bytes

@@ -19,6 +19,7 @@ from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.libp2p.yamux import (
     INITIAL_WINDOW,
     MAX_STREAMS,
+    MAX_WINDOW,
     Data,
     Flag,
     GoAway,
@@ -236,3 +237,17 @@ def test_random_bytes_only_ever_raise_a_protocol_error(data: bytes) -> None:
         Session(client=False).receive_data(data)
     except ProtocolError:
         pass
+
+
+def test_a_larger_window_is_granted_with_the_syn_and_the_ack() -> None:
+    big = 4 * INITIAL_WINDOW
+    client, server = Session(client=True, window=big), Session(client=False, window=big)
+    sid = client.open_stream()
+    client.send(sid, b"a" * big)
+    _, at_server = pump(client, server)  # the server's ACK granted the extra credit: all of it went
+    assert sum(len(e.data) for e in at_server if isinstance(e, Data)) == big
+    server.send(sid, b"b" * big)
+    at_client, _ = pump(client, server)  # and the client's SYN did the same the other way
+    assert sum(len(e.data) for e in at_client if isinstance(e, Data)) == big
+    with pytest.raises(LocalProtocolError, match="receive window"):
+        Session(client=True, window=MAX_WINDOW + 1)

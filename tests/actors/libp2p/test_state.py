@@ -62,7 +62,13 @@ def test_listen_multiaddrs_are_made_for_ip_addresses_only() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"handshake_timeout_s": 0}, {"send_timeout_s": -1.0}, {"max_pending_dials": 0}, {"max_frame": True}],
+    [
+        {"handshake_timeout_s": 0},
+        {"send_timeout_s": -1.0},
+        {"max_pending_dials": 0},
+        {"max_frame": True},
+        {"window": 1024},
+    ],
 )
 def test_limits_refuse_values_that_cannot_work_naming_them(change: dict[str, object]) -> None:
     [name] = change
