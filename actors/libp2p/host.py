@@ -424,6 +424,11 @@ class Connection(asyncio.Protocol):
         if not data:
             return
         if state.protocol == PING_PROTOCOL:
+            if self.mux.queued(stream) > self.host.limits.max_queued_bytes:  # it sends and never reads the echo
+                self.mux.reset(stream)
+                self.streams.pop(stream, None)
+                self.host.counts["pings_reset"] += 1
+                return
             self.mux.send(stream, data)  # ping: the same bytes back
             self.host.counts["pings_answered"] += 1
         elif state.protocol == ENVELOPE_PROTOCOL and state.framer is not None:
