@@ -79,6 +79,11 @@ class Flag(enum.IntFlag):
     RST = 8
 
 
+_TYPES = tuple(Type)
+"""Frame types by their number (an index is cheaper than ``Type(n)``)."""
+_SYN, _ACK, _FIN, _RST = int(Flag.SYN), int(Flag.ACK), int(Flag.FIN), int(Flag.RST)
+
+
 def encode_frame(kind: Type, flags: Flag, stream: int, length: int, data: bytes = b"") -> bytes:
     return _HEADER.pack(0, kind, flags, stream, length) + data
 
@@ -292,12 +297,13 @@ class Session:
                 break
             payload = bytes(self._in[HEADER_BYTES : HEADER_BYTES + body])
             del self._in[: HEADER_BYTES + body]
-            events += self._frame(Type(kind), Flag(flags), stream, length, payload)
+            events += self._frame(_TYPES[kind], flags, stream, length, payload)
         return events
 
-    def _frame(self, kind: Type, flags: Flag, stream: int, length: int, payload: bytes) -> list[Event]:
+    def _frame(self, kind: Type, flags: int, stream: int, length: int, payload: bytes) -> list[Event]:
+        # ``flags`` stays an int: IntFlag arithmetic costs microseconds a frame, on every ping
         if kind is Type.PING:
-            if flags & Flag.ACK:
+            if flags & _ACK:
                 return [Pong(length)]
             self._out += encode_frame(Type.PING, Flag.ACK, 0, length)
             return []
@@ -307,19 +313,19 @@ class Session:
         if stream == 0:
             raise RemoteProtocolError(f"yamux: a {kind.name} frame on stream 0")
         events: list[Event] = []
-        if flags & Flag.SYN:
+        if flags & _SYN:
             events += self._opened(stream)
             if stream not in self._streams:
                 return events  # refused (reset); the rest of this frame is dropped with it
         state = self._streams.get(stream)
         if state is None:
-            if flags & Flag.RST or self._existed(stream):
+            if flags & _RST or self._existed(stream):
                 # A stream that is gone (reset, or closed both ways): what was in flight when it went
                 # is discarded, as the spec says; only a stream that never existed is an error.
                 self.discarded += len(payload)
                 return events
             raise RemoteProtocolError(f"yamux: a {kind.name} frame for stream {stream}, which never existed")
-        if flags & Flag.RST:
+        if flags & _RST:
             del self._streams[stream]
             return [*events, StreamReset(stream)]
         if kind is Type.WINDOW_UPDATE:
@@ -330,7 +336,7 @@ class Session:
             state.receive_window -= len(payload)
             state.unacknowledged += len(payload)
             events.append(Data(stream, payload))
-        if flags & Flag.FIN:
+        if flags & _FIN:
             self._step_in(stream, state, _Step.FIN_IN)
             events.append(StreamClosed(stream))
         return events
