@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import queue
+import socket
 from typing import Any
 
 import pytest
@@ -178,3 +179,25 @@ def test_a_peer_that_never_finishes_its_handshake_is_cut_off_at_the_deadline(run
     (event,) = recorder.wait_for("peer_cut_off")
     assert "within 0.3 s" in event["reason"] and event["error"] == "TransportTimeout"
     still_serves(runtime, inbox, address, keys)
+
+
+def test_dials_past_the_pending_limit_fail_at_once_and_retryably(runtime: Any) -> None:
+    """A peer that accepts TCP and never answers holds its dial until the handshake deadline; with one
+    dial allowed at a time, a second dial is refused at once (retryable, naming the limit)."""
+    keys = NodeKeys.generate()
+    inbox, _ = endpoint(runtime, "", keys, limits=Libp2pLimits(max_pending_dials=1, handshake_timeout_s=3.0))
+    mutes = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    try:
+        client = runtime.bus.client()
+        for mute in mutes:
+            peer = NodeKeys.generate()
+            address = listen_multiaddr("127.0.0.1", mute.getsockname()[1], PeerId.from_ed25519(peer.identity))
+            msg = envelope(keys, b"to a mute peer")
+            client.tell("libp2p", Transmit(msg.id, peer.node_id, address, encode_message(msg), "sink"))
+        first = next_of(inbox, TransmitResult)
+        assert not first.ok and first.retryable and "1 dials are in progress" in (first.error or "")
+        second = next_of(inbox, TransmitResult)  # the other one, at its handshake deadline
+        assert not second.ok and second.retryable and "handshake" in (second.error or ""), second
+    finally:
+        for mute in mutes:
+            mute.close()
