@@ -70,7 +70,7 @@ from villagemesh.protocols.libp2p.noise import PROTOCOL_ID as NOISE_PROTOCOL
 from villagemesh.protocols.libp2p.noise import Authenticated, NoiseSession
 from villagemesh.protocols.libp2p.noise import Data as NoiseData
 from villagemesh.protocols.libp2p.peerid import ED25519_KEY_PROTO_PREFIX, Multiaddr, PeerId
-from villagemesh.protocols.libp2p.varint import UvarintFramer, frame
+from villagemesh.protocols.libp2p.varint import UvarintFramer, decode_uvarint, frame
 
 __all__ = ["AGENT_VERSION", "MUXER_PROTOCOL", "Connection", "Handler", "Libp2pHost", "Libp2pStream", "OnMessage"]
 
@@ -179,23 +179,21 @@ class Libp2pStream:
         return bool(self._inbox)
 
     async def read_frame(self, max_bytes: int) -> bytes:
-        """One ``uvarint(len) ‖ bytes`` frame of at most ``max_bytes`` (the bytes after it stay for the next read).
+        """One ``uvarint(len) ‖ bytes`` frame of at most ``max_bytes`` (what follows stays for the next read).
 
         Raises:
-            RemoteProtocolError: the frame is larger, or the stream ends inside it.
-            TransportError: the stream was reset or the connection lost.
+            RemoteProtocolError: the frame is announced larger than ``max_bytes``.
+            TransportError: the stream ends inside the frame, is reset, or the connection is lost.
         """
-        framer = UvarintFramer(max_bytes)
-        framer.receive_data(bytes(self._inbox))
-        self._inbox.clear()
-        while (raw := framer.next_frame()) is NEED_DATA:
-            chunk = await self.read()
-            if not chunk:
-                raise RemoteProtocolError(f"libp2p {self.conn.peer}: stream {self.id} ended inside a frame")
-            framer.receive_data(chunk)
-        assert isinstance(raw, bytes)
-        self._inbox[:0] = framer.rest()
-        return raw
+        prefix = b""
+        while (head := decode_uvarint(prefix)) is NEED_DATA:
+            prefix += await self.read_exactly(1)  # a varint is a few bytes: each is taken (and credited) once
+        size, _ = head
+        if size > max_bytes:
+            raise RemoteProtocolError(
+                f"libp2p {self.conn.peer}: a frame of {size} bytes is above the {max_bytes} allowed"
+            )
+        return await self.read_exactly(size)
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; returns once the peer's credit and the socket let it out (``send_timeout_s``)."""
