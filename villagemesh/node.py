@@ -89,6 +89,7 @@ from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
     BusError,
     ConfigError,
+    ConnectError,
     NodeFailed,
     NodeStartFailed,
     RemoteError,
@@ -279,10 +280,9 @@ class NodeConfig:
         if isinstance(self.libp2p_bootstrap, str | bytes):
             raise ConfigError(f"libp2p_bootstrap must be a sequence of multiaddrs, got {self.libp2p_bootstrap!r}")
         object.__setattr__(self, "libp2p_bootstrap", tuple(self.libp2p_bootstrap))
-        for entry in self.libp2p_bootstrap:
-            from villagemesh.actors.libp2p.state import target_of
-            from villagemesh.errors import ConnectError
+        from villagemesh.actors.libp2p.state import target_of
 
+        for entry in self.libp2p_bootstrap:
             try:
                 target_of(entry)
             except ConnectError as exc:
