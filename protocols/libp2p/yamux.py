@@ -263,7 +263,8 @@ class Session:
                 state.queued.appendleft(later)
             state.send_window -= len(now)
             state.queued_bytes -= len(now)
-            self._out += encode_frame(Type.DATA, Flag.NONE, stream, len(now), now)
+            self._out += _HEADER.pack(0, Type.DATA, Flag.NONE, stream, len(now))
+            self._out += now  # not header + data first: that would copy the data once more
         if state.fin_queued and not state.queued:
             self._out += encode_frame(Type.WINDOW_UPDATE, Flag.FIN, stream, 0)
             state.fin_queued = False
