@@ -49,7 +49,13 @@ def test_hybrid_nodes_deliver_over_libp2p_fail_over_to_websocket_when_it_crashes
     a.subscribe("DATA", lambda message: None)
     assert b.send(a.node_id, b"over libp2p").result(WAIT).delivered
     assert delivered_over(b, 1) == ["libp2p"]
-    assert b.node_id in libp2p_status(a._client()).peers  # it came in on a's port, through the acceptor
+    a_status = libp2p_status(a._client())
+    assert b.node_id in a_status.peers  # it came in on a's port, through the acceptor
+    assert a_status.counts.get("dials", 0) == 0  # and a's ack went back on that one connection
+    b.subscribe("DATA", lambda message: None)
+    assert a.send(b.node_id, b"back the other way").result(WAIT).delivered
+    assert set(delivered_over(a, 1)) == {"libp2p"}  # (its outcome reports to b are deliveries too)
+    assert libp2p_status(a._client()).counts.get("dials", 0) == 0  # one connection per peer, either direction
 
     # Crashed with a stream of messages in flight: those fail over to WebSocket at once.
     handles = b.send_many([(a.node_id, b"in flight %d" % n) for n in range(200)])
