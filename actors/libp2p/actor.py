@@ -44,7 +44,7 @@ from villagemesh.actors.core.transport import (
     transmit_outcome,
 )
 from villagemesh.actors.libp2p.host import Libp2pHost, Libp2pStream
-from villagemesh.actors.libp2p.kad import PROVIDER_KEY, Kademlia
+from villagemesh.actors.libp2p.kad import PROVIDER_KEY, Kademlia, dialable
 from villagemesh.actors.libp2p.messages import GetLibp2pStatus, Libp2pStatus
 from villagemesh.actors.libp2p.state import ANNOUNCE_PROTOCOL, TRANSPORT, Libp2pLimits, node_id_of
 from villagemesh.errors import BusError, ConfigError, RemoteProtocolError, VillageMeshError
@@ -185,7 +185,7 @@ class Libp2pActor(EnvelopeTransportActor):
     async def _sighting(self, peer: KadPeer) -> Sighting:
         """``peer``'s signed announce, checked to be the node its libp2p key names."""
         node_id = node_id_of(peer.peer_id)  # a provider without an Ed25519 key is no villagemesh node
-        address = next(f"{a}/p2p/{peer.peer_id}" for a in peer.addrs)
+        address = dialable(peer)  # its first TCP address (peers list them with and without /p2p/)
         started = time.perf_counter()
         stream = await self.host.open_stream(address, ANNOUNCE_PROTOCOL, node_id)
         body = await stream.read_frame(MAX_DISCOVERY_FRAME)

@@ -42,7 +42,7 @@ from villagemesh.protocols.libp2p.kad import (
 from villagemesh.protocols.libp2p.peerid import Multiaddr, PeerId
 from villagemesh.protocols.libp2p.varint import frame
 
-__all__ = ["ALPHA", "MAX_KAD_MESSAGE", "PROVIDER_KEY", "REQUEST_TIMEOUT_S", "Kademlia"]
+__all__ = ["ALPHA", "MAX_KAD_MESSAGE", "PROVIDER_KEY", "REQUEST_TIMEOUT_S", "Kademlia", "dialable"]
 
 PROVIDER_KEY = bytes([0x12, 0x20]) + hashlib.sha256(b"/villagemesh/nodes/1.0.0").digest()
 """The key villagemesh nodes provide: the sha2-256 multihash of ``/villagemesh/nodes/1.0.0``
@@ -121,7 +121,7 @@ class Kademlia:
         Raises:
             TransportError, ProtocolError: the peer could not be reached or answered wrongly.
         """
-        address = _dialable(peer)
+        address = dialable(peer)
         async with asyncio.timeout(REQUEST_TIMEOUT_S):
             stream = await self.host.open_stream(address, KAD_PROTOCOL)
             try:
@@ -212,7 +212,7 @@ def _bare(multiaddr: Multiaddr) -> Multiaddr:
     return Multiaddr(tuple(part for part in multiaddr.parts if part[0] != "p2p"))
 
 
-def _dialable(peer: KadPeer) -> str:
+def dialable(peer: KadPeer) -> str:
     """The first TCP address of ``peer``, with its ``/p2p/`` id."""
     for address in peer.addrs:
         if address.value("tcp") is not None and (address.value("ip4") or address.value("ip6")):
