@@ -66,7 +66,7 @@ test: sysdeps $(STAMP) $(LIBP2P_STAMP)
 	$(VENV)/bin/coverage report --include='protocols/*' --fail-under=100
 	$(VENV)/bin/coverage report --include='supervision/*,actors/*,villagemesh/*' --skip-covered | tail -n 3
 
-bench: benchsysdeps $(STAMP)
+bench: benchsysdeps $(STAMP) $(LIBP2P_STAMP)
 	for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 # A long seeded chaos run in network namespaces (root): it prints its seed; CHAOS_SEED=S replays one.

@@ -321,7 +321,7 @@ def test_a_transport_that_dies_fails_its_in_flight_transmits_at_once(pair, tmp_p
             while c.network_status()["retrier"]["in_flight"] == 0 and time.monotonic() < deadline:
                 threading.Event().wait(0.02)
             assert c.network_status()["retrier"]["in_flight"] == 1
-            c.crash("websocket")
+            c.crash("libp2p")  # hybrid mode: the first transport, the one the attempt is on
             started = time.monotonic()
             with pytest.raises(DeliveryFailed, match="the transport died"):
                 handle.result(WAIT)

@@ -8,6 +8,7 @@
     ├── app           subscribers and delivery handles
     ├── keeper        checkpoints the stores, keeps data_dir/manifest.json
     ├── transports    (one_for_one)
+    │   ├── libp2p    a libp2p peer (Noise, yamux) on the acceptor's port
     │   └── websocket aiohttp server and client
     ├── acceptor      one TCP port, sniffed and handed off
     ├── lan           beacons, discovery responder, bootstrap probes
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import ipaddress
 import math
 import os
 import random
@@ -87,6 +89,7 @@ from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
     BusError,
     ConfigError,
+    ConnectError,
     NodeFailed,
     NodeStartFailed,
     RemoteError,
@@ -208,6 +211,13 @@ class NodeConfig:
     """Serve ``GET /villagemesh/status`` (read-only JSON; what it reveals: :mod:`villagemesh.dashboard.status`)."""
     dashboard: bool = False
     """Serve the supervision dashboard at ``/villagemesh/dashboard`` on the node's port."""
+    libp2p: bool = True
+    """Run the libp2p transport (a libp2p peer on the node's port; its identity is the node key) and
+    announce its multiaddr ``/ip4/<host>/tcp/<port>/p2p/<peer id>``; needs ``host`` to be an IP address."""
+    libp2p_bootstrap: tuple[str, ...] = ()
+    """Multiaddrs ``/ip4/…/tcp/…/p2p/…`` of Kademlia peers (any libp2p DHT) to find other nodes through:
+    each discovery round provides the well-known key (:data:`villagemesh.actors.libp2p.kad.PROVIDER_KEY`)
+    and looks up its providers."""
     betanet: bool | None = None
     """Run the BetaNet mixnode relay (and announce its address): None means on in the anonymous mode only."""
     betanet_delay_ms: float = 0.0
@@ -267,7 +277,17 @@ class NodeConfig:
                 raise ConfigError(f"bootstrap entries must be 'host:port' strings, got {entry!r}")
             parse_host_port(entry)
         object.__setattr__(self, "bootstrap", bootstrap)
-        for name in ("lan", "accept_loss", "new_identity", "freeze_gc"):
+        if isinstance(self.libp2p_bootstrap, str | bytes):
+            raise ConfigError(f"libp2p_bootstrap must be a sequence of multiaddrs, got {self.libp2p_bootstrap!r}")
+        object.__setattr__(self, "libp2p_bootstrap", tuple(self.libp2p_bootstrap))
+        from villagemesh.actors.libp2p.state import target_of
+
+        for entry in self.libp2p_bootstrap:
+            try:
+                target_of(entry)
+            except ConnectError as exc:
+                raise ConfigError(f"libp2p_bootstrap entry {entry!r}: {exc}") from None
+        for name in ("lan", "accept_loss", "new_identity", "freeze_gc", "libp2p"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.human_log is not None and not isinstance(self.human_log, bool):
@@ -315,6 +335,13 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if self.synchronous not in SYNCHRONOUS_MODES:
             raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
+        if self.libp2p:
+            try:
+                ipaddress.ip_address(self.host)
+            except ValueError:
+                raise ConfigError(
+                    f"libp2p needs host to be an IP address, got {self.host!r} (or libp2p=False)"
+                ) from None
         object.__setattr__(self, "codec", payload_codec(self.codec))
         if not isinstance(self.outbox, OutboxLimits):
             raise ConfigError(f"outbox must be an OutboxLimits, got {self.outbox!r}")
@@ -480,6 +507,14 @@ class Node:
     def address(self) -> str:
         """The WebSocket address peers reach this node at."""
         return f"ws://{self.config.host}:{self.port}"
+
+    @property
+    def libp2p_address(self) -> str:
+        """``/ip4/<host>/tcp/<port>/p2p/<peer id>``: where libp2p peers reach this node (its node key's peer id)."""
+        from villagemesh.actors.libp2p.state import listen_multiaddr
+        from villagemesh.protocols.libp2p.peerid import PeerId
+
+        return listen_multiaddr(self.config.host, self.port, PeerId.from_ed25519(self.keys.identity))
 
     @property
     def acceptor_address(self) -> str:
@@ -693,10 +728,15 @@ class Node:
         # One count of the node's connections, from accept to close, whichever loop holds them.
         self._connections = ConnectionLimiter(limits.max_per_source, limits.max_total)
         betanet = self.runs_betanet
-        capabilities = cfg.capabilities or local_capabilities(("websocket", "betanet") if betanet else ("websocket",))
+        ours = (("libp2p",) if cfg.libp2p else ()) + ("websocket",) + (("betanet",) if betanet else ())
+        capabilities = cfg.capabilities or local_capabilities(ours)
         if capabilities.node_name is None:
             capabilities = replace(capabilities, node_name=self.name)  # peers see it in the signed announce
-        addresses = (self.address, self.betanet_address) if betanet else (self.address,)
+        addresses = (
+            (self.address,)
+            + ((self.libp2p_address,) if cfg.libp2p else ())
+            + ((self.betanet_address,) if betanet else ())
+        )
         identity = Identity(
             signing_key=self.keys.signing_key, addresses=addresses, capabilities=capabilities, port=self.port
         )
@@ -709,6 +749,7 @@ class Node:
         transports = SupervisorSpec(
             "transports",
             [
+                *([self._libp2p_spec(identity)] if cfg.libp2p else []),
                 ChildSpec(
                     "websocket",
                     WebSocketActor,
@@ -780,7 +821,12 @@ class Node:
                 config={
                     "host": cfg.host,
                     "port": self.port,
-                    "routes": {"http": "websocket", "discovery": "lan", **({"secure": "betanet"} if betanet else {})},
+                    "routes": {
+                        "http": "websocket",
+                        "discovery": "lan",
+                        **({"libp2p": "libp2p"} if cfg.libp2p else {}),
+                        **({"secure": "betanet"} if betanet else {}),
+                    },
                     "limits": limits,
                     "connections": self._connections,
                 },
@@ -803,7 +849,7 @@ class Node:
                 "sweeper",
                 SweeperActor,
                 config={
-                    "transports": ["lan"],
+                    "transports": ["lan", *(["libp2p"] if cfg.libp2p else [])],
                     "interval": cfg.discovery_interval,
                     "fast_start": cfg.discovery_fast_start,
                     "timeout": cfg.discovery_timeout,
@@ -812,6 +858,25 @@ class Node:
             ),
         ]
         return SupervisorSpec("root", children, strategy="one_for_one", intensity=20, period=10)
+
+    def _libp2p_spec(self, identity: Any) -> ChildSpec:
+        from villagemesh.actors.libp2p.actor import Libp2pActor
+        from villagemesh.actors.libp2p.state import Libp2pLimits, listen_multiaddr
+
+        cfg = self.config
+        return ChildSpec(
+            "libp2p",
+            Libp2pActor,
+            config={
+                "keys": self.keys,
+                "deliver_to": "retrier",
+                "listen": listen_multiaddr(cfg.host, self.port),
+                "handshake_deadline_s": cfg.handshake_timeout,
+                "limits": Libp2pLimits(handshake_timeout_s=cfg.handshake_timeout),
+                "identity": identity,
+                "bootstrap": cfg.libp2p_bootstrap,
+            },
+        )
 
     def _betanet_spec(self) -> ChildSpec:
         from villagemesh.actors.betanet.actor import BetanetActor

@@ -169,6 +169,9 @@ def test_every_end_state_raises_its_own_error_from_result() -> None:
     table.resolve(ok.raw_id, DeliveryState.DELIVERED, None, None, reply=b"r")
     assert ok.result(1).reply == b"r" and ok.status.attempts == 2
     assert table.resolve(ok.raw_id, True, 1, None) is None
+    early = table.new(b"\x0a" * 16, "p", 0)  # the outcome report overtook the retrier's ack
+    table.resolve(early.raw_id, DeliveryState.DELIVERED, None, None)
+    assert early.status.acked and early.status.attempts == 1
 
 
 def test_an_end_for_an_abandoned_request_is_dropped_and_counted() -> None:
