@@ -8,9 +8,10 @@ recipient and route, unsigned, whose payload is::
     fragmentID(8, random) | index u16 | total u16 | originalType u8 | chunk
 
 and the chunks are consecutive slices of the original's *encoded* frame
-(:func:`.packet.frame`), ``max(64, limit - 42)`` bytes each (42 = the largest
-fragment header: v2 header + sender + recipient + the 13-byte fragment header,
-rounded up).
+(:func:`.packet.frame`), ``max(64, limit - overhead)`` bytes each. BitChat
+takes 42 for the overhead; here it is the exact size of the fragment's own
+header (42 is too little once a source route rides along), so a fragment fits
+the link whenever the limit leaves room for 64 bytes of chunk.
 
 :class:`Reassembler` keys assemblies by (sender, fragment id) and holds them to
 :class:`Limits` (Android's and the whitepaper's numbers): fragments per
@@ -24,16 +25,16 @@ sender is a :class:`RemoteProtocolError`, and its assembly is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass, field
 
 from villagemesh.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 
-from .packet import ID_BYTES, MessageType, Packet, decode, frame
+from .packet import ID_BYTES, MessageType, Packet, decode, encode, frame
 
 __all__ = [
     "FRAGMENT_HEADER_BYTES",
-    "FRAGMENT_OVERHEAD",
     "MIN_CHUNK",
     "Fragment",
     "Limits",
@@ -45,8 +46,6 @@ __all__ = [
 
 FRAGMENT_HEADER_BYTES = 13
 """fragmentID 8 + index 2 + total 2 + originalType 1 (the thirteen-byte iOS header)."""
-FRAGMENT_OVERHEAD = 42
-"""Bytes a fragment adds around its chunk at most (``BLEOutboundPacketPolicy.fragmentChunkSize``)."""
 MIN_CHUNK = 64
 """A chunk is never smaller, however small the link's limit (BitChat's floor)."""
 
@@ -101,20 +100,23 @@ def fragment_packet(packet: Packet, limit: int, fragment_id: bytes) -> list[Pack
     data = frame(packet)
     if len(data) <= limit:
         return [packet]
-    chunk = max(MIN_CHUNK, limit - FRAGMENT_OVERHEAD)
+    template = Packet(
+        type=MessageType.FRAGMENT,
+        sender_id=packet.sender_id,
+        timestamp=packet.timestamp,
+        payload=bytes(FRAGMENT_HEADER_BYTES),
+        ttl=packet.ttl,
+        version=2 if packet.route else 1,
+        recipient_id=packet.recipient_id,
+        route=packet.route,
+    )
+    chunk = max(MIN_CHUNK, limit - len(encode(template)))
     pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
     if len(pieces) > 0xFFFF:
         raise LocalProtocolError(f"a {len(data)}-byte packet needs {len(pieces)} fragments, more than 65535")
     return [
-        Packet(
-            type=MessageType.FRAGMENT,
-            sender_id=packet.sender_id,
-            timestamp=packet.timestamp,
-            payload=encode_fragment(Fragment(fragment_id, index, len(pieces), packet.type, piece)),
-            ttl=packet.ttl,
-            version=2 if packet.route else 1,
-            recipient_id=packet.recipient_id,
-            route=packet.route,
+        dataclasses.replace(
+            template, payload=encode_fragment(Fragment(fragment_id, index, len(pieces), packet.type, piece))
         )
         for index, piece in enumerate(pieces)
     ]

@@ -12,7 +12,8 @@ Layout (all integers big-endian; ``BinaryProtocol.swift`` / ``BinaryProtocol.kt`
 - **Compression** is raw DEFLATE (Apple's ``COMPRESSION_ZLIB``; Android's
   ``Deflater(nowrap=true)``); a zlib-wrapped stream is accepted on receive, as
   Android does. The sender compresses when the payload is >= 100 bytes, less than
-  90 % of its bytes are distinct and the result is smaller. DEFLATE is not
+  90 % of its bytes are distinct and the result is smaller (here: with its size
+prefix, so a compressed payload never grows a frame). DEFLATE is not
   canonical, so a decoded packet keeps its wire bytes (``deflated``) and
   re-encodes them as they came: a relay (TTL - 1) and a signature check see the
   originator's bytes.
@@ -225,7 +226,7 @@ def _should_compress(payload: bytes) -> bool:
 def _deflate(payload: bytes) -> bytes | None:
     compressor = zlib.compressobj(wbits=-15)
     out = compressor.compress(payload) + compressor.flush()
-    return out if len(out) < len(payload) else None
+    return out if len(out) + 4 < len(payload) else None  # smaller even with a v2 size prefix
 
 
 def _inflate(data: bytes, size: int) -> bytes:

@@ -245,9 +245,8 @@ class BitchatSession:
             raise
         if self._handshake.complete:
             self.remote_static = self._handshake.rs
-            first, second = self._handshake.split()
-            ours, theirs = (first, second) if self._handshake.initiator else (second, first)
-            self._send_key, self._recv_key = ours.key, theirs.key
+            send, receive = self._handshake.split()
+            self._send_key, self._recv_key = send.key, receive.key
         return reply
 
     def encrypt(self, plaintext: bytes) -> bytes:
