@@ -15,11 +15,17 @@ topology the test sets and changes (link churn), a fixed per-frame latency and
 a *manual* clock: nothing happens until :meth:`MemoryAir.run` is called, and
 then events happen in time order, ties broken by the order they were made, so
 a run is the same every time. A frame in flight when its link goes down is lost.
+
+``MemoryAir(live=True)`` is the same medium without the clock, for actors on
+real threads: a frame or a link change reaches the other radio's handler at
+once, from the sender's thread (the actor's handler only posts it to its own
+mailbox), under a lock.
 """
 
 from __future__ import annotations
 
 import heapq
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -91,7 +97,7 @@ class MemoryAir:
         mtu: the frame size every radio takes.
     """
 
-    def __init__(self, latency: float = 0.005, mtu: int = 512) -> None:
+    def __init__(self, latency: float = 0.005, mtu: int = 512, *, live: bool = False) -> None:
         if not latency > 0:
             raise ConfigError(f"latency must be > 0 seconds, got {latency!r}")
         self.latency = latency
@@ -105,6 +111,8 @@ class MemoryAir:
         self._links: set[frozenset[bytes]] = set()
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._sequence = 0
+        self.live = live
+        self._lock = threading.RLock()
 
     def radio(self, peer: bytes) -> MemoryRadio:
         """The radio of node ``peer`` (made on first use)."""
@@ -123,18 +131,23 @@ class MemoryAir:
     def set_link(self, a: bytes, b: bytes, up: bool) -> None:
         """Put ``a`` and ``b`` in range (or out of it); both radios hear of it now, ``a`` first."""
         pair = frozenset((a, b))
-        if (pair in self._links) == up:
-            return
-        if up:
-            self._links.add(pair)
-        else:
-            self._links.discard(pair)
+        with self._lock:
+            if (pair in self._links) == up:
+                return
+            if up:
+                self._links.add(pair)
+            else:
+                self._links.discard(pair)
         event = LinkUp if up else LinkDown
         self.call_at(self.now, lambda: self.radio(a).hear(event(b)))
         self.call_at(self.now, lambda: self.radio(b).hear(event(a)))
 
     def call_at(self, when: float, action: Callable[[], None]) -> None:
-        """Run ``action`` when the clock reaches ``when`` (never earlier than now)."""
+        """Run ``action`` when the clock reaches ``when`` (never earlier than now); live: at once."""
+        if self.live:
+            with self._lock:
+                action()
+            return
         heapq.heappush(self._events, (max(when, self.now), self._sequence, action))
         self._sequence += 1
 

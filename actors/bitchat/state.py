@@ -59,6 +59,7 @@ from villagemesh.errors import ConfigError
 from villagemesh.protocols.bitchat import BROADCAST, MessageType, Packet
 
 __all__ = [
+    "SCHEME",
     "TRANSPORT",
     "Action",
     "Counters",
@@ -67,6 +68,8 @@ __all__ = [
     "MeshState",
     "Send",
     "dedup_key",
+    "format_address",
+    "parse_address",
 ]
 
 TRANSPORT = "bitchat"
@@ -380,3 +383,31 @@ class MeshState:
                 self._stored -= 1
             if not kept:
                 del self._store[peer]
+
+
+# ---------------------------------------------------------------------------- addresses
+
+SCHEME = "bitchat://"
+"""A BitChat address: ``bitchat://<peer id, 16 hex digits>:0`` (what announces carry; port 0: a radio has none,
+but a discovery address is ``transport://host:port``)."""
+
+
+def format_address(peer: bytes) -> str:
+    """``bitchat://<peer id hex>:0``."""
+    return f"{SCHEME}{peer.hex()}:0"
+
+
+def parse_address(address: str) -> bytes:
+    """The peer id of a BitChat address.
+
+    Raises:
+        ConfigError: not ``bitchat://``, 16 hex digits and an optional ``:0``.
+    """
+    text = address.removeprefix(SCHEME).removesuffix(":0") if address.startswith(SCHEME) else None
+    try:
+        peer = bytes.fromhex(text) if text is not None and len(text) == 16 else None
+    except ValueError:
+        peer = None
+    if peer is None:
+        raise ConfigError(f"not a BitChat address (bitchat:// and 16 hex digits): {address!r}")
+    return peer

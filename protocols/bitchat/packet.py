@@ -93,6 +93,8 @@ class MessageType(enum.IntEnum):
     ANNOUNCE_V2 = 0x2C
     VILLAGEMESH = 0x56
     """A signed villagemesh envelope (see :mod:`.carriage`); 0x56 is 'V', unused by BitChat."""
+    VILLAGEMESH_ANNOUNCE = 0x57
+    """A villagemesh signed discovery announce (its JSON, :func:`villagemesh.protocols.discovery.encode_discovery`)."""
 
 
 class Flags(enum.IntFlag):
