@@ -216,6 +216,10 @@ class NodeConfig:
     """Loop and drop cover packets per second, each (Poisson; 0: none)."""
     betanet_isolation: str = "thread"
     """``process`` runs the relay in a process of its own (a native crash or ``kill -9`` takes only it)."""
+    bitchat_radio: Callable[[bytes], Any] | None = None
+    """The BitChat mesh transport's radio: a callable given the node's BitChat peer id that returns a
+    :class:`villagemesh.actors.bitchat.radio.Radio` (``MemoryAir(live=True).radio`` in tests). With one, the
+    ``bitchat`` transport runs under ``transports`` and the mesh mode tries it first; without, it is not started."""
     human_log: bool | None = False
     log_path: Path | None = None
     codec: str | PayloadCodec = "bytes"
@@ -693,7 +697,9 @@ class Node:
         # One count of the node's connections, from accept to close, whichever loop holds them.
         self._connections = ConnectionLimiter(limits.max_per_source, limits.max_total)
         betanet = self.runs_betanet
-        capabilities = cfg.capabilities or local_capabilities(("websocket", "betanet") if betanet else ("websocket",))
+        bitchat = cfg.bitchat_radio is not None
+        running = ("websocket", *(("betanet",) if betanet else ()), *(("bitchat",) if bitchat else ()))
+        capabilities = cfg.capabilities or local_capabilities(running)
         if capabilities.node_name is None:
             capabilities = replace(capabilities, node_name=self.name)  # peers see it in the signed announce
         addresses = (self.address, self.betanet_address) if betanet else (self.address,)
@@ -721,6 +727,7 @@ class Node:
                     },
                 ),
                 *([self._betanet_spec()] if betanet else []),
+                *([self._bitchat_spec(capabilities)] if bitchat else []),
             ],
             intensity=10,
             period=10,
@@ -803,7 +810,7 @@ class Node:
                 "sweeper",
                 SweeperActor,
                 config={
-                    "transports": ["lan"],
+                    "transports": ["lan", *(["bitchat"] if bitchat else [])],
                     "interval": cfg.discovery_interval,
                     "fast_start": cfg.discovery_fast_start,
                     "timeout": cfg.discovery_timeout,
@@ -812,6 +819,21 @@ class Node:
             ),
         ]
         return SupervisorSpec("root", children, strategy="one_for_one", intensity=20, period=10)
+
+    def _bitchat_spec(self, capabilities: Capabilities) -> ChildSpec:
+        from villagemesh.actors.bitchat.actor import BitchatActor
+
+        return ChildSpec(
+            "bitchat",
+            BitchatActor,
+            config={
+                "keys": self.keys,
+                "radio": self.config.bitchat_radio,
+                "deliver_to": "retrier",
+                "nickname": self.name,
+                "capabilities": capabilities,
+            },
+        )
 
     def _betanet_spec(self) -> ChildSpec:
         from villagemesh.actors.betanet.actor import BetanetActor
