@@ -31,7 +31,8 @@ static key is the Noise key our BitChat peer id derives from), ``radio``,
 ``announce_s`` (default 4 s, BitChat's interval while isolated),
 ``capabilities`` (a :class:`~villagemesh.protocols.discovery.Capabilities`; without
 it no villagemesh announce is sent), ``addresses`` (extra addresses to announce),
-``seed`` (jitter; tests). Log events: ``bitchat_started`` (peer_id, radio),
+``seed`` (jitter; tests). A :class:`~.messages.PeerSeen` from the scanner child
+(:mod:`.scanner`) makes the BLE radio connect to that peer. Log events: ``bitchat_started`` (peer_id, radio),
 ``bitchat_radio_unavailable`` (reason).
 """
 
@@ -42,8 +43,9 @@ import time
 from collections import Counter
 from typing import Any
 
+from villagemesh.actors.bitchat.ble import BleCentral
 from villagemesh.actors.bitchat.driver import MeshDriver, make_announce
-from villagemesh.actors.bitchat.messages import AnnounceDue, BitchatStatus, GetBitchatStatus, RelayDue
+from villagemesh.actors.bitchat.messages import AnnounceDue, BitchatStatus, GetBitchatStatus, PeerSeen, RelayDue
 from villagemesh.actors.bitchat.radio import LinkDown, LinkUp, Radio, RadioEvent
 from villagemesh.actors.bitchat.state import TRANSPORT, format_address, parse_address
 from villagemesh.actors.core.loopactor import LoopActor
@@ -135,6 +137,11 @@ class BitchatActor(LoopActor):
         elif isinstance(msg, AnnounceDue):
             self._announce()
             self.schedule(self.announce_s, AnnounceDue())
+        elif isinstance(msg, PeerSeen):
+            if isinstance(self.radio, BleCentral):
+                self.radio.seen(msg.peer_id, msg.address)
+            else:
+                self.counts["seen_ignored"] += 1  # a scanner's report, but this radio dials nobody
         elif isinstance(msg, Discover):
             sightings, self.sightings = tuple(self.sightings.values()), {}
             self.tell_or_log(msg.reply_to, Discovered(msg.round, TRANSPORT, sightings, ()))

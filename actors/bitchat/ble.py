@@ -16,9 +16,12 @@ advertisement without it is ignored (iOS clients advertise the bare service
 UUID and are found once they announce over a link made by the *other* side's
 central: that needs our GATT server, not built yet).
 
+With ``scan=False`` the scanning is left to :class:`~.scanner.ScannerActor`, a
+supervised child of its own (it may run in a process of its own), whose
+``PeerSeen`` reports the ``bitchat`` actor passes to :meth:`BleCentral.seen`.
+
 Not here yet (see the issue): the peripheral role (a dbus-fast GATT server and
-LE advertisement registered with BlueZ), and running the scanner as its own
-supervised child.
+LE advertisement registered with BlueZ).
 """
 
 from __future__ import annotations
@@ -54,11 +57,14 @@ class BleCentral:
     Args:
         me: our peer id (our own advertisements are ignored).
         adapter: the BlueZ adapter (``hci0``).
+        scan: scan here (True), or leave it to a :class:`~.scanner.ScannerActor`
+            child whose sightings come in through :meth:`seen` (False).
     """
 
-    def __init__(self, me: bytes, adapter: str = "hci0") -> None:
+    def __init__(self, me: bytes, adapter: str = "hci0", *, scan: bool = True) -> None:
         self.me = me
         self.adapter = adapter
+        self.scan = scan
         self.failed_writes = 0
         self.failed_connects = 0
         self._handler: Callable[[RadioEvent], None] | None = None
@@ -92,15 +98,18 @@ class BleCentral:
 
     async def _main(self, ready: threading.Event) -> None:
         self._stopping = asyncio.Event()
-        self._scanner = BleakScanner(
-            detection_callback=self._seen, service_uuids=[SERVICE_UUID], bluez={"adapter": self.adapter}
-        )
+        if self.scan:
+            self._scanner = BleakScanner(
+                detection_callback=self._seen, service_uuids=[SERVICE_UUID], bluez={"adapter": self.adapter}
+            )
         try:
-            await self._scanner.start()
+            if self._scanner is not None:
+                await self._scanner.start()
         finally:
             ready.set()
         await self._stopping.wait()
-        await self._scanner.stop()
+        if self._scanner is not None:
+            await self._scanner.stop()
         for client in list(self._links.values()):
             await client.disconnect()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -110,12 +119,21 @@ class BleCentral:
 
     def _seen(self, device: BLEDevice, advertisement: AdvertisementData) -> None:
         peer = advertisement.service_data.get(SERVICE_UUID)
-        if peer is None or len(peer) != 8 or peer == self.me or peer in self._links or peer in self._connecting:
+        if peer is not None and len(peer) == 8:
+            self._dial(bytes(peer), device)
+
+    def seen(self, peer: bytes, address: str) -> None:
+        """A scanner elsewhere heard ``peer`` at ``address``: connect unless linked (any thread)."""
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._dial, peer, address)
+
+    def _dial(self, peer: bytes, device: BLEDevice | str) -> None:
+        if peer == self.me or peer in self._links or peer in self._connecting:
             return
         self._connecting.add(peer)
-        self._loop.create_task(self._connect(device, bytes(peer)))
+        self._loop.create_task(self._connect(device, peer))
 
-    async def _connect(self, device: BLEDevice, peer: bytes) -> None:
+    async def _connect(self, device: BLEDevice | str, peer: bytes) -> None:
         def lost(_: BleakClient) -> None:
             if self._links.pop(peer, None) is not None:
                 self._sizes.pop(peer, None)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from villagemesh.actors.core import codec
 
-__all__ = ["AnnounceDue", "BitchatStatus", "GetBitchatStatus", "RelayDue"]
+__all__ = ["AnnounceDue", "BitchatStatus", "GetBitchatStatus", "PeerSeen", "RelayDue"]
 
 
 @codec.message("bitchat.RelayDue")
@@ -45,3 +45,13 @@ class BitchatStatus:
     peers: tuple[str, ...]
     """Peer ids (hex) whose signed announce we verified."""
     counters: dict[str, int]
+
+
+@codec.message("bitchat.PeerSeen")
+@dataclass(frozen=True, slots=True)
+class PeerSeen:
+    """The scanner heard a BitChat peer advertise: its peer id (service data) and BLE address."""
+
+    peer_id: bytes
+    address: str
+    rssi: int

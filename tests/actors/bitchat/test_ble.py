@@ -88,3 +88,81 @@ def test_the_central_finds_connects_writes_gets_notified_loses_and_regains_a_bit
         assert _next(events, LinkUp, advertise) == LinkUp(PEER)  # the next advertisement reconnects
     finally:
         radio.stop()
+
+
+# ---------------------------------------------------------------------------- the scanner as its own child
+
+
+@pytest.fixture
+def process_runtime(runtime: Any) -> Iterator[Any]:
+    from villagemesh.supervision.process import ProcessLauncher
+
+    launcher = ProcessLauncher(preload=("villagemesh.actors.bitchat.scanner",))
+    runtime.process_launcher = lambda: launcher
+    yield runtime
+    import pykka
+
+    pykka.ActorRegistry.stop_all(block=True, timeout=5)
+    launcher.close()
+
+
+def _links(runtime: Any) -> tuple[str, ...]:
+    from villagemesh.actors.bitchat.messages import BitchatStatus, GetBitchatStatus
+
+    status = runtime.bus.client().ask("bitchat", GetBitchatStatus(), timeout=WAIT)
+    assert isinstance(status, BitchatStatus)
+    return status.links
+
+
+def _until_linked(runtime: Any, advertise: Any, linked: bool = True) -> None:
+    deadline = time.monotonic() + WAIT
+    while (PEER.hex() in _links(runtime)) is not linked:
+        assert time.monotonic() < deadline, f"link to {PEER.hex()} never {'up' if linked else 'down'}"
+        advertise()
+        time.sleep(0.05)
+
+
+def test_killing_the_scanner_process_restarts_it_alone_and_links_carry_on(
+    bluez: Any, process_runtime: Any, recorder: Any
+) -> None:
+    import os
+    import signal
+
+    from villagemesh.actors.bitchat.actor import BitchatActor
+    from villagemesh.actors.bitchat.scanner import ScannerActor
+    from villagemesh.actors.core.secure.keys import NodeKeys
+    from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+    from villagemesh.supervision.supervisor import Supervisor
+
+    device, _ = _peer(bluez)
+    keys = NodeKeys.generate()
+    spec = SupervisorSpec(
+        "transports",
+        [
+            ChildSpec("bitchat", BitchatActor, config={"keys": keys, "radio": lambda me: BleCentral(me, scan=False)}),
+            ChildSpec(
+                "bitchat-scanner",
+                ScannerActor,
+                isolation="process",
+                config={"report_to": "bitchat", "min_interval": 0.1},
+            ),
+        ],
+        intensity=10,
+        period=10,
+    )
+    Supervisor.launch(spec, process_runtime)
+    advertise = lambda: bluez.AdvertiseDevice(device, -50)  # noqa: E731
+    _until_linked(process_runtime, advertise)
+    first = recorder.wait_for("child_started", child_id="bitchat-scanner")[0]
+    assert first["isolation"] == "process" and first["pid"] != os.getpid()
+    os.kill(first["pid"], signal.SIGKILL)
+    crashed = recorder.wait_for("child_crashed", child_id="bitchat-scanner")[0]
+    assert "SIGKILL" in crashed["exc_message"]
+    recorder.wait_for("child_restarted", child_id="bitchat-scanner")
+    assert PEER.hex() in _links(process_runtime)  # the link outlived the scanner
+    assert not recorder.matching("child_crashed", child_id="bitchat")
+    bluez.DropConnection(device)  # now only the new scanner can bring the peer back
+    _until_linked(process_runtime, lambda: None, linked=False)
+    _until_linked(process_runtime, advertise)
+    second = recorder.wait_for("child_started", child_id="bitchat-scanner", count=2)[1]
+    assert second["pid"] != first["pid"]
