@@ -220,6 +220,10 @@ class NodeConfig:
     """The BitChat mesh transport's radio: a callable given the node's BitChat peer id that returns a
     :class:`villagemesh.actors.bitchat.radio.Radio` (``MemoryAir(live=True).radio`` in tests). With one, the
     ``bitchat`` transport runs under ``transports`` and the mesh mode tries it first; without, it is not started."""
+    bitchat_scanner: str | None = None
+    """Run the BLE scanner as a child of its own under ``transports`` (``"thread"`` or ``"process"``: in a
+    process of its own, so a kill -9 or a native crash takes only it); its sightings make a
+    ``BleCentral(me, scan=False)`` radio connect. None: no scanner child (a radio that scans itself)."""
     human_log: bool | None = False
     log_path: Path | None = None
     codec: str | PayloadCodec = "bytes"
@@ -311,6 +315,10 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.betanet_isolation not in ("thread", "process"):
             raise ConfigError(f"betanet_isolation must be 'thread' or 'process', got {self.betanet_isolation!r}")
+        if self.bitchat_scanner not in (None, "thread", "process"):
+            raise ConfigError(f"bitchat_scanner must be None, 'thread' or 'process', got {self.bitchat_scanner!r}")
+        if self.bitchat_scanner is not None and self.bitchat_radio is None:
+            raise ConfigError("bitchat_scanner needs bitchat_radio (the radio its sightings are for)")
         if self.betanet is not None and not isinstance(self.betanet, bool):
             raise ConfigError(f"betanet must be True, False or None, got {self.betanet!r}")
         for name in ("betanet_delay_ms", "betanet_cover_rate"):
@@ -728,6 +736,7 @@ class Node:
                 ),
                 *([self._betanet_spec()] if betanet else []),
                 *([self._bitchat_spec(capabilities)] if bitchat else []),
+                *([self._scanner_spec()] if cfg.bitchat_scanner is not None else []),
             ],
             intensity=10,
             period=10,
@@ -833,6 +842,17 @@ class Node:
                 "nickname": self.name,
                 "capabilities": capabilities,
             },
+        )
+
+    def _scanner_spec(self) -> ChildSpec:
+        from villagemesh.actors.bitchat.scanner import ScannerActor
+        from villagemesh.protocols.bitchat import peer_id
+
+        return ChildSpec(
+            "bitchat-scanner",
+            ScannerActor,
+            isolation=self.config.bitchat_scanner or "thread",
+            config={"report_to": "bitchat", "me": peer_id(self.keys.static_public).hex()},
         )
 
     def _betanet_spec(self) -> ChildSpec:

@@ -166,3 +166,32 @@ def test_killing_the_scanner_process_restarts_it_alone_and_links_carry_on(
     _until_linked(process_runtime, advertise)
     second = recorder.wait_for("child_started", child_id="bitchat-scanner", count=2)[1]
     assert second["pid"] != first["pid"]
+
+
+def test_a_mesh_node_with_the_ble_radio_and_a_scanner_child_links_to_a_bitchat_peer(bluez: Any, tmp_path: Path) -> None:
+    from villagemesh import create_network
+    from villagemesh.errors import ConfigError
+    from villagemesh.protocols.bitchat import MessageType, decode
+
+    with pytest.raises(ConfigError, match="bitchat_scanner"):
+        create_network("mesh", data_dir=tmp_path / "bad", bitchat_scanner="thread")
+    device, char = _peer(bluez)
+    node = create_network(
+        "mesh",
+        data_dir=tmp_path / "n",
+        lan=False,
+        bitchat_radio=lambda me: BleCentral(me, scan=False),
+        bitchat_scanner="thread",
+    ).start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while not bluez.GetWrites(char):  # linked once the node announces itself on the new link
+            assert time.monotonic() < deadline, "the node never linked to the peer"
+            bluez.AdvertiseDevice(device, -50)
+            time.sleep(0.05)
+        first = decode(bytes(bluez.GetWrites(char)[0]))
+        assert first.type in (MessageType.ANNOUNCE, MessageType.FRAGMENT, MessageType.VILLAGEMESH_ANNOUNCE)
+        (transports,) = [c for c in node.network_status()["actors"] if c["id"] == "transports"]
+        assert {c["id"] for c in transports["children"]} >= {"bitchat", "bitchat-scanner"}
+    finally:
+        node.stop()
