@@ -162,3 +162,23 @@ def GetWrites(self, char):
 @dbus.service.method(MOCK, in_signature="o", out_signature="")
 def DropConnection(self, device):
     _disconnect(mockobject.objects[str(device)])
+
+
+def _register_application(adapter, path, options):
+    adapter.apps.append(str(path))
+
+
+@dbus.service.method(MOCK, in_signature="s", out_signature="")
+def AddGattManager(self, adapter):
+    """Give ``adapter`` a GattManager1 that records the applications registered with it."""
+    obj = mockobject.objects[f"/org/bluez/{adapter}"]
+    obj.apps = []
+    obj.AddMethods(
+        "org.bluez.GattManager1",
+        [("RegisterApplication", "oa{sv}", "", _register_application), ("UnregisterApplication", "o", "", "")],
+    )
+
+
+@dbus.service.method(MOCK, in_signature="s", out_signature="as")
+def GetApplications(self, adapter):
+    return mockobject.objects[f"/org/bluez/{adapter}"].apps

@@ -195,3 +195,44 @@ def test_a_mesh_node_with_the_ble_radio_and_a_scanner_child_links_to_a_bitchat_p
         assert {c["id"] for c in transports["children"]} >= {"bitchat", "bitchat-scanner"}
     finally:
         node.stop()
+
+
+def test_the_peripheral_registers_its_gatt_server_and_advertisement_and_takes_writes(bluez: Any) -> None:
+    from villagemesh.actors.bitchat.gatt import APP_PATH, CHAR_PATH, BlePeripheral
+    from villagemesh.protocols.bitchat import Packet, encode
+
+    bluez.AddGattManager("hci0")
+    events: queue.Queue[Any] = queue.Queue()
+    me = b"\x0a" * 8
+    radio = BlePeripheral(me)
+    radio.start(events.put)
+    try:
+        assert list(bluez.GetApplications("hci0")) == [APP_PATH]
+        bus = dbus.SystemBus()
+        adapter = bus.get_object("org.bluez", "/org/bluez/hci0")
+        assert (
+            adapter.Get("org.bluez.LEAdvertisingManager1", "ActiveInstances", dbus_interface=dbus.PROPERTIES_IFACE) == 1
+        )
+        assert radio._bus is not None
+        app = bus.get_object(radio._bus.unique_name, APP_PATH)
+        objects = app.GetManagedObjects(dbus_interface="org.freedesktop.DBus.ObjectManager")
+        assert objects[CHAR_PATH]["org.bluez.GattCharacteristic1"]["UUID"] == CHARACTERISTIC_UUID
+        char = dbus.Interface(bus.get_object(radio._bus.unique_name, CHAR_PATH), "org.bluez.GattCharacteristic1")
+        hello = encode(Packet(type=1, sender_id=PEER, timestamp=1, payload=b"announce"))
+        device = dbus.ObjectPath("/org/bluez/hci0/dev_AA_BB_CC_DD_EE_02")
+        char.WriteValue(dbus.ByteArray(b"not a packet"), {"device": device})  # a device not named yet: dropped
+        char.WriteValue(dbus.ByteArray(hello), {"device": device, "type": "command"})
+        char.WriteValue(dbus.ByteArray(b"second"), {"device": device, "type": "command"})
+        assert _next(events, LinkUp) == LinkUp(PEER)
+        assert _next(events, Frame) == Frame(PEER, hello)
+        assert _next(events, Frame) == Frame(PEER, b"second")
+        assert radio.refused == 1
+        radio.send(PEER, b"notify back")
+        deadline = time.monotonic() + WAIT
+        while bytes(char.ReadValue({})) != b"notify back":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(ConnectError):
+            radio.send(b"\x0b" * 8, b"to a stranger")
+    finally:
+        radio.stop()
