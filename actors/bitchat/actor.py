@@ -44,6 +44,7 @@ from collections import Counter
 from typing import Any
 
 from villagemesh.actors.bitchat.ble import BleCentral
+from villagemesh.actors.bitchat.gatt import BleRadio
 from villagemesh.actors.bitchat.driver import MeshDriver, make_announce
 from villagemesh.actors.bitchat.messages import AnnounceDue, BitchatStatus, GetBitchatStatus, PeerSeen, RelayDue
 from villagemesh.actors.bitchat.radio import LinkDown, LinkUp, Radio, RadioEvent
@@ -138,7 +139,7 @@ class BitchatActor(LoopActor):
             self._announce()
             self.schedule(self.announce_s, AnnounceDue())
         elif isinstance(msg, PeerSeen):
-            if isinstance(self.radio, BleCentral):
+            if isinstance(self.radio, BleCentral | BleRadio):
                 self.radio.seen(msg.peer_id, msg.address)
             else:
                 self.counts["seen_ignored"] += 1  # a scanner's report, but this radio dials nobody

@@ -263,3 +263,48 @@ class BlePeripheral:
         self._thread.join(CALL_TIMEOUT_S)
         self._thread = None
         self._loop.close()
+
+
+class BleRadio:
+    """Both BLE roles as one radio, as every BitChat device runs them: dials as a central, serves as a peripheral.
+
+    A link is whichever role reached the peer; if both did, frames go out as
+    writes on the central link (the peripheral's notifications reach every
+    subscribed central, not one). Args as :class:`~.ble.BleCentral`.
+    """
+
+    def __init__(self, me: bytes, adapter: str = "hci0", *, scan: bool = True) -> None:
+        from villagemesh.actors.bitchat.ble import BleCentral
+
+        self.central = BleCentral(me, adapter, scan=scan)
+        self.peripheral = BlePeripheral(me, adapter)
+
+    @property
+    def mtu(self) -> int:
+        """The smaller of the two roles' frame sizes."""
+        return min(self.central.mtu, self.peripheral.mtu)
+
+    def start(self, handler: Callable[[RadioEvent], None]) -> None:
+        """Start both roles (the peripheral first: a refusal by BlueZ is raised before any scanning)."""
+        self.peripheral.start(handler)
+        self.central.start(handler)
+
+    def seen(self, peer: bytes, address: str) -> None:
+        """A scanner's sighting, for the central role."""
+        self.central.seen(peer, address)
+
+    def send(self, peer: bytes, data: bytes) -> None:
+        """On the central link to ``peer`` if there is one, else by notification.
+
+        Raises:
+            ConnectError: neither role reaches ``peer``.
+        """
+        try:
+            self.central.send(peer, data)
+        except ConnectError:
+            self.peripheral.send(peer, data)
+
+    def stop(self) -> None:
+        """Stop both roles."""
+        self.central.stop()
+        self.peripheral.stop()

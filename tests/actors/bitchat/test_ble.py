@@ -236,3 +236,39 @@ def test_the_peripheral_registers_its_gatt_server_and_advertisement_and_takes_wr
             radio.send(b"\x0b" * 8, b"to a stranger")
     finally:
         radio.stop()
+
+
+def test_one_radio_holds_both_roles_and_sends_on_whichever_reaches_the_peer(bluez: Any) -> None:
+    from villagemesh.actors.bitchat.gatt import CHAR_PATH, BleRadio
+    from villagemesh.protocols.bitchat import Packet, encode
+
+    bluez.AddGattManager("hci0")
+    device, char = _peer(bluez)
+    events: queue.Queue[Any] = queue.Queue()
+    radio = BleRadio(b"\x0c" * 8)
+    radio.start(events.put)
+    try:
+        assert _next(events, LinkUp, lambda: bluez.AdvertiseDevice(device, -50)) == LinkUp(PEER)  # as central
+        other = b"\x0d" * 8
+        bus = dbus.SystemBus()
+        assert radio.peripheral._bus is not None
+        served = dbus.Interface(
+            bus.get_object(radio.peripheral._bus.unique_name, CHAR_PATH), "org.bluez.GattCharacteristic1"
+        )
+        served.WriteValue(
+            dbus.ByteArray(encode(Packet(type=1, sender_id=other, timestamp=1, payload=b"hi"))),
+            {"device": dbus.ObjectPath("/org/bluez/hci0/dev_AA_BB_CC_DD_EE_03")},
+        )
+        assert _next(events, LinkUp) == LinkUp(other)  # as peripheral
+        radio.send(PEER, b"by write")
+        radio.send(other, b"by notification")
+        deadline = time.monotonic() + WAIT
+        while not bluez.GetWrites(char) or bytes(served.ReadValue({})) != b"by notification":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert [bytes(w) for w in bluez.GetWrites(char)] == [b"by write"]
+        assert radio.mtu == 182
+        with pytest.raises(ConnectError):
+            radio.send(b"\x0e" * 8, b"nobody")
+    finally:
+        radio.stop()
