@@ -44,8 +44,8 @@ from collections import Counter
 from typing import Any
 
 from villagemesh.actors.bitchat.ble import BleCentral
-from villagemesh.actors.bitchat.gatt import BleRadio
 from villagemesh.actors.bitchat.driver import MeshDriver, make_announce
+from villagemesh.actors.bitchat.gatt import BleRadio
 from villagemesh.actors.bitchat.messages import AnnounceDue, BitchatStatus, GetBitchatStatus, PeerSeen, RelayDue
 from villagemesh.actors.bitchat.radio import LinkDown, LinkUp, Radio, RadioEvent
 from villagemesh.actors.bitchat.state import TRANSPORT, format_address, parse_address
