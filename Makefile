@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 # chromium + chromium-driver: the dashboard's end-to-end test drives a real headless browser.
 # gcc + libgmp-dev: py-libp2p (the interop peer) pins fastecdsa, which builds from source.
 # iproute2: the network-namespace lab (tests/lab, make chaos).
-SYSTEM_PACKAGES := python3-venv chromium chromium-driver gcc libgmp-dev iproute2
+# dbus-daemon: the private system bus the BitChat BLE tests run bleak on (a fake bluetoothd, python-dbusmock);
+# libdbus-1-dev + libglib2.0-dev + pkg-config: dbus-python (python-dbusmock's dependency) builds from source.
+SYSTEM_PACKAGES := python3-venv chromium chromium-driver gcc libgmp-dev dbus-daemon libdbus-1-dev libglib2.0-dev pkg-config iproute2
 # Debian packages only the benchmarks need (NATS JetStream, the durable-broker anchor of benchmarks/delivery.py).
 BENCH_SYSTEM_PACKAGES := nats-server
 # py-libp2p, the real peer of the libp2p interop tests, in a venv of its own (it pins ~70 packages).

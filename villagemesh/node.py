@@ -226,6 +226,14 @@ class NodeConfig:
     """Loop and drop cover packets per second, each (Poisson; 0: none)."""
     betanet_isolation: str = "thread"
     """``process`` runs the relay in a process of its own (a native crash or ``kill -9`` takes only it)."""
+    bitchat_radio: Callable[[bytes], Any] | None = None
+    """The BitChat mesh transport's radio: a callable given the node's BitChat peer id that returns a
+    :class:`villagemesh.actors.bitchat.radio.Radio` (``MemoryAir(live=True).radio`` in tests). With one, the
+    ``bitchat`` transport runs under ``transports`` and the mesh mode tries it first; without, it is not started."""
+    bitchat_scanner: str | None = None
+    """Run the BLE scanner as a child of its own under ``transports`` (``"thread"`` or ``"process"``: in a
+    process of its own, so a kill -9 or a native crash takes only it); its sightings make a
+    ``BleCentral(me, scan=False)`` radio connect. None: no scanner child (a radio that scans itself)."""
     human_log: bool | None = False
     log_path: Path | None = None
     codec: str | PayloadCodec = "bytes"
@@ -327,6 +335,10 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.betanet_isolation not in ("thread", "process"):
             raise ConfigError(f"betanet_isolation must be 'thread' or 'process', got {self.betanet_isolation!r}")
+        if self.bitchat_scanner not in (None, "thread", "process"):
+            raise ConfigError(f"bitchat_scanner must be None, 'thread' or 'process', got {self.bitchat_scanner!r}")
+        if self.bitchat_scanner is not None and self.bitchat_radio is None:
+            raise ConfigError("bitchat_scanner needs bitchat_radio (the radio its sightings are for)")
         if self.betanet is not None and not isinstance(self.betanet, bool):
             raise ConfigError(f"betanet must be True, False or None, got {self.betanet!r}")
         for name in ("betanet_delay_ms", "betanet_cover_rate"):
@@ -728,8 +740,14 @@ class Node:
         # One count of the node's connections, from accept to close, whichever loop holds them.
         self._connections = ConnectionLimiter(limits.max_per_source, limits.max_total)
         betanet = self.runs_betanet
-        ours = (("libp2p",) if cfg.libp2p else ()) + ("websocket",) + (("betanet",) if betanet else ())
-        capabilities = cfg.capabilities or local_capabilities(ours)
+        bitchat = cfg.bitchat_radio is not None
+        running = (
+            *(("libp2p",) if cfg.libp2p else ()),
+            "websocket",
+            *(("betanet",) if betanet else ()),
+            *(("bitchat",) if bitchat else ()),
+        )
+        capabilities = cfg.capabilities or local_capabilities(running)
         if capabilities.node_name is None:
             capabilities = replace(capabilities, node_name=self.name)  # peers see it in the signed announce
         addresses = (
@@ -762,6 +780,8 @@ class Node:
                     },
                 ),
                 *([self._betanet_spec()] if betanet else []),
+                *([self._bitchat_spec(capabilities)] if bitchat else []),
+                *([self._scanner_spec()] if cfg.bitchat_scanner is not None else []),
             ],
             intensity=10,
             period=10,
@@ -849,7 +869,7 @@ class Node:
                 "sweeper",
                 SweeperActor,
                 config={
-                    "transports": ["lan", *(["libp2p"] if cfg.libp2p else [])],
+                    "transports": ["lan", *(["libp2p"] if cfg.libp2p else []), *(["bitchat"] if bitchat else [])],
                     "interval": cfg.discovery_interval,
                     "fast_start": cfg.discovery_fast_start,
                     "timeout": cfg.discovery_timeout,
@@ -876,6 +896,32 @@ class Node:
                 "identity": identity,
                 "bootstrap": cfg.libp2p_bootstrap,
             },
+        )
+
+    def _bitchat_spec(self, capabilities: Capabilities) -> ChildSpec:
+        from villagemesh.actors.bitchat.actor import BitchatActor
+
+        return ChildSpec(
+            "bitchat",
+            BitchatActor,
+            config={
+                "keys": self.keys,
+                "radio": self.config.bitchat_radio,
+                "deliver_to": "retrier",
+                "nickname": self.name,
+                "capabilities": capabilities,
+            },
+        )
+
+    def _scanner_spec(self) -> ChildSpec:
+        from villagemesh.actors.bitchat.scanner import ScannerActor
+        from villagemesh.protocols.bitchat import peer_id
+
+        return ChildSpec(
+            "bitchat-scanner",
+            ScannerActor,
+            isolation=self.config.bitchat_scanner or "thread",
+            config={"report_to": "bitchat", "me": peer_id(self.keys.static_public).hex()},
         )
 
     def _betanet_spec(self) -> ChildSpec:

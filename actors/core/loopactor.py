@@ -36,6 +36,7 @@ from villagemesh.actors.core.handoff import (
 )
 from villagemesh.actors.core.loopthread import EventLogLogger, LoopThread
 from villagemesh.actors.core.transport import ConnectionHandedOff, Received
+from villagemesh.errors import BusError
 
 __all__ = ["LOOP_CALL_TIMEOUT_S", "EnvelopeTransportActor", "LoopActor"]
 
@@ -106,6 +107,16 @@ class LoopActor(Actor):
                     io_loop.call(_cancel_remaining(), LOOP_CALL_TIMEOUT_S)
             finally:
                 io_loop.stop()
+
+    def tell_or_log(self, to: str | None, msg: object) -> None:
+        """Tell ``to`` (nobody if None); a refusal of the bus is logged as ``send_outcome_undeliverable``,
+        since an outcome nobody can take must not crash the transport that made it."""
+        if to is None:
+            return
+        try:
+            self.tell(to, msg)
+        except BusError as exc:
+            self.io_log.warning("send_outcome_undeliverable", to=to, reason=str(exc))
 
     def post(self, msg: object) -> bool:
         """From the loop thread: hand ``msg`` to :meth:`on_loop_message` in the actor thread.

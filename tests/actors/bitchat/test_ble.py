@@ -1,0 +1,274 @@
+"""The BLE central radio: real bleak on a real (private) D-Bus system bus, against a fake bluetoothd.
+
+python-dbusmock serves ``org.bluez`` from the project's own template (``bluez_gatt.py``
+beside this file). What this shows: bleak's scanner finds a BitChat peer by the
+service filter and its service data, connects, subscribes, writes without response
+within the link's MTU, gets notifications, sees link loss and reconnects. What it
+cannot show: RF behaviour and real bluetoothd quirks (see ../shared/research/ble.md).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dbus
+import dbusmock
+import pytest
+from dbusmock import SpawnedMock
+
+from villagemesh.actors.bitchat.ble import CHARACTERISTIC_UUID, SERVICE_UUID, BleCentral
+from villagemesh.actors.bitchat.radio import Frame, LinkDown, LinkUp
+from villagemesh.errors import ConnectError
+
+TEMPLATE = str(Path(__file__).with_name("bluez_gatt.py"))
+PEER = bytes.fromhex("0102030405060708")
+WAIT = 10.0
+
+
+@pytest.fixture
+def bluez(dbusmock_system: Any) -> Iterator[Any]:
+    mock = SpawnedMock.spawn_with_template(TEMPLATE, bustype=dbusmock.BusType.SYSTEM)
+    try:
+        bus = dbus.SystemBus()
+        root = dbus.Interface(
+            bus.get_object("org.bluez", "/"), "org.bluez.Mock"
+        )  # fresh proxy: after the template loaded
+        root.AddAdapter("hci0", "villagemesh")
+        yield root
+    finally:
+        mock.terminate()
+
+
+def _peer(root: Any, mtu: int = 185) -> tuple[str, str]:
+    device = root.AddLeDevice("hci0", "AA:BB:CC:DD:EE:01", [SERVICE_UUID], SERVICE_UUID, dbus.ByteArray(PEER))
+    char = root.AddGattCharacteristic(
+        device, SERVICE_UUID, CHARACTERISTIC_UUID, ["read", "write", "write-without-response", "notify"], mtu
+    )
+    return str(device), str(char)
+
+
+def _next(events: queue.Queue[Any], kind: type, advertise: Any = None) -> Any:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        try:
+            event = events.get(timeout=0.1)
+        except queue.Empty:
+            if advertise is not None:
+                advertise()  # bluetoothd reports a device again with each advertisement it hears
+            continue
+        if isinstance(event, kind):
+            return event
+    raise AssertionError(f"no {kind.__name__} within {WAIT} s")
+
+
+def test_the_central_finds_connects_writes_gets_notified_loses_and_regains_a_bitchat_peer(bluez: Any) -> None:
+    device, char = _peer(bluez, mtu=185)
+    events: queue.Queue[Any] = queue.Queue()
+    radio = BleCentral(b"\xee" * 8)
+    radio.start(events.put)
+    try:
+        advertise = lambda: bluez.AdvertiseDevice(device, -50)  # noqa: E731
+        assert _next(events, LinkUp, advertise) == LinkUp(PEER)
+        assert radio.mtu == 182  # MTU 185 - 3
+        radio.send(PEER, b"hello over GATT")
+        deadline = time.monotonic() + WAIT
+        while not bluez.GetWrites(char) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [bytes(w) for w in bluez.GetWrites(char)] == [b"hello over GATT"]
+        bluez.Notify(char, dbus.ByteArray(b"notified"))
+        assert _next(events, Frame) == Frame(PEER, b"notified")
+        bluez.DropConnection(device)
+        assert _next(events, LinkDown) == LinkDown(PEER)
+        with pytest.raises(ConnectError):
+            radio.send(PEER, b"into the void")
+        assert _next(events, LinkUp, advertise) == LinkUp(PEER)  # the next advertisement reconnects
+    finally:
+        radio.stop()
+
+
+# ---------------------------------------------------------------------------- the scanner as its own child
+
+
+@pytest.fixture
+def process_runtime(runtime: Any) -> Iterator[Any]:
+    from villagemesh.supervision.process import ProcessLauncher
+
+    launcher = ProcessLauncher(preload=("villagemesh.actors.bitchat.scanner",))
+    runtime.process_launcher = lambda: launcher
+    yield runtime
+    import pykka
+
+    pykka.ActorRegistry.stop_all(block=True, timeout=5)
+    launcher.close()
+
+
+def _links(runtime: Any) -> tuple[str, ...]:
+    from villagemesh.actors.bitchat.messages import BitchatStatus, GetBitchatStatus
+
+    status = runtime.bus.client().ask("bitchat", GetBitchatStatus(), timeout=WAIT)
+    assert isinstance(status, BitchatStatus)
+    return status.links
+
+
+def _until_linked(runtime: Any, advertise: Any, linked: bool = True) -> None:
+    deadline = time.monotonic() + WAIT
+    while (PEER.hex() in _links(runtime)) is not linked:
+        assert time.monotonic() < deadline, f"link to {PEER.hex()} never {'up' if linked else 'down'}"
+        advertise()
+        time.sleep(0.05)
+
+
+def test_killing_the_scanner_process_restarts_it_alone_and_links_carry_on(
+    bluez: Any, process_runtime: Any, recorder: Any
+) -> None:
+    import os
+    import signal
+
+    from villagemesh.actors.bitchat.actor import BitchatActor
+    from villagemesh.actors.bitchat.scanner import ScannerActor
+    from villagemesh.actors.core.secure.keys import NodeKeys
+    from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+    from villagemesh.supervision.supervisor import Supervisor
+
+    device, _ = _peer(bluez)
+    keys = NodeKeys.generate()
+    spec = SupervisorSpec(
+        "transports",
+        [
+            ChildSpec("bitchat", BitchatActor, config={"keys": keys, "radio": lambda me: BleCentral(me, scan=False)}),
+            ChildSpec(
+                "bitchat-scanner",
+                ScannerActor,
+                isolation="process",
+                config={"report_to": "bitchat", "min_interval": 0.1},
+            ),
+        ],
+        intensity=10,
+        period=10,
+    )
+    Supervisor.launch(spec, process_runtime)
+    advertise = lambda: bluez.AdvertiseDevice(device, -50)  # noqa: E731
+    _until_linked(process_runtime, advertise)
+    first = recorder.wait_for("child_started", child_id="bitchat-scanner")[0]
+    assert first["isolation"] == "process" and first["pid"] != os.getpid()
+    os.kill(first["pid"], signal.SIGKILL)
+    crashed = recorder.wait_for("child_crashed", child_id="bitchat-scanner")[0]
+    assert "SIGKILL" in crashed["exc_message"]
+    recorder.wait_for("child_restarted", child_id="bitchat-scanner")
+    assert PEER.hex() in _links(process_runtime)  # the link outlived the scanner
+    assert not recorder.matching("child_crashed", child_id="bitchat")
+    bluez.DropConnection(device)  # now only the new scanner can bring the peer back
+    _until_linked(process_runtime, lambda: None, linked=False)
+    _until_linked(process_runtime, advertise)
+    second = recorder.wait_for("child_started", child_id="bitchat-scanner", count=2)[1]
+    assert second["pid"] != first["pid"]
+
+
+def test_a_mesh_node_with_the_ble_radio_and_a_scanner_child_links_to_a_bitchat_peer(bluez: Any, tmp_path: Path) -> None:
+    from villagemesh import create_network
+    from villagemesh.errors import ConfigError
+    from villagemesh.protocols.bitchat import MessageType, decode
+
+    with pytest.raises(ConfigError, match="bitchat_scanner"):
+        create_network("mesh", data_dir=tmp_path / "bad", bitchat_scanner="thread")
+    device, char = _peer(bluez)
+    node = create_network(
+        "mesh",
+        data_dir=tmp_path / "n",
+        lan=False,
+        bitchat_radio=lambda me: BleCentral(me, scan=False),
+        bitchat_scanner="thread",
+    ).start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while not bluez.GetWrites(char):  # linked once the node announces itself on the new link
+            assert time.monotonic() < deadline, "the node never linked to the peer"
+            bluez.AdvertiseDevice(device, -50)
+            time.sleep(0.05)
+        first = decode(bytes(bluez.GetWrites(char)[0]))
+        assert first.type in (MessageType.ANNOUNCE, MessageType.FRAGMENT, MessageType.VILLAGEMESH_ANNOUNCE)
+        (transports,) = [c for c in node.network_status()["actors"] if c["id"] == "transports"]
+        assert {c["id"] for c in transports["children"]} >= {"bitchat", "bitchat-scanner"}
+    finally:
+        node.stop()
+
+
+def test_the_peripheral_registers_its_gatt_server_and_advertisement_and_takes_writes(bluez: Any) -> None:
+    from villagemesh.actors.bitchat.gatt import APP_PATH, CHAR_PATH, BlePeripheral
+    from villagemesh.protocols.bitchat import Packet, encode
+
+    bluez.AddGattManager("hci0")
+    events: queue.Queue[Any] = queue.Queue()
+    me = b"\x0a" * 8
+    radio = BlePeripheral(me)
+    radio.start(events.put)
+    try:
+        assert list(bluez.GetApplications("hci0")) == [APP_PATH]
+        bus = dbus.SystemBus()
+        adapter = bus.get_object("org.bluez", "/org/bluez/hci0")
+        assert (
+            adapter.Get("org.bluez.LEAdvertisingManager1", "ActiveInstances", dbus_interface=dbus.PROPERTIES_IFACE) == 1
+        )
+        assert radio._bus is not None
+        app = bus.get_object(radio._bus.unique_name, APP_PATH)
+        objects = app.GetManagedObjects(dbus_interface="org.freedesktop.DBus.ObjectManager")
+        assert objects[CHAR_PATH]["org.bluez.GattCharacteristic1"]["UUID"] == CHARACTERISTIC_UUID
+        char = dbus.Interface(bus.get_object(radio._bus.unique_name, CHAR_PATH), "org.bluez.GattCharacteristic1")
+        hello = encode(Packet(type=1, sender_id=PEER, timestamp=1, payload=b"announce"))
+        device = dbus.ObjectPath("/org/bluez/hci0/dev_AA_BB_CC_DD_EE_02")
+        char.WriteValue(dbus.ByteArray(b"not a packet"), {"device": device})  # a device not named yet: dropped
+        char.WriteValue(dbus.ByteArray(hello), {"device": device, "type": "command"})
+        char.WriteValue(dbus.ByteArray(b"second"), {"device": device, "type": "command"})
+        assert _next(events, LinkUp) == LinkUp(PEER)
+        assert _next(events, Frame) == Frame(PEER, hello)
+        assert _next(events, Frame) == Frame(PEER, b"second")
+        assert radio.refused == 1
+        radio.send(PEER, b"notify back")
+        deadline = time.monotonic() + WAIT
+        while bytes(char.ReadValue({})) != b"notify back":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(ConnectError):
+            radio.send(b"\x0b" * 8, b"to a stranger")
+    finally:
+        radio.stop()
+
+
+def test_one_radio_holds_both_roles_and_sends_on_whichever_reaches_the_peer(bluez: Any) -> None:
+    from villagemesh.actors.bitchat.gatt import CHAR_PATH, BleRadio
+    from villagemesh.protocols.bitchat import Packet, encode
+
+    bluez.AddGattManager("hci0")
+    device, char = _peer(bluez)
+    events: queue.Queue[Any] = queue.Queue()
+    radio = BleRadio(b"\x0c" * 8)
+    radio.start(events.put)
+    try:
+        assert _next(events, LinkUp, lambda: bluez.AdvertiseDevice(device, -50)) == LinkUp(PEER)  # as central
+        other = b"\x0d" * 8
+        bus = dbus.SystemBus()
+        assert radio.peripheral._bus is not None
+        served = dbus.Interface(
+            bus.get_object(radio.peripheral._bus.unique_name, CHAR_PATH), "org.bluez.GattCharacteristic1"
+        )
+        served.WriteValue(
+            dbus.ByteArray(encode(Packet(type=1, sender_id=other, timestamp=1, payload=b"hi"))),
+            {"device": dbus.ObjectPath("/org/bluez/hci0/dev_AA_BB_CC_DD_EE_03")},
+        )
+        assert _next(events, LinkUp) == LinkUp(other)  # as peripheral
+        radio.send(PEER, b"by write")
+        radio.send(other, b"by notification")
+        deadline = time.monotonic() + WAIT
+        while not bluez.GetWrites(char) or bytes(served.ReadValue({})) != b"by notification":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert [bytes(w) for w in bluez.GetWrites(char)] == [b"by write"]
+        assert radio.mtu == 182
+        with pytest.raises(ConnectError):
+            radio.send(b"\x0e" * 8, b"nobody")
+    finally:
+        radio.stop()
