@@ -15,7 +15,9 @@ A link is named by a peer id, and BlueZ tells the device path only; the first
 frame a device writes that decodes as a BitChat packet names it (BitChat sends
 its announce first on a new link), then ``LinkUp(peer)`` and the frames follow.
 ``send(peer, data)`` notifies: it sets the characteristic's value and emits
-PropertiesChanged, which BlueZ delivers to the subscribed centrals.
+PropertiesChanged, which BlueZ delivers to the subscribed centrals. When BlueZ
+reports that device disconnected (``Device1.Connected`` false, or the device
+removed), ``LinkDown(peer)``; the device's next first packet names it again.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from dbus_fast.annotations import DBusSignature
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
 
 from villagemesh.actors.bitchat.ble import CHARACTERISTIC_UUID, SERVICE_UUID
-from villagemesh.actors.bitchat.radio import Frame, LinkUp, RadioEvent
+from villagemesh.actors.bitchat.radio import Frame, LinkDown, LinkUp, RadioEvent
 from villagemesh.errors import ConnectError, RemoteProtocolError
 from villagemesh.protocols.bitchat import decode
 
-__all__ = ["APP_PATH", "BlePeripheral"]
+__all__ = ["APP_PATH", "BlePeripheral", "BleRadio"]
 
 APP_PATH = "/org/villagemesh/bitchat"
 SERVICE_PATH = f"{APP_PATH}/service0"
@@ -204,12 +206,26 @@ class BlePeripheral:
         bus.export(SERVICE_PATH, _Service())
         bus.export(CHAR_PATH, self._char)
         bus.export(ADV_PATH, _Advertisement(self.me))
+        bus.add_message_handler(self._bluez_signal)
+        for member in ("PropertiesChanged", "InterfacesRemoved"):
+            await self._call(
+                bus,
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="AddMatch",
+                    signature="s",
+                    body=[f"type='signal',sender='org.bluez',member='{member}'"],
+                ),
+            )
         adapter = f"/org/bluez/{self.adapter}"
         for interface, member, path in (
             ("org.bluez.GattManager1", "RegisterApplication", APP_PATH),
             ("org.bluez.LEAdvertisingManager1", "RegisterAdvertisement", ADV_PATH),
         ):
-            reply = await bus.call(
+            await self._call(
+                bus,
                 Message(
                     destination="org.bluez",
                     path=adapter,
@@ -217,12 +233,27 @@ class BlePeripheral:
                     member=member,
                     signature="oa{sv}",
                     body=[path, {}],
-                )
+                ),
             )
-            if reply is None or reply.error_name:
-                raise ConnectError(
-                    f"{interface}.{member}: {None if reply is None else reply.error_name} {reply and reply.body}"
-                )
+
+    @staticmethod
+    async def _call(bus: MessageBus, message: Message) -> None:
+        reply = await bus.call(message)
+        if reply is None or reply.error_name:
+            raise ConnectError(
+                f"{message.interface}.{message.member}: {None if reply is None else reply.error_name}"
+                f" {reply and reply.body}"
+            )
+
+    def _bluez_signal(self, message: Message) -> None:
+        """A device that wrote to us disconnected (or is gone): its link is down."""
+        if message.member == "PropertiesChanged" and message.path in self._peers:
+            interface, changed = message.body[0], message.body[1]
+            connected = changed.get("Connected")
+            if interface == "org.bluez.Device1" and connected is not None and not connected.value:
+                self._emit(LinkDown(self._peers.pop(message.path)))
+        elif message.member == "InterfacesRemoved" and message.body and message.body[0] in self._peers:
+            self._emit(LinkDown(self._peers.pop(message.body[0])))
 
     def _written(self, device: str, data: bytes) -> None:
         peer = self._peers.get(device)
@@ -270,7 +301,10 @@ class BleRadio:
 
     A link is whichever role reached the peer; if both did, frames go out as
     writes on the central link (the peripheral's notifications reach every
-    subscribed central, not one). Args as :class:`~.ble.BleCentral`.
+    subscribed central, not one). The roles' link events are merged: ``LinkUp``
+    when the first role reaches a peer, ``LinkDown`` when the last one loses it
+    (two BitChat devices in range usually both dial, and ride one LE link both
+    ways). Args as :class:`~.ble.BleCentral`.
     """
 
     def __init__(self, me: bytes, adapter: str = "hci0", *, scan: bool = True) -> None:
@@ -278,6 +312,8 @@ class BleRadio:
 
         self.central = BleCentral(me, adapter, scan=scan)
         self.peripheral = BlePeripheral(me, adapter)
+        self._reached: dict[str, set[bytes]] = {"central": set(), "peripheral": set()}
+        self._lock = threading.Lock()
 
     @property
     def mtu(self) -> int:
@@ -286,8 +322,25 @@ class BleRadio:
 
     def start(self, handler: Callable[[RadioEvent], None]) -> None:
         """Start both roles (the peripheral first: a refusal by BlueZ is raised before any scanning)."""
-        self.peripheral.start(handler)
-        self.central.start(handler)
+        self.peripheral.start(self._role("peripheral", handler))
+        self.central.start(self._role("central", handler))
+
+    def _role(self, role: str, handler: Callable[[RadioEvent], None]) -> Callable[[RadioEvent], None]:
+        def handle(event: RadioEvent) -> None:
+            if isinstance(event, Frame):
+                handler(event)
+                return
+            with self._lock:
+                before = any(event.peer in reached for reached in self._reached.values())
+                if isinstance(event, LinkUp):
+                    self._reached[role].add(event.peer)
+                else:
+                    self._reached[role].discard(event.peer)
+                after = any(event.peer in reached for reached in self._reached.values())
+                if before != after:
+                    handler(event)  # under the lock: the two roles' threads cannot reorder a peer's ups and downs
+
+        return handle
 
     def seen(self, peer: bytes, address: str) -> None:
         """A scanner's sighting, for the central role."""

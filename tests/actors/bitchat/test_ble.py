@@ -272,3 +272,99 @@ def test_one_radio_holds_both_roles_and_sends_on_whichever_reaches_the_peer(blue
             radio.send(b"\x0e" * 8, b"nobody")
     finally:
         radio.stop()
+
+
+# ------------------------------------------------------------------- two nodes on the fake bluetoothd's radio
+
+
+@pytest.fixture
+def air(dbusmock_system: Any) -> Iterator[Any]:
+    """One fake bluetoothd with two adapters, hci0 and hci1: two nodes of its virtual radio, out of range."""
+    mock = SpawnedMock.spawn_with_template(TEMPLATE, bustype=dbusmock.BusType.SYSTEM)
+    try:
+        root = dbus.Interface(dbus.SystemBus().get_object("org.bluez", "/"), "org.bluez.Mock")
+        for adapter in ("hci0", "hci1"):
+            root.AddAdapter(adapter, f"villagemesh-{adapter}")
+            root.AddGattManager(adapter)
+        yield root
+    finally:
+        mock.terminate()
+
+
+def _packet(sender: bytes, text: bytes) -> bytes:
+    from villagemesh.protocols.bitchat import MessageType, Packet, encode
+
+    return encode(Packet(type=MessageType.MESSAGE, sender_id=sender, timestamp=1, payload=text))
+
+
+def _until(condition: Any) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {WAIT} s"
+        time.sleep(0.02)
+
+
+class _Heard:
+    """A radio's events, kept: a wait looks for one event among all that came (in any order)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.log: list[Any] = []
+
+    def wait(self, event: Any) -> None:
+        """Until ``event`` came (then forget it: the next wait for it waits for another)."""
+        deadline = time.monotonic() + WAIT
+        while event not in self.log:
+            assert time.monotonic() < deadline, f"no {event} within {WAIT} s; heard {self.log}"
+            try:
+                self.log.append(self.queue.get(timeout=0.05))
+            except queue.Empty:
+                continue
+        self.log.remove(event)
+
+
+@pytest.mark.parametrize("b_scans", [True, False], ids=["both-dial", "only-a-dials"])
+def test_two_ble_radios_find_each_other_and_exchange_bitchat_packets_through_bleak_and_dbus(
+    air: Any, b_scans: bool
+) -> None:
+    """Node A (hci0) and node B (hci1), each a real BleRadio: bleak central plus dbus-fast GATT server.
+
+    Out of range, nothing; in range, each hears the other's advertisement by the
+    BitChat service and connects (or, with ``only-a-dials``, A connects and B
+    answers by notification over A's link); packets go both ways; the link is
+    lost and comes back, and packets flow again.
+    """
+    from villagemesh.actors.bitchat.gatt import BleRadio
+
+    a_id, b_id = b"\xaa" * 8, b"\xbb" * 8
+    heard_a, heard_b = _Heard(), _Heard()
+    a, b = BleRadio(a_id, "hci0"), BleRadio(b_id, "hci1", scan=b_scans)
+    a.start(heard_a.queue.put)
+    b.start(heard_b.queue.put)
+    try:
+        time.sleep(0.3)  # three report periods out of range: nobody is heard
+        assert heard_a.queue.empty() and heard_b.queue.empty()
+        for round_ in (1, 2):
+            air.SetLink("hci0", "hci1", True)
+            heard_a.wait(LinkUp(b_id))  # A's central connected to B
+            hello = _packet(a_id, b"hello from a, round %d" % round_)
+            a.send(b_id, hello)
+            heard_b.wait(Frame(a_id, hello))  # through B's GATT server
+            heard_b.wait(LinkUp(a_id))  # B's GATT server named A by its first packet
+            if b_scans:  # and B's central heard A too, and rode the same LE link
+                _until(lambda: a_id in b.central._links)
+            else:
+                assert not b.central._links
+            answer = _packet(b_id, b"hello from b, round %d" % round_)
+            b.send(a_id, answer)  # a write on B's central link, or else a notification on A's
+            heard_a.wait(Frame(b_id, answer))
+            assert a.central.mtu == 514  # the link's 517 - 3
+            air.SetLink("hci0", "hci1", False)  # link loss
+            heard_a.wait(LinkDown(b_id))
+            if b_scans:
+                heard_b.wait(LinkDown(a_id))
+            with pytest.raises(ConnectError):
+                a.central.send(b_id, hello)
+    finally:
+        a.stop()
+        b.stop()
