@@ -37,7 +37,8 @@ def wait_links(runtime: Any, name: str, count: int) -> BitchatStatus:
     return current
 
 
-def node(runtime: Any, air: MemoryAir, suffix: str, keys: NodeKeys, **config: Any) -> Endpoint:
+def node(runtime: Any, air: MemoryAir | Any, suffix: str, keys: NodeKeys, **config: Any) -> Endpoint:
+    """A bitchat actor and its sink; ``air`` is a MemoryAir, or a radio factory (peer id -> radio)."""
     inbox: queue.Queue[Any] = queue.Queue()
     start(runtime, Sink, f"sink{suffix}", queue=inbox)
     start(
@@ -45,7 +46,7 @@ def node(runtime: Any, air: MemoryAir, suffix: str, keys: NodeKeys, **config: An
         BitchatActor,
         f"bitchat{suffix}",
         keys=keys,
-        radio=air.radio,
+        radio=air.radio if isinstance(air, MemoryAir) else air,
         deliver_to=f"sink{suffix}",
         seed=1,
         **config,

@@ -368,3 +368,42 @@ def test_two_ble_radios_find_each_other_and_exchange_bitchat_packets_through_ble
     finally:
         a.stop()
         b.stop()
+
+
+def test_two_bitchat_transport_actors_deliver_a_villagemesh_envelope_over_bleak_and_dbus(
+    air: Any, runtime: Any
+) -> None:
+    """The transport actors of two nodes, each on a BleRadio of its own adapter: an envelope and its reply."""
+    from tests.actors.bitchat.test_actor import node, wait_links
+    from tests.actors.transport_contract import envelope, next_of
+    from villagemesh.actors.bitchat.gatt import BleRadio
+    from villagemesh.actors.core.secure.keys import NodeKeys
+    from villagemesh.actors.core.transport import REPLY_ADDRESS, Received, Transmit, TransmitResult
+    from villagemesh.protocols.envelope import decode_message, encode_message
+
+    a, b = (
+        node(runtime, lambda me, adapter=adapter: BleRadio(me, adapter), f"-{name}", NodeKeys.generate())
+        for name, adapter in (("a", "hci0"), ("b", "hci1"))
+    )
+    client = runtime.bus.client()
+    for round_ in (1, 2):
+        air.SetLink("hci0", "hci1", True)
+        wait_links(runtime, "bitchat-a", 1)
+        wait_links(runtime, "bitchat-b", 1)
+        msg = envelope(a.keys, b"over BLE, round %d" % round_)
+        client.tell(a.actor, Transmit(msg.id, b.keys.node_id, b.address, encode_message(msg), a.sink))
+        assert next_of(a.inbox, TransmitResult).ok
+        received = next_of(b.inbox, Received)
+        assert received.remote == a.keys.node_id and decode_message(received.envelope) == msg
+        back = envelope(b.keys, b"and back")
+        client.tell(b.actor, Transmit(back.id, a.keys.node_id, REPLY_ADDRESS, encode_message(back), b.sink))
+        assert next_of(b.inbox, TransmitResult).ok
+        assert decode_message(next_of(a.inbox, Received).envelope) == back
+        air.SetLink("hci0", "hci1", False)
+        _until(lambda: not _links_of(runtime, "bitchat-a") and not _links_of(runtime, "bitchat-b"))
+
+
+def _links_of(runtime: Any, name: str) -> tuple[str, ...]:
+    from tests.actors.bitchat.test_actor import status
+
+    return status(runtime, name).links
