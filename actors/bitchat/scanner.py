@@ -10,6 +10,14 @@ BitChat peer it hears (the 8-byte peer id in the advertisement's service data),
 at most once per ``min_interval`` seconds per peer, and the radio
 (:class:`~.ble.BleCentral` with ``scan=False``) connects to it.
 
+bleak survives a dropped D-Bus connection by forgetting everything it knew and
+scanning no more (its manager resets; nothing tells the scanner). So the scanner
+watches bleak's connection to the bus: when it closes, the actor crashes with a
+:class:`~villagemesh.errors.TransportError` (log ``bitchat_dbus_lost``), and the
+new instance its supervisor starts connects afresh and scans again. (bleak has no
+public handle on that connection: the watch reads its BlueZ manager's ``_bus``,
+and a bleak without one fails the start loudly, as a ``ConfigError``.)
+
 Config (msgpack-able, for a process child): ``report_to`` (bus name), ``adapter``
 (default ``hci0``), ``me`` (our peer id, hex: our own advertisements are
 ignored), ``min_interval`` (default 1.0 s). Log event: ``bitchat_scanning`` (adapter).
@@ -19,19 +27,28 @@ supervisor to see and restart within its intensity.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from bleak import BleakScanner
+from bleak.backends.bluezdbus.manager import get_global_bluez_manager
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData
 
 from villagemesh.actors.bitchat.ble import SERVICE_UUID
 from villagemesh.actors.bitchat.messages import PeerSeen
 from villagemesh.actors.core.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
-from villagemesh.errors import ConfigError
+from villagemesh.errors import ConfigError, TransportError
 
 __all__ = ["ScannerActor"]
+
+
+class _DbusLost:
+    """From the loop: bleak's D-Bus connection closed (``error``: why, if dbus-fast knew)."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
 
 
 class ScannerActor(LoopActor):
@@ -56,6 +73,16 @@ class ScannerActor(LoopActor):
             detection_callback=self._seen, service_uuids=[SERVICE_UUID], bluez={"adapter": self.adapter}
         )
         await self.scanner.start()
+        bus = getattr(await get_global_bluez_manager(), "_bus", None)
+        if bus is None:
+            raise ConfigError("this bleak's BlueZ manager has no _bus: the scanner cannot watch its D-Bus connection")
+        self.bus = bus
+        asyncio.get_running_loop().create_task(self._watch(bus))
+
+    async def _watch(self, bus: Any) -> None:
+        # dbus-fast ends the wait with None (closed by us) or with whatever broke the connection
+        outcomes: list[BaseException | None] = await asyncio.gather(bus.wait_for_disconnect(), return_exceptions=True)
+        self.post(_DbusLost(outcomes[0]))
 
     async def io_shutdown(self) -> None:
         scanner = getattr(self, "scanner", None)
@@ -68,6 +95,9 @@ class ScannerActor(LoopActor):
             self.post(PeerSeen(bytes(peer), device.address, advertisement.rssi))
 
     def on_loop_message(self, message: Any) -> None:
+        if isinstance(message, _DbusLost):
+            self.ctx.log.emit("bitchat_dbus_lost", adapter=self.adapter, reason=repr(message.error))
+            raise TransportError(f"the bitchat scanner lost its D-Bus connection on {self.adapter}: {message.error!r}")
         if not isinstance(message, PeerSeen):
             raise TypeError(f"the bitchat scanner got an unexpected {type(message).__name__} from its loop")
         now = time.monotonic()

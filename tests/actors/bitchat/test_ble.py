@@ -168,6 +168,52 @@ def test_killing_the_scanner_process_restarts_it_alone_and_links_carry_on(
     assert second["pid"] != first["pid"]
 
 
+def test_a_dropped_dbus_connection_restarts_the_scanner_alone_and_links_carry_on(
+    bluez: Any, runtime: Any, recorder: Any
+) -> None:
+    """The bus drops the scanner's connection (as a restarting dbus-daemon would): the scanner alone restarts."""
+    import socket
+
+    import pykka
+
+    from villagemesh.actors.bitchat.actor import BitchatActor
+    from villagemesh.actors.bitchat.scanner import ScannerActor
+    from villagemesh.actors.core.secure.keys import NodeKeys
+    from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+    from villagemesh.supervision.supervisor import Supervisor
+
+    device, _ = _peer(bluez)
+    spec = SupervisorSpec(
+        "transports",
+        [
+            ChildSpec(
+                "bitchat",
+                BitchatActor,
+                config={"keys": NodeKeys.generate(), "radio": lambda me: BleCentral(me, scan=False)},
+            ),
+            ChildSpec("bitchat-scanner", ScannerActor, config={"report_to": "bitchat", "min_interval": 0.1}),
+        ],
+        intensity=10,
+        period=10,
+    )
+    Supervisor.launch(spec, runtime)
+    advertise = lambda: bluez.AdvertiseDevice(device, -50)  # noqa: E731
+    _until_linked(runtime, advertise)
+    (scanner,) = [ref.proxy()._actor for ref in pykka.ActorRegistry.get_by_class(ScannerActor)]
+    scanner.io_loop.call_soon(scanner.bus._sock.shutdown, socket.SHUT_RDWR)  # the peer end of the socket is gone
+    recorder.wait_for("bitchat_dbus_lost", adapter="hci0")
+    crashed = recorder.wait_for("child_crashed", child_id="bitchat-scanner")[0]
+    assert crashed["exc_type"] == "TransportError" and "D-Bus connection" in crashed["exc_message"]
+    recorder.wait_for("child_restarted", child_id="bitchat-scanner")
+    recorder.wait_for("bitchat_scanning", adapter="hci0", count=2)
+    assert PEER.hex() in _links(runtime)  # the bitchat actor and its link never noticed
+    assert not recorder.matching("child_crashed", child_id="bitchat")
+    assert not recorder.matching("child_restarted", child_id="bitchat")
+    bluez.DropConnection(device)  # only the new scanner, on a new connection, can bring the peer back
+    _until_linked(runtime, lambda: None, linked=False)
+    _until_linked(runtime, advertise)
+
+
 def test_a_mesh_node_with_the_ble_radio_and_a_scanner_child_links_to_a_bitchat_peer(bluez: Any, tmp_path: Path) -> None:
     from villagemesh import create_network
     from villagemesh.errors import ConfigError
