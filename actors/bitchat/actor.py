@@ -33,7 +33,9 @@ static key is the Noise key our BitChat peer id derives from), ``radio``,
 it no villagemesh announce is sent), ``addresses`` (extra addresses to announce),
 ``seed`` (jitter; tests). A :class:`~.messages.PeerSeen` from the scanner child
 (:mod:`.scanner`) makes the BLE radio connect to that peer. Log events: ``bitchat_started`` (peer_id, radio),
-``bitchat_radio_unavailable`` (reason).
+``bitchat_radio_unavailable`` (reason), ``bitchat_packet_refused`` (reason ``signature``, ``announce`` or
+``stale``, sender, type, link: a packet screened out before the seen-set, see :mod:`.driver`; the driver
+gets our wall clock, so announces are windowed).
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ class BitchatActor(LoopActor):
         else:
             self.radio = factory(self.me)
         rng = random.Random(cfg.get("seed"))
-        self.driver = MeshDriver(self.me, _Idle() if self.radio is None else self.radio, rng, self._delivered)
+        self.driver = MeshDriver(
+            self.me, _Idle() if self.radio is None else self.radio, rng, self._delivered, on_refused=self._refused
+        )
         if self.radio is None:
             self.ctx.log.emit("bitchat_radio_unavailable", level="warning", reason=self.unavailable)
         else:
@@ -121,7 +125,7 @@ class BitchatActor(LoopActor):
 
     def on_loop_message(self, message: Any) -> None:
         if isinstance(message, RadioEvent):
-            self.driver.handle(message, time.monotonic())
+            self.driver.handle(message, time.monotonic(), _now_ms())
             if isinstance(message, LinkUp | LinkDown):
                 self.counts["link_up" if isinstance(message, LinkUp) else "link_down"] += 1
             self._arm()
@@ -221,6 +225,16 @@ class BitchatActor(LoopActor):
         self._arm()
 
     # -- receiving ----------------------------------------------------------------------------------
+
+    def _refused(self, reason: str, packet: Packet, link: bytes) -> None:
+        self.ctx.log.emit(
+            "bitchat_packet_refused",
+            level="warning",
+            reason=reason,
+            sender=packet.sender_id.hex(),
+            type=packet.type,
+            link=link.hex(),
+        )
 
     def _delivered(self, packet: Packet, link: bytes) -> None:
         if packet.type == MessageType.VILLAGEMESH:

@@ -13,7 +13,33 @@ events in, :class:`~.state.MeshState` decisions out, carried out on the radio::
 A frame that does not decode, an announce whose signature or peer id does not
 check out, or fragments that break the reassembler's limits are counted in
 :attr:`MeshDriver.refused` (by reason) and dropped: bytes from a radio are
-untrusted, and a bad frame must not stop the node. A packet bigger than the
+untrusted, and a bad frame must not stop the node.
+
+**Checked before the seen-set.** BitChat's duplicate key (sender, timestamp,
+type, 4 bytes of the payload's hash) does not cover the signature, so a forged
+copy heard first would get the genuine packet dropped as its duplicate. A
+packet is therefore screened *before* :meth:`MeshState.receive` records it:
+
+- an announce (0x01) must verify against the key it carries and name the peer
+  id of its Noise key (else ``announce``); a villagemesh packet (0x56) must
+  verify against the key at the head of its payload; any other signed packet
+  whose sender's key we learned from a verified announce must verify against
+  it (else ``signature``). A signed packet from a sender we know no key for
+  passes unchecked (it may be relayed; nothing trusts it);
+- with the wall clock given (``handle(event, now, wall_ms)``), an announce
+  (0x01, or a villagemesh announce) whose timestamp is more than
+  ``announce_max_age`` (240 s) behind it or ``announce_max_ahead`` (60 s)
+  ahead is a replay or a lie (``stale``): Cure53's BCH-01-011 on BitChat
+  Android, which accepted announces an hour old. The window is no wider than
+  the seen-set's memory (``seen_max_age``, 300 s, checked by
+  :class:`MeshConfig`), so a replay inside it is still caught as a duplicate
+  (unless the LRU's ``seen_capacity`` was flooded meanwhile). Other packets are
+  not windowed: store-and-forward hands directed packets over up to
+  ``store_max_age`` late, and a villagemesh envelope carries its own expiry.
+
+A screened-out packet never enters the seen-set: the genuine copy that comes
+after it is received as new. Each refusal also goes to ``on_refused`` (the
+actor logs it). A packet bigger than the
 radio's MTU is fragmented on the way out (:func:`~villagemesh.protocols.bitchat.fragment_packet`),
 its fragments marked seen so their echoes are not relayed back.
 """
@@ -50,6 +76,10 @@ __all__ = ["MeshDriver", "make_announce"]
 
 OnDeliver = Callable[[Packet, bytes], None]
 OnAnnounce = Callable[[Packet, Announcement], None]
+OnRefused = Callable[[str, Packet, bytes], None]
+"""(reason, packet, link) of a packet screened out before the seen-set."""
+ANNOUNCE_TYPES = frozenset({MessageType.ANNOUNCE, MessageType.VILLAGEMESH_ANNOUNCE})
+"""The types whose timestamps are windowed (presence must be fresh)."""
 
 
 def make_announce(
@@ -93,6 +123,7 @@ class MeshDriver:
         on_announce: OnAnnounce | None = None,
         config: MeshConfig | None = None,
         limits: Limits | None = None,
+        on_refused: OnRefused | None = None,
     ) -> None:
         self.me = me
         self.radio = radio
@@ -101,24 +132,51 @@ class MeshDriver:
         self.reassembler = Reassembler(limits)
         self.on_deliver = on_deliver
         self.on_announce = on_announce
+        self.on_refused = on_refused
         self.refused: Counter[str] = Counter()
         """Dropped input, by reason: ``frame``, ``announce``, ``fragment``; and ``send`` for writes to a gone link."""
         self.keys: dict[bytes, bytes] = {}
         """Peer id -> Ed25519 key, from verified announces."""
 
-    def handle(self, event: RadioEvent, now: float) -> None:
-        """One event from the radio."""
+    def handle(self, event: RadioEvent, now: float, wall_ms: int | None = None) -> None:
+        """One event from the radio; ``wall_ms``, the wall clock in ms (None: announces are not windowed)."""
         if isinstance(event, Frame):
             try:
                 packet = decode(event.data)
             except RemoteProtocolError:
                 self.refused["frame"] += 1
                 return
+            reason = self._screen(packet, wall_ms)
+            if reason is not None:
+                self.refused[reason] += 1
+                if self.on_refused is not None:
+                    self.on_refused(reason, packet, event.peer)
+                return
             self._execute(self.state.receive(packet, event.peer, now), now)
         elif isinstance(event, LinkUp):
             self._execute(self.state.link_up(event.peer, now), now)
         elif isinstance(event, LinkDown):
             self.state.link_down(event.peer)
+
+    def _screen(self, packet: Packet, wall_ms: int | None) -> str | None:
+        """Why ``packet`` must not reach the seen-set; None if it may (see the module's docstring)."""
+        config = self.state.config
+        if packet.type in ANNOUNCE_TYPES and wall_ms is not None:
+            ahead_ms = packet.timestamp - wall_ms
+            if ahead_ms > config.announce_max_ahead * 1000 or -ahead_ms > config.announce_max_age * 1000:
+                return "stale"
+        try:
+            if packet.type == MessageType.ANNOUNCE:
+                _announcement(packet)
+                return None
+            key = self.keys.get(packet.sender_id) if packet.signature is not None else None
+            if packet.type == MessageType.VILLAGEMESH:
+                key = packet.payload[:32]
+            if key is not None:
+                verify(packet, key)
+        except RemoteProtocolError:
+            return "announce" if packet.type == MessageType.ANNOUNCE else "signature"
+        return None
 
     def originate(self, packet: Packet, now: float) -> None:
         """Send our own packet into the mesh."""
@@ -175,10 +233,7 @@ class MeshDriver:
 
     def _announced(self, packet: Packet) -> None:
         try:
-            announcement = decode_announcement(packet.payload)
-            verify(packet, announcement.signing_public_key)
-            if peer_id(announcement.noise_public_key) != packet.sender_id:
-                raise RemoteProtocolError(f"announce from {packet.sender_id.hex()} names another Noise key")
+            announcement = _announcement(packet)  # again: a reassembled announce was screened as fragments only
         except RemoteProtocolError:
             self.refused["announce"] += 1
             return
@@ -186,3 +241,16 @@ class MeshDriver:
         self.state.learn_neighbours(packet.sender_id, announcement.neighbours or ())
         if self.on_announce is not None:
             self.on_announce(packet, announcement)
+
+
+def _announcement(packet: Packet) -> Announcement:
+    """The announce's content, once its signature and peer id check out.
+
+    Raises:
+        RemoteProtocolError: it does not decode, verify, or name its sender's Noise key.
+    """
+    announcement = decode_announcement(packet.payload)
+    verify(packet, announcement.signing_public_key)
+    if peer_id(announcement.noise_public_key) != packet.sender_id:
+        raise RemoteProtocolError(f"announce from {packet.sender_id.hex()} names another Noise key")
+    return announcement

@@ -105,6 +105,10 @@ class MeshConfig:
     """Packets kept for one absent peer."""
     store_max_age: float = 600.0
     """Seconds a kept packet stays worth handing over."""
+    announce_max_age: float = 240.0
+    """Seconds an announce's timestamp may lie behind our wall clock (older: a replay, refused)."""
+    announce_max_ahead: float = 60.0
+    """Seconds it may lie ahead (clock skew between devices)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -121,9 +125,15 @@ class MeshConfig:
                 raise ConfigError(f"mesh config {name} must be an int >= 1, got {value!r}")
         if self.cancel_after is not None and (not isinstance(self.cancel_after, int) or self.cancel_after < 1):
             raise ConfigError(f"mesh config cancel_after must be None or an int >= 1, got {self.cancel_after!r}")
-        for name in ("seen_max_age", "store_max_age"):
+        for name in ("seen_max_age", "store_max_age", "announce_max_age", "announce_max_ahead"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"mesh config {name} must be > 0 seconds, got {getattr(self, name)!r}")
+        if self.announce_max_age + self.announce_max_ahead > self.seen_max_age:
+            # a replay inside the window must still find its key in the seen-set
+            raise ConfigError(
+                f"mesh config announce_max_age + announce_max_ahead ({self.announce_max_age} + "
+                f"{self.announce_max_ahead} s) must not exceed seen_max_age ({self.seen_max_age} s)"
+            )
 
 
 @dataclass(frozen=True)

@@ -159,3 +159,37 @@ def test_without_a_radio_the_actor_runs_and_every_transmit_fails_retryably(runti
     result = next_of(inbox, TransmitResult)
     assert not result.ok and result.retryable and "unavailable" in (result.error or "")
     assert status(runtime, "bitchat-x").radio.startswith("unavailable")
+
+
+def test_forged_and_stale_packets_are_refused_and_logged_and_the_genuine_one_still_arrives(
+    runtime: Any, recorder: Any
+) -> None:
+    import dataclasses
+
+    from nacl.signing import SigningKey
+
+    from villagemesh.actors.bitchat.driver import make_announce
+    from villagemesh.protocols.bitchat import encode
+    from villagemesh.protocols.bitchat.carriage import wrap
+
+    air = MemoryAir(live=True)
+    b = node(runtime, air, "-b", NodeKeys.generate())
+    evil_id = b"\xee" * 8
+    evil = air.radio(evil_id)
+    evil.start(lambda event: None)
+    air.set_link(evil_id, _me(b), True)
+    wait_links(runtime, b.actor, 1)
+    a_keys = NodeKeys.generate()
+    msg = envelope(a_keys, b"genuine")
+    genuine = wrap(msg, a_keys.signing_key, peer_id(a_keys.static_public), int(time.time() * 1000))
+    evil.send(_me(b), encode(dataclasses.replace(genuine, signature=bytes(64))))  # the forgery comes first
+    stale = make_announce(SigningKey(b"\x05" * 32), b"\x06" * 32, "ghost", [], int(time.time() * 1000) - 3_600_000)
+    evil.send(_me(b), encode(stale))  # an hour-old announce (BCH-01-011)
+    evil.send(_me(b), encode(genuine))
+    received = next_of(b.inbox, Received)
+    assert decode_message(received.envelope) == msg and received.remote == a_keys.node_id
+    (forged,) = recorder.wait_for("bitchat_packet_refused", reason="signature")
+    assert forged["sender"] == genuine.sender_id.hex() and forged["link"] == evil_id.hex()
+    recorder.wait_for("bitchat_packet_refused", reason="stale")
+    counters = status(runtime, b.actor).counters
+    assert counters["refused.signature"] == 1 and counters["refused.stale"] == 1

@@ -8,12 +8,15 @@ import random
 import pytest
 from nacl.signing import SigningKey
 
+from tests.actors.transport_contract import envelope
 from villagemesh.actors.bitchat.driver import MeshDriver, make_announce
 from villagemesh.actors.bitchat.radio import Frame, LinkDown, LinkUp, MemoryAir
 from villagemesh.actors.bitchat.sim import FLOODING, SimMesh, connected, diameter, random_geometric
 from villagemesh.actors.bitchat.state import Deliver, MeshConfig, MeshState, Send, dedup_key
+from villagemesh.actors.core.secure.keys import NodeKeys
 from villagemesh.errors import ConfigError, ConnectError
-from villagemesh.protocols.bitchat import BROADCAST, MessageType, Packet, encode, frame
+from villagemesh.protocols.bitchat import BROADCAST, MessageType, Packet, encode, frame, sign
+from villagemesh.protocols.bitchat.carriage import wrap
 
 ME, A, B, C, D, E, F, G = (bytes([i]) * 8 for i in range(8))
 
@@ -167,7 +170,7 @@ def test_a_packet_for_a_neighbour_goes_on_its_link_only() -> None:
 
 
 def test_the_seen_set_is_bounded_and_forgets_old_keys() -> None:
-    state = _state(A, B, seen_capacity=3, seen_max_age=10.0)
+    state = _state(A, B, seen_capacity=3, seen_max_age=10.0, announce_max_age=8.0, announce_max_ahead=2.0)
     for t in range(5):
         state.receive(_packet(timestamp=t), A, float(t))
     assert state.receive(_packet(timestamp=0), A, 5.0)  # evicted by capacity: new again
@@ -208,7 +211,15 @@ def test_link_down_removes_the_link() -> None:
 
 @pytest.mark.parametrize(
     "fields",
-    [{"seen_capacity": 0}, {"dense_ttl": "5"}, {"cancel_after": 0}, {"seen_max_age": 0}, {"store_max_age": -1.0}],
+    [
+        {"seen_capacity": 0},
+        {"dense_ttl": "5"},
+        {"cancel_after": 0},
+        {"seen_max_age": 0},
+        {"store_max_age": -1.0},
+        {"announce_max_ahead": 0},
+        {"seen_max_age": 200.0},  # the default announce window (240 + 60 s) would outlive the seen-set
+    ],
 )
 def test_invalid_config_is_refused(fields) -> None:
     with pytest.raises(ConfigError):
@@ -245,6 +256,75 @@ def test_the_driver_refuses_garbage_bad_announces_and_bad_fragments_by_reason() 
     assert driver.refused == {"frame": 1, "announce": 2, "fragment": 1} and inbox == []
     driver.handle(Frame(A, encode(good)), 0.0)
     assert driver.keys == {good.sender_id: bytes(key.verify_key)} and driver.state._neighbours[good.sender_id] == {B}
+
+
+KEY = SigningKey(b"\x01" * 32)
+
+
+def _screening() -> tuple[MeshDriver, list, list]:
+    """A driver, what it delivers and what it refused before the seen-set (reason, sender, link)."""
+    inbox: list = []
+    refusals: list = []
+    driver = _driver(MemoryAir(), ME, inbox)
+    driver.on_refused = lambda reason, packet, link: refusals.append((reason, packet.sender_id, link))
+    return driver, inbox, refusals
+
+
+def test_a_forged_copy_heard_first_does_not_get_the_genuine_announce_dropped_as_its_duplicate() -> None:
+    driver, _, refusals = _screening()
+    key = KEY
+    genuine = make_announce(key, b"\x02" * 32, "a", [B], 3)
+    forged = dataclasses.replace(genuine, signature=bytes(64))  # same duplicate key: the signature is not in it
+    assert dedup_key(forged) == dedup_key(genuine)
+    driver.handle(Frame(A, encode(forged)), 0.0)
+    assert driver.refused == {"announce": 1} and refusals == [("announce", genuine.sender_id, A)]
+    assert driver.state.counters.received == 0  # never reached the seen-set
+    driver.handle(Frame(B, encode(genuine)), 0.0)
+    assert driver.keys == {genuine.sender_id: bytes(key.verify_key)}
+    assert driver.state.counters.received == 1 and driver.state.counters.duplicates == 0
+
+
+def test_forged_copies_of_signed_packets_are_refused_before_the_seen_set() -> None:
+    driver, inbox, refusals = _screening()
+    key = KEY
+    announce = make_announce(key, b"\x02" * 32, "a", [], 3)
+    driver.handle(Frame(A, encode(announce)), 0.0)  # now we know the key of announce.sender_id
+    known = announce.sender_id
+    message = sign(_packet(sender=known, payload=b"signed by a known key"), key)
+    unknown = sign(_packet(sender=C, payload=b"signed by a key nobody announced"), SigningKey(b"\x03" * 32))
+    keys = NodeKeys.generate()
+    carried = wrap(envelope(keys, b"x"), keys.signing_key, C, 4)
+    for genuine in (message, carried):
+        forged = dataclasses.replace(genuine, signature=bytes(64))
+        driver.handle(Frame(A, encode(forged)), 0.0)
+        driver.handle(Frame(B, encode(genuine)), 0.0)
+        assert inbox[-1] == (genuine, B)  # the genuine one, after the forgery, is new
+    unsigned = dataclasses.replace(carried, signature=None, timestamp=5)  # a 0x56 packet must be signed
+    driver.handle(Frame(A, encode(unsigned)), 0.0)
+    driver.handle(Frame(A, encode(dataclasses.replace(unknown, signature=bytes(64)))), 0.0)  # no key: not checked
+    assert driver.refused == {"signature": 3}
+    assert [reason for reason, _, _ in refusals] == ["signature"] * 3
+    assert inbox[-1][0].sender_id == C and inbox[-1][0].payload == unknown.payload
+
+
+def test_announces_outside_the_timestamp_window_are_refused_as_replays() -> None:
+    air = MemoryAir()
+    inbox: list = []
+    driver = _driver(air, ME, inbox)
+    key = SigningKey(b"\x01" * 32)
+    wall = 1_800_000_000_000
+    config = driver.state.config
+    old = make_announce(key, b"\x02" * 32, "a", [], wall - int(config.announce_max_age * 1000) - 1)
+    ahead = make_announce(key, b"\x02" * 32, "a", [], wall + int(config.announce_max_ahead * 1000) + 1)
+    sighting = _packet(type=MessageType.VILLAGEMESH_ANNOUNCE, timestamp=wall - 3_600_000)  # an hour old
+    for packet in (old, ahead, sighting):
+        driver.handle(Frame(A, encode(packet)), 0.0, wall)
+    assert driver.refused == {"stale": 3} and driver.keys == {} and driver.state.counters.received == 0
+    edge = make_announce(key, b"\x02" * 32, "a", [], wall - int(config.announce_max_age * 1000))
+    driver.handle(Frame(A, encode(edge)), 0.0, wall)
+    assert driver.keys == {edge.sender_id: bytes(key.verify_key)}
+    driver.handle(Frame(A, encode(old)), 0.0)  # without a wall clock (the simulation) nothing is windowed
+    assert driver.refused == {"stale": 3} and driver.state.counters.received == 2
 
 
 def test_a_write_to_a_link_that_just_went_is_counted_not_raised() -> None:
