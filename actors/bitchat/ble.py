@@ -14,14 +14,13 @@ Peers are named by the 8-byte peer id Android BitChat clients put in their
 scan response's service data (``BluetoothGattServerManager.kt``); an
 advertisement without it is ignored (iOS clients advertise the bare service
 UUID and are found once they announce over a link made by the *other* side's
-central: that needs our GATT server, not built yet).
+central, to our GATT server: :class:`~.gatt.BlePeripheral`).
 
 With ``scan=False`` the scanning is left to :class:`~.scanner.ScannerActor`, a
 supervised child of its own (it may run in a process of its own), whose
 ``PeerSeen`` reports the ``bitchat`` actor passes to :meth:`BleCentral.seen`.
 
-Not here yet (see the issue): the peripheral role (a dbus-fast GATT server and
-LE advertisement registered with BlueZ).
+Both roles as one radio: :class:`~.gatt.BleRadio`.
 """
 
 from __future__ import annotations
