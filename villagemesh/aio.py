@@ -293,7 +293,8 @@ class AsyncNode:
         retrier = await self._query("retrier_status")
         actors = await self._query("actors")
         mix = await self._query("betanet_status") if self.node.runs_betanet else None
-        return self.node._status(len(await self.peers()), retrier, actors, mix)
+        mesh = await self._query("bitchat_status") if self.node.runs_bitchat else None
+        return self.node._status(len(await self.peers()), retrier, actors, mix, mesh)
 
     async def wait_for_peers(self, count: int, timeout: float) -> bool:
         """True once at least ``count`` peers are known; woken by ``peer_discovered`` events, not polling."""

@@ -508,6 +508,11 @@ class Node:
         return self.config.betanet if self.config.betanet is not None else self.config.mode is NetworkMode.ANONYMOUS
 
     @property
+    def runs_bitchat(self) -> bool:
+        """Whether this node runs the BitChat mesh transport (it has a :attr:`NodeConfig.bitchat_radio`)."""
+        return self.config.bitchat_radio is not None
+
+    @property
     def betanet_address(self) -> str:
         """``betanet://host:port/<mix key>``: where mixes reach this node, and its mix key."""
         from villagemesh.actors.betanet.state import format_address, mix_secret
@@ -1236,14 +1241,16 @@ class Node:
 
     def network_status(self) -> dict[str, Any]:
         """The node at a glance: id, mode, peers, the retrier's counters, the outbox, the actor tree
-        (and the mixnode's)."""
+        (and the mixnode's, and the BitChat mesh's: its peer id, radio, links, verified peers and counters)."""
         from villagemesh.actors.betanet.actor import betanet_status
+        from villagemesh.actors.bitchat.messages import GetBitchatStatus
         from villagemesh.actors.retrier.messages import GetRetrierStatus
 
         client = self._client()
         retrier = client.ask("retrier", GetRetrierStatus(), timeout=ASK_TIMEOUT)
         mix = betanet_status(client, timeout=ASK_TIMEOUT) if self.runs_betanet else None
-        return self._status(len(self.peers()), retrier, self._actors(), mix)
+        mesh = client.ask("bitchat", GetBitchatStatus(), timeout=ASK_TIMEOUT) if self.runs_bitchat else None
+        return self._status(len(self.peers()), retrier, self._actors(), mix, mesh)
 
     def _actors(self) -> list[dict[str, Any]]:
         assert self._root is not None
@@ -1255,7 +1262,9 @@ class Node:
                 raise _again(self._failure) from exc
             raise SupervisionError(f"node {self.name}: the root supervisor did not answer ({exc})") from exc
 
-    def _status(self, peers: int, retrier: Any, actors: list[dict[str, Any]], mix: Any = None) -> dict[str, Any]:
+    def _status(
+        self, peers: int, retrier: Any, actors: list[dict[str, Any]], mix: Any = None, mesh: Any = None
+    ) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "name": self.name,
@@ -1269,6 +1278,7 @@ class Node:
             "app": asdict(self.gateway_counters),
             "actors": actors,
             **({"betanet": _betanet_fields(mix)} if mix is not None else {}),
+            **({"bitchat": asdict(mesh)} if mesh is not None else {}),
         }
 
     # -- events ------------------------------------------------------------------------------------

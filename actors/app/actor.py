@@ -146,6 +146,7 @@ from villagemesh.actors.app.state import (
     Subscribers,
 )
 from villagemesh.actors.betanet.messages import GetBetanetStatus
+from villagemesh.actors.bitchat.messages import GetBitchatStatus
 from villagemesh.actors.core.base import Actor, ActorContext, Request
 from villagemesh.actors.core.envelopes import decode
 from villagemesh.actors.core.ledger import Inbox
@@ -654,6 +655,7 @@ class AppActor(Actor):
             "suitable_peers": (self.registry_name, FindSuitablePeers(msg.argument)),
             "retrier_status": (self.retrier_name, GetRetrierStatus()),
             "betanet_status": ("betanet", GetBetanetStatus()),
+            "bitchat_status": ("bitchat", GetBitchatStatus()),
         }
         if msg.query == "actors" and self.tree is not None:
             try:

@@ -8,6 +8,7 @@ to c is bitchat (the mesh mode tries it first).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -53,7 +54,11 @@ def test_mesh_mode_nodes_find_each_other_over_bitchat_and_deliver_across_a_relay
         assert (
             arrived.wait(WAIT) and [m.payload for m in got] == [b"over two radio hops"] and got[0].sender == a.node_id
         )
-        assert a.network_status()["transport_priority"][0] == "bitchat"
+        status = a.network_status()
+        assert status["transport_priority"][0] == "bitchat"
+        assert status["bitchat"]["links"] == (ids[1].hex(),) and status["bitchat"]["peer_id"] == ids[0].hex()
+        assert ids[2].hex() in status["bitchat"]["peers"], status["bitchat"]
+        assert asyncio.run(a.aio.network_status())["bitchat"]["links"] == status["bitchat"]["links"]
     finally:
         for node in reversed(nodes):
             node.stop()

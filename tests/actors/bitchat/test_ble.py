@@ -453,3 +453,63 @@ def _links_of(runtime: Any, name: str) -> tuple[str, ...]:
     from tests.actors.bitchat.test_actor import status
 
     return status(runtime, name).links
+
+
+# ---------------------------------------------------------------------------- the scanner inside a whole node
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_nodes_scanner_restarts_it_alone_while_the_other_transports_keep_delivering(
+    bluez: Any, tmp_path: Path
+) -> None:
+    """A mesh-mode node on the BLE radio with its scanner in a process of its own, sending to a peer over IP.
+
+    The scanner is SIGKILLed while 200 messages are on their way to a node that has no radio (so they ride
+    libp2p or websocket): every one arrives once, the node's supervision log records the scanner's crash and
+    restart and no other restart, and the new scanner brings the BitChat peer back after its link drops.
+    """
+    import os
+    import signal
+
+    from tests.integration._nodes import PATIENCE, EventFile, Inbox, free_port, make_node, running, wait_until
+
+    device, _ = _peer(bluez)
+    port = free_port()
+    receiver = make_node(tmp_path / "b", "b", mode="mesh", port=port)
+    sender = make_node(
+        tmp_path / "a",
+        "a",
+        mode="mesh",
+        bootstrap=[f"127.0.0.1:{port}"],
+        bitchat_radio=lambda me: BleCentral(me, scan=False),
+        bitchat_scanner="process",
+    )
+    inbox = Inbox()
+    receiver.subscribe("*", inbox)
+    advertise = lambda: bluez.AdvertiseDevice(device, -50)  # noqa: E731
+
+    def linked() -> bool:
+        advertise()
+        return PEER.hex() in sender.network_status()["bitchat"]["links"]
+
+    with running([receiver, sender]):
+        assert sender.wait_for_peers(1, PATIENCE), "the sender never learnt the receiver"
+        assert wait_until(linked), "the BLE link to the BitChat peer never came up"
+        log = EventFile(sender.log_path)
+        [started] = log.wait_for("child_started", child_id="bitchat-scanner")
+        assert started["isolation"] == "process" and started["pid"] != os.getpid()
+        handles = [sender.send(receiver.node_id, f"s{i}".encode()) for i in range(100)]
+        assert wait_until(lambda: len(inbox.distinct()) >= 10)
+        os.kill(int(started["pid"]), signal.SIGKILL)
+        handles += [sender.send(receiver.node_id, f"s{i}".encode()) for i in range(100, 200)]
+        assert inbox.wait_for_distinct(200), f"only {len(inbox.distinct())} of 200 arrived"
+        assert all(h.result(PATIENCE).delivered for h in handles)
+        assert inbox.duplicates() == {}
+        restarted = log.wait_for("child_started", count=2, child_id="bitchat-scanner")[-1]
+        assert restarted["pid"] != started["pid"]
+        bluez.DropConnection(device)  # only the new scanner can bring the peer back
+        assert wait_until(linked), "the new scanner never brought the BitChat peer back"
+    crashed = log.matching("child_crashed", child_id="bitchat-scanner")
+    assert any(e["exc_type"] == "ChildProcessDied" and "SIGKILL" in e["exc_message"] for e in crashed), crashed
+    others = [e["child_id"] for e in log.matching("child_restarted") if e["child_id"] != "bitchat-scanner"]
+    assert others == [], f"actors other than the scanner restarted: {others}"
