@@ -35,7 +35,9 @@ it no villagemesh announce is sent), ``addresses`` (extra addresses to announce)
 (:mod:`.scanner`) makes the BLE radio connect to that peer. Log events: ``bitchat_started`` (peer_id, radio),
 ``bitchat_radio_unavailable`` (reason), ``bitchat_packet_refused`` (reason ``signature``, ``announce`` or
 ``stale``, sender, type, link: a packet screened out before the seen-set, see :mod:`.driver`; the driver
-gets our wall clock, so announces are windowed).
+gets our wall clock, so announces are windowed; at most 10 per reason and link in 10 s, the rest counted
+in one ``bitchat_packet_refused_suppressed`` (reason, link, count) when the next window opens, so a flood
+of forgeries cannot flood the log).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from villagemesh.actors.bitchat.gatt import BleRadio
 from villagemesh.actors.bitchat.messages import AnnounceDue, BitchatStatus, GetBitchatStatus, PeerSeen, RelayDue
 from villagemesh.actors.bitchat.radio import LinkDown, LinkUp, Radio, RadioEvent
 from villagemesh.actors.bitchat.state import TRANSPORT, format_address, parse_address
+from villagemesh.actors.core.logbudget import LogBudget
 from villagemesh.actors.core.loopactor import LoopActor
 from villagemesh.actors.core.secure.keys import NodeKeys
 from villagemesh.actors.core.transport import (
@@ -90,6 +93,8 @@ class BitchatActor(LoopActor):
         self.capabilities: Capabilities | None = capabilities
         self.addresses = (format_address(self.me), *tuple(cfg.get("addresses", ())))
         self.counts: Counter[str] = Counter()
+        self.refusals = LogBudget(per_window=10, window_s=10.0)
+        """How many refusal warnings reach the log (each refusal is counted by the driver all the same)."""
         self.routes: dict[str, bytes] = {}
         """Node id -> the BitChat peer id its envelopes come from (for REPLY_ADDRESS)."""
         self.sightings: dict[str, Sighting] = {}
@@ -227,14 +232,20 @@ class BitchatActor(LoopActor):
     # -- receiving ----------------------------------------------------------------------------------
 
     def _refused(self, reason: str, packet: Packet, link: bytes) -> None:
-        self.ctx.log.emit(
-            "bitchat_packet_refused",
-            level="warning",
-            reason=reason,
-            sender=packet.sender_id.hex(),
-            type=packet.type,
-            link=link.hex(),
-        )
+        log, ended = self.refusals.admit((reason, link), time.monotonic())
+        if ended:
+            self.ctx.log.emit(
+                "bitchat_packet_refused_suppressed", level="warning", reason=reason, link=link.hex(), count=ended
+            )
+        if log:
+            self.ctx.log.emit(
+                "bitchat_packet_refused",
+                level="warning",
+                reason=reason,
+                sender=packet.sender_id.hex(),
+                type=packet.type,
+                link=link.hex(),
+            )
 
     def _delivered(self, packet: Packet, link: bytes) -> None:
         if packet.type == MessageType.VILLAGEMESH:

@@ -161,6 +161,18 @@ def test_without_a_radio_the_actor_runs_and_every_transmit_fails_retryably(runti
     assert status(runtime, "bitchat-x").radio.startswith("unavailable")
 
 
+def _with_an_evil_neighbour(runtime: Any) -> tuple[Any, bytes, Any]:
+    """A bitchat actor ``b`` on the memory air with one linked neighbour whose radio the test drives."""
+    air = MemoryAir(live=True)
+    b = node(runtime, air, "-b", NodeKeys.generate())
+    evil_id = b"\xee" * 8
+    evil = air.radio(evil_id)
+    evil.start(lambda event: None)
+    air.set_link(evil_id, _me(b), True)
+    wait_links(runtime, b.actor, 1)
+    return b, evil_id, evil
+
+
 def test_forged_and_stale_packets_are_refused_and_logged_and_the_genuine_one_still_arrives(
     runtime: Any, recorder: Any
 ) -> None:
@@ -172,13 +184,7 @@ def test_forged_and_stale_packets_are_refused_and_logged_and_the_genuine_one_sti
     from villagemesh.protocols.bitchat import encode
     from villagemesh.protocols.bitchat.carriage import wrap
 
-    air = MemoryAir(live=True)
-    b = node(runtime, air, "-b", NodeKeys.generate())
-    evil_id = b"\xee" * 8
-    evil = air.radio(evil_id)
-    evil.start(lambda event: None)
-    air.set_link(evil_id, _me(b), True)
-    wait_links(runtime, b.actor, 1)
+    b, evil_id, evil = _with_an_evil_neighbour(runtime)
     a_keys = NodeKeys.generate()
     msg = envelope(a_keys, b"genuine")
     genuine = wrap(msg, a_keys.signing_key, peer_id(a_keys.static_public), int(time.time() * 1000))
@@ -193,3 +199,22 @@ def test_forged_and_stale_packets_are_refused_and_logged_and_the_genuine_one_sti
     recorder.wait_for("bitchat_packet_refused", reason="stale")
     counters = status(runtime, b.actor).counters
     assert counters["refused.signature"] == 1 and counters["refused.stale"] == 1
+
+
+def test_a_flood_of_forgeries_is_counted_whole_but_logged_only_within_the_budget(runtime: Any, recorder: Any) -> None:
+    """60 forged packets from one link: 60 refusals counted, 10 warnings logged, the genuine packet still arrives."""
+    import dataclasses
+
+    from villagemesh.protocols.bitchat import encode
+    from villagemesh.protocols.bitchat.carriage import wrap
+
+    b, _, evil = _with_an_evil_neighbour(runtime)
+    a_keys = NodeKeys.generate()
+    for i in range(60):
+        forged = wrap(envelope(a_keys, b"f%d" % i), a_keys.signing_key, peer_id(a_keys.static_public), 1_000 + i)
+        evil.send(_me(b), encode(dataclasses.replace(forged, signature=bytes(64))))
+    msg = envelope(a_keys, b"genuine")
+    evil.send(_me(b), encode(wrap(msg, a_keys.signing_key, peer_id(a_keys.static_public), int(time.time() * 1000))))
+    assert decode_message(next_of(b.inbox, Received).envelope) == msg
+    assert status(runtime, b.actor).counters["refused.signature"] == 60
+    assert len(recorder.matching("bitchat_packet_refused", reason="signature")) == 10
