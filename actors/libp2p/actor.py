@@ -91,6 +91,9 @@ class Libp2pActor(EnvelopeTransportActor):
 
     async def io_shutdown(self) -> None:
         """GoAway and close every connection."""
+        kad = getattr(self, "kad", None)
+        if kad is not None:
+            kad.close()
         host = getattr(self, "host", None)
         if host is not None:
             await host.close()

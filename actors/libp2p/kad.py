@@ -11,8 +11,13 @@ the provider records are :class:`~.state.ProviderStore`'s (pure). Here they meet
          ──providers(key)──▶ GET_PROVIDERS along the same walk
 
 Every peer that answers us is ``seen`` by the routing table (with the addresses we
-reached it at or it was listed with); a full bucket keeps its old peers (Kademlia
-prefers peers that stay up; no eviction ping here). A request gets
+reached it at or it was listed with). A full bucket keeps its old peers while they
+are up (Kademlia prefers peers that stay up): a newcomer to a full bucket makes us
+PING the bucket's least recently seen peer; if it answers it stays (moved to the
+bucket's end) and the newcomer is dropped, if not it is evicted and the newcomer
+takes its place (``kad_evicted``, ``kad_eviction_kept``). At most
+:data:`MAX_EVICTION_CHECKS` such pings run at once, one per old peer; newcomers
+past that are dropped (counted ``kad_newcomers_dropped``). A request gets
 :data:`REQUEST_TIMEOUT_S`; a peer that times out or fails is left out of that walk.
 An ADD_PROVIDER is sent without waiting for an answer (go-libp2p sends none,
 py-libp2p echoes it: both are fine, research/libp2p.md §2.1).
@@ -42,7 +47,15 @@ from villagemesh.protocols.libp2p.kad import (
 from villagemesh.protocols.libp2p.peerid import Multiaddr, PeerId
 from villagemesh.protocols.libp2p.varint import frame
 
-__all__ = ["ALPHA", "MAX_KAD_MESSAGE", "PROVIDER_KEY", "REQUEST_TIMEOUT_S", "Kademlia", "dialable"]
+__all__ = [
+    "ALPHA",
+    "MAX_EVICTION_CHECKS",
+    "MAX_KAD_MESSAGE",
+    "PROVIDER_KEY",
+    "REQUEST_TIMEOUT_S",
+    "Kademlia",
+    "dialable",
+]
 
 PROVIDER_KEY = bytes([0x12, 0x20]) + hashlib.sha256(b"/villagemesh/nodes/1.0.0").digest()
 """The key villagemesh nodes provide: the sha2-256 multihash of ``/villagemesh/nodes/1.0.0``
@@ -60,16 +73,58 @@ MAX_KAD_MESSAGE = 64 * 1024
 MAX_ROUNDS = 10
 """Walk steps of one lookup: each halves the distance, so 10 covers any DHT that answers."""
 
+MAX_EVICTION_CHECKS = 16
+"""Eviction pings in flight at once (each holds a dial and a stream for up to REQUEST_TIMEOUT_S)."""
+
 
 class Kademlia:
     """Kademlia for one :class:`~.host.Libp2pHost` (``host.handlers`` gets the protocol)."""
 
-    def __init__(self, host: Any, *, clock: Any = time.time) -> None:
+    def __init__(self, host: Any, *, clock: Any = time.time, k: int = K) -> None:
         self.host = host
-        self.table = RoutingTable(host.peer_id)
+        self.table = RoutingTable(host.peer_id, k)
         self.providers = ProviderStore()
         self.clock = clock
+        self._checking: dict[bytes, asyncio.Task[None]] = {}
+        """Eviction pings in flight, by the old peer's multihash."""
         host.handlers[KAD_PROTOCOL] = self.serve
+
+    def seen(self, peer: KadPeer) -> None:
+        """``peer`` was heard from: into the routing table, or, its bucket full, an eviction check."""
+        oldest = self.table.seen(peer)
+        if oldest is None:
+            return
+        key = oldest.peer_id.multihash
+        if key in self._checking or len(self._checking) >= MAX_EVICTION_CHECKS:
+            self.host.counts["kad_newcomers_dropped"] += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._check(oldest, peer))
+        self._checking[key] = task
+        task.add_done_callback(lambda _: self._checking.pop(key, None))
+
+    async def _check(self, oldest: KadPeer, newcomer: KadPeer) -> None:
+        """PING the least recently seen peer of a full bucket: it stays if it answers, else ``newcomer`` takes
+        its place."""
+        try:
+            await self.request(oldest, KadMessage(MessageType.PING))  # an answer marks it seen again
+        except (TransportError, ProtocolError, TimeoutError) as exc:
+            self.table.evict(oldest.peer_id)
+            self.table.seen(newcomer)
+            self.host.counts["kad_evicted"] += 1
+            self.host.log.info(
+                "kad_peer_evicted",
+                peer_id=str(oldest.peer_id),
+                replaced_by=str(newcomer.peer_id),
+                reason=str(exc),
+                error=type(exc).__name__,
+            )
+            return
+        self.host.counts["kad_eviction_kept"] += 1
+
+    def close(self) -> None:
+        """Cancel the eviction checks in flight."""
+        for task in list(self._checking.values()):
+            task.cancel()
 
     def me(self) -> KadPeer:
         return KadPeer(self.host.peer_id, self.host.listen)
@@ -80,7 +135,7 @@ class Kademlia:
         peer_id = multiaddr.peer_id()
         if peer_id is None:
             raise RemoteProtocolError(f"kad: {address!r} has no /p2p/ part")
-        self.table.seen(KadPeer(peer_id, (_bare(multiaddr),)))
+        self.seen(KadPeer(peer_id, (_bare(multiaddr),)))
 
     # -- server -------------------------------------------------------------------------------------
 
@@ -131,7 +186,7 @@ class Kademlia:
                 reply = KadMessage.decode(await stream.read_frame(MAX_KAD_MESSAGE))
             finally:
                 stream.close()
-        self.table.seen(KadPeer(peer.peer_id, peer.addrs))
+        self.seen(KadPeer(peer.peer_id, peer.addrs))
         return reply
 
     async def walk(self, key: bytes, kind: MessageType = MessageType.FIND_NODE) -> tuple[list[KadPeer], set[KadPeer]]:
