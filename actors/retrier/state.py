@@ -29,9 +29,12 @@ A message's life (``failed`` is the set of transports that failed this round)::
                                                                     └── budget spent ──► Failed
                  any state, now ≥ expires_at ──► Failed(TTL_EXPIRED)
 
-    READY / due, recipient unreachable, not its probe ──► HELD ── probe gets through, ack, ──► READY
-                                                            │     Routes(recipient), TransportLost
-                                                            └── peer backoff over: the best one ──► READY (the probe)
+    due (or picked), recipient unreachable (rule 8), not its probe
+                    │
+                    ▼
+                  HELD ─── recipient reachable again: its probe got through, ──► READY
+                    │      an ack, Routes(recipient), TransportLost
+                    └───── recipient's backoff over, the most urgent oldest ──► READY, as its probe
 
 Rules (each a test or a hypothesis invariant):
 
@@ -90,8 +93,11 @@ Rules (each a test or a hypothesis invariant):
    to P, ``Routes(P, …)`` (new addresses) and ``TransportLost`` (a restarted
    transport may work): the HELD messages go READY in arrival order. Messages
    already in flight when P became unreachable finish their attempt; their
-   retries are HELD. TTLs still fail HELD messages at ``expires_at``.
-   Unreachability is not persisted: a restart starts with every peer reachable.
+   retries are HELD. TTLs still fail HELD messages at ``expires_at``. Only
+   probes spend attempts, so while P stays down its messages wait for their
+   TTL rather than each spending ``max_attempts`` (the probes do, one message
+   at a time). Unreachability is not persisted: a restart starts with every
+   peer reachable.
 
 Persistence is the actor's: it writes ``Send`` (attempts, deadline as the next
 attempt time, so a crash mid-flight retries at the deadline) and ``Backoff``
