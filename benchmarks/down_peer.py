@@ -30,18 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import emit, percentile
 
+from tests.integration._nodes import FAST
 from villagemesh import create_network
 from villagemesh.node import free_port
-
-SETTINGS = {
-    "discovery_interval": 0.3,
-    "discovery_timeout": 0.5,
-    "ack_timeout": 1.0,
-    "max_attempts": 60,
-    "backoff_base": 0.05,
-    "backoff_max": 0.5,
-}
-"""The integration tests' node settings (tests/integration/_nodes.py FAST)."""
 
 
 def timed_sends(node: object, peer: str, count: int, tag: str) -> list[float]:
@@ -63,7 +54,7 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="down-peer-"))
     port_r, port_s = free_port(), free_port()
     libp2p = not args.no_libp2p
-    common = {"host": "127.0.0.1", "libp2p": libp2p, **SETTINGS}
+    common = {"host": "127.0.0.1", "libp2p": libp2p, **FAST}
     r = create_network(
         "hybrid", name="r", data_dir=base / "r", port=port_r, bootstrap=(f"127.0.0.1:{port_s}",), **common
     )
