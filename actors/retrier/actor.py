@@ -303,6 +303,9 @@ class RetrierActor(Actor):
                 self.duplicates,
                 len(self.inbox.unhandled()),
                 self._pending_by_priority(),
+                len(self.state.unreachable()),
+                self.state.held,
+                c.probes,
             )
         else:
             raise TypeError(f"retrier got an unexpected {type(msg).__name__}")

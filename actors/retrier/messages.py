@@ -173,6 +173,12 @@ class RetrierStatus:
     unhandled: int
     pending_by_priority: tuple[int, ...] = ()
     """Pending messages per priority, indexed by :class:`~villagemesh.protocols.envelope.Priority` value."""
+    unreachable_peers: int = 0
+    """Recipients whose last round failed wholly retryably: one probe at a time goes to each."""
+    held: int = 0
+    """Messages waiting for their unreachable recipient's probe to get through (no attempt spent)."""
+    probes: int = 0
+    """Messages picked to probe an unreachable recipient, since start."""
 
 
 @codec.message("retrier.TransportDown")

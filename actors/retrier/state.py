@@ -29,6 +29,13 @@ A message's life (``failed`` is the set of transports that failed this round)::
                                                                     └── budget spent ──► Failed
                  any state, now ≥ expires_at ──► Failed(TTL_EXPIRED)
 
+    due (or picked), recipient unreachable (rule 8), not its probe
+                    │
+                    ▼
+                  HELD ─── recipient reachable again: its probe got through, ──► READY
+                    │      an ack, Routes(recipient), TransportLost
+                    └───── recipient's backoff over, the most urgent oldest ──► READY, as its probe
+
 Rules (each a test or a hypothesis invariant):
 
 1. *Nothing is lost.* Every enqueued id is exactly one of: delivered,
@@ -70,6 +77,27 @@ Rules (each a test or a hypothesis invariant):
 7. *Acks.* An ack settles a pending message in any phase (a late ack after a
    timeout still counts); acks for unknown ids, or for a message never sent
    (attempts 0), are ignored.
+8. *Unreachable peers* (a circuit breaker, like TCP's backoff of a
+   connection rather than of each segment). When an attempt's round ends
+   with every transport of it failing *retryably* (the peer surely got
+   nothing: refused, dial backoff, no connection), its recipient ``P`` is
+   *unreachable* for ``policy.delay(r, rand)``, ``r`` being P's consecutive
+   such rounds and ``rand`` derived from P's id and ``r``. While P is
+   unreachable its due messages are HELD: they spend no attempt, no write and
+   no Transmit, and take no slot. At most one message to P, the *probe* (the
+   HELD one of the most urgent class, oldest first), is attempted at a time,
+   when P's backoff is over; it goes through the fair queue like any message.
+   The probe's round failing wholly retryably again makes ``r + 1``; anything
+   else it gets (a non-retryable error, a transport that took the bytes, no
+   ack by its deadline) ends P's unreachability, as do an ack of any message
+   to P, ``Routes(P, …)`` (new addresses) and ``TransportLost`` (a restarted
+   transport may work): the HELD messages go READY in arrival order. Messages
+   already in flight when P became unreachable finish their attempt; their
+   retries are HELD. TTLs still fail HELD messages at ``expires_at``. Only
+   probes spend attempts, so while P stays down its messages wait for their
+   TTL rather than each spending ``max_attempts`` (the probes do, one message
+   at a time). Unreachability is not persisted: a restart starts with every
+   peer reachable.
 
 Persistence is the actor's: it writes ``Send`` (attempts, deadline as the next
 attempt time, so a crash mid-flight retries at the deadline) and ``Backoff``
@@ -107,6 +135,7 @@ __all__ = [
     "Failed",
     "FairQueue",
     "NextWakeup",
+    "PeerView",
     "PendingView",
     "Phase",
     "RetrierState",
@@ -365,6 +394,7 @@ class Phase(enum.Enum):
     READY = "ready"  # due, in the fair queue for a free slot
     IN_FLIGHT = "in_flight"  # sent, waiting for its ack until the deadline
     PARKED = "parked"  # due, but the recipient has no transport
+    HELD = "held"  # due, but the recipient is unreachable: waits for its probe to get through
 
 
 @dataclass(slots=True)
@@ -381,6 +411,25 @@ class _Entry:
     version: int = 0
     transport: str | None = None
     deadline: float = 0.0
+    seq: int = 0
+    """Arrival order (FIFO among the held)."""
+    dark: bool = True
+    """Every transport that failed this round failed retryably (the recipient surely got nothing)."""
+
+
+@dataclass(slots=True)
+class _Peer:
+    """An unreachable recipient (rule 8): its backoff, its probe, the messages held for it."""
+
+    rounds: int
+    """Consecutive rounds that failed wholly retryably."""
+    until: float
+    """No probe before this."""
+    probe: bytes | None = None
+    """The one message attempted while unreachable, from its pick until its round ends."""
+    held: list[tuple[int, int, bytes, int]] = field(default_factory=list)
+    """Heap of (priority, seq, id, version): the probe is the most urgent, oldest (stale items skipped)."""
+    held_ids: set[bytes] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +447,18 @@ class PendingView:
     failed: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """A read-only snapshot of an unreachable recipient (rule 8)."""
+
+    recipient: str
+    rounds: int
+    probe_at: float
+    """When its backoff is over (the next probe may go)."""
+    probe: bytes | None
+    held: int
+
+
 def jitter_rand(message_id: bytes, attempt: int) -> float:
     """A number in [0, 1) fixed by (message id, attempt): the jitter's randomness, replayable."""
     digest = hashlib.blake2b(message_id + attempt.to_bytes(4, "big"), digest_size=8).digest()
@@ -410,6 +471,7 @@ class _Counters:
     delivered: int = 0
     failed: int = 0
     retried: int = 0
+    probes: int = 0
 
 
 @dataclass
@@ -437,6 +499,9 @@ class RetrierState:
         self._timers: list[tuple[float, bytes, int]] = []  # (at, id, version): WAITING due / IN_FLIGHT deadline
         self._expiry: list[tuple[float, bytes]] = []
         self._in_flight = 0
+        self._peers: dict[str, _Peer] = {}  # the unreachable ones only
+        self._peer_timers: list[tuple[float, str]] = []  # (until, recipient): a probe may go
+        self._seq = 0
         self._wakeup_sent: float | None = None
         self.counters = _Counters()
 
@@ -469,6 +534,18 @@ class RetrierState:
             e.transport,
             e.failed,
         )
+
+    @property
+    def held(self) -> int:
+        """Messages HELD for an unreachable recipient."""
+        return sum(len(peer.held_ids) for peer in self._peers.values())
+
+    def unreachable(self) -> list[PeerView]:
+        """Every recipient unreachable now (rule 8)."""
+        return [
+            PeerView(recipient, peer.rounds, peer.until, peer.probe, len(peer.held_ids))
+            for recipient, peer in self._peers.items()
+        ]
 
     def pending(self) -> Iterator[PendingView]:
         """Every pending message (in no particular order)."""
@@ -525,20 +602,25 @@ class RetrierState:
                 f"message {ev.message_id.hex()}: attempts {ev.attempts!r} outside [0, {self.policy.max_attempts}]"
             )
         due = ev.now if ev.next_attempt_at is None else ev.next_attempt_at
+        failed = tuple(ev.failed)
         entry = _Entry(
-            ev.message_id, ev.recipient, ev.priority, ev.expires_at, ev.attempts, due, ev.last_error, tuple(ev.failed)
+            ev.message_id, ev.recipient, ev.priority, ev.expires_at, ev.attempts, due, ev.last_error, failed
         )
+        entry.seq = self._seq
+        entry.dark = not failed  # a restored round's earlier failures are unknown: it does not count
+        self._seq += 1
         self._entries[ev.message_id] = entry
         heapq.heappush(self._expiry, (entry.expires_at, entry.message_id))
         if due <= ev.now:
             # Due already: READY in arrival order (through the timer heap, messages enqueued at one
             # instant by step_many would come out in message-id order, not FIFO).
-            self._make_ready(entry)
+            self._due(entry, ev.now)
         else:
             self._wait(entry)
 
     def _set_routes(self, ev: Routes) -> None:
         self._routes[ev.recipient] = tuple(ev.transports)
+        self._reachable(ev.recipient)  # new addresses may work
         if not ev.transports:
             return
         for message_id in self._parked.pop(ev.recipient, set()):
@@ -550,12 +632,15 @@ class RetrierState:
         entry = self._entries.get(ev.message_id)
         if entry is None or entry.phase is not Phase.IN_FLIGHT or entry.attempts != ev.attempt:
             return  # late answer for an attempt already settled
-        if ev.error is None:
-            return  # the transport took it; the ack (or the deadline) settles it
-        if not ev.retryable:
-            entry.last_error = f"{ev.transport}: {ev.error}"
-            return  # the peer may have it: resending now could only duplicate; the deadline decides
-        self._attempt_failed(entry, f"{ev.transport}: {ev.error}", ev.now, out, failover=True)
+        if ev.error is None or not ev.retryable:
+            if ev.error is not None:
+                entry.last_error = f"{ev.transport}: {ev.error}"
+            if self._is_probe(entry):
+                self._reachable(entry.recipient)  # the probe got somewhere: the peer answers again
+            # The transport took it, or the peer may have it (resending now could only duplicate):
+            # the ack or the deadline settles it.
+            return
+        self._attempt_failed(entry, f"{ev.transport}: {ev.error}", ev.now, out, failover=True, dark=True)
 
     def _ack(self, ev: AckReceived, out: list[Decision]) -> None:
         entry = self._entries.get(ev.message_id)
@@ -564,8 +649,11 @@ class RetrierState:
         self._remove(entry)
         self.counters.delivered += 1
         out.append(Delivered(entry.message_id, entry.attempts, entry.transport))
+        self._reachable(entry.recipient)  # an ack is proof the peer is up
 
     def _transport_lost(self, ev: TransportLost, out: list[Decision]) -> None:
+        for recipient in list(self._peers):
+            self._reachable(recipient)  # the transport comes back new: it may reach them
         lost = [e for e in self._entries.values() if e.phase is Phase.IN_FLIGHT and e.transport == ev.transport]
         for entry in lost:
             self._attempt_failed(entry, f"{ev.transport}: the transport died", ev.now, out, failover=True)
@@ -582,18 +670,41 @@ class RetrierState:
         entry.version += 1
         self._ready.push(entry.priority, (entry.message_id, entry.version))
 
+    def _due(self, entry: _Entry, now: float) -> None:
+        """``entry`` wants out: READY, or HELD when its recipient is unreachable and it is not the probe."""
+        peer = self._peers.get(entry.recipient)
+        if peer is None or peer.probe == entry.message_id:
+            self._make_ready(entry)
+        else:
+            self._hold(entry, peer, now)
+
     def _attempt_failed(
-        self, entry: _Entry, error: str, now: float, out: list[Decision], *, failover: bool = False
+        self,
+        entry: _Entry,
+        error: str,
+        now: float,
+        out: list[Decision],
+        *,
+        failover: bool = False,
+        dark: bool = False,
     ) -> None:
+        """The attempt in flight failed; ``dark``: retryably (the recipient surely got nothing)."""
         self._in_flight -= 1
         entry.phase = Phase.WAITING  # out of flight; _wait or _give_up settles it below
         entry.last_error = error
         if entry.transport is not None and entry.transport not in entry.failed:
             entry.failed = (*entry.failed, entry.transport)
+        entry.dark = entry.dark and dark
+        untried = set(transport_order(self.mode, self._routes.get(entry.recipient, ()))) - set(entry.failed)
+        probe = self._is_probe(entry)
+        if not dark:
+            if probe:
+                self._reachable(entry.recipient)  # the probe's bytes went somewhere (no ack by the deadline)
+        elif not untried and (entry.dark or probe):
+            self._round_dark(entry, now)
         if entry.attempts >= self.policy.max_attempts:
             self._give_up(entry, FailReason.ATTEMPTS_EXHAUSTED, out)
             return
-        untried = set(transport_order(self.mode, self._routes.get(entry.recipient, ()))) - set(entry.failed)
         if failover and untried:
             entry.next_attempt_at = now  # surely not received: the next transport, at once
         else:
@@ -602,6 +713,71 @@ class RetrierState:
         self.counters.retried += 1
         out.append(Backoff(entry.message_id, entry.attempts, entry.next_attempt_at, error, entry.failed))
         self._wait(entry)
+
+    # -- reachability (rule 8) -------------------------------------------------------------------
+
+    def _is_probe(self, entry: _Entry) -> bool:
+        peer = self._peers.get(entry.recipient)
+        return peer is not None and peer.probe == entry.message_id
+
+    def _round_dark(self, entry: _Entry, now: float) -> None:
+        """A round to ``entry``'s recipient failed wholly retryably: it is unreachable (again, for longer)."""
+        recipient = entry.recipient
+        peer = self._peers.get(recipient)
+        if peer is None:
+            peer = self._peers[recipient] = _Peer(rounds=1, until=now)
+        elif peer.probe == entry.message_id:
+            peer.rounds += 1
+            peer.probe = None
+        else:
+            return  # an attempt from before it went unreachable: its retries are held, the backoff stands
+        peer.until = now + self.policy.delay(peer.rounds, jitter_rand(recipient.encode(), peer.rounds))
+        heapq.heappush(self._peer_timers, (peer.until, recipient))
+
+    def _reachable(self, recipient: str) -> None:
+        """``recipient`` may be reachable: its held messages go READY, in arrival order."""
+        peer = self._peers.pop(recipient, None)
+        if peer is None:
+            return
+        for entry in sorted((self._entries[i] for i in peer.held_ids), key=lambda e: e.seq):
+            self._make_ready(entry)
+
+    def _hold(self, entry: _Entry, peer: _Peer, now: float) -> None:
+        entry.phase = Phase.HELD
+        entry.version += 1
+        heapq.heappush(peer.held, (entry.priority, entry.seq, entry.message_id, entry.version))
+        first = not peer.held_ids
+        peer.held_ids.add(entry.message_id)
+        if peer.probe is not None:
+            return  # its round's end decides
+        if peer.until <= now:
+            self._start_probe(peer)  # the backoff is over and nothing probes: the best held one goes
+        elif first:
+            heapq.heappush(self._peer_timers, (peer.until, entry.recipient))  # a timer only for something held
+
+    def _start_probe(self, peer: _Peer) -> None:
+        """Make the most urgent, oldest held message ``peer``'s probe (READY), if any is held."""
+        while peer.held:
+            _, _, message_id, version = heapq.heappop(peer.held)
+            entry = self._entries.get(message_id)
+            if entry is not None and entry.version == version and entry.phase is Phase.HELD:
+                peer.held_ids.discard(message_id)
+                peer.probe = message_id
+                self.counters.probes += 1
+                self._make_ready(entry)
+                return
+
+    def _start_probes(self, now: float) -> None:
+        timers = self._peer_timers
+        while timers and timers[0][0] <= now:
+            at, recipient = heapq.heappop(timers)
+            if self._probe_due(recipient, at):
+                self._start_probe(self._peers[recipient])
+
+    def _probe_due(self, recipient: str, at: float) -> bool:
+        """Whether the peer timer (``at``, ``recipient``) still means a probe may go then."""
+        peer = self._peers.get(recipient)
+        return peer is not None and peer.until == at and peer.probe is None and bool(peer.held_ids)
 
     def _give_up(self, entry: _Entry, reason: FailReason, out: list[Decision]) -> None:
         self._remove(entry)
@@ -618,6 +794,12 @@ class RetrierState:
             self._in_flight -= 1
         elif entry.phase is Phase.PARKED:
             self._parked[entry.recipient].discard(entry.message_id)
+        elif entry.phase is Phase.HELD:
+            self._peers[entry.recipient].held_ids.discard(entry.message_id)
+        peer = self._peers.get(entry.recipient)
+        if peer is not None and peer.probe == entry.message_id:
+            peer.probe = None  # gone before its round ended: the next held one may probe
+            heapq.heappush(self._peer_timers, (peer.until, entry.recipient))
         del self._entries[entry.message_id]
         entry.version += 1  # every queued reference goes stale
 
@@ -630,6 +812,7 @@ class RetrierState:
     def _pump(self, now: float, out: list[Decision]) -> None:
         self._expire(now, out)
         self._fire_timers(now, out)
+        self._start_probes(now)
         self._fill_slots(now, out)
         self._request_wakeup(now, out)
 
@@ -649,7 +832,7 @@ class RetrierState:
             if entry is None or entry.version != version:
                 continue
             if entry.phase is Phase.WAITING:
-                self._make_ready(entry)
+                self._due(entry, now)
             elif entry.phase is Phase.PARKED:
                 entry.last_error = f"no route to {entry.recipient} within {self.route_timeout} s"
                 self._give_up(entry, FailReason.NO_ROUTE, out)
@@ -662,6 +845,10 @@ class RetrierState:
             if picked is None:
                 return
             entry = self._entries[picked[1][0]]
+            peer = self._peers.get(entry.recipient)
+            if peer is not None and peer.probe != entry.message_id:
+                self._hold(entry, peer, now)  # READY before its recipient went unreachable
+                continue
             if entry.attempts >= self.policy.max_attempts:
                 # Only a restored message can be here: its last attempt was cut off by a crash.
                 self._give_up(entry, FailReason.ATTEMPTS_EXHAUSTED, out)
@@ -675,6 +862,7 @@ class RetrierState:
                 continue
             if transport in entry.failed:
                 entry.failed = ()  # every transport failed this round: a new round starts
+                entry.dark = True
             entry.attempts += 1
             entry.phase = Phase.IN_FLIGHT
             entry.version += 1
@@ -703,5 +891,8 @@ class RetrierState:
             heapq.heappop(timers)
         while expiry and expiry[0][1] not in entries:
             heapq.heappop(expiry)
-        candidates = [heap[0][0] for heap in (timers, expiry) if heap]
+        peer_timers = self._peer_timers
+        while peer_timers and not self._probe_due(peer_timers[0][1], peer_timers[0][0]):
+            heapq.heappop(peer_timers)  # stale: reachable again, backed off anew, probing, or nothing held
+        candidates = [heap[0][0] for heap in (timers, expiry, peer_timers) if heap]
         return min(candidates) if candidates else None

@@ -113,7 +113,8 @@ def frame(snapshot: dict[str, Any], timeline: list[dict[str, Any]], *, lines: in
             parts.append(
                 Text(
                     f"outbox: {outbox['pending']} pending ({by}); retries {outbox['retried']}, "
-                    f"delivered {outbox['delivered']}, failed {outbox['failed']}, poisoned {node['poisoned']}"
+                    f"delivered {outbox['delivered']}, failed {outbox['failed']}, poisoned {node['poisoned']}; "
+                    f"unreachable peers {outbox.get('unreachable_peers', 0)} (held {outbox.get('held', 0)})"
                 )
             )
         if node.get("peers"):

@@ -328,3 +328,25 @@ def test_one_ack_envelope_settles_every_message_it_lists(nodes):
     nodes["A"].bus.client().tell("retrier", Received("websocket", encode_message(ack), "B"))
     App.wait(lambda: len(delivered("A")) == 5)
     assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
+
+
+@pytest.mark.parametrize("nodes", [{"max_attempts": 60}], indirect=True)
+def test_a_peer_refusing_every_transport_is_probed_one_message_at_a_time_then_gets_everything(nodes):
+    """Both transports refuse: B is unreachable, A holds 39 of 40 messages (one probe at a time, in the
+    status); once B is reachable again every message arrives once and nothing is held."""
+    from tests.integration._nodes import wait_until
+
+    client = nodes["A"].bus.client()
+    Wire.refusing = {"libp2p", "websocket"}
+    ids = send_many(nodes["A"], 40)
+
+    def held(at_least: int) -> bool:
+        status = retrier_status(client, timeout=WAIT)
+        return status.unreachable_peers == 1 and status.held >= at_least
+
+    assert wait_until(lambda: held(39), WAIT), retrier_status(client, timeout=WAIT)
+    Wire.refusing = set()
+    App.wait(lambda: len(delivered("A")) == 40 and sum(1 for node, _ in App.handled if node == "B") == 40)
+    assert {mid: c for (node, mid), c in App.handled.items() if node == "B"} == dict.fromkeys(ids, 1)
+    status = retrier_status(client, timeout=WAIT)
+    assert (status.unreachable_peers, status.held, status.pending) == (0, 0, 0) and status.probes >= 1

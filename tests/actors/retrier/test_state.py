@@ -323,6 +323,175 @@ def test_enqueue_with_impossible_attempts_is_refused() -> None:
         fresh().step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=9.0, now=0.0, attempts=9))
 
 
+# --- unreachable peers (rule 8) -----------------------------------------------------------
+
+
+def down(state: RetrierState, message_id: bytes, now: float) -> list[Decision]:
+    """Refuse (retryably) every transport of ``message_id``'s round, one attempt after another."""
+    out: list[Decision] = []
+    view = state.view(message_id)
+    while view is not None and view.phase is Phase.IN_FLIGHT and view.transport is not None:
+        step = state.step(AttemptResult(message_id, view.attempts, view.transport, "refused", now=now))
+        out += step
+        view = state.view(message_id)
+        if of(Backoff, step) and not of(Send, step):
+            break  # the round is over
+    return out
+
+
+def dark_bob(**kwargs: object) -> RetrierState:
+    """bob on libp2p and websocket; m0's whole round refused at t=0: bob is unreachable."""
+    policy = RetryPolicy(max_attempts=10, backoff_base=1.0, backoff_max=8.0)
+    state = RetrierState(policy=policy, **kwargs)  # type: ignore[arg-type]
+    state.step(Routes("bob", ("libp2p", "websocket"), now=0.0))
+    state.step(Enqueue(mid(0), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    down(state, mid(0), now=0.0)
+    return state
+
+
+def test_a_round_refused_on_every_transport_makes_the_peer_unreachable_and_holds_its_messages() -> None:
+    """No attempt, no Backoff (no write), no Send for the messages that come while bob is unreachable."""
+    state = dark_bob()
+    [peer] = state.unreachable()
+    assert (peer.recipient, peer.rounds, peer.probe, peer.held) == ("bob", 1, None, 0)
+    assert peer.probe_at == RetryPolicy(backoff_base=1.0).delay(1, jitter_rand(b"bob", 1))
+    out = state.step_many([Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=1000.0, now=0.1) for n in (1, 2, 3)])
+    assert of(Send, out) == [] and of(Backoff, out) == []
+    assert {state.view(mid(n)).phase for n in (1, 2, 3)} == {Phase.HELD}  # type: ignore[union-attr]
+    assert [state.view(mid(n)).attempts for n in (1, 2, 3)] == [0, 0, 0]  # type: ignore[union-attr]
+    assert state.held == 3 and state.in_flight == 0
+    assert of(NextWakeup, out) == [NextWakeup(peer.probe_at)]
+
+
+def test_when_the_peer_backoff_is_over_one_probe_goes_the_most_urgent_oldest() -> None:
+    """At the backoff's end exactly one message is attempted: HIGH before NORMAL, then the older one."""
+    state = dark_bob()
+    prios = (Priority.NORMAL, Priority.HIGH, Priority.HIGH, Priority.BULK)
+    state.step_many([Enqueue(mid(n), "bob", p, expires_at=1000.0, now=0.1) for n, p in enumerate(prios, start=1)])
+    [peer] = state.unreachable()
+    assert of(Send, state.step(Tick(peer.probe_at - 0.001))) == []
+    [send] = of(Send, state.step(Tick(peer.probe_at)))
+    assert (send.message_id, send.transport, send.attempt) == (mid(2), "libp2p", 1)
+    assert state.unreachable()[0].probe == mid(2) and state.held == 3
+
+
+def test_a_probe_refused_again_backs_the_peer_off_longer_and_the_oldest_held_probes_next() -> None:
+    """The probe fails over within its round (one at a time), then bob's rounds go to 2: a longer wait."""
+    state = dark_bob()
+    state.step_many([Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=1000.0, now=0.1) for n in (1, 2)])
+    first = state.unreachable()[0].probe_at
+    state.step(Tick(first))
+    out = down(state, mid(1), now=first)
+    assert [(s.message_id, s.transport) for s in of(Send, out)] == [(mid(1), "websocket")]
+    [peer] = state.unreachable()
+    assert (peer.rounds, peer.probe) == (2, None)
+    assert peer.probe_at == first + RetryPolicy(backoff_base=1.0).delay(2, jitter_rand(b"bob", 2))
+    [send] = of(Send, state.step(Tick(peer.probe_at)))
+    # m1 waits for its own backoff; m0, due again since t≈2.5 (and held), is the oldest: it probes.
+    assert send.message_id == mid(0) and state.view(mid(1)).phase is Phase.WAITING  # type: ignore[union-attr]
+
+
+def test_a_probe_that_is_acked_ends_the_unreachability_and_the_held_messages_go() -> None:
+    """The peer answers: every held message goes out at once, in arrival order, within the window."""
+    state = dark_bob(max_in_flight=3)
+    state.step_many([Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=1000.0, now=0.1) for n in range(1, 6)])
+    state.step(Tick(state.unreachable()[0].probe_at))
+    out = state.step(AckReceived(mid(1), now=2.0))
+    assert of(Delivered, out) == [Delivered(mid(1), 1, "libp2p")]
+    assert [s.message_id for s in of(Send, out)] == [mid(2), mid(3), mid(4)]
+    assert state.unreachable() == [] and state.held == 0
+
+
+@pytest.mark.parametrize("answer", ["non-retryable error", "no ack by the deadline"])
+def test_a_probe_that_may_have_reached_the_peer_ends_the_unreachability(answer: str) -> None:
+    """A reset mid-write, or bytes taken and no ack: not a refused connection, so the peer is tried again."""
+    state = dark_bob()
+    state.step_many([Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=1000.0, now=0.1) for n in (1, 2)])
+    at = state.unreachable()[0].probe_at
+    [probe] = of(Send, state.step(Tick(at)))
+    if answer == "non-retryable error":
+        out = state.step(AttemptResult(probe.message_id, 1, "libp2p", "reset", now=at, retryable=False))
+    else:
+        out = state.step(Tick(probe.deadline))
+    assert state.unreachable() == []
+    assert mid(2) in {s.message_id for s in of(Send, out)}
+
+
+def test_an_ack_of_any_message_to_the_peer_ends_the_unreachability() -> None:
+    """A late ack for a message sent before bob went down: bob is up, its held messages go."""
+    state = dark_bob()
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.1))
+    out = state.step(AckReceived(mid(0), now=0.2))
+    assert of(Delivered, out) and [s.message_id for s in of(Send, out)] == [mid(1)]
+
+
+@pytest.mark.parametrize(
+    "event",
+    [Routes("bob", ("libp2p", "websocket", "betanet"), now=0.2), TransportLost("websocket", now=0.2)],
+    ids=["new routes", "a transport restarts"],
+)
+def test_new_routes_or_a_lost_transport_end_the_unreachability(event: Routes | TransportLost) -> None:
+    """A new address, or a transport that comes back new, may work: the held messages go."""
+    state = dark_bob()
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.1))
+    out = state.step(event)
+    assert state.unreachable() == [] and [s.message_id for s in of(Send, out)] == [mid(1)]
+
+
+def test_a_held_message_fails_at_its_ttl_without_an_attempt() -> None:
+    """TTL is TTL: HELD is no exception, and nothing was spent on it."""
+    state = dark_bob()
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=0.5, now=0.1))
+    [failed] = of(Failed, state.step(Tick(0.5)))
+    assert (failed.message_id, failed.reason, failed.attempts) == (mid(1), FailReason.TTL_EXPIRED, 0)
+    assert state.held == 0
+
+
+def test_a_probe_that_expires_hands_the_probe_to_the_next_held_message() -> None:
+    """The probe gone before its round ended: the next held one probes, not nobody."""
+    state = dark_bob(ack_timeout=100.0)
+    state.step(Enqueue(mid(1), "bob", Priority.CRITICAL, expires_at=5.0, now=0.1))
+    state.step(Enqueue(mid(2), "bob", Priority.HIGH, expires_at=1000.0, now=0.1))  # before m0 (NORMAL)
+    state.step(Tick(state.unreachable()[0].probe_at))
+    assert state.unreachable()[0].probe == mid(1)
+    out = state.step(Tick(5.0))
+    assert [f.message_id for f in of(Failed, out)] == [mid(1)]
+    assert [s.message_id for s in of(Send, out)] == [mid(2)]
+
+
+def test_messages_in_flight_when_the_peer_went_down_do_not_fail_over_but_wait() -> None:
+    """Sent before bob was known down: their retries are held, not sent on the next transport."""
+    state = RetrierState(policy=RetryPolicy(max_attempts=10))
+    state.step(Routes("bob", ("libp2p", "websocket"), now=0.0))
+    state.step_many([Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0) for n in range(3)])
+    down(state, mid(0), now=0.0)
+    out = state.step(AttemptResult(mid(1), 1, "libp2p", "refused", now=0.0))
+    assert of(Send, out) == [] and state.view(mid(1)).phase is Phase.HELD  # type: ignore[union-attr]
+    assert state.view(mid(1)).failed == ("libp2p",)  # type: ignore[union-attr]
+
+
+def test_an_unreachable_peer_takes_no_slot_from_a_reachable_one() -> None:
+    """One slot: with bob down and 5 held, carol's messages still go one after another."""
+    state = dark_bob(max_in_flight=1)
+    state.step(Routes("carol", ("websocket",), now=0.0))
+    state.step_many([Enqueue(mid(n), "bob", Priority.CRITICAL, expires_at=1000.0, now=0.1) for n in range(1, 6)])
+    sent = of(Send, state.step(Enqueue(mid(10), "carol", Priority.BULK, expires_at=1000.0, now=0.1)))
+    assert [s.message_id for s in sent] == [mid(10)]
+    state.step(Enqueue(mid(11), "carol", Priority.BULK, expires_at=1000.0, now=0.1))
+    assert [s.message_id for s in of(Send, state.step(AckReceived(mid(10), now=0.2)))] == [mid(11)]
+
+
+def test_a_restart_starts_with_every_peer_reachable() -> None:
+    """Unreachability is not persisted: the outbox's rows replayed go out at once."""
+    state = RetrierState()
+    state.step(Routes("bob", ("libp2p", "websocket"), now=0.0))
+    out = state.step_many(
+        [Enqueue(mid(n), "bob", Priority.NORMAL, expires_at=1000.0, now=9.0, attempts=4, next_attempt_at=9.0)
+         for n in range(3)]
+    )
+    assert len(of(Send, out)) == 3 and state.unreachable() == []
+
+
 # --- the fair queue ---------------------------------------------------------------------------
 
 
@@ -399,8 +568,9 @@ class RetrierMachine(RuleBasedStateMachine):
         max_attempts=st.integers(1, 4),
         window=st.integers(1, 4),
         mode=st.sampled_from(NetworkMode),
+        bob=st.lists(st.sampled_from(ALL), unique=True),
     )
-    def setup(self, max_attempts: int, window: int, mode: NetworkMode) -> None:
+    def setup(self, max_attempts: int, window: int, mode: NetworkMode, bob: list[str]) -> None:
         self.policy = RetryPolicy(max_attempts=max_attempts, backoff_base=1.0, backoff_max=8.0, jitter=0.5)
         self.state = RetrierState(policy=self.policy, mode=mode, ack_timeout=5.0, max_in_flight=window)
         self.now = 0.0
@@ -412,10 +582,21 @@ class RetrierMachine(RuleBasedStateMachine):
         self.sends: dict[bytes, int] = {}
         self.wakeup: float | None = None
         self.routes: dict[str, tuple[str, ...]] = {}
+        self.probes: dict[bytes, str] = {}
+        """Outstanding sends decided while their recipient was unreachable (rule 8), and to whom."""
+        if bob:
+            self.routes_change("bob", bob)
 
     def apply(self, event: object) -> list[Decision]:
+        held_before = {v.message_id for v in self.state.pending() if v.phase is Phase.HELD}
         out = self.state.step(event)  # type: ignore[arg-type]
+        dark = {peer.recipient: peer for peer in self.state.unreachable()}
         for d in out:
+            if isinstance(d, Send) and d.recipient in dark:
+                assert d.message_id == dark[d.recipient].probe, "a send to an unreachable peer that is not its probe"
+                self.probes[d.message_id] = d.recipient
+            if isinstance(d, Backoff):
+                assert d.message_id not in held_before, "a held message's attempt failed: it had none"
             if isinstance(d, Send):
                 assert d.message_id not in self.outstanding, "two sends of one id outstanding"
                 assert d.message_id in self.enqueued and d.message_id not in self.delivered | self.failed
@@ -439,6 +620,7 @@ class RetrierMachine(RuleBasedStateMachine):
                 self.outstanding.pop(d.message_id, None)
             elif isinstance(d, NextWakeup):
                 self.wakeup = d.at
+        self.probes = {m: r for m, r in self.probes.items() if r in dark and m in self.outstanding}
         return out
 
     @rule(
@@ -463,6 +645,25 @@ class RetrierMachine(RuleBasedStateMachine):
     def transport_answers(self, data: st.DataObject, error: str | None, retryable: bool) -> None:
         send = data.draw(st.sampled_from(sorted(self.outstanding.values(), key=lambda s: s.message_id)))
         self.apply(AttemptResult(send.message_id, send.attempt, send.transport, error, self.now, retryable))
+
+    @precondition(lambda self: self.outstanding)
+    @rule(data=st.data())
+    def peer_refuses(self, data: st.DataObject) -> None:
+        """The common case of a peer that is down: the connection is refused (retryable)."""
+        send = data.draw(st.sampled_from(sorted(self.outstanding.values(), key=lambda s: s.message_id)))
+        self.apply(AttemptResult(send.message_id, send.attempt, send.transport, "refused", self.now))
+
+    @precondition(lambda self: self.outstanding)
+    @rule(recipient=st.sampled_from(["bob", "carol"]))
+    def peer_is_down(self, recipient: str) -> None:
+        """Every attempt outstanding to ``recipient`` is refused, failovers included, until none is left."""
+        for _ in range(4 * len(self.outstanding) + 4):
+            sends = sorted(
+                (s for s in self.outstanding.values() if s.recipient == recipient), key=lambda s: s.message_id
+            )
+            if not sends:
+                return
+            self.apply(AttemptResult(sends[0].message_id, sends[0].attempt, sends[0].transport, "refused", self.now))
 
     @rule(transport=st.sampled_from(ALL))
     def transport_dies(self, transport: str) -> None:
@@ -515,10 +716,33 @@ class RetrierMachine(RuleBasedStateMachine):
         if not hasattr(self, "state"):
             return
         for view in self.state.pending():
-            if view.phase in (Phase.WAITING, Phase.IN_FLIGHT):
+            if view.phase in (Phase.WAITING, Phase.IN_FLIGHT, Phase.HELD):
                 assert self.wakeup is not None and self.wakeup <= max(view.expires_at, self.now)
             if view.phase is Phase.READY:
                 assert self.state.in_flight == self.state.max_in_flight
+        for peer in self.state.unreachable():
+            if peer.held and peer.probe is None:  # the end of its backoff is asked for
+                assert self.wakeup is not None and self.wakeup <= max(peer.probe_at, self.now)
+
+    @invariant()
+    def at_most_one_probe_in_flight_per_unreachable_peer(self) -> None:
+        if not hasattr(self, "state"):
+            return
+        for peer in self.state.unreachable():
+            probing = [m for m, r in self.probes.items() if r == peer.recipient]
+            assert len(probing) <= 1, f"{len(probing)} attempts at once to unreachable {peer.recipient}"
+
+    @invariant()
+    def held_messages_spend_nothing_and_belong_to_unreachable_peers(self) -> None:
+        if not hasattr(self, "state"):
+            return
+        dark = {peer.recipient: peer for peer in self.state.unreachable()}
+        held = [v for v in self.state.pending() if v.phase is Phase.HELD]
+        for view in held:
+            assert view.recipient in dark and dark[view.recipient].probe != view.message_id
+            assert view.message_id not in self.outstanding and view.attempts == self.sends.get(view.message_id, 0)
+        assert {r: p.held for r, p in dark.items()} == {r: sum(v.recipient == r for v in held) for r in dark}
+        assert self.state.held == len(held)
 
     @invariant()
     def parked_only_without_a_route(self) -> None:
