@@ -94,10 +94,13 @@ Rules (each a test or a hypothesis invariant):
    transport may work): the HELD messages go READY in arrival order. Messages
    already in flight when P became unreachable finish their attempt; their
    retries are HELD. TTLs still fail HELD messages at ``expires_at``. Only
-   probes spend attempts, so while P stays down its messages wait for their
-   TTL rather than each spending ``max_attempts`` (the probes do, one message
-   at a time). Unreachability is not persisted: a restart starts with every
-   peer reachable.
+   probes send, but the budget still holds: each probe round refused counts,
+   for every message HELD at that moment, as the round it would have made, and
+   a HELD message whose attempts plus such rounds reach ``max_attempts`` fails
+   (``ATTEMPTS_EXHAUSTED``, its last error the probe's), so ``max_attempts``
+   bounds how long a message waits for a down peer as it did before. Those
+   rounds are not persisted; nor is unreachability: a restart starts with
+   every peer reachable.
 
 Persistence is the actor's: it writes ``Send`` (attempts, deadline as the next
 attempt time, so a crash mid-flight retries at the deadline) and ``Backoff``
@@ -415,6 +418,8 @@ class _Entry:
     """Arrival order (FIFO among the held)."""
     dark: bool = True
     """Every transport that failed this round failed retryably (the recipient surely got nothing)."""
+    witnessed: int = 0
+    """Probe rounds refused while this message was HELD (rule 8: each counts against its budget)."""
 
 
 @dataclass(slots=True)
@@ -701,7 +706,7 @@ class RetrierState:
             if probe:
                 self._reachable(entry.recipient)  # the probe's bytes went somewhere (no ack by the deadline)
         elif not untried and (entry.dark or probe):
-            self._round_dark(entry, now)
+            self._round_dark(entry, now, out)
         if entry.attempts >= self.policy.max_attempts:
             self._give_up(entry, FailReason.ATTEMPTS_EXHAUSTED, out)
             return
@@ -720,7 +725,7 @@ class RetrierState:
         peer = self._peers.get(entry.recipient)
         return peer is not None and peer.probe == entry.message_id
 
-    def _round_dark(self, entry: _Entry, now: float) -> None:
+    def _round_dark(self, entry: _Entry, now: float, out: list[Decision]) -> None:
         """A round to ``entry``'s recipient failed wholly retryably: it is unreachable (again, for longer)."""
         recipient = entry.recipient
         peer = self._peers.get(recipient)
@@ -729,10 +734,23 @@ class RetrierState:
         elif peer.probe == entry.message_id:
             peer.rounds += 1
             peer.probe = None
+            self._held_round_refused(peer, entry.last_error, out)
         else:
             return  # an attempt from before it went unreachable: its retries are held, the backoff stands
         peer.until = now + self.policy.delay(peer.rounds, jitter_rand(recipient.encode(), peer.rounds))
         heapq.heappush(self._peer_timers, (peer.until, recipient))
+
+    def _held_round_refused(self, peer: _Peer, error: str | None, out: list[Decision]) -> None:
+        """The probe's round was refused: it counts for every held message; those out of budget fail."""
+        spent = []
+        for message_id in peer.held_ids:
+            held = self._entries[message_id]
+            held.witnessed += 1
+            if held.attempts + held.witnessed >= self.policy.max_attempts:
+                spent.append(held)
+        for held in sorted(spent, key=lambda e: e.seq):
+            held.last_error = f"unreachable for {held.witnessed} probe round(s) while held; last: {error}"
+            self._give_up(held, FailReason.ATTEMPTS_EXHAUSTED, out)
 
     def _reachable(self, recipient: str) -> None:
         """``recipient`` may be reachable: its held messages go READY, in arrival order."""

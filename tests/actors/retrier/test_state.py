@@ -363,6 +363,30 @@ def test_a_round_refused_on_every_transport_makes_the_peer_unreachable_and_holds
     assert of(NextWakeup, out) == [NextWakeup(peer.probe_at)]
 
 
+def test_refused_probe_rounds_count_against_the_held_messages_budget_so_max_attempts_still_ends_them() -> None:
+    """With max_attempts 3, a held message fails once three probe rounds were refused while it waited,
+    though it never was sent: max_attempts bounds the wait for a down peer as it did before rule 8."""
+    policy = RetryPolicy(max_attempts=3, backoff_base=1.0, backoff_max=8.0)
+    state = RetrierState(policy=policy)
+    state.step(Routes("bob", ("libp2p",), now=0.0))
+    state.step(Enqueue(mid(0), "bob", Priority.NORMAL, expires_at=1000.0, now=0.0))
+    down(state, mid(0), now=0.0)  # m0's round: bob is unreachable
+    state.step(Enqueue(mid(1), "bob", Priority.NORMAL, expires_at=1000.0, now=0.1))
+    failed: list[Failed] = []
+    for _ in range(10):
+        [peer] = state.unreachable()
+        out = state.step(Tick(peer.probe_at))
+        [send] = of(Send, out)
+        failed += of(Failed, out + down(state, send.message_id, now=peer.probe_at))
+        if state.view(mid(1)) is None:
+            break
+    assert sorted(f.message_id for f in failed) == [mid(0), mid(1)], failed
+    assert {f.reason for f in failed} == {FailReason.ATTEMPTS_EXHAUSTED}
+    by_held = [f for f in failed if "probe round(s) while held" in (f.last_error or "")]
+    assert by_held and all(f.attempts < 3 for f in by_held), failed  # sent fewer times than its budget
+    assert by_held[0].last_error is not None and by_held[0].last_error.endswith("last: libp2p: refused")
+
+
 def test_when_the_peer_backoff_is_over_one_probe_goes_the_most_urgent_oldest() -> None:
     """At the backoff's end exactly one message is attempted: HIGH before NORMAL, then the older one."""
     state = dark_bob()
