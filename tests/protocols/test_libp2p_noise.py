@@ -72,8 +72,8 @@ def _frame(message: bytes) -> bytes:
     return len(message).to_bytes(2, "big") + message
 
 
-def _unframe(data: bytes) -> list[bytes]:
-    out = []
+def _unframe(data: bytes | bytearray) -> list[bytes]:
+    data, out = bytes(data), []  # our output is a bytearray (the buffer encrypted into, not copied)
     while data:
         size = int.from_bytes(data[:2], "big")
         out.append(data[2 : 2 + size])
