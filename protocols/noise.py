@@ -287,16 +287,7 @@ class CipherState:
         """
         if self.key is None:
             return ciphertext
-        n = self.n
-        if n >= self.nonce_limit:
-            raise RemoteProtocolError(f"peer sent past the nonce limit ({n} messages)")
-        if len(ciphertext) < TAG_BYTES:  # PyNaCl would raise a bare ValueError
-            raise RemoteProtocolError(f"frame {n} of {len(ciphertext)} bytes is shorter than its {TAG_BYTES}-byte tag")
-        out = unseal(ciphertext, ad, _NONCE_PAD + n.to_bytes(8, "little"), self.key)
-        if out is None:
-            raise RemoteProtocolError(f"frame {n} failed authentication ({len(ciphertext)} bytes)")
-        self.n = n + 1
-        return out
+        return bytes(self.decrypt_view(ad, ciphertext))
 
     def encrypt_into(self, ad: bytes, plaintext: BytesLike, out: bytearray, at: int) -> None:
         """:meth:`encrypt` written into ``out`` at ``at`` (``len(plaintext) + TAG_BYTES`` bytes; a key is needed).
@@ -322,7 +313,7 @@ class CipherState:
             raise RemoteProtocolError(f"peer sent past the nonce limit ({n} messages)")
         if len(ciphertext) < TAG_BYTES:
             raise RemoteProtocolError(f"frame {n} of {len(ciphertext)} bytes is shorter than its {TAG_BYTES}-byte tag")
-        assert self.key is not None, "decrypt_view before a key exists"
+        assert self.key is not None, "decrypt_view before a key exists"  # decrypt() passes on none without one
         out = unseal_view(ciphertext, ad, _NONCE.pack(n), self.key)
         if out is None:
             raise RemoteProtocolError(f"frame {n} failed authentication ({len(ciphertext)} bytes)")
