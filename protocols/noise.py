@@ -114,9 +114,14 @@ __all__ = [
     "XXHandshake",
     "identity_payload",
     "seal",
+    "seal_into",
     "transition",
     "unseal",
+    "unseal_view",
 ]
+
+BytesLike = bytes | bytearray | memoryview
+"""What the zero-copy calls read from: any contiguous bytes, a view included."""
 
 PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
 """The Noise protocol name; exactly 32 bytes, so it is the initial hash as it stands."""
@@ -153,6 +158,8 @@ _MESSAGE_SIZES = (DH_BYTES, DH_BYTES + (DH_BYTES + TAG_BYTES) + (_IDENTITY_BYTES
 _MESSAGE_3_SIZE = (DH_BYTES + TAG_BYTES) + (_IDENTITY_BYTES + TAG_BYTES)
 _LEN2 = struct.Struct(">H")
 _NONCE_PAD = bytes(4)
+_NONCE = struct.Struct("<4xQ")
+"""A transport nonce: four zero bytes, then the counter little-endian (Noise §5.1)."""
 _ZEROS32 = bytes(32)
 
 # ---------------------------------------------------------------------------- Noise primitives (spec §4, §5)
@@ -199,6 +206,49 @@ def unseal(ciphertext: bytes, ad: bytes, nonce: bytes, key: bytes) -> bytes | No
     return None if failed else _ffi.buffer(out, size)[:]
 
 
+def seal_into(out: bytearray, at: int, plaintext: BytesLike, ad: bytes, nonce: bytes, key: bytes) -> None:
+    """:func:`seal`, written into ``out[at : at + len(plaintext) + TAG_BYTES]``.
+
+    No buffer of its own and no copy: the bulk path (libp2p's Noise frames) encrypts every
+    frame of a write straight into the one buffer that goes to the socket, reading the
+    plaintext where it lies (a view of the muxer's frame).
+    """
+    _lib.crypto_aead_chacha20poly1305_ietf_encrypt(
+        _ffi.from_buffer(_UCHARS, out) + at,
+        _ffi.NULL,
+        _ffi.from_buffer(_UCHARS, plaintext),
+        len(plaintext),
+        ad,
+        len(ad),
+        _ffi.NULL,
+        nonce,
+        key,
+    )
+
+
+def unseal_view(ciphertext: BytesLike, ad: bytes, nonce: bytes, key: bytes) -> bytearray | None:
+    """:func:`unseal` of a view (a frame where it lies in the receive buffer), into a buffer of its own."""
+    size = len(ciphertext) - TAG_BYTES
+    out = bytearray(size or 1)  # libsodium writes nothing for an empty plaintext, but wants a pointer
+    failed = _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
+        _ffi.from_buffer(_UCHARS, out),
+        _ffi.NULL,
+        _ffi.NULL,
+        _ffi.from_buffer(_UCHARS, ciphertext),
+        len(ciphertext),
+        ad,
+        len(ad),
+        nonce,
+        key,
+    )
+    if failed:
+        return None
+    return out if size else bytearray()
+
+
+_UCHARS = "unsigned char[]"
+
+
 class CipherState:
     """A key and a message counter (Noise §5.1); transport frames use one per direction.
 
@@ -237,12 +287,34 @@ class CipherState:
         """
         if self.key is None:
             return ciphertext
+        return bytes(self.decrypt_view(ad, ciphertext))
+
+    def encrypt_into(self, ad: bytes, plaintext: BytesLike, out: bytearray, at: int) -> None:
+        """:meth:`encrypt` written into ``out`` at ``at`` (``len(plaintext) + TAG_BYTES`` bytes; a key is needed).
+
+        Raises:
+            LocalProtocolError: the counter reached ``nonce_limit``.
+        """
+        n = self.n
+        if n >= self.nonce_limit:
+            raise LocalProtocolError(f"send nonce exhausted at {n} messages; open a new channel")
+        assert self.key is not None, "encrypt_into before a key exists"
+        seal_into(out, at, plaintext, ad, _NONCE.pack(n), self.key)
+        self.n = n + 1
+
+    def decrypt_view(self, ad: bytes, ciphertext: BytesLike) -> bytearray:
+        """:meth:`decrypt` of a view, into a buffer of its own (a key is needed).
+
+        Raises:
+            RemoteProtocolError: a bad tag, or the counter reached ``nonce_limit``.
+        """
         n = self.n
         if n >= self.nonce_limit:
             raise RemoteProtocolError(f"peer sent past the nonce limit ({n} messages)")
-        if len(ciphertext) < TAG_BYTES:  # PyNaCl would raise a bare ValueError
+        if len(ciphertext) < TAG_BYTES:
             raise RemoteProtocolError(f"frame {n} of {len(ciphertext)} bytes is shorter than its {TAG_BYTES}-byte tag")
-        out = unseal(ciphertext, ad, _NONCE_PAD + n.to_bytes(8, "little"), self.key)
+        assert self.key is not None, "decrypt_view before a key exists"  # decrypt() passes on none without one
+        out = unseal_view(ciphertext, ad, _NONCE.pack(n), self.key)
         if out is None:
             raise RemoteProtocolError(f"frame {n} failed authentication ({len(ciphertext)} bytes)")
         self.n = n + 1

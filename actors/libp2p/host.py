@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -125,7 +125,9 @@ class Libp2pStream:
         self.agreed.add_done_callback(_retrieve)
         if protocol is not None:
             self.agreed.set_result(None)
-        self._inbox = bytearray()
+        self._inbox: deque[bytes | bytearray | memoryview] = deque()
+        """What arrived and was not read yet: the muxer's views, kept as they came (no copy)."""
+        self._size = 0
         self._eof = False
         self._error: TransportError | None = None
         self._event = asyncio.Event()
@@ -134,8 +136,9 @@ class Libp2pStream:
     def remote(self) -> PeerId | None:
         return self.conn.remote
 
-    def _feed(self, data: bytes) -> None:
-        self._inbox += data
+    def _feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._inbox.append(data)
+        self._size += len(data)
         self._event.set()
 
     def _end(self, error: TransportError | None = None) -> None:
@@ -153,10 +156,17 @@ class Libp2pStream:
         """
         if not await self.more():
             return b""
-        data = bytes(self._inbox[:max_bytes])
-        del self._inbox[:max_bytes]
-        self.conn._consumed(self.id, len(data))
-        return data
+        inbox, parts, size = self._inbox, [], 0
+        while inbox and size < max_bytes:  # whole chunks while they fit, then part of one: one copy in all
+            chunk = inbox.popleft()
+            if size + len(chunk) > max_bytes:
+                inbox.appendleft(memoryview(chunk)[max_bytes - size :])
+                chunk = memoryview(chunk)[: max_bytes - size]
+            parts.append(chunk)
+            size += len(chunk)
+        self._size -= size
+        self.conn._consumed(self.id, size)
+        return b"".join(parts)
 
     async def read_exactly(self, size: int) -> bytes:
         """Exactly ``size`` bytes. Raises TransportError if the stream ends before."""
@@ -172,12 +182,12 @@ class Libp2pStream:
 
     async def more(self) -> bool:
         """Wait until a byte is there to read (True) or the peer ended the stream (False)."""
-        while not self._inbox and not self._eof:
+        while not self._size and not self._eof:
             self._event.clear()
             await self._event.wait()
-        if not self._inbox and self._error is not None:
+        if not self._size and self._error is not None:
             raise self._error
-        return bool(self._inbox)
+        return bool(self._size)
 
     async def read_frame(self, max_bytes: int) -> bytes:
         """One ``uvarint(len) ‖ bytes`` frame of at most ``max_bytes`` (what follows stays for the next read).
@@ -271,9 +281,9 @@ class Connection(asyncio.BufferedProtocol):
         return self._buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self._buffer[:nbytes]))
+        self.data_received(self._buffer[:nbytes])  # no layer keeps a view of it: the next read reuses it
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from the peer, through every layer (what ``buffer_updated`` read, or a feed of them)."""
         if self.phase is _Phase.CLOSED:
             return
@@ -308,9 +318,9 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- the layers ---------------------------------------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         if self.phase is _Phase.SECURITY:
-            events = self.security.receive_data(data)
+            events = self.security.receive_data(bytes(data))
             self._write(self.security.data_to_send())
             if any(isinstance(e, NoProtocol) for e in events):
                 raise RemoteProtocolError(f"libp2p {self.peer}: the peer speaks no {NOISE_PROTOCOL}")
@@ -341,10 +351,10 @@ class Connection(asyncio.BufferedProtocol):
         self.muxer = Negotiation.dialer([MUXER_PROTOCOL]) if self.dialer else Negotiation.listener([MUXER_PROTOCOL])
         self._secure(self.muxer.data_to_send())
 
-    def _plain(self, data: bytes) -> None:
+    def _plain(self, data: bytes | bytearray) -> None:
         if self.phase is _Phase.MUXER:
             assert self.muxer is not None
-            events = self.muxer.receive_data(data)
+            events = self.muxer.receive_data(bytes(data))
             self._secure(self.muxer.data_to_send())
             if any(isinstance(e, NoProtocol) for e in events):
                 raise RemoteProtocolError(f"libp2p {self.peer}: the peer speaks no {MUXER_PROTOCOL}")
@@ -408,13 +418,13 @@ class Connection(asyncio.BufferedProtocol):
             if stream == self.envelope_stream:
                 self.envelope_stream = None
 
-    def _stream_data(self, stream: int, data: bytes) -> None:
+    def _stream_data(self, stream: int, data: bytes | memoryview) -> None:
         state = self.streams.get(stream)
         if state is None:
             return  # a stream we serve nothing on (already answered)
         if state.negotiation is not None:
             negotiation = state.negotiation
-            events = negotiation.receive_data(data)
+            events = negotiation.receive_data(bytes(data))
             reply = negotiation.data_to_send()
             if reply:
                 self.mux.send(stream, reply)
@@ -488,20 +498,24 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def _secure(self, data: bytes) -> None:
         if data:
+            self._secure_frames([data])
+
+    def _secure_frames(self, frames: list[bytes]) -> None:
+        if frames:
             assert self.noise is not None
-            self.noise.send(data)
+            self.noise.send_frames(frames)
             self._write(self.noise.data_to_send())
 
     def _flush(self) -> None:
-        """Whatever the muxer has to say (frames, credit, pong), encrypted, in one write."""
+        """Whatever the muxer has to say (frames, credit, pong), encrypted frame by frame into one write."""
         if self.phase is _Phase.MUX:
-            self._secure(self.mux.data_to_send())
+            self._secure_frames(self.mux.frames_to_send())
         elif self.noise is not None:
             self._write(self.noise.data_to_send())
 

@@ -29,6 +29,7 @@ and identity key) and :class:`Data`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
@@ -37,8 +38,7 @@ import nacl.signing
 
 from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 
-from ..framing import NEED_DATA, NeedData
-from ..noise import TAG_BYTES, CipherState, XXHandshake
+from ..noise import TAG_BYTES, BytesLike, CipherState, XXHandshake
 from .peerid import ED25519_KEY_PROTO_PREFIX, PeerId
 from .protobuf import encode_bytes_field, parse_fields
 
@@ -61,7 +61,9 @@ class Authenticated:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    data: bytes
+    """A transport message's plaintext (a buffer of its own, which nothing else holds or changes)."""
+
+    data: bytes | bytearray
 
 
 class _State(enum.Enum):
@@ -93,6 +95,35 @@ def verify_payload(payload: bytes, remote_static: bytes) -> tuple[PeerId, bytes]
     return PeerId.from_public_key_proto(key_proto), identity
 
 
+def _pack(frames: Iterable[BytesLike]) -> list[BytesLike]:
+    """The plaintexts of the messages carrying ``frames``: neighbours joined while they fit one message,
+    a frame above :data:`MAX_PLAINTEXT` cut (its last piece may share a message with what follows)."""
+    out: list[BytesLike] = []
+    group: list[BytesLike] = []
+    size = 0
+    for frame in frames:
+        if len(frame) > MAX_PLAINTEXT:
+            view = memoryview(frame)
+            cut = len(view) - (len(view) % MAX_PLAINTEXT or MAX_PLAINTEXT)
+            frame = view[cut:]
+            if group:
+                out.append(_joined(group))
+                group, size = [], 0
+            out += [view[at : at + MAX_PLAINTEXT] for at in range(0, cut, MAX_PLAINTEXT)]
+        elif group and size + len(frame) > MAX_PLAINTEXT:
+            out.append(_joined(group))
+            group, size = [], 0
+        group.append(frame)
+        size += len(frame)
+    if group:
+        out.append(_joined(group))
+    return out
+
+
+def _joined(group: list[BytesLike]) -> BytesLike:
+    return group[0] if len(group) == 1 else b"".join(group)
+
+
 class NoiseSession:
     """One side of a libp2p Noise session. Make it with :meth:`initiator` or :meth:`responder`."""
 
@@ -110,7 +141,7 @@ class NoiseSession:
         self.expected_peer = expected_peer
         self._state = _State.HANDSHAKE
         self._in = bytearray()
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         """Framed messages to send, joined once by :meth:`data_to_send` (not grown byte by byte)."""
         self._send: CipherState | None = None
         self._receive: CipherState | None = None
@@ -128,45 +159,84 @@ class NoiseSession:
     def responder(cls, static: bytes, identity: nacl.signing.SigningKey) -> NoiseSession:
         return cls(initiator=False, static=static, identity=identity)
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self) -> bytes | bytearray:
+        """Every framed message since the last call, in one buffer (the one a bulk write made, not copied)."""
+        if len(self._out) == 1:
+            return self._out.pop()
         out = b"".join(self._out)
         self._out.clear()
         return out
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: BytesLike) -> None:
         """Encrypt ``data`` for the peer (split into frames of at most :data:`MAX_PLAINTEXT`)."""
+        self.send_frames((data,))
+
+    def send_frames(self, frames: Iterable[BytesLike]) -> None:
+        """Encrypt ``frames`` (a muxer's, in order) into as few Noise messages as their boundaries allow.
+
+        Consecutive frames share a message while they fit :data:`MAX_PLAINTEXT` together; a
+        frame larger than that is split. A muxer whose frames each fit one message (yamux
+        frames of at most :data:`MAX_PLAINTEXT` bytes) so never has one cut in two, and its
+        peer reads each where it lies, without putting it back together. Every message is
+        encrypted straight into one output buffer, from the frame where it lies.
+        """
         if self._state is not _State.TRANSPORT or self._send is None:
             raise LocalProtocolError(f"libp2p noise: cannot send while {self._state.value}")
-        view = memoryview(data)
-        for at in range(0, max(len(view), 1), MAX_PLAINTEXT):
-            self._write(self._send.encrypt(b"", bytes(view[at : at + MAX_PLAINTEXT])))
+        plaintexts = _pack(frames)
+        if not plaintexts:
+            return
+        out = bytearray(sum(len(p) for p in plaintexts) + len(plaintexts) * (2 + TAG_BYTES))
+        at, cipher = 0, self._send
+        for plaintext in plaintexts:
+            size = len(plaintext) + TAG_BYTES
+            out[at : at + 2] = size.to_bytes(2, "big")
+            cipher.encrypt_into(b"", plaintext, out, at + 2)
+            at += 2 + size
+        self._out.append(out)
 
-    def receive_data(self, data: bytes) -> list[Authenticated | Data]:
+    def receive_data(self, data: BytesLike) -> list[Authenticated | Data]:
+        """Feed bytes from the peer. Only an incomplete frame at the end is kept (copied), so the caller
+        may reuse ``data``'s buffer at once; whole frames are decrypted where they lie."""
         if self._state is _State.FAILED:
             raise LocalProtocolError("libp2p noise: this session has failed")
-        self._in += data
         events: list[Authenticated | Data] = []
+        view = memoryview(data)
         try:
-            while (frame := self._next_frame()) is not NEED_DATA:
-                events += self._on_frame(frame)
+            if self._in:  # finish the frame begun before, taking only its own bytes
+                pending = self._in
+                if len(pending) < 2:
+                    pending += view[:1]
+                    view = view[1:]
+                need = 2 + int.from_bytes(pending[:2], "big") - len(pending) if len(pending) >= 2 else 0
+                if len(pending) < 2 or len(view) < need:
+                    pending += view
+                    return events
+                pending += view[:need]
+                view = view[need:]
+                self._in = bytearray()
+                self._on_frame(memoryview(pending)[2:], events)
+            at, end = 0, len(view)
+            while end - at >= 2:
+                size = view[at] << 8 | view[at + 1]
+                if end - at - 2 < size:
+                    break
+                self._on_frame(view[at + 2 : at + 2 + size], events)
+                at += 2 + size
+            if at < end:
+                self._in = bytearray(view[at:])
         except (RemoteProtocolError, LocalProtocolError):
             self._state = _State.FAILED
             raise
         return events
 
-    def _next_frame(self) -> bytes | NeedData:
-        if len(self._in) < 2:
-            return NEED_DATA
-        size = int.from_bytes(self._in[:2], "big")
-        if len(self._in) < 2 + size:
-            return NEED_DATA
-        frame = bytes(self._in[2 : 2 + size])
-        del self._in[: 2 + size]
-        return frame
-
-    def _on_frame(self, frame: bytes) -> list[Authenticated | Data]:
+    def _on_frame(self, frame: memoryview, events: list[Authenticated | Data]) -> None:
         if self._state is _State.TRANSPORT:
-            return [Data(cast(CipherState, self._receive).decrypt(b"", frame))]
+            events.append(Data(cast(CipherState, self._receive).decrypt_view(b"", frame)))
+        elif self._handshake(bytes(frame)):
+            events.append(cast(Authenticated, self.remote))
+
+    def _handshake(self, frame: bytes) -> bool:
+        """One handshake message; whether it completed the handshake."""
         hs = self._hs
         if not hs.initiator and hs.index == 0 and len(frame) != 32:
             raise RemoteProtocolError(f"libp2p noise: message 1 is 32 bytes, got {len(frame)}")
@@ -175,7 +245,7 @@ class NoiseSession:
         payload = hs.read_message(frame)
         if hs.index == 1:  # the responder read message 1: answer with message 2
             self._write(hs.write_message(handshake_payload(self._identity, hs.s_pub)))
-            return []
+            return False
         peer_id, identity = verify_payload(payload, cast(bytes, hs.rs))
         if self.expected_peer is not None and peer_id != self.expected_peer:
             raise RemoteProtocolError(f"libp2p noise: dialled {self.expected_peer}, the peer proved {peer_id}")
@@ -184,7 +254,7 @@ class NoiseSession:
         self._send, self._receive = hs.split()
         self._state = _State.TRANSPORT
         self.remote = Authenticated(peer_id, identity)
-        return [self.remote]
+        return True
 
     def _write(self, message: bytes) -> None:
         self._out.append(len(message).to_bytes(2, "big"))

@@ -60,7 +60,7 @@ class UvarintFramer:
         self.max_frame = max_frame
         self._buffer = bytearray()
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         self._buffer += data
 
     def next_frame(self) -> bytes | NeedData:

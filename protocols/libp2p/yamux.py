@@ -41,6 +41,7 @@ from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 __all__ = [
     "HEADER_BYTES",
     "INITIAL_WINDOW",
+    "MAX_FRAME_DATA",
     "MAX_STREAMS",
     "MAX_WINDOW",
     "Data",
@@ -61,6 +62,9 @@ INITIAL_WINDOW = 256 * 1024
 MAX_WINDOW = 16 * 1024 * 1024
 """The largest receive window a session may grant per stream (py-libp2p grows to 16 MiB too)."""
 MAX_STREAMS = 256
+MAX_FRAME_DATA = 65519 - 12
+"""Data bytes per DATA frame by default: a frame with its header then fits one Noise transport
+message (65,519 bytes of plaintext), so the peer reads each frame where it was decrypted."""
 _HEADER = struct.Struct(">BBHII")
 
 
@@ -95,8 +99,10 @@ class StreamOpened:
 
 @dataclass(frozen=True, slots=True)
 class Data:
+    """Data on ``stream``: a view of the bytes given to :meth:`Session.receive_data` (not a copy)."""
+
     stream: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +172,7 @@ class _Stream:
     receive_window: int = INITIAL_WINDOW
     unacknowledged: int = 0
     """Bytes delivered to the application and not yet consumed."""
-    queued: deque[bytes] = field(default_factory=deque)
+    queued: deque[memoryview] = field(default_factory=deque)
     queued_bytes: int = 0
     fin_queued: bool = False
 
@@ -174,15 +180,20 @@ class _Stream:
 class Session:
     """One side of a yamux session. ``client=True`` on the dialer's side."""
 
-    def __init__(self, *, client: bool, window: int = INITIAL_WINDOW) -> None:
+    def __init__(self, *, client: bool, window: int = INITIAL_WINDOW, frame_data: int = MAX_FRAME_DATA) -> None:
         if not INITIAL_WINDOW <= window <= MAX_WINDOW:
             raise LocalProtocolError(f"yamux: a receive window is {INITIAL_WINDOW} … {MAX_WINDOW} bytes, got {window}")
+        if frame_data < 1:
+            raise LocalProtocolError(f"yamux: a DATA frame carries at least 1 byte, got {frame_data}")
         self.client = client
+        self.frame_data = frame_data
+        """The most data bytes we put in one DATA frame."""
         self.window = window
         """Our receive window per stream: the spec's 256 KiB, and more granted with the SYN or ACK."""
         self._next_id = 1 if client else 2
         self._streams: dict[int, _Stream] = {}
-        self._out = bytearray()
+        self._out: list[bytes] = []
+        """Frames to send, each whole (header and data in one buffer)."""
         self._in = bytearray()
         self._going_away = False
         self._peer_highest = 0
@@ -193,8 +204,11 @@ class Session:
     # -- our side ---------------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
-        self._out.clear()
+        return b"".join(self.frames_to_send())
+
+    def frames_to_send(self) -> list[bytes]:
+        """What :meth:`data_to_send` would give, frame by frame (a secure channel packs them as they are)."""
+        out, self._out = self._out, []
         return out
 
     def open_stream(self) -> int:
@@ -205,13 +219,15 @@ class Session:
             raise LocalProtocolError(f"yamux: {MAX_STREAMS} streams are open already")
         stream, self._next_id = self._next_id, self._next_id + 2
         self._streams[stream] = _Stream(_State.OPEN, receive_window=self.window)
-        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.SYN, stream, self.window - INITIAL_WINDOW)
+        self._out.append(encode_frame(Type.WINDOW_UPDATE, Flag.SYN, stream, self.window - INITIAL_WINDOW))
         return stream
 
-    def send(self, stream: int, data: bytes) -> None:
-        """Queue ``data`` on ``stream``; it goes out as the peer's credit allows."""
+    def send(self, stream: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` on ``stream``; it goes out as the peer's credit allows (bytes kept as they are, no copy)."""
         state = self._stream(stream, _Step.DATA_OUT)
-        state.queued.append(bytes(data))
+        if not data:
+            return
+        state.queued.append(memoryview(data if type(data) is bytes else bytes(data)))
         state.queued_bytes += len(data)
         self._flush(stream, state)
 
@@ -226,7 +242,7 @@ class Session:
         if stream not in self._streams:
             raise LocalProtocolError(f"yamux: stream {stream} is not open")
         del self._streams[stream]
-        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0)
+        self._out.append(encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0))
 
     def consumed(self, stream: int, size: int) -> None:
         """The application took ``size`` bytes of ``stream``'s data: grant the peer that much credit again."""
@@ -238,14 +254,14 @@ class Session:
             raise LocalProtocolError(f"yamux: {size} bytes consumed of stream {stream}, {given} were given")
         state.unacknowledged -= size
         state.receive_window += size
-        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.NONE, stream, size)
+        self._out.append(encode_frame(Type.WINDOW_UPDATE, Flag.NONE, stream, size))
 
     def ping(self, opaque: int) -> None:
-        self._out += encode_frame(Type.PING, Flag.SYN, 0, opaque & 0xFFFFFFFF)
+        self._out.append(encode_frame(Type.PING, Flag.SYN, 0, opaque & 0xFFFFFFFF))
 
     def go_away(self, code: int = 0) -> None:
         self._going_away = True
-        self._out += encode_frame(Type.GO_AWAY, Flag.NONE, 0, code)
+        self._out.append(encode_frame(Type.GO_AWAY, Flag.NONE, 0, code))
 
     def _stream(self, stream: int, step: _Step) -> _Stream:
         state = self._streams.get(stream)
@@ -256,17 +272,24 @@ class Session:
         return state
 
     def _flush(self, stream: int, state: _Stream) -> None:
-        while state.queued and state.send_window > 0:
-            chunk = state.queued.popleft()
-            now, later = chunk[: state.send_window], chunk[state.send_window :]
-            if later:
-                state.queued.appendleft(later)
-            state.send_window -= len(now)
-            state.queued_bytes -= len(now)
-            self._out += _HEADER.pack(0, Type.DATA, Flag.NONE, stream, len(now))
-            self._out += now  # not header + data first: that would copy the data once more
-        if state.fin_queued and not state.queued:
-            self._out += encode_frame(Type.WINDOW_UPDATE, Flag.FIN, stream, 0)
+        queued = state.queued
+        while queued and state.send_window > 0:
+            # one frame of up to frame_data bytes, taken across the writes queued (the only copy made)
+            size = left = min(state.send_window, self.frame_data, state.queued_bytes)
+            parts: list[bytes | memoryview] = [_HEADER.pack(0, Type.DATA, Flag.NONE, stream, size)]
+            while left:
+                chunk = queued[0]
+                if len(chunk) > left:
+                    parts.append(chunk[:left])
+                    queued[0] = chunk[left:]
+                    break
+                parts.append(queued.popleft())
+                left -= len(chunk)
+            state.send_window -= size
+            state.queued_bytes -= size
+            self._out.append(b"".join(parts))
+        if state.fin_queued and not queued:
+            self._out.append(encode_frame(Type.WINDOW_UPDATE, Flag.FIN, stream, 0))
             state.fin_queued = False
             self._advance(stream, state, _Step.FIN_OUT)
 
@@ -279,12 +302,21 @@ class Session:
 
     # -- the peer's side ---------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the peer; the events of every whole frame in them, in order."""
-        self._in += data
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Feed bytes from the peer; the events of every whole frame in them, in order.
+
+        Zero-copy: a :class:`Data` event's data is a view of ``data`` (or of the session's own
+        buffer, for a frame that came in pieces), so ``data`` must not change afterwards;
+        only an incomplete frame at the end is copied, to wait for the rest.
+        """
+        if self._in:
+            self._in += data
+            data, self._in = self._in, bytearray()  # never changed again: views of it stay true
+        view = memoryview(data)
         events: list[Event] = []
-        while len(self._in) >= HEADER_BYTES:
-            version, kind, flags, stream, length = _HEADER.unpack_from(self._in)
+        at, end = 0, len(view)
+        while end - at >= HEADER_BYTES:
+            version, kind, flags, stream, length = _HEADER.unpack_from(view, at)
             if version != 0:
                 raise RemoteProtocolError(f"yamux: version {version} (only 0 exists)")
             if kind > Type.GO_AWAY:
@@ -294,19 +326,21 @@ class Session:
             credit = known.receive_window if known is not None else INITIAL_WINDOW
             if body > credit:  # a stream not (or no longer) open never had more than the initial window
                 raise RemoteProtocolError(f"yamux: {length} bytes on stream {stream} exceed the credit granted")
-            if len(self._in) < HEADER_BYTES + body:
+            if end - at < HEADER_BYTES + body:
                 break
-            payload = bytes(self._in[HEADER_BYTES : HEADER_BYTES + body])
-            del self._in[: HEADER_BYTES + body]
+            payload = view[at + HEADER_BYTES : at + HEADER_BYTES + body]
+            at += HEADER_BYTES + body
             events += self._frame(_TYPES[kind], flags, stream, length, payload)
+        if at < end:
+            self._in = bytearray(view[at:])
         return events
 
-    def _frame(self, kind: Type, flags: int, stream: int, length: int, payload: bytes) -> list[Event]:
+    def _frame(self, kind: Type, flags: int, stream: int, length: int, payload: memoryview) -> list[Event]:
         # ``flags`` stays an int: IntFlag arithmetic costs microseconds a frame, on every ping
         if kind is Type.PING:
             if flags & _ACK:
                 return [Pong(length)]
-            self._out += encode_frame(Type.PING, Flag.ACK, 0, length)
+            self._out.append(encode_frame(Type.PING, Flag.ACK, 0, length))
             return []
         if kind is Type.GO_AWAY:
             self._going_away = True
@@ -352,10 +386,10 @@ class Session:
             raise RemoteProtocolError(f"yamux: the peer opened stream {stream}, which is not its to open")
         self._peer_highest = stream
         if self._going_away or len(self._streams) >= MAX_STREAMS:
-            self._out += encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0)
+            self._out.append(encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0))
             return [StreamRefused(stream)]
         self._streams[stream] = _Stream(_State.OPEN, receive_window=self.window)
-        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.ACK, stream, self.window - INITIAL_WINDOW)
+        self._out.append(encode_frame(Type.WINDOW_UPDATE, Flag.ACK, stream, self.window - INITIAL_WINDOW))
         return [StreamOpened(stream)]
 
     def _step_in(self, stream: int, state: _Stream, step: _Step) -> None:

@@ -72,8 +72,8 @@ def _frame(message: bytes) -> bytes:
     return len(message).to_bytes(2, "big") + message
 
 
-def _unframe(data: bytes) -> list[bytes]:
-    out = []
+def _unframe(data: bytes | bytearray) -> list[bytes]:
+    data, out = bytes(data), []  # our output is a bytearray (the buffer encrypted into, not copied)
     while data:
         size = int.from_bytes(data[:2], "big")
         out.append(data[2 : 2 + size])
@@ -213,3 +213,55 @@ def test_random_protobuf_bytes_only_ever_raise_a_protocol_error(data: bytes) -> 
         parse_fields(data)
     except ProtocolError:
         pass
+
+
+def _transport_pair() -> tuple[NoiseSession, NoiseSession]:
+    (s1, id1), (s2, id2) = party(), party()
+    dialer, listener = NoiseSession.initiator(s1, id1), NoiseSession.responder(s2, id2)
+    pump(dialer, listener)
+    return dialer, listener
+
+
+@given(st.lists(st.integers(0, MAX_PLAINTEXT * 2 + 3), max_size=6), st.data())
+@settings(max_examples=30, deadline=None)
+def test_frames_share_messages_while_they_fit_and_only_a_larger_one_is_cut(sizes: list[int], data: Any) -> None:
+    """What a muxer hands over frame by frame arrives whole, in any chunking, and a frame that fits one
+    message is never cut in two (its peer reads it where it was decrypted)."""
+    dialer, listener = _transport_pair()
+    frames = [bytes([n % 251]) * size for n, size in enumerate(sizes)]
+    dialer.send_frames(frames)
+    wire = bytes(dialer.data_to_send())
+    got: list[Any] = []
+    for chunk in data.draw(vst.chunkings(wire)):
+        got += listener.receive_data(memoryview(chunk))
+    assert b"".join(e.data for e in got) == b"".join(frames)
+    assert all(len(e.data) <= MAX_PLAINTEXT for e in got)
+    spans, at = [], 0
+    for event in got:
+        spans.append((at, at + len(event.data)))
+        at += len(event.data)
+    for i, size in enumerate(sizes):
+        start = sum(sizes[:i])
+        if 0 < size <= MAX_PLAINTEXT:  # a frame that fits a message lies in one
+            assert any(begin <= start and start + size <= end for begin, end in spans)
+
+
+def test_frames_that_fit_one_message_travel_each_in_one_and_nothing_sends_nothing() -> None:
+    dialer, listener = _transport_pair()
+    dialer.send_frames([])
+    assert dialer.data_to_send() == b""
+    frames = [b"a" * 12, b"b" * (MAX_PLAINTEXT - 12), b"c" * 40, b"d" * (MAX_PLAINTEXT - 12), b""]
+    dialer.send_frames(frames)
+    got = listener.receive_data(dialer.data_to_send())
+    fill = MAX_PLAINTEXT - 12
+    assert [bytes(e.data) for e in got] == [b"a" * 12 + b"b" * fill, b"c" * 40, b"d" * fill]
+    dialer.send(b"")  # an empty message still goes (and decrypts to nothing)
+    assert listener.receive_data(dialer.data_to_send()) == [Data(b"")]
+
+
+def test_a_sender_stops_before_its_nonces_run_out() -> None:
+    dialer, _ = _transport_pair()
+    assert dialer._send is not None
+    dialer._send.nonce_limit = dialer._send.n
+    with pytest.raises(LocalProtocolError, match="nonce exhausted"):
+        dialer.send(b"one too many")

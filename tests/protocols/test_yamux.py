@@ -251,3 +251,35 @@ def test_a_larger_window_is_granted_with_the_syn_and_the_ack() -> None:
     assert sum(len(e.data) for e in at_client if isinstance(e, Data)) == big
     with pytest.raises(LocalProtocolError, match="receive window"):
         Session(client=True, window=MAX_WINDOW + 1)
+
+
+def test_frames_go_out_one_by_one_each_at_most_frame_data_long_taken_across_writes() -> None:
+    client, server = Session(client=True, frame_data=100), Session(client=False)
+    sid = client.open_stream()
+    client.send(sid, b"a" * 150)
+    client.send(sid, b"")  # nothing to send: no frame
+    client.send(sid, memoryview(b"b" * 70))
+    frames = client.frames_to_send()
+    assert [len(f) for f in frames] == [12, 12 + 100, 12 + 50, 12 + 70]  # each write as it came
+    assert client.frames_to_send() == []
+    events = server.receive_data(b"".join(frames))
+    client.send(sid, b"c" * (INITIAL_WINDOW - 220 - 30))  # all but 30 bytes of the credit
+    client.send(sid, b"d" * 120)
+    client.send(sid, b"e" * 60)  # these wait for credit ...
+    events += server.receive_data(client.data_to_send())
+    server.consumed(sid, INITIAL_WINDOW)
+    client.receive_data(server.data_to_send())
+    queued = client.frames_to_send()
+    assert [len(f) for f in queued] == [12 + 100, 12 + 50]  # ... and go as full frames across them
+    events += server.receive_data(b"".join(queued))
+    sent = b"a" * 150 + b"b" * 70 + b"c" * (INITIAL_WINDOW - 250) + b"d" * 120 + b"e" * 60
+    assert b"".join(e.data for e in events if isinstance(e, Data)) == sent
+    with pytest.raises(LocalProtocolError, match="at least 1 byte"):
+        Session(client=True, frame_data=0)
+
+
+def test_an_empty_data_frame_with_fin_only_closes() -> None:
+    client, server = pair()
+    sid = client.open_stream()
+    pump(client, server)
+    assert server.receive_data(encode_frame(Type.DATA, Flag.FIN, sid, 0)) == [StreamClosed(sid)]
