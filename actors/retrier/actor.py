@@ -40,7 +40,8 @@ itself is refused.
 
 Config (``ctx.config``): ``path`` (SQLite file for outbox and inbox, required),
 ``node_id`` (this node, required), ``mode`` (network mode, default hybrid),
-``deliver_to`` / ``report_to`` (bus names, optional), ``registry`` (bus name
+``deliver_to`` / ``report_to`` (bus names, optional), ``transfer_to`` (bus name, optional: envelopes
+of kind ``villagemesh.transfer`` go there instead of ``deliver_to``, which answers ``Handled``), ``registry`` (bus name
 told ``ListRoutes(reply_to=<retrier>)`` at start, default ``registry``; until
 its answer arrives, restored messages wait parked, spending no attempt), ``max_attempts``,
 ``backoff_base``, ``backoff_max``, ``jitter`` (see :class:`.policy.RetryPolicy`),
@@ -71,6 +72,7 @@ from villagemesh.actors.core.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Re
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
+from villagemesh.protocols.transfer import TRANSFER_KIND
 
 from .messages import (
     ACK_IDS_MAX,
@@ -161,6 +163,7 @@ class RetrierActor(Actor):
         self.mode = NetworkMode.parse(cfg.get("mode", "hybrid"))
         self.deliver_to: str | None = cfg.get("deliver_to") or None
         self.report_to: str | None = cfg.get("report_to") or None
+        self.transfer_to: str | None = cfg.get("transfer_to") or None
         self.registry: str | None = cfg.get("registry", "registry") or None
         self.synchronous = str(cfg.get("synchronous", "NORMAL"))
         policy_keys = ("max_attempts", "backoff_base", "backoff_max", "jitter")
@@ -613,8 +616,11 @@ class RetrierActor(Actor):
         if envelope is None:
             self.undispatched.discard(message_id)
             return  # handled meanwhile
+        to = self.deliver_to
+        if self.transfer_to is not None and decode(envelope).kind == TRANSFER_KIND:
+            to = self.transfer_to  # a large transfer's message: its actor commits it and answers Handled
         try:
-            self.tell(self.deliver_to, Incoming(message_id, envelope))
+            self.tell(to, Incoming(message_id, envelope))
         except BusError as exc:
             self.ctx.log.emit("dispatch_failed", level="warning", message_id=message_id.hex(), reason=str(exc))
             if not self.undispatched:

@@ -1,0 +1,142 @@
+"""Large transfers between two real nodes over WebSocket: files, streams, progress, handlers, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.integration._nodes import PATIENCE, make_node, running
+from villagemesh.errors import TransferRefused
+from villagemesh.node import TransferLimits
+
+pytestmark = pytest.mark.slow
+
+
+def blob(path: Path, size: int, seed: int = 1) -> Path:
+    """A file of ``size`` pseudo-random bytes (written in blocks)."""
+    rng = hashlib.blake2b(seed.to_bytes(8, "big"))
+    with path.open("wb") as out:
+        left = size
+        while left:
+            rng.update(b"x")
+            block = rng.digest() * 2048  # 128 KiB
+            out.write(block[:left])
+            left -= min(left, len(block))
+    return path
+
+
+class Inbox:
+    """A receiving handler that keeps each file it got; tests wait for a count."""
+
+    def __init__(self) -> None:
+        self.files: list = []
+        self.cond = threading.Condition()
+
+    def __call__(self, received) -> None:
+        with self.cond:
+            self.files.append(received)
+            self.cond.notify_all()
+
+    def wait(self, count: int, timeout: float = PATIENCE) -> list:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.files) >= count, timeout), f"{len(self.files)} of {count}"
+            return list(self.files)
+
+
+def pair(tmp_path: Path, **receiver_settings):
+    a = make_node(tmp_path / "a", "a", **receiver_settings)
+    b = make_node(tmp_path / "b", "b", bootstrap=[a.acceptor_address])
+    return a, b
+
+
+def test_a_file_arrives_verified_in_place_with_progress_and_a_handle_that_ends_done(tmp_path):
+    a, b = pair(tmp_path)
+    inbox = Inbox()
+    a.on_transfer(inbox)
+    source = blob(tmp_path / "weights.bin", 3 * 1024 * 1024 + 17)
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        handle = b.send_file(a.node_id, source, kind="model")
+        final = handle.wait(PATIENCE)
+        assert (final.done, final.total, final.state) == (source.stat().st_size, source.stat().st_size, "done")
+        (got,) = inbox.wait(1)
+        assert (got.kind, got.name, got.peer_id, got.size) == ("model", "weights.bin", b.node_id, final.total)
+        assert got.path.read_bytes() == source.read_bytes()
+        assert got.path.parent == tmp_path / "a" / "received"
+        assert not list((tmp_path / "a" / "transfers").iterdir())  # no partial left
+        rows = {r["direction"]: r for r in a.transfers() + b.transfers()}
+        assert rows["in"]["state"] == "done" and rows["out"]["state"] == "done"
+
+
+def test_a_stream_is_spooled_sent_and_its_spool_deleted(tmp_path):
+    a, b = pair(tmp_path)
+    inbox = Inbox()
+    a.on_transfer(inbox, kind="shard")
+    blocks = [os.urandom(100_000) for _ in range(7)]
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        handle = b.send_stream(a.node_id, iter(blocks), size=700_000, kind="shard", name="shard-3")
+        handle.wait(PATIENCE)
+        (got,) = inbox.wait(1)
+        assert got.path.read_bytes() == b"".join(blocks)
+        assert not [p for p in (tmp_path / "b" / "transfers").iterdir() if p.suffix == ".spool"]
+
+
+def test_an_empty_file_is_a_transfer_too(tmp_path):
+    a, b = pair(tmp_path)
+    inbox = Inbox()
+    a.on_transfer(inbox)
+    (tmp_path / "empty").write_bytes(b"")
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        b.send_file(a.node_id, tmp_path / "empty").wait(PATIENCE)
+        assert inbox.wait(1)[0].path.read_bytes() == b""
+
+
+def test_the_asyncio_face_sends_a_stream_and_receives_an_async_byte_stream(tmp_path):
+    a, b = pair(tmp_path)
+    data = os.urandom(600_000)
+
+    async def main() -> bytes:
+        got: asyncio.Queue = asyncio.Queue()
+
+        async def on_file(received) -> None:
+            chunks = [chunk async for chunk in received.stream(block=65536)]
+            await got.put(b"".join(chunks))
+
+        a.aio.on_transfer(on_file)
+
+        async def source():
+            for i in range(0, len(data), 50_000):
+                yield data[i : i + 50_000]
+
+        async with a.aio, b.aio:
+            assert await b.aio.wait_for_peers(1, PATIENCE)
+            handle = await b.aio.send_stream(a.node_id, source(), name="async")
+            progress = await handle
+            assert progress.done == len(data)
+            return await asyncio.wait_for(got.get(), PATIENCE)
+
+    assert asyncio.run(main()) == data
+
+
+def test_an_offer_over_a_limit_is_refused_before_any_byte_is_written(tmp_path):
+    a, b = pair(tmp_path, transfer_limits=TransferLimits(max_bytes=1000, kinds=frozenset({"model"})))
+    inbox = Inbox()
+    a.on_transfer(inbox)
+    big = blob(tmp_path / "big", 5000)
+    small = blob(tmp_path / "small", 500)
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        with pytest.raises(TransferRefused, match="too_large.*5000 bytes exceeds"):
+            b.send_file(a.node_id, big, kind="model").wait(PATIENCE)
+        with pytest.raises(TransferRefused, match="kind_not_allowed"):
+            b.send_file(a.node_id, small, kind="data").wait(PATIENCE)
+        assert not list((tmp_path / "a" / "transfers").iterdir())
+        assert a.transfers() == []
+    assert inbox.files == []
