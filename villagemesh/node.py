@@ -95,6 +95,7 @@ from villagemesh.errors import (
     RequestTimeout,
     StorageError,
     SupervisionError,
+    TransferError,
     VillageMeshError,
 )
 from villagemesh.protocols.discovery import Capabilities
@@ -820,7 +821,7 @@ class Node:
                     "receivers": self.transfer_receivers,
                     "limits": cfg.transfer_limits,
                     "received_dir": str(cfg.received_dir or data / "received"),
-                    "chunk_size": cfg.transfer_chunk_size or chunk_size_for(_transport_order(cfg.mode)),
+                    "chunk_size": cfg.transfer_chunk_size or chunk_size_for(("websocket",)),
                     "window": cfg.transfer_window,
                     "stall_s": cfg.transfer_stall_s,
                     "synchronous": cfg.synchronous,
@@ -1362,6 +1363,12 @@ class Node:
         handler runs on the loop this was called from. Returns the unsubscribe.
         """
         return self.transfer_receivers.add(kind, handler)
+
+    def on_transfer_failed(self, handler: Callable[[TransferError], object]) -> Callable[[], None]:
+        """Call ``handler(error)`` for each incoming transfer that ended without a verified file: a
+        :class:`~villagemesh.errors.DigestMismatch` (the partial file is already deleted), or a
+        :class:`~villagemesh.errors.TransferError` (cancelled by the sender, storage failed)."""
+        return self.transfer_receivers.add_failure(handler)
 
     def transfers(self) -> list[dict[str, Any]]:
         """Every transfer this node knows (outgoing and incoming), with bytes done and its state."""

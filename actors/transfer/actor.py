@@ -467,15 +467,19 @@ class TransferActor(Actor):
         Path(entry.partial).unlink(missing_ok=True)
         reason = failed.reason.name.lower()
         self.store.commit_chunks((), [(failed.transfer_id, "failed", f"{reason}: {failed.detail}")])
+        tid = failed.transfer_id.hex()
         self.ctx.log.emit(
             "transfer_failed",
             level="warning",
-            transfer_id=failed.transfer_id.hex(),
+            transfer_id=tid,
             peer_id=entry.peer_id,
             reason=reason,
             detail=failed.detail,
             direction="in",
         )
+        error = error_of(tid, entry.peer_id, "failed", reason, failed.detail)
+        for handler in self.receivers.failures():
+            self._call(handler, error, None, tid)
 
     def _deliver(self, entry: _In) -> None:
         offer = entry.receiver.offer
@@ -483,19 +487,23 @@ class TransferActor(Actor):
             offer.transfer_id.hex(), entry.peer_id, offer.kind, offer.name, offer.size, offer.digest, Path(entry.final)
         )
         for handler, loop in self.receivers.of(offer.kind):
-            try:
-                if loop is not None and asyncio.iscoroutinefunction(handler):
-                    asyncio.run_coroutine_threadsafe(handler(received), loop)
-                else:
-                    handler(received)
-            except Exception as exc:  # noqa: BLE001 - the application's handler must not crash the actor: logged
-                self.ctx.log.emit(
-                    "transfer_handler_failed",
-                    level="error",
-                    transfer_id=received.transfer_id,
-                    exc_type=type(exc).__name__,
-                    exc_message=str(exc),
-                )
+            self._call(handler, received, loop, received.transfer_id)
+
+    def _call(self, handler: Any, arg: object, loop: asyncio.AbstractEventLoop | None, tid: str) -> None:
+        """Run an application's handler: a coroutine function on its loop, anything else here."""
+        try:
+            if loop is not None and asyncio.iscoroutinefunction(handler):
+                asyncio.run_coroutine_threadsafe(handler(arg), loop)
+            else:
+                handler(arg)
+        except Exception as exc:  # noqa: BLE001 - the application's handler must not crash the actor: logged
+            self.ctx.log.emit(
+                "transfer_handler_failed",
+                level="error",
+                transfer_id=tid,
+                exc_type=type(exc).__name__,
+                exc_message=str(exc),
+            )
 
     # -- out -------------------------------------------------------------------------------------------
 

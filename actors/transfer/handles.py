@@ -211,26 +211,39 @@ class Receivers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._handlers: list[tuple[str, ReceiveHandler, asyncio.AbstractEventLoop | None]] = []
+        self._failures: list[Callable[[TransferError], object]] = []
 
     def add(self, kind: str, handler: ReceiveHandler) -> Callable[[], None]:
+        """``handler(received)`` for each verified file of ``kind``; returns the unsubscribe."""
         if not isinstance(kind, str) or not kind:
             raise ConfigError(f"kind must be a non-empty str ('*' for every kind), got {kind!r}")
-        if not callable(handler):
-            raise ConfigError(f"handler must be callable, got {type(handler).__name__}")
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        entry = (kind, handler, loop)
+        return self._add(self._handlers, handler, (kind, handler, loop))
+
+    def add_failure(self, handler: Callable[[TransferError], object]) -> Callable[[], None]:
+        """``handler(error)`` for each incoming transfer that ends without a verified file (runs on the
+        transfer actor's thread); returns the unsubscribe."""
+        return self._add(self._failures, handler, handler)
+
+    def _add(self, into: list[Any], handler: object, entry: Any) -> Callable[[], None]:
+        if not callable(handler):
+            raise ConfigError(f"handler must be callable, got {type(handler).__name__}")
         with self._lock:
-            self._handlers.append(entry)
+            into.append(entry)
 
         def remove() -> None:
             with self._lock:
-                if entry in self._handlers:
-                    self._handlers.remove(entry)
+                if entry in into:
+                    into.remove(entry)
 
         return remove
+
+    def failures(self) -> list[Callable[[TransferError], object]]:
+        with self._lock:
+            return list(self._failures)
 
     def of(self, kind: str) -> list[tuple[ReceiveHandler, asyncio.AbstractEventLoop | None]]:
         with self._lock:

@@ -29,7 +29,8 @@ DEFAULT_WINDOW = 16
 TRANSPORT_CHUNK_BYTES: dict[str, int] = {"websocket": 256 * 1024, "libp2p": 256 * 1024, "bitchat": 1024}
 """The chunk each transport carries well: WebSocket frames of 256 KiB keep a small message's wait behind
 one chunk under a few ms at loopback speed; a BLE link takes about 1 KiB. (BetaNet's 1,437-byte packets
-carry no chunk: a transfer in the anonymous mode is refused by the chunk size rule below.)"""
+carry no chunk, so BetaNet is not one of them: in the anonymous mode a chunk fails over to the next
+transport, as an envelope too large for a packet does.)"""
 
 DEFAULT_CHUNK_BYTES = TRANSPORT_CHUNK_BYTES["websocket"]
 
@@ -40,8 +41,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]")
 
 
 def chunk_size_for(transports: tuple[str, ...]) -> int:
-    """The chunk size of a transfer over ``transports`` (the mode's order): the smallest any of them
-    carries, so that failover to the next transport never meets a chunk too large for it."""
+    """The chunk size of a transfer over ``transports`` (those this node runs that carry chunks): the
+    smallest any of them carries, so that failover to the next one never meets a chunk too large for it."""
     sizes = [TRANSPORT_CHUNK_BYTES[t] for t in transports if t in TRANSPORT_CHUNK_BYTES]
     size = min(sizes) if sizes else DEFAULT_CHUNK_BYTES
     return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, size))

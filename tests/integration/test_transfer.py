@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration._nodes import PATIENCE, make_node, running
-from villagemesh.errors import TransferRefused
+from villagemesh.errors import DigestMismatch, TransferRefused
 from villagemesh.node import TransferLimits
 
 pytestmark = pytest.mark.slow
@@ -133,10 +133,71 @@ def test_an_offer_over_a_limit_is_refused_before_any_byte_is_written(tmp_path):
     small = blob(tmp_path / "small", 500)
     with running([a, b]):
         assert b.wait_for_peers(1, PATIENCE)
-        with pytest.raises(TransferRefused, match="too_large.*5000 bytes exceeds"):
+        with pytest.raises(TransferRefused, match=r"too_large.*5000 bytes exceeds"):
             b.send_file(a.node_id, big, kind="model").wait(PATIENCE)
         with pytest.raises(TransferRefused, match="kind_not_allowed"):
             b.send_file(a.node_id, small, kind="data").wait(PATIENCE)
         assert not list((tmp_path / "a" / "transfers").iterdir())
         assert a.transfers() == []
     assert inbox.files == []
+
+
+def test_a_digest_mismatch_deletes_the_partial_and_is_a_typed_error_on_both_sides(tmp_path):
+    a, b = pair(tmp_path)
+    inbox, failures = Inbox(), Inbox()
+    a.on_transfer(inbox)
+    a.on_transfer_failed(failures)
+    source = blob(tmp_path / "data", 600_000)
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        # An offer whose digest is not the bytes' (what a file changed after hashing would give).
+        handle = b._offer(a.node_id, str(source), 600_000, bytes(32), "file", "data")
+        with pytest.raises(DigestMismatch, match="digest_mismatch"):
+            handle.wait(PATIENCE)
+        (error,) = failures.wait(1)
+        assert isinstance(error, DigestMismatch) and error.peer_id == b.node_id
+        assert not list((tmp_path / "a" / "transfers").iterdir())
+        assert not list((tmp_path / "a" / "received").iterdir())
+        assert [r["state"] for r in a.transfers()] == ["failed"]
+    assert inbox.files == []
+
+
+def test_small_messages_are_not_stalled_behind_a_transfer(tmp_path):
+    """Messages sent after a transfer started are all handled while it still runs (chunks are BULK)."""
+    a, b = pair(tmp_path)
+    handled = Inbox()
+    a.subscribe("PING", handled)
+    source = blob(tmp_path / "big", 32 * 1024 * 1024)
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        handle = b.send_file(a.node_id, source)
+        while handle.progress.done < 4 * 1024 * 1024:  # the transfer is under way
+            with pytest.raises(TimeoutError):
+                handle.wait(0.05)
+        pings = [b.send(a.node_id, str(i).encode(), kind="PING") for i in range(20)]
+        for ping in pings:
+            assert ping.result(PATIENCE).delivered
+        assert not handle.done(), f"the transfer ended before 20 small messages got through: {handle.progress}"
+        assert [m.payload for m in handled.wait(20)] == [str(i).encode() for i in range(20)]
+        handle.wait(PATIENCE)
+
+
+@pytest.mark.parametrize("actor", ["websocket", "transfer", "retrier"])
+def test_a_transfer_survives_a_crash_of_the_senders_actors_mid_way(tmp_path, actor):
+    """The transport crashing fails its attempts over (the retrier tries the next transport of the
+    mode's order; here WebSocket again once restarted); the transfer actor or the retrier crashing
+    resumes from what the receiver committed."""
+    a, b = pair(tmp_path)
+    inbox = Inbox()
+    a.on_transfer(inbox)
+    source = blob(tmp_path / "big", 16 * 1024 * 1024)
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        handle = b.send_file(a.node_id, source)
+        while handle.progress.done < 2 * 1024 * 1024:
+            with pytest.raises(TimeoutError):
+                handle.wait(0.02)
+        b.crash(actor)
+        handle.wait(PATIENCE)
+        (got,) = inbox.wait(1)
+        assert got.path.read_bytes() == source.read_bytes()
