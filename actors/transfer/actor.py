@@ -38,7 +38,9 @@ Log events: ``transfer_offered`` (transfer_id, peer_id, size, kind),
 ``transfer_refused`` (transfer_id, peer_id, reason, detail),
 ``transfer_completed`` (transfer_id, peer_id, size, direction, path),
 ``transfer_failed`` (transfer_id, peer_id, reason, detail, direction),
-``transfer_reoffered`` (transfer_id, acked), ``transfer_handler_failed``
+``transfer_reoffered`` (transfer_id, acked), ``transfer_restored`` (transfer_id, direction, chunks:
+acked or committed, at start), ``transfer_resumed`` (transfer_id, peer_id, resume_from: an offer
+answered again), ``transfer_handler_failed``
 (transfer_id, exc_type, exc_message), ``transfer_message_rejected`` (peer_id, reason).
 """
 
@@ -185,6 +187,22 @@ class TransferActor(Actor):
             entry = self.ins[irow.offer.transfer_id] = _In(receiver, irow.peer_id, irow.partial, irow.final)
             if receiver.verifying:
                 verifying.append(entry)
+        for out in self.outs.values():
+            self.ctx.log.emit(
+                "transfer_restored",
+                transfer_id=out.sender.offer.transfer_id.hex(),
+                direction="out",
+                chunks=out.sender.acked,
+            )
+        for entry in self.ins.values():
+            if entry.receiver.state in (ReceiverState.RECEIVING, ReceiverState.VERIFYING):
+                committed = entry.receiver.prefix + len(entry.receiver.beyond)
+                self.ctx.log.emit(
+                    "transfer_restored",
+                    transfer_id=entry.receiver.offer.transfer_id.hex(),
+                    direction="in",
+                    chunks=committed,
+                )
         for entry in verifying:  # killed between the last commit and the move: verify again
             self._verify(entry)
         self.schedule(self.stall_s, _Tick())
@@ -384,7 +402,15 @@ class TransferActor(Actor):
         if entry is not None:
             if entry.peer_id != peer:
                 raise RemoteProtocolError(f"transfer {offer.transfer_id.hex()} offered by {peer}, not {entry.peer_id}")
-            self._send(peer, entry.receiver.answer(offer))
+            answer = entry.receiver.answer(offer)
+            if isinstance(answer, Accept):
+                self.ctx.log.emit(
+                    "transfer_resumed",
+                    transfer_id=offer.transfer_id.hex(),
+                    peer_id=peer,
+                    resume_from=answer.resume_from,
+                )
+            self._send(peer, answer)
             return
         tid = offer.transfer_id.hex()
         refusal = judge(offer, self.limits, shutil.disk_usage(self.partial_dir).free)
