@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _nodes import make_node
 
+from villagemesh.errors import AskTimeout
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -102,13 +104,17 @@ def main() -> None:
         busy = True
         shown: set[tuple[str, str, int]] = set()
         while not stop.wait(0.1):
-            if args.transfers:
-                for row in node.transfers():
-                    line = (row["direction"], row["state"], row["done"])
-                    if line not in shown:
-                        shown.add(line)
-                        print(f"XFER {' '.join(map(str, line))}", flush=True)
-            retrier = node.network_status()["retrier"]
+            try:
+                if args.transfers:
+                    for row in node.transfers():
+                        line = (row["direction"], row["state"], row["done"])
+                        if line not in shown:
+                            shown.add(line)
+                            print(f"XFER {' '.join(map(str, line))}", flush=True)
+                retrier = node.network_status()["retrier"]
+            except AskTimeout as exc:  # a loaded machine: the node goes on, and so does the report
+                print(f"SLOW {exc}", flush=True)
+                continue
             idle = retrier["pending"] == 0 and retrier["unhandled"] == 0
             if idle and busy:
                 print("IDLE", flush=True)

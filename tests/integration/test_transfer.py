@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from tests.integration._nodes import PATIENCE, make_node, running
+from villagemesh.cli import ProgressBar
 from villagemesh.errors import DigestMismatch, TransferRefused
 from villagemesh.node import TransferLimits
 
@@ -201,3 +206,47 @@ def test_a_transfer_survives_a_crash_of_the_senders_actors_mid_way(tmp_path, act
         handle.wait(PATIENCE)
         (got,) = inbox.wait(1)
         assert got.path.read_bytes() == source.read_bytes()
+
+
+def test_the_cli_sends_a_file_with_a_progress_bar_and_the_node_prints_where_it_went(tmp_path):
+    cli = [sys.executable, "-m", "villagemesh.cli"]
+    source = blob(tmp_path / "model.bin", 2 * 1024 * 1024)
+    node = subprocess.Popen(
+        [*cli, "node", "--data-dir", str(tmp_path / "server"), "--quiet"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert node.stdout is not None
+        _, node_id, address = node.stdout.readline().split()
+        sent = subprocess.run(
+            [
+                *cli,
+                "send",
+                "--to",
+                node_id,
+                "--via",
+                address,
+                "--data-dir",
+                str(tmp_path / "client"),
+                "--file",
+                str(source),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert "model.bin [" + "#" * 30 + "] 100.0 %" in sent.stderr and "verified by" in sent.stderr
+        line = node.stdout.readline().split()
+        assert line[:3] == ["RECEIVED", "FILE", "file"]
+        assert Path(line[-1]).read_bytes() == source.read_bytes()
+    finally:
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(PATIENCE) == 0
+
+
+def test_the_progress_bar_draws_share_bytes_and_rate():
+    bar = ProgressBar(io.StringIO(), "w.bin", 4 * 1024 * 1024)
+    assert bar.line(1024 * 1024, 2 * 1024 * 1024) == (
+        "w.bin [#######.......................]  25.0 %  1.0/4.0 MiB  2.0 MiB/s"
+    )
+    assert ProgressBar(io.StringIO(), "e", 0).line(0, 0.0).startswith("e [" + "#" * 30 + "] 100.0 %")

@@ -66,6 +66,7 @@ def _kill_three_times(tmp_path: Path, children: list[Child]) -> None:
     points = sorted(rng.uniform(0.1, 0.85) for _ in range(3))
     victims = ["receiver", "sender", rng.choice(["receiver", "sender"])]
     for point, victim in zip(points, victims, strict=True):
+
         def reached(receiver: Child = receiver, point: float = point) -> bool:
             return received_bytes(receiver) >= point * SIZE
 

@@ -116,6 +116,11 @@ def frame(snapshot: dict[str, Any], timeline: list[dict[str, Any]], *, lines: in
                     f"delivered {outbox['delivered']}, failed {outbox['failed']}, poisoned {node['poisoned']}"
                 )
             )
+        for t in node.get("transfers", []):
+            share = 100.0 if not t["size"] else 100.0 * t["done"] / t["size"]
+            arrow = "→" if t["direction"] == "out" else "←"
+            what = f"{t['name']} ({t['kind']}): {share:5.1f} % of {t['size']} B, {t['state']}"
+            parts.append(Text(f"transfer {arrow} {t['peer_id'][:16]} {what}"))
         if node.get("peers"):
             peers = Table(title="peers", expand=True)
             for column in ("peer", "addresses", "last seen", "evolution priority"):
