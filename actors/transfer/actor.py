@@ -547,7 +547,10 @@ class TransferActor(Actor):
             payload=encode_wire(message),
         )
         raw = encode_message(envelope)
-        remember(raw, envelope)
+        if not isinstance(message, Chunk):
+            # (A chunk is not kept decoded: 256 KiB envelopes would fill the node's envelope cache,
+            # pushing out the small messages it is for and doubling a window's memory.)
+            remember(raw, envelope)
         try:
             self.tell(self.retrier, Deliver(raw))
         except BusError as exc:
