@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 # Debian packages the test suite needs; installed only when missing (CI runs as root).
 # chromium + chromium-driver: the dashboard's end-to-end test drives a real headless browser.
 # gcc + libgmp-dev: py-libp2p (the interop peer) pins fastecdsa, which builds from source.
-SYSTEM_PACKAGES := python3-venv chromium chromium-driver gcc libgmp-dev
+# iproute2: the network-namespace lab (tests/lab, make chaos).
+# dbus-daemon: the private system bus the BitChat BLE tests run bleak on (a fake bluetoothd, python-dbusmock);
+# libdbus-1-dev + libglib2.0-dev + pkg-config: dbus-python (python-dbusmock's dependency) builds from source.
+SYSTEM_PACKAGES := python3-venv chromium chromium-driver gcc libgmp-dev dbus-daemon libdbus-1-dev libglib2.0-dev pkg-config iproute2
 # Debian packages only the benchmarks need (NATS JetStream, the durable-broker anchor of benchmarks/delivery.py).
 BENCH_SYSTEM_PACKAGES := nats-server
 # py-libp2p, the real peer of the libp2p interop tests, in a venv of its own (it pins ~70 packages).
@@ -15,7 +18,7 @@ LIBP2P_VENV := .venv-libp2p
 LIBP2P_STAMP := $(LIBP2P_VENV)/.installed
 LIBP2P_VERSION := 0.8.1
 
-.PHONY: demo test lint typecheck bench sysdeps benchsysdeps install-debs clean
+.PHONY: demo test lint typecheck bench chaos sysdeps benchsysdeps install-debs clean
 
 sysdeps:
 	@$(MAKE) --no-print-directory install-debs DEBS="$(SYSTEM_PACKAGES)"
@@ -65,8 +68,14 @@ test: sysdeps $(STAMP) $(LIBP2P_STAMP)
 	$(VENV)/bin/coverage report --include='protocols/*' --fail-under=100
 	$(VENV)/bin/coverage report --include='supervision/*,actors/*,villagemesh/*' --skip-covered | tail -n 3
 
-bench: benchsysdeps $(STAMP)
+bench: benchsysdeps $(STAMP) $(LIBP2P_STAMP)
 	for b in benchmarks/[!_]*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# A long seeded chaos run in network namespaces (root): it prints its seed; CHAOS_SEED=S replays one.
+CHAOS_SECONDS ?= 60
+CHAOS_HOSTS ?= 6
+chaos: $(STAMP)
+	$(PY) -m villagemesh.lab.chaos --duration $(CHAOS_SECONDS) --hosts $(CHAOS_HOSTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 clean:
 	rm -rf $(VENV) $(LIBP2P_VENV) build *.egg-info .coverage .coverage.* .hypothesis

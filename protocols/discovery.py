@@ -94,6 +94,7 @@ from nacl.signing import SigningKey, VerifyKey
 from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 
 from .framing import NEED_DATA, FramedConnection, NeedData
+from .libp2p.peerid import Multiaddr
 from .sniff import DISCOVERY_MAX_LENGTH
 
 __all__ = [
@@ -302,6 +303,12 @@ def _check_addresses(addresses: object) -> None:
         raise LocalProtocolError(f"addresses must be a tuple of at most {MAX_ADDRESSES}, got {addresses!r}")
     for address in addresses:
         _check_text("address", address)
+        if address.startswith("/"):  # a libp2p multiaddr: /ip4/…/tcp/…/p2p/…
+            try:
+                Multiaddr.parse(address)
+            except RemoteProtocolError as exc:
+                raise LocalProtocolError(f"address {address!r} is not a multiaddr we read: {exc}") from exc
+            continue
         scheme, sep, rest = address.partition("://")
         where, _, path = rest.partition("/")
         host, colon, port = where.rpartition(":")
@@ -319,7 +326,9 @@ def _check_addresses(addresses: object) -> None:
             and all(c.isascii() and c.isprintable() and not c.isspace() for c in path)
         )
         if not valid:
-            raise LocalProtocolError(f"address must look like 'transport://host:port[/path]', got {address!r}")
+            raise LocalProtocolError(
+                f"address must look like 'transport://host:port[/path]' or a /multiaddr, got {address!r}"
+            )
 
 
 @dataclass(frozen=True)

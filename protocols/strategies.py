@@ -27,6 +27,7 @@ from typing import Any
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
+from .bitchat import Announcement, Fragment, Packet, sign
 from .discovery import (
     MAX_FIELD_CHARS,
     MAX_PEER_LIST,
@@ -60,6 +61,9 @@ from .sphinx.packet import MAX_HOPS, MAX_MESSAGE, Hop
 __all__ = [
     "addresses",
     "announces",
+    "bitchat_announcements",
+    "bitchat_fragments",
+    "bitchat_packets",
     "capabilities",
     "chunkings",
     "discovery_events",
@@ -321,3 +325,70 @@ def libp2p_multiaddrs() -> st.SearchStrategy[Multiaddr]:
     port = st.integers(0, 65535).map(lambda n: ("tcp", str(n)))
     peer = st.none() | libp2p_peer_ids().map(lambda p: ("p2p", str(p)))
     return st.builds(lambda h, t, p: Multiaddr((h, t) if p is None else (h, t, p)), host, port, peer)
+
+
+# ---------------------------------------------------------------------------- BitChat
+
+
+def _peer_ids() -> st.SearchStrategy[bytes]:
+    return st.binary(min_size=8, max_size=8)
+
+
+@st.composite
+def bitchat_packets(draw: st.DrawFn, *, max_payload: int = 600, signed: bool | None = None) -> Packet:
+    """Valid BitChat packets of either version; payloads sometimes compressible, routes only in v2.
+
+    Args:
+        max_payload: the largest payload drawn.
+        signed: True: signed by a drawn key; False: unsigned; None: either (a
+            drawn 64-byte signature that verifies under no key, or none).
+    """
+    version = draw(st.sampled_from((1, 2)))
+    repetitive = st.binary(min_size=1, max_size=4).flatmap(
+        lambda unit: st.integers(0, max_payload // len(unit)).map(lambda n: unit * n)
+    )
+    packet = Packet(
+        type=draw(st.integers(0, 255)),
+        sender_id=draw(_peer_ids()),
+        timestamp=draw(st.integers(0, 2**64 - 1)),
+        payload=draw(st.binary(max_size=max_payload) | repetitive),
+        ttl=draw(st.integers(0, 255)),
+        version=version,
+        recipient_id=draw(st.none() | _peer_ids()),
+        route=tuple(draw(st.lists(_peer_ids(), max_size=3 if version == 2 else 0))),
+        rsr=draw(st.booleans()),
+    )
+    if signed:
+        return sign(packet, draw(signing_keys()))
+    if signed is None and draw(st.booleans()):
+        return dataclasses.replace(packet, signature=draw(st.binary(min_size=64, max_size=64)))
+    return packet
+
+
+def bitchat_announcements() -> st.SearchStrategy[Announcement]:
+    """Valid BitChat announce payloads, with and without the optional TLVs and with unknown extensions."""
+    key = st.binary(min_size=32, max_size=32)
+    return st.builds(
+        Announcement,
+        nickname=st.text(max_size=20),
+        noise_public_key=key,
+        signing_public_key=key,
+        neighbours=st.none() | st.lists(_peer_ids(), max_size=10).map(tuple),
+        capabilities=st.none() | st.binary(max_size=8),
+        geohash=st.none() | st.text("0123456789bcdefghjkmnpqrstuvwxyz", max_size=12),
+        extensions=st.lists(st.tuples(st.integers(7, 255), st.binary(max_size=20)), max_size=3).map(tuple),
+    )
+
+
+def bitchat_fragments() -> st.SearchStrategy[Fragment]:
+    """Valid fragment payloads (index below total)."""
+    return st.integers(1, 0xFFFF).flatmap(
+        lambda total: st.builds(
+            Fragment,
+            fragment_id=_peer_ids(),
+            index=st.integers(0, total - 1),
+            total=st.just(total),
+            original_type=st.integers(0, 255),
+            data=st.binary(max_size=64),
+        )
+    )

@@ -69,6 +69,21 @@ def test_delivered_means_a_handler_took_it_and_returned(pair) -> None:
     assert status.message_id == handle.message_id == handle.raw_id.hex()  # one id type: MessageId (hex str)
 
 
+def test_plain_successes_come_back_in_batch_reports_and_each_handle_ends_delivered(pair) -> None:
+    a, b = pair
+    got: list[bytes] = []
+    a.subscribe("BULK", lambda m: got.append(m.payload))
+    handles = b.send_many(((a.node_id, b"%d" % i) for i in range(300)), kind="BULK")
+    assert [h.result(WAIT).state for h in handles] == [DeliveryState.DELIVERED] * 300
+    assert sorted(got) == sorted(b"%d" % i for i in range(300))
+    sent, received = a.network_status()["app"]["outcomes_sent"], b.network_status()["app"]["outcomes_received"]
+    assert sent < 300, f"successes arriving together share reports ({sent} reports)"
+    assert received == 300, "a batch report ends every handle it names"
+    lines = events_of(b, "messages_handled")
+    assert lines and sum(len(line["message_ids"]) for line in lines) + len(events_of(b, "message_handled")) == 300
+    assert len(lines) < 300, "one log line per batch report"
+
+
 def test_a_kind_nobody_handles_ends_unhandled_at_the_sender_and_is_logged_and_counted_at_the_receiver(pair) -> None:
     a, b = pair
     handle = b.send(a.node_id, b"lost?", kind="NOBODY")
@@ -306,7 +321,7 @@ def test_a_transport_that_dies_fails_its_in_flight_transmits_at_once(pair, tmp_p
             while c.network_status()["retrier"]["in_flight"] == 0 and time.monotonic() < deadline:
                 threading.Event().wait(0.02)
             assert c.network_status()["retrier"]["in_flight"] == 1
-            c.crash("websocket")
+            c.crash("libp2p")  # hybrid mode: the first transport, the one the attempt is on
             started = time.monotonic()
             with pytest.raises(DeliveryFailed, match="the transport died"):
                 handle.result(WAIT)
@@ -344,6 +359,55 @@ def test_a_full_outbox_blocks_send_up_to_its_timeout_then_raises_outbox_full(tmp
         assert node.network_status()["outbox"]["messages"] == 4, "the cancelled send was withdrawn"
     finally:
         node.stop()
+
+
+def test_waiting_senders_get_room_in_arrival_order_with_one_wake_up_per_freed_room() -> None:
+    """A thousand asyncio senders waiting on a full window: each freed slot wakes the loop once, not each waiter."""
+    from villagemesh.actors.app.state import HandleTable
+    from villagemesh.aio import _Room
+
+    class Owner:  # what _Room reads of a node
+        def __init__(self) -> None:
+            self.handles = HandleTable(OutboxLimits(per_peer_messages=2))
+
+    owner = Owner()
+    registrations = 0
+    on_room = owner.handles.on_room
+
+    def counted(fn: Any) -> None:
+        nonlocal registrations
+        registrations += 1
+        on_room(fn)
+
+    owner.handles.on_room = counted  # type: ignore[method-assign]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        room = _Room(loop, owner)  # type: ignore[arg-type]
+        senders = [
+            asyncio.ensure_future(room.admit(i.to_bytes(4, "big"), "p", 1, None, None)) for i in range(1000)
+        ]
+        other = asyncio.ensure_future(room.admit(b"o", "q", 1, None, None))
+        late = asyncio.ensure_future(room.admit(b"late", "p", 1, loop.time() + 0.05, 0.05))
+        await asyncio.sleep(0.01)
+        assert [s.done() for s in senders[:3]] == [True, True, False] and other.done()
+        senders[5].cancel()  # gives up its place before its turn
+        with pytest.raises(OutboxFull, match="per_peer_messages=2"):
+            await late
+        order: list[int] = []
+        for i, sender in enumerate(senders):
+            if i == 5:
+                continue
+            handle = await asyncio.wait_for(sender, WAIT)
+            order.append(int.from_bytes(handle.raw_id, "big"))
+            ender = threading.Thread(target=owner.handles.resolve, args=(handle.raw_id, True, 1, None))
+            ender.start()  # ends it from another thread, as the gateway does
+            ender.join()
+        assert order == [i for i in range(1000) if i != 5]
+        assert owner.handles.pending_messages == 1  # the other peer's
+
+    asyncio.run(main())
+    assert registrations <= 1100, f"{registrations} wake-up registrations for 1,000 waiters"
 
 
 # -- events ----------------------------------------------------------------------------------------

@@ -153,20 +153,7 @@ class AsyncNode:
         message = node.envelope(peer_id, payload, kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id)
         client = node._client()
         deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            handle = node.handles.try_new(message.id, peer_id, len(message.payload))
-            if isinstance(handle, DeliveryHandle):
-                break
-            room: asyncio.Future[None] = loop.create_future()
-            node.handles.on_room(functools.partial(_settle_threadsafe, loop, room))
-            handle = node.handles.try_new(message.id, peer_id, len(message.payload))  # freed meanwhile?
-            if isinstance(handle, DeliveryHandle):
-                break
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                raise OutboxFull(peer_id, handle, timeout or 0.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(room, left)  # cancelled here: nothing was sent
+        handle = await _room(loop, node).admit(message.id, peer_id, len(message.payload), deadline, timeout)
         envelope = encode_message(message)
         remember(envelope, message)  # the retrier and the secure session read it back without decoding
         try:
@@ -359,7 +346,8 @@ class AsyncNode:
         retrier = await self._query("retrier_status")
         actors = await self._query("actors")
         mix = await self._query("betanet_status") if self.node.runs_betanet else None
-        return self.node._status(len(await self.peers()), retrier, actors, mix)
+        mesh = await self._query("bitchat_status") if self.node.runs_bitchat else None
+        return self.node._status(len(await self.peers()), retrier, actors, mix, mesh)
 
     async def wait_for_peers(self, count: int, timeout: float) -> bool:
         """True once at least ``count`` peers are known; woken by ``peer_discovered`` events, not polling."""
@@ -459,6 +447,107 @@ class _Pacer:
 _PACERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pacer] = weakref.WeakKeyDictionary()
 
 
+class _Room:
+    """The asyncio senders of one loop waiting for room in one node's send window.
+
+    They wait in arrival order, one queue per peer, and the window wakes the loop
+    once per freed room, not once per waiter: when each waiter registered its own
+    wake-up, every freed slot woke all of them (1,000 senders waiting: a million
+    wake-ups to drain them; 2,000 gathered sends ran at 591 msg/s where 1,000 ran
+    at 3,100 msg/s, benchmarks/delivery.py).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, node: Node) -> None:
+        self.loop = loop
+        self.handles = node.handles
+        self.queues: dict[str, collections.deque[tuple[asyncio.Future[DeliveryHandle], bytes, int]]] = {}
+        self.full: dict[str, str] = {}
+        """The bound each peer's first waiter met last (what OutboxFull says)."""
+        self.armed = False
+
+    async def admit(
+        self, message_id: bytes, peer_id: str, size: int, deadline: float | None, timeout: float | None
+    ) -> DeliveryHandle:
+        """A handle taking room in the window, in turn behind the sends already waiting for this peer.
+
+        Raises:
+            OutboxFull: no room before ``deadline`` (loop time; None: wait as long as it takes).
+        """
+        if peer_id not in self.queues:
+            handle = self.handles.try_new(message_id, peer_id, size)
+            if isinstance(handle, DeliveryHandle):
+                return handle
+            self.full[peer_id] = handle
+        future: asyncio.Future[DeliveryHandle] = self.loop.create_future()
+        self.queues.setdefault(peer_id, collections.deque()).append((future, message_id, size))
+        try:
+            self._pump()  # room freed meanwhile
+            left = None if deadline is None else deadline - self.loop.time()
+            if not future.done() and (left is None or left > 0):
+                await asyncio.wait((future,), timeout=left)  # cancelled here: nothing was sent
+        except BaseException:
+            self._withdraw(future, message_id, "cancelled while waiting for room")
+            raise
+        if future.done():
+            return future.result()
+        future.cancel()  # its place is skipped from now on
+        self._pump()  # the senders behind it may fit where it did not
+        raise OutboxFull(peer_id, self.full.get(peer_id, "no room"), timeout or 0.0)
+
+    def _withdraw(self, future: asyncio.Future[DeliveryHandle], message_id: bytes, why: str) -> None:
+        if future.done() and not future.cancelled():  # room was given, the send will not use it
+            self.handles.resolve(message_id, False, 0, f"withdrawn before the hand-off: {why}")
+        future.cancel()
+
+    def _pump(self) -> None:
+        """Admit the waiters at the head of each peer's queue while the window has room."""
+        if not self.queues:
+            return
+        self._arm()  # before trying: room freed from here on wakes the loop again
+        for peer_id in list(self.queues):
+            queue = self.queues[peer_id]
+            while queue:
+                future, message_id, size = queue[0]
+                if future.done():  # its sender gave up
+                    queue.popleft()
+                    continue
+                handle = self.handles.try_new(message_id, peer_id, size)
+                if not isinstance(handle, DeliveryHandle):
+                    self.full[peer_id] = handle
+                    break
+                queue.popleft()
+                future.set_result(handle)
+            if not queue:
+                del self.queues[peer_id]
+                self.full.pop(peer_id, None)
+
+    def _arm(self) -> None:
+        if not self.armed:
+            self.armed = True
+            self.handles.on_room(self._room_freed)
+
+    def _room_freed(self) -> None:  # on the thread that ended a handle
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self._woken)
+
+    def _woken(self) -> None:
+        self.armed = False
+        self._pump()
+
+
+_ROOMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Node, _Room]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _room(loop: asyncio.AbstractEventLoop, node: Node) -> _Room:
+    rooms = _ROOMS.setdefault(loop, weakref.WeakKeyDictionary())
+    room = rooms.get(node)
+    if room is None:
+        room = rooms[node] = _Room(loop, node)
+    return room
+
+
 def _pacer(loop: asyncio.AbstractEventLoop) -> _Pacer:
     pacer = _PACERS.get(loop)
     if pacer is None:
@@ -480,12 +569,3 @@ async def _push(client: Any, to: str, msg: object) -> None:
 
 async def _status_of(handle: DeliveryHandle) -> Any:
     return await handle
-
-
-def _settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
-    def settle() -> None:
-        if not future.done():
-            future.set_result(None)
-
-    with contextlib.suppress(RuntimeError):  # the loop has closed
-        loop.call_soon_threadsafe(settle)

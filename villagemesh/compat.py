@@ -48,9 +48,9 @@ _REPLACED: dict[str, str] = {
     "MessageDelivery": "Node.send (reliable by default; it returns a villagemesh.DeliveryHandle)",
     "DeliveryStatus": "villagemesh.DeliveryStatus (DeliveryHandle.status / await handle)",
     "TransportManager": "the network mode (NetworkConfig.mode) and its transport_priority",
-    "BitChatTransport": "villagemesh.actors.core.transport (the transport contract; no BitChat transport yet)",
-    "BetaNetTransport": "villagemesh.actors.core.transport (the transport contract; no BetaNet transport yet)",
-    "LibP2PTransport": "villagemesh.actors.core.transport (the transport contract; no libp2p transport yet)",
+    "BitChatTransport": "the BitChat transport actor (villagemesh.actors.bitchat; on with NodeConfig.bitchat_radio)",
+    "BetaNetTransport": "the BetaNet actor (villagemesh.actors.betanet; the anonymous mode, NodeConfig.betanet)",
+    "LibP2PTransport": "the libp2p transport actor (villagemesh.actors.libp2p; on by default, NodeConfig.libp2p)",
     "MeshProtocol": "villagemesh.node.Node (the node is the mesh; see docs/migration.md)",
     "send_message_to_peer": "P2PNetwork.send_to_peer",
 }

@@ -28,6 +28,7 @@ a caller can catch by meaning and still see the cause::
     ├── StorageError                        a persistent store (SQLite) failed, or the data dir
     │                                       is inconsistent (a store empty, missing, replaced, rolled back)
     ├── IdentityError                       the node's key is missing or unreadable while its stores have history
+    ├── LabError                            the network-namespace lab could not build or drive a host (villagemesh.lab)
     ├── OutboxFull                          the send window to a peer (or in all) is full
     ├── RequestTimeout (TimeoutError)       no reply to a request within its timeout (peer, message id)
     ├── TransferError                       a large transfer did not end verified (transfer id, peer)
@@ -55,6 +56,7 @@ __all__ = [
     "DeliveryFailed",
     "DigestMismatch",
     "IdentityError",
+    "LabError",
     "LocalProtocolError",
     "MailboxFull",
     "NoSuchActor",
@@ -213,6 +215,11 @@ class StorageError(VillageMeshError):
 class IdentityError(VillageMeshError):
     """The node's key file is missing or unreadable while its stores have history (a new
     identity would orphan them); start with ``new_identity=True`` to make one on purpose."""
+
+
+class LabError(VillageMeshError):
+    """The network-namespace lab (:mod:`villagemesh.lab`) could not build, change or drive a host:
+    a failed ``ip`` command (its argv and stderr), a host process that died or did not answer."""
 
 
 class DeliveryFailed(VillageMeshError):

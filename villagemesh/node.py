@@ -9,6 +9,7 @@
     ├── transfer      large files: chunked, verified, resumable (SQLite: data_dir/transfers.sqlite3)
     ├── keeper        checkpoints the stores, keeps data_dir/manifest.json
     ├── transports    (one_for_one)
+    │   ├── libp2p    a libp2p peer (Noise, yamux) on the acceptor's port
     │   └── websocket aiohttp server and client
     ├── acceptor      one TCP port, sniffed and handed off
     ├── lan           beacons, discovery responder, bootstrap probes
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import ipaddress
 import math
 import os
 import random
@@ -89,6 +91,7 @@ from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
     BusError,
     ConfigError,
+    ConnectError,
     NodeFailed,
     NodeStartFailed,
     RemoteError,
@@ -225,6 +228,13 @@ class NodeConfig:
     """Serve ``GET /villagemesh/status`` (read-only JSON; what it reveals: :mod:`villagemesh.dashboard.status`)."""
     dashboard: bool = False
     """Serve the supervision dashboard at ``/villagemesh/dashboard`` on the node's port."""
+    libp2p: bool = True
+    """Run the libp2p transport (a libp2p peer on the node's port; its identity is the node key) and
+    announce its multiaddr ``/ip4/<host>/tcp/<port>/p2p/<peer id>``; needs ``host`` to be an IP address."""
+    libp2p_bootstrap: tuple[str, ...] = ()
+    """Multiaddrs ``/ip4/…/tcp/…/p2p/…`` of Kademlia peers (any libp2p DHT) to find other nodes through:
+    each discovery round provides the well-known key (:data:`villagemesh.actors.libp2p.kad.PROVIDER_KEY`)
+    and looks up its providers."""
     betanet: bool | None = None
     """Run the BetaNet mixnode relay (and announce its address): None means on in the anonymous mode only."""
     betanet_delay_ms: float = 0.0
@@ -233,6 +243,14 @@ class NodeConfig:
     """Loop and drop cover packets per second, each (Poisson; 0: none)."""
     betanet_isolation: str = "thread"
     """``process`` runs the relay in a process of its own (a native crash or ``kill -9`` takes only it)."""
+    bitchat_radio: Callable[[bytes], Any] | None = None
+    """The BitChat mesh transport's radio: a callable given the node's BitChat peer id that returns a
+    :class:`villagemesh.actors.bitchat.radio.Radio` (``MemoryAir(live=True).radio`` in tests). With one, the
+    ``bitchat`` transport runs under ``transports`` and the mesh mode tries it first; without, it is not started."""
+    bitchat_scanner: str | None = None
+    """Run the BLE scanner as a child of its own under ``transports`` (``"thread"`` or ``"process"``: in a
+    process of its own, so a kill -9 or a native crash takes only it); its sightings make a
+    ``BleCentral(me, scan=False)`` radio connect. None: no scanner child (a radio that scans itself)."""
     human_log: bool | None = False
     log_path: Path | None = None
     codec: str | PayloadCodec = "bytes"
@@ -295,7 +313,17 @@ class NodeConfig:
                 raise ConfigError(f"bootstrap entries must be 'host:port' strings, got {entry!r}")
             parse_host_port(entry)
         object.__setattr__(self, "bootstrap", bootstrap)
-        for name in ("lan", "accept_loss", "new_identity", "freeze_gc"):
+        if isinstance(self.libp2p_bootstrap, str | bytes):
+            raise ConfigError(f"libp2p_bootstrap must be a sequence of multiaddrs, got {self.libp2p_bootstrap!r}")
+        object.__setattr__(self, "libp2p_bootstrap", tuple(self.libp2p_bootstrap))
+        from villagemesh.actors.libp2p.state import target_of
+
+        for entry in self.libp2p_bootstrap:
+            try:
+                target_of(entry)
+            except ConnectError as exc:
+                raise ConfigError(f"libp2p_bootstrap entry {entry!r}: {exc}") from None
+        for name in ("lan", "accept_loss", "new_identity", "freeze_gc", "libp2p"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.human_log is not None and not isinstance(self.human_log, bool):
@@ -335,6 +363,10 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.betanet_isolation not in ("thread", "process"):
             raise ConfigError(f"betanet_isolation must be 'thread' or 'process', got {self.betanet_isolation!r}")
+        if self.bitchat_scanner not in (None, "thread", "process"):
+            raise ConfigError(f"bitchat_scanner must be None, 'thread' or 'process', got {self.bitchat_scanner!r}")
+        if self.bitchat_scanner is not None and self.bitchat_radio is None:
+            raise ConfigError("bitchat_scanner needs bitchat_radio (the radio its sightings are for)")
         if self.betanet is not None and not isinstance(self.betanet, bool):
             raise ConfigError(f"betanet must be True, False or None, got {self.betanet!r}")
         for name in ("betanet_delay_ms", "betanet_cover_rate"):
@@ -343,6 +375,13 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if self.synchronous not in SYNCHRONOUS_MODES:
             raise ConfigError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {self.synchronous!r}")
+        if self.libp2p:
+            try:
+                ipaddress.ip_address(self.host)
+            except ValueError:
+                raise ConfigError(
+                    f"libp2p needs host to be an IP address, got {self.host!r} (or libp2p=False)"
+                ) from None
         object.__setattr__(self, "codec", payload_codec(self.codec))
         if not isinstance(self.outbox, OutboxLimits):
             raise ConfigError(f"outbox must be an OutboxLimits, got {self.outbox!r}")
@@ -511,6 +550,11 @@ class Node:
         return self.config.betanet if self.config.betanet is not None else self.config.mode is NetworkMode.ANONYMOUS
 
     @property
+    def runs_bitchat(self) -> bool:
+        """Whether this node runs the BitChat mesh transport (it has a :attr:`NodeConfig.bitchat_radio`)."""
+        return self.config.bitchat_radio is not None
+
+    @property
     def betanet_address(self) -> str:
         """``betanet://host:port/<mix key>``: where mixes reach this node, and its mix key."""
         from villagemesh.actors.betanet.state import format_address, mix_secret
@@ -522,6 +566,14 @@ class Node:
     def address(self) -> str:
         """The WebSocket address peers reach this node at."""
         return f"ws://{self.config.host}:{self.port}"
+
+    @property
+    def libp2p_address(self) -> str:
+        """``/ip4/<host>/tcp/<port>/p2p/<peer id>``: where libp2p peers reach this node (its node key's peer id)."""
+        from villagemesh.actors.libp2p.state import listen_multiaddr
+        from villagemesh.protocols.libp2p.peerid import PeerId
+
+        return listen_multiaddr(self.config.host, self.port, PeerId.from_ed25519(self.keys.identity))
 
     @property
     def acceptor_address(self) -> str:
@@ -737,10 +789,21 @@ class Node:
         # One count of the node's connections, from accept to close, whichever loop holds them.
         self._connections = ConnectionLimiter(limits.max_per_source, limits.max_total)
         betanet = self.runs_betanet
-        capabilities = cfg.capabilities or local_capabilities(("websocket", "betanet") if betanet else ("websocket",))
+        bitchat = cfg.bitchat_radio is not None
+        running = (
+            *(("libp2p",) if cfg.libp2p else ()),
+            "websocket",
+            *(("betanet",) if betanet else ()),
+            *(("bitchat",) if bitchat else ()),
+        )
+        capabilities = cfg.capabilities or local_capabilities(running)
         if capabilities.node_name is None:
             capabilities = replace(capabilities, node_name=self.name)  # peers see it in the signed announce
-        addresses = (self.address, self.betanet_address) if betanet else (self.address,)
+        addresses = (
+            (self.address,)
+            + ((self.libp2p_address,) if cfg.libp2p else ())
+            + ((self.betanet_address,) if betanet else ())
+        )
         identity = Identity(
             signing_key=self.keys.signing_key, addresses=addresses, capabilities=capabilities, port=self.port
         )
@@ -753,6 +816,7 @@ class Node:
         transports = SupervisorSpec(
             "transports",
             [
+                *([self._libp2p_spec(identity)] if cfg.libp2p else []),
                 ChildSpec(
                     "websocket",
                     WebSocketActor,
@@ -765,6 +829,8 @@ class Node:
                     },
                 ),
                 *([self._betanet_spec()] if betanet else []),
+                *([self._bitchat_spec(capabilities)] if bitchat else []),
+                *([self._scanner_spec()] if cfg.bitchat_scanner is not None else []),
             ],
             intensity=10,
             period=10,
@@ -843,7 +909,12 @@ class Node:
                 config={
                     "host": cfg.host,
                     "port": self.port,
-                    "routes": {"http": "websocket", "discovery": "lan", **({"secure": "betanet"} if betanet else {})},
+                    "routes": {
+                        "http": "websocket",
+                        "discovery": "lan",
+                        **({"libp2p": "libp2p"} if cfg.libp2p else {}),
+                        **({"secure": "betanet"} if betanet else {}),
+                    },
                     "limits": limits,
                     "connections": self._connections,
                 },
@@ -866,7 +937,7 @@ class Node:
                 "sweeper",
                 SweeperActor,
                 config={
-                    "transports": ["lan"],
+                    "transports": ["lan", *(["libp2p"] if cfg.libp2p else []), *(["bitchat"] if bitchat else [])],
                     "interval": cfg.discovery_interval,
                     "fast_start": cfg.discovery_fast_start,
                     "timeout": cfg.discovery_timeout,
@@ -875,6 +946,51 @@ class Node:
             ),
         ]
         return SupervisorSpec("root", children, strategy="one_for_one", intensity=20, period=10)
+
+    def _libp2p_spec(self, identity: Any) -> ChildSpec:
+        from villagemesh.actors.libp2p.actor import Libp2pActor
+        from villagemesh.actors.libp2p.state import Libp2pLimits, listen_multiaddr
+
+        cfg = self.config
+        return ChildSpec(
+            "libp2p",
+            Libp2pActor,
+            config={
+                "keys": self.keys,
+                "deliver_to": "retrier",
+                "listen": listen_multiaddr(cfg.host, self.port),
+                "handshake_deadline_s": cfg.handshake_timeout,
+                "limits": Libp2pLimits(handshake_timeout_s=cfg.handshake_timeout),
+                "identity": identity,
+                "bootstrap": cfg.libp2p_bootstrap,
+            },
+        )
+
+    def _bitchat_spec(self, capabilities: Capabilities) -> ChildSpec:
+        from villagemesh.actors.bitchat.actor import BitchatActor
+
+        return ChildSpec(
+            "bitchat",
+            BitchatActor,
+            config={
+                "keys": self.keys,
+                "radio": self.config.bitchat_radio,
+                "deliver_to": "retrier",
+                "nickname": self.name,
+                "capabilities": capabilities,
+            },
+        )
+
+    def _scanner_spec(self) -> ChildSpec:
+        from villagemesh.actors.bitchat.scanner import ScannerActor
+        from villagemesh.protocols.bitchat import peer_id
+
+        return ChildSpec(
+            "bitchat-scanner",
+            ScannerActor,
+            isolation=self.config.bitchat_scanner or "thread",
+            config={"report_to": "bitchat", "me": peer_id(self.keys.static_public).hex()},
+        )
 
     def _betanet_spec(self) -> ChildSpec:
         from villagemesh.actors.betanet.actor import BetanetActor
@@ -1188,14 +1304,16 @@ class Node:
 
     def network_status(self) -> dict[str, Any]:
         """The node at a glance: id, mode, peers, the retrier's counters, the outbox, the actor tree
-        (and the mixnode's)."""
+        (and the mixnode's, and the BitChat mesh's: its peer id, radio, links, verified peers and counters)."""
         from villagemesh.actors.betanet.actor import betanet_status
+        from villagemesh.actors.bitchat.messages import GetBitchatStatus
         from villagemesh.actors.retrier.messages import GetRetrierStatus
 
         client = self._client()
         retrier = client.ask("retrier", GetRetrierStatus(), timeout=ASK_TIMEOUT)
         mix = betanet_status(client, timeout=ASK_TIMEOUT) if self.runs_betanet else None
-        return self._status(len(self.peers()), retrier, self._actors(), mix)
+        mesh = client.ask("bitchat", GetBitchatStatus(), timeout=ASK_TIMEOUT) if self.runs_bitchat else None
+        return self._status(len(self.peers()), retrier, self._actors(), mix, mesh)
 
     def _actors(self) -> list[dict[str, Any]]:
         assert self._root is not None
@@ -1207,7 +1325,9 @@ class Node:
                 raise _again(self._failure) from exc
             raise SupervisionError(f"node {self.name}: the root supervisor did not answer ({exc})") from exc
 
-    def _status(self, peers: int, retrier: Any, actors: list[dict[str, Any]], mix: Any = None) -> dict[str, Any]:
+    def _status(
+        self, peers: int, retrier: Any, actors: list[dict[str, Any]], mix: Any = None, mesh: Any = None
+    ) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
             "name": self.name,
@@ -1221,6 +1341,7 @@ class Node:
             "app": asdict(self.gateway_counters),
             "actors": actors,
             **({"betanet": _betanet_fields(mix)} if mix is not None else {}),
+            **({"bitchat": asdict(mesh)} if mesh is not None else {}),
         }
 
     # -- events ------------------------------------------------------------------------------------
@@ -1249,9 +1370,10 @@ class Node:
             with self._peers_changed:
                 self._peer_events += 1
                 self._peers_changed.notify_all()
-        event = NodeEvent.of(record)
-        if event is None:
-            return
+        for event in NodeEvent.all_of(record):
+            self._tell_listeners(event)
+
+    def _tell_listeners(self, event: NodeEvent) -> None:
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -1498,6 +1620,20 @@ class NodeEvent:
     kind: str
     fields: Mapping[str, Any]
     timestamp: str
+
+    @classmethod
+    def all_of(cls, record: Mapping[str, Any]) -> list[NodeEvent]:
+        """The public events of a log record: one ``delivered`` per id of a ``messages_handled`` line
+        (a batch report's), else :meth:`of`'s one event or none."""
+        if record.get("event") == "messages_handled":
+            stamp = str(record.get("timestamp", ""))
+            peer, status = record.get("peer_id"), record.get("status")
+            return [
+                cls("delivered", {"message_id": mid, "peer_id": peer, "status": status}, stamp)
+                for mid in record.get("message_ids", ())
+            ]
+        event = cls.of(record)
+        return [] if event is None else [event]
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> NodeEvent | None:

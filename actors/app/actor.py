@@ -103,6 +103,7 @@ traceback), ``message_rejected`` (actor, reason), ``message_redelivered``
 ``message_poisoned`` (message_id, kind, sender, dispatches),
 ``message_unhandled`` (message_id, kind, sender), ``message_handled``
 (message_id, peer_id, status, reason) when an outcome ends a handle,
+``messages_handled`` (message_ids, peer_id, status) when a batch report ends many,
 ``outcome_unclaimed`` (message_id, status) for a report nobody waits for,
 ``outcome_undeliverable`` (message_id, reason), ``message_unconfirmed``
 (message_id, timeout_s).
@@ -125,8 +126,12 @@ import pykka
 from villagemesh.actors.app.messages import (
     MAX_REASON_CHARS,
     OUTCOME_KIND,
+    OUTCOMES_KIND,
+    OUTCOMES_PER_REPORT,
+    REPORT_KINDS,
     BridgeQuery,
     CoroutineDone,
+    HandledBatch,
     Outcome,
     OutcomeDue,
     OutcomeStatus,
@@ -141,13 +146,14 @@ from villagemesh.actors.app.state import (
     Subscribers,
 )
 from villagemesh.actors.betanet.messages import GetBetanetStatus
+from villagemesh.actors.bitchat.messages import GetBitchatStatus
 from villagemesh.actors.core.base import Actor, ActorContext, Request
 from villagemesh.actors.core.envelopes import decode
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.registry.messages import FindSuitablePeers, ListPeers
 from villagemesh.actors.retrier.messages import Deliver, GetRetrierStatus, Incoming, MessageDelivered, MessageFailed
 from villagemesh.errors import BusError, ConfigError, ProtocolError, SupervisionError, VillageMeshError
-from villagemesh.protocols.envelope import ID_BYTES, Message, encode_message
+from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
 
 __all__ = ["DISPATCH_CHUNK_S", "MAX_DISPATCHES", "OUTCOME_TIMEOUT", "OUTCOME_TTL", "AppActor"]
 
@@ -166,6 +172,8 @@ OUTCOME_TIMEOUT = 60.0
 
 OUTCOME_TTL = 300.0
 """Seconds an outcome report lives: as long as an ack (a sender long gone needs none)."""
+_PLAIN_SUCCESS = Outcome(OutcomeStatus.HANDLED)
+"""Every handler returned, with no reply: reported in batches."""
 
 BRIDGE_ASK_TIMEOUT = 5.0
 """Seconds the gateway waits for the registry or retrier on behalf of an asyncio caller."""
@@ -351,7 +359,7 @@ class AppActor(Actor):
                 if msg.message_id in self.running:
                     continue
                 try:
-                    if decode(msg.envelope).kind == OUTCOME_KIND:
+                    if decode(msg.envelope).kind in REPORT_KINDS:
                         continue  # no handler runs: marked, never counted
                 except ProtocolError:
                     continue  # rejected (and marked) by _dispatch_inbound
@@ -377,7 +385,7 @@ class AppActor(Actor):
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
             self.inbox.mark_handled(msg.message_id)
             return
-        if decoded.kind == OUTCOME_KIND:
+        if decoded.kind in REPORT_KINDS:
             # No handler runs: the chunk's commit marks it, no dispatch count.
             self.reports_in.append((msg.message_id, decoded))
             return
@@ -495,11 +503,7 @@ class AppActor(Actor):
         received, self.reports_in = self.reports_in, []
         if not settling and not received:
             return
-        reports = [
-            self._report_for(message, outcome)
-            for _, message, outcome in settling
-            if self.outcomes_to is not None and message.recipient is not None
-        ]
+        reports = self._reports_for(settling) if self.outcomes_to is not None else []
         rows = [
             (r.id, r.recipient or "", int(r.priority), encode_message(r), r.created_at, r.expires_at) for r in reports
         ]
@@ -519,6 +523,28 @@ class AppActor(Actor):
             if message_id in marked:  # not marked: a second Incoming of it
                 self._outcome_received(report)
 
+    def _reports_for(self, settling: list[tuple[bytes, Message, Outcome]]) -> list[Message]:
+        """The reports of one chunk: plain successes batched per sender and priority, the rest one each."""
+        assert self.node_id is not None
+        reports: list[Message] = []
+        plain: dict[tuple[str, Priority], list[bytes]] = {}
+        for _, message, outcome in settling:
+            if message.recipient is None:
+                continue  # a broadcast: nobody waits for its outcome
+            if outcome == _PLAIN_SUCCESS:
+                plain.setdefault((message.sender, message.priority), []).append(message.id)
+            else:
+                reports.append(self._report_for(message, outcome))
+        now = time.time()
+        for (sender, priority), ids in plain.items():
+            for at in range(0, len(ids), OUTCOMES_PER_REPORT):
+                payload = HandledBatch(tuple(ids[at : at + OUTCOMES_PER_REPORT])).encode()
+                report = Message(
+                    os.urandom(ID_BYTES), OUTCOMES_KIND, self.node_id, sender, priority, now, OUTCOME_TTL, None, payload
+                )
+                reports.append(report)
+        return reports
+
     def _report_for(self, message: Message, outcome: Outcome) -> Message:
         assert self.node_id is not None
         now = time.time()
@@ -537,6 +563,9 @@ class AppActor(Actor):
             )  # fmt: skip
 
     def _outcome_received(self, report: Message) -> None:
+        if report.kind == OUTCOMES_KIND:
+            self._batch_received(report)
+            return
         if report.correlation_id is None:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason="outcome without an id")
             return
@@ -564,6 +593,29 @@ class AppActor(Actor):
         self.handles.resolve(
             report.correlation_id, state, None, outcome.reason, remote_type=outcome.exc_type, reply=outcome.reply
         )
+
+    def _batch_received(self, report: Message) -> None:
+        try:
+            batch = HandledBatch.decode(report.payload)
+        except ProtocolError as exc:
+            self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
+            return
+        claimed = []
+        for message_id in batch.ids:
+            self.counters.outcomes_received += 1
+            if self.handles.get(message_id) is None:
+                self.counters.outcomes_unclaimed += 1
+                self.ctx.log.emit("outcome_unclaimed", message_id=message_id.hex(), status="handled")
+            else:
+                claimed.append(message_id)
+        if not claimed:
+            return
+        # One line for the batch, logged before the handles end (whoever waits on one finds it written).
+        self.ctx.log.emit(
+            "messages_handled", message_ids=[m.hex() for m in claimed], peer_id=report.sender, status="handled"
+        )
+        for message_id in claimed:
+            self.handles.resolve(message_id, DeliveryState.DELIVERED, None, None)
 
     def _coroutine_done(self, message_id: bytes, kind: str, handler: Any) -> Any:
         ref = self.actor_ref
@@ -603,6 +655,7 @@ class AppActor(Actor):
             "suitable_peers": (self.registry_name, FindSuitablePeers(msg.argument)),
             "retrier_status": (self.retrier_name, GetRetrierStatus()),
             "betanet_status": ("betanet", GetBetanetStatus()),
+            "bitchat_status": ("bitchat", GetBitchatStatus()),
         }
         if msg.query == "actors" and self.tree is not None:
             try:

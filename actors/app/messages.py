@@ -15,6 +15,14 @@ recipient's codec), ``unhandled`` (no handler for the kind: nothing ran) or
 ``r`` its message; never a traceback). No outcome is ever sent for an
 outcome report (or for an ack).
 
+Plain successes travel together: the messages of one sender that one commit
+settled as ``handled`` with nothing to say (no reply) go back in *batch reports*
+of the kind :data:`OUTCOMES_KIND`, up to :data:`OUTCOMES_PER_REPORT` ids each
+(so a report fits every transport's envelope, BetaNet's included), with no
+``correlation_id`` and the payload ``{"h": [message id, ...]}``
+(:class:`HandledBatch`). One reliable report per batch, not one per message:
+the report traffic was half of all messages.
+
 On the bus it speaks the retrier's application protocol, defined by its owner in
 :mod:`villagemesh.actors.retrier.messages`: it receives ``Incoming`` (a new,
 deduplicated message to dispatch), ``MessageDelivered`` and ``MessageFailed``
@@ -42,9 +50,27 @@ import msgpack
 from villagemesh.actors.core import codec
 from villagemesh.errors import RemoteProtocolError
 
-__all__ = ["MAX_REASON_CHARS", "OUTCOME_KIND", "BridgeQuery", "CoroutineDone", "Outcome", "OutcomeDue", "OutcomeStatus"]
+__all__ = [
+    "MAX_REASON_CHARS",
+    "OUTCOMES_KIND",
+    "OUTCOMES_PER_REPORT",
+    "OUTCOME_KIND",
+    "REPORT_KINDS",
+    "BridgeQuery",
+    "CoroutineDone",
+    "HandledBatch",
+    "Outcome",
+    "OutcomeDue",
+    "OutcomeStatus",
+]
 
 OUTCOME_KIND = "villagemesh.outcome"
+OUTCOMES_KIND = "villagemesh.outcomes"
+"""The kind of a batch report: many messages handled, nothing more to say of any."""
+OUTCOMES_PER_REPORT = 32
+"""Message ids one batch report carries at most (about 560 bytes of payload)."""
+REPORT_KINDS = frozenset({OUTCOME_KIND, OUTCOMES_KIND})
+"""Kinds no handler ever sees: the gateway reads them itself."""
 """The reserved envelope kind of outcome reports (no application may subscribe to it)."""
 
 MAX_REASON_CHARS = 1000
@@ -87,6 +113,31 @@ class Outcome:
         if reply is not None and not isinstance(reply, bytes):
             raise RemoteProtocolError(f"outcome report reply must be bytes or null, got {reply!r}")
         return cls(status, reason, exc_type, reply)
+
+
+@dataclass(frozen=True, slots=True)
+class HandledBatch:
+    """A batch report's content: the ids of messages every handler of which returned, with no reply."""
+
+    ids: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        """The report's payload bytes."""
+        return msgpack.packb({"h": list(self.ids)})
+
+    @classmethod
+    def decode(cls, data: bytes) -> HandledBatch:
+        """The batch in ``data``; RemoteProtocolError if it is not one."""
+        try:
+            ids = msgpack.unpackb(data)["h"]
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            raise RemoteProtocolError(f"not a batch report: {data[:64]!r} ({exc})") from exc
+        if not isinstance(ids, list) or not 0 < len(ids) <= OUTCOMES_PER_REPORT:
+            raise RemoteProtocolError(f"a batch report holds 1 to {OUTCOMES_PER_REPORT} ids, got {ids!r:.80}")
+        for one in ids:
+            if not isinstance(one, bytes):
+                raise RemoteProtocolError(f"a batch report's ids must be bytes, got {one!r:.80}")
+        return cls(tuple(ids))
 
 
 @codec.message("app.BridgeQuery")

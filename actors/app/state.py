@@ -481,11 +481,15 @@ class HandleTable:
         else:
             state = DeliveryState.DELIVERED if delivered else DeliveryState.FAILED
         old = handle.status
+        if attempts is None:
+            # An outcome report can overtake the retrier's ack (they travel apart): one from the
+            # recipient proves an attempt reached it, as it proves the ack (``acked`` below).
+            attempts = max(old.attempts, 1) if state in _ACKED_ENDS else old.attempts
         handle._resolve(
             DeliveryStatus(
                 handle.message_id,
                 state,
-                old.attempts if attempts is None else attempts,
+                attempts,
                 last_error,
                 acked=old.acked or state in _ACKED_ENDS,
                 remote_type=remote_type,

@@ -64,7 +64,6 @@ from villagemesh.actors.core.transport import (
 )
 from villagemesh.actors.registry.messages import ListRoutes, RoutesList
 from villagemesh.errors import (
-    BusError,
     ConfigError,
     ConnectError,
     LocalProtocolError,
@@ -131,20 +130,12 @@ _NOT_SENT = (ConnectError, LocalProtocolError, ConfigError)
 retryable at once on another transport."""
 
 
-def _keys(value: object) -> NodeKeys:
-    if isinstance(value, NodeKeys):
-        return value
-    if isinstance(value, bytes):
-        return NodeKeys.from_bytes(value, source="the betanet actor's config['keys']")
-    raise ConfigError(f"the betanet actor needs config['keys'] (NodeKeys or its 64 bytes), got {type(value).__name__}")
-
-
 class BetanetActor(LoopActor):
     """Relays Sphinx packets between mixes, and sends and receives this node's anonymous envelopes."""
 
     def on_start(self) -> None:
         cfg = self.ctx.config
-        self.keys = _keys(cfg.get("keys"))
+        self.keys = NodeKeys.of(cfg.get("keys"), actor="betanet")
         self.node_id = self.keys.node_id
         self.secret = mix_secret(self.keys.static_key)
         host, port = cfg.get("host"), cfg.get("port")
@@ -318,7 +309,7 @@ class BetanetActor(LoopActor):
         elif isinstance(msg, RoutesList):
             self.directory = {**directory_from_routes(msg, self.node_id), **self.static}
         elif isinstance(msg, RefreshMixnodes):
-            self._tell(self.registry, ListRoutes(reply_to=self.name))
+            self.tell_or_log(self.registry, ListRoutes(reply_to=self.name))
             self.schedule(self.refresh_s, RefreshMixnodes())
         elif isinstance(msg, CoverDue):
             self._cover(msg.kind)
@@ -326,20 +317,12 @@ class BetanetActor(LoopActor):
             self._new_epoch()
         elif isinstance(msg, Discover):
             # Mixnodes come from the registry (their betanet addresses in signed announces).
-            self._tell(msg.reply_to, Discovered(msg.round, TRANSPORT, (), ()))
+            self.tell_or_log(msg.reply_to, Discovered(msg.round, TRANSPORT, (), ()))
         elif isinstance(msg, GetBetanetStatus):
             return BetanetStatus(self.address, self.epoch, len(self.directory), len(self.held), dict(self.counts))
         else:
             return super().handle(msg)
         return None
-
-    def _tell(self, to: str | None, msg: object) -> None:
-        if to is None:
-            return
-        try:
-            self.tell(to, msg)
-        except BusError as exc:
-            self.io_log.warning("send_outcome_undeliverable", to=to, reason=str(exc))
 
     def _process(self, packet: bytes) -> None:
         try:
@@ -421,7 +404,7 @@ class BetanetActor(LoopActor):
         if self.deliver_to is None:
             self.counts["dropped.no_deliver_to"] += 1
             return
-        self._tell(self.deliver_to, Received(TRANSPORT, parsed.envelope, parsed.sender))
+        self.tell_or_log(self.deliver_to, Received(TRANSPORT, parsed.envelope, parsed.sender))
 
     # -- sending ------------------------------------------------------------------------------------
 
@@ -430,11 +413,12 @@ class BetanetActor(LoopActor):
             if error is None:
                 if request.report_success:
                     self.metrics.count("transmit_ok")  # the bus's metrics, as every transport counts them
-                    self._tell(request.reply_to, self._result(request, True, False, None))
+                    self.tell_or_log(request.reply_to, self._result(request, True, False, None))
                 return
             self.metrics.count("transmit_failed")
             retryable = isinstance(error, _NOT_SENT)
-            self._tell(request.reply_to, self._result(request, False, retryable, f"{type(error).__name__}: {error}"))
+            reason = f"{type(error).__name__}: {error}"
+            self.tell_or_log(request.reply_to, self._result(request, False, retryable, reason))
 
         try:
             first_hop, packet = self._build(request)

@@ -2,7 +2,7 @@
 
 The acceptor owns the node's one TCP port and sniffs each connection's first
 bytes; the actor that owns the connection's :class:`Route` (the WebSocket
-transport, the LAN responder, the libp2p transport next) takes it over on its
+transport, the LAN responder, the libp2p transport) takes it over on its
 own loop. This module is that contract, shared by both sides::
 
     acceptor loop: pause reading, dup() the socket, abort the transport

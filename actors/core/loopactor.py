@@ -35,9 +35,10 @@ from villagemesh.actors.core.handoff import (
     claim,
 )
 from villagemesh.actors.core.loopthread import EventLogLogger, LoopThread
-from villagemesh.actors.core.transport import ConnectionHandedOff
+from villagemesh.actors.core.transport import ConnectionHandedOff, Received
+from villagemesh.errors import BusError
 
-__all__ = ["LOOP_CALL_TIMEOUT_S", "LoopActor"]
+__all__ = ["LOOP_CALL_TIMEOUT_S", "EnvelopeTransportActor", "LoopActor"]
 
 LOOP_CALL_TIMEOUT_S = 5.0
 """Starting, stopping or reading counters on the loop takes milliseconds; 5 s means it is stuck."""
@@ -106,6 +107,16 @@ class LoopActor(Actor):
                     io_loop.call(_cancel_remaining(), LOOP_CALL_TIMEOUT_S)
             finally:
                 io_loop.stop()
+
+    def tell_or_log(self, to: str | None, msg: object) -> None:
+        """Tell ``to`` (nobody if None); a refusal of the bus is logged as ``send_outcome_undeliverable``,
+        since an outcome nobody can take must not crash the transport that made it."""
+        if to is None:
+            return
+        try:
+            self.tell(to, msg)
+        except BusError as exc:
+            self.io_log.warning("send_outcome_undeliverable", to=to, reason=str(exc))
 
     def post(self, msg: object) -> bool:
         """From the loop thread: hand ``msg`` to :meth:`on_loop_message` in the actor thread.
@@ -192,3 +203,42 @@ class LoopActor(Actor):
     def on_loop_message(self, message: Any) -> None:
         """A value :meth:`post`-ed from the loop thread; subclasses handle theirs."""
         raise NotImplementedError(f"{type(self).__name__} got an unexpected {type(message).__name__} from its loop")
+
+
+class EnvelopeTransportActor(LoopActor):
+    """A transport's loop actor: envelopes its loop decoded go to ``deliver_to`` as ``Received``.
+
+    Batches, never waiting to fill one: every envelope one pass of the loop's callbacks
+    hands to :meth:`envelope_received` comes back to the actor in one hop (``call_soon``,
+    no timer) and goes on to ``deliver_to`` as one bus frame. Subclasses set ``transport``
+    (the contract's name) and call :meth:`start_inbound` in ``on_start``.
+    """
+
+    transport: str = ""
+    deliver_to: str | None = None
+    dropped = 0
+    """Envelopes received with no ``deliver_to`` to give them to (counted, dropped)."""
+
+    def start_inbound(self, deliver_to: str | None) -> None:
+        self.deliver_to = deliver_to
+        self.dropped = 0
+        self._inbound: list[tuple[bytes, str]] = []
+        """Envelopes decoded on the loop and not yet posted (loop thread only)."""
+
+    def envelope_received(self, message: object, raw: bytes, peer_id: str) -> None:
+        """On the loop thread: ``raw`` came from the authenticated ``peer_id``; pass it on with this pass's others."""
+        if not self._inbound:
+            self.io_loop.loop.call_soon(self._post_inbound)
+        self._inbound.append((raw, peer_id))
+
+    def _post_inbound(self) -> None:
+        inbound, self._inbound = self._inbound, []
+        self.post(inbound)
+
+    def on_loop_message(self, message: Any) -> None:
+        """Envelopes from authenticated peers (senders checked): tell ``deliver_to`` (one frame for all)."""
+        if self.deliver_to is None:
+            self.dropped += len(message)
+            return
+        for raw, peer_id in message:
+            self.tell(self.deliver_to, Received(self.transport, raw, peer_id))

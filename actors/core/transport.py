@@ -26,9 +26,11 @@ transport that claims this contract.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from villagemesh.actors.core import codec
+from villagemesh.errors import ConnectError, VillageMeshError
 
 __all__ = [
     "REPLY_ADDRESS",
@@ -40,6 +42,8 @@ __all__ = [
     "Sighting",
     "Transmit",
     "TransmitResult",
+    "is_transport_failure",
+    "transmit_outcome",
 ]
 
 TRANSPORT_NAMES = ("libp2p", "bitchat", "betanet", "websocket")
@@ -147,3 +151,30 @@ class Discovered:
     transport: str
     sightings: tuple[Sighting, ...]
     errors: tuple[str, ...]
+
+
+def is_transport_failure(error: BaseException) -> bool:
+    """A send's error that is an answer (ours, or a cancellation), not a bug."""
+    return isinstance(error, VillageMeshError | asyncio.CancelledError)
+
+
+def transmit_outcome(transport: str, request: Transmit, error: BaseException | None) -> TransmitResult:
+    """The retrier's answer for a Transmit on ``transport`` that ended with ``error``::
+
+        None                         ok
+        ConnectError                 failed, retryable (the peer surely did not get the bytes)
+        other VillageMeshError,      failed, not retryable (the peer may have them)
+        CancelledError
+        anything else                raised again: a bug, for the actor's supervisor to see
+    """
+
+    def result(ok: bool, retryable: bool, reason: str | None) -> TransmitResult:
+        return TransmitResult(request.message_id, transport, request.peer_id, ok, retryable, reason)
+
+    if error is None:
+        return result(True, False, None)
+    if isinstance(error, ConnectError):
+        return result(False, True, f"ConnectError: {error}")
+    if is_transport_failure(error):
+        return result(False, False, f"{type(error).__name__}: {error}")
+    raise error

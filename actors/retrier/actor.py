@@ -121,9 +121,10 @@ class _Wake:
     """Timer: the state asked for a Tick."""
 
 
-REPLY_CAPABLE = frozenset({"websocket", "betanet"})
+REPLY_CAPABLE = frozenset({"websocket", "betanet", "bitchat"})
 """Transports that can answer without a route of their own (``REPLY_ADDRESS``): on the connection the
-peer opened (websocket), on the reply block its message carried (betanet)."""
+peer opened (websocket), on the reply block its message carried (betanet), to the BitChat peer id its
+envelopes came from (bitchat)."""
 
 BATCH_ACKS = frozenset({"websocket"})
 """Transports on which one ack envelope acknowledges every message of a turn from one peer (it goes back

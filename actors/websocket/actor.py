@@ -45,14 +45,13 @@ from typing import Any
 
 from villagemesh.actors.core.base import Request
 from villagemesh.actors.core.bus import Sender
-from villagemesh.actors.core.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
+from villagemesh.actors.core.loopactor import LOOP_CALL_TIMEOUT_S, EnvelopeTransportActor
 from villagemesh.actors.core.secure.keys import NodeKeys
 from villagemesh.actors.core.secure.tcp import HANDSHAKE_TIMEOUT_S
 from villagemesh.actors.core.transport import (
     ConnectionHandedOff,
     Discover,
     Discovered,
-    Received,
     Transmit,
     TransmitResult,
 )
@@ -96,25 +95,28 @@ def config_keys(config: dict[str, Any], log: Any) -> NodeKeys:
     return keys
 
 
-class WebSocketActor(LoopActor):
+class WebSocketActor(EnvelopeTransportActor):
     """Serves WebSockets handed off by the acceptor; sends envelopes to peers' WebSockets."""
+
+    transport = TRANSPORT
 
     batch_limit = 1024
 
     def on_start(self) -> None:
         config = self.ctx.config
-        self.deliver_to: str | None = config.get("deliver_to")
-        self.dropped = 0
-        self._inbound: list[tuple[bytes, str]] = []
-        """Envelopes decoded on the loop and not yet posted (loop thread only)."""
+        self.start_inbound(config.get("deliver_to"))
         self.start_io()
         keys = config_keys(config, self.io_log)
         handshake_timeout = float(config.get("handshake_timeout", HANDSHAKE_TIMEOUT_S))
         self.server = WebSocketServer(
-            self._received, keys, handshake_timeout=handshake_timeout, log=self.io_log, install=config.get("http")
+            self.envelope_received,
+            keys,
+            handshake_timeout=handshake_timeout,
+            log=self.io_log,
+            install=config.get("http"),
         )
         self.client = WebSocketClient(
-            self._received,
+            self.envelope_received,
             keys,
             connect_timeout=float(config.get("connect_timeout", 5.0)),
             send_timeout=float(config.get("send_timeout", 5.0)),
@@ -128,24 +130,6 @@ class WebSocketActor(LoopActor):
         for part in (getattr(self, "client", None), getattr(self, "server", None)):
             if part is not None:
                 await part.close()
-
-    def _received(self, message: Message, raw: bytes, peer_id: str) -> None:
-        # On the loop thread: only pass the value on, with every other one this pass of the loop decodes.
-        if not self._inbound:
-            self.io_loop.loop.call_soon(self._post_inbound)
-        self._inbound.append((raw, peer_id))
-
-    def _post_inbound(self) -> None:
-        inbound, self._inbound = self._inbound, []
-        self.post(inbound)
-
-    def on_loop_message(self, message: Any) -> None:
-        """Envelopes from authenticated peers (senders checked): tell ``deliver_to`` (one frame for all)."""
-        if self.deliver_to is None:
-            self.dropped += len(message)
-            return
-        for raw, peer_id in message:
-            self.tell(self.deliver_to, Received(TRANSPORT, raw, peer_id))
 
     # -- bus messages -------------------------------------------------------------------------------
 

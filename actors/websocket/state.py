@@ -16,12 +16,11 @@ request and the error its send ended with (``None`` for success)::
 
 from __future__ import annotations
 
-import asyncio
 import enum
 
-from villagemesh.actors.core.transport import REPLY_ADDRESS, Transmit, TransmitResult
+from villagemesh.actors.core.transport import REPLY_ADDRESS, Transmit, TransmitResult, is_transport_failure
+from villagemesh.actors.core.transport import transmit_outcome as outcome
 from villagemesh.actors.websocket.messages import EnvelopeSent, SendEnvelope, SendFailed
-from villagemesh.errors import ConnectError, VillageMeshError
 
 __all__ = ["TRANSPORT", "Via", "send_outcome", "transmit_outcome", "via"]
 
@@ -41,29 +40,15 @@ def via(request: Transmit) -> Via:
     return Via.SERVER if request.address == REPLY_ADDRESS else Via.CLIENT
 
 
-def _is_transport_failure(error: BaseException) -> bool:
-    return isinstance(error, VillageMeshError | asyncio.CancelledError)
-
-
 def transmit_outcome(request: Transmit, error: BaseException | None) -> TransmitResult:
     """The retrier's answer for a Transmit that ended with ``error``; ``error`` is raised again when it is a bug."""
-
-    def result(ok: bool, retryable: bool, reason: str | None) -> TransmitResult:
-        return TransmitResult(request.message_id, TRANSPORT, request.peer_id, ok, retryable, reason)
-
-    if error is None:
-        return result(True, False, None)
-    if isinstance(error, ConnectError):
-        return result(False, True, f"ConnectError: {error}")
-    if _is_transport_failure(error):
-        return result(False, False, f"{type(error).__name__}: {error}")
-    raise error
+    return outcome(TRANSPORT, request, error)
 
 
 def send_outcome(request: SendEnvelope, message_id: bytes, error: BaseException | None) -> EnvelopeSent | SendFailed:
     """The answer to a direct SendEnvelope that ended with ``error``; ``error`` is raised again when it is a bug."""
     if error is None:
         return EnvelopeSent(request.url, message_id)
-    if _is_transport_failure(error):
+    if is_transport_failure(error):
         return SendFailed(request.url, message_id, type(error).__name__, str(error))
     raise error

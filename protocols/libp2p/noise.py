@@ -110,7 +110,8 @@ class NoiseSession:
         self.expected_peer = expected_peer
         self._state = _State.HANDSHAKE
         self._in = bytearray()
-        self._out = bytearray()
+        self._out: list[bytes] = []
+        """Framed messages to send, joined once by :meth:`data_to_send` (not grown byte by byte)."""
         self._send: CipherState | None = None
         self._receive: CipherState | None = None
         self.remote: Authenticated | None = None
@@ -128,7 +129,7 @@ class NoiseSession:
         return cls(initiator=False, static=static, identity=identity)
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
+        out = b"".join(self._out)
         self._out.clear()
         return out
 
@@ -186,7 +187,8 @@ class NoiseSession:
         return [self.remote]
 
     def _write(self, message: bytes) -> None:
-        self._out += len(message).to_bytes(2, "big") + message
+        self._out.append(len(message).to_bytes(2, "big"))
+        self._out.append(message)
 
     @property
     def handshake_hash(self) -> bytes:

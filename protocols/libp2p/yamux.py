@@ -23,7 +23,9 @@ an error)::
     any        ─ RST either way ─▶ RESET (gone)
 
 Limits, each with its reason: :data:`MAX_STREAMS` open at once (a peer opening
-streams without end is refused with RST), :data:`INITIAL_WINDOW` (the spec's 256 KiB),
+streams without end is refused with RST), :data:`INITIAL_WINDOW` (the spec's 256 KiB;
+``Session(window=…)`` grants up to :data:`MAX_WINDOW` per stream, the extra credit sent
+with the stream's SYN or ACK: one window per round trip bounds a stream's throughput),
 data beyond the credit granted is a protocol error (a peer ignoring flow control).
 """
 
@@ -40,6 +42,7 @@ __all__ = [
     "HEADER_BYTES",
     "INITIAL_WINDOW",
     "MAX_STREAMS",
+    "MAX_WINDOW",
     "Data",
     "Flag",
     "GoAway",
@@ -47,6 +50,7 @@ __all__ = [
     "Session",
     "StreamClosed",
     "StreamOpened",
+    "StreamRefused",
     "StreamReset",
     "Type",
     "encode_frame",
@@ -54,6 +58,8 @@ __all__ = [
 
 HEADER_BYTES = 12
 INITIAL_WINDOW = 256 * 1024
+MAX_WINDOW = 16 * 1024 * 1024
+"""The largest receive window a session may grant per stream (py-libp2p grows to 16 MiB too)."""
 MAX_STREAMS = 256
 _HEADER = struct.Struct(">BBHII")
 
@@ -71,6 +77,11 @@ class Flag(enum.IntFlag):
     ACK = 2
     FIN = 4
     RST = 8
+
+
+_TYPES = tuple(Type)
+"""Frame types by their number (an index is cheaper than ``Type(n)``)."""
+_SYN, _ACK, _FIN, _RST = int(Flag.SYN), int(Flag.ACK), int(Flag.FIN), int(Flag.RST)
 
 
 def encode_frame(kind: Type, flags: Flag, stream: int, length: int, data: bytes = b"") -> bytes:
@@ -101,6 +112,13 @@ class StreamReset:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamRefused:
+    """The peer opened ``stream`` and we reset it at once: too many open, or the session is going away."""
+
+    stream: int
+
+
+@dataclass(frozen=True, slots=True)
 class Pong:
     opaque: int
 
@@ -110,7 +128,7 @@ class GoAway:
     code: int
 
 
-Event = StreamOpened | Data | StreamClosed | StreamReset | Pong | GoAway
+Event = StreamOpened | Data | StreamClosed | StreamReset | StreamRefused | Pong | GoAway
 
 
 class _State(enum.Enum):
@@ -149,14 +167,19 @@ class _Stream:
     unacknowledged: int = 0
     """Bytes delivered to the application and not yet consumed."""
     queued: deque[bytes] = field(default_factory=deque)
+    queued_bytes: int = 0
     fin_queued: bool = False
 
 
 class Session:
     """One side of a yamux session. ``client=True`` on the dialer's side."""
 
-    def __init__(self, *, client: bool) -> None:
+    def __init__(self, *, client: bool, window: int = INITIAL_WINDOW) -> None:
+        if not INITIAL_WINDOW <= window <= MAX_WINDOW:
+            raise LocalProtocolError(f"yamux: a receive window is {INITIAL_WINDOW} … {MAX_WINDOW} bytes, got {window}")
         self.client = client
+        self.window = window
+        """Our receive window per stream: the spec's 256 KiB, and more granted with the SYN or ACK."""
         self._next_id = 1 if client else 2
         self._streams: dict[int, _Stream] = {}
         self._out = bytearray()
@@ -181,14 +204,15 @@ class Session:
         if len(self._streams) >= MAX_STREAMS:
             raise LocalProtocolError(f"yamux: {MAX_STREAMS} streams are open already")
         stream, self._next_id = self._next_id, self._next_id + 2
-        self._streams[stream] = _Stream(_State.OPEN)
-        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.SYN, stream, 0)
+        self._streams[stream] = _Stream(_State.OPEN, receive_window=self.window)
+        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.SYN, stream, self.window - INITIAL_WINDOW)
         return stream
 
     def send(self, stream: int, data: bytes) -> None:
         """Queue ``data`` on ``stream``; it goes out as the peer's credit allows."""
         state = self._stream(stream, _Step.DATA_OUT)
         state.queued.append(bytes(data))
+        state.queued_bytes += len(data)
         self._flush(stream, state)
 
     def close(self, stream: int) -> None:
@@ -238,7 +262,9 @@ class Session:
             if later:
                 state.queued.appendleft(later)
             state.send_window -= len(now)
-            self._out += encode_frame(Type.DATA, Flag.NONE, stream, len(now), now)
+            state.queued_bytes -= len(now)
+            self._out += _HEADER.pack(0, Type.DATA, Flag.NONE, stream, len(now))
+            self._out += now  # not header + data first: that would copy the data once more
         if state.fin_queued and not state.queued:
             self._out += encode_frame(Type.WINDOW_UPDATE, Flag.FIN, stream, 0)
             state.fin_queued = False
@@ -264,18 +290,21 @@ class Session:
             if kind > Type.GO_AWAY:
                 raise RemoteProtocolError(f"yamux: frame type {kind} is not one of DATA, WINDOW_UPDATE, PING, GO_AWAY")
             body = length if kind == Type.DATA else 0
-            if kind == Type.DATA and stream in self._streams and length > self._streams[stream].receive_window:
+            known = self._streams.get(stream)
+            credit = known.receive_window if known is not None else INITIAL_WINDOW
+            if body > credit:  # a stream not (or no longer) open never had more than the initial window
                 raise RemoteProtocolError(f"yamux: {length} bytes on stream {stream} exceed the credit granted")
             if len(self._in) < HEADER_BYTES + body:
                 break
             payload = bytes(self._in[HEADER_BYTES : HEADER_BYTES + body])
             del self._in[: HEADER_BYTES + body]
-            events += self._frame(Type(kind), Flag(flags), stream, length, payload)
+            events += self._frame(_TYPES[kind], flags, stream, length, payload)
         return events
 
-    def _frame(self, kind: Type, flags: Flag, stream: int, length: int, payload: bytes) -> list[Event]:
+    def _frame(self, kind: Type, flags: int, stream: int, length: int, payload: bytes) -> list[Event]:
+        # ``flags`` stays an int: IntFlag arithmetic costs microseconds a frame, on every ping
         if kind is Type.PING:
-            if flags & Flag.ACK:
+            if flags & _ACK:
                 return [Pong(length)]
             self._out += encode_frame(Type.PING, Flag.ACK, 0, length)
             return []
@@ -285,19 +314,19 @@ class Session:
         if stream == 0:
             raise RemoteProtocolError(f"yamux: a {kind.name} frame on stream 0")
         events: list[Event] = []
-        if flags & Flag.SYN:
+        if flags & _SYN:
             events += self._opened(stream)
             if stream not in self._streams:
                 return events  # refused (reset); the rest of this frame is dropped with it
         state = self._streams.get(stream)
         if state is None:
-            if flags & Flag.RST or self._existed(stream):
+            if flags & _RST or self._existed(stream):
                 # A stream that is gone (reset, or closed both ways): what was in flight when it went
                 # is discarded, as the spec says; only a stream that never existed is an error.
                 self.discarded += len(payload)
                 return events
             raise RemoteProtocolError(f"yamux: a {kind.name} frame for stream {stream}, which never existed")
-        if flags & Flag.RST:
+        if flags & _RST:
             del self._streams[stream]
             return [*events, StreamReset(stream)]
         if kind is Type.WINDOW_UPDATE:
@@ -308,7 +337,7 @@ class Session:
             state.receive_window -= len(payload)
             state.unacknowledged += len(payload)
             events.append(Data(stream, payload))
-        if flags & Flag.FIN:
+        if flags & _FIN:
             self._step_in(stream, state, _Step.FIN_IN)
             events.append(StreamClosed(stream))
         return events
@@ -324,9 +353,9 @@ class Session:
         self._peer_highest = stream
         if self._going_away or len(self._streams) >= MAX_STREAMS:
             self._out += encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0)
-            return []
-        self._streams[stream] = _Stream(_State.OPEN)
-        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.ACK, stream, 0)
+            return [StreamRefused(stream)]
+        self._streams[stream] = _Stream(_State.OPEN, receive_window=self.window)
+        self._out += encode_frame(Type.WINDOW_UPDATE, Flag.ACK, stream, self.window - INITIAL_WINDOW)
         return [StreamOpened(stream)]
 
     def _step_in(self, stream: int, state: _Stream, step: _Step) -> None:
@@ -336,3 +365,8 @@ class Session:
 
     def open_streams(self) -> list[int]:
         return sorted(self._streams)
+
+    def queued(self, stream: int) -> int:
+        """Bytes of ``stream`` waiting for the peer's credit (0 for a stream that is gone)."""
+        state = self._streams.get(stream)
+        return 0 if state is None else state.queued_bytes

@@ -270,19 +270,26 @@ def test_a_node_that_only_the_sender_knew_of_still_acknowledges_its_message(tmp_
 # -- crashes and restarts ----------------------------------------------------------------------------
 
 
-def test_websocket_crash_on_either_side_mid_stream_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    """The websocket actor crashed on the sender, then on the receiver, mid-stream: 200 messages arrive once."""
+@pytest.mark.parametrize("transport", ["websocket", "libp2p"])
+def test_a_transport_crash_on_either_side_mid_stream_loses_and_duplicates_nothing(
+    tmp_path: Path, transport: str
+) -> None:
+    """The transport carrying the stream crashed on the sender, then on the receiver: 200 messages arrive once.
+
+    Hybrid mode puts libp2p first; for the WebSocket case the nodes run without libp2p, so it carries the stream.
+    """
+    only = {"libp2p": False} if transport == "websocket" else {}
     port_a, port_b = free_port(), free_port()
-    a = make_node(tmp_path / "a", "a", port=port_a, bootstrap=[f"127.0.0.1:{port_b}"])
-    b = make_node(tmp_path / "b", "b", port=port_b, bootstrap=[f"127.0.0.1:{port_a}"])
+    a = make_node(tmp_path / "a", "a", port=port_a, bootstrap=[f"127.0.0.1:{port_b}"], **only)
+    b = make_node(tmp_path / "b", "b", port=port_b, bootstrap=[f"127.0.0.1:{port_a}"], **only)
     inbox = Inbox()
     a.subscribe("*", inbox)
     with running([a, b]):
         assert wait_until(lambda: knows(a, {b.node_id}) and knows(b, {a.node_id}))
         handles = [b.send(a.node_id, f"m{i}".encode()) for i in range(70)]
-        b.crash("websocket")
+        b.crash(transport)
         handles += [b.send(a.node_id, f"m{i}".encode()) for i in range(70, 140)]
-        a.crash("websocket")
+        a.crash(transport)
         handles += [b.send(a.node_id, f"m{i}".encode()) for i in range(140, 200)]
 
         assert inbox.wait_for_distinct(200), f"only {len(inbox.distinct())} of 200 arrived"
@@ -293,11 +300,11 @@ def test_websocket_crash_on_either_side_mid_stream_loses_and_duplicates_nothing(
 
     for node in (a, b):
         log = EventFile(node.log_path)
-        crashed = log.matching("child_crashed", child_id="websocket")
+        crashed = log.matching("child_crashed", child_id=transport)
         assert crashed and crashed[0]["exc_type"] == "CrashInjected", crashed
-        assert log.matching("child_restarted", child_id="websocket")
+        assert log.matching("child_restarted", child_id=transport)
         others = [e for e in log.matching("child_restarted") if e["child_id"] in OTHER_ACTORS]
-        assert others == [], f"{node.name}: actors other than websocket restarted: {others}"
+        assert others == [], f"{node.name}: actors other than {transport} restarted: {others}"
 
 
 def test_restarted_receiver_gets_pending_messages_once_and_keeps_its_id_and_peers(tmp_path: Path) -> None:

@@ -26,18 +26,24 @@ READ = 65536
 class Dialer:
     """One upgraded connection to a libp2p peer."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: SigningKey | None = None
+    ) -> None:
         self.reader, self.writer = reader, writer
-        self.identity = SigningKey.generate()
+        self.identity = identity or SigningKey.generate()
+        self.resets = 0
+        """Streams the peer reset."""
         self.noise: NoiseSession | None = None
         self.mux = yamux.Session(client=True)
         self.inbox: dict[int, bytearray] = {}
         self.remote: PeerId | None = None
 
     @classmethod
-    async def connect(cls, host: str, port: int, expected: PeerId, timeout: float = 30.0) -> Dialer:
+    async def connect(
+        cls, host: str, port: int, expected: PeerId, timeout: float = 30.0, identity: SigningKey | None = None
+    ) -> Dialer:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        dialer = cls(reader, writer)
+        dialer = cls(reader, writer, identity)
         try:
             await asyncio.wait_for(dialer._upgrade(expected), timeout)
         except BaseException:
@@ -89,7 +95,33 @@ class Dialer:
             elif isinstance(event, yamux.Data):
                 self.inbox.setdefault(event.stream, bytearray()).extend(event.data)
                 self.mux.consumed(event.stream, len(event.data))
+            elif isinstance(event, yamux.StreamReset):
+                self.resets += 1
         self._secure(self.mux.data_to_send())
+
+    def write_raw_mux(self, frames: bytes) -> None:
+        """Send yamux frames made by hand (what our own session would refuse to make), encrypted."""
+        self._secure(frames)
+
+    async def settle(self, quiet: float = 0.3) -> int:
+        """Read and answer until the peer says nothing for ``quiet`` seconds; the resets seen so far."""
+        while True:
+            try:
+                await asyncio.wait_for(self._pump(), quiet)
+            except TimeoutError:
+                return self.resets
+
+    async def closed_by_peer(self, timeout: float = 10.0) -> bool:
+        """Whether the peer closes the connection within ``timeout`` (whatever it still sends is read)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(READ):
+                    pass
+        except TimeoutError:
+            return False
+        except (ConnectionError, OSError):
+            pass  # reset by the peer: closed all the same
+        return True
 
     async def _pump(self) -> None:
         assert self.noise is not None

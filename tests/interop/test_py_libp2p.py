@@ -47,14 +47,19 @@ def py_peer() -> Iterator[Multiaddr]:
         else:
             pytest.fail(f"py-libp2p exited ({proc.wait()}) without a LISTEN line")
     finally:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        proc.stdout.close()  # an unclosed pipe is reported (unraisably) in whichever test runs next
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """End a py-libp2p process by closing its stdin (killed if it lingers), and close its pipes."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    proc.stdout.close()  # an unclosed pipe is reported (unraisably) in whichever test runs next
 
 
 def run(coro: object) -> object:
@@ -132,7 +137,7 @@ def test_py_libp2p_dials_us_pings_us_and_reads_our_identify() -> None:
 
     listener, lines = run(body())  # type: ignore[misc]
     assert [line for line in lines if line.startswith("PING")] == [f"PING {n} ok" for n in range(4)], lines
-    [identify] = [line for line in lines if line.startswith("IDENTIFY")]
+    [identify] = [line for line in lines if line.startswith("IDENTIFY ")]
     assert identify.split()[1] == "villagemesh-interop/0.1" and PING_PROTOCOL in identify
     assert "DONE" in lines and listener.pings == 4
     # py-libp2p identifies a peer by itself on connect, and the script asked once more

@@ -47,7 +47,11 @@ CAPS = Capabilities(
     available_for_evolution=True,
     transports=("libp2p", "websocket"),
 )
-ADDRS = ("libp2p://127.0.0.1:4001", "websocket://[::1]:8080")
+ADDRS = (
+    "libp2p://127.0.0.1:4001",
+    "websocket://[::1]:8080",
+    "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA",
+)
 
 LEGACY_REQUEST = {
     "type": "PEER_DISCOVERY",
@@ -301,6 +305,7 @@ def _request_json(**changes: Any) -> bytes:
         (_request_json(addresses=["tcp://h:99999"]), "transport://host:port"),
         (_request_json(addresses=["tcp://a b:1"]), "transport://host:port"),
         (_request_json(addresses=["betanet://h:1/a key"]), "transport://host:port"),
+        (_request_json(addresses=["/ip4/1.2.3.4/udp/1"]), "not a multiaddr"),
         (_request_json(timestamp=True), "timestamp"),
         (_request_json(timestamp=10**20), "timestamp"),
         (_request_json(capabilities=[]), "JSON object"),

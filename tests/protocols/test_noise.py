@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.bindings import crypto_aead_chacha20poly1305_ietf_decrypt, crypto_aead_chacha20poly1305_ietf_encrypt
 from nacl.signing import SigningKey
 from noise.connection import Keypair, NoiseConnection
 
@@ -29,7 +30,9 @@ from villagemesh.protocols.noise import (
     SecureChannel,
     XXHandshake,
     identity_payload,
+    seal,
     transition,
+    unseal,
 )
 from villagemesh.protocols.sniff import Sniffed, sniff
 
@@ -462,3 +465,20 @@ def test_cipher_state_without_a_key_passes_bytes_through() -> None:
     """Before a key exists, Noise's EncryptWithAd/DecryptWithAd are the identity."""
     cs = CipherState()
     assert cs.encrypt(b"ad", b"plain") == b"plain" and cs.decrypt(b"ad", b"plain") == b"plain"
+
+
+@given(
+    st.binary(max_size=2000),
+    st.binary(max_size=40),
+    st.binary(min_size=12, max_size=12),
+    st.binary(min_size=32, max_size=32),
+)
+@settings(max_examples=60)
+def test_seal_and_unseal_are_pynacls_chacha20_poly1305(plaintext: bytes, ad: bytes, nonce: bytes, key: bytes) -> None:
+    sealed = seal(plaintext, ad, nonce, key)
+    assert sealed == crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, ad, nonce, key)
+    assert (
+        unseal(sealed, ad, nonce, key) == plaintext == crypto_aead_chacha20poly1305_ietf_decrypt(sealed, ad, nonce, key)
+    )
+    tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
+    assert unseal(tampered, ad, nonce, key) is None

@@ -19,6 +19,7 @@ from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.libp2p.yamux import (
     INITIAL_WINDOW,
     MAX_STREAMS,
+    MAX_WINDOW,
     Data,
     Flag,
     GoAway,
@@ -26,6 +27,7 @@ from villagemesh.protocols.libp2p.yamux import (
     Session,
     StreamClosed,
     StreamOpened,
+    StreamRefused,
     StreamReset,
     Type,
     encode_frame,
@@ -81,6 +83,20 @@ def test_data_beyond_the_granted_credit_is_a_protocol_error() -> None:
         server.receive_data(flood)
 
 
+def test_a_data_frame_for_no_open_stream_may_not_announce_more_than_a_window() -> None:
+    """A header claiming gigabytes for a stream not open is refused at once, not buffered towards."""
+    server = Session(client=False)
+    with pytest.raises(RemoteProtocolError, match="exceed the credit"):
+        server.receive_data(encode_frame(Type.DATA, Flag.SYN, 1, 2**32 - 1))
+
+
+def test_queued_counts_what_waits_for_credit() -> None:
+    client = Session(client=True)
+    sid = client.open_stream()
+    client.send(sid, b"z" * (INITIAL_WINDOW + 5))
+    assert client.queued(sid) == 5 and client.queued(99) == 0
+
+
 def test_a_ping_is_answered_with_its_opaque_value() -> None:
     client, server = pair()
     client.ping(0xDEADBEEF)
@@ -122,7 +138,7 @@ def test_go_away_stops_new_streams_on_both_sides() -> None:
     assert at_client == [GoAway(2)]
     with pytest.raises(LocalProtocolError, match="going away"):
         client.open_stream()
-    assert server.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 5, 0)) == []  # refused: RST back
+    assert server.receive_data(encode_frame(Type.WINDOW_UPDATE, Flag.SYN, 5, 0)) == [StreamRefused(5)]  # RST back
     assert server.data_to_send() == encode_frame(Type.WINDOW_UPDATE, Flag.RST, 5, 0)
 
 
@@ -134,7 +150,7 @@ def test_a_peer_opening_too_many_streams_gets_resets() -> None:
         client.open_stream()
     pump(client, server)
     extra = encode_frame(Type.DATA, Flag.SYN, 2 * MAX_STREAMS + 1, 3, b"abc")
-    assert server.receive_data(extra) == []
+    assert server.receive_data(extra) == [StreamRefused(2 * MAX_STREAMS + 1)]
     assert server.data_to_send() == encode_frame(Type.WINDOW_UPDATE, Flag.RST, 2 * MAX_STREAMS + 1, 0)
 
 
@@ -221,3 +237,17 @@ def test_random_bytes_only_ever_raise_a_protocol_error(data: bytes) -> None:
         Session(client=False).receive_data(data)
     except ProtocolError:
         pass
+
+
+def test_a_larger_window_is_granted_with_the_syn_and_the_ack() -> None:
+    big = 4 * INITIAL_WINDOW
+    client, server = Session(client=True, window=big), Session(client=False, window=big)
+    sid = client.open_stream()
+    client.send(sid, b"a" * big)
+    _, at_server = pump(client, server)  # the server's ACK granted the extra credit: all of it went
+    assert sum(len(e.data) for e in at_server if isinstance(e, Data)) == big
+    server.send(sid, b"b" * big)
+    at_client, _ = pump(client, server)  # and the client's SYN did the same the other way
+    assert sum(len(e.data) for e in at_client if isinstance(e, Data)) == big
+    with pytest.raises(LocalProtocolError, match="receive window"):
+        Session(client=True, window=MAX_WINDOW + 1)

@@ -94,6 +94,20 @@ class NodeKeys:
         return bytes(self.signing_key) + self.static_key
 
     @classmethod
+    def of(cls, value: object, *, actor: str) -> NodeKeys:
+        """An actor's ``config["keys"]``: NodeKeys as they are, or their 64 bytes (a process child's config).
+
+        Raises:
+            ConfigError: neither, naming ``actor`` and what it got.
+        """
+        if isinstance(value, NodeKeys):
+            return value
+        if isinstance(value, bytes):
+            return cls.from_bytes(value, source=f"the {actor} actor's config['keys']")
+        got = type(value).__name__
+        raise ConfigError(f"the {actor} actor needs config['keys'] (NodeKeys or its 64 bytes), got {got}")
+
+    @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "key data") -> NodeKeys:
         """Keys from the 64-byte file content.
 

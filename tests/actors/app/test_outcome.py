@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from villagemesh.actors.app.messages import Outcome, OutcomeStatus
+from villagemesh.actors.app.messages import OUTCOMES_PER_REPORT, HandledBatch, Outcome, OutcomeStatus
 from villagemesh.actors.app.payload import BytesCodec, JsonCodec, MsgpackCodec, payload_codec
 from villagemesh.actors.app.state import Bridge, DeliveryState, HandleTable, OutboxLimits, Subscribers
 from villagemesh.errors import (
@@ -51,6 +51,32 @@ def test_malformed_outcome_fields_are_refused_naming_them() -> None:
         Outcome.decode(msgpack.packb({"s": "handled", "r": 5, "t": None, "v": None}))
     with pytest.raises(RemoteProtocolError, match="reply"):
         Outcome.decode(msgpack.packb({"s": "handled", "r": None, "t": None, "v": "text"}))
+
+
+@given(st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=OUTCOMES_PER_REPORT))
+def test_a_batch_report_round_trips(ids: list[bytes]) -> None:
+    assert HandledBatch.decode(HandledBatch(tuple(ids)).encode()).ids == tuple(ids)
+
+
+@given(st.binary(max_size=64))
+def test_arbitrary_bytes_decode_as_a_batch_report_or_raise_remote_protocol_error(data: bytes) -> None:
+    try:
+        HandledBatch.decode(data)
+    except RemoteProtocolError:
+        pass
+
+
+def test_a_batch_report_with_no_ids_too_many_or_ids_not_bytes_is_refused_naming_them() -> None:
+    import msgpack
+
+    with pytest.raises(RemoteProtocolError, match=r"1 to 32 ids, got \[\]"):
+        HandledBatch.decode(msgpack.packb({"h": []}))
+    with pytest.raises(RemoteProtocolError, match="1 to 32 ids"):
+        HandledBatch.decode(msgpack.packb({"h": [b"x" * 16] * (OUTCOMES_PER_REPORT + 1)}))
+    with pytest.raises(RemoteProtocolError, match="must be bytes, got 'text'"):
+        HandledBatch.decode(msgpack.packb({"h": [b"x" * 16, "text"]}))
+    with pytest.raises(RemoteProtocolError, match="not a batch report"):
+        HandledBatch.decode(msgpack.packb({"s": "handled"}))
 
 
 @pytest.mark.parametrize(
@@ -143,6 +169,9 @@ def test_every_end_state_raises_its_own_error_from_result() -> None:
     table.resolve(ok.raw_id, DeliveryState.DELIVERED, None, None, reply=b"r")
     assert ok.result(1).reply == b"r" and ok.status.attempts == 2
     assert table.resolve(ok.raw_id, True, 1, None) is None
+    early = table.new(b"\x0a" * 16, "p", 0)  # the outcome report overtook the retrier's ack
+    table.resolve(early.raw_id, DeliveryState.DELIVERED, None, None)
+    assert early.status.acked and early.status.attempts == 1
 
 
 def test_an_end_for_an_abandoned_request_is_dropped_and_counted() -> None:

@@ -1,0 +1,39 @@
+"""Ten hosts find each other: by LAN multicast alone, and through one bootstrap peer and peer exchange."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.lab.conftest import MakeCluster
+from villagemesh.lab import Cluster
+
+pytestmark = pytest.mark.slow
+
+BEACON_PORT = 42424
+
+
+def beacon_sources(lab: Cluster, i: int) -> set[str]:
+    """The addresses whose multicast beacons host ``i`` verified (its ``peer_discovered`` from the beacon port)."""
+    sources = {e.get("source", "") for e in lab[i].events() if e["event"] == "peer_discovered"}
+    return {s.rsplit(":", 1)[0] for s in sources if s.endswith(f":{BEACON_PORT}")}
+
+
+def test_ten_hosts_find_each_other_by_lan_multicast_alone(make_cluster: MakeCluster) -> None:
+    """No node is told any address: all that seeds discovery is the signed multicast beacons.
+
+    Every host hears some beacons, every host's beacons are heard; a peer first learned through
+    a neighbour's exchange (with a beacon's signed announce, passed on) is not verified again
+    when its own beacon comes, so a host need not log a beacon from each of the nine.
+    """
+    lab = make_cluster(10, lan=True, bootstrap="none")
+    lab.wait_converged(timeout=30)
+    heard = {i: beacon_sources(lab, i) for i in lab.hosts}
+    assert all(heard.values()), heard
+    assert set().union(*heard.values()) == {lab.net.addr(i) for i in lab.hosts}
+
+
+def test_ten_hosts_find_each_other_through_one_bootstrap_peer_and_peer_exchange(make_cluster: MakeCluster) -> None:
+    """No multicast; hosts 2-10 know only host 1's address, host 1 knows none: peer exchange spreads the rest."""
+    lab = make_cluster(10, lan=False, bootstrap="first")
+    lab.wait_converged(timeout=30)
+    assert all(not beacon_sources(lab, i) for i in lab.hosts)
