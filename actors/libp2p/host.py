@@ -48,6 +48,7 @@ from villagemesh.actors.core.secure.keys import NodeKeys
 from villagemesh.actors.libp2p.state import (
     ENVELOPE_PROTOCOL,
     SERVED_PROTOCOLS,
+    DialBackoff,
     Libp2pLimits,
     listen_multiaddr,
     node_id_of,
@@ -685,6 +686,7 @@ class Libp2pHost:
         """Connections up (yamux agreed), by the remote's node id: the newest of each peer."""
         self._all: set[Connection] = set()
         self._dialing: dict[str, asyncio.Future[Connection]] = {}
+        self._backoff = DialBackoff(self.limits.dial_backoff_s, self.limits.dial_backoff_max_s)
         self.handlers: dict[str, Handler] = {}
         """Protocols served by code of ours (``handler(stream)`` runs as a task per inbound stream)."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -778,6 +780,11 @@ class Libp2pHost:
         target = target_of(address)
         dialing = self._dialing.get(address)
         if dialing is None:
+            try:
+                self._backoff.check(address, asyncio.get_running_loop().time())
+            except ConnectError:
+                self.counts["dials_backed_off"] += 1
+                raise
             if len(self._dialing) >= self.limits.max_pending_dials:
                 raise ConnectError(f"libp2p {address}: {self.limits.max_pending_dials} dials are in progress already")
             dialing = asyncio.get_running_loop().create_task(
@@ -792,6 +799,17 @@ class Libp2pHost:
 
     async def _dial(self, address: str, host: str, port: int, peer_id: PeerId) -> Connection:
         loop = asyncio.get_running_loop()
+        try:
+            conn = await self._dial_once(loop, address, host, port, peer_id)
+        except (ConnectError, TransportTimeout) as exc:
+            self._backoff.failed(address, str(exc), loop.time())
+            raise
+        self._backoff.succeeded(address)
+        return conn
+
+    async def _dial_once(
+        self, loop: asyncio.AbstractEventLoop, address: str, host: str, port: int, peer_id: PeerId
+    ) -> Connection:
         self.counts["dials"] += 1
         try:
             _, conn = await asyncio.wait_for(

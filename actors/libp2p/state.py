@@ -25,6 +25,12 @@ Limits (each with the reason it is what it is), :class:`Libp2pLimits`::
     max_frame         MAX_MESSAGE_BYTES   one envelope frame: the envelope codec's own cap
     window             1 MiB     each stream's receive window (yamux's is 256 KiB: one window per round
                                  trip bounds a stream, and py-libp2p sends no faster than we grant)
+    dial_backoff_s       1.0     after a failed dial, dials to that address fail at once for this long,
+    dial_backoff_max_s  10.0     doubling per failure up to the max (go-libp2p's swarm does the same,
+                                 5 s to 5 min): a peer that is down is not dialled once per retried
+                                 envelope (a thousand queued envelopes made a thousand dials a
+                                 second); an inbound connection from the peer is used at once all the
+                                 same, and a dial that succeeds clears the address's backoff
 
 The per-connection stream cap is yamux's (``MAX_STREAMS`` 256), and so are the bounds of
 ``window`` (``INITIAL_WINDOW`` … ``MAX_WINDOW``); multistream lines are bounded by ``MAX_LINE``.
@@ -52,6 +58,7 @@ __all__ = [
     "PROVIDER_TTL_S",
     "SERVED_PROTOCOLS",
     "TRANSPORT",
+    "DialBackoff",
     "Libp2pLimits",
     "ProviderStore",
     "Target",
@@ -85,8 +92,17 @@ class Libp2pLimits:
     max_queued_bytes: int = 8 * 1024 * 1024
     max_frame: int = MAX_MESSAGE_BYTES
     window: int = 1024 * 1024
+    dial_backoff_s: float = 1.0
+    dial_backoff_max_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.dial_backoff_s, int | float) and self.dial_backoff_s >= 0):
+            raise ConfigError(f"libp2p dial_backoff_s must be >= 0 seconds, got {self.dial_backoff_s!r}")
+        if not (isinstance(self.dial_backoff_max_s, int | float) and self.dial_backoff_max_s >= self.dial_backoff_s):
+            raise ConfigError(
+                f"libp2p dial_backoff_max_s must be >= dial_backoff_s ({self.dial_backoff_s}),"
+                f" got {self.dial_backoff_max_s!r}"
+            )
         for name in ("handshake_timeout_s", "connect_timeout_s", "send_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
@@ -97,6 +113,51 @@ class Libp2pLimits:
                 raise ConfigError(f"libp2p {name} must be an integer >= 1, got {value!r}")
         if not INITIAL_WINDOW <= self.window <= MAX_WINDOW:
             raise ConfigError(f"libp2p window must be {INITIAL_WINDOW} … {MAX_WINDOW} bytes, got {self.window!r}")
+
+
+class DialBackoff:
+    """Which addresses failed a dial lately, and until when a new dial there fails at once.
+
+    Pure: the caller passes ``now`` (the loop's clock). The first failure backs an address off
+    for ``base`` seconds, each further one doubles it up to ``cap``; a success forgets the
+    address. At most ``capacity`` addresses are remembered (the oldest failure is forgotten
+    first), so a flood of bad addresses cannot grow it.
+    """
+
+    def __init__(self, base: float, cap: float, capacity: int = 1024) -> None:
+        self.base, self.cap, self.capacity = base, cap, capacity
+        self._failed: OrderedDict[str, tuple[float, int, str]] = OrderedDict()
+        """address -> (dials fail at once until, failures in a row, the last failure's reason)"""
+
+    def check(self, address: str, now: float) -> None:
+        """Nothing if ``address`` may be dialled at ``now``.
+
+        Raises:
+            ConnectError: it is backed off (naming it, how long is left and the failure behind it).
+        """
+        entry = self._failed.get(address)
+        if entry is not None and now < entry[0]:
+            until, failures, reason = entry
+            raise ConnectError(
+                f"libp2p {address}: in dial backoff for {until - now:.2f} s more"
+                f" after {failures} failed dial(s), the last: {reason}"
+            )
+
+    def failed(self, address: str, reason: str, now: float) -> float:
+        """Record a failed dial; returns the backoff it starts (seconds)."""
+        _, failures, _ = self._failed.pop(address, (0.0, 0, ""))
+        delay = min(self.cap, self.base * 2**failures)
+        self._failed[address] = (now + delay, failures + 1, reason)
+        while len(self._failed) > self.capacity:
+            self._failed.popitem(last=False)
+        return delay
+
+    def succeeded(self, address: str) -> None:
+        """A dial there worked: its backoff is over."""
+        self._failed.pop(address, None)
+
+    def __len__(self) -> int:
+        return len(self._failed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,3 +201,27 @@ def test_dials_past_the_pending_limit_fail_at_once_and_retryably(runtime: Any) -
     finally:
         for mute in mutes:
             mute.close()
+
+
+def test_a_refused_dial_backs_the_address_off_so_retries_do_not_dial_again(runtime: Any) -> None:
+    """Nobody listens: the first Transmit dials and fails, the next ones within the backoff fail at once
+    (retryable, naming the backoff and the failure behind it) without a second dial."""
+    keys = NodeKeys.generate()
+    inbox, _ = endpoint(runtime, "", keys, limits=Libp2pLimits(dial_backoff_s=30.0, dial_backoff_max_s=60.0))
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # the port refuses connections now
+    peer = NodeKeys.generate()
+    address = listen_multiaddr("127.0.0.1", port, PeerId.from_ed25519(peer.identity))
+    client = runtime.bus.client()
+    results = []
+    for text in (b"first", b"second", b"third"):
+        msg = envelope(keys, text)
+        client.tell("libp2p", Transmit(msg.id, peer.node_id, address, encode_message(msg), "sink"))
+        results.append(next_of(inbox, TransmitResult))
+    assert all(not r.ok and r.retryable for r in results), results
+    assert "in dial backoff" not in (results[0].error or "")
+    for later in results[1:]:
+        assert "in dial backoff" in (later.error or "") and "after 1 failed dial(s)" in (later.error or ""), later
+    counts = libp2p_status(client).counts
+    assert counts["dials"] == 1 and counts["dials_backed_off"] == 2, counts

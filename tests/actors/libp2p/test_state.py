@@ -11,6 +11,7 @@ from villagemesh.actors.libp2p.state import (
     MAX_PROVIDER_KEYS,
     MAX_PROVIDERS_PER_KEY,
     PROVIDER_TTL_S,
+    DialBackoff,
     Libp2pLimits,
     ProviderStore,
     Target,
@@ -68,6 +69,8 @@ def test_listen_multiaddrs_are_made_for_ip_addresses_only() -> None:
         {"max_pending_dials": 0},
         {"max_frame": True},
         {"window": 1024},
+        {"dial_backoff_s": -1},
+        {"dial_backoff_max_s": 0.5},
     ],
 )
 def test_limits_refuse_values_that_cannot_work_naming_them(change: dict[str, object]) -> None:
@@ -106,3 +109,19 @@ def test_kademlia_keeps_only_a_peers_own_provider_record_and_answers_with_the_cl
     found = kad.answer(KadMessage(MessageType.FIND_NODE, b"x"), remote=mallory)  # the asker is left out
     assert found is not None and found.closer_peers == ()
     assert kad.answer(KadMessage(MessageType.PING), remote=alice) == KadMessage(MessageType.PING)
+
+
+def test_dial_backoff_doubles_per_failure_up_to_its_cap_stays_bounded_and_a_success_ends_it() -> None:
+    backoff = DialBackoff(base=1.0, cap=5.0, capacity=3)
+    backoff.check("a", 0.0)  # never failed: may dial
+    assert [backoff.failed("a", "refused", now) for now in (0.0, 1.0, 3.0, 7.0)] == [1.0, 2.0, 4.0, 5.0]
+    expected = r"libp2p a: in dial backoff for 4\.50 s more after 4 failed dial\(s\), the last: refused"
+    with pytest.raises(ConnectError, match=expected):
+        backoff.check("a", 7.5)
+    backoff.check("a", 12.0)  # its time is up: one more dial may go
+    backoff.succeeded("a")
+    assert backoff.failed("a", "refused", 20.0) == 1.0  # a success started the count again
+    for name in "bcd":
+        backoff.failed(name, "refused", 20.0)
+    assert len(backoff) == 3
+    backoff.check("a", 20.0)  # the oldest failure was forgotten first
