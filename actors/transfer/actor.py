@@ -36,7 +36,8 @@ name), ``table`` (:class:`.handles.TransferTable`), ``receivers``
 Log events: ``transfer_offered`` (transfer_id, peer_id, size, kind),
 ``transfer_accepted`` (transfer_id, peer_id, size, resume_from),
 ``transfer_refused`` (transfer_id, peer_id, reason, detail),
-``transfer_completed`` (transfer_id, peer_id, size, direction, path),
+``transfer_completed`` (transfer_id, peer_id, size, direction, path; incoming: chunks, and
+chunks_written: the pwrites of this instance),
 ``transfer_failed`` (transfer_id, peer_id, reason, detail, direction),
 ``transfer_reoffered`` (transfer_id, acked), ``transfer_restored`` (transfer_id, direction, chunks:
 acked or committed, at start), ``transfer_resumed`` (transfer_id, peer_id, resume_from: an offer
@@ -129,6 +130,8 @@ class _In:
         self.partial = partial
         self.final = final
         self.fd: int | None = None
+        self.writes = 0
+        """Chunks written into the partial file by this instance (a chunk written twice counts twice)."""
 
 
 class TransferActor(Actor):
@@ -450,6 +453,7 @@ class TransferActor(Actor):
         if entry.fd is None:
             entry.fd = os.open(entry.partial, os.O_RDWR | os.O_CREAT, 0o600)
         os.pwrite(entry.fd, chunk.data, chunk.index * entry.receiver.offer.chunk_size)
+        entry.writes += 1
         written.setdefault(chunk.transfer_id, []).append(chunk.index)
 
     def _verify(self, entry: _In) -> None:
@@ -485,6 +489,8 @@ class TransferActor(Actor):
             size=offer.size,
             direction="in",
             path=entry.final,
+            chunks=offer.chunks,
+            chunks_written=entry.writes,
         )
         self._deliver(entry)
 
