@@ -72,7 +72,7 @@ from villagemesh.actors.core.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Re
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
-from villagemesh.protocols.transfer import TRANSFER_KIND
+from villagemesh.protocols.transfer import CHUNK_KIND, TRANSFER_KIND
 
 from .messages import (
     ACK_IDS_MAX,
@@ -87,6 +87,7 @@ from .messages import (
     Incoming,
     MessageDelivered,
     MessageFailed,
+    RetrierStarted,
     RetrierStatus,
     TransportDown,
     ack_ids,
@@ -188,6 +189,10 @@ class RetrierActor(Actor):
         self.delivered: list[Delivered] = []
         """Deliveries of this round not yet logged."""
         self.outgoing: dict[str, list[tuple[Transmit, Send | None]]] = {}
+        self.volatile: dict[bytes, bytes] = {}
+        """Envelopes of transfer chunks being sent (kind ``CHUNK_KIND``): in memory only, never in the outbox."""
+        self.chunks_held: dict[bytes, tuple[str, str]] = {}
+        """Chunks received and handed to ``transfer_to``, not yet Handled: (sender, transport) to ack them on."""
         """Transmits decided this turn, per transport, handed over together by :meth:`_flush_transmits`."""
         self._load_routes()
         now = time.time()
@@ -200,6 +205,11 @@ class RetrierActor(Actor):
         for message_id in unhandled:
             self._hand_to_app(message_id)
         self.ctx.log.emit("retrier_restored", pending=len(pending), unhandled=len(unhandled))
+        if self.transfer_to is not None:
+            try:
+                self.tell(self.transfer_to, RetrierStarted())
+            except BusError as exc:  # the transfer actor is restarting too: its start offers again anyway
+                self.ctx.log.emit("dispatch_failed", level="warning", message_id="", reason=str(exc))
 
     def on_stop(self) -> None:
         self.outbox.close()
@@ -250,9 +260,7 @@ class RetrierActor(Actor):
         elif kind == "received":
             self._received_many([r.msg for r in run])
         else:
-            ids = [r.msg.message_id for r in run]
-            self.inbox.mark_handled_many(ids)
-            self.undispatched.difference_update(ids)
+            self._handled([r.msg.message_id for r in run])
         for request in run:
             if request.token is not None:
                 request.token.reply(None)
@@ -276,8 +284,7 @@ class RetrierActor(Actor):
         elif isinstance(msg, Received):
             self._received_many([msg])
         elif isinstance(msg, Handled):
-            self.inbox.mark_handled(msg.message_id)
-            self.undispatched.discard(msg.message_id)
+            self._handled([msg.message_id])
         elif isinstance(msg, PeerRoutes):
             self._set_routes(msg)
         elif isinstance(msg, RoutesList):
@@ -357,13 +364,17 @@ class RetrierActor(Actor):
             if isinstance(d, Send) and d.message_id in envelopes and d.message_id not in first:
                 first[d.message_id] = d
         stored = {id(send): envelopes[message_id] for message_id, send in first.items()}
-        rows = [
-            (m.id, m.recipient, m.priority, envelope, m.created_at, m.expires_at, first.get(m.id))
-            for m, envelope in admitted
-            if m.recipient  # always: a broadcast is refused in _admit
-        ]
+        rows = []
+        for m, envelope in admitted:
+            if m.kind == CHUNK_KIND:
+                self.volatile[m.id] = envelope  # a transfer's chunk: held here until acked or failed
+            elif m.recipient:  # always: a broadcast is refused in _admit
+                rows.append((m.id, m.recipient, m.priority, envelope, m.created_at, m.expires_at, first.get(m.id)))
+        rest = self._durable([d for d in decisions if id(d) not in stored])
         if rows:
-            self.outbox.put_batch(rows, [d for d in decisions if id(d) not in stored])
+            self.outbox.put_batch(rows, rest)
+        elif rest:
+            self.outbox.apply(rest)
         queue: deque[Event] = deque()
         for d in decisions:
             failure = self._carry_out(d, stored.get(id(d)))
@@ -415,7 +426,7 @@ class RetrierActor(Actor):
             while queue:
                 decisions = self.state.step_many(list(queue))
                 queue.clear()
-                self.outbox.apply(decisions)
+                self.outbox.apply(self._durable(decisions))
                 for d in decisions:
                     failure = self._carry_out(d, None)
                     if failure is not None:
@@ -425,9 +436,18 @@ class RetrierActor(Actor):
                 self._log_delivered()
                 return
 
+    def _durable(self, decisions: list[Decision]) -> list[Decision]:
+        """The decisions the outbox records: not those about chunks, which are in memory only."""
+        volatile = self.volatile
+        if not volatile:
+            return decisions
+        return [d for d in decisions if getattr(d, "message_id", None) not in volatile]
+
     def _carry_out(self, d: Decision, envelope: bytes | None) -> Event | None:
         if isinstance(d, Send):
             return self._transmit(d, envelope)
+        if isinstance(d, Delivered | Failed):
+            self.volatile.pop(d.message_id, None)
         if isinstance(d, Delivered):
             self.delivered.append(d)
             self._notify(MessageDelivered(d.message_id, d.attempts, d.transport))
@@ -461,7 +481,7 @@ class RetrierActor(Actor):
     def _transmit(self, send: Send, envelope: bytes | None) -> Event | None:
         """Queue the Transmit of ``send`` for this turn's hand-over (or fail the attempt at once)."""
         if envelope is None:
-            envelope = self.outbox.payload(send.message_id)
+            envelope = self.volatile.get(send.message_id) or self.outbox.payload(send.message_id)
         addresses = self.routes.get(send.recipient, {}).get(send.transport, ())
         if envelope is None or not addresses:
             reason = "the envelope is gone from the outbox" if envelope is None else "no address on this transport"
@@ -560,15 +580,15 @@ class RetrierActor(Actor):
                 self.ctx.log.emit("envelope_rejected", level="info", transport=msg.transport, reason=reason)
                 continue
             self.received += 1
+            if message.kind == CHUNK_KIND and self.transfer_to is not None:
+                self._hand_chunk(message, msg.envelope, msg.transport)
+                continue
             accepted.append((message.id, message.expires_at, msg.envelope))
             arrived.append(message)
             # R2 for a duplicate too (its first ack may be lost)
             to_ack.setdefault((message.sender, msg.transport), []).append(message.id)
         new = self.inbox.accept_many(accepted) if accepted else set()  # R1: committed
-        for (sender, transport), ids in to_ack.items():
-            per_ack = ACK_IDS_MAX if transport in BATCH_ACKS else 1
-            for start in range(0, len(ids), per_ack):
-                self._ack(sender, transport, ids[start : start + per_ack], now)
+        self._ack_all(to_ack, now)
         for message, (_, _, envelope) in zip(arrived, accepted, strict=True):
             if message.id in new:
                 new.discard(message.id)  # an id twice in one batch is handed over once
@@ -576,6 +596,45 @@ class RetrierActor(Actor):
             else:
                 self.duplicates += 1
         self._step(acked)  # every settled message in one commit; the acks' Transmits go with this turn's
+
+    def _hand_chunk(self, message: Message, envelope: bytes, transport: str) -> None:
+        """A transfer's chunk: straight to ``transfer_to``, not stored; acked once it is Handled (committed).
+        A chunk it cannot take is dropped unacknowledged: the sender sends it again."""
+        if message.id in self.chunks_held:
+            self.duplicates += 1
+            return  # the copy in hand is acked when handled
+        assert self.transfer_to is not None
+        try:
+            self.tell(self.transfer_to, Incoming(message.id, envelope))
+        except BusError as exc:
+            self.ctx.log.emit("dispatch_failed", level="warning", message_id=message.id.hex(), reason=str(exc))
+            return
+        self.chunks_held[message.id] = (message.sender, transport)
+
+    def _handled(self, ids: list[bytes]) -> None:
+        """Messages ``deliver_to`` or ``transfer_to`` handled: inbox marks, and the acks of held chunks."""
+        to_ack: dict[tuple[str, str], list[bytes]] = {}
+        marks = []
+        for message_id in ids:
+            held = self.chunks_held.pop(message_id, None)
+            if held is None:
+                marks.append(message_id)
+            else:
+                to_ack.setdefault(held, []).append(message_id)
+        if marks:
+            self.inbox.mark_handled_many(marks)
+            self.undispatched.difference_update(marks)
+        if to_ack:
+            self._ack_all(to_ack, time.time())
+            self._step([])  # hands the acks' Transmits over
+
+    def _ack_all(self, to_ack: dict[tuple[str, str], list[bytes]], now: float) -> None:
+        """Queue the acks of ``to_ack`` (ids per sender and arrival transport): one envelope per
+        ``ACK_IDS_MAX`` ids on a transport that batches acks, one per id elsewhere."""
+        for (sender, transport), ids in to_ack.items():
+            per_ack = ACK_IDS_MAX if transport in BATCH_ACKS else 1
+            for start in range(0, len(ids), per_ack):
+                self._ack(sender, transport, ids[start : start + per_ack], now)
 
     def _ack(self, peer: str, arrived_on: str, ids: list[bytes], now: float) -> None:
         """Queue one ack envelope for the messages ``ids`` from ``peer`` (which came in on ``arrived_on``)."""
@@ -618,7 +677,7 @@ class RetrierActor(Actor):
             self.undispatched.discard(message_id)
             return  # handled meanwhile
         to = self.deliver_to
-        if self.transfer_to is not None and decode(envelope).kind == TRANSFER_KIND:
+        if self.transfer_to is not None and decode(envelope).kind in (TRANSFER_KIND, CHUNK_KIND):
             to = self.transfer_to  # a large transfer's message: its actor commits it and answers Handled
         try:
             self.tell(to, Incoming(message_id, envelope))

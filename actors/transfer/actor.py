@@ -56,10 +56,11 @@ from typing import Any
 
 from villagemesh.actors.core.base import Actor, ActorContext, Request
 from villagemesh.actors.core.envelopes import decode, remember
-from villagemesh.actors.retrier.messages import Deliver, Handled, Incoming
+from villagemesh.actors.retrier.messages import Deliver, Handled, Incoming, RetrierStarted
 from villagemesh.errors import BusError, ConfigError, ProtocolError, RemoteProtocolError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
 from villagemesh.protocols.transfer import (
+    CHUNK_KIND,
     TRANSFER_KIND,
     Accept,
     Chunk,
@@ -245,6 +246,9 @@ class TransferActor(Actor):
             return None
         if isinstance(msg, GetTransfers):
             return Transfers(tuple(self._rows()))
+        if isinstance(msg, RetrierStarted):
+            self._chunks_lost()
+            return None
         if isinstance(msg, _Tick):
             self._tick()
             self.schedule(self.stall_s, _Tick())
@@ -355,13 +359,21 @@ class TransferActor(Actor):
         )
         self.table.end(tid, state, error_of(tid.hex(), out.peer_id, state, reason, detail))
 
+    def _chunks_lost(self) -> None:
+        """The retrier restarted, losing the chunks it held: offer again each transfer mid-window (one
+        offered already, as at this actor's own start, waits for its answer)."""
+        for out in self.outs.values():
+            if out.sender.state is SenderState.SENDING:
+                self._reoffer(out)
+
     def _tick(self) -> None:
         for out in self.outs.values():
             if out.stall.tick(out.sender.acked):
-                self._send(out.peer_id, out.sender.reoffer())
-                self.ctx.log.emit(
-                    "transfer_reoffered", transfer_id=out.sender.offer.transfer_id.hex(), acked=out.sender.acked
-                )
+                self._reoffer(out)
+
+    def _reoffer(self, out: _Out) -> None:
+        self._send(out.peer_id, out.sender.reoffer())
+        self.ctx.log.emit("transfer_reoffered", transfer_id=out.sender.offer.transfer_id.hex(), acked=out.sender.acked)
 
     # -- receiving -------------------------------------------------------------------------------------
 
@@ -543,7 +555,7 @@ class TransferActor(Actor):
         """One transfer message to ``peer``, as a reliable envelope handed to the retrier."""
         envelope = Message(
             id=os.urandom(ID_BYTES),
-            kind=TRANSFER_KIND,
+            kind=CHUNK_KIND if isinstance(message, Chunk) else TRANSFER_KIND,
             sender=self.node_id,
             recipient=peer,
             priority=Priority.BULK if isinstance(message, Chunk) else Priority.NORMAL,
