@@ -16,7 +16,11 @@ Three figures from the same run, on the same file:
   ``VmHWM`` reset through ``/proc/self/clear_refs`` once the node is up, minus ``VmRSS`` then);
   ``sender_peak_rss_mib``, ``receiver_peak_rss_mib`` each; target 64.
 
-    .venv/bin/python benchmarks/transfer.py [--quick] [--megabytes 256]
+    .venv/bin/python benchmarks/transfer.py [--quick] [--megabytes 256] [--window N] [--chunk-size BYTES]
+        [--switch-interval SECONDS]
+
+``--megabytes 1024`` is the issue's memory figure (1 GiB). The JSON line also names the window, the
+chunk size and the switch interval the run used.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from pathlib import Path
 
 from _common import emit
 from secure_channel import MAX_PLAINTEXT, channel_roundtrip
+
+from villagemesh.actors.transfer.state import DEFAULT_CHUNK_BYTES, DEFAULT_WINDOW
 
 TARGET = 0.5
 RSS_TARGET_MIB = 64
@@ -73,12 +79,13 @@ def receiver(data_dir: Path) -> None:
         sys.stdin.read()  # until the parent closes it
 
 
-def node_to_node(path: Path, work: Path) -> tuple[float, float, float]:
+def node_to_node(path: Path, work: Path, settings: dict[str, int]) -> tuple[float, float, float]:
     """(MiB/s, sender peak RSS growth, receiver's) of one send_file to a node in a child process."""
     from villagemesh import create_network
 
+    switch = ["--switch-interval", str(sys.getswitchinterval())]
     child = subprocess.Popen(
-        [sys.executable, __file__, "--receiver", str(work / "receiver")],
+        [sys.executable, __file__, "--receiver", str(work / "receiver"), *switch],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -87,7 +94,13 @@ def node_to_node(path: Path, work: Path) -> tuple[float, float, float]:
     try:
         _, peer_id, address = child.stdout.readline().split()
         node = create_network(
-            "hybrid", name="sender", data_dir=work / "sender", lan=False, discovery_interval=0.3, bootstrap=(address,)
+            "hybrid",
+            name="sender",
+            data_dir=work / "sender",
+            lan=False,
+            discovery_interval=0.3,
+            bootstrap=(address,),
+            **settings,
         )
         with node:
             if not node.wait_for_peers(1, 30):
@@ -140,7 +153,7 @@ def secure_ceiling(megabytes: int) -> float:
     return count * MAX_PLAINTEXT / (1 << 20) / channel_roundtrip(chunks)
 
 
-def main(megabytes: int) -> None:
+def main(megabytes: int, settings: dict[str, int]) -> None:
     with tempfile.TemporaryDirectory(prefix="villagemesh-transfer-") as tmp:
         work = Path(tmp)
         path = work / "weights.bin"
@@ -148,7 +161,7 @@ def main(megabytes: int) -> None:
         # The baselines before and after the node's run (their mean): a shared machine's load
         # drifts, and both sides of each ratio should see the same drift.
         raw_before, secure_before = raw_tcp(path, work), secure_ceiling(megabytes)
-        rate, sender_peak, receiver_peak = node_to_node(path, work)
+        rate, sender_peak, receiver_peak = node_to_node(path, work, settings)
         raw = (raw_before + raw_tcp(path, work)) / 2
         secure = (secure_before + secure_ceiling(megabytes)) / 2
     peak = max(sender_peak, receiver_peak)
@@ -165,6 +178,9 @@ def main(megabytes: int) -> None:
         receiver_peak_rss_mib=round(receiver_peak, 1),
         rss_target_mib=RSS_TARGET_MIB,
         megabytes=megabytes,
+        window=settings.get("transfer_window", DEFAULT_WINDOW),
+        chunk_size=settings.get("transfer_chunk_size", DEFAULT_CHUNK_BYTES),
+        switch_interval_ms=sys.getswitchinterval() * 1000,
     )
 
 
@@ -172,9 +188,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="32 MiB")
     parser.add_argument("--megabytes", type=int, default=256)
+    parser.add_argument("--window", type=int, help=f"NodeConfig.transfer_window (default {DEFAULT_WINDOW})")
+    parser.add_argument("--chunk-size", type=int, help="NodeConfig.transfer_chunk_size (default: the transports')")
+    parser.add_argument(
+        "--switch-interval", type=float, help="sys.setswitchinterval in both processes, seconds (default 0.005)"
+    )
     parser.add_argument("--receiver", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if args.receiver is not None:
         receiver(args.receiver)
     else:
-        main(32 if args.quick else args.megabytes)
+        chosen = {"transfer_window": args.window, "transfer_chunk_size": args.chunk_size}
+        main(32 if args.quick else args.megabytes, {k: v for k, v in chosen.items() if v is not None})

@@ -273,8 +273,8 @@ class NodeConfig:
     transfer_limits: Limits = field(default_factory=Limits)
     """What this node takes as a receiver: at most ``max_bytes``, only ``kinds`` (None: any), leaving
     ``reserve_bytes`` of disk free; an offer over a limit is refused before any byte is written."""
-    transfer_window: int = 16
-    """Chunks of one transfer unacknowledged at once (the flow-control window)."""
+    transfer_window: int = 8
+    """Chunks of one transfer unacknowledged at once (the flow-control window; memory grows with it)."""
     transfer_chunk_size: int | None = None
     """Bytes per chunk (None: chosen by the mode's transports, 256 KiB over WebSocket)."""
     transfer_stall_s: float = 10.0

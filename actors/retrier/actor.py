@@ -599,10 +599,11 @@ class RetrierActor(Actor):
 
     def _hand_chunk(self, message: Message, envelope: bytes, transport: str) -> None:
         """A transfer's chunk: straight to ``transfer_to``, not stored; acked once it is Handled (committed).
-        A chunk it cannot take is dropped unacknowledged: the sender sends it again."""
+        A chunk it cannot take is dropped unacknowledged: the sender sends it again. A copy of a chunk
+        held already is handed over too (the first may have been lost in a crash of ``transfer_to``,
+        which tells a chunk it committed from a new one)."""
         if message.id in self.chunks_held:
             self.duplicates += 1
-            return  # the copy in hand is acked when handled
         assert self.transfer_to is not None
         try:
             self.tell(self.transfer_to, Incoming(message.id, envelope))

@@ -23,8 +23,10 @@ __all__ = [
     "received_name",
 ]
 
-DEFAULT_WINDOW = 16
-"""Chunks in flight per transfer: 16 x 256 KiB = 4 MiB unacknowledged at most (memory stays bounded)."""
+DEFAULT_WINDOW = 8
+"""Chunks in flight per transfer: 8 x 256 KiB = 2 MiB unacknowledged at most. Each chunk in flight costs
+about 2.5 MiB of peak RSS per side (its copies along the hops, and what malloc keeps of them): a window
+of 16 peaked at 82 MiB while moving 1 GiB, 8 at 63 MiB, at the same throughput (docs/benchmarks.md)."""
 
 TRANSPORT_CHUNK_BYTES: dict[str, int] = {"websocket": 256 * 1024, "libp2p": 256 * 1024, "bitchat": 1024}
 """The chunk each transport carries well: WebSocket frames of 256 KiB keep a small message's wait behind

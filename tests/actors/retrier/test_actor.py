@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import WAIT, Recorder
 from villagemesh.actors.core.base import Actor, InjectedCrash, Scheduler
 from villagemesh.actors.core.bus import Bus, Sender
+from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.core.transport import Received, Transmit, TransmitResult
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope, send_envelopes
@@ -23,6 +24,7 @@ from villagemesh.actors.retrier.messages import ACK_KIND, Handled, Incoming, Mes
 from villagemesh.actors.retrier.store import Outbox
 from villagemesh.errors import ActorCrashed, DeliveryFailed, LocalProtocolError
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
+from villagemesh.protocols.transfer import CHUNK_KIND
 from villagemesh.supervision.log import EventLog
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Environment, Supervisor
@@ -328,3 +330,39 @@ def test_one_ack_envelope_settles_every_message_it_lists(nodes):
     nodes["A"].bus.client().tell("retrier", Received("websocket", encode_message(ack), "B"))
     App.wait(lambda: len(delivered("A")) == 5)
     assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
+
+
+def chunk_envelope(n: int) -> bytes:
+    return encode_message(
+        Message(
+            id=os.urandom(16),
+            kind=CHUNK_KIND,
+            sender="A",
+            recipient="B",
+            priority=Priority.BULK,
+            created_at=time.time(),
+            ttl=60.0,
+            correlation_id=None,
+            payload=b"chunk %d" % n,
+        )
+    )
+
+
+@pytest.mark.parametrize("nodes", [{"transfer_to": "app"}], indirect=True)
+def test_transfer_chunks_are_never_stored_and_are_acked_only_once_handled(nodes, tmp_path):
+    """Chunk envelopes (a transfer's bulk) stay out of A's outbox and B's inbox; B acks one only after the
+    Handled of ``transfer_to``: one B drops unhandled is sent again by A (ack timeout) and handled then."""
+    Wire.drop_acks.set()
+    App.ignore_first = {"B"}
+    client = nodes["A"].bus.client()
+    ids = [send_envelope(client, chunk_envelope(n), timeout=WAIT) for n in range(10)]
+    App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 9)
+    assert Outbox(str(tmp_path / "A.db")).pending() == []  # in flight, yet no row: held in memory
+    assert retrier_status(client, timeout=WAIT).pending == 10
+    Wire.drop_acks.clear()
+    App.wait(lambda: len(delivered("A")) == 10)  # the ignored one too: resent, handled, acked
+    assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
+    assert sorted(mid for node, mid in App.handled if node == "B") == sorted(ids)
+    inbox = Inbox(str(tmp_path / "B.db"))
+    assert [inbox.payload(mid) for mid in ids] == [None] * 10  # never stored at B either
+    inbox.close()
