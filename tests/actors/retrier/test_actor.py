@@ -154,14 +154,14 @@ def nodes(tmp_path: Path, recorder: Recorder, request: Any) -> Iterator[dict[str
         env.log.close()
 
 
-def envelope(sender: str, recipient: str | None, n: int, *, ttl: float = 60.0) -> bytes:
+def envelope(sender: str, recipient: str | None, n: int, *, ttl: float = 60.0, kind: str = "DATA") -> bytes:
     return encode_message(
         Message(
             id=os.urandom(16),
-            kind="DATA",
+            kind=kind,
             sender=sender,
             recipient=recipient,
-            priority=Priority(n % 5),
+            priority=Priority.BULK if kind == CHUNK_KIND else Priority(n % 5),
             created_at=time.time(),
             ttl=ttl,
             correlation_id=None,
@@ -332,22 +332,6 @@ def test_one_ack_envelope_settles_every_message_it_lists(nodes):
     assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
 
 
-def chunk_envelope(n: int) -> bytes:
-    return encode_message(
-        Message(
-            id=os.urandom(16),
-            kind=CHUNK_KIND,
-            sender="A",
-            recipient="B",
-            priority=Priority.BULK,
-            created_at=time.time(),
-            ttl=60.0,
-            correlation_id=None,
-            payload=b"chunk %d" % n,
-        )
-    )
-
-
 @pytest.mark.parametrize("nodes", [{"transfer_to": "app"}], indirect=True)
 def test_transfer_chunks_are_never_stored_and_are_acked_only_once_handled(nodes, tmp_path):
     """Chunk envelopes (a transfer's bulk) stay out of A's outbox and B's inbox; B acks one only after the
@@ -355,7 +339,7 @@ def test_transfer_chunks_are_never_stored_and_are_acked_only_once_handled(nodes,
     Wire.drop_acks.set()
     App.ignore_first = {"B"}
     client = nodes["A"].bus.client()
-    ids = [send_envelope(client, chunk_envelope(n), timeout=WAIT) for n in range(10)]
+    ids = [send_envelope(client, envelope("A", "B", n, kind=CHUNK_KIND), timeout=WAIT) for n in range(10)]
     App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 9)
     assert Outbox(str(tmp_path / "A.db")).pending() == []  # in flight, yet no row: held in memory
     assert retrier_status(client, timeout=WAIT).pending == 10
