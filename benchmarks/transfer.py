@@ -15,6 +15,8 @@ Three figures from the same run, on the same file:
 - ``peak_rss_mib``: the larger peak RSS growth of the two nodes while the file moves (Linux
   ``VmHWM`` reset through ``/proc/self/clear_refs`` once the node is up, minus ``VmRSS`` then);
   ``sender_peak_rss_mib``, ``receiver_peak_rss_mib`` each; target 64.
+- ``seconds`` of the node's run, and ``sender_cpu_s``, ``receiver_cpu_s``: CPU time (all threads) each
+  process spent meanwhile: where the time goes (two cores: CPU-bound when the two add up to 2 x seconds).
 
     .venv/bin/python benchmarks/transfer.py [--quick] [--megabytes 256] [--window N] [--chunk-size BYTES]
         [--switch-interval SECONDS]
@@ -73,14 +75,16 @@ def receiver(data_dir: Path) -> None:
     node.on_transfer(lambda received: (print(f"RECEIVED {received.path}", flush=True), done.set()))
     with node:
         base = reset_peak()
+        cpu = time.process_time()
         print(f"LISTEN {node.node_id} {node.acceptor_address}", flush=True)
         done.wait()
-        print(f"PEAK {status_mib('VmHWM') - base:.1f}", flush=True)
+        print(f"PEAK {status_mib('VmHWM') - base:.1f} {time.process_time() - cpu:.2f}", flush=True)
         sys.stdin.read()  # until the parent closes it
 
 
-def node_to_node(path: Path, work: Path, settings: dict[str, int]) -> tuple[float, float, float]:
-    """(MiB/s, sender peak RSS growth, receiver's) of one send_file to a node in a child process."""
+def node_to_node(path: Path, work: Path, settings: dict[str, int]) -> tuple[float, float, float, float, float]:
+    """(MiB/s, sender peak RSS growth, receiver's, sender CPU seconds, receiver's) of one send_file to a
+    node in a child process (the receiver's CPU from its start listening, so a little more than the file's)."""
     from villagemesh import create_network
 
     switch = ["--switch-interval", str(sys.getswitchinterval())]
@@ -106,17 +110,19 @@ def node_to_node(path: Path, work: Path, settings: dict[str, int]) -> tuple[floa
             if not node.wait_for_peers(1, 30):
                 raise RuntimeError("the receiver was not found")
             base = reset_peak()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             node.send_file(peer_id, path).wait(600)
             received = child.stdout.readline()
             elapsed = time.perf_counter() - start
+            sender_cpu = time.process_time() - cpu
             sender_peak = status_mib("VmHWM") - base
         assert received.startswith("RECEIVED"), received
-        receiver_peak = float(child.stdout.readline().split()[1])
+        _, receiver_peak, receiver_cpu = child.stdout.readline().split()
     finally:
         child.stdin.close()
         child.wait(60)
-    return path.stat().st_size / (1 << 20) / elapsed, sender_peak, receiver_peak
+    rate = path.stat().st_size / (1 << 20) / elapsed
+    return rate, sender_peak, float(receiver_peak), sender_cpu, float(receiver_cpu)
 
 
 def raw_tcp(path: Path, work: Path) -> float:
@@ -161,7 +167,7 @@ def main(megabytes: int, settings: dict[str, int]) -> None:
         # The baselines before and after the node's run (their mean): a shared machine's load
         # drifts, and both sides of each ratio should see the same drift.
         raw_before, secure_before = raw_tcp(path, work), secure_ceiling(megabytes)
-        rate, sender_peak, receiver_peak = node_to_node(path, work, settings)
+        rate, sender_peak, receiver_peak, sender_cpu, receiver_cpu = node_to_node(path, work, settings)
         raw = (raw_before + raw_tcp(path, work)) / 2
         secure = (secure_before + secure_ceiling(megabytes)) / 2
     peak = max(sender_peak, receiver_peak)
@@ -177,6 +183,9 @@ def main(megabytes: int, settings: dict[str, int]) -> None:
         sender_peak_rss_mib=round(sender_peak, 1),
         receiver_peak_rss_mib=round(receiver_peak, 1),
         rss_target_mib=RSS_TARGET_MIB,
+        seconds=round(megabytes / rate, 2),
+        sender_cpu_s=round(sender_cpu, 2),
+        receiver_cpu_s=round(receiver_cpu, 2),
         megabytes=megabytes,
         window=settings.get("transfer_window", DEFAULT_WINDOW),
         chunk_size=settings.get("transfer_chunk_size", DEFAULT_CHUNK_BYTES),

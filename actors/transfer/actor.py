@@ -555,7 +555,7 @@ class TransferActor(Actor):
         """One transfer message to ``peer``, as a reliable envelope handed to the retrier."""
         envelope = Message(
             id=os.urandom(ID_BYTES),
-            kind=CHUNK_KIND if isinstance(message, Chunk) else TRANSFER_KIND,
+            kind=CHUNK_KIND if isinstance(message, Chunk | ChunkAck) else TRANSFER_KIND,
             sender=self.node_id,
             recipient=peer,
             priority=Priority.BULK if isinstance(message, Chunk) else Priority.NORMAL,
