@@ -48,6 +48,8 @@ answered again), ``transfer_handler_failed``
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import shutil
 import time
@@ -95,6 +97,9 @@ TRANSFER_TTL = 24 * 3600.0
 
 HASH_BYTES = 1024 * 1024
 """Bytes read at a time when hashing a whole file."""
+
+TRIM_EVERY_BYTES = 8 * 1024 * 1024
+"""Chunk bytes through the actor between two trims of the heap (:func:`_trim`)."""
 
 BATCH_LIMIT = 256
 """Messages one turn takes at most: 256 chunks of 256 KiB are 64 MiB written per commit."""
@@ -172,6 +177,8 @@ class TransferActor(Actor):
         self.outs: dict[bytes, _Out] = {}
         self.ins: dict[bytes, _In] = {}
         self.ended_out: dict[bytes, TransferRow] = {}
+        self.moved = 0
+        """Chunk bytes through this actor since the heap was last trimmed (:func:`_trim`)."""
         for row in self.store.outgoing():
             tid = row.offer.transfer_id
             if row.state in ("done", "refused", "failed"):
@@ -309,6 +316,7 @@ class TransferActor(Actor):
                     self._end_out(out)
                     break
                 self._send(out.peer_id, Chunk.of(tid, index, data))
+                self.moved += len(data)
             else:
                 updates.append((tid, sender.acked, sender.state.value, ""))
         self.store.set_outgoing(updates)
@@ -411,6 +419,10 @@ class TransferActor(Actor):
         self._pump(touched)
         for item in batch:
             self.tell(self.retrier, Handled(item.message_id))
+        self.moved += sum(len(item.envelope) for item in batch)
+        if self.moved >= TRIM_EVERY_BYTES:
+            self.moved = 0
+            _trim()
 
     def _offered(self, peer: str, offer: Offer) -> None:
         entry = self.ins.get(offer.transfer_id)
@@ -608,6 +620,25 @@ class TransferActor(Actor):
         return TransferRow(
             offer.transfer_id.hex(), peer, "out", offer.name, offer.kind, offer.size, done, state, detail
         )
+
+
+def _load_trim() -> Any:
+    """glibc's ``malloc_trim``, or None (another C library: nothing to trim)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_trim()
+
+
+def _trim() -> None:
+    """Give the heap's free memory back to the system. Each chunk is copied at every hop, by several
+    threads, so several malloc arenas each keep freed chunk-sized blocks (glibc raises its mmap and trim
+    thresholds after the first large frees): without this, peak RSS grew ~20 MiB more per side."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _close(entry: _Out | _In) -> None:
