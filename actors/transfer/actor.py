@@ -3,18 +3,22 @@
 ::
 
     Node.send_file ──ask SendFile──► transfer: store the row (commit) ─► Offer ──Deliver──► retrier ─► peer
-    peer's retrier ──Incoming(kind villagemesh.transfer)──► peer's transfer:
+    peer's retrier ──Incoming(kind villagemesh.transfer or villagemesh.transfer.chunk)──► peer's transfer:
         Offer   ─► judge(limits, free disk) ─► Refuse (nothing written) | store the row (commit) ─► Accept(resume)
         Chunk…  ─► pwrite into data_dir/transfers/<id>.part ─► chunks rows (one commit per turn) ─► ChunkAck
                    ─► every chunk in: hash the whole ─► os.replace into the received dir ─► Complete | Failed
-        then Handled(ids) ──► retrier (only after the commit)
+        then Handled(ids) ──► retrier (only after the commit: the inbox marks, and the acks of chunks)
     transfer (sender) on Accept / ChunkAck: the window's next chunks read from the file (pread) ─► Deliver(BULK)
 
-Every transfer message is one reliable envelope of kind
-:data:`~villagemesh.protocols.transfer.TRANSFER_KIND`: chunks at BULK priority,
-the rest at NORMAL, so the retrier's stride scheduler keeps an application's
-small messages ahead of a transfer, and each chunk fails over along the mode's
-transport order like any message. At most ``window`` chunks are unacknowledged
+Every transfer message is one envelope handed to the retrier: offers and answers
+reliable ones of kind :data:`~villagemesh.protocols.transfer.TRANSFER_KIND` (stored
+in the outbox, NORMAL priority); chunks (BULK) and chunk acks of kind
+:data:`~villagemesh.protocols.transfer.CHUNK_KIND`, which the retriers hold in
+memory only, retry and fail over along the mode's transport order like any
+message, and ack only once this actor answered ``Handled`` (committed). The
+stride scheduler keeps an application's small messages ahead of a transfer's
+chunks. A restarted retrier tells this actor (``RetrierStarted``), which offers
+again each transfer mid-window. At most ``window`` chunks are unacknowledged
 (:class:`~villagemesh.protocols.transfer.Sender`), and a chunk is acknowledged
 only once committed, so a slow receiver slows the sender and memory stays a
 window of chunks on each side (chunks are read from the file when they are due,
