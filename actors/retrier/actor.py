@@ -127,10 +127,11 @@ REPLY_CAPABLE = frozenset({"websocket", "betanet", "bitchat"})
 peer opened (websocket), on the reply block its message carried (betanet), to the BitChat peer id its
 envelopes came from (bitchat)."""
 
-BATCH_ACKS = frozenset({"websocket"})
-"""Transports on which one ack envelope acknowledges every message of a turn from one peer (it goes back
-on the connection they came in on). Elsewhere each message gets its own ack: betanet answers each on
-the reply block that message carried, which is used once."""
+BATCH_ACKS = frozenset({"websocket", "libp2p"})
+"""Transports on which one ack envelope acknowledges every message of a turn from one peer (websocket:
+back on the connection they came in on; libp2p: on the peer's route, one envelope for a window of a
+transfer's chunks instead of one each). Elsewhere each message gets its own ack: betanet answers each on
+the reply block that message carried, which is used once; a BitChat packet is small."""
 
 HANDOFF_TIMEOUT = 0.1
 """Seconds the retrier waits for room in a transport's mailbox before that attempt fails."""
@@ -446,11 +447,11 @@ class RetrierActor(Actor):
     def _carry_out(self, d: Decision, envelope: bytes | None) -> Event | None:
         if isinstance(d, Send):
             return self._transmit(d, envelope)
-        if isinstance(d, Delivered | Failed):
-            self.volatile.pop(d.message_id, None)
+        chunk = isinstance(d, Delivered | Failed) and self.volatile.pop(d.message_id, None) is not None
         if isinstance(d, Delivered):
             self.delivered.append(d)
-            self._notify(MessageDelivered(d.message_id, d.attempts, d.transport))
+            if not chunk:  # a chunk's outcome is the transfer's business (its acks), not the app's
+                self._notify(MessageDelivered(d.message_id, d.attempts, d.transport))
         elif isinstance(d, Failed):
             self.ctx.log.emit(
                 "delivery_failed",
@@ -460,7 +461,8 @@ class RetrierActor(Actor):
                 last_error=d.last_error,
                 reason=d.reason.value,
             )
-            self._notify(MessageFailed(d.message_id, d.attempts, d.last_error, d.reason.value))
+            if not chunk:
+                self._notify(MessageFailed(d.message_id, d.attempts, d.last_error, d.reason.value))
         elif isinstance(d, NextWakeup):
             self._wake_at(d.at)
         return None
