@@ -15,7 +15,9 @@ the answer resolves with ``loop.call_soon_threadsafe``. Sends are told to the
 retrier, whose refusals come back as the handle's end; queries (peers,
 statuses) go through the app gateway (:class:`~villagemesh.actors.app.messages.BridgeQuery`).
 No executor thread is used, except by :meth:`AsyncNode.start` and
-:meth:`AsyncNode.stop`, which start and join the node's own threads.
+:meth:`AsyncNode.stop`, which start and join the node's own threads, and by the
+transfers (:meth:`AsyncNode.send_file`, :meth:`AsyncNode.send_stream`), whose
+hashing and spooling are file I/O that must not block the loop.
 
 Where handlers run: ``async def`` handlers (and coroutines a plain handler
 returns) run on the loop they were subscribed from; plain handlers run on the
@@ -35,8 +37,9 @@ import asyncio
 import collections
 import contextlib
 import functools
+import os
 import weakref
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
 from typing import Any
 
 from villagemesh.actors.app.messages import BridgeQuery
@@ -47,14 +50,19 @@ from villagemesh.errors import MailboxFull, OutboxFull, RequestTimeout
 from villagemesh.node import (
     ASK_TIMEOUT,
     DEFAULT_TTL,
+    FILE_KIND,
     REQUEST_KIND,
     Handler,
     Node,
     NodeEvent,
     PeerInfo,
     PriorityLike,
+    ReceivedFile,
+    TransferHandle,
     _peer_info,
+    _Spool,
     check_min_count,
+    check_peer_id,
 )
 from villagemesh.protocols.envelope import Priority, encode_message
 
@@ -199,6 +207,51 @@ class AsyncNode:
             await self.send(p.peer_id, payload, kind=kind, priority=priority, ttl=ttl, timeout=timeout)
             for p in await self.peers()
         ]
+
+    # -- large transfers -------------------------------------------------------------------------
+
+    async def send_file(
+        self, peer_id: str, path: str | os.PathLike[str], *, kind: str = FILE_KIND, name: str | None = None
+    ) -> TransferHandle:
+        """:meth:`Node.send_file <villagemesh.node.Node.send_file>` (hashed on an executor thread);
+        ``await handle`` for its end."""
+        return await asyncio.to_thread(functools.partial(self.node.send_file, peer_id, path, kind=kind, name=name))
+
+    async def send_stream(
+        self,
+        peer_id: str,
+        source: AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        size: int | None = None,
+        kind: str = FILE_KIND,
+        name: str = "stream",
+    ) -> TransferHandle:
+        """:meth:`Node.send_stream <villagemesh.node.Node.send_stream>` for an async (or plain) iterable:
+        read on the loop, spooled on an executor thread, then offered."""
+        check_peer_id(peer_id, self.node.node_id)
+        if not isinstance(source, AsyncIterable):
+            send = functools.partial(self.node.send_stream, peer_id, source, size=size, kind=kind, name=name)
+            return await asyncio.to_thread(send)
+        spool = await asyncio.to_thread(_Spool, self.node.config.data_dir)
+        try:
+            async for block in source:
+                await asyncio.to_thread(spool.write, block)
+            path, digest = await asyncio.to_thread(spool.close, size)
+        except BaseException:
+            spool.discard()
+            raise
+        offer = functools.partial(
+            self.node._offer, peer_id, path, os.path.getsize(path), digest, kind, name, spooled=True
+        )
+        return await asyncio.to_thread(offer)
+
+    def on_transfer(self, handler: Callable[[ReceivedFile], object], kind: str = "*") -> Callable[[], None]:
+        """:meth:`Node.on_transfer <villagemesh.node.Node.on_transfer>` (an ``async def`` runs on this loop)."""
+        return self.node.on_transfer(handler, kind)
+
+    async def transfers(self) -> list[dict[str, Any]]:
+        """:meth:`Node.transfers <villagemesh.node.Node.transfers>`."""
+        return await asyncio.to_thread(self.node.transfers)
 
     # -- receiving -------------------------------------------------------------------------------
 

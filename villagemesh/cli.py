@@ -6,6 +6,7 @@
     villagemesh demo  [--nodes 5] [--messages 20] [--data-dir DIR]
     villagemesh peers --data-dir DIR
     villagemesh send  --to PEER_ID --via HOST:PORT [--data-dir DIR] TEXT
+    villagemesh send  --to PEER_ID --via HOST:PORT [--data-dir DIR] --file PATH [--kind KIND]
     villagemesh dashboard [--log FILE ...] [--node HOST:PORT ...] [--port P]
     villagemesh top       [--log FILE ...] [--node HOST:PORT ...] [--once]
 
@@ -16,7 +17,10 @@ data dir as ``node`` would before it starts (the stores against the manifest,
 the key) and starts nothing: exit 0 when all is well, 1 with one line per
 problem otherwise. ``peers`` reads a node's registry file (the node may be
 running). ``send`` runs a short-lived node of its own, finds the peer through
-``--via`` and waits for the delivery.
+``--via`` and waits for the delivery; with ``--file`` it sends the file as a
+transfer (chunked, verified by the receiver, resumable) and draws a progress
+bar on stderr (bytes done of total, rate) until the receiver has verified it.
+``node`` prints ``RECEIVED FILE <kind> from <peer>: <path>`` for each file it receives.
 """
 
 from __future__ import annotations
@@ -88,9 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--to", required=True, metavar="PEER_ID")
     send.add_argument("--via", required=True, metavar="HOST:PORT", help="a node's acceptor (the peer or a neighbour)")
     send.add_argument("--data-dir", type=Path, default=DEFAULT_CLI_DIR)
-    send.add_argument("--kind", default="DATA")
-    send.add_argument("--timeout", type=float, default=30.0)
-    send.add_argument("text")
+    send.add_argument("--kind", default=None, help="the message's kind (DATA), or the file's (file)")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds (with --file: without progress)")
+    send.add_argument("--file", type=Path, metavar="PATH", help="send this file as a transfer, with a progress bar")
+    send.add_argument("text", nargs="?")
     send.set_defaults(run=_run_send)
 
     from villagemesh.dashboard.cli import add_commands
@@ -124,6 +129,7 @@ def _run_node(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     # Every kind is handled (printed), so senders see "delivered", not "unhandled".
     node.subscribe("*", lambda m: print(f"RECEIVED {m.kind} from {m.sender}: {len(m.payload)} bytes", flush=True))
+    node.on_transfer(lambda f: print(f"RECEIVED FILE {f.kind} from {f.peer_id}: {f.path}", flush=True))
     with node:
         node.on_failure(lambda _: stop.set())
         print(f"LISTEN {node.node_id} {node.acceptor_address}", flush=True)
@@ -188,6 +194,9 @@ def _ago(seconds: float) -> str:
 def _run_send(args: argparse.Namespace) -> int:
     from villagemesh.node import create_network
 
+    if (args.text is None) == (args.file is None):
+        print("villagemesh send: give either TEXT or --file PATH", file=sys.stderr)
+        return 2
     node = create_network("direct", data_dir=args.data_dir, bootstrap=(args.via,), discovery_interval=0.5)
     with node:
         print(f"sending as {node.node_id} via {args.via} …", flush=True)
@@ -197,7 +206,9 @@ def _run_send(args: argparse.Namespace) -> int:
                 print(f"peer {args.to} was not found through {args.via} within {args.timeout} s", file=sys.stderr)
                 return 1
             threading.Event().wait(0.1)
-        handle = node.send(args.to, args.text.encode(), kind=args.kind)
+        if args.file is not None:
+            return _send_file(node, args)
+        handle = node.send(args.to, args.text.encode(), kind=args.kind or "DATA")
         status = handle.wait(max(0.1, deadline - time.monotonic()))
     if status.delivered:
         print(f"delivered {status.message_id} to {args.to} after {status.attempts} attempt(s)")
@@ -207,6 +218,59 @@ def _run_send(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def _send_file(node: Any, args: argparse.Namespace) -> int:
+    """Send ``args.file`` and draw its progress until it ends (or no byte moved for ``args.timeout`` s)."""
+    handle = node.send_file(args.to, args.file, kind=args.kind or "file")
+    bar = ProgressBar(sys.stderr, args.file.name, handle.total)
+    last, moved_at = -1, time.monotonic()
+    while True:
+        try:
+            final = handle.wait(0.2)
+        except TimeoutError:
+            progress = handle.progress
+            if progress.done != last:
+                last, moved_at = progress.done, time.monotonic()
+            elif time.monotonic() - moved_at > args.timeout:
+                bar.end(f"stalled: no progress for {args.timeout} s (the transfer resumes when sent again)")
+                return 1
+            bar.draw(progress.done, progress.rate)
+            continue
+        except VillageMeshError as exc:
+            bar.end(f"failed: {type(exc).__name__}: {exc}")
+            return 1
+        bar.draw(final.done, final.rate)
+        bar.end(f"verified by {args.to}")
+        return 0
+
+
+class ProgressBar:
+    """One line redrawn in place: ``name [#####.....]  45.0 %  12.0/26.7 MiB  8.1 MiB/s``."""
+
+    WIDTH = 30
+
+    def __init__(self, out: Any, name: str, total: int) -> None:
+        self.out = out
+        self.name = name
+        self.total = total
+
+    def line(self, done: int, rate: float) -> str:
+        share = 1.0 if self.total == 0 else done / self.total
+        filled = int(share * self.WIDTH)
+        mib = 1024 * 1024
+        return (
+            f"{self.name} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {100 * share:5.1f} %  "
+            f"{done / mib:.1f}/{self.total / mib:.1f} MiB  {rate / mib:.1f} MiB/s"
+        )
+
+    def draw(self, done: int, rate: float) -> None:
+        self.out.write("\r" + self.line(done, rate))
+        self.out.flush()
+
+    def end(self, text: str) -> None:
+        self.out.write(f"\n{text}\n")
+        self.out.flush()
 
 
 # -- demo ------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
     ├── node.key            the node's keys (its id is derived from them)
     ├── messages.sqlite3    the retrier's outbox and inbox; the app gateway's dispatch marks
     ├── peers.sqlite3       the registry's peers
+    ├── transfers.sqlite3   the transfer actor's outgoing and incoming transfers (and transfers/, received/)
     ├── manifest.json       the node id, each store's identity and generation
     ├── events.jsonl        the event log
     └── node.lock           one running node per data dir
@@ -41,6 +42,8 @@ from villagemesh.actors.core.ledger import prepare as prepare_messages
 from villagemesh.actors.core.secure.keys import NodeKeys
 from villagemesh.actors.registry.store import SCHEMA_VERSION as PEERS_VERSION
 from villagemesh.actors.registry.store import PeerStore
+from villagemesh.actors.transfer.store import SCHEMA_VERSION as TRANSFERS_VERSION
+from villagemesh.actors.transfer.store import TransferStore
 from villagemesh.errors import ConfigError, IdentityError, StorageError
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "KEY_FILE",
     "MESSAGES_FILE",
     "PEERS_FILE",
+    "TRANSFERS_FILE",
     "checkpoint_stores",
     "close_all",
     "diagnose",
@@ -65,6 +69,9 @@ PEERS_FILE = "peers.sqlite3"
 
 KEY_FILE = "node.key"
 """The node's keys in ``data_dir`` (its id is derived from them)."""
+
+TRANSFERS_FILE = "transfers.sqlite3"
+"""The transfer actor's outgoing and incoming transfers in ``data_dir`` (what a resume starts from)."""
 
 BETANET_FILE = "betanet.sqlite3"
 """A BetaNet mixnode's replay tags in ``data_dir``."""
@@ -131,6 +138,7 @@ def prepare(
         events.append(("store_loss_accepted", {"level": "warning", **fields, "moved": moved}))
     prepare_messages(data / MESSAGES_FILE, synchronous=synchronous)  # before two actors open it at once
     PeerStore(data / PEERS_FILE).close()
+    TransferStore(data / TRANSFERS_FILE, synchronous=synchronous).close()
     if betanet:
         ReplayStore(data / BETANET_FILE).close()
     if manifest is None:
@@ -234,6 +242,16 @@ def store_specs(*, betanet: bool = False) -> tuple[StoreSpec, ...]:
             ),
         ),
         StoreSpec(PEERS_FILE, PEERS_VERSION, ("peers",), (("known peer(s)", "SELECT count(*) FROM peers"),)),
+        StoreSpec(
+            TRANSFERS_FILE,
+            TRANSFERS_VERSION,
+            ("outgoing", "incoming", "chunks"),
+            (
+                ("unfinished outgoing transfer(s)", "SELECT count(*) FROM outgoing WHERE state NOT IN"
+                 " ('done', 'refused', 'failed')"),
+                ("unfinished incoming transfer(s)", "SELECT count(*) FROM incoming WHERE state = 'receiving'"),
+            ),
+        ),
         *(
             [StoreSpec(BETANET_FILE, BETANET_VERSION, ("tags",), (("replay tag(s)", "SELECT count(*) FROM tags"),))]
             if betanet

@@ -6,6 +6,7 @@
     ├── registry      peers, capabilities, trust          (SQLite: data_dir/peers.sqlite3)
     ├── retrier       outbox, acks, retries, failover      (SQLite: data_dir/messages.sqlite3)
     ├── app           subscribers and delivery handles
+    ├── transfer      large files: chunked, verified, resumable (SQLite: data_dir/transfers.sqlite3)
     ├── keeper        checkpoints the stores, keeps data_dir/manifest.json
     ├── transports    (one_for_one)
     │   ├── libp2p    a libp2p peer (Noise, yamux) on the acceptor's port
@@ -85,6 +86,7 @@ from villagemesh.actors.core.bus import Bus
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
 from villagemesh.actors.retrier.state import DEFAULT_ROUTE_TIMEOUT
+from villagemesh.actors.transfer.handles import Progress, ReceivedFile, Receivers, TransferHandle, TransferTable
 from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
     BusError,
@@ -96,10 +98,12 @@ from villagemesh.errors import (
     RequestTimeout,
     StorageError,
     SupervisionError,
+    TransferError,
     VillageMeshError,
 )
 from villagemesh.protocols.discovery import Capabilities
 from villagemesh.protocols.envelope import ID_BYTES, MAX_PAYLOAD_BYTES, Message, Priority, encode_message
+from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, Limits, whole_digest
 
 if TYPE_CHECKING:
     from villagemesh.aio import AsyncNode
@@ -120,6 +124,10 @@ __all__ = [
     "OutboxLimits",
     "PeerInfo",
     "Priority",
+    "Progress",
+    "ReceivedFile",
+    "TransferHandle",
+    "TransferLimits",
     "create_network",
     "diagnose",
     "free_port",
@@ -147,6 +155,15 @@ DEFAULT_SEND_TIMEOUT = 5.0
 
 TRANSPORT_DOWN_TIMEOUT = 0.5
 """Seconds the supervisor's thread waits for room in the retrier's mailbox to report a dead transport."""
+
+TransferLimits = Limits
+"""What a node accepts as a receiver of transfers (max size, kinds, disk space to leave free)."""
+
+FILE_KIND = "file"
+"""The kind ``send_file`` and ``send_stream`` offer unless told otherwise."""
+
+HASH_BYTES = 1024 * 1024
+"""Bytes read (or spooled) at a time when hashing a file to send."""
 
 REQUEST_KIND = "REQUEST"
 """The kind ``request`` sends unless told otherwise."""
@@ -253,6 +270,17 @@ class NodeConfig:
     full collection of the runtime's ~56,000 start-up objects holds the interpreter lock for
     ~25 ms, which an asyncio program sees as a stalled event loop. Process-wide: objects alive
     at that moment are never collected as cyclic garbage afterwards (False: leave the collector alone)."""
+    transfer_limits: Limits = field(default_factory=Limits)
+    """What this node takes as a receiver: at most ``max_bytes``, only ``kinds`` (None: any), leaving
+    ``reserve_bytes`` of disk free; an offer over a limit is refused before any byte is written."""
+    transfer_window: int = 8
+    """Chunks of one transfer unacknowledged at once (the flow-control window; memory grows with it)."""
+    transfer_chunk_size: int | None = None
+    """Bytes per chunk (None: chosen by the mode's transports, 256 KiB over WebSocket)."""
+    transfer_stall_s: float = 10.0
+    """Seconds without an ack before a sender offers again (the receiver's answer resumes it)."""
+    received_dir: Path | None = None
+    """Where received files are moved once verified (None: ``data_dir/received``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -357,6 +385,18 @@ class NodeConfig:
         object.__setattr__(self, "codec", payload_codec(self.codec))
         if not isinstance(self.outbox, OutboxLimits):
             raise ConfigError(f"outbox must be an OutboxLimits, got {self.outbox!r}")
+        if not isinstance(self.transfer_limits, Limits):
+            raise ConfigError(f"transfer_limits must be a TransferLimits, got {self.transfer_limits!r}")
+        if not _is_int(self.transfer_window) or self.transfer_window < 1:
+            raise ConfigError(f"transfer_window must be an int >= 1, got {self.transfer_window!r}")
+        chunk = self.transfer_chunk_size
+        if chunk is not None and (not _is_int(chunk) or not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES):
+            bounds = f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}"
+            raise ConfigError(f"transfer_chunk_size must be None or in {bounds}, got {chunk!r}")
+        if not _is_number(self.transfer_stall_s) or not self.transfer_stall_s > 0:
+            raise ConfigError(f"transfer_stall_s must be a positive finite number, got {self.transfer_stall_s!r}")
+        if self.received_dir is not None:
+            object.__setattr__(self, "received_dir", _path("received_dir", self.received_dir))
 
 
 def _is_int(value: object) -> bool:
@@ -475,6 +515,8 @@ class Node:
         self.handles = HandleTable(config.outbox)
         self.bridge = Bridge()
         self.gateway_counters = GatewayCounters()
+        self.transfer_table = TransferTable()
+        self.transfer_receivers = Receivers()
         self._listeners: list[Callable[[NodeEvent], None]] = []
         self._peers_changed = threading.Condition()
         self._peer_events = 0
@@ -733,6 +775,8 @@ class Node:
         from villagemesh.actors.registry.actor import RegistryActor
         from villagemesh.actors.retrier.actor import RetrierActor
         from villagemesh.actors.sweeper.actor import SweeperActor
+        from villagemesh.actors.transfer.actor import TransferActor
+        from villagemesh.actors.transfer.state import chunk_size_for
         from villagemesh.actors.websocket.actor import WebSocketActor
         from villagemesh.dashboard.server import install as http_routes
 
@@ -807,6 +851,7 @@ class Node:
                     "deliver_to": "app",
                     "report_to": "app",
                     "registry": "registry",
+                    "transfer_to": "transfer",
                     "route_timeout": cfg.unknown_peer_timeout,
                     "synchronous": cfg.synchronous,
                     **retry,
@@ -828,6 +873,24 @@ class Node:
                     "bridge": self.bridge,
                     "counters": self.gateway_counters,
                     "tree": self._actors,
+                },
+            ),
+            ChildSpec(
+                "transfer",
+                TransferActor,
+                config={
+                    "data_dir": str(data),
+                    "path": str(data / datadir.TRANSFERS_FILE),
+                    "node_id": self.node_id,
+                    "retrier": "retrier",
+                    "table": self.transfer_table,
+                    "receivers": self.transfer_receivers,
+                    "limits": cfg.transfer_limits,
+                    "received_dir": str(cfg.received_dir or data / "received"),
+                    "chunk_size": cfg.transfer_chunk_size or chunk_size_for(("websocket",)),
+                    "window": cfg.transfer_window,
+                    "stall_s": cfg.transfer_stall_s,
+                    "synchronous": cfg.synchronous,
                 },
             ),
             ChildSpec(
@@ -1335,6 +1398,112 @@ class Node:
         except BusError as exc:
             self._env.log.emit("transport_down_unreported", level="warning", transport=transport, reason=str(exc))
 
+    # -- large transfers -------------------------------------------------------------------------
+
+    def send_file(
+        self, peer_id: str, path: str | os.PathLike[str], *, kind: str = FILE_KIND, name: str | None = None
+    ) -> TransferHandle:
+        """Send the file at ``path`` to ``peer_id`` as a transfer: chunked, verified, resumable.
+
+        The file is hashed (BLAKE2b-256) here, in the calling thread, and offered with
+        its size, ``kind`` and ``name`` (default: the file's name); the receiver judges
+        the offer against its limits before any byte is written. Chunks are read from the
+        file as the window allows, so the file must stay as it is until the handle ends
+        (a changed file ends in DigestMismatch). The transfer outlives restarts of either
+        node (it goes on from the last chunk both committed).
+
+        Raises:
+            ConfigError: a malformed or own peer id, a path that is not a readable file, a bad kind.
+        """
+        check_peer_id(peer_id, self.node_id)
+        source = Path(os.fspath(path))
+        try:
+            size, digest = _hash_file(source)
+        except OSError as exc:
+            raise ConfigError(f"cannot send {str(source)!r}: {exc.strerror or exc}") from exc
+        return self._offer(peer_id, str(source.resolve()), size, digest, kind, source.name if name is None else name)
+
+    def send_stream(
+        self,
+        peer_id: str,
+        source: Iterable[bytes],
+        *,
+        size: int | None = None,
+        kind: str = FILE_KIND,
+        name: str = "stream",
+    ) -> TransferHandle:
+        """Send the bytes ``source`` yields to ``peer_id`` as a transfer (:meth:`send_file`'s guarantees).
+
+        The stream is spooled to a file in the data dir first (hashing as it goes), which
+        is what makes it resumable and its digest known up front; the spool is deleted
+        when the transfer ends. ``size``, if given, is checked against what the stream
+        yielded. An async iterable goes to :meth:`AsyncNode.send_stream`.
+
+        Raises:
+            ConfigError: a malformed or own peer id, a stream that yields other than bytes,
+                or a ``size`` other than the stream's.
+        """
+        check_peer_id(peer_id, self.node_id)
+        spool = _Spool(self.config.data_dir)
+        try:
+            for block in source:
+                spool.write(block)
+            spooled, digest = spool.close(size)
+        except BaseException:
+            spool.discard()
+            raise
+        return self._offer(peer_id, spooled, os.path.getsize(spooled), digest, kind, name, spooled=True)
+
+    def _offer(
+        self, peer_id: str, path: str, size: int, digest: bytes, kind: str, name: str, *, spooled: bool = False
+    ) -> TransferHandle:
+        from villagemesh.actors.transfer.messages import SendFile, SendReply
+
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"kind must be a non-empty str, got {kind!r}")
+        if not isinstance(name, str):
+            raise ConfigError(f"name must be a str, got {name!r}")
+        client = self._client()
+        transfer_id = os.urandom(16)
+        handle = self.transfer_table.new(transfer_id, peer_id, name, size)
+        message = SendFile(transfer_id, peer_id, path, size, digest, kind, name, spooled)
+        reply = client.ask("transfer", message, timeout=ASK_TIMEOUT)
+        if not isinstance(reply, SendReply) or reply.error is not None:
+            error = getattr(reply, "error", repr(reply))
+            self.transfer_table.end(transfer_id, "failed", None)
+            if spooled:
+                Path(path).unlink(missing_ok=True)
+            raise ConfigError(f"transfer to {peer_id!r} refused here: {error}")
+        return handle
+
+    def on_transfer(self, handler: Callable[[ReceivedFile], object], kind: str = "*") -> Callable[[], None]:
+        """Call ``handler(received)`` for each verified file another node sent (of ``kind``, "*": any).
+
+        ``received.path`` is the file, moved into place atomically once its digest
+        matched; ``received.stream()`` gives its bytes as an async stream. A plain
+        handler runs on the transfer actor's thread (keep it short); an ``async def``
+        handler runs on the loop this was called from. Returns the unsubscribe.
+        """
+        return self.transfer_receivers.add(kind, handler)
+
+    def on_transfer_failed(self, handler: Callable[[TransferError], object]) -> Callable[[], None]:
+        """Call ``handler(error)`` for each incoming transfer that ended without a verified file: a
+        :class:`~villagemesh.errors.DigestMismatch` (the partial file is already deleted), or a
+        :class:`~villagemesh.errors.TransferError` (cancelled by the sender, storage failed)."""
+        return self.transfer_receivers.add_failure(handler)
+
+    def transfers(self) -> list[dict[str, Any]]:
+        """Every transfer this node knows (outgoing and incoming), with bytes done and its state."""
+        from villagemesh.actors.transfer.actor import transfers
+
+        return [asdict(row) for row in transfers(self._client(), timeout=ASK_TIMEOUT).rows]
+
+    def cancel_transfer(self, handle: TransferHandle, detail: str = "cancelled by the sender") -> None:
+        """End an outgoing transfer here; the receiver is told and deletes its partial file."""
+        from villagemesh.actors.transfer.messages import CancelTransfer
+
+        self._client().tell("transfer", CancelTransfer(handle.raw_id, detail))
+
     # -- asyncio (see villagemesh.aio: these are its coroutines) -----------------------------------
 
     async def asend(
@@ -1368,6 +1537,46 @@ class Node:
     async def apeers(self) -> list[PeerInfo]:
         """:meth:`AsyncNode.peers <villagemesh.aio.AsyncNode.peers>`."""
         return await self.aio.peers()
+
+
+def _hash_file(path: Path) -> tuple[int, bytes]:
+    """``(size, BLAKE2b-256)`` of the file at ``path``, read a block at a time."""
+    digest = whole_digest()
+    size = 0
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_BYTES):
+            digest.update(block)
+            size += len(block)
+    return size, digest.digest()
+
+
+class _Spool:
+    """A stream written to ``data_dir/transfers/<random>.spool`` while it is hashed."""
+
+    def __init__(self, data_dir: Path) -> None:
+        folder = data_dir / "transfers"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{os.urandom(8).hex()}.spool"
+        self.handle = self.path.open("wb")
+        self.digest = whole_digest()
+        self.size = 0
+
+    def write(self, block: object) -> None:
+        if not isinstance(block, bytes | bytearray | memoryview):
+            raise ConfigError(f"a stream to send must yield bytes, got {type(block).__name__}")
+        self.handle.write(block)
+        self.digest.update(block)
+        self.size += len(block)
+
+    def close(self, size: int | None) -> tuple[str, bytes]:
+        self.handle.close()
+        if size is not None and size != self.size:
+            raise ConfigError(f"the stream yielded {self.size} bytes, not the size={size} given")
+        return str(self.path), self.digest.digest()
+
+    def discard(self) -> None:
+        self.handle.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _betanet_fields(status: Any) -> dict[str, Any]:

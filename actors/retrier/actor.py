@@ -40,7 +40,8 @@ itself is refused.
 
 Config (``ctx.config``): ``path`` (SQLite file for outbox and inbox, required),
 ``node_id`` (this node, required), ``mode`` (network mode, default hybrid),
-``deliver_to`` / ``report_to`` (bus names, optional), ``registry`` (bus name
+``deliver_to`` / ``report_to`` (bus names, optional), ``transfer_to`` (bus name, optional: envelopes
+of kind ``villagemesh.transfer`` go there instead of ``deliver_to``, which answers ``Handled``), ``registry`` (bus name
 told ``ListRoutes(reply_to=<retrier>)`` at start, default ``registry``; until
 its answer arrives, restored messages wait parked, spending no attempt), ``max_attempts``,
 ``backoff_base``, ``backoff_max``, ``jitter`` (see :class:`.policy.RetryPolicy`),
@@ -71,6 +72,7 @@ from villagemesh.actors.core.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Re
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
+from villagemesh.protocols.transfer import CHUNK_KIND, TRANSFER_KIND
 
 from .messages import (
     ACK_IDS_MAX,
@@ -85,6 +87,7 @@ from .messages import (
     Incoming,
     MessageDelivered,
     MessageFailed,
+    RetrierStarted,
     RetrierStatus,
     TransportDown,
     ack_ids,
@@ -124,10 +127,11 @@ REPLY_CAPABLE = frozenset({"websocket", "betanet", "bitchat"})
 peer opened (websocket), on the reply block its message carried (betanet), to the BitChat peer id its
 envelopes came from (bitchat)."""
 
-BATCH_ACKS = frozenset({"websocket"})
-"""Transports on which one ack envelope acknowledges every message of a turn from one peer (it goes back
-on the connection they came in on). Elsewhere each message gets its own ack: betanet answers each on
-the reply block that message carried, which is used once."""
+BATCH_ACKS = frozenset({"websocket", "libp2p"})
+"""Transports on which one ack envelope acknowledges every message of a turn from one peer (websocket:
+back on the connection they came in on; libp2p: on the peer's route, one envelope for a window of a
+transfer's chunks instead of one each). Elsewhere each message gets its own ack: betanet answers each on
+the reply block that message carried, which is used once; a BitChat packet is small."""
 
 HANDOFF_TIMEOUT = 0.1
 """Seconds the retrier waits for room in a transport's mailbox before that attempt fails."""
@@ -162,6 +166,7 @@ class RetrierActor(Actor):
         self.mode = NetworkMode.parse(cfg.get("mode", "hybrid"))
         self.deliver_to: str | None = cfg.get("deliver_to") or None
         self.report_to: str | None = cfg.get("report_to") or None
+        self.transfer_to: str | None = cfg.get("transfer_to") or None
         self.registry: str | None = cfg.get("registry", "registry") or None
         self.synchronous = str(cfg.get("synchronous", "NORMAL"))
         policy_keys = ("max_attempts", "backoff_base", "backoff_max", "jitter")
@@ -185,6 +190,10 @@ class RetrierActor(Actor):
         self.delivered: list[Delivered] = []
         """Deliveries of this round not yet logged."""
         self.outgoing: dict[str, list[tuple[Transmit, Send | None]]] = {}
+        self.volatile: dict[bytes, bytes] = {}
+        """Envelopes of transfer chunks being sent (kind ``CHUNK_KIND``): in memory only, never in the outbox."""
+        self.chunks_held: dict[bytes, tuple[str, str]] = {}
+        """Chunks received and handed to ``transfer_to``, not yet Handled: (sender, transport) to ack them on."""
         """Transmits decided this turn, per transport, handed over together by :meth:`_flush_transmits`."""
         self._load_routes()
         now = time.time()
@@ -197,6 +206,11 @@ class RetrierActor(Actor):
         for message_id in unhandled:
             self._hand_to_app(message_id)
         self.ctx.log.emit("retrier_restored", pending=len(pending), unhandled=len(unhandled))
+        if self.transfer_to is not None:
+            try:
+                self.tell(self.transfer_to, RetrierStarted())
+            except BusError as exc:  # the transfer actor is restarting too: its start offers again anyway
+                self.ctx.log.emit("dispatch_failed", level="warning", message_id="", reason=str(exc))
 
     def on_stop(self) -> None:
         self.outbox.close()
@@ -247,9 +261,7 @@ class RetrierActor(Actor):
         elif kind == "received":
             self._received_many([r.msg for r in run])
         else:
-            ids = [r.msg.message_id for r in run]
-            self.inbox.mark_handled_many(ids)
-            self.undispatched.difference_update(ids)
+            self._handled([r.msg.message_id for r in run])
         for request in run:
             if request.token is not None:
                 request.token.reply(None)
@@ -273,8 +285,7 @@ class RetrierActor(Actor):
         elif isinstance(msg, Received):
             self._received_many([msg])
         elif isinstance(msg, Handled):
-            self.inbox.mark_handled(msg.message_id)
-            self.undispatched.discard(msg.message_id)
+            self._handled([msg.message_id])
         elif isinstance(msg, PeerRoutes):
             self._set_routes(msg)
         elif isinstance(msg, RoutesList):
@@ -357,13 +368,17 @@ class RetrierActor(Actor):
             if isinstance(d, Send) and d.message_id in envelopes and d.message_id not in first:
                 first[d.message_id] = d
         stored = {id(send): envelopes[message_id] for message_id, send in first.items()}
-        rows = [
-            (m.id, m.recipient, m.priority, envelope, m.created_at, m.expires_at, first.get(m.id))
-            for m, envelope in admitted
-            if m.recipient  # always: a broadcast is refused in _admit
-        ]
+        rows = []
+        for m, envelope in admitted:
+            if m.kind == CHUNK_KIND:
+                self.volatile[m.id] = envelope  # a transfer's chunk: held here until acked or failed
+            elif m.recipient:  # always: a broadcast is refused in _admit
+                rows.append((m.id, m.recipient, m.priority, envelope, m.created_at, m.expires_at, first.get(m.id)))
+        rest = self._durable([d for d in decisions if id(d) not in stored])
         if rows:
-            self.outbox.put_batch(rows, [d for d in decisions if id(d) not in stored])
+            self.outbox.put_batch(rows, rest)
+        elif rest:
+            self.outbox.apply(rest)
         queue: deque[Event] = deque()
         for d in decisions:
             failure = self._carry_out(d, stored.get(id(d)))
@@ -415,7 +430,7 @@ class RetrierActor(Actor):
             while queue:
                 decisions = self.state.step_many(list(queue))
                 queue.clear()
-                self.outbox.apply(decisions)
+                self.outbox.apply(self._durable(decisions))
                 for d in decisions:
                     failure = self._carry_out(d, None)
                     if failure is not None:
@@ -425,12 +440,21 @@ class RetrierActor(Actor):
                 self._log_delivered()
                 return
 
+    def _durable(self, decisions: list[Decision]) -> list[Decision]:
+        """The decisions the outbox records: not those about chunks, which are in memory only."""
+        volatile = self.volatile
+        if not volatile:
+            return decisions
+        return [d for d in decisions if getattr(d, "message_id", None) not in volatile]
+
     def _carry_out(self, d: Decision, envelope: bytes | None) -> Event | None:
         if isinstance(d, Send):
             return self._transmit(d, envelope)
+        chunk = isinstance(d, Delivered | Failed) and self.volatile.pop(d.message_id, None) is not None
         if isinstance(d, Delivered):
             self.delivered.append(d)
-            self._notify(MessageDelivered(d.message_id, d.attempts, d.transport))
+            if not chunk:  # a chunk's outcome is the transfer's business (its acks), not the app's
+                self._notify(MessageDelivered(d.message_id, d.attempts, d.transport))
         elif isinstance(d, Failed):
             self.ctx.log.emit(
                 "delivery_failed",
@@ -440,7 +464,8 @@ class RetrierActor(Actor):
                 last_error=d.last_error,
                 reason=d.reason.value,
             )
-            self._notify(MessageFailed(d.message_id, d.attempts, d.last_error, d.reason.value))
+            if not chunk:
+                self._notify(MessageFailed(d.message_id, d.attempts, d.last_error, d.reason.value))
         elif isinstance(d, NextWakeup):
             self._wake_at(d.at)
         return None
@@ -461,7 +486,7 @@ class RetrierActor(Actor):
     def _transmit(self, send: Send, envelope: bytes | None) -> Event | None:
         """Queue the Transmit of ``send`` for this turn's hand-over (or fail the attempt at once)."""
         if envelope is None:
-            envelope = self.outbox.payload(send.message_id)
+            envelope = self.volatile.get(send.message_id) or self.outbox.payload(send.message_id)
         addresses = self.routes.get(send.recipient, {}).get(send.transport, ())
         if envelope is None or not addresses:
             reason = "the envelope is gone from the outbox" if envelope is None else "no address on this transport"
@@ -560,15 +585,15 @@ class RetrierActor(Actor):
                 self.ctx.log.emit("envelope_rejected", level="info", transport=msg.transport, reason=reason)
                 continue
             self.received += 1
+            if message.kind == CHUNK_KIND and self.transfer_to is not None:
+                self._hand_chunk(message, msg.envelope, msg.transport)
+                continue
             accepted.append((message.id, message.expires_at, msg.envelope))
             arrived.append(message)
             # R2 for a duplicate too (its first ack may be lost)
             to_ack.setdefault((message.sender, msg.transport), []).append(message.id)
         new = self.inbox.accept_many(accepted) if accepted else set()  # R1: committed
-        for (sender, transport), ids in to_ack.items():
-            per_ack = ACK_IDS_MAX if transport in BATCH_ACKS else 1
-            for start in range(0, len(ids), per_ack):
-                self._ack(sender, transport, ids[start : start + per_ack], now)
+        self._ack_all(to_ack, now)
         for message, (_, _, envelope) in zip(arrived, accepted, strict=True):
             if message.id in new:
                 new.discard(message.id)  # an id twice in one batch is handed over once
@@ -576,6 +601,46 @@ class RetrierActor(Actor):
             else:
                 self.duplicates += 1
         self._step(acked)  # every settled message in one commit; the acks' Transmits go with this turn's
+
+    def _hand_chunk(self, message: Message, envelope: bytes, transport: str) -> None:
+        """A transfer's chunk: straight to ``transfer_to``, not stored; acked once it is Handled (committed).
+        A chunk it cannot take is dropped unacknowledged: the sender sends it again. A copy of a chunk
+        held already is handed over too (the first may have been lost in a crash of ``transfer_to``,
+        which tells a chunk it committed from a new one)."""
+        if message.id in self.chunks_held:
+            self.duplicates += 1
+        assert self.transfer_to is not None
+        try:
+            self.tell(self.transfer_to, Incoming(message.id, envelope))
+        except BusError as exc:
+            self.ctx.log.emit("dispatch_failed", level="warning", message_id=message.id.hex(), reason=str(exc))
+            return
+        self.chunks_held[message.id] = (message.sender, transport)
+
+    def _handled(self, ids: list[bytes]) -> None:
+        """Messages ``deliver_to`` or ``transfer_to`` handled: inbox marks, and the acks of held chunks."""
+        to_ack: dict[tuple[str, str], list[bytes]] = {}
+        marks = []
+        for message_id in ids:
+            held = self.chunks_held.pop(message_id, None)
+            if held is None:
+                marks.append(message_id)
+            else:
+                to_ack.setdefault(held, []).append(message_id)
+        if marks:
+            self.inbox.mark_handled_many(marks)
+            self.undispatched.difference_update(marks)
+        if to_ack:
+            self._ack_all(to_ack, time.time())
+            self._step([])  # hands the acks' Transmits over
+
+    def _ack_all(self, to_ack: dict[tuple[str, str], list[bytes]], now: float) -> None:
+        """Queue the acks of ``to_ack`` (ids per sender and arrival transport): one envelope per
+        ``ACK_IDS_MAX`` ids on a transport that batches acks, one per id elsewhere."""
+        for (sender, transport), ids in to_ack.items():
+            per_ack = ACK_IDS_MAX if transport in BATCH_ACKS else 1
+            for start in range(0, len(ids), per_ack):
+                self._ack(sender, transport, ids[start : start + per_ack], now)
 
     def _ack(self, peer: str, arrived_on: str, ids: list[bytes], now: float) -> None:
         """Queue one ack envelope for the messages ``ids`` from ``peer`` (which came in on ``arrived_on``)."""
@@ -617,8 +682,11 @@ class RetrierActor(Actor):
         if envelope is None:
             self.undispatched.discard(message_id)
             return  # handled meanwhile
+        to = self.deliver_to
+        if self.transfer_to is not None and decode(envelope).kind in (TRANSFER_KIND, CHUNK_KIND):
+            to = self.transfer_to  # a large transfer's message: its actor commits it and answers Handled
         try:
-            self.tell(self.deliver_to, Incoming(message_id, envelope))
+            self.tell(to, Incoming(message_id, envelope))
         except BusError as exc:
             self.ctx.log.emit("dispatch_failed", level="warning", message_id=message_id.hex(), reason=str(exc))
             if not self.undispatched:

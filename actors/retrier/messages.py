@@ -47,6 +47,7 @@ __all__ = [
     "Incoming",
     "MessageDelivered",
     "MessageFailed",
+    "RetrierStarted",
     "RetrierStatus",
     "TransportDown",
 ]
@@ -115,6 +116,13 @@ class Handled:
     """The application has handled the Incoming with ``message_id``: it is never dispatched again."""
 
     message_id: bytes
+
+
+@codec.message("retrier.Started")
+@dataclass(frozen=True, slots=True)
+class RetrierStarted:
+    """Told to ``transfer_to`` when a retrier instance starts: the chunks a former instance held in memory
+    are gone (the transfer actor offers again what was mid-window; the answer rewinds it)."""
 
 
 @codec.message("retrier.Incoming")

@@ -20,6 +20,7 @@ from .machine import (
 )
 from .wire import (
     CHUNK_DIGEST_BYTES,
+    CHUNK_KIND,
     DIGEST_BYTES,
     MAX_CHUNK_BYTES,
     MAX_TEXT_BYTES,
@@ -46,6 +47,7 @@ from .wire import (
 
 __all__ = [
     "CHUNK_DIGEST_BYTES",
+    "CHUNK_KIND",
     "DIGEST_BYTES",
     "MAX_CHUNK_BYTES",
     "MAX_TEXT_BYTES",

@@ -43,6 +43,7 @@ from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "CHUNK_DIGEST_BYTES",
+    "CHUNK_KIND",
     "DIGEST_BYTES",
     "MAX_CHUNK_BYTES",
     "MAX_TEXT_BYTES",
@@ -70,7 +71,12 @@ __all__ = [
 
 WIRE_VERSION = 1
 TRANSFER_KIND = "villagemesh.transfer"
-"""The envelope kind every transfer message travels as (reserved: applications cannot send it)."""
+"""The envelope kind of offers and answers but chunk acks (reserved: applications cannot send it)."""
+CHUNK_KIND = "villagemesh.transfer.chunk"
+"""The envelope kind of a :class:`Chunk` and a :class:`ChunkAck`: a retrier keeps these in memory only
+(never in its outbox or inbox: their reliability is the transfer's own, a sender re-reads a chunk from
+its file when an answer rewinds it, and each chunk ack repeats the committed prefix), and acknowledges
+one only once the transfer actor committed it."""
 TRANSFER_ID_BYTES = 16
 """Transfer ids are 128 random bits, like message ids."""
 DIGEST_BYTES = 32

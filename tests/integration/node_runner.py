@@ -5,6 +5,7 @@
     python tests/integration/node_runner.py --data-dir D --name N --port P
         [--bootstrap host:port ...] [--send-to NODE_ID --count N --prefix TEXT]
         [--record FILE [--work SECONDS]]
+        [--send-file PATH --send-to NODE_ID] [--transfers] [--stall SECONDS]
 
 Prints, one line each, flushed:
 
@@ -23,6 +24,12 @@ while it was being handled) it first looks whether its line is already there,
 and appends the payload to ``FILE.redelivered`` too, so a test sees every
 redelivery. ``--work``: seconds of simulated application work per message
 before the line is written (so a kill lands mid-stream).
+
+Transfers: ``--send-file PATH`` offers the file to ``--send-to`` (``OFFERED <transfer id>`` once
+stored; a restarted sender goes on by itself, so a restart passes no ``--send-file``).
+``--transfers`` prints ``XFER <direction> <state> <bytes done>`` for each transfer whenever it
+changes, and ``RECEIVED <path>`` for each verified file (a handler registered before ``start()``).
+``--stall``: the node's ``transfer_stall_s``.
 Runs until SIGTERM/SIGINT, then stops the node.
 """
 
@@ -41,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _nodes import make_node
 
+from villagemesh.errors import AskTimeout
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,13 +63,20 @@ def main() -> None:
     parser.add_argument("--record", type=Path)
     parser.add_argument("--work", type=float, default=0.0)
     parser.add_argument("--mode", default="hybrid")
+    parser.add_argument("--send-file", type=Path)
+    parser.add_argument("--transfers", action="store_true")
+    parser.add_argument("--stall", type=float, default=10.0)
     args = parser.parse_args()
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    node = make_node(args.data_dir, args.name, bootstrap=args.bootstrap, port=args.port, mode=args.mode)
+    node = make_node(
+        args.data_dir, args.name, bootstrap=args.bootstrap, port=args.port, mode=args.mode, transfer_stall_s=args.stall
+    )
+    if args.transfers:
+        node.on_transfer(lambda received: print(f"RECEIVED {received.path}", flush=True))
     if args.record is not None:
         record_path: Path = args.record
         fd = os.open(record_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -83,9 +99,22 @@ def main() -> None:
             for i in range(args.count):
                 node.send(args.send_to, f"{args.prefix}{i}".encode())
             print(f"SENT {args.count}", flush=True)
+        if args.send_to and args.send_file:
+            print(f"OFFERED {node.send_file(args.send_to, args.send_file).transfer_id}", flush=True)
         busy = True
+        shown: set[tuple[str, str, int]] = set()
         while not stop.wait(0.1):
-            retrier = node.network_status()["retrier"]
+            try:
+                if args.transfers:
+                    for row in node.transfers():
+                        line = (row["direction"], row["state"], row["done"])
+                        if line not in shown:
+                            shown.add(line)
+                            print(f"XFER {' '.join(map(str, line))}", flush=True)
+                retrier = node.network_status()["retrier"]
+            except AskTimeout as exc:  # a loaded machine: the node goes on, and so does the report
+                print(f"SLOW {exc}", flush=True)
+                continue
             idle = retrier["pending"] == 0 and retrier["unhandled"] == 0
             if idle and busy:
                 print("IDLE", flush=True)

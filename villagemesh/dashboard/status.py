@@ -17,6 +17,7 @@ What it reveals, to whoever can reach the node's port::
                 ports of other nodes), last seen, trust, round-trip time, capabilities,
                 evolution priority
     outbox      the retrier's counters and pending messages per priority
+    transfers   every large transfer: id, peer, direction, file name, kind, size, bytes done, state
 
 No message payloads, keys or file paths. Peer addresses are what a node
 already tells any peer that asks through peer exchange, but a node that
@@ -55,6 +56,7 @@ def node_status(node: Any) -> dict[str, Any]:
     from villagemesh.actors.registry.messages import ListPeers
     from villagemesh.actors.registry.state import evolution_priority
     from villagemesh.actors.retrier.messages import GetRetrierStatus
+    from villagemesh.actors.transfer.actor import transfers
     from villagemesh.supervision.supervisor import which_children
 
     env = node._env
@@ -95,6 +97,11 @@ def node_status(node: Any) -> dict[str, Any]:
         status["outbox"] = outbox
     except VillageMeshError as exc:
         errors["outbox"] = f"{type(exc).__name__}: {exc}"
+    try:
+        rows = transfers(client, timeout=STATUS_ASK_TIMEOUT).rows
+        status["transfers"] = [dataclasses.asdict(row) for row in rows]
+    except VillageMeshError as exc:
+        errors["transfers"] = f"{type(exc).__name__}: {exc}"
     status["errors"] = errors
     return status
 

@@ -117,6 +117,11 @@ def frame(snapshot: dict[str, Any], timeline: list[dict[str, Any]], *, lines: in
                     f"unreachable peers {outbox.get('unreachable_peers', 0)} (held {outbox.get('held', 0)})"
                 )
             )
+        for t in node.get("transfers", []):
+            share = 100.0 if not t["size"] else 100.0 * t["done"] / t["size"]
+            arrow = "→" if t["direction"] == "out" else "←"
+            what = f"{t['name']} ({t['kind']}): {share:5.1f} % of {t['size']} B, {t['state']}"
+            parts.append(Text(f"transfer {arrow} {t['peer_id'][:16]} {what}"))
         if node.get("peers"):
             peers = Table(title="peers", expand=True)
             for column in ("peer", "addresses", "last seen", "evolution priority"):

@@ -293,6 +293,7 @@ class MeshView:
             "transports": (status or {}).get("transports", {}),
             "peers": (status or {}).get("peers", []),
             "outbox": (status or {}).get("outbox"),
+            "transfers": (status or {}).get("transfers", []),
             "poisoned": node.poisoned,
         }
 

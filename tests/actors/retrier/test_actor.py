@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import WAIT, Recorder
 from villagemesh.actors.core.base import Actor, InjectedCrash, Scheduler
 from villagemesh.actors.core.bus import Bus, Sender
+from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.core.transport import Received, Transmit, TransmitResult
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope, send_envelopes
@@ -23,6 +24,7 @@ from villagemesh.actors.retrier.messages import ACK_KIND, Handled, Incoming, Mes
 from villagemesh.actors.retrier.store import Outbox
 from villagemesh.errors import ActorCrashed, DeliveryFailed, LocalProtocolError
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
+from villagemesh.protocols.transfer import CHUNK_KIND
 from villagemesh.supervision.log import EventLog
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Environment, Supervisor
@@ -152,14 +154,14 @@ def nodes(tmp_path: Path, recorder: Recorder, request: Any) -> Iterator[dict[str
         env.log.close()
 
 
-def envelope(sender: str, recipient: str | None, n: int, *, ttl: float = 60.0) -> bytes:
+def envelope(sender: str, recipient: str | None, n: int, *, ttl: float = 60.0, kind: str = "DATA") -> bytes:
     return encode_message(
         Message(
             id=os.urandom(16),
-            kind="DATA",
+            kind=kind,
             sender=sender,
             recipient=recipient,
-            priority=Priority(n % 5),
+            priority=Priority.BULK if kind == CHUNK_KIND else Priority(n % 5),
             created_at=time.time(),
             ttl=ttl,
             correlation_id=None,
@@ -350,3 +352,28 @@ def test_a_peer_refusing_every_transport_is_probed_one_message_at_a_time_then_ge
     assert {mid: c for (node, mid), c in App.handled.items() if node == "B"} == dict.fromkeys(ids, 1)
     status = retrier_status(client, timeout=WAIT)
     assert (status.unreachable_peers, status.held, status.pending) == (0, 0, 0) and status.probes >= 1
+
+
+@pytest.mark.parametrize("nodes", [{"transfer_to": "app"}], indirect=True)
+def test_transfer_chunks_are_never_stored_and_are_acked_only_once_handled(nodes, tmp_path):
+    """Chunk envelopes (a transfer's bulk) stay out of A's outbox and B's inbox; B acks one only after the
+    Handled of ``transfer_to``: one B drops unhandled is sent again by A (ack timeout) and handled then."""
+    Wire.drop_acks.set()
+    App.ignore_first = {"B"}
+    client = nodes["A"].bus.client()
+    ids = [send_envelope(client, envelope("A", "B", n, kind=CHUNK_KIND), timeout=WAIT) for n in range(10)]
+    App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 9)
+    assert Outbox(str(tmp_path / "A.db")).pending() == []  # in flight, yet no row: held in memory
+    assert retrier_status(client, timeout=WAIT).pending == 10
+    Wire.drop_acks.clear()
+    App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 10)  # the ignored one: resent
+    deadline = time.monotonic() + WAIT
+    while retrier_status(client, timeout=WAIT).pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = retrier_status(client, timeout=WAIT)
+    assert (status.pending, status.delivered) == (0, 10)  # every chunk acked once handled
+    assert delivered("A") == []  # a chunk's outcome is not reported to the app
+    assert sorted(mid for node, mid in App.handled if node == "B") == sorted(ids)
+    inbox = Inbox(str(tmp_path / "B.db"))
+    assert [inbox.payload(mid) for mid in ids] == [None] * 10  # never stored at B either
+    inbox.close()

@@ -1,0 +1,1 @@
+"""The transfer actor: large files and streams between nodes, chunked, verified, resumable."""

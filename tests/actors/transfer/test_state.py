@@ -1,0 +1,48 @@
+"""The transfer actor's pure decisions: chunk sizes, received names, stall detection."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from villagemesh.actors.transfer.state import TRANSPORT_CHUNK_BYTES, Stall, chunk_size_for, received_name
+from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+
+TID = bytes(range(16))
+
+
+def test_the_chunk_size_is_the_smallest_of_the_transports_that_carry_chunks():
+    assert chunk_size_for(("websocket",)) == TRANSPORT_CHUNK_BYTES["websocket"]
+    assert chunk_size_for(("websocket", "bitchat")) == TRANSPORT_CHUNK_BYTES["bitchat"]
+    assert chunk_size_for(("betanet",)) == TRANSPORT_CHUNK_BYTES["websocket"]  # carries none: the default
+
+
+@given(st.lists(st.sampled_from([*sorted(TRANSPORT_CHUNK_BYTES), "betanet"])).map(tuple))
+def test_every_chunk_size_is_one_the_protocol_takes(transports):
+    assert MIN_CHUNK_BYTES <= chunk_size_for(transports) <= MAX_CHUNK_BYTES
+
+
+def test_a_received_name_is_the_last_part_made_safe_and_never_one_taken():
+    never = lambda _name: False  # noqa: E731
+    assert received_name("weights.bin", TID, never) == "weights.bin"
+    assert received_name("../../etc/passwd", TID, never) == "passwd"
+    assert received_name("C:\\models\\m.pt", TID, never) == "m.pt"
+    assert received_name("a\x00b;rm *.bin", TID, never) == "a_b_rm _.bin"
+    assert received_name("..", TID, never) == TID.hex()
+    assert received_name("", TID, never) == TID.hex()
+    assert received_name("w.bin", TID, {"w.bin"}.__contains__) == f"w-{TID.hex()[:8]}.bin"
+    assert received_name("README", TID, {"README"}.__contains__) == f"README-{TID.hex()[:8]}"
+
+
+@given(st.text(max_size=200))
+def test_a_received_name_never_leaves_its_folder(name):
+    got = received_name(name, TID, lambda _n: False)
+    assert got and "/" not in got and "\\" not in got and got not in (".", "..")
+
+
+def test_a_sender_without_progress_for_a_tick_offers_again():
+    stall = Stall()
+    assert not stall.tick(0)  # the first look
+    assert stall.tick(0)  # nothing moved since
+    assert not stall.tick(3)
+    assert stall.tick(3)
