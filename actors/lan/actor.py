@@ -17,7 +17,8 @@ PEER_LIST), and our requests; it answers with its response and the changes of
 its book after our cursor. So both sides end up with the union, and the lists
 are deltas (nearly empty between peers that exchanged before). Each sweep
 round exchanges with every bootstrap address and :data:`ROUND_PULLS` random
-known peers; besides, while the book is growing, a gossip tick every
+known peers; besides, while the book is growing by exchange (a peer heard by its own
+beacon is on our link and needs no gossip), a gossip tick every
 :data:`GOSSIP_MIN_S` exchanges with one random known peer, backing off to
 :data:`GOSSIP_MAX_S` and resting once nothing new comes: news spreads in a
 few ticks, not rounds, and an idle network costs only its rounds. Relayed
@@ -259,7 +260,8 @@ class LanActor(LoopActor):
         # On the loop thread. A node never heard before has not heard us either, most
         # likely (it just started): answer with our own beacon soon, once for all the
         # newcomers of that moment (mDNS-style), instead of at our next scheduled one.
-        # With peer exchange, a newcomer that hears a few of us learns the rest from them,
+        # With peer exchange, a newcomer that hears a few of us learns the rest from them
+        # (its discovery rounds pull known peers; the rest beacon within an interval),
         # so only about ANSWERERS of the nodes that heard it answer (each with a chance of
         # ANSWERERS / peers it knows): a newcomer costs O(N) beacons heard, not O(N^2).
         if announce.node_id not in self.heard and announce.node_id != self.identity.node_id:
@@ -294,7 +296,7 @@ class LanActor(LoopActor):
             self._probe_back(message)
         elif isinstance(message, _Beacon):
             announce, body, (host, port) = message.announce, message.body, message.source
-            tell = self._remember(RelayedPeer(announce.node_id, announce.timestamp, body), announce)
+            tell = self._remember(RelayedPeer(announce.node_id, announce.timestamp, body), announce, wakes_gossip=False)
             self._publish()
             if tell and self.peers_to is not None:
                 heard = PeerAnnounced(announce.node_id, announce.addresses, f"{host}:{port}", body)
@@ -453,12 +455,18 @@ class LanActor(LoopActor):
         _put_bounded(self.pushed, target, pushed)
         _put_bounded(self.exchanged_at, target, time.monotonic())
 
-    def _remember(self, peer: RelayedPeer, event: Announce | DiscoveryResponse) -> bool:
-        """Into the book (a new peer wakes gossip); whether the registry should hear of it: a new
-        peer, one that changed, or one the registry has not heard of for REGISTRY_REFRESH_S."""
+    def _remember(self, peer: RelayedPeer, event: Announce | DiscoveryResponse, wakes_gossip: bool = True) -> bool:
+        """Into the book; whether the registry should hear of it: a new peer, one that changed, or
+        one the registry has not heard of for REGISTRY_REFRESH_S.
+
+        A new peer learned by exchange or probe wakes gossip; one heard by its own beacon
+        (``wakes_gossip`` False) does not: it is on our link and beacons again, and when a whole
+        LAN appears at once (every cable plugged in together) each node hears all the others'
+        beacons within a moment, so gossip would only add an exchange per node per tick to the
+        storm (measured at 50 hosts: 30 % more CPU, convergence 3.7-4.1 s instead of 2.8)."""
         target = next((t for t in map(_tcp_target, event.addresses) if t is not None), None)
         found = self.book.add(peer, target, (event.addresses, event.capabilities))
-        if found == NEW:
+        if found == NEW and wakes_gossip:
             self.learned = True
             if self.gossip_delay is None and self.exchange:
                 self.gossip_delay = GOSSIP_MIN_S

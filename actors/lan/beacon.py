@@ -11,6 +11,12 @@ port; multicast and broadcast datagrams reach every socket bound to it)::
                               ▼                     ▼
                           dropped, counted      dropped, counted, ``beacon_rejected`` logged
 
+The network coming up (a cable plugged in, an IPv4 address added; Linux rtnetlink,
+:mod:`.linkwatch`) starts the schedule over: a beacon within ``LINK_UP_PAUSE_S``, then
+the fast start, as mDNS announces when an interface comes up. Without it, nodes
+started together beacon nearly in phase and the first beacon after a link came
+up could be most of an interval away (``watch_links=False`` turns it off).
+
 Defaults: group ``239.255.42.99`` (the organisation-local scope 239.255/16 of
 RFC 2365: never routed off-site), port ``42424``, TTL 1 (this link only),
 ``IP_MULTICAST_LOOP`` on (nodes on one host hear each other). The interface is
@@ -31,7 +37,8 @@ decoding so a flood costs a dictionary lookup per datagram, not a signature
 check. Our own beacons (looped back) are recognised by node id and skipped.
 
 Log events: ``multicast_unavailable`` (group, interface, error),
-``beacon_rejected`` (source, reason), ``peer_discovered`` (source, node_id,
+``beacon_rejected`` (source, reason), ``network_up`` and ``linkwatch_unavailable``
+(:mod:`.linkwatch`), ``peer_discovered`` (source, node_id,
 addresses; once per node id per endpoint, later beacons are quiet),
 ``beacon_send_failed`` (destination, error).
 """
@@ -52,6 +59,7 @@ from typing import Any
 import structlog
 
 from villagemesh.actors.lan.identity import Identity
+from villagemesh.actors.lan.linkwatch import LinkWatch
 from villagemesh.actors.lan.state import BURST, RATE_PER_S, BeaconSchedule, SourceRateLimiter
 from villagemesh.errors import ConfigError, ConnectError, RemoteProtocolError
 from villagemesh.protocols.discovery import Announce, decode_discovery, encode_discovery
@@ -77,6 +85,9 @@ REFRESH_S = 30.0
 verified again only after this long: it would only refresh the peer's last-seen time, which
 matters on the scale of the registry's max_age (300 s). A claim that differs is verified at once
 (after REHEAR_S)."""
+
+LINK_UP_PAUSE_S = 0.1
+"""After the network came up, the first beacon goes out within this many seconds (uniformly drawn)."""
 
 MAX_REMEMBERED = 4096
 """Peers whose last verification time is remembered (oldest forgotten first)."""
@@ -110,6 +121,8 @@ class BeaconConfig:
     rate_per_s: float = RATE_PER_S
     burst: float = BURST
     schedule: BeaconSchedule = field(default_factory=BeaconSchedule)
+    watch_links: bool = True
+    """Start the fast start again when the network comes up (Linux rtnetlink, :mod:`.linkwatch`)."""
 
     def __post_init__(self) -> None:
         try:
@@ -158,14 +171,29 @@ class BeaconEndpoint:
         """node id -> when its beacon was last verified and what it said (see :func:`_claim`)."""
         self._transport: asyncio.DatagramTransport | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._again: asyncio.Event | None = None
+        """Set when the network came up: the schedule starts over (see :meth:`network_up`)."""
+        self.links: LinkWatch | None = None
 
     async def start(self) -> None:
-        """Open the socket, join the group (or fall back to broadcast) and start beaconing."""
+        """Open the socket, join the group (or fall back to broadcast), start beaconing and
+        (``watch_links``) watching for the network coming up."""
         sock = self._open_socket()
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _BeaconProtocol(self), sock=sock)
         self._transport = transport
+        self._again = asyncio.Event()
         self._sender = loop.create_task(self._beacon_forever(), name="lan-beacon")
+        if self.config.watch_links:
+            self.links = LinkWatch(self.network_up, log=self.log)
+            self.links.start()
+
+    def network_up(self, why: str = "") -> None:
+        """The network just came up (a cable, an address): beacon within :data:`LINK_UP_PAUSE_S`
+        and run the fast start again, as mDNS announces on an interface coming up. On the loop."""
+        self.counts["network_up"] += 1
+        if self._again is not None:
+            self._again.set()
 
     def _open_socket(self) -> socket.socket:
         cfg = self.config
@@ -200,7 +228,10 @@ class BeaconEndpoint:
         self.destination = (cfg.broadcast_address, cfg.port)
 
     async def close(self) -> None:
-        """Stop beaconing and close the socket."""
+        """Stop beaconing and watching, close the sockets."""
+        if self.links is not None:
+            self.links.close()
+            self.links = None
         if self._sender is not None:
             self._sender.cancel()
             try:
@@ -226,11 +257,21 @@ class BeaconEndpoint:
         self.counts["sent"] += 1
 
     async def _beacon_forever(self) -> None:
+        assert self._again is not None
         sent = 0
         while True:
             self.send_now()
-            await asyncio.sleep(self.config.schedule.delay(sent, self.draw()))
+            self._again.clear()
+            delay = self.config.schedule.delay(sent, self.draw())
             sent += 1
+            try:
+                await asyncio.wait_for(self._again.wait(), delay)
+            except TimeoutError:
+                continue
+            # The network came up: start over, after a short pause drawn at random (the link's
+            # other nodes heard the same news; their beacons spread over the pause).
+            sent = 0
+            await asyncio.sleep(LINK_UP_PAUSE_S * self.draw())
 
     # -- receiving (called by the protocol; never raises) ------------------------------------------
 

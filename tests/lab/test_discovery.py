@@ -37,3 +37,18 @@ def test_ten_hosts_find_each_other_through_one_bootstrap_peer_and_peer_exchange(
     lab = make_cluster(10, lan=False, bootstrap="first")
     lab.wait_converged(timeout=30)
     assert all(not beacon_sources(lab, i) for i in lab.hosts)
+
+
+def test_hosts_whose_cables_are_plugged_in_together_hear_the_network_come_up_and_find_each_other(
+    make_cluster: MakeCluster,
+) -> None:
+    """Every cable out while the nodes start, then all plugged in at once: each node's link watch
+    (rtnetlink) logs ``network_up`` and its beacon starts over at once, so multicast alone finds all."""
+    lab = make_cluster(5, start=False, lan=True, bootstrap="none")
+    lab.cut(*lab.hosts)
+    lab.start(lab.hosts)
+    lab.restore(*lab.hosts)
+    lab.wait_converged(timeout=30)
+    for i in lab.hosts:
+        ups = [e for e in lab[i].events() if e["event"] == "network_up"]
+        assert ups and ups[0]["why"] == "interface running", (i, ups)

@@ -343,11 +343,13 @@ class Cluster:
 
     # -- faults ---------------------------------------------------------------------------------
 
-    def cut(self, i: int) -> None:
-        self.net.cut(i)
+    def cut(self, *hosts: int) -> None:
+        """Unplug the cables of ``hosts``, all in one step."""
+        self.net.cut(*hosts)
 
-    def restore(self, i: int) -> None:
-        self.net.restore(i)
+    def restore(self, *hosts: int) -> None:
+        """Plug the cables of ``hosts`` back in, all in one step."""
+        self.net.restore(*hosts)
 
     def partition(self, *groups: Iterable[int]) -> None:
         self.net.partition(*groups)

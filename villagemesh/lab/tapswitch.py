@@ -176,16 +176,16 @@ class TapSwitch:
 
         self._apply(change)
 
-    def isolate(self, i: int) -> None:
-        self._set_host(i, up=False)
+    def isolate(self, *hosts: int) -> None:
+        self._set_hosts(set(hosts), up=False)
 
-    def rejoin(self, i: int) -> None:
-        self._set_host(i, up=True)
+    def rejoin(self, *hosts: int) -> None:
+        self._set_hosts(set(hosts), up=True)
 
-    def _set_host(self, i: int, *, up: bool) -> None:
+    def _set_hosts(self, hosts: set[int], *, up: bool) -> None:
         def change() -> None:
             for (a, b), link in self.links.items():
-                if i in (a, b):
+                if a in hosts or b in hosts:
                     link.up = up
 
         self._apply(change)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 from typing import Any
 
 from nacl.signing import SigningKey
 
 from tests.actors.acceptor.support import CAPS, WAIT, Sink, free_udp_port, start
 from villagemesh.actors.acceptor.actor import AcceptorActor, acceptor_status
-from villagemesh.actors.lan.actor import LanActor, lan_status, probe_peer
+from villagemesh.actors.lan.actor import GOSSIP_MIN_S, LanActor, lan_status, probe_peer
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.messages import PeerAnnounced, PeerProbed, ProbeFailed
@@ -49,9 +50,13 @@ def test_lan_actor_hears_beacons_answers_discovery_and_probes(runtime: Any) -> N
     probed = inbox.get(timeout=WAIT)
     assert isinstance(probed, PeerProbed) and probed.node_id == me.node_id and probed.latency_ms > 0
 
+    time.sleep(3 * GOSSIP_MIN_S)  # a gossip tick would have come by now
     status = lan_status(client)
     assert status.mode == "multicast"
     assert status.responder["answered"] == 2 and status.beacon["accepted"] >= 1
+    # a peer heard by its own beacon is on our link: no gossip tick pulls it (one would have
+    # come GOSSIP_MIN_S after it was heard, and failed: nothing listens on its port 1)
+    assert status.exchange.get("gossip_pulls", 0) == 0
 
 
 def test_probe_of_nobody_reports_a_connect_error(runtime: Any) -> None:
