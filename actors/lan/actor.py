@@ -45,9 +45,16 @@ Config (``ctx.config``): ``identity`` (:class:`~.identity.Identity`, required),
 beacons at all, default True), ``bootstrap`` (``host:port`` acceptor addresses
 to probe each round), ``exchange`` (False: neither ask for nor pull peer
 lists, default True), ``peers_to`` (actor name for verified announces;
-without it they are counted only).
+without it they are counted only), ``watch_links`` (False: no rtnetlink watch,
+default True).
 
-Log events (besides the beacon's and responder's): ``exchange_rejected``
+The network coming up (:mod:`.linkwatch`: an interface running, an IPv4
+address added) makes the node beacon at once and run a round of its own
+(bootstrap addresses due and known peers), instead of waiting for the next
+scheduled beacon and sweeper round: a LAN plugged in at once finds itself in
+one exchange, not one interval.
+
+Log events (besides the beacon's, responder's and link watch's): ``exchange_rejected``
 (source, node_id, reason) for a relayed entry that failed verification,
 ``pull_failed`` (peer_id, address, reason).
 """
@@ -59,6 +66,7 @@ import random
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +75,7 @@ from villagemesh.actors.core.loopactor import LOOP_CALL_TIMEOUT_S, LoopActor
 from villagemesh.actors.core.transport import ConnectionHandedOff, Discover, Discovered, Sighting
 from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
+from villagemesh.actors.lan.linkwatch import LinkWatch
 from villagemesh.actors.lan.messages import GetLanStatus, LanStatus, PeerAnnounced, PeerProbed, ProbeFailed, ProbePeer
 from villagemesh.actors.lan.state import FRESHER, NEW, STALE, Listing, PeerBook, pick
 from villagemesh.actors.lan.tcp import DiscoveryResponder, Probed, SignedFrames, probe
@@ -158,6 +167,13 @@ class _Gossip:
 
 
 @dataclass(frozen=True, slots=True)
+class _NetworkUp:
+    """Posted by the link watch: the network just came up (why, for the log)."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Beacon:
     """Posted by the beacon endpoint: a verified announce, its datagram, its source."""
 
@@ -246,12 +262,23 @@ class LanActor(LoopActor):
         if config.get("beacons", True):
             self.beacon = BeaconEndpoint(identity, self._heard, config.get("beacon") or BeaconConfig(), log=self.io_log)
             self.io_loop.call(self.beacon.start(), LOOP_CALL_TIMEOUT_S)
+        self.links: LinkWatch | None = None
+        if config.get("watch_links", True):
+            self.links = LinkWatch(self._network_up, log=self.io_log)
+            self.io_loop.call(self._start_watch(self.links), LOOP_CALL_TIMEOUT_S)
+
+    @staticmethod
+    async def _start_watch(links: LinkWatch) -> None:
+        links.start()
 
     async def io_shutdown(self) -> None:
         """Stop beaconing (an answer still due included) and close the UDP socket."""
         answering = getattr(self, "answering", None)
         if answering is not None:
             answering.cancel()
+        links = getattr(self, "links", None)
+        if links is not None:
+            links.close()
         beacon = getattr(self, "beacon", None)
         if beacon is not None:
             await beacon.close()
@@ -273,6 +300,14 @@ class LanActor(LoopActor):
                 self.answer_pending = True
                 self.answering = asyncio.get_running_loop().call_later(ANSWER_DELAY_S, self._answer)
         self.post(_Beacon(announce, body, source))
+
+    def _network_up(self, why: str) -> None:
+        # On the loop thread: a cable plugged in, an address added. Beacon now (the LAN's other
+        # nodes heard the same news) and exchange with the bootstrap peers now, instead of at
+        # the next scheduled beacon and round.
+        if self.beacon is not None:
+            self.beacon.network_up(why)
+        self.post(_NetworkUp(why))
 
     def _answer(self) -> None:
         self.answer_pending = False
@@ -301,6 +336,9 @@ class LanActor(LoopActor):
             if tell and self.peers_to is not None:
                 heard = PeerAnnounced(announce.node_id, announce.addresses, f"{host}:{port}", body)
                 self._tell(self.peers_to, heard)
+        elif isinstance(message, _NetworkUp):
+            self.exchange_counts["network_up_rounds"] += 1
+            self._round(PULL_TIMEOUT_S, lambda found, errors: self._sighted_to_registry(found))
         elif isinstance(message, _Introduced):
             announce = message.announce
             if self._remember(RelayedPeer(announce.node_id, announce.timestamp, message.body), announce):
@@ -381,9 +419,17 @@ class LanActor(LoopActor):
         return super().handle(msg)
 
     def _start_round(self, request: Discover) -> None:
+        def report(found: list[Sighting], errors: tuple[str, ...]) -> None:
+            self._tell(request.reply_to, Discovered(request.round, TRANSPORT, tuple(found), errors))
+
+        self._round(request.timeout, report)
+
+    def _round(self, timeout: float, report: Callable[[list[Sighting], tuple[str, ...]], None]) -> None:
+        """Exchange with the bootstrap addresses due and ROUND_PULLS known peers; ``report`` the
+        sightings and the errors (a sweeper's round, or one of our own when the network came up)."""
         asking = self._request()
         # Each probe gets most of the round's time, so its answer (or error) beats the deadline.
-        per_probe = max(0.05, request.timeout * 0.8)
+        per_probe = max(0.05, timeout * 0.8)
         now = time.monotonic()
         due = [t for t in self.bootstrap if now - self.exchanged_at.get(t, -BOOTSTRAP_REFRESH_S) >= BOOTSTRAP_REFRESH_S]
         due.sort(key=lambda t: self.bootstrap_tried.get(t, -1.0))  # never tried first, then longest ago
@@ -422,8 +468,7 @@ class LanActor(LoopActor):
                     found.extend(self._sighted(result))
                     found.extend(self._learn(result.peers, result.response.node_id))
             self._publish()
-            errors = tuple(r for _, r in results or () if isinstance(r, str))
-            self._tell(request.reply_to, Discovered(request.round, TRANSPORT, tuple(found), errors))
+            report(found, tuple(r for _, r in results or () if isinstance(r, str)))
 
         self.run_on_loop(everyone(), then)
 

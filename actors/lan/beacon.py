@@ -11,11 +11,12 @@ port; multicast and broadcast datagrams reach every socket bound to it)::
                               ▼                     ▼
                           dropped, counted      dropped, counted, ``beacon_rejected`` logged
 
-The network coming up (a cable plugged in, an IPv4 address added; Linux rtnetlink,
-:mod:`.linkwatch`) starts the schedule over: a beacon within ``LINK_UP_PAUSE_S``, then
-the fast start, as mDNS announces when an interface comes up. Without it, nodes
-started together beacon nearly in phase and the first beacon after a link came
-up could be most of an interval away (``watch_links=False`` turns it off).
+The network coming up (a cable plugged in, an IPv4 address added) starts the
+schedule over: the LAN actor's Linux rtnetlink watch (:mod:`.linkwatch`) calls
+:meth:`BeaconEndpoint.network_up`, a beacon goes out within ``LINK_UP_PAUSE_S`` and
+the fast start runs again, as mDNS announces when an interface comes up. Without
+it, nodes started together beacon nearly in phase and the first beacon after a
+link came up could be most of an interval away.
 
 Defaults: group ``239.255.42.99`` (the organisation-local scope 239.255/16 of
 RFC 2365: never routed off-site), port ``42424``, TTL 1 (this link only),
@@ -37,8 +38,7 @@ decoding so a flood costs a dictionary lookup per datagram, not a signature
 check. Our own beacons (looped back) are recognised by node id and skipped.
 
 Log events: ``multicast_unavailable`` (group, interface, error),
-``beacon_rejected`` (source, reason), ``network_up`` and ``linkwatch_unavailable``
-(:mod:`.linkwatch`), ``peer_discovered`` (source, node_id,
+``beacon_rejected`` (source, reason), ``peer_discovered`` (source, node_id,
 addresses; once per node id per endpoint, later beacons are quiet),
 ``beacon_send_failed`` (destination, error).
 """
@@ -59,7 +59,6 @@ from typing import Any
 import structlog
 
 from villagemesh.actors.lan.identity import Identity
-from villagemesh.actors.lan.linkwatch import LinkWatch
 from villagemesh.actors.lan.state import BURST, RATE_PER_S, BeaconSchedule, SourceRateLimiter
 from villagemesh.errors import ConfigError, ConnectError, RemoteProtocolError
 from villagemesh.protocols.discovery import Announce, decode_discovery, encode_discovery
@@ -121,8 +120,6 @@ class BeaconConfig:
     rate_per_s: float = RATE_PER_S
     burst: float = BURST
     schedule: BeaconSchedule = field(default_factory=BeaconSchedule)
-    watch_links: bool = True
-    """Start the fast start again when the network comes up (Linux rtnetlink, :mod:`.linkwatch`)."""
 
     def __post_init__(self) -> None:
         try:
@@ -173,20 +170,15 @@ class BeaconEndpoint:
         self._sender: asyncio.Task[None] | None = None
         self._again: asyncio.Event | None = None
         """Set when the network came up: the schedule starts over (see :meth:`network_up`)."""
-        self.links: LinkWatch | None = None
 
     async def start(self) -> None:
-        """Open the socket, join the group (or fall back to broadcast), start beaconing and
-        (``watch_links``) watching for the network coming up."""
+        """Open the socket, join the group (or fall back to broadcast) and start beaconing."""
         sock = self._open_socket()
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: _BeaconProtocol(self), sock=sock)
         self._transport = transport
         self._again = asyncio.Event()
         self._sender = loop.create_task(self._beacon_forever(), name="lan-beacon")
-        if self.config.watch_links:
-            self.links = LinkWatch(self.network_up, log=self.log)
-            self.links.start()
 
     def network_up(self, why: str = "") -> None:
         """The network just came up (a cable, an address): beacon within :data:`LINK_UP_PAUSE_S`
@@ -228,10 +220,7 @@ class BeaconEndpoint:
         self.destination = (cfg.broadcast_address, cfg.port)
 
     async def close(self) -> None:
-        """Stop beaconing and watching, close the sockets."""
-        if self.links is not None:
-            self.links.close()
-            self.links = None
+        """Stop beaconing and close the socket."""
         if self._sender is not None:
             self._sender.cancel()
             try:

@@ -39,12 +39,13 @@ def test_ten_hosts_find_each_other_through_one_bootstrap_peer_and_peer_exchange(
     assert all(not beacon_sources(lab, i) for i in lab.hosts)
 
 
+@pytest.mark.parametrize(("lan", "bootstrap"), [(True, "none"), (False, "first")], ids=["multicast", "seed"])
 def test_hosts_whose_cables_are_plugged_in_together_hear_the_network_come_up_and_find_each_other(
-    make_cluster: MakeCluster,
+    make_cluster: MakeCluster, lan: bool, bootstrap: str
 ) -> None:
     """Every cable out while the nodes start, then all plugged in at once: each node's link watch
-    (rtnetlink) logs ``network_up`` and its beacon starts over at once, so multicast alone finds all."""
-    lab = make_cluster(5, start=False, lan=True, bootstrap="none")
+    (rtnetlink) logs ``network_up``; its beacon starts over and it exchanges with its seeds at once."""
+    lab = make_cluster(5, start=False, lan=lan, bootstrap=bootstrap)
     lab.cut(*lab.hosts)
     lab.start(lab.hosts)
     lab.restore(*lab.hosts)

@@ -107,7 +107,7 @@ def test_the_network_coming_up_sends_a_beacon_at_once_and_starts_the_fast_start_
     slow = BeaconSchedule(interval_s=30.0, first_s=30.0, jitter=0.0)
 
     async def body() -> dict[str, Any]:
-        endpoint = BeaconEndpoint(identity(), Heard(), loopback(free_udp_port(), schedule=slow, watch_links=False))
+        endpoint = BeaconEndpoint(identity(), Heard(), loopback(free_udp_port(), schedule=slow))
         await endpoint.start()
         await until(lambda: endpoint.counts["sent"] == 1)
         endpoint.network_up("test")
@@ -122,7 +122,7 @@ def test_the_network_coming_up_sends_a_beacon_at_once_and_starts_the_fast_start_
 
 def test_a_closed_endpoint_ignores_the_network_coming_up() -> None:
     async def body() -> None:
-        endpoint = BeaconEndpoint(identity(), Heard(), loopback(free_udp_port(), watch_links=False))
+        endpoint = BeaconEndpoint(identity(), Heard(), loopback(free_udp_port()))
         await endpoint.start()
         await endpoint.close()
         endpoint.network_up("late")
