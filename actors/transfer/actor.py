@@ -6,7 +6,7 @@
     peer's retrier ──Incoming(kind villagemesh.transfer or villagemesh.transfer.chunk)──► peer's transfer:
         Offer   ─► judge(limits, free disk) ─► Refuse (nothing written) | store the row (commit) ─► Accept(resume)
         Chunk…  ─► pwrite into data_dir/transfers/<id>.part ─► chunks rows (one commit per turn) ─► ChunkAck
-                   ─► every chunk in: hash the whole ─► os.replace into the received dir ─► Complete | Failed
+                   ─► the whole digest fed as the prefix grows; every chunk in: fsync ─► os.replace ─► Complete | Failed
         then Handled(ids) ──► retrier (only after the commit: the inbox marks, and the acks of chunks)
     transfer (sender) on Accept / ChunkAck: the window's next chunks read from the file (pread) ─► Deliver(BULK)
 
