@@ -87,6 +87,7 @@ from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
 from villagemesh.actors.retrier.state import DEFAULT_ROUTE_TIMEOUT
 from villagemesh.actors.transfer.handles import Progress, ReceivedFile, Receivers, TransferHandle, TransferTable
+from villagemesh.actors.transfer.state import DEFAULT_WINDOW
 from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
     BusError,
@@ -273,7 +274,7 @@ class NodeConfig:
     transfer_limits: Limits = field(default_factory=Limits)
     """What this node takes as a receiver: at most ``max_bytes``, only ``kinds`` (None: any), leaving
     ``reserve_bytes`` of disk free; an offer over a limit is refused before any byte is written."""
-    transfer_window: int = 8
+    transfer_window: int = DEFAULT_WINDOW
     """Chunks of one transfer unacknowledged at once (the flow-control window; memory grows with it)."""
     transfer_chunk_size: int | None = None
     """Bytes per chunk (None: chosen by the mode's transports, 256 KiB over WebSocket)."""

@@ -95,6 +95,7 @@ from .messages import (
 from .modes import NetworkMode, next_transport
 from .policy import RetryPolicy
 from .state import (
+    DEFAULT_ACK_TIMEOUT,
     AckReceived,
     AttemptResult,
     Decision,
@@ -150,6 +151,10 @@ class _Redispatch:
     """Timer: try again to hand refused Incomings to the application."""
 
 
+class _SweepHeld:
+    """Timer: forget chunks held longer than the ack timeout (see :meth:`RetrierActor._sweep_held`)."""
+
+
 class RetrierActor(Actor):
     """Delivers envelopes reliably and exactly once, across transports, crashes and restarts."""
 
@@ -192,9 +197,11 @@ class RetrierActor(Actor):
         self.outgoing: dict[str, list[tuple[Transmit, Send | None]]] = {}
         self.volatile: dict[bytes, bytes] = {}
         """Envelopes of transfer chunks being sent (kind ``CHUNK_KIND``): in memory only, never in the outbox."""
-        self.chunks_held: dict[bytes, tuple[str, str]] = {}
-        """Chunks received and handed to ``transfer_to``, not yet Handled: (sender, transport) to ack them on."""
-        """Transmits decided this turn, per transport, handed over together by :meth:`_flush_transmits`."""
+        self.chunks_held: dict[bytes, tuple[str, str, float]] = {}
+        """Chunks received and handed to ``transfer_to``, not yet Handled: (sender, transport) to ack them on,
+        and when (monotonic) they were handed over; swept after ``ack_timeout`` (:meth:`_sweep_held`)."""
+        self.sweeping = False
+        """A :class:`_SweepHeld` timer is set."""
         self._load_routes()
         now = time.time()
         pending = self.outbox.pending()
@@ -298,6 +305,9 @@ class RetrierActor(Actor):
             now = max(time.time(), self.wake_at or 0.0)
             self.wake = self.wake_at = None
             self._step([Tick(now)])
+        elif isinstance(msg, _SweepHeld):
+            self.sweeping = False
+            self._sweep_held(time.monotonic())
         elif isinstance(msg, _Redispatch):
             for message_id in list(self.undispatched):
                 self._hand_to_app(message_id)
@@ -317,6 +327,7 @@ class RetrierActor(Actor):
                 len(self.state.unreachable()),
                 self.state.held,
                 c.probes,
+                len(self.chunks_held),
             )
         else:
             raise TypeError(f"retrier got an unexpected {type(msg).__name__}")
@@ -615,7 +626,28 @@ class RetrierActor(Actor):
         except BusError as exc:
             self.ctx.log.emit("dispatch_failed", level="warning", message_id=message.id.hex(), reason=str(exc))
             return
-        self.chunks_held[message.id] = (message.sender, transport)
+        self.chunks_held[message.id] = (message.sender, transport, time.monotonic())
+        if not self.sweeping:
+            self.sweeping = True
+            self.schedule(self._hold_s, _SweepHeld())
+
+    @property
+    def _hold_s(self) -> float:
+        return float(self.state_settings.get("ack_timeout", DEFAULT_ACK_TIMEOUT))
+
+    def _sweep_held(self, now: float) -> None:
+        """Forget the chunks held longer than the ack timeout: ``transfer_to`` lost them (it crashed with
+        them unhandled), and by then the sender has given that attempt up, sending the chunk again (the
+        same id, held anew when it comes) or failing it (the transfer re-offers and sends new chunks).
+        Without this, each lost chunk stayed here for good. A Handled that still comes for one is an
+        inbox mark of nothing; its chunk is acked when its next copy is handled."""
+        cutoff = now - self._hold_s
+        for message_id in [m for m, (_, _, at) in self.chunks_held.items() if at <= cutoff]:
+            del self.chunks_held[message_id]
+        if self.chunks_held and not self.sweeping:
+            self.sweeping = True
+            oldest = min(at for _, _, at in self.chunks_held.values())
+            self.schedule(max(0.0, oldest + self._hold_s - now), _SweepHeld())
 
     def _handled(self, ids: list[bytes]) -> None:
         """Messages ``deliver_to`` or ``transfer_to`` handled: inbox marks, and the acks of held chunks."""
@@ -626,7 +658,7 @@ class RetrierActor(Actor):
             if held is None:
                 marks.append(message_id)
             else:
-                to_ack.setdefault(held, []).append(message_id)
+                to_ack.setdefault(held[:2], []).append(message_id)
         if marks:
             self.inbox.mark_handled_many(marks)
             self.undispatched.difference_update(marks)

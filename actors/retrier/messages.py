@@ -187,6 +187,8 @@ class RetrierStatus:
     """Messages waiting for their unreachable recipient's probe to get through (no attempt spent)."""
     probes: int = 0
     """Messages picked to probe an unreachable recipient, since start."""
+    chunks_held: int = 0
+    """Transfer chunks handed to ``transfer_to`` and not yet Handled (acked once they are)."""
 
 
 @codec.message("retrier.TransportDown")

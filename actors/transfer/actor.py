@@ -6,7 +6,7 @@
     peer's retrier ──Incoming(kind villagemesh.transfer or villagemesh.transfer.chunk)──► peer's transfer:
         Offer   ─► judge(limits, free disk) ─► Refuse (nothing written) | store the row (commit) ─► Accept(resume)
         Chunk…  ─► pwrite into data_dir/transfers/<id>.part ─► chunks rows (one commit per turn) ─► ChunkAck
-                   ─► every chunk in: hash the whole ─► os.replace into the received dir ─► Complete | Failed
+                   ─► the whole digest fed as the prefix grows; every chunk in: fsync ─► os.replace ─► Complete | Failed
         then Handled(ids) ──► retrier (only after the commit: the inbox marks, and the acks of chunks)
     transfer (sender) on Accept / ChunkAck: the window's next chunks read from the file (pread) ─► Deliver(BULK)
 
@@ -91,7 +91,7 @@ from villagemesh.protocols.transfer import encode as encode_wire
 
 from .handles import ReceivedFile, Receivers, TransferTable, error_of
 from .messages import CancelTransfer, GetTransfers, SendFile, SendReply, TransferRow, Transfers
-from .state import DEFAULT_CHUNK_BYTES, DEFAULT_STALL_S, DEFAULT_WINDOW, Stall, received_name
+from .state import DEFAULT_CHUNK_BYTES, DEFAULT_STALL_S, DEFAULT_WINDOW, Stall, WholeDigest, received_name
 from .store import TransferStore
 
 __all__ = ["TransferActor", "transfers"]
@@ -104,6 +104,9 @@ HASH_BYTES = 1024 * 1024
 
 TRIM_EVERY_BYTES = 8 * 1024 * 1024
 """Chunk bytes through the actor between two trims of the heap (:func:`_trim`)."""
+
+CHUNK_HANDOFF_S = 1.0
+"""Seconds a chunk waits for room in the retrier's mailbox (the bus's default send timeout)."""
 
 BATCH_LIMIT = 256
 """Messages one turn takes at most: 256 chunks of 256 KiB are 64 MiB written per commit."""
@@ -140,6 +143,8 @@ class _In:
         self.partial = partial
         self.final = final
         self.fd: int | None = None
+        self.whole = WholeDigest()
+        """The whole file's digest over the committed prefix, fed as the prefix grows (not persisted)."""
         self.writes = 0
         """Chunks written into the partial file by this instance (a chunk written twice counts twice)."""
 
@@ -391,7 +396,7 @@ class TransferActor(Actor):
 
     def _incoming(self, batch: list[Incoming]) -> None:
         touched: set[bytes] = set()
-        written: dict[bytes, list[int]] = {}
+        written: dict[bytes, dict[int, bytes]] = {}
         for item in batch:
             try:
                 envelope = decode(item.envelope)
@@ -415,14 +420,21 @@ class TransferActor(Actor):
             except ProtocolError as exc:
                 self.ctx.log.emit("transfer_message_rejected", level="warning", peer_id=peer, reason=str(exc))
         self.store.commit_chunks((tid, i) for tid, indexes in written.items() for i in indexes)
-        for tid, indexes in written.items():
+        for tid, chunks in written.items():
             entry = self.ins[tid]
-            self._send(entry.peer_id, entry.receiver.committed(indexes))
-            if entry.receiver.verifying:
-                self._verify(entry)
+            self._send(entry.peer_id, entry.receiver.committed(list(chunks)))
         self._pump(touched)
         for item in batch:
             self.tell(self.retrier, Handled(item.message_id))
+        # The acks leave before the whole digest takes this turn's chunks: the sender refills its
+        # window while this thread hashes (hashing lets go of the GIL).
+        self.sender.flush()
+        for tid, chunks in written.items():
+            entry = self.ins[tid]
+            if entry.receiver.verifying:
+                self._verify(entry, chunks)
+            else:
+                self._hash_prefix(entry, chunks)
         self.moved += sum(len(item.envelope) for item in batch)
         if self.moved >= TRIM_EVERY_BYTES:
             self.moved = 0
@@ -471,7 +483,7 @@ class TransferActor(Actor):
         path = str(self.received_dir / name)
         return os.path.lexists(path) or any(e.final == path for e in self.ins.values())
 
-    def _chunk(self, peer: str, chunk: Chunk, written: dict[bytes, list[int]]) -> None:
+    def _chunk(self, peer: str, chunk: Chunk, written: dict[bytes, dict[int, bytes]]) -> None:
         entry = self.ins.get(chunk.transfer_id)
         if entry is None or entry.peer_id != peer:
             return  # an offer refused, or a late copy after a restart that forgot nothing: nothing to do
@@ -482,25 +494,49 @@ class TransferActor(Actor):
             entry.fd = os.open(entry.partial, os.O_RDWR | os.O_CREAT, 0o600)
         os.pwrite(entry.fd, chunk.data, chunk.index * entry.receiver.offer.chunk_size)
         entry.writes += 1
-        written.setdefault(chunk.transfer_id, []).append(chunk.index)
+        written.setdefault(chunk.transfer_id, {})[chunk.index] = chunk.data
 
-    def _verify(self, entry: _In) -> None:
-        """Every chunk is committed: hash the whole, move it into place (or delete it), tell the sender."""
+    def _hash_prefix(self, entry: _In, chunks: dict[int, bytes]) -> None:
+        """Feed the whole digest the committed prefix's chunks it has not seen: from ``chunks`` (this
+        turn's, in memory) or read back from the partial file (chunks that came out of order in an
+        earlier turn; after a restart, the prefix committed before it). Hashing as the prefix grows
+        keeps the verification at the end from hashing the whole file again."""
+        offer = entry.receiver.offer
+        for index in entry.whole.due(entry.receiver.prefix):
+            data = chunks.get(index)
+            if data is None:
+                if entry.fd is None:
+                    entry.fd = os.open(entry.partial, os.O_RDWR | os.O_CREAT, 0o600)
+                length = offer.chunk_length(index)
+                data = os.pread(entry.fd, length, index * offer.chunk_size)
+                if len(data) != length:
+                    raise OSError(f"chunk {index}: {len(data)} of {length} bytes in {entry.partial}")
+            entry.whole.feed(index, data)
+
+    def _verify(self, entry: _In, chunks: dict[int, bytes] | None = None) -> None:
+        """Every chunk is committed: finish the whole digest (the chunks it has not seen, from ``chunks``
+        or the file), sync the file, move it into place (or delete it), tell the sender."""
         offer = entry.receiver.offer
         source = entry.partial if os.path.exists(entry.partial) else entry.final
-        digest = whole_digest()
         try:
-            with open(source, "rb") as handle:
-                while block := handle.read(HASH_BYTES):
-                    digest.update(block)
-                if source == entry.partial:
-                    os.fsync(handle.fileno())
+            if source == entry.partial:
+                self._hash_prefix(entry, chunks or {})
+                if entry.fd is None:
+                    entry.fd = os.open(entry.partial, os.O_RDWR | os.O_CREAT, 0o600)
+                os.fsync(entry.fd)
+                digest = entry.whole.digest()
+            else:  # killed between the move and its commit: hash what was moved
+                whole = whole_digest()
+                with open(source, "rb") as handle:
+                    while block := handle.read(HASH_BYTES):
+                        whole.update(block)
+                digest = whole.digest()
         except OSError as exc:
             failed = entry.receiver.fail(FailReason.STORAGE, f"reading {source}: {exc.strerror or exc}")
             self._drop_partial(entry, failed)
             self._send(entry.peer_id, failed)
             return
-        answer = entry.receiver.verified(digest.digest())
+        answer = entry.receiver.verified(digest)
         if isinstance(answer, Failed):
             self._drop_partial(entry, answer)
             self._send(entry.peer_id, answer)
@@ -586,7 +622,10 @@ class TransferActor(Actor):
             # pushing out the small messages it is for and doubling a window's memory.)
             remember(raw, envelope)
         try:
-            self.tell(self.retrier, Deliver(raw))
+            # A chunk goes at once, not at the end of the turn: the retrier hands it on while this
+            # thread reads and hashes the next one (hashing lets go of the GIL), instead of the whole
+            # window going as one frame after the last chunk is made (store and forward at every hop).
+            self.tell(self.retrier, Deliver(raw), timeout=CHUNK_HANDOFF_S if isinstance(message, Chunk) else None)
         except BusError as exc:
             # The retrier is restarting: a stalled transfer is offered again, and the answer resumes it.
             self.ctx.log.emit("transfer_message_rejected", level="warning", peer_id=peer, reason=str(exc))

@@ -11,7 +11,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from villagemesh.errors import LocalProtocolError
+from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, whole_digest
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -19,14 +20,16 @@ __all__ = [
     "DEFAULT_WINDOW",
     "TRANSPORT_CHUNK_BYTES",
     "Stall",
+    "WholeDigest",
     "chunk_size_for",
     "received_name",
 ]
 
-DEFAULT_WINDOW = 8
-"""Chunks in flight per transfer: 8 x 256 KiB = 2 MiB unacknowledged at most. Each chunk in flight costs
-about 2.5 MiB of peak RSS per side (its copies along the hops, and what malloc keeps of them): a window
-of 16 peaked at 82 MiB while moving 1 GiB, 8 at 63 MiB, at the same throughput (docs/benchmarks.md)."""
+DEFAULT_WINDOW = 16
+"""Chunks in flight per transfer: 16 x 256 KiB = 4 MiB unacknowledged at most. Peak RSS growth moving a
+file was ~23 MiB per side at 16 (8: ~16 MiB, 32: ~30 MiB) once chunk envelopes were no longer kept in the
+envelope cache; before that a chunk in flight cost ~2.5 MiB per side and 16 peaked at 82 MiB. 16 moved
+~100 MiB/s where 8 moved ~80 (docs/benchmarks.md)."""
 
 TRANSPORT_CHUNK_BYTES: dict[str, int] = {"websocket": 256 * 1024, "libp2p": 256 * 1024, "bitchat": 1024}
 """The chunk each transport carries well: WebSocket frames of 256 KiB keep a small message's wait behind
@@ -74,3 +77,30 @@ class Stall:
             return False
         self.quiet += 1
         return self.quiet >= 1
+
+
+class WholeDigest:
+    """The whole-file digest of an incoming transfer, fed chunk after chunk in order as the committed prefix
+    grows, so that verifying once every chunk is in hashes nothing again (hashing the whole file after the
+    last chunk was a serial tail of ~20 % of a transfer's time). Not stored: a restarted receiver starts
+    again from chunk 0, reading the committed chunks back from the partial file."""
+
+    def __init__(self) -> None:
+        self._hash = whole_digest()
+        self.next = 0
+        """The next chunk to feed: chunks ``0 .. next-1`` are in the digest."""
+
+    def due(self, prefix: int) -> range:
+        """The chunks to feed, in order, now that chunks ``0 .. prefix-1`` are committed."""
+        return range(self.next, max(self.next, prefix))
+
+    def feed(self, index: int, data: bytes) -> None:
+        """Chunk ``index``'s bytes (it must be :attr:`next`: a digest takes its bytes in order)."""
+        if index != self.next:
+            raise LocalProtocolError(f"chunk {index} fed to the whole digest, which needs chunk {self.next}")
+        self._hash.update(data)
+        self.next += 1
+
+    def digest(self) -> bytes:
+        """The digest of every chunk fed so far."""
+        return self._hash.digest()

@@ -187,6 +187,54 @@ def test_small_messages_are_not_stalled_behind_a_transfer(tmp_path):
         handle.wait(PATIENCE)
 
 
+def test_small_messages_of_every_priority_get_through_a_transfer_without_waiting_behind_its_chunks(tmp_path):
+    """Messages of each priority sent mid-transfer keep their order within their priority and are each
+    handled before the receiver has committed four windows of chunks past what the sender knew acked when
+    the message left (that view lags the receiver by up to a window and its ack, and each handler here
+    waits for a turn of the busy transfer actor to read its progress): they queue behind the chunks in
+    flight, never behind the rest of the transfer (counted in chunks, not timed; 64 MiB: the rest is
+    more than 56 MiB when they leave). (Reordering across priorities needs the retrier's in-flight slots contended;
+    :func:`tests.actors.retrier.test_state.test_within_a_batch_the_free_slots_go_by_priority` covers it:
+    one transfer holds a window, far below ``max_in_flight``.)"""
+    a, b = pair(tmp_path)
+    source = blob(tmp_path / "big", 64 * 1024 * 1024)
+    seen: list[tuple[str, int]] = []
+    cond = threading.Condition()
+
+    def on_ping(message) -> None:
+        (row,) = [r for r in a.transfers() if r["direction"] == "in"]
+        with cond:
+            seen.append((message.payload.decode(), row["done"]))
+            cond.notify_all()
+
+    a.subscribe("PING", on_ping)
+    priorities = ["CRITICAL", "HIGH", "NORMAL", "LOW"]
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        handle = b.send_file(a.node_id, source)
+        while handle.progress.done < 4 * 1024 * 1024:
+            with pytest.raises(TimeoutError):
+                handle.wait(0.05)
+        sent_at: dict[str, int] = {}
+        pings = []
+        for round_ in range(3):
+            for priority in priorities:
+                name = f"{priority}-{round_}"
+                sent_at[name] = handle.progress.done
+                pings.append(b.send(a.node_id, name.encode(), kind="PING", priority=priority))
+        for ping in pings:
+            assert ping.result(PATIENCE).delivered
+        assert not handle.done(), f"the transfer ended before the small messages got through: {handle.progress}"
+        with cond:
+            assert cond.wait_for(lambda: len(seen) == len(pings), PATIENCE)
+        handle.wait(PATIENCE)
+    for priority in priorities:
+        assert [n for n, _ in seen if n.startswith(priority)] == [f"{priority}-{r}" for r in range(3)]
+    window_bytes = 16 * 256 * 1024  # NodeConfig.transfer_window x the chunk size
+    behind = {name: done - sent_at[name] for name, done in seen}
+    assert max(behind.values()) <= 4 * window_bytes, behind
+
+
 @pytest.mark.parametrize("actor", ["websocket", "transfer", "retrier"])
 def test_a_transfer_survives_a_crash_of_the_senders_actors_mid_way(tmp_path, actor):
     """The transport crashing fails its attempts over (the retrier tries the next transport of the

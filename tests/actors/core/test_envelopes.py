@@ -59,3 +59,13 @@ def test_the_cache_forgets_the_oldest_beyond_its_count_bound(monkeypatch: pytest
     assert envelopes.decode(items[2][1]) is items[2][0]
     again = envelopes.decode(items[0][1])
     assert again == items[0][0] and again is not items[0][0]
+
+
+def test_an_envelope_over_the_entry_bound_is_decoded_every_time_and_never_kept() -> None:
+    """A transfer's chunk is not hashed for a lookup nor kept: each decode is a new, equal value."""
+    message, data = raw(os.urandom(envelopes.ENTRY_BYTES))
+    envelopes.remember(data, message)
+    first = envelopes.decode(data)
+    assert first == message and first is not message
+    assert envelopes.decode(data) is not first
+    assert data not in envelopes._cache

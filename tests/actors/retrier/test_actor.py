@@ -377,3 +377,25 @@ def test_transfer_chunks_are_never_stored_and_are_acked_only_once_handled(nodes,
     inbox = Inbox(str(tmp_path / "B.db"))
     assert [inbox.payload(mid) for mid in ids] == [None] * 10  # never stored at B either
     inbox.close()
+
+
+@pytest.mark.parametrize("nodes", [{"transfer_to": "app", "max_attempts": 1}], indirect=True)
+def test_a_held_chunk_that_is_never_handled_is_forgotten_after_the_ack_timeout(nodes):
+    """B's ``transfer_to`` loses a chunk (no Handled: it crashed with it) and A gives it up (one attempt):
+    B's retrier forgets it once the ack timeout (1 s here) has passed, instead of holding it for good;
+    the chunks that are handled are acked and held no longer."""
+    App.ignore_first = {"B"}
+    client = nodes["A"].bus.client()
+    b = nodes["B"].bus.client()
+    [send_envelope(client, envelope("A", "B", n, kind=CHUNK_KIND), timeout=WAIT) for n in range(3)]
+    App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 2 and (("B", "ignored") in App.reports))
+    assert retrier_status(b, timeout=WAIT).chunks_held == 1  # the lost one, right after
+    deadline = time.monotonic() + WAIT
+    while retrier_status(b, timeout=WAIT).chunks_held and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert retrier_status(b, timeout=WAIT).chunks_held == 0
+    deadline = time.monotonic() + WAIT
+    while retrier_status(client, timeout=WAIT).pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = retrier_status(client, timeout=WAIT)
+    assert (status.pending, status.delivered, status.failed) == (0, 2, 1)  # the lost chunk: given up

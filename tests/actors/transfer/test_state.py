@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from villagemesh.actors.transfer.state import TRANSPORT_CHUNK_BYTES, Stall, chunk_size_for, received_name
-from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from villagemesh.actors.transfer.state import (
+    TRANSPORT_CHUNK_BYTES,
+    Stall,
+    WholeDigest,
+    chunk_size_for,
+    received_name,
+)
+from villagemesh.errors import LocalProtocolError
+from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, whole_digest
 
 TID = bytes(range(16))
 
@@ -46,3 +54,26 @@ def test_a_sender_without_progress_for_a_tick_offers_again():
     assert stall.tick(0)  # nothing moved since
     assert not stall.tick(3)
     assert stall.tick(3)
+
+
+@given(st.lists(st.binary(min_size=1, max_size=64), max_size=12), st.data())
+def test_the_whole_digest_fed_as_the_prefix_grows_is_the_digest_of_the_whole(chunks, data):
+    whole = WholeDigest()
+    prefix = 0
+    while prefix < len(chunks):
+        prefix = data.draw(st.integers(prefix, len(chunks)))  # the committed prefix moves on unevenly
+        for index in whole.due(prefix):
+            whole.feed(index, chunks[index])
+        assert list(whole.due(prefix)) == []
+    expected = whole_digest()
+    expected.update(b"".join(chunks))
+    assert whole.digest() == expected.digest()
+
+
+def test_the_whole_digest_takes_chunks_only_in_order():
+    whole = WholeDigest()
+    assert list(whole.due(3)) == [0, 1, 2]
+    with pytest.raises(LocalProtocolError, match="chunk 1 fed to the whole digest, which needs chunk 0"):
+        whole.feed(1, b"x")
+    whole.feed(0, b"x")
+    assert list(whole.due(0)) == [] and list(whole.due(3)) == [1, 2]
