@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import WAIT
-from villagemesh import NetworkMode, create_network
+from villagemesh import DeliveryState, NetworkMode, create_network, message_id_for
 from villagemesh.errors import ConfigError, DeliveryFailed
 from villagemesh.node import NodeConfig, _priority, local_capabilities
 from villagemesh.protocols.envelope import Priority
@@ -200,6 +201,94 @@ def test_send_many_stores_every_message_in_one_call_and_each_handle_ends_deliver
     assert inbox.done.wait(WAIT) and sorted(inbox.payloads) == sorted(b"m%d" % i for i in range(300))
     with pytest.raises(ConfigError, match="kind"):
         b.send_many([(a.node_id, b"x")], kind="")
+
+
+def test_a_send_again_with_the_same_message_id_stores_and_handles_it_once(tmp_path):
+    """The idempotent resend: while the first copy is pending, the same id returns its handle and stores
+    nothing; once it was handled, a copy is dropped by the recipient (its handle ends UNCONFIRMED)."""
+    a = make(tmp_path, "a", discovery_interval=0.3, outcome_timeout=1.0).start()
+    b = make(tmp_path, "b", discovery_interval=0.3, outcome_timeout=1.0, bootstrap=(a.acceptor_address,)).start()
+    try:
+        assert b.wait_for_peers(1, WAIT)
+        inbox = Collect(1)
+        a.subscribe("DATA", inbox)
+        absent, key = "f" * 32, message_id_for("job-7:absent:0")
+        first = b.send(absent, b"parked", message_id=key)
+        assert b.send(absent, b"parked", message_id=key) is first and first.message_id == key
+        assert b.network_status()["outbox"]["messages"] == 1
+        mid = message_id_for("job-7:a:0")
+        assert b.send(a.node_id, b"once", message_id=mid).result(WAIT).delivered
+        copy = b.send(a.node_id, b"once", message_id=mid)
+        assert copy.wait(WAIT).state is DeliveryState.UNCONFIRMED and copy.status.acked
+        ids = [message_id_for(f"job-7:a:{i}") for i in range(1, 4)]
+        handles = b.send_many([(a.node_id, b"m%d" % i) for i in range(1, 4)], message_ids=ids)
+        assert [h.message_id for h in handles] == ids and all(h.result(WAIT).delivered for h in handles)
+        b.send_many([(a.node_id, b"m%d" % i) for i in range(1, 4)], message_ids=ids)
+        time.sleep(1.0)  # room for a wrong second delivery to show
+        assert sorted(inbox.payloads) == [b"m1", b"m2", b"m3", b"once"]
+        with pytest.raises(ConfigError, match="message_id must be 32 hex characters"):
+            b.send(a.node_id, b"x", message_id="nothex" * 6)
+        with pytest.raises(ConfigError, match="2 message_ids given for 1 messages"):
+            b.send_many([(a.node_id, b"x")], message_ids=ids[:2])
+        with pytest.raises(ConfigError, match="non-empty"):
+            message_id_for("")
+        assert message_id_for("k") == message_id_for(b"k") != message_id_for("k2")
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_a_retrier_that_crashes_during_a_send_is_asked_again_and_stores_each_message_once(pair, monkeypatch):
+    """The ask's outcome is unknown when the retrier crashes during it: send and send_many hand the same
+    envelopes over again, so a crash after the commit (simulated: the reply lost) doubles nothing; and real
+    crashes of the retrier every 20 ms during a stream of sends lose and double nothing either."""
+    import villagemesh.actors.retrier.actor as retrier_actor
+    from villagemesh.errors import ActorCrashed
+
+    a, b = pair
+    inbox = Collect(10_000)
+    a.subscribe("DATA", inbox)
+    real = retrier_actor.send_envelopes
+    calls = []
+
+    def committed_then_crashed(client, envelopes, **kwargs):
+        calls.append(len(envelopes))
+        reply = real(client, envelopes, **kwargs)
+        if len(calls) == 1:
+            raise ActorCrashed("retrier", "InjectedCrash", "after its commit (simulated)")
+        return reply
+
+    monkeypatch.setattr(retrier_actor, "send_envelopes", committed_then_crashed)
+    handles = b.send_many([(a.node_id, b"c%d" % i) for i in range(20)])
+    assert calls == [20, 20] and b.hand_overs_retried == 1
+    assert all(h.result(WAIT).delivered for h in handles)
+    monkeypatch.setattr(retrier_actor, "send_envelopes", real)
+
+    stop = threading.Event()
+
+    def crash_retrier():
+        while not stop.wait(0.02):
+            b.crash("retrier")
+
+    crasher = threading.Thread(target=crash_retrier)
+    crasher.start()
+    try:
+        sent = []
+        for batch in range(40):
+            payloads = [b"r%d.%d" % (batch, i) for i in range(5)]
+            b.send_many([(a.node_id, p) for p in payloads])
+            sent.extend(payloads)
+            sent.append(b"s%d" % batch)
+            b.send(a.node_id, sent[-1])
+    finally:
+        stop.set()
+        crasher.join()
+    expected = sorted(sent + [b"c%d" % i for i in range(20)])
+    deadline = time.monotonic() + 3 * WAIT
+    while len(inbox.payloads) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # room for a wrong second delivery to show
+    assert sorted(inbox.payloads) == expected
 
 
 def test_gathered_asends_reach_the_retrier_together_from_one_thread(pair):

@@ -28,6 +28,7 @@ __all__ = [
     "Priority",
     "__version__",
     "create_network",
+    "message_id_for",
 ]
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
         PeerInfo,
         Priority,
         create_network,
+        message_id_for,
     )
 
 

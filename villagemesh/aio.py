@@ -43,7 +43,7 @@ from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, S
 from typing import Any
 
 from villagemesh.actors.app.messages import BridgeQuery
-from villagemesh.actors.app.state import DeliveryHandle, DeliveryStatus, InboundMessage, call_on_loop
+from villagemesh.actors.app.state import DeliveryHandle, DeliveryStatus, InboundMessage, MessageId, call_on_loop
 from villagemesh.actors.core.envelopes import remember
 from villagemesh.actors.retrier.messages import Deliver
 from villagemesh.errors import MailboxFull, OutboxFull, RequestTimeout
@@ -136,12 +136,14 @@ class AsyncNode:
         ttl: float = DEFAULT_TTL,
         correlation_id: bytes | None = None,
         timeout: float | None = None,
+        message_id: MessageId | bytes | None = None,
     ) -> DeliveryHandle:
         """Send ``payload`` reliably; returns the handle once the message is handed to the retrier.
 
         Awaits room in a full outbox (up to ``timeout`` seconds, None: as long as
         it takes), then hands the message over without awaiting again. A refusal
         by the retrier ends the handle FAILED; ``await handle`` gives the end.
+        ``message_id``: the idempotent resend of :meth:`Node.send <villagemesh.node.Node.send>`.
 
         Raises:
             ConfigError: at once, for a malformed id, this node's own id, or a bad value.
@@ -150,7 +152,15 @@ class AsyncNode:
         node = self.node
         loop = asyncio.get_running_loop()
         await _pacer(loop).turn()  # cancelled here: nothing was made or sent
-        message = node.envelope(peer_id, payload, kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id)
+        message = node.envelope(
+            peer_id,
+            payload,
+            kind=kind,
+            priority=priority,
+            ttl=ttl,
+            correlation_id=correlation_id,
+            message_id=message_id,
+        )
         client = node._client()
         deadline = None if timeout is None else loop.time() + timeout
         handle = await _room(loop, node).admit(message.id, peer_id, len(message.payload), deadline, timeout)

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import hashlib
 import ipaddress
 import math
 import os
@@ -80,6 +81,7 @@ from villagemesh.actors.app.state import (
     MessageId,
     OutboxLimits,
     Subscribers,
+    message_id_of,
 )
 from villagemesh.actors.core.base import ExitReport, Scheduler
 from villagemesh.actors.core.bus import Bus
@@ -90,11 +92,15 @@ from villagemesh.actors.transfer.handles import Progress, ReceivedFile, Receiver
 from villagemesh.actors.transfer.state import DEFAULT_WINDOW
 from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
+    ActorCrashed,
+    AskTimeout,
     BusError,
     ConfigError,
     ConnectError,
+    MailboxFull,
     NodeFailed,
     NodeStartFailed,
+    NoSuchActor,
     RemoteError,
     RequestTimeout,
     StorageError,
@@ -133,6 +139,7 @@ __all__ = [
     "diagnose",
     "free_port",
     "local_capabilities",
+    "message_id_for",
 ]
 
 ASK_TIMEOUT = 5.0
@@ -146,6 +153,10 @@ SEND_MANY_CHUNK = 256
 """Envelopes one ask of the retrier carries at most (``send_many``): one commit each. Small enough
 that the retrier sends one chunk while the next is being stored (1,024 left the pipeline idle
 between stages), large enough that a commit is shared by hundreds."""
+
+HAND_OVER_PAUSE_S = 0.05
+"""Seconds ``send`` waits before asking the retrier again when an ask's outcome is unknown (the retrier
+crashed or did not answer in time): the same envelopes, so the second ask cannot store a message twice."""
 
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 """SQLite durability of the message files: NORMAL survives a killed process (a commit is a write
@@ -514,6 +525,8 @@ class Node:
         self.codec: PayloadCodec = payload_codec(config.codec)
         self.subscribers = Subscribers()
         self.handles = HandleTable(config.outbox)
+        self.hand_overs_retried = 0
+        """Asks of the retrier made again because the first one's outcome was unknown (:meth:`send`)."""
         self.bridge = Bridge()
         self.gateway_counters = GatewayCounters()
         self.transfer_table = TransferTable()
@@ -1067,12 +1080,15 @@ class Node:
         priority: PriorityLike = Priority.NORMAL,
         ttl: float = DEFAULT_TTL,
         correlation_id: bytes | None = None,
+        message_id: MessageId | bytes | None = None,
     ) -> Message:
         """The envelope :meth:`send` would send (validated; ``payload`` encoded by the node's codec).
 
+        ``message_id``: the caller's own id for it (:func:`message_id_for`, or 16 bytes); None: a random one.
+
         Raises:
             ConfigError: a malformed or own peer id, a payload the codec refuses, a bad kind,
-                priority, ttl or correlation id (the message names the value).
+                priority, ttl, correlation id or message id (the message names the value).
         """
         check_peer_id(peer_id, self.node_id)
         if not isinstance(kind, str) or not kind or kind.startswith("villagemesh."):
@@ -1089,7 +1105,7 @@ class Node:
         if len(data) > MAX_PAYLOAD_BYTES:
             raise ConfigError(f"payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
         return Message(
-            id=os.urandom(ID_BYTES),
+            id=os.urandom(ID_BYTES) if message_id is None else _raw_id(message_id),
             kind=kind,
             sender=self.node_id,
             recipient=peer_id,
@@ -1110,28 +1126,57 @@ class Node:
         ttl: float = DEFAULT_TTL,
         correlation_id: bytes | None = None,
         timeout: float | None = None,
+        message_id: MessageId | bytes | None = None,
     ) -> DeliveryHandle:
         """Send ``payload`` to ``peer_id`` reliably; the handle ends when its recipient's handlers did.
 
         The message is stored durably before this returns: a crash of the node
         afterwards does not lose it (it is resent after the restart). A full
         outbox blocks this call up to ``timeout`` seconds (default
-        ``NodeConfig.send_timeout``).
+        ``NodeConfig.send_timeout``). If the retrier crashes or is slow while
+        storing it, the same envelope is handed over again (every
+        :data:`HAND_OVER_PAUSE_S`) until it is stored or ``timeout`` has passed.
+
+        ``message_id`` (:func:`message_id_for` of a key of the application's,
+        or 16 bytes) makes the send idempotent: sending again with an id
+        that is still pending stores nothing new and returns the pending
+        message's handle; a copy of a message that has already reached its
+        recipient is dropped there as a duplicate (the recipient's inbox keeps
+        ids for the message's TTL), so its handlers never run twice. That is
+        how a caller that does not know whether a send was stored (its
+        process was killed during ``send``, or ``send`` raised
+        :class:`~villagemesh.errors.BusError`) makes sure: it sends again with
+        the same id and payload. The new handle of such a copy ends
+        UNCONFIRMED after ``NodeConfig.outcome_timeout`` (the recipient acks it
+        but runs no handler to report on), and holds its room in the send
+        window until then.
 
         Raises:
             ConfigError: at once, for a malformed id, this node's own id, or a bad value.
             OutboxFull: the outbox stayed full for ``timeout`` seconds.
+            BusError: the retrier did not take the message within ``timeout`` (the outcome is
+                unknown: the message may be stored; send it again with the same ``message_id``).
         """
         from villagemesh.actors.retrier.messages import Deliver, DeliverReply
 
-        message = self.envelope(peer_id, payload, kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id)
+        message = self.envelope(
+            peer_id,
+            payload,
+            kind=kind,
+            priority=priority,
+            ttl=ttl,
+            correlation_id=correlation_id,
+            message_id=message_id,
+        )
         client = self._client()
         wait = self.config.send_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
         handle = self.handles.new(message.id, peer_id, len(message.payload), timeout=wait)
+        request = Deliver(_encoded(message))
         try:
-            reply = client.ask("retrier", Deliver(_encoded(message)), timeout=ASK_TIMEOUT)
+            reply = self._hand_over(deadline, lambda: client.ask("retrier", request, timeout=ASK_TIMEOUT))
         except BusError as exc:
-            self.handles.resolve(message.id, False, 0, f"not handed to the retrier: {exc}")
+            self.handles.resolve(message.id, False, 0, _unknown_outcome(message.id, exc))
             raise
         if not isinstance(reply, DeliverReply) or reply.error is not None:
             error = getattr(reply, "error", repr(reply))
@@ -1147,6 +1192,7 @@ class Node:
         priority: PriorityLike = Priority.NORMAL,
         ttl: float = DEFAULT_TTL,
         timeout: float | None = None,
+        message_ids: Sequence[MessageId | bytes] | None = None,
     ) -> list[DeliveryHandle]:
         """Send every ``(peer_id, payload)`` reliably, in order; one handle each.
 
@@ -1154,34 +1200,68 @@ class Node:
         commit per :data:`SEND_MANY_CHUNK` messages (what ``send`` in a loop pays per
         message). Every message is validated before any is sent; a full outbox blocks as
         for ``send``, message by message. A message the retrier refuses gets a handle
-        that has already failed, naming why; the others go on.
+        that has already failed, naming why; the others go on. ``message_ids``: one id
+        per message, as ``send``'s ``message_id`` (the idempotent resend); a retrier
+        that crashes while storing a chunk is handed the same chunk again, as by ``send``.
 
         Raises:
             ConfigError: at once, for a malformed id, this node's own id, or a bad value (nothing sent).
             OutboxFull: the outbox stayed full for ``timeout`` seconds (the messages before it were sent).
         """
-        built = [self.envelope(peer, payload, kind=kind, priority=priority, ttl=ttl) for peer, payload in messages]
+        pairs = list(messages)
+        if message_ids is not None and len(message_ids) != len(pairs):
+            raise ConfigError(f"{len(message_ids)} message_ids given for {len(pairs)} messages")
+        ids: Sequence[MessageId | bytes | None] = [None] * len(pairs) if message_ids is None else message_ids
+        built = [
+            self.envelope(peer, payload, kind=kind, priority=priority, ttl=ttl, message_id=mid)
+            for (peer, payload), mid in zip(pairs, ids, strict=True)
+        ]
         client = self._client()
         wait = self.config.send_timeout if timeout is None else timeout
         handles: list[DeliveryHandle] = []
         for start in range(0, len(built), SEND_MANY_CHUNK):
             chunk = built[start : start + SEND_MANY_CHUNK]
             handles.extend(self.handles.new(m.id, m.recipient or "", len(m.payload), timeout=wait) for m in chunk)
-            errors = self._deliver_envelopes(client, [_encoded(m) for m in chunk])
+            errors = self._deliver_envelopes(client, [_encoded(m) for m in chunk], time.monotonic() + wait)
             for message, error in zip(chunk, errors, strict=True):
                 if error is not None:
-                    self.handles.resolve(message.id, False, 0, f"refused: {error}")
+                    self.handles.resolve(message.id, False, 0, error)
         return handles
 
-    def _deliver_envelopes(self, client: Any, envelopes: list[bytes]) -> list[str | None]:
-        """One ask of the retrier for ``envelopes``; the error refusing each, or None."""
+    def _hand_over(self, deadline: float, ask: Callable[[], Any]) -> Any:
+        """``ask()`` of the retrier, asked again while its outcome is unknown and ``deadline`` not passed.
+
+        Unknown: the retrier crashed during the ask (it may have committed first), did not
+        answer in time, was not registered (restarting) or its mailbox was full. Asking
+        again is safe because it carries the same envelopes: an id already pending is not
+        stored twice. A node that has failed is not asked again.
+        """
+        retried = 0
+        while True:
+            try:
+                reply = ask()
+            except (ActorCrashed, AskTimeout, NoSuchActor, MailboxFull) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._failure is not None:
+                    raise
+                if not retried and self._env is not None:
+                    self._env.log.emit("send_retried", level="info", reason=f"{type(exc).__name__}: {exc}")
+                retried += 1
+                time.sleep(min(HAND_OVER_PAUSE_S, left))
+                continue
+            if retried:
+                self.hand_overs_retried += retried
+            return reply
+
+    def _deliver_envelopes(self, client: Any, envelopes: list[bytes], deadline: float) -> list[str | None]:
+        """The error refusing each of ``envelopes`` (None: stored), the retrier asked as :meth:`_hand_over` says."""
         from villagemesh.actors.retrier.actor import send_envelopes
 
         try:
-            reply = send_envelopes(client, envelopes, timeout=ASK_TIMEOUT)
+            reply = self._hand_over(deadline, lambda: send_envelopes(client, envelopes, timeout=ASK_TIMEOUT))
         except BusError as exc:
-            return [f"not handed to the retrier: {exc}"] * len(envelopes)
-        return list(reply.errors)
+            return [_unknown_outcome(None, exc)] * len(envelopes)
+        return [None if error is None else f"refused: {error}" for error in reply.errors]
 
     def request(
         self,
@@ -1725,6 +1805,37 @@ def _not_ready(rows: list[dict[str, Any]], prefix: str = "") -> list[str]:
                 waiting.append(prefix + row["id"] + "/*")
             waiting.extend(_not_ready(children, prefix + row["id"] + "/"))
     return waiting
+
+
+def message_id_for(key: str | bytes) -> MessageId:
+    """A message id that is a function of ``key`` (16 bytes of its BLAKE2b): the application's own name
+    for a message, so that sending it again after an unknown outcome cannot send it twice
+    (:meth:`Node.send`'s ``message_id``). Keys must be unique among the sender's messages within their TTL,
+    e.g. ``f"{job}:{recipient}:{seq}"``."""
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, bytes) or not key:
+        raise ConfigError(f"a message id key must be a non-empty str or bytes, got {key!r}")
+    return message_id_of(hashlib.blake2b(key, digest_size=ID_BYTES, person=b"villagemesh.id").digest())
+
+
+def _raw_id(message_id: MessageId | str | bytes) -> bytes:
+    """The 16 bytes of a message id given as :data:`MessageId` (32 hex characters) or as bytes."""
+    wrong = f"message_id must be {2 * ID_BYTES} hex characters or {ID_BYTES} bytes, got {message_id!r}"
+    if isinstance(message_id, bytes) and len(message_id) == ID_BYTES:
+        return message_id
+    if not isinstance(message_id, str) or len(message_id) != 2 * ID_BYTES:
+        raise ConfigError(wrong)
+    try:
+        return bytes.fromhex(message_id)
+    except ValueError as exc:
+        raise ConfigError(wrong) from exc
+
+
+def _unknown_outcome(message_id: bytes | None, exc: BaseException) -> str:
+    """The end of a handle whose message the retrier may or may not have stored."""
+    again = "the same message_id" if message_id is None else f"message_id {message_id.hex()}"
+    return f"outcome unknown, the retrier did not answer ({type(exc).__name__}: {exc}); send again with {again}"
 
 
 def _encoded(message: Message) -> bytes:

@@ -379,21 +379,27 @@ class HandleTable:
         return None
 
     def try_new(self, message_id: bytes, peer_id: str, size: int) -> DeliveryHandle | str:
-        """A handle taking room in the window, or the bound that leaves no room (a str)."""
+        """A handle taking room in the window, or the bound that leaves no room (a str); the pending
+        handle of ``message_id`` if it has one (a resend with the same id takes no more room)."""
         with self._lock:
+            if (pending := self._handles.get(message_id)) is not None:
+                return pending
             full = self._full(peer_id, size)
             if full is not None:
                 return full
             return self._add(message_id, peer_id, size)
 
     def new(self, message_id: bytes, peer_id: str = "", size: int = 0, *, timeout: float = 0.0) -> DeliveryHandle:
-        """A handle for a message about to be sent, waiting up to ``timeout`` s for room.
+        """A handle for a message about to be sent, waiting up to ``timeout`` s for room; the pending
+        handle of ``message_id`` if it has one (a resend with the same id takes no more room).
 
         Raises:
             OutboxFull: no room came within ``timeout``.
         """
         deadline = time.monotonic() + timeout
         with self._lock:
+            if (pending := self._handles.get(message_id)) is not None:
+                return pending
             while (full := self._full(peer_id, size)) is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -409,6 +409,18 @@ class Cluster:
                     (sure if slot == 0 else maybe).update(range(int(first), int(last) + 1))
         return out
 
+    def unsent(self) -> dict[str, list[str]]:
+        """Per host, the batches it meant to send and has not recorded as stored (``intent`` lines with no
+        ``sent`` line): a running agent sends such a batch again at its start, so none should stay."""
+        out: dict[str, list[str]] = {}
+        for host in self:
+            left = Counter(host.lines("intent"))
+            left.subtract(Counter(host.lines("sent")))
+            batches = sorted(line for line, n in left.items() if n > 0)
+            if batches:
+                out[host.name] = batches
+        return out
+
     def delivery_report(self) -> dict[str, Any]:
         """What is missing, duplicated or out of order, per receiving host (empty lists: all well)."""
         missing: dict[str, list[str]] = {}
