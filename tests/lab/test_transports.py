@@ -1,11 +1,13 @@
 """A host whose transport actors are crashed again and again keeps delivering over the other transports.
 
-Every transport a lab host has: libp2p, BetaNet and WebSocket (hybrid mode with ``betanet=True``:
-five hosts, every one a mixnode, so a route of three mixes exists; BitChat needs a radio, and the
-lab's hosts have none). The hybrid order tries libp2p, then BetaNet, then WebSocket; host 1 sends
-steadily while each of its transport actors in turn is crashed four times (spaced so the
-transports supervisor's restart intensity, 10 in 10 s, is never reached: each crash is one
-restart, not an escalation), and during each storm the others carry its messages.
+Every transport a lab host has: libp2p, BitChat, BetaNet and WebSocket (hybrid mode with
+``betanet=True``: five hosts, every one a mixnode, so a route of three mixes exists; and
+``bitchat=True``: every host has a radio on the lab's air, :mod:`villagemesh.lab.air`). The hybrid
+order tries libp2p, then BitChat, then BetaNet, then WebSocket; host 1 sends steadily while each of
+its transport actors in turn is crashed four times (spaced so the transports supervisor's restart
+intensity, 10 in 10 s, is never reached: each crash is one restart, not an escalation), and during
+each storm the others carry its messages. And a host whose cable is cut keeps delivering over its
+radio: BitChat does not need the LAN.
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ PAUSE = 3.0
 BATCH = 10
 BURST = 100
 """Messages sent just before each crash."""
-TRANSPORTS = ("libp2p", "betanet", "websocket")
+TRANSPORTS = ("libp2p", "bitchat", "betanet", "websocket")
 
 
 def when(event: dict[str, Any]) -> float:
     """An event's wall time (its ISO 8601 UTC timestamp)."""
     return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def radio_peers(host: Any) -> int:
+    """How many BitChat peers ``host`` has verified (their signed announces came over the air)."""
+    return len(host.status()["bitchat"]["peers"])
 
 
 def crash_storm(lab: Cluster, actor: str) -> tuple[int, float, float]:
@@ -66,9 +73,10 @@ def crash_storm(lab: Cluster, actor: str) -> tuple[int, float, float]:
 
 
 def test_a_host_whose_transports_crash_repeatedly_keeps_delivering_over_the_others(make_cluster: MakeCluster) -> None:
-    lab = make_cluster(5, lan=True, bootstrap="first", betanet=True, ack_timeout=5.0)
+    lab = make_cluster(5, lan=True, bootstrap="first", betanet=True, bitchat=True, ack_timeout=5.0)
     lab.wait_converged(timeout=30)
     lab.wait_until(lambda: all(h.status()["betanet"]["mixnodes"] >= 4 for h in lab), timeout=30, what="every mix known")
+    lab.wait_until(lambda: radio_peers(lab[1]) >= 4, timeout=30, what="host 1's radio neighbours verified")
     storms = {}
     for actor in TRANSPORTS:
         storms[actor] = crash_storm(lab, actor)
@@ -94,3 +102,29 @@ def test_a_host_whose_transports_crash_repeatedly_keeps_delivering_over_the_othe
             and start <= when(e) <= end
         ]
         assert carried, f"nothing went over another transport while {crashed_one} was crashed again and again"
+
+
+def test_a_host_whose_cable_is_cut_keeps_delivering_over_its_radio(make_cluster: MakeCluster) -> None:
+    """Host 1's cable out: libp2p and WebSocket cannot reach host 2, BitChat over the air can. Every
+    message sent while the cable is out is handled before it goes back in, and went over BitChat;
+    jamming the radio too leaves them stored until the cable is back."""
+    lab = make_cluster(3, lan=True, bootstrap="first", bitchat=True, ack_timeout=2.0)
+    lab.wait_converged(timeout=30)
+    lab.wait_until(lambda: radio_peers(lab[1]) >= 2, timeout=30, what="host 1's radio neighbours verified")
+    sender, receiver = lab[1], lab[2]
+    lab.cut(1)
+    cut_at = time.time()
+    for _ in range(5):
+        sender.send(receiver.node_id, BATCH)
+    lab.wait_delivered(timeout=60)
+    assert len(receiver.lines("received")) == 5 * BATCH
+    carried = [e for e in sender.events() if e["event"] == "messages_delivered" and when(e) >= cut_at]
+    assert carried and all(set(e["transports"]) == {"bitchat"} for e in carried), carried
+    lab.jam(1)
+    sender.send(receiver.node_id, BATCH)
+    time.sleep(3.0)  # some attempts on every transport, none reaching host 2
+    assert len(receiver.lines("received")) == 5 * BATCH
+    lab.restore(1)
+    lab.wait_delivered(timeout=60)
+    lab.check_exactly_once()
+    assert len(receiver.lines("received")) == 6 * BATCH

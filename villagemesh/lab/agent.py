@@ -23,6 +23,9 @@ Commands on stdin, one JSON object a line, each with an ``id``:
 - ``{"op": "received"}``: what the application got (see :class:`Ledger`).
 - ``{"op": "quit"}``: stop the node and exit 0.
 
+``--settings`` may name ``bitchat_air`` (a directory): the node's BitChat radio is then a
+:class:`villagemesh.lab.air.SocketRadio` on that air, shared with the other hosts.
+
 The application (``--record DIR``) is the documented exactly-once one: every handled payload
 is appended to ``DIR/received`` with an unbuffered write (a ``kill -9`` loses no line that was
 written), and a message dispatched with ``redelivered`` set (the node died while it was being
@@ -153,6 +156,11 @@ class Agent:
 
         settings = json.loads(args.settings)
         mode = settings.pop("mode", "hybrid")
+        air = settings.pop("bitchat_air", None)
+        if air is not None:  # the lab's radio (villagemesh.lab.air): BitChat between the hosts
+            from villagemesh.lab.air import SocketRadio
+
+            settings["bitchat_radio"] = lambda me: SocketRadio(air, me)
         self.node = create_network(
             mode, data_dir=args.data_dir, name=args.name, host=args.host, port=args.port, **settings
         )

@@ -13,7 +13,9 @@ host every :data:`LOAD_EVERY` seconds) it injects, one every :data:`FAULT_EVERY`
   for that host's ``child_crashed`` (exc_type ``CrashInjected``) before going on;
 - ``kill``: ``kill -9`` of a random host's node process, booted again on its data dir 0.5-2 s later;
 - ``cut``: a random host's cable out for 0.5-3 s;
-- ``partition``: the hosts split in two random groups for 1-3 s.
+- ``partition``: the hosts split in two random groups for 1-3 s;
+- ``jam``: a random host's radio out of range for 0.5-3 s (every host has a BitChat radio on the
+  lab's air, :mod:`villagemesh.lab.air`, which a cut or a partition leaves on).
 
 At the end every fault is undone, every host up, and the run waits until every message whose
 ``send`` returned has been handled; then it checks exactly once and in order
@@ -50,15 +52,17 @@ from villagemesh.lab.cluster import Cluster
 
 __all__ = ["ACTORS", "ChaosReport", "main", "run"]
 
-ACTORS = ("registry", "retrier", "app", "keeper", "websocket", "betanet", "acceptor", "lan", "sweeper")
-"""The leaf actors of a node with BetaNet on (the supervisors are not crashed: their children are)."""
+ACTORS = (
+    "registry", "retrier", "app", "keeper", "libp2p", "bitchat", "websocket", "betanet", "acceptor", "lan", "sweeper",
+)  # fmt: skip
+"""The leaf actors of a lab node with BetaNet and BitChat on (the supervisors are not crashed: their children are)."""
 
 LOAD_EVERY = 0.25
 """Seconds between two batches of one host."""
 BATCH = 5
 FAULT_EVERY = 0.7
 """Mean seconds between two faults (exponential gaps)."""
-WEIGHTS = {"crash": 6, "kill": 1, "cut": 2, "partition": 1}
+WEIGHTS = {"crash": 6, "kill": 1, "cut": 2, "partition": 1, "jam": 1}
 ACCOUNT_TIMEOUT = 15.0
 """Seconds an injected crash has to show in the log."""
 
@@ -142,6 +146,10 @@ class _Chaos:
             self.crash(i, self.rng.choice(ACTORS))
         elif kind == "kill":
             self._later(threading.Thread(target=self.kill, args=(i, self.rng.uniform(0.5, 2.0))))
+        elif kind == "jam":
+            if self._jam(i):
+                self.log(f"jam h{i}")
+                self._later(threading.Timer(self.rng.uniform(0.5, 3.0), self._unjam, args=(i,)))
         elif kind == "cut":
             self.lab.cut(i)
             self.log(f"cut h{i}")
@@ -160,6 +168,22 @@ class _Chaos:
         self.pending = [t for t in self.pending if t.is_alive()]
         self.pending.append(thread)
         thread.start()
+
+    def _jam(self, i: int) -> bool:
+        """Jam host ``i``'s radio (the node names its radio: a host that is down is left be)."""
+        with self.locks[i]:
+            if not self.lab[i].running:
+                return False
+            try:
+                self.lab.jam(i)
+            except LabError as exc:
+                self.errors.append(f"h{i} jam: {exc}")
+                return False
+            return True
+
+    def _unjam(self, i: int) -> None:
+        self.lab.unjam(i)
+        self.log(f"unjam h{i}")
 
     def _restore(self, i: int) -> None:
         self.lab.restore(i)
@@ -202,7 +226,7 @@ def run(
     report = ChaosReport(seed, hosts, duration)
     say(f"chaos seed {seed} ({hosts} hosts, {duration:.0f} s; replay with --seed {seed})")
     rng = random.Random(seed)
-    with Cluster(hosts, base, lan=True, bootstrap="first", betanet=True, **settings) as lab:
+    with Cluster(hosts, base, lan=True, bootstrap="first", betanet=True, bitchat=True, **settings) as lab:
         lab.wait_converged(timeout=60)
         chaos = _Chaos(lab, rng, report, say)
         loaders = [threading.Thread(target=chaos.load, args=(i,), name=f"chaos-load-h{i}") for i in lab.hosts]
@@ -219,6 +243,7 @@ def run(
             for t in loaders + chaos.pending:
                 t.join(60)
         lab.heal()
+        lab.unjam_all()
         for i in lab.hosts:
             lab.restore(i)
             with chaos.locks[i]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from villagemesh.errors import LabError
+from villagemesh.lab.air import jam, unjam
 from villagemesh.lab.netns import NetLab
 
 __all__ = ["FAST", "PORT", "Cluster", "LabHost"]
@@ -272,6 +273,8 @@ class Cluster:
     probes: ``"first"`` (host 1, default: the rest is peer exchange), ``"none"`` or ``"all"``.
     ``work``: seconds each host's application spends on a message. ``switch="tap"``: the
     user-space switch (delay and loss, see :meth:`NetLab.set_link`), ``seed`` its random draws.
+    ``bitchat=True`` gives every host a BitChat radio on one shared air (:mod:`villagemesh.lab.air`:
+    all in range, a cut cable leaves the radio on; :meth:`jam` puts a host's radio out of range).
     Other keyword arguments are node settings (:class:`~villagemesh.node.NodeConfig` fields).
     """
 
@@ -285,6 +288,7 @@ class Cluster:
         switch: str = "bridge",
         seed: int | None = None,
         work: float = 0.0,
+        bitchat: bool = False,
         **settings: Any,
     ) -> None:
         if bootstrap not in ("first", "none", "all"):
@@ -294,6 +298,12 @@ class Cluster:
         self.bootstrap = bootstrap
         self.work = work
         self.settings = {"lan": lan, **settings}
+        self._radio_ids: dict[int, bytes] = {}
+        self.air: Path | None = None
+        """The hosts' shared radio medium (``bitchat=True``: :mod:`villagemesh.lab.air`), else None."""
+        if bitchat:
+            self.air = self.base / "air"
+            self.settings["bitchat_air"] = str(self.air)
         self.hosts = {i: LabHost(self, i) for i in self.net.hosts}
 
     def __getitem__(self, i: int) -> LabHost:
@@ -350,6 +360,31 @@ class Cluster:
     def restore(self, *hosts: int) -> None:
         """Plug the cables of ``hosts`` back in, all in one step."""
         self.net.restore(*hosts)
+
+    def jam(self, i: int) -> None:
+        """Host ``i``'s radio out of everyone's range (``bitchat=True``; the host must be up, to name its radio)."""
+        air = self._need_air()
+        peer = self._radio_ids.get(i)
+        if peer is None:
+            peer = self._radio_ids[i] = bytes.fromhex(self[i].status()["bitchat"]["peer_id"])
+        jam(air, peer)
+
+    def unjam(self, i: int) -> None:
+        """Host ``i``'s radio back in range (up or down: its radio's id is the one :meth:`jam` learnt)."""
+        air = self._need_air()
+        peer = self._radio_ids.get(i)
+        if peer is not None:
+            unjam(air, peer)
+
+    def unjam_all(self) -> None:
+        """Every radio back in range."""
+        for i in self._radio_ids:
+            self.unjam(i)
+
+    def _need_air(self) -> Path:
+        if self.air is None:
+            raise LabError("the hosts have no radio: make the Cluster with bitchat=True")
+        return self.air
 
     def partition(self, *groups: Iterable[int]) -> None:
         self.net.partition(*groups)
