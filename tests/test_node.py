@@ -241,7 +241,7 @@ def test_a_send_again_with_the_same_message_id_stores_and_handles_it_once(tmp_pa
 def test_a_retrier_that_crashes_during_a_send_is_asked_again_and_stores_each_message_once(pair, monkeypatch):
     """The ask's outcome is unknown when the retrier crashes during it: send and send_many hand the same
     envelopes over again, so a crash after the commit (simulated: the reply lost) doubles nothing; and real
-    crashes of the retrier every 20 ms during a stream of sends lose and double nothing either."""
+    crashes of the retrier every 30 ms during a stream of sends lose and double nothing either."""
     import villagemesh.actors.retrier.actor as retrier_actor
     from villagemesh.errors import ActorCrashed
 
@@ -266,8 +266,10 @@ def test_a_retrier_that_crashes_during_a_send_is_asked_again_and_stores_each_mes
 
     stop = threading.Event()
 
-    def crash_retrier():
-        while not stop.wait(0.02):
+    def crash_retrier():  # six crashes: under its supervisor's restart intensity (10 in 10 s), however slow the run
+        for _ in range(6):
+            if stop.wait(0.03):
+                return
             b.crash("retrier")
 
     crasher = threading.Thread(target=crash_retrier)
