@@ -210,8 +210,9 @@ class Listener:
                 writer.write(security.data_to_send())
             noise = NoiseSession.responder(self.static, self.identity)
             pending = security.rest
+            early: list[bytes] = []  # transport messages that came in the read with the handshake's last one
             while noise.remote is None:
-                noise.receive_data(pending or await raw())
+                early += [bytes(e.data) for e in noise.receive_data(pending or await raw()) if isinstance(e, NoiseData)]
                 pending = b""
                 writer.write(noise.data_to_send())
             remote = noise.remote.peer_id
@@ -222,6 +223,9 @@ class Listener:
                     writer.write(noise.data_to_send())
 
             muxer = Negotiation.listener(["/yamux/1.0.0"])
+            for data in early:  # (dropping them stalled the dialer until its 10 s muxer timeout)
+                muxer.receive_data(data)
+            secure(muxer.data_to_send())
             while muxer.agreed is None:
                 for event in noise.receive_data(await raw()):
                     if isinstance(event, NoiseData):
