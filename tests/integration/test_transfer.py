@@ -189,11 +189,12 @@ def test_small_messages_are_not_stalled_behind_a_transfer(tmp_path):
 
 def test_small_messages_of_every_priority_get_through_a_transfer_without_waiting_behind_its_chunks(tmp_path):
     """Messages of each priority sent mid-transfer keep their order within their priority and are each
-    handled before the receiver has committed four windows of chunks past what the sender knew acked when
-    the message left (that view lags the receiver by up to a window and its ack, and each handler here
-    waits for a turn of the busy transfer actor to read its progress): they queue behind the chunks in
-    flight, never behind the rest of the transfer (counted in chunks, not timed; 64 MiB: the rest is
-    more than 56 MiB when they leave). (Reordering across priorities needs the retrier's in-flight slots contended;
+    handled before the receiver has written four windows of chunks past what the sender knew acked when
+    the message left (that view lags the receiver by up to a window and its ack; the handler reads the
+    receiver's progress as the partial file's size, without asking the busy transfer actor, whose turns
+    made each handler wait and the later messages look late): they queue behind the chunks in flight,
+    never behind the rest of the transfer (counted in bytes, not timed; 64 MiB: the rest is more than
+    56 MiB when they leave). (Reordering across priorities needs the retrier's in-flight slots contended;
     :func:`tests.actors.retrier.test_state.test_within_a_batch_the_free_slots_go_by_priority` covers it:
     one transfer holds a window, far below ``max_in_flight``.)"""
     a, b = pair(tmp_path)
@@ -201,10 +202,18 @@ def test_small_messages_of_every_priority_get_through_a_transfer_without_waiting
     seen: list[tuple[str, int]] = []
     cond = threading.Condition()
 
+    partials = a.config.data_dir / "transfers"
+
+    def written() -> int:
+        """The bytes the receiver has written so far (all of them once the file was moved into place)."""
+        try:
+            return max((p.stat().st_size for p in partials.glob("*.part")), default=64 * 1024 * 1024)
+        except FileNotFoundError:  # moved into place between the listing and the stat
+            return 64 * 1024 * 1024
+
     def on_ping(message) -> None:
-        (row,) = [r for r in a.transfers() if r["direction"] == "in"]
         with cond:
-            seen.append((message.payload.decode(), row["done"]))
+            seen.append((message.payload.decode(), written()))
             cond.notify_all()
 
     a.subscribe("PING", on_ping)
