@@ -117,6 +117,7 @@ __all__ = [
     "seal_into",
     "transition",
     "unseal",
+    "unseal_into",
     "unseal_view",
 ]
 
@@ -230,8 +231,19 @@ def unseal_view(ciphertext: BytesLike, ad: bytes, nonce: bytes, key: bytes) -> b
     """:func:`unseal` of a view (a frame where it lies in the receive buffer), into a buffer of its own."""
     size = len(ciphertext) - TAG_BYTES
     out = bytearray(size or 1)  # libsodium writes nothing for an empty plaintext, but wants a pointer
+    if not unseal_into(ciphertext, ad, nonce, key, out, 0):
+        return None
+    return out if size else bytearray()
+
+
+def unseal_into(ciphertext: BytesLike, ad: bytes, nonce: bytes, key: bytes, out: bytearray, at: int) -> bool:
+    """:func:`unseal` written into ``out[at : at + len(ciphertext) - TAG_BYTES]``; whether the tag verified.
+
+    No buffer of its own: the receive path (libp2p's Noise frames) decrypts every frame of a read
+    into one buffer it reuses, from the ciphertext where it lies. ``out`` must not overlap it.
+    """
     failed = _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
-        _ffi.from_buffer(_UCHARS, out),
+        _ffi.from_buffer(_UCHARS, out) + at,
         _ffi.NULL,
         _ffi.NULL,
         _ffi.from_buffer(_UCHARS, ciphertext),
@@ -241,9 +253,7 @@ def unseal_view(ciphertext: BytesLike, ad: bytes, nonce: bytes, key: bytes) -> b
         nonce,
         key,
     )
-    if failed:
-        return None
-    return out if size else bytearray()
+    return not failed
 
 
 _UCHARS = "unsigned char[]"
@@ -319,6 +329,24 @@ class CipherState:
             raise RemoteProtocolError(f"frame {n} failed authentication ({len(ciphertext)} bytes)")
         self.n = n + 1
         return out
+
+    def decrypt_into(self, ad: bytes, ciphertext: BytesLike, out: bytearray, at: int) -> int:
+        """:meth:`decrypt_view` written into ``out`` at ``at`` (a key is needed); the plaintext's length.
+
+        Raises:
+            RemoteProtocolError: a bad tag, or the counter reached ``nonce_limit``.
+        """
+        n = self.n
+        if n >= self.nonce_limit:
+            raise RemoteProtocolError(f"peer sent past the nonce limit ({n} messages)")
+        size = len(ciphertext) - TAG_BYTES
+        if size < 0:
+            raise RemoteProtocolError(f"frame {n} of {len(ciphertext)} bytes is shorter than its {TAG_BYTES}-byte tag")
+        assert self.key is not None, "decrypt_into before a key exists"
+        if not unseal_into(ciphertext, ad, _NONCE.pack(n), self.key, out, at):
+            raise RemoteProtocolError(f"frame {n} failed authentication ({len(ciphertext)} bytes)")
+        self.n = n + 1
+        return size
 
     def rekey(self) -> None:
         """REKEY (Noise §11.3): k = first 32 bytes of ENCRYPT(k, 2**64-1, "", 32 zeros); n is kept."""

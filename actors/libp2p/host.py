@@ -125,8 +125,9 @@ class Libp2pStream:
         self.agreed.add_done_callback(_retrieve)
         if protocol is not None:
             self.agreed.set_result(None)
-        self._inbox: deque[bytes | bytearray | memoryview] = deque()
-        """What arrived and was not read yet: the muxer's views, kept as they came (no copy)."""
+        self._inbox: deque[bytes | memoryview] = deque()
+        """What arrived and was not read yet, a buffer per yamux frame (copied once out of the session's
+        decryption buffer, then handed out whole)."""
         self._size = 0
         self._eof = False
         self._error: TransportError | None = None
@@ -137,7 +138,8 @@ class Libp2pStream:
         return self.conn.remote
 
     def _feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._inbox.append(data)
+        """A frame's data: a view of the Noise session's buffer, valid only now, so copied (the only copy)."""
+        self._inbox.append(data if type(data) is bytes else bytes(data))
         self._size += len(data)
         self._event.set()
 
@@ -151,13 +153,16 @@ class Libp2pStream:
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Up to ``max_bytes`` (at least one, waiting for them); ``b""`` at the peer's end of stream.
 
+        Like a socket's ``recv``, it may return less than is there: a yamux frame's data comes as it
+        arrived (no copy), small ones are joined up to :data:`GATHER` bytes.
+
         Raises:
             TransportError: the stream was reset or the connection lost.
         """
         if not await self.more():
             return b""
         inbox, parts, size = self._inbox, [], 0
-        while inbox and size < max_bytes:  # whole chunks while they fit, then part of one: one copy in all
+        while inbox and size < max_bytes and size < GATHER:  # whole chunks while they fit, then part of one
             chunk = inbox.popleft()
             if size + len(chunk) > max_bytes:
                 inbox.appendleft(memoryview(chunk)[max_bytes - size :])
@@ -166,7 +171,8 @@ class Libp2pStream:
             size += len(chunk)
         self._size -= size
         self.conn._consumed(self.id, size)
-        return b"".join(parts)
+        first = parts[0]
+        return first if len(parts) == 1 and type(first) is bytes else b"".join(parts)
 
     async def read_exactly(self, size: int) -> bytes:
         """Exactly ``size`` bytes. Raises TransportError if the stream ends before."""
@@ -177,6 +183,8 @@ class Libp2pStream:
                 raise TransportError(
                     f"libp2p {self.conn.peer}: stream {self.id} ended after {len(out)} of {size} bytes"
                 )
+            if len(chunk) == size:
+                return chunk  # the usual case: one read, handed on as it is
             out += chunk
         return bytes(out)
 
@@ -219,6 +227,9 @@ class Libp2pStream:
 
 READ_BUFFER = 256 * 1024
 """Bytes one read may take from the socket (asyncio's own default)."""
+GATHER = 16 * 1024
+"""A read joins queued chunks only until it holds this much: a yamux frame's worth (up to 64 KiB) is
+handed out as it is, small ones (pings, envelopes) are joined into one read."""
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -337,7 +348,7 @@ class Connection(asyncio.BufferedProtocol):
             if not data:
                 return
         assert self.noise is not None
-        for event in self.noise.receive_data(data):
+        for event in self.noise.receive_borrowed(data):  # views valid until the next read: used or copied now
             if isinstance(event, Authenticated):
                 self._authenticated(event)
             elif isinstance(event, NoiseData):
@@ -351,7 +362,7 @@ class Connection(asyncio.BufferedProtocol):
         self.muxer = Negotiation.dialer([MUXER_PROTOCOL]) if self.dialer else Negotiation.listener([MUXER_PROTOCOL])
         self._secure(self.muxer.data_to_send())
 
-    def _plain(self, data: bytes | bytearray) -> None:
+    def _plain(self, data: bytes | bytearray | memoryview) -> None:
         if self.phase is _Phase.MUXER:
             assert self.muxer is not None
             events = self.muxer.receive_data(bytes(data))
@@ -569,19 +580,19 @@ class Connection(asyncio.BufferedProtocol):
         return app
 
     def _consumed(self, stream: int, size: int) -> None:
-        if self.phase is _Phase.MUX:
-            self._grant(stream, size)
+        if self.phase is _Phase.MUX and self._grant(stream, size):
             self._flush()
 
-    def _grant(self, stream: int, size: int) -> None:
+    def _grant(self, stream: int, size: int) -> bool:
         """Give ``size`` bytes of credit back, in one WINDOW_UPDATE per half window (not one per read:
-        a ping would cost two more frames, each encrypted and written)."""
+        a ping would cost two more frames, each encrypted and written); whether one is due now."""
         due = self._ungranted.get(stream, 0) + size
         if due >= self.host.limits.window // 2:
             self._ungranted.pop(stream, None)
             self.mux.consumed(stream, due)
-        else:
-            self._ungranted[stream] = due
+            return True
+        self._ungranted[stream] = due
+        return False
 
     def _app_write(self, stream: int, data: bytes) -> None:
         if self.phase is not _Phase.MUX or stream not in self.mux.open_streams():

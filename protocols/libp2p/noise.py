@@ -61,9 +61,10 @@ class Authenticated:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """A transport message's plaintext (a buffer of its own, which nothing else holds or changes)."""
+    """A transport message's plaintext: a buffer of its own from :meth:`NoiseSession.receive_data`, a
+    view of the session's reused buffer from :meth:`NoiseSession.receive_borrowed`."""
 
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
 
 
 class _State(enum.Enum):
@@ -145,6 +146,9 @@ class NoiseSession:
         """Framed messages to send, joined once by :meth:`data_to_send` (not grown byte by byte)."""
         self._send: CipherState | None = None
         self._receive: CipherState | None = None
+        self._plain: bytearray | None = None
+        """Where :meth:`receive_borrowed` decrypts to (one buffer, reused while it is large enough)."""
+        self._at = 0
         self.remote: Authenticated | None = None
         if initiator:
             self._write(self._hs.write_message(b""))
@@ -196,7 +200,25 @@ class NoiseSession:
 
     def receive_data(self, data: BytesLike) -> list[Authenticated | Data]:
         """Feed bytes from the peer. Only an incomplete frame at the end is kept (copied), so the caller
-        may reuse ``data``'s buffer at once; whole frames are decrypted where they lie."""
+        may reuse ``data``'s buffer at once; whole frames are decrypted where they lie, each into a
+        buffer of its own."""
+        return self._receive_data(data, None)
+
+    def receive_borrowed(self, data: BytesLike) -> list[Authenticated | Data]:
+        """:meth:`receive_data`, but every :class:`Data` is a view of one buffer the session reuses:
+        valid only until the next call, so the caller consumes or copies it at once.
+
+        The receive path of a host: no buffer allocated (and zeroed) per message, and the
+        plaintext lands where the next message's will, warm in the cache.
+        """
+        need = len(self._in) + len(data)  # every plaintext is shorter than its framed ciphertext
+        plain = self._plain
+        if plain is None or len(plain) < need:
+            plain = self._plain = bytearray(max(need, 2 * MAX_MESSAGE))  # a new one: old views stay intact
+        self._at = 0
+        return self._receive_data(data, plain)
+
+    def _receive_data(self, data: BytesLike, plain: bytearray | None) -> list[Authenticated | Data]:
         if self._state is _State.FAILED:
             raise LocalProtocolError("libp2p noise: this session has failed")
         events: list[Authenticated | Data] = []
@@ -214,13 +236,13 @@ class NoiseSession:
                 pending += view[:need]
                 view = view[need:]
                 self._in = bytearray()
-                self._on_frame(memoryview(pending)[2:], events)
+                self._on_frame(memoryview(pending)[2:], events, plain)
             at, end = 0, len(view)
             while end - at >= 2:
                 size = view[at] << 8 | view[at + 1]
                 if end - at - 2 < size:
                     break
-                self._on_frame(view[at + 2 : at + 2 + size], events)
+                self._on_frame(view[at + 2 : at + 2 + size], events, plain)
                 at += 2 + size
             if at < end:
                 self._in = bytearray(view[at:])
@@ -229,9 +251,15 @@ class NoiseSession:
             raise
         return events
 
-    def _on_frame(self, frame: memoryview, events: list[Authenticated | Data]) -> None:
+    def _on_frame(self, frame: memoryview, events: list[Authenticated | Data], plain: bytearray | None) -> None:
         if self._state is _State.TRANSPORT:
-            events.append(Data(cast(CipherState, self._receive).decrypt_view(b"", frame)))
+            cipher = cast(CipherState, self._receive)
+            if plain is None:
+                events.append(Data(cipher.decrypt_view(b"", frame)))
+            else:
+                at = self._at
+                self._at = end = at + cipher.decrypt_into(b"", frame, plain, at)
+                events.append(Data(memoryview(plain)[at:end]))
         elif self._handshake(bytes(frame)):
             events.append(cast(Authenticated, self.remote))
 
