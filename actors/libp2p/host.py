@@ -216,9 +216,12 @@ class Libp2pStream:
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; returns once the peer's credit and the socket let it out (``send_timeout_s``)."""
-        await self.agreed
-        self.conn._app_write(self.id, data)
-        await self.conn._drained(self.id)
+        if not self.agreed.done():
+            await self.agreed
+        conn = self.conn
+        conn._app_write(self.id, data)
+        if conn._must_wait(self.id):  # most writes need not wait: no coroutine for them
+            await conn._drained(self.id)
 
     def close(self) -> None:
         """Half-close (FIN): we send no more."""
@@ -383,20 +386,20 @@ class Connection(asyncio.BufferedProtocol):
 
     def _on_mux(self, events: list[yamux.Event]) -> None:
         for event in events:
-            if isinstance(event, yamux.StreamOpened):
-                self.streams[event.stream] = _Stream(Negotiation.listener(self.host.protocols))
-            elif isinstance(event, yamux.Data):
+            if isinstance(event, yamux.Data):
                 state = self.streams.get(event.stream)
                 if state is not None and state.app is not None and state.negotiation is None:
                     state.app._feed(event.data)  # credit goes back as it is read
                     continue
                 self._grant(event.stream, len(event.data))  # handled at once: its credit is due at once
                 self._stream_data(event.stream, event.data)
+            elif isinstance(event, yamux.StreamOpened):
+                self.streams[event.stream] = _Stream(Negotiation.listener(self.host.protocols))
             elif isinstance(event, yamux.StreamClosed):
                 state = self.streams.get(event.stream)
                 if state is not None and state.app is not None:
                     state.app._end()  # its owner closes its own side
-                elif event.stream in self.mux.open_streams() and event.stream != self.envelope_stream:
+                elif self.mux.is_open(event.stream) and event.stream != self.envelope_stream:
                     self.mux.close(event.stream)
                 self._forget_if_gone(event.stream)
             elif isinstance(event, yamux.StreamReset):
@@ -423,7 +426,7 @@ class Connection(asyncio.BufferedProtocol):
             )
 
     def _forget_if_gone(self, stream: int) -> None:
-        if stream not in self.mux.open_streams():
+        if not self.mux.is_open(stream):
             self.streams.pop(stream, None)
             self._ungranted.pop(stream, None)
             if stream == self.envelope_stream:
@@ -595,13 +598,13 @@ class Connection(asyncio.BufferedProtocol):
         return False
 
     def _app_write(self, stream: int, data: bytes) -> None:
-        if self.phase is not _Phase.MUX or stream not in self.mux.open_streams():
+        if self.phase is not _Phase.MUX or not self.mux.is_open(stream):
             raise TransportError(f"libp2p {self.peer}: stream {stream} is not open for writing")
         self.mux.send(stream, data)
         self._flush()
 
     def _app_close(self, stream: int) -> None:
-        if self.phase is _Phase.MUX and stream in self.mux.open_streams():
+        if self.phase is _Phase.MUX and self.mux.is_open(stream):
             try:
                 self.mux.close(stream)
             except LocalProtocolError:
@@ -619,21 +622,31 @@ class Connection(asyncio.BufferedProtocol):
         self.envelope_stream = stream
         return stream
 
+    def _waiting(self, stream: int) -> int:
+        """Bytes of ``stream`` not out yet: queued for the peer's credit, or for its agreement."""
+        state = self.streams.get(stream)
+        return self.mux.queued(stream) + (len(state.pending) if state is not None else 0)
+
+    def _must_wait(self, stream: int) -> bool:
+        """Whether a writer on ``stream`` waits in :meth:`_drained`: too much queued, the socket's buffer
+        full, or the connection gone (the wait then raises)."""
+        return (
+            self.phase is _Phase.CLOSED
+            or self._waiting(stream) > self.host.limits.max_queued_bytes
+            or not self._writable.is_set()
+        )
+
     async def _drained(self, stream: int) -> None:
         limits = self.host.limits
-
-        def waiting() -> int:
-            state = self.streams.get(stream)
-            return self.mux.queued(stream) + (len(state.pending) if state is not None else 0)
-
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.send_timeout_s
-        while self.phase is not _Phase.CLOSED and (waiting() > limits.max_queued_bytes or not self._writable.is_set()):
+        while self.phase is not _Phase.CLOSED and self._must_wait(stream):
             self._credit.clear()
             left = deadline - loop.time()
             if left <= 0:
+                waiting = self._waiting(stream)
                 raise TransportTimeout(
-                    f"libp2p {self.peer}: {waiting()} bytes still wait for the peer after {limits.send_timeout_s} s"
+                    f"libp2p {self.peer}: {waiting} bytes still wait for the peer after {limits.send_timeout_s} s"
                 )
             waiter = self._credit if self._writable.is_set() else self._writable
             try:

@@ -29,7 +29,7 @@ and identity key) and :class:`Data`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -96,9 +96,11 @@ def verify_payload(payload: bytes, remote_static: bytes) -> tuple[PeerId, bytes]
     return PeerId.from_public_key_proto(key_proto), identity
 
 
-def _pack(frames: Iterable[BytesLike]) -> list[BytesLike]:
+def _pack(frames: Sequence[BytesLike]) -> Sequence[BytesLike]:
     """The plaintexts of the messages carrying ``frames``: neighbours joined while they fit one message,
     a frame above :data:`MAX_PLAINTEXT` cut (its last piece may share a message with what follows)."""
+    if len(frames) == 1 and len(frames[0]) <= MAX_PLAINTEXT:
+        return frames  # one message as it is (a ping, an envelope, a window update)
     out: list[BytesLike] = []
     group: list[BytesLike] = []
     size = 0
@@ -175,7 +177,7 @@ class NoiseSession:
         """Encrypt ``data`` for the peer (split into frames of at most :data:`MAX_PLAINTEXT`)."""
         self.send_frames((data,))
 
-    def send_frames(self, frames: Iterable[BytesLike]) -> None:
+    def send_frames(self, frames: Sequence[BytesLike]) -> None:
         """Encrypt ``frames`` (a muxer's, in order) into as few Noise messages as their boundaries allow.
 
         Consecutive frames share a message while they fit :data:`MAX_PLAINTEXT` together; a
