@@ -74,8 +74,9 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypedDict, Unpack
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
@@ -259,6 +260,33 @@ def unseal_into(ciphertext: BytesLike, ad: bytes, nonce: bytes, key: bytes, out:
 _UCHARS = "unsigned char[]"
 
 
+class FastAead(NamedTuple):
+    """OpenSSL's ChaCha20-Poly1305 through the ``cryptography`` package: the cipher and its tag error."""
+
+    cipher: Callable[[bytes], Any]
+    invalid_tag: type[Exception]
+
+
+def openssl_aead() -> FastAead | None:
+    """OpenSSL's ChaCha20-Poly1305 when ``cryptography`` is installed, else None (libsodium serves alone).
+
+    The same cipher (RFC 8439, the same bytes), faster on this machine's bulk frames: 20 µs for
+    64 KiB against libsodium's 46 µs (OpenSSL's AVX-512 ChaCha20 and Poly1305; libsodium has AVX2
+    ChaCha20 and SSE2 Poly1305), and no slower on a ping's 44 bytes. :class:`CipherState` uses it
+    for the bulk calls (:meth:`~CipherState.encrypt_into`, :meth:`~CipherState.decrypt_into`).
+    """
+    try:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    except ImportError:
+        return None
+    return FastAead(ChaCha20Poly1305, InvalidTag)
+
+
+FAST_AEAD = openssl_aead()
+"""What :class:`CipherState` encrypts its bulk frames with when it can (None: libsodium)."""
+
+
 class CipherState:
     """A key and a message counter (Noise §5.1); transport frames use one per direction.
 
@@ -267,12 +295,23 @@ class CipherState:
         nonce_limit: the counter value at which the state refuses to go on.
     """
 
-    __slots__ = ("key", "n", "nonce_limit")
+    __slots__ = ("_fast", "_key", "n", "nonce_limit")
 
     def __init__(self, key: bytes | None = None, nonce_limit: int = NONCE_LIMIT) -> None:
         self.key = key
         self.n = 0
         self.nonce_limit = nonce_limit
+
+    @property
+    def key(self) -> bytes | None:
+        return self._key
+
+    @key.setter
+    def key(self, key: bytes | None) -> None:
+        self._key = key
+        fast = FAST_AEAD
+        self._fast = (fast.cipher(key), fast.invalid_tag) if fast is not None and key is not None else None
+        """OpenSSL's cipher keyed with ``key`` and its tag error (:data:`FAST_AEAD`), or None: libsodium's then."""
 
     def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
         """ENCRYPT(k, n++, ad, plaintext), or the plaintext while there is no key.
@@ -309,7 +348,11 @@ class CipherState:
         if n >= self.nonce_limit:
             raise LocalProtocolError(f"send nonce exhausted at {n} messages; open a new channel")
         assert self.key is not None, "encrypt_into before a key exists"
-        seal_into(out, at, plaintext, ad, _NONCE.pack(n), self.key)
+        if self._fast is not None:
+            sealed = memoryview(out)[at : at + len(plaintext) + TAG_BYTES]
+            self._fast[0].encrypt_into(_NONCE.pack(n), plaintext, ad, sealed)
+        else:
+            seal_into(out, at, plaintext, ad, _NONCE.pack(n), self.key)
         self.n = n + 1
 
     def decrypt_view(self, ad: bytes, ciphertext: BytesLike) -> bytearray:
@@ -343,7 +386,16 @@ class CipherState:
         if size < 0:
             raise RemoteProtocolError(f"frame {n} of {len(ciphertext)} bytes is shorter than its {TAG_BYTES}-byte tag")
         assert self.key is not None, "decrypt_into before a key exists"
-        if not unseal_into(ciphertext, ad, _NONCE.pack(n), self.key, out, at):
+        if self._fast is not None:
+            cipher, invalid_tag = self._fast
+            try:
+                cipher.decrypt_into(_NONCE.pack(n), ciphertext, ad, memoryview(out)[at : at + size])
+                verified = True
+            except invalid_tag:
+                verified = False
+        else:
+            verified = unseal_into(ciphertext, ad, _NONCE.pack(n), self.key, out, at)
+        if not verified:
             raise RemoteProtocolError(f"frame {n} failed authentication ({len(ciphertext)} bytes)")
         self.n = n + 1
         return size

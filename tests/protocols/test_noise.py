@@ -4,7 +4,9 @@ identity binding, the transition table, nonce limits, rekeying and hostile input
 from __future__ import annotations
 
 import json
+import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from nacl.signing import SigningKey
 from noise.connection import Keypair, NoiseConnection
 
 from villagemesh.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from villagemesh.protocols import noise as noise_module
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.noise import (
     HEADER,
@@ -482,3 +485,35 @@ def test_seal_and_unseal_are_pynacls_chacha20_poly1305(plaintext: bytes, ad: byt
     )
     tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
     assert unseal(tampered, ad, nonce, key) is None
+
+
+@pytest.mark.parametrize("size", [0, 44, 65519])
+def test_openssl_and_libsodium_seal_and_open_the_same_transport_frames(
+    size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bulk calls use OpenSSL's cipher when ``cryptography`` is there, else libsodium's: the same bytes."""
+    assert noise_module.FAST_AEAD is not None, "the test extra installs cryptography"
+    key, plaintext = os.urandom(32), os.urandom(size)
+    fast = CipherState(key)
+    monkeypatch.setattr(noise_module, "FAST_AEAD", None)
+    slow = CipherState(key)
+    sealed = []
+    for cipher in (fast, slow):
+        out = bytearray(size + 20)
+        cipher.encrypt_into(b"ad", plaintext, out, 4)
+        sealed.append(bytes(out[4:]))
+    assert sealed[0] == sealed[1] == crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, b"ad", bytes(12), key)
+    for fast_cipher in (fast._fast, None):
+        cipher = CipherState(key)  # made while FAST_AEAD is patched away: libsodium's, unless given OpenSSL's
+        cipher._fast = fast_cipher
+        plain = bytearray(size + 3)
+        assert cipher.decrypt_into(b"ad", sealed[0], plain, 3) == size and plain[3:] == plaintext
+        with pytest.raises(RemoteProtocolError, match="frame 1 failed authentication"):
+            cipher.decrypt_into(b"ad", sealed[0], plain, 3)  # nonce 1 now: the tag does not verify
+
+
+def test_without_cryptography_there_is_no_fast_cipher(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.ciphers.aead", None)
+    assert noise_module.openssl_aead() is None
+    monkeypatch.undo()
+    assert noise_module.openssl_aead() is not None
