@@ -76,7 +76,7 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypedDict, Unpack
+from typing import Protocol, TypedDict, Unpack
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
@@ -104,6 +104,8 @@ __all__ = [
     "PROTOCOL_NAME",
     "REKEY_INTERVAL",
     "VERSION",
+    "BulkAead",
+    "BulkAeadFactory",
     "ChannelInput",
     "ChannelOptions",
     "ChannelState",
@@ -260,31 +262,24 @@ def unseal_into(ciphertext: BytesLike, ad: bytes, nonce: bytes, key: bytes, out:
 _UCHARS = "unsigned char[]"
 
 
-class FastAead(NamedTuple):
-    """OpenSSL's ChaCha20-Poly1305 through the ``cryptography`` package: the cipher and its tag error."""
+class BulkAead(Protocol):
+    """Another implementation of the same ChaCha20-Poly1305 (RFC 8439, the same bytes), keyed once, for the
+    bulk calls of a :class:`CipherState` (:meth:`~CipherState.encrypt_into`, :meth:`~CipherState.decrypt_into`).
 
-    cipher: Callable[[bytes], Any]
-    invalid_tag: type[Exception]
-
-
-def openssl_aead() -> FastAead | None:
-    """OpenSSL's ChaCha20-Poly1305 when ``cryptography`` is installed, else None (libsodium serves alone).
-
-    The same cipher (RFC 8439, the same bytes), faster on this machine's bulk frames: 20 µs for
-    64 KiB against libsodium's 46 µs (OpenSSL's AVX-512 ChaCha20 and Poly1305; libsodium has AVX2
-    ChaCha20 and SSE2 Poly1305), and no slower on a ping's 44 bytes. :class:`CipherState` uses it
-    for the bulk calls (:meth:`~CipherState.encrypt_into`, :meth:`~CipherState.decrypt_into`).
+    ``protocols/`` imports only nacl; an actor may hand in a faster one (the libp2p host hands in
+    OpenSSL's through ``cryptography`` when it is installed: ``actors/libp2p/aead.py``).
     """
-    try:
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-    except ImportError:
-        return None
-    return FastAead(ChaCha20Poly1305, InvalidTag)
+
+    def seal_into(self, nonce: bytes, plaintext: BytesLike, ad: bytes, out: memoryview) -> None:
+        """Ciphertext and tag of ``plaintext`` into ``out`` (exactly ``len(plaintext) + TAG_BYTES`` bytes)."""
+
+    def open_into(self, nonce: bytes, ciphertext: BytesLike, ad: bytes, out: memoryview) -> bool:
+        """The plaintext of ``ciphertext`` into ``out`` (exactly ``len(ciphertext) - TAG_BYTES`` bytes);
+        whether the tag verified."""
 
 
-FAST_AEAD = openssl_aead()
-"""What :class:`CipherState` encrypts its bulk frames with when it can (None: libsodium)."""
+BulkAeadFactory = Callable[[bytes], BulkAead]
+"""Makes a :class:`BulkAead` for a 32-byte key."""
 
 
 class CipherState:
@@ -295,9 +290,10 @@ class CipherState:
         nonce_limit: the counter value at which the state refuses to go on.
     """
 
-    __slots__ = ("_fast", "_key", "n", "nonce_limit")
+    __slots__ = ("_bulk", "_key", "_make_bulk", "n", "nonce_limit")
 
     def __init__(self, key: bytes | None = None, nonce_limit: int = NONCE_LIMIT) -> None:
+        self._make_bulk: BulkAeadFactory | None = None
         self.key = key
         self.n = 0
         self.nonce_limit = nonce_limit
@@ -309,9 +305,14 @@ class CipherState:
     @key.setter
     def key(self, key: bytes | None) -> None:
         self._key = key
-        fast = FAST_AEAD
-        self._fast = (fast.cipher(key), fast.invalid_tag) if fast is not None and key is not None else None
-        """OpenSSL's cipher keyed with ``key`` and its tag error (:data:`FAST_AEAD`), or None: libsodium's then."""
+        make = self._make_bulk
+        self._bulk = make(key) if make is not None and key is not None else None
+        """The bulk calls' cipher keyed with ``key`` (:meth:`use`), or None: libsodium's then."""
+
+    def use(self, bulk: BulkAeadFactory | None) -> None:
+        """Encrypt and decrypt the bulk calls with ``bulk``'s cipher from now on (None: libsodium's)."""
+        self._make_bulk = bulk
+        self.key = self._key
 
     def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
         """ENCRYPT(k, n++, ad, plaintext), or the plaintext while there is no key.
@@ -348,9 +349,8 @@ class CipherState:
         if n >= self.nonce_limit:
             raise LocalProtocolError(f"send nonce exhausted at {n} messages; open a new channel")
         assert self.key is not None, "encrypt_into before a key exists"
-        if self._fast is not None:
-            sealed = memoryview(out)[at : at + len(plaintext) + TAG_BYTES]
-            self._fast[0].encrypt_into(_NONCE.pack(n), plaintext, ad, sealed)
+        if self._bulk is not None:
+            self._bulk.seal_into(_NONCE.pack(n), plaintext, ad, memoryview(out)[at : at + len(plaintext) + TAG_BYTES])
         else:
             seal_into(out, at, plaintext, ad, _NONCE.pack(n), self.key)
         self.n = n + 1
@@ -386,13 +386,8 @@ class CipherState:
         if size < 0:
             raise RemoteProtocolError(f"frame {n} of {len(ciphertext)} bytes is shorter than its {TAG_BYTES}-byte tag")
         assert self.key is not None, "decrypt_into before a key exists"
-        if self._fast is not None:
-            cipher, invalid_tag = self._fast
-            try:
-                cipher.decrypt_into(_NONCE.pack(n), ciphertext, ad, memoryview(out)[at : at + size])
-                verified = True
-            except invalid_tag:
-                verified = False
+        if self._bulk is not None:
+            verified = self._bulk.open_into(_NONCE.pack(n), ciphertext, ad, memoryview(out)[at : at + size])
         else:
             verified = unseal_into(ciphertext, ad, _NONCE.pack(n), self.key, out, at)
         if not verified:

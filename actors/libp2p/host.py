@@ -45,6 +45,7 @@ import structlog
 
 from villagemesh.actors.core.handoff import peer_label
 from villagemesh.actors.core.secure.keys import NodeKeys
+from villagemesh.actors.libp2p.aead import BULK_AEAD
 from villagemesh.actors.libp2p.state import (
     ENVELOPE_PROTOCOL,
     SERVED_PROTOCOLS,
@@ -342,9 +343,11 @@ class Connection(asyncio.BufferedProtocol):
                 return
             keys = self.host.keys
             if self.dialer:
-                self.noise = NoiseSession.initiator(keys.static_key, keys.signing_key, expected_peer=self.expected)
+                self.noise = NoiseSession.initiator(
+                    keys.static_key, keys.signing_key, expected_peer=self.expected, bulk=BULK_AEAD
+                )
             else:
-                self.noise = NoiseSession.responder(keys.static_key, keys.signing_key)
+                self.noise = NoiseSession.responder(keys.static_key, keys.signing_key, bulk=BULK_AEAD)
             self.phase = _Phase.NOISE
             self._write(self.noise.data_to_send())
             data = self.security.rest

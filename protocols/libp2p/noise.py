@@ -38,7 +38,7 @@ import nacl.signing
 
 from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 
-from ..noise import TAG_BYTES, BytesLike, CipherState, XXHandshake
+from ..noise import TAG_BYTES, BulkAeadFactory, BytesLike, CipherState, XXHandshake
 from .peerid import ED25519_KEY_PROTO_PREFIX, PeerId
 from .protobuf import encode_bytes_field, parse_fields
 
@@ -138,8 +138,11 @@ class NoiseSession:
         identity: nacl.signing.SigningKey,
         expected_peer: PeerId | None = None,
         ephemeral: bytes | None = None,
+        bulk: BulkAeadFactory | None = None,
     ) -> None:
         self._hs = XXHandshake(initiator, static, b"", ephemeral)
+        self._bulk = bulk
+        """The transport frames' cipher (:class:`~villagemesh.protocols.noise.BulkAead`), or None: libsodium's."""
         self._identity = identity
         self.expected_peer = expected_peer
         self._state = _State.HANDSHAKE
@@ -157,13 +160,20 @@ class NoiseSession:
 
     @classmethod
     def initiator(
-        cls, static: bytes, identity: nacl.signing.SigningKey, *, expected_peer: PeerId | None = None
+        cls,
+        static: bytes,
+        identity: nacl.signing.SigningKey,
+        *,
+        expected_peer: PeerId | None = None,
+        bulk: BulkAeadFactory | None = None,
     ) -> NoiseSession:
-        return cls(initiator=True, static=static, identity=identity, expected_peer=expected_peer)
+        return cls(initiator=True, static=static, identity=identity, expected_peer=expected_peer, bulk=bulk)
 
     @classmethod
-    def responder(cls, static: bytes, identity: nacl.signing.SigningKey) -> NoiseSession:
-        return cls(initiator=False, static=static, identity=identity)
+    def responder(
+        cls, static: bytes, identity: nacl.signing.SigningKey, *, bulk: BulkAeadFactory | None = None
+    ) -> NoiseSession:
+        return cls(initiator=False, static=static, identity=identity, bulk=bulk)
 
     def data_to_send(self) -> bytes | bytearray:
         """Every framed message since the last call, in one buffer (the one a bulk write made, not copied)."""
@@ -282,6 +292,8 @@ class NoiseSession:
         if hs.initiator:
             self._write(hs.write_message(handshake_payload(self._identity, hs.s_pub)))
         self._send, self._receive = hs.split()
+        self._send.use(self._bulk)
+        self._receive.use(self._bulk)
         self._state = _State.TRANSPORT
         self.remote = Authenticated(peer_id, identity)
         return True

@@ -15,6 +15,7 @@ from nacl.signing import SigningKey
 from noise.connection import Keypair, NoiseConnection
 
 from tests.protocols.shuttle import pump
+from tests.protocols.test_noise import RecordingAead
 from villagemesh.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.libp2p.noise import (
@@ -319,3 +320,15 @@ def test_a_peer_past_the_receive_nonce_limit_is_cut_off_on_the_borrowed_path_too
     dialer.send(b"two")
     with pytest.raises(RemoteProtocolError, match="past the nonce limit"):
         listener.receive_borrowed(dialer.data_to_send())
+
+
+def test_a_bulk_cipher_handed_to_a_session_carries_its_transport_frames() -> None:
+    """``bulk=``: both directions' transport frames go through the cipher handed in, the handshake does not."""
+    (s1, id1), (s2, id2) = party(), party()
+    dialer = NoiseSession.initiator(s1, id1, bulk=RecordingAead)
+    listener = NoiseSession.responder(s2, id2, bulk=RecordingAead)
+    pump(dialer, listener)
+    dialer.send(b"through the bulk cipher")
+    assert [bytes(e.data) for e in listener.receive_borrowed(dialer.data_to_send())] == [b"through the bulk cipher"]
+    assert dialer._send is not None and listener._receive is not None
+    assert [dialer._send._bulk.calls, listener._receive._bulk.calls] == [1, 1]  # type: ignore[union-attr]

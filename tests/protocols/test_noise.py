@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_decrypt, crypto_aead_chacha20poly1305_ietf_encrypt
+from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey
 from noise.connection import Keypair, NoiseConnection
 
 from villagemesh.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from villagemesh.protocols import noise as noise_module
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.noise import (
     HEADER,
@@ -25,6 +24,7 @@ from villagemesh.protocols.noise import (
     MAX_PLAINTEXT,
     NEED_DATA,
     PROTOCOL_NAME,
+    BytesLike,
     ChannelInput,
     ChannelState,
     CipherState,
@@ -487,33 +487,49 @@ def test_seal_and_unseal_are_pynacls_chacha20_poly1305(plaintext: bytes, ad: byt
     assert unseal(tampered, ad, nonce, key) is None
 
 
+class RecordingAead:
+    """A :class:`BulkAead` that counts its calls and seals with libsodium (through the module's own calls)."""
+
+    made: list[bytes] = []
+
+    def __init__(self, key: bytes) -> None:
+        self.key, self.calls = key, 0
+        RecordingAead.made.append(key)
+
+    def seal_into(self, nonce: bytes, plaintext: BytesLike, ad: bytes, out: memoryview) -> None:
+        self.calls += 1
+        out[:] = crypto_aead_chacha20poly1305_ietf_encrypt(bytes(plaintext), ad, nonce, self.key)
+
+    def open_into(self, nonce: bytes, ciphertext: BytesLike, ad: bytes, out: memoryview) -> bool:
+        self.calls += 1
+        try:
+            out[:] = crypto_aead_chacha20poly1305_ietf_decrypt(bytes(ciphertext), ad, nonce, self.key)
+        except CryptoError:
+            return False
+        return True
+
+
 @pytest.mark.parametrize("size", [0, 44, 65519])
-def test_openssl_and_libsodium_seal_and_open_the_same_transport_frames(
-    size: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The bulk calls use OpenSSL's cipher when ``cryptography`` is there, else libsodium's: the same bytes."""
-    assert noise_module.FAST_AEAD is not None, "the test extra installs cryptography"
+def test_a_bulk_cipher_handed_in_seals_and_opens_the_transport_frames_as_libsodium_does(size: int) -> None:
+    """``CipherState.use``: the bulk calls go to the cipher handed in (keyed anew on rekey), None goes back."""
     key, plaintext = os.urandom(32), os.urandom(size)
-    fast = CipherState(key)
-    monkeypatch.setattr(noise_module, "FAST_AEAD", None)
-    slow = CipherState(key)
+    bulk, plain = CipherState(key), CipherState(key)
+    bulk.use(RecordingAead)
     sealed = []
-    for cipher in (fast, slow):
+    for cipher in (bulk, plain):
         out = bytearray(size + 20)
         cipher.encrypt_into(b"ad", plaintext, out, 4)
         sealed.append(bytes(out[4:]))
     assert sealed[0] == sealed[1] == crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, b"ad", bytes(12), key)
-    for fast_cipher in (fast._fast, None):
-        cipher = CipherState(key)  # made while FAST_AEAD is patched away: libsodium's, unless given OpenSSL's
-        cipher._fast = fast_cipher
-        plain = bytearray(size + 3)
-        assert cipher.decrypt_into(b"ad", sealed[0], plain, 3) == size and plain[3:] == plaintext
+    for use in (RecordingAead, None):
+        cipher = CipherState(key)
+        cipher.use(use)
+        out = bytearray(size + 3)
+        assert cipher.decrypt_into(b"ad", sealed[0], out, 3) == size and out[3:] == plaintext
         with pytest.raises(RemoteProtocolError, match="frame 1 failed authentication"):
-            cipher.decrypt_into(b"ad", sealed[0], plain, 3)  # nonce 1 now: the tag does not verify
-
-
-def test_without_cryptography_there_is_no_fast_cipher(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.ciphers.aead", None)
-    assert noise_module.openssl_aead() is None
-    monkeypatch.undo()
-    assert noise_module.openssl_aead() is not None
+            cipher.decrypt_into(b"ad", sealed[0], out, 3)  # nonce 1 now: the tag does not verify
+    assert isinstance(bulk._bulk, RecordingAead) and bulk._bulk.calls == 1
+    bulk.rekey()
+    assert RecordingAead.made[-1] == bulk.key != key  # the bulk cipher follows the key
+    bulk.use(None)
+    assert bulk._bulk is None
