@@ -94,6 +94,7 @@ from .framing import NEED_DATA, LengthPrefixedReader, NeedData
 from .sniff import SECURE_MAGIC
 
 __all__ = [
+    "BULK_MIN",
     "DH_BYTES",
     "HEADER",
     "IDENTITY_DOMAIN",
@@ -281,6 +282,10 @@ class BulkAead(Protocol):
 BulkAeadFactory = Callable[[bytes], BulkAead]
 """Makes a :class:`BulkAead` for a 32-byte key."""
 
+BULK_MIN = 4096
+"""Plaintexts from this size on go to a :class:`BulkAead` handed in; smaller ones stay with libsodium's
+one-shot call, which costs less per call on a ping's few bytes (OpenSSL's sets a context up per message)."""
+
 
 class CipherState:
     """A key and a message counter (Noise §5.1); transport frames use one per direction.
@@ -349,7 +354,7 @@ class CipherState:
         if n >= self.nonce_limit:
             raise LocalProtocolError(f"send nonce exhausted at {n} messages; open a new channel")
         assert self.key is not None, "encrypt_into before a key exists"
-        if self._bulk is not None:
+        if self._bulk is not None and len(plaintext) >= BULK_MIN:
             self._bulk.seal_into(_NONCE.pack(n), plaintext, ad, memoryview(out)[at : at + len(plaintext) + TAG_BYTES])
         else:
             seal_into(out, at, plaintext, ad, _NONCE.pack(n), self.key)
@@ -386,7 +391,7 @@ class CipherState:
         if size < 0:
             raise RemoteProtocolError(f"frame {n} of {len(ciphertext)} bytes is shorter than its {TAG_BYTES}-byte tag")
         assert self.key is not None, "decrypt_into before a key exists"
-        if self._bulk is not None:
+        if self._bulk is not None and size >= BULK_MIN:
             verified = self._bulk.open_into(_NONCE.pack(n), ciphertext, ad, memoryview(out)[at : at + size])
         else:
             verified = unseal_into(ciphertext, ad, _NONCE.pack(n), self.key, out, at)

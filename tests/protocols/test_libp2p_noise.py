@@ -29,7 +29,7 @@ from villagemesh.protocols.libp2p.noise import (
 )
 from villagemesh.protocols.libp2p.peerid import ED25519_KEY_PROTO_PREFIX, PeerId
 from villagemesh.protocols.libp2p.protobuf import encode_bytes_field, encode_varint_field, parse_fields
-from villagemesh.protocols.noise import CipherState
+from villagemesh.protocols.noise import BULK_MIN, CipherState
 
 NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
 
@@ -328,7 +328,9 @@ def test_a_bulk_cipher_handed_to_a_session_carries_its_transport_frames() -> Non
     dialer = NoiseSession.initiator(s1, id1, bulk=RecordingAead)
     listener = NoiseSession.responder(s2, id2, bulk=RecordingAead)
     pump(dialer, listener)
-    dialer.send(b"through the bulk cipher")
-    assert [bytes(e.data) for e in listener.receive_borrowed(dialer.data_to_send())] == [b"through the bulk cipher"]
+    dialer.send(b"a ping goes to libsodium")
+    dialer.send(b"x" * BULK_MIN)
+    got = [bytes(e.data) for e in listener.receive_borrowed(dialer.data_to_send())]
+    assert got == [b"a ping goes to libsodium", b"x" * BULK_MIN]
     assert dialer._send is not None and listener._receive is not None
     assert [dialer._send._bulk.calls, listener._receive._bulk.calls] == [1, 1]  # type: ignore[union-attr]

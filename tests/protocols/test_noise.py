@@ -19,6 +19,7 @@ from noise.connection import Keypair, NoiseConnection
 from villagemesh.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.noise import (
+    BULK_MIN,
     HEADER,
     MAX_FRAME,
     MAX_PLAINTEXT,
@@ -509,9 +510,10 @@ class RecordingAead:
         return True
 
 
-@pytest.mark.parametrize("size", [0, 44, 65519])
+@pytest.mark.parametrize("size", [0, 44, BULK_MIN - 1, BULK_MIN, 65519])
 def test_a_bulk_cipher_handed_in_seals_and_opens_the_transport_frames_as_libsodium_does(size: int) -> None:
-    """``CipherState.use``: the bulk calls go to the cipher handed in (keyed anew on rekey), None goes back."""
+    """``CipherState.use``: the bulk calls of ``BULK_MIN`` bytes or more go to the cipher handed in (keyed
+    anew on rekey), smaller ones to libsodium; None goes back to libsodium for all."""
     key, plaintext = os.urandom(32), os.urandom(size)
     bulk, plain = CipherState(key), CipherState(key)
     bulk.use(RecordingAead)
@@ -528,7 +530,7 @@ def test_a_bulk_cipher_handed_in_seals_and_opens_the_transport_frames_as_libsodi
         assert cipher.decrypt_into(b"ad", sealed[0], out, 3) == size and out[3:] == plaintext
         with pytest.raises(RemoteProtocolError, match="frame 1 failed authentication"):
             cipher.decrypt_into(b"ad", sealed[0], out, 3)  # nonce 1 now: the tag does not verify
-    assert isinstance(bulk._bulk, RecordingAead) and bulk._bulk.calls == 1
+    assert isinstance(bulk._bulk, RecordingAead) and bulk._bulk.calls == (size >= BULK_MIN)  # small: libsodium
     bulk.rekey()
     assert RecordingAead.made[-1] == bulk.key != key  # the bulk cipher follows the key
     bulk.use(None)
