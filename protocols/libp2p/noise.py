@@ -49,6 +49,9 @@ SIGNATURE_PREFIX = b"noise-libp2p-static-key:"
 MAX_MESSAGE = 65535
 MAX_PLAINTEXT = MAX_MESSAGE - TAG_BYTES
 _MSG2_MIN = 32 + 48 + TAG_BYTES
+PLAIN_MIN = 16 * 1024
+"""The smallest decryption buffer of :meth:`NoiseSession.receive_borrowed`: a connection that carries only
+pings and envelopes keeps 16 KiB, one that carries bulk grows it once to a read's size (~320 KiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +229,7 @@ class NoiseSession:
         need = len(self._in) + len(data)  # every plaintext is shorter than its framed ciphertext
         plain = self._plain
         if plain is None or len(plain) < need:
-            plain = self._plain = bytearray(max(need, 2 * MAX_MESSAGE))  # a new one: old views stay intact
+            plain = self._plain = bytearray(max(need, PLAIN_MIN))  # a new one: old views stay intact
         self._at = 0
         return self._receive_data(data, plain)
 
