@@ -74,8 +74,9 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypedDict, Unpack
+from typing import Protocol, TypedDict, Unpack
 
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _lib
@@ -93,6 +94,7 @@ from .framing import NEED_DATA, LengthPrefixedReader, NeedData
 from .sniff import SECURE_MAGIC
 
 __all__ = [
+    "BULK_MIN",
     "DH_BYTES",
     "HEADER",
     "IDENTITY_DOMAIN",
@@ -103,6 +105,8 @@ __all__ = [
     "PROTOCOL_NAME",
     "REKEY_INTERVAL",
     "VERSION",
+    "BulkAead",
+    "BulkAeadFactory",
     "ChannelInput",
     "ChannelOptions",
     "ChannelState",
@@ -117,6 +121,7 @@ __all__ = [
     "seal_into",
     "transition",
     "unseal",
+    "unseal_into",
     "unseal_view",
 ]
 
@@ -230,8 +235,19 @@ def unseal_view(ciphertext: BytesLike, ad: bytes, nonce: bytes, key: bytes) -> b
     """:func:`unseal` of a view (a frame where it lies in the receive buffer), into a buffer of its own."""
     size = len(ciphertext) - TAG_BYTES
     out = bytearray(size or 1)  # libsodium writes nothing for an empty plaintext, but wants a pointer
+    if not unseal_into(ciphertext, ad, nonce, key, out, 0):
+        return None
+    return out if size else bytearray()
+
+
+def unseal_into(ciphertext: BytesLike, ad: bytes, nonce: bytes, key: bytes, out: bytearray, at: int) -> bool:
+    """:func:`unseal` written into ``out[at : at + len(ciphertext) - TAG_BYTES]``; whether the tag verified.
+
+    No buffer of its own: the receive path (libp2p's Noise frames) decrypts every frame of a read
+    into one buffer it reuses, from the ciphertext where it lies. ``out`` must not overlap it.
+    """
     failed = _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
-        _ffi.from_buffer(_UCHARS, out),
+        _ffi.from_buffer(_UCHARS, out) + at,
         _ffi.NULL,
         _ffi.NULL,
         _ffi.from_buffer(_UCHARS, ciphertext),
@@ -241,12 +257,34 @@ def unseal_view(ciphertext: BytesLike, ad: bytes, nonce: bytes, key: bytes) -> b
         nonce,
         key,
     )
-    if failed:
-        return None
-    return out if size else bytearray()
+    return not failed
 
 
 _UCHARS = "unsigned char[]"
+
+
+class BulkAead(Protocol):
+    """Another implementation of the same ChaCha20-Poly1305 (RFC 8439, the same bytes), keyed once, for the
+    bulk calls of a :class:`CipherState` (:meth:`~CipherState.encrypt_into`, :meth:`~CipherState.decrypt_into`).
+
+    ``protocols/`` imports only nacl; an actor may hand in a faster one (the libp2p host hands in
+    OpenSSL's through ``cryptography`` when it is installed: ``actors/libp2p/aead.py``).
+    """
+
+    def seal_into(self, nonce: bytes, plaintext: BytesLike, ad: bytes, out: memoryview) -> None:
+        """Ciphertext and tag of ``plaintext`` into ``out`` (exactly ``len(plaintext) + TAG_BYTES`` bytes)."""
+
+    def open_into(self, nonce: bytes, ciphertext: BytesLike, ad: bytes, out: memoryview) -> bool:
+        """The plaintext of ``ciphertext`` into ``out`` (exactly ``len(ciphertext) - TAG_BYTES`` bytes);
+        whether the tag verified."""
+
+
+BulkAeadFactory = Callable[[bytes], BulkAead]
+"""Makes a :class:`BulkAead` for a 32-byte key."""
+
+BULK_MIN = 4096
+"""Plaintexts from this size on go to a :class:`BulkAead` handed in; smaller ones stay with libsodium's
+one-shot call, which costs less per call on a ping's few bytes (OpenSSL's sets a context up per message)."""
 
 
 class CipherState:
@@ -257,12 +295,29 @@ class CipherState:
         nonce_limit: the counter value at which the state refuses to go on.
     """
 
-    __slots__ = ("key", "n", "nonce_limit")
+    __slots__ = ("_bulk", "_key", "_make_bulk", "n", "nonce_limit")
 
     def __init__(self, key: bytes | None = None, nonce_limit: int = NONCE_LIMIT) -> None:
+        self._make_bulk: BulkAeadFactory | None = None
         self.key = key
         self.n = 0
         self.nonce_limit = nonce_limit
+
+    @property
+    def key(self) -> bytes | None:
+        return self._key
+
+    @key.setter
+    def key(self, key: bytes | None) -> None:
+        self._key = key
+        make = self._make_bulk
+        self._bulk = make(key) if make is not None and key is not None else None
+        """The bulk calls' cipher keyed with ``key`` (:meth:`use`), or None: libsodium's then."""
+
+    def use(self, bulk: BulkAeadFactory | None) -> None:
+        """Encrypt and decrypt the bulk calls with ``bulk``'s cipher from now on (None: libsodium's)."""
+        self._make_bulk = bulk
+        self.key = self._key
 
     def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
         """ENCRYPT(k, n++, ad, plaintext), or the plaintext while there is no key.
@@ -299,7 +354,10 @@ class CipherState:
         if n >= self.nonce_limit:
             raise LocalProtocolError(f"send nonce exhausted at {n} messages; open a new channel")
         assert self.key is not None, "encrypt_into before a key exists"
-        seal_into(out, at, plaintext, ad, _NONCE.pack(n), self.key)
+        if self._bulk is not None and len(plaintext) >= BULK_MIN:
+            self._bulk.seal_into(_NONCE.pack(n), plaintext, ad, memoryview(out)[at : at + len(plaintext) + TAG_BYTES])
+        else:
+            seal_into(out, at, plaintext, ad, _NONCE.pack(n), self.key)
         self.n = n + 1
 
     def decrypt_view(self, ad: bytes, ciphertext: BytesLike) -> bytearray:
@@ -319,6 +377,28 @@ class CipherState:
             raise RemoteProtocolError(f"frame {n} failed authentication ({len(ciphertext)} bytes)")
         self.n = n + 1
         return out
+
+    def decrypt_into(self, ad: bytes, ciphertext: BytesLike, out: bytearray, at: int) -> int:
+        """:meth:`decrypt_view` written into ``out`` at ``at`` (a key is needed); the plaintext's length.
+
+        Raises:
+            RemoteProtocolError: a bad tag, or the counter reached ``nonce_limit``.
+        """
+        n = self.n
+        if n >= self.nonce_limit:
+            raise RemoteProtocolError(f"peer sent past the nonce limit ({n} messages)")
+        size = len(ciphertext) - TAG_BYTES
+        if size < 0:
+            raise RemoteProtocolError(f"frame {n} of {len(ciphertext)} bytes is shorter than its {TAG_BYTES}-byte tag")
+        assert self.key is not None, "decrypt_into before a key exists"
+        if self._bulk is not None and size >= BULK_MIN:
+            verified = self._bulk.open_into(_NONCE.pack(n), ciphertext, ad, memoryview(out)[at : at + size])
+        else:
+            verified = unseal_into(ciphertext, ad, _NONCE.pack(n), self.key, out, at)
+        if not verified:
+            raise RemoteProtocolError(f"frame {n} failed authentication ({len(ciphertext)} bytes)")
+        self.n = n + 1
+        return size
 
     def rekey(self) -> None:
         """REKEY (Noise §11.3): k = first 32 bytes of ENCRYPT(k, 2**64-1, "", 32 zeros); n is kept."""

@@ -45,6 +45,7 @@ import structlog
 
 from villagemesh.actors.core.handoff import peer_label
 from villagemesh.actors.core.secure.keys import NodeKeys
+from villagemesh.actors.libp2p.aead import BULK_AEAD
 from villagemesh.actors.libp2p.state import (
     ENVELOPE_PROTOCOL,
     SERVED_PROTOCOLS,
@@ -125,8 +126,9 @@ class Libp2pStream:
         self.agreed.add_done_callback(_retrieve)
         if protocol is not None:
             self.agreed.set_result(None)
-        self._inbox: deque[bytes | bytearray | memoryview] = deque()
-        """What arrived and was not read yet: the muxer's views, kept as they came (no copy)."""
+        self._inbox: deque[bytes | memoryview] = deque()
+        """What arrived and was not read yet, a buffer per yamux frame (copied once out of the session's
+        decryption buffer, then handed out whole)."""
         self._size = 0
         self._eof = False
         self._error: TransportError | None = None
@@ -137,7 +139,8 @@ class Libp2pStream:
         return self.conn.remote
 
     def _feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._inbox.append(data)
+        """A frame's data: a view of the Noise session's buffer, valid only now, so copied (the only copy)."""
+        self._inbox.append(data if type(data) is bytes else bytes(data))
         self._size += len(data)
         self._event.set()
 
@@ -151,13 +154,16 @@ class Libp2pStream:
     async def read(self, max_bytes: int = 65536) -> bytes:
         """Up to ``max_bytes`` (at least one, waiting for them); ``b""`` at the peer's end of stream.
 
+        Like a socket's ``recv``, it may return less than is there: a yamux frame's data comes as it
+        arrived (no copy), small ones are joined up to :data:`GATHER` bytes.
+
         Raises:
             TransportError: the stream was reset or the connection lost.
         """
         if not await self.more():
             return b""
         inbox, parts, size = self._inbox, [], 0
-        while inbox and size < max_bytes:  # whole chunks while they fit, then part of one: one copy in all
+        while inbox and size < max_bytes and size < GATHER:  # whole chunks while they fit, then part of one
             chunk = inbox.popleft()
             if size + len(chunk) > max_bytes:
                 inbox.appendleft(memoryview(chunk)[max_bytes - size :])
@@ -166,7 +172,8 @@ class Libp2pStream:
             size += len(chunk)
         self._size -= size
         self.conn._consumed(self.id, size)
-        return b"".join(parts)
+        first = parts[0]
+        return first if len(parts) == 1 and type(first) is bytes else b"".join(parts)
 
     async def read_exactly(self, size: int) -> bytes:
         """Exactly ``size`` bytes. Raises TransportError if the stream ends before."""
@@ -177,6 +184,8 @@ class Libp2pStream:
                 raise TransportError(
                     f"libp2p {self.conn.peer}: stream {self.id} ended after {len(out)} of {size} bytes"
                 )
+            if len(chunk) == size:
+                return chunk  # the usual case: one read, handed on as it is
             out += chunk
         return bytes(out)
 
@@ -208,9 +217,12 @@ class Libp2pStream:
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; returns once the peer's credit and the socket let it out (``send_timeout_s``)."""
-        await self.agreed
-        self.conn._app_write(self.id, data)
-        await self.conn._drained(self.id)
+        if not self.agreed.done():
+            await self.agreed
+        conn = self.conn
+        conn._app_write(self.id, data)
+        if conn._must_wait(self.id):  # most writes need not wait: no coroutine for them
+            await conn._drained(self.id)
 
     def close(self) -> None:
         """Half-close (FIN): we send no more."""
@@ -219,6 +231,9 @@ class Libp2pStream:
 
 READ_BUFFER = 256 * 1024
 """Bytes one read may take from the socket (asyncio's own default)."""
+GATHER = 16 * 1024
+"""A read joins queued chunks only until it holds this much: a yamux frame's worth (up to 64 KiB) is
+handed out as it is, small ones (pings, envelopes) are joined into one read."""
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -328,16 +343,18 @@ class Connection(asyncio.BufferedProtocol):
                 return
             keys = self.host.keys
             if self.dialer:
-                self.noise = NoiseSession.initiator(keys.static_key, keys.signing_key, expected_peer=self.expected)
+                self.noise = NoiseSession.initiator(
+                    keys.static_key, keys.signing_key, expected_peer=self.expected, bulk=BULK_AEAD
+                )
             else:
-                self.noise = NoiseSession.responder(keys.static_key, keys.signing_key)
+                self.noise = NoiseSession.responder(keys.static_key, keys.signing_key, bulk=BULK_AEAD)
             self.phase = _Phase.NOISE
             self._write(self.noise.data_to_send())
             data = self.security.rest
             if not data:
                 return
         assert self.noise is not None
-        for event in self.noise.receive_data(data):
+        for event in self.noise.receive_borrowed(data):  # views valid until the next read: used or copied now
             if isinstance(event, Authenticated):
                 self._authenticated(event)
             elif isinstance(event, NoiseData):
@@ -351,7 +368,7 @@ class Connection(asyncio.BufferedProtocol):
         self.muxer = Negotiation.dialer([MUXER_PROTOCOL]) if self.dialer else Negotiation.listener([MUXER_PROTOCOL])
         self._secure(self.muxer.data_to_send())
 
-    def _plain(self, data: bytes | bytearray) -> None:
+    def _plain(self, data: bytes | bytearray | memoryview) -> None:
         if self.phase is _Phase.MUXER:
             assert self.muxer is not None
             events = self.muxer.receive_data(bytes(data))
@@ -372,20 +389,20 @@ class Connection(asyncio.BufferedProtocol):
 
     def _on_mux(self, events: list[yamux.Event]) -> None:
         for event in events:
-            if isinstance(event, yamux.StreamOpened):
-                self.streams[event.stream] = _Stream(Negotiation.listener(self.host.protocols))
-            elif isinstance(event, yamux.Data):
+            if isinstance(event, yamux.Data):
                 state = self.streams.get(event.stream)
                 if state is not None and state.app is not None and state.negotiation is None:
                     state.app._feed(event.data)  # credit goes back as it is read
                     continue
                 self._grant(event.stream, len(event.data))  # handled at once: its credit is due at once
                 self._stream_data(event.stream, event.data)
+            elif isinstance(event, yamux.StreamOpened):
+                self.streams[event.stream] = _Stream(Negotiation.listener(self.host.protocols))
             elif isinstance(event, yamux.StreamClosed):
                 state = self.streams.get(event.stream)
                 if state is not None and state.app is not None:
                     state.app._end()  # its owner closes its own side
-                elif event.stream in self.mux.open_streams() and event.stream != self.envelope_stream:
+                elif self.mux.is_open(event.stream) and event.stream != self.envelope_stream:
                     self.mux.close(event.stream)
                 self._forget_if_gone(event.stream)
             elif isinstance(event, yamux.StreamReset):
@@ -412,7 +429,7 @@ class Connection(asyncio.BufferedProtocol):
             )
 
     def _forget_if_gone(self, stream: int) -> None:
-        if stream not in self.mux.open_streams():
+        if not self.mux.is_open(stream):
             self.streams.pop(stream, None)
             self._ungranted.pop(stream, None)
             if stream == self.envelope_stream:
@@ -569,28 +586,28 @@ class Connection(asyncio.BufferedProtocol):
         return app
 
     def _consumed(self, stream: int, size: int) -> None:
-        if self.phase is _Phase.MUX:
-            self._grant(stream, size)
+        if self.phase is _Phase.MUX and self._grant(stream, size):
             self._flush()
 
-    def _grant(self, stream: int, size: int) -> None:
+    def _grant(self, stream: int, size: int) -> bool:
         """Give ``size`` bytes of credit back, in one WINDOW_UPDATE per half window (not one per read:
-        a ping would cost two more frames, each encrypted and written)."""
+        a ping would cost two more frames, each encrypted and written); whether one is due now."""
         due = self._ungranted.get(stream, 0) + size
         if due >= self.host.limits.window // 2:
             self._ungranted.pop(stream, None)
             self.mux.consumed(stream, due)
-        else:
-            self._ungranted[stream] = due
+            return True
+        self._ungranted[stream] = due
+        return False
 
     def _app_write(self, stream: int, data: bytes) -> None:
-        if self.phase is not _Phase.MUX or stream not in self.mux.open_streams():
+        if self.phase is not _Phase.MUX or not self.mux.is_open(stream):
             raise TransportError(f"libp2p {self.peer}: stream {stream} is not open for writing")
         self.mux.send(stream, data)
         self._flush()
 
     def _app_close(self, stream: int) -> None:
-        if self.phase is _Phase.MUX and stream in self.mux.open_streams():
+        if self.phase is _Phase.MUX and self.mux.is_open(stream):
             try:
                 self.mux.close(stream)
             except LocalProtocolError:
@@ -608,21 +625,31 @@ class Connection(asyncio.BufferedProtocol):
         self.envelope_stream = stream
         return stream
 
+    def _waiting(self, stream: int) -> int:
+        """Bytes of ``stream`` not out yet: queued for the peer's credit, or for its agreement."""
+        state = self.streams.get(stream)
+        return self.mux.queued(stream) + (len(state.pending) if state is not None else 0)
+
+    def _must_wait(self, stream: int) -> bool:
+        """Whether a writer on ``stream`` waits in :meth:`_drained`: too much queued, the socket's buffer
+        full, or the connection gone (the wait then raises)."""
+        return (
+            self.phase is _Phase.CLOSED
+            or self._waiting(stream) > self.host.limits.max_queued_bytes
+            or not self._writable.is_set()
+        )
+
     async def _drained(self, stream: int) -> None:
         limits = self.host.limits
-
-        def waiting() -> int:
-            state = self.streams.get(stream)
-            return self.mux.queued(stream) + (len(state.pending) if state is not None else 0)
-
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.send_timeout_s
-        while self.phase is not _Phase.CLOSED and (waiting() > limits.max_queued_bytes or not self._writable.is_set()):
+        while self.phase is not _Phase.CLOSED and self._must_wait(stream):
             self._credit.clear()
             left = deadline - loop.time()
             if left <= 0:
+                waiting = self._waiting(stream)
                 raise TransportTimeout(
-                    f"libp2p {self.peer}: {waiting()} bytes still wait for the peer after {limits.send_timeout_s} s"
+                    f"libp2p {self.peer}: {waiting} bytes still wait for the peer after {limits.send_timeout_s} s"
                 )
             waiter = self._credit if self._writable.is_set() else self._writable
             try:

@@ -29,7 +29,7 @@ and identity key) and :class:`Data`.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -38,7 +38,7 @@ import nacl.signing
 
 from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 
-from ..noise import TAG_BYTES, BytesLike, CipherState, XXHandshake
+from ..noise import TAG_BYTES, BulkAeadFactory, BytesLike, CipherState, XXHandshake
 from .peerid import ED25519_KEY_PROTO_PREFIX, PeerId
 from .protobuf import encode_bytes_field, parse_fields
 
@@ -49,6 +49,9 @@ SIGNATURE_PREFIX = b"noise-libp2p-static-key:"
 MAX_MESSAGE = 65535
 MAX_PLAINTEXT = MAX_MESSAGE - TAG_BYTES
 _MSG2_MIN = 32 + 48 + TAG_BYTES
+PLAIN_MIN = 16 * 1024
+"""The smallest decryption buffer of :meth:`NoiseSession.receive_borrowed`: a connection that carries only
+pings and envelopes keeps 16 KiB, one that carries bulk grows it once to a read's size (~320 KiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +64,10 @@ class Authenticated:
 
 @dataclass(frozen=True, slots=True)
 class Data:
-    """A transport message's plaintext (a buffer of its own, which nothing else holds or changes)."""
+    """A transport message's plaintext: a buffer of its own from :meth:`NoiseSession.receive_data`, a
+    view of the session's reused buffer from :meth:`NoiseSession.receive_borrowed`."""
 
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
 
 
 class _State(enum.Enum):
@@ -95,9 +99,11 @@ def verify_payload(payload: bytes, remote_static: bytes) -> tuple[PeerId, bytes]
     return PeerId.from_public_key_proto(key_proto), identity
 
 
-def _pack(frames: Iterable[BytesLike]) -> list[BytesLike]:
+def _pack(frames: Sequence[BytesLike]) -> Sequence[BytesLike]:
     """The plaintexts of the messages carrying ``frames``: neighbours joined while they fit one message,
     a frame above :data:`MAX_PLAINTEXT` cut (its last piece may share a message with what follows)."""
+    if len(frames) == 1 and len(frames[0]) <= MAX_PLAINTEXT:
+        return frames  # one message as it is (a ping, an envelope, a window update)
     out: list[BytesLike] = []
     group: list[BytesLike] = []
     size = 0
@@ -135,8 +141,11 @@ class NoiseSession:
         identity: nacl.signing.SigningKey,
         expected_peer: PeerId | None = None,
         ephemeral: bytes | None = None,
+        bulk: BulkAeadFactory | None = None,
     ) -> None:
         self._hs = XXHandshake(initiator, static, b"", ephemeral)
+        self._bulk = bulk
+        """The transport frames' cipher (:class:`~villagemesh.protocols.noise.BulkAead`), or None: libsodium's."""
         self._identity = identity
         self.expected_peer = expected_peer
         self._state = _State.HANDSHAKE
@@ -145,19 +154,29 @@ class NoiseSession:
         """Framed messages to send, joined once by :meth:`data_to_send` (not grown byte by byte)."""
         self._send: CipherState | None = None
         self._receive: CipherState | None = None
+        self._plain: bytearray | None = None
+        """Where :meth:`receive_borrowed` decrypts to (one buffer, reused while it is large enough)."""
+        self._at = 0
         self.remote: Authenticated | None = None
         if initiator:
             self._write(self._hs.write_message(b""))
 
     @classmethod
     def initiator(
-        cls, static: bytes, identity: nacl.signing.SigningKey, *, expected_peer: PeerId | None = None
+        cls,
+        static: bytes,
+        identity: nacl.signing.SigningKey,
+        *,
+        expected_peer: PeerId | None = None,
+        bulk: BulkAeadFactory | None = None,
     ) -> NoiseSession:
-        return cls(initiator=True, static=static, identity=identity, expected_peer=expected_peer)
+        return cls(initiator=True, static=static, identity=identity, expected_peer=expected_peer, bulk=bulk)
 
     @classmethod
-    def responder(cls, static: bytes, identity: nacl.signing.SigningKey) -> NoiseSession:
-        return cls(initiator=False, static=static, identity=identity)
+    def responder(
+        cls, static: bytes, identity: nacl.signing.SigningKey, *, bulk: BulkAeadFactory | None = None
+    ) -> NoiseSession:
+        return cls(initiator=False, static=static, identity=identity, bulk=bulk)
 
     def data_to_send(self) -> bytes | bytearray:
         """Every framed message since the last call, in one buffer (the one a bulk write made, not copied)."""
@@ -171,7 +190,7 @@ class NoiseSession:
         """Encrypt ``data`` for the peer (split into frames of at most :data:`MAX_PLAINTEXT`)."""
         self.send_frames((data,))
 
-    def send_frames(self, frames: Iterable[BytesLike]) -> None:
+    def send_frames(self, frames: Sequence[BytesLike]) -> None:
         """Encrypt ``frames`` (a muxer's, in order) into as few Noise messages as their boundaries allow.
 
         Consecutive frames share a message while they fit :data:`MAX_PLAINTEXT` together; a
@@ -196,7 +215,25 @@ class NoiseSession:
 
     def receive_data(self, data: BytesLike) -> list[Authenticated | Data]:
         """Feed bytes from the peer. Only an incomplete frame at the end is kept (copied), so the caller
-        may reuse ``data``'s buffer at once; whole frames are decrypted where they lie."""
+        may reuse ``data``'s buffer at once; whole frames are decrypted where they lie, each into a
+        buffer of its own."""
+        return self._receive_data(data, None)
+
+    def receive_borrowed(self, data: BytesLike) -> list[Authenticated | Data]:
+        """:meth:`receive_data`, but every :class:`Data` is a view of one buffer the session reuses:
+        valid only until the next call, so the caller consumes or copies it at once.
+
+        The receive path of a host: no buffer allocated (and zeroed) per message, and the
+        plaintext lands where the next message's will, warm in the cache.
+        """
+        need = len(self._in) + len(data)  # every plaintext is shorter than its framed ciphertext
+        plain = self._plain
+        if plain is None or len(plain) < need:
+            plain = self._plain = bytearray(max(need, PLAIN_MIN))  # a new one: old views stay intact
+        self._at = 0
+        return self._receive_data(data, plain)
+
+    def _receive_data(self, data: BytesLike, plain: bytearray | None) -> list[Authenticated | Data]:
         if self._state is _State.FAILED:
             raise LocalProtocolError("libp2p noise: this session has failed")
         events: list[Authenticated | Data] = []
@@ -214,13 +251,13 @@ class NoiseSession:
                 pending += view[:need]
                 view = view[need:]
                 self._in = bytearray()
-                self._on_frame(memoryview(pending)[2:], events)
+                self._on_frame(memoryview(pending)[2:], events, plain)
             at, end = 0, len(view)
             while end - at >= 2:
                 size = view[at] << 8 | view[at + 1]
                 if end - at - 2 < size:
                     break
-                self._on_frame(view[at + 2 : at + 2 + size], events)
+                self._on_frame(view[at + 2 : at + 2 + size], events, plain)
                 at += 2 + size
             if at < end:
                 self._in = bytearray(view[at:])
@@ -229,9 +266,15 @@ class NoiseSession:
             raise
         return events
 
-    def _on_frame(self, frame: memoryview, events: list[Authenticated | Data]) -> None:
+    def _on_frame(self, frame: memoryview, events: list[Authenticated | Data], plain: bytearray | None) -> None:
         if self._state is _State.TRANSPORT:
-            events.append(Data(cast(CipherState, self._receive).decrypt_view(b"", frame)))
+            cipher = cast(CipherState, self._receive)
+            if plain is None:
+                events.append(Data(cipher.decrypt_view(b"", frame)))
+            else:
+                at = self._at
+                self._at = end = at + cipher.decrypt_into(b"", frame, plain, at)
+                events.append(Data(memoryview(plain)[at:end]))
         elif self._handshake(bytes(frame)):
             events.append(cast(Authenticated, self.remote))
 
@@ -252,6 +295,8 @@ class NoiseSession:
         if hs.initiator:
             self._write(hs.write_message(handshake_payload(self._identity, hs.s_pub)))
         self._send, self._receive = hs.split()
+        self._send.use(self._bulk)
+        self._receive.use(self._bulk)
         self._state = _State.TRANSPORT
         self.remote = Authenticated(peer_id, identity)
         return True

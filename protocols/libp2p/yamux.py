@@ -142,12 +142,18 @@ class _State(enum.Enum):
     LOCAL_CLOSED = "closed by us"
     REMOTE_CLOSED = "closed by the peer"
 
+    # Members are singletons, so identity hashes them: Enum's own __hash__ (of the name, in Python)
+    # costs a call per table lookup, two lookups per frame.
+    __hash__ = object.__hash__
+
 
 class _Step(enum.Enum):
     FIN_IN = "FIN from the peer"
     FIN_OUT = "our FIN"
     DATA_IN = "data from the peer"
     DATA_OUT = "our data"
+
+    __hash__ = object.__hash__
 
 
 _CLOSED = None
@@ -330,39 +336,44 @@ class Session:
                 break
             payload = view[at + HEADER_BYTES : at + HEADER_BYTES + body]
             at += HEADER_BYTES + body
-            events += self._frame(_TYPES[kind], flags, stream, length, payload)
+            self._frame(_TYPES[kind], flags, stream, length, payload, events)
         if at < end:
             self._in = bytearray(view[at:])
         return events
 
-    def _frame(self, kind: Type, flags: int, stream: int, length: int, payload: memoryview) -> list[Event]:
+    def _frame(
+        self, kind: Type, flags: int, stream: int, length: int, payload: memoryview, events: list[Event]
+    ) -> None:
+        """One frame's events, appended to ``events``."""
         # ``flags`` stays an int: IntFlag arithmetic costs microseconds a frame, on every ping
         if kind is Type.PING:
             if flags & _ACK:
-                return [Pong(length)]
-            self._out.append(encode_frame(Type.PING, Flag.ACK, 0, length))
-            return []
+                events.append(Pong(length))
+            else:
+                self._out.append(encode_frame(Type.PING, Flag.ACK, 0, length))
+            return
         if kind is Type.GO_AWAY:
             self._going_away = True
-            return [GoAway(length)]
+            events.append(GoAway(length))
+            return
         if stream == 0:
             raise RemoteProtocolError(f"yamux: a {kind.name} frame on stream 0")
-        events: list[Event] = []
         if flags & _SYN:
-            events += self._opened(stream)
+            events.append(self._opened(stream))
             if stream not in self._streams:
-                return events  # refused (reset); the rest of this frame is dropped with it
+                return  # refused (reset); the rest of this frame is dropped with it
         state = self._streams.get(stream)
         if state is None:
             if flags & _RST or self._existed(stream):
                 # A stream that is gone (reset, or closed both ways): what was in flight when it went
                 # is discarded, as the spec says; only a stream that never existed is an error.
                 self.discarded += len(payload)
-                return events
+                return
             raise RemoteProtocolError(f"yamux: a {kind.name} frame for stream {stream}, which never existed")
         if flags & _RST:
             del self._streams[stream]
-            return [*events, StreamReset(stream)]
+            events.append(StreamReset(stream))
+            return
         if kind is Type.WINDOW_UPDATE:
             state.send_window += length
             self._flush(stream, state)
@@ -374,23 +385,22 @@ class Session:
         if flags & _FIN:
             self._step_in(stream, state, _Step.FIN_IN)
             events.append(StreamClosed(stream))
-        return events
 
     def _existed(self, stream: int) -> bool:
         """Whether ``stream`` was opened before (ids only grow: ours below our next id, the peer's to its highest)."""
         ours = stream % 2 == (1 if self.client else 0)
         return stream < self._next_id if ours else stream <= self._peer_highest
 
-    def _opened(self, stream: int) -> list[Event]:
+    def _opened(self, stream: int) -> StreamOpened | StreamRefused:
         if stream in self._streams or stream % 2 == (1 if self.client else 0) or stream <= self._peer_highest:
             raise RemoteProtocolError(f"yamux: the peer opened stream {stream}, which is not its to open")
         self._peer_highest = stream
         if self._going_away or len(self._streams) >= MAX_STREAMS:
             self._out.append(encode_frame(Type.WINDOW_UPDATE, Flag.RST, stream, 0))
-            return [StreamRefused(stream)]
+            return StreamRefused(stream)
         self._streams[stream] = _Stream(_State.OPEN, receive_window=self.window)
         self._out.append(encode_frame(Type.WINDOW_UPDATE, Flag.ACK, stream, self.window - INITIAL_WINDOW))
-        return [StreamOpened(stream)]
+        return StreamOpened(stream)
 
     def _step_in(self, stream: int, state: _Stream, step: _Step) -> None:
         if (state.state, step) not in _STEPS:
@@ -399,6 +409,10 @@ class Session:
 
     def open_streams(self) -> list[int]:
         return sorted(self._streams)
+
+    def is_open(self, stream: int) -> bool:
+        """Whether ``stream`` is one of :meth:`open_streams` (without sorting them)."""
+        return stream in self._streams
 
     def queued(self, stream: int) -> int:
         """Bytes of ``stream`` waiting for the peer's credit (0 for a stream that is gone)."""

@@ -3,6 +3,7 @@ against itself, and against every way a peer can lie (wrong key type, bad signat
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -14,6 +15,7 @@ from nacl.signing import SigningKey
 from noise.connection import Keypair, NoiseConnection
 
 from tests.protocols.shuttle import pump
+from tests.protocols.test_noise import RecordingAead
 from villagemesh.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.libp2p.noise import (
@@ -27,6 +29,7 @@ from villagemesh.protocols.libp2p.noise import (
 )
 from villagemesh.protocols.libp2p.peerid import ED25519_KEY_PROTO_PREFIX, PeerId
 from villagemesh.protocols.libp2p.protobuf import encode_bytes_field, encode_varint_field, parse_fields
+from villagemesh.protocols.noise import BULK_MIN, CipherState
 
 NAME = b"Noise_XX_25519_ChaChaPoly_SHA256"
 
@@ -265,3 +268,69 @@ def test_a_sender_stops_before_its_nonces_run_out() -> None:
     dialer._send.nonce_limit = dialer._send.n
     with pytest.raises(LocalProtocolError, match="nonce exhausted"):
         dialer.send(b"one too many")
+
+
+@given(st.lists(st.integers(0, MAX_PLAINTEXT * 2 + 3), max_size=6), st.data())
+@settings(max_examples=30, deadline=None)
+def test_borrowed_views_carry_what_owned_buffers_do_in_any_chunking(sizes: list[int], data: Any) -> None:
+    """``receive_borrowed`` gives the same plaintexts as ``receive_data``, each view read before the next call."""
+    dialer, owned = _transport_pair()
+    assert owned._receive is not None and owned._receive.n == 0
+    borrowing = copy.copy(owned)  # the same session (keys, state), but a receive side of its own
+    borrowing._in, borrowing._receive = bytearray(), CipherState(owned._receive.key)
+    dialer.send_frames([os.urandom(size) for size in sizes])
+    wire = bytes(dialer.data_to_send())
+    chunks = data.draw(vst.chunkings(wire))
+    expected = [bytes(e.data) for chunk in chunks for e in owned.receive_data(chunk)]
+    got = []
+    for chunk in chunks:
+        got += [bytes(e.data) for e in borrowing.receive_borrowed(bytearray(chunk))]
+    assert got == expected
+
+
+def test_a_length_prefix_split_after_its_first_byte_is_waited_for() -> None:
+    dialer, listener = _transport_pair()
+    dialer.send(b"split")
+    wire = bytes(dialer.data_to_send())
+    assert listener.receive_borrowed(wire[:1]) == []
+    assert listener.receive_borrowed(wire[1:2]) == []
+    assert [bytes(e.data) for e in listener.receive_borrowed(wire[2:])] == [b"split"]
+
+
+@pytest.mark.parametrize(
+    ("wire", "match"),
+    [
+        (b"\x00\x05hello", "shorter than its 16-byte tag"),
+        (b"\x00\x11" + bytes(17), "failed authentication"),
+    ],
+)
+def test_a_bad_frame_read_into_the_borrowed_buffer_fails_the_session(wire: bytes, match: str) -> None:
+    _, listener = _transport_pair()
+    with pytest.raises(RemoteProtocolError, match=match):
+        listener.receive_borrowed(wire)
+    with pytest.raises(LocalProtocolError, match="has failed"):
+        listener.receive_borrowed(b"")
+
+
+def test_a_peer_past_the_receive_nonce_limit_is_cut_off_on_the_borrowed_path_too() -> None:
+    dialer, listener = _transport_pair()
+    assert listener._receive is not None
+    listener._receive.nonce_limit = listener._receive.n + 1
+    dialer.send(b"one")
+    dialer.send(b"two")
+    with pytest.raises(RemoteProtocolError, match="past the nonce limit"):
+        listener.receive_borrowed(dialer.data_to_send())
+
+
+def test_a_bulk_cipher_handed_to_a_session_carries_its_transport_frames() -> None:
+    """``bulk=``: both directions' transport frames go through the cipher handed in, the handshake does not."""
+    (s1, id1), (s2, id2) = party(), party()
+    dialer = NoiseSession.initiator(s1, id1, bulk=RecordingAead)
+    listener = NoiseSession.responder(s2, id2, bulk=RecordingAead)
+    pump(dialer, listener)
+    dialer.send(b"a ping goes to libsodium")
+    dialer.send(b"x" * BULK_MIN)
+    got = [bytes(e.data) for e in listener.receive_borrowed(dialer.data_to_send())]
+    assert got == [b"a ping goes to libsodium", b"x" * BULK_MIN]
+    assert dialer._send is not None and listener._receive is not None
+    assert [dialer._send._bulk.calls, listener._receive._bulk.calls] == [1, 1]  # type: ignore[union-attr]

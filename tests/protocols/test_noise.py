@@ -4,6 +4,7 @@ identity binding, the transition table, nonce limits, rekeying and hostile input
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -11,17 +12,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.bindings import crypto_aead_chacha20poly1305_ietf_decrypt, crypto_aead_chacha20poly1305_ietf_encrypt
+from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey
 from noise.connection import Keypair, NoiseConnection
 
 from villagemesh.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.noise import (
+    BULK_MIN,
     HEADER,
     MAX_FRAME,
     MAX_PLAINTEXT,
     NEED_DATA,
     PROTOCOL_NAME,
+    BytesLike,
     ChannelInput,
     ChannelState,
     CipherState,
@@ -482,3 +486,52 @@ def test_seal_and_unseal_are_pynacls_chacha20_poly1305(plaintext: bytes, ad: byt
     )
     tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
     assert unseal(tampered, ad, nonce, key) is None
+
+
+class RecordingAead:
+    """A :class:`BulkAead` that counts its calls and seals with libsodium (through the module's own calls)."""
+
+    made: list[bytes] = []
+
+    def __init__(self, key: bytes) -> None:
+        self.key, self.calls = key, 0
+        RecordingAead.made.append(key)
+
+    def seal_into(self, nonce: bytes, plaintext: BytesLike, ad: bytes, out: memoryview) -> None:
+        self.calls += 1
+        out[:] = crypto_aead_chacha20poly1305_ietf_encrypt(bytes(plaintext), ad, nonce, self.key)
+
+    def open_into(self, nonce: bytes, ciphertext: BytesLike, ad: bytes, out: memoryview) -> bool:
+        self.calls += 1
+        try:
+            out[:] = crypto_aead_chacha20poly1305_ietf_decrypt(bytes(ciphertext), ad, nonce, self.key)
+        except CryptoError:
+            return False
+        return True
+
+
+@pytest.mark.parametrize("size", [0, 44, BULK_MIN - 1, BULK_MIN, 65519])
+def test_a_bulk_cipher_handed_in_seals_and_opens_the_transport_frames_as_libsodium_does(size: int) -> None:
+    """``CipherState.use``: the bulk calls of ``BULK_MIN`` bytes or more go to the cipher handed in (keyed
+    anew on rekey), smaller ones to libsodium; None goes back to libsodium for all."""
+    key, plaintext = os.urandom(32), os.urandom(size)
+    bulk, plain = CipherState(key), CipherState(key)
+    bulk.use(RecordingAead)
+    sealed = []
+    for cipher in (bulk, plain):
+        out = bytearray(size + 20)
+        cipher.encrypt_into(b"ad", plaintext, out, 4)
+        sealed.append(bytes(out[4:]))
+    assert sealed[0] == sealed[1] == crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, b"ad", bytes(12), key)
+    for use in (RecordingAead, None):
+        cipher = CipherState(key)
+        cipher.use(use)
+        out = bytearray(size + 3)
+        assert cipher.decrypt_into(b"ad", sealed[0], out, 3) == size and out[3:] == plaintext
+        with pytest.raises(RemoteProtocolError, match="frame 1 failed authentication"):
+            cipher.decrypt_into(b"ad", sealed[0], out, 3)  # nonce 1 now: the tag does not verify
+    assert isinstance(bulk._bulk, RecordingAead) and bulk._bulk.calls == (size >= BULK_MIN)  # small: libsodium
+    bulk.rekey()
+    assert RecordingAead.made[-1] == bulk.key != key  # the bulk cipher follows the key
+    bulk.use(None)
+    assert bulk._bulk is None

@@ -55,6 +55,7 @@ def test_a_stream_carries_data_both_ways_and_closes_from_both_ends() -> None:
     at_client, _ = pump(client, server)
     assert at_client == [Data(1, b"world"), StreamClosed(1)]
     assert client.open_streams() == [3] and server.open_streams() == [3]
+    assert [client.is_open(s) for s in (1, 3)] == [False, True] and server.is_open(3)
 
 
 def test_a_sender_never_exceeds_the_credit_and_the_rest_goes_as_it_is_granted() -> None:

@@ -1,0 +1,42 @@
+"""OpenSSL's ChaCha20-Poly1305 (through ``cryptography``) seals and opens exactly what libsodium's does."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from nacl.bindings import crypto_aead_chacha20poly1305_ietf_encrypt
+
+from villagemesh.actors.libp2p.aead import BULK_AEAD, openssl_aead
+from villagemesh.protocols.noise import TAG_BYTES, CipherState
+
+
+@pytest.mark.parametrize("size", [0, 44, 65519])
+def test_openssl_seals_and_opens_the_bytes_libsodium_does(size: int) -> None:
+    assert BULK_AEAD is not None, "the test extra installs cryptography"
+    key, nonce, plaintext = os.urandom(32), os.urandom(12), os.urandom(size)
+    cipher = BULK_AEAD(key)
+    sealed = bytearray(size + TAG_BYTES)
+    cipher.seal_into(nonce, plaintext, b"ad", memoryview(sealed))
+    assert sealed == crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, b"ad", nonce, key)
+    opened = bytearray(size)
+    assert cipher.open_into(nonce, sealed, b"ad", memoryview(opened)) and opened == plaintext
+    sealed[-1] ^= 1
+    assert not cipher.open_into(nonce, sealed, b"ad", memoryview(opened))
+
+
+def test_a_cipher_state_using_openssl_interoperates_with_one_using_libsodium() -> None:
+    assert BULK_AEAD is not None
+    key = os.urandom(32)
+    fast, plain = CipherState(key), CipherState(key)
+    fast.use(BULK_AEAD)
+    out = bytearray(5 + TAG_BYTES)
+    fast.encrypt_into(b"", b"hello", out, 0)
+    back = bytearray(5)
+    assert plain.decrypt_into(b"", out, back, 0) == 5 and back == b"hello"
+
+
+def test_without_cryptography_libsodium_serves_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.ciphers.aead", None)
+    assert openssl_aead() is None
