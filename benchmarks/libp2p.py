@@ -213,7 +213,10 @@ def main() -> None:
     for name, row in figures.items():
         ping = f"ping p50 {row['ping_p50_ms']:7.3f} ms  p99 {row['ping_p99_ms']:7.3f} ms"
         print(f"median   {name:13} {ping}  {row['mib_s']:7.1f} MiB/s")
-    emit("libp2p", pings=args.pings, mib=args.mib, **figures, **ratios(figures), rounds=rounds)
+    from villagemesh.actors.libp2p.aead import BULK_AEAD
+
+    cipher = "libsodium" if BULK_AEAD is None else "openssl"  # ours' bulk frames ('fast' extra installed or not)
+    emit("libp2p", pings=args.pings, mib=args.mib, bulk_cipher=cipher, **figures, **ratios(figures), rounds=rounds)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from villagemesh.actors.core.transport import (
     Transmit,
     transmit_outcome,
 )
+from villagemesh.actors.libp2p.aead import BULK_AEAD
 from villagemesh.actors.libp2p.host import Libp2pHost, Libp2pStream
 from villagemesh.actors.libp2p.kad import PROVIDER_KEY, Kademlia, dialable
 from villagemesh.actors.libp2p.messages import GetLibp2pStatus, Libp2pStatus
@@ -87,7 +88,12 @@ class Libp2pActor(EnvelopeTransportActor):
             return host, kad
 
         self.host, self.kad = self.io_loop.call(make(), LOOP_CALL_TIMEOUT_S)
-        self.io_log.info("libp2p_listening", address=self.host.address, peer_id=str(self.host.peer_id))
+        self.io_log.info(
+            "libp2p_listening",
+            address=self.host.address,
+            peer_id=str(self.host.peer_id),
+            bulk_cipher="libsodium" if BULK_AEAD is None else "openssl",  # the extra 'fast' installed or not
+        )
 
     async def io_shutdown(self) -> None:
         """GoAway and close every connection."""
