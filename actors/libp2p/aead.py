@@ -11,36 +11,59 @@ without ``cryptography`` (the extra ``fast``) libsodium serves alone.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from typing import Any
+
 from villagemesh.protocols.noise import BulkAead, BulkAeadFactory, BytesLike
 
 __all__ = ["BULK_AEAD", "openssl_aead"]
 
 
 def openssl_aead() -> BulkAeadFactory | None:
-    """A factory of OpenSSL's cipher by key, or None when ``cryptography`` is not installed."""
+    """A factory of OpenSSL's cipher by key, or None when ``cryptography`` is not installed.
+
+    Nothing is imported here: OpenSSL's bindings (5.5 MiB of resident memory in each node
+    process, measured) are loaded by the first bulk frame a cipher seals or opens, so a node that
+    never carries one (pings, envelopes under :data:`~villagemesh.protocols.noise.BULK_MIN`) never
+    pays for them.
+    """
+    if "cryptography.hazmat.primitives.ciphers.aead" in sys.modules:  # imported (or hidden: None) already
+        return OpenSslAead if sys.modules["cryptography.hazmat.primitives.ciphers.aead"] is not None else None
     try:
+        found = importlib.util.find_spec("cryptography") is not None  # the top level: nothing is imported
+    except ValueError:  # hidden (sys.modules["cryptography"] = None)
+        found = False
+    return OpenSslAead if found else None
+
+
+class OpenSslAead(BulkAead):
+    """OpenSSL's ChaCha20-Poly1305 for one key, made on its first use."""
+
+    __slots__ = ("_cipher", "_invalid", "_key")
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._cipher: Any = None
+        self._invalid: type[Exception] = Exception  # cryptography's InvalidTag, once made
+
+    def _made(self) -> Any:
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-    except ImportError:
-        return None
 
-    class OpenSslAead(BulkAead):
-        __slots__ = ("_cipher",)
+        self._cipher, self._invalid = ChaCha20Poly1305(self._key), InvalidTag
+        return self._cipher
 
-        def __init__(self, key: bytes) -> None:
-            self._cipher = ChaCha20Poly1305(key)
+    def seal_into(self, nonce: bytes, plaintext: BytesLike, ad: bytes, out: memoryview) -> None:
+        (self._cipher or self._made()).encrypt_into(nonce, plaintext, ad, out)
 
-        def seal_into(self, nonce: bytes, plaintext: BytesLike, ad: bytes, out: memoryview) -> None:
-            self._cipher.encrypt_into(nonce, plaintext, ad, out)
-
-        def open_into(self, nonce: bytes, ciphertext: BytesLike, ad: bytes, out: memoryview) -> bool:
-            try:
-                self._cipher.decrypt_into(nonce, ciphertext, ad, out)
-            except InvalidTag:
-                return False
-            return True
-
-    return OpenSslAead
+    def open_into(self, nonce: bytes, ciphertext: BytesLike, ad: bytes, out: memoryview) -> bool:
+        cipher = self._cipher or self._made()
+        try:
+            cipher.decrypt_into(nonce, ciphertext, ad, out)
+        except self._invalid:  # InvalidTag: the frame is not authentic
+            return False
+        return True
 
 
 BULK_AEAD = openssl_aead()

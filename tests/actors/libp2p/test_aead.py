@@ -40,3 +40,16 @@ def test_a_cipher_state_using_openssl_interoperates_with_one_using_libsodium() -
 def test_without_cryptography_libsodium_serves_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.ciphers.aead", None)
     assert openssl_aead() is None
+
+
+def test_openssl_is_loaded_by_the_first_bulk_frame_not_by_the_import() -> None:
+    """A node that never carries a bulk frame never loads OpenSSL's bindings (5.5 MiB a process)."""
+    import subprocess
+
+    probe = (
+        "import sys, villagemesh.actors.libp2p.aead as a; assert a.BULK_AEAD is not None;"
+        "c = a.BULK_AEAD(bytes(32)); print('cryptography' in sys.modules);"
+        "c.seal_into(bytes(12), b'x', b'', memoryview(bytearray(17))); print('cryptography' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
