@@ -53,11 +53,23 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Ledger", "main"]
+__all__ = ["Ledger", "main", "unsent_lines"]
 
 
 def _lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+def unsent_lines(intent: list[str], sent: list[str]) -> list[str]:
+    """The ``intent`` lines no ``sent`` line matches (each ``sent`` line matches one), in intent order."""
+    done = Counter(sent)
+    out = []
+    for line in intent:
+        if done[line]:
+            done[line] -= 1
+        else:
+            out.append(line)
+    return out
 
 
 class Ledger:
@@ -124,12 +136,8 @@ class Ledger:
 
     def unsent(self) -> list[tuple[str, int, int]]:
         """The batches with an intent line and no ``sent`` line: ``(to, first, last)``, in intent order."""
-        done = Counter(_lines(self.dir / "sent"))
         out = []
-        for line in _lines(self.dir / "intent"):
-            if done[line]:
-                done[line] -= 1
-                continue
+        for line in unsent_lines(_lines(self.dir / "intent"), _lines(self.dir / "sent")):
             to, first, last = line.split()
             out.append((to, int(first), int(last)))
         return out
@@ -233,7 +241,7 @@ class Agent:
             try:
                 self._store(to, first, last)
                 self.ledger.note("resent", f"{to} {first} {last}")
-            except Exception as exc:  # noqa: BLE001 - told to the lab, which counts it as a problem
+            except Exception as exc:  # noqa: BLE001 - said on stdout; the batch keeps no sent line (Cluster.unsent)
                 self.say({"event": "resend_failed", "to": to, "first": first, "error": f"{type(exc).__name__}: {exc}"})
         while (command := self.sends.get()) is not None:
             try:

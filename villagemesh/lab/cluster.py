@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from villagemesh.errors import LabError
+from villagemesh.lab.agent import unsent_lines
 from villagemesh.lab.air import jam, unjam
 from villagemesh.lab.netns import NetLab
 
@@ -449,9 +450,7 @@ class Cluster:
         ``sent`` line): a running agent sends such a batch again at its start, so none should stay."""
         out: dict[str, list[str]] = {}
         for host in self:
-            left = Counter(host.lines("intent"))
-            left.subtract(Counter(host.lines("sent")))
-            batches = sorted(line for line, n in left.items() if n > 0)
+            batches = sorted(unsent_lines(host.lines("intent"), host.lines("sent")))
             if batches:
                 out[host.name] = batches
         return out
