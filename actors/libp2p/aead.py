@@ -11,6 +11,7 @@ without ``cryptography`` (the extra ``fast``) libsodium serves alone.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import sys
 from typing import Any
@@ -34,7 +35,18 @@ def openssl_aead() -> BulkAeadFactory | None:
         found = importlib.util.find_spec("cryptography") is not None  # the top level: nothing is imported
     except ValueError:  # hidden (sys.modules["cryptography"] = None)
         found = False
-    return OpenSslAead if found else None
+    return OpenSslAead if found and _has_into(importlib.metadata.version("cryptography")) else None
+
+
+OPENSSL_MIN_MAJOR = 47
+"""``ChaCha20Poly1305.encrypt_into``/``decrypt_into`` first came in cryptography 47.0 (checked:
+42-46 lack them): an older install is passed over for libsodium, not failed on at the first frame."""
+
+
+def _has_into(version: str) -> bool:
+    """Whether cryptography ``version`` (its metadata, read without importing it) has the ``_into`` calls."""
+    major = version.split(".", 1)[0]
+    return major.isdigit() and int(major) >= OPENSSL_MIN_MAJOR
 
 
 class OpenSslAead(BulkAead):

@@ -53,3 +53,10 @@ def test_openssl_is_loaded_by_the_first_bulk_frame_not_by_the_import() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_a_cryptography_without_the_into_calls_is_passed_over_for_libsodium() -> None:
+    """cryptography 42-46 have no encrypt_into/decrypt_into: libsodium serves, nothing fails later."""
+    from villagemesh.actors.libp2p.aead import _has_into
+
+    assert [_has_into(v) for v in ("42.0.8", "46.0.7", "47.0.0", "51.0.1", "dev")] == [False, False, True, True, False]
