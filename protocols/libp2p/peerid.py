@@ -17,6 +17,7 @@ p2p ``uvarint(len) ‖ multihash``).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _B58_INDEX = {c: i for i, c in enumerate(_B58)}
 MAX_TEXT = 256
 """Characters of a peer id or multiaddr text read at most (both are short by nature)."""
+PARSED_MEMORY = 1024
+"""Multiaddr texts whose parse is remembered (least recently used forgotten first): every announce
+of a peer carries the same few, and a parse with a ``p2p`` part costs two base58 passes."""
 
 
 def b58encode(data: bytes) -> str:
@@ -173,16 +177,11 @@ class Multiaddr:
 
     @classmethod
     def parse(cls, text: str) -> Multiaddr:
-        """From ``/ip4/…/tcp/…[/p2p/…]`` text."""
+        """From ``/ip4/…/tcp/…[/p2p/…]`` text (the last :data:`PARSED_MEMORY` distinct texts are
+        remembered: a multiaddr is immutable, and a text that fails is not remembered)."""
         if not isinstance(text, str) or not text.startswith("/") or len(text) > MAX_TEXT:
             raise RemoteProtocolError(f"multiaddr: {text!r:.60} is not '/proto/value/...' text")
-        words = text[1:].split("/")
-        if len(words) % 2:
-            raise RemoteProtocolError(f"multiaddr: {text!r:.60} has a protocol without its value")
-        parts = tuple(zip(words[::2], words[1::2], strict=True))
-        if any(name == "p2p" for name, _ in parts):  # the text form of a p2p part is kept canonical
-            parts = tuple((n, str(PeerId.from_text(v)) if n == "p2p" else v) for n, v in parts)
-        return cls(parts)
+        return _parse_multiaddr(text)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Multiaddr:
@@ -231,3 +230,14 @@ class Multiaddr:
         """The ``/p2p/`` part's peer id, or None."""
         text = self.value("p2p")
         return None if text is None else PeerId.from_text(text)
+
+
+@functools.lru_cache(maxsize=PARSED_MEMORY)
+def _parse_multiaddr(text: str) -> Multiaddr:
+    words = text[1:].split("/")
+    if len(words) % 2:
+        raise RemoteProtocolError(f"multiaddr: {text!r:.60} has a protocol without its value")
+    parts = tuple(zip(words[::2], words[1::2], strict=True))
+    if any(name == "p2p" for name, _ in parts):  # the text form of a p2p part is kept canonical
+        parts = tuple((n, str(PeerId.from_text(v)) if n == "p2p" else v) for n, v in parts)
+    return Multiaddr(parts)

@@ -259,6 +259,16 @@ def test_a_dialable_multiaddr_names_its_host_port_and_peer() -> None:
     assert cid.value("p2p") == SPEC_HASHED  # kept canonical
 
 
+def test_a_parsed_text_is_remembered_and_a_refused_one_refused_every_time() -> None:
+    """Parsing is memoised by text (a multiaddr is immutable); a text that fails is not remembered."""
+    text = f"/ip4/10.9.9.9/tcp/4001/p2p/{SPEC_ID}"
+    first = Multiaddr.parse(text)
+    assert Multiaddr.parse(text) is first
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError, match="not an ip4 address"):
+            Multiaddr.parse("/ip4/10.9.9.999/tcp/4001")
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
