@@ -77,7 +77,7 @@ from villagemesh.actors.lan.beacon import BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.linkwatch import LinkWatch
 from villagemesh.actors.lan.messages import GetLanStatus, LanStatus, PeerAnnounced, PeerProbed, ProbeFailed, ProbePeer
-from villagemesh.actors.lan.state import FRESHER, NEW, STALE, Listing, PeerBook, pick
+from villagemesh.actors.lan.state import FRESHER, NEW, STALE, Listing, PeerBook, answers_newcomer, pick
 from villagemesh.actors.lan.tcp import DiscoveryResponder, Probed, SignedFrames, probe
 from villagemesh.actors.sweeper.messages import Sighted
 from villagemesh.errors import BusError, ConfigError, ProtocolError, RemoteProtocolError, VillageMeshError
@@ -110,10 +110,6 @@ PROBE_BACK_TIMEOUT_S = 3.0
 
 ANSWER_DELAY_S = 0.05
 """After hearing a new node's beacon, wait this long (gathering other newcomers) and beacon once."""
-
-ANSWERERS = 3.0
-"""How many of the nodes that hear a newcomer's beacon answer it, on average (peer exchange
-tells the newcomer about the others)."""
 
 
 ROUND_PULLS = 2
@@ -286,17 +282,19 @@ class LanActor(LoopActor):
     def _heard(self, announce: Announce, body: bytes, source: tuple[str, int]) -> None:
         # On the loop thread. A node never heard before has not heard us either, most
         # likely (it just started): answer with our own beacon soon, once for all the
-        # newcomers of that moment (mDNS-style), instead of at our next scheduled one.
-        # With peer exchange, a newcomer that hears a few of us learns the rest from them
-        # (its discovery rounds pull known peers; the rest beacon within an interval),
-        # so only about ANSWERERS of the nodes that heard it answer (each with a chance of
-        # ANSWERERS / peers it knows): a newcomer costs O(N) beacons heard, not O(N^2).
+        # newcomers of that moment (mDNS-style), instead of at our next scheduled one,
+        # unless that is due soon anyway (see answers_newcomer: only a few of us answer).
         if announce.node_id not in self.heard and announce.node_id != self.identity.node_id:
             if len(self.heard) >= PROBE_BACK_MEMORY:
                 self.heard.pop(next(iter(self.heard)))
             self.heard[announce.node_id] = None
-            chance = min(1.0, ANSWERERS / len(self.heard)) if self.exchange else 1.0
-            if not self.answer_pending and self.beacon is not None and random.random() < chance:
+            beacon = self.beacon
+            if (
+                not self.answer_pending
+                and beacon is not None
+                and answers_newcomer(len(self.heard), beacon.next_beacon_in(), random.random(), exchange=self.exchange)
+            ):
+                self.exchange_counts["answers"] += 1
                 self.answer_pending = True
                 self.answering = asyncio.get_running_loop().call_later(ANSWER_DELAY_S, self._answer)
         self.post(_Beacon(announce, body, source))

@@ -170,6 +170,8 @@ class BeaconEndpoint:
         self._sender: asyncio.Task[None] | None = None
         self._again: asyncio.Event | None = None
         """Set when the network came up: the schedule starts over (see :meth:`network_up`)."""
+        self._next_at = 0.0
+        """When (``clock``) the next scheduled beacon goes out, at the latest."""
 
     async def start(self) -> None:
         """Open the socket, join the group (or fall back to broadcast) and start beaconing."""
@@ -185,7 +187,12 @@ class BeaconEndpoint:
         and run the fast start again, as mDNS announces on an interface coming up. On the loop."""
         self.counts["network_up"] += 1
         if self._again is not None:
+            self._next_at = self.clock() + LINK_UP_PAUSE_S
             self._again.set()
+
+    def next_beacon_in(self) -> float:
+        """Seconds until the next scheduled beacon goes out at the latest (0 when it is due)."""
+        return max(0.0, self._next_at - self.clock())
 
     def _open_socket(self) -> socket.socket:
         cfg = self.config
@@ -252,6 +259,7 @@ class BeaconEndpoint:
             self.send_now()
             self._again.clear()
             delay = self.config.schedule.delay(sent, self.draw())
+            self._next_at = self.clock() + delay
             sent += 1
             try:
                 await asyncio.wait_for(self._again.wait(), delay)

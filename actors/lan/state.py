@@ -40,6 +40,8 @@ from villagemesh.errors import ConfigError
 from villagemesh.protocols.discovery import RelayedPeer
 
 __all__ = [
+    "ANSWERERS",
+    "ANSWER_UNLESS_DUE_S",
     "BEACON_INTERVAL_S",
     "BOOK_CAPACITY",
     "BURST",
@@ -57,6 +59,7 @@ __all__ = [
     "PeerBook",
     "SourceRateLimiter",
     "TokenBucket",
+    "answers_newcomer",
     "pick",
 ]
 
@@ -83,6 +86,31 @@ max_age, so a departed peer stops being relayed when it would expire anyway."""
 
 BEACON_INTERVAL_S = 5.0
 """Steady beacon period: a departed peer's entry ages out within a few periods."""
+
+ANSWERERS = 3.0
+"""How many of the nodes that hear a newcomer's beacon answer it, on average (peer exchange
+tells the newcomer about the others)."""
+
+ANSWER_UNLESS_DUE_S = 1.0
+"""A newcomer is not answered when our own next beacon is due within this many seconds: it hears
+us that soon anyway. When a whole LAN comes up at once (every cable plugged in together) every
+node is in its fast start and every peer is a newcomer; answering then doubled the beacons
+(measured at 50 hosts: 282 answers beside 188 scheduled beacons, and half of all beacon
+datagrams dropped by full receive buffers)."""
+
+
+def answers_newcomer(heard: int, next_beacon_in: float, draw: float, *, exchange: bool = True) -> bool:
+    """Whether hearing a node never heard before should make us beacon at once (mDNS-style).
+
+    ``heard``: the nodes heard so far, the newcomer included; ``next_beacon_in``: seconds until our
+    next scheduled beacon; ``draw``: uniform in [0, 1). With peer exchange a newcomer that hears a
+    few of us learns the rest from them, so each node answers with a chance of
+    ``ANSWERERS / heard``: a newcomer costs O(N) beacons heard, not O(N^2). Without exchange,
+    everyone answers."""
+    if next_beacon_in <= ANSWER_UNLESS_DUE_S:
+        return False
+    chance = min(1.0, ANSWERERS / max(1, heard)) if exchange else 1.0
+    return draw < chance
 
 
 @dataclass(frozen=True, slots=True)

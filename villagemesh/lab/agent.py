@@ -19,6 +19,9 @@ Commands on stdin, one JSON object a line, each with an ``id``:
   with the same ids when the node comes back, before any new batch (see :class:`Ledger`).
 - ``{"op": "peers"}``: the peer ids the node knows.
 - ``{"op": "status"}``: ``Node.network_status()``.
+- ``{"op": "lan"}``: the LAN discovery actor's counters (``beacon``, ``responder``, ``exchange``:
+  beacons sent, verified, skipped, dropped; exchanges answered and pulled), to see where a
+  discovery storm's work goes.
 - ``{"op": "crash", "actor": NAME}``: ``Node.crash(NAME)`` (an ``InjectedCrash``; its supervisor restarts it).
 - ``{"op": "received"}``: what the application got (see :class:`Ledger`).
 - ``{"op": "quit"}``: stop the node and exit 0.
@@ -221,6 +224,11 @@ class Agent:
                 result: dict[str, Any] = {"peers": sorted(p.peer_id for p in self.node.peers())}
             elif op == "status":
                 result = {"status": self.node.network_status()}
+            elif op == "lan":
+                from villagemesh.actors.lan.actor import lan_status
+
+                lan = lan_status(self.node._client())  # the node's own bus client: the agent is part of villagemesh
+                result = {"beacon": lan.beacon, "responder": lan.responder, "exchange": lan.exchange}
             elif op == "crash":
                 self.node.crash(command["actor"])
                 result = {}

@@ -222,6 +222,11 @@ class LabHost:
     def status(self) -> dict[str, Any]:
         return dict(self.call("status")["status"])
 
+    def lan_counters(self) -> dict[str, dict[str, int]]:
+        """The LAN discovery actor's counters: ``beacon``, ``responder`` and ``exchange``."""
+        reply = self.call("lan")
+        return {part: dict(reply[part]) for part in ("beacon", "responder", "exchange")}
+
     def crash(self, actor: str, timeout: float = REPLY_TIMEOUT) -> dict[str, Any]:
         """``Node.crash(actor)``, then wait until the node's log has that crash; its ``child_crashed`` event."""
         before = len(self.injected_crashes(actor))

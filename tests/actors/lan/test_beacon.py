@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from tests.actors.acceptor.support import CAPS, free_udp_port, run, until
-from villagemesh.actors.lan.beacon import REFRESH_S, BeaconConfig, BeaconEndpoint
+from villagemesh.actors.lan.beacon import LINK_UP_PAUSE_S, REFRESH_S, BeaconConfig, BeaconEndpoint
 from villagemesh.actors.lan.identity import Identity
+from villagemesh.actors.lan.state import BeaconSchedule
 from villagemesh.protocols.discovery import Announce, decode_discovery, encode_discovery
 
 
@@ -232,3 +233,25 @@ def test_an_unchanged_beacon_is_verified_again_only_after_refresh_s() -> None:
     addresses = [announce.addresses for announce, _ in heard.announces]
     assert addresses == [same.addresses, same.addresses, moved.addresses]
     assert endpoint.counts["recent"] == 3
+
+
+def test_the_endpoint_knows_when_its_next_beacon_is_due() -> None:
+    """next_beacon_in follows the schedule (the fast start's first delay after the first beacon)
+    and, once the network came up, is at most LINK_UP_PAUSE_S."""
+    port = free_udp_port()
+    schedule = BeaconSchedule(interval_s=5.0, first_s=2.0, jitter=0.0)
+
+    async def body() -> tuple[float, float]:
+        endpoint = BeaconEndpoint(identity(), Heard(), loopback(port, schedule=schedule))
+        await endpoint.start()
+        try:
+            await until(lambda: endpoint.counts["sent"] == 1)
+            scheduled = endpoint.next_beacon_in()
+            endpoint.network_up("test")
+            return scheduled, endpoint.next_beacon_in()
+        finally:
+            await endpoint.close()
+
+    scheduled, after_up = run(body())
+    assert 1.0 < scheduled <= 2.0
+    assert after_up <= LINK_UP_PAUSE_S

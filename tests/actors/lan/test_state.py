@@ -7,6 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from villagemesh.actors.lan.state import (
+    ANSWER_UNLESS_DUE_S,
+    ANSWERERS,
     CHANGED,
     FRESHER,
     NEW,
@@ -18,6 +20,7 @@ from villagemesh.actors.lan.state import (
     PeerBook,
     SourceRateLimiter,
     TokenBucket,
+    answers_newcomer,
     pick,
 )
 from villagemesh.errors import ConfigError
@@ -78,6 +81,23 @@ def test_unusable_schedules_are_refused(kwargs: dict[str, float]) -> None:
     """BeaconSchedule validates eagerly."""
     with pytest.raises(ConfigError):
         BeaconSchedule(**kwargs)
+
+
+@given(heard=st.integers(1, 5000), due=st.floats(0, ANSWER_UNLESS_DUE_S), draw=st.floats(0, 1, exclude_max=True))
+def test_a_newcomer_is_never_answered_while_our_own_beacon_is_due_soon(heard: int, due: float, draw: float) -> None:
+    """Our next scheduled beacon within ANSWER_UNLESS_DUE_S reaches it anyway: no extra beacon."""
+    assert not answers_newcomer(heard, due, draw)
+    assert not answers_newcomer(heard, due, draw, exchange=False)
+
+
+def test_a_newcomer_is_answered_by_about_answerers_of_those_who_hear_it() -> None:
+    """With our next beacon far off: the first few answer for sure, later ones with a chance of
+    ANSWERERS / heard; without peer exchange every node answers."""
+    far = ANSWER_UNLESS_DUE_S + 1
+    assert all(answers_newcomer(n, far, 0.999) for n in range(1, int(ANSWERERS) + 1))
+    draws = [i / 1000 for i in range(1000)]
+    assert sum(answers_newcomer(30, far, d) for d in draws) == 100  # 3 / 30 of the draws
+    assert all(answers_newcomer(30, far, d, exchange=False) for d in draws)
 
 
 # -- the peer book --------------------------------------------------------------------------------
