@@ -26,7 +26,8 @@ a signature over ``SIGNATURE_DOMAIN + canonical_json(every other field)``
 (sorted keys, no whitespace, UTF-8, no NaN). Its ``node_id`` must equal
 :func:`node_id_from_public_key` of that key, so a node id cannot be claimed by
 anyone but the key's holder: a registry that trusts only verified announces
-cannot be fed spoofed peers. Decoding *always* verifies; an event that comes
+cannot be fed spoofed peers. Decoding *always* verifies (a body verified once
+is remembered, by its exact bytes, so the check is not repeated); an event that comes
 out of :class:`DiscoveryConnection` or :func:`decode_discovery` as an
 :class:`Announce` or :class:`DiscoveryResponse` is authentic. Freshness (how
 old a ``timestamp`` may be) needs a clock and is the registry's call.
@@ -80,6 +81,7 @@ unprompted). UDP users take :func:`encode_discovery` / :func:`decode_discovery`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -729,8 +731,21 @@ def _hex(obj: dict[str, Any], key: str) -> bytes:
     return bytes.fromhex(value)
 
 
+DECODED_MEMORY = 512
+"""Bodies of at most :data:`DECODED_MAX_BODY` bytes whose decoding is remembered (least recently
+used forgotten first): within a node the same signed announce is verified by the actor that heard
+it and again by the registry it passes it to, and a signature check is most of a decode."""
+
+DECODED_MAX_BODY = 4096
+"""Longer bodies (peer lists) are decoded afresh each time: they are rarely seen twice."""
+
+
 def decode_discovery(body: bytes, *, allow_unsigned_legacy: bool = False) -> DiscoveryEvent:
     """Parse and, for signed types, verify one JSON body.
+
+    The same bytes always decode to the same (immutable) event, so the last
+    :data:`DECODED_MEMORY` short bodies decoded are remembered; a body that
+    fails is not, and fails again on every call.
 
     Raises:
         RemoteProtocolError: not a valid discovery message, a bad signature, or
@@ -738,7 +753,18 @@ def decode_discovery(body: bytes, *, allow_unsigned_legacy: bool = False) -> Dis
     """
     if len(body) > MAX_DISCOVERY_FRAME:
         raise RemoteProtocolError(f"discovery message of {len(body)} bytes exceeds MAX_DISCOVERY_FRAME")
-    obj = _parse_json(bytes(body))
+    if len(body) <= DECODED_MAX_BODY:
+        return _decode_remembered(bytes(body), allow_unsigned_legacy)
+    return _decode(bytes(body), allow_unsigned_legacy)
+
+
+@functools.lru_cache(maxsize=DECODED_MEMORY)
+def _decode_remembered(body: bytes, allow_unsigned_legacy: bool) -> DiscoveryEvent:
+    return _decode(body, allow_unsigned_legacy)
+
+
+def _decode(body: bytes, allow_unsigned_legacy: bool) -> DiscoveryEvent:
+    obj = _parse_json(body)
     type_ = obj.get("type")
     if not isinstance(type_, str) or (type_ not in _TYPES and type_ not in _EXCHANGE_KEYS):
         raise RemoteProtocolError(f"unknown discovery message type {type_!r}")

@@ -166,6 +166,19 @@ def test_announce_from_another_key_is_rejected() -> None:
         verify(forged)
 
 
+def test_a_body_verified_once_is_remembered_and_a_forged_one_refused_every_time() -> None:
+    """The same bytes decode to the same event (its signature checked once); a body whose
+    signature fails is never remembered: each decode refuses it again."""
+    body = encode_discovery(announce())
+    first = decode_discovery(body)
+    assert decode_discovery(bytearray(body)) is first
+    tampered = body.replace(b'"timestamp":1700000000.0', b'"timestamp":1700000001.0')
+    assert tampered != body
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError, match="bad signature"):
+            decode_discovery(tampered)
+
+
 def test_node_id_that_does_not_match_the_key_is_rejected() -> None:
     """A peer cannot claim a node id that is not derived from its key."""
     with pytest.raises(RemoteProtocolError, match="does not belong"):
