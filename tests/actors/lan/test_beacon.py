@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from tests.actors.acceptor.support import CAPS, free_udp_port, run, until
-from villagemesh.actors.lan.beacon import LINK_UP_PAUSE_S, REFRESH_S, BeaconConfig, BeaconEndpoint
+from villagemesh.actors.lan.beacon import LINK_UP_PAUSE_S, REFRESH_S, BeaconConfig, BeaconEndpoint, _claim
 from villagemesh.actors.lan.identity import Identity
 from villagemesh.actors.lan.state import BeaconSchedule
 from villagemesh.protocols.discovery import Announce, decode_discovery, encode_discovery
@@ -255,3 +255,17 @@ def test_the_endpoint_knows_when_its_next_beacon_is_due() -> None:
     scheduled, after_up = run(body())
     assert 1.0 < scheduled <= 2.0
     assert after_up <= LINK_UP_PAUSE_S
+
+
+def test_a_claim_is_read_without_parsing_and_ignores_only_the_timestamp_and_signature() -> None:
+    """Two beacons of one node at different times claim the same; a moved node claims something
+    else; a datagram naming no node id claims nothing."""
+    key = SigningKey.generate()
+    here = Identity(key, ("ws://127.0.0.1:4001",), CAPS, 4001)
+    moved = Identity(key, ("ws://127.0.0.1:4002",), CAPS, 4002)
+    first = encode_discovery(dataclasses.replace(here, clock=lambda: 1000.0).announce())
+    later = encode_discovery(dataclasses.replace(here, clock=lambda: 1001.5).announce())
+    assert first != later
+    assert _claim(first) == _claim(later) and _claim(first)[0] == here.node_id
+    assert _claim(encode_discovery(moved.announce()))[1] != _claim(first)[1]
+    assert _claim(b'{"node_id": 12}') == (None, b"") == _claim(b"\xff garbage")
