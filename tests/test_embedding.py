@@ -481,6 +481,29 @@ def test_async_node_sends_queries_and_waits_for_peers_by_event(tmp_path: Path) -
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("crash_after", [5, 150, 400])
+def test_async_sends_racing_a_retrier_crash_are_each_delivered_once(pair, crash_after: int) -> None:
+    """AsyncNode.send hands a tell to the retrier and keeps no copy: the tells still in its mailbox
+    when it crashes are read by the restarted instance (the mailbox outlives it), so every
+    handle ends DELIVERED and the handler sees each payload once."""
+    a, b = pair
+    got: list[bytes] = []
+    a.subscribe("DATA", lambda m: got.append(m.payload))
+
+    async def main() -> list[Any]:
+        sends = [asyncio.ensure_future(b.aio.send(a.node_id, b"%d" % i)) for i in range(600)]
+        while sum(s.done() for s in sends) < crash_after:
+            await asyncio.sleep(0)
+        b.crash("retrier")
+        handles = await asyncio.gather(*sends)
+        return list(await asyncio.wait_for(ended(handles), 60))
+
+    ends = asyncio.run(main())
+    assert [e.state for e in ends] == [DeliveryState.DELIVERED] * 600
+    assert sorted(got) == sorted(b"%d" % i for i in range(600))
+    assert [e["child_id"] for e in events_of(b, "child_restarted")] == ["retrier"]
+
+
 def test_messages_iterates_one_kind_and_a_slow_consumer_holds_the_senders_back(tmp_path: Path) -> None:
     async def main() -> None:
         async with AsyncNode(make(tmp_path, "a", discovery_interval=0.3)) as a:
