@@ -294,7 +294,7 @@ class LanActor(LoopActor):
                 and beacon is not None
                 and answers_newcomer(len(self.heard), beacon.next_beacon_in(), random.random(), exchange=self.exchange)
             ):
-                self.exchange_counts["answers"] += 1
+                beacon.counts["answers"] += 1  # on the loop thread, like the endpoint's own counts
                 self.answer_pending = True
                 self.answering = asyncio.get_running_loop().call_later(ANSWER_DELAY_S, self._answer)
         self.post(_Beacon(announce, body, source))

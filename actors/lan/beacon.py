@@ -143,7 +143,8 @@ class BeaconEndpoint:
 
     Run ``await start()`` on the loop that will own it, ``await close()`` on
     the same loop. ``counts`` holds ``sent``, ``accepted``, ``own``,
-    ``rate_limited``, ``rejected``, ``callback_failed``.
+    ``rate_limited``, ``rejected``, ``callback_failed`` (and the LAN actor's ``answers``:
+    beacons sent early for a newcomer).
     """
 
     def __init__(
