@@ -57,6 +57,24 @@ from .noise import SecureChannel
 from .sniff import HTTP_METHODS, MULTISTREAM_HEADER, Sniffed
 from .sphinx.crypto import x25519_base
 from .sphinx.packet import MAX_HOPS, MAX_MESSAGE, Hop
+from .transfer import (
+    MAX_CHUNK_BYTES,
+    MAX_TEXT_BYTES,
+    MAX_TRANSFER_BYTES,
+    MIN_CHUNK_BYTES,
+    TRANSFER_ID_BYTES,
+    Accept,
+    Chunk,
+    ChunkAck,
+    Complete,
+    DigestAlgorithm,
+    Failed,
+    FailReason,
+    Offer,
+    Refuse,
+    RefuseReason,
+    WireMessage,
+)
 
 __all__ = [
     "addresses",
@@ -81,6 +99,7 @@ __all__ = [
     "signing_keys",
     "sphinx_messages",
     "sphinx_paths",
+    "transfer_messages",
 ]
 
 _SECONDS = st.floats(min_value=0.0, max_value=4e9, allow_nan=False, allow_infinity=False)
@@ -391,4 +410,30 @@ def bitchat_fragments() -> st.SearchStrategy[Fragment]:
             original_type=st.integers(0, 255),
             data=st.binary(max_size=64),
         )
+    )
+
+
+def transfer_messages(*, max_chunk: int = 64) -> st.SearchStrategy[WireMessage]:
+    """Valid transfer wire messages of every type (chunks of up to ``max_chunk`` bytes, their check right)."""
+    ids = st.binary(min_size=TRANSFER_ID_BYTES, max_size=TRANSFER_ID_BYTES)
+    digests = st.binary(min_size=32, max_size=32)
+    texts = st.text(max_size=40).filter(lambda t: len(t.encode("utf-8", "surrogatepass")) <= MAX_TEXT_BYTES)
+    counts = st.integers(0, 2**32 - 1)
+    return st.one_of(
+        st.builds(
+            Offer,
+            ids,
+            st.integers(0, MAX_TRANSFER_BYTES),
+            st.integers(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES),
+            digests,
+            _names(255),
+            texts,
+            st.sampled_from(DigestAlgorithm),
+        ),
+        st.builds(Accept, ids, counts),
+        st.builds(ChunkAck, ids, counts),
+        st.builds(Refuse, ids, st.sampled_from(RefuseReason), texts),
+        st.builds(Failed, ids, st.sampled_from(FailReason), texts),
+        st.builds(Complete, ids, digests),
+        st.builds(Chunk.of, ids, counts, st.binary(min_size=1, max_size=max(1, min(max_chunk, MAX_CHUNK_BYTES)))),
     )

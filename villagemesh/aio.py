@@ -242,7 +242,7 @@ class AsyncNode:
         if not isinstance(source, AsyncIterable):
             send = functools.partial(self.node.send_stream, peer_id, source, size=size, kind=kind, name=name)
             return await asyncio.to_thread(send)
-        spool = await asyncio.to_thread(_Spool, self.node.config.data_dir)
+        spool = await asyncio.to_thread(_Spool, self.node.config.data_dir, self.node.transfer_digest)
         try:
             async for block in source:
                 await asyncio.to_thread(spool.write, block)

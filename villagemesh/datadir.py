@@ -251,6 +251,7 @@ def store_specs(*, betanet: bool = False) -> tuple[StoreSpec, ...]:
                  " ('done', 'refused', 'failed')"),
                 ("unfinished incoming transfer(s)", "SELECT count(*) FROM incoming WHERE state = 'receiving'"),
             ),
+            migrates_from=(1,),
         ),
         *(
             [StoreSpec(BETANET_FILE, BETANET_VERSION, ("tags",), (("replay tag(s)", "SELECT count(*) FROM tags"),))]

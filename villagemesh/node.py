@@ -55,6 +55,7 @@ import hashlib
 import ipaddress
 import math
 import os
+import platform
 import random
 import re
 import socket
@@ -89,7 +90,7 @@ from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
 from villagemesh.actors.retrier.state import DEFAULT_ROUTE_TIMEOUT
 from villagemesh.actors.transfer.handles import Progress, ReceivedFile, Receivers, TransferHandle, TransferTable
-from villagemesh.actors.transfer.state import DEFAULT_WINDOW
+from villagemesh.actors.transfer.state import DEFAULT_WINDOW, digest_for_cpu
 from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
     ActorCrashed,
@@ -101,6 +102,7 @@ from villagemesh.errors import (
     NodeFailed,
     NodeStartFailed,
     NoSuchActor,
+    ProtocolError,
     RemoteError,
     RequestTimeout,
     StorageError,
@@ -110,7 +112,7 @@ from villagemesh.errors import (
 )
 from villagemesh.protocols.discovery import Capabilities
 from villagemesh.protocols.envelope import ID_BYTES, MAX_PAYLOAD_BYTES, Message, Priority, encode_message
-from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, Limits, whole_digest
+from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, DigestAlgorithm, Limits, whole_digest
 
 if TYPE_CHECKING:
     from villagemesh.aio import AsyncNode
@@ -291,6 +293,10 @@ class NodeConfig:
     """Bytes per chunk (None: chosen by the mode's transports, 256 KiB over WebSocket)."""
     transfer_stall_s: float = 10.0
     """Seconds without an ack before a sender offers again (the receiver's answer resumes it)."""
+    transfer_digest: str | None = None
+    """The whole-file digest this node announces when it sends: "sha256" (what ``sha256sum`` prints and
+    model hubs publish), "blake2b-256", or None: the faster on this CPU (SHA-256 where it has SHA
+    instructions, else BLAKE2b). A receiver verifies either, whichever the offer names."""
     received_dir: Path | None = None
     """Where received files are moved once verified (None: ``data_dir/received``)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -405,6 +411,11 @@ class NodeConfig:
         if chunk is not None and (not _is_int(chunk) or not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES):
             bounds = f"{MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}"
             raise ConfigError(f"transfer_chunk_size must be None or in {bounds}, got {chunk!r}")
+        if self.transfer_digest is not None:
+            try:
+                DigestAlgorithm.of(self.transfer_digest)
+            except ProtocolError as exc:
+                raise ConfigError(f"transfer_digest: {exc}") from None
         if not _is_number(self.transfer_stall_s) or not self.transfer_stall_s > 0:
             raise ConfigError(f"transfer_stall_s must be a positive finite number, got {self.transfer_stall_s!r}")
         if self.received_dir is not None:
@@ -531,6 +542,10 @@ class Node:
         self.gateway_counters = GatewayCounters()
         self.transfer_table = TransferTable()
         self.transfer_receivers = Receivers()
+        self.transfer_digest: DigestAlgorithm = (
+            DigestAlgorithm.of(config.transfer_digest) if config.transfer_digest is not None else _cpu_digest()
+        )
+        """The whole digest this node's transfers announce (:attr:`NodeConfig.transfer_digest`)."""
         self._listeners: list[Callable[[NodeEvent], None]] = []
         self._peers_changed = threading.Condition()
         self._peer_events = 0
@@ -1486,7 +1501,7 @@ class Node:
     ) -> TransferHandle:
         """Send the file at ``path`` to ``peer_id`` as a transfer: chunked, verified, resumable.
 
-        The file is hashed (BLAKE2b-256) here, in the calling thread, and offered with
+        The file is hashed (:attr:`transfer_digest`) here, in the calling thread, and offered with
         its size, ``kind`` and ``name`` (default: the file's name); the receiver judges
         the offer against its limits before any byte is written. Chunks are read from the
         file as the window allows, so the file must stay as it is until the handle ends
@@ -1499,7 +1514,7 @@ class Node:
         check_peer_id(peer_id, self.node_id)
         source = Path(os.fspath(path))
         try:
-            size, digest = _hash_file(source)
+            size, digest = _hash_file(source, self.transfer_digest)
         except OSError as exc:
             raise ConfigError(f"cannot send {str(source)!r}: {exc.strerror or exc}") from exc
         return self._offer(peer_id, str(source.resolve()), size, digest, kind, source.name if name is None else name)
@@ -1525,7 +1540,7 @@ class Node:
                 or a ``size`` other than the stream's.
         """
         check_peer_id(peer_id, self.node_id)
-        spool = _Spool(self.config.data_dir)
+        spool = _Spool(self.config.data_dir, self.transfer_digest)
         try:
             for block in source:
                 spool.write(block)
@@ -1547,7 +1562,7 @@ class Node:
         client = self._client()
         transfer_id = os.urandom(16)
         handle = self.transfer_table.new(transfer_id, peer_id, name, size)
-        message = SendFile(transfer_id, peer_id, path, size, digest, kind, name, spooled)
+        message = SendFile(transfer_id, peer_id, path, size, digest, kind, name, spooled, self.transfer_digest)
         reply = client.ask("transfer", message, timeout=ASK_TIMEOUT)
         if not isinstance(reply, SendReply) or reply.error is not None:
             error = getattr(reply, "error", repr(reply))
@@ -1620,26 +1635,38 @@ class Node:
         return await self.aio.peers()
 
 
-def _hash_file(path: Path) -> tuple[int, bytes]:
-    """``(size, BLAKE2b-256)`` of the file at ``path``, read a block at a time."""
-    digest = whole_digest()
+def _cpu_digest() -> DigestAlgorithm:
+    """:func:`~villagemesh.actors.transfer.state.digest_for_cpu` for this machine (no ``/proc/cpuinfo``,
+    as on macOS: BLAKE2b-256, the choice that is never slow)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except FileNotFoundError:
+        cpuinfo = ""
+    return digest_for_cpu(platform.machine(), cpuinfo)
+
+
+def _hash_file(path: Path, algorithm: DigestAlgorithm) -> tuple[int, bytes]:
+    """``(size, digest by algorithm)`` of the file at ``path``, read a block at a time into one buffer."""
+    digest = whole_digest(algorithm)
     size = 0
-    with path.open("rb") as handle:
-        while block := handle.read(HASH_BYTES):
-            digest.update(block)
-            size += len(block)
+    buffer = bytearray(HASH_BYTES)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+            size += n
     return size, digest.digest()
 
 
 class _Spool:
     """A stream written to ``data_dir/transfers/<random>.spool`` while it is hashed."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, algorithm: DigestAlgorithm) -> None:
         folder = data_dir / "transfers"
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{os.urandom(8).hex()}.spool"
         self.handle = self.path.open("wb")
-        self.digest = whole_digest()
+        self.digest = whole_digest(algorithm)
         self.size = 0
 
     def write(self, block: object) -> None:

@@ -102,6 +102,8 @@ class StoreSpec:
     tables: tuple[str, ...]
     counts: tuple[tuple[str, str], ...] = ()
     """``(label, SQL giving one integer)``: what the manifest records, and what a loss would cost."""
+    migrates_from: tuple[int, ...] = ()
+    """Older schema versions the store migrates when it opens (not foreign; their tables as now)."""
 
 
 @dataclass(frozen=True)
@@ -322,7 +324,7 @@ def _read_store(path: Path, spec: StoreSpec) -> _Seen:
             raise _Unusable("corrupt", f"not a readable SQLite database: {exc}") from exc
         if check != ["ok"]:
             raise _Unusable("corrupt", f"PRAGMA quick_check: {'; '.join(check)}")
-        if version != spec.version:
+        if version != spec.version and version not in spec.migrates_from:
             raise _Unusable("foreign", f"schema version {version}, expected {spec.version}")
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         absent = sorted(set(spec.tables) - tables)

@@ -18,9 +18,12 @@ Every file is opened with:
     commit, survives power loss too, and costs one fsync per transaction.
 ``PRAGMA user_version``
     The schema version. A new file gets the schema and the version in one
-    transaction; a file of the expected version is used as is; any other
-    version (a newer villagemesh, a foreign file) is refused with
-    :class:`StorageError`, never guessed at.
+    transaction; a file of the expected version is used as is; an older one
+    is migrated step by step by the store's own scripts (version n to n + 1,
+    all in one transaction with the new version number: a kill mid-way leaves
+    the old file); any other version (a newer villagemesh, a foreign file, an
+    old one with no migration) is refused with :class:`StorageError`, never
+    guessed at.
 ``PRAGMA wal_autocheckpoint=0``
     No automatic checkpoints: a node's keeper actor checkpoints its stores
     every ``checkpoint_interval`` (and advances their generation in the
@@ -46,7 +49,7 @@ was being done (:func:`translate`), ``from`` the original.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,10 +89,18 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
-def open_database(path: str | Path, *, schema: str, version: int, synchronous: str = "NORMAL") -> sqlite3.Connection:
+def open_database(
+    path: str | Path,
+    *,
+    schema: str,
+    version: int,
+    synchronous: str = "NORMAL",
+    migrations: Mapping[int, str] | None = None,
+) -> sqlite3.Connection:
     """Open (creating if needed) the SQLite file at ``path`` with WAL and the given schema version.
 
-    ``schema`` is the SQL script that creates every table of ``version``.
+    ``schema`` is the SQL script that creates every table of ``version``;
+    ``migrations[n]`` the script that takes a file of version ``n`` to ``n + 1``.
 
     Raises:
         ConfigError: ``synchronous`` is not one of :data:`SYNCHRONOUS_MODES`.
@@ -118,10 +129,16 @@ def open_database(path: str | Path, *, schema: str, version: int, synchronous: s
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={int(version)}")
             elif found != version:
-                raise StorageError(
-                    f"{path}: schema version {found} is not the {version} this villagemesh reads"
-                    " (written by another version?)"
-                )
+                steps = range(found, version) if 0 < found < version else range(0)
+                if not steps or any(step not in (migrations or {}) for step in steps):
+                    raise StorageError(
+                        f"{path}: schema version {found} is not the {version} this villagemesh reads"
+                        " (written by another version?)"
+                    )
+                for step in steps:
+                    for statement in _statements((migrations or {})[step]):
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={int(version)}")
     except BaseException:
         conn.close()
         raise

@@ -143,7 +143,7 @@ class _In:
         self.partial = partial
         self.final = final
         self.fd: int | None = None
-        self.whole = WholeDigest()
+        self.whole = WholeDigest(receiver.offer.algorithm)
         """The whole file's digest over the committed prefix, fed as the prefix grows (not persisted)."""
         self.writes = 0
         """Chunks written into the partial file by this instance (a chunk written twice counts twice)."""
@@ -275,7 +275,7 @@ class TransferActor(Actor):
 
     def _send_file(self, msg: SendFile) -> SendReply:
         try:
-            offer = Offer(msg.transfer_id, msg.size, self.chunk_size, msg.digest, msg.kind, msg.name)
+            offer = Offer(msg.transfer_id, msg.size, self.chunk_size, msg.digest, msg.kind, msg.name, msg.algorithm)
         except ProtocolError as exc:
             return SendReply(msg.transfer_id, str(exc))
         if msg.transfer_id in self.outs or msg.transfer_id in self.ended_out:
@@ -526,7 +526,7 @@ class TransferActor(Actor):
                 os.fsync(entry.fd)
                 digest = entry.whole.digest()
             else:  # killed between the move and its commit: hash what was moved
-                whole = whole_digest()
+                whole = whole_digest(offer.algorithm)
                 with open(source, "rb") as handle:
                     while block := handle.read(HASH_BYTES):
                         whole.update(block)
@@ -580,7 +580,14 @@ class TransferActor(Actor):
     def _deliver(self, entry: _In) -> None:
         offer = entry.receiver.offer
         received = ReceivedFile(
-            offer.transfer_id.hex(), entry.peer_id, offer.kind, offer.name, offer.size, offer.digest, Path(entry.final)
+            offer.transfer_id.hex(),
+            entry.peer_id,
+            offer.kind,
+            offer.name,
+            offer.size,
+            offer.digest,
+            Path(entry.final),
+            offer.algorithm.label,
         )
         for handler, loop in self.receivers.of(offer.kind):
             self._call(handler, received, loop, received.transfer_id)

@@ -181,7 +181,9 @@ class TransferTable:
 
 @dataclass(frozen=True)
 class ReceivedFile:
-    """A verified file another node sent: at ``path`` (moved into place atomically), ``size`` bytes."""
+    """A verified file another node sent: at ``path`` (moved into place atomically), ``size`` bytes,
+    hashing to ``digest`` by ``algorithm`` ("sha256" or "blake2b-256": compare ``digest.hex()`` with
+    what ``sha256sum`` or ``b2sum -l 256`` prints, or a model hub publishes)."""
 
     transfer_id: str
     peer_id: str
@@ -190,6 +192,7 @@ class ReceivedFile:
     size: int
     digest: bytes
     path: Path
+    algorithm: str = "blake2b-256"
 
     async def stream(self, block: int = READ_BYTES) -> AsyncIterator[bytes]:
         """The file's bytes as an async stream, ``block`` bytes at a time (read off the event loop)."""

@@ -2,7 +2,7 @@
 
 From the node API::
 
-    SendFile(transfer_id, peer_id, path, size, digest, kind, name, spooled)
+    SendFile(transfer_id, peer_id, path, size, digest, kind, name, spooled, algorithm)
                                ask [SendReply]: offer the file at ``path`` to ``peer_id`` (stored first)
     CancelTransfer(transfer_id, detail)   tell: end an outgoing transfer here (the receiver is told)
     GetTransfers()             ask [Transfers]: every transfer this node knows, with its progress
@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from villagemesh.actors.core import codec
+from villagemesh.protocols.transfer import DigestAlgorithm
 
 __all__ = ["CancelTransfer", "GetTransfers", "SendFile", "SendReply", "TransferRow", "Transfers"]
 
@@ -24,7 +25,8 @@ __all__ = ["CancelTransfer", "GetTransfers", "SendFile", "SendReply", "TransferR
 @codec.message("transfer.SendFile")
 @dataclass(frozen=True, slots=True)
 class SendFile:
-    """Ask: offer ``size`` bytes at ``path`` (hashing to ``digest``) to ``peer_id`` as ``kind``/``name``.
+    """Ask: offer ``size`` bytes at ``path`` (hashing to ``digest`` by ``algorithm``) to ``peer_id`` as
+    ``kind``/``name``.
 
     ``spooled``: the file is the node's own copy of a stream (deleted once the transfer ends)."""
 
@@ -36,6 +38,7 @@ class SendFile:
     kind: str
     name: str
     spooled: bool = False
+    algorithm: DigestAlgorithm = DigestAlgorithm.BLAKE2B_256
 
 
 @codec.message("transfer.SendReply")

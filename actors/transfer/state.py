@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from villagemesh.errors import LocalProtocolError
-from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, whole_digest
+from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, DigestAlgorithm, whole_digest
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -22,6 +22,7 @@ __all__ = [
     "Stall",
     "WholeDigest",
     "chunk_size_for",
+    "digest_for_cpu",
     "received_name",
 ]
 
@@ -51,6 +52,21 @@ def chunk_size_for(transports: tuple[str, ...]) -> int:
     sizes = [TRANSPORT_CHUNK_BYTES[t] for t in transports if t in TRANSPORT_CHUNK_BYTES]
     size = min(sizes) if sizes else DEFAULT_CHUNK_BYTES
     return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, size))
+
+
+def digest_for_cpu(machine: str, cpuinfo: str) -> DigestAlgorithm:
+    """The whole digest a sender on this CPU chooses (``machine``: ``platform.machine()``; ``cpuinfo``:
+    the text of ``/proc/cpuinfo``, "" where there is none): SHA-256 where the CPU has SHA-256
+    instructions (x86 ``sha_ni``, Arm ``sha2``), where it runs about twice as fast as BLAKE2b (1,716
+    against 884 MiB/s here); BLAKE2b-256 elsewhere (a Raspberry Pi 4 has no SHA instructions, and
+    SHA-256 in software is the slower of the two)."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    wanted = "sha_ni" if machine.lower() in ("x86_64", "amd64", "i686", "i386") else "sha2"
+    return DigestAlgorithm.SHA_256 if wanted in flags else DigestAlgorithm.BLAKE2B_256
 
 
 def received_name(name: str, transfer_id: bytes, taken: Callable[[str], bool]) -> str:
@@ -85,8 +101,8 @@ class WholeDigest:
     last chunk was a serial tail of ~20 % of a transfer's time). Not stored: a restarted receiver starts
     again from chunk 0, reading the committed chunks back from the partial file."""
 
-    def __init__(self) -> None:
-        self._hash = whole_digest()
+    def __init__(self, algorithm: DigestAlgorithm = DigestAlgorithm.BLAKE2B_256) -> None:
+        self._hash = whole_digest(algorithm)
         self.next = 0
         """The next chunk to feed: chunks ``0 .. next-1`` are in the digest."""
 

@@ -1,10 +1,14 @@
 """The transfer actor's file, ``data_dir/transfers.sqlite3`` (opened by :mod:`villagemesh.actors.core.storage`)::
 
     outgoing(transfer_id, peer_id, path, size, chunk_size, digest, kind, name, spooled,
-             acked, state, detail)          one row per transfer this node sends
+             acked, state, detail, algorithm)   one row per transfer this node sends
     incoming(transfer_id, peer_id, size, chunk_size, digest, kind, name, partial, final,
-             state, detail)                 one row per transfer this node accepted
-    chunks(transfer_id, idx)                every chunk of an incoming transfer committed
+             state, detail, algorithm)          one row per transfer this node accepted
+    chunks(transfer_id, idx)                    every chunk of an incoming transfer committed
+
+Schema version 2 added ``algorithm`` (the whole digest's
+:class:`~villagemesh.protocols.transfer.DigestAlgorithm`); a version-1 file is
+migrated on open, its transfers keeping BLAKE2b-256, the only digest version 1 had.
 
 Commit points (what survives a ``kill -9``):
 
@@ -28,11 +32,11 @@ from typing import Any
 
 from villagemesh.actors.core.storage import open_database, transaction, translate
 from villagemesh.errors import StorageError
-from villagemesh.protocols.transfer import Offer
+from villagemesh.protocols.transfer import DigestAlgorithm, Offer
 
 __all__ = ["SCHEMA_VERSION", "IncomingRow", "OutgoingRow", "TransferStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE outgoing (
@@ -47,7 +51,8 @@ CREATE TABLE outgoing (
     spooled     INTEGER NOT NULL,
     acked       INTEGER NOT NULL DEFAULT 0,
     state       TEXT NOT NULL,
-    detail      TEXT NOT NULL DEFAULT ''
+    detail      TEXT NOT NULL DEFAULT '',
+    algorithm   INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE incoming (
     transfer_id BLOB PRIMARY KEY,
@@ -60,7 +65,8 @@ CREATE TABLE incoming (
     partial     TEXT NOT NULL,
     final       TEXT NOT NULL,
     state       TEXT NOT NULL,
-    detail      TEXT NOT NULL DEFAULT ''
+    detail      TEXT NOT NULL DEFAULT '',
+    algorithm   INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE chunks (
     transfer_id BLOB NOT NULL,
@@ -92,9 +98,16 @@ class IncomingRow:
     committed: frozenset[int]
 
 
+_MIGRATIONS = {
+    1: "ALTER TABLE outgoing ADD COLUMN algorithm INTEGER NOT NULL DEFAULT 1;"
+    " ALTER TABLE incoming ADD COLUMN algorithm INTEGER NOT NULL DEFAULT 1"
+}
+"""Version n -> n + 1 (:func:`~villagemesh.actors.core.storage.open_database` runs them in order)."""
+
+
 def _offer(row: tuple[Any, ...]) -> Offer:
-    transfer_id, size, chunk_size, digest, kind, name = row
-    return Offer(bytes(transfer_id), size, chunk_size, bytes(digest), kind, name)
+    transfer_id, size, chunk_size, digest, kind, name, algorithm = row
+    return Offer(bytes(transfer_id), size, chunk_size, bytes(digest), kind, name, DigestAlgorithm(algorithm))
 
 
 class TransferStore:
@@ -103,7 +116,7 @@ class TransferStore:
     def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = open_database(
-            self.path, schema=_SCHEMA, version=SCHEMA_VERSION, synchronous=synchronous
+            self.path, schema=_SCHEMA, version=SCHEMA_VERSION, synchronous=synchronous, migrations=_MIGRATIONS
         )
 
     @property
@@ -129,7 +142,7 @@ class TransferStore:
         with translate(self.path, f"storing outgoing transfer {offer.transfer_id.hex()}"):
             self._db.execute(
                 "INSERT INTO outgoing (transfer_id, peer_id, path, size, chunk_size, digest, kind, name, spooled,"
-                " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'offered')",
+                " algorithm, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'offered')",
                 (
                     offer.transfer_id,
                     peer_id,
@@ -140,6 +153,7 @@ class TransferStore:
                     offer.kind,
                     offer.name,
                     int(spooled),
+                    int(offer.algorithm),
                 ),
             )
 
@@ -155,10 +169,10 @@ class TransferStore:
         """Every outgoing transfer, oldest first."""
         with translate(self.path, "reading outgoing transfers"):
             rows = self._db.execute(
-                "SELECT transfer_id, size, chunk_size, digest, kind, name, peer_id, path, spooled, acked, state,"
-                " detail FROM outgoing ORDER BY rowid"
+                "SELECT transfer_id, size, chunk_size, digest, kind, name, algorithm, peer_id, path, spooled, acked,"
+                " state, detail FROM outgoing ORDER BY rowid"
             ).fetchall()
-        return [OutgoingRow(_offer(r[:6]), r[6], r[7], bool(r[8]), r[9], r[10], r[11]) for r in rows]
+        return [OutgoingRow(_offer(r[:7]), r[7], r[8], bool(r[9]), r[10], r[11], r[12]) for r in rows]
 
     # -- incoming ----------------------------------------------------------------------------------
 
@@ -167,7 +181,7 @@ class TransferStore:
         with translate(self.path, f"storing incoming transfer {offer.transfer_id.hex()}"):
             self._db.execute(
                 "INSERT INTO incoming (transfer_id, peer_id, size, chunk_size, digest, kind, name, partial, final,"
-                " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'receiving')",
+                " algorithm, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'receiving')",
                 (
                     offer.transfer_id,
                     peer_id,
@@ -178,6 +192,7 @@ class TransferStore:
                     offer.name,
                     partial,
                     final,
+                    int(offer.algorithm),
                 ),
             )
 
@@ -196,13 +211,13 @@ class TransferStore:
         """Every incoming transfer with its committed chunks, oldest first."""
         with translate(self.path, "reading incoming transfers"):
             rows = self._db.execute(
-                "SELECT transfer_id, size, chunk_size, digest, kind, name, peer_id, partial, final, state, detail"
-                " FROM incoming ORDER BY rowid"
+                "SELECT transfer_id, size, chunk_size, digest, kind, name, algorithm, peer_id, partial, final, state,"
+                " detail FROM incoming ORDER BY rowid"
             ).fetchall()
             committed: dict[bytes, set[int]] = {}
             for tid, idx in self._db.execute("SELECT transfer_id, idx FROM chunks"):
                 committed.setdefault(bytes(tid), set()).add(idx)
         return [
-            IncomingRow(_offer(r[:6]), r[6], r[7], r[8], r[9], r[10], frozenset(committed.get(bytes(r[0]), ())))
+            IncomingRow(_offer(r[:7]), r[7], r[8], r[9], r[10], r[11], frozenset(committed.get(bytes(r[0]), ())))
             for r in rows
         ]

@@ -1,10 +1,10 @@
 """Large transfers, sans-I/O: the wire messages (:mod:`.wire`) and the two ends' state machines (:mod:`.machine`).
 
-A file is offered (size, kind, name, BLAKE2b digest of the whole, chunk size),
-accepted with a resume point or refused with a typed reason, sent as chunks
-(each with its own digest) within a window of unacknowledged chunks,
-acknowledged as the receiver commits them, and completed once the receiver
-has verified the whole. See the two modules' docstrings for the layout and rules.
+A file is offered (size, kind, name, digest of the whole by the algorithm the
+offer names, chunk size), accepted with a resume point or refused with a typed
+reason, sent as chunks (each with its own CRC-32 check) within a window of
+unacknowledged chunks, acknowledged as the receiver commits them, and completed
+once the receiver has verified the whole. See the two modules' docstrings for the layout and rules.
 """
 
 from .machine import (
@@ -19,7 +19,6 @@ from .machine import (
     judge,
 )
 from .wire import (
-    CHUNK_DIGEST_BYTES,
     CHUNK_KIND,
     DIGEST_BYTES,
     MAX_CHUNK_BYTES,
@@ -32,21 +31,21 @@ from .wire import (
     Chunk,
     ChunkAck,
     Complete,
+    DigestAlgorithm,
     Failed,
     FailReason,
     Offer,
     Refuse,
     RefuseReason,
     WireMessage,
+    chunk_check,
     chunk_count,
-    chunk_digest,
     decode,
     encode,
     whole_digest,
 )
 
 __all__ = [
-    "CHUNK_DIGEST_BYTES",
     "CHUNK_KIND",
     "DIGEST_BYTES",
     "MAX_CHUNK_BYTES",
@@ -62,6 +61,7 @@ __all__ = [
     "ChunkAck",
     "ChunkVerdict",
     "Complete",
+    "DigestAlgorithm",
     "FailReason",
     "Failed",
     "Limits",
@@ -73,8 +73,8 @@ __all__ = [
     "Sender",
     "SenderState",
     "WireMessage",
+    "chunk_check",
     "chunk_count",
-    "chunk_digest",
     "decode",
     "encode",
     "judge",

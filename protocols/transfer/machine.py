@@ -20,7 +20,7 @@ Rules (each a test):
    copy of one is a duplicate).
 4. *Per-chunk integrity, whole-file verification.* A chunk whose length is
    not the offer's or whose index is out of range is a protocol error; one
-   whose data does not hash to its digest is dropped (``CORRUPT``: not acked,
+   whose data does not match its check (CRC-32) is dropped (``CORRUPT``: not acked,
    so it is sent again). When every chunk is committed the caller hashes the
    whole; a digest other than the offer's fails the transfer on both sides
    (``Failed(DIGEST_MISMATCH)``).
@@ -165,7 +165,7 @@ class ChunkVerdict(enum.Enum):
     DUPLICATE = "duplicate"
     """Already committed (or the transfer has ended): drop it."""
     CORRUPT = "corrupt"
-    """Its data does not match its digest: drop it (it is not acked, so it comes again)."""
+    """Its data does not match its check: drop it (it is not acked, so it comes again)."""
 
 
 class Sender:

@@ -5,17 +5,33 @@ travels as an ordinary reliable message: stored, acknowledged, retried and
 failed over like any other. Layout (big-endian, ``struct``)::
 
     offset size  field
-    0      1     version         WIRE_VERSION (1)
+    0      1     version         WIRE_VERSION (2)
     1      1     type            1 OFFER .. 7 FAILED
     2      16    transfer id     random, the sender's
     then, by type:
-    OFFER      size u64 ‖ chunk_size u32 ‖ digest 32 (BLAKE2b-256 of the whole) ‖ kind 1+K ‖ name 2+N
+    OFFER      size u64 ‖ chunk_size u32 ‖ algorithm u8 ‖ digest 32 (of the whole) ‖ kind 1+K ‖ name 2+N
     ACCEPT     resume_from u32   chunks the receiver has committed, in order from 0 (where to go on)
     REFUSE     reason u8 ‖ detail 2+N
-    CHUNK      index u32 ‖ digest 16 (BLAKE2b-128 of data) ‖ data (the rest, 1 .. MAX_CHUNK_BYTES)
+    CHUNK      index u32 ‖ check u32 (CRC-32 of data) ‖ data (the rest, 1 .. MAX_CHUNK_BYTES)
     CHUNK_ACK  committed u32     chunks committed in order from 0 (the resume point, and the window's base)
     COMPLETE   digest 32         the receiver verified the whole and moved it into place
     FAILED     reason u8 ‖ detail 2+N
+
+Two checks, each for its own purpose:
+
+- the **whole digest** (:class:`DigestAlgorithm`: BLAKE2b-256 or SHA-256, named in
+  the offer) is the real check: announced up front, the receiver hashes what it
+  committed and moves the file into place only if the two are equal. The sender
+  chooses; SHA-256 is what ``sha256sum`` prints and what model hubs publish, and
+  the faster of the two on a CPU with SHA instructions, BLAKE2b the faster
+  without them.
+- the **chunk check** (CRC-32) catches a torn or corrupted chunk before it is
+  committed, so a resumed transfer never builds on a bad chunk. It guards
+  against accidents, not an adversary: the link is authenticated encryption, and
+  a chunk's check is computed by the sender over what it sends, so no chunk
+  check could stop a sender sending other bytes; the whole digest does. (Version
+  1 carried a BLAKE2b-128 per chunk: four strong hash passes per transfer where
+  two do the same work, see docs/benchmarks.md.)
 
 Limits (each with its reason):
 
@@ -36,13 +52,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
-    "CHUNK_DIGEST_BYTES",
     "CHUNK_KIND",
     "DIGEST_BYTES",
     "MAX_CHUNK_BYTES",
@@ -56,20 +72,21 @@ __all__ = [
     "Chunk",
     "ChunkAck",
     "Complete",
+    "DigestAlgorithm",
     "FailReason",
     "Failed",
     "Offer",
     "Refuse",
     "RefuseReason",
     "WireMessage",
+    "chunk_check",
     "chunk_count",
-    "chunk_digest",
     "decode",
     "encode",
     "whole_digest",
 ]
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 TRANSFER_KIND = "villagemesh.transfer"
 """The envelope kind of offers and answers but chunk acks (reserved: applications cannot send it)."""
 CHUNK_KIND = "villagemesh.transfer.chunk"
@@ -80,9 +97,7 @@ one only once the transfer actor committed it."""
 TRANSFER_ID_BYTES = 16
 """Transfer ids are 128 random bits, like message ids."""
 DIGEST_BYTES = 32
-"""BLAKE2b-256 of the whole: collision-resistant, and hashlib's fastest strong hash."""
-CHUNK_DIGEST_BYTES = 16
-"""BLAKE2b-128 of a chunk: catches a torn or corrupted chunk; the whole digest is the real check."""
+"""The whole digest: 256 bits, whichever :class:`DigestAlgorithm`."""
 MAX_CHUNK_BYTES = 1024 * 1024 - 1024
 """A chunk with its transfer header and the envelope's header fits the 1 MiB payload."""
 MIN_CHUNK_BYTES = 256
@@ -93,11 +108,34 @@ MAX_TEXT_BYTES = 1024
 """A name or a detail: one line of text."""
 
 _HEAD = struct.Struct(">BB16s")
-_OFFER = struct.Struct(">QI32s")
+_OFFER = struct.Struct(">QIB32s")
 _U32 = struct.Struct(">I")
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
-_CHUNK = struct.Struct(">I16s")
+_CHUNK = struct.Struct(">II")
+
+
+class DigestAlgorithm(enum.IntEnum):
+    """The hash of a transfer's whole digest, as the offer names it."""
+
+    BLAKE2B_256 = 1
+    SHA_256 = 2
+
+    @property
+    def label(self) -> str:
+        """The name people know it by (``b2sum -l 256``, ``sha256sum``)."""
+        return _LABELS[self]
+
+    @classmethod
+    def of(cls, label: str) -> DigestAlgorithm:
+        """The algorithm named ``label`` ("blake2b-256" or "sha256"); LocalProtocolError for another."""
+        for algorithm, known in _LABELS.items():
+            if label == known:
+                return algorithm
+        raise LocalProtocolError(f"digest algorithm must be one of {sorted(_LABELS.values())}, got {label!r}")
+
+
+_LABELS = {DigestAlgorithm.BLAKE2B_256: "blake2b-256", DigestAlgorithm.SHA_256: "sha256"}
 
 
 class RefuseReason(enum.IntEnum):
@@ -123,13 +161,15 @@ def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
 
-def chunk_digest(data: bytes | memoryview) -> bytes:
-    """The per-chunk check."""
-    return hashlib.blake2b(data, digest_size=CHUNK_DIGEST_BYTES).digest()
+def chunk_check(data: bytes | memoryview) -> int:
+    """The per-chunk check: CRC-32 (zlib's; it lets go of the interpreter lock on a chunk)."""
+    return zlib.crc32(data)
 
 
-def whole_digest() -> hashlib.blake2b:
-    """A fresh hash of the whole (feed it every chunk in order)."""
+def whole_digest(algorithm: DigestAlgorithm = DigestAlgorithm.BLAKE2B_256) -> Any:
+    """A fresh hash of the whole by ``algorithm`` (feed it every chunk in order; ``.digest()`` is 32 bytes)."""
+    if algorithm is DigestAlgorithm.SHA_256:
+        return hashlib.sha256()
     return hashlib.blake2b(digest_size=DIGEST_BYTES)
 
 
@@ -154,7 +194,8 @@ def _check_u32(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class Offer:
-    """The sender offers ``size`` bytes of ``kind`` named ``name`` in ``chunk_size`` chunks, hashing to ``digest``."""
+    """The sender offers ``size`` bytes of ``kind`` named ``name`` in ``chunk_size`` chunks, hashing to
+    ``digest`` by ``algorithm``."""
 
     transfer_id: bytes
     size: int
@@ -162,6 +203,7 @@ class Offer:
     digest: bytes
     kind: str
     name: str
+    algorithm: DigestAlgorithm = DigestAlgorithm.BLAKE2B_256
 
     def __post_init__(self) -> None:
         _check_id(self.transfer_id)
@@ -171,6 +213,9 @@ class Offer:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES:
             raise LocalProtocolError(f"chunk_size must be in {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}, got {chunk!r}")
         _check_bytes("digest", self.digest, DIGEST_BYTES)
+        if isinstance(self.algorithm, bool) or self.algorithm not in _LABELS:
+            raise LocalProtocolError(f"algorithm must be a DigestAlgorithm, got {self.algorithm!r}")
+        object.__setattr__(self, "algorithm", DigestAlgorithm(self.algorithm))
         _check_text("kind", self.kind)
         if not self.kind or len(self.kind.encode("utf-8", "surrogatepass")) > 255:
             raise LocalProtocolError(f"kind must be 1..255 UTF-8 bytes, got {self.kind!r}")
@@ -214,29 +259,29 @@ class Refuse:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Chunk ``index`` of the transfer, ``data`` with its ``digest`` (:func:`chunk_digest`)."""
+    """Chunk ``index`` of the transfer, ``data`` with its ``check`` (:func:`chunk_check`)."""
 
     transfer_id: bytes
     index: int
-    digest: bytes
+    check: int
     data: bytes
 
     def __post_init__(self) -> None:
         _check_id(self.transfer_id)
         _check_u32("index", self.index)
-        _check_bytes("chunk digest", self.digest, CHUNK_DIGEST_BYTES)
+        _check_u32("chunk check", self.check)
         if not isinstance(self.data, bytes) or not 0 < len(self.data) <= MAX_CHUNK_BYTES:
             raise LocalProtocolError(f"chunk data must be 1..{MAX_CHUNK_BYTES} bytes, got {type(self.data).__name__}")
 
     @classmethod
     def of(cls, transfer_id: bytes, index: int, data: bytes) -> Chunk:
-        """A chunk with its digest computed."""
-        return cls(transfer_id, index, chunk_digest(data), data)
+        """A chunk with its check computed."""
+        return cls(transfer_id, index, chunk_check(data), data)
 
     @property
     def intact(self) -> bool:
-        """Whether ``data`` hashes to ``digest``."""
-        return chunk_digest(self.data) == self.digest
+        """Whether ``data`` matches its ``check``."""
+        return chunk_check(self.data) == self.check
 
 
 @dataclass(frozen=True)
@@ -293,14 +338,14 @@ def encode(message: WireMessage) -> bytes:
     """The bytes of ``message``."""
     head = _HEAD.pack(WIRE_VERSION, _TYPES[type(message)], message.transfer_id)
     if isinstance(message, Offer):
-        body = _OFFER.pack(message.size, message.chunk_size, message.digest)
+        body = _OFFER.pack(message.size, message.chunk_size, int(message.algorithm), message.digest)
         return head + body + _text(message.kind, _U8) + _text(message.name, _U16)
     if isinstance(message, Accept):
         return head + _U32.pack(message.resume_from)
     if isinstance(message, ChunkAck):
         return head + _U32.pack(message.committed)
     if isinstance(message, Chunk):
-        return b"".join((head, _CHUNK.pack(message.index, message.digest), message.data))
+        return b"".join((head, _CHUNK.pack(message.index, message.check), message.data))
     if isinstance(message, Complete):
         return head + message.digest
     return head + _U8.pack(int(message.reason)) + _text(message.detail, _U16)
@@ -358,8 +403,10 @@ def _decode_body(kind: int, transfer_id: bytes, r: _Reader) -> WireMessage:
     if cls is None:
         raise RemoteProtocolError(f"unknown transfer message type {kind}")
     if cls is Offer:
-        size, chunk_size, digest = r.unpack(_OFFER)
-        return Offer(transfer_id, size, chunk_size, digest, r.text(_U8), r.text(_U16))
+        size, chunk_size, algorithm, digest = r.unpack(_OFFER)
+        if algorithm not in _LABELS:
+            raise RemoteProtocolError(f"unknown digest algorithm {algorithm} in a transfer offer")
+        return Offer(transfer_id, size, chunk_size, digest, r.text(_U8), r.text(_U16), DigestAlgorithm(algorithm))
     if cls is Accept or cls is ChunkAck:
         (number,) = r.unpack(_U32)
         return cls(transfer_id, number)
@@ -367,8 +414,8 @@ def _decode_body(kind: int, transfer_id: bytes, r: _Reader) -> WireMessage:
         (reason,) = r.unpack(_U8)
         return Refuse(transfer_id, RefuseReason(reason), r.text(_U16))
     if cls is Chunk:
-        index, digest = r.unpack(_CHUNK)
-        return Chunk(transfer_id, index, digest, r.rest())
+        index, check = r.unpack(_CHUNK)
+        return Chunk(transfer_id, index, check, r.rest())
     if cls is Complete:
         return Complete(transfer_id, r.take(DIGEST_BYTES))
     (reason,) = r.unpack(_U8)

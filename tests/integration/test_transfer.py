@@ -78,6 +78,25 @@ def test_a_file_arrives_verified_in_place_with_progress_and_a_handle_that_ends_d
         assert rows["in"]["state"] == "done" and rows["out"]["state"] == "done"
 
 
+@pytest.mark.parametrize(("setting", "tool"), [("sha256", hashlib.sha256), ("blake2b-256", None)])
+def test_the_digest_is_the_one_the_sender_names_and_the_tools_print(tmp_path, setting, tool):
+    a = make_node(tmp_path / "a", "a")
+    b = make_node(tmp_path / "b", "b", bootstrap=[a.acceptor_address], transfer_digest=setting)
+    assert b.transfer_digest.label == setting
+    inbox = Inbox()
+    a.on_transfer(inbox)
+    source = blob(tmp_path / "w.bin", 700_001)
+    data = source.read_bytes()
+    expected = tool(data).digest() if tool else hashlib.blake2b(data, digest_size=32).digest()
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        b.send_stream(a.node_id, iter([data[:300_000], data[300_000:]]), name="s.bin").wait(PATIENCE)
+        b.send_file(a.node_id, source).wait(PATIENCE)
+        for got in inbox.wait(2):
+            assert (got.algorithm, got.digest) == (setting, expected)
+            assert got.path.read_bytes() == data
+
+
 def test_a_stream_is_spooled_sent_and_its_spool_deleted(tmp_path):
     a, b = pair(tmp_path)
     inbox = Inbox()

@@ -9,14 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from villagemesh.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from villagemesh.protocols.strategies import transfer_messages
 from villagemesh.protocols.transfer import (
-    MAX_CHUNK_BYTES,
-    MIN_CHUNK_BYTES,
     Accept,
     Chunk,
     ChunkAck,
     ChunkVerdict,
     Complete,
+    DigestAlgorithm,
     Failed,
     FailReason,
     Limits,
@@ -33,26 +33,7 @@ from villagemesh.protocols.transfer import (
     whole_digest,
 )
 
-ids = st.binary(min_size=16, max_size=16)
-texts = st.text(max_size=40)
-digests = st.binary(min_size=32, max_size=32)
-messages = st.one_of(
-    st.builds(
-        Offer,
-        ids,
-        st.integers(0, 1 << 40),
-        st.integers(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES),
-        digests,
-        st.text(min_size=1, max_size=20),
-        texts,
-    ),
-    st.builds(Accept, ids, st.integers(0, 2**32 - 1)),
-    st.builds(ChunkAck, ids, st.integers(0, 2**32 - 1)),
-    st.builds(Refuse, ids, st.sampled_from(RefuseReason), texts),
-    st.builds(Failed, ids, st.sampled_from(FailReason), texts),
-    st.builds(Complete, ids, digests),
-    st.builds(Chunk.of, ids, st.integers(0, 2**32 - 1), st.binary(min_size=1, max_size=64)),
-)
+messages = transfer_messages()
 
 
 @given(messages)
@@ -80,6 +61,11 @@ def test_trailing_bytes_are_refused_except_in_a_chunk(message, extra):
 TID = bytes(16)
 
 
+def raw_offer(chunk_size, algorithm):
+    size = (10).to_bytes(8, "big") + chunk_size.to_bytes(4, "big")
+    return bytes([2, 1]) + TID + size + bytes([algorithm]) + bytes(32) + b"\x01A\x00\x00"
+
+
 def offer(size=1000, chunk=256, data=None, kind="MODEL"):
     digest = whole_digest()
     digest.update(data if data is not None else bytes(size))
@@ -89,12 +75,15 @@ def offer(size=1000, chunk=256, data=None, kind="MODEL"):
 @pytest.mark.parametrize(
     "raw",
     [
-        bytes([2, 1]) + TID,  # wrong version
-        bytes([1, 9]) + TID,  # unknown type
-        bytes([1, 3]) + TID + bytes([99, 0, 0]),  # unknown refuse reason
-        bytes([1, 1]) + TID + (10).to_bytes(8, "big") + (1).to_bytes(4, "big") + bytes(32) + b"\x01A\x00\x00",
-        bytes([1, 7]) + TID + bytes([1, 0, 2]) + b"\xff\xfe",  # detail not UTF-8
-        bytes([1, 6]) + TID + bytes(5),  # truncated digest
+        bytes([1, 4]) + TID + bytes(16) + b"data",  # version 1 (a BLAKE2b-128 per chunk)
+        bytes([3, 1]) + TID,  # an unknown version
+        bytes([2, 9]) + TID,  # unknown type
+        bytes([2, 3]) + TID + bytes([99, 0, 0]),  # unknown refuse reason
+        raw_offer(chunk_size=1, algorithm=1),  # a chunk size below the least
+        raw_offer(chunk_size=256, algorithm=7),  # an unknown digest algorithm
+        bytes([2, 7]) + TID + bytes([1, 0, 2]) + b"\xff\xfe",  # detail not UTF-8
+        bytes([2, 6]) + TID + bytes(5),  # truncated digest
+        bytes([2, 4]) + TID + bytes(7),  # a chunk without data
     ],
 )
 def test_malformed_messages_are_remote_protocol_errors(raw):
@@ -112,10 +101,14 @@ def test_malformed_messages_are_remote_protocol_errors(raw):
         lambda: Offer(TID, 1, 256, bytes(32), "", ""),
         lambda: Offer(TID, 1, 256, bytes(32), "K" * 300, ""),
         lambda: Offer(TID, 1, 256, bytes(32), "K", "n" * 2000),
+        lambda: Offer(TID, 1, 256, bytes(32), "K", "", 7),
+        lambda: Offer(TID, 1, 256, bytes(32), "K", "", "sha256"),
+        lambda: Offer(TID, 1, 256, bytes(32), "K", "", True),
         lambda: Accept(TID, -1),
         lambda: Accept(TID, True),
         lambda: Chunk(TID, 0, b"x", b"data"),
-        lambda: Chunk(TID, 0, bytes(16), b""),
+        lambda: Chunk(TID, 0, -1, b"data"),
+        lambda: Chunk(TID, 0, 0, b""),
         lambda: Complete(TID, b"x"),
         lambda: Failed(TID, FailReason.CANCELLED, 5),
         lambda: Limits(max_bytes=-1),
@@ -213,7 +206,7 @@ def test_the_receiver_writes_new_chunks_acks_commits_and_verifies():
     assert r.chunk(pieces[1]) is ChunkVerdict.WRITE
     assert r.committed([1]) == ChunkAck(TID, 0)  # out of order: the prefix waits
     assert r.chunk(pieces[1]) is ChunkVerdict.DUPLICATE
-    bad = Chunk(TID, 0, pieces[0].digest, bytes(256))
+    bad = Chunk(TID, 0, pieces[0].check, bytes(256))
     assert r.chunk(bad) is ChunkVerdict.CORRUPT
     assert r.chunk(pieces[0]) is ChunkVerdict.WRITE
     assert r.committed([0]) == ChunkAck(TID, 2)
@@ -268,3 +261,49 @@ def test_bad_chunks_and_other_terms_are_remote_protocol_errors():
     done.verified(done.offer.digest)
     with pytest.raises(RemoteProtocolError):
         done._step(Accept(TID, 0))  # not a message a receiver takes
+
+
+def test_the_offer_names_its_digest_algorithm_and_each_hashes_as_the_tools_do():
+    import hashlib
+
+    data = os.urandom(3000)
+    for algorithm, expected in (
+        (DigestAlgorithm.BLAKE2B_256, hashlib.blake2b(data, digest_size=32).digest()),
+        (DigestAlgorithm.SHA_256, hashlib.sha256(data).digest()),
+    ):
+        digest = whole_digest(algorithm)
+        digest.update(data)
+        assert digest.digest() == expected
+        assert DigestAlgorithm.of(algorithm.label) is algorithm
+        o = Offer(TID, 3000, 256, expected, "MODEL", "w.bin", algorithm)
+        assert decode(encode(o)).algorithm is algorithm
+    assert Offer(TID, 1, 256, bytes(32), "K", "", 2).algorithm is DigestAlgorithm.SHA_256
+    assert DigestAlgorithm.SHA_256.label == "sha256" and DigestAlgorithm.BLAKE2B_256.label == "blake2b-256"
+    with pytest.raises(LocalProtocolError, match="'md5'"):
+        DigestAlgorithm.of("md5")
+
+
+def test_an_offer_again_with_another_algorithm_is_other_terms():
+    o = offer(size=300, chunk=256)
+    r = Receiver(o)
+    other = Offer(o.transfer_id, o.size, o.chunk_size, o.digest, o.kind, o.name, DigestAlgorithm.SHA_256)
+    with pytest.raises(RemoteProtocolError, match="other terms"):
+        r.answer(other)
+
+
+@given(st.binary(min_size=1, max_size=512), st.integers(0, 511), st.integers(1, 255))
+def test_the_chunk_check_catches_any_changed_byte(data, at, flip):
+    chunk = Chunk.of(TID, 0, data)
+    torn = bytearray(data)
+    torn[at % len(data)] ^= flip
+    assert chunk.intact
+    assert not Chunk(TID, 0, chunk.check, bytes(torn)).intact
+
+
+def test_the_version_2_layout_byte_for_byte():
+    chunk = Chunk.of(TID, 5, b"abc")
+    assert chunk.check == 0x352441C2  # zlib's CRC-32 of b"abc"
+    assert encode(chunk) == bytes([2, 4]) + TID + bytes([0, 0, 0, 5, 0x35, 0x24, 0x41, 0xC2]) + b"abc"
+    o = Offer(TID, 10, 256, bytes(range(32)), "K", "n", DigestAlgorithm.SHA_256)
+    fields = (10).to_bytes(8, "big") + (256).to_bytes(4, "big") + b"\x02" + bytes(range(32))
+    assert encode(o) == bytes([2, 1]) + TID + fields + b"\x01K" + b"\x00\x01n"

@@ -120,3 +120,12 @@ def test_an_unreadable_manifest_is_a_storage_error_naming_it(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(StorageError, match="manifest"):
         Manifest.load(tmp_path)
+
+
+def test_an_older_version_the_store_migrates_is_not_foreign(tmp_path):
+    conn = store(tmp_path)  # version 1
+    newer = StoreSpec(SPEC.file, 2, SPEC.tables, SPEC.counts, migrates_from=(1,))
+    assert [f.problem for f in inspect(tmp_path, (newer,), Manifest("node"))] == []
+    strict = StoreSpec(SPEC.file, 2, SPEC.tables, SPEC.counts)
+    assert [f.problem for f in inspect(tmp_path, (strict,), Manifest("node"))] == ["foreign"]
+    conn.close()

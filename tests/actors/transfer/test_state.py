@@ -11,10 +11,11 @@ from villagemesh.actors.transfer.state import (
     Stall,
     WholeDigest,
     chunk_size_for,
+    digest_for_cpu,
     received_name,
 )
 from villagemesh.errors import LocalProtocolError
-from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, whole_digest
+from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, DigestAlgorithm, whole_digest
 
 TID = bytes(range(16))
 
@@ -77,3 +78,29 @@ def test_the_whole_digest_takes_chunks_only_in_order():
         whole.feed(1, b"x")
     whole.feed(0, b"x")
     assert list(whole.due(0)) == [] and list(whole.due(3)) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("machine", "cpuinfo", "expected"),
+    [
+        ("x86_64", "processor\t: 0\nflags\t\t: fpu sse2 avx2 sha_ni aes\n", DigestAlgorithm.SHA_256),
+        ("x86_64", "processor\t: 0\nflags\t\t: fpu sse2 avx2 aes\n", DigestAlgorithm.BLAKE2B_256),
+        ("aarch64", "processor\t: 0\nFeatures\t: fp asimd aes pmull sha1 sha2 crc32\n", DigestAlgorithm.SHA_256),
+        ("aarch64", "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n", DigestAlgorithm.BLAKE2B_256),  # Pi 4
+        ("armv7l", "Features\t: half thumb fastmult vfp edsp neon\n", DigestAlgorithm.BLAKE2B_256),
+        ("arm64", "", DigestAlgorithm.BLAKE2B_256),  # no /proc/cpuinfo
+        ("x86_64", "flags\t\t: sha2\n", DigestAlgorithm.BLAKE2B_256),  # an Arm name on x86 is not x86's flag
+    ],
+)
+def test_the_digest_a_cpu_hashes_fastest_is_chosen(machine, cpuinfo, expected):
+    assert digest_for_cpu(machine, cpuinfo) is expected
+
+
+def test_the_whole_digest_hashes_by_the_offers_algorithm():
+    for algorithm in DigestAlgorithm:
+        whole = WholeDigest(algorithm)
+        whole.feed(0, b"ab")
+        whole.feed(1, b"c")
+        reference = whole_digest(algorithm)
+        reference.update(b"abc")
+        assert whole.digest() == reference.digest()
