@@ -102,8 +102,6 @@ TRANSFER_TTL = 24 * 3600.0
 HASH_BYTES = 1024 * 1024
 """Bytes read at a time when hashing a whole file."""
 
-TRIM_EVERY_BYTES = 8 * 1024 * 1024
-"""Chunk bytes through the actor between two trims of the heap (:func:`_trim`)."""
 
 CHUNK_HANDOFF_S = 1.0
 """Seconds a chunk waits for room in the retrier's mailbox (the bus's default send timeout)."""
@@ -186,8 +184,6 @@ class TransferActor(Actor):
         self.outs: dict[bytes, _Out] = {}
         self.ins: dict[bytes, _In] = {}
         self.ended_out: dict[bytes, TransferRow] = {}
-        self.moved = 0
-        """Chunk bytes through this actor since the heap was last trimmed (:func:`_trim`)."""
         for row in self.store.outgoing():
             tid = row.offer.transfer_id
             if row.state in ("done", "refused", "failed"):
@@ -325,7 +321,6 @@ class TransferActor(Actor):
                     self._end_out(out)
                     break
                 self._send(out.peer_id, Chunk.of(tid, index, data))
-                self.moved += len(data)
             else:
                 updates.append((tid, sender.acked, sender.state.value, ""))
         self.store.set_outgoing(updates)
@@ -351,6 +346,7 @@ class TransferActor(Actor):
         self.outs.pop(tid, None)
         self.ended_out[tid] = self._row_out(sender.offer, out.peer_id, sender.acked, state, detail)
         _close(out)
+        self._release()
         if out.spooled:
             Path(out.path).unlink(missing_ok=True)
         if state == "done":
@@ -375,6 +371,15 @@ class TransferActor(Actor):
             direction="out",
         )
         self.table.end(tid, state, error_of(tid.hex(), out.peer_id, state, reason, detail))
+
+    def _release(self) -> None:
+        """A transfer ended: once no other is live, give the heap's free memory back (:func:`_trim`).
+        Not while transfers run: trimming every 8 MiB (as before) made every hop's next chunk buffer
+        fresh memory, and faulting it in cost ~0.4 CPU-s per side per 256 MiB (docs/benchmarks.md);
+        without, peak RSS growth moving 1 GiB is ~42 MiB a side, under the 64 MiB the issue allows."""
+        live = (ReceiverState.RECEIVING, ReceiverState.VERIFYING)
+        if not self.outs and not any(entry.receiver.state in live for entry in self.ins.values()):
+            _trim()
 
     def _chunks_lost(self) -> None:
         """The retrier restarted, losing the chunks it held: offer again each transfer mid-window (one
@@ -435,10 +440,6 @@ class TransferActor(Actor):
                 self._verify(entry, chunks)
             else:
                 self._hash_prefix(entry, chunks)
-        self.moved += sum(len(item.envelope) for item in batch)
-        if self.moved >= TRIM_EVERY_BYTES:
-            self.moved = 0
-            _trim()
 
     def _offered(self, peer: str, offer: Offer) -> None:
         entry = self.ins.get(offer.transfer_id)
@@ -546,6 +547,7 @@ class TransferActor(Actor):
             os.replace(entry.partial, entry.final)
         self.store.commit_chunks((), [(offer.transfer_id, "done", "")])
         self._send(entry.peer_id, answer)
+        self._release()
         self.ctx.log.emit(
             "transfer_completed",
             transfer_id=offer.transfer_id.hex(),
@@ -563,6 +565,7 @@ class TransferActor(Actor):
         Path(entry.partial).unlink(missing_ok=True)
         reason = failed.reason.name.lower()
         self.store.commit_chunks((), [(failed.transfer_id, "failed", f"{reason}: {failed.detail}")])
+        self._release()
         tid = failed.transfer_id.hex()
         self.ctx.log.emit(
             "transfer_failed",
@@ -684,9 +687,10 @@ _MALLOC_TRIM = _load_trim()
 
 
 def _trim() -> None:
-    """Give the heap's free memory back to the system. Each chunk is copied at every hop, by several
-    threads, so several malloc arenas each keep freed chunk-sized blocks (glibc raises its mmap and trim
-    thresholds after the first large frees): without this, peak RSS grew ~20 MiB more per side."""
+    """Give the heap's free memory back to the system (every thread's arena). Each chunk is copied at
+    every hop, by several threads, so several malloc arenas each keep freed chunk-sized blocks (glibc
+    raises its mmap and trim thresholds after the first large frees): they are reused while transfers
+    run, and handed back once none does."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 

@@ -97,6 +97,22 @@ def test_the_digest_is_the_one_the_sender_names_and_the_tools_print(tmp_path, se
             assert got.path.read_bytes() == data
 
 
+def test_the_heap_is_trimmed_when_the_last_transfer_ends_not_while_chunks_move(tmp_path, monkeypatch):
+    from villagemesh.actors.transfer import actor
+
+    trims: list[int] = []
+    monkeypatch.setattr(actor, "_trim", lambda: trims.append(1))
+    a, b = pair(tmp_path)
+    inbox = Inbox()
+    a.on_transfer(inbox)
+    source = blob(tmp_path / "w.bin", 20 * 1024 * 1024)  # trimming every 8 MiB made that 4 trims, 2 a side
+    with running([a, b]):
+        assert b.wait_for_peers(1, PATIENCE)
+        b.send_file(a.node_id, source).wait(PATIENCE)
+        inbox.wait(1)
+    assert len(trims) == 2  # once a side: the receiver as it verified, the sender at Complete
+
+
 def test_a_stream_is_spooled_sent_and_its_spool_deleted(tmp_path):
     a, b = pair(tmp_path)
     inbox = Inbox()
