@@ -35,7 +35,13 @@ def openssl_aead() -> BulkAeadFactory | None:
         found = importlib.util.find_spec("cryptography") is not None  # the top level: nothing is imported
     except ValueError:  # hidden (sys.modules["cryptography"] = None)
         found = False
-    return OpenSslAead if found and _has_into(importlib.metadata.version("cryptography")) else None
+    if not found:
+        return None
+    try:
+        version = importlib.metadata.version("cryptography")
+    except importlib.metadata.PackageNotFoundError:  # importable without its metadata (a checkout on sys.path)
+        return None  # its version is unknowable without importing it: libsodium serves (libp2p_listening says so)
+    return OpenSslAead if _has_into(version) else None
 
 
 OPENSSL_MIN_MAJOR = 47

@@ -42,6 +42,18 @@ def test_without_cryptography_libsodium_serves_alone(monkeypatch: pytest.MonkeyP
     assert openssl_aead() is None
 
 
+def test_a_cryptography_without_its_metadata_is_passed_over_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importable but with no distribution metadata (a source checkout on PYTHONPATH): libsodium serves."""
+    import importlib.metadata
+
+    def absent(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.delitem(sys.modules, "cryptography.hazmat.primitives.ciphers.aead", raising=False)
+    monkeypatch.setattr(importlib.metadata, "version", absent)
+    assert openssl_aead() is None
+
+
 def test_openssl_is_loaded_by_the_first_bulk_frame_not_by_the_import() -> None:
     """A node that never carries a bulk frame never loads OpenSSL's bindings (5.5 MiB a process)."""
     import subprocess
