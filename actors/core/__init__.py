@@ -12,6 +12,7 @@ modules, never another actor's private modules (``tests/test_layout.py`` checks 
     loopthread  an asyncio loop in a supervised thread
     loopactor   the shell of every I/O actor: an actor that owns a loop thread
     logbudget   the first few repetitive warnings per key and window logged, the rest counted
+    threadnames OS names for the kit's threads (what top -H, perf and py-spy show)
     storage     opening SQLite files the one right way, and translating their errors
     integrity   each store checked on open, the data dir's manifest, checkpoints that bound a lost log
     ledger      the messages file: outbox and inbox tables, and the Inbox two actors share

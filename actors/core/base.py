@@ -64,6 +64,7 @@ import zmq
 
 from villagemesh.actors.core import bus as busmod
 from villagemesh.actors.core import codec
+from villagemesh.actors.core.threadnames import name_this_thread
 from villagemesh.errors import BusError, CodecError, VillageMeshError
 
 __all__ = [
@@ -224,6 +225,7 @@ class Supervised(pykka.ThreadingActor):
             self.on_start()
             self._started = True
             self._after_start()
+            name_this_thread()  # after on_start: a supervisor's children are made first, as before
         except BaseException:  # noqa: BLE001 - an on_start crash is reported, unlike plain pykka
             self._record_crash(*sys.exc_info())
             self._handle_failure(*sys.exc_info())
@@ -332,6 +334,7 @@ class Supervised(pykka.ThreadingActor):
         """
 
         def run() -> None:
+            name_this_thread()
             try:
                 target()
             except BaseException as exc:  # noqa: BLE001 - turned into a crash of the owning actor
@@ -939,6 +942,7 @@ class Scheduler:
         return handle
 
     def _run(self) -> None:
+        name_this_thread()
         while True:
             with self._cond:
                 while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
