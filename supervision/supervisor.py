@@ -88,6 +88,11 @@ class _Child:
     actor: Supervised | None = None
 
 
+LAUNCH_TIMEOUT_S = 30.0
+"""How long :meth:`Supervisor.launch` waits for the supervisor's ``on_start`` (which opens mailboxes and
+launches children without waiting for theirs: it takes milliseconds)."""
+
+
 class Supervisor(Supervised):
     """Supervises the children of one :class:`SupervisorSpec`."""
 
@@ -105,6 +110,21 @@ class Supervisor(Supervised):
         self.parent = parent
         self._children: dict[str, _Child] = {c.id: _Child(c) for c in spec.children}
         self._history: tuple[float, ...] = ()
+
+    @classmethod
+    def launch(cls, *args: Any, **kwargs: Any) -> Any:
+        """Start a supervisor and return once its ``on_start`` has run, as OTP's ``start_link`` returns
+        after ``init``: every child's mailbox is open (a tell to any of them is queued, never
+        ``NoSuchActor``) and every child is launched, each nested supervisor likewise (a worker's own
+        ``on_start`` may still be running).
+
+        Raises:
+            SupervisionError: ``on_start`` did not return within :data:`LAUNCH_TIMEOUT_S`.
+        """
+        supervisor = super().launch(*args, **kwargs)
+        if not supervisor.set_up.wait(LAUNCH_TIMEOUT_S):
+            raise SupervisionError(f"supervisor {supervisor.spec.id!r} did not start within {LAUNCH_TIMEOUT_S} s")
+        return supervisor
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -193,6 +193,8 @@ class Supervised(pykka.ThreadingActor):
         """Set when the instance is ending: owned threads watch it to finish."""
         self.finished = threading.Event()
         """Set last of all, after the watcher has been told: the instance is gone."""
+        self.set_up = threading.Event()
+        """Set once ``on_start`` has returned or raised (the instance runs, or is crashing)."""
         self._owned: list[threading.Thread] = []
 
     @classmethod
@@ -225,10 +227,12 @@ class Supervised(pykka.ThreadingActor):
             self.on_start()
             self._started = True
             self._after_start()
-            name_this_thread()  # after on_start: a supervisor's children are made first, as before
+            name_this_thread()
         except BaseException:  # noqa: BLE001 - an on_start crash is reported, unlike plain pykka
             self._record_crash(*sys.exc_info())
             self._handle_failure(*sys.exc_info())
+        finally:
+            self.set_up.set()
 
     def _handle_receive(self, message: Any) -> Any:
         if type(message) is _ThreadDeath:

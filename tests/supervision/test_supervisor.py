@@ -280,3 +280,26 @@ def test_which_children_reports_each_child(runtime, recorder):
     assert [(r["id"], r["kind"], r["alive"]) for r in rows] == [("a", "worker", True), ("s", "supervisor", True)]
     assert sup.child_ref("nope") is None
     assert sup.child_ref("a") is not None
+
+
+def test_launch_returns_once_every_childs_mailbox_is_open_as_start_link_does(runtime, monkeypatch):
+    """A tell right after launch is queued for the child, even when the supervisor's thread is slow to
+    run its on_start (before, launch returned at once and such a tell could raise NoSuchActor)."""
+    import time
+
+    slow = threading.Event()
+    on_start = Supervisor.on_start
+
+    def late(self):
+        slow.set()
+        time.sleep(0.2)  # the supervisor's thread loses the race to the launching thread
+        on_start(self)
+
+    monkeypatch.setattr(Supervisor, "on_start", late)
+    nested = SupervisorSpec("inner", [ChildSpec("q", Probe)], intensity=10)
+    start(runtime, ChildSpec("p", Probe), nested)
+    assert slow.is_set()
+    client = runtime.bus.client()
+    client.tell("p", Seq(1))
+    client.tell("q", Seq(1))  # a nested supervisor's child too
+    assert instance_of(runtime, "p") and instance_of(runtime, "q")
