@@ -58,8 +58,8 @@ from .sniff import HTTP_METHODS, MULTISTREAM_HEADER, Sniffed
 from .sphinx.crypto import x25519_base
 from .sphinx.packet import MAX_HOPS, MAX_MESSAGE, Hop
 from .transfer import (
+    DIGEST_BYTES,
     MAX_CHUNK_BYTES,
-    MAX_TEXT_BYTES,
     MAX_TRANSFER_BYTES,
     MIN_CHUNK_BYTES,
     TRANSFER_ID_BYTES,
@@ -416,8 +416,8 @@ def bitchat_fragments() -> st.SearchStrategy[Fragment]:
 def transfer_messages(*, max_chunk: int = 64) -> st.SearchStrategy[WireMessage]:
     """Valid transfer wire messages of every type (chunks of up to ``max_chunk`` bytes, their check right)."""
     ids = st.binary(min_size=TRANSFER_ID_BYTES, max_size=TRANSFER_ID_BYTES)
-    digests = st.binary(min_size=32, max_size=32)
-    texts = st.text(max_size=40).filter(lambda t: len(t.encode("utf-8", "surrogatepass")) <= MAX_TEXT_BYTES)
+    digests = st.binary(min_size=DIGEST_BYTES, max_size=DIGEST_BYTES)
+    texts = st.text(max_size=40)  # at most 160 UTF-8 bytes: within the 1,024 a text may have
     counts = st.integers(0, 2**32 - 1)
     return st.one_of(
         st.builds(

@@ -89,7 +89,14 @@ from villagemesh.actors.core.bus import Bus
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
 from villagemesh.actors.retrier.state import DEFAULT_ROUTE_TIMEOUT
-from villagemesh.actors.transfer.handles import Progress, ReceivedFile, Receivers, TransferHandle, TransferTable
+from villagemesh.actors.transfer.handles import (
+    Progress,
+    ReceivedFile,
+    Receivers,
+    TransferHandle,
+    TransferTable,
+    hash_file,
+)
 from villagemesh.actors.transfer.state import DEFAULT_WINDOW, digest_for_cpu
 from villagemesh.datadir import MESSAGES_FILE, diagnose
 from villagemesh.errors import (
@@ -175,9 +182,6 @@ TransferLimits = Limits
 
 FILE_KIND = "file"
 """The kind ``send_file`` and ``send_stream`` offer unless told otherwise."""
-
-HASH_BYTES = 1024 * 1024
-"""Bytes read (or spooled) at a time when hashing a file to send."""
 
 REQUEST_KIND = "REQUEST"
 """The kind ``request`` sends unless told otherwise."""
@@ -1514,7 +1518,7 @@ class Node:
         check_peer_id(peer_id, self.node_id)
         source = Path(os.fspath(path))
         try:
-            size, digest = _hash_file(source, self.transfer_digest)
+            size, digest = hash_file(source, self.transfer_digest)
         except OSError as exc:
             raise ConfigError(f"cannot send {str(source)!r}: {exc.strerror or exc}") from exc
         return self._offer(peer_id, str(source.resolve()), size, digest, kind, source.name if name is None else name)
@@ -1643,19 +1647,6 @@ def _cpu_digest() -> DigestAlgorithm:
     except FileNotFoundError:
         cpuinfo = ""
     return digest_for_cpu(platform.machine(), cpuinfo)
-
-
-def _hash_file(path: Path, algorithm: DigestAlgorithm) -> tuple[int, bytes]:
-    """``(size, digest by algorithm)`` of the file at ``path``, read a block at a time into one buffer."""
-    digest = whole_digest(algorithm)
-    size = 0
-    buffer = bytearray(HASH_BYTES)
-    view = memoryview(buffer)
-    with path.open("rb", buffering=0) as handle:
-        while n := handle.readinto(buffer):
-            digest.update(view[:n])
-            size += n
-    return size, digest.digest()
 
 
 class _Spool:

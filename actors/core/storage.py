@@ -129,14 +129,15 @@ def open_database(
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={int(version)}")
             elif found != version:
+                scripts = migrations or {}
                 steps = range(found, version) if 0 < found < version else range(0)
-                if not steps or any(step not in (migrations or {}) for step in steps):
+                if not steps or any(step not in scripts for step in steps):
                     raise StorageError(
                         f"{path}: schema version {found} is not the {version} this villagemesh reads"
                         " (written by another version?)"
                     )
                 for step in steps:
-                    for statement in _statements((migrations or {})[step]):
+                    for statement in _statements(scripts[step]):
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={int(version)}")
     except BaseException:

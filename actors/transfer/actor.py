@@ -84,12 +84,11 @@ from villagemesh.protocols.transfer import (
     SenderState,
     WireMessage,
     judge,
-    whole_digest,
 )
 from villagemesh.protocols.transfer import decode as decode_wire
 from villagemesh.protocols.transfer import encode as encode_wire
 
-from .handles import ReceivedFile, Receivers, TransferTable, error_of
+from .handles import ReceivedFile, Receivers, TransferTable, error_of, hash_file
 from .messages import CancelTransfer, GetTransfers, SendFile, SendReply, TransferRow, Transfers
 from .state import DEFAULT_CHUNK_BYTES, DEFAULT_STALL_S, DEFAULT_WINDOW, Stall, WholeDigest, received_name
 from .store import TransferStore
@@ -98,10 +97,6 @@ __all__ = ["TransferActor", "transfers"]
 
 TRANSFER_TTL = 24 * 3600.0
 """Seconds a transfer message lives in the retrier (a stalled one is offered again long before)."""
-
-HASH_BYTES = 1024 * 1024
-"""Bytes read at a time when hashing a whole file."""
-
 
 CHUNK_HANDOFF_S = 1.0
 """Seconds a chunk waits for room in the retrier's mailbox (the bus's default send timeout)."""
@@ -527,11 +522,7 @@ class TransferActor(Actor):
                 os.fsync(entry.fd)
                 digest = entry.whole.digest()
             else:  # killed between the move and its commit: hash what was moved
-                whole = whole_digest(offer.algorithm)
-                with open(source, "rb") as handle:
-                    while block := handle.read(HASH_BYTES):
-                        whole.update(block)
-                digest = whole.digest()
+                _, digest = hash_file(source, offer.algorithm)
         except OSError as exc:
             failed = entry.receiver.fail(FailReason.STORAGE, f"reading {source}: {exc.strerror or exc}")
             self._drop_partial(entry, failed)

@@ -3,7 +3,8 @@
 :class:`TransferHandle` (progress: bytes done of total, rate; ``wait``; ``await``),
 :class:`TransferTable` (the handles by transfer id), :class:`ReceivedFile` (what a
 receiving handler gets: the verified file's path, or its bytes as an async
-stream) and :class:`Receivers` (the receiving handlers).
+stream) and :class:`Receivers` (the receiving handlers); :func:`hash_file`, the whole digest of
+a file on disk (the node's before it offers one, the actor's of a file it moved).
 """
 
 from __future__ import annotations
@@ -17,11 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from villagemesh.errors import ConfigError, DigestMismatch, TransferError, TransferRefused
+from villagemesh.protocols.transfer import DigestAlgorithm, whole_digest
 
-__all__ = ["Progress", "ReceivedFile", "Receivers", "TransferHandle", "TransferTable", "error_of"]
+__all__ = ["Progress", "ReceivedFile", "Receivers", "TransferHandle", "TransferTable", "error_of", "hash_file"]
 
 READ_BYTES = 1024 * 1024
-"""Bytes :meth:`ReceivedFile.stream` reads at a time."""
+"""Bytes :meth:`ReceivedFile.stream` and :func:`hash_file` read at a time."""
+
+
+def hash_file(path: str | Path, algorithm: DigestAlgorithm) -> tuple[int, bytes]:
+    """``(size, digest by algorithm)`` of the file at ``path``, read a block at a time into one buffer."""
+    digest = whole_digest(algorithm)
+    size = 0
+    buffer = bytearray(READ_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+            size += n
+    return size, digest.digest()
 
 
 @dataclass(frozen=True)

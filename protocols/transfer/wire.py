@@ -404,9 +404,7 @@ def _decode_body(kind: int, transfer_id: bytes, r: _Reader) -> WireMessage:
         raise RemoteProtocolError(f"unknown transfer message type {kind}")
     if cls is Offer:
         size, chunk_size, algorithm, digest = r.unpack(_OFFER)
-        if algorithm not in _LABELS:
-            raise RemoteProtocolError(f"unknown digest algorithm {algorithm} in a transfer offer")
-        return Offer(transfer_id, size, chunk_size, digest, r.text(_U8), r.text(_U16), DigestAlgorithm(algorithm))
+        return Offer(transfer_id, size, chunk_size, digest, r.text(_U8), r.text(_U16), algorithm)
     if cls is Accept or cls is ChunkAck:
         (number,) = r.unpack(_U32)
         return cls(transfer_id, number)
