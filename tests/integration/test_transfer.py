@@ -342,3 +342,29 @@ def test_the_progress_bar_draws_share_bytes_and_rate():
         "w.bin [#######.......................]  25.0 %  1.0/4.0 MiB  2.0 MiB/s"
     )
     assert ProgressBar(io.StringIO(), "e", 0).line(0, 0.0).startswith("e [" + "#" * 30 + "] 100.0 %")
+
+
+def test_a_receiver_killed_between_the_move_and_its_commit_verifies_the_moved_file_at_start(tmp_path):
+    """The last chunk committed, the file moved into place, the node killed before it recorded the end:
+    at start it hashes the moved file (by the offer's algorithm) and hands it to the handlers."""
+    from villagemesh.actors.transfer.store import TransferStore
+    from villagemesh.protocols.transfer import DigestAlgorithm, Offer
+
+    data = os.urandom(600_000)
+    final = tmp_path / "a" / "received" / "w.bin"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(data)
+    offer = Offer(
+        os.urandom(16), len(data), 256 * 1024, hashlib.sha256(data).digest(), "file", "w.bin", DigestAlgorithm.SHA_256
+    )
+    store = TransferStore(tmp_path / "a" / "transfers.sqlite3")
+    store.add_incoming(offer, "b" * 32, str(tmp_path / "a" / "transfers" / "x.part"), str(final))
+    store.commit_chunks([(offer.transfer_id, i) for i in range(offer.chunks)])
+    store.close()
+    a = make_node(tmp_path / "a", "a")
+    inbox = Inbox()
+    a.on_transfer(inbox)
+    with running([a]):
+        (got,) = inbox.wait(1)
+    assert (got.path, got.algorithm, got.digest) == (final, "sha256", offer.digest)
+    assert final.read_bytes() == data
