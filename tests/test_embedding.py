@@ -15,7 +15,9 @@ import pytest
 
 from tests.conftest import WAIT
 from villagemesh import AsyncNode, DeliveryState, NodeEvent, OutboxLimits, create_network
-from villagemesh.aio import ended
+from villagemesh.actors.retrier.actor import RetrierActor
+from villagemesh.actors.retrier.messages import DeliverMany
+from villagemesh.aio import SENDS_PER_TURN, ended
 from villagemesh.errors import (
     ConfigError,
     DeliveryFailed,
@@ -24,7 +26,7 @@ from villagemesh.errors import (
     RequestTimeout,
     Unhandled,
 )
-from villagemesh.node import Node
+from villagemesh.node import ASK_TIMEOUT, Node
 
 pytestmark = pytest.mark.slow
 
@@ -501,6 +503,64 @@ def test_async_sends_racing_a_retrier_crash_are_each_delivered_once(pair, crash_
     ends = asyncio.run(main())
     assert [e.state for e in ends] == [DeliveryState.DELIVERED] * 600
     assert sorted(got) == sorted(b"%d" % i for i in range(600))
+    assert [e["child_id"] for e in events_of(b, "child_restarted")] == ["retrier"]
+
+
+def test_the_async_sends_of_one_loop_turn_are_stored_by_one_hand_over(pair, monkeypatch) -> None:
+    """The group commit of the asyncio face: each loop turn's sends (SENDS_PER_TURN of them) reach
+    the retrier as one DeliverMany (one push, one commit), and each send returns once it is stored."""
+    a, b = pair
+    a.subscribe("DATA", lambda m: None)
+    client = b._client()
+    told: list[int] = []
+
+    class Recording:
+        def tell(self, to: str, msg: Any, **kw: Any) -> None:
+            if isinstance(msg, DeliverMany):
+                told.append(len(msg.envelopes))
+            client.tell(to, msg, **kw)
+
+    monkeypatch.setattr(b, "_client", lambda: Recording())
+
+    async def main() -> list[Any]:
+        handles = await asyncio.gather(*(b.aio.send(a.node_id, b"%d" % i) for i in range(5 * SENDS_PER_TURN)))
+        return list(await asyncio.wait_for(ended(handles), WAIT))
+
+    ends = asyncio.run(main())
+    assert [e.state for e in ends] == [DeliveryState.DELIVERED] * (5 * SENDS_PER_TURN)
+    assert told == [SENDS_PER_TURN] * 5, told
+
+
+def test_async_sends_the_retrier_took_and_lost_in_a_crash_are_handed_over_again_at_its_restart(
+    pair, monkeypatch
+) -> None:
+    """A retrier that crashes while storing a batch of asyncio sends (taken from its mailbox, not
+    stored) never answers it; its restart hands the same envelopes over again: every send returns,
+    each payload is handled once."""
+    a, b = pair
+    got: list[bytes] = []
+    a.subscribe("DATA", lambda m: got.append(m.payload))
+    real = RetrierActor._deliver_many
+    crashes: list[int] = []
+
+    def crashing(self: RetrierActor, requests: list[Any]) -> Any:
+        batches = [r for r in requests if isinstance(r, DeliverMany) and r.answer_token]
+        if batches and not crashes:
+            crashes.append(len(batches[0].envelopes))
+            raise RuntimeError("the retrier fell over while storing")
+        return real(self, requests)
+
+    monkeypatch.setattr(RetrierActor, "_deliver_many", crashing)
+
+    async def main() -> list[Any]:
+        handles = await asyncio.gather(*(b.aio.send(a.node_id, b"%d" % i) for i in range(40)))
+        return list(await asyncio.wait_for(ended(handles), WAIT))
+
+    started = time.monotonic()
+    ends = asyncio.run(main())
+    assert crashes and [e.state for e in ends] == [DeliveryState.DELIVERED] * 40
+    assert sorted(got) == sorted(b"%d" % i for i in range(40))
+    assert time.monotonic() - started < ASK_TIMEOUT, "handed over again at the restart, not after the ask timeout"
     assert [e["child_id"] for e in events_of(b, "child_restarted")] == ["retrier"]
 
 

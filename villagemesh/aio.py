@@ -40,18 +40,28 @@ import functools
 import os
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from villagemesh.actors.app.messages import BridgeQuery
 from villagemesh.actors.app.state import DeliveryHandle, DeliveryStatus, InboundMessage, MessageId, call_on_loop
 from villagemesh.actors.core.envelopes import remember
-from villagemesh.actors.retrier.messages import Deliver
-from villagemesh.errors import MailboxFull, OutboxFull, RequestTimeout
+from villagemesh.actors.retrier.messages import DeliverMany
+from villagemesh.errors import (
+    ActorCrashed,
+    AskTimeout,
+    BusError,
+    MailboxFull,
+    NoSuchActor,
+    OutboxFull,
+    RequestTimeout,
+    VillageMeshError,
+)
 from villagemesh.node import (
     ASK_TIMEOUT,
     DEFAULT_TTL,
     FILE_KIND,
     REQUEST_KIND,
+    SEND_MANY_CHUNK,
     Handler,
     Node,
     NodeEvent,
@@ -61,6 +71,7 @@ from villagemesh.node import (
     TransferHandle,
     _peer_info,
     _Spool,
+    _unknown_outcome,
     check_min_count,
     check_peer_id,
 )
@@ -138,16 +149,28 @@ class AsyncNode:
         timeout: float | None = None,
         message_id: MessageId | bytes | None = None,
     ) -> DeliveryHandle:
-        """Send ``payload`` reliably; returns the handle once the message is handed to the retrier.
+        """Send ``payload`` reliably; returns the handle once the message is stored durably.
 
         Awaits room in a full outbox (up to ``timeout`` seconds, None: as long as
-        it takes), then hands the message over without awaiting again. A refusal
-        by the retrier ends the handle FAILED; ``await handle`` gives the end.
-        ``message_id``: the idempotent resend of :meth:`Node.send <villagemesh.node.Node.send>`.
+        it takes), then the commit that stores it, as :meth:`Node.send
+        <villagemesh.node.Node.send>` does: a crash of the process after this
+        returns does not lose the message. The sends of one loop turn are handed
+        to the retrier together and stored in one commit (the group commit of
+        ``Node.send_many``). A refusal by the retrier ends the handle FAILED;
+        ``await handle`` gives the end. ``message_id``: the idempotent resend of
+        ``Node.send``. If the retrier crashes while storing, the same envelopes are
+        handed over again (at its restart) until ``NodeConfig.send_timeout``.
+
+        Cancelled before its turn's hand-off, nothing is sent (the message is
+        withdrawn); cancelled after it, while the commit is awaited, the message
+        goes on (it is stored, and its handle ends as any other's: the node's
+        events report it).
 
         Raises:
             ConfigError: at once, for a malformed id, this node's own id, or a bad value.
             OutboxFull: no room within ``timeout``.
+            BusError: the retrier did not answer within ``send_timeout`` (the outcome is
+                unknown: send again with the same ``message_id``).
         """
         node = self.node
         loop = asyncio.get_running_loop()
@@ -161,16 +184,21 @@ class AsyncNode:
             correlation_id=correlation_id,
             message_id=message_id,
         )
-        client = node._client()
         deadline = None if timeout is None else loop.time() + timeout
         handle = await _room(loop, node).admit(message.id, peer_id, len(message.payload), deadline, timeout)
         envelope = encode_message(message)
         remember(envelope, message)  # the retrier and the secure session read it back without decoding
+        batch, stored = _outlet(loop, node).put(envelope)
         try:
-            await _push(client, "retrier", Deliver(envelope, report_refusal=True))
-        except BaseException as exc:  # cancelled (or the bus refused) before the hand-off: withdrawn
-            node.handles.resolve(message.id, False, 0, f"withdrawn before the hand-off: {type(exc).__name__}")
-            raise
+            error = await stored
+        except BaseException as exc:
+            if not batch.pushed:  # cancelled (or the bus refused) before the hand-off: withdrawn
+                node.handles.resolve(message.id, False, 0, f"withdrawn before the hand-off: {type(exc).__name__}")
+            elif isinstance(exc, BusError):  # handed over, never answered: it may be stored
+                node.handles.resolve(message.id, False, 0, _unknown_outcome(message.id, exc))
+            raise  # (cancelled after the hand-off: the message goes on, its handle ends as usual)
+        if error is not None:
+            node.handles.resolve(message.id, False, 0, f"refused: {error}")
         return handle
 
     async def request(
@@ -550,12 +578,177 @@ _ROOMS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakKeyDict
 )
 
 
+_T = TypeVar("_T")
+
+
+def _of_node(
+    table: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Node, _T]],
+    loop: asyncio.AbstractEventLoop,
+    node: Node,
+    make: Callable[[asyncio.AbstractEventLoop, Node], _T],
+) -> _T:
+    """The ``make(loop, node)`` of ``table`` for this loop and node, made on first use."""
+    per_node = table.setdefault(loop, weakref.WeakKeyDictionary())
+    found = per_node.get(node)
+    if found is None:
+        found = per_node[node] = make(loop, node)
+    return found
+
+
 def _room(loop: asyncio.AbstractEventLoop, node: Node) -> _Room:
-    rooms = _ROOMS.setdefault(loop, weakref.WeakKeyDictionary())
-    room = rooms.get(node)
-    if room is None:
-        room = rooms[node] = _Room(loop, node)
-    return room
+    return _of_node(_ROOMS, loop, node, _Room)
+
+
+class _Batch:
+    """Sends of one loop turn, handed to the retrier in one ``DeliverMany`` and stored in one commit."""
+
+    __slots__ = ("deadline", "pushed", "sends", "timer")
+
+    def __init__(self, deadline: float) -> None:
+        self.sends: list[tuple[asyncio.Future[str | None], bytes]] = []
+        """Each send's future (resolved with its refusal, None: stored) and envelope, in order."""
+        self.pushed = False
+        """In the retrier's mailbox: from then on the batch is stored, whether its senders wait or not."""
+        self.deadline = deadline
+        """Loop time after which an unanswered batch fails (its outcome unknown)."""
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Outlet:
+    """The asyncio sends of one loop to one node's retrier: the group commit of the asyncio face.
+
+    Every send of a loop turn joins one batch (up to :data:`~villagemesh.node.SEND_MANY_CHUNK`),
+    handed over at the turn's end as one ``DeliverMany`` told with a bridge token: one push,
+    one wake-up of the retrier, one commit. The retrier answers the token once the batch is
+    stored, and each send returns then. Batches are handed over in order. One whose answer
+    does not come (the retrier crashed with it: a restart event says so, or
+    :data:`~villagemesh.node.ASK_TIMEOUT` passed) is handed over again with the same
+    envelopes, which stores nothing twice, until its deadline (``NodeConfig.send_timeout``).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, node: Node) -> None:
+        self.loop = loop
+        self.node = node
+        self.waiting: collections.deque[_Batch] = collections.deque()
+        """Batches not yet in the mailbox, in order; the last one takes this turn's sends."""
+        self.out: dict[int, _Batch] = {}
+        """Batches in the mailbox by their bridge token, their commit awaited."""
+        self.scheduled = False
+        self.delay = PUSH_RETRY
+        node._outlets.add(self)
+
+    def put(self, envelope: bytes) -> tuple[_Batch, asyncio.Future[str | None]]:
+        """Add a send to this turn's batch: the future its refusal (None: stored) resolves."""
+        future: asyncio.Future[str | None] = self.loop.create_future()
+        batch = self.waiting[-1] if self.waiting else None
+        if batch is None or batch.pushed or len(batch.sends) >= SEND_MANY_CHUNK:
+            batch = _Batch(self.loop.time() + self.node.config.send_timeout)
+            self.waiting.append(batch)
+        batch.sends.append((future, envelope))
+        self._schedule(0.0)
+        return batch, future
+
+    def _schedule(self, delay: float) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            if delay:
+                self.loop.call_later(delay, self._push)
+            else:
+                self.loop.call_soon(self._push)  # after this turn's other sends
+
+    def _push(self) -> None:
+        """Hand the waiting batches over, in order, until the mailbox is full (then later)."""
+        self.scheduled = False
+        while self.waiting:
+            batch = self.waiting[0]
+            if not batch.pushed:
+                batch.sends = [(f, e) for f, e in batch.sends if not f.done()]  # cancelled: withdrawn
+                if not batch.sends:
+                    self.waiting.popleft()
+                    continue
+            token, answered = self.node.bridge.register()
+            request = DeliverMany(tuple(e for _, e in batch.sends), answer_token=token)
+            try:
+                self.node._client().tell("retrier", request, timeout=0)
+            except (MailboxFull, NoSuchActor) as exc:  # full, or restarting: again shortly
+                self.node.bridge.forget(token)
+                if self.loop.time() >= batch.deadline:
+                    self.waiting.popleft()
+                    self._fail(batch, exc)
+                    continue
+                self._schedule(self.delay)
+                self.delay = min(self.delay * 2, 0.05)
+                return
+            except VillageMeshError as exc:  # the bus refused, or the node stopped or failed: these fail with it
+                self.node.bridge.forget(token)
+                self.waiting.popleft()
+                self._fail(batch, exc)
+                continue
+            self.delay = PUSH_RETRY
+            self.waiting.popleft()
+            batch.pushed = True
+            self.out[token] = batch
+            batch.timer = self.loop.call_later(ASK_TIMEOUT, self._unanswered, token)
+            answered.add_done_callback(functools.partial(self._answered, token))
+
+    def _answered(self, token: int, answered: asyncio.Future[Any]) -> None:
+        batch = self.out.pop(token, None)
+        if batch is None:
+            return  # handed over again meanwhile: the newer token answers
+        if batch.timer is not None:
+            batch.timer.cancel()
+        error = answered.exception()
+        if error is not None:
+            self._fail(batch, error)
+            return
+        errors = answered.result().errors
+        for (future, _), refusal in zip(batch.sends, errors, strict=True):
+            if not future.done():
+                future.set_result(refusal)
+
+    def _unanswered(self, token: int) -> None:
+        batch = self.out.pop(token, None)
+        if batch is not None:
+            self.node.bridge.forget(token)
+            sends = len(batch.sends)
+            self._again(batch, AskTimeout(f"the retrier did not store {sends} send(s) within {ASK_TIMEOUT} s"))
+
+    def _again(self, batch: _Batch, why: BusError) -> None:
+        if self.loop.time() >= batch.deadline or self.node._failure is not None:
+            self._fail(batch, why)
+            return
+        self.waiting.appendleft(batch)
+        self._schedule(0.0)
+
+    def retrier_restarted(self) -> None:
+        """The retrier restarted (called in a supervisor's thread): the batches its old instance
+        had not answered are handed over again (the mailbox kept those it had not taken; the
+        others it may have stored: handing them over again stores nothing twice)."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self._restarted)
+
+    def _restarted(self) -> None:
+        for token in list(self.out):
+            batch = self.out.pop(token)
+            self.node.bridge.forget(token)
+            if batch.timer is not None:
+                batch.timer.cancel()
+            self._again(batch, ActorCrashed("retrier", "restart", "it restarted before storing these sends"))
+
+    @staticmethod
+    def _fail(batch: _Batch, error: BaseException) -> None:
+        for future, _ in batch.sends:
+            if not future.done():
+                future.set_exception(error)
+
+
+_OUTLETS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakKeyDictionary[Node, _Outlet]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _outlet(loop: asyncio.AbstractEventLoop, node: Node) -> _Outlet:
+    return _of_node(_OUTLETS, loop, node, _Outlet)
 
 
 def _pacer(loop: asyncio.AbstractEventLoop) -> _Pacer:

@@ -61,6 +61,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -543,6 +544,8 @@ class Node:
         self.hand_overs_retried = 0
         """Asks of the retrier made again because the first one's outcome was unknown (:meth:`send`)."""
         self.bridge = Bridge()
+        self._outlets: weakref.WeakSet[Any] = weakref.WeakSet()
+        """The asyncio faces' outlets (:class:`villagemesh.aio._Outlet`) handing sends to the retrier."""
         self.gateway_counters = GatewayCounters()
         self.transfer_table = TransferTable()
         self.transfer_receivers = Receivers()
@@ -887,6 +890,7 @@ class Node:
                     "transfer_to": "transfer",
                     "route_timeout": cfg.unknown_peer_timeout,
                     "synchronous": cfg.synchronous,
+                    "bridge": self.bridge,
                     **retry,
                 },
             ),
@@ -1466,6 +1470,9 @@ class Node:
         name = record["event"]
         if name == "child_crashed" and record.get("child_id") in _TRANSPORTS:
             self._transport_down(record["child_id"])
+        if name == "child_restarted" and record.get("child_id") == "retrier":
+            for outlet in list(self._outlets):  # asyncio sends the crashed instance took unstored: again
+                outlet.retrier_restarted()
         if name == "peer_discovered" and "peer_id" in record:
             with self._peers_changed:
                 self._peer_events += 1

@@ -46,7 +46,9 @@ told ``ListRoutes(reply_to=<retrier>)`` at start, default ``registry``; until
 its answer arrives, restored messages wait parked, spending no attempt), ``max_attempts``,
 ``backoff_base``, ``backoff_max``, ``jitter`` (see :class:`.policy.RetryPolicy`),
 ``ack_timeout``, ``max_in_flight``, ``route_timeout`` (see :class:`.state.RetrierState`),
-``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.core.storage`).
+``synchronous`` (NORMAL or FULL, see :mod:`villagemesh.actors.core.storage`), ``bridge`` (the node's
+:class:`~villagemesh.actors.app.state.Bridge`: a ``DeliverMany`` with an ``answer_token`` is answered
+through it once stored; without one such a message is a :class:`ConfigError`, nothing stored).
 
 Log events: ``messages_delivered`` (count, message_ids, attempts, transports: one event per
 round of decisions, its lists in the same order),
@@ -174,6 +176,7 @@ class RetrierActor(Actor):
         self.transfer_to: str | None = cfg.get("transfer_to") or None
         self.registry: str | None = cfg.get("registry", "registry") or None
         self.synchronous = str(cfg.get("synchronous", "NORMAL"))
+        self.bridge: Any = cfg.get("bridge")
         policy_keys = ("max_attempts", "backoff_base", "backoff_max", "jitter")
         self.policy = RetryPolicy(**{k: cfg[k] for k in policy_keys if k in cfg})
         state_keys = ("ack_timeout", "max_in_flight", "route_timeout")
@@ -355,6 +358,9 @@ class RetrierActor(Actor):
         store's argument) and the state's other decisions of the turn are one transaction,
         committed before any answer or any Transmit.
         """
+        tokens = [r.answer_token for r in requests if isinstance(r, DeliverMany) and r.answer_token]
+        if tokens and self.bridge is None:
+            raise ConfigError(f"DeliverMany answer_token {tokens[0]} but no config['bridge'] to answer it through")
         now = time.time()
         admitted: list[tuple[Message, bytes]] = []
         seen: set[bytes] = set()
@@ -396,6 +402,10 @@ class RetrierActor(Actor):
             if failure is not None:
                 queue.append(failure)
         self._step(list(queue))
+        if tokens:  # stored (committed above): the asyncio senders waiting for it return
+            for request, answer in zip(requests, answers, strict=True):
+                if isinstance(request, DeliverMany) and request.answer_token:
+                    self.bridge.answer(request.answer_token, answer)
         return answers
 
     def _admit(self, envelope: bytes, admitted: list[tuple[Message, bytes]], seen: set[bytes]) -> DeliverReply:

@@ -86,9 +86,16 @@ class Deliver:
 @codec.message("retrier.DeliverMany")
 @dataclass(frozen=True, slots=True)
 class DeliverMany:
-    """Ask: send every envelope of ``envelopes`` reliably; the reply comes once all are stored (one commit)."""
+    """Send every envelope of ``envelopes`` reliably, stored in one commit. As an ask, the reply
+    comes once all are stored.
+
+    ``answer_token`` (told, not asked: the node's asyncio face): once all are stored, the
+    :class:`DeliverManyReply` resolves that token of the retrier's ``bridge`` (a
+    :class:`~villagemesh.actors.app.state.Bridge`, in-process), so a loop awaits the commit
+    with no thread blocked on it."""
 
     envelopes: tuple[bytes, ...]
+    answer_token: int = 0
 
 
 @codec.message("retrier.DeliverManyReply")

@@ -3,7 +3,7 @@
 ::
 
     python tests/integration/node_runner.py --data-dir D --name N --port P
-        [--bootstrap host:port ...] [--send-to NODE_ID --count N --prefix TEXT]
+        [--bootstrap host:port ...] [--send-to NODE_ID --count N --prefix TEXT [--asend]]
         [--record FILE [--work SECONDS]]
         [--send-file PATH --send-to NODE_ID] [--transfers] [--stall SECONDS]
 
@@ -11,7 +11,8 @@ Prints, one line each, flushed:
 
 * ``LISTEN <node_id> <host:port>`` once the node is started;
 * ``SENT <n>`` after ``--count`` messages to ``--send-to`` were accepted by ``Node.send``
-  (stored durably in the outbox: a kill afterwards must not lose them);
+  (stored durably in the outbox: a kill afterwards must not lose them); with ``--asend``, by
+  ``asyncio.gather`` over as many ``AsyncNode.send`` (which return once stored too);
 * ``IDLE`` each time the retrier goes from busy to idle: nothing pending, nothing unhandled
   (so a restarted sender says when every restored message was acknowledged).
 
@@ -36,6 +37,7 @@ Runs until SIGTERM/SIGINT, then stops the node.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--send-to")
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--prefix", default="m")
+    parser.add_argument("--asend", action="store_true")
     parser.add_argument("--record", type=Path)
     parser.add_argument("--work", type=float, default=0.0)
     parser.add_argument("--mode", default="hybrid")
@@ -95,7 +98,15 @@ def main() -> None:
     node.start()
     print(f"LISTEN {node.node_id} {node.acceptor_address}", flush=True)
     try:
-        if args.send_to and args.count:
+        if args.send_to and args.count and args.asend:
+
+            async def send_all() -> None:
+                payloads = [f"{args.prefix}{i}".encode() for i in range(args.count)]
+                await asyncio.gather(*(node.aio.send(args.send_to, p) for p in payloads))
+
+            asyncio.run(send_all())
+            print(f"SENT {args.count}", flush=True)
+        elif args.send_to and args.count:
             for i in range(args.count):
                 node.send(args.send_to, f"{args.prefix}{i}".encode())
             print(f"SENT {args.count}", flush=True)

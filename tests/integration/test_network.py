@@ -23,6 +23,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -43,7 +44,9 @@ from tests.integration._nodes import (
     running,
     wait_until,
 )
+from villagemesh.datadir import MESSAGES_FILE
 from villagemesh.protocols.discovery import NEED_DATA
+from villagemesh.protocols.envelope import decode_message
 
 pytestmark = pytest.mark.slow
 
@@ -373,6 +376,23 @@ def test_kill_9_of_sender_with_messages_in_flight_delivers_each_of_1000_exactly_
         assert inbox.distinct() == {f"m{i}".encode() for i in range(1000)}
         assert inbox.duplicates() == {}
         assert set(inbox.senders.values()) == {sender_id}
+
+
+def test_kill_9_the_moment_1000_gathered_async_sends_returned_finds_every_one_stored(
+    tmp_path: Path, children: list[Child]
+) -> None:
+    """``AsyncNode.send`` returns once its message is committed (its loop turn's group commit), as
+    ``Node.send`` does: a SIGKILL as soon as the last of 1,000 gathered sends returned finds all
+    1,000 rows in the outbox. (They go to a peer nobody knows, so none can leave the outbox.)"""
+    data = tmp_path / "s"
+    args = ["--data-dir", str(data), "--name", "s", "--port", str(free_port())]
+    children.append(Child(*args, "--send-to", "e" * 32, "--count", "1000", "--asend"))
+    children[-1].wait_line("SENT 1000")
+    children[-1].kill()
+    with sqlite3.connect(data / MESSAGES_FILE) as db:
+        payloads = [bytes(row[0]) for row in db.execute("SELECT payload FROM outbox")]
+    assert len(payloads) == 1000
+    assert {decode_message(p).payload for p in payloads} == {f"m{i}".encode() for i in range(1000)}
 
 
 def test_kill_9_of_receiver_mid_stream_handles_each_of_1000_exactly_once_after_restart(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -14,13 +15,23 @@ import pykka
 import pytest
 
 from tests.conftest import WAIT, Recorder
+from villagemesh.actors.app.state import Bridge
 from villagemesh.actors.core.base import Actor, InjectedCrash, Scheduler
 from villagemesh.actors.core.bus import Bus, Sender
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.core.transport import Received, Transmit, TransmitResult
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope, send_envelopes
-from villagemesh.actors.retrier.messages import ACK_KIND, Handled, Incoming, MessageDelivered, MessageFailed, ack_ids
+from villagemesh.actors.retrier.messages import (
+    ACK_KIND,
+    DeliverMany,
+    DeliverManyReply,
+    Handled,
+    Incoming,
+    MessageDelivered,
+    MessageFailed,
+    ack_ids,
+)
 from villagemesh.actors.retrier.store import Outbox
 from villagemesh.errors import ActorCrashed, DeliveryFailed, LocalProtocolError
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
@@ -307,6 +318,35 @@ def test_many_envelopes_in_one_ask_are_stored_together_and_each_gets_its_answer(
     assert "not a valid envelope" in reply.errors[20] and "broadcast" in reply.errors[21]
     App.wait(lambda: len(delivered("A")) == 20 and sum(1 for node, _ in App.handled if node == "B") == 20)
     assert {mid: c for (node, mid), c in App.handled.items() if node == "B"} == dict.fromkeys(ids, 1)
+
+
+BRIDGE = Bridge()
+
+
+@pytest.mark.parametrize("nodes", [{"bridge": BRIDGE}], indirect=True)
+def test_a_told_deliver_many_with_an_answer_token_is_answered_through_the_bridge_once_stored(nodes):
+    """The asyncio face's hand-over: no asker, the reply resolves the bridge token's future on its loop."""
+    good = [envelope("A", "B", n) for n in range(5)]
+
+    async def main() -> Any:
+        token, answered = BRIDGE.register()
+        nodes["A"].bus.client().tell("retrier", DeliverMany((*good, b"\x01junk"), answer_token=token))
+        return await asyncio.wait_for(answered, WAIT)
+
+    reply = asyncio.run(main())
+    assert isinstance(reply, DeliverManyReply) and reply.errors[:5] == (None,) * 5
+    assert "not a valid envelope" in (reply.errors[5] or "")
+    App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 5)
+
+
+def test_an_answer_token_without_a_bridge_to_answer_through_is_a_config_error_storing_nothing(
+    nodes, recorder, tmp_path
+):
+    nodes["A"].bus.client().tell("retrier", DeliverMany((envelope("A", "B", 0),), answer_token=7))
+    [crash] = recorder.wait_for("child_crashed", child_id="retrier")
+    assert crash["exc_type"] == "ConfigError" and "answer_token 7" in crash["exc_message"]
+    with Outbox(str(tmp_path / "A.db")) as outbox:
+        assert outbox.pending() == []
 
 
 def test_one_ack_envelope_settles_every_message_it_lists(nodes):
