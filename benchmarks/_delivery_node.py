@@ -10,6 +10,8 @@ Prints ``READY <node_id>`` once started, then answers each command with one line
   loopback port (so the sender sees its handler run, for the one-at-a-time latency);
 * ``run <n> <size>``      → ``RAN <accepted s> <delivered s>``: ``n`` messages of ``size`` bytes to the
   peer, as ``asyncio.gather`` over ``Node.asend`` (one sending thread), until every handle is delivered;
+* ``run_many <n> <size>`` → the same, as one ``Node.send_many`` (it returns once all are stored), then
+  ``villagemesh.aio.ended`` over the handles (one future for all);
 * ``latency <n> <size> <udp port>`` → ``LAT <ms> ...``: ``n`` times: send one message, wait for its
   handle (the end-to-end ack) and for the receiver's echo (its handler ran);
 * ``stats``               → ``STATS <cpu s> <voluntary switches> <involuntary switches>`` of this process
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from villagemesh import create_network
+from villagemesh.aio import ended
 
 WAIT = 300.0
 
@@ -68,6 +71,17 @@ async def run(node: Any, peer: str, n: int, size: int) -> tuple[float, float]:
     handles = await asyncio.gather(*(node.asend(peer, i.to_bytes(8, "big") + body) for i in range(n)))
     accepted = time.perf_counter() - start
     for status in await asyncio.wait_for(asyncio.gather(*handles), WAIT):
+        if not status.delivered:
+            raise RuntimeError(f"message not delivered: {status}")
+    return accepted, time.perf_counter() - start
+
+
+async def run_many(node: Any, peer: str, n: int, size: int) -> tuple[float, float]:
+    body = b"x" * max(0, size - 8)
+    start = time.perf_counter()
+    handles = node.send_many([(peer, i.to_bytes(8, "big") + body) for i in range(n)])
+    accepted = time.perf_counter() - start
+    for status in await asyncio.wait_for(ended(handles), WAIT):
         if not status.delivered:
             raise RuntimeError(f"message not delivered: {status}")
     return accepted, time.perf_counter() - start
@@ -143,6 +157,9 @@ def main() -> None:
                 say("ECHOING")
             elif command == "run":
                 accepted, delivered = asyncio.run(run(node, peer, int(rest[0]), int(rest[1])))
+                say(f"RAN {accepted} {delivered}")
+            elif command == "run_many":
+                accepted, delivered = asyncio.run(run_many(node, peer, int(rest[0]), int(rest[1])))
                 say(f"RAN {accepted} {delivered}")
             elif command == "latency":
                 samples = latency(node, peer, int(rest[0]), int(rest[1]), int(rest[2]))

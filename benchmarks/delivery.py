@@ -8,7 +8,8 @@ villagemesh, three ways, each with two nodes on 127.0.0.1 that know each other:
 * **processes** (the real deployment): each node in its own process
   (``benchmarks/_delivery_node.py``). The sender's one thread awaits
   ``asyncio.gather`` over ``N`` ``Node.asend`` calls (those of one loop turn
-  reach the retrier together and share a commit), then every handle; the clock
+  reach the retrier together and share a commit; each returns once stored),
+  then ``asyncio.gather`` over every handle; the clock
   stops when every handle ended delivered (the recipient's outcome report came
   back) *and* the receiver's handler has seen all ``N``.
   So a message counts once it was stored in B's outbox, carried over the
@@ -16,6 +17,9 @@ villagemesh, three ways, each with two nodes on 127.0.0.1 that know each other:
   handler (its dispatch committed), and acknowledged back to B. Once with
   ``synchronous=NORMAL`` (the default: survives a killed process) and once with
   ``FULL`` (an fsync per commit: survives power loss).
+* **processes, send_many**: the same two processes, the ``N`` messages sent with one
+  ``Node.send_many`` (it returns once all are stored: one ask and one commit per 256),
+  their handles awaited with ``villagemesh.aio.ended`` (one future for all).
 * **one process**: both nodes in this process (one GIL for both), sent the same way.
 * **one at a time** (processes): send one message, wait until the receiver's
   handler ran (it echoes the message's tag over UDP) and its handle ended
@@ -44,7 +48,9 @@ Keys of the JSON line (per size): ``msgs_per_s_processes`` (and ``_full``),
 ``jetstream_msgs_per_s``, ``jetstream_ratio`` (processes / JetStream),
 ``latency_p50_ms``, ``latency_p99_ms``, ``cpu_us_per_msg`` (processes: both node
 processes' CPU time per message), ``ctx_switches_per_msg`` (voluntary context
-switches of both node processes per message); and, as before, ``msgs_per_s``
+switches of both node processes per message), the same three for ``send_many``
+(``msgs_per_s_processes_send_many``, ``cpu_us_per_msg_send_many``,
+``ctx_switches_per_msg_send_many``); and, as before, ``msgs_per_s``
 (one process), ``raw_tcp_msgs_per_s``, ``ratio`` (one process / raw TCP),
 ``send_calls_per_s`` (how fast the gathered ``asend`` calls all returned, i.e.
 were handed to the retrier, one process), ``cpu_us_per_msg_one_process`` and
@@ -209,12 +215,13 @@ class ProcessPair:
         self.a.command(f"wait_peer {self.b.node_id}", "PEER")
         self.run(100, 64)  # warm-up: connections open, code paths hot
 
-    def run(self, n: int, size: int) -> tuple[float, float, float]:
-        """(messages/s end to end, CPU µs per message, voluntary context switches per message), both processes."""
+    def run(self, n: int, size: int, way: str = "run") -> tuple[float, float, float]:
+        """(messages/s end to end, CPU µs per message, voluntary context switches per message), both processes;
+        ``way`` ``run`` (gathered ``asend``) or ``run_many`` (one ``send_many``)."""
         self.a.command(f"expect {n}", "EXPECTING")
         (cpu_a, sw_a), (cpu_b, sw_b) = self.a.stats(), self.b.stats()
         start = time.perf_counter()
-        self.b.command(f"run {n} {size}", "RAN")
+        self.b.command(f"{way} {n} {size}", "RAN")
         self.a.expect("GOT")
         elapsed = time.perf_counter() - start
         (cpu_a2, sw_a2), (cpu_b2, sw_b2) = self.a.stats(), self.b.stats()
@@ -412,6 +419,10 @@ def main() -> None:
                     record("processes", size, rate)
                     record("processes_cpu", size, cpu)
                     record("switches", size, switches)
+                    rate, cpu, switches = procs.run(n, size, "run_many")
+                    record("processes_many", size, rate)
+                    record("processes_many_cpu", size, cpu)
+                    record("switches_many", size, switches)
                     record("processes_full", size, full.run(n, size)[0])
                     rate, accepted, cpu = pair.run(n, size)
                     record("one", size, rate)
@@ -439,6 +450,7 @@ def main() -> None:
     print(
         f"{'payload':>8}  {'processes/s':>11}  {'FULL/s':>8}  {'one proc/s':>10}  {'JetStream/s':>11}  {'vs JS':>6}"
         f"  {'raw TCP/s':>9}  {'CPU µs':>7}  {'ctx sw':>6}  {'p50 ms':>6}  {'p99 ms':>6}"
+        f"  {'send_many/s':>11}  {'CPU µs':>7}  {'ctx sw':>6}"
     )
     for s in sizes:
         jet = js.get(s)
@@ -449,6 +461,8 @@ def main() -> None:
             f"  {jet_rate:>11}  {versus:>6}"
             f"  {med['raw'][s]:>9,.0f}  {med['processes_cpu'][s]:>7,.0f}  {med['switches'][s]:>6.2f}"
             f"  {med['p50'][s]:>6.2f}  {med['p99'][s]:>6.2f}"
+            f"  {med['processes_many'][s]:>11,.0f}  {med['processes_many_cpu'][s]:>7,.0f}"
+            f"  {med['switches_many'][s]:>6.2f}"
         )
     if jetstream_note:
         print(jetstream_note)
@@ -479,6 +493,9 @@ def main() -> None:
         latency_p50_ms=per_size("p50", 3),
         latency_p99_ms=per_size("p99", 3),
         ctx_switches_per_msg=per_size("switches", 3),
+        msgs_per_s_processes_send_many=per_size("processes_many"),
+        cpu_us_per_msg_send_many=per_size("processes_many_cpu"),
+        ctx_switches_per_msg_send_many=per_size("switches_many", 3),
         jetstream_note=jetstream_note,
     )
 
