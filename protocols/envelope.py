@@ -44,6 +44,7 @@ import enum
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from villagemesh.errors import LocalProtocolError, RemoteProtocolError
 
@@ -179,7 +180,15 @@ def _check_id(field: str, value: object) -> None:
         raise LocalProtocolError(f"{field} must be {ID_BYTES} bytes, got {value!r}")
 
 
+_GOOD_NAMES: set[str] = set()
+"""Names (kinds, node ids) already found valid: the same few recur in every message."""
+
+_GOOD_NAMES_MAX = 4096
+
+
 def _check_name(field: str, value: object) -> None:
+    if type(value) is str and value in _GOOD_NAMES:
+        return
     if not isinstance(value, str) or not value:
         raise LocalProtocolError(f"{field} must be a non-empty str, got {value!r}")
     try:
@@ -188,6 +197,9 @@ def _check_name(field: str, value: object) -> None:
         raise LocalProtocolError(f"{field} {value!r} is not encodable as UTF-8") from exc
     if size > MAX_NAME_BYTES:
         raise LocalProtocolError(f"{field} {value[:40]!r}... is {size} UTF-8 bytes; the limit is {MAX_NAME_BYTES}")
+    if len(_GOOD_NAMES) >= _GOOD_NAMES_MAX:
+        _GOOD_NAMES.clear()  # bounded: a flood of distinct names costs a re-check, not memory
+    _GOOD_NAMES.add(value)
 
 
 def encode_message(message: Message) -> bytes:
@@ -252,6 +264,52 @@ def decode_message(data: bytes) -> Message:
     if len(data) > MAX_MESSAGE_BYTES:
         raise RemoteProtocolError(f"envelope of {len(data)} bytes exceeds MAX_MESSAGE_BYTES ({MAX_MESSAGE_BYTES})")
     data = bytes(data)
+    fields = _fields(data)
+    try:
+        # Something off in the bytes: the careful reading names what.
+        return Message(*fields) if fields is not None else _decode_checked(data)
+    except LocalProtocolError as exc:  # well formed, but a field's value is not allowed
+        raise RemoteProtocolError(f"peer sent an invalid envelope: {exc}") from exc
+
+
+def _fields(data: bytes) -> tuple[Any, ...] | None:
+    """The fields of a well-formed encoding in Message's order, or None when anything is off
+    (short, trailing bytes, a bad flag, priority, version or UTF-8). The common case, read in
+    one pass with no checks on the way; the careful reading names what is wrong."""
+    fixed = _FIXED.size
+    if len(data) < fixed + 6 or data[0] != PROTOCOL_VERSION:
+        return None
+    version, id_, priority, flags, created_at, ttl = _FIXED.unpack_from(data)
+    if flags & ~(_FLAG_RECIPIENT | _FLAG_CORRELATION) or priority not in _PRIORITIES:
+        return None
+    try:
+        end = fixed + 1 + data[fixed]
+        kind = data[fixed + 1 : end].decode()
+        start = end + 1
+        end = start + data[end]
+        sender = data[start:end].decode()
+        recipient = None
+        if flags & _FLAG_RECIPIENT:
+            start = end + 1
+            end = start + data[end]
+            recipient = data[start:end].decode()
+        correlation_id = None
+        if flags & _FLAG_CORRELATION:
+            correlation_id = data[end : end + ID_BYTES]
+            end += ID_BYTES
+        (size,) = _LEN4.unpack_from(data, end)
+    except (IndexError, UnicodeDecodeError, struct.error):
+        return None
+    end += _LEN4.size
+    if end + size != len(data):  # (every slice above ended before ``end``: none was cut short)
+        return None
+    payload = data[end:]
+    return id_, kind, sender, recipient, _PRIORITIES[priority], created_at, ttl, correlation_id, payload, version
+
+
+def _decode_checked(data: bytes) -> Message:
+    """:func:`decode_message` field by field, each check naming what it found wrong (a field's value
+    that Message refuses raises its LocalProtocolError)."""
     if data and data[0] != PROTOCOL_VERSION:
         raise RemoteProtocolError(f"unsupported envelope version {data[0]} (only {PROTOCOL_VERSION})")
     cursor = _Cursor(data)
@@ -270,21 +328,21 @@ def decode_message(data: bytes) -> Message:
     payload = cursor.take(size, "payload")
     if cursor.pos != len(data):
         raise RemoteProtocolError(f"envelope has {len(data) - cursor.pos} trailing bytes")
-    try:
-        return Message(
-            id=id_,
-            kind=kind,
-            sender=sender,
-            recipient=recipient,
-            priority=prio,
-            created_at=created_at,
-            ttl=ttl,
-            correlation_id=correlation_id,
-            payload=payload,
-            version=version,
-        )
-    except LocalProtocolError as exc:
-        raise RemoteProtocolError(f"peer sent an invalid envelope: {exc}") from exc
+    return Message(
+        id=id_,
+        kind=kind,
+        sender=sender,
+        recipient=recipient,
+        priority=prio,
+        created_at=created_at,
+        ttl=ttl,
+        correlation_id=correlation_id,
+        payload=payload,
+        version=version,
+    )
+
+
+_PRIORITIES = {int(p): p for p in Priority}
 
 
 def frame_message(message: Message) -> bytes:

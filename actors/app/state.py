@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, NewType
 
 from villagemesh.errors import ConfigError, DeliveryFailed, OutboxFull, RemoteError, Unconfirmed, Unhandled
@@ -270,7 +270,10 @@ class DeliveryHandle:
     def _acked(self, attempts: int) -> None:
         with self._lock:
             if not self._ended:
-                self._status = replace(self._status, attempts=attempts, acked=True)
+                s = self._status  # (built directly: dataclasses.replace costs more than the rest of an ack)
+                self._status = DeliveryStatus(
+                    s.message_id, s.state, attempts, s.last_error, True, s.remote_type, s.reply, s.peer_id
+                )
 
     def _resolve(self, status: DeliveryStatus) -> None:
         with self._lock:

@@ -193,6 +193,17 @@ class MessagesFile:
 _ACCEPT = "INSERT OR IGNORE INTO inbox (message_id, expires_at, payload) VALUES (?, ?, ?)"
 _BEGIN = "UPDATE inbox SET dispatches = dispatches + 1 WHERE message_id = ? AND handled = 0 RETURNING dispatches"
 _HANDLED = "UPDATE inbox SET handled = 1, payload = NULL WHERE message_id = ? AND handled = 0"
+_BEGIN_IN = "UPDATE inbox SET dispatches = dispatches + 1 WHERE message_id IN"
+
+_IN_MAX = 256
+"""Ids one ``IN (...)`` statement names at most."""
+
+
+def _padded(ids: list[bytes]) -> list[bytes]:
+    """``ids`` repeated up to the next power of two (an id twice in ``IN`` is the same row once), so
+    a few statement texts serve every batch size and stay in the connection's statement cache."""
+    size = 1 << (len(ids) - 1).bit_length()
+    return ids + [ids[-1]] * (size - len(ids))
 
 
 class Inbox(MessagesFile):
@@ -243,10 +254,10 @@ class Inbox(MessagesFile):
             return {} if count is None else {message_ids[0]: count}
         counts: dict[bytes, int] = {}
         with translate(self.path, f"dispatching {len(message_ids)} message(s)"), transaction(self._db) as db:
-            for message_id in message_ids:
-                rows = db.execute(_BEGIN, (message_id,)).fetchall()
-                if rows:
-                    counts[message_id] = int(rows[0][0])
+            for start in range(0, len(message_ids), _IN_MAX):  # one statement per 256 (each row once)
+                ids = _padded(message_ids[start : start + _IN_MAX])
+                sql = f"{_BEGIN_IN} ({','.join('?' * len(ids))}) AND handled = 0 RETURNING message_id, dispatches"
+                counts.update((bytes(m), int(c)) for m, c in db.execute(sql, ids).fetchall())
         return counts
 
     def mark_handled_many(self, message_ids: list[bytes]) -> int:

@@ -20,6 +20,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
@@ -73,6 +74,13 @@ def transport_order(mode: NetworkMode, available: Iterable[str]) -> tuple[str, .
     Listed transports come in the mode's order; transports the mode does not
     list follow, sorted by name. Duplicates in ``available`` count once.
     """
+    if isinstance(available, tuple):
+        return _order(mode, available)  # a route's transports: the same few tuples, every message
+    return _order.__wrapped__(mode, tuple(available))
+
+
+@functools.lru_cache(maxsize=1024)
+def _order(mode: NetworkMode, available: tuple[str, ...]) -> tuple[str, ...]:
     have = set(available)
     listed = tuple(str(t) for t in TRANSPORT_ORDER[mode] if t in have)
     extra = tuple(sorted(have.difference(listed)))
@@ -90,6 +98,8 @@ def next_transport(mode: NetworkMode, available: Iterable[str], failed: Iterable
     order = transport_order(mode, available)
     if not order:
         return None
+    if not failed:
+        return order[0]
     done = set(failed)
     for transport in order:
         if transport not in done:

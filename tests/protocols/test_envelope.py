@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from villagemesh.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from villagemesh.protocols import envelope
 from villagemesh.protocols import strategies as vst
 from villagemesh.protocols.envelope import (
     MAX_MESSAGE_BYTES,
@@ -52,9 +53,10 @@ def drain(decoder: FrameDecoder) -> list[Message]:
 
 @given(vst.messages())
 def test_every_message_round_trips_through_the_codec(message: Message) -> None:
-    """decode(encode(m)) == m, and the encoding respects the hard size limit."""
+    """decode(encode(m)) == m, and the encoding respects the hard size limit. The careful reading
+    (which names what is wrong, for input the one-pass reading finds off) agrees on it too."""
     data = encode_message(message)
-    assert decode_message(data) == message
+    assert decode_message(data) == message == envelope._decode_checked(data)
     assert len(data) <= MAX_MESSAGE_BYTES
     assert data[0] == PROTOCOL_VERSION
 
@@ -166,6 +168,19 @@ def test_invalid_fields_raise_local_protocol_error_naming_the_field(changes: dic
     """Building a bad Message is our mistake, and the error says which field."""
     with pytest.raises(LocalProtocolError, match=named):
         make(**changes)
+
+
+def test_names_found_valid_are_remembered_within_a_bound_and_a_bad_one_never_is() -> None:
+    """The check of kinds and node ids is skipped for a name seen valid; the memory is bounded."""
+    envelope._GOOD_NAMES.clear()
+    for i in range(envelope._GOOD_NAMES_MAX + 10):
+        make(kind=f"K{i}")
+    assert 0 < len(envelope._GOOD_NAMES) <= envelope._GOOD_NAMES_MAX
+    with pytest.raises(LocalProtocolError, match="kind"):
+        make(kind=["DATA"])  # unhashable: still a LocalProtocolError, not a TypeError
+    with pytest.raises(LocalProtocolError, match="recipient"):
+        make(recipient="r" * 256)
+    assert "r" * 256 not in envelope._GOOD_NAMES
 
 
 def _encoded_with(**patch: int) -> bytearray:
