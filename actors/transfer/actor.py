@@ -530,6 +530,8 @@ class TransferActor(Actor):
             return
         answer = entry.receiver.verified(digest)
         if isinstance(answer, Failed):
+            if source == entry.final:  # the moved file is the unverified one: it goes too
+                Path(entry.final).unlink(missing_ok=True)
             self._drop_partial(entry, answer)
             self._send(entry.peer_id, answer)
             return

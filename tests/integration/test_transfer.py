@@ -368,3 +368,32 @@ def test_a_receiver_killed_between_the_move_and_its_commit_verifies_the_moved_fi
         (got,) = inbox.wait(1)
     assert (got.path, got.algorithm, got.digest) == (final, "sha256", offer.digest)
     assert final.read_bytes() == data
+
+
+def test_a_moved_file_whose_digest_does_not_match_at_start_is_deleted_and_reported(tmp_path):
+    """Killed between the move and its commit, with bytes on disk that are not the offer's: at start
+    the moved file fails its re-hash, is deleted (not left in received/) and a DigestMismatch is reported."""
+    from villagemesh.actors.transfer.store import TransferStore
+    from villagemesh.protocols.transfer import DigestAlgorithm, Offer
+
+    data = os.urandom(600_000)
+    final = tmp_path / "a" / "received" / "w.bin"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit off
+    offer = Offer(
+        os.urandom(16), len(data), 256 * 1024, hashlib.sha256(data).digest(), "file", "w.bin", DigestAlgorithm.SHA_256
+    )
+    store = TransferStore(tmp_path / "a" / "transfers.sqlite3")
+    store.add_incoming(offer, "b" * 32, str(tmp_path / "a" / "transfers" / "x.part"), str(final))
+    store.commit_chunks([(offer.transfer_id, i) for i in range(offer.chunks)])
+    store.close()
+    a = make_node(tmp_path / "a", "a")
+    received, failed = Inbox(), Inbox()
+    a.on_transfer(received)
+    a.on_transfer_failed(failed)
+    with running([a]):
+        (error,) = failed.wait(1)
+        assert isinstance(error, DigestMismatch), error
+        assert not final.exists(), "the unverified file was left in place"
+        assert [row["state"] for row in a.transfers()] == ["failed"]
+    assert received.files == []
