@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -11,7 +12,14 @@ from hypothesis import strategies as st
 
 from villagemesh.actors.app.messages import OUTCOMES_PER_REPORT, HandledBatch, Outcome, OutcomeStatus
 from villagemesh.actors.app.payload import BytesCodec, JsonCodec, MsgpackCodec, payload_codec
-from villagemesh.actors.app.state import Bridge, DeliveryState, HandleTable, OutboxLimits, Subscribers
+from villagemesh.actors.app.state import (
+    Bridge,
+    DeliveryState,
+    HandleTable,
+    InboundMessage,
+    OutboxLimits,
+    Subscribers,
+)
 from villagemesh.errors import (
     ConfigError,
     DeliveryFailed,
@@ -21,6 +29,8 @@ from villagemesh.errors import (
     Unconfirmed,
     Unhandled,
 )
+from villagemesh.protocols import strategies as vst
+from villagemesh.protocols.envelope import Message
 
 outcomes = st.builds(
     Outcome,
@@ -77,6 +87,17 @@ def test_a_batch_report_with_no_ids_too_many_or_ids_not_bytes_is_refused_naming_
         HandledBatch.decode(msgpack.packb({"h": [b"x" * 16, "text"]}))
     with pytest.raises(RemoteProtocolError, match="not a batch report"):
         HandledBatch.decode(msgpack.packb({"s": "handled"}))
+
+
+@given(vst.messages(), st.booleans(), st.integers())
+def test_an_inbound_message_is_its_envelope_with_the_flag_and_value(message: Message, redelivered: bool, value: int):
+    """InboundMessage.of copies the (already checked) fields: equal to building it field by field, frozen."""
+    got = InboundMessage.of(message, redelivered=redelivered, value=value)
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(Message)}
+    assert got == InboundMessage(**fields, redelivered=redelivered, value=value)
+    assert (got.redelivered, got.value, got.expires_at) == (redelivered, value, message.expires_at)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got.kind = "other"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
