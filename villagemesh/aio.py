@@ -184,6 +184,7 @@ class AsyncNode:
             correlation_id=correlation_id,
             message_id=message_id,
         )
+        node._client()  # raises at once for a node that is not running or has failed
         deadline = None if timeout is None else loop.time() + timeout
         handle = await _room(loop, node).admit(message.id, peer_id, len(message.payload), deadline, timeout)
         envelope = encode_message(message)
@@ -635,7 +636,8 @@ class _Outlet:
         """Batches in the mailbox by their bridge token, their commit awaited."""
         self.scheduled = False
         self.delay = PUSH_RETRY
-        node._outlets.add(self)
+        with node._outlets_lock:
+            node._outlets.add(self)
 
     def put(self, envelope: bytes) -> tuple[_Batch, asyncio.Future[str | None]]:
         """Add a send to this turn's batch: the future its refusal (None: stored) resolves."""

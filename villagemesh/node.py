@@ -545,7 +545,9 @@ class Node:
         """Asks of the retrier made again because the first one's outcome was unknown (:meth:`send`)."""
         self.bridge = Bridge()
         self._outlets: weakref.WeakSet[Any] = weakref.WeakSet()
-        """The asyncio faces' outlets (:class:`villagemesh.aio._Outlet`) handing sends to the retrier."""
+        """The asyncio faces' outlets (:class:`villagemesh.aio._Outlet`) handing sends to the retrier
+        (added from loops' threads, read from supervisors': under ``_outlets_lock``)."""
+        self._outlets_lock = threading.Lock()
         self.gateway_counters = GatewayCounters()
         self.transfer_table = TransferTable()
         self.transfer_receivers = Receivers()
@@ -1471,7 +1473,9 @@ class Node:
         if name == "child_crashed" and record.get("child_id") in _TRANSPORTS:
             self._transport_down(record["child_id"])
         if name == "child_restarted" and record.get("child_id") == "retrier":
-            for outlet in list(self._outlets):  # asyncio sends the crashed instance took unstored: again
+            with self._outlets_lock:
+                outlets = list(self._outlets)
+            for outlet in outlets:  # asyncio sends the crashed instance took unstored: again
                 outlet.retrier_restarted()
         if name == "peer_discovered" and "peer_id" in record:
             with self._peers_changed:
