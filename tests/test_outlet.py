@@ -58,6 +58,15 @@ async def sends(outlet: _Outlet, envelopes: list[bytes]) -> list[Any]:
     return await asyncio.gather(*(future for _, future in put), return_exceptions=True)
 
 
+async def handed_over(node: StandIn, envelopes: list[bytes]) -> tuple[_Outlet, asyncio.Future[list[Any]]]:
+    """An outlet, and its sends of ``envelopes`` awaited, once the stand-in's bus has taken them."""
+    outlet = _Outlet(asyncio.get_running_loop(), node)  # type: ignore[arg-type]
+    waiting = asyncio.ensure_future(sends(outlet, envelopes))
+    while not node.told:
+        await asyncio.sleep(0)
+    return outlet, waiting
+
+
 def test_a_loop_turns_sends_go_in_one_hand_over_and_each_returns_on_its_answer() -> None:
     node = StandIn()
 
@@ -120,10 +129,7 @@ def test_unanswered_batches_are_handed_over_again_with_the_same_envelopes_when_t
     node = StandIn(silent=True)
 
     async def main() -> list[Any]:
-        outlet = _Outlet(asyncio.get_running_loop(), node)  # type: ignore[arg-type]
-        waiting = asyncio.ensure_future(sends(outlet, [b"p", b"q"]))
-        while not node.told:
-            await asyncio.sleep(0)
+        outlet, waiting = await handed_over(node, [b"p", b"q"])
         node.silent = False
         outlet.retrier_restarted()  # (called from a supervisor's thread in a node)
         return await asyncio.wait_for(waiting, 5)
@@ -136,10 +142,7 @@ def test_a_failed_node_does_not_hand_over_again_and_the_sends_fail_as_crashed() 
     node = StandIn(silent=True)
 
     async def main() -> list[Any]:
-        outlet = _Outlet(asyncio.get_running_loop(), node)  # type: ignore[arg-type]
-        waiting = asyncio.ensure_future(sends(outlet, [b"p"]))
-        while not node.told:
-            await asyncio.sleep(0)
+        outlet, waiting = await handed_over(node, [b"p"])
         node._failure = RuntimeError("the node failed")
         outlet.retrier_restarted()
         return await asyncio.wait_for(waiting, 5)
@@ -152,10 +155,7 @@ def test_an_answer_that_is_an_error_fails_the_batch() -> None:
     node = StandIn(silent=True)
 
     async def main() -> list[Any]:
-        outlet = _Outlet(asyncio.get_running_loop(), node)  # type: ignore[arg-type]
-        waiting = asyncio.ensure_future(sends(outlet, [b"p"]))
-        while not node.told:
-            await asyncio.sleep(0)
+        outlet, waiting = await handed_over(node, [b"p"])
         (token,) = list(outlet.out)
         node.bridge.answer(token, error=BusError("the retrier refused the batch"))
         return await asyncio.wait_for(waiting, 5)
