@@ -15,12 +15,11 @@ and nothing else depends on the names.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import re
 import sys
 import threading
-from typing import Any
+
+from villagemesh.actors.core.libc import libc_function
 
 __all__ = ["OS_NAME_BYTES", "name_this_thread", "os_name"]
 
@@ -40,16 +39,7 @@ def os_name(name: str) -> str:
     return short.encode("utf-8")[:OS_NAME_BYTES].decode("utf-8", "ignore")
 
 
-def _load_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()
+_PRCTL = libc_function("prctl") if sys.platform.startswith("linux") else None
 
 
 def name_this_thread() -> None:

@@ -52,8 +52,6 @@ answered again), ``transfer_handler_failed``
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import os
 import shutil
 import time
@@ -62,6 +60,7 @@ from typing import Any
 
 from villagemesh.actors.core.base import Actor, ActorContext, Request
 from villagemesh.actors.core.envelopes import decode, remember
+from villagemesh.actors.core.libc import libc_function
 from villagemesh.actors.retrier.messages import Deliver, Handled, Incoming, RetrierStarted
 from villagemesh.errors import BusError, ConfigError, ProtocolError, RemoteProtocolError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
@@ -668,15 +667,8 @@ class TransferActor(Actor):
         )
 
 
-def _load_trim() -> Any:
-    """glibc's ``malloc_trim``, or None (another C library: nothing to trim)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_trim()
+_MALLOC_TRIM = libc_function("malloc_trim")
+"""glibc's ``malloc_trim``, or None (another C library: nothing to trim)."""
 
 
 def _trim() -> None:

@@ -39,3 +39,10 @@ def test_a_running_nodes_threads_carry_their_names(tmp_path):
         names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
     plain = {name.rstrip("0123456789") for name in names}  # pykka numbers actors process-wide
     assert {"Retrier-", "Supervisor-", "Registry-", "WebSocket:loop", "Acceptor:loop"} <= plain, sorted(names)
+
+
+def test_the_c_librarys_functions_are_found_once_and_a_missing_one_is_none() -> None:
+    from villagemesh.actors.core.libc import libc_function
+
+    assert libc_function("prctl") is not None and libc_function("malloc_trim") is not None  # glibc here
+    assert libc_function("no_such_function_in_any_libc") is None
