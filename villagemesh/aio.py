@@ -102,6 +102,8 @@ class AsyncNode:
         self.node = node
         self.dropped_events = 0
         """Events :meth:`events` dropped because its reader fell ``maxsize`` behind."""
+        self._sending: tuple[asyncio.AbstractEventLoop, _Pacer, _Room, _Outlet] | None = None
+        """The last loop that sent and its pacer, room and outlet (looked up once per loop, not per send)."""
 
     # -- identity and lifecycle ----------------------------------------------------------------
 
@@ -174,7 +176,11 @@ class AsyncNode:
         """
         node = self.node
         loop = asyncio.get_running_loop()
-        await _pacer(loop).turn()  # cancelled here: nothing was made or sent
+        sending = self._sending
+        if sending is None or sending[0] is not loop:
+            sending = self._sending = (loop, _pacer(loop), _room(loop, node), _outlet(loop, node))
+        _, pacer, room, outlet = sending
+        await pacer.turn()  # cancelled here: nothing was made or sent
         message = node.envelope(
             peer_id,
             payload,
@@ -186,10 +192,10 @@ class AsyncNode:
         )
         node._client()  # raises at once for a node that is not running or has failed
         deadline = None if timeout is None else loop.time() + timeout
-        handle = await _room(loop, node).admit(message.id, peer_id, len(message.payload), deadline, timeout)
+        handle = await room.admit(message.id, peer_id, len(message.payload), deadline, timeout)
         envelope = encode_message(message)
         remember(envelope, message)  # the retrier and the secure session read it back without decoding
-        batch, stored = _outlet(loop, node).put(envelope)
+        batch, stored = outlet.put(envelope)
         try:
             error = await stored
         except BaseException as exc:
