@@ -367,10 +367,7 @@ class RetrierActor(Actor):
         answers: list[DeliverReply | DeliverManyReply] = []
         for request in requests:
             if isinstance(request, Deliver):
-                reply = self._admit(request.envelope, admitted, seen)
-                if reply.error is not None and request.report_refusal and reply.message_id is not None:
-                    self._notify(MessageFailed(reply.message_id, 0, reply.error, "refused"))
-                answers.append(reply)
+                answers.append(self._admit(request.envelope, admitted, seen))
                 continue
             replies = [self._admit(envelope, admitted, seen) for envelope in request.envelopes]
             answers.append(DeliverManyReply(tuple(r.message_id for r in replies), tuple(r.error for r in replies)))

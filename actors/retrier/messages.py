@@ -73,13 +73,10 @@ class Deliver:
     """Send ``envelope`` (an encoded :class:`~villagemesh.protocols.envelope.Message` with a
     recipient) reliably. As an ask, the reply comes once it is stored (durable).
 
-    ``report_refusal``: a refused envelope is also reported to ``report_to`` as a
-    ``MessageFailed`` (reason ``refused``): how a sender that told it learns of it.
     ``stored``: the envelope's outbox row is already committed (the app gateway stores an
     outcome report with its inbox mark): the retrier only takes it into its state."""
 
     envelope: bytes
-    report_refusal: bool = False
     stored: bool = False
 
 
@@ -154,7 +151,7 @@ class MessageDelivered:
 @codec.message("retrier.MessageFailed")
 @dataclass(frozen=True, slots=True)
 class MessageFailed:
-    """The message was given up on (``reason``: ttl_expired, attempts_exhausted, no_route, or refused)."""
+    """The message was given up on (``reason``: ttl_expired, attempts_exhausted or no_route)."""
 
     message_id: bytes
     attempts: int
