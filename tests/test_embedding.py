@@ -485,8 +485,9 @@ def test_async_node_sends_queries_and_waits_for_peers_by_event(tmp_path: Path) -
 
 @pytest.mark.parametrize("crash_after", [5, 150, 400])
 def test_async_sends_racing_a_retrier_crash_are_each_delivered_once(pair, crash_after: int) -> None:
-    """AsyncNode.send hands a tell to the retrier and keeps no copy: the tells still in its mailbox
-    when it crashes are read by the restarted instance (the mailbox outlives it), so every
+    """AsyncNode.send hands its loop turn's batch to the retrier and keeps no copy once it is
+    stored: the batches still in its mailbox when it crashes are read by the restarted instance
+    (the mailbox outlives it), those it had taken are handed over again at its restart, so every
     handle ends DELIVERED and the handler sees each payload once."""
     a, b = pair
     got: list[bytes] = []
@@ -495,7 +496,7 @@ def test_async_sends_racing_a_retrier_crash_are_each_delivered_once(pair, crash_
     async def main() -> list[Any]:
         sends = [asyncio.ensure_future(b.aio.send(a.node_id, b"%d" % i)) for i in range(600)]
         while sum(s.done() for s in sends) < crash_after:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001)  # (a spin here would hold the interpreter lock the node's threads need)
         b.crash("retrier")
         handles = await asyncio.gather(*sends)
         return list(await asyncio.wait_for(ended(handles), 60))

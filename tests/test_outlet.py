@@ -12,7 +12,7 @@ from typing import Any
 
 from villagemesh.actors.app.state import Bridge
 from villagemesh.actors.retrier.messages import DeliverMany, DeliverManyReply
-from villagemesh.aio import _Outlet
+from villagemesh.aio import BATCHES_OUT, _Outlet
 from villagemesh.errors import ActorCrashed, BusError, MailboxFull
 
 
@@ -162,3 +162,23 @@ def test_an_answer_that_is_an_error_fails_the_batch() -> None:
 
     (error,) = asyncio.run(main())
     assert str(error) == "the retrier refused the batch"
+
+
+def test_at_most_batches_out_await_their_answers_and_the_sends_behind_gather_into_one() -> None:
+    node = StandIn(silent=True)
+
+    async def main() -> list[Any]:
+        outlet = _Outlet(asyncio.get_running_loop(), node)  # type: ignore[arg-type]
+        turns = []
+        for turn in range(BATCHES_OUT + 3):  # one loop turn each
+            turns.append(asyncio.ensure_future(sends(outlet, [b"%d" % turn])))
+            await asyncio.sleep(0)
+        assert len(node.told) == BATCHES_OUT, node.told
+        node.silent = False
+        for token in list(outlet.out):  # the retrier answers the first ones now
+            node.bridge.answer(token, DeliverManyReply((None,), (None,)))
+        return await asyncio.wait_for(asyncio.gather(*turns), 5)
+
+    assert asyncio.run(main()) == [[None]] * (BATCHES_OUT + 3)
+    behind = tuple(b"%d" % turn for turn in range(BATCHES_OUT, BATCHES_OUT + 3))
+    assert node.told[BATCHES_OUT:] == [behind], "the three behind went as one batch"

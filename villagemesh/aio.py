@@ -88,6 +88,12 @@ DEFAULT_EVENT_QUEUE = 1000
 PUSH_RETRY = 0.001
 """Seconds between two pushes into a full mailbox (doubling up to 50 ms)."""
 
+BATCHES_OUT = 4
+"""Batches of asyncio sends one loop has handed to a node's retrier and not had answered, at most.
+The sends behind them gather into the next batches (up to ``SEND_MANY_CHUNK`` each), so a burst
+is stored in few large commits and never queues deep in the retrier's mailbox, where a batch's
+wait for its answer would include every batch ahead of it."""
+
 SENDS_PER_TURN = 8
 """Sends one turn of the event loop prepares at most (about 60 µs each); the others wait
 for the next turn, so a thousand concurrent sends never hold a timer back by more than
@@ -607,17 +613,19 @@ def _room(loop: asyncio.AbstractEventLoop, node: Node) -> _Room:
 
 
 class _Batch:
-    """Sends of one loop turn, handed to the retrier in one ``DeliverMany`` and stored in one commit."""
+    """Sends of one loop turn (or of several, while earlier batches await their answers), handed to
+    the retrier in one ``DeliverMany`` and stored in one commit."""
 
     __slots__ = ("deadline", "pushed", "sends", "timer")
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self) -> None:
         self.sends: list[tuple[asyncio.Future[str | None], bytes]] = []
         """Each send's future (resolved with its refusal, None: stored) and envelope, in order."""
         self.pushed = False
         """In the retrier's mailbox: from then on the batch is stored, whether its senders wait or not."""
-        self.deadline = deadline
-        """Loop time after which an unanswered batch fails (its outcome unknown)."""
+        self.deadline: float | None = None
+        """Loop time, ``send_timeout`` after its first try to hand it over, after which a batch not
+        yet handed over, or handed over and not answered, fails (for the latter its outcome is unknown)."""
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -627,8 +635,9 @@ class _Outlet:
     Every send of a loop turn joins one batch (up to :data:`~villagemesh.node.SEND_MANY_CHUNK`),
     handed over at the turn's end as one ``DeliverMany`` told with a bridge token: one push,
     one wake-up of the retrier, one commit. The retrier answers the token once the batch is
-    stored, and each send returns then. Batches are handed over in order. One whose answer
-    does not come (the retrier crashed with it: a restart event says so, or
+    stored, and each send returns then. Batches are handed over in order, at most
+    :data:`BATCHES_OUT` awaiting their answers; later sends join the batch waiting behind them.
+    One whose answer does not come (the retrier crashed with it: a restart event says so, or
     :data:`~villagemesh.node.ASK_TIMEOUT` passed) is handed over again with the same
     envelopes, which stores nothing twice, until its deadline (``NodeConfig.send_timeout``).
     """
@@ -650,7 +659,7 @@ class _Outlet:
         future: asyncio.Future[str | None] = self.loop.create_future()
         batch = self.waiting[-1] if self.waiting else None
         if batch is None or batch.pushed or len(batch.sends) >= SEND_MANY_CHUNK:
-            batch = _Batch(self.loop.time() + self.node.config.send_timeout)
+            batch = _Batch()
             self.waiting.append(batch)
         batch.sends.append((future, envelope))
         self._schedule(0.0)
@@ -667,13 +676,15 @@ class _Outlet:
     def _push(self) -> None:
         """Hand the waiting batches over, in order, until the mailbox is full (then later)."""
         self.scheduled = False
-        while self.waiting:
+        while self.waiting and len(self.out) < BATCHES_OUT:
             batch = self.waiting[0]
             if not batch.pushed:
                 batch.sends = [(f, e) for f, e in batch.sends if not f.done()]  # cancelled: withdrawn
                 if not batch.sends:
                     self.waiting.popleft()
                     continue
+            if batch.deadline is None:
+                batch.deadline = self.loop.time() + self.node.config.send_timeout
             token, answered = self.node.bridge.register()
             request = DeliverMany(tuple(e for _, e in batch.sends), answer_token=token)
             try:
@@ -708,11 +719,13 @@ class _Outlet:
         error = answered.exception()
         if error is not None:
             self._fail(batch, error)
+            self._schedule(0.0)
             return
         errors = answered.result().errors
         for (future, _), refusal in zip(batch.sends, errors, strict=True):
             if not future.done():
                 future.set_result(refusal)
+        self._schedule(0.0)  # room for the next batch
 
     def _unanswered(self, token: int) -> None:
         batch = self.out.pop(token, None)
@@ -722,8 +735,10 @@ class _Outlet:
             self._again(batch, AskTimeout(f"the retrier did not store {sends} send(s) within {ASK_TIMEOUT} s"))
 
     def _again(self, batch: _Batch, why: BusError) -> None:
+        assert batch.deadline is not None  # (set when it was first handed over)
         if self.loop.time() >= batch.deadline or self.node._failure is not None:
             self._fail(batch, why)
+            self._schedule(0.0)
             return
         self.waiting.appendleft(batch)
         self._schedule(0.0)
@@ -736,7 +751,7 @@ class _Outlet:
             self.loop.call_soon_threadsafe(self._restarted)
 
     def _restarted(self) -> None:
-        for token in list(self.out):
+        for token in reversed(list(self.out)):  # (each goes to the front: the oldest ends up first)
             batch = self.out.pop(token)
             self.node.bridge.forget(token)
             if batch.timer is not None:
