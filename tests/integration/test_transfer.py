@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -344,23 +345,30 @@ def test_the_progress_bar_draws_share_bytes_and_rate():
     assert ProgressBar(io.StringIO(), "e", 0).line(0, 0.0).startswith("e [" + "#" * 30 + "] 100.0 %")
 
 
-def test_a_receiver_killed_between_the_move_and_its_commit_verifies_the_moved_file_at_start(tmp_path):
-    """The last chunk committed, the file moved into place, the node killed before it recorded the end:
-    at start it hashes the moved file (by the offer's algorithm) and hands it to the handlers."""
+def moved_before_its_commit(data_dir: Path, sent: bytes, on_disk: bytes) -> tuple[Path, Any]:
+    """A receiver's data dir as a kill between the move and its commit leaves it: an incoming SHA-256
+    offer of ``sent`` with every chunk committed, no partial file, and ``on_disk`` moved into place."""
     from villagemesh.actors.transfer.store import TransferStore
     from villagemesh.protocols.transfer import DigestAlgorithm, Offer
 
-    data = os.urandom(600_000)
-    final = tmp_path / "a" / "received" / "w.bin"
+    final = data_dir / "received" / "w.bin"
     final.parent.mkdir(parents=True)
-    final.write_bytes(data)
+    final.write_bytes(on_disk)
     offer = Offer(
-        os.urandom(16), len(data), 256 * 1024, hashlib.sha256(data).digest(), "file", "w.bin", DigestAlgorithm.SHA_256
+        os.urandom(16), len(sent), 256 * 1024, hashlib.sha256(sent).digest(), "file", "w.bin", DigestAlgorithm.SHA_256
     )
-    store = TransferStore(tmp_path / "a" / "transfers.sqlite3")
-    store.add_incoming(offer, "b" * 32, str(tmp_path / "a" / "transfers" / "x.part"), str(final))
+    store = TransferStore(data_dir / "transfers.sqlite3")
+    store.add_incoming(offer, "b" * 32, str(data_dir / "transfers" / "x.part"), str(final))
     store.commit_chunks([(offer.transfer_id, i) for i in range(offer.chunks)])
     store.close()
+    return final, offer
+
+
+def test_a_receiver_killed_between_the_move_and_its_commit_verifies_the_moved_file_at_start(tmp_path):
+    """The last chunk committed, the file moved into place, the node killed before it recorded the end:
+    at start it hashes the moved file (by the offer's algorithm) and hands it to the handlers."""
+    data = os.urandom(600_000)
+    final, offer = moved_before_its_commit(tmp_path / "a", data, data)
     a = make_node(tmp_path / "a", "a")
     inbox = Inbox()
     a.on_transfer(inbox)
@@ -373,20 +381,8 @@ def test_a_receiver_killed_between_the_move_and_its_commit_verifies_the_moved_fi
 def test_a_moved_file_whose_digest_does_not_match_at_start_is_deleted_and_reported(tmp_path):
     """Killed between the move and its commit, with bytes on disk that are not the offer's: at start
     the moved file fails its re-hash, is deleted (not left in received/) and a DigestMismatch is reported."""
-    from villagemesh.actors.transfer.store import TransferStore
-    from villagemesh.protocols.transfer import DigestAlgorithm, Offer
-
     data = os.urandom(600_000)
-    final = tmp_path / "a" / "received" / "w.bin"
-    final.parent.mkdir(parents=True)
-    final.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit off
-    offer = Offer(
-        os.urandom(16), len(data), 256 * 1024, hashlib.sha256(data).digest(), "file", "w.bin", DigestAlgorithm.SHA_256
-    )
-    store = TransferStore(tmp_path / "a" / "transfers.sqlite3")
-    store.add_incoming(offer, "b" * 32, str(tmp_path / "a" / "transfers" / "x.part"), str(final))
-    store.commit_chunks([(offer.transfer_id, i) for i in range(offer.chunks)])
-    store.close()
+    final, _ = moved_before_its_commit(tmp_path / "a", data, data[:-1] + bytes([data[-1] ^ 1]))  # one bit off
     a = make_node(tmp_path / "a", "a")
     received, failed = Inbox(), Inbox()
     a.on_transfer(received)
