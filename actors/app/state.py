@@ -77,8 +77,8 @@ class InboundMessage(Message):
 
 
 _MESSAGE_FIELDS = tuple(f.name for f in fields(Message))
-_SET = object.__setattr__  # (how a frozen dataclass sets its own fields)
 """The envelope's fields in order (read once: ``dataclasses.fields`` costs microseconds a call)."""
+_SET = object.__setattr__  # (how a frozen dataclass sets its own fields)
 
 
 @dataclass(frozen=True)
