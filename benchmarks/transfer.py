@@ -1,10 +1,10 @@
-"""MiB/s of a large file node -> node, beside raw TCP ``sendfile`` of the same file and the secure channel's ceiling.
+"""MiB/s of a large file node -> node, beside raw TCP ``sendfile``, the secure channel's ceiling and the floor.
 
-Three figures from the same run, on the same file:
+Figures from the same run, on the same file:
 
-- ``mib_per_s``: ``Node.send_file`` (hash, offer, chunks through both retriers and the WebSocket's
-  Noise session, receiver's pwrite + commit + ack, whole-file verification, move into place) from
-  the call until the handle ends verified. The receiver is a node in a child process (so that each
+- ``mib_per_s``: ``Node.send_file`` (hash, offer, chunks through both retriers and the libp2p
+  transport's Noise session, receiver's pwrite + commit + ack, whole-file verification, move into
+  place) from the call until the handle ends verified. The receiver is a node in a child process (so that each
   side's memory is its own).
 - ``raw_mib_per_s``: ``socket.sendfile`` of the same file over loopback TCP to a thread writing it
   to a file (no framing, no crypto, no durability). ``raw_ratio`` = mib_per_s / raw_mib_per_s.
@@ -12,6 +12,14 @@ Three figures from the same run, on the same file:
   frames on as many bytes, in memory (:mod:`secure_channel`'s round trip). ``secure_ratio`` =
   mib_per_s / secure_mib_per_s; ``target`` 0.5 (from the issue).
   Both baselines run before and after the node's run; their mean is reported (load drifts).
+- ``floor_mib_per_s`` and ``floor_hop_mib_per_s``: the floor under any design (:mod:`_transfer_floor`):
+  the steps the issue requires (the whole SHA-256 first, per chunk pread, CRC-32, the project's
+  ``SecureChannel`` over loopback TCP, the CRC check, the digest, pwrite; fsync, rename, the digest
+  checked) and nothing else, two processes, one thread each; and the same with the socket and the
+  file in two threads per process, each chunk handed between them once (the least an actor design
+  allows). ``floor_ratio`` and ``floor_hop_ratio``: each / ``secure_mib_per_s``, to read beside
+  ``target``; ``floor_hop_share``: mib_per_s / floor_hop_mib_per_s. Each runs once before and once
+  after the node's run; their mean is reported. ``--no-floor`` leaves them out.
 - ``peak_rss_mib``: the larger peak RSS growth of the two nodes while the file moves (Linux
   ``VmHWM`` reset through ``/proc/self/clear_refs`` once the node is up, minus ``VmRSS`` then);
   ``sender_peak_rss_mib``, ``receiver_peak_rss_mib`` each; target 64.
@@ -19,7 +27,7 @@ Three figures from the same run, on the same file:
   process spent meanwhile: where the time goes (two cores: CPU-bound when the two add up to 2 x seconds).
 
     .venv/bin/python benchmarks/transfer.py [--quick] [--megabytes 256] [--window N] [--chunk-size BYTES]
-        [--switch-interval SECONDS]
+        [--switch-interval SECONDS] [--no-floor]
 
 ``--megabytes 1024`` is the issue's memory figure (1 GiB). The JSON line also names the window, the
 chunk size and the switch interval the run used.
@@ -38,6 +46,7 @@ import time
 from pathlib import Path
 
 from _common import emit
+from _transfer_floor import floor
 from secure_channel import MAX_PLAINTEXT, channel_roundtrip
 
 from villagemesh.actors.transfer.state import DEFAULT_CHUNK_BYTES, DEFAULT_WINDOW
@@ -159,7 +168,12 @@ def secure_ceiling(megabytes: int) -> float:
     return count * MAX_PLAINTEXT / (1 << 20) / channel_roundtrip(chunks)
 
 
-def main(megabytes: int, settings: dict[str, int]) -> None:
+def floors(path: Path, work: Path) -> tuple[float, float]:
+    """(floor MiB/s, floor-with-hops MiB/s), one run of each."""
+    return floor(path, work / "floor.out", hops=False)[0], floor(path, work / "floor.out", hops=True)[0]
+
+
+def main(megabytes: int, settings: dict[str, int], with_floor: bool = True) -> None:
     with tempfile.TemporaryDirectory(prefix="villagemesh-transfer-") as tmp:
         work = Path(tmp)
         path = work / "weights.bin"
@@ -167,10 +181,22 @@ def main(megabytes: int, settings: dict[str, int]) -> None:
         # The baselines before and after the node's run (their mean): a shared machine's load
         # drifts, and both sides of each ratio should see the same drift.
         raw_before, secure_before = raw_tcp(path, work), secure_ceiling(megabytes)
+        floor_before = floors(path, work) if with_floor else (0.0, 0.0)
         rate, sender_peak, receiver_peak, sender_cpu, receiver_cpu = node_to_node(path, work, settings)
         raw = (raw_before + raw_tcp(path, work)) / 2
         secure = (secure_before + secure_ceiling(megabytes)) / 2
+        floor_after = floors(path, work) if with_floor else (0.0, 0.0)
     peak = max(sender_peak, receiver_peak)
+    floor_figures: dict[str, float] = {}
+    if with_floor:
+        bare, hop = ((before + after) / 2 for before, after in zip(floor_before, floor_after, strict=True))
+        floor_figures = {
+            "floor_mib_per_s": round(bare, 1),
+            "floor_ratio": round(bare / secure, 3),
+            "floor_hop_mib_per_s": round(hop, 1),
+            "floor_hop_ratio": round(hop / secure, 3),
+            "floor_hop_share": round(rate / hop, 3),
+        }
     emit(
         "transfer",
         mib_per_s=round(rate, 1),
@@ -179,6 +205,7 @@ def main(megabytes: int, settings: dict[str, int]) -> None:
         secure_mib_per_s=round(secure, 1),
         secure_ratio=round(rate / secure, 3),
         target=TARGET,
+        **floor_figures,
         peak_rss_mib=round(peak, 1),
         sender_peak_rss_mib=round(sender_peak, 1),
         receiver_peak_rss_mib=round(receiver_peak, 1),
@@ -202,6 +229,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--switch-interval", type=float, help="sys.setswitchinterval in both processes, seconds (default 0.005)"
     )
+    parser.add_argument("--no-floor", action="store_true", help="leave out the floor baselines")
     parser.add_argument("--receiver", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.switch_interval is not None:
@@ -210,4 +238,5 @@ if __name__ == "__main__":
         receiver(args.receiver)
     else:
         chosen = {"transfer_window": args.window, "transfer_chunk_size": args.chunk_size}
-        main(32 if args.quick else args.megabytes, {k: v for k, v in chosen.items() if v is not None})
+        settings = {k: v for k, v in chosen.items() if v is not None}
+        main(32 if args.quick else args.megabytes, settings, with_floor=not args.no_floor)
