@@ -141,6 +141,14 @@ def test_the_page_shows_a_transport_crash_its_restart_and_an_escalation_without_
         wait_for(browser, peers, "bob as a peer")
         wait_for(browser, "document.getElementById('outbox').textContent.includes('normal 0')", "the outbox")
         wait_for(browser, "document.querySelector('#chart .restart-bar')", "restarts in the chart")
+        weights = tmp_path / "weights.bin"
+        weights.write_bytes(bytes(range(256)) * 4096 * 4)  # 4 MiB
+        finished = node.send_file(bob.node_id, weights, kind="model").wait(PAGE_WAIT)
+        assert finished.state == "done"
+        row = f"document.querySelector('#transfers [data-transfer=\"{finished.transfer_id}\"]')"
+        wait_for(browser, f"{row}?.textContent === '100.0 %'", "the transfer, done, in the transfers table")
+        transfers = browser.execute_script("return document.getElementById('transfers').textContent")
+        assert "weights.bin" in transfers and "model" in transfers and "done" in transfers, transfers
         assert browser.execute_script("return window.__sameDocument") == "yes", "the page was reloaded"
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))

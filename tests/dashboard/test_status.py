@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from tests.conftest import WAIT
 from villagemesh.dashboard.sources import Sources, parse_target
 from villagemesh.dashboard.view import MeshView
 from villagemesh.errors import ConfigError
-from villagemesh.node import create_network
+from villagemesh.node import Node, create_network
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +34,9 @@ def get(url: str, method: str = "GET") -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def test_the_status_endpoint_answers_json_on_the_nodes_port_and_changes_nothing(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def two_nodes(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
+    """Nodes a and b, running, each knowing the other."""
     with (
         create_network("hybrid", data_dir=tmp_path / "a", name="a") as a,
         create_network(
@@ -40,6 +44,11 @@ def test_the_status_endpoint_answers_json_on_the_nodes_port_and_changes_nothing(
         ) as b,
     ):
         assert b.wait_for_peers(1, WAIT) and a.wait_for_peers(1, WAIT)
+        yield a, b
+
+
+def test_the_status_endpoint_answers_json_on_the_nodes_port_and_changes_nothing(tmp_path: Path) -> None:
+    with two_nodes(tmp_path) as (a, b):
         code, body = get(f"http://{a.acceptor_address}/villagemesh/status")
         assert code == 200
         status = json.loads(body)
@@ -53,6 +62,32 @@ def test_the_status_endpoint_answers_json_on_the_nodes_port_and_changes_nothing(
         assert set(status["outbox"]["pending_by_priority"]) == {"critical", "high", "normal", "low", "bulk"}
         assert get(f"http://{a.acceptor_address}/villagemesh/status", method="POST")[0] == 405
         assert get(f"http://{a.acceptor_address}/villagemesh/dashboard")[0] == 404  # not asked for
+
+
+def test_the_status_endpoint_shows_a_transfers_progress_on_both_sides(tmp_path: Path) -> None:
+    source = tmp_path / "weights.bin"
+    source.write_bytes(bytes(range(256)) * 4096 * 32)  # 32 MiB
+    size = source.stat().st_size
+    with two_nodes(tmp_path) as (a, b):
+        handle = b.send_file(a.node_id, source, kind="model")
+        seen: list[int] = []
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            status = json.loads(get(f"http://{b.acceptor_address}/villagemesh/status")[1])
+            (row,) = status["transfers"]
+            seen.append(row["done"])
+            if row["state"] == "done":
+                break
+        assert seen == sorted(seen) and seen[-1] == size, f"progress went {seen}"
+        assert any(0 < done < size for done in seen), f"no progress between the ends was shown: {seen}"
+        assert handle.wait(WAIT).state == "done"
+        (out,) = json.loads(get(f"http://{b.acceptor_address}/villagemesh/status")[1])["transfers"]
+        (into,) = json.loads(get(f"http://{a.acceptor_address}/villagemesh/status")[1])["transfers"]
+    assert (out["direction"], out["peer_id"], out["name"], out["kind"]) == ("out", a.node_id, "weights.bin", "model")
+    assert (into["direction"], into["peer_id"], into["transfer_id"]) == ("in", b.node_id, out["transfer_id"])
+    assert (out["size"], out["done"], into["size"], into["done"]) == (size, size, size, size)
+    assert out["state"] == into["state"] == "done"
+    assert str(source) not in json.dumps([out, into])  # no file paths
 
 
 def test_the_status_endpoint_can_be_turned_off(tmp_path: Path) -> None:

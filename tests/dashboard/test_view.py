@@ -247,3 +247,29 @@ def test_records_without_an_event_or_node_are_ignored_and_bad_timestamps_read_as
     assert view.add({"event": "child_started"}) is None
     assert view.snapshot(T0)["nodes"] == []
     assert parse_time("yesterday") == 0.0 and parse_time(None) == 0.0
+
+
+def test_a_transfer_in_a_status_sample_is_in_the_snapshot_and_top_draws_its_share() -> None:
+    from rich.console import Console
+
+    from villagemesh.dashboard.top import frame
+
+    row = {
+        "transfer_id": "ab" * 16,
+        "peer_id": "c" * 32,
+        "direction": "out",
+        "name": "weights.bin",
+        "kind": "model",
+        "size": 4096,
+        "done": 1024,
+        "state": "sending",
+        "detail": "",
+    }
+    view = MeshView()
+    boot(view)
+    view.add_status("n1", {"actors": {}, "transfers": [row]}, T0)
+    snap = view.snapshot(T0)
+    assert snap["nodes"][0]["transfers"] == [row]
+    console = Console(width=160, record=True, color_system=None)
+    console.print(frame(snap, []))
+    assert "transfer → cccccccccccccccc weights.bin (model):  25.0 % of 4096 B, sending" in console.export_text()
