@@ -1,0 +1,149 @@
+"""The transport shell's way in: envelopes decoded on the loop reach ``deliver_to``, told by the loop
+thread itself when small, through the actor thread when large or when the mailbox cannot take them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import WAIT
+from villagemesh.actors.core import codec
+from villagemesh.actors.core.base import Actor, Scheduler
+from villagemesh.actors.core.bus import Bus
+from villagemesh.actors.core.loopactor import DIRECT_MAX_BYTES, EnvelopeTransportActor
+from villagemesh.actors.core.transport import Received
+from villagemesh.supervision.log import EventLog
+from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
+from villagemesh.supervision.supervisor import Environment, Supervisor
+
+GOT: list[bytes] = []
+LOCK = threading.Lock()
+GATE = threading.Event()
+FEEDERS: list[Feeder] = []
+
+
+@codec.message("loopactor_test.Feed")
+@dataclass(frozen=True, slots=True)
+class Feed:
+    """Decode ``count`` envelopes of ``size`` bytes on the loop, in one pass."""
+
+    count: int
+    size: int
+    first: int = 0
+
+
+@codec.message("loopactor_test.Told")
+@dataclass(frozen=True, slots=True)
+class Told:
+    """How many envelopes the loop thread told itself (the reply to a Feed of 0)."""
+
+    n: int
+
+
+class Feeder(EnvelopeTransportActor):
+    transport = "test"
+
+    def on_start(self) -> None:
+        FEEDERS.append(self)
+        self.start_io()
+        self.start_inbound(self.ctx.config["deliver_to"])
+
+    def handle(self, msg: object) -> object:
+        if isinstance(msg, Feed):
+
+            def decode_pass() -> None:
+                for i in range(msg.count):
+                    self.envelope_received(None, (msg.first + i).to_bytes(4, "big") + bytes(msg.size - 4), "peer")
+
+            self.io_loop.call_soon(decode_pass)
+            return Told(self.told_from_loop)
+        return None
+
+
+class Collector(Actor):
+    """Records each envelope's number; waits at GATE while it is cleared."""
+
+    def handle(self, msg: object) -> object:
+        if isinstance(msg, Received):
+            GATE.wait(WAIT)
+            with LOCK:
+                GOT.append(msg.envelope)
+        return None
+
+
+def numbers() -> list[int]:
+    with LOCK:
+        return sorted(int.from_bytes(e[:4], "big") for e in GOT)
+
+
+def wait_for(count: int) -> list[int]:
+    deadline = time.monotonic() + WAIT
+    while len(numbers()) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return numbers()
+
+
+def launch(env: Environment) -> Supervisor:
+    GOT.clear()
+    children = [ChildSpec("sink", Collector), ChildSpec("feeder", Feeder, config={"deliver_to": "sink"})]
+    return Supervisor.launch(SupervisorSpec("root", children, intensity=50), env)
+
+
+def told(env: Environment) -> int:
+    reply = env.bus.client().ask("feeder", Feed(0, 4), timeout=WAIT)
+    assert isinstance(reply, Told)
+    return reply.n
+
+
+def test_small_envelopes_are_told_by_the_loop_and_large_ones_by_the_actor_thread(runtime: Environment) -> None:
+    GATE.set()
+    launch(runtime)
+    client = runtime.bus.client()
+    client.ask("feeder", Feed(100, 64), timeout=WAIT)
+    assert wait_for(100) == list(range(100))
+    assert told(runtime) == 100
+    client.ask("feeder", Feed(3, DIRECT_MAX_BYTES, first=100), timeout=WAIT)  # large: the actor thread's way
+    assert wait_for(103) == list(range(103))
+    assert told(runtime) == 100
+    with LOCK:
+        assert sorted(len(e) for e in GOT)[-3:] == [DIRECT_MAX_BYTES] * 3
+
+
+def test_envelopes_the_full_mailbox_cannot_take_wait_in_the_actor_thread_and_none_is_lost(tmp_path) -> None:
+    bus = Bus("tinyloop", capacity=4, send_timeout=WAIT)
+    env = Environment(bus=bus, log=EventLog("tinyloop", human=False), scheduler=Scheduler())
+    GATE.clear()
+    sup = launch(env)
+    try:
+        client = bus.client()
+        for start in range(0, 40, 4):  # ten passes: the sink's mailbox fills after a few
+            client.ask("feeder", Feed(4, 64, first=start), timeout=WAIT)
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert len(numbers()) == 0
+        GATE.set()
+        got = wait_for(40)
+        assert got == list(range(40)), "an envelope was lost or doubled"
+        assert told(env) < 40  # some went the actor thread's way, waiting for room
+    finally:
+        GATE.set()
+        sup.actor_ref.stop(timeout=WAIT)
+        bus.close()
+        env.scheduler.close()
+
+
+def test_the_loops_sender_is_closed_when_the_actor_stops(runtime: Environment) -> None:
+    GATE.set()
+    sup = launch(runtime)
+    runtime.bus.client().ask("feeder", Feed(5, 64), timeout=WAIT)
+    assert wait_for(5) == list(range(5))
+    sender = FEEDERS[-1]._loop_sender
+    assert sender is not None and not sender.closed
+    sup.actor_ref.stop(timeout=WAIT)
+    assert sender.closed
+
+
+pytestmark = pytest.mark.timeout(120)
