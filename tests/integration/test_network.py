@@ -27,6 +27,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -70,11 +71,13 @@ class Child:
     """A :mod:`.node_runner` process; its stdout lines are collected by a thread and can be waited for."""
 
     def __init__(self, *args: str) -> None:
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the process it collects for)
+        """What the process wrote to stderr: its traceback, if it fails, is in the assertion that says so."""
         self.proc = subprocess.Popen(
             [sys.executable, str(RUNNER), *args],
             cwd=REPO,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self.stderr,
             text=True,
         )
         self.lines: list[str] = []
@@ -103,8 +106,15 @@ class Child:
                 raise AssertionError(f"no {prefix!r} line from the node process in {timeout} s: {self.lines}")
             line = found()
         if line is None:
-            raise AssertionError(f"node process ended (rc {self.proc.wait()}) before {prefix!r}: {self.lines}")
+            rc = self.proc.wait()
+            raise AssertionError(f"node process ended (rc {rc}) before {prefix!r}: {self.lines}; {self.stderr_tail()}")
         return line
+
+    def stderr_tail(self, limit: int = 4000) -> str:
+        """The end of what the process wrote to stderr."""
+        self.stderr.seek(0)
+        text = self.stderr.read().decode("utf-8", "replace")
+        return f"its stderr ends: {text[-limit:]!r}" if text else "no stderr"
 
     def kill(self) -> None:
         """SIGKILL, and reap."""
