@@ -3,9 +3,14 @@
 Thin by design (the decisions live in :mod:`.state`, the connections in :mod:`.host`)::
 
     acceptor ──ConnectionHandedOff(fd, route libp2p)──▶ handle ──▶ adopt_handed_off ──▶ Connection (loop)
-    Connection ──envelopes from node_id (loop)──▶ post ──▶ on_loop_message ──bus──▶ deliver_to: Received
-    retrier ──Transmits──▶ handle_batch ──▶ run_on_loop(host.send_many) ──then──▶ reply_to: TransmitResult
+    Connection ──envelopes from node_id (loop)──bus (the loop's own sender; large ones: post)──▶ deliver_to: Received
+    retrier ──Transmits──▶ handle_batch ──▶ loop: host.send_now, or run_on_loop(host.send_many) ──then──▶ reply_to
     sweeper ──Discover──▶ handle ──▶ Discovered
+
+Transmits that ask for no report of success (the retrier's: the end-to-end ack says it)
+go out from a plain loop callback when the peer's connection is up and has room
+(``host.send_now``: no task, no future); otherwise, and whenever a success is to be
+reported, as a task that dials if need be and waits for room (``host.send_many``).
 
 A Transmit's address is the peer's multiaddr ``/ip4/…/tcp/…/p2p/<peer id>`` from its
 signed announce (the registry's ``libp2p`` addresses), or
@@ -150,8 +155,20 @@ class Libp2pActor(EnvelopeTransportActor):
                 except BusError as exc:
                     self.io_log.warning("send_outcome_undeliverable", to=request.reply_to, reason=str(exc))
 
-        sending = self.host.send_many(first.address, first.peer_id, [r.envelope for r in requests])
-        self.run_on_loop(sending, then, post_success=first.report_success)
+        raws = [r.envelope for r in requests]
+        if first.report_success:
+            self.run_on_loop(self.host.send_many(first.address, first.peer_id, raws), then)
+            return
+
+        def now() -> None:  # on the loop: at once when the connection is up and has room, else as a task
+            try:
+                if self.host.send_now(first.address, first.peer_id, raws):
+                    return
+            except VillageMeshError:
+                pass  # the task meets it too, and reports it as the transmits' outcome
+            self.run_on_loop(self.host.send_many(first.address, first.peer_id, raws), then, post_success=False)
+
+        self.io_loop.call_soon(now)
 
     # -- discovery: Kademlia, then each villagemesh provider's signed announce ---------------------
 

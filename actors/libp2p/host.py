@@ -536,6 +536,21 @@ class Connection(asyncio.BufferedProtocol):
         elif self.noise is not None:
             self._write(self.noise.data_to_send())
 
+    def send_now(self, raws: list[bytes]) -> bool:
+        """:meth:`send_many` at once, from a plain loop callback, when nothing would make it wait: the
+        envelope stream is open and agreed and nothing waits for credit or the socket. False (nothing
+        sent): use :meth:`send_many`, which waits, and raises what stands in the way."""
+        stream = self.envelope_stream
+        if self.phase is not _Phase.MUX or stream is None or self._must_wait(stream):
+            return False
+        state = self.streams.get(stream)
+        if state is None or state.negotiation is not None:
+            return False
+        self.mux.send(stream, b"".join(frame(raw) for raw in raws))
+        self._flush()
+        self.host.counts["sent"] += len(raws)
+        return True
+
     async def send_many(self, raws: list[bytes]) -> None:
         """Envelopes on this connection's envelope stream, in order, in one write; returns once they are written.
 
@@ -868,6 +883,15 @@ class Libp2pHost:
         except ConnectError as exc:
             self.counts["dials_failed"] += 1
             raise ConnectError(f"libp2p {address}: {exc}") from exc
+
+    def send_now(self, address: str, node_id: str, raws: list[bytes]) -> bool:
+        """On the loop: send envelopes to ``node_id`` at once if its connection is up (for ``address``, as
+        :meth:`connect` reuses one) and nothing would make the send wait; False (nothing sent): use
+        :meth:`send_many`."""
+        conn = self.peers.get(node_id)
+        if conn is None or (address and conn.address not in ("", address)):
+            return False
+        return conn.send_now(raws)
 
     async def send_many(self, address: str, node_id: str, raws: list[bytes]) -> None:
         """Send envelopes to ``node_id`` (dialling ``address`` when not connected; ``""``: only if connected).

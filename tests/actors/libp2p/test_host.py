@@ -12,6 +12,7 @@ from villagemesh.actors.core.secure.keys import NodeKeys
 from villagemesh.actors.libp2p.host import Libp2pHost, Libp2pStream
 from villagemesh.actors.libp2p.state import listen_multiaddr
 from villagemesh.errors import RemoteProtocolError
+from villagemesh.protocols.envelope import Message, Priority, encode_message
 from villagemesh.protocols.libp2p.varint import frame
 
 FRAMES = "/test/frames/1.0.0"
@@ -89,3 +90,58 @@ def test_a_frame_announced_above_the_limit_is_a_remote_protocol_error() -> None:
 
     error = run(body(), 20)
     assert isinstance(error, RemoteProtocolError) and "17 bytes is above the 16" in str(error)
+
+
+def test_envelopes_go_out_at_once_on_an_open_connection_with_room_and_wait_otherwise() -> None:
+    """send_now sends from a plain loop callback only when nothing would make send_many wait: a
+    connection up to that node, its envelope stream agreed, room in the socket; else it sends nothing."""
+
+    async def body() -> tuple[list[bytes], list[bool]]:
+        got: list[bytes] = []
+        arrived = asyncio.Event()
+        said: list[bool] = []
+
+        def on_message(message: Message, raw: bytes, node_id: str) -> None:
+            got.append(message.payload)
+            arrived.set()
+
+        async def until(count: int) -> None:
+            while len(got) < count:
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 20)
+
+        async with listening() as server:
+            server.on_message = on_message
+            server_id = server.keys.node_id
+            keys = NodeKeys.generate()
+            client = Libp2pHost(keys, lambda m, raw, node_id: None)
+
+            def envelopes(*payloads: bytes) -> list[bytes]:
+                return [
+                    encode_message(
+                        Message(os.urandom(16), "DATA", keys.node_id, server_id, Priority.NORMAL, 0.0, 1e12, None, p)
+                    )
+                    for p in payloads
+                ]
+
+            try:
+                said.append(client.send_now(server.address, server_id, envelopes(b"never")))  # not connected
+                await client.send_many(server.address, server_id, envelopes(b"first"))  # dials, opens the stream
+                await until(1)
+                said.append(client.send_now(server.address, server_id, envelopes(b"second", b"third")))
+                said.append(
+                    client.send_now("/ip4/127.0.0.1/tcp/1/p2p/" + str(server.peer_id), server_id, envelopes(b"x"))
+                )
+                conn = client.peers[server_id]
+                conn._writable.clear()  # as asyncio's pause_writing does when the socket's buffer is full
+                said.append(client.send_now(server.address, server_id, envelopes(b"full")))
+                conn._writable.set()
+                said.append(client.send_now("", server_id, envelopes(b"fourth")))  # "": whichever connection is up
+                await until(4)
+            finally:
+                await client.close()
+        return got, said
+
+    got, said = run(body(), 30)
+    assert said == [False, True, False, False, True]
+    assert got == [b"first", b"second", b"third", b"fourth"]
