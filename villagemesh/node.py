@@ -42,9 +42,9 @@ its mailbox as one turn and stores them in one commit):
   calling ``send`` in a loop waits for one commit (and one ask) per message.
 - ``send_many``: many messages, one ask per :data:`SEND_MANY_CHUNK` (256), one
   commit each; returns once all are committed. The fast way from one thread.
-- ``asend`` (:mod:`villagemesh.aio`): hands the message to the retrier from the
-  event loop's thread without awaiting the commit; the ``asend`` calls of one
-  loop turn reach the retrier together and share its commit.
+- ``asend`` (:mod:`villagemesh.aio`): the ``asend`` calls of one event-loop turn
+  reach the retrier together, told rather than asked, and share its commit; each
+  returns once that commit is done, and no thread blocks meanwhile.
 """
 
 from __future__ import annotations
