@@ -538,17 +538,12 @@ class Connection(asyncio.BufferedProtocol):
 
     def send_now(self, raws: list[bytes]) -> bool:
         """:meth:`send_many` at once, from a plain loop callback, when nothing would make it wait: the
-        envelope stream is open and agreed and nothing waits for credit or the socket. False (nothing
-        sent): use :meth:`send_many`, which waits, and raises what stands in the way."""
+        envelope stream is open and nothing waits for credit, its agreement or the socket. False
+        (nothing sent): use :meth:`send_many`, which waits, and raises what stands in the way."""
         stream = self.envelope_stream
         if self.phase is not _Phase.MUX or stream is None or self._must_wait(stream):
             return False
-        state = self.streams.get(stream)
-        if state is None or state.negotiation is not None:
-            return False
-        self.mux.send(stream, b"".join(frame(raw) for raw in raws))
-        self._flush()
-        self.host.counts["sent"] += len(raws)
+        self._put(stream, raws)
         return True
 
     async def send_many(self, raws: list[bytes]) -> None:
@@ -564,6 +559,11 @@ class Connection(asyncio.BufferedProtocol):
             stream = self._envelope_stream()
         except LocalProtocolError as exc:  # the muxer refuses new streams (going away, too many)
             raise ConnectError(f"libp2p {self.peer}: no envelope stream: {exc}") from exc
+        self._put(stream, raws)
+        await self._drained(stream)
+
+    def _put(self, stream: int, raws: list[bytes]) -> None:
+        """``raws`` framed on ``stream`` in one write (held until its agreement while that runs), counted."""
         data = b"".join(frame(raw) for raw in raws)
         state = self.streams[stream]
         if state.negotiation is not None:
@@ -572,7 +572,6 @@ class Connection(asyncio.BufferedProtocol):
             self.mux.send(stream, data)
         self._flush()
         self.host.counts["sent"] += len(raws)
-        await self._drained(stream)
 
     async def open_stream(self, protocol: str) -> Libp2pStream:
         """A new stream speaking ``protocol`` (negotiated; within ``handshake_timeout_s``).
@@ -829,10 +828,8 @@ class Libp2pHost:
                 or too many dials are in progress.
             TransportTimeout: the handshake took longer than ``handshake_timeout_s``.
         """
-        if node_id is not None:
-            conn = self.peers.get(node_id)
-            if conn is not None and conn.phase is _Phase.MUX and conn.address in ("", address):
-                return conn  # the peer's own connection to us, or ours to this address
+        if node_id is not None and (conn := self._reusable(address, node_id)) is not None:
+            return conn
         target = target_of(address)
         dialing = self._dialing.get(address)
         if dialing is None:
@@ -884,14 +881,19 @@ class Libp2pHost:
             self.counts["dials_failed"] += 1
             raise ConnectError(f"libp2p {address}: {exc}") from exc
 
-    def send_now(self, address: str, node_id: str, raws: list[bytes]) -> bool:
-        """On the loop: send envelopes to ``node_id`` at once if its connection is up (for ``address``, as
-        :meth:`connect` reuses one) and nothing would make the send wait; False (nothing sent): use
-        :meth:`send_many`."""
+    def _reusable(self, address: str, node_id: str) -> Connection | None:
+        """``node_id``'s connection up that a send to ``address`` reuses: the peer's own to us, or ours
+        to ``address`` (``""``: whichever is up)."""
         conn = self.peers.get(node_id)
-        if conn is None or (address and conn.address not in ("", address)):
-            return False
-        return conn.send_now(raws)
+        if conn is None or conn.phase is not _Phase.MUX or (address and conn.address not in ("", address)):
+            return None
+        return conn
+
+    def send_now(self, address: str, node_id: str, raws: list[bytes]) -> bool:
+        """On the loop: send envelopes to ``node_id`` at once if a connection :meth:`connect` would reuse is
+        up and nothing would make the send wait; False (nothing sent): use :meth:`send_many`."""
+        conn = self._reusable(address, node_id)
+        return conn is not None and conn.send_now(raws)
 
     async def send_many(self, address: str, node_id: str, raws: list[bytes]) -> None:
         """Send envelopes to ``node_id`` (dialling ``address`` when not connected; ``""``: only if connected).
