@@ -22,12 +22,13 @@ resumption, no priorities, no failover, no actors. Two shapes:
   between them once per side over a ZeroMQ inproc PUSH/PULL pair, uncopied.
 
 The receiver is a child process (``python _transfer_floor.py --receive HOPS OUT``) that prints its
-port, then its CPU seconds when done.
+port.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import socket
@@ -36,6 +37,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,14 +113,14 @@ class _Writer:
 
 
 def receive(hops: bool, out: Path) -> None:
-    """The child: accept one connection, take the file, print the CPU seconds it used."""
+    """The child: accept one connection and take the file."""
     server = socket.create_server(("127.0.0.1", 0))
     print(server.getsockname()[1], flush=True)
     conn, _ = server.accept()
-    cpu = time.process_time()
     channel = SecureChannel.responder(os.urandom(32), SigningKey.generate())
     _handshake(conn, channel)
     writer = _Writer(out)
+    take: Callable[[bytes], None] = writer.chunk
     push = thread = None
     if hops:
         import zmq
@@ -132,6 +134,7 @@ def receive(hops: bool, out: Path) -> None:
 
         thread = threading.Thread(target=write, name="floor-file")
         thread.start()
+        take = functools.partial(push.send, copy=False)
     buffer = bytearray(1 << 20)
     view = memoryview(buffer)
     pending = bytearray()
@@ -142,25 +145,19 @@ def receive(hops: bool, out: Path) -> None:
         while isinstance(event := next_event(), Data):
             pending += event.data
             while len(pending) >= whole:
-                framed = bytes(pending[:whole])
+                take(bytes(pending[:whole]))
                 del pending[:whole]
-                if push is not None:
-                    push.send(framed, copy=False)
-                else:
-                    writer.chunk(framed)
     if pending:
-        framed = bytes(pending)
-        push.send(framed, copy=False) if push is not None else writer.chunk(framed)
+        take(bytes(pending))
     if push is not None and thread is not None:
         push.send(_END)
         thread.join()
     conn.sendall(writer.finish())
     conn.close()
-    print(f"{time.process_time() - cpu:.3f}", flush=True)
 
 
-def floor(path: Path, out: Path, hops: bool) -> tuple[float, float, float]:
-    """(MiB/s, sender CPU seconds, receiver CPU seconds) of ``path`` through the floor to ``out``."""
+def floor(path: Path, out: Path, hops: bool) -> float:
+    """MiB/s of ``path`` through the floor to ``out``."""
     child = subprocess.Popen(
         [sys.executable, __file__, "--receive", "1" if hops else "0", str(out)], stdout=subprocess.PIPE, text=True
     )
@@ -170,16 +167,14 @@ def floor(path: Path, out: Path, hops: bool) -> tuple[float, float, float]:
         with socket.create_connection(("127.0.0.1", port)) as conn:
             channel = SecureChannel.initiator(os.urandom(32), SigningKey.generate())
             _handshake(conn, channel)
-            start, cpu = time.perf_counter(), time.process_time()
+            start = time.perf_counter()
             size = send(conn, channel, path, hops)
             elapsed = time.perf_counter() - start
-            sender_cpu = time.process_time() - cpu
-        receiver_cpu = float(child.stdout.readline())
     finally:
         child.wait(60)
     if child.returncode != 0:
         raise RuntimeError(f"the floor's receiver exited with {child.returncode}")
-    return size / (1 << 20) / elapsed, sender_cpu, receiver_cpu
+    return size / (1 << 20) / elapsed
 
 
 def send(conn: socket.socket, channel: SecureChannel, path: Path, hops: bool) -> int:

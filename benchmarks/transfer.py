@@ -170,7 +170,7 @@ def secure_ceiling(megabytes: int) -> float:
 
 def floors(path: Path, work: Path) -> tuple[float, float]:
     """(floor MiB/s, floor-with-hops MiB/s), one run of each."""
-    return floor(path, work / "floor.out", hops=False)[0], floor(path, work / "floor.out", hops=True)[0]
+    return floor(path, work / "floor.out", hops=False), floor(path, work / "floor.out", hops=True)
 
 
 def main(megabytes: int, settings: dict[str, int], with_floor: bool = True) -> None:
