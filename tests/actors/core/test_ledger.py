@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from villagemesh.actors.core.ledger import CLOCK_SKEW_GRACE, Inbox
 
@@ -137,3 +141,55 @@ def test_a_dispatch_chunk_is_counted_and_marked_in_one_commit_each(tmp_path: Pat
         assert inbox.mark_handled_many([mid(1), mid(2), mid(3)]) == 2
         assert inbox.begin_dispatch_many([mid(1), mid(2)]) == {} and inbox.begin_dispatch_many([mid(2)]) == {}
         assert inbox.mark_handled_many([mid(1)]) == 0 and inbox.unhandled() == []
+
+
+# -- a batch answers as its messages one at a time would ---------------------------------------------
+
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["accept", "dispatch", "handled"]),
+        st.lists(st.integers(0, 700), min_size=1, max_size=600),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_ops)
+def test_batched_statements_answer_as_one_row_at_a_time_would(ops: list[tuple[str, list[int]]]) -> None:
+    """accept_many, begin_dispatch_many and mark_handled_many (more than 256 ids at a time, repeats, unknown
+    and handled ids) give what the single-message calls give, and leave the same inbox."""
+    with tempfile.TemporaryDirectory() as d, Inbox(Path(d) / "batch.db") as batch, Inbox(Path(d) / "one.db") as one:
+        for op, ns in ops:
+            ids = [mid(n) for n in ns]
+            if op == "accept":
+                rows = [(i, 100.0, i * 2) for i in ids]
+                assert batch.accept_many(rows) == {i for i, e, p in rows if one.accept(i, e, p)}
+            elif op == "dispatch":
+                want = {i: c for i in dict.fromkeys(ids) if (c := one.begin_dispatch(i)) is not None}
+                assert batch.begin_dispatch_many(ids) == want
+            else:
+                assert batch.mark_handled_many(ids) == sum(one.mark_handled(i) for i in dict.fromkeys(ids))
+        assert batch.unhandled() == one.unhandled() and batch.unfinished() == one.unfinished()
+        assert len(batch) == len(one)
+
+
+def test_settling_a_chunk_stores_each_report_once_and_names_the_newly_marked(tmp_path: Path) -> None:
+    """settle_many: the ids it marked now (not the handled before, not the unknown), and its reports as
+    outbox rows, each once, in the same commit (300 of them)."""
+    path = tmp_path / "in.db"
+    reports = [(mid(10_000 + n), "peer", 1, b"report", 5.0, 50.0) for n in range(300)]
+    with Inbox(path) as inbox:
+        inbox.accept_many([(mid(n), 100.0, b"p") for n in range(5)])
+        inbox.mark_handled(mid(0))
+        assert inbox.settle_many([mid(0), mid(1), mid(2), mid(2), mid(99)], reports) == {mid(1), mid(2)}
+        assert inbox.settle_many([mid(3)], []) == {mid(3)} and inbox.settle_many([mid(3)], []) == set()
+        assert inbox.unhandled() == [mid(4)]
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT message_id, recipient, attempts, next_attempt_at FROM outbox").fetchall()
+    finally:
+        conn.close()
+    assert sorted(bytes(r[0]) for r in rows) == sorted(r[0] for r in reports)
+    assert {(r[1], r[2], r[3]) for r in rows} == {("peer", 0, 5.0)}
