@@ -272,8 +272,7 @@ class AppActor(Actor):
             self._dispatch_many([msg])
         elif isinstance(msg, MessageDelivered):
             if self.await_outcomes:
-                self.handles.acked(msg.message_id, msg.attempts)
-                if self.handles.get(msg.message_id) is not None:
+                if self.handles.acked(msg.message_id, msg.attempts):
                     self._await_outcome(msg.message_id)
             else:
                 self.handles.resolve(msg.message_id, True, msg.attempts, None)

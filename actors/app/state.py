@@ -371,6 +371,8 @@ class HandleTable:
         self._bytes = 0
         self._room_waiters: list[Callable[[], None]] = []
         self._abandoned: set[bytes] = set()
+        self._waiting = 0
+        """Senders in :meth:`new` waiting for room (a freed slot notifies only when there are some)."""
         self.late = 0
         """Ends that came for a request its caller had stopped waiting for."""
 
@@ -416,7 +418,11 @@ class HandleTable:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise OutboxFull(peer_id, full, timeout)
-                self._lock.wait(left)
+                self._waiting += 1
+                try:
+                    self._lock.wait(left)
+                finally:
+                    self._waiting -= 1
             return self._add(message_id, peer_id, size)
 
     def _add(self, message_id: bytes, peer_id: str, size: int) -> DeliveryHandle:
@@ -439,7 +445,8 @@ class HandleTable:
             self._per_peer[handle.peer_id] = (count - 1, nbytes - handle.size)
         self._count -= 1
         self._bytes -= handle.size
-        self._lock.notify_all()
+        if self._waiting:
+            self._lock.notify_all()
         waiters, self._room_waiters = self._room_waiters, []
         return waiters
 
@@ -456,15 +463,20 @@ class HandleTable:
     # -- ends -------------------------------------------------------------------------------
 
     def get(self, message_id: bytes) -> DeliveryHandle | None:
-        """The pending handle of ``message_id``."""
-        with self._lock:
-            return self._handles.get(message_id)
+        """The pending handle of ``message_id``.
 
-    def acked(self, message_id: bytes, attempts: int) -> None:
-        """The recipient acked ``message_id``: its handle stays pending until the outcome."""
-        handle = self.get(message_id)
-        if handle is not None:
-            handle._acked(attempts)
+        No lock: one ``dict.get`` is atomic, and a handle is added before its message is sent
+        and removed once, by :meth:`resolve` (the lock is for the window's counts)."""
+        return self._handles.get(message_id)
+
+    def acked(self, message_id: bytes, attempts: int) -> bool:
+        """The recipient acked ``message_id``: its handle stays pending until the outcome. False if
+        it has no pending handle."""
+        handle = self._handles.get(message_id)
+        if handle is None:
+            return False
+        handle._acked(attempts)
+        return True
 
     def abandon(self, message_id: bytes) -> None:
         """Its caller stopped waiting (a request timed out): a later end is dropped and counted."""

@@ -185,7 +185,7 @@ def test_every_end_state_raises_its_own_error_from_result() -> None:
             handle.result(1)
         assert handle.status.message_id == handle.message_id and len(handle.message_id) == 32
     ok = table.new(b"\x09" * 16, "p", 0)
-    table.acked(ok.raw_id, 2)
+    assert table.acked(ok.raw_id, 2) and not table.acked(b"\x0b" * 16, 1)  # False: no such pending handle
     assert ok.status.acked and ok.status.state is DeliveryState.PENDING and ok.status.attempts == 2
     table.resolve(ok.raw_id, DeliveryState.DELIVERED, None, None, reply=b"r")
     assert ok.result(1).reply == b"r" and ok.status.attempts == 2
