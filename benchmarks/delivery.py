@@ -54,7 +54,11 @@ switches of both node processes per message), the same three for ``send_many``
 (one process), ``raw_tcp_msgs_per_s``, ``ratio`` (one process / raw TCP),
 ``send_calls_per_s`` (how fast the gathered ``asend`` calls all returned, i.e.
 were handed to the retrier, one process), ``cpu_us_per_msg_one_process`` and
-``raw_tcp_cpu_us_per_msg``. Each figure is the median of ``--rounds``.
+``raw_tcp_cpu_us_per_msg``; and ``cpu_us_per_msg_by_thread_send_many``: where the
+``send_many`` CPU goes, µs a message per thread of the two node processes
+(``/proc/<pid>/task/*/schedstat``; named ``sender`` or ``receiver`` and the thread's name without its
+instance number, e.g. ``sender RetrierActor``; threads under 1 µs left out), the figure that
+says which actor to make cheaper. Each figure is the median of ``--rounds``.
 """
 
 from __future__ import annotations
@@ -204,6 +208,24 @@ class Child:
                 self.proc.wait(5)
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of process ``pid`` (``/proc/.../schedstat``: nanoseconds, where
+    ``stat`` counts 10 ms ticks), by its name without a trailing ``-<n>`` (threads of one name summed)."""
+    seconds: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        task = Path(f"/proc/{pid}/task/{tid}")
+        try:
+            name = (task / "comm").read_text().strip()
+            on_cpu_ns = int((task / "schedstat").read_text().split()[0])
+        except FileNotFoundError:
+            continue  # the thread ended between the listing and the read
+        base, _, number = name.rpartition("-")
+        if base and number.isdigit():
+            name = base
+        seconds[name] = seconds.get(name, 0.0) + on_cpu_ns / 1e9
+    return seconds
+
+
 class ProcessPair:
     """Two node processes that know each other; B sends to A."""
 
@@ -213,6 +235,8 @@ class ProcessPair:
         self.b = Child(root, "b", port_b, port_a, synchronous)
         self.b.command(f"wait_peer {self.a.node_id}", "PEER")
         self.a.command(f"wait_peer {self.b.node_id}", "PEER")
+        self.threads: dict[str, float] = {}
+        """µs of CPU a message per thread in the last :meth:`run` (``sender X`` / ``receiver X``)."""
         self.run(100, 64)  # warm-up: connections open, code paths hot
 
     def run(self, n: int, size: int, way: str = "run") -> tuple[float, float, float]:
@@ -220,11 +244,16 @@ class ProcessPair:
         ``way`` ``run`` (gathered ``asend``) or ``run_many`` (one ``send_many``)."""
         self.a.command(f"expect {n}", "EXPECTING")
         (cpu_a, sw_a), (cpu_b, sw_b) = self.a.stats(), self.b.stats()
+        threads = {role: thread_cpu(c.proc.pid) for role, c in (("receiver", self.a), ("sender", self.b))}
         start = time.perf_counter()
         self.b.command(f"{way} {n} {size}", "RAN")
         self.a.expect("GOT")
         elapsed = time.perf_counter() - start
         (cpu_a2, sw_a2), (cpu_b2, sw_b2) = self.a.stats(), self.b.stats()
+        self.threads = {}
+        for role, child in (("receiver", self.a), ("sender", self.b)):
+            for name, seconds in thread_cpu(child.proc.pid).items():
+                self.threads[f"{role} {name}"] = (seconds - threads[role].get(name, 0.0)) / n * 1e6
         cpu = (cpu_a2 - cpu_a + cpu_b2 - cpu_b) / n * 1e6
         return n / elapsed, cpu, (sw_a2 - sw_a + sw_b2 - sw_b) / n
 
@@ -378,6 +407,14 @@ def raw_tcp(server: EchoServer, n: int, size: int) -> tuple[float, float]:
     return rate, (time.process_time() - cpu) / n * 1e6
 
 
+def thread_medians(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each thread's median µs a message over ``rounds`` (0 in a round it did not run), busiest first,
+    those under 1 µs left out."""
+    names = {name for figures in rounds for name in figures}
+    medians = {name: statistics.median(r.get(name, 0.0) for r in rounds) for name in names}
+    return {name: round(us, 1) for name, us in sorted(medians.items(), key=lambda kv: -kv[1]) if us >= 1.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2_000)
@@ -394,6 +431,8 @@ def main() -> None:
 
     def record(key: str, size: int, value: float) -> None:
         figures.setdefault(key, {s: [] for s in sizes})[size].append(value)
+
+    by_thread: dict[int, list[dict[str, float]]] = {}
 
     jetstream_note = None
     if not args.no_jetstream and shutil.which("nats-server") is None and not Path("/usr/sbin/nats-server").exists():
@@ -420,6 +459,7 @@ def main() -> None:
                     record("processes_cpu", size, cpu)
                     record("switches", size, switches)
                     rate, cpu, switches = procs.run(n, size, "run_many")
+                    by_thread.setdefault(size, []).append(procs.threads)
                     record("processes_many", size, rate)
                     record("processes_many_cpu", size, cpu)
                     record("switches_many", size, switches)
@@ -466,6 +506,10 @@ def main() -> None:
         )
     if jetstream_note:
         print(jetstream_note)
+    threads = {str(s): thread_medians(rounds) for s, rounds in by_thread.items()}
+    for s, per in threads.items():
+        shares = ", ".join(f"{name} {us:.1f}" for name, us in per.items())
+        print(f"send_many {s} B, CPU µs a message by thread: {shares}")
 
     def per_size(key: str, digits: int = 0) -> dict[str, float]:
         return {str(s): (round(v, digits) if digits else round(v)) for s, v in med[key].items()}
@@ -496,6 +540,7 @@ def main() -> None:
         msgs_per_s_processes_send_many=per_size("processes_many"),
         cpu_us_per_msg_send_many=per_size("processes_many_cpu"),
         ctx_switches_per_msg_send_many=per_size("switches_many", 3),
+        cpu_us_per_msg_by_thread_send_many=threads,
         jetstream_note=jetstream_note,
     )
 
