@@ -56,9 +56,10 @@ switches of both node processes per message), the same three for ``send_many``
 were handed to the retrier, one process), ``cpu_us_per_msg_one_process`` and
 ``raw_tcp_cpu_us_per_msg``; and ``cpu_us_per_msg_by_thread_send_many``: where the
 ``send_many`` CPU goes, µs a message per thread of the two node processes
-(``/proc/<pid>/task/*/schedstat``; named ``sender`` or ``receiver`` and the thread's name without its
-instance number, e.g. ``sender RetrierActor``; threads under 1 µs left out), the figure that
-says which actor to make cheaper. Each figure is the median of ``--rounds``.
+(``/proc/<pid>/task/*/schedstat``; named ``sender`` or ``receiver`` and the thread's OS name without
+its instance number, e.g. ``sender Retrier``, ``receiver Libp2p:loop``, ``sender python`` for the
+sending thread; threads under 1 µs left out), the figure that says which actor to make cheaper.
+Each figure is the median of ``--rounds``.
 """
 
 from __future__ import annotations
