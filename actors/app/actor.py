@@ -3,7 +3,7 @@
 It speaks the retrier's application protocol
 (:mod:`villagemesh.actors.retrier.messages`): for each ``Incoming`` (a new,
 deduplicated message) it dispatches the message to every subscriber of its
-kind; ``MessageDelivered`` and ``MessageFailed`` resolve delivery handles.
+kind; ``MessagesDelivered`` and ``MessageFailed`` resolve delivery handles.
 
 Dispatch is exactly once for handlers that return (the argument is in
 :mod:`villagemesh.actors.core.ledger`). The gateway commits both marks itself,
@@ -78,7 +78,7 @@ a coroutine (``subscribe("DATA", lambda m: queue.put(m))`` with an
 outside any loop, refused as a failed handler naming the fix.
 
 At the sender, the gateway resolves delivery handles: with ``await_outcomes``
-(the node's setting) an ack (``MessageDelivered``) only marks the handle
+(the node's setting) an ack (in a ``MessagesDelivered``) only marks the handle
 acked, and the outcome report ends it (DELIVERED, UNHANDLED,
 HANDLER_FAILED); no report within ``outcome_timeout`` seconds of the ack ends
 it UNCONFIRMED (the report could not reach the sender in time).
@@ -151,7 +151,7 @@ from villagemesh.actors.core.base import Actor, ActorContext, Request
 from villagemesh.actors.core.envelopes import decode
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.registry.messages import FindSuitablePeers, ListPeers
-from villagemesh.actors.retrier.messages import Deliver, GetRetrierStatus, Incoming, MessageDelivered, MessageFailed
+from villagemesh.actors.retrier.messages import Deliver, GetRetrierStatus, Incoming, MessageFailed, MessagesDelivered
 from villagemesh.errors import BusError, ConfigError, ProtocolError, SupervisionError, VillageMeshError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
 
@@ -270,12 +270,8 @@ class AppActor(Actor):
     def handle(self, msg: Any) -> Any:
         if isinstance(msg, Incoming):
             self._dispatch_many([msg])
-        elif isinstance(msg, MessageDelivered):
-            if self.await_outcomes:
-                if self.handles.acked(msg.message_id, msg.attempts):
-                    self._await_outcome(msg.message_id)
-            else:
-                self.handles.resolve(msg.message_id, True, msg.attempts, None)
+        elif isinstance(msg, MessagesDelivered):
+            self._delivered(msg)
         elif isinstance(msg, MessageFailed):
             self.handles.resolve(msg.message_id, False, msg.attempts, f"{msg.reason}: {msg.last_error}")
         elif isinstance(msg, OutcomeDue):
@@ -306,11 +302,24 @@ class AppActor(Actor):
             self._conclude(message.message_id, run)
         return None
 
+    def _delivered(self, msg: MessagesDelivered) -> None:
+        """Acked sends: each handle ends delivered, or, when outcomes are awaited, is marked acked and
+        waits for its outcome report."""
+        handles = self.handles
+        if not self.await_outcomes:
+            for message_id, attempts, _ in msg:
+                handles.resolve(message_id, True, attempts, None)
+            return
+        acked = [message_id for message_id, attempts, _ in msg if handles.acked(message_id, attempts)]
+        if acked:
+            now = time.monotonic()
+            self.acked_at.update(dict.fromkeys(acked, now))
+            self._sweep_soon()
+
     # -- waiting for outcome reports --------------------------------------------------------------
 
-    def _await_outcome(self, message_id: bytes) -> None:
-        """Remember when ``message_id`` was acked; one sweep timer (not one per message) ends the late."""
-        self.acked_at[message_id] = time.monotonic()
+    def _sweep_soon(self) -> None:
+        """One sweep timer (not one per message) ends the sends whose outcome is late."""
         if not self.sweep_pending:
             self.sweep_pending = True
             self.schedule(self.outcome_timeout / 4, OutcomeDue())

@@ -25,7 +25,7 @@ the report traffic was half of all messages.
 
 On the bus it speaks the retrier's application protocol, defined by its owner in
 :mod:`villagemesh.actors.retrier.messages`: it receives ``Incoming`` (a new,
-deduplicated message to dispatch), ``MessageDelivered`` and ``MessageFailed``
+deduplicated message to dispatch), ``MessagesDelivered`` and ``MessageFailed``
 (the end of one of this node's sends), and tells the retrier ``Deliver`` (an
 outcome report). Its own bus message::
 

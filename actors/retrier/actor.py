@@ -9,7 +9,8 @@ Sending::
     timer ──_Wake───────────────► step(Tick) ───────────────────────────────────────────────────┤
                                                                                                 ▼
         decisions ─► Outbox.apply (one commit) ─► Send: Transmit to the transport actor
-                                                  Delivered / Failed: report_to, log
+                                                  Delivered: one MessagesDelivered a round to report_to, log
+                                                  Failed: MessageFailed to report_to, log
                                                   NextWakeup: one timer
 
 Receiving (the order is the exactly-once argument of :mod:`.store`)::
@@ -87,8 +88,8 @@ from .messages import (
     GetRetrierStatus,
     Handled,
     Incoming,
-    MessageDelivered,
     MessageFailed,
+    MessagesDelivered,
     RetrierStarted,
     RetrierStatus,
     TransportDown,
@@ -197,6 +198,8 @@ class RetrierActor(Actor):
         self.duplicates = 0
         self.delivered: list[Delivered] = []
         """Deliveries of this round not yet logged."""
+        self.reports: list[Delivered] = []
+        """Deliveries of this round not yet reported to ``report_to`` (not a transfer's chunks)."""
         self.outgoing: dict[str, list[tuple[Transmit, Send | None]]] = {}
         self.volatile: dict[bytes, bytes] = {}
         """Envelopes of transfer chunks being sent (kind ``CHUNK_KIND``): in memory only, never in the outbox."""
@@ -472,7 +475,7 @@ class RetrierActor(Actor):
         if isinstance(d, Delivered):
             self.delivered.append(d)
             if not chunk:  # a chunk's outcome is the transfer's business (its acks), not the app's
-                self._notify(MessageDelivered(d.message_id, d.attempts, d.transport))
+                self.reports.append(d)
         elif isinstance(d, Failed):
             self.ctx.log.emit(
                 "delivery_failed",
@@ -490,7 +493,14 @@ class RetrierActor(Actor):
 
     def _log_delivered(self) -> None:
         """One ``messages_delivered`` event for every delivery of the round (an event per message would
-        cost more than the delivery itself at full speed)."""
+        cost more than the delivery itself at full speed), and one ``MessagesDelivered`` report."""
+        if self.reports:
+            done, self.reports = self.reports, []
+            self._notify(
+                MessagesDelivered(
+                    tuple(d.message_id for d in done), tuple(d.attempts for d in done), tuple(d.transport for d in done)
+                )
+            )
         if self.delivered:
             done, self.delivered = self.delivered, []
             self.ctx.log.emit(

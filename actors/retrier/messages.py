@@ -12,7 +12,7 @@ From the application::
 To the application (the configured ``deliver_to`` / ``report_to``)::
 
     Incoming(message_id, envelope)               each new message for this node (until Handled)
-    MessageDelivered(message_id, attempts, transport)
+    MessagesDelivered(message_ids, attempts, transports)        the round's acked sends, one message
     MessageFailed(message_id, attempts, last_error, reason)     .exception() is DeliveryFailed
 
 With transports it speaks the transport contract (:mod:`villagemesh.actors.core.transport`:
@@ -29,6 +29,7 @@ the outbox): a lost ack makes the sender retry, and the retry is acked again.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from villagemesh.actors.core import codec
@@ -45,8 +46,8 @@ __all__ = [
     "GetRetrierStatus",
     "Handled",
     "Incoming",
-    "MessageDelivered",
     "MessageFailed",
+    "MessagesDelivered",
     "RetrierStarted",
     "RetrierStatus",
     "TransportDown",
@@ -138,14 +139,25 @@ class Incoming:
     envelope: bytes
 
 
-@codec.message("retrier.MessageDelivered")
+@codec.message("retrier.MessagesDelivered")
 @dataclass(frozen=True, slots=True)
-class MessageDelivered:
-    """The recipient acknowledged the message."""
+class MessagesDelivered:
+    """The recipients acknowledged these messages: every delivery of one round of the retrier's
+    decisions, in one message (not one per delivery: at full speed a round settles hundreds).
 
-    message_id: bytes
-    attempts: int
-    transport: str | None
+    The three tuples are parallel: ``message_ids[i]`` was delivered after ``attempts[i]`` attempts,
+    the last on ``transports[i]``. Iterating gives ``(message_id, attempts, transport)`` triples.
+    """
+
+    message_ids: tuple[bytes, ...]
+    attempts: tuple[int, ...]
+    transports: tuple[str | None, ...]
+
+    def __iter__(self) -> Iterator[tuple[bytes, int, str | None]]:
+        return zip(self.message_ids, self.attempts, self.transports, strict=True)
+
+    def __len__(self) -> int:
+        return len(self.message_ids)
 
 
 @codec.message("retrier.MessageFailed")

@@ -16,7 +16,7 @@ from villagemesh.actors.app.actor import MAX_DISPATCHES, AppActor
 from villagemesh.actors.app.state import DeliveryState, HandleTable, Subscribers
 from villagemesh.actors.core.base import ActorContext
 from villagemesh.actors.core.ledger import Inbox
-from villagemesh.actors.retrier.messages import Incoming, MessageDelivered, MessageFailed
+from villagemesh.actors.retrier.messages import Incoming, MessageFailed, MessagesDelivered
 from villagemesh.errors import ConfigError, DeliveryFailed, Unconfirmed
 from villagemesh.protocols.envelope import Message, Priority, encode_message
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
@@ -232,7 +232,7 @@ def test_delivery_updates_resolve_handles_for_waiters_callbacks_and_awaiters(run
     called = []
     ok.add_done_callback(called.append)
     client = runtime.bus.client()
-    client.tell("app", MessageDelivered(b"1" * 16, 1, "websocket"))
+    client.tell("app", MessagesDelivered((b"1" * 16,), (1,), ("websocket",)))
     client.tell("app", MessageFailed(b"2" * 16, 5, "connection refused", "attempts_exhausted"))
     assert ok.wait(WAIT).state is DeliveryState.DELIVERED and ok.result(WAIT).delivered
     with pytest.raises(DeliveryFailed) as info:
@@ -245,7 +245,7 @@ def test_delivery_updates_resolve_handles_for_waiters_callbacks_and_awaiters(run
 
     async def awaited():
         h = handles.new(b"3" * 16)
-        await asyncio.to_thread(client.tell, "app", MessageDelivered(b"3" * 16, 2, "websocket"))
+        await asyncio.to_thread(client.tell, "app", MessagesDelivered((b"3" * 16,), (2,), ("websocket",)))
         return await asyncio.wait_for(h, WAIT)
 
     assert asyncio.run(awaited()).attempts == 2
@@ -258,8 +258,7 @@ def test_an_acked_send_whose_outcome_never_comes_ends_unconfirmed(runtime, recor
     Gateway(runtime, tmp_path / "in.db", Subscribers(), handles, await_outcomes=True, outcome_timeout=0.2)
     waiting, answered = handles.new(b"5" * 16, "p", 1), handles.new(b"6" * 16, "p", 1)
     client = runtime.bus.client()
-    client.tell("app", MessageDelivered(b"5" * 16, 1, "websocket"))
-    client.tell("app", MessageDelivered(b"6" * 16, 1, "websocket"))
+    client.tell("app", MessagesDelivered((b"5" * 16, b"6" * 16), (1, 1), ("websocket", "libp2p")))
     handles.resolve(b"6" * 16, DeliveryState.DELIVERED, None, None)  # as its outcome report would
     with pytest.raises(Unconfirmed, match=r"no outcome report within 0\.2 s"):
         waiting.result(WAIT)

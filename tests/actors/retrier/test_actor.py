@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ from villagemesh.actors.retrier.messages import (
     DeliverManyReply,
     Handled,
     Incoming,
-    MessageDelivered,
     MessageFailed,
+    MessagesDelivered,
     ack_ids,
 )
 from villagemesh.actors.retrier.store import Outbox
@@ -118,8 +119,18 @@ class App(Actor):
             assert cls.cond.wait_for(predicate, WAIT), (len(cls.handled), cls.reports[-5:])
 
 
-def delivered(node: str) -> list[MessageDelivered]:
-    return [r for n, r in App.reports if n == node and isinstance(r, MessageDelivered)]
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of a MessagesDelivered report."""
+
+    message_id: bytes
+    attempts: int
+    transport: str | None
+
+
+def delivered(node: str) -> list[Delivery]:
+    """Every delivery reported to ``node``'s application, in order."""
+    return [Delivery(*d) for n, r in App.reports if n == node and isinstance(r, MessagesDelivered) for d in r]
 
 
 @pytest.fixture
@@ -351,7 +362,7 @@ def test_an_answer_token_without_a_bridge_to_answer_through_is_a_config_error_st
 
 def test_one_ack_envelope_settles_every_message_it_lists(nodes):
     """With B's acks lost, one ack envelope naming five messages (the first in correlation_id, the rest in
-    its payload) delivers all five at A."""
+    its payload) delivers all five at A, reported to A's application in one MessagesDelivered."""
     Wire.drop_acks.set()
     ids = send_many(nodes["A"], 5)
     App.wait(lambda: sum(1 for node, _ in App.handled if node == "B") == 5)
@@ -370,6 +381,8 @@ def test_one_ack_envelope_settles_every_message_it_lists(nodes):
     nodes["A"].bus.client().tell("retrier", Received("websocket", encode_message(ack), "B"))
     App.wait(lambda: len(delivered("A")) == 5)
     assert sorted(r.message_id for r in delivered("A")) == sorted(ids)
+    (report,) = [r for n, r in App.reports if n == "A" and isinstance(r, MessagesDelivered)]
+    assert len(report) == 5 and set(report.message_ids) == set(ids) and report.attempts == (1,) * 5
 
 
 @pytest.mark.parametrize("nodes", [{"max_attempts": 60}], indirect=True)
