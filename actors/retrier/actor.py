@@ -625,7 +625,7 @@ class RetrierActor(Actor):
         for message, (_, _, envelope) in zip(arrived, accepted, strict=True):
             if message.id in new:
                 new.discard(message.id)  # an id twice in one batch is handed over once
-                self._hand_to_app(message.id, envelope)
+                self._hand_to_app(message.id, envelope, message.kind)
             else:
                 self.duplicates += 1
         self._step(acked)  # every settled message in one commit; the acks' Transmits go with this turn's
@@ -721,8 +721,8 @@ class RetrierActor(Actor):
         transmit = Transmit(ack.id, peer, address, encode_message(ack), self.name, report_success=False)
         self.outgoing.setdefault(transport, []).append((transmit, None))
 
-    def _hand_to_app(self, message_id: bytes, envelope: bytes | None = None) -> None:
-        """Tell ``deliver_to`` the message (``envelope`` if in hand, else the stored one)."""
+    def _hand_to_app(self, message_id: bytes, envelope: bytes | None = None, kind: str | None = None) -> None:
+        """Tell ``deliver_to`` the message (``envelope`` and its ``kind`` if in hand, else the stored one)."""
         if self.deliver_to is None:
             self.inbox.mark_handled(message_id)  # nobody to hand it to: counted as handled
             return
@@ -732,7 +732,9 @@ class RetrierActor(Actor):
             self.undispatched.discard(message_id)
             return  # handled meanwhile
         to = self.deliver_to
-        if self.transfer_to is not None and decode(envelope).kind in (TRANSFER_KIND, CHUNK_KIND):
+        if kind is None and self.transfer_to is not None:
+            kind = decode(envelope).kind
+        if kind in (TRANSFER_KIND, CHUNK_KIND) and self.transfer_to is not None:
             to = self.transfer_to  # a large transfer's message: its actor commits it and answers Handled
         try:
             self.tell(to, Incoming(message_id, envelope))

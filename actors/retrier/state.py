@@ -338,6 +338,8 @@ class FairQueue(Generic[T]):
     def __init__(self, live: Callable[[T], bool]) -> None:
         self._live = live
         self._queues: dict[Priority, deque[T]] = {p: deque() for p in Priority}
+        self._order = [(p, self._queues[p]) for p in _PRIORITIES]
+        """The classes most urgent first, with their queues (a pick's one pass, no lookups)."""
         self._pass: dict[Priority, int] = dict.fromkeys(Priority, 0)
         self._vtime = 0
 
@@ -351,18 +353,20 @@ class FairQueue(Generic[T]):
 
     def pop(self) -> tuple[Priority, T] | None:
         """The next live item by the stride rule, or None when none is queued."""
+        live, passes = self._live, self._pass
         best: Priority | None = None
-        for priority in _PRIORITIES:  # most urgent first, so ties go to it
-            queue = self._queues[priority]
-            self._purge(queue)
-            if queue and (best is None or self._pass[priority] < self._pass[best]):
-                best = priority
-        if best is None:
+        best_pass = 0
+        best_queue: deque[T] | None = None
+        for priority, queue in self._order:  # most urgent first, so ties go to it
+            while queue and not live(queue[0]):  # stale heads go (as _purge)
+                queue.popleft()
+            if queue and (best is None or passes[priority] < best_pass):
+                best, best_pass, best_queue = priority, passes[priority], queue
+        if best is None or best_queue is None:
             return None
-        self._vtime = self._pass[best]
-        self._pass[best] += STRIDES[best]
-        item = self._queues[best].popleft()
-        return best, item
+        self._vtime = best_pass
+        passes[best] = best_pass + STRIDES[best]
+        return best, best_queue.popleft()
 
     def __bool__(self) -> bool:
         for queue in self._queues.values():
