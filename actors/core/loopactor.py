@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import socket
+import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -220,8 +221,14 @@ class EnvelopeTransportActor(LoopActor):
     of its own that never waits: one thread hop fewer on every message's way in. A pass
     with a large one (a transfer's chunk), or one the mailbox cannot take at once (full,
     or ``deliver_to`` restarting), comes back to the actor thread, which tells it and
-    waits for room, so the loop never blocks and goes on reading. Subclasses set
-    ``transport`` (the contract's name) and call :meth:`start_inbound` in ``on_start``.
+    waits for room, so the loop never blocks and goes on reading.
+
+    **Arrival order is kept.** Both threads tell through the same sender (one socket, so
+    one ordered pipe into the mailbox), taking turns under a lock, and while a pass handed
+    to the actor thread is not yet told, later passes follow it there instead of
+    overtaking it. (Two sockets would not do: the mailbox reads its pipes in turn, so a
+    frame sent later on one can be read before one sent earlier on the other.) Subclasses
+    set ``transport`` (the contract's name) and call :meth:`start_inbound` in ``on_start``.
     """
 
     transport: str = ""
@@ -235,9 +242,21 @@ class EnvelopeTransportActor(LoopActor):
         self._inbound: list[tuple[bytes, str]] = []
         """Envelopes decoded on the loop and not yet posted (loop thread only)."""
         self._loop_sender: Sender | None = None
-        """The loop thread's own bus sender (made and used there only; closed once the loop stopped)."""
+        """The sender of every Received (made on first use; used by one thread at a time, under
+        ``_send_lock``; closed once the loop stopped)."""
+        self._send_lock = threading.Lock()
+        self._posted_lock = threading.Lock()
+        self._posted = 0
+        """Passes handed to the actor thread and not yet told (under ``_posted_lock``)."""
         self.told_from_loop = 0
         """Envelopes the loop thread told ``deliver_to`` itself (the others went through the actor thread)."""
+
+    def _inbound_sender(self) -> Sender:
+        """The one sender of Received frames (call with ``_send_lock`` held)."""
+        sender = self._loop_sender
+        if sender is None:
+            sender = self._loop_sender = Sender(self.ctx.bus, owner=self.name)
+        return sender
 
     def envelope_received(self, message: object, raw: bytes, peer_id: str) -> None:
         """On the loop thread: ``raw`` came from the authenticated ``peer_id``; pass it on with this pass's others."""
@@ -247,19 +266,24 @@ class EnvelopeTransportActor(LoopActor):
 
     def _post_inbound(self) -> None:
         inbound, self._inbound = self._inbound, []
-        if self.deliver_to is not None and all(len(raw) < DIRECT_MAX_BYTES for raw, _ in inbound):
-            sender = self._loop_sender
-            if sender is None:
-                sender = self._loop_sender = Sender(self.ctx.bus, owner=self.name)
+        small = all(len(raw) < DIRECT_MAX_BYTES for raw, _ in inbound)
+        # Only this thread adds to _posted: 0 read here stays 0 until this thread posts.
+        if self.deliver_to is not None and small and self._posted == 0 and self._send_lock.acquire(blocking=False):
             try:
-                sender.tell_many(
+                self._inbound_sender().tell_many(
                     self.deliver_to, [Received(self.transport, raw, peer) for raw, peer in inbound], timeout=0
                 )
             except (MailboxFull, NoSuchActor):
-                pass  # not now: the actor thread tells them and waits for room
+                told = False  # not now: the actor thread tells them and waits for room
             else:
+                told = True
+            finally:
+                self._send_lock.release()
+            if told:
                 self.told_from_loop += len(inbound)
                 return
+        with self._posted_lock:
+            self._posted += 1
         self.post(inbound)
 
     def _stop_io_once(self) -> None:
@@ -271,9 +295,15 @@ class EnvelopeTransportActor(LoopActor):
                 sender.close()
 
     def on_loop_message(self, message: Any) -> None:
-        """Envelopes from authenticated peers (senders checked): tell ``deliver_to`` (one frame for all)."""
-        if self.deliver_to is None:
-            self.dropped += len(message)
-            return
-        for raw, peer_id in message:
-            self.tell(self.deliver_to, Received(self.transport, raw, peer_id))
+        """Envelopes from authenticated peers (senders checked): tell ``deliver_to`` (one frame for all),
+        on the loop's sender, waiting for room as long as the bus's send timeout."""
+        try:
+            if self.deliver_to is None:
+                self.dropped += len(message)
+                return
+            with self._send_lock:
+                received = [Received(self.transport, raw, peer_id) for raw, peer_id in message]
+                self._inbound_sender().tell_many(self.deliver_to, received)
+        finally:
+            with self._posted_lock:
+                self._posted -= 1

@@ -1,8 +1,10 @@
 """The transport shell's way in: envelopes decoded on the loop reach ``deliver_to``, told by the loop
-thread itself when small, through the actor thread when large or when the mailbox cannot take them."""
+thread itself when small, through the actor thread when large or when the mailbox cannot take them,
+and in the order they were decoded either way."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +37,15 @@ class Feed:
     first: int = 0
 
 
+@codec.message("loopactor_test.FeedTwo")
+@dataclass(frozen=True, slots=True)
+class FeedTwo:
+    """On the loop, while the actor thread waits: a pass of one large envelope, then a pass of small ones."""
+
+    first: int
+    small: int
+
+
 @codec.message("loopactor_test.Told")
 @dataclass(frozen=True, slots=True)
 class Told:
@@ -60,6 +71,18 @@ class Feeder(EnvelopeTransportActor):
 
             self.io_loop.call_soon(decode_pass)
             return Told(self.told_from_loop)
+        if isinstance(msg, FeedTwo):
+
+            async def two_passes() -> None:
+                self.envelope_received(None, msg.first.to_bytes(4, "big") + bytes(DIRECT_MAX_BYTES - 4), "peer")
+                await asyncio.sleep(0)  # the large pass is posted to this (busy) actor thread
+                for i in range(msg.small):
+                    self.envelope_received(None, (msg.first + 1 + i).to_bytes(4, "big") + bytes(60), "peer")
+                await asyncio.sleep(0)  # the small pass could go at once, ahead of the large one
+                await asyncio.sleep(0)
+
+            self.io_loop.call(two_passes(), WAIT)
+            return None
         return None
 
 
@@ -84,6 +107,12 @@ def wait_for(count: int) -> list[int]:
     while len(numbers()) < count and time.monotonic() < deadline:
         time.sleep(0.01)
     return numbers()
+
+
+def arrivals() -> list[int]:
+    """Each envelope's number, in the order the sink handled them."""
+    with LOCK:
+        return [int.from_bytes(e[:4], "big") for e in GOT]
 
 
 def launch(env: Environment) -> Supervisor:
@@ -120,7 +149,7 @@ def test_envelopes_the_full_mailbox_cannot_take_wait_in_the_actor_thread_and_non
     try:
         client = bus.client()
         for start in range(0, 40, 4):  # ten passes: the sink's mailbox fills after a few
-            client.ask("feeder", Feed(4, 64, first=start), timeout=WAIT)
+            client.tell("feeder", Feed(4, 64, first=start))  # told: the feeder waits for room meanwhile
             time.sleep(0.01)
         time.sleep(0.2)
         assert len(numbers()) == 0
@@ -128,6 +157,43 @@ def test_envelopes_the_full_mailbox_cannot_take_wait_in_the_actor_thread_and_non
         got = wait_for(40)
         assert got == list(range(40)), "an envelope was lost or doubled"
         assert told(env) < 40  # some went the actor thread's way, waiting for room
+    finally:
+        GATE.set()
+        sup.actor_ref.stop(timeout=WAIT)
+        bus.close()
+        env.scheduler.close()
+
+
+def test_small_passes_after_a_large_one_never_overtake_it(runtime: Environment) -> None:
+    """A pass with a large envelope goes the actor thread's way; the small pass after it, which the
+    loop could tell at once, arrives after it all the same (a transfer's chunk, then messages: FIFO),
+    and once the actor thread has told the large one, small passes go the loop's way again."""
+    GATE.set()
+    launch(runtime)
+    client = runtime.bus.client()
+    for first in range(0, 60, 6):
+        client.ask("feeder", FeedTwo(first, 5), timeout=WAIT)  # the actor thread is busy meanwhile
+    assert wait_for(60) == list(range(60))
+    assert arrivals() == list(range(60)), "a later pass overtook an earlier one"
+    client.ask("feeder", Feed(5, 64, first=60), timeout=WAIT)
+    assert wait_for(65) == list(range(65)) and arrivals() == list(range(65))
+    assert told(runtime) >= 5  # the loop's way again
+
+
+def test_order_is_kept_when_the_full_mailbox_sends_passes_the_actor_threads_way(tmp_path) -> None:
+    bus = Bus("tinyorder", capacity=4, send_timeout=WAIT)
+    env = Environment(bus=bus, log=EventLog("tinyorder", human=False), scheduler=Scheduler())
+    GATE.clear()
+    sup = launch(env)
+    try:
+        client = bus.client()
+        for start in range(0, 60, 3):
+            client.tell("feeder", Feed(3, 64, first=start))  # told: the feeder waits for room meanwhile
+            time.sleep(0.01)
+            if start == 30:
+                GATE.set()  # the sink drains while passes still come: the loop's way opens again
+        assert wait_for(60) == list(range(60))
+        assert arrivals() == list(range(60)), "a later pass overtook an earlier one"
     finally:
         GATE.set()
         sup.actor_ref.stop(timeout=WAIT)
