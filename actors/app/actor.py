@@ -1,8 +1,8 @@
 """The application gateway actor: the one place application code runs inside the node.
 
 It speaks the retrier's application protocol
-(:mod:`villagemesh.actors.retrier.messages`): for each ``Incoming`` (a new,
-deduplicated message) it dispatches the message to every subscriber of its
+(:mod:`villagemesh.actors.retrier.messages`): each message of an ``IncomingMany``
+or ``Incoming`` (new, deduplicated) it dispatches to every subscriber of its
 kind; ``MessagesDelivered`` and ``MessageFailed`` resolve delivery handles.
 
 Dispatch is exactly once for handlers that return (the argument is in
@@ -151,7 +151,14 @@ from villagemesh.actors.core.base import Actor, ActorContext, Request
 from villagemesh.actors.core.envelopes import decode
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.registry.messages import FindSuitablePeers, ListPeers
-from villagemesh.actors.retrier.messages import Deliver, GetRetrierStatus, Incoming, MessageFailed, MessagesDelivered
+from villagemesh.actors.retrier.messages import (
+    Deliver,
+    GetRetrierStatus,
+    Incoming,
+    IncomingMany,
+    MessageFailed,
+    MessagesDelivered,
+)
 from villagemesh.errors import BusError, ConfigError, ProtocolError, SupervisionError, VillageMeshError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
 
@@ -252,9 +259,13 @@ class AppActor(Actor):
         self.inbox.close()
 
     def handle_batch(self, batch: list[Request]) -> None:
-        """Every message waiting: each run of Incomings dispatched in chunks, the rest one by one, in order."""
+        """Every message waiting: each run of Incomings (an IncomingMany is a run) dispatched in chunks, the
+        rest one by one, in order."""
         incoming: list[Incoming] = []
         for request in batch:
+            if isinstance(request.msg, IncomingMany):
+                incoming.extend(request.msg)
+                continue
             if isinstance(request.msg, Incoming):
                 incoming.append(request.msg)
                 continue
@@ -270,6 +281,8 @@ class AppActor(Actor):
     def handle(self, msg: Any) -> Any:
         if isinstance(msg, Incoming):
             self._dispatch_many([msg])
+        elif isinstance(msg, IncomingMany):
+            self._dispatch_many(list(msg))
         elif isinstance(msg, MessagesDelivered):
             self._delivered(msg)
         elif isinstance(msg, MessageFailed):

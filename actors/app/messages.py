@@ -24,8 +24,8 @@ of the kind :data:`OUTCOMES_KIND`, up to :data:`OUTCOMES_PER_REPORT` ids each
 the report traffic was half of all messages.
 
 On the bus it speaks the retrier's application protocol, defined by its owner in
-:mod:`villagemesh.actors.retrier.messages`: it receives ``Incoming`` (a new,
-deduplicated message to dispatch), ``MessagesDelivered`` and ``MessageFailed``
+:mod:`villagemesh.actors.retrier.messages`: it receives ``IncomingMany`` and ``Incoming``
+(new, deduplicated messages to dispatch), ``MessagesDelivered`` and ``MessageFailed``
 (the end of one of this node's sends), and tells the retrier ``Deliver`` (an
 outcome report). Its own bus message::
 

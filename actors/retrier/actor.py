@@ -15,7 +15,7 @@ Sending::
 
 Receiving (the order is the exactly-once argument of :mod:`.store`)::
 
-    transport ──Received(envelope)──► decode ─► Inbox.accept (commit) ─► ack ─► deliver_to: Incoming
+    transport ──Received(envelope)──► decode ─► Inbox.accept (commit) ─► ack ─► deliver_to: IncomingMany
     the node's app gateway: Inbox.begin_dispatch (commit) ─► handlers ─► Inbox.mark_handled (commit)
     any other deliver_to ──Handled(id)──► Inbox.mark_handled (commit)
 
@@ -88,6 +88,7 @@ from .messages import (
     GetRetrierStatus,
     Handled,
     Incoming,
+    IncomingMany,
     MessageFailed,
     MessagesDelivered,
     RetrierStarted,
@@ -622,12 +623,18 @@ class RetrierActor(Actor):
             to_ack.setdefault((message.sender, msg.transport), []).append(message.id)
         new = self.inbox.accept_many(accepted) if accepted else set()  # R1: committed
         self._ack_all(to_ack, now)
+        to_app: list[tuple[bytes, bytes]] = []
         for message, (_, _, envelope) in zip(arrived, accepted, strict=True):
-            if message.id in new:
-                new.discard(message.id)  # an id twice in one batch is handed over once
+            if message.id not in new:
+                self.duplicates += 1
+                continue
+            new.discard(message.id)  # an id twice in one batch is handed over once
+            if self.transfer_to is not None and message.kind in (TRANSFER_KIND, CHUNK_KIND):
                 self._hand_to_app(message.id, envelope, message.kind)
             else:
-                self.duplicates += 1
+                to_app.append((message.id, envelope))
+        if to_app:
+            self._hand_all_to_app(to_app)
         self._step(acked)  # every settled message in one commit; the acks' Transmits go with this turn's
 
     def _hand_chunk(self, message: Message, envelope: bytes, transport: str) -> None:
@@ -721,6 +728,20 @@ class RetrierActor(Actor):
         transmit = Transmit(ack.id, peer, address, encode_message(ack), self.name, report_success=False)
         self.outgoing.setdefault(transport, []).append((transmit, None))
 
+    def _hand_all_to_app(self, messages: list[tuple[bytes, bytes]]) -> None:
+        """Tell ``deliver_to`` these new ``(id, envelope)``, none for ``transfer_to``, in one IncomingMany."""
+        if self.deliver_to is None:
+            self.inbox.mark_handled_many([m for m, _ in messages])  # nobody to hand them to: counted as handled
+            return
+        ids = tuple(m for m, _ in messages)
+        try:
+            self.tell(self.deliver_to, IncomingMany(ids, tuple(e for _, e in messages)))
+        except BusError as exc:
+            self._refused(ids, exc)
+            return
+        if self.undispatched:
+            self.undispatched.difference_update(ids)
+
     def _hand_to_app(self, message_id: bytes, envelope: bytes | None = None, kind: str | None = None) -> None:
         """Tell ``deliver_to`` the message (``envelope`` and its ``kind`` if in hand, else the stored one)."""
         if self.deliver_to is None:
@@ -739,12 +760,17 @@ class RetrierActor(Actor):
         try:
             self.tell(to, Incoming(message_id, envelope))
         except BusError as exc:
-            self.ctx.log.emit("dispatch_failed", level="warning", message_id=message_id.hex(), reason=str(exc))
-            if not self.undispatched:
-                self.schedule(REDISPATCH_EVERY, _Redispatch())
-            self.undispatched.add(message_id)
+            self._refused((message_id,), exc)
             return
         self.undispatched.discard(message_id)
+
+    def _refused(self, ids: tuple[bytes, ...], exc: BusError) -> None:
+        """The hand-over of ``ids`` to the app was refused: logged, and tried again every :data:`REDISPATCH_EVERY`."""
+        for message_id in ids:
+            self.ctx.log.emit("dispatch_failed", level="warning", message_id=message_id.hex(), reason=str(exc))
+        if not self.undispatched:
+            self.schedule(REDISPATCH_EVERY, _Redispatch())
+        self.undispatched.update(ids)
 
 
 # --- client API: callers never build the messages ---------------------------------------------------------

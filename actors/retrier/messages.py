@@ -11,7 +11,9 @@ From the application::
 
 To the application (the configured ``deliver_to`` / ``report_to``)::
 
-    Incoming(message_id, envelope)               each new message for this node (until Handled)
+    IncomingMany(message_ids, envelopes)         the new messages for this node of one turn (each until Handled)
+    Incoming(message_id, envelope)               one, dispatched again (after a restart, or a refused hand-over),
+                                                 and each message for ``transfer_to``
     MessagesDelivered(message_ids, attempts, transports)        the round's acked sends, one message
     MessageFailed(message_id, attempts, last_error, reason)     .exception() is DeliveryFailed
 
@@ -46,6 +48,7 @@ __all__ = [
     "GetRetrierStatus",
     "Handled",
     "Incoming",
+    "IncomingMany",
     "MessageFailed",
     "MessagesDelivered",
     "RetrierStarted",
@@ -137,6 +140,25 @@ class Incoming:
 
     message_id: bytes
     envelope: bytes
+
+
+@codec.message("retrier.IncomingMany")
+@dataclass(frozen=True, slots=True)
+class IncomingMany:
+    """The new messages for this node that one turn of the retrier received and stored, in arrival
+    order, in one message (not one Incoming each); answer each with Handled when done.
+
+    Parallel tuples; iterating gives each as an :class:`Incoming`.
+    """
+
+    message_ids: tuple[bytes, ...]
+    envelopes: tuple[bytes, ...]
+
+    def __iter__(self) -> Iterator[Incoming]:
+        return (Incoming(m, e) for m, e in zip(self.message_ids, self.envelopes, strict=True))
+
+    def __len__(self) -> int:
+        return len(self.message_ids)
 
 
 @codec.message("retrier.MessagesDelivered")

@@ -16,7 +16,7 @@ from villagemesh.actors.app.actor import MAX_DISPATCHES, AppActor
 from villagemesh.actors.app.state import DeliveryState, HandleTable, Subscribers
 from villagemesh.actors.core.base import ActorContext
 from villagemesh.actors.core.ledger import Inbox
-from villagemesh.actors.retrier.messages import Incoming, MessageFailed, MessagesDelivered
+from villagemesh.actors.retrier.messages import Incoming, IncomingMany, MessageFailed, MessagesDelivered
 from villagemesh.errors import ConfigError, DeliveryFailed, Unconfirmed
 from villagemesh.protocols.envelope import Message, Priority, encode_message
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
@@ -82,6 +82,27 @@ def test_inbound_messages_reach_their_kind_and_wildcard_subscribers_then_are_mar
     assert app.wait_handled(mid)
     assert seen == [("data", b"hi", False), ("any", b"hi", False)]
     assert app.inbox.unhandled() == []
+
+
+def test_an_incoming_many_dispatches_each_of_its_messages_once_in_order(runtime, recorder, tmp_path):
+    """A turn's IncomingMany (an id twice, and one handled already, among them) reaches the handlers
+    once per new message, in its order, and every one is marked handled."""
+    subs, seen = Subscribers(), []
+    subs.add("DATA", lambda m: seen.append(m.payload))
+    app = Gateway(runtime, tmp_path / "in.db", subs)
+    done_id, done_env = envelope(payload=b"before")
+    app.incoming(done_id, done_env)
+    assert app.wait_handled(done_id)
+    batch = [envelope(payload=str(i).encode()) for i in range(40)]
+    for mid, env in batch:
+        app.inbox.accept(mid, 2000.0, env)
+    ids = (*(m for m, _ in batch), batch[0][0], done_id)
+    envs = (*(e for _, e in batch), batch[0][1], done_env)
+    app.client.tell("app", IncomingMany(ids, envs))
+    assert all(app.wait_handled(mid) for mid, _ in batch)
+    recorder.wait_for("message_already_handled", message_id=done_id.hex())
+    assert seen == [b"before"] + [str(i).encode() for i in range(40)]
+    assert list(IncomingMany(ids[:2], envs[:2])) == [Incoming(ids[0], envs[0]), Incoming(ids[1], envs[1])]
 
 
 def test_a_handled_message_is_never_dispatched_again(runtime, recorder, tmp_path):

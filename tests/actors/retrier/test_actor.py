@@ -29,6 +29,7 @@ from villagemesh.actors.retrier.messages import (
     DeliverManyReply,
     Handled,
     Incoming,
+    IncomingMany,
     MessageFailed,
     MessagesDelivered,
     ack_ids,
@@ -99,6 +100,10 @@ class App(Actor):
     cond = threading.Condition()
 
     def handle(self, msg: Any) -> Any:
+        if isinstance(msg, IncomingMany):
+            for one in msg:
+                self.handle(one)
+            return None
         node = self.ctx.config["node"]
         with App.cond:
             if isinstance(msg, Incoming):
