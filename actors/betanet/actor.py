@@ -60,6 +60,7 @@ from villagemesh.actors.core.transport import (
     Discovered,
     Received,
     Transmit,
+    TransmitMany,
     TransmitResult,
 )
 from villagemesh.actors.registry.messages import ListRoutes, RoutesList
@@ -301,6 +302,9 @@ class BetanetActor(LoopActor):
     def handle(self, msg: Any) -> Any:
         if isinstance(msg, Transmit):
             self._transmit(msg)
+        elif isinstance(msg, TransmitMany):
+            for transmit in msg:
+                self._transmit(transmit)
         elif isinstance(msg, ForwardDue):
             self._forward_armed = None
             self._forward_due()

@@ -63,6 +63,7 @@ from villagemesh.actors.core.transport import (
     Received,
     Sighting,
     Transmit,
+    TransmitMany,
     TransmitResult,
 )
 from villagemesh.errors import ConfigError, ConnectError, ProtocolError, RemoteProtocolError
@@ -140,6 +141,9 @@ class BitchatActor(LoopActor):
     def handle(self, msg: Any) -> Any:
         if isinstance(msg, Transmit):
             self._transmit(msg)
+        elif isinstance(msg, TransmitMany):
+            for transmit in msg:
+                self._transmit(transmit)
         elif isinstance(msg, RelayDue):
             self._armed = None
             self.driver.tick(time.monotonic())

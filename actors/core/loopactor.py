@@ -37,7 +37,7 @@ from villagemesh.actors.core.handoff import (
     claim,
 )
 from villagemesh.actors.core.loopthread import EventLogLogger, LoopThread
-from villagemesh.actors.core.transport import ConnectionHandedOff, Received
+from villagemesh.actors.core.transport import ConnectionHandedOff, ReceivedMany
 from villagemesh.errors import BusError, MailboxFull, NoSuchActor
 
 __all__ = ["DIRECT_MAX_BYTES", "LOOP_CALL_TIMEOUT_S", "EnvelopeTransportActor", "LoopActor"]
@@ -212,10 +212,10 @@ class LoopActor(Actor):
 
 
 class EnvelopeTransportActor(LoopActor):
-    """A transport's loop actor: envelopes its loop decoded go to ``deliver_to`` as ``Received``.
+    """A transport's loop actor: envelopes its loop decoded go to ``deliver_to`` as ``ReceivedMany``.
 
     Batches, never waiting to fill one: every envelope one pass of the loop's callbacks
-    hands to :meth:`envelope_received` goes on to ``deliver_to`` as one bus frame
+    hands to :meth:`envelope_received` goes on to ``deliver_to`` as one ``ReceivedMany``
     (``call_soon``, no timer). A pass of small envelopes (each under
     :data:`DIRECT_MAX_BYTES`) is told by the loop thread itself, through a bus sender
     of its own that never waits: one thread hop fewer on every message's way in. A pass
@@ -242,7 +242,7 @@ class EnvelopeTransportActor(LoopActor):
         self._inbound: list[tuple[bytes, str]] = []
         """Envelopes decoded on the loop and not yet posted (loop thread only)."""
         self._loop_sender: Sender | None = None
-        """The sender of every Received (made on first use; used by one thread at a time, under
+        """The sender of every ReceivedMany (made on first use; used by one thread at a time, under
         ``_send_lock``; closed once the loop stopped)."""
         self._send_lock = threading.Lock()
         self._posted_lock = threading.Lock()
@@ -252,7 +252,7 @@ class EnvelopeTransportActor(LoopActor):
         """Envelopes the loop thread told ``deliver_to`` itself (the others went through the actor thread)."""
 
     def _inbound_sender(self) -> Sender:
-        """The one sender of Received frames (call with ``_send_lock`` held)."""
+        """The one sender of ReceivedMany frames (call with ``_send_lock`` held)."""
         sender = self._loop_sender
         if sender is None:
             sender = self._loop_sender = Sender(self.ctx.bus, owner=self.name)
@@ -270,9 +270,7 @@ class EnvelopeTransportActor(LoopActor):
         # Only this thread adds to _posted: 0 read here stays 0 until this thread posts.
         if self.deliver_to is not None and small and self._posted == 0 and self._send_lock.acquire(blocking=False):
             try:
-                self._inbound_sender().tell_many(
-                    self.deliver_to, [Received(self.transport, raw, peer) for raw, peer in inbound], timeout=0
-                )
+                self._inbound_sender().tell(self.deliver_to, self._received(inbound), timeout=0)
             except (MailboxFull, NoSuchActor):
                 told = False  # not now: the actor thread tells them and waits for room
             else:
@@ -285,6 +283,9 @@ class EnvelopeTransportActor(LoopActor):
         with self._posted_lock:
             self._posted += 1
         self.post(inbound)
+
+    def _received(self, inbound: list[tuple[bytes, str]]) -> ReceivedMany:
+        return ReceivedMany(self.transport, tuple(raw for raw, _ in inbound), tuple(peer for _, peer in inbound))
 
     def _stop_io_once(self) -> None:
         try:
@@ -302,8 +303,7 @@ class EnvelopeTransportActor(LoopActor):
                 self.dropped += len(message)
                 return
             with self._send_lock:
-                received = [Received(self.transport, raw, peer_id) for raw, peer_id in message]
-                self._inbound_sender().tell_many(self.deliver_to, received)
+                self._inbound_sender().tell(self.deliver_to, self._received(message))
         finally:
             with self._posted_lock:
                 self._posted -= 1

@@ -5,8 +5,8 @@ encoded envelopes (:func:`villagemesh.protocols.envelope.encode_message`) to
 and from peers, and finds peers. It never decides *whether* or *where* to send:
 the delivery retrier does that and tells it::
 
-    retrier ──Transmit──► transport ──TransmitResult──► retrier
-    transport ──Received──────────────────────────────► retrier   (every inbound envelope)
+    retrier ──TransmitMany──► transport ──TransmitResult──► retrier   (a turn's sends: one message)
+    transport ──ReceivedMany──────────────────────────────► retrier   (a pass of inbound envelopes)
     sweeper ──Discover──► transport ──Discovered──► sweeper ──Sighted──► registry
     acceptor ──ConnectionHandedOff──► transport   (a connection sniffed as its protocol; see actors.core.handoff)
 
@@ -14,6 +14,12 @@ Its bus name is its transport name (``websocket``, ``libp2p``, ``bitchat``,
 ``betanet``), so the retrier finds it by the names in the network mode's
 order. Addresses are URLs whose scheme names the transport
 (``ws://127.0.0.1:7000``, ``/ip4/…`` multiaddrs for libp2p, …).
+
+A transport takes a ``Transmit`` alone or many in one ``TransmitMany`` (parallel tuples;
+iterating gives each as a ``Transmit``), and tells what arrived as a ``Received`` or, for
+several read together, one ``ReceivedMany``: one bus message a turn rather than one an
+envelope, since building, packing and unpacking a message each costs about as much as the
+rest of a hop (~1.8 µs a message against ~0.1 for the parallel tuples).
 
 ``TransmitResult.retryable`` follows urllib3's distinction: False when the
 peer may have received the bytes (the retrier then waits for the end-to-end
@@ -27,6 +33,7 @@ transport that claims this contract.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from villagemesh.actors.core import codec
@@ -39,9 +46,12 @@ __all__ = [
     "Discover",
     "Discovered",
     "Received",
+    "ReceivedMany",
     "Sighting",
     "Transmit",
+    "TransmitMany",
     "TransmitResult",
+    "group_transmits",
     "is_transport_failure",
     "transmit_outcome",
 ]
@@ -93,6 +103,33 @@ class Transmit:
     it saves two thread hops per envelope (loop to actor, actor to retrier)."""
 
 
+@codec.message("transport.TransmitMany")
+@dataclass(frozen=True, slots=True)
+class TransmitMany:
+    """Several Transmits in one message, in order: ``message_ids[i]`` to ``address[i]`` of ``peer_ids[i]``.
+
+    Parallel tuples (one ``reply_to`` and ``report_success`` for all); iterating gives each
+    as a :class:`Transmit`, which is how a transport answers for it.
+    """
+
+    message_ids: tuple[bytes, ...]
+    peer_ids: tuple[str, ...]
+    addresses: tuple[str, ...]
+    envelopes: tuple[bytes, ...]
+    reply_to: str
+    report_success: bool = True
+
+    def __iter__(self) -> Iterator[Transmit]:
+        reply_to, report = self.reply_to, self.report_success
+        return (
+            Transmit(m, p, a, e, reply_to, report)
+            for m, p, a, e in zip(self.message_ids, self.peer_ids, self.addresses, self.envelopes, strict=True)
+        )
+
+    def __len__(self) -> int:
+        return len(self.message_ids)
+
+
 @codec.message("transport.TransmitResult")
 @dataclass(frozen=True, slots=True)
 class TransmitResult:
@@ -115,6 +152,26 @@ class Received:
     envelope: bytes
     remote: str
     """Where it came from, as the transport sees it (an address or a connection label)."""
+
+
+@codec.message("transport.ReceivedMany")
+@dataclass(frozen=True, slots=True)
+class ReceivedMany:
+    """Envelopes that arrived together on ``transport``, in arrival order: ``envelopes[i]`` from ``remotes[i]``.
+
+    Parallel tuples; iterating gives each as a :class:`Received`.
+    """
+
+    transport: str
+    envelopes: tuple[bytes, ...]
+    remotes: tuple[str, ...]
+
+    def __iter__(self) -> Iterator[Received]:
+        transport = self.transport
+        return (Received(transport, e, r) for e, r in zip(self.envelopes, self.remotes, strict=True))
+
+    def __len__(self) -> int:
+        return len(self.envelopes)
 
 
 @codec.message("transport.Sighting")
@@ -151,6 +208,21 @@ class Discovered:
     transport: str
     sightings: tuple[Sighting, ...]
     errors: tuple[str, ...]
+
+
+def group_transmits(sends: Iterable[Transmit | TransmitMany]) -> dict[tuple[str, str, bool], list[Transmit]]:
+    """The Transmits of ``sends`` by peer, address and ``report_success``, each group in order:
+    what a transport writes to one connection at once."""
+    groups: dict[tuple[str, str, bool], list[Transmit]] = {}
+    for send in sends:
+        for t in (send,) if isinstance(send, Transmit) else send:
+            key = (t.peer_id, t.address, t.report_success)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [t]
+            else:
+                group.append(t)
+    return groups
 
 
 def is_transport_failure(error: BaseException) -> bool:

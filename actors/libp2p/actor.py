@@ -46,6 +46,8 @@ from villagemesh.actors.core.transport import (
     Discovered,
     Sighting,
     Transmit,
+    TransmitMany,
+    group_transmits,
     transmit_outcome,
 )
 from villagemesh.actors.libp2p.aead import BULK_AEAD
@@ -116,8 +118,8 @@ class Libp2pActor(EnvelopeTransportActor):
         if isinstance(msg, ConnectionHandedOff):
             self.adopt_handed_off(msg, self.host.protocol_factory)
             return None
-        if isinstance(msg, Transmit):
-            self._start_transmits([msg])
+        if isinstance(msg, Transmit | TransmitMany):
+            self._start_grouped([msg])
             return None
         if isinstance(msg, Discover):
             self._start_discovery(msg)
@@ -128,16 +130,20 @@ class Libp2pActor(EnvelopeTransportActor):
 
     def handle_batch(self, batch: list[Request]) -> None:
         """Every message waiting: the Transmits to one peer go out in one write, the rest one by one."""
-        per_peer: dict[tuple[str, str, bool], list[Transmit]] = {}
+        sends: list[Transmit | TransmitMany] = []
         for request in batch:
-            if isinstance(request.msg, Transmit):
-                t = request.msg
-                per_peer.setdefault((t.peer_id, t.address, t.report_success), []).append(t)
+            if isinstance(request.msg, Transmit | TransmitMany):
+                sends.append(request.msg)
             else:
                 answer = self.handle(request.msg)
                 if request.token is not None:
                     request.token.reply(answer)
-        for transmits in per_peer.values():
+        if sends:
+            self._start_grouped(sends)
+
+    def _start_grouped(self, sends: list[Transmit | TransmitMany]) -> None:
+        """Start ``sends`` in order, one write per peer address."""
+        for transmits in group_transmits(sends).values():
             self._start_transmits(transmits)
 
     def _start_transmits(self, requests: list[Transmit]) -> None:

@@ -8,7 +8,7 @@ Sending::
     registry ──PeerRoutes───────► step(Routes) ─────────────────────────────────────────────────┤
     timer ──_Wake───────────────► step(Tick) ───────────────────────────────────────────────────┤
                                                                                                 ▼
-        decisions ─► Outbox.apply (one commit) ─► Send: Transmit to the transport actor
+        decisions ─► Outbox.apply (one commit) ─► Send: TransmitMany to the transport actor
                                                   Delivered: one MessagesDelivered a round to report_to, log
                                                   Failed: MessageFailed to report_to, log
                                                   NextWakeup: one timer
@@ -65,13 +65,21 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from villagemesh.actors.core.base import Actor, ActorContext, Request, TimerHandle
 from villagemesh.actors.core.bus import Sender
 from villagemesh.actors.core.envelopes import decode
 from villagemesh.actors.core.ledger import Inbox
-from villagemesh.actors.core.transport import REPLY_ADDRESS, TRANSPORT_NAMES, Received, Transmit, TransmitResult
+from villagemesh.actors.core.transport import (
+    REPLY_ADDRESS,
+    TRANSPORT_NAMES,
+    Received,
+    ReceivedMany,
+    TransmitMany,
+    TransmitResult,
+)
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
 from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
@@ -147,8 +155,22 @@ BATCH_LIMIT = 1024
 HANDOFF_BYTES = 1 << 20
 """Envelope bytes one frame of Transmits to a transport carries at most (a bound on one bus frame)."""
 
-_RUNS: dict[type, str] = {Deliver: "deliver", DeliverMany: "deliver", Received: "received", Handled: "handled"}
+_RUNS: dict[type, str] = {
+    Deliver: "deliver",
+    DeliverMany: "deliver",
+    Received: "received",
+    ReceivedMany: "received",
+    Handled: "handled",
+}
 """Message types a batch turn handles together, consecutive ones as one run (one commit)."""
+
+_Outgoing = tuple[bytes, str, str, bytes, Send | None]
+"""A Transmit queued for this turn's hand-over: message id, peer, address, envelope, and the
+attempt it carries out (None: an ack)."""
+
+
+def _received(msg: Received | ReceivedMany) -> Iterable[Received]:
+    return msg if type(msg) is ReceivedMany else (msg,)  # type: ignore[return-value]
 
 
 class _Redispatch:
@@ -201,7 +223,7 @@ class RetrierActor(Actor):
         """Deliveries of this round not yet logged."""
         self.reports: list[Delivered] = []
         """Deliveries of this round not yet reported to ``report_to`` (not a transfer's chunks)."""
-        self.outgoing: dict[str, list[tuple[Transmit, Send | None]]] = {}
+        self.outgoing: dict[str, list[_Outgoing]] = {}
         self.volatile: dict[bytes, bytes] = {}
         """Envelopes of transfer chunks being sent (kind ``CHUNK_KIND``): in memory only, never in the outbox."""
         self.chunks_held: dict[bytes, tuple[str, str, float]] = {}
@@ -273,7 +295,7 @@ class RetrierActor(Actor):
         if kind == "adopt":
             self._adopt_many([r.msg.envelope for r in run])
         elif kind == "received":
-            self._received_many([r.msg for r in run])
+            self._received_many([r for request in run for r in _received(request.msg)])
         else:
             self._handled([r.msg.message_id for r in run])
         for request in run:
@@ -296,8 +318,8 @@ class RetrierActor(Actor):
             attempt = self._attempt_of(msg.message_id, msg.transport)
             error = msg.error or "failed"
             self._step([AttemptResult(msg.message_id, attempt, msg.transport, error, time.time(), msg.retryable)])
-        elif isinstance(msg, Received):
-            self._received_many([msg])
+        elif isinstance(msg, Received | ReceivedMany):
+            self._received_many(list(_received(msg)))
         elif isinstance(msg, Handled):
             self._handled([msg.message_id])
         elif isinstance(msg, PeerRoutes):
@@ -520,12 +542,13 @@ class RetrierActor(Actor):
         if envelope is None or not addresses:
             reason = "the envelope is gone from the outbox" if envelope is None else "no address on this transport"
             return AttemptResult(send.message_id, send.attempt, send.transport, reason, time.time())
-        transmit = Transmit(send.message_id, send.recipient, addresses[0], envelope, self.name, report_success=False)
-        self.outgoing.setdefault(send.transport, []).append((transmit, send))
+        self.outgoing.setdefault(send.transport, []).append(
+            (send.message_id, send.recipient, addresses[0], envelope, send)
+        )
         return None
 
     def _flush_transmits(self) -> list[Event]:
-        """Hand every queued Transmit to its transport, as few frames as the bound allows.
+        """Hand every queued Transmit to its transport: a TransmitMany per transport, as few as the bound allows.
 
         An explicit timeout sends at once, so a transport that is down or full fails
         these attempts here, retryably (an ack that cannot be handed over is logged).
@@ -536,22 +559,24 @@ class RetrierActor(Actor):
             start = 0
             while start < len(items):
                 end, size = start, 0
-                while end < len(items) and (end == start or size + len(items[end][0].envelope) <= HANDOFF_BYTES):
-                    size += len(items[end][0].envelope)
+                while end < len(items) and (end == start or size + len(items[end][3]) <= HANDOFF_BYTES):
+                    size += len(items[end][3])
                     end += 1
                 chunk = items[start:end]
                 start = end
+                ids, peers, addresses, envelopes, _ = zip(*chunk, strict=True)
+                transmits = TransmitMany(ids, peers, addresses, envelopes, self.name, report_success=False)
                 try:
-                    self.sender.tell_many(transport, [t for t, _ in chunk], timeout=HANDOFF_TIMEOUT)
+                    self.sender.tell(transport, transmits, timeout=HANDOFF_TIMEOUT)
                 except BusError as exc:
                     error = f"{type(exc).__name__}: {exc}"
-                    for transmit, send in chunk:
+                    for message_id, peer_id, _, _, send in chunk:
                         if send is None:
                             self.ctx.log.emit(
                                 "ack_unroutable",
                                 level="warning",
-                                message_id=transmit.message_id.hex(),
-                                peer_id=transmit.peer_id,
+                                message_id=message_id.hex(),
+                                peer_id=peer_id,
                                 reason=str(exc),
                             )
                         else:
@@ -725,8 +750,7 @@ class RetrierActor(Actor):
                 return  # the sender retries; by then the registry may know a route back
             address = routes[transport][0]
         assert transport is not None
-        transmit = Transmit(ack.id, peer, address, encode_message(ack), self.name, report_success=False)
-        self.outgoing.setdefault(transport, []).append((transmit, None))
+        self.outgoing.setdefault(transport, []).append((ack.id, peer, address, encode_message(ack), None))
 
     def _hand_all_to_app(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Tell ``deliver_to`` these new ``(id, envelope)``, none for ``transfer_to``, in one IncomingMany."""

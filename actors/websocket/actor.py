@@ -53,7 +53,9 @@ from villagemesh.actors.core.transport import (
     Discover,
     Discovered,
     Transmit,
+    TransmitMany,
     TransmitResult,
+    group_transmits,
 )
 from villagemesh.actors.websocket.messages import (
     GetWebSocketStatus,
@@ -138,8 +140,8 @@ class WebSocketActor(EnvelopeTransportActor):
         if isinstance(msg, ConnectionHandedOff):
             self.adopt_handed_off(msg, self.server.protocol_factory)
             return None
-        if isinstance(msg, Transmit):
-            self._start_transmits([msg])
+        if isinstance(msg, Transmit | TransmitMany):
+            self._start_grouped([msg])
             return None
         if isinstance(msg, SendEnvelope):
             self._start_send(msg)
@@ -166,16 +168,21 @@ class WebSocketActor(EnvelopeTransportActor):
 
     def handle_batch(self, batch: list[Request]) -> None:
         """Every message waiting: the Transmits to one peer address go out together, the rest one by one."""
-        groups: dict[tuple[str, str, bool], list[Transmit]] = {}
+        sends: list[Transmit | TransmitMany] = []
         for request in batch:
             msg = request.msg
-            if isinstance(msg, Transmit):
-                groups.setdefault((msg.address, msg.peer_id, msg.report_success), []).append(msg)
+            if isinstance(msg, Transmit | TransmitMany):
+                sends.append(msg)
                 continue
             answer = self.handle(msg)
             if request.token is not None:
                 request.token.reply(answer)
-        for group in groups.values():
+        if sends:
+            self._start_grouped(sends)
+
+    def _start_grouped(self, sends: list[Transmit | TransmitMany]) -> None:
+        """Start ``sends`` in order, one write per peer address."""
+        for group in group_transmits(sends).values():
             self._start_transmits(group)
 
     def _start_transmits(self, requests: list[Transmit]) -> None:

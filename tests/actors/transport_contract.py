@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import pytest
 
 from villagemesh.actors.core.secure.keys import NodeKeys
-from villagemesh.actors.core.transport import Discover, Discovered, Received, Transmit, TransmitResult
+from villagemesh.actors.core.transport import Discover, Discovered, Received, Transmit, TransmitMany, TransmitResult
 from villagemesh.protocols.envelope import Message, Priority, decode_message, encode_message
 
 WAIT = 10.0
@@ -128,6 +128,29 @@ class TransportContract:
             self.transmit(runtime, a, b.keys.node_id, b.address, msg, report_success=False)
         got = [decode_message(next_of(b.inbox, Received).envelope) for _ in sent]
         assert got == sent
+
+    def test_a_transmit_many_carries_each_of_its_envelopes_and_answers_each_failure(
+        self, runtime: Any, transport_factory: Factory
+    ) -> None:
+        a, b = self.pair(runtime, transport_factory)
+        sent = [envelope(a.keys, b"many %d" % n) for n in range(5)]
+        failing = envelope(a.keys, b"nobody there")
+        order = [*sent[:2], failing, *sent[2:]]
+        peers = [b.keys.node_id] * 2 + [NodeKeys.generate().node_id] + [b.keys.node_id] * 3
+        addresses = [b.address] * 2 + [self.UNREACHABLE] + [b.address] * 3
+        many = TransmitMany(
+            tuple(m.id for m in order),
+            tuple(peers),
+            tuple(addresses),
+            tuple(encode_message(m) for m in order),
+            a.sink,
+            report_success=False,
+        )
+        runtime.bus.client().tell(a.actor, many)
+        got = [decode_message(next_of(b.inbox, Received).envelope) for _ in sent]
+        assert got == sent if self.ORDERED else sorted(got, key=lambda m: m.id) == sorted(sent, key=lambda m: m.id)
+        result = next_of(a.inbox, TransmitResult)
+        assert (result.message_id, result.ok) == (failing.id, False)
 
     def test_an_address_nobody_listens_on_is_a_retryable_failure_naming_it(
         self, runtime: Any, transport_factory: Factory

@@ -11,6 +11,7 @@ from typing import Any
 import pykka
 
 from villagemesh.actors.core.base import Actor, ActorContext
+from villagemesh.actors.core.transport import ReceivedMany
 from villagemesh.protocols.discovery import Capabilities
 
 WAIT = 10.0
@@ -35,10 +36,11 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 class Sink(Actor):
-    """Puts every bus message it gets into ``config["queue"]``."""
+    """Puts every bus message it gets into ``config["queue"]``; a ReceivedMany as each of its Received."""
 
     def handle(self, msg: Any) -> Any:
-        self.ctx.config["queue"].put(msg)
+        for one in msg if isinstance(msg, ReceivedMany) else (msg,):
+            self.ctx.config["queue"].put(one)
 
 
 def start(env: Any, cls: type[Actor], name: str, **config: Any) -> pykka.ActorRef[Any]:

@@ -16,12 +16,14 @@ from villagemesh.actors.core import codec
 from villagemesh.actors.core.base import Actor, Scheduler
 from villagemesh.actors.core.bus import Bus
 from villagemesh.actors.core.loopactor import DIRECT_MAX_BYTES, EnvelopeTransportActor
-from villagemesh.actors.core.transport import Received
+from villagemesh.actors.core.transport import ReceivedMany
 from villagemesh.supervision.log import EventLog
 from villagemesh.supervision.spec import ChildSpec, SupervisorSpec
 from villagemesh.supervision.supervisor import Environment, Supervisor
 
 GOT: list[bytes] = []
+PASSES: list[int] = []
+"""How many envelopes each ReceivedMany the sink got held."""
 LOCK = threading.Lock()
 GATE = threading.Event()
 FEEDERS: list[Feeder] = []
@@ -90,10 +92,11 @@ class Collector(Actor):
     """Records each envelope's number; waits at GATE while it is cleared."""
 
     def handle(self, msg: object) -> object:
-        if isinstance(msg, Received):
+        if isinstance(msg, ReceivedMany):
             GATE.wait(WAIT)
             with LOCK:
-                GOT.append(msg.envelope)
+                GOT.extend(msg.envelopes)
+                PASSES.append(len(msg))
         return None
 
 
@@ -117,6 +120,7 @@ def arrivals() -> list[int]:
 
 def launch(env: Environment) -> Supervisor:
     GOT.clear()
+    PASSES.clear()
     children = [ChildSpec("sink", Collector), ChildSpec("feeder", Feeder, config={"deliver_to": "sink"})]
     return Supervisor.launch(SupervisorSpec("root", children, intensity=50), env)
 
@@ -139,6 +143,7 @@ def test_small_envelopes_are_told_by_the_loop_and_large_ones_by_the_actor_thread
     assert told(runtime) == 100
     with LOCK:
         assert sorted(len(e) for e in GOT)[-3:] == [DIRECT_MAX_BYTES] * 3
+        assert PASSES == [100, 3]  # each pass is one ReceivedMany, whichever thread told it
 
 
 def test_envelopes_the_full_mailbox_cannot_take_wait_in_the_actor_thread_and_none_is_lost(tmp_path) -> None:

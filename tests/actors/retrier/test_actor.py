@@ -20,7 +20,7 @@ from villagemesh.actors.app.state import Bridge
 from villagemesh.actors.core.base import Actor, InjectedCrash, Scheduler
 from villagemesh.actors.core.bus import Bus, Sender
 from villagemesh.actors.core.ledger import Inbox
-from villagemesh.actors.core.transport import Received, Transmit, TransmitResult
+from villagemesh.actors.core.transport import Received, Transmit, TransmitMany, TransmitResult
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.actors.retrier.actor import RetrierActor, retrier_status, send_envelope, send_envelopes
 from villagemesh.actors.retrier.messages import (
@@ -64,6 +64,10 @@ class FakeTransport(Actor):
             sender.close()
 
     def handle(self, msg: Any) -> Any:
+        if isinstance(msg, TransmitMany):
+            for one in msg:
+                self.handle(one)
+            return None
         if not isinstance(msg, Transmit):
             return None
         if self.name in Wire.refusing:
