@@ -203,6 +203,33 @@ def test_send_many_stores_every_message_in_one_call_and_each_handle_ends_deliver
         b.send_many([(a.node_id, b"x")], kind="")
 
 
+def test_send_many_checks_every_message_before_sending_any_and_makes_them_as_send_would(tmp_path):
+    """A bad peer anywhere in the batch (malformed, unhashable, this node's own id) is refused by name
+    before anything is sent; the messages it makes are what ``envelope`` makes, each with its own id."""
+    node = make(tmp_path, "solo")  # not started: every check comes before the retrier is asked
+    peer = "ab" * 16
+    for bad, match in (("nothex", "nothex"), (["a", "list"], "list"), (node.node_id, "own id")):
+        with pytest.raises(ConfigError, match=match):
+            node.send_many([(peer, b"ok"), (bad, b"x"), (peer, b"ok")])
+    with pytest.raises(ConfigError, match="ttl"):
+        node.send_many([(peer, b"x")], ttl=0)
+    key = message_id_for("k")
+    built = node._envelopes(
+        [(peer, b"a"), (peer, b"b"), (peer, b"c")],
+        kind="DATA",
+        priority=2,
+        ttl=5.0,
+        correlation_id=None,
+        ids=[None, key, None],
+    )
+    alone = node.envelope(peer, b"a", ttl=5.0)
+    assert built[1].id == bytes.fromhex(key) and len({m.id for m in built}) == 3
+    assert [(m.payload, m.recipient, m.sender, m.kind, m.priority, m.ttl) for m in built] == [
+        (p, peer, node.node_id, "DATA", Priority.NORMAL, 5.0) for p in (b"a", b"b", b"c")
+    ]
+    assert (alone.recipient, alone.kind, alone.ttl, len(alone.id)) == (peer, "DATA", 5.0, 16)
+
+
 def test_a_send_again_with_the_same_message_id_stores_and_handles_it_once(tmp_path):
     """The idempotent resend: while the first copy is pending, the same id returns its handle and stores
     nothing; once it was handled, a copy is dropped by the recipient (its handle ends UNCONFIRMED)."""

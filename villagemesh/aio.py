@@ -38,6 +38,7 @@ import collections
 import contextlib
 import functools
 import os
+import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -435,22 +436,30 @@ async def ended(handles: Sequence[DeliveryHandle]) -> list[DeliveryStatus]:
 
     ``asyncio.gather(*handles)`` works too, but makes one Task per handle, and
     the first steps of a thousand tasks run in one turn of the loop; this
-    counts the ends down instead and wakes the caller once.
+    counts the ends down in the threads that end them (under a lock) and wakes
+    the caller's loop once, at the last.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
-    left = len(handles)
-    if not left:
+    if not handles:
         return []
+    left = len(handles)
+    lock = threading.Lock()
 
-    def one_ended(_status: DeliveryStatus) -> None:  # on the loop (posted in bursts)
-        nonlocal left
-        left -= 1
-        if left == 0 and not done.done():
+    def finish(_: None) -> None:  # on the loop
+        if not done.done():
             done.set_result(None)
 
+    def one_ended(_status: DeliveryStatus) -> None:  # in the thread that ended the handle
+        nonlocal left
+        with lock:
+            left -= 1
+            last = left == 0
+        if last:
+            call_on_loop(loop, finish, None)
+
     for handle in handles:
-        handle.add_done_callback(functools.partial(call_on_loop, loop, one_ended))
+        handle.add_done_callback(one_ended)
     await done
     return [handle.status for handle in handles]
 

@@ -1115,31 +1115,62 @@ class Node:
             ConfigError: a malformed or own peer id, a payload the codec refuses, a bad kind,
                 priority, ttl, correlation id or message id (the message names the value).
         """
-        check_peer_id(peer_id, self.node_id)
+        return self._envelopes(
+            [(peer_id, payload)], kind=kind, priority=priority, ttl=ttl, correlation_id=correlation_id, ids=[message_id]
+        )[0]
+
+    def _envelopes(
+        self,
+        pairs: Sequence[tuple[str, object]],
+        *,
+        kind: str,
+        priority: PriorityLike,
+        ttl: float,
+        correlation_id: bytes | None,
+        ids: Sequence[MessageId | bytes | None],
+    ) -> list[Message]:
+        """:meth:`envelope` for every ``(peer_id, payload)``, with ``ids[i]`` as the ``message_id`` of the
+        i-th: the shared arguments checked once, each distinct peer once, the random ids drawn at once,
+        one ``created_at`` for all (they are made at one instant)."""
         if not isinstance(kind, str) or not kind or kind.startswith("villagemesh."):
             raise ConfigError(f"kind must be a non-empty str not starting 'villagemesh.', got {kind!r}")
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
             raise ConfigError(f"ttl must be seconds > 0, got {ttl!r}")
         if correlation_id is not None and (not isinstance(correlation_id, bytes) or len(correlation_id) != ID_BYTES):
             raise ConfigError(f"correlation_id must be {ID_BYTES} bytes or None, got {correlation_id!r}")
-        chosen = _priority(priority)
-        data = self.codec.encode(payload)
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise ConfigError(f"codec {self.codec!r} encoded {payload!r:.60} to {type(data).__name__}, not bytes")
-        data = bytes(data)
-        if len(data) > MAX_PAYLOAD_BYTES:
-            raise ConfigError(f"payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
-        return Message(
-            id=os.urandom(ID_BYTES) if message_id is None else _raw_id(message_id),
-            kind=kind,
-            sender=self.node_id,
-            recipient=peer_id,
-            priority=chosen,
-            created_at=time.time(),
-            ttl=float(ttl),
-            correlation_id=correlation_id,
-            payload=data,
-        )
+        chosen, seconds, own, encode = _priority(priority), float(ttl), self.node_id, self.codec.encode
+        fresh = os.urandom(ID_BYTES * ids.count(None))
+        drawn = 0
+        peers: set[str] = set()
+        now = time.time()
+        built = []
+        for (peer_id, payload), message_id in zip(pairs, ids, strict=True):
+            if type(peer_id) is not str or peer_id not in peers:  # (an unhashable one is refused by the check)
+                peers.add(check_peer_id(peer_id, own))
+            data = encode(payload)
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise ConfigError(f"codec {self.codec!r} encoded {payload!r:.60} to {type(data).__name__}, not bytes")
+            data = bytes(data)
+            if len(data) > MAX_PAYLOAD_BYTES:
+                raise ConfigError(f"payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
+            if message_id is None:
+                raw_id, drawn = fresh[drawn : drawn + ID_BYTES], drawn + ID_BYTES
+            else:
+                raw_id = _raw_id(message_id)
+            built.append(
+                Message(
+                    id=raw_id,
+                    kind=kind,
+                    sender=own,
+                    recipient=peer_id,
+                    priority=chosen,
+                    created_at=now,
+                    ttl=seconds,
+                    correlation_id=correlation_id,
+                    payload=data,
+                )
+            )
+        return built
 
     def send(
         self,
@@ -1237,10 +1268,7 @@ class Node:
         if message_ids is not None and len(message_ids) != len(pairs):
             raise ConfigError(f"{len(message_ids)} message_ids given for {len(pairs)} messages")
         ids: Sequence[MessageId | bytes | None] = [None] * len(pairs) if message_ids is None else message_ids
-        built = [
-            self.envelope(peer, payload, kind=kind, priority=priority, ttl=ttl, message_id=mid)
-            for (peer, payload), mid in zip(pairs, ids, strict=True)
-        ]
+        built = self._envelopes(pairs, kind=kind, priority=priority, ttl=ttl, correlation_id=None, ids=ids)
         client = self._client()
         wait = self.config.send_timeout if timeout is None else timeout
         handles: list[DeliveryHandle] = []
