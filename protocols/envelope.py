@@ -8,7 +8,8 @@ Wire layout of version 1 (all integers big-endian; ``struct``, not JSON)::
 
     offset  size  field
     0       1     version            PROTOCOL_VERSION (1); decoding checks it first
-    1       16    id                 128 bits, random (callers use os.urandom(16))
+    1       16    id                 128 bits unique to the message (a node makes them time-ordered:
+                                     villagemesh.actors.core.ids; any unique 16 bytes decode)
     17      1     priority           0 CRITICAL .. 4 BULK
     18      1     flags              bit 0: recipient present, bit 1: correlation id present
     19      8     created_at         float64 seconds (caller's clock)
@@ -103,7 +104,8 @@ class Message:
     """One addressed, prioritised, expiring message.
 
     Attributes:
-        id: 16 random bytes identifying the message (the caller makes them).
+        id: 16 bytes identifying the message, unique (the caller makes them: random, or
+            time-ordered as a node does, :mod:`villagemesh.actors.core.ids`).
         kind: what the payload is, e.g. ``"DATA"``, ``"HEARTBEAT"``.
         sender: the sending node's id.
         recipient: the receiving node's id, or None for a broadcast.

@@ -87,6 +87,7 @@ from villagemesh.actors.app.state import (
 )
 from villagemesh.actors.core.base import ExitReport, Scheduler
 from villagemesh.actors.core.bus import Bus
+from villagemesh.actors.core.ids import new_ids
 from villagemesh.actors.lan.actor import parse_host_port
 from villagemesh.actors.retrier.modes import NetworkMode
 from villagemesh.actors.retrier.state import DEFAULT_ROUTE_TIMEOUT
@@ -1130,8 +1131,8 @@ class Node:
         ids: Sequence[MessageId | bytes | None],
     ) -> list[Message]:
         """:meth:`envelope` for every ``(peer_id, payload)``, with ``ids[i]`` as the ``message_id`` of the
-        i-th: the shared arguments checked once, each distinct peer once, the random ids drawn at once,
-        one ``created_at`` for all (they are made at one instant)."""
+        i-th: the shared arguments checked once, each distinct peer once, the new ids made at once
+        (:mod:`~villagemesh.actors.core.ids`: time-ordered), one ``created_at`` for all."""
         if not isinstance(kind, str) or not kind or kind.startswith("villagemesh."):
             raise ConfigError(f"kind must be a non-empty str not starting 'villagemesh.', got {kind!r}")
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
@@ -1139,8 +1140,7 @@ class Node:
         if correlation_id is not None and (not isinstance(correlation_id, bytes) or len(correlation_id) != ID_BYTES):
             raise ConfigError(f"correlation_id must be {ID_BYTES} bytes or None, got {correlation_id!r}")
         chosen, seconds, own, encode = _priority(priority), float(ttl), self.node_id, self.codec.encode
-        fresh = os.urandom(ID_BYTES * ids.count(None))
-        drawn = 0
+        fresh = iter(new_ids(ids.count(None)))
         peers: set[str] = set()
         now = time.time()
         built = []
@@ -1153,10 +1153,7 @@ class Node:
             data = bytes(data)
             if len(data) > MAX_PAYLOAD_BYTES:
                 raise ConfigError(f"payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
-            if message_id is None:
-                raw_id, drawn = fresh[drawn : drawn + ID_BYTES], drawn + ID_BYTES
-            else:
-                raw_id = _raw_id(message_id)
+            raw_id = next(fresh) if message_id is None else _raw_id(message_id)
             built.append(
                 Message(
                     id=raw_id,

@@ -113,7 +113,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -149,6 +148,7 @@ from villagemesh.actors.betanet.messages import GetBetanetStatus
 from villagemesh.actors.bitchat.messages import GetBitchatStatus
 from villagemesh.actors.core.base import Actor, ActorContext, Request
 from villagemesh.actors.core.envelopes import decode
+from villagemesh.actors.core.ids import new_id
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.registry.messages import FindSuitablePeers, ListPeers
 from villagemesh.actors.retrier.messages import (
@@ -160,7 +160,7 @@ from villagemesh.actors.retrier.messages import (
     MessagesDelivered,
 )
 from villagemesh.errors import BusError, ConfigError, ProtocolError, SupervisionError, VillageMeshError
-from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
+from villagemesh.protocols.envelope import Message, Priority, encode_message
 
 __all__ = ["DISPATCH_CHUNK_S", "MAX_DISPATCHES", "OUTCOME_TIMEOUT", "OUTCOME_TTL", "AppActor"]
 
@@ -561,7 +561,7 @@ class AppActor(Actor):
             for at in range(0, len(ids), OUTCOMES_PER_REPORT):
                 payload = HandledBatch(tuple(ids[at : at + OUTCOMES_PER_REPORT])).encode()
                 report = Message(
-                    os.urandom(ID_BYTES), OUTCOMES_KIND, self.node_id, sender, priority, now, OUTCOME_TTL, None, payload
+                    new_id(), OUTCOMES_KIND, self.node_id, sender, priority, now, OUTCOME_TTL, None, payload
                 )
                 reports.append(report)
         return reports
@@ -572,14 +572,14 @@ class AppActor(Actor):
         try:
             payload = outcome.encode()
             return Message(
-                os.urandom(ID_BYTES), OUTCOME_KIND, self.node_id, message.sender, message.priority, now,
+                new_id(), OUTCOME_KIND, self.node_id, message.sender, message.priority, now,
                 OUTCOME_TTL, message.id, payload,
             )  # fmt: skip
         except ProtocolError as exc:  # the reply is too big for one envelope
             reason = f"the reply does not fit an envelope: {exc}"[:MAX_REASON_CHARS]
             failed = Outcome(OutcomeStatus.HANDLER_FAILED, reason, "ReplyTooLarge")
             return Message(
-                os.urandom(ID_BYTES), OUTCOME_KIND, self.node_id, message.sender, message.priority, now,
+                new_id(), OUTCOME_KIND, self.node_id, message.sender, message.priority, now,
                 OUTCOME_TTL, message.id, failed.encode(),
             )  # fmt: skip
 

@@ -62,7 +62,6 @@ answer to the start-up ``ListRoutes`` arrives.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -71,6 +70,7 @@ from typing import Any
 from villagemesh.actors.core.base import Actor, ActorContext, Request, TimerHandle
 from villagemesh.actors.core.bus import Sender
 from villagemesh.actors.core.envelopes import decode
+from villagemesh.actors.core.ids import new_id
 from villagemesh.actors.core.ledger import Inbox
 from villagemesh.actors.core.transport import (
     REPLY_ADDRESS,
@@ -82,7 +82,7 @@ from villagemesh.actors.core.transport import (
 )
 from villagemesh.actors.registry.messages import ListRoutes, PeerRoutes, RoutesList
 from villagemesh.errors import BusError, ConfigError, LocalProtocolError, ProtocolError
-from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
+from villagemesh.protocols.envelope import Message, Priority, encode_message
 from villagemesh.protocols.transfer import CHUNK_KIND, TRANSFER_KIND
 
 from .messages import (
@@ -726,7 +726,7 @@ class RetrierActor(Actor):
     def _ack(self, peer: str, arrived_on: str, ids: list[bytes], now: float) -> None:
         """Queue one ack envelope for the messages ``ids`` from ``peer`` (which came in on ``arrived_on``)."""
         ack = Message(
-            id=os.urandom(ID_BYTES),
+            id=new_id(),
             kind=ACK_KIND,
             sender=self.node_id,
             recipient=peer,

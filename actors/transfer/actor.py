@@ -60,10 +60,11 @@ from typing import Any
 
 from villagemesh.actors.core.base import Actor, ActorContext, Request
 from villagemesh.actors.core.envelopes import decode, remember
+from villagemesh.actors.core.ids import new_id
 from villagemesh.actors.core.libc import libc_function
 from villagemesh.actors.retrier.messages import Deliver, Handled, Incoming, RetrierStarted
 from villagemesh.errors import BusError, ConfigError, ProtocolError, RemoteProtocolError
-from villagemesh.protocols.envelope import ID_BYTES, Message, Priority, encode_message
+from villagemesh.protocols.envelope import Message, Priority, encode_message
 from villagemesh.protocols.transfer import (
     CHUNK_KIND,
     TRANSFER_KIND,
@@ -608,7 +609,7 @@ class TransferActor(Actor):
     def _send(self, peer: str, message: WireMessage) -> None:
         """One transfer message to ``peer``, as a reliable envelope handed to the retrier."""
         envelope = Message(
-            id=os.urandom(ID_BYTES),
+            id=new_id(),
             kind=CHUNK_KIND if isinstance(message, Chunk | ChunkAck) else TRANSFER_KIND,
             sender=self.node_id,
             recipient=peer,
