@@ -422,7 +422,8 @@ class AsyncNode:
                 if left <= 0:
                     return False
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), left)
+                    async with asyncio.timeout(left):  # not wait_for: on 3.11 it can swallow a cancel
+                        await changed.wait()
         finally:
             unsubscribe()
 

@@ -233,13 +233,12 @@ class BeaconEndpoint:
 
     async def close(self) -> None:
         """Stop beaconing and close the socket."""
-        if self._sender is not None:
-            self._sender.cancel()
-            try:
-                await self._sender
-            except asyncio.CancelledError:
-                pass  # the cancellation we asked for
-            self._sender = None
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.cancel()
+            await asyncio.wait([sender])  # its end, not its CancelledError; our own caller's cancel still raises
+            if not sender.cancelled() and sender.exception() is not None:
+                raise sender.exception()  # type: ignore[misc]  # a bug in the beacon loop: not ours to hide
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -267,7 +266,10 @@ class BeaconEndpoint:
             self._next_at = self.clock() + delay
             sent += 1
             try:
-                await asyncio.wait_for(self._again.wait(), delay)
+                # Not asyncio.wait_for: on 3.11 it swallows a cancel that comes as the event is set
+                # (it returns the event's result instead), and this loop would then beacon on after close().
+                async with asyncio.timeout(delay):
+                    await self._again.wait()
             except TimeoutError:
                 continue
             # The network came up: start over, after a short pause drawn at random (the link's

@@ -667,7 +667,8 @@ class Connection(asyncio.BufferedProtocol):
                 )
             waiter = self._credit if self._writable.is_set() else self._writable
             try:
-                await asyncio.wait_for(waiter.wait(), left)
+                async with asyncio.timeout(left):  # not wait_for: on 3.11 it can swallow a cancel (see lan.beacon)
+                    await waiter.wait()
             except TimeoutError:
                 continue  # the loop's condition says what is still missing
         if self.phase is _Phase.CLOSED:

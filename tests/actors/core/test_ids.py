@@ -24,5 +24,5 @@ def test_ids_are_sixteen_unique_bytes_stamped_with_the_millisecond_they_were_mad
 def test_ids_of_a_later_millisecond_sort_after_earlier_ones() -> None:
     first = new_ids(100)
     time.sleep(0.002)
-    later = new_ids(100) + [new_id()]
+    later = [*new_ids(100), new_id()]
     assert max(first) < min(later)  # what keeps the stores' indexes growing at one end

@@ -257,6 +257,27 @@ def test_the_endpoint_knows_when_its_next_beacon_is_due() -> None:
     assert after_up <= LINK_UP_PAUSE_S
 
 
+def test_close_right_after_the_network_came_up_ends_the_beacon_at_once() -> None:
+    """A cancel that comes just as the link-up event is set is not lost: with ``asyncio.wait_for``
+    (Python 3.11) the beacon task returned the event instead, beaconed on, and close() waited for it
+    forever (the test above took its whole 15 s bound, and passed only because close() then
+    swallowed the bound's own cancel)."""
+    port = free_udp_port()
+    schedule = BeaconSchedule(interval_s=5.0, first_s=2.0, jitter=0.0)
+
+    async def body() -> tuple[int, int]:
+        endpoint = BeaconEndpoint(identity(), Heard(), loopback(port, schedule=schedule))
+        await endpoint.start()
+        await until(lambda: endpoint.counts["sent"] == 1)
+        endpoint.network_up("test")
+        await endpoint.close()
+        closed = endpoint.counts["sent"]
+        await asyncio.sleep(LINK_UP_PAUSE_S * 2)  # a beacon task still running would send by now
+        return closed, endpoint.counts["sent"]
+
+    assert run(body(), timeout=3.0) == (1, 1)
+
+
 def test_a_claim_is_read_without_parsing_and_ignores_only_the_timestamp_and_signature() -> None:
     """Two beacons of one node at different times claim the same; a moved node claims something
     else; a datagram naming no node id claims nothing."""
