@@ -387,8 +387,15 @@ class AppActor(Actor):
                 begin.append(msg.message_id)
             counts = self.inbox.begin_dispatch_many(begin) if begin else {}  # R3: committed
             self.settling = []
+            dispatched: set[bytes] = set()
             try:
                 for msg in chunk:
+                    if msg.message_id in dispatched:
+                        # The same id twice in one chunk (a redispatch beside the first hand-over): its
+                        # handlers ran for the first copy, and its mark commits with this chunk.
+                        self.ctx.log.emit("message_already_handled", message_id=msg.message_id.hex())
+                        continue
+                    dispatched.add(msg.message_id)
                     started = time.perf_counter()
                     self._dispatch_inbound(msg, counts)
                     took = time.perf_counter() - started

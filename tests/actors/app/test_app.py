@@ -105,6 +105,26 @@ def test_an_incoming_many_dispatches_each_of_its_messages_once_in_order(runtime,
     assert list(IncomingMany(ids[:2], envs[:2])) == [Incoming(ids[0], envs[0]), Incoming(ids[1], envs[1])]
 
 
+def test_an_id_twice_in_one_dispatch_chunk_reaches_the_handlers_once(runtime, recorder, tmp_path):
+    """A redispatched Incoming can wait in the gateway's mailbox beside the IncomingMany that first
+    handed the same message over (a restarted retrier hands every unhandled message over again), so
+    one chunk can hold an id twice: its handlers run once. (They ran twice while the two copies fell
+    in one chunk: the dispatch count is one UPDATE per id, whatever the copies.)"""
+    subs, seen = Subscribers(), []
+    subs.add("DATA", lambda m: seen.append(m.payload))
+    app = Gateway(runtime, tmp_path / "in.db", subs)
+    warm_id, warm_env = envelope(payload=b"warm")
+    app.incoming(warm_id, warm_env)  # times a handler: the next chunks hold many messages
+    assert app.wait_handled(warm_id)
+    (a, a_env), (b, b_env) = envelope(payload=b"a"), envelope(payload=b"b")
+    for mid, env in ((a, a_env), (b, b_env)):
+        app.inbox.accept(mid, 2000.0, env)
+    app.client.tell_many("app", [IncomingMany((a, b), (a_env, b_env)), Incoming(a, a_env)])
+    assert app.wait_handled(a) and app.wait_handled(b)
+    recorder.wait_for("message_already_handled", message_id=a.hex())
+    assert seen == [b"warm", b"a", b"b"]
+
+
 def test_a_handled_message_is_never_dispatched_again(runtime, recorder, tmp_path):
     """A second Incoming for a handled id (a restarted retrier re-sends what it saw unhandled) reaches no handler."""
     subs, seen = Subscribers(), []
