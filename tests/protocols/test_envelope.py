@@ -56,7 +56,9 @@ def test_every_message_round_trips_through_the_codec(message: Message) -> None:
     """decode(encode(m)) == m, and the encoding respects the hard size limit. The careful reading
     (which names what is wrong, for input the one-pass reading finds off) agrees on it too."""
     data = encode_message(message)
-    assert decode_message(data) == message == envelope._decode_checked(data)
+    decoded = decode_message(data)
+    assert decoded == message == envelope._decode_checked(data)
+    assert type(decoded) is Message and vars(decoded) == vars(message) and hash(decoded) == hash(message)
     assert len(data) <= MAX_MESSAGE_BYTES
     assert data[0] == PROTOCOL_VERSION
 
@@ -183,6 +185,13 @@ def test_names_found_valid_are_remembered_within_a_bound_and_a_bad_one_never_is(
     assert "r" * 256 not in envelope._GOOD_NAMES
 
 
+def _payload_over_the_limit() -> bytes:
+    """A well-formed encoding, under MAX_MESSAGE_BYTES, whose payload is one byte over MAX_PAYLOAD_BYTES."""
+    raw = encode_message(make(payload=b"x" * MAX_PAYLOAD_BYTES))
+    at = len(raw) - MAX_PAYLOAD_BYTES - 4
+    return raw[:at] + struct.pack(">I", MAX_PAYLOAD_BYTES + 1) + raw[at + 4 :] + b"x"
+
+
 def _encoded_with(**patch: int) -> bytearray:
     raw = bytearray(encode_message(make()))
     for offset, value in patch.items():
@@ -201,6 +210,15 @@ def _encoded_with(**patch: int) -> bytearray:
         (bytes(encode_message(make(kind="é")).replace("é".encode(), b"\xff\xfe")), "not UTF-8"),
         (bytes(encode_message(make(ttl=1.0)).replace(struct.pack(">d", 1.0), struct.pack(">d", -1.0))), "ttl"),
         (bytes(encode_message(make(kind="X")).replace(b"\x01X", b"\x00")), "kind"),
+        (bytes(encode_message(make(sender="S" * 7)).replace(b"\x07" + b"S" * 7, b"\x00")), "sender"),
+        (bytes(encode_message(make(recipient="R" * 7)).replace(b"\x07" + b"R" * 7, b"\x00")), "recipient"),
+        (
+            bytes(
+                encode_message(make(created_at=1.5)).replace(struct.pack(">d", 1.5), struct.pack(">d", float("nan")))
+            ),
+            "created_at",
+        ),
+        (_payload_over_the_limit(), "MAX_PAYLOAD_BYTES"),
     ],
 )
 def test_bad_encodings_raise_remote_protocol_error_with_the_reason(raw: bytes, reason: str) -> None:
