@@ -41,6 +41,7 @@ and :class:`FrameDecoder` is the sans-I/O receiver (``receive_data`` /
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import struct
@@ -66,6 +67,7 @@ __all__ = [
     "decode_message",
     "encode_message",
     "frame_message",
+    "sibling",
 ]
 
 PROTOCOL_VERSION = 1
@@ -203,6 +205,29 @@ def _check_name(field: str, value: object) -> None:
     if len(_GOOD_NAMES) >= _GOOD_NAMES_MAX:
         _GOOD_NAMES.clear()  # bounded: a flood of distinct names costs a re-check, not memory
     _GOOD_NAMES.add(value)
+
+
+def sibling(template: Message, id: bytes, recipient: str | None, payload: bytes) -> Message:
+    """``template`` with another ``id``, ``recipient`` and ``payload``: ``dataclasses.replace`` for the
+    messages of one batch, made faster by checking only those three (the others were checked when
+    ``template`` was made). A value the quick checks do not settle goes through the constructor.
+
+    Raises:
+        LocalProtocolError: as the constructor does, for the id, recipient or payload.
+    """
+    if (
+        type(template) is Message
+        and type(id) is bytes
+        and len(id) == ID_BYTES
+        and type(payload) is bytes
+        and len(payload) <= MAX_PAYLOAD_BYTES
+        and (recipient is None or (type(recipient) is str and recipient in _GOOD_NAMES))
+    ):
+        message = object.__new__(Message)
+        message.__dict__.update(template.__dict__)
+        message.__dict__.update(id=id, recipient=recipient, payload=payload)
+        return message
+    return dataclasses.replace(template, id=id, recipient=recipient, payload=payload)
 
 
 def encode_message(message: Message) -> bytes:

@@ -120,7 +120,7 @@ from villagemesh.errors import (
     VillageMeshError,
 )
 from villagemesh.protocols.discovery import Capabilities
-from villagemesh.protocols.envelope import ID_BYTES, MAX_PAYLOAD_BYTES, Message, Priority, encode_message
+from villagemesh.protocols.envelope import ID_BYTES, MAX_PAYLOAD_BYTES, Message, Priority, encode_message, sibling
 from villagemesh.protocols.transfer import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, DigestAlgorithm, Limits, whole_digest
 
 if TYPE_CHECKING:
@@ -1143,7 +1143,7 @@ class Node:
         fresh = iter(new_ids(ids.count(None)))
         peers: set[str] = set()
         now = time.time()
-        built = []
+        built: list[Message] = []
         for (peer_id, payload), message_id in zip(pairs, ids, strict=True):
             if type(peer_id) is not str or peer_id not in peers:  # (an unhashable one is refused by the check)
                 peers.add(check_peer_id(peer_id, own))
@@ -1154,6 +1154,9 @@ class Node:
             if len(data) > MAX_PAYLOAD_BYTES:
                 raise ConfigError(f"payload of {len(data)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
             raw_id = next(fresh) if message_id is None else _raw_id(message_id)
+            if built:  # kind, sender, priority, times and correlation as the first's, checked there
+                built.append(sibling(built[0], raw_id, peer_id, data))
+                continue
             built.append(
                 Message(
                     id=raw_id,

@@ -185,6 +185,30 @@ def test_names_found_valid_are_remembered_within_a_bound_and_a_bad_one_never_is(
     assert "r" * 256 not in envelope._GOOD_NAMES
 
 
+@given(vst.messages(), vst.messages())
+def test_a_sibling_is_the_template_with_the_others_id_recipient_and_payload(template: Message, other: Message) -> None:
+    """sibling() is dataclasses.replace() for those three fields, whether or not the quick checks settle them."""
+    made = envelope.sibling(template, other.id, other.recipient, other.payload)
+    assert made == dataclasses.replace(template, id=other.id, recipient=other.recipient, payload=other.payload)
+    assert type(made) is Message and hash(made) == hash(dataclasses.replace(made))
+
+
+@pytest.mark.parametrize(
+    ("id_", "recipient", "payload", "named"),
+    [
+        (b"short", "bob", b"", "id"),
+        (bytes(16), "", b"", "recipient"),
+        (bytes(16), "bob", "not bytes", "payload"),
+        (bytes(16), "bob", bytes(MAX_PAYLOAD_BYTES + 1), "payload"),
+    ],
+)
+def test_a_sibling_with_a_bad_field_raises_naming_it(
+    id_: object, recipient: object, payload: object, named: str
+) -> None:
+    with pytest.raises(LocalProtocolError, match=named):
+        envelope.sibling(make(), id_, recipient, payload)  # type: ignore[arg-type]
+
+
 def _payload_over_the_limit() -> bytes:
     """A well-formed encoding, under MAX_MESSAGE_BYTES, whose payload is one byte over MAX_PAYLOAD_BYTES."""
     raw = encode_message(make(payload=b"x" * MAX_PAYLOAD_BYTES))
