@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -146,13 +148,25 @@ def test_small_envelopes_are_told_by_the_loop_and_large_ones_by_the_actor_thread
         assert PASSES == [100, 3]  # each pass is one ReceivedMany, whichever thread told it
 
 
-def test_envelopes_the_full_mailbox_cannot_take_wait_in_the_actor_thread_and_none_is_lost(tmp_path) -> None:
-    bus = Bus("tinyloop", capacity=4, send_timeout=WAIT)
-    env = Environment(bus=bus, log=EventLog("tinyloop", human=False), scheduler=Scheduler())
+@contextmanager
+def tiny_mailboxes(node: str) -> Iterator[Environment]:
+    """A node whose mailboxes hold 4 frames, the sink's gate closed, the feeder and sink started."""
+    bus = Bus(node, capacity=4, send_timeout=WAIT)
+    env = Environment(bus=bus, log=EventLog(node, human=False), scheduler=Scheduler())
     GATE.clear()
     sup = launch(env)
     try:
-        client = bus.client()
+        yield env
+    finally:
+        GATE.set()
+        sup.actor_ref.stop(timeout=WAIT)
+        bus.close()
+        env.scheduler.close()
+
+
+def test_envelopes_the_full_mailbox_cannot_take_wait_in_the_actor_thread_and_none_is_lost() -> None:
+    with tiny_mailboxes("tinyloop") as env:
+        client = env.bus.client()
         for start in range(0, 40, 4):  # ten passes: the sink's mailbox fills after a few
             client.tell("feeder", Feed(4, 64, first=start))  # told: the feeder waits for room meanwhile
             time.sleep(0.01)
@@ -162,11 +176,6 @@ def test_envelopes_the_full_mailbox_cannot_take_wait_in_the_actor_thread_and_non
         got = wait_for(40)
         assert got == list(range(40)), "an envelope was lost or doubled"
         assert told(env) < 40  # some went the actor thread's way, waiting for room
-    finally:
-        GATE.set()
-        sup.actor_ref.stop(timeout=WAIT)
-        bus.close()
-        env.scheduler.close()
 
 
 def test_small_passes_after_a_large_one_never_overtake_it(runtime: Environment) -> None:
@@ -185,13 +194,9 @@ def test_small_passes_after_a_large_one_never_overtake_it(runtime: Environment) 
     assert told(runtime) >= 5  # the loop's way again
 
 
-def test_order_is_kept_when_the_full_mailbox_sends_passes_the_actor_threads_way(tmp_path) -> None:
-    bus = Bus("tinyorder", capacity=4, send_timeout=WAIT)
-    env = Environment(bus=bus, log=EventLog("tinyorder", human=False), scheduler=Scheduler())
-    GATE.clear()
-    sup = launch(env)
-    try:
-        client = bus.client()
+def test_order_is_kept_when_the_full_mailbox_sends_passes_the_actor_threads_way() -> None:
+    with tiny_mailboxes("tinyorder") as env:
+        client = env.bus.client()
         for start in range(0, 60, 3):
             client.tell("feeder", Feed(3, 64, first=start))  # told: the feeder waits for room meanwhile
             time.sleep(0.01)
@@ -199,11 +204,6 @@ def test_order_is_kept_when_the_full_mailbox_sends_passes_the_actor_threads_way(
                 GATE.set()  # the sink drains while passes still come: the loop's way opens again
         assert wait_for(60) == list(range(60))
         assert arrivals() == list(range(60)), "a later pass overtook an earlier one"
-    finally:
-        GATE.set()
-        sup.actor_ref.stop(timeout=WAIT)
-        bus.close()
-        env.scheduler.close()
 
 
 def test_the_loops_sender_is_closed_when_the_actor_stops(runtime: Environment) -> None:
