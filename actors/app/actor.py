@@ -254,8 +254,6 @@ class AppActor(Actor):
         """Running estimate of one message's handler time (None until one has been timed)."""
         self.dispatch_s: float | None = None
         """Running estimate of one message's whole dispatch time, the gateway's own work included."""
-        self.handler_took = 0.0
-        """Handler time of the message being dispatched (set by :meth:`_dispatch_inbound`)."""
         self.settling: list[tuple[bytes, Message, Outcome]] | None = None
         """Inside a dispatch chunk: the marks (with their outcomes) its one commit will hold."""
         self.reports_in: list[tuple[bytes, Message]] = []
@@ -415,30 +413,30 @@ class AppActor(Actor):
                         continue
                     dispatched.add(msg.message_id)
                     started = time.perf_counter()
-                    self.handler_took = 0.0
-                    self._dispatch_inbound(msg, counts)
+                    handlers_took = self._dispatch_inbound(msg, counts)
                     self.dispatch_s = _ewma(self.dispatch_s, time.perf_counter() - started)
-                    self.handler_s = _ewma(self.handler_s, self.handler_took)
+                    self.handler_s = _ewma(self.handler_s, handlers_took)
             finally:
                 self._settle_chunk()  # R5: nothing runs between the last return and this commit
 
-    def _dispatch_inbound(self, msg: Incoming, begun: dict[bytes, int]) -> None:
+    def _dispatch_inbound(self, msg: Incoming, begun: dict[bytes, int]) -> float:
+        """Dispatch one message; the time its handlers took themselves (0 when none ran)."""
         if msg.message_id in self.running:
-            return  # a second Incoming while its coroutine handlers still run: they will mark it
+            return 0.0  # a second Incoming while its coroutine handlers still run: they will mark it
         try:
             decoded = decode(msg.envelope)
         except ProtocolError as exc:
             self.ctx.log.emit("message_rejected", level="warning", actor=self.name, reason=str(exc))
             self.inbox.mark_handled(msg.message_id)
-            return
+            return 0.0
         if decoded.kind in REPORT_KINDS:
             # No handler runs: the chunk's commit marks it, no dispatch count.
             self.reports_in.append((msg.message_id, decoded))
-            return
+            return 0.0
         dispatches = begun.get(msg.message_id)
         if dispatches is None:
             self.ctx.log.emit("message_already_handled", message_id=msg.message_id.hex())
-            return
+            return 0.0
         run = _Run(decoded)
         if dispatches > self.max_dispatches:
             self.ctx.log.emit(
@@ -451,7 +449,7 @@ class AppActor(Actor):
             )
             run.failure = _Poisoned(f"its handlers never finished in {dispatches - 1} dispatches: set aside")
             self._conclude(msg.message_id, run)
-            return
+            return 0.0
         if dispatches > 1:
             self.ctx.log.emit("message_redelivered", message_id=msg.message_id.hex(), dispatches=dispatches)
         subscriptions = self.subscribers.for_kind(decoded.kind)
@@ -465,13 +463,13 @@ class AppActor(Actor):
                 sender=decoded.sender,
             )
             self._settle(msg.message_id, decoded, Outcome(OutcomeStatus.UNHANDLED, decoded.kind))
-            return
+            return 0.0
         try:
             value = self.codec.decode(decoded.payload)
         except Exception as exc:  # noqa: BLE001 - the sender's bytes or the application's codec: reported
             self._failed(run, self.codec.decode, exc)
             self._conclude(msg.message_id, run)
-            return
+            return 0.0
         message = InboundMessage.of(decoded, redelivered=dispatches > 1, value=value)
         self.counters.dispatched += 1
         handlers_started = time.perf_counter()
@@ -495,11 +493,12 @@ class AppActor(Actor):
                     run.reply = result
             except Exception as exc:  # noqa: BLE001 - the application's bug: logged, reported, the others still run
                 self._failed(run, sub.handler, exc)
-        self.handler_took = time.perf_counter() - handlers_started
+        took = time.perf_counter() - handlers_started
         if run.left:
             self.running[msg.message_id] = run
         else:
             self._conclude(msg.message_id, run)  # R5: nothing runs between the last return and the commit
+        return took
 
     def _run_on(self, loop: Any, awaitable: Any, message_id: bytes, handler: Any, run: _Run) -> None:
         future = asyncio.run_coroutine_threadsafe(_awaited(awaitable), loop)

@@ -34,13 +34,17 @@ RANDOM_BYTES = ID_BYTES - _STAMP_BYTES
 """The random part of an id: 10 bytes."""
 
 
+def _stamp() -> bytes:
+    """This millisecond, as an id's first bytes."""
+    return (time.time_ns() // 1_000_000).to_bytes(_STAMP_BYTES, "big")
+
+
 def new_ids(count: int) -> list[bytes]:
     """``count`` fresh message ids, stamped with this millisecond (one ``os.urandom`` call for all)."""
-    stamp = (time.time_ns() // 1_000_000).to_bytes(_STAMP_BYTES, "big")
-    drawn = os.urandom(RANDOM_BYTES * count)
+    stamp, drawn = _stamp(), os.urandom(RANDOM_BYTES * count)
     return [stamp + drawn[at : at + RANDOM_BYTES] for at in range(0, len(drawn), RANDOM_BYTES)]
 
 
 def new_id() -> bytes:
     """One fresh message id."""
-    return (time.time_ns() // 1_000_000).to_bytes(_STAMP_BYTES, "big") + os.urandom(RANDOM_BYTES)
+    return _stamp() + os.urandom(RANDOM_BYTES)

@@ -15,7 +15,7 @@ Sending::
 
 Receiving (the order is the exactly-once argument of :mod:`.store`)::
 
-    transport ──Received(envelope)──► decode ─► Inbox.accept (commit) ─► ack ─► deliver_to: IncomingMany
+    transport ──ReceivedMany──► decode ─► Inbox.accept (commit) ─► ack ─► deliver_to: IncomingMany
     the node's app gateway: Inbox.begin_dispatch (commit) ─► handlers ─► Inbox.mark_handled (commit)
     any other deliver_to ──Handled(id)──► Inbox.mark_handled (commit)
 
@@ -170,7 +170,7 @@ attempt it carries out (None: an ack)."""
 
 
 def _received(msg: Received | ReceivedMany) -> Iterable[Received]:
-    return msg if type(msg) is ReceivedMany else (msg,)  # type: ignore[return-value]
+    return msg if isinstance(msg, ReceivedMany) else (msg,)
 
 
 class _Redispatch:
